@@ -1,0 +1,1 @@
+"""Tally server: prices GenAI usage events and attributes them to experiences."""

@@ -1,0 +1,77 @@
+"""Errors the domain raises; the RPC layer maps them to rich gRPC statuses."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+class Code(enum.Enum):
+    """Canonical status codes (the subset the domain uses), by gRPC number."""
+
+    INVALID_ARGUMENT = 3
+    NOT_FOUND = 5
+    ALREADY_EXISTS = 6
+    FAILED_PRECONDITION = 9
+    ABORTED = 10
+    UNAVAILABLE = 14
+
+
+@dataclass(frozen=True)
+class Violation:
+    """One invalid field: its path in the request and why."""
+
+    field: str
+    description: str
+
+
+@dataclass
+class TallyError(Exception):
+    """A refusal with a canonical code and a machine-readable reason.
+
+    `resource` names the resource concerned as (type, name), for ResourceInfo.
+    """
+
+    code: Code
+    reason: str
+    message: str
+    violations: list[Violation] = field(default_factory=list)
+    resource: tuple[str, str] | None = None
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def invalid(violations: list[Violation], reason: str = "INVALID_ARGUMENT") -> TallyError:
+    """One INVALID_ARGUMENT naming every violation."""
+    summary = "; ".join(f"{v.field}: {v.description}" for v in violations)
+    return TallyError(Code.INVALID_ARGUMENT, reason, f"invalid request: {summary}", violations)
+
+
+def not_found(reason: str, resource_type: str, name: str, message: str) -> TallyError:
+    return TallyError(Code.NOT_FOUND, reason, message, resource=(resource_type, name))
+
+
+def already_exists(reason: str, resource_type: str, name: str, message: str) -> TallyError:
+    return TallyError(Code.ALREADY_EXISTS, reason, message, resource=(resource_type, name))
+
+
+def failed_precondition(reason: str, message: str, resource: tuple[str, str] | None = None) -> TallyError:
+    return TallyError(Code.FAILED_PRECONDITION, reason, message, resource=resource)
+
+
+class Violations:
+    """Collects field violations so that one error can list all of them."""
+
+    def __init__(self) -> None:
+        self.items: list[Violation] = []
+
+    def add(self, field_path: str, description: str) -> None:
+        self.items.append(Violation(field_path, description))
+
+    def __bool__(self) -> bool:
+        return bool(self.items)
+
+    def raise_if_any(self, reason: str = "INVALID_ARGUMENT") -> None:
+        if self.items:
+            raise invalid(self.items, reason)

@@ -1,0 +1,189 @@
+"""Experience types: create, read, update, version, delete, statistics."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+from ..storage import repository as repo
+from ..storage.db import Database
+from . import paging, stats
+from .errors import Code, TallyError, Violations, already_exists, failed_precondition, not_found
+from .models import ExperienceType, ExperienceTypeVersion, Page, TypeStats, now_us
+from .validation import (
+    SETTINGS_MAX_ENTRIES,
+    check_description,
+    check_name,
+    check_request_id,
+    check_string_map,
+)
+
+UPDATABLE_FIELDS = ("description", "settings")
+
+
+def type_not_found(name: str) -> TallyError:
+    return not_found(
+        "EXPERIENCE_TYPE_NOT_FOUND",
+        "tally.v1.ExperienceType",
+        name,
+        f"experience type {name!r} does not exist; create it with ExperienceTypeService.CreateExperienceType",
+    )
+
+
+def fingerprint(*parts: object) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def request_id_reused(request_id: str) -> TallyError:
+    return TallyError(
+        Code.ALREADY_EXISTS,
+        "REQUEST_ID_REUSED",
+        f"request_id {request_id!r} was already used for a different request",
+    )
+
+
+class ExperienceTypes:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    async def create(
+        self, name: str, description: str, settings: dict[str, str], request_id: str = ""
+    ) -> ExperienceType:
+        v = Violations()
+        check_name(v, "experience_type.name", name)
+        check_description(v, "experience_type.description", description)
+        check_string_map(v, "experience_type.settings", settings, SETTINGS_MAX_ENTRIES)
+        check_request_id(v, "request_id", request_id)
+        v.raise_if_any()
+
+        request_fingerprint = fingerprint(name, description, settings)
+        now = now_us()
+        async with self.db.write() as conn:
+            if request_id:
+                seen = await repo.get_idempotent_request(conn, "CreateExperienceType", request_id)
+                if seen is not None:
+                    if seen[0] != request_fingerprint:
+                        raise request_id_reused(request_id)
+                    found = await repo.get_type(conn, seen[1])
+                    if found is None:
+                        raise type_not_found(seen[1])
+                    return found[1]
+            created = ExperienceType(name, description, dict(settings), 1, now, now)
+            if await repo.insert_type(conn, created) is None:
+                raise already_exists(
+                    "EXPERIENCE_TYPE_ALREADY_EXISTS",
+                    "tally.v1.ExperienceType",
+                    name,
+                    f"experience type {name!r} already exists",
+                )
+            if request_id:
+                await repo.put_idempotent_request(
+                    conn, "CreateExperienceType", request_id, request_fingerprint, name, now
+                )
+        return created
+
+    async def _require(self, conn, name: str) -> tuple[int, ExperienceType]:  # noqa: ANN001
+        v = Violations()
+        check_name(v, "name", name)
+        v.raise_if_any()
+        found = await repo.get_type(conn, name)
+        if found is None:
+            raise type_not_found(name)
+        return found
+
+    async def get(self, name: str) -> ExperienceType:
+        async with self.db.read() as conn:
+            return (await self._require(conn, name))[1]
+
+    async def list(self, page_size: int, page_token: str) -> Page:
+        size = paging.page_size(page_size)
+        after = paging.decode(page_token, "experience_types", None, lambda p: isinstance(p, str))
+        async with self.db.read() as conn:
+            items = await repo.list_types(conn, after, size + 1)
+        token = paging.encode("experience_types", None, items[size - 1].name) if len(items) > size else ""
+        return Page(items[:size], token)
+
+    async def update(
+        self, name: str, description: str, settings: dict[str, str], update_mask: list[str]
+    ) -> ExperienceType:
+        paths = list(update_mask) or list(UPDATABLE_FIELDS)
+        v = Violations()
+        check_name(v, "experience_type.name", name)
+        for path in paths:
+            if path not in UPDATABLE_FIELDS:
+                v.add("update_mask", f"{path!r} cannot be updated; updatable fields: description, settings")
+        if "description" in paths:
+            check_description(v, "experience_type.description", description)
+        if "settings" in paths:
+            check_string_map(v, "experience_type.settings", settings, SETTINGS_MAX_ENTRIES)
+        v.raise_if_any()
+
+        values = {}
+        if "description" in paths:
+            values["description"] = description
+        if "settings" in paths:
+            values["settings"] = dict(settings)
+        async with self.db.write() as conn:
+            type_id, current = await self._require(conn, name)
+            await repo.update_type(conn, type_id, current.version, values, now_us())
+            return (await repo.get_type(conn, name))[1]
+
+    async def delete(self, name: str, force: bool) -> int:
+        async with self.db.write() as conn:
+            type_id, _ = await self._require(conn, name)
+            count = await repo.count_experiences_of_type(conn, type_id)
+            if count and not force:
+                raise failed_precondition(
+                    "EXPERIENCE_TYPE_IN_USE",
+                    f"experience type {name!r} has {count} experience(s); delete them first or pass force=true",
+                    resource=("tally.v1.ExperienceType", name),
+                )
+            return await repo.delete_type(conn, type_id)
+
+    async def increment_version(
+        self, name: str, request_id: str = ""
+    ) -> tuple[ExperienceType, ExperienceTypeVersion]:
+        v = Violations()
+        check_request_id(v, "request_id", request_id)
+        v.raise_if_any()
+        async with self.db.write() as conn:
+            type_id, current = await self._require(conn, name)
+            if request_id:
+                seen = await repo.get_idempotent_request(conn, "IncrementExperienceTypeVersion", request_id)
+                if seen is not None:
+                    if seen[0] != fingerprint(name):
+                        raise request_id_reused(request_id)
+                    snapshot = await repo.get_version(conn, type_id, name, int(seen[1]))
+                    return current, snapshot
+            now = now_us()
+            version = await repo.increment_version(conn, type_id, now)
+            await repo.insert_type_version(conn, type_id, version, current.description, current.settings, now)
+            if request_id:
+                await repo.put_idempotent_request(
+                    conn, "IncrementExperienceTypeVersion", request_id, fingerprint(name), str(version), now
+                )
+            updated = (await repo.get_type(conn, name))[1]
+            return updated, await repo.get_version(conn, type_id, name, version)
+
+    async def list_versions(self, name: str, page_size: int, page_token: str) -> Page:
+        size = paging.page_size(page_size)
+        before = paging.decode(page_token, "experience_type_versions", name, lambda p: isinstance(p, int))
+        async with self.db.read() as conn:
+            type_id, _ = await self._require(conn, name)
+            items = await repo.list_versions(conn, type_id, name, before, size + 1)
+        token = ""
+        if len(items) > size:
+            token = paging.encode("experience_type_versions", name, items[size - 1].version)
+        return Page(items[:size], token)
+
+    async def stats(self, name: str, version: int, start_us: int | None, end_us: int | None) -> TypeStats:
+        v = Violations()
+        if version < 0:
+            v.add("version", "must be 0 (all versions) or a version number")
+        if start_us is not None and end_us is not None and end_us <= start_us:
+            v.add("end_time", "must be after start_time")
+        v.raise_if_any()
+        async with self.db.read() as conn:
+            type_id, _ = await self._require(conn, name)
+            rows = await repo.cost_per_experience(conn, type_id, version, start_us, end_us)
+        return stats.type_stats(name, rows)

@@ -1,0 +1,175 @@
+"""Experiences: explicit creation, reads with statistics, listing, properties, deletion."""
+
+from __future__ import annotations
+
+import uuid
+
+from ..storage import repository as repo
+from ..storage.db import Database
+from . import paging, stats
+from .errors import Violations, already_exists
+from .experience_types import fingerprint, request_id_reused, type_not_found
+from .models import Experience, ExperienceStats, Page, now_us
+from .resolution import experience_not_found, new_experience_id
+from .validation import PROPERTIES_MAX_ENTRIES, check_name, check_request_id, check_string_map, parse_uuid
+
+
+def _require_uuid(v: Violations, field_path: str, text: str) -> uuid.UUID | None:
+    if not text:
+        v.add(field_path, "experience_id is required")
+        return None
+    parsed = parse_uuid(text)
+    if parsed is None:
+        v.add(field_path, f"not a UUID: {text[:80]!r}")
+    return parsed
+
+
+class Experiences:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    async def create(
+        self,
+        experience_name: str,
+        experience_id: str = "",
+        version: int = 0,
+        properties: dict[str, str] | None = None,
+        request_id: str = "",
+    ) -> Experience:
+        properties = dict(properties or {})
+        v = Violations()
+        check_name(v, "experience_name", experience_name, what="experience type name")
+        own_id = _require_uuid(v, "experience_id", experience_id) if experience_id else None
+        if version < 0:
+            v.add("experience_version", "must be 0 (current) or a version number")
+        check_string_map(v, "properties", properties, PROPERTIES_MAX_ENTRIES)
+        check_request_id(v, "request_id", request_id)
+        v.raise_if_any()
+
+        request_fingerprint = fingerprint(experience_name, experience_id, version, properties)
+        now = now_us()
+        async with self.db.write() as conn:
+            if request_id:
+                seen = await repo.get_idempotent_request(conn, "CreateExperience", request_id)
+                if seen is not None:
+                    if seen[0] != request_fingerprint:
+                        raise request_id_reused(request_id)
+                    found = await repo.get_experience(conn, uuid.UUID(seen[1]))
+                    if found is None:
+                        raise experience_not_found(seen[1])
+                    return found
+            type_row = await repo.get_type(conn, experience_name)
+            if type_row is None:
+                raise type_not_found(experience_name)
+            type_id, experience_type = type_row
+            if version > experience_type.version:
+                v.add(
+                    "experience_version",
+                    f"version {version} of {experience_name!r} does not exist (current: {experience_type.version})",
+                )
+                v.raise_if_any()
+            new_id = own_id or new_experience_id()
+            experience = Experience(new_id, experience_name, version or experience_type.version, now, properties)
+            row = {
+                "id": new_id,
+                "type_id": type_id,
+                "version": experience.experience_version,
+                "create_time_us": now,
+                "properties": properties,
+            }
+            if not await repo.insert_experiences(conn, [row]):
+                raise already_exists(
+                    "EXPERIENCE_ALREADY_EXISTS",
+                    "tally.v1.Experience",
+                    str(new_id),
+                    f"experience {new_id} already exists",
+                )
+            if request_id:
+                await repo.put_idempotent_request(
+                    conn, "CreateExperience", request_id, request_fingerprint, str(new_id), now
+                )
+        return experience
+
+    async def get(self, experience_id: str) -> tuple[Experience, ExperienceStats]:
+        v = Violations()
+        parsed = _require_uuid(v, "experience_id", experience_id)
+        v.raise_if_any()
+        async with self.db.read() as conn:
+            experience = await repo.get_experience(conn, parsed)
+            if experience is None:
+                raise experience_not_found(parsed)
+            summary, latencies = await repo.experience_event_summary(conn, parsed)
+        return experience, stats.experience_stats(summary, latencies)
+
+    async def list(
+        self,
+        experience_name: str,
+        version: int,
+        start_us: int | None,
+        end_us: int | None,
+        page_size: int,
+        page_token: str,
+    ) -> Page:
+        v = Violations()
+        check_name(v, "experience_name", experience_name, what="experience type name")
+        if version < 0:
+            v.add("experience_version", "must be 0 (all versions) or a version number")
+        if start_us is not None and end_us is not None and end_us <= start_us:
+            v.add("create_time_end", "must be after create_time_start")
+        v.raise_if_any()
+        size = paging.page_size(page_size)
+        filters = [experience_name, version, start_us, end_us]
+        position = paging.decode(
+            page_token,
+            "experiences",
+            filters,
+            lambda p: isinstance(p, list) and len(p) == 2 and isinstance(p[0], int) and parse_uuid(p[1]) is not None,
+        )
+        before = None if position is None else (position[0], uuid.UUID(position[1]))
+        async with self.db.read() as conn:
+            type_row = await repo.get_type(conn, experience_name)
+            if type_row is None:
+                raise type_not_found(experience_name)
+            items = await repo.list_experiences(conn, type_row[0], version, start_us, end_us, before, size + 1)
+        token = ""
+        if len(items) > size:
+            last = items[size - 1]
+            token = paging.encode("experiences", filters, [last.create_time_us, str(last.experience_id)])
+        return Page(items[:size], token)
+
+    async def delete(self, experience_id: str) -> int:
+        v = Violations()
+        parsed = _require_uuid(v, "experience_id", experience_id)
+        v.raise_if_any()
+        async with self.db.write() as conn:
+            unattributed = await repo.delete_experience(conn, parsed)
+        if unattributed is None:
+            raise experience_not_found(parsed)
+        return unattributed
+
+    async def update_properties(
+        self, experience_id: str, set_properties: dict[str, str], remove_keys: list[str]
+    ) -> Experience:
+        v = Violations()
+        parsed = _require_uuid(v, "experience_id", experience_id)
+        check_string_map(v, "set_properties", set_properties, PROPERTIES_MAX_ENTRIES)
+        for key in set(remove_keys) & set(set_properties):
+            v.add("remove_keys", f"{key!r} is both set and removed")
+        v.raise_if_any()
+        async with self.db.write() as conn:
+            experience = await repo.get_experience(conn, parsed)
+            if experience is None:
+                raise experience_not_found(parsed)
+            properties = {k: val for k, val in experience.properties.items() if k not in set(remove_keys)}
+            properties.update(set_properties)
+            if len(properties) > PROPERTIES_MAX_ENTRIES:
+                v.add("set_properties", f"an experience has at most {PROPERTIES_MAX_ENTRIES} properties")
+                v.raise_if_any()
+            await repo.set_properties(conn, parsed, properties)
+        return Experience(
+            experience.experience_id,
+            experience.experience_name,
+            experience.experience_version,
+            experience.create_time_us,
+            properties,
+        )

@@ -1,0 +1,200 @@
+"""Domain records. Times are integer microseconds since the Unix epoch (UTC);
+money is integer nano-dollars."""
+
+from __future__ import annotations
+
+import enum
+import time
+import uuid
+from dataclasses import dataclass, field
+
+
+def now_us() -> int:
+    return time.time_ns() // 1_000
+
+
+@dataclass(frozen=True)
+class ExperienceType:
+    name: str
+    description: str
+    settings: dict[str, str]
+    version: int
+    create_time_us: int
+    update_time_us: int
+
+
+@dataclass(frozen=True)
+class ExperienceTypeVersion:
+    name: str
+    version: int
+    description: str
+    settings: dict[str, str]
+    create_time_us: int
+
+
+@dataclass(frozen=True)
+class Experience:
+    experience_id: uuid.UUID
+    experience_name: str
+    experience_version: int
+    create_time_us: int
+    properties: dict[str, str]
+
+
+@dataclass(frozen=True)
+class ExperienceStats:
+    cost_input_nanos: int = 0
+    cost_output_nanos: int = 0
+    cost_total_nanos: int = 0
+    event_count: int = 0
+    failed_event_count: int = 0
+    unpriced_event_count: int = 0
+    latency_mean_ms: float = 0.0
+    latency_p50_ms: float = 0.0
+    latency_p95_ms: float = 0.0
+    first_event_time_us: int | None = None
+    last_event_time_us: int | None = None
+
+
+@dataclass(frozen=True)
+class CostDistribution:
+    experience_count: int = 0
+    event_count: int = 0
+    unpriced_event_count: int = 0
+    total_nanos: int = 0
+    mean_nanos: int = 0
+    p50_nanos: int = 0
+    p95_nanos: int = 0
+    max_nanos: int = 0
+
+
+@dataclass(frozen=True)
+class TypeStats:
+    name: str
+    total: CostDistribution
+    by_version: dict[int, CostDistribution]
+
+
+class CostState(enum.IntEnum):
+    """Values match tally.v1.CostState."""
+
+    PRICED = 1
+    PARTIALLY_PRICED = 2
+    UNPRICED = 3
+
+
+class PriceSource(enum.IntEnum):
+    """Values match tally.v1.PriceSource."""
+
+    NONE = 0
+    SYSTEM = 1
+    CUSTOM = 2
+
+
+@dataclass(frozen=True)
+class PriceReference:
+    source: PriceSource
+    category: str
+    resource: str
+    version: str
+    effective_time_us: int | None
+
+
+@dataclass(frozen=True)
+class UnknownUnit:
+    unit_type: str
+    input: int
+    output: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class Cost:
+    input_nanos: int
+    output_nanos: int
+    total_nanos: int
+    state: CostState
+    price: PriceReference | None
+    unknown_units: tuple[UnknownUnit, ...] = ()
+
+
+@dataclass(frozen=True)
+class UnitPrice:
+    """Dollars per million units, exact decimal strings as given."""
+
+    input_per_million: str
+    output_per_million: str
+
+
+@dataclass(frozen=True)
+class CustomPrice:
+    price_id: uuid.UUID
+    category: str
+    resource: str
+    effective_time_us: int
+    unit_prices: dict[str, UnitPrice]
+    create_time_us: int
+
+
+@dataclass(frozen=True)
+class EventContext:
+    """Experience context of an event: metadata and event fields, already merged."""
+
+    experience_id: str = ""
+    experience_name: str = ""
+    experience_version: int = 0
+    user_id: str = ""
+    request_tags: tuple[str, ...] = ()
+
+
+@dataclass
+class UsageEvent:
+    """A validated event, ready to be priced and stored."""
+
+    category: str
+    resource: str
+    units: dict[str, tuple[int, int]]
+    event_time_us: int
+    end_to_end_latency_ms: int
+    time_to_first_token_ms: int
+    http_status_code: int
+    provider_response_id: str
+    idempotency_key: str
+    properties: dict[str, str]
+    context: EventContext
+    # SHA-256 of the event as the caller sent it, to tell a retry from a reuse of its key.
+    content_hash: str
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """Where an event's experience resolved to; `experience` is None when unattributed."""
+
+    experience: Experience | None
+    created: bool = False
+    warnings: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    request_id: uuid.UUID
+    event_time_us: int
+    ingest_time_us: int
+    cost: Cost
+    experience_id: uuid.UUID | None
+    experience_name: str
+    experience_version: int
+    experience_created: bool
+    user_id: str
+    request_tags: tuple[str, ...]
+    warnings: tuple[str, ...]
+    duplicate: bool = False
+    idempotency_key: str = ""
+
+
+@dataclass(frozen=True)
+class Page:
+    """One page of a list and the opaque token of the next (empty at the end)."""
+
+    items: list = field(default_factory=list)
+    next_page_token: str = ""

@@ -1,0 +1,35 @@
+"""Exact money: integers of nano-dollars everywhere, Decimal only at the catalog edge."""
+
+from __future__ import annotations
+
+from decimal import ROUND_HALF_EVEN, Decimal
+
+NANOS_PER_UNIT = 1_000_000_000
+_NANO = Decimal("1e-9")
+
+
+def decimal_to_nanos(amount: Decimal) -> int:
+    """Rounds an exact decimal amount of dollars half-even to whole nano-dollars."""
+    return int(amount.quantize(_NANO, rounding=ROUND_HALF_EVEN).scaleb(9))
+
+
+def nanos_to_units_and_nanos(total_nanos: int) -> tuple[int, int]:
+    """Splits nano-dollars into (units, nanos) with the same sign, as google.type.Money wants."""
+    sign = -1 if total_nanos < 0 else 1
+    units, nanos = divmod(abs(total_nanos), NANOS_PER_UNIT)
+    return sign * units, sign * nanos
+
+
+def nanos_to_decimal(total_nanos: int) -> Decimal:
+    return Decimal(total_nanos).scaleb(-9)
+
+
+def mean_nanos(total_nanos: int, count: int) -> int:
+    """Integer mean rounded half-even: exact, never through a float."""
+    if count == 0:
+        return 0
+    quotient, remainder = divmod(total_nanos, count)
+    twice = 2 * remainder
+    if twice > count or (twice == count and quotient % 2 == 1):
+        quotient += 1
+    return quotient

@@ -1,0 +1,253 @@
+"""Prices events exactly from the catalog: genai-prices for `system.*`, custom prices on top.
+
+Event units are disjoint buckets ("text" input is uncached input only). genai-prices
+wants inclusive totals ("input_tokens" includes cache reads), so each bucket is
+expanded into every usage key it counts towards, and genai-prices' own
+decomposition takes the cached tokens out again: nothing is counted twice.
+
+A genai-prices calculation costs ~65 µs, so it is not run per event. For each
+price entry in force, a rate card is built once by asking genai-prices the price
+of one million units of each bucket alone; prices are linear, so an event's cost
+is then a handful of Decimal multiplications. Tiered prices (which depend on the
+total input of the request) are not linear and are computed by genai-prices per event.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from decimal import Decimal
+
+import genai_prices
+from genai_prices import Usage, data_snapshot
+from genai_prices.data_units import unit_data
+from genai_prices.types import ModelInfo, ModelPrice, TieredPrices
+from genai_prices.units import UnitRegistry
+
+from .models import Cost, CostState, CustomPrice, PriceReference, PriceSource, UnknownUnit
+from .money import decimal_to_nanos
+
+SYSTEM_PREFIX = "system."
+SYSTEM_VERSION = f"genai-prices {genai_prices.__version__}"
+INPUT, OUTPUT = "input", "output"
+_MILLION = 1_000_000
+
+# Each unit type of an event, per direction: the genai-prices usage keys it counts
+# towards, most specific last. A direction absent here cannot be priced.
+UNIT_TYPES: dict[str, dict[str, tuple[str, ...]]] = {
+    "text": {INPUT: ("input_tokens",), OUTPUT: ("output_tokens",)},
+    "text_cache_read": {INPUT: ("input_tokens", "cache_read_tokens")},
+    "text_cache_write": {INPUT: ("input_tokens", "cache_write_tokens")},
+    "reasoning": {OUTPUT: ("output_tokens", "output_reasoning_tokens")},
+    "audio": {
+        INPUT: ("input_tokens", "input_audio_tokens"),
+        OUTPUT: ("output_tokens", "output_audio_tokens"),
+    },
+    "audio_cache_read": {
+        INPUT: ("input_tokens", "cache_read_tokens", "input_audio_tokens", "cache_audio_read_tokens")
+    },
+    "image": {
+        INPUT: ("input_tokens", "input_image_tokens"),
+        OUTPUT: ("output_tokens", "output_image_tokens"),
+    },
+    "vision": {INPUT: ("input_tokens", "input_image_tokens")},
+    "video": {
+        INPUT: ("input_tokens", "input_video_tokens"),
+        OUTPUT: ("output_tokens", "output_video_tokens"),
+    },
+}
+
+_registry = UnitRegistry(unit_data)
+
+
+def to_genai_usage(units: dict[str, tuple[int, int]]) -> Usage:
+    """The inclusive genai-prices Usage of disjoint event buckets (known unit types only)."""
+    totals: dict[str, int] = {}
+    for unit_type, counts in units.items():
+        for direction, count in zip((INPUT, OUTPUT), counts, strict=True):
+            for key in UNIT_TYPES.get(unit_type, {}).get(direction, ()):
+                totals[key] = totals.get(key, 0) + count
+    return Usage(**totals)
+
+
+@dataclass
+class RateCard:
+    """Exact dollars per single unit of each (unit type, direction) of one price entry."""
+
+    reference: PriceReference
+    rates: dict[tuple[str, str], Decimal]
+    per_request: Decimal = Decimal(0)
+    # Set for tiered prices: computed by genai-prices per event instead of by rates.
+    model_price: ModelPrice | None = None
+    missing_reason: dict[tuple[str, str], str] = field(default_factory=dict)
+
+
+def _covers(model_price: ModelPrice, usage_key: str) -> bool:
+    """Whether some price of the entry applies to this usage key (itself or an ancestor)."""
+    unit = _registry.units[usage_key]
+    for price_key, value in model_price.__dict__.items():
+        if value is None or price_key.startswith("_"):
+            continue
+        try:
+            priced = _registry.unit_for_price_key(price_key)
+        except KeyError:
+            continue
+        if priced.dimensions.get("family") == "tokens" and priced.dimensions.items() <= unit.dimensions.items():
+            return True
+    return False
+
+
+def system_rate_card(model_price: ModelPrice, reference: PriceReference) -> RateCard:
+    tiered = any(isinstance(value, TieredPrices) for value in model_price.__dict__.values())
+    base = model_price.calc_price(Usage())["total_price"]
+    card = RateCard(reference, {}, per_request=base, model_price=model_price if tiered else None)
+    for unit_type, directions in UNIT_TYPES.items():
+        for direction, keys in directions.items():
+            if not _covers(model_price, keys[-1]):
+                card.missing_reason[(unit_type, direction)] = (
+                    f"{reference.resource} has no {direction} price for {unit_type}"
+                )
+                continue
+            if tiered:
+                card.rates[(unit_type, direction)] = Decimal(0)  # priced per event
+                continue
+            probe = model_price.calc_price(Usage(**{key: _MILLION for key in keys}))
+            card.rates[(unit_type, direction)] = (probe["total_price"] - base) / _MILLION
+    return card
+
+
+def custom_rate_card(price: CustomPrice) -> RateCard:
+    reference = PriceReference(
+        PriceSource.CUSTOM, price.category, price.resource, str(price.price_id), price.effective_time_us
+    )
+    rates: dict[tuple[str, str], Decimal] = {}
+    for unit_type, unit_price in price.unit_prices.items():
+        if unit_price.input_per_million:
+            rates[(unit_type, INPUT)] = Decimal(unit_price.input_per_million) / _MILLION
+        if unit_price.output_per_million:
+            rates[(unit_type, OUTPUT)] = Decimal(unit_price.output_per_million) / _MILLION
+    return RateCard(reference, rates)
+
+
+def _dt(time_us: int) -> datetime:
+    return datetime.fromtimestamp(time_us / 1_000_000, tz=UTC)
+
+
+class PriceCatalog:
+    """Resolves (category, resource, event time) to a rate card, caching every step."""
+
+    def __init__(self) -> None:
+        self._snapshot = data_snapshot.get_snapshot()
+        self._models: dict[tuple[str, str], ModelInfo | None] = {}
+        self._system_cards: dict[int, RateCard] = {}
+        self._custom: dict[tuple[str, str], tuple[list[int], list[RateCard]]] = {}
+        self.revision: tuple[int, int] | None = None
+
+    def load_custom(self, prices: list[CustomPrice], revision: tuple[int, int]) -> None:
+        grouped: dict[tuple[str, str], list[CustomPrice]] = {}
+        for price in prices:
+            grouped.setdefault((price.category, price.resource.lower()), []).append(price)
+        custom = {}
+        for key, entries in grouped.items():
+            entries.sort(key=lambda p: p.effective_time_us)
+            custom[key] = ([p.effective_time_us for p in entries], [custom_rate_card(p) for p in entries])
+        self._custom = custom
+        self.revision = revision
+
+    def _system_model(self, category: str, resource: str) -> ModelInfo | None:
+        key = (category, resource.lower())
+        if key not in self._models:
+            model = None
+            if category.startswith(SYSTEM_PREFIX):
+                try:
+                    _, model = self._snapshot.find_provider_model(
+                        resource, None, category[len(SYSTEM_PREFIX) :], None
+                    )
+                except LookupError:
+                    model = None
+            self._models[key] = model
+        return self._models[key]
+
+    def rate_card(self, category: str, resource: str, event_time_us: int) -> RateCard | None:
+        custom = self._custom.get((category, resource.lower()))
+        if custom is not None:
+            starts, cards = custom
+            index = bisect.bisect_right(starts, event_time_us) - 1
+            if index >= 0:
+                return cards[index]
+        model = self._system_model(category, resource)
+        if model is None:
+            return None
+        if isinstance(model.prices, ModelPrice):
+            model_price, start = model.prices, None
+        else:
+            # The last conditional price in force wins, as in genai-prices.
+            moment = _dt(event_time_us)
+            model_price, start = model.prices[0].prices, None
+            for conditional in reversed(model.prices):
+                if conditional.constraint is None or conditional.constraint.active(moment):
+                    model_price = conditional.prices
+                    start = getattr(conditional.constraint, "start_date", None)
+                    break
+        card = self._system_cards.get(id(model_price))
+        if card is None:
+            effective = None
+            if start is not None:
+                start_dt = start if isinstance(start, datetime) else datetime.combine(start, datetime.min.time(), UTC)
+                effective = int(start_dt.timestamp() * 1_000_000)
+            reference = PriceReference(PriceSource.SYSTEM, category, model.id, SYSTEM_VERSION, effective)
+            card = self._system_cards[id(model_price)] = system_rate_card(model_price, reference)
+        return card
+
+    def price(self, category: str, resource: str, units: dict[str, tuple[int, int]], event_time_us: int) -> Cost:
+        card = self.rate_card(category, resource, event_time_us)
+        if card is None:
+            unknown = tuple(
+                UnknownUnit(unit_type, i, o, f"no price for {category}/{resource}")
+                for unit_type, (i, o) in units.items()
+                if i or o
+            )
+            return Cost(0, 0, 0, CostState.UNPRICED, None, unknown)
+        return price_with(card, units)
+
+
+def price_with(card: RateCard, units: dict[str, tuple[int, int]]) -> Cost:
+    input_cost = output_cost = Decimal(0)
+    unknown: list[UnknownUnit] = []
+    priced_any = False
+    for unit_type, (input_count, output_count) in units.items():
+        missing = []
+        for direction, count in ((INPUT, input_count), (OUTPUT, output_count)):
+            if not count:
+                continue
+            rate = card.rates.get((unit_type, direction))
+            if rate is None:
+                missing.append(
+                    card.missing_reason.get((unit_type, direction))
+                    or f"no {direction} price for unit type {unit_type!r}"
+                )
+                continue
+            priced_any = True
+            if direction == INPUT:
+                input_cost += rate * count
+            else:
+                output_cost += rate * count
+        if missing:
+            unknown.append(UnknownUnit(unit_type, input_count, output_count, "; ".join(missing)))
+    per_request = card.per_request
+    if card.model_price is not None:
+        known = {u: c for u, c in units.items() if not any(x.unit_type == u for x in unknown)}
+        computed = card.model_price.calc_price(to_genai_usage(known))
+        input_cost, output_cost = computed["input_price"], computed["output_price"]
+        per_request = computed["total_price"] - input_cost - output_cost
+    input_nanos = decimal_to_nanos(input_cost)
+    output_nanos = decimal_to_nanos(output_cost)
+    total_nanos = input_nanos + output_nanos + decimal_to_nanos(per_request)
+    if not unknown:
+        state = CostState.PRICED
+    elif priced_any:
+        state = CostState.PARTIALLY_PRICED
+    else:
+        state = CostState.UNPRICED
+    return Cost(input_nanos, output_nanos, total_nanos, state, card.reference, tuple(unknown))

@@ -1,0 +1,55 @@
+"""Bounds and formats shared by every entry point (stated in the proto comments)."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Mapping
+
+from .errors import Violations
+
+NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
+UNIT_TYPE_PATTERN = re.compile(r"[a-z0-9_]{1,64}")
+
+DESCRIPTION_MAX = 1024
+SETTINGS_MAX_ENTRIES = 32
+PROPERTIES_MAX_ENTRIES = 64
+MAP_VALUE_MAX = 1024
+REQUEST_ID_MAX = 128
+
+
+def check_name(v: Violations, field_path: str, name: str, *, what: str = "name") -> None:
+    if not name:
+        v.add(field_path, f"{what} is required")
+    elif not NAME_PATTERN.fullmatch(name):
+        v.add(field_path, f"{what} must match [A-Za-z0-9._-]{{1,64}}, got {name[:80]!r}")
+
+
+def check_string_map(v: Violations, field_path: str, values: Mapping[str, str], max_entries: int) -> None:
+    if len(values) > max_entries:
+        v.add(field_path, f"at most {max_entries} entries, got {len(values)}")
+    for key, value in values.items():
+        if not NAME_PATTERN.fullmatch(key):
+            v.add(f"{field_path}[{key[:80]!r}]", "key must match [A-Za-z0-9._-]{1,64}")
+        if len(value) > MAP_VALUE_MAX:
+            v.add(f"{field_path}[{key[:80]!r}]", f"value must be at most {MAP_VALUE_MAX} characters")
+
+
+def check_description(v: Violations, field_path: str, description: str) -> None:
+    if not description.strip():
+        v.add(field_path, "description is required")
+    elif len(description) > DESCRIPTION_MAX:
+        v.add(field_path, f"description must be at most {DESCRIPTION_MAX} characters, got {len(description)}")
+
+
+def check_request_id(v: Violations, field_path: str, request_id: str) -> None:
+    if len(request_id) > REQUEST_ID_MAX:
+        v.add(field_path, f"request_id must be at most {REQUEST_ID_MAX} characters")
+
+
+def parse_uuid(text: str) -> uuid.UUID | None:
+    """The UUID in `text` (any standard spelling), or None if it is not one."""
+    try:
+        return uuid.UUID(text)
+    except (ValueError, AttributeError, TypeError):
+        return None

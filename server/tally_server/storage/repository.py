@@ -1,0 +1,420 @@
+"""Queries, as functions of an open connection so that callers compose transactions."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from ..domain import models as m
+from .tables import custom_prices, events, experience_type_versions, experience_types, experiences, idempotent_requests
+
+
+def _insert(conn: AsyncConnection, table: sa.Table):
+    """An INSERT that can say ON CONFLICT DO NOTHING on either engine."""
+    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
+    return dialect.insert(table)
+
+
+# --- experience types -------------------------------------------------------------
+
+_type_columns = (
+    experience_types.c.id,
+    experience_types.c.name,
+    experience_types.c.description,
+    experience_types.c.settings,
+    experience_types.c.version,
+    experience_types.c.create_time_us,
+    experience_types.c.update_time_us,
+)
+
+
+def _type(row: Any) -> m.ExperienceType:
+    return m.ExperienceType(
+        name=row.name,
+        description=row.description,
+        settings=dict(row.settings),
+        version=row.version,
+        create_time_us=row.create_time_us,
+        update_time_us=row.update_time_us,
+    )
+
+
+async def get_type(conn: AsyncConnection, name: str) -> tuple[int, m.ExperienceType] | None:
+    row = (await conn.execute(sa.select(*_type_columns).where(experience_types.c.name == name))).first()
+    return None if row is None else (row.id, _type(row))
+
+
+async def get_types(conn: AsyncConnection, names: Iterable[str]) -> dict[str, tuple[int, m.ExperienceType]]:
+    rows = await conn.execute(sa.select(*_type_columns).where(experience_types.c.name.in_(list(names))))
+    return {row.name: (row.id, _type(row)) for row in rows}
+
+
+async def insert_type(conn: AsyncConnection, t: m.ExperienceType) -> int | None:
+    """Inserts the type and its version-1 snapshot; None if the name is taken."""
+    stmt = (
+        _insert(conn, experience_types)
+        .values(
+            name=t.name,
+            description=t.description,
+            settings=t.settings,
+            version=t.version,
+            create_time_us=t.create_time_us,
+            update_time_us=t.update_time_us,
+        )
+        .on_conflict_do_nothing(index_elements=["name"])
+        .returning(experience_types.c.id)
+    )
+    type_id = (await conn.execute(stmt)).scalar()
+    if type_id is not None:
+        await insert_type_version(conn, type_id, t.version, t.description, t.settings, t.create_time_us)
+    return type_id
+
+
+async def insert_type_version(
+    conn: AsyncConnection, type_id: int, version: int, description: str, settings: dict, now_us: int
+) -> None:
+    await conn.execute(
+        sa.insert(experience_type_versions).values(
+            type_id=type_id, version=version, description=description, settings=settings, create_time_us=now_us
+        )
+    )
+
+
+async def list_types(conn: AsyncConnection, after_name: str | None, limit: int) -> list[m.ExperienceType]:
+    query = sa.select(*_type_columns).order_by(experience_types.c.name).limit(limit)
+    if after_name is not None:
+        query = query.where(experience_types.c.name > after_name)
+    return [_type(row) for row in await conn.execute(query)]
+
+
+async def update_type(
+    conn: AsyncConnection, type_id: int, version: int, values: dict[str, Any], now_us: int
+) -> None:
+    """Updates the type and the snapshot of its current version alike."""
+    await conn.execute(
+        sa.update(experience_types).where(experience_types.c.id == type_id).values(**values, update_time_us=now_us)
+    )
+    await conn.execute(
+        sa.update(experience_type_versions)
+        .where(experience_type_versions.c.type_id == type_id, experience_type_versions.c.version == version)
+        .values(**values)
+    )
+
+
+async def increment_version(conn: AsyncConnection, type_id: int, now_us: int) -> int:
+    """Adds 1 atomically (safe against concurrent increments) and returns the new version."""
+    stmt = (
+        sa.update(experience_types)
+        .where(experience_types.c.id == type_id)
+        .values(version=experience_types.c.version + 1, update_time_us=now_us)
+        .returning(experience_types.c.version)
+    )
+    return (await conn.execute(stmt)).scalar_one()
+
+
+async def list_versions(
+    conn: AsyncConnection, type_id: int, name: str, before_version: int | None, limit: int
+) -> list[m.ExperienceTypeVersion]:
+    v = experience_type_versions
+    query = sa.select(v).where(v.c.type_id == type_id).order_by(v.c.version.desc()).limit(limit)
+    if before_version is not None:
+        query = query.where(v.c.version < before_version)
+    return [
+        m.ExperienceTypeVersion(name, row.version, row.description, dict(row.settings), row.create_time_us)
+        for row in await conn.execute(query)
+    ]
+
+
+async def get_version(conn: AsyncConnection, type_id: int, name: str, version: int) -> m.ExperienceTypeVersion:
+    v = experience_type_versions
+    row = (await conn.execute(sa.select(v).where(v.c.type_id == type_id, v.c.version == version))).one()
+    return m.ExperienceTypeVersion(name, row.version, row.description, dict(row.settings), row.create_time_us)
+
+
+async def count_experiences_of_type(conn: AsyncConnection, type_id: int) -> int:
+    stmt = sa.select(sa.func.count()).select_from(experiences).where(experiences.c.type_id == type_id)
+    return (await conn.execute(stmt)).scalar_one()
+
+
+async def delete_type(conn: AsyncConnection, type_id: int) -> int:
+    """Deletes the type, its versions and its experiences; their events become unattributed."""
+    of_type = sa.select(experiences.c.id).where(experiences.c.type_id == type_id)
+    await conn.execute(sa.update(events).where(events.c.experience_id.in_(of_type)).values(experience_id=None))
+    deleted = (await conn.execute(sa.delete(experiences).where(experiences.c.type_id == type_id))).rowcount
+    await conn.execute(sa.delete(experience_type_versions).where(experience_type_versions.c.type_id == type_id))
+    await conn.execute(sa.delete(experience_types).where(experience_types.c.id == type_id))
+    return deleted
+
+
+# --- request_id idempotency -------------------------------------------------------------
+
+
+async def get_idempotent_request(conn: AsyncConnection, operation: str, request_id: str) -> tuple[str, str] | None:
+    """(fingerprint, resource_key) recorded for the request id, if any."""
+    t = idempotent_requests
+    row = (
+        await conn.execute(
+            sa.select(t.c.fingerprint, t.c.resource_key).where(t.c.operation == operation, t.c.request_id == request_id)
+        )
+    ).first()
+    return None if row is None else (row.fingerprint, row.resource_key)
+
+
+async def put_idempotent_request(
+    conn: AsyncConnection, operation: str, request_id: str, fingerprint: str, resource_key: str, now_us: int
+) -> None:
+    await conn.execute(
+        sa.insert(idempotent_requests).values(
+            operation=operation,
+            request_id=request_id,
+            fingerprint=fingerprint,
+            resource_key=resource_key,
+            create_time_us=now_us,
+        )
+    )
+
+
+# --- experiences -------------------------------------------------------------------
+
+_experience_columns = (
+    experiences.c.id,
+    experience_types.c.name,
+    experiences.c.version,
+    experiences.c.create_time_us,
+    experiences.c.properties,
+)
+_experiences_join = experiences.join(experience_types, experiences.c.type_id == experience_types.c.id)
+
+
+def _experience(row: Any) -> m.Experience:
+    return m.Experience(row.id, row.name, row.version, row.create_time_us, dict(row.properties))
+
+
+async def get_experiences(conn: AsyncConnection, ids: Iterable[uuid.UUID]) -> dict[uuid.UUID, m.Experience]:
+    ids = list(ids)
+    if not ids:
+        return {}
+    query = sa.select(*_experience_columns).select_from(_experiences_join).where(experiences.c.id.in_(ids))
+    return {row.id: _experience(row) for row in await conn.execute(query)}
+
+
+async def get_experience(conn: AsyncConnection, experience_id: uuid.UUID) -> m.Experience | None:
+    return (await get_experiences(conn, [experience_id])).get(experience_id)
+
+
+async def insert_experiences(conn: AsyncConnection, rows: Sequence[dict[str, Any]]) -> set[uuid.UUID]:
+    """Inserts experiences whose id is free; returns the ids this call inserted.
+
+    Rows: id, type_id, version, create_time_us, properties. A concurrent insert
+    of the same id (another replica) makes this one a no-op, never a second row.
+    """
+    if not rows:
+        return set()
+    stmt = (
+        _insert(conn, experiences).on_conflict_do_nothing(index_elements=["id"]).returning(experiences.c.id)
+    )
+    result = await conn.execute(stmt, list(rows))
+    return {row.id for row in result}
+
+
+async def list_experiences(
+    conn: AsyncConnection,
+    type_id: int,
+    version: int,
+    start_us: int | None,
+    end_us: int | None,
+    before: tuple[int, uuid.UUID] | None,
+    limit: int,
+) -> list[m.Experience]:
+    e = experiences
+    query = (
+        sa.select(*_experience_columns)
+        .select_from(_experiences_join)
+        .where(e.c.type_id == type_id)
+        .order_by(e.c.create_time_us.desc(), e.c.id.desc())
+        .limit(limit)
+    )
+    if version:
+        query = query.where(e.c.version == version)
+    if start_us is not None:
+        query = query.where(e.c.create_time_us >= start_us)
+    if end_us is not None:
+        query = query.where(e.c.create_time_us < end_us)
+    if before is not None:
+        query = query.where(sa.tuple_(e.c.create_time_us, e.c.id) < sa.tuple_(*before))
+    return [_experience(row) for row in await conn.execute(query)]
+
+
+async def delete_experience(conn: AsyncConnection, experience_id: uuid.UUID) -> int | None:
+    """Deletes it and unattributes its events; None if it did not exist, else the event count."""
+    deleted = (await conn.execute(sa.delete(experiences).where(experiences.c.id == experience_id))).rowcount
+    if not deleted:
+        return None
+    result = await conn.execute(
+        sa.update(events).where(events.c.experience_id == experience_id).values(experience_id=None)
+    )
+    return result.rowcount
+
+
+async def set_properties(conn: AsyncConnection, experience_id: uuid.UUID, properties: dict[str, str]) -> None:
+    await conn.execute(sa.update(experiences).where(experiences.c.id == experience_id).values(properties=properties))
+
+
+async def experience_event_summary(conn: AsyncConnection, experience_id: uuid.UUID) -> tuple[Any, list[int]]:
+    """Aggregates of the experience's events, and their latencies in ascending order."""
+    ev = events
+    aggregate = sa.select(
+        sa.func.count().label("event_count"),
+        sa.func.coalesce(sa.func.sum(ev.c.cost_input_nanos), 0).label("cost_input"),
+        sa.func.coalesce(sa.func.sum(ev.c.cost_output_nanos), 0).label("cost_output"),
+        sa.func.coalesce(sa.func.sum(ev.c.cost_total_nanos), 0).label("cost_total"),
+        sa.func.count().filter(ev.c.http_status_code >= 400).label("failed"),
+        sa.func.count().filter(ev.c.cost_state != int(m.CostState.PRICED)).label("unpriced"),
+        sa.func.min(ev.c.event_time_us).label("first_us"),
+        sa.func.max(ev.c.event_time_us).label("last_us"),
+    ).where(ev.c.experience_id == experience_id)
+    summary = (await conn.execute(aggregate)).one()
+    latencies = await conn.execute(
+        sa.select(ev.c.end_to_end_latency_ms)
+        .where(ev.c.experience_id == experience_id)
+        .order_by(ev.c.end_to_end_latency_ms)
+    )
+    return summary, [row[0] for row in latencies]
+
+
+async def cost_per_experience(
+    conn: AsyncConnection, type_id: int, version: int, start_us: int | None, end_us: int | None
+) -> list[Any]:
+    """One row per experience of the type with events in the window:
+    (version, experience_id, total_nanos, event_count, unpriced_count)."""
+    ev, e = events, experiences
+    query = (
+        sa.select(
+            e.c.version,
+            e.c.id,
+            sa.func.sum(ev.c.cost_total_nanos).label("total"),
+            sa.func.count().label("events"),
+            sa.func.count().filter(ev.c.cost_state != int(m.CostState.PRICED)).label("unpriced"),
+        )
+        .select_from(ev.join(e, ev.c.experience_id == e.c.id))
+        .where(e.c.type_id == type_id)
+        .group_by(e.c.version, e.c.id)
+    )
+    if version:
+        query = query.where(e.c.version == version)
+    if start_us is not None:
+        query = query.where(ev.c.event_time_us >= start_us)
+    if end_us is not None:
+        query = query.where(ev.c.event_time_us < end_us)
+    return list(await conn.execute(query))
+
+
+# --- events ----------------------------------------------------------------------------
+
+
+async def insert_events(conn: AsyncConnection, rows: Sequence[dict[str, Any]]) -> set[uuid.UUID]:
+    """Inserts events in one statement; returns the ids inserted. An event whose
+    idempotency key another transaction committed first is skipped, not failed."""
+    if not rows:
+        return set()
+    stmt = (
+        _insert(conn, events)
+        .on_conflict_do_nothing(index_elements=["idempotency_key"])
+        .returning(events.c.id, sort_by_parameter_order=True)
+    )
+    return {row.id for row in await conn.execute(stmt, list(rows))}
+
+
+async def events_by_key(conn: AsyncConnection, keys: Iterable[str]) -> dict[str, Any]:
+    """Stored events by idempotency key, with their experience's name and version."""
+    keys = list(keys)
+    if not keys:
+        return {}
+    ev = events
+    query = (
+        sa.select(ev, experience_types.c.name.label("experience_name"), experiences.c.version.label("experience_version"))
+        .select_from(
+            ev.outerjoin(experiences, ev.c.experience_id == experiences.c.id).outerjoin(
+                experience_types, experiences.c.type_id == experience_types.c.id
+            )
+        )
+        .where(ev.c.idempotency_key.in_(keys))
+    )
+    return {row.idempotency_key: row for row in await conn.execute(query)}
+
+
+async def count_events(conn: AsyncConnection) -> int:
+    return (await conn.execute(sa.select(sa.func.count()).select_from(events))).scalar_one()
+
+
+# --- custom prices ---------------------------------------------------------------
+
+
+def _price(row: Any) -> m.CustomPrice:
+    return m.CustomPrice(
+        price_id=row.id,
+        category=row.category,
+        resource=row.resource,
+        effective_time_us=row.effective_time_us,
+        unit_prices={unit: m.UnitPrice(*pair) for unit, pair in row.unit_prices.items()},
+        create_time_us=row.create_time_us,
+    )
+
+
+async def insert_price(conn: AsyncConnection, price: m.CustomPrice) -> bool:
+    stmt = (
+        _insert(conn, custom_prices)
+        .values(
+            id=price.price_id,
+            category=price.category,
+            resource=price.resource,
+            effective_time_us=price.effective_time_us,
+            unit_prices={u: [p.input_per_million, p.output_per_million] for u, p in price.unit_prices.items()},
+            create_time_us=price.create_time_us,
+        )
+        .on_conflict_do_nothing()
+        .returning(custom_prices.c.id)
+    )
+    return (await conn.execute(stmt)).scalar() is not None
+
+
+async def get_price(conn: AsyncConnection, price_id: uuid.UUID) -> m.CustomPrice | None:
+    row = (await conn.execute(sa.select(custom_prices).where(custom_prices.c.id == price_id))).first()
+    return None if row is None else _price(row)
+
+
+async def list_prices(
+    conn: AsyncConnection, category: str, resource: str, after: tuple[str, str, int] | None, limit: int
+) -> list[m.CustomPrice]:
+    p = custom_prices
+    query = sa.select(p).order_by(p.c.category, p.c.resource, p.c.effective_time_us.desc()).limit(limit)
+    if category:
+        query = query.where(p.c.category == category)
+    if resource:
+        query = query.where(p.c.resource == resource)
+    if after is not None:
+        cat, res, eff = after
+        query = query.where(
+            sa.or_(
+                p.c.category > cat,
+                sa.and_(p.c.category == cat, p.c.resource > res),
+                sa.and_(p.c.category == cat, p.c.resource == res, p.c.effective_time_us < eff),
+            )
+        )
+    return [_price(row) for row in await conn.execute(query)]
+
+
+async def all_prices(conn: AsyncConnection) -> list[m.CustomPrice]:
+    return [_price(row) for row in await conn.execute(sa.select(custom_prices))]
+
+
+async def price_catalog_revision(conn: AsyncConnection) -> tuple[int, int]:
+    """Changes whenever a custom price is added: (count, newest create time)."""
+    p = custom_prices
+    row = (await conn.execute(sa.select(sa.func.count(), sa.func.coalesce(sa.func.max(p.c.create_time_us), 0)))).one()
+    return int(row[0]), int(row[1])

@@ -1,0 +1,111 @@
+"""The schema. Alembic migrations create it; this module describes it for queries.
+
+Times are BIGINT microseconds since the epoch (UTC), money is BIGINT nano-dollars:
+both exact and cheap to aggregate on either engine.
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+metadata = sa.MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+experience_types = sa.Table(
+    "experience_types",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("name", sa.String(64), nullable=False, unique=True),
+    sa.Column("description", sa.Text, nullable=False),
+    sa.Column("settings", sa.JSON, nullable=False),
+    sa.Column("version", sa.Integer, nullable=False),
+    sa.Column("create_time_us", sa.BigInteger, nullable=False),
+    sa.Column("update_time_us", sa.BigInteger, nullable=False),
+)
+
+experience_type_versions = sa.Table(
+    "experience_type_versions",
+    metadata,
+    sa.Column(
+        "type_id", sa.Integer, sa.ForeignKey("experience_types.id", ondelete="CASCADE"), primary_key=True
+    ),
+    sa.Column("version", sa.Integer, primary_key=True),
+    sa.Column("description", sa.Text, nullable=False),
+    sa.Column("settings", sa.JSON, nullable=False),
+    sa.Column("create_time_us", sa.BigInteger, nullable=False),
+)
+
+experiences = sa.Table(
+    "experiences",
+    metadata,
+    sa.Column("id", sa.Uuid, primary_key=True),
+    sa.Column("type_id", sa.Integer, sa.ForeignKey("experience_types.id"), nullable=False),
+    sa.Column("version", sa.Integer, nullable=False),
+    sa.Column("create_time_us", sa.BigInteger, nullable=False),
+    sa.Column("properties", sa.JSON, nullable=False),
+    sa.Index("ix_experiences_type_created", "type_id", "create_time_us", "id"),
+)
+
+# One row per stored event. experience_id has no foreign key on purpose: deleting
+# an experience leaves its events stored, unattributed (experience_id set to NULL).
+events = sa.Table(
+    "events",
+    metadata,
+    sa.Column("id", sa.Uuid, primary_key=True),
+    sa.Column("idempotency_key", sa.String(300), nullable=True, unique=True),
+    sa.Column("content_hash", sa.String(64), nullable=False),
+    sa.Column("experience_id", sa.Uuid, nullable=True, index=True),
+    sa.Column("experience_created", sa.Boolean, nullable=False),
+    sa.Column("category", sa.String(128), nullable=False),
+    sa.Column("resource", sa.String(256), nullable=False),
+    sa.Column("units", sa.JSON, nullable=False),
+    sa.Column("event_time_us", sa.BigInteger, nullable=False),
+    sa.Column("ingest_time_us", sa.BigInteger, nullable=False),
+    sa.Column("end_to_end_latency_ms", sa.BigInteger, nullable=False),
+    sa.Column("time_to_first_token_ms", sa.BigInteger, nullable=False),
+    sa.Column("http_status_code", sa.Integer, nullable=False),
+    sa.Column("provider_response_id", sa.String(256), nullable=True),
+    sa.Column("user_id", sa.String(256), nullable=True),
+    sa.Column("request_tags", sa.JSON, nullable=True),
+    sa.Column("properties", sa.JSON, nullable=True),
+    sa.Column("cost_input_nanos", sa.BigInteger, nullable=False),
+    sa.Column("cost_output_nanos", sa.BigInteger, nullable=False),
+    sa.Column("cost_total_nanos", sa.BigInteger, nullable=False),
+    sa.Column("cost_state", sa.SmallInteger, nullable=False),
+    sa.Column("price_source", sa.SmallInteger, nullable=False),
+    sa.Column("price_category", sa.String(128), nullable=True),
+    sa.Column("price_resource", sa.String(256), nullable=True),
+    sa.Column("price_version", sa.String(128), nullable=True),
+    sa.Column("price_effective_time_us", sa.BigInteger, nullable=True),
+    sa.Column("unknown_units", sa.JSON, nullable=True),
+    sa.Column("warnings", sa.JSON, nullable=True),
+)
+
+# request_id idempotency of the explicit create calls (AIP-155).
+idempotent_requests = sa.Table(
+    "idempotent_requests",
+    metadata,
+    sa.Column("operation", sa.String(64), primary_key=True),
+    sa.Column("request_id", sa.String(128), primary_key=True),
+    sa.Column("fingerprint", sa.String(64), nullable=False),
+    sa.Column("resource_key", sa.String(128), nullable=False),
+    sa.Column("create_time_us", sa.BigInteger, nullable=False),
+)
+
+custom_prices = sa.Table(
+    "custom_prices",
+    metadata,
+    sa.Column("id", sa.Uuid, primary_key=True),
+    sa.Column("category", sa.String(128), nullable=False),
+    sa.Column("resource", sa.String(256), nullable=False),
+    sa.Column("effective_time_us", sa.BigInteger, nullable=False),
+    sa.Column("unit_prices", sa.JSON, nullable=False),
+    sa.Column("create_time_us", sa.BigInteger, nullable=False),
+    sa.UniqueConstraint("category", "resource", "effective_time_us"),
+)

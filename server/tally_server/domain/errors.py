@@ -63,11 +63,12 @@ def failed_precondition(reason: str, message: str, resource: tuple[str, str] | N
 class Violations:
     """Collects field violations so that one error can list all of them."""
 
-    def __init__(self) -> None:
+    def __init__(self, prefix: str = "") -> None:
+        self.prefix = prefix
         self.items: list[Violation] = []
 
     def add(self, field_path: str, description: str) -> None:
-        self.items.append(Violation(field_path, description))
+        self.items.append(Violation(self.prefix + field_path, description))
 
     def __bool__(self) -> bool:
         return bool(self.items)

@@ -10,6 +10,7 @@ from .errors import Violations
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
 UNIT_TYPE_PATTERN = re.compile(r"[a-z0-9_]{1,64}")
+CATEGORY_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,128}")
 
 DESCRIPTION_MAX = 1024
 SETTINGS_MAX_ENTRIES = 32

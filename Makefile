@@ -1,0 +1,39 @@
+# The two commands of the quick start, `make serve` and `make test`, each set up
+# .venv themselves on first use.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: serve test test-sqlite generate check-generated lint bench clean
+
+$(STAMP): pyproject.toml
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+serve: $(STAMP)
+	$(BIN)/tally serve $(ARGS)
+
+# On SQLite always; on PostgreSQL too when it answers at TALLY_TEST_POSTGRES_URL
+# (default postgresql+asyncpg://postgres@127.0.0.1:5432/test). With CI=true a
+# missing PostgreSQL fails the run instead of skipping.
+test: $(STAMP)
+	$(BIN)/python -m pytest $(ARGS)
+
+generate: $(STAMP)
+	PYTHON=$(BIN)/python scripts/generate.sh
+
+check-generated: generate
+	git diff --exit-code -- generated && test -z "$$(git status --porcelain -- generated)"
+
+lint: $(STAMP)
+	$(BIN)/buf lint
+	$(BIN)/buf format --exit-code --diff
+
+bench: $(STAMP)
+	$(BIN)/python -m bench $(ARGS)
+
+clean:
+	rm -rf $(VENV) *.egg-info

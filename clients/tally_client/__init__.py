@@ -1,0 +1,1 @@
+"""Tally's Python client, metadata helper and command line."""

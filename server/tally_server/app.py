@@ -1,0 +1,142 @@
+"""Assembles and runs the server: services, health, reflection, graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+from grpc import aio
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from tally.v1 import (
+    experience_service_pb2,
+    experience_service_pb2_grpc,
+    experience_type_service_pb2,
+    experience_type_service_pb2_grpc,
+    ingest_service_pb2,
+    ingest_service_pb2_grpc,
+    price_catalog_service_pb2,
+    price_catalog_service_pb2_grpc,
+)
+
+from .config import Settings
+from .domain.experience_types import ExperienceTypes
+from .domain.experiences import Experiences
+from .domain.ingest import Ingestor
+from .domain.prices import Prices
+from .rpc.interceptor import ServerInterceptor
+from .rpc.servicers import ExperienceServicer, ExperienceTypeServicer, IngestServicer, PriceCatalogServicer
+from .storage.db import Database
+
+log = logging.getLogger("tally")
+
+SERVICE_NAMES = (
+    experience_type_service_pb2.DESCRIPTOR.services_by_name["ExperienceTypeService"].full_name,
+    experience_service_pb2.DESCRIPTOR.services_by_name["ExperienceService"].full_name,
+    ingest_service_pb2.DESCRIPTOR.services_by_name["IngestService"].full_name,
+    price_catalog_service_pb2.DESCRIPTOR.services_by_name["PriceCatalogService"].full_name,
+)
+
+
+class TallyServer:
+    """One server process: a gRPC server, a database and a group-commit writer."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.db = Database(settings.database_url)
+        self.ingestor = Ingestor(self.db)
+        self.health = health.aio.HealthServicer()
+        self.types = ExperienceTypes(self.db)
+        self.experiences = Experiences(self.db)
+        self.prices = Prices(self.db)
+        self.server: aio.Server | None = None
+        self.port = 0
+
+    async def start(self) -> int:
+        """Migrates the database, binds and starts serving; returns the bound port."""
+        await self.db.migrate()
+        limit = self.settings.max_message_bytes
+        server = aio.server(
+            interceptors=[ServerInterceptor()],
+            options=[
+                # Off, so that a second server on a taken port fails instead of sharing it.
+                ("grpc.so_reuseport", 0),
+                ("grpc.max_receive_message_length", limit),
+                ("grpc.max_send_message_length", limit),
+            ],
+        )
+        experience_type_service_pb2_grpc.add_ExperienceTypeServiceServicer_to_server(
+            ExperienceTypeServicer(self.types), server
+        )
+        experience_service_pb2_grpc.add_ExperienceServiceServicer_to_server(
+            ExperienceServicer(self.experiences), server
+        )
+        ingest_service_pb2_grpc.add_IngestServiceServicer_to_server(IngestServicer(self.ingestor), server)
+        price_catalog_service_pb2_grpc.add_PriceCatalogServiceServicer_to_server(
+            PriceCatalogServicer(self.prices, self.ingestor), server
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            server,
+        )
+        try:
+            self.port = server.add_insecure_port(self.settings.listen)
+        except RuntimeError as error:
+            raise SystemExit(f"tally: cannot listen on {self.settings.listen}: {error} (is the port in use?)") from None
+        if not self.port:
+            raise SystemExit(f"tally: cannot listen on {self.settings.listen} (is the port in use?)")
+        self.ingestor.start()
+        await server.start()
+        self.server = server
+        for name in ("", *SERVICE_NAMES):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        host = self.settings.listen.rsplit(":", 1)[0]
+        log.info(
+            "tally ready: serving on %s:%d, database %s",
+            host,
+            self.port,
+            self.db.url.render_as_string(hide_password=True),
+        )
+        return self.port
+
+    async def stop(self, grace: float | None = None) -> None:
+        """NOT_SERVING first, then in-flight calls get `grace` seconds, then the writer and database close."""
+        grace = self.settings.grace_seconds if grace is None else grace
+        await self.health.enter_graceful_shutdown()
+        if self.server is not None:
+            await self.server.stop(grace)
+        await self.ingestor.stop()
+        await self.db.dispose()
+        log.info("tally stopped")
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+
+
+async def serve(settings: Settings) -> None:
+    """Runs until SIGTERM or SIGINT, then shuts down gracefully."""
+    server = TallyServer(settings)
+    await server.start()
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    await stopping.wait()
+    log.info("shutting down: in-flight calls get %.1f s", settings.grace_seconds)
+    await server.stop()
+
+
+def run(settings: Settings) -> None:
+    configure_logging(settings.log_level)
+    # grpc logs a stack trace for a taken port before raising; ours says it in one line.
+    logging.getLogger("grpc").setLevel(logging.CRITICAL)
+    if settings.log_level != "debug":
+        logging.getLogger("alembic").setLevel(logging.WARNING)
+    asyncio.run(serve(settings))
+

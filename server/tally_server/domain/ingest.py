@@ -1,0 +1,359 @@
+"""Ingest: validates events, and a group-commit writer that resolves, prices and
+stores many events per transaction, answering each caller only after commit."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import uuid6
+
+from ..storage import repository as repo
+from ..storage.db import Database
+from .errors import Code, TallyError, Violations
+from .models import Cost, CostState, EventContext, IngestResult, PriceReference, PriceSource, UnknownUnit, UsageEvent, now_us
+from .pricing import PriceCatalog
+from .resolution import resolve_experiences
+from .validation import CATEGORY_PATTERN, NAME_PATTERN, PROPERTIES_MAX_ENTRIES, UNIT_TYPE_PATTERN, check_string_map
+
+log = logging.getLogger(__name__)
+
+MAX_BATCH_EVENTS = 1000
+MAX_FUTURE_SKEW_US = 5 * 60 * 1_000_000
+MAX_UNIT_TYPES = 32
+MAX_TAGS = 32
+
+
+def merge_context(call: EventContext, event: EventContext, v: Violations) -> EventContext:
+    """The call's metadata and the event's own context as one; a contradiction is a violation."""
+    merged = {}
+    for name, key in (
+        ("experience_id", "xproxy-experience-id"),
+        ("experience_name", "xproxy-experience-name"),
+        ("experience_version", "xproxy-experience-version"),
+        ("user_id", "xproxy-user-id"),
+        ("request_tags", "xproxy-request-tags"),
+    ):
+        from_call, from_event = getattr(call, name), getattr(event, name)
+        if from_call and from_event and from_call != from_event:
+            v.add(f"context.{name}", f"{from_event!r} contradicts metadata {key}={from_call!r}")
+        merged[name] = from_event or from_call
+    return EventContext(**merged)
+
+
+def validate_event(event: UsageEvent, now: int, v: Violations) -> None:
+    """Adds a violation for each invalid field; paths are relative to the event."""
+    if not event.category:
+        v.add("category", "category is required, e.g. 'system.openai'")
+    elif not CATEGORY_PATTERN.fullmatch(event.category):
+        v.add("category", "must match [A-Za-z0-9._-]{1,128}")
+    if not event.resource:
+        v.add("resource", "resource is required, e.g. 'gpt-4o'")
+    elif len(event.resource) > 256 or not event.resource.isprintable():
+        v.add("resource", "must be 1 to 256 printable characters")
+    if len(event.units) > MAX_UNIT_TYPES:
+        v.add("units", f"at most {MAX_UNIT_TYPES} unit types, got {len(event.units)}")
+    for unit_type, (input_count, output_count) in event.units.items():
+        if not UNIT_TYPE_PATTERN.fullmatch(unit_type):
+            v.add(f"units[{unit_type[:64]!r}]", "unit type must match [a-z0-9_]{1,64}")
+        if input_count < 0:
+            v.add(f"units[{unit_type[:64]!r}].input", f"must not be negative, got {input_count}")
+        if output_count < 0:
+            v.add(f"units[{unit_type[:64]!r}].output", f"must not be negative, got {output_count}")
+    if event.event_time_us > now + MAX_FUTURE_SKEW_US:
+        v.add("event_timestamp", "is more than 5 minutes in the future")
+    elif event.event_time_us < 0:
+        v.add("event_timestamp", "must not be before 1970-01-01")
+    if event.end_to_end_latency_ms < 0:
+        v.add("end_to_end_latency_ms", "must not be negative")
+    if event.time_to_first_token_ms < 0:
+        v.add("time_to_first_token_ms", "must not be negative")
+    if event.http_status_code and not 100 <= event.http_status_code <= 599:
+        v.add("http_status_code", f"must be 0 (unknown) or 100..599, got {event.http_status_code}")
+    if len(event.provider_response_id) > 256:
+        v.add("provider_response_id", "must be at most 256 characters")
+    if len(event.idempotency_key) > 256:
+        v.add("idempotency_key", "must be at most 256 characters")
+    check_string_map(v, "properties", event.properties, PROPERTIES_MAX_ENTRIES)
+    context = event.context
+    if len(context.experience_id) > 256:
+        v.add("context.experience_id", "must be at most 256 characters")
+    if context.experience_name and not NAME_PATTERN.fullmatch(context.experience_name):
+        v.add("context.experience_name", "experience type name must match [A-Za-z0-9._-]{1,64}")
+    if context.experience_version < 0:
+        v.add("context.experience_version", "must be 0 (current) or a version number")
+    if len(context.user_id) > 256:
+        v.add("context.user_id", "must be at most 256 characters")
+    if len(context.request_tags) > MAX_TAGS:
+        v.add("context.request_tags", f"at most {MAX_TAGS} tags")
+    for tag in context.request_tags:
+        if not tag or len(tag) > 128 or "," in tag:
+            v.add("context.request_tags", f"each tag is 1 to 128 characters without commas, got {tag[:80]!r}")
+
+
+def idempotency_key(event: UsageEvent) -> str:
+    return event.idempotency_key or event.provider_response_id
+
+
+def key_reused(key: str) -> TallyError:
+    return TallyError(
+        Code.ALREADY_EXISTS,
+        "IDEMPOTENCY_KEY_REUSED",
+        f"idempotency key {key[:80]!r} was already used by an event with different content",
+        resource=("tally.v1.UsageEvent", key[:256]),
+    )
+
+
+@dataclass
+class _Pending:
+    event: UsageEvent
+    future: asyncio.Future
+
+
+class Ingestor:
+    """Group commit: one writer task drains the queue into one transaction per batch.
+
+    Callers are answered only after their batch committed, so an acknowledged
+    event is durable; many events share one commit, so it is also fast.
+    """
+
+    def __init__(self, db: Database, catalog: PriceCatalog | None = None, max_batch: int = 4096) -> None:
+        self.db = db
+        self.catalog = catalog or PriceCatalog()
+        self.max_batch = max_batch
+        self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="tally-group-commit")
+
+    async def stop(self) -> None:
+        """Finishes what is queued, then stops the writer."""
+        if self._task is None:
+            return
+        await self._queue.join()
+        self._task.cancel()
+        try:
+            await self._task
+        except asyncio.CancelledError:
+            pass
+        self._task = None
+
+    def enqueue(self, event: UsageEvent) -> asyncio.Future:
+        """Queues a validated event; the future gives its IngestResult or TallyError after commit."""
+        item = _Pending(event, asyncio.get_running_loop().create_future())
+        self._queue.put_nowait(item)
+        return item.future
+
+    async def submit(self, events: Sequence[UsageEvent]) -> list[IngestResult | TallyError]:
+        """Stores validated events; per event, its result or the error that refused it."""
+        return list(await asyncio.gather(*(self.enqueue(event) for event in events)))
+
+    async def _run(self) -> None:
+        while True:
+            batch = [await self._queue.get()]
+            while len(batch) < self.max_batch and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            await self._commit_or_split(batch)
+
+    async def _commit_or_split(self, batch: list[_Pending]) -> None:
+        # An event whose key another event of this batch also carries waits for
+        # the next transaction, where it meets the first one as stored.
+        seen: set[str] = set()
+        current: list[_Pending] = []
+        deferred: list[_Pending] = []
+        for item in batch:
+            key = idempotency_key(item.event)
+            if key and key in seen:
+                deferred.append(item)
+            else:
+                seen.add(key)
+                current.append(item)
+        try:
+            outcomes, raced = await self._store(current, seen - {""})
+        except Exception as error:  # rolled back: nothing of this transaction is stored
+            if len(batch) > 1:
+                log.warning("a batch of %d events failed (%r); storing them one by one", len(batch), error)
+                for item in batch:
+                    await self._commit_or_split([item])
+                return
+            log.error("storing an event failed: %r", error)
+            self._settle(batch[0], error)
+            return
+        for item in deferred:
+            self._queue.put_nowait(item)
+            self._queue.task_done()  # its first get is done; the new put counts it again
+        try:
+            if raced:
+                await self._resolve_raced(raced, outcomes)
+        except Exception as error:  # committed, but the duplicate could not be read back
+            log.error("reading back raced events failed: %r", error)
+            for item, _ in raced:
+                outcomes.setdefault(id(item), error)
+        for item in current:
+            self._settle(item, outcomes[id(item)])
+
+    def _settle(self, item: _Pending, outcome: Any) -> None:
+        if not item.future.done():
+            if isinstance(outcome, BaseException):
+                item.future.set_exception(outcome)
+            else:
+                item.future.set_result(outcome)
+        self._queue.task_done()
+
+    async def _store(self, current: list[_Pending], keys: set[str]) -> tuple[dict[int, Any], list]:
+        """One transaction: duplicates, resolution, pricing, insert. Returns the outcome
+        per item, and the items another replica stored first under the same key."""
+        now = now_us()
+        outcomes: dict[int, Any] = {}
+        async with self.db.write() as conn:
+            await self._refresh_prices(conn)
+            stored = await repo.events_by_key(conn, keys)
+            fresh: list[_Pending] = []
+            for item in current:
+                key = idempotency_key(item.event)
+                row = stored.get(key) if key else None
+                if row is None:
+                    fresh.append(item)
+                elif row.content_hash == item.event.content_hash:
+                    outcomes[id(item)] = result_from_row(row)
+                else:
+                    outcomes[id(item)] = key_reused(key)
+            resolutions = await resolve_experiences(conn, [item.event.context for item in fresh], now)
+            rows: list[dict] = []
+            results: dict[uuid.UUID, tuple[_Pending, IngestResult]] = {}
+            for item, resolution in zip(fresh, resolutions, strict=True):
+                if isinstance(resolution, TallyError):
+                    outcomes[id(item)] = resolution
+                    continue
+                result = self._result(item.event, resolution, now)
+                rows.append(_row(item.event, result))
+                results[result.request_id] = (item, result)
+            inserted = await repo.insert_events(conn, rows)
+        raced = []
+        for request_id, (item, result) in results.items():
+            if request_id in inserted:
+                outcomes[id(item)] = result
+            else:
+                raced.append((item, result))
+        return outcomes, raced
+
+    def _result(self, event: UsageEvent, resolution: Any, now: int) -> IngestResult:
+        cost = self.catalog.price(event.category, event.resource, event.units, event.event_time_us)
+        experience = resolution.experience
+        return IngestResult(
+            request_id=uuid.UUID(bytes=uuid6.uuid7().bytes),
+            event_time_us=event.event_time_us,
+            ingest_time_us=now,
+            cost=cost,
+            experience_id=experience.experience_id if experience else None,
+            experience_name=experience.experience_name if experience else "",
+            experience_version=experience.experience_version if experience else 0,
+            experience_created=resolution.created,
+            user_id=event.context.user_id,
+            request_tags=event.context.request_tags,
+            warnings=resolution.warnings,
+            idempotency_key=idempotency_key(event),
+        )
+
+    async def _resolve_raced(self, raced: list, outcomes: dict[int, Any]) -> None:
+        async with self.db.read() as conn:
+            winners = await repo.events_by_key(conn, [result.idempotency_key for _, result in raced])
+        for item, result in raced:
+            row = winners[result.idempotency_key]
+            same = row.content_hash == item.event.content_hash
+            outcomes[id(item)] = result_from_row(row) if same else key_reused(result.idempotency_key)
+
+    async def refresh_prices(self) -> None:
+        async with self.db.read() as conn:
+            await self._refresh_prices(conn)
+
+    async def _refresh_prices(self, conn) -> None:  # noqa: ANN001
+        """Reloads custom prices when any replica added one (one cheap query per batch)."""
+        revision = await repo.price_catalog_revision(conn)
+        if revision != self.catalog.revision:
+            self.catalog.load_custom(await repo.all_prices(conn), revision)
+
+
+def _row(event: UsageEvent, result: IngestResult) -> dict[str, Any]:
+    cost, price = result.cost, result.cost.price
+    return {
+        "id": result.request_id,
+        "idempotency_key": result.idempotency_key or None,
+        "content_hash": event.content_hash,
+        "experience_id": result.experience_id,
+        "experience_created": result.experience_created,
+        "category": event.category,
+        "resource": event.resource,
+        "units": {unit: [i, o] for unit, (i, o) in event.units.items()},
+        "event_time_us": event.event_time_us,
+        "ingest_time_us": result.ingest_time_us,
+        "end_to_end_latency_ms": event.end_to_end_latency_ms,
+        "time_to_first_token_ms": event.time_to_first_token_ms,
+        "http_status_code": event.http_status_code,
+        "provider_response_id": event.provider_response_id or None,
+        "user_id": event.context.user_id or None,
+        "request_tags": list(event.context.request_tags) or None,
+        "properties": event.properties or None,
+        "cost_input_nanos": cost.input_nanos,
+        "cost_output_nanos": cost.output_nanos,
+        "cost_total_nanos": cost.total_nanos,
+        "cost_state": int(cost.state),
+        "price_source": int(price.source) if price else 0,
+        "price_category": price.category if price else None,
+        "price_resource": price.resource if price else None,
+        "price_version": price.version if price else None,
+        "price_effective_time_us": price.effective_time_us if price else None,
+        "unknown_units": [[u.unit_type, u.input, u.output, u.reason] for u in cost.unknown_units] or None,
+        "warnings": list(result.warnings) or None,
+    }
+
+
+def result_from_row(row: Any) -> IngestResult:
+    """The original result of a stored event, marked as a duplicate."""
+    price = None
+    if row.price_source:
+        price = PriceReference(
+            PriceSource(row.price_source),
+            row.price_category,
+            row.price_resource,
+            row.price_version,
+            row.price_effective_time_us,
+        )
+    cost = Cost(
+        row.cost_input_nanos,
+        row.cost_output_nanos,
+        row.cost_total_nanos,
+        CostState(row.cost_state),
+        price,
+        tuple(UnknownUnit(*u) for u in row.unknown_units or ()),
+    )
+    return IngestResult(
+        request_id=row.id,
+        event_time_us=row.event_time_us,
+        ingest_time_us=row.ingest_time_us,
+        cost=cost,
+        experience_id=row.experience_id,
+        experience_name=row.experience_name or "",
+        experience_version=row.experience_version or 0,
+        experience_created=False,
+        user_id=row.user_id or "",
+        request_tags=tuple(row.request_tags or ()),
+        warnings=tuple(row.warnings or ()),
+        duplicate=True,
+        idempotency_key=row.idempotency_key or "",
+    )
+
+
+def quote(catalog: PriceCatalog, category: str, resource: str, units: dict[str, tuple[int, int]], time_us: int) -> Cost:
+    v = Violations()
+    probe = UsageEvent(category, resource, units, time_us, 0, 0, 0, "", "", {}, EventContext(), "")
+    validate_event(probe, now_us(), v)
+    v.raise_if_any()
+    return catalog.price(category, resource, units, time_us)
+
+

@@ -1,0 +1,104 @@
+"""Custom prices: added through the API, versioned by effective time."""
+
+from __future__ import annotations
+
+import uuid
+from decimal import Decimal, InvalidOperation
+
+from ..storage import repository as repo
+from ..storage.db import Database
+from . import paging
+from .errors import Violations, already_exists, not_found
+from .models import CustomPrice, Page, UnitPrice, now_us
+from .validation import CATEGORY_PATTERN, UNIT_TYPE_PATTERN, parse_uuid
+
+MAX_UNIT_PRICES = 32
+
+
+def _check_decimal(v: Violations, field_path: str, text: str) -> None:
+    if not text:
+        return
+    try:
+        value = Decimal(text)
+    except InvalidOperation:
+        v.add(field_path, f"not a decimal number: {text[:40]!r}")
+        return
+    if not value.is_finite() or value < 0:
+        v.add(field_path, "must be a finite, non-negative decimal")
+    elif value.as_tuple().exponent < -9 or value >= Decimal(10) ** 9:
+        v.add(field_path, "at most 9 decimal places and less than 1,000,000,000")
+
+
+def price_not_found(price_id: str) -> Exception:
+    return not_found("PRICE_NOT_FOUND", "tally.v1.CustomPrice", price_id, f"custom price {price_id} does not exist")
+
+
+class Prices:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    async def create(
+        self, category: str, resource: str, effective_time_us: int | None, unit_prices: dict[str, UnitPrice]
+    ) -> CustomPrice:
+        v = Violations("price.")
+        if not CATEGORY_PATTERN.fullmatch(category):
+            v.add("category", "category is required and must match [A-Za-z0-9._-]{1,128}")
+        if not resource or len(resource) > 256 or not resource.isprintable():
+            v.add("resource", "resource is required: 1 to 256 printable characters")
+        if not unit_prices:
+            v.add("unit_prices", "at least one unit price is required")
+        if len(unit_prices) > MAX_UNIT_PRICES:
+            v.add("unit_prices", f"at most {MAX_UNIT_PRICES} unit types")
+        for unit, price in unit_prices.items():
+            if not UNIT_TYPE_PATTERN.fullmatch(unit):
+                v.add(f"unit_prices[{unit[:64]!r}]", "unit type must match [a-z0-9_]{1,64}")
+            if not price.input_per_million and not price.output_per_million:
+                v.add(f"unit_prices[{unit[:64]!r}]", "set input_per_million, output_per_million or both")
+            _check_decimal(v, f"unit_prices[{unit[:64]!r}].input_per_million", price.input_per_million)
+            _check_decimal(v, f"unit_prices[{unit[:64]!r}].output_per_million", price.output_per_million)
+        if effective_time_us is not None and effective_time_us < 0:
+            v.add("effective_time", "must not be before 1970-01-01")
+        v.raise_if_any()
+        price = CustomPrice(
+            price_id=uuid.uuid4(),
+            category=category,
+            resource=resource.lower(),
+            effective_time_us=effective_time_us or 0,
+            unit_prices=dict(unit_prices),
+            create_time_us=now_us(),
+        )
+        async with self.db.write() as conn:
+            if not await repo.insert_price(conn, price):
+                raise already_exists(
+                    "PRICE_ALREADY_EXISTS",
+                    "tally.v1.CustomPrice",
+                    f"{category}/{resource}",
+                    f"{category}/{resource} already has a price effective at that time",
+                )
+        return price
+
+    async def get(self, price_id: str) -> CustomPrice:
+        v = Violations()
+        parsed = parse_uuid(price_id)
+        if parsed is None:
+            v.add("price_id", f"not a UUID: {price_id[:80]!r}")
+        v.raise_if_any()
+        async with self.db.read() as conn:
+            price = await repo.get_price(conn, parsed)
+        if price is None:
+            raise price_not_found(price_id)
+        return price
+
+    async def list(self, category: str, resource: str, page_size: int, page_token: str) -> Page:
+        size = paging.page_size(page_size)
+        filters = [category, resource.lower()]
+        after = paging.decode(
+            page_token, "custom_prices", filters, lambda p: isinstance(p, list) and len(p) == 3
+        )
+        async with self.db.read() as conn:
+            items = await repo.list_prices(conn, category, resource.lower(), tuple(after) if after else None, size + 1)
+        token = ""
+        if len(items) > size:
+            last = items[size - 1]
+            token = paging.encode("custom_prices", filters, [last.category, last.resource, last.effective_time_us])
+        return Page(items[:size], token)

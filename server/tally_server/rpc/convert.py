@@ -1,0 +1,222 @@
+"""Protobuf <-> domain records. The only place that knows both."""
+
+from __future__ import annotations
+
+import hashlib
+
+from google.protobuf import timestamp_pb2
+from tally.v1 import (
+    common_pb2,
+    experience_service_pb2 as exp_pb,
+    experience_type_service_pb2 as et_pb,
+    ingest_service_pb2 as ing_pb,
+    price_catalog_service_pb2 as price_pb,
+)
+
+from ..domain import models as m
+from ..domain.errors import TallyError
+from ..domain.money import nanos_to_units_and_nanos
+
+
+def timestamp(time_us: int | None) -> timestamp_pb2.Timestamp | None:
+    if time_us is None:
+        return None
+    ts = timestamp_pb2.Timestamp()
+    ts.FromMicroseconds(time_us)
+    return ts
+
+
+def micros(message, field: str) -> int | None:  # noqa: ANN001
+    """A Timestamp field as microseconds, or None when unset."""
+    return getattr(message, field).ToMicroseconds() if message.HasField(field) else None
+
+
+def money(total_nanos: int) -> common_pb2.Money:
+    units, nanos = nanos_to_units_and_nanos(total_nanos)
+    return common_pb2.Money(currency_code="USD", units=units, nanos=nanos)
+
+
+# --- experience types --------------------------------------------------------------
+
+
+def experience_type(t: m.ExperienceType) -> et_pb.ExperienceType:
+    return et_pb.ExperienceType(
+        name=t.name,
+        description=t.description,
+        settings=t.settings,
+        version=t.version,
+        create_time=timestamp(t.create_time_us),
+        update_time=timestamp(t.update_time_us),
+    )
+
+
+def experience_type_version(v: m.ExperienceTypeVersion) -> et_pb.ExperienceTypeVersion:
+    return et_pb.ExperienceTypeVersion(
+        name=v.name,
+        version=v.version,
+        description=v.description,
+        settings=v.settings,
+        create_time=timestamp(v.create_time_us),
+    )
+
+
+def cost_distribution(d: m.CostDistribution) -> et_pb.CostDistribution:
+    return et_pb.CostDistribution(
+        experience_count=d.experience_count,
+        event_count=d.event_count,
+        unpriced_event_count=d.unpriced_event_count,
+        total_cost=money(d.total_nanos),
+        mean_cost_per_experience=money(d.mean_nanos),
+        p50_cost_per_experience=money(d.p50_nanos),
+        p95_cost_per_experience=money(d.p95_nanos),
+        max_cost_per_experience=money(d.max_nanos),
+    )
+
+
+def type_stats(s: m.TypeStats) -> et_pb.GetExperienceTypeStatsResponse:
+    return et_pb.GetExperienceTypeStatsResponse(
+        name=s.name,
+        total=cost_distribution(s.total),
+        versions=[
+            et_pb.VersionCostDistribution(version=version, stats=cost_distribution(d))
+            for version, d in s.by_version.items()
+        ],
+    )
+
+
+# --- experiences -------------------------------------------------------------------
+
+
+def experience(e: m.Experience, stats: m.ExperienceStats | None = None) -> exp_pb.Experience:
+    message = exp_pb.Experience(
+        experience_id=str(e.experience_id),
+        experience_name=e.experience_name,
+        experience_version=e.experience_version,
+        create_time=timestamp(e.create_time_us),
+        properties=e.properties,
+    )
+    if stats is not None:
+        message.stats.CopyFrom(experience_stats(stats))
+    return message
+
+
+def experience_stats(s: m.ExperienceStats) -> exp_pb.ExperienceStats:
+    return exp_pb.ExperienceStats(
+        cost_input=money(s.cost_input_nanos),
+        cost_output=money(s.cost_output_nanos),
+        cost_total=money(s.cost_total_nanos),
+        event_count=s.event_count,
+        failed_event_count=s.failed_event_count,
+        unpriced_event_count=s.unpriced_event_count,
+        latency_mean_ms=s.latency_mean_ms,
+        latency_p50_ms=s.latency_p50_ms,
+        latency_p95_ms=s.latency_p95_ms,
+        first_event_time=timestamp(s.first_event_time_us),
+        last_event_time=timestamp(s.last_event_time_us),
+    )
+
+
+# --- ingest ------------------------------------------------------------------------
+
+
+def event_context(c: ing_pb.EventContext) -> m.EventContext:
+    return m.EventContext(
+        experience_id=c.experience_id,
+        experience_name=c.experience_name,
+        experience_version=c.experience_version,
+        user_id=c.user_id,
+        request_tags=tuple(c.request_tags),
+    )
+
+
+def usage_event(event: ing_pb.UsageEvent, context: m.EventContext, call_fingerprint: bytes, now_us: int) -> m.UsageEvent:
+    """The domain event, context already merged. Its content hash covers the event as
+    sent (before defaults such as the event time) and the call's metadata context."""
+    content = hashlib.sha256(event.SerializeToString(deterministic=True))
+    content.update(call_fingerprint)
+    return m.UsageEvent(
+        category=event.category,
+        resource=event.resource,
+        units={unit: (counts.input, counts.output) for unit, counts in event.units.items()},
+        event_time_us=event.event_timestamp.ToMicroseconds() if event.HasField("event_timestamp") else now_us,
+        end_to_end_latency_ms=event.end_to_end_latency_ms,
+        time_to_first_token_ms=event.time_to_first_token_ms,
+        http_status_code=event.http_status_code,
+        provider_response_id=event.provider_response_id,
+        idempotency_key=event.idempotency_key,
+        properties=dict(event.properties),
+        context=context,
+        content_hash=content.hexdigest(),
+    )
+
+
+def price_reference(p: m.PriceReference) -> ing_pb.PriceReference:
+    return ing_pb.PriceReference(
+        source=int(p.source),
+        category=p.category,
+        resource=p.resource,
+        version=p.version,
+        effective_time=timestamp(p.effective_time_us),
+    )
+
+
+def xproxy_result(r: m.IngestResult | None, cost: m.Cost) -> ing_pb.XProxyResult:
+    result = ing_pb.XProxyResult(
+        cost_input=money(cost.input_nanos),
+        cost_output=money(cost.output_nanos),
+        cost_total=money(cost.total_nanos),
+        cost_state=int(cost.state),
+        price=price_reference(cost.price) if cost.price else None,
+        unknown_units=[
+            ing_pb.UnknownUnit(unit_type=u.unit_type, input=u.input, output=u.output, reason=u.reason)
+            for u in cost.unknown_units
+        ],
+    )
+    if r is not None:
+        result.request_id = str(r.request_id)
+        result.experience_id = str(r.experience_id) if r.experience_id else ""
+        result.experience_name = r.experience_name
+        result.experience_version = r.experience_version
+        result.duplicate_request = r.duplicate
+        result.warnings.extend(r.warnings)
+        result.user_id = r.user_id
+        result.request_tags.extend(r.request_tags)
+        result.experience_created = r.experience_created
+    return result
+
+
+def ingest_response(r: m.IngestResult) -> ing_pb.IngestResponse:
+    return ing_pb.IngestResponse(
+        event_timestamp=timestamp(r.event_time_us),
+        ingest_timestamp=timestamp(r.ingest_time_us),
+        request_id=str(r.request_id),
+        xproxy_result=xproxy_result(r, r.cost),
+    )
+
+
+def item_error(error: TallyError, prefix: str = "") -> common_pb2.ItemError:
+    return common_pb2.ItemError(
+        code=error.code.value,
+        message=error.message,
+        reason=error.reason,
+        field_violations=[
+            common_pb2.FieldViolation(field=prefix + v.field, description=v.description) for v in error.violations
+        ],
+    )
+
+
+# --- prices ------------------------------------------------------------------------
+
+
+def custom_price(p: m.CustomPrice) -> price_pb.CustomPrice:
+    return price_pb.CustomPrice(
+        price_id=str(p.price_id),
+        category=p.category,
+        resource=p.resource,
+        effective_time=timestamp(p.effective_time_us),
+        unit_prices={
+            unit: price_pb.UnitPrice(input_per_million=u.input_per_million, output_per_million=u.output_per_million)
+            for unit, u in p.unit_prices.items()
+        },
+        create_time=timestamp(p.create_time_us),
+    )

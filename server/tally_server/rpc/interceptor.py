@@ -1,0 +1,135 @@
+"""One server interceptor for every call: request id, one log line, and the error edge.
+
+A TallyError becomes its rich status; any other exception becomes INTERNAL with a
+generic message, its details logged under the request id: no exception text or
+stack trace ever reaches a caller.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+
+import grpc
+from grpc import aio
+
+from ..domain.errors import TallyError
+from .status import internal_status, status_of
+
+log = logging.getLogger("tally.rpc")
+REQUEST_ID_KEY = "x-request-id"
+
+
+class _Call:
+    """Bookkeeping of one call: its request id and the status it ended with."""
+
+    __slots__ = ("method", "request_id", "start", "code")
+
+    def __init__(self, method: str, context: aio.ServicerContext) -> None:
+        self.method = method
+        self.start = time.perf_counter()
+        self.code = grpc.StatusCode.OK
+        incoming = dict(context.invocation_metadata() or ())
+        self.request_id = str(incoming.get(REQUEST_ID_KEY) or uuid.uuid4().hex)[:128]
+        context.set_trailing_metadata(((REQUEST_ID_KEY, self.request_id),))
+
+    async def fail(self, context: aio.ServicerContext, error: Exception) -> None:
+        if isinstance(error, TallyError):
+            status = status_of(error)
+        else:
+            log.error(
+                "unhandled error method=%s request_id=%s", self.method, self.request_id, exc_info=error
+            )
+            status = internal_status(self.request_id)
+        self.code = status.code
+        metadata = tuple(status.trailing_metadata) + ((REQUEST_ID_KEY, self.request_id),)
+        await context.abort(status.code, status.details, metadata)
+
+    def finish(self, context: aio.ServicerContext) -> None:
+        code = context.code() if self.code == grpc.StatusCode.OK else self.code
+        if isinstance(code, int):
+            code = _CODES.get(code, grpc.StatusCode.UNKNOWN)
+        log.info(
+            "rpc method=%s code=%s duration_ms=%.2f request_id=%s",
+            self.method,
+            (code or grpc.StatusCode.OK).name,
+            (time.perf_counter() - self.start) * 1000,
+            self.request_id,
+        )
+
+
+_CODES = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def _is_abort(error: BaseException) -> bool:
+    return isinstance(error, aio.AbortError)
+
+
+class ServerInterceptor(aio.ServerInterceptor):
+    async def intercept_service(
+        self, continuation: Callable, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler | None:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                _wrap_unary(method, handler.unary_unary),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                _wrap_stream(method, handler.unary_stream),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(
+                _wrap_unary(method, handler.stream_unary),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return grpc.stream_stream_rpc_method_handler(
+            _wrap_stream(method, handler.stream_stream),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+
+def _wrap_unary(method: str, behavior: Callable) -> Callable:
+    async def wrapper(request_or_iterator, context: aio.ServicerContext):  # noqa: ANN001, ANN202
+        call = _Call(method, context)
+        try:
+            return await behavior(request_or_iterator, context)
+        except Exception as error:
+            if _is_abort(error):
+                raise
+            await call.fail(context, error)
+        finally:
+            call.finish(context)
+
+    return wrapper
+
+
+def _wrap_stream(method: str, behavior: Callable) -> Callable:
+    async def wrapper(request_or_iterator, context: aio.ServicerContext) -> AsyncIterator:  # noqa: ANN001
+        call = _Call(method, context)
+        try:
+            result = behavior(request_or_iterator, context)
+            if hasattr(result, "__aiter__"):
+                async for response in result:
+                    yield response
+            else:  # a handler that writes through context.write and returns a coroutine
+                await result
+        except Exception as error:
+            if _is_abort(error):
+                raise
+            await call.fail(context, error)
+        finally:
+            call.finish(context)
+
+    return wrapper

@@ -1,0 +1,51 @@
+"""The xproxy metadata keys of a call, as an experience context."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from ..domain.errors import Violations
+from ..domain.models import EventContext
+
+EXPERIENCE_ID = "xproxy-experience-id"
+EXPERIENCE_NAME = "xproxy-experience-name"
+EXPERIENCE_VERSION = "xproxy-experience-version"
+USER_ID = "xproxy-user-id"
+REQUEST_TAGS = "xproxy-request-tags"
+
+
+def call_context(metadata: Iterable[tuple[str, str | bytes]] | None) -> EventContext:
+    """The context every event of the call gets; INVALID_ARGUMENT for a malformed key."""
+    values: dict[str, str] = {}
+    for key, value in metadata or ():
+        if key.startswith("xproxy-") and isinstance(value, str):
+            values[key] = value.strip()
+    v = Violations()
+    version = 0
+    raw_version = values.get(EXPERIENCE_VERSION, "")
+    if raw_version:
+        if raw_version.isdigit() and 0 < int(raw_version) < 2**31:
+            version = int(raw_version)
+        else:
+            v.add(EXPERIENCE_VERSION, f"must be a positive integer, got {raw_version[:40]!r}")
+    tags = tuple(tag.strip() for tag in values.get(REQUEST_TAGS, "").split(",") if tag.strip())
+    v.raise_if_any()
+    return EventContext(
+        experience_id=values.get(EXPERIENCE_ID, ""),
+        experience_name=values.get(EXPERIENCE_NAME, ""),
+        experience_version=version,
+        user_id=values.get(USER_ID, ""),
+        request_tags=tags,
+    )
+
+
+def fingerprint(context: EventContext) -> bytes:
+    return repr(
+        (
+            context.experience_id,
+            context.experience_name,
+            context.experience_version,
+            context.user_id,
+            context.request_tags,
+        )
+    ).encode()

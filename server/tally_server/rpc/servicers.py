@@ -1,0 +1,247 @@
+"""The four services: each method unpacks its request, calls the domain, packs the answer.
+
+Errors are not handled here: a TallyError propagates to the interceptor, which
+turns it into a rich status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+from grpc import aio
+from tally.v1 import (
+    experience_service_pb2 as exp_pb,
+    experience_service_pb2_grpc as exp_grpc,
+    experience_type_service_pb2 as et_pb,
+    experience_type_service_pb2_grpc as et_grpc,
+    ingest_service_pb2 as ing_pb,
+    ingest_service_pb2_grpc as ing_grpc,
+    price_catalog_service_pb2 as price_pb,
+    price_catalog_service_pb2_grpc as price_grpc,
+)
+
+from ..domain import ingest as ingest_rules
+from ..domain.errors import TallyError, Violations, invalid
+from ..domain.experience_types import ExperienceTypes
+from ..domain.experiences import Experiences
+from ..domain.ingest import Ingestor
+from ..domain.models import EventContext, UnitPrice, UsageEvent, now_us
+from ..domain.prices import Prices
+from . import convert, metadata
+
+# How many events of one stream may be in flight before it stops reading: beyond
+# this, gRPC flow control pushes back on the sender.
+STREAM_WINDOW = 2048
+
+
+class ExperienceTypeServicer(et_grpc.ExperienceTypeServiceServicer):
+    def __init__(self, types: ExperienceTypes) -> None:
+        self.types = types
+
+    async def CreateExperienceType(self, request, context):  # noqa: ANN001, ANN201, N802
+        t = request.experience_type
+        created = await self.types.create(t.name, t.description, dict(t.settings), request.request_id)
+        return et_pb.CreateExperienceTypeResponse(experience_type=convert.experience_type(created))
+
+    async def GetExperienceType(self, request, context):  # noqa: ANN001, ANN201, N802
+        found = await self.types.get(request.name)
+        return et_pb.GetExperienceTypeResponse(experience_type=convert.experience_type(found))
+
+    async def ListExperienceTypes(self, request, context):  # noqa: ANN001, ANN201, N802
+        page = await self.types.list(request.page_size, request.page_token)
+        return et_pb.ListExperienceTypesResponse(
+            experience_types=[convert.experience_type(t) for t in page.items], next_page_token=page.next_page_token
+        )
+
+    async def UpdateExperienceType(self, request, context):  # noqa: ANN001, ANN201, N802
+        t = request.experience_type
+        updated = await self.types.update(t.name, t.description, dict(t.settings), list(request.update_mask.paths))
+        return et_pb.UpdateExperienceTypeResponse(experience_type=convert.experience_type(updated))
+
+    async def DeleteExperienceType(self, request, context):  # noqa: ANN001, ANN201, N802
+        deleted = await self.types.delete(request.name, request.force)
+        return et_pb.DeleteExperienceTypeResponse(deleted_experience_count=deleted)
+
+    async def IncrementExperienceTypeVersion(self, request, context):  # noqa: ANN001, ANN201, N802
+        current, snapshot = await self.types.increment_version(request.name, request.request_id)
+        return et_pb.IncrementExperienceTypeVersionResponse(
+            experience_type=convert.experience_type(current),
+            experience_type_version=convert.experience_type_version(snapshot),
+        )
+
+    async def ListExperienceTypeVersions(self, request, context):  # noqa: ANN001, ANN201, N802
+        page = await self.types.list_versions(request.name, request.page_size, request.page_token)
+        return et_pb.ListExperienceTypeVersionsResponse(
+            experience_type_versions=[convert.experience_type_version(v) for v in page.items],
+            next_page_token=page.next_page_token,
+        )
+
+    async def GetExperienceTypeStats(self, request, context):  # noqa: ANN001, ANN201, N802
+        stats = await self.types.stats(
+            request.name, request.version, convert.micros(request, "start_time"), convert.micros(request, "end_time")
+        )
+        return convert.type_stats(stats)
+
+
+class ExperienceServicer(exp_grpc.ExperienceServiceServicer):
+    def __init__(self, experiences: Experiences) -> None:
+        self.experiences = experiences
+
+    async def CreateExperience(self, request, context):  # noqa: ANN001, ANN201, N802
+        created = await self.experiences.create(
+            request.experience_name,
+            request.experience_id,
+            request.experience_version,
+            dict(request.properties),
+            request.request_id,
+        )
+        return exp_pb.CreateExperienceResponse(experience=convert.experience(created))
+
+    async def GetExperience(self, request, context):  # noqa: ANN001, ANN201, N802
+        experience, stats = await self.experiences.get(request.experience_id)
+        return exp_pb.GetExperienceResponse(experience=convert.experience(experience, stats))
+
+    async def ListExperiences(self, request, context):  # noqa: ANN001, ANN201, N802
+        page = await self.experiences.list(
+            request.experience_name,
+            request.experience_version,
+            convert.micros(request, "create_time_start"),
+            convert.micros(request, "create_time_end"),
+            request.page_size,
+            request.page_token,
+        )
+        return exp_pb.ListExperiencesResponse(
+            experiences=[convert.experience(e) for e in page.items], next_page_token=page.next_page_token
+        )
+
+    async def DeleteExperience(self, request, context):  # noqa: ANN001, ANN201, N802
+        unattributed = await self.experiences.delete(request.experience_id)
+        return exp_pb.DeleteExperienceResponse(unattributed_event_count=unattributed)
+
+    async def UpdateExperienceProperties(self, request, context):  # noqa: ANN001, ANN201, N802
+        updated = await self.experiences.update_properties(
+            request.experience_id, dict(request.set_properties), list(request.remove_keys)
+        )
+        return exp_pb.UpdateExperiencePropertiesResponse(experience=convert.experience(updated))
+
+
+def _prepare(
+    event: ing_pb.UsageEvent, call: EventContext, call_fingerprint: bytes, now: int, prefix: str
+) -> UsageEvent | TallyError:
+    """A validated domain event, or the INVALID_ARGUMENT that refuses it."""
+    v = Violations(prefix)
+    merged = ingest_rules.merge_context(call, convert.event_context(event.context), v)
+    domain_event = convert.usage_event(event, merged, call_fingerprint, now)
+    ingest_rules.validate_event(domain_event, now, v)
+    return invalid(v.items, "INVALID_EVENT") if v else domain_event
+
+
+class IngestServicer(ing_grpc.IngestServiceServicer):
+    def __init__(self, ingestor: Ingestor) -> None:
+        self.ingestor = ingestor
+
+    async def Ingest(self, request, context: aio.ServicerContext):  # noqa: ANN001, ANN201, N802
+        call = metadata.call_context(context.invocation_metadata())
+        prepared = _prepare(request.event, call, metadata.fingerprint(call), now_us(), "event.")
+        if isinstance(prepared, TallyError):
+            raise prepared
+        outcome = await self.ingestor.enqueue(prepared)
+        if isinstance(outcome, TallyError):
+            raise outcome
+        if outcome.experience_id is not None:
+            await context.send_initial_metadata(((metadata.EXPERIENCE_ID, str(outcome.experience_id)),))
+        return convert.ingest_response(outcome)
+
+    async def IngestBatch(self, request, context: aio.ServicerContext):  # noqa: ANN001, ANN201, N802
+        count = len(request.events)
+        if not 1 <= count <= ingest_rules.MAX_BATCH_EVENTS:
+            v = Violations()
+            v.add("events", f"a batch holds 1 to {ingest_rules.MAX_BATCH_EVENTS} events, got {count}")
+            v.raise_if_any()
+        call = metadata.call_context(context.invocation_metadata())
+        call_fingerprint, now = metadata.fingerprint(call), now_us()
+        prepared = [_prepare(e, call, call_fingerprint, now, f"events[{i}].") for i, e in enumerate(request.events)]
+        valid = [p for p in prepared if not isinstance(p, TallyError)]
+        stored = iter(await self.ingestor.submit(valid))
+        response = ing_pb.IngestBatchResponse()
+        experience_ids = set()
+        for index, item in enumerate(prepared):
+            outcome = item if isinstance(item, TallyError) else next(stored)
+            if isinstance(outcome, TallyError):
+                response.items.add(index=index, error=convert.item_error(outcome))
+                response.rejected_count += 1
+                continue
+            response.items.add(index=index, result=convert.ingest_response(outcome))
+            experience_ids.add(outcome.experience_id)
+            if outcome.duplicate:
+                response.duplicate_count += 1
+            else:
+                response.accepted_count += 1
+        if len(experience_ids) == 1 and None not in experience_ids:
+            await context.send_initial_metadata(((metadata.EXPERIENCE_ID, str(experience_ids.pop())),))
+        return response
+
+    async def IngestStream(self, request_iterator, context: aio.ServicerContext) -> AsyncIterator:  # noqa: ANN001, N802
+        call = metadata.call_context(context.invocation_metadata())
+        call_fingerprint = metadata.fingerprint(call)
+        in_flight: asyncio.Queue = asyncio.Queue(maxsize=STREAM_WINDOW)
+
+        async def read() -> None:
+            position = 0
+            async for request in request_iterator:
+                prepared = _prepare(request.event, call, call_fingerprint, now_us(), "event.")
+                key = request.event.idempotency_key or request.event.provider_response_id
+                pending = prepared if isinstance(prepared, TallyError) else self.ingestor.enqueue(prepared)
+                await in_flight.put((position, key, pending))
+                position += 1
+            await in_flight.put(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (entry := await in_flight.get()) is not None:
+                position, key, pending = entry
+                outcome = pending if isinstance(pending, TallyError) else await pending
+                if isinstance(outcome, TallyError):
+                    yield ing_pb.IngestStreamResponse(
+                        position=position, idempotency_key=key, error=convert.item_error(outcome)
+                    )
+                else:
+                    yield ing_pb.IngestStreamResponse(
+                        position=position, idempotency_key=key, result=convert.ingest_response(outcome)
+                    )
+            await reader
+        finally:
+            reader.cancel()
+
+
+class PriceCatalogServicer(price_grpc.PriceCatalogServiceServicer):
+    def __init__(self, prices: Prices, ingestor: Ingestor) -> None:
+        self.prices = prices
+        self.ingestor = ingestor
+
+    async def CreateCustomPrice(self, request, context):  # noqa: ANN001, ANN201, N802
+        p = request.price
+        created = await self.prices.create(
+            p.category,
+            p.resource,
+            convert.micros(p, "effective_time"),
+            {u: UnitPrice(x.input_per_million, x.output_per_million) for u, x in p.unit_prices.items()},
+        )
+        return price_pb.CreateCustomPriceResponse(price=convert.custom_price(created))
+
+    async def GetCustomPrice(self, request, context):  # noqa: ANN001, ANN201, N802
+        return price_pb.GetCustomPriceResponse(price=convert.custom_price(await self.prices.get(request.price_id)))
+
+    async def ListCustomPrices(self, request, context):  # noqa: ANN001, ANN201, N802
+        page = await self.prices.list(request.category, request.resource, request.page_size, request.page_token)
+        return price_pb.ListCustomPricesResponse(
+            prices=[convert.custom_price(p) for p in page.items], next_page_token=page.next_page_token
+        )
+
+    async def QuotePrice(self, request, context):  # noqa: ANN001, ANN201, N802
+        await self.ingestor.refresh_prices()
+        time_us = convert.micros(request, "event_timestamp") or now_us()
+        units = {unit: (c.input, c.output) for unit, c in request.units.items()}
+        cost = ingest_rules.quote(self.ingestor.catalog, request.category, request.resource, units, time_us)
+        return price_pb.QuotePriceResponse(xproxy_result=convert.xproxy_result(None, cost))

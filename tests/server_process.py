@@ -1,0 +1,57 @@
+"""A Tally server in a child process, for tests that kill or restart it."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+READY = re.compile(r"tally ready: serving on [^:]+:(\d+)")
+
+
+class ServerProcess:
+    def __init__(self, database_url: str, *extra: str) -> None:
+        self.database_url = database_url
+        self.extra = extra
+        self.process: subprocess.Popen | None = None
+        self.port = 0
+
+    def start(self, timeout: float = 60) -> ServerProcess:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "tally_server", "--listen", "127.0.0.1:0", "--database-url", self.database_url, *self.extra],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        deadline = time.monotonic() + timeout
+        lines = []
+        while time.monotonic() < deadline:
+            line = self.process.stderr.readline()
+            if not line:
+                break
+            lines.append(line)
+            if match := READY.search(line):
+                self.port = int(match.group(1))
+                return self
+        self.kill()
+        raise RuntimeError("server did not become ready:\n" + "".join(lines))
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown code runs, as in a crash."""
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(10)
+
+    def terminate(self) -> int:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(30)

@@ -46,6 +46,7 @@ async def test_ten_thousand_random_events_sum_exactly(stubs):
                 unit_prices={
                     "text": price_pb.UnitPrice(input_per_million="0.333333333", output_per_million="7.000000001"),
                     "text_cache_read": price_pb.UnitPrice(input_per_million="0.000000007"),
+                    "reasoning": price_pb.UnitPrice(output_per_million="11.1"),
                 },
             )
         )

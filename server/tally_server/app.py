@@ -42,8 +42,10 @@ SERVICE_NAMES = (
 class TallyServer:
     """One server process: a gRPC server, a database and a group-commit writer."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, extra_handlers: tuple = ()) -> None:
+        """`extra_handlers` are generic RPC handlers served beside Tally's (the benchmark's baselines)."""
         self.settings = settings
+        self.extra_handlers = extra_handlers
         self.db = Database(settings.database_url)
         self.ingestor = Ingestor(self.db)
         self.health = health.aio.HealthServicer()
@@ -77,6 +79,8 @@ class TallyServer:
             PriceCatalogServicer(self.prices, self.ingestor), server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        if self.extra_handlers:
+            server.add_generic_rpc_handlers(self.extra_handlers)
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
             server,

@@ -247,7 +247,7 @@ class Ingestor:
         cost = self.catalog.price(event.category, event.resource, event.units, event.event_time_us)
         experience = resolution.experience
         return IngestResult(
-            request_id=uuid.UUID(bytes=uuid6.uuid7().bytes),
+            request_id=uuid6.uuid7(),
             event_time_us=event.event_time_us,
             ingest_time_us=now,
             cost=cost,

@@ -8,9 +8,27 @@ NANOS_PER_UNIT = 1_000_000_000
 _NANO = Decimal("1e-9")
 
 
-def decimal_to_nanos(amount: Decimal) -> int:
+def decimal_to_nanos(amount: Decimal | int) -> int:
     """Rounds an exact decimal amount of dollars half-even to whole nano-dollars."""
-    return int(amount.quantize(_NANO, rounding=ROUND_HALF_EVEN).scaleb(9))
+    return int(Decimal(amount).quantize(_NANO, rounding=ROUND_HALF_EVEN).scaleb(9))
+
+
+ATTOS_PER_NANO = 1_000_000_000
+
+
+def attos_to_nanos(total_attos: int) -> int:
+    """Rounds integer atto-dollars (1e-18) half-even to nano-dollars."""
+    quotient, remainder = divmod(total_attos, ATTOS_PER_NANO)
+    twice = 2 * remainder
+    if twice > ATTOS_PER_NANO or (twice == ATTOS_PER_NANO and quotient % 2 == 1):
+        quotient += 1
+    return quotient
+
+
+def decimal_to_attos(amount: Decimal) -> int | None:
+    """The amount in whole atto-dollars, or None when it is not a whole number of them."""
+    scaled = amount.scaleb(18)
+    return int(scaled) if scaled == scaled.to_integral_value() else None
 
 
 def nanos_to_units_and_nanos(total_nanos: int) -> tuple[int, int]:

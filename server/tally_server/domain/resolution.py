@@ -38,7 +38,7 @@ def derive_experience_id(raw_id: str) -> uuid.UUID:
 
 def new_experience_id() -> uuid.UUID:
     """Server-generated ids are UUIDv7: time-ordered, so they index well."""
-    return uuid.UUID(bytes=uuid6.uuid7().bytes)
+    return uuid6.uuid7()
 
 
 def experience_not_found(experience_id: uuid.UUID | str) -> TallyError:

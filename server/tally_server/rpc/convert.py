@@ -21,9 +21,8 @@ from ..domain.money import nanos_to_units_and_nanos
 def timestamp(time_us: int | None) -> timestamp_pb2.Timestamp | None:
     if time_us is None:
         return None
-    ts = timestamp_pb2.Timestamp()
-    ts.FromMicroseconds(time_us)
-    return ts
+    seconds, micros_part = divmod(time_us, 1_000_000)
+    return timestamp_pb2.Timestamp(seconds=seconds, nanos=micros_part * 1000)
 
 
 def micros(message, field: str) -> int | None:  # noqa: ANN001
@@ -160,38 +159,59 @@ def price_reference(p: m.PriceReference) -> ing_pb.PriceReference:
     )
 
 
-def xproxy_result(r: m.IngestResult | None, cost: m.Cost) -> ing_pb.XProxyResult:
-    result = ing_pb.XProxyResult(
-        cost_input=money(cost.input_nanos),
-        cost_output=money(cost.output_nanos),
-        cost_total=money(cost.total_nanos),
-        cost_state=int(cost.state),
-        price=price_reference(cost.price) if cost.price else None,
-        unknown_units=[
-            ing_pb.UnknownUnit(unit_type=u.unit_type, input=u.input, output=u.output, reason=u.reason)
-            for u in cost.unknown_units
-        ],
-    )
-    if r is not None:
-        result.request_id = str(r.request_id)
-        result.experience_id = str(r.experience_id) if r.experience_id else ""
-        result.experience_name = r.experience_name
-        result.experience_version = r.experience_version
-        result.duplicate_request = r.duplicate
-        result.warnings.extend(r.warnings)
-        result.user_id = r.user_id
-        result.request_tags.extend(r.request_tags)
-        result.experience_created = r.experience_created
+def _set_money(target: common_pb2.Money, total_nanos: int) -> None:
+    target.currency_code = "USD"
+    target.units, target.nanos = nanos_to_units_and_nanos(total_nanos)
+
+
+def _set_cost(target: ing_pb.XProxyResult, cost: m.Cost) -> None:
+    # Fields are set in place: handing sub-messages to constructors copies them,
+    # and this runs once per ingested event.
+    _set_money(target.cost_input, cost.input_nanos)
+    _set_money(target.cost_output, cost.output_nanos)
+    _set_money(target.cost_total, cost.total_nanos)
+    target.cost_state = cost.state
+    if cost.price is not None:
+        price = target.price
+        price.source = cost.price.source
+        price.category = cost.price.category
+        price.resource = cost.price.resource
+        price.version = cost.price.version
+        if cost.price.effective_time_us is not None:
+            price.effective_time.CopyFrom(timestamp(cost.price.effective_time_us))
+    for u in cost.unknown_units:
+        target.unknown_units.add(unit_type=u.unit_type, input=u.input, output=u.output, reason=u.reason)
+
+
+def quote_result(cost: m.Cost) -> ing_pb.XProxyResult:
+    result = ing_pb.XProxyResult()
+    _set_cost(result, cost)
     return result
 
 
 def ingest_response(r: m.IngestResult) -> ing_pb.IngestResponse:
-    return ing_pb.IngestResponse(
-        event_timestamp=timestamp(r.event_time_us),
-        ingest_timestamp=timestamp(r.ingest_time_us),
-        request_id=str(r.request_id),
-        xproxy_result=xproxy_result(r, r.cost),
-    )
+    request_id = str(r.request_id)
+    response = ing_pb.IngestResponse(request_id=request_id)
+    response.event_timestamp.seconds, micros_part = divmod(r.event_time_us, 1_000_000)
+    response.event_timestamp.nanos = micros_part * 1000
+    response.ingest_timestamp.seconds, micros_part = divmod(r.ingest_time_us, 1_000_000)
+    response.ingest_timestamp.nanos = micros_part * 1000
+    result = response.xproxy_result
+    result.request_id = request_id
+    if r.experience_id is not None:
+        result.experience_id = str(r.experience_id)
+        result.experience_name = r.experience_name
+        result.experience_version = r.experience_version
+        result.experience_created = r.experience_created
+    result.duplicate_request = r.duplicate
+    if r.warnings:
+        result.warnings.extend(r.warnings)
+    if r.user_id:
+        result.user_id = r.user_id
+    if r.request_tags:
+        result.request_tags.extend(r.request_tags)
+    _set_cost(result, r.cost)
+    return response
 
 
 def item_error(error: TallyError, prefix: str = "") -> common_pb2.ItemError:

@@ -244,4 +244,4 @@ class PriceCatalogServicer(price_grpc.PriceCatalogServiceServicer):
         time_us = convert.micros(request, "event_timestamp") or now_us()
         units = {unit: (c.input, c.output) for unit, c in request.units.items()}
         cost = ingest_rules.quote(self.ingestor.catalog, request.category, request.resource, units, time_us)
-        return price_pb.QuotePriceResponse(xproxy_result=convert.xproxy_result(None, cost))
+        return price_pb.QuotePriceResponse(xproxy_result=convert.quote_result(cost))

@@ -72,8 +72,8 @@ events = sa.Table(
     sa.Column("http_status_code", sa.Integer, nullable=False),
     sa.Column("provider_response_id", sa.String(256), nullable=True),
     sa.Column("user_id", sa.String(256), nullable=True),
-    sa.Column("request_tags", sa.JSON, nullable=True),
-    sa.Column("properties", sa.JSON, nullable=True),
+    sa.Column("request_tags", sa.JSON(none_as_null=True), nullable=True),
+    sa.Column("properties", sa.JSON(none_as_null=True), nullable=True),
     sa.Column("cost_input_nanos", sa.BigInteger, nullable=False),
     sa.Column("cost_output_nanos", sa.BigInteger, nullable=False),
     sa.Column("cost_total_nanos", sa.BigInteger, nullable=False),
@@ -83,8 +83,8 @@ events = sa.Table(
     sa.Column("price_resource", sa.String(256), nullable=True),
     sa.Column("price_version", sa.String(128), nullable=True),
     sa.Column("price_effective_time_us", sa.BigInteger, nullable=True),
-    sa.Column("unknown_units", sa.JSON, nullable=True),
-    sa.Column("warnings", sa.JSON, nullable=True),
+    sa.Column("unknown_units", sa.JSON(none_as_null=True), nullable=True),
+    sa.Column("warnings", sa.JSON(none_as_null=True), nullable=True),
 )
 
 # request_id idempotency of the explicit create calls (AIP-155).

@@ -1,0 +1,1 @@
+"""Tally's ingest benchmark: `make bench` (or `python -m bench --help`)."""

@@ -1,0 +1,390 @@
+"""Ingest benchmark: a server process under load from this process, over loopback.
+
+Prints events/s and p50/p99 latency of unary Ingest (concurrency 64),
+IngestBatch (1,000 events per request) and IngestStream, each beside a baseline
+measured in the same run on the same machine: a no-op unary RPC and a no-op
+stream on the same server stack, and raw inserts of the same rows (sqlite3
+executemany, or asyncpg for PostgreSQL), 1,000 per transaction.
+
+    python -m bench                       # SQLite (a temporary file)
+    python -m bench --postgres-url postgresql+asyncpg://postgres@127.0.0.1:5432/test
+
+On a 2-core machine the client and the server share the cores: compare the
+ratios, measured in one run, not absolute figures across runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import grpc
+import sqlalchemy as sa
+import uuid6
+from grpc import aio
+from tally.v1 import experience_service_pb2 as exp_pb
+from tally.v1 import experience_service_pb2_grpc
+from tally.v1 import experience_type_service_pb2 as et_pb
+from tally.v1 import experience_type_service_pb2_grpc
+from tally.v1 import ingest_service_pb2 as pb
+
+CHANNEL_OPTIONS = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
+TARGETS = {"Ingest unary": 0.7, "IngestStream": 0.5, "IngestBatch": 0.5}
+
+
+@dataclass
+class Result:
+    scenario: str
+    events: int
+    seconds: float
+    p50_ms: float
+    p99_ms: float
+
+    @property
+    def rate(self) -> float:
+        return self.events / self.seconds
+
+
+def percentile(sorted_values: list[float], fraction: float) -> float:
+    if not sorted_values:
+        return 0.0
+    return sorted_values[min(len(sorted_values) - 1, int(fraction * len(sorted_values)))]
+
+
+def summarize(scenario: str, events: int, seconds: float, latencies: list[float]) -> Result:
+    latencies.sort()
+    return Result(scenario, events, seconds, percentile(latencies, 0.5) * 1e3, percentile(latencies, 0.99) * 1e3)
+
+
+def make_event(key: str) -> pb.UsageEvent:
+    return pb.UsageEvent(
+        category="system.openai",
+        resource="gpt-4o",
+        units={"text": pb.UnitCounts(input=1200, output=350), "text_cache_read": pb.UnitCounts(input=800)},
+        end_to_end_latency_ms=850,
+        time_to_first_token_ms=120,
+        http_status_code=200,
+        idempotency_key=key,
+    )
+
+
+class Keys:
+    """Unique idempotency keys, as provider response ids would be."""
+
+    def __init__(self) -> None:
+        self.run = uuid.uuid4().hex[:8]
+        self.count = 0
+
+    def next(self) -> str:
+        self.count += 1
+        return f"bench-{self.run}-{self.count}"
+
+
+async def unary_load(channel, method: str, metadata, seconds: float, concurrency: int, keys: Keys, name: str) -> Result:  # noqa: ANN001
+    call = channel.unary_unary(
+        method, request_serializer=pb.IngestRequest.SerializeToString, response_deserializer=pb.IngestResponse.FromString
+    )
+    latencies: list[float] = []
+    measuring = False
+    deadline = 0.0
+
+    async def worker() -> None:
+        while time.perf_counter() < deadline:
+            start = time.perf_counter()
+            await call(pb.IngestRequest(event=make_event(keys.next())), metadata=metadata)
+            if measuring:
+                latencies.append(time.perf_counter() - start)
+
+    deadline = time.perf_counter() + 0.5  # warm-up
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    measuring = True
+    start = time.perf_counter()
+    deadline = start + seconds
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return summarize(name, len(latencies), time.perf_counter() - start, latencies)
+
+
+async def stream_load(channel, method: str, metadata, seconds: float, window: int, keys: Keys, name: str) -> Result:  # noqa: ANN001
+    call = channel.stream_stream(
+        method,
+        request_serializer=pb.IngestStreamRequest.SerializeToString,
+        response_deserializer=pb.IngestStreamResponse.FromString,
+    )
+    sent_at: list[float] = []
+    credit = asyncio.Semaphore(window)  # at most `window` unacknowledged events
+    start = time.perf_counter()
+    deadline = start + seconds
+
+    async def requests():  # noqa: ANN202
+        while time.perf_counter() < deadline:
+            await credit.acquire()
+            sent_at.append(time.perf_counter())
+            yield pb.IngestStreamRequest(event=make_event(keys.next()))
+
+    latencies = []
+    async for response in call(requests(), metadata=metadata):
+        latencies.append(time.perf_counter() - sent_at[response.position])
+        credit.release()
+    return summarize(name, len(latencies), time.perf_counter() - start, latencies)
+
+
+async def batch_load(channel, metadata, seconds: float, batch_size: int, concurrency: int, keys: Keys) -> Result:  # noqa: ANN001
+    call = channel.unary_unary(
+        "/tally.v1.IngestService/IngestBatch",
+        request_serializer=pb.IngestBatchRequest.SerializeToString,
+        response_deserializer=pb.IngestBatchResponse.FromString,
+    )
+    latencies: list[float] = []
+    events = 0
+    start = time.perf_counter()
+    deadline = start + seconds
+
+    async def worker() -> None:
+        nonlocal events
+        while time.perf_counter() < deadline:
+            request = pb.IngestBatchRequest(events=[make_event(keys.next()) for _ in range(batch_size)])
+            sent = time.perf_counter()
+            response = await call(request, metadata=metadata)
+            latencies.append(time.perf_counter() - sent)
+            assert response.accepted_count == batch_size, response.items[0]
+            events += batch_size
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return summarize(f"IngestBatch ({batch_size}/request, {concurrency} in flight)", events, time.perf_counter() - start, latencies)
+
+
+def storage_rows(count: int, experience_id: uuid.UUID, as_text: bool) -> list[tuple]:
+    """The rows Tally stores for the benchmark's events, as the raw baseline inserts them."""
+    rows = []
+    for i in range(count):
+        event_id = uuid.UUID(bytes=uuid6.uuid7().bytes)
+        now = time.time_ns() // 1000
+        rows.append(
+            (
+                event_id.hex if as_text else event_id,
+                f"raw-{event_id.hex}",
+                "ab" * 32,
+                experience_id.hex if as_text else experience_id,
+                False,
+                "system.openai",
+                "gpt-4o",
+                '{"text": [1200, 350], "text_cache_read": [800, 0]}',
+                now,
+                now,
+                850,
+                120,
+                200,
+                None,
+                None,
+                None,
+                None,
+                4_500_000,
+                3_500_000,
+                8_000_000,
+                1,
+                1,
+                "system.openai",
+                "gpt-4o",
+                "genai-prices 0.2.3",
+                None,
+                None,
+                None,
+            )
+        )
+    return rows
+
+
+COLUMNS = (
+    "id, idempotency_key, content_hash, experience_id, experience_created, category, resource, units, "
+    "event_time_us, ingest_time_us, end_to_end_latency_ms, time_to_first_token_ms, http_status_code, "
+    "provider_response_id, user_id, request_tags, properties, cost_input_nanos, cost_output_nanos, "
+    "cost_total_nanos, cost_state, price_source, price_category, price_resource, price_version, "
+    "price_effective_time_us, unknown_units, warnings"
+)
+
+
+def raw_sqlite(path: str, seconds: float, experience_id: uuid.UUID) -> Result:
+    """sqlite3 executemany into the same schema and settings, 1,000 rows per transaction."""
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=FULL")
+    sql = f"INSERT INTO events ({COLUMNS}) VALUES ({', '.join('?' * 28)})"
+    latencies, events = [], 0
+    start = time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        rows = storage_rows(1000, experience_id, as_text=True)
+        sent = time.perf_counter()
+        db.execute("BEGIN IMMEDIATE")
+        db.executemany(sql, rows)
+        db.execute("COMMIT")
+        latencies.append(time.perf_counter() - sent)
+        events += len(rows)
+    db.close()
+    return summarize("raw sqlite3 executemany (1,000/transaction)", events, time.perf_counter() - start, latencies)
+
+
+async def raw_postgres(url: str, seconds: float, experience_id: uuid.UUID) -> Result:
+    import asyncpg
+
+    plain = sa.make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+    conn = await asyncpg.connect(plain)
+    sql = f"INSERT INTO events ({COLUMNS}) VALUES ({', '.join(f'${i}' for i in range(1, 29))})"
+    latencies, events = [], 0
+    start = time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        rows = storage_rows(1000, experience_id, as_text=False)
+        sent = time.perf_counter()
+        async with conn.transaction():
+            await conn.executemany(sql, rows)
+        latencies.append(time.perf_counter() - sent)
+        events += len(rows)
+    await conn.close()
+    return summarize("raw asyncpg executemany (1,000/transaction)", events, time.perf_counter() - start, latencies)
+
+
+def start_server(database_url: str) -> tuple[subprocess.Popen, int]:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "bench.server", "--database-url", database_url],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    line = process.stdout.readline()
+    if not line.startswith("PORT "):
+        process.kill()
+        raise SystemExit(f"bench: the server did not start: {line!r}")
+    return process, int(line.split()[1])
+
+
+async def run_engine(label: str, database_url: str, args: argparse.Namespace) -> list[tuple[Result, Result | None, str]]:
+    print(f"\n== {label}: starting the server", flush=True)
+    process, port = start_server(database_url)
+    rows: list[tuple[Result, Result | None, str]] = []
+    try:
+        async with aio.insecure_channel(f"127.0.0.1:{port}", options=CHANNEL_OPTIONS) as channel:
+            name = f"Bench_{uuid.uuid4().hex[:8]}"
+            await experience_type_service_pb2_grpc.ExperienceTypeServiceStub(channel).CreateExperienceType(
+                et_pb.CreateExperienceTypeRequest(experience_type=et_pb.ExperienceType(name=name, description="bench"))
+            )
+            experience = (
+                await experience_service_pb2_grpc.ExperienceServiceStub(channel).CreateExperience(
+                    exp_pb.CreateExperienceRequest(experience_name=name)
+                )
+            ).experience
+            metadata = (("xproxy-experience-id", experience.experience_id),)
+            keys = Keys()
+            c, s = args.concurrency, args.seconds
+
+            def say(result: Result) -> None:
+                print(f"   {result.scenario}: {result.rate:,.0f} events/s", flush=True)
+
+            noop_unary = await unary_load(channel, "/bench.Noop/Unary", metadata, s, c, keys, f"no-op unary (c={c})")
+            say(noop_unary)
+            ingest_unary = await unary_load(
+                channel, "/tally.v1.IngestService/Ingest", metadata, s, c, keys, f"Ingest unary (c={c})"
+            )
+            say(ingest_unary)
+            rows += [(noop_unary, None, ""), (ingest_unary, noop_unary, "Ingest unary")]
+
+            noop_stream = await stream_load(channel, "/bench.Noop/Stream", metadata, s, args.window, keys, "no-op stream")
+            say(noop_stream)
+            ingest_stream = await stream_load(
+                channel, "/tally.v1.IngestService/IngestStream", metadata, s, args.window, keys, "IngestStream"
+            )
+            say(ingest_stream)
+            rows += [(noop_stream, None, ""), (ingest_stream, noop_stream, "IngestStream")]
+
+            batch = await batch_load(channel, metadata, s, args.batch_size, args.batch_concurrency, keys)
+            say(batch)
+    finally:
+        process.terminate()
+        process.wait(30)
+
+    experience_id = uuid.UUID(experience.experience_id)
+    if database_url.startswith("sqlite"):
+        raw = raw_sqlite(sa.make_url(database_url).database, s, experience_id)
+    else:
+        raw = await raw_postgres(database_url, s, experience_id)
+    say(raw)
+    rows += [(raw, None, ""), (batch, raw, "IngestBatch")]
+    return rows
+
+
+def print_table(label: str, rows: list[tuple[Result, Result | None, str]]) -> None:
+    print(f"\n{label}")
+    print(f"{'scenario':<50} {'events/s':>12} {'p50 ms':>9} {'p99 ms':>9}   vs baseline")
+    for result, baseline, target_key in rows:
+        versus = ""
+        if baseline is not None:
+            ratio = result.rate / baseline.rate
+            target = TARGETS[target_key]
+            verdict = "meets" if ratio >= target else "BELOW"
+            versus = f"{ratio:.2f}x {baseline.scenario.split(' (')[0]} (target {target}x: {verdict})"
+        print(f"{result.scenario:<50} {result.rate:>12,.0f} {result.p50_ms:>9.2f} {result.p99_ms:>9.2f}   {versus}")
+
+
+async def create_postgres_database(url: str) -> str:
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    name = f"tally_bench_{uuid.uuid4().hex[:8]}"
+    admin = create_async_engine(url, isolation_level="AUTOCOMMIT")
+    async with admin.connect() as conn:
+        await conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    await admin.dispose()
+    return sa.make_url(url).set(database=name).render_as_string(hide_password=False)
+
+
+async def drop_postgres_database(admin_url: str, url: str) -> None:
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    admin = create_async_engine(admin_url, isolation_level="AUTOCOMMIT")
+    async with admin.connect() as conn:
+        await conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{sa.make_url(url).database}" WITH (FORCE)'))
+    await admin.dispose()
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=5.0, help="measured seconds per scenario (default 5)")
+    parser.add_argument("--concurrency", type=int, default=64, help="unary calls in flight (default 64)")
+    parser.add_argument("--window", type=int, default=1024, help="unacknowledged stream events at most (default 1024)")
+    parser.add_argument("--batch-size", type=int, default=1000, help="events per IngestBatch (default 1000)")
+    parser.add_argument("--batch-concurrency", type=int, default=2, help="IngestBatch calls in flight (default 2)")
+    parser.add_argument("--postgres-url", help="also run against this PostgreSQL (a fresh database is created in it)")
+    parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
+    args = parser.parse_args()
+
+    print(f"Tally ingest benchmark: {os.cpu_count()} cores, Python {sys.version.split()[0]}, grpcio {grpc.__version__}")
+    report = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        sqlite_url = f"sqlite+aiosqlite:///{tmp}/bench.db"
+        report["sqlite"] = await run_engine("SQLite (WAL, synchronous=FULL)", sqlite_url, args)
+    if args.postgres_url:
+        pg_url = await create_postgres_database(args.postgres_url)
+        try:
+            report["postgresql"] = await run_engine("PostgreSQL", pg_url, args)
+        finally:
+            await drop_postgres_database(args.postgres_url, pg_url)
+    for label, rows in report.items():
+        print_table(label, rows)
+    if args.json:
+        args.json.write_text(
+            json.dumps(
+                {label: [asdict(r) | {"rate": r.rate} for r, _, _ in rows] for label, rows in report.items()}, indent=2
+            )
+        )
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

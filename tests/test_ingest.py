@@ -291,6 +291,9 @@ async def test_idempotency_same_key_same_content_and_different_content(stubs):
     one = (await ingest(stubs, by_response_id))[0]
     two = (await ingest(stubs, by_response_id))[0]
     assert two.xproxy_result.duplicate_request and two.request_id == one.request_id
+    different = gpt4o(1, 1, provider_response_id="chatcmpl-" + key)
+    async with raises(grpc.StatusCode.ALREADY_EXISTS, "IDEMPOTENCY_KEY_REUSED"):
+        await ingest(stubs, different)
     listed = await stubs.experiences.ListExperiences(exp_pb.ListExperiencesRequest(experience_name=name))
     assert len(listed.experiences) == 1, "a retried name-only event does not create a second experience"
     stats = (

@@ -25,6 +25,7 @@ from .domain.experience_types import ExperienceTypes
 from .domain.experiences import Experiences
 from .domain.ingest import Ingestor
 from .domain.prices import Prices
+from .domain.pricing import PriceCatalog
 from .rpc.interceptor import ServerInterceptor
 from .rpc.servicers import ExperienceServicer, ExperienceTypeServicer, IngestServicer, PriceCatalogServicer
 from .storage.db import Database
@@ -47,11 +48,12 @@ class TallyServer:
         self.settings = settings
         self.extra_handlers = extra_handlers
         self.db = Database(settings.database_url)
-        self.ingestor = Ingestor(self.db)
+        self.catalog = PriceCatalog()
+        self.ingestor = Ingestor(self.db, self.catalog)
         self.health = health.aio.HealthServicer()
         self.types = ExperienceTypes(self.db)
         self.experiences = Experiences(self.db)
-        self.prices = Prices(self.db)
+        self.prices = Prices(self.db, self.catalog)
         self.server: aio.Server | None = None
         self.port = 0
 

@@ -28,8 +28,15 @@ MAX_UNIT_TYPES = 32
 MAX_TAGS = 32
 
 
+_NO_CONTEXT = EventContext()
+
+
 def merge_context(call: EventContext, event: EventContext, v: Violations) -> EventContext:
     """The call's metadata and the event's own context as one; a contradiction is a violation."""
+    if event == _NO_CONTEXT:
+        return call
+    if call == _NO_CONTEXT:
+        return event
     merged = {}
     for name, key in (
         ("experience_id", "xproxy-experience-id"),
@@ -213,7 +220,11 @@ class Ingestor:
         outcomes: dict[int, Any] = {}
         async with self.db.write() as conn:
             await self._refresh_prices(conn)
-            stored = await repo.events_by_key(conn, keys)
+            # Keys are looked up first only where a duplicate would otherwise create an
+            # experience (an event that names its type). Any other duplicate is caught by
+            # the insert itself (ON CONFLICT DO NOTHING) and answered after the commit.
+            may_create = any(item.event.context.experience_name for item in current if idempotency_key(item.event))
+            stored = await repo.events_by_key(conn, keys) if may_create else {}
             fresh: list[_Pending] = []
             for item in current:
                 key = idempotency_key(item.event)
@@ -274,10 +285,13 @@ class Ingestor:
             await self._refresh_prices(conn)
 
     async def _refresh_prices(self, conn) -> None:  # noqa: ANN001
-        """Reloads custom prices when any replica added one (one cheap query per batch)."""
+        """Reloads custom prices when any replica added one (checked at most once a second)."""
+        if not self.catalog.due():
+            return
         revision = await repo.price_catalog_revision(conn)
         if revision != self.catalog.revision:
             self.catalog.load_custom(await repo.all_prices(conn), revision)
+        self.catalog.checked()
 
 
 def _row(event: UsageEvent, result: IngestResult) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from ..storage.db import Database
 from . import paging
 from .errors import Violations, already_exists, not_found
 from .models import CustomPrice, Page, UnitPrice, now_us
+from .pricing import PriceCatalog
 from .validation import CATEGORY_PATTERN, UNIT_TYPE_PATTERN, parse_uuid
 
 MAX_UNIT_PRICES = 32
@@ -34,8 +35,9 @@ def price_not_found(price_id: str) -> Exception:
 
 
 class Prices:
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, catalog: PriceCatalog) -> None:
         self.db = db
+        self.catalog = catalog
 
     async def create(
         self, category: str, resource: str, effective_time_us: int | None, unit_prices: dict[str, UnitPrice]
@@ -75,6 +77,7 @@ class Prices:
                     f"{category}/{resource}",
                     f"{category}/{resource} already has a price effective at that time",
                 )
+        self.catalog.invalidate()
         return price
 
     async def get(self, price_id: str) -> CustomPrice:

@@ -15,6 +15,7 @@ total input of the request) are not linear and are computed by genai-prices per 
 from __future__ import annotations
 
 import bisect
+import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -151,9 +152,17 @@ def _dt(time_us: int) -> datetime:
 
 
 class PriceCatalog:
-    """Resolves (category, resource, event time) to a rate card, caching every step."""
+    """Resolves (category, resource, event time) to a rate card, caching every step.
+
+    Custom prices live in the database; a replica rereads them when a price is
+    added through it (at once) or through another replica (within
+    CUSTOM_PRICES_MAX_AGE seconds).
+    """
+
+    CUSTOM_PRICES_MAX_AGE = 1.0
 
     def __init__(self) -> None:
+        self._checked_at = float("-inf")
         self._snapshot = data_snapshot.get_snapshot()
         self._models: dict[tuple[str, str], ModelInfo | None] = {}
         self._system_cards: dict[int, RateCard] = {}
@@ -170,6 +179,17 @@ class PriceCatalog:
             custom[key] = ([p.effective_time_us for p in entries], [custom_rate_card(p) for p in entries])
         self._custom = custom
         self.revision = revision
+
+    def due(self) -> bool:
+        """Whether the custom prices should be checked for changes now."""
+        return time.monotonic() - self._checked_at >= self.CUSTOM_PRICES_MAX_AGE
+
+    def checked(self) -> None:
+        self._checked_at = time.monotonic()
+
+    def invalidate(self) -> None:
+        """A custom price was added: check before the next event is priced."""
+        self._checked_at = float("-inf")
 
     def _system_model(self, category: str, resource: str) -> ModelInfo | None:
         key = (category, resource.lower())

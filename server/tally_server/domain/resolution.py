@@ -95,7 +95,17 @@ async def resolve_experiences(
 
     Returns, per context, its Resolution or the TallyError that refuses it.
     """
-    plans = [_plan(context) for context in contexts]
+    # Events of one call mostly share a context: plan each distinct named id once.
+    planned: dict[EventContext, _Plan | None] = {}
+    plans = []
+    for context in contexts:
+        if not context.experience_id:
+            plans.append(_plan(context))
+            continue
+        plan = planned.get(context)
+        if plan is None:
+            plan = planned[context] = _plan(context)
+        plans.append(plan)
     wanted = {p.experience_id for p in plans if p is not None and not p.generated}
     existing = await repo.get_experiences(conn, wanted)
 

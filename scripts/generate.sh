@@ -4,6 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
+# The mypy plugins are scripts next to the interpreter.
+PATH="$(dirname "$("$PY" -c 'import sys; print(sys.executable)')"):$PATH"
 
 rm -rf generated/tally
 mkdir -p generated/tally/v1

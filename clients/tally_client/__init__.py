@@ -1,1 +1,22 @@
-"""Tally's Python client, metadata helper and command line."""
+"""Tally's Python client, metadata helper, provider instrumentation and command line.
+
+    from tally_client import TallyClient, create_metadata
+"""
+
+from .client import AsyncTallyClient, ExperienceScope, TallyClient, usage_event
+from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, TallyError, Unavailable
+from .metadata import create_metadata
+
+__all__ = [
+    "AlreadyExists",
+    "AsyncTallyClient",
+    "ExperienceScope",
+    "FailedPrecondition",
+    "InvalidArgument",
+    "NotFound",
+    "TallyClient",
+    "TallyError",
+    "Unavailable",
+    "create_metadata",
+    "usage_event",
+]

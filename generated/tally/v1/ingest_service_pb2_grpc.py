@@ -36,8 +36,8 @@ class IngestServiceStub:
     (comma-separated). It applies to every event of the call; an event's own
     `context` field may add to it, but a field that contradicts the metadata is
     INVALID_ARGUMENT. The resolved experience id is returned in the result and
-    in the response metadata `xproxy-experience-id` (for a batch or stream,
-    only when all events resolved to the same experience).
+    in the response header `xproxy-experience-id` (for a batch, when all its
+    events resolved to the same experience; a stream carries it in each result).
 
     Resolution of the experience: (1) an existing id is used; a name that
     differs from its type is FAILED_PRECONDITION (reason
@@ -49,9 +49,11 @@ class IngestServiceStub:
     the event is stored unattributed.
 
     Idempotency: an event's key is its `idempotency_key`, else its
-    `provider_response_id`. The same key with the same content returns the
-    original result with `duplicate_request` set; with different content it is
-    ALREADY_EXISTS (reason IDEMPOTENCY_KEY_REUSED).
+    `provider_response_id`. The same key with the same content (every field of
+    the event but its context, so a retry that has since learned its experience
+    id is still the same event) returns the original result, with its original
+    attribution, and `duplicate_request` set; the same key with different
+    content is ALREADY_EXISTS (reason IDEMPOTENCY_KEY_REUSED).
     """
 
     def __init__(self, channel):
@@ -88,8 +90,8 @@ class IngestServiceServicer:
     (comma-separated). It applies to every event of the call; an event's own
     `context` field may add to it, but a field that contradicts the metadata is
     INVALID_ARGUMENT. The resolved experience id is returned in the result and
-    in the response metadata `xproxy-experience-id` (for a batch or stream,
-    only when all events resolved to the same experience).
+    in the response header `xproxy-experience-id` (for a batch, when all its
+    events resolved to the same experience; a stream carries it in each result).
 
     Resolution of the experience: (1) an existing id is used; a name that
     differs from its type is FAILED_PRECONDITION (reason
@@ -101,9 +103,11 @@ class IngestServiceServicer:
     the event is stored unattributed.
 
     Idempotency: an event's key is its `idempotency_key`, else its
-    `provider_response_id`. The same key with the same content returns the
-    original result with `duplicate_request` set; with different content it is
-    ALREADY_EXISTS (reason IDEMPOTENCY_KEY_REUSED).
+    `provider_response_id`. The same key with the same content (every field of
+    the event but its context, so a retry that has since learned its experience
+    id is still the same event) returns the original result, with its original
+    attribution, and `duplicate_request` set; the same key with different
+    content is ALREADY_EXISTS (reason IDEMPOTENCY_KEY_REUSED).
     """
 
     def Ingest(self, request, context):
@@ -167,8 +171,8 @@ class IngestService:
     (comma-separated). It applies to every event of the call; an event's own
     `context` field may add to it, but a field that contradicts the metadata is
     INVALID_ARGUMENT. The resolved experience id is returned in the result and
-    in the response metadata `xproxy-experience-id` (for a batch or stream,
-    only when all events resolved to the same experience).
+    in the response header `xproxy-experience-id` (for a batch, when all its
+    events resolved to the same experience; a stream carries it in each result).
 
     Resolution of the experience: (1) an existing id is used; a name that
     differs from its type is FAILED_PRECONDITION (reason
@@ -180,9 +184,11 @@ class IngestService:
     the event is stored unattributed.
 
     Idempotency: an event's key is its `idempotency_key`, else its
-    `provider_response_id`. The same key with the same content returns the
-    original result with `duplicate_request` set; with different content it is
-    ALREADY_EXISTS (reason IDEMPOTENCY_KEY_REUSED).
+    `provider_response_id`. The same key with the same content (every field of
+    the event but its context, so a retry that has since learned its experience
+    id is still the same event) returns the original result, with its original
+    attribution, and `duplicate_request` set; the same key with different
+    content is ALREADY_EXISTS (reason IDEMPOTENCY_KEY_REUSED).
     """
 
     @staticmethod

@@ -37,8 +37,8 @@ class IngestServiceStub:
     (comma-separated). It applies to every event of the call; an event's own
     `context` field may add to it, but a field that contradicts the metadata is
     INVALID_ARGUMENT. The resolved experience id is returned in the result and
-    in the response metadata `xproxy-experience-id` (for a batch or stream,
-    only when all events resolved to the same experience).
+    in the response header `xproxy-experience-id` (for a batch, when all its
+    events resolved to the same experience; a stream carries it in each result).
 
     Resolution of the experience: (1) an existing id is used; a name that
     differs from its type is FAILED_PRECONDITION (reason
@@ -50,9 +50,11 @@ class IngestServiceStub:
     the event is stored unattributed.
 
     Idempotency: an event's key is its `idempotency_key`, else its
-    `provider_response_id`. The same key with the same content returns the
-    original result with `duplicate_request` set; with different content it is
-    ALREADY_EXISTS (reason IDEMPOTENCY_KEY_REUSED).
+    `provider_response_id`. The same key with the same content (every field of
+    the event but its context, so a retry that has since learned its experience
+    id is still the same event) returns the original result, with its original
+    attribution, and `duplicate_request` set; the same key with different
+    content is ALREADY_EXISTS (reason IDEMPOTENCY_KEY_REUSED).
     """
 
     @_typing.overload
@@ -83,8 +85,8 @@ class IngestServiceAsyncStub(IngestServiceStub):
     (comma-separated). It applies to every event of the call; an event's own
     `context` field may add to it, but a field that contradicts the metadata is
     INVALID_ARGUMENT. The resolved experience id is returned in the result and
-    in the response metadata `xproxy-experience-id` (for a batch or stream,
-    only when all events resolved to the same experience).
+    in the response header `xproxy-experience-id` (for a batch, when all its
+    events resolved to the same experience; a stream carries it in each result).
 
     Resolution of the experience: (1) an existing id is used; a name that
     differs from its type is FAILED_PRECONDITION (reason
@@ -96,9 +98,11 @@ class IngestServiceAsyncStub(IngestServiceStub):
     the event is stored unattributed.
 
     Idempotency: an event's key is its `idempotency_key`, else its
-    `provider_response_id`. The same key with the same content returns the
-    original result with `duplicate_request` set; with different content it is
-    ALREADY_EXISTS (reason IDEMPOTENCY_KEY_REUSED).
+    `provider_response_id`. The same key with the same content (every field of
+    the event but its context, so a retry that has since learned its experience
+    id is still the same event) returns the original result, with its original
+    attribution, and `duplicate_request` set; the same key with different
+    content is ALREADY_EXISTS (reason IDEMPOTENCY_KEY_REUSED).
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -125,8 +129,8 @@ class IngestServiceServicer(metaclass=_abc_1.ABCMeta):
     (comma-separated). It applies to every event of the call; an event's own
     `context` field may add to it, but a field that contradicts the metadata is
     INVALID_ARGUMENT. The resolved experience id is returned in the result and
-    in the response metadata `xproxy-experience-id` (for a batch or stream,
-    only when all events resolved to the same experience).
+    in the response header `xproxy-experience-id` (for a batch, when all its
+    events resolved to the same experience; a stream carries it in each result).
 
     Resolution of the experience: (1) an existing id is used; a name that
     differs from its type is FAILED_PRECONDITION (reason
@@ -138,9 +142,11 @@ class IngestServiceServicer(metaclass=_abc_1.ABCMeta):
     the event is stored unattributed.
 
     Idempotency: an event's key is its `idempotency_key`, else its
-    `provider_response_id`. The same key with the same content returns the
-    original result with `duplicate_request` set; with different content it is
-    ALREADY_EXISTS (reason IDEMPOTENCY_KEY_REUSED).
+    `provider_response_id`. The same key with the same content (every field of
+    the event but its context, so a retry that has since learned its experience
+    id is still the same event) returns the original result, with its original
+    attribution, and `duplicate_request` set; the same key with different
+    content is ALREADY_EXISTS (reason IDEMPOTENCY_KEY_REUSED).
     """
 
     @_abc_1.abstractmethod

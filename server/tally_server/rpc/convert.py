@@ -128,11 +128,18 @@ def event_context(c: ing_pb.EventContext) -> m.EventContext:
     )
 
 
-def usage_event(event: ing_pb.UsageEvent, context: m.EventContext, call_fingerprint: bytes, now_us: int) -> m.UsageEvent:
-    """The domain event, context already merged. Its content hash covers the event as
-    sent (before defaults such as the event time) and the call's metadata context."""
-    content = hashlib.sha256(event.SerializeToString(deterministic=True))
-    content.update(call_fingerprint)
+def usage_event(event: ing_pb.UsageEvent, context: m.EventContext, now_us: int) -> m.UsageEvent:
+    """The domain event, context already merged. Its content hash covers the usage as
+    sent (before defaults such as the event time) and not the context: a retry that
+    has since learned its experience id is still the same event."""
+    if event.HasField("context"):
+        usage_only = ing_pb.UsageEvent()
+        usage_only.CopyFrom(event)
+        usage_only.ClearField("context")
+        event_bytes = usage_only.SerializeToString(deterministic=True)
+    else:
+        event_bytes = event.SerializeToString(deterministic=True)
+    content = hashlib.sha256(event_bytes)
     return m.UsageEvent(
         category=event.category,
         resource=event.resource,

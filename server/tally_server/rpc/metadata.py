@@ -37,15 +37,3 @@ def call_context(metadata: Iterable[tuple[str, str | bytes]] | None) -> EventCon
         user_id=values.get(USER_ID, ""),
         request_tags=tags,
     )
-
-
-def fingerprint(context: EventContext) -> bytes:
-    return repr(
-        (
-            context.experience_id,
-            context.experience_name,
-            context.experience_version,
-            context.user_id,
-            context.request_tags,
-        )
-    ).encode()

@@ -126,13 +126,11 @@ class ExperienceServicer(exp_grpc.ExperienceServiceServicer):
         return exp_pb.UpdateExperiencePropertiesResponse(experience=convert.experience(updated))
 
 
-def _prepare(
-    event: ing_pb.UsageEvent, call: EventContext, call_fingerprint: bytes, now: int, prefix: str
-) -> UsageEvent | TallyError:
+def _prepare(event: ing_pb.UsageEvent, call: EventContext, now: int, prefix: str) -> UsageEvent | TallyError:
     """A validated domain event, or the INVALID_ARGUMENT that refuses it."""
     v = Violations(prefix)
     merged = ingest_rules.merge_context(call, convert.event_context(event.context), v)
-    domain_event = convert.usage_event(event, merged, call_fingerprint, now)
+    domain_event = convert.usage_event(event, merged, now)
     ingest_rules.validate_event(domain_event, now, v)
     return invalid(v.items, "INVALID_EVENT") if v else domain_event
 
@@ -143,7 +141,7 @@ class IngestServicer(ing_grpc.IngestServiceServicer):
 
     async def Ingest(self, request, context: aio.ServicerContext):  # noqa: ANN001, ANN201, N802
         call = metadata.call_context(context.invocation_metadata())
-        prepared = _prepare(request.event, call, metadata.fingerprint(call), now_us(), "event.")
+        prepared = _prepare(request.event, call, now_us(), "event.")
         if isinstance(prepared, TallyError):
             raise prepared
         outcome = await self.ingestor.enqueue(prepared)
@@ -160,8 +158,8 @@ class IngestServicer(ing_grpc.IngestServiceServicer):
             v.add("events", f"a batch holds 1 to {ingest_rules.MAX_BATCH_EVENTS} events, got {count}")
             v.raise_if_any()
         call = metadata.call_context(context.invocation_metadata())
-        call_fingerprint, now = metadata.fingerprint(call), now_us()
-        prepared = [_prepare(e, call, call_fingerprint, now, f"events[{i}].") for i, e in enumerate(request.events)]
+        now = now_us()
+        prepared = [_prepare(e, call, now, f"events[{i}].") for i, e in enumerate(request.events)]
         valid = [p for p in prepared if not isinstance(p, TallyError)]
         stored = iter(await self.ingestor.submit(valid))
         response = ing_pb.IngestBatchResponse()
@@ -184,13 +182,12 @@ class IngestServicer(ing_grpc.IngestServiceServicer):
 
     async def IngestStream(self, request_iterator, context: aio.ServicerContext) -> AsyncIterator:  # noqa: ANN001, N802
         call = metadata.call_context(context.invocation_metadata())
-        call_fingerprint = metadata.fingerprint(call)
         in_flight: asyncio.Queue = asyncio.Queue(maxsize=STREAM_WINDOW)
 
         async def read() -> None:
             position = 0
             async for request in request_iterator:
-                prepared = _prepare(request.event, call, call_fingerprint, now_us(), "event.")
+                prepared = _prepare(request.event, call, now_us(), "event.")
                 key = request.event.idempotency_key or request.event.provider_response_id
                 pending = prepared if isinstance(prepared, TallyError) else self.ingestor.enqueue(prepared)
                 await in_flight.put((position, key, pending))

@@ -1,0 +1,92 @@
+"""gRPC errors as Python exceptions that carry Tally's rich status."""
+
+from __future__ import annotations
+
+import grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+
+class TallyError(Exception):
+    """A call failed. `code` is the gRPC status, `reason` the ErrorInfo reason
+    (e.g. "EXPERIENCE_NOT_FOUND"), `field_violations` maps each bad field to why."""
+
+    def __init__(
+        self,
+        code: grpc.StatusCode,
+        message: str,
+        reason: str = "",
+        field_violations: dict[str, str] | None = None,
+        resource: tuple[str, str] | None = None,
+        request_id: str = "",
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.reason = reason
+        self.field_violations = field_violations or {}
+        self.resource = resource
+        self.request_id = request_id
+
+    def __str__(self) -> str:
+        head = f"{self.code.name}" + (f" ({self.reason})" if self.reason else "")
+        return f"{head}: {self.message}"
+
+
+class NotFound(TallyError):
+    pass
+
+
+class InvalidArgument(TallyError):
+    pass
+
+
+class AlreadyExists(TallyError):
+    pass
+
+
+class FailedPrecondition(TallyError):
+    pass
+
+
+class Unavailable(TallyError):
+    pass
+
+
+_BY_CODE = {
+    grpc.StatusCode.NOT_FOUND: NotFound,
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
+    grpc.StatusCode.ALREADY_EXISTS: AlreadyExists,
+    grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
+    grpc.StatusCode.UNAVAILABLE: Unavailable,
+}
+
+
+def from_rpc_error(error: grpc.RpcError) -> TallyError:
+    """Decodes the google.rpc.Status details of a failed call."""
+    code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
+    message = (error.details() if hasattr(error, "details") else str(error)) or code.name
+    reason, violations, resource = "", {}, None
+    try:
+        status = rpc_status.from_call(error)
+    except ValueError:  # details that disagree with the code or message
+        status = None
+    for detail in status.details if status else ():
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            reason = info.reason
+        elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            violations = {v.field: v.description for v in bad.field_violations}
+        elif detail.Is(error_details_pb2.ResourceInfo.DESCRIPTOR):
+            info = error_details_pb2.ResourceInfo()
+            detail.Unpack(info)
+            resource = (info.resource_type, info.resource_name)
+    request_id = ""
+    trailing = error.trailing_metadata() if hasattr(error, "trailing_metadata") else None
+    for key, value in trailing or ():
+        if key == "x-request-id":
+            request_id = value
+    return _BY_CODE.get(code, TallyError)(code, message, reason, violations, resource, request_id)

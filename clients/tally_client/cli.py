@@ -1,10 +1,289 @@
-"""`tally`: the command line. `tally serve` runs the server; the other commands talk to one."""
+"""`tally`: the command line. `tally serve` runs the server; the other commands talk to one.
+
+Every client command takes --target (env TALLY_TARGET, default 127.0.0.1:50051)
+and --json (machine-readable output). Failures print one line on stderr and exit 1.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import os
 import sys
+import time
+from collections import Counter
+from datetime import datetime
+from typing import Any, TextIO
+
+from .client import DEFAULT_TARGET, TallyClient
+from .errors import TallyError
+from .metadata import create_metadata
+from .output import as_json, money, table, when
+
+
+def _pairs(values: list[str] | None, what: str) -> dict[str, str]:
+    pairs = {}
+    for value in values or ():
+        key, sep, val = value.partition("=")
+        if not sep:
+            raise SystemExit(f"tally: {what} must be KEY=VALUE, got {value!r}")
+        pairs[key] = val
+    return pairs
+
+
+def _time(text: str | None) -> datetime | None:
+    if not text:
+        return None
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise SystemExit(f"tally: not an ISO 8601 time: {text!r}") from None
+    return moment if moment.tzinfo else moment.astimezone()
+
+
+def _emit(args: argparse.Namespace, message: Any, human: str) -> None:
+    print(json.dumps(as_json(message), indent=2) if args.json else human)
+
+
+# --- experience types -------------------------------------------------------------
+
+
+def type_row(t: Any) -> list:
+    return [t.name, t.version, when(t.create_time), t.description]
+
+
+def types_create(tally: TallyClient, args: argparse.Namespace) -> None:
+    created = tally.create_experience_type(args.name, args.description, _pairs(args.setting, "--setting"))
+    _emit(args, created, f"created experience type {created.name} (version {created.version})")
+
+
+def types_get(tally: TallyClient, args: argparse.Namespace) -> None:
+    t = tally.get_experience_type(args.name)
+    settings = ", ".join(f"{k}={v}" for k, v in sorted(t.settings.items())) or "-"
+    _emit(args, t, f"{t.name} (version {t.version})\n  {t.description}\n  settings: {settings}\n  created {when(t.create_time)}, updated {when(t.update_time)}")
+
+
+def types_list(tally: TallyClient, args: argparse.Namespace) -> None:
+    items, token = [], ""
+    while True:
+        page = tally.list_experience_types(page_size=1000, page_token=token)
+        items.extend(page.experience_types)
+        token = page.next_page_token
+        if not token:
+            break
+    if args.json:
+        print(json.dumps([as_json(t) for t in items], indent=2))
+    else:
+        print(table(["NAME", "VERSION", "CREATED", "DESCRIPTION"], [type_row(t) for t in items]) if items else "no experience types")
+
+
+def types_update(tally: TallyClient, args: argparse.Namespace) -> None:
+    settings = _pairs(args.setting, "--setting") if args.setting is not None else None
+    try:
+        updated = tally.update_experience_type(args.name, args.description, settings)
+    except ValueError as error:
+        raise SystemExit(f"tally: {error}") from None
+    _emit(args, updated, f"updated {updated.name} (still version {updated.version})")
+
+
+def types_increment(tally: TallyClient, args: argparse.Namespace) -> None:
+    response = tally.increment_experience_type_version(args.name)
+    _emit(args, response, f"{args.name} is now at version {response.experience_type.version}")
+
+
+def types_versions(tally: TallyClient, args: argparse.Namespace) -> None:
+    response = tally.list_experience_type_versions(args.name, page_size=1000)
+    rows = [[v.version, when(v.create_time), v.description] for v in response.experience_type_versions]
+    _emit(args, response, table(["VERSION", "CREATED", "DESCRIPTION"], rows))
+
+
+def types_delete(tally: TallyClient, args: argparse.Namespace) -> None:
+    deleted = tally.delete_experience_type(args.name, force=args.force)
+    if args.json:
+        print(json.dumps({"deleted_experience_count": deleted}))
+    else:
+        print(f"deleted experience type {args.name}" + (f" and {deleted} experience(s)" if deleted else ""))
+
+
+# --- experiences ------------------------------------------------------------------
+
+
+def experiences_create(tally: TallyClient, args: argparse.Namespace) -> None:
+    created = tally.create_experience(args.type, args.id or "", args.version, _pairs(args.property, "--property"))
+    _emit(args, created, created.experience_id if not args.verbose else f"{created.experience_id} ({created.experience_name} v{created.experience_version})")
+
+
+def experiences_get(tally: TallyClient, args: argparse.Namespace) -> None:
+    e = tally.get_experience(args.id)
+    _emit(args, e, experience_report(e))
+
+
+def experiences_list(tally: TallyClient, args: argparse.Namespace) -> None:
+    page = tally.list_experiences(args.type, version=args.version, page_size=args.limit)
+    rows = [[e.experience_id, e.experience_version, when(e.create_time)] for e in page.experiences]
+    _emit(args, page, table(["EXPERIENCE ID", "VERSION", "CREATED"], rows) if rows else f"no experiences of {args.type}")
+
+
+def experiences_delete(tally: TallyClient, args: argparse.Namespace) -> None:
+    unattributed = tally.delete_experience(args.id)
+    if args.json:
+        print(json.dumps({"unattributed_event_count": unattributed}))
+    else:
+        print(f"deleted experience {args.id}; {unattributed} event(s) kept as unattributed")
+
+
+# --- reports ------------------------------------------------------------------------
+
+
+def experience_report(e: Any) -> str:
+    s = e.stats
+    rows = [
+        ["experience", e.experience_id],
+        ["type", f"{e.experience_name} (version {e.experience_version})"],
+        ["cost", f"{money(s.cost_total)}  (input {money(s.cost_input)}, output {money(s.cost_output)})"],
+        ["events", f"{s.event_count:,}  ({s.failed_event_count:,} failed, {s.unpriced_event_count:,} not fully priced)"],
+        ["latency", f"mean {s.latency_mean_ms:,.0f} ms, p50 {s.latency_p50_ms:,.0f} ms, p95 {s.latency_p95_ms:,.0f} ms"],
+        ["first event", when(s.first_event_time)],
+        ["last event", when(s.last_event_time)],
+    ]
+    if e.properties:
+        rows.append(["properties", ", ".join(f"{k}={v}" for k, v in sorted(e.properties.items()))])
+    width = max(len(r[0]) for r in rows)
+    return "\n".join(f"{label.ljust(width)}  {value}" for label, value in rows)
+
+
+def report_type(tally: TallyClient, args: argparse.Namespace) -> None:
+    stats = tally.get_experience_type_stats(args.name, args.version, _time(args.since), _time(args.until))
+
+    def row(label: Any, d: Any) -> list:
+        return [
+            label,
+            f"{d.experience_count:,}",
+            f"{d.event_count:,}",
+            money(d.total_cost),
+            money(d.mean_cost_per_experience),
+            money(d.p50_cost_per_experience),
+            money(d.p95_cost_per_experience),
+            money(d.max_cost_per_experience),
+        ]
+
+    rows = [row(f"v{v.version}", v.stats) for v in stats.versions] + [row("all", stats.total)]
+    headers = ["VERSION", "EXPERIENCES", "EVENTS", "TOTAL", "MEAN/EXP", "P50/EXP", "P95/EXP", "MAX/EXP"]
+    _emit(args, stats, f"cost of {args.name} per experience\n" + table(headers, rows))
+
+
+def report_experience(tally: TallyClient, args: argparse.Namespace) -> None:
+    experiences_get(tally, args)
+
+
+# --- ingest -----------------------------------------------------------------------
+
+
+class Progress:
+    """A progress line on stderr: redrawn in place on a terminal, a line every 5 s otherwise."""
+
+    def __init__(self, total: int | None, stream: TextIO = sys.stderr) -> None:
+        self.total, self.stream, self.done = total, stream, 0
+        self.tty = stream.isatty()
+        self.started = self.last = time.monotonic()
+
+    def advance(self) -> None:
+        self.done += 1
+        now = time.monotonic()
+        if now - self.last >= (0.1 if self.tty else 5.0):
+            self.last = now
+            self.draw(end="\r" if self.tty else "\n")
+
+    def draw(self, end: str) -> None:
+        rate = self.done / max(time.monotonic() - self.started, 1e-9)
+        if self.total:
+            filled = int(30 * self.done / self.total)
+            bar = f"[{'#' * filled}{'.' * (30 - filled)}] {self.done:,}/{self.total:,}"
+        else:
+            bar = f"{self.done:,}"
+        self.stream.write(f"{bar} events, {rate:,.0f}/s{' ' * 8}{end}")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.tty:
+            self.draw(end="\n")
+
+
+def _read_events(source: TextIO, rejected: list[tuple[int, str]]):  # noqa: ANN202
+    """Parses JSONL lines into (line number, UsageEvent); a line that does not parse is rejected here."""
+    from google.protobuf import json_format
+    from tally.v1 import ingest_service_pb2 as pb
+
+    for number, line in enumerate(source, 1):
+        if not line.strip():
+            continue
+        try:
+            yield number, json_format.Parse(line, pb.UsageEvent())
+        except json_format.ParseError as error:
+            rejected.append((number, f"not a UsageEvent in JSON: {error}"))
+
+
+def ingest(tally: TallyClient, args: argparse.Namespace) -> int:
+    path = args.file
+    source = sys.stdin if path in (None, "-") else open(path, encoding="utf-8")  # noqa: SIM115
+    total = None
+    if source is not sys.stdin:
+        total = sum(1 for line in source if line.strip())
+        source.seek(0)
+    rejected: list[tuple[int, str]] = []
+    accepted = duplicates = 0
+    numbers: list[int] = []
+    progress = Progress(total)
+
+    def events():  # noqa: ANN202
+        for number, event in _read_events(source, rejected):
+            numbers.append(number)
+            yield event
+
+    metadata = create_metadata(args.experience_id, args.experience_name, None, args.user_id, args.tags.split(",") if args.tags else None)
+    costs = 0
+    try:
+        for response in tally.ingest_stream(events(), metadata=metadata):
+            line = numbers[response.position]
+            if response.HasField("error"):
+                fields = "; ".join(f"{v.field}: {v.description}" for v in response.error.field_violations)
+                rejected.append((line, fields or response.error.message))
+            elif response.result.xproxy_result.duplicate_request:
+                duplicates += 1
+            else:
+                accepted += 1
+                total_cost = response.result.xproxy_result.cost_total
+                costs += total_cost.units * 1_000_000_000 + total_cost.nanos
+            progress.advance()
+    finally:
+        progress.close()
+        if source is not sys.stdin:
+            source.close()
+    from tally.v1 import common_pb2
+
+    summary = {
+        "accepted": accepted,
+        "duplicates": duplicates,
+        "rejected": len(rejected),
+        "cost_of_accepted": money(common_pb2.Money(units=costs // 1_000_000_000, nanos=costs % 1_000_000_000)),
+        "rejections": [{"line": line, "reason": reason} for line, reason in sorted(rejected)],
+    }
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(f"accepted {accepted:,}, duplicates {duplicates:,}, rejected {len(rejected):,}; cost of accepted events {summary['cost_of_accepted']}")
+        for line, reason in sorted(rejected)[:20]:
+            print(f"  line {line}: {reason}")
+        if len(rejected) > 20:
+            print(f"  ... and {len(rejected) - 20} more (use --json for all)")
+        common = Counter(reason for _, reason in rejected).most_common(1)
+        if len(rejected) > 20 and common:
+            print(f"  most common: {common[0][0]} ({common[0][1]}x)")
+    return 1 if rejected else 0
+
+
+# --- serve and migrate ---------------------------------------------------------------
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -26,32 +305,123 @@ def _migrate(args: argparse.Namespace) -> int:
             await db.dispose()
 
     asyncio.run(main())
-    print(f"database at {args.database_url} is at the newest schema")
+    print(f"the database is at the newest schema ({args.database_url})")
     return 0
+
+
+# --- the parser -----------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
     from tally_server.config import add_arguments
 
-    parser = argparse.ArgumentParser(prog="tally", description="Tally: the cost of GenAI calls, per experience.")
+    client = argparse.ArgumentParser(add_help=False)
+    client.add_argument(
+        "--target", help=f"the Tally server, host:port (env TALLY_TARGET, default {DEFAULT_TARGET})"
+    )
+    client.add_argument("--json", action="store_true", help="print JSON instead of text")
+    client.add_argument("--timeout", type=float, default=10.0, help="seconds each call may take (default 10)")
+
+    parser = argparse.ArgumentParser(prog="tally", description="Tally: what your GenAI calls cost, per experience.")
+    # Also accepted before the command: `tally --target HOST:PORT types list`.
+    parser.add_argument("--target", dest="global_target", help=argparse.SUPPRESS)
+    parser.add_argument("--json", dest="global_json", action="store_true", help=argparse.SUPPRESS)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = commands.add_parser("serve", help="run the gRPC server")
     add_arguments(serve)
-    serve.set_defaults(handler=_serve)
-
+    serve.set_defaults(local=_serve)
     migrate = commands.add_parser("migrate", help="bring the database schema to the newest migration")
     add_arguments(migrate)
-    migrate.set_defaults(handler=_migrate)
+    migrate.set_defaults(local=_migrate)
+
+    types = commands.add_parser("types", help="experience types").add_subparsers(dest="action", required=True, metavar="ACTION")
+    p = types.add_parser("create", parents=[client], help="create an experience type")
+    p.add_argument("name")
+    p.add_argument("--description", "-d", required=True)
+    p.add_argument("--setting", action="append", metavar="KEY=VALUE")
+    p.set_defaults(remote=types_create)
+    p = types.add_parser("list", parents=[client], help="list experience types")
+    p.set_defaults(remote=types_list)
+    p = types.add_parser("get", parents=[client], help="show an experience type")
+    p.add_argument("name")
+    p.set_defaults(remote=types_get)
+    p = types.add_parser("update", parents=[client], help="change the description or settings (not the version)")
+    p.add_argument("name")
+    p.add_argument("--description", "-d")
+    p.add_argument("--setting", action="append", metavar="KEY=VALUE", help="replaces all settings")
+    p.set_defaults(remote=types_update)
+    p = types.add_parser("increment-version", parents=[client], help="start the next version")
+    p.add_argument("name")
+    p.set_defaults(remote=types_increment)
+    p = types.add_parser("versions", parents=[client], help="list the versions of a type")
+    p.add_argument("name")
+    p.set_defaults(remote=types_versions)
+    p = types.add_parser("delete", parents=[client], help="delete an experience type")
+    p.add_argument("name")
+    p.add_argument("--force", action="store_true", help="also delete its experiences (their events are kept)")
+    p.set_defaults(remote=types_delete)
+
+    exps = commands.add_parser("experiences", help="experiences").add_subparsers(dest="action", required=True, metavar="ACTION")
+    p = exps.add_parser("create", parents=[client], help="create an experience; prints its id")
+    p.add_argument("type", help="experience type name")
+    p.add_argument("--id", help="your own UUID for it")
+    p.add_argument("--version", type=int, default=0, help="pin a type version (default: current)")
+    p.add_argument("--property", action="append", metavar="KEY=VALUE")
+    p.add_argument("--verbose", "-v", action="store_true")
+    p.set_defaults(remote=experiences_create)
+    p = exps.add_parser("get", parents=[client], help="show an experience and its cost")
+    p.add_argument("id")
+    p.set_defaults(remote=experiences_get)
+    p = exps.add_parser("list", parents=[client], help="list the experiences of a type, newest first")
+    p.add_argument("type")
+    p.add_argument("--version", type=int, default=0)
+    p.add_argument("--limit", type=int, default=50)
+    p.set_defaults(remote=experiences_list)
+    p = exps.add_parser("delete", parents=[client], help="delete an experience (its events are kept, unattributed)")
+    p.add_argument("id")
+    p.set_defaults(remote=experiences_delete)
+
+    p = commands.add_parser("ingest", parents=[client], help="ingest usage events from JSONL (a file or standard input)")
+    p.add_argument("file", nargs="?", help="a JSONL file of UsageEvent objects; - or nothing for standard input")
+    p.add_argument("--experience-id", help="xproxy-experience-id for every event")
+    p.add_argument("--experience-name", help="xproxy-experience-name for every event")
+    p.add_argument("--user-id", help="xproxy-user-id for every event")
+    p.add_argument("--tags", help="xproxy-request-tags for every event, comma-separated")
+    p.set_defaults(remote=ingest)
+
+    reports = commands.add_parser("report", help="cost reports").add_subparsers(dest="action", required=True, metavar="ACTION")
+    p = reports.add_parser("experience", parents=[client], help="the cost of one experience")
+    p.add_argument("id")
+    p.set_defaults(remote=report_experience)
+    p = reports.add_parser("type", parents=[client], help="the cost per experience of a type, by version")
+    p.add_argument("name")
+    p.add_argument("--version", type=int, default=0, help="only this version")
+    p.add_argument("--since", help="only events at or after this ISO 8601 time")
+    p.add_argument("--until", help="only events before this ISO 8601 time")
+    p.set_defaults(remote=report_type)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if not hasattr(args, "local"):
+        args.target = args.target or args.global_target or os.environ.get("TALLY_TARGET") or DEFAULT_TARGET
+        args.json = args.json or args.global_json
     try:
-        return args.handler(args)
+        if hasattr(args, "local"):
+            return args.local(args)
+        with TallyClient(args.target, timeout=args.timeout) as tally:
+            return args.remote(tally, args) or 0
+    except TallyError as error:
+        detail = "; ".join(f"{field}: {why}" for field, why in error.field_violations.items())
+        where = f" (is Tally running at {args.target}?)" if error.code.name == "UNAVAILABLE" else ""
+        print(f"tally: {error}{where}" + (f" [{detail}]" if detail and detail not in error.message else ""), file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        return 0
 
 
 if __name__ == "__main__":

@@ -341,10 +341,11 @@ class TallyClient(_Calls):
         except grpc.RpcError as error:
             raise from_rpc_error(error) from None
 
-    def ingest_stream(self, events: Iterable[ing_pb.UsageEvent]) -> Iterator[ing_pb.IngestStreamResponse]:
-        """Streams events; yields one IngestStreamResponse per event, in order."""
+    def ingest_stream(self, events: Iterable[ing_pb.UsageEvent], metadata: Metadata = ()) -> Iterator[ing_pb.IngestStreamResponse]:
+        """Streams events; yields one IngestStreamResponse per event, in order. `metadata`
+        (from create_metadata) applies to every event; inside `experience(...)` its context does."""
         scope = _scope.get()
-        metadata = scope.metadata() if scope else ()
+        metadata = scope.metadata() if scope else tuple(metadata)
         requests = (ing_pb.IngestStreamRequest(event=event) for event in events)
         try:
             yield from self._ingest.IngestStream(requests, metadata=metadata)

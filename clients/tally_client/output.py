@@ -1,0 +1,45 @@
+"""Readable terminal output: money, times and aligned tables."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from decimal import Decimal
+
+from google.protobuf import json_format
+
+
+def money(m) -> str:  # noqa: ANN001
+    """$0.0035, $12.50: exact, with at least cents and no trailing zeros beyond them."""
+    amount = Decimal(m.units) + Decimal(m.nanos).scaleb(-9)
+    text = f"{amount:.9f}".rstrip("0")
+    whole, _, fraction = text.partition(".")
+    return f"${whole}.{fraction.ljust(2, '0')}"
+
+
+def when(timestamp) -> str:  # noqa: ANN001
+    if not timestamp.seconds and not timestamp.nanos:
+        return "-"
+    return timestamp.ToDatetime().strftime("%Y-%m-%d %H:%M:%S")
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    numeric = [all(_is_number(row[i]) for row in cells[1:]) and rows for i in range(len(headers))]
+
+    def line(row: list[str]) -> str:
+        return "  ".join(
+            cell.rjust(widths[i]) if numeric[i] else cell.ljust(widths[i]) for i, cell in enumerate(row)
+        ).rstrip()
+
+    out = [line(cells[0]), "  ".join("-" * w for w in widths)]
+    out += [line(row) for row in cells[1:]]
+    return "\n".join(out)
+
+
+def _is_number(text: str) -> bool:
+    return bool(text) and (text[0] == "$" or text.replace(",", "").replace(".", "").replace("-", "").isdigit())
+
+
+def as_json(message) -> dict:  # noqa: ANN001
+    return json_format.MessageToDict(message, preserving_proto_field_name=True)

@@ -6,6 +6,7 @@
 from .client import AsyncTallyClient, ExperienceScope, TallyClient, usage_event
 from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, TallyError, Unavailable
 from .metadata import create_metadata
+from .output import dollars
 
 __all__ = [
     "AlreadyExists",
@@ -18,5 +19,6 @@ __all__ = [
     "TallyError",
     "Unavailable",
     "create_metadata",
+    "dollars",
     "usage_event",
 ]

@@ -8,10 +8,14 @@ from decimal import Decimal
 from google.protobuf import json_format
 
 
+def dollars(m) -> Decimal:  # noqa: ANN001
+    """A tally.v1.Money as an exact Decimal of dollars."""
+    return Decimal(m.units * 1_000_000_000 + m.nanos) / 1_000_000_000
+
+
 def money(m) -> str:  # noqa: ANN001
     """$0.0035, $12.50: exact, with at least cents and no trailing zeros beyond them."""
-    amount = Decimal(m.units) + Decimal(m.nanos).scaleb(-9)
-    text = f"{amount:.9f}".rstrip("0")
+    text = f"{dollars(m):.9f}".rstrip("0")
     whole, _, fraction = text.partition(".")
     return f"${whole}.{fraction.ljust(2, '0')}"
 

@@ -7,6 +7,7 @@ stack trace ever reaches a caller.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 import uuid
@@ -20,6 +21,10 @@ from .status import internal_status, status_of
 
 log = logging.getLogger("tally.rpc")
 REQUEST_ID_KEY = "x-request-id"
+# Request ids only need to be unique across replicas and calls: a random prefix per
+# process and a counter are, and cost no system call per request (uuid4 does).
+_REQUEST_ID_PREFIX = uuid.uuid4().hex[:12]
+_request_numbers = itertools.count(1)
 
 
 class _Call:
@@ -32,7 +37,7 @@ class _Call:
         self.start = time.perf_counter()
         self.code = grpc.StatusCode.OK
         incoming = dict(context.invocation_metadata() or ())
-        self.request_id = str(incoming.get(REQUEST_ID_KEY) or uuid.uuid4().hex)[:128]
+        self.request_id = str(incoming.get(REQUEST_ID_KEY) or f"{_REQUEST_ID_PREFIX}-{next(_request_numbers):x}")[:128]
         context.set_trailing_metadata(((REQUEST_ID_KEY, self.request_id),))
 
     async def fail(self, context: aio.ServicerContext, error: Exception) -> None:

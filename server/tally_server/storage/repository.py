@@ -350,6 +350,35 @@ def _sqlite_params(row: dict[str, Any]) -> tuple[Any, ...]:
     return tuple(values)
 
 
+def _postgres_array_type(column: sa.Column) -> str:
+    if isinstance(column.type, sa.Uuid):
+        return "uuid"
+    if isinstance(column.type, sa.JSON):
+        return "json"
+    if isinstance(column.type, sa.Boolean):
+        return "boolean"
+    if isinstance(column.type, sa.BigInteger | sa.SmallInteger | sa.Integer):
+        return "bigint"
+    return "text"
+
+
+# One statement for a whole batch: each column travels as one array and unnest()
+# turns them back into rows (asyncpg encodes arrays in C).
+_POSTGRES_INSERT_EVENTS = (
+    f"INSERT INTO events ({', '.join(_EVENT_COLUMNS)}) SELECT "
+    + ", ".join(f"batch.{c.name}::{_postgres_array_type(c)}" for c in events.columns)
+    + " FROM unnest("
+    + ", ".join(
+        f"${i}::{'text' if _postgres_array_type(c) == 'json' else _postgres_array_type(c)}[]"
+        for i, c in enumerate(events.columns, 1)
+    )
+    + f") AS batch ({', '.join(_EVENT_COLUMNS)}) ON CONFLICT (idempotency_key) DO NOTHING RETURNING id"
+)
+_POSTGRES_CONVERSIONS = tuple(
+    (index, _compact_json) for index, column in enumerate(_EVENT_COLUMNS) if column in _JSON_COLUMNS
+)
+
+
 async def insert_events(conn: AsyncConnection, rows: Sequence[dict[str, Any]]) -> set[uuid.UUID]:
     """Inserts events in one statement; returns the ids inserted. An event whose
     idempotency key another transaction committed first is skipped, not failed."""
@@ -364,8 +393,11 @@ async def insert_events(conn: AsyncConnection, rows: Sequence[dict[str, Any]]) -
             return ids
         found = await conn.execute(sa.select(events.c.id).where(events.c.id.in_(list(ids))))
         return {row.id for row in found}
-    stmt = _insert(conn, events).on_conflict_do_nothing(index_elements=["idempotency_key"]).returning(events.c.id)
-    return {row.id for row in await conn.execute(stmt, list(rows))}
+    columns = [list(values) for values in zip(*map(_event_values, rows), strict=True)]
+    for index, convert in _POSTGRES_CONVERSIONS:
+        columns[index] = [None if value is None else convert(value) for value in columns[index]]
+    result = await conn.exec_driver_sql(_POSTGRES_INSERT_EVENTS, tuple(columns))
+    return {row[0] for row in result}
 
 
 async def events_by_key(conn: AsyncConnection, keys: Iterable[str]) -> dict[str, Any]:

@@ -174,6 +174,18 @@ class _Calls:
     def _invoke(self, rpc: Callable, request: Any, unpack: Callable = lambda r: r, timeout: float | None = None) -> Any:
         raise NotImplementedError
 
+    @contextlib.contextmanager
+    def experience(self, name: str, *, experience_id: str = "", version: int = 0, user_id: str = "", tags: Iterable[str] = ()) -> Iterator[ExperienceScope]:
+        """Attaches an experience context to every call made inside the block (a plain
+        `with`, for the async client too). Yields the scope; its `experience_id` is known
+        after the first ingest, or at once when given."""
+        scope = ExperienceScope(name, str(experience_id or ""), version, user_id, tags)
+        token = _scope.set(scope)
+        try:
+            yield scope
+        finally:
+            _scope.reset(token)
+
     # --- experience types ---------------------------------------------------------
 
     def create_experience_type(self, name: str, description: str, settings: Mapping[str, str] | None = None, request_id: str = ""):  # noqa: ANN201
@@ -317,16 +329,6 @@ class TallyClient(_Calls):
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    @contextlib.contextmanager
-    def experience(self, name: str, *, experience_id: str = "", version: int = 0, user_id: str = "", tags: Iterable[str] = ()) -> Iterator[ExperienceScope]:
-        """Attaches an experience context to every call made inside the block."""
-        scope = ExperienceScope(name, str(experience_id or ""), version, user_id, tags)
-        token = _scope.set(scope)
-        try:
-            yield scope
-        finally:
-            _scope.reset(token)
-
     def _invoke(self, rpc: Callable, request: Any, unpack: Callable = lambda r: r, timeout: float | None = None) -> Any:
         scope = _scope.get()
         try:
@@ -381,16 +383,6 @@ class AsyncTallyClient(_Calls):
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
-
-    @contextlib.contextmanager
-    def experience(self, name: str, *, experience_id: str = "", version: int = 0, user_id: str = "", tags: Iterable[str] = ()) -> Iterator[ExperienceScope]:
-        """Attaches an experience context to every call made inside the block (`with`, not `async with`)."""
-        scope = ExperienceScope(name, str(experience_id or ""), version, user_id, tags)
-        token = _scope.set(scope)
-        try:
-            yield scope
-        finally:
-            _scope.reset(token)
 
     def _invoke(self, rpc: Callable, request: Any, unpack: Callable = lambda r: r, timeout: float | None = None) -> Any:
         scope = _scope.get()  # read now: the coroutine may be awaited elsewhere

@@ -186,13 +186,15 @@ class IngestServicer(ing_grpc.IngestServiceServicer):
 
         async def read() -> None:
             position = 0
-            async for request in request_iterator:
-                prepared = _prepare(request.event, call, now_us(), "event.")
-                key = request.event.idempotency_key or request.event.provider_response_id
-                pending = prepared if isinstance(prepared, TallyError) else self.ingestor.enqueue(prepared)
-                await in_flight.put((position, key, pending))
-                position += 1
-            await in_flight.put(None)
+            try:
+                async for request in request_iterator:
+                    prepared = _prepare(request.event, call, now_us(), "event.")
+                    key = request.event.idempotency_key or request.event.provider_response_id
+                    pending = prepared if isinstance(prepared, TallyError) else self.ingestor.enqueue(prepared)
+                    await in_flight.put((position, key, pending))
+                    position += 1
+            finally:
+                await in_flight.put(None)  # ends the answers; `await reader` raises what stopped it
 
         reader = asyncio.create_task(read())
         try:

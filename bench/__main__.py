@@ -31,13 +31,14 @@ from pathlib import Path
 
 import grpc
 import sqlalchemy as sa
-import uuid6
+
 from grpc import aio
 from tally.v1 import experience_service_pb2 as exp_pb
 from tally.v1 import experience_service_pb2_grpc
 from tally.v1 import experience_type_service_pb2 as et_pb
 from tally.v1 import experience_type_service_pb2_grpc
 from tally.v1 import ingest_service_pb2 as pb
+from tally_server.domain.ids import uuid7
 
 CHANNEL_OPTIONS = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
 TARGETS = {"Ingest unary": 0.7, "IngestStream": 0.5, "IngestBatch": 0.5}
@@ -190,7 +191,7 @@ def storage_rows(count: int, experience_id: uuid.UUID, as_text: bool) -> list[tu
     """The rows Tally stores for the benchmark's events, as the raw baseline inserts them."""
     rows = []
     for i in range(count):
-        event_id = uuid.UUID(bytes=uuid6.uuid7().bytes)
+        event_id = uuid7()
         now = time.time_ns() // 1000
         rows.append(
             (

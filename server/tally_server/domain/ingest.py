@@ -10,11 +10,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import uuid6
 
 from ..storage import repository as repo
 from ..storage.db import Database
 from .errors import Code, TallyError, Violations
+from .ids import uuid7
 from .models import Cost, CostState, EventContext, IngestResult, PriceReference, PriceSource, UnknownUnit, UsageEvent, now_us
 from .pricing import PriceCatalog
 from .resolution import resolve_experiences
@@ -258,7 +258,7 @@ class Ingestor:
         cost = self.catalog.price(event.category, event.resource, event.units, event.event_time_us)
         experience = resolution.experience
         return IngestResult(
-            request_id=uuid6.uuid7(),
+            request_id=uuid7(),
             event_time_us=event.event_time_us,
             ingest_time_us=now,
             cost=cost,

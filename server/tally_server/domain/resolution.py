@@ -20,10 +20,10 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 
-import uuid6
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ..storage import repository as repo
+from .ids import uuid7
 from .errors import Code, TallyError, Violation, failed_precondition, invalid, not_found
 from .models import EventContext, Experience, Resolution
 from .validation import parse_uuid
@@ -38,7 +38,7 @@ def derive_experience_id(raw_id: str) -> uuid.UUID:
 
 def new_experience_id() -> uuid.UUID:
     """Server-generated ids are UUIDv7: time-ordered, so they index well."""
-    return uuid6.uuid7()
+    return uuid7()
 
 
 def experience_not_found(experience_id: uuid.UUID | str) -> TallyError:

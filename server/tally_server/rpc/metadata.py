@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 
 from ..domain.errors import Violations
@@ -14,12 +15,19 @@ USER_ID = "xproxy-user-id"
 REQUEST_TAGS = "xproxy-request-tags"
 
 
+_NO_CONTEXT = EventContext()
+
+
 def call_context(metadata: Iterable[tuple[str, str | bytes]] | None) -> EventContext:
     """The context every event of the call gets; INVALID_ARGUMENT for a malformed key."""
-    values: dict[str, str] = {}
-    for key, value in metadata or ():
-        if key.startswith("xproxy-") and isinstance(value, str):
-            values[key] = value.strip()
+    pairs = tuple((key, value) for key, value in metadata or () if key.startswith("xproxy-") and isinstance(value, str))
+    return _context_of(pairs) if pairs else _NO_CONTEXT
+
+
+# A caller sends the same few contexts again and again; a refused one raises and is not cached.
+@functools.lru_cache(maxsize=4096)
+def _context_of(pairs: tuple[tuple[str, str], ...]) -> EventContext:
+    values = {key: value.strip() for key, value in pairs}
     v = Violations()
     version = 0
     raw_version = values.get(EXPERIENCE_VERSION, "")

@@ -129,7 +129,7 @@ class ExperienceServicer(exp_grpc.ExperienceServiceServicer):
 def _prepare(event: ing_pb.UsageEvent, call: EventContext, now: int, prefix: str) -> UsageEvent | TallyError:
     """A validated domain event, or the INVALID_ARGUMENT that refuses it."""
     v = Violations(prefix)
-    merged = ingest_rules.merge_context(call, convert.event_context(event.context), v)
+    merged = ingest_rules.merge_context(call, convert.event_context(event.context), v) if event.HasField("context") else call
     domain_event = convert.usage_event(event, merged, now)
     ingest_rules.validate_event(domain_event, now, v)
     return invalid(v.items, "INVALID_EVENT") if v else domain_event

@@ -31,7 +31,6 @@ from pathlib import Path
 
 import grpc
 import sqlalchemy as sa
-
 from grpc import aio
 from tally.v1 import experience_service_pb2 as exp_pb
 from tally.v1 import experience_service_pb2_grpc
@@ -413,4 +412,6 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    from tally_server.app import run_event_loop
+
+    run_event_loop(main())  # the same loop as the server, for both the baselines and Tally

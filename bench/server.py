@@ -16,7 +16,7 @@ import signal
 
 import grpc
 from tally.v1 import ingest_service_pb2 as pb
-from tally_server.app import TallyServer, configure_logging
+from tally_server.app import TallyServer, configure_logging, run_event_loop
 from tally_server.config import Settings
 from tally_server.rpc.convert import money
 
@@ -77,4 +77,4 @@ if __name__ == "__main__":
     parser.add_argument("--database-url", required=True)
     configure_logging("warning")
     logging.getLogger("alembic").setLevel(logging.WARNING)
-    asyncio.run(main(parser.parse_args().database_url))
+    run_event_loop(main(parser.parse_args().database_url))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from collections.abc import Coroutine
 
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -138,11 +139,22 @@ async def serve(settings: Settings) -> None:
     await server.stop()
 
 
+def run_event_loop(main: Coroutine) -> None:
+    """Runs on uvloop where it is installed (Linux and macOS): the ingest path, which
+    waits on the writer and the database, gains most from its faster loop."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main)
+    else:
+        uvloop.run(main)
+
+
 def run(settings: Settings) -> None:
     configure_logging(settings.log_level)
     # grpc logs a stack trace for a taken port before raising; ours says it in one line.
     logging.getLogger("grpc").setLevel(logging.CRITICAL)
     if settings.log_level != "debug":
         logging.getLogger("alembic").setLevel(logging.WARNING)
-    asyncio.run(serve(settings))
+    run_event_loop(serve(settings))
 

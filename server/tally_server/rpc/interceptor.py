@@ -36,8 +36,8 @@ class _Call:
         self.method = method
         self.start = time.perf_counter()
         self.code = grpc.StatusCode.OK
-        incoming = dict(context.invocation_metadata() or ())
-        self.request_id = str(incoming.get(REQUEST_ID_KEY) or f"{_REQUEST_ID_PREFIX}-{next(_request_numbers):x}")[:128]
+        given = next((value for key, value in context.invocation_metadata() or () if key == REQUEST_ID_KEY), None)
+        self.request_id = str(given)[:128] if given else f"{_REQUEST_ID_PREFIX}-{next(_request_numbers):x}"
         context.set_trailing_metadata(((REQUEST_ID_KEY, self.request_id),))
 
     async def fail(self, context: aio.ServicerContext, error: Exception) -> None:
@@ -73,36 +73,47 @@ def _is_abort(error: BaseException) -> bool:
 
 
 class ServerInterceptor(aio.ServerInterceptor):
+    def __init__(self) -> None:
+        # Wrapped handlers, made once per method rather than once per call.
+        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
+
     async def intercept_service(
         self, continuation: Callable, handler_call_details: grpc.HandlerCallDetails
     ) -> grpc.RpcMethodHandler | None:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return None
         method = handler_call_details.method
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(
-                _wrap_unary(method, handler.unary_unary),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(
-                _wrap_stream(method, handler.unary_stream),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(
-                _wrap_unary(method, handler.stream_unary),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        return grpc.stream_stream_rpc_method_handler(
-            _wrap_stream(method, handler.stream_stream),
+        wrapped = self._wrapped.get(method)
+        if wrapped is None:
+            handler = await continuation(handler_call_details)
+            if handler is None:
+                return None
+            wrapped = self._wrapped[method] = _wrap(method, handler)
+        return wrapped
+
+
+def _wrap(method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(
+            _wrap_unary(method, handler.unary_unary),
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(
+            _wrap_stream(method, handler.unary_stream),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(
+            _wrap_unary(method, handler.stream_unary),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+    return grpc.stream_stream_rpc_method_handler(
+        _wrap_stream(method, handler.stream_stream),
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
 
 
 def _wrap_unary(method: str, behavior: Callable) -> Callable:

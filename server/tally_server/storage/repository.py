@@ -332,9 +332,17 @@ _SQLITE_INSERT_EVENTS = (
 )
 
 
+def _units_json(units: dict[str, list[int]]) -> str:
+    """json.dumps of an event's units, written out directly (this runs once per event):
+    unit types are validated as [a-z0-9_]+, so they need no escaping."""
+    if any(not unit.isascii() or not unit.replace("_", "").isalnum() for unit in units):
+        return _compact_json(units)
+    return "{" + ",".join(f'"{unit}":[{counts[0]},{counts[1]}]' for unit, counts in units.items()) + "}"
+
+
 _event_values = operator.itemgetter(*_EVENT_COLUMNS)
 _SQLITE_CONVERSIONS = tuple(
-    (index, (lambda value: value.hex) if column in _UUID_COLUMNS else _compact_json)
+    (index, (lambda value: value.hex) if column in _UUID_COLUMNS else _units_json if column == "units" else _compact_json)
     for index, column in enumerate(_EVENT_COLUMNS)
     if column in _UUID_COLUMNS or column in _JSON_COLUMNS
 )
@@ -375,7 +383,9 @@ _POSTGRES_INSERT_EVENTS = (
     + f") AS batch ({', '.join(_EVENT_COLUMNS)}) ON CONFLICT (idempotency_key) DO NOTHING RETURNING id"
 )
 _POSTGRES_CONVERSIONS = tuple(
-    (index, _compact_json) for index, column in enumerate(_EVENT_COLUMNS) if column in _JSON_COLUMNS
+    (index, _units_json if column == "units" else _compact_json)
+    for index, column in enumerate(_EVENT_COLUMNS)
+    if column in _JSON_COLUMNS
 )
 
 

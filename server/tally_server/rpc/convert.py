@@ -196,9 +196,13 @@ def quote_result(cost: m.Cost) -> ing_pb.XProxyResult:
     return result
 
 
-def ingest_response(r: m.IngestResult) -> ing_pb.IngestResponse:
+def ingest_response(r: m.IngestResult, response: ing_pb.IngestResponse | None = None) -> ing_pb.IngestResponse:
+    """The result as an IngestResponse, written into `response` when given (a batch
+    or stream item's field, so that nothing is copied)."""
     request_id = str(r.request_id)
-    response = ing_pb.IngestResponse(request_id=request_id)
+    if response is None:
+        response = ing_pb.IngestResponse()
+    response.request_id = request_id
     response.event_timestamp.seconds, micros_part = divmod(r.event_time_us, 1_000_000)
     response.event_timestamp.nanos = micros_part * 1000
     response.ingest_timestamp.seconds, micros_part = divmod(r.ingest_time_us, 1_000_000)

@@ -170,7 +170,7 @@ class IngestServicer(ing_grpc.IngestServiceServicer):
                 response.items.add(index=index, error=convert.item_error(outcome))
                 response.rejected_count += 1
                 continue
-            response.items.add(index=index, result=convert.ingest_response(outcome))
+            convert.ingest_response(outcome, response.items.add(index=index).result)
             experience_ids.add(outcome.experience_id)
             if outcome.duplicate:
                 response.duplicate_count += 1
@@ -206,9 +206,9 @@ class IngestServicer(ing_grpc.IngestServiceServicer):
                         position=position, idempotency_key=key, error=convert.item_error(outcome)
                     )
                 else:
-                    yield ing_pb.IngestStreamResponse(
-                        position=position, idempotency_key=key, result=convert.ingest_response(outcome)
-                    )
+                    answer = ing_pb.IngestStreamResponse(position=position, idempotency_key=key)
+                    convert.ingest_response(outcome, answer.result)
+                    yield answer
             await reader
         finally:
             reader.cancel()

@@ -100,3 +100,22 @@ async def test_ten_thousand_random_events_sum_exactly(stubs):
     assert type_stats.total.event_count == EVENTS
     assert nanos(type_stats.total.total_cost) == sum(s[2] for s in per_experience.values())
     assert sum(nanos(v.stats.total_cost) for v in type_stats.versions) == nanos(type_stats.total.total_cost)
+
+
+async def test_each_event_cost_is_rounded_half_even_to_the_nano(stubs):
+    category = unique("custom.ties").lower()
+    await stubs.prices.CreateCustomPrice(
+        price_pb.CreateCustomPriceRequest(
+            price=price_pb.CustomPrice(
+                category=category,
+                resource="tiny",
+                # $0.0005 per million = half a nano-dollar per 1,000 units
+                unit_prices={"text": price_pb.UnitPrice(input_per_million="0.0005")},
+            )
+        )
+    )
+    expected = {1000: 0, 3000: 2, 5000: 2, 7000: 4, 1001: 1}  # 0.5 -> 0, 1.5 -> 2, 2.5 -> 2, 3.5 -> 4, 0.5005 -> 1
+    for tokens, nanos_expected in expected.items():
+        event = pb.UsageEvent(category=category, resource="tiny", units={"text": pb.UnitCounts(input=tokens)})
+        result = (await stubs.ingest.Ingest(pb.IngestRequest(event=event))).xproxy_result
+        assert nanos(result.cost_total) == nanos_expected, tokens

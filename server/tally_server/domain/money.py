@@ -5,7 +5,19 @@ from __future__ import annotations
 from decimal import ROUND_HALF_EVEN, Decimal
 
 NANOS_PER_UNIT = 1_000_000_000
+ATTOS_PER_NANO = 1_000_000_000
 _NANO = Decimal("1e-9")
+
+
+def divide_half_even(numerator: int, denominator: int) -> int:
+    """Integer division rounded half-even: exact, never through a float."""
+    if denominator == 0:
+        return 0
+    quotient, remainder = divmod(numerator, denominator)
+    twice = 2 * remainder
+    if twice > denominator or (twice == denominator and quotient % 2 == 1):
+        quotient += 1
+    return quotient
 
 
 def decimal_to_nanos(amount: Decimal | int) -> int:
@@ -13,16 +25,9 @@ def decimal_to_nanos(amount: Decimal | int) -> int:
     return int(Decimal(amount).quantize(_NANO, rounding=ROUND_HALF_EVEN).scaleb(9))
 
 
-ATTOS_PER_NANO = 1_000_000_000
-
-
 def attos_to_nanos(total_attos: int) -> int:
     """Rounds integer atto-dollars (1e-18) half-even to nano-dollars."""
-    quotient, remainder = divmod(total_attos, ATTOS_PER_NANO)
-    twice = 2 * remainder
-    if twice > ATTOS_PER_NANO or (twice == ATTOS_PER_NANO and quotient % 2 == 1):
-        quotient += 1
-    return quotient
+    return divide_half_even(total_attos, ATTOS_PER_NANO)
 
 
 def decimal_to_attos(amount: Decimal) -> int | None:
@@ -36,18 +41,3 @@ def nanos_to_units_and_nanos(total_nanos: int) -> tuple[int, int]:
     sign = -1 if total_nanos < 0 else 1
     units, nanos = divmod(abs(total_nanos), NANOS_PER_UNIT)
     return sign * units, sign * nanos
-
-
-def nanos_to_decimal(total_nanos: int) -> Decimal:
-    return Decimal(total_nanos).scaleb(-9)
-
-
-def mean_nanos(total_nanos: int, count: int) -> int:
-    """Integer mean rounded half-even: exact, never through a float."""
-    if count == 0:
-        return 0
-    quotient, remainder = divmod(total_nanos, count)
-    twice = 2 * remainder
-    if twice > count or (twice == count and quotient % 2 == 1):
-        quotient += 1
-    return quotient

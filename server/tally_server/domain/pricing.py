@@ -8,8 +8,10 @@ decomposition takes the cached tokens out again: nothing is counted twice.
 A genai-prices calculation costs ~65 µs, so it is not run per event. For each
 price entry in force, a rate card is built once by asking genai-prices the price
 of one million units of each bucket alone; prices are linear, so an event's cost
-is then a handful of Decimal multiplications. Tiered prices (which depend on the
-total input of the request) are not linear and are computed by genai-prices per event.
+is then a few integer multiplications in atto-dollars (exact for every real
+price; Decimal where a rate is not a whole number of atto-dollars), rounded
+half-even to the nano once. Tiered prices (which depend on the total input of the
+request) are not linear and are computed by genai-prices per event.
 """
 
 from __future__ import annotations

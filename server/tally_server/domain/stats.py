@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from .models import CostDistribution, ExperienceStats, TypeStats
-from .money import mean_nanos
+from .money import divide_half_even
 
 
 def nearest_rank(sorted_values: Sequence, fraction: float):  # noqa: ANN201
@@ -44,7 +44,7 @@ def distribution(rows: Sequence[Any]) -> CostDistribution:
         event_count=sum(int(row.events) for row in rows),
         unpriced_event_count=sum(int(row.unpriced) for row in rows),
         total_nanos=total,
-        mean_nanos=mean_nanos(total, len(costs)),
+        mean_nanos=divide_half_even(total, len(costs)),
         p50_nanos=nearest_rank(costs, 0.50),
         p95_nanos=nearest_rank(costs, 0.95),
         max_nanos=costs[-1] if costs else 0,

@@ -428,10 +428,6 @@ async def events_by_key(conn: AsyncConnection, keys: Iterable[str]) -> dict[str,
     return {row.idempotency_key: row for row in await conn.execute(query)}
 
 
-async def count_events(conn: AsyncConnection) -> int:
-    return (await conn.execute(sa.select(sa.func.count()).select_from(events))).scalar_one()
-
-
 # --- custom prices ---------------------------------------------------------------
 
 

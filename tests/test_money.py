@@ -109,8 +109,8 @@ async def test_each_event_cost_is_rounded_half_even_to_the_nano(stubs):
             price=price_pb.CustomPrice(
                 category=category,
                 resource="tiny",
-                # $0.0005 per million = half a nano-dollar per 1,000 units
-                unit_prices={"text": price_pb.UnitPrice(input_per_million="0.0005")},
+                # $0.0000005 per million units = half a nano-dollar per 1,000 units
+                unit_prices={"text": price_pb.UnitPrice(input_per_million="0.0000005")},
             )
         )
     )

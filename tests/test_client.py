@@ -107,3 +107,34 @@ async def test_every_call_has_a_deadline(stubs, monkeypatch):
         with pytest.raises(TallyError) as error:
             await tally.get_experience_type("anything")
     assert error.value.code.name == "DEADLINE_EXCEEDED"
+
+
+async def test_reads_are_retried_on_unavailable_and_writes_are_not(stubs, monkeypatch):
+    from tally_client import Unavailable
+    from tally_server.domain.errors import Code
+    from tally_server.domain.errors import TallyError as ServerError
+    from tally_server.domain.experience_types import ExperienceTypes
+
+    name = unique("Retry")
+    original_get = ExperienceTypes.get
+    calls = {"get": 0, "create": 0}
+
+    async def flaky_get(self, type_name):  # noqa: ANN001, ANN202
+        calls["get"] += 1
+        if calls["get"] <= 2:
+            raise ServerError(Code.UNAVAILABLE, "TRY_AGAIN", "briefly unavailable")
+        return await original_get(self, type_name)
+
+    async def unavailable_create(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        calls["create"] += 1
+        raise ServerError(Code.UNAVAILABLE, "TRY_AGAIN", "briefly unavailable")
+
+    async with AsyncTallyClient(stubs.target) as tally:
+        await tally.create_experience_type(name, "retries")
+        monkeypatch.setattr(ExperienceTypes, "get", flaky_get)
+        monkeypatch.setattr(ExperienceTypes, "create", unavailable_create)
+        got = await tally.get_experience_type(name)
+        assert got.name == name and calls["get"] == 3, "two UNAVAILABLE answers, retried by the channel"
+        with pytest.raises(Unavailable):
+            await tally.create_experience_type(unique("Retry"), "not retried")
+        assert calls["create"] == 1

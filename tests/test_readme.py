@@ -42,3 +42,19 @@ def test_readme_walkthrough(tmp_path):
     assert '"nanos": 3500000' in output, "gpt-4o: 1,000 input and 100 output tokens cost $0.0035"
     assert "xproxy-experience-id:" in output, "the response header of the name-only ingest"
     assert "tally.v1.IngestService" in output
+
+
+@pytest.mark.slow
+def test_readme_buf_curl(tmp_path):
+    bin_dir = Path(sys.executable).parent
+    blocks = re.findall(r"```sh\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    block = next(b for b in blocks if b.startswith("buf curl"))
+    server = ServerProcess(f"sqlite+aiosqlite:///{tmp_path / 'buf.db'}").start()
+    try:
+        script = block.replace("127.0.0.1:50051", server.target)
+        env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+        result = subprocess.run(["bash", "-ec", script], capture_output=True, text=True, env=env, timeout=120)
+    finally:
+        server.terminate()
+    assert result.returncode == 0, result.stderr
+    assert "tally.v1.IngestService/IngestStream" in result.stdout

@@ -8,6 +8,7 @@ STAMP := $(VENV)/.installed
 .PHONY: serve test test-sqlite generate check-generated lint bench clean
 
 $(STAMP): pyproject.toml
+	@echo "setting up $(VENV) (first run, or pyproject.toml changed): a minute or two"
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'

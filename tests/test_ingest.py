@@ -438,3 +438,31 @@ async def test_concurrent_unary_ingests_share_commits_and_all_land(stubs):
     stats = (await stubs.experiences.GetExperience(exp_pb.GetExperienceRequest(experience_id=experience.experience_id))).experience.stats
     assert stats.event_count == 200
     assert dollars(stats.cost_total) == sum(dollars(r.xproxy_result.cost_total) for r in responses)
+
+
+async def test_a_database_failure_is_unavailable_per_event_and_stores_nothing_half(stubs, monkeypatch):
+    import sqlalchemy as sa
+    from tally_server.storage import repository
+
+    name = await new_type(stubs)
+    experience = (await stubs.experiences.CreateExperience(exp_pb.CreateExperienceRequest(experience_name=name))).experience
+    metadata = (("xproxy-experience-id", experience.experience_id),)
+    real_insert = repository.insert_events
+
+    async def failing_insert(conn, rows):  # noqa: ANN001, ANN202
+        if any(row["cost_total_nanos"] == 2_500_000 for row in rows):  # the event with 1,000 input tokens
+            raise sa.exc.OperationalError("INSERT", {}, Exception("database is locked"))
+        return await real_insert(conn, rows)
+
+    monkeypatch.setattr(repository, "insert_events", failing_insert)
+    async with raises(grpc.StatusCode.UNAVAILABLE, "STORAGE_UNAVAILABLE") as error:
+        await stubs.ingest.Ingest(pb.IngestRequest(event=gpt4o(1000, 0)), metadata=metadata)
+    assert "locked" not in error.message, "no exception text reaches the caller"
+
+    batch = await stubs.ingest.IngestBatch(
+        pb.IngestBatchRequest(events=[gpt4o(1000, 0), gpt4o(10, 0), gpt4o(20, 0)]), metadata=metadata
+    )
+    assert [item.WhichOneof("outcome") for item in batch.items] == ["error", "result", "result"]
+    assert batch.items[0].error.reason == "STORAGE_UNAVAILABLE" and batch.items[0].error.code == 14
+    stats = (await stubs.experiences.GetExperience(exp_pb.GetExperienceRequest(experience_id=experience.experience_id))).experience.stats
+    assert stats.event_count == 2, "the others were stored, each exactly once"

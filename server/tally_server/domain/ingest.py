@@ -10,7 +10,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-
 from ..storage import repository as repo
 from ..storage.db import Database
 from .errors import Code, TallyError, Violations
@@ -120,6 +119,7 @@ def key_reused(key: str) -> TallyError:
 class _Pending:
     event: UsageEvent
     future: asyncio.Future
+    settled: bool = False
 
 
 class Ingestor:
@@ -157,44 +157,43 @@ class Ingestor:
         self._queue.put_nowait(item)
         return item.future
 
-    async def submit(self, events: Sequence[UsageEvent]) -> list[IngestResult | TallyError]:
-        """Stores validated events; per event, its result or the error that refused it."""
-        return list(await asyncio.gather(*(self.enqueue(event) for event in events)))
+    async def submit(self, events: Sequence[UsageEvent]) -> list[IngestResult | TallyError | Exception]:
+        """Stores validated events; per event, its result, the error that refused it, or
+        the exception that kept it from being stored (the database was unreachable)."""
+        return list(await asyncio.gather(*(self.enqueue(event) for event in events), return_exceptions=True))
 
     async def _run(self) -> None:
         while True:
             batch = [await self._queue.get()]
             while len(batch) < self.max_batch and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
-            await self._commit_or_split(batch)
+            current: list[_Pending] = []
+            try:
+                # Events repeating a key of this batch go in a later transaction, where
+                # they meet the first one as stored.
+                while batch:
+                    current, batch = _first_of_each_key(batch)
+                    await self._commit(current)
+            except Exception as error:  # a bug: answer the callers rather than leave them waiting
+                log.exception("the group-commit writer failed")
+                for item in (*current, *batch):
+                    if not item.settled:
+                        self._settle(item, error)
 
-    async def _commit_or_split(self, batch: list[_Pending]) -> None:
-        # An event whose key another event of this batch also carries waits for
-        # the next transaction, where it meets the first one as stored.
-        seen: set[str] = set()
-        current: list[_Pending] = []
-        deferred: list[_Pending] = []
-        for item in batch:
-            key = idempotency_key(item.event)
-            if key and key in seen:
-                deferred.append(item)
-            else:
-                seen.add(key)
-                current.append(item)
+    async def _commit(self, current: list[_Pending]) -> None:
+        """Stores events with distinct keys in one transaction and answers them."""
+        keys = {key for item in current if (key := idempotency_key(item.event))}
         try:
-            outcomes, raced = await self._store(current, seen - {""})
+            outcomes, raced = await self._store(current, keys)
         except Exception as error:  # rolled back: nothing of this transaction is stored
-            if len(batch) > 1:
-                log.warning("a batch of %d events failed (%r); storing them one by one", len(batch), error)
-                for item in batch:
-                    await self._commit_or_split([item])
+            if len(current) > 1:
+                log.warning("a batch of %d events failed (%r); storing them one by one", len(current), error)
+                for item in current:
+                    await self._commit([item])
                 return
             log.error("storing an event failed: %r", error)
-            self._settle(batch[0], error)
+            self._settle(current[0], error)
             return
-        for item in deferred:
-            self._queue.put_nowait(item)
-            self._queue.task_done()  # its first get is done; the new put counts it again
         try:
             if raced:
                 await self._resolve_raced(raced, outcomes)
@@ -206,6 +205,7 @@ class Ingestor:
             self._settle(item, outcomes[id(item)])
 
     def _settle(self, item: _Pending, outcome: Any) -> None:
+        item.settled = True
         if not item.future.done():
             if isinstance(outcome, BaseException):
                 item.future.set_exception(outcome)
@@ -292,6 +292,22 @@ class Ingestor:
         if revision != self.catalog.revision:
             self.catalog.load_custom(await repo.all_prices(conn), revision)
         self.catalog.checked()
+
+
+def _first_of_each_key(batch: list[_Pending]) -> tuple[list[_Pending], list[_Pending]]:
+    """Splits a batch into the first event of each idempotency key (and every event
+    without one) and the rest, in order."""
+    seen: set[str] = set()
+    first: list[_Pending] = []
+    rest: list[_Pending] = []
+    for item in batch:
+        key = idempotency_key(item.event)
+        if key and key in seen:
+            rest.append(item)
+        else:
+            seen.add(key)
+            first.append(item)
+    return first, rest
 
 
 def _row(event: UsageEvent, result: IngestResult) -> dict[str, Any]:

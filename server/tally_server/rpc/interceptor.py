@@ -17,7 +17,8 @@ import grpc
 from grpc import aio
 
 from ..domain.errors import TallyError
-from .status import internal_status, status_of
+from ..storage.db import StorageUnavailable
+from .status import internal_status, status_of, unavailable_status
 
 log = logging.getLogger("tally.rpc")
 REQUEST_ID_KEY = "x-request-id"
@@ -43,6 +44,9 @@ class _Call:
     async def fail(self, context: aio.ServicerContext, error: Exception) -> None:
         if isinstance(error, TallyError):
             status = status_of(error)
+        elif isinstance(error, StorageUnavailable):
+            log.warning("storage unavailable method=%s request_id=%s: %s", self.method, self.request_id, error)
+            status = unavailable_status(self.request_id)
         else:
             log.error(
                 "unhandled error method=%s request_id=%s", self.method, self.request_id, exc_info=error

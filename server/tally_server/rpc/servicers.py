@@ -7,10 +7,12 @@ turns it into a rich status.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 
 from grpc import aio
 from tally.v1 import (
+    common_pb2,
     experience_service_pb2 as exp_pb,
     experience_service_pb2_grpc as exp_grpc,
     experience_type_service_pb2 as et_pb,
@@ -28,7 +30,10 @@ from ..domain.experiences import Experiences
 from ..domain.ingest import Ingestor
 from ..domain.models import EventContext, UnitPrice, UsageEvent, now_us
 from ..domain.prices import Prices
+from ..storage.db import StorageUnavailable
 from . import convert, metadata
+
+log = logging.getLogger("tally.rpc")
 
 # How many events of one stream may be in flight before it stops reading: beyond
 # this, gRPC flow control pushes back on the sender.
@@ -126,6 +131,19 @@ class ExperienceServicer(exp_grpc.ExperienceServiceServicer):
         return exp_pb.UpdateExperiencePropertiesResponse(experience=convert.experience(updated))
 
 
+def _item_error(outcome: Exception, prefix: str = ""):  # noqa: ANN202
+    """An event's refusal or failure as a batch or stream item's error, so that one
+    event's fate never decides the others'."""
+    if isinstance(outcome, TallyError):
+        return convert.item_error(outcome, prefix)
+    if isinstance(outcome, StorageUnavailable):
+        return common_pb2.ItemError(
+            code=14, reason="STORAGE_UNAVAILABLE", message="the database is unavailable or busy; retry this event"
+        )
+    log.error("ingesting an event failed", exc_info=outcome)
+    return common_pb2.ItemError(code=13, reason="INTERNAL", message="internal error; the server logged it")
+
+
 def _prepare(event: ing_pb.UsageEvent, call: EventContext, now: int, prefix: str) -> UsageEvent | TallyError:
     """A validated domain event, or the INVALID_ARGUMENT that refuses it."""
     v = Violations(prefix)
@@ -166,8 +184,8 @@ class IngestServicer(ing_grpc.IngestServiceServicer):
         experience_ids = set()
         for index, item in enumerate(prepared):
             outcome = item if isinstance(item, TallyError) else next(stored)
-            if isinstance(outcome, TallyError):
-                response.items.add(index=index, error=convert.item_error(outcome))
+            if isinstance(outcome, Exception):
+                response.items.add(index=index, error=_item_error(outcome))
                 response.rejected_count += 1
                 continue
             convert.ingest_response(outcome, response.items.add(index=index).result)
@@ -200,11 +218,12 @@ class IngestServicer(ing_grpc.IngestServiceServicer):
         try:
             while (entry := await in_flight.get()) is not None:
                 position, key, pending = entry
-                outcome = pending if isinstance(pending, TallyError) else await pending
-                if isinstance(outcome, TallyError):
-                    yield ing_pb.IngestStreamResponse(
-                        position=position, idempotency_key=key, error=convert.item_error(outcome)
-                    )
+                try:
+                    outcome = pending if isinstance(pending, TallyError) else await pending
+                except Exception as error:  # not stored (the database failed): this event's answer only
+                    outcome = error
+                if isinstance(outcome, Exception):
+                    yield ing_pb.IngestStreamResponse(position=position, idempotency_key=key, error=_item_error(outcome))
                 else:
                     answer = ing_pb.IngestStreamResponse(position=position, idempotency_key=key)
                     convert.ingest_response(outcome, answer.result)

@@ -39,6 +39,14 @@ def status_of(error: TallyError) -> grpc.Status:
     return rich_status(error.code.value, error.reason, error.message, error.violations, error.resource)
 
 
+def unavailable_status(request_id: str) -> grpc.Status:
+    return rich_status(
+        code_pb2.UNAVAILABLE,
+        "STORAGE_UNAVAILABLE",
+        f"the database is unavailable or busy; retry (ingest with the same idempotency key); request id {request_id}",
+    )
+
+
 def internal_status(request_id: str) -> grpc.Status:
     return rich_status(
         code_pb2.INTERNAL, "INTERNAL", f"internal error; the server logged it under request id {request_id}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
@@ -18,6 +19,21 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 _WRITE = "tally_write"
 # Any constant: serializes migrations of replicas that start together on PostgreSQL.
 _MIGRATION_LOCK_ID = 0x7A11E
+
+
+class StorageUnavailable(Exception):
+    """The database could not be reached or was busy beyond the timeout: worth a retry."""
+
+
+_UNAVAILABLE = (sa.exc.OperationalError, sa.exc.InterfaceError, OSError, asyncio.TimeoutError)
+
+
+@contextlib.asynccontextmanager
+async def _unavailable_as_storage_error() -> AsyncIterator[None]:
+    try:
+        yield
+    except _UNAVAILABLE as error:
+        raise StorageUnavailable(f"{type(error).__name__}: {error}") from error
 
 
 class Database:
@@ -40,13 +56,13 @@ class Database:
 
     @contextlib.asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncConnection]:
-        async with self.engine.connect() as conn:
+        async with _unavailable_as_storage_error(), self.engine.connect() as conn:
             yield conn
 
     @contextlib.asynccontextmanager
     async def write(self) -> AsyncIterator[AsyncConnection]:
         """A transaction that commits when the block ends without an exception."""
-        async with self._writer.begin() as conn:
+        async with _unavailable_as_storage_error(), self._writer.begin() as conn:
             yield conn
 
     async def migrate(self) -> None:

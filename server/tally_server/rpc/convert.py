@@ -225,13 +225,13 @@ def ingest_response(r: m.IngestResult, response: ing_pb.IngestResponse | None = 
     return response
 
 
-def item_error(error: TallyError, prefix: str = "") -> common_pb2.ItemError:
+def item_error(error: TallyError) -> common_pb2.ItemError:
     return common_pb2.ItemError(
         code=error.code.value,
         message=error.message,
         reason=error.reason,
         field_violations=[
-            common_pb2.FieldViolation(field=prefix + v.field, description=v.description) for v in error.violations
+            common_pb2.FieldViolation(field=v.field, description=v.description) for v in error.violations
         ],
     )
 

@@ -10,6 +10,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 
+from google.rpc import code_pb2
 from grpc import aio
 from tally.v1 import (
     common_pb2,
@@ -131,17 +132,19 @@ class ExperienceServicer(exp_grpc.ExperienceServiceServicer):
         return exp_pb.UpdateExperiencePropertiesResponse(experience=convert.experience(updated))
 
 
-def _item_error(outcome: Exception, prefix: str = ""):  # noqa: ANN202
+def _item_error(outcome: Exception) -> common_pb2.ItemError:
     """An event's refusal or failure as a batch or stream item's error, so that one
     event's fate never decides the others'."""
     if isinstance(outcome, TallyError):
-        return convert.item_error(outcome, prefix)
+        return convert.item_error(outcome)
     if isinstance(outcome, StorageUnavailable):
         return common_pb2.ItemError(
-            code=14, reason="STORAGE_UNAVAILABLE", message="the database is unavailable or busy; retry this event"
+            code=code_pb2.UNAVAILABLE,
+            reason="STORAGE_UNAVAILABLE",
+            message="the database is unavailable or busy; retry this event",
         )
     log.error("ingesting an event failed", exc_info=outcome)
-    return common_pb2.ItemError(code=13, reason="INTERNAL", message="internal error; the server logged it")
+    return common_pb2.ItemError(code=code_pb2.INTERNAL, reason="INTERNAL", message="internal error; the server logged it")
 
 
 def _prepare(event: ing_pb.UsageEvent, call: EventContext, now: int, prefix: str) -> UsageEvent | TallyError:

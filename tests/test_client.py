@@ -138,3 +138,13 @@ async def test_reads_are_retried_on_unavailable_and_writes_are_not(stubs, monkey
         with pytest.raises(Unavailable):
             await tally.create_experience_type(unique("Retry"), "not retried")
         assert calls["create"] == 1
+
+
+async def test_async_stream_with_metadata(stubs):
+    name = unique("Streamed")
+    async with AsyncTallyClient(stubs.target) as tally:
+        await tally.create_experience_type(name, "streamed events")
+        events = [usage_event("system.openai", "gpt-4o", {"text": (100 * n, 0)}) for n in range(1, 6)]
+        answers = [a async for a in tally.ingest_stream(events, metadata=create_metadata(experience_name=name))]
+    assert [a.position for a in answers] == [0, 1, 2, 3, 4]
+    assert len({a.result.xproxy_result.experience_id for a in answers}) == 5, "a name alone: a new experience each"

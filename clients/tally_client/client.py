@@ -402,10 +402,13 @@ class AsyncTallyClient(_Calls):
 
         return call()
 
-    async def ingest_stream(self, events: AsyncIterable[ing_pb.UsageEvent] | Iterable[ing_pb.UsageEvent]) -> AsyncIterator[ing_pb.IngestStreamResponse]:
-        """Streams events; yields one IngestStreamResponse per event, in order."""
+    async def ingest_stream(
+        self, events: AsyncIterable[ing_pb.UsageEvent] | Iterable[ing_pb.UsageEvent], metadata: Metadata = ()
+    ) -> AsyncIterator[ing_pb.IngestStreamResponse]:
+        """Streams events; yields one IngestStreamResponse per event, in order. `metadata`
+        (from create_metadata) applies to every event; inside `experience(...)` its context does."""
         scope = _scope.get()
-        metadata = scope.metadata() if scope else ()
+        metadata = scope.metadata() if scope else tuple(metadata)
 
         async def requests():  # noqa: ANN202
             if hasattr(events, "__aiter__"):

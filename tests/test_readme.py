@@ -41,6 +41,9 @@ def test_readme_walkthrough(tmp_path):
     assert "EXPERIENCE_TYPE_IN_USE" in output
     assert '"nanos": 3500000' in output, "gpt-4o: 1,000 input and 100 output tokens cost $0.0035"
     assert "xproxy-experience-id:" in output, "the response header of the name-only ingest"
+    assert "is not a UUID" in output, "the warning of the derived id"
+    assert '"nanos": 3200000' in output, "the custom price: 10,000 x $0.20/M + 2,000 x $0.60/M"
+    assert '"source": "PRICE_SOURCE_CUSTOM"' in output
     assert "tally.v1.IngestService" in output
 
 

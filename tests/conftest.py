@@ -14,7 +14,6 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
 import pytest
 import sqlalchemy as sa
 from grpc import aio
@@ -126,5 +125,3 @@ def unique(prefix: str = "T") -> str:
     """A fresh experience type name: tests share one server per engine."""
     return f"{prefix}_{uuid.uuid4().hex[:10]}"
 
-
-__all__ = ["Stubs", "grpc", "unique"]

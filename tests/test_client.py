@@ -6,14 +6,11 @@ import asyncio
 from decimal import Decimal
 
 import pytest
-from tally_client import AsyncTallyClient, InvalidArgument, NotFound, TallyClient, create_metadata
+from tally_client import AsyncTallyClient, InvalidArgument, NotFound, TallyClient, create_metadata, dollars
 from tally_client.client import usage_event
 
 from .conftest import unique
 
-
-def dollars(money) -> Decimal:  # noqa: ANN001
-    return Decimal(money.units) + Decimal(money.nanos).scaleb(-9)
 
 
 def seed_scenario(target: str, name: str) -> list:

@@ -14,14 +14,12 @@ from tally.v1 import experience_service_pb2 as exp_pb
 from tally.v1 import experience_type_service_pb2 as et_pb
 from tally.v1 import ingest_service_pb2 as pb
 from tally.v1 import price_catalog_service_pb2 as price_pb
+from tally_client import dollars
 from tally_server.domain.resolution import derive_experience_id
 
 from .conftest import unique
 from .helpers import raises
 
-
-def dollars(money) -> Decimal:  # noqa: ANN001
-    return Decimal(money.units) + Decimal(money.nanos).scaleb(-9)
 
 
 def gpt4o(input_tokens=1000, output_tokens=100, **kwargs) -> pb.UsageEvent:  # noqa: ANN001

@@ -12,7 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import anthropic
 import openai
 import pytest
-from tally_client import TallyClient
+from tally_client import TallyClient, dollars
 from tally_client.instrument import record_anthropic, record_openai, track_openai
 
 from .conftest import unique
@@ -76,9 +76,6 @@ def provider():
     yield f"http://127.0.0.1:{server.server_address[1]}"
     server.shutdown()
 
-
-def dollars(money) -> Decimal:  # noqa: ANN001
-    return Decimal(money.units) + Decimal(money.nanos).scaleb(-9)
 
 
 def run_openai(target: str, provider_url: str, name: str):  # noqa: ANN201

@@ -591,7 +591,9 @@ class IngestBatchResponse(_message.Message):
     duplicate_count: _builtins.int
     """Number of events that were duplicates of stored ones."""
     rejected_count: _builtins.int
-    """Number of events refused."""
+    """Number of events refused or not stored (their items carry the error; one
+    with code UNAVAILABLE was not stored and may be sent again).
+    """
     @_builtins.property
     def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___IngestBatchItem]:
         """One item per event, in request order."""

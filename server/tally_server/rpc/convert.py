@@ -18,11 +18,17 @@ from ..domain.errors import TallyError
 from ..domain.money import nanos_to_units_and_nanos
 
 
+def set_timestamp(target: timestamp_pb2.Timestamp, time_us: int) -> None:
+    target.seconds, micros_part = divmod(time_us, 1_000_000)
+    target.nanos = micros_part * 1000
+
+
 def timestamp(time_us: int | None) -> timestamp_pb2.Timestamp | None:
     if time_us is None:
         return None
-    seconds, micros_part = divmod(time_us, 1_000_000)
-    return timestamp_pb2.Timestamp(seconds=seconds, nanos=micros_part * 1000)
+    stamp = timestamp_pb2.Timestamp()
+    set_timestamp(stamp, time_us)
+    return stamp
 
 
 def micros(message, field: str) -> int | None:  # noqa: ANN001
@@ -31,8 +37,9 @@ def micros(message, field: str) -> int | None:  # noqa: ANN001
 
 
 def money(total_nanos: int) -> common_pb2.Money:
-    units, nanos = nanos_to_units_and_nanos(total_nanos)
-    return common_pb2.Money(currency_code="USD", units=units, nanos=nanos)
+    result = common_pb2.Money()
+    _set_money(result, total_nanos)
+    return result
 
 
 # --- experience types --------------------------------------------------------------
@@ -185,7 +192,7 @@ def _set_cost(target: ing_pb.XProxyResult, cost: m.Cost) -> None:
         price.resource = cost.price.resource
         price.version = cost.price.version
         if cost.price.effective_time_us is not None:
-            price.effective_time.CopyFrom(timestamp(cost.price.effective_time_us))
+            set_timestamp(price.effective_time, cost.price.effective_time_us)
     for u in cost.unknown_units:
         target.unknown_units.add(unit_type=u.unit_type, input=u.input, output=u.output, reason=u.reason)
 
@@ -203,10 +210,8 @@ def ingest_response(r: m.IngestResult, response: ing_pb.IngestResponse | None = 
     if response is None:
         response = ing_pb.IngestResponse()
     response.request_id = request_id
-    response.event_timestamp.seconds, micros_part = divmod(r.event_time_us, 1_000_000)
-    response.event_timestamp.nanos = micros_part * 1000
-    response.ingest_timestamp.seconds, micros_part = divmod(r.ingest_time_us, 1_000_000)
-    response.ingest_timestamp.nanos = micros_part * 1000
+    set_timestamp(response.event_timestamp, r.event_time_us)
+    set_timestamp(response.ingest_timestamp, r.ingest_time_us)
     result = response.xproxy_result
     result.request_id = request_id
     if r.experience_id is not None:

@@ -341,10 +341,14 @@ def _units_json(units: dict[str, list[int]]) -> str:
 
 
 _event_values = operator.itemgetter(*_EVENT_COLUMNS)
-_SQLITE_CONVERSIONS = tuple(
-    (index, (lambda value: value.hex) if column in _UUID_COLUMNS else _units_json if column == "units" else _compact_json)
+# Both drivers get JSON columns as text; SQLite also stores UUIDs as hex, as sa.Uuid does.
+_JSON_AS_TEXT = tuple(
+    (index, _units_json if column == "units" else _compact_json)
     for index, column in enumerate(_EVENT_COLUMNS)
-    if column in _UUID_COLUMNS or column in _JSON_COLUMNS
+    if column in _JSON_COLUMNS
+)
+_SQLITE_CONVERSIONS = _JSON_AS_TEXT + tuple(
+    (index, operator.attrgetter("hex")) for index, column in enumerate(_EVENT_COLUMNS) if column in _UUID_COLUMNS
 )
 
 
@@ -382,11 +386,6 @@ _POSTGRES_INSERT_EVENTS = (
     )
     + f") AS batch ({', '.join(_EVENT_COLUMNS)}) ON CONFLICT (idempotency_key) DO NOTHING RETURNING id"
 )
-_POSTGRES_CONVERSIONS = tuple(
-    (index, _units_json if column == "units" else _compact_json)
-    for index, column in enumerate(_EVENT_COLUMNS)
-    if column in _JSON_COLUMNS
-)
 
 
 async def insert_events(conn: AsyncConnection, rows: Sequence[dict[str, Any]]) -> set[uuid.UUID]:
@@ -404,7 +403,7 @@ async def insert_events(conn: AsyncConnection, rows: Sequence[dict[str, Any]]) -
         found = await conn.execute(sa.select(events.c.id).where(events.c.id.in_(list(ids))))
         return {row.id for row in found}
     columns = [list(values) for values in zip(*map(_event_values, rows), strict=True)]
-    for index, convert in _POSTGRES_CONVERSIONS:
+    for index, convert in _JSON_AS_TEXT:
         columns[index] = [None if value is None else convert(value) for value in columns[index]]
     result = await conn.exec_driver_sql(_POSTGRES_INSERT_EVENTS, tuple(columns))
     return {row[0] for row in result}

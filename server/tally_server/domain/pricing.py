@@ -193,8 +193,9 @@ class PriceCatalog:
         """A custom price was added: check before the next event is priced."""
         self._checked_at = float("-inf")
 
-    def _system_model(self, category: str, resource: str) -> ModelInfo | None:
-        key = (category, resource.lower())
+    def _system_model(self, key: tuple[str, str]) -> ModelInfo | None:
+        """The genai-prices model of (category, lowercased resource), looked up once."""
+        category, resource = key
         if key not in self._models:
             model = None
             if category.startswith(SYSTEM_PREFIX):
@@ -208,13 +209,14 @@ class PriceCatalog:
         return self._models[key]
 
     def rate_card(self, category: str, resource: str, event_time_us: int) -> RateCard | None:
-        custom = self._custom.get((category, resource.lower()))
+        key = (category, resource.lower())
+        custom = self._custom.get(key)
         if custom is not None:
             starts, cards = custom
             index = bisect.bisect_right(starts, event_time_us) - 1
             if index >= 0:
                 return cards[index]
-        model = self._system_model(category, resource)
+        model = self._system_model(key)
         if model is None:
             return None
         if isinstance(model.prices, ModelPrice):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import time
+from collections.abc import Callable
 from typing import Any
 
 from tally.v1 import ingest_service_pb2 as ing_pb
@@ -66,28 +67,26 @@ def anthropic_units(usage: Any) -> dict[str, tuple[int, int]]:
     return units
 
 
-def openai_event(response: Any, *, latency_ms: int = 0, category: str = "system.openai", http_status_code: int = 200) -> ing_pb.UsageEvent:
-    """The usage event of an OpenAI-compatible chat completion (SDK object or JSON dict)."""
+def _event(response: Any, units: Callable[[Any], dict], category: str, latency_ms: int, http_status_code: int) -> ing_pb.UsageEvent:
+    """A provider response as a usage event: its model, its usage, and its id as the idempotency key."""
     return usage_event(
         category,
         _get(response, "model", ""),
-        openai_units(_get(response, "usage")),
+        units(_get(response, "usage")),
         latency_ms=int(latency_ms),
         http_status_code=http_status_code,
         provider_response_id=_get(response, "id", ""),
     )
+
+
+def openai_event(response: Any, *, latency_ms: int = 0, category: str = "system.openai", http_status_code: int = 200) -> ing_pb.UsageEvent:
+    """The usage event of an OpenAI-compatible chat completion (SDK object or JSON dict)."""
+    return _event(response, openai_units, category, latency_ms, http_status_code)
 
 
 def anthropic_event(response: Any, *, latency_ms: int = 0, category: str = "system.anthropic", http_status_code: int = 200) -> ing_pb.UsageEvent:
     """The usage event of an Anthropic message (SDK object or JSON dict)."""
-    return usage_event(
-        category,
-        _get(response, "model", ""),
-        anthropic_units(_get(response, "usage")),
-        latency_ms=int(latency_ms),
-        http_status_code=http_status_code,
-        provider_response_id=_get(response, "id", ""),
-    )
+    return _event(response, anthropic_units, category, latency_ms, http_status_code)
 
 
 def record_openai(tally: TallyClient, response: Any, *, latency_ms: int = 0, category: str = "system.openai") -> ing_pb.IngestResponse:

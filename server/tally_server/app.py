@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 from collections.abc import Coroutine
@@ -97,6 +98,7 @@ class TallyServer:
         self.ingestor.start()
         await server.start()
         self.server = server
+        _tune_garbage_collector()
         for name in ("", *SERVICE_NAMES):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         host = self.settings.listen.rsplit(":", 1)[0]
@@ -117,6 +119,17 @@ class TallyServer:
         await self.ingestor.stop()
         await self.db.dispose()
         log.info("tally stopped")
+
+
+def _tune_garbage_collector() -> None:
+    """Ingest makes many short-lived objects per event. With the defaults, the
+    collector ran every 700 allocations and kept rescanning what lives as long as
+    the process (the price catalog, descriptors, SQLAlchemy): a fifth of the ingest
+    path's time. What exists after start-up is frozen out of collection, and young
+    objects are collected less often."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 100)
 
 
 def configure_logging(level: str) -> None:

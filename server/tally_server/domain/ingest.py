@@ -7,7 +7,6 @@ import asyncio
 import logging
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from ..storage import repository as repo
@@ -115,11 +114,31 @@ def key_reused(key: str) -> TallyError:
     )
 
 
-@dataclass
+class _Request:
+    """Events that one caller waits for together (one unary event, or a whole batch),
+    answered through one future once all of them are settled: a batch costs one
+    future and one wake-up, not one per event."""
+
+    __slots__ = ("events", "future", "outcomes", "unsettled", "single")
+
+    def __init__(self, events: Sequence[UsageEvent], future: asyncio.Future, single: bool) -> None:
+        self.events = events
+        self.future = future
+        self.outcomes: list[Any] = [None] * len(events)
+        self.unsettled = len(events)
+        self.single = single
+
+
 class _Pending:
-    event: UsageEvent
-    future: asyncio.Future
-    settled: bool = False
+    """One event of a request, as the writer handles it."""
+
+    __slots__ = ("request", "index", "event", "settled")
+
+    def __init__(self, request: _Request, index: int) -> None:
+        self.request = request
+        self.index = index
+        self.event = request.events[index]
+        self.settled = False
 
 
 class Ingestor:
@@ -133,7 +152,7 @@ class Ingestor:
         self.db = db
         self.catalog = catalog or PriceCatalog()
         self.max_batch = max_batch
-        self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
+        self._queue: asyncio.Queue[_Request] = asyncio.Queue()
         self._task: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -152,21 +171,29 @@ class Ingestor:
         self._task = None
 
     def enqueue(self, event: UsageEvent) -> asyncio.Future:
-        """Queues a validated event; the future gives its IngestResult or TallyError after commit."""
-        item = _Pending(event, asyncio.get_running_loop().create_future())
-        self._queue.put_nowait(item)
-        return item.future
+        """Queues a validated event; the future gives its IngestResult or TallyError after
+        commit, or raises what kept it from being stored."""
+        future = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait(_Request((event,), future, single=True))
+        return future
 
     async def submit(self, events: Sequence[UsageEvent]) -> list[IngestResult | TallyError | Exception]:
         """Stores validated events; per event, its result, the error that refused it, or
         the exception that kept it from being stored (the database was unreachable)."""
-        return list(await asyncio.gather(*(self.enqueue(event) for event in events), return_exceptions=True))
+        if not events:
+            return []
+        future = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait(_Request(events, future, single=False))
+        return await future
 
     async def _run(self) -> None:
         while True:
-            batch = [await self._queue.get()]
-            while len(batch) < self.max_batch and not self._queue.empty():
-                batch.append(self._queue.get_nowait())
+            requests = [await self._queue.get()]
+            size = len(requests[0].events)
+            while size < self.max_batch and not self._queue.empty():
+                requests.append(self._queue.get_nowait())
+                size += len(requests[-1].events)
+            batch = [_Pending(request, index) for request in requests for index in range(len(request.events))]
             current: list[_Pending] = []
             try:
                 # Events repeating a key of this batch go in a later transaction, where
@@ -206,11 +233,18 @@ class Ingestor:
 
     def _settle(self, item: _Pending, outcome: Any) -> None:
         item.settled = True
-        if not item.future.done():
-            if isinstance(outcome, BaseException):
-                item.future.set_exception(outcome)
+        request = item.request
+        request.outcomes[item.index] = outcome
+        request.unsettled -= 1
+        if request.unsettled:
+            return
+        if not request.future.done():  # a caller that went away has cancelled it
+            if not request.single:
+                request.future.set_result(request.outcomes)
+            elif isinstance(outcome, BaseException):
+                request.future.set_exception(outcome)
             else:
-                item.future.set_result(outcome)
+                request.future.set_result(outcome)
         self._queue.task_done()
 
     async def _store(self, current: list[_Pending], keys: set[str]) -> tuple[dict[int, Any], list]:

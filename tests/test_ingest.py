@@ -447,10 +447,10 @@ async def test_a_database_failure_is_unavailable_per_event_and_stores_nothing_ha
     metadata = (("xproxy-experience-id", experience.experience_id),)
     real_insert = repository.insert_events
 
-    async def failing_insert(conn, rows):  # noqa: ANN001, ANN202
-        if any(row["cost_total_nanos"] == 2_500_000 for row in rows):  # the event with 1,000 input tokens
+    async def failing_insert(conn, stored):  # noqa: ANN001, ANN202
+        if any(result.cost.total_nanos == 2_500_000 for _, result in stored):  # the event with 1,000 input tokens
             raise sa.exc.OperationalError("INSERT", {}, Exception("database is locked"))
-        return await real_insert(conn, rows)
+        return await real_insert(conn, stored)
 
     monkeypatch.setattr(repository, "insert_events", failing_insert)
     async with raises(grpc.StatusCode.UNAVAILABLE, "STORAGE_UNAVAILABLE") as error:

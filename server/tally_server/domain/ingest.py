@@ -270,16 +270,16 @@ class Ingestor:
                 else:
                     outcomes[id(item)] = key_reused(key)
             resolutions = await resolve_experiences(conn, [item.event.context for item in fresh], now)
-            rows: list[dict] = []
+            stored_pairs: list[tuple[UsageEvent, IngestResult]] = []
             results: dict[uuid.UUID, tuple[_Pending, IngestResult]] = {}
             for item, resolution in zip(fresh, resolutions, strict=True):
                 if isinstance(resolution, TallyError):
                     outcomes[id(item)] = resolution
                     continue
                 result = self._result(item.event, resolution, now)
-                rows.append(_row(item.event, result))
+                stored_pairs.append((item.event, result))
                 results[result.request_id] = (item, result)
-            inserted = await repo.insert_events(conn, rows)
+            inserted = await repo.insert_events(conn, stored_pairs)
         raced = []
         for request_id, (item, result) in results.items():
             if request_id in inserted:
@@ -342,40 +342,6 @@ def _first_of_each_key(batch: list[_Pending]) -> tuple[list[_Pending], list[_Pen
             seen.add(key)
             first.append(item)
     return first, rest
-
-
-def _row(event: UsageEvent, result: IngestResult) -> dict[str, Any]:
-    cost, price = result.cost, result.cost.price
-    return {
-        "id": result.request_id,
-        "idempotency_key": result.idempotency_key or None,
-        "content_hash": event.content_hash,
-        "experience_id": result.experience_id,
-        "experience_created": result.experience_created,
-        "category": event.category,
-        "resource": event.resource,
-        "units": {unit: [i, o] for unit, (i, o) in event.units.items()},
-        "event_time_us": event.event_time_us,
-        "ingest_time_us": result.ingest_time_us,
-        "end_to_end_latency_ms": event.end_to_end_latency_ms,
-        "time_to_first_token_ms": event.time_to_first_token_ms,
-        "http_status_code": event.http_status_code,
-        "provider_response_id": event.provider_response_id or None,
-        "user_id": event.context.user_id or None,
-        "request_tags": list(event.context.request_tags) or None,
-        "properties": event.properties or None,
-        "cost_input_nanos": cost.input_nanos,
-        "cost_output_nanos": cost.output_nanos,
-        "cost_total_nanos": cost.total_nanos,
-        "cost_state": int(cost.state),
-        "price_source": int(price.source) if price else 0,
-        "price_category": price.category if price else None,
-        "price_resource": price.resource if price else None,
-        "price_version": price.version if price else None,
-        "price_effective_time_us": price.effective_time_us if price else None,
-        "unknown_units": [[u.unit_type, u.input, u.output, u.reason] for u in cost.unknown_units] or None,
-        "warnings": list(result.warnings) or None,
-    }
 
 
 def result_from_row(row: Any) -> IngestResult:

@@ -88,6 +88,9 @@ class RateCard:
     # them (all real catalogs): exact like Decimal, several times faster.
     atto_rates: dict[tuple[str, str], int] | None = None
     atto_per_request: int = 0
+    # The integer rates by unit type, (input, output), None where not priced: what
+    # price_with's fast path reads.
+    atto_rates_by_unit: dict[str, tuple[int | None, int | None]] | None = None
 
     def __post_init__(self) -> None:
         self.refresh_integer_rates()
@@ -97,8 +100,12 @@ class RateCard:
         per_request = decimal_to_attos(self.per_request)
         if self.model_price is None and per_request is not None and None not in attos.values():
             self.atto_rates, self.atto_per_request = attos, per_request  # type: ignore[assignment]
+            self.atto_rates_by_unit = {
+                unit_type: (attos.get((unit_type, INPUT)), attos.get((unit_type, OUTPUT)))
+                for unit_type, _ in attos
+            }
         else:
-            self.atto_rates = None
+            self.atto_rates = self.atto_rates_by_unit = None
 
 
 def _covers(model_price: ModelPrice, usage_key: str) -> bool:
@@ -255,6 +262,31 @@ class PriceCatalog:
 def price_with(card: RateCard, units: dict[str, tuple[int, int]]) -> Cost:
     """An event's cost by the card's rates: integer atto-dollars where the card has
     them, else exact Decimals; tiered prices are left to genai-prices."""
+    by_unit = card.atto_rates_by_unit
+    if by_unit is not None:
+        # Fast path, the common case: integer rates and every unit priced.
+        input_cost = output_cost = 0
+        for unit_type, (input_count, output_count) in units.items():
+            rates = by_unit.get(unit_type)
+            if rates is None:
+                break
+            input_rate, output_rate = rates
+            if input_count:
+                if input_rate is None:
+                    break
+                input_cost += input_rate * input_count
+            if output_count:
+                if output_rate is None:
+                    break
+                output_cost += output_rate * output_count
+        else:
+            input_nanos, output_nanos = attos_to_nanos(input_cost), attos_to_nanos(output_cost)
+            total_nanos = input_nanos + output_nanos + attos_to_nanos(card.atto_per_request)
+            return Cost(input_nanos, output_nanos, total_nanos, CostState.PRICED, card.reference)
+    return _price_with_unknowns(card, units)
+
+
+def _price_with_unknowns(card: RateCard, units: dict[str, tuple[int, int]]) -> Cost:
     integer = card.atto_rates is not None
     rates = card.atto_rates if integer else card.rates
     to_nanos = attos_to_nanos if integer else decimal_to_nanos

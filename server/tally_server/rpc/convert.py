@@ -178,42 +178,54 @@ def _set_money(target: common_pb2.Money, total_nanos: int) -> None:
     target.units, target.nanos = nanos_to_units_and_nanos(total_nanos)
 
 
-def _set_cost(target: ing_pb.XProxyResult, cost: m.Cost) -> None:
-    # Fields are set in place: handing sub-messages to constructors copies them,
-    # and this runs once per ingested event.
-    _set_money(target.cost_input, cost.input_nanos)
-    _set_money(target.cost_output, cost.output_nanos)
-    _set_money(target.cost_total, cost.total_nanos)
-    target.cost_state = cost.state
-    if cost.price is not None:
-        price = target.price
-        price.source = cost.price.source
-        price.category = cost.price.category
-        price.resource = cost.price.resource
-        price.version = cost.price.version
-        if cost.price.effective_time_us is not None:
-            set_timestamp(price.effective_time, cost.price.effective_time_us)
+# An XProxyResult is written in two parts: what the events committed together for
+# one caller mostly share (currency, price entry, experience), and what is each
+# event's own (amounts, state). IngestResponses encodes the first part once.
+
+
+def _set_shared_cost(result: ing_pb.XProxyResult, price: m.PriceReference | None) -> None:
+    # Fields are set in place: handing sub-messages to constructors copies them.
+    for amount in (result.cost_input, result.cost_output, result.cost_total):
+        amount.currency_code = "USD"
+    if price is not None:
+        reference = result.price
+        reference.source = price.source
+        reference.category = price.category
+        reference.resource = price.resource
+        reference.version = price.version
+        if price.effective_time_us is not None:
+            set_timestamp(reference.effective_time, price.effective_time_us)
+
+
+def _set_own_cost(result: ing_pb.XProxyResult, cost: m.Cost) -> None:
+    result.cost_input.units, result.cost_input.nanos = nanos_to_units_and_nanos(cost.input_nanos)
+    result.cost_output.units, result.cost_output.nanos = nanos_to_units_and_nanos(cost.output_nanos)
+    result.cost_total.units, result.cost_total.nanos = nanos_to_units_and_nanos(cost.total_nanos)
+    result.cost_state = cost.state
     for u in cost.unknown_units:
-        target.unknown_units.add(unit_type=u.unit_type, input=u.input, output=u.output, reason=u.reason)
+        result.unknown_units.add(unit_type=u.unit_type, input=u.input, output=u.output, reason=u.reason)
 
 
 def quote_result(cost: m.Cost) -> ing_pb.XProxyResult:
     result = ing_pb.XProxyResult()
-    _set_cost(result, cost)
+    _set_shared_cost(result, cost.price)
+    _set_own_cost(result, cost)
     return result
 
 
 def ingest_response(r: m.IngestResult, response: ing_pb.IngestResponse | None = None) -> ing_pb.IngestResponse:
     """The result as an IngestResponse, written into `response` when given (a batch
     or stream item's field, so that nothing is copied)."""
-    request_id = str(r.request_id)
     if response is None:
         response = ing_pb.IngestResponse()
-    response.request_id = request_id
-    set_timestamp(response.event_timestamp, r.event_time_us)
+    _set_shared_fields(response, r)
+    _set_own_fields(response, r)
+    return response
+
+
+def _set_shared_fields(response: ing_pb.IngestResponse, r: m.IngestResult) -> None:
     set_timestamp(response.ingest_timestamp, r.ingest_time_us)
     result = response.xproxy_result
-    result.request_id = request_id
     if r.experience_id is not None:
         result.experience_id = str(r.experience_id)
         result.experience_name = r.experience_name
@@ -226,8 +238,43 @@ def ingest_response(r: m.IngestResult, response: ing_pb.IngestResponse | None = 
         result.user_id = r.user_id
     if r.request_tags:
         result.request_tags.extend(r.request_tags)
-    _set_cost(result, r.cost)
-    return response
+    _set_shared_cost(result, r.cost.price)
+
+
+def _set_own_fields(response: ing_pb.IngestResponse, r: m.IngestResult) -> None:
+    request_id = str(r.request_id)
+    response.request_id = request_id
+    set_timestamp(response.event_timestamp, r.event_time_us)
+    response.xproxy_result.request_id = request_id
+    _set_own_cost(response.xproxy_result, r.cost)
+
+
+class IngestResponses:
+    """Writes the IngestResponses of one call's many events (a batch, a stream).
+
+    The shared part of each answer (ingest time, experience, price entry, user,
+    tags) is encoded once per distinct value and merged in as bytes; only each
+    event's own fields are set one by one: the same message as ingest_response in
+    half the time, and this runs once per ingested event.
+    """
+
+    _MAX_ENTRIES = 64
+
+    def __init__(self) -> None:
+        self._shared: dict[tuple, tuple[m.PriceReference | None, bytes]] = {}
+
+    def write(self, r: m.IngestResult, response: ing_pb.IngestResponse) -> None:
+        price = r.cost.price
+        key = (r.ingest_time_us, r.experience_id, r.experience_created, r.duplicate, r.user_id, r.request_tags, r.warnings, id(price))
+        entry = self._shared.get(key)
+        if entry is None or entry[0] is not price:  # (the price is kept, so its id is not reused)
+            if len(self._shared) >= self._MAX_ENTRIES:
+                self._shared.clear()
+            shared = ing_pb.IngestResponse()
+            _set_shared_fields(shared, r)
+            entry = self._shared[key] = (price, shared.SerializeToString())
+        response.MergeFromString(entry[1])
+        _set_own_fields(response, r)
 
 
 def item_error(error: TallyError) -> common_pb2.ItemError:

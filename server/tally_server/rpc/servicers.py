@@ -184,6 +184,7 @@ class IngestServicer(ing_grpc.IngestServiceServicer):
         valid = [p for p in prepared if not isinstance(p, TallyError)]
         stored = iter(await self.ingestor.submit(valid))
         response = ing_pb.IngestBatchResponse()
+        answers = convert.IngestResponses()
         experience_ids = set()
         for index, item in enumerate(prepared):
             outcome = item if isinstance(item, TallyError) else next(stored)
@@ -191,7 +192,7 @@ class IngestServicer(ing_grpc.IngestServiceServicer):
                 response.items.add(index=index, error=_item_error(outcome))
                 response.rejected_count += 1
                 continue
-            convert.ingest_response(outcome, response.items.add(index=index).result)
+            answers.write(outcome, response.items.add(index=index).result)
             experience_ids.add(outcome.experience_id)
             if outcome.duplicate:
                 response.duplicate_count += 1
@@ -204,6 +205,7 @@ class IngestServicer(ing_grpc.IngestServiceServicer):
     async def IngestStream(self, request_iterator, context: aio.ServicerContext) -> AsyncIterator:  # noqa: ANN001, N802
         call = metadata.call_context(context.invocation_metadata())
         in_flight: asyncio.Queue = asyncio.Queue(maxsize=STREAM_WINDOW)
+        answers = convert.IngestResponses()
 
         async def read() -> None:
             position = 0
@@ -229,7 +231,7 @@ class IngestServicer(ing_grpc.IngestServiceServicer):
                     yield ing_pb.IngestStreamResponse(position=position, idempotency_key=key, error=_item_error(outcome))
                 else:
                     answer = ing_pb.IngestStreamResponse(position=position, idempotency_key=key)
-                    convert.ingest_response(outcome, answer.result)
+                    answers.write(outcome, answer.result)
                     yield answer
             await reader
         finally:

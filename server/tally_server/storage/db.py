@@ -47,7 +47,12 @@ class Database:
         self.url = sa.make_url(url)
         self.is_sqlite = self.url.get_backend_name() == "sqlite"
         kwargs: dict = {"echo": echo}
-        if not self.is_sqlite:
+        if self.is_sqlite:
+            # read() and write() always end their transaction, so a connection comes
+            # back to the pool clean: the pool's own reset would be one more rollback
+            # (one more trip to the driver's thread) per transaction.
+            kwargs.update(pool_reset_on_return=None)
+        else:
             kwargs.update(pool_size=10, max_overflow=10, pool_pre_ping=True)
         self.engine: AsyncEngine = create_async_engine(self.url, **kwargs)
         if self.is_sqlite:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+import itertools
 import json
-import operator
+import sqlite3
 import uuid
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -324,42 +326,92 @@ def _compact_json(value: Any) -> str:
 
 
 _EVENT_COLUMNS = tuple(column.name for column in events.columns)
-_JSON_COLUMNS = frozenset(c.name for c in events.columns if isinstance(c.type, sa.JSON))
-_UUID_COLUMNS = frozenset(c.name for c in events.columns if isinstance(c.type, sa.Uuid))
-_SQLITE_INSERT_EVENTS = (
-    f"INSERT INTO events ({', '.join(_EVENT_COLUMNS)}) VALUES ({', '.join('?' * len(_EVENT_COLUMNS))}) "
-    "ON CONFLICT (idempotency_key) DO NOTHING"
-)
+# SQLite inserts a batch as few multi-row INSERTs: one of exactly n rows for a small
+# batch, else rows in chunks of 2**k (at most 1,024, within SQLite's 32,766 bound
+# parameters), so that the statements are few and each is prepared once per
+# connection. executemany would step once per row, releasing and retaking the GIL
+# each time: beside a busy event loop, each retake waits for the loop's thread.
+_SQLITE_MAX_ROWS = 1024 if sqlite3.sqlite_version_info >= (3, 32) else 32
+_SQLITE_EXACT_ROWS = 32  # up to this many rows, one statement of exactly that many
 
 
-def _units_json(units: dict[str, list[int]]) -> str:
-    """json.dumps of an event's units, written out directly (this runs once per event):
-    unit types are validated as [a-z0-9_]+, so they need no escaping."""
+@functools.lru_cache(maxsize=64)
+def _sqlite_insert_events(rows: int) -> str:
+    placeholders = "(" + ", ".join("?" * len(_EVENT_COLUMNS)) + ")"
+    return (
+        f"INSERT INTO events ({', '.join(_EVENT_COLUMNS)}) VALUES {', '.join([placeholders] * rows)} "
+        "ON CONFLICT (idempotency_key) DO NOTHING"
+    )
+
+
+def _sqlite_chunks(count: int) -> list[int]:
+    """Statement sizes for count rows, largest first."""
+    chunks = [_SQLITE_MAX_ROWS] * (count // _SQLITE_MAX_ROWS)
+    rest = count % _SQLITE_MAX_ROWS
+    while rest > _SQLITE_EXACT_ROWS:
+        chunks.append(1 << (rest.bit_length() - 1))
+        rest -= chunks[-1]
+    return chunks + [rest] if rest else chunks
+
+
+def _units_json(units: dict[str, tuple[int, int]]) -> str:
+    """json.dumps of an event's units as {type: [input, output]}, written out directly
+    (this runs once per event): unit types are validated as [a-z0-9_]+, so they
+    need no escaping."""
     if any(not unit.isascii() or not unit.replace("_", "").isalnum() for unit in units):
-        return _compact_json(units)
-    return "{" + ",".join(f'"{unit}":[{counts[0]},{counts[1]}]' for unit, counts in units.items()) + "}"
+        return _compact_json({unit: list(counts) for unit, counts in units.items()})
+    return "{" + ",".join(f'"{unit}":[{i},{o}]' for unit, (i, o) in units.items()) + "}"
 
 
-_event_values = operator.itemgetter(*_EVENT_COLUMNS)
-# Both drivers get JSON columns as text; SQLite also stores UUIDs as hex, as sa.Uuid does.
-_JSON_AS_TEXT = tuple(
-    (index, _units_json if column == "units" else _compact_json)
-    for index, column in enumerate(_EVENT_COLUMNS)
-    if column in _JSON_COLUMNS
-)
-_SQLITE_CONVERSIONS = _JSON_AS_TEXT + tuple(
-    (index, operator.attrgetter("hex")) for index, column in enumerate(_EVENT_COLUMNS) if column in _UUID_COLUMNS
-)
+def _json_or_null(value: Any) -> str | None:
+    return _compact_json(value) if value else None
 
 
-def _sqlite_params(row: dict[str, Any]) -> tuple[Any, ...]:
-    """What SQLAlchemy's types would bind on SQLite (UUIDs as hex, JSON as text), without
-    their per-value overhead."""
-    values = list(_event_values(row))
-    for index, convert in _SQLITE_CONVERSIONS:
-        if values[index] is not None:
-            values[index] = convert(values[index])
-    return tuple(values)
+def _event_row(event: m.UsageEvent, result: m.IngestResult) -> list[Any]:
+    """The events row of a priced, attributed event, in column order, with JSON
+    columns as text (what SQLAlchemy's JSON type would bind, without its per-value
+    overhead). Built directly from the records: this runs once per ingested event."""
+    cost, price, context = result.cost, result.cost.price, event.context
+    return [
+        result.request_id,
+        result.idempotency_key or None,
+        event.content_hash,
+        result.experience_id,
+        result.experience_created,
+        event.category,
+        event.resource,
+        _units_json(event.units),
+        event.event_time_us,
+        result.ingest_time_us,
+        event.end_to_end_latency_ms,
+        event.time_to_first_token_ms,
+        event.http_status_code,
+        event.provider_response_id or None,
+        context.user_id or None,
+        _json_or_null(list(context.request_tags)),
+        _json_or_null(event.properties),
+        cost.input_nanos,
+        cost.output_nanos,
+        cost.total_nanos,
+        int(cost.state),
+        int(price.source) if price else 0,
+        price.category if price else None,
+        price.resource if price else None,
+        price.version if price else None,
+        price.effective_time_us if price else None,
+        _json_or_null([[u.unit_type, u.input, u.output, u.reason] for u in cost.unknown_units]),
+        _json_or_null(list(result.warnings)),
+    ]
+
+
+# _event_row writes the columns in this order; a new column must be added to both.
+assert _EVENT_COLUMNS == (
+    "id", "idempotency_key", "content_hash", "experience_id", "experience_created", "category", "resource",
+    "units", "event_time_us", "ingest_time_us", "end_to_end_latency_ms", "time_to_first_token_ms",
+    "http_status_code", "provider_response_id", "user_id", "request_tags", "properties", "cost_input_nanos",
+    "cost_output_nanos", "cost_total_nanos", "cost_state", "price_source", "price_category", "price_resource",
+    "price_version", "price_effective_time_us", "unknown_units", "warnings",
+), _EVENT_COLUMNS
 
 
 def _postgres_array_type(column: sa.Column) -> str:
@@ -388,24 +440,28 @@ _POSTGRES_INSERT_EVENTS = (
 )
 
 
-async def insert_events(conn: AsyncConnection, rows: Sequence[dict[str, Any]]) -> set[uuid.UUID]:
-    """Inserts events in one statement; returns the ids inserted. An event whose
-    idempotency key another transaction committed first is skipped, not failed."""
-    if not rows:
+async def insert_events(conn: AsyncConnection, stored: Sequence[tuple[m.UsageEvent, m.IngestResult]]) -> set[uuid.UUID]:
+    """Inserts (event, result) pairs in one statement; returns the ids inserted. An event
+    whose idempotency key another transaction committed first is skipped, not failed."""
+    if not stored:
         return set()
-    ids = {row["id"] for row in rows}
+    rows = [_event_row(event, result) for event, result in stored]
     if conn.dialect.name == "sqlite":
-        # The hot path of ingest: the driver's executemany, as a raw insert would do it.
-        params = [_sqlite_params(row) for row in rows]
-        result = await conn.exec_driver_sql(_SQLITE_INSERT_EVENTS, params)
-        if result.rowcount == len(rows):
+        for row in rows:
+            row[0] = row[0].hex  # UUIDs as hex, as sa.Uuid stores them on SQLite
+            if row[3] is not None:
+                row[3] = row[3].hex
+        inserted, start = 0, 0
+        for size in _sqlite_chunks(len(rows)):
+            values = tuple(itertools.chain.from_iterable(rows[start : start + size]))
+            inserted += (await conn.exec_driver_sql(_sqlite_insert_events(size), values)).rowcount
+            start += size
+        ids = {result.request_id for _, result in stored}
+        if inserted == len(rows):
             return ids
         found = await conn.execute(sa.select(events.c.id).where(events.c.id.in_(list(ids))))
         return {row.id for row in found}
-    columns = [list(values) for values in zip(*map(_event_values, rows), strict=True)]
-    for index, convert in _JSON_AS_TEXT:
-        columns[index] = [None if value is None else convert(value) for value in columns[index]]
-    result = await conn.exec_driver_sql(_POSTGRES_INSERT_EVENTS, tuple(columns))
+    result = await conn.exec_driver_sql(_POSTGRES_INSERT_EVENTS, tuple(map(list, zip(*rows, strict=True))))
     return {row[0] for row in result}
 
 

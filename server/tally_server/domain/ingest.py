@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import uuid
 from collections.abc import Sequence
 from typing import Any
 
@@ -271,21 +270,21 @@ class Ingestor:
                     outcomes[id(item)] = key_reused(key)
             resolutions = await resolve_experiences(conn, [item.event.context for item in fresh], now)
             stored_pairs: list[tuple[UsageEvent, IngestResult]] = []
-            results: dict[uuid.UUID, tuple[_Pending, IngestResult]] = {}
+            results: list[tuple[_Pending, IngestResult]] = []
             for item, resolution in zip(fresh, resolutions, strict=True):
                 if isinstance(resolution, TallyError):
                     outcomes[id(item)] = resolution
                     continue
                 result = self._result(item.event, resolution, now)
                 stored_pairs.append((item.event, result))
-                results[result.request_id] = (item, result)
-            inserted = await repo.insert_events(conn, stored_pairs)
+                results.append((item, result))
+            skipped = await repo.insert_events(conn, stored_pairs)
         raced = []
-        for request_id, (item, result) in results.items():
-            if request_id in inserted:
-                outcomes[id(item)] = result
-            else:
+        for item, result in results:
+            if skipped and result.request_id in skipped:
                 raced.append((item, result))
+            else:
+                outcomes[id(item)] = result
         return outcomes, raced
 
     def _result(self, event: UsageEvent, resolution: Any, now: int) -> IngestResult:

@@ -95,62 +95,43 @@ async def resolve_experiences(
 
     Returns, per context, its Resolution or the TallyError that refuses it.
     """
-    # Events of one call mostly share a context: plan each distinct named id once.
-    planned: dict[EventContext, _Plan | None] = {}
-    plans = []
-    for context in contexts:
-        if not context.experience_id:
-            plans.append(_plan(context))
-            continue
-        plan = planned.get(context)
-        if plan is None:
-            plan = planned[context] = _plan(context)
-        plans.append(plan)
-    wanted = {p.experience_id for p in plans if p is not None and not p.generated}
-    existing = await repo.get_experiences(conn, wanted)
-
-    names = {p.name for p in plans if p is not None and p.experience_id not in existing and p.name}
+    plans = _plans(contexts)
+    distinct = list({id(plan): plan for plan in plans if plan is not None}.values())
+    existing = await repo.get_experiences(conn, {p.experience_id for p in distinct if not p.generated})
+    names = {p.name for p in distinct if p.experience_id not in existing and p.name}
     types = await repo.get_types(conn, names) if names else {}
 
-    outcomes: list[Resolution | TallyError | _Plan] = []
+    # Each distinct plan is decided once: found, refused, or to be created.
+    decided: dict[int, Resolution | TallyError | _Plan] = {}
     to_create: dict[uuid.UUID, dict] = {}
-    for plan in plans:
-        if plan is None:
-            outcomes.append(Resolution(None))
-            continue
+    for plan in distinct:
         found = existing.get(plan.experience_id)
         if found is not None:
-            if plan.name and plan.name != found.experience_name:
-                outcomes.append(type_mismatch(found, plan.name))
-            else:
-                outcomes.append(Resolution(found, False, plan.warnings))
+            mismatch = plan.name and plan.name != found.experience_name
+            decided[id(plan)] = type_mismatch(found, plan.name) if mismatch else Resolution(found, False, plan.warnings)
             continue
         if not plan.name:
-            outcomes.append(experience_not_found(plan.experience_id))
+            decided[id(plan)] = experience_not_found(plan.experience_id)
             continue
         type_row = types.get(plan.name)
         if type_row is None:
-            outcomes.append(
-                not_found(
-                    "EXPERIENCE_TYPE_NOT_FOUND",
-                    "tally.v1.ExperienceType",
-                    plan.name,
-                    f"experience type {plan.name!r} does not exist; create it first",
-                )
+            decided[id(plan)] = not_found(
+                "EXPERIENCE_TYPE_NOT_FOUND",
+                "tally.v1.ExperienceType",
+                plan.name,
+                f"experience type {plan.name!r} does not exist; create it first",
             )
             continue
         type_id, experience_type = type_row
         version = plan.version or experience_type.version
         if not 1 <= version <= experience_type.version:
-            outcomes.append(
-                invalid(
-                    [
-                        Violation(
-                            "experience_version",
-                            f"version {plan.version} of {plan.name!r} does not exist (current: {experience_type.version})",
-                        )
-                    ]
-                )
+            decided[id(plan)] = invalid(
+                [
+                    Violation(
+                        "experience_version",
+                        f"version {plan.version} of {plan.name!r} does not exist (current: {experience_type.version})",
+                    )
+                ]
             )
             continue
         if plan.experience_id not in to_create:
@@ -161,31 +142,63 @@ async def resolve_experiences(
                 "create_time_us": now_us,
                 "properties": {},
             }
-        outcomes.append(plan)
+        decided[id(plan)] = plan
 
     inserted = await repo.insert_experiences(conn, list(to_create.values()))
     lost_race = set(to_create) - inserted
     winners = await repo.get_experiences(conn, lost_race) if lost_race else {}
-
-    results: list[Resolution | TallyError] = []
-    announced: set[uuid.UUID] = set()
-    for outcome in outcomes:
+    for key, outcome in decided.items():
         if not isinstance(outcome, _Plan):
-            results.append(outcome)
             continue
         plan = outcome
         if plan.experience_id in inserted:
-            row = to_create[plan.experience_id]
-            experience = Experience(plan.experience_id, plan.name, row["version"], now_us, {})
-            created = plan.experience_id not in announced
-            announced.add(plan.experience_id)
-            results.append(Resolution(experience, created, plan.warnings))
+            experience = Experience(plan.experience_id, plan.name, to_create[plan.experience_id]["version"], now_us, {})
+            decided[key] = Resolution(experience, True, plan.warnings)
             continue
         winner = winners.get(plan.experience_id)
         if winner is None:  # created and deleted again between the two statements
-            results.append(TallyError(Code.ABORTED, "CONCURRENT_DELETE", "the experience was deleted concurrently; retry"))
+            decided[key] = TallyError(Code.ABORTED, "CONCURRENT_DELETE", "the experience was deleted concurrently; retry")
         elif winner.experience_name != plan.name:
-            results.append(type_mismatch(winner, plan.name))
+            decided[key] = type_mismatch(winner, plan.name)
         else:
-            results.append(Resolution(winner, False, plan.warnings))
+            decided[key] = Resolution(winner, False, plan.warnings)
+
+    results: list[Resolution | TallyError] = []
+    announced: set[uuid.UUID] = set()
+    for plan in plans:
+        if plan is None:
+            results.append(_UNATTRIBUTED)
+            continue
+        outcome = decided[id(plan)]
+        if isinstance(outcome, Resolution) and outcome.created:
+            # Only the first event of a new experience says it created it.
+            experience_id = outcome.experience.experience_id
+            if experience_id in announced:
+                outcome = Resolution(outcome.experience, False, outcome.warnings)
+            announced.add(experience_id)
+        results.append(outcome)
     return results
+
+
+_UNATTRIBUTED = Resolution(None)
+
+
+def _plans(contexts: Sequence[EventContext]) -> list[_Plan | None]:
+    """A plan per context. Events of one call mostly share a context: each distinct
+    id is planned once (rule 4 plans a new experience per event)."""
+    planned: dict[EventContext, _Plan | None] = {}
+    plans: list[_Plan | None] = []
+    last_context, last_plan = None, None
+    for context in contexts:
+        if context is last_context and context.experience_id:  # the same object: no hashing
+            plans.append(last_plan)
+            continue
+        if not context.experience_id:
+            plan = _plan(context)
+        else:
+            plan = planned.get(context)
+            if plan is None:
+                plan = planned[context] = _plan(context)
+        plans.append(plan)
+        last_context, last_plan = context, plan
+    return plans

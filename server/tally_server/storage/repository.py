@@ -441,8 +441,9 @@ _POSTGRES_INSERT_EVENTS = (
 
 
 async def insert_events(conn: AsyncConnection, stored: Sequence[tuple[m.UsageEvent, m.IngestResult]]) -> set[uuid.UUID]:
-    """Inserts (event, result) pairs in one statement; returns the ids inserted. An event
-    whose idempotency key another transaction committed first is skipped, not failed."""
+    """Inserts (event, result) pairs in one transaction; returns the ids NOT inserted
+    (usually none): events whose idempotency key another transaction committed
+    first are skipped, not failed."""
     if not stored:
         return set()
     rows = [_event_row(event, result) for event, result in stored]
@@ -451,18 +452,25 @@ async def insert_events(conn: AsyncConnection, stored: Sequence[tuple[m.UsageEve
             row[0] = row[0].hex  # UUIDs as hex, as sa.Uuid stores them on SQLite
             if row[3] is not None:
                 row[3] = row[3].hex
+        # Straight to aiosqlite, inside the connection's open transaction: SQLAlchemy's
+        # parameter handling costs more than the insert for statements this wide.
+        driver = (await conn.get_raw_connection()).driver_connection
         inserted, start = 0, 0
         for size in _sqlite_chunks(len(rows)):
             values = tuple(itertools.chain.from_iterable(rows[start : start + size]))
-            inserted += (await conn.exec_driver_sql(_sqlite_insert_events(size), values)).rowcount
+            async with driver.execute(_sqlite_insert_events(size), values) as cursor:
+                inserted += cursor.rowcount
             start += size
-        ids = {result.request_id for _, result in stored}
         if inserted == len(rows):
-            return ids
-        found = await conn.execute(sa.select(events.c.id).where(events.c.id.in_(list(ids))))
-        return {row.id for row in found}
+            return set()
+        ids = [result.request_id for _, result in stored]
+        found = await conn.execute(sa.select(events.c.id).where(events.c.id.in_(ids)))
+        return set(ids) - {row.id for row in found}
     result = await conn.exec_driver_sql(_POSTGRES_INSERT_EVENTS, tuple(map(list, zip(*rows, strict=True))))
-    return {row[0] for row in result}
+    inserted_ids = [row[0] for row in result]
+    if len(inserted_ids) == len(rows):
+        return set()
+    return {result.request_id for _, result in stored} - set(inserted_ids)
 
 
 async def events_by_key(conn: AsyncConnection, keys: Iterable[str]) -> dict[str, Any]:

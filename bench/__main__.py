@@ -9,8 +9,11 @@ executemany, or asyncpg for PostgreSQL), 1,000 per transaction.
     python -m bench                       # SQLite (a temporary file)
     python -m bench --postgres-url postgresql+asyncpg://postgres@127.0.0.1:5432/test
 
-On a 2-core machine the client and the server share the cores: compare the
-ratios, measured in one run, not absolute figures across runs.
+Each scenario runs right after its baseline, in several rounds; the table gives
+the median rate over the rounds and the median of the per-round ratios, with
+their range: on a shared 2-core machine (client and server share the cores, and
+neighbours come and go) a single pair of measurements can be off by half.
+Compare the ratios of one run, not absolute figures across runs.
 """
 
 from __future__ import annotations
@@ -237,25 +240,22 @@ COLUMNS = (
 
 
 def raw_sqlite(path: str, seconds: float, experience_id: uuid.UUID) -> Result:
-    """sqlite3 executemany into the same schema and settings, 1,000 rows per transaction
-    (rows built before the clock starts: this is the storage's own rate)."""
+    """sqlite3 executemany into the same schema and settings, 1,000 rows per transaction.
+    Only the inserts are timed (rows are built outside the clock): the storage's own rate."""
     db = sqlite3.connect(path, isolation_level=None)
     db.execute("PRAGMA journal_mode=WAL")
     db.execute("PRAGMA synchronous=FULL")
     sql = f"INSERT INTO events ({COLUMNS}) VALUES ({', '.join('?' * 28)})"
-    latencies, events = [], 0
-    prepared = [storage_rows(1000, experience_id, as_text=True) for _ in range(int(seconds * 200))]
-    start = time.perf_counter()
-    while time.perf_counter() - start < seconds and prepared:
-        rows = prepared.pop()
+    latencies: list[float] = []
+    while sum(latencies) < seconds:
+        rows = storage_rows(1000, experience_id, as_text=True)
         sent = time.perf_counter()
         db.execute("BEGIN IMMEDIATE")
         db.executemany(sql, rows)
         db.execute("COMMIT")
         latencies.append(time.perf_counter() - sent)
-        events += len(rows)
     db.close()
-    return summarize("raw sqlite3 executemany (1,000/transaction)", events, time.perf_counter() - start, latencies)
+    return summarize("raw sqlite3 executemany (1,000/transaction)", 1000 * len(latencies), sum(latencies), latencies)
 
 
 async def raw_postgres(url: str, seconds: float, experience_id: uuid.UUID) -> Result:
@@ -264,18 +264,15 @@ async def raw_postgres(url: str, seconds: float, experience_id: uuid.UUID) -> Re
     plain = sa.make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
     conn = await asyncpg.connect(plain)
     sql = f"INSERT INTO events ({COLUMNS}) VALUES ({', '.join(f'${i}' for i in range(1, 29))})"
-    latencies, events = [], 0
-    prepared = [storage_rows(1000, experience_id, as_text=False) for _ in range(int(seconds * 100))]
-    start = time.perf_counter()
-    while time.perf_counter() - start < seconds and prepared:
-        rows = prepared.pop()
+    latencies: list[float] = []
+    while sum(latencies) < seconds:
+        rows = storage_rows(1000, experience_id, as_text=False)
         sent = time.perf_counter()
         async with conn.transaction():
             await conn.executemany(sql, rows)
         latencies.append(time.perf_counter() - sent)
-        events += len(rows)
     await conn.close()
-    return summarize("raw asyncpg executemany (1,000/transaction)", events, time.perf_counter() - start, latencies)
+    return summarize("raw asyncpg executemany (1,000/transaction)", 1000 * len(latencies), sum(latencies), latencies)
 
 
 def start_server(database_url: str) -> tuple[subprocess.Popen, int]:
@@ -292,10 +289,38 @@ def start_server(database_url: str) -> tuple[subprocess.Popen, int]:
     return process, int(line.split()[1])
 
 
-async def run_engine(label: str, database_url: str, args: argparse.Namespace) -> list[tuple[Result, Result | None, str]]:
+@dataclass
+class Comparison:
+    """One scenario over the rounds, beside its baseline of the same rounds."""
+
+    name: str
+    target: float | None
+    results: list[Result]
+    baselines: list[Result]
+
+    def ratios(self) -> list[float]:
+        return [r.rate / b.rate for r, b in zip(self.results, self.baselines, strict=True)]
+
+
+def median_result(results: list[Result]) -> Result:
+    rates = sorted(results, key=lambda r: r.rate)
+    middle = rates[len(rates) // 2]
+    return Result(
+        middle.scenario,
+        middle.events,
+        middle.seconds,
+        statistics.median(r.p50_ms for r in results),
+        statistics.median(r.p99_ms for r in results),
+    )
+
+
+async def run_engine(label: str, database_url: str, args: argparse.Namespace) -> list[Comparison]:
     print(f"\n== {label}: starting the server", flush=True)
     process, port = start_server(database_url)
-    rows: list[tuple[Result, Result | None, str]] = []
+    c, s = args.concurrency, args.seconds
+    unary = Comparison("Ingest unary", TARGETS["Ingest unary"], [], [])
+    stream = Comparison("IngestStream", TARGETS["IngestStream"], [], [])
+    batch = Comparison("IngestBatch", TARGETS["IngestBatch"], [], [])
     try:
         async with aio.insecure_channel(f"127.0.0.1:{port}", options=CHANNEL_OPTIONS) as channel:
             name = f"Bench_{uuid.uuid4().hex[:8]}"
@@ -307,56 +332,58 @@ async def run_engine(label: str, database_url: str, args: argparse.Namespace) ->
                     exp_pb.CreateExperienceRequest(experience_name=name)
                 )
             ).experience
+            experience_id = uuid.UUID(experience.experience_id)
             metadata = (("xproxy-experience-id", experience.experience_id),)
             keys = Keys()
-            c, s = args.concurrency, args.seconds
-
-            def say(result: Result) -> None:
-                print(f"   {result.scenario}: {result.rate:,.0f} events/s", flush=True)
-
-            noop_unary = await unary_load(channel, "/bench.Noop/Unary", metadata, s, c, keys, f"no-op unary (c={c})")
-            say(noop_unary)
-            ingest_unary = await unary_load(
-                channel, "/tally.v1.IngestService/Ingest", metadata, s, c, keys, f"Ingest unary (c={c})"
-            )
-            say(ingest_unary)
-            rows += [(noop_unary, None, ""), (ingest_unary, noop_unary, "Ingest unary")]
-
-            noop_stream = await stream_load(channel, "/bench.Noop/Stream", metadata, s, args.window, keys, "no-op stream")
-            say(noop_stream)
-            ingest_stream = await stream_load(
-                channel, "/tally.v1.IngestService/IngestStream", metadata, s, args.window, keys, "IngestStream"
-            )
-            say(ingest_stream)
-            rows += [(noop_stream, None, ""), (ingest_stream, noop_stream, "IngestStream")]
-
-            batch = await batch_load(channel, metadata, s, args.batch_size, args.batch_concurrency, keys)
-            say(batch)
+            for round_number in range(1, args.rounds + 1):
+                noop_unary = await unary_load(channel, "/bench.Noop/Unary", metadata, s, c, keys, f"no-op unary (c={c})")
+                ingest_unary = await unary_load(
+                    channel, "/tally.v1.IngestService/Ingest", metadata, s, c, keys, f"Ingest unary (c={c})"
+                )
+                noop_stream = await stream_load(channel, "/bench.Noop/Stream", metadata, s, args.window, keys, "no-op stream")
+                ingest_stream = await stream_load(
+                    channel, "/tally.v1.IngestService/IngestStream", metadata, s, args.window, keys, "IngestStream"
+                )
+                # The raw baseline runs here too, with the server idle beside it.
+                if database_url.startswith("sqlite"):
+                    raw = await asyncio.to_thread(raw_sqlite, sa.make_url(database_url).database, s, experience_id)
+                else:
+                    raw = await raw_postgres(database_url, s, experience_id)
+                ingest_batch = await batch_load(channel, metadata, s, args.batch_size, args.batch_concurrency, keys)
+                unary.results.append(ingest_unary)
+                unary.baselines.append(noop_unary)
+                stream.results.append(ingest_stream)
+                stream.baselines.append(noop_stream)
+                batch.results.append(ingest_batch)
+                batch.baselines.append(raw)
+                print(
+                    f"   round {round_number}/{args.rounds}: "
+                    + ", ".join(
+                        f"{comparison.name} {comparison.results[-1].rate:,.0f}/s ({comparison.ratios()[-1]:.2f}x)"
+                        for comparison in (unary, stream, batch)
+                    ),
+                    flush=True,
+                )
     finally:
         process.terminate()
         process.wait(30)
-
-    experience_id = uuid.UUID(experience.experience_id)
-    if database_url.startswith("sqlite"):
-        raw = raw_sqlite(sa.make_url(database_url).database, s, experience_id)
-    else:
-        raw = await raw_postgres(database_url, s, experience_id)
-    say(raw)
-    rows += [(raw, None, ""), (batch, raw, "IngestBatch")]
-    return rows
+    return [unary, stream, batch]
 
 
-def print_table(label: str, rows: list[tuple[Result, Result | None, str]]) -> None:
-    print(f"\n{label}")
-    print(f"{'scenario':<50} {'events/s':>12} {'p50 ms':>9} {'p99 ms':>9}   vs baseline")
-    for result, baseline, target_key in rows:
-        versus = ""
-        if baseline is not None:
-            ratio = result.rate / baseline.rate
-            target = TARGETS[target_key]
-            verdict = "meets" if ratio >= target else "BELOW"
-            versus = f"{ratio:.2f}x {baseline.scenario.split(' (')[0]} (target {target}x: {verdict})"
-        print(f"{result.scenario:<50} {result.rate:>12,.0f} {result.p50_ms:>9.2f} {result.p99_ms:>9.2f}   {versus}")
+def print_table(label: str, comparisons: list[Comparison], rounds: int) -> None:
+    print(f"\n{label}: medians of {rounds} rounds")
+    print(f"{'scenario':<46} {'events/s':>10} {'p50 ms':>8} {'p99 ms':>8}   ratio to baseline (range)")
+    for comparison in comparisons:
+        baseline = median_result(comparison.baselines)
+        result = median_result(comparison.results)
+        ratios = comparison.ratios()
+        ratio = statistics.median(ratios)
+        verdict = "meets" if ratio >= comparison.target else "BELOW"
+        print(f"{baseline.scenario:<46} {baseline.rate:>10,.0f} {baseline.p50_ms:>8.2f} {baseline.p99_ms:>8.2f}")
+        print(
+            f"{result.scenario:<46} {result.rate:>10,.0f} {result.p50_ms:>8.2f} {result.p99_ms:>8.2f}   "
+            f"{ratio:.2f}x ({min(ratios):.2f}-{max(ratios):.2f}; target {comparison.target}x: {verdict})"
+        )
 
 
 async def create_postgres_database(url: str) -> str:
@@ -381,7 +408,8 @@ async def drop_postgres_database(admin_url: str, url: str) -> None:
 
 async def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seconds", type=float, default=5.0, help="measured seconds per scenario (default 5)")
+    parser.add_argument("--seconds", type=float, default=3.0, help="measured seconds per scenario and round (default 3)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of every scenario beside its baseline (default 3)")
     parser.add_argument("--concurrency", type=int, default=64, help="unary calls in flight (default 64)")
     parser.add_argument("--window", type=int, default=1024, help="unacknowledged stream events at most (default 1024)")
     parser.add_argument("--batch-size", type=int, default=1000, help="events per IngestBatch (default 1000)")
@@ -401,12 +429,25 @@ async def main() -> None:
             report["postgresql"] = await run_engine("PostgreSQL", pg_url, args)
         finally:
             await drop_postgres_database(args.postgres_url, pg_url)
-    for label, rows in report.items():
-        print_table(label, rows)
+    for label, comparisons in report.items():
+        print_table(label, comparisons, args.rounds)
     if args.json:
         args.json.write_text(
             json.dumps(
-                {label: [asdict(r) | {"rate": r.rate} for r, _, _ in rows] for label, rows in report.items()}, indent=2
+                {
+                    label: [
+                        {
+                            "scenario": comparison.name,
+                            "target": comparison.target,
+                            "ratios": comparison.ratios(),
+                            "results": [asdict(r) | {"rate": r.rate} for r in comparison.results],
+                            "baselines": [asdict(r) | {"rate": r.rate} for r in comparison.baselines],
+                        }
+                        for comparison in comparisons
+                    ]
+                    for label, comparisons in report.items()
+                },
+                indent=2,
             )
         )
 

@@ -98,7 +98,7 @@ class TallyServer:
         self.ingestor.start()
         await server.start()
         self.server = server
-        _tune_garbage_collector()
+        tune_garbage_collector()
         for name in ("", *SERVICE_NAMES):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         host = self.settings.listen.rsplit(":", 1)[0]
@@ -121,7 +121,7 @@ class TallyServer:
         log.info("tally stopped")
 
 
-def _tune_garbage_collector() -> None:
+def tune_garbage_collector() -> None:
     """Ingest makes many short-lived objects per event. With the defaults, the
     collector ran every 700 allocations and kept rescanning what lives as long as
     the process (the price catalog, descriptors, SQLAlchemy): a fifth of the ingest

@@ -1,0 +1,117 @@
+"""Where ingest time goes, per event: the server's own stages in one process, without gRPC.
+
+    python -m bench.budget          # SQLite in a temporary file; about 20 seconds
+
+Batches of 1,000 events go through the real stages: validation and hashing
+(IngestServicer's _prepare), the group-commit writer (resolution, pricing, ids, the
+insert and the commit), and the answers (IngestResponses). Beside them, the raw
+sqlite3 executemany of the same rows, as `python -m bench` measures it. Each figure
+is the median over the batches, in microseconds per event.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+
+from tally.v1 import ingest_service_pb2 as pb
+from tally_server.app import run_event_loop, tune_garbage_collector
+from tally_server.domain.experience_types import ExperienceTypes
+from tally_server.domain.experiences import Experiences
+from tally_server.domain.ingest import Ingestor
+from tally_server.domain.models import now_us
+from tally_server.rpc import convert, metadata
+from tally_server.rpc.servicers import _prepare
+from tally_server.storage import repository
+from tally_server.storage.db import Database
+
+from .__main__ import Keys, encode_batch, raw_sqlite
+
+BATCH = 1000
+
+
+async def measure(path: str, batches: int) -> dict[str, float]:
+    db = Database(f"sqlite+aiosqlite:///{path}")
+    await db.migrate()
+    await ExperienceTypes(db).create("Budget", "where ingest time goes", {}, "")
+    experience = await Experiences(db).create("Budget", "", 0, {}, "")
+    ingestor = Ingestor(db)
+    ingestor.start()
+    call = metadata.call_context((("xproxy-experience-id", str(experience.experience_id)),))
+    tune_garbage_collector()
+
+    # The insert is timed inside the writer's transaction by wrapping it.
+    insert_seconds: list[float] = []
+    real_insert = repository.insert_events
+
+    async def timed_insert(conn, stored):  # noqa: ANN001, ANN202
+        start = time.perf_counter()
+        try:
+            return await real_insert(conn, stored)
+        finally:
+            insert_seconds.append(time.perf_counter() - start)
+
+    repository.insert_events = timed_insert
+    stages: dict[str, list[float]] = {"validate and hash": [], "writer": [], "answer": []}
+    keys = Keys()
+    try:
+        for _ in range(batches):
+            request = pb.IngestBatchRequest.FromString(encode_batch([keys.next() for _ in range(BATCH)]))
+            start = time.perf_counter()
+            now = now_us()
+            prepared = [_prepare(event, call, now, f"events[{i}].") for i, event in enumerate(request.events)]
+            stages["validate and hash"].append(time.perf_counter() - start)
+            start = time.perf_counter()
+            outcomes = await ingestor.submit(prepared)
+            stages["writer"].append(time.perf_counter() - start)
+            start = time.perf_counter()
+            response, answers = pb.IngestBatchResponse(), convert.IngestResponses()
+            for index, outcome in enumerate(outcomes):
+                answers.write(outcome, response.items.add(index=index).result)
+            response.SerializeToString()
+            stages["answer"].append(time.perf_counter() - start)
+    finally:
+        repository.insert_events = real_insert
+        await ingestor.stop()
+        await db.dispose()
+
+    per_event = {name: statistics.median(seconds) / BATCH * 1e6 for name, seconds in stages.items()}
+    insert = statistics.median(insert_seconds) / BATCH * 1e6
+    per_event["writer: the insert"] = insert
+    per_event["writer: resolve, price, ids, commit"] = per_event.pop("writer") - insert
+    raw = raw_sqlite(path, 2.0, experience.experience_id)
+    per_event["raw sqlite3 executemany, per row"] = raw.p50_ms * 1e3 / BATCH
+    return per_event
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.budget", description=__doc__)
+    parser.add_argument("--batches", type=int, default=40, help="batches of 1,000 events (default 40)")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        figures = _run(f"{tmp}/budget.db", args.batches)
+    stages = [name for name in figures if not name.startswith("raw")]
+    print(f"Per event, medians of {args.batches} batches of {BATCH:,} (microseconds):")
+    for name in stages:
+        print(f"  {name:<40} {figures[name]:7.1f}")
+    total = sum(figures[name] for name in stages)
+    raw = figures["raw sqlite3 executemany, per row"]
+    print(f"  {'total':<40} {total:7.1f}   (at most {1e6 / total:,.0f} events/s on one core)")
+    print(f"  {'raw sqlite3 executemany, per row':<40} {raw:7.1f}   ({1e6 / raw:,.0f} rows/s)")
+    print(f"Half the raw rate leaves {2 * raw - figures['writer: the insert']:.1f} µs per event for all but the insert.")
+
+
+def _run(path: str, batches: int) -> dict[str, float]:
+    result: dict[str, float] = {}
+
+    async def go() -> None:
+        result.update(await measure(path, batches))
+
+    run_event_loop(go())
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -17,6 +17,7 @@ id end with one experience, on one server or many.
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from collections.abc import Sequence
 
@@ -170,7 +171,9 @@ async def resolve_experiences(
             results.append(_UNATTRIBUTED)
             continue
         outcome = decided[id(plan)]
-        if isinstance(outcome, Resolution) and outcome.created:
+        if isinstance(outcome, TallyError):
+            outcome = dataclasses.replace(outcome)  # each event raises its own exception
+        elif outcome.created:
             # Only the first event of a new experience says it created it.
             experience_id = outcome.experience.experience_id
             if experience_id in announced:

@@ -405,13 +405,14 @@ def _event_row(event: m.UsageEvent, result: m.IngestResult) -> list[Any]:
 
 
 # _event_row writes the columns in this order; a new column must be added to both.
-assert _EVENT_COLUMNS == (
+if _EVENT_COLUMNS != (
     "id", "idempotency_key", "content_hash", "experience_id", "experience_created", "category", "resource",
     "units", "event_time_us", "ingest_time_us", "end_to_end_latency_ms", "time_to_first_token_ms",
     "http_status_code", "provider_response_id", "user_id", "request_tags", "properties", "cost_input_nanos",
     "cost_output_nanos", "cost_total_nanos", "cost_state", "price_source", "price_category", "price_resource",
     "price_version", "price_effective_time_us", "unknown_units", "warnings",
-), _EVENT_COLUMNS
+):
+    raise RuntimeError(f"_event_row does not match the events table's columns {_EVENT_COLUMNS}")
 
 
 def _postgres_array_type(column: sa.Column) -> str:
@@ -458,7 +459,8 @@ async def insert_events(conn: AsyncConnection, stored: Sequence[tuple[m.UsageEve
         driver = (await conn.get_raw_connection()).driver_connection
         changes_before, start = driver.total_changes, 0
         for size in _sqlite_chunks(len(rows)):
-            await driver.execute_fetchall(_sqlite_insert_events(size), tuple(itertools.chain.from_iterable(rows[start : start + size])))
+            values = tuple(itertools.chain.from_iterable(rows[start : start + size]))
+            await driver.execute_fetchall(_sqlite_insert_events(size), values)
             start += size
         inserted = driver.total_changes - changes_before
         if inserted == len(rows):

@@ -199,12 +199,30 @@ def _experience(row: Any) -> m.Experience:
     return m.Experience(row.id, row.name, row.version, row.create_time_us, dict(row.properties))
 
 
+def _experiences_by_id(ids: Sequence[uuid.UUID]) -> sa.Select:
+    return sa.select(*_experience_columns).select_from(_experiences_join).where(experiences.c.id.in_(ids))
+
+
+@functools.lru_cache(maxsize=32)
+def _sqlite_experiences_by_id(count: int) -> str:
+    """The same query as SQLite text, for count ids."""
+    query = _experiences_by_id([uuid.UUID(int=i) for i in range(count)])
+    return str(query.compile(dialect=sqlite.dialect(), compile_kwargs={"render_postcompile": True}))
+
+
 async def get_experiences(conn: AsyncConnection, ids: Iterable[uuid.UUID]) -> dict[uuid.UUID, m.Experience]:
     ids = list(ids)
     if not ids:
         return {}
-    query = sa.select(*_experience_columns).select_from(_experiences_join).where(experiences.c.id.in_(ids))
-    return {row.id: _experience(row) for row in await conn.execute(query)}
+    if conn.dialect.name == "sqlite":
+        # The ingest writer asks this in every commit: straight to aiosqlite, one trip to
+        # its thread where SQLAlchemy's cursor takes four. Ids are stored as hex and
+        # properties as JSON text, as sa.Uuid and sa.JSON do on SQLite.
+        driver = (await conn.get_raw_connection()).driver_connection
+        rows = await driver.execute_fetchall(_sqlite_experiences_by_id(len(ids)), [i.hex for i in ids])
+        found = (m.Experience(uuid.UUID(hex=r[0]), r[1], r[2], r[3], json.loads(r[4])) for r in rows)
+        return {experience.experience_id: experience for experience in found}
+    return {row.id: _experience(row) for row in await conn.execute(_experiences_by_id(ids))}
 
 
 async def get_experience(conn: AsyncConnection, experience_id: uuid.UUID) -> m.Experience | None:

@@ -126,7 +126,7 @@ def tune_garbage_collector() -> None:
     collector ran every 700 allocations and kept rescanning what lives as long as
     the process (the price catalog, descriptors, SQLAlchemy): a fifth of the ingest
     path's time. What exists after start-up is frozen out of collection, and young
-    objects are collected less often."""
+    objects are collected less often. Process-wide: a server owns its process."""
     gc.collect()
     gc.freeze()
     gc.set_threshold(50_000, 20, 100)

@@ -294,7 +294,7 @@ class Comparison:
     """One scenario over the rounds, beside its baseline of the same rounds."""
 
     name: str
-    target: float | None
+    target: float
     results: list[Result]
     baselines: list[Result]
 

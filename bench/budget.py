@@ -91,7 +91,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=40, help="batches of 1,000 events (default 40)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        figures = _run(f"{tmp}/budget.db", args.batches)
+        figures = run_event_loop(measure(f"{tmp}/budget.db", args.batches))
     stages = [name for name in figures if not name.startswith("raw")]
     print(f"Per event, medians of {args.batches} batches of {BATCH:,} (microseconds):")
     for name in stages:
@@ -105,16 +105,6 @@ def main() -> None:
         f"Half the raw rate is {2 * raw:.1f} µs per event: beside a raw insert, {raw:.1f} µs for all the rest,"
         f" which takes {others:.1f} µs here."
     )
-
-
-def _run(path: str, batches: int) -> dict[str, float]:
-    result: dict[str, float] = {}
-
-    async def go() -> None:
-        result.update(await measure(path, batches))
-
-    run_event_loop(go())
-    return result
 
 
 if __name__ == "__main__":

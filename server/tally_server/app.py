@@ -7,6 +7,7 @@ import gc
 import logging
 import signal
 from collections.abc import Coroutine
+from typing import Any, TypeVar
 
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -32,6 +33,7 @@ from .rpc.interceptor import ServerInterceptor
 from .rpc.servicers import ExperienceServicer, ExperienceTypeServicer, IngestServicer, PriceCatalogServicer
 from .storage.db import Database
 
+T = TypeVar("T")
 log = logging.getLogger("tally")
 
 SERVICE_NAMES = (
@@ -152,15 +154,14 @@ async def serve(settings: Settings) -> None:
     await server.stop()
 
 
-def run_event_loop(main: Coroutine) -> None:
-    """Runs on uvloop where it is installed (Linux and macOS): the ingest path, which
-    waits on the writer and the database, gains most from its faster loop."""
+def run_event_loop(main: Coroutine[Any, Any, T]) -> T:
+    """Runs `main` to its result on uvloop where it is installed (Linux and macOS): the
+    ingest path, which waits on the writer and the database, gains most from its faster loop."""
     try:
         import uvloop
     except ImportError:
-        asyncio.run(main)
-    else:
-        uvloop.run(main)
+        return asyncio.run(main)
+    return uvloop.run(main)
 
 
 def run(settings: Settings) -> None:

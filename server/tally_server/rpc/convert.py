@@ -175,6 +175,10 @@ def price_reference(p: m.PriceReference) -> ing_pb.PriceReference:
 
 def _set_money(target: common_pb2.Money, total_nanos: int) -> None:
     target.currency_code = "USD"
+    _set_amount(target, total_nanos)
+
+
+def _set_amount(target: common_pb2.Money, total_nanos: int) -> None:
     target.units, target.nanos = nanos_to_units_and_nanos(total_nanos)
 
 
@@ -198,9 +202,9 @@ def _set_shared_cost(result: ing_pb.XProxyResult, price: m.PriceReference | None
 
 
 def _set_own_cost(result: ing_pb.XProxyResult, cost: m.Cost) -> None:
-    result.cost_input.units, result.cost_input.nanos = nanos_to_units_and_nanos(cost.input_nanos)
-    result.cost_output.units, result.cost_output.nanos = nanos_to_units_and_nanos(cost.output_nanos)
-    result.cost_total.units, result.cost_total.nanos = nanos_to_units_and_nanos(cost.total_nanos)
+    _set_amount(result.cost_input, cost.input_nanos)
+    _set_amount(result.cost_output, cost.output_nanos)
+    _set_amount(result.cost_total, cost.total_nanos)
     result.cost_state = cost.state
     for u in cost.unknown_units:
         result.unknown_units.add(unit_type=u.unit_type, input=u.input, output=u.output, reason=u.reason)
@@ -261,19 +265,19 @@ class IngestResponses:
     _MAX_ENTRIES = 64
 
     def __init__(self) -> None:
-        self._shared: dict[tuple, tuple[m.PriceReference | None, bytes]] = {}
+        self._shared: dict[tuple, bytes] = {}
 
     def write(self, r: m.IngestResult, response: ing_pb.IngestResponse) -> None:
-        price = r.cost.price
-        key = (r.ingest_time_us, r.experience_id, r.experience_created, r.duplicate, r.user_id, r.request_tags, r.warnings, id(price))
-        entry = self._shared.get(key)
-        if entry is None or entry[0] is not price:  # (the price is kept, so its id is not reused)
+        # Every input of _set_shared_fields (an experience's name and version follow its id).
+        key = (r.ingest_time_us, r.experience_id, r.experience_created, r.duplicate, r.user_id, r.request_tags, r.warnings, r.cost.price)
+        shared = self._shared.get(key)
+        if shared is None:
             if len(self._shared) >= self._MAX_ENTRIES:
                 self._shared.clear()
-            shared = ing_pb.IngestResponse()
-            _set_shared_fields(shared, r)
-            entry = self._shared[key] = (price, shared.SerializeToString())
-        response.MergeFromString(entry[1])
+            message = ing_pb.IngestResponse()
+            _set_shared_fields(message, r)
+            shared = self._shared[key] = message.SerializeToString()
+        response.MergeFromString(shared)
         _set_own_fields(response, r)
 
 

@@ -185,7 +185,7 @@ class IngestServicer(ing_grpc.IngestServiceServicer):
         stored = iter(await self.ingestor.submit(valid))
         response = ing_pb.IngestBatchResponse()
         answers = convert.IngestResponses()
-        experience_ids, last_id = set(), object()
+        experience_ids = set()
         for index, item in enumerate(prepared):
             outcome = item if isinstance(item, TallyError) else next(stored)
             if isinstance(outcome, Exception):
@@ -193,9 +193,7 @@ class IngestServicer(ing_grpc.IngestServiceServicer):
                 response.rejected_count += 1
                 continue
             answers.write(outcome, response.items.add(index=index).result)
-            if outcome.experience_id is not last_id:  # mostly one shared object: hash it once
-                last_id = outcome.experience_id
-                experience_ids.add(last_id)
+            experience_ids.add(outcome.experience_id)
             if outcome.duplicate:
                 response.duplicate_count += 1
             else:

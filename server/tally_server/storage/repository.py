@@ -195,6 +195,13 @@ _experience_columns = (
 _experiences_join = experiences.join(experience_types, experiences.c.type_id == experience_types.c.id)
 
 
+async def _sqlite_driver(conn: AsyncConnection) -> Any:
+    """The aiosqlite connection under `conn`, inside its open transaction. The ingest
+    writer's statements go to it directly: one trip to its thread per statement, where
+    SQLAlchemy's adapted cursor takes three or four."""
+    return (await conn.get_raw_connection()).driver_connection
+
+
 def _experience(row: Any) -> m.Experience:
     return m.Experience(row.id, row.name, row.version, row.create_time_us, dict(row.properties))
 
@@ -215,10 +222,9 @@ async def get_experiences(conn: AsyncConnection, ids: Iterable[uuid.UUID]) -> di
     if not ids:
         return {}
     if conn.dialect.name == "sqlite":
-        # The ingest writer asks this in every commit: straight to aiosqlite, one trip to
-        # its thread where SQLAlchemy's cursor takes four. Ids are stored as hex and
+        # The ingest writer asks this in every commit. Ids are stored as hex and
         # properties as JSON text, as sa.Uuid and sa.JSON do on SQLite.
-        driver = (await conn.get_raw_connection()).driver_connection
+        driver = await _sqlite_driver(conn)
         rows = await driver.execute_fetchall(_sqlite_experiences_by_id(len(ids)), [i.hex for i in ids])
         found = (m.Experience(uuid.UUID(hex=r[0]), r[1], r[2], r[3], json.loads(r[4])) for r in rows)
         return {experience.experience_id: experience for experience in found}
@@ -471,10 +477,9 @@ async def insert_events(conn: AsyncConnection, stored: Sequence[tuple[m.UsageEve
             row[0] = row[0].hex  # UUIDs as hex, as sa.Uuid stores them on SQLite
             if row[3] is not None:
                 row[3] = row[3].hex
-        # Straight to aiosqlite, inside the connection's open transaction: SQLAlchemy's
-        # parameter handling costs more than the insert for statements this wide, and
-        # execute_fetchall is one trip to the driver's thread where a cursor takes two.
-        driver = (await conn.get_raw_connection()).driver_connection
+        # SQLAlchemy's parameter handling would also cost more than the insert itself
+        # for statements this wide.
+        driver = await _sqlite_driver(conn)
         changes_before, start = driver.total_changes, 0
         for size in _sqlite_chunks(len(rows)):
             values = tuple(itertools.chain.from_iterable(rows[start : start + size]))

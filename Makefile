@@ -7,11 +7,11 @@ STAMP := $(VENV)/.installed
 
 .PHONY: serve test test-sqlite generate check-generated lint bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml clients/pyproject.toml
 	@echo "setting up $(VENV) (first run, or pyproject.toml changed): a minute or two"
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -e ./clients -e '.[dev]'
 	touch $(STAMP)
 
 serve: $(STAMP)
@@ -27,11 +27,15 @@ generate: $(STAMP)
 	PYTHON=$(BIN)/python scripts/generate.sh
 
 check-generated: generate
-	git diff --exit-code -- generated && test -z "$$(git status --porcelain -- generated)"
+	git diff --exit-code -- clients/generated && test -z "$$(git status --porcelain -- clients/generated)"
 
+# The contract (buf), the Python code (ruff: rules and format) and its types (mypy --strict).
 lint: $(STAMP)
 	$(BIN)/buf lint
 	$(BIN)/buf format --exit-code --diff
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 bench: $(STAMP)
 	$(BIN)/python -m bench $(ARGS)

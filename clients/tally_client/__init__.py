@@ -3,9 +3,10 @@
     from tally_client import TallyClient, create_metadata
 """
 
-from .client import AsyncTallyClient, ExperienceScope, TallyClient, usage_event
+from ._calls import UnitCounts, Units, usage_event
+from .client import AsyncTallyClient, ExperienceScope, TallyClient
 from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, TallyError, Unavailable
-from .metadata import create_metadata
+from .metadata import Metadata, create_metadata
 from .output import dollars
 
 __all__ = [
@@ -14,9 +15,12 @@ __all__ = [
     "ExperienceScope",
     "FailedPrecondition",
     "InvalidArgument",
+    "Metadata",
     "NotFound",
     "TallyClient",
     "TallyError",
+    "UnitCounts",
+    "Units",
     "Unavailable",
     "create_metadata",
     "dollars",

@@ -1,4 +1,5 @@
-"""`tally`: the command line. `tally serve` runs the server; the other commands talk to one.
+"""`tally`: the command line. The commands here talk to a server; an installed server
+(the tally-genai distribution) adds `tally serve` and `tally migrate`.
 
 Every client command takes --target (env TALLY_TARGET, default 127.0.0.1:50051)
 and --json (machine-readable output). Failures print one line on stderr and exit 1.
@@ -7,12 +8,12 @@ and --json (machine-readable output). Failures print one line on stderr and exit
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import sys
 import time
 from collections import Counter
+from importlib.metadata import entry_points
 from datetime import datetime
 from typing import Any, TextIO
 
@@ -54,7 +55,7 @@ def type_row(t: Any) -> list:
 
 
 def types_create(tally: TallyClient, args: argparse.Namespace) -> None:
-    created = tally.create_experience_type(args.name, args.description, _pairs(args.setting, "--setting"))
+    created = tally.create_experience_type(args.name, args.description, settings=_pairs(args.setting, "--setting"))
     _emit(args, created, f"created experience type {created.name} (version {created.version})")
 
 
@@ -81,7 +82,7 @@ def types_list(tally: TallyClient, args: argparse.Namespace) -> None:
 def types_update(tally: TallyClient, args: argparse.Namespace) -> None:
     settings = _pairs(args.setting, "--setting") if args.setting is not None else None
     try:
-        updated = tally.update_experience_type(args.name, args.description, settings)
+        updated = tally.update_experience_type(args.name, description=args.description, settings=settings)
     except ValueError as error:
         raise SystemExit(f"tally: {error}") from None
     _emit(args, updated, f"updated {updated.name} (still version {updated.version})")
@@ -110,7 +111,9 @@ def types_delete(tally: TallyClient, args: argparse.Namespace) -> None:
 
 
 def experiences_create(tally: TallyClient, args: argparse.Namespace) -> None:
-    created = tally.create_experience(args.type, args.id or "", args.version, _pairs(args.property, "--property"))
+    created = tally.create_experience(
+        args.type, experience_id=args.id or "", version=args.version, properties=_pairs(args.property, "--property")
+    )
     _emit(args, created, created.experience_id if not args.verbose else f"{created.experience_id} ({created.experience_name} v{created.experience_version})")
 
 
@@ -154,7 +157,9 @@ def experience_report(e: Any) -> str:
 
 
 def report_type(tally: TallyClient, args: argparse.Namespace) -> None:
-    stats = tally.get_experience_type_stats(args.name, args.version, _time(args.since), _time(args.until))
+    stats = tally.get_experience_type_stats(
+        args.name, version=args.version, start=_time(args.since), end=_time(args.until)
+    )
 
     def row(label: Any, d: Any) -> list:
         return [
@@ -283,38 +288,30 @@ def ingest(tally: TallyClient, args: argparse.Namespace) -> int:
     return 1 if rejected else 0
 
 
-# --- serve and migrate ---------------------------------------------------------------
-
-
-def _serve(args: argparse.Namespace) -> int:
-    from tally_server.app import run
-    from tally_server.config import from_arguments
-
-    run(from_arguments(args))
-    return 0
-
-
-def _migrate(args: argparse.Namespace) -> int:
-    from tally_server.storage.db import Database
-
-    async def main() -> None:
-        db = Database(args.database_url)
-        try:
-            await db.migrate()
-        finally:
-            await db.dispose()
-
-    asyncio.run(main())
-    print(f"the database is at the newest schema ({args.database_url})")
-    return 0
-
-
 # --- the parser -----------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from tally_server.config import add_arguments
+def _add_installed_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """The commands other installed distributions add (the server's `serve` and
+    `migrate`), found by entry point so that the client never imports the server."""
+    plugins = entry_points(group="tally.commands")
+    for plugin in plugins:
+        plugin.load()(commands)
+    if "serve" not in commands.choices:
+        hint = commands.add_parser("serve", help="run the gRPC server (needs the server: pip install tally-genai)")
+        hint.set_defaults(local=_server_not_installed)
 
+
+def _server_not_installed(args: argparse.Namespace) -> int:
+    print(
+        "tally: `tally serve` needs the Tally server, which is not installed here; install the "
+        "tally-genai distribution (from a checkout: pip install ./clients .)",
+        file=sys.stderr,
+    )
+    return 1
+
+
+def build_parser() -> argparse.ArgumentParser:
     client = argparse.ArgumentParser(add_help=False)
     client.add_argument(
         "--target", help=f"the Tally server, host:port (env TALLY_TARGET, default {DEFAULT_TARGET})"
@@ -328,12 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", dest="global_json", action="store_true", help=argparse.SUPPRESS)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    serve = commands.add_parser("serve", help="run the gRPC server")
-    add_arguments(serve)
-    serve.set_defaults(local=_serve)
-    migrate = commands.add_parser("migrate", help="bring the database schema to the newest migration")
-    add_arguments(migrate)
-    migrate.set_defaults(local=_migrate)
+    _add_installed_commands(commands)
 
     types = commands.add_parser("types", help="experience types").add_subparsers(dest="action", required=True, metavar="ACTION")
     p = types.add_parser("create", parents=[client], help="create an experience type")

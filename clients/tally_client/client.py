@@ -3,7 +3,8 @@
 Both share one channel per client, put a deadline on every call, retry only
 idempotent reads on UNAVAILABLE (through the channel's service config), and raise
 `TallyError` subclasses that carry the status code, ErrorInfo reason and field
-violations.
+violations. What each method sends and returns is described once, in `_calls`;
+the two classes only run those descriptions, blocking or awaiting.
 
     with TallyClient("127.0.0.1:50051") as tally:
         with tally.experience("Document_Summarization") as run:
@@ -19,13 +20,14 @@ import contextlib
 import contextvars
 import json
 import threading
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Mapping
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar, overload
+from uuid import UUID
 
 import grpc
-from google.protobuf import field_mask_pb2, timestamp_pb2
 from grpc import aio
+
 from tally.v1 import (
     experience_service_pb2 as exp_pb,
     experience_service_pb2_grpc as exp_grpc,
@@ -37,14 +39,23 @@ from tally.v1 import (
     price_catalog_service_pb2_grpc as price_grpc,
 )
 
+from . import _calls
+from ._calls import Call, Units, usage_event
 from .errors import TallyError, from_rpc_error
 from .metadata import Metadata, create_metadata
+
+T = TypeVar("T")
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 DEFAULT_TIMEOUT = 10.0
 
 _READS = {
-    "tally.v1.ExperienceTypeService": ["GetExperienceType", "ListExperienceTypes", "ListExperienceTypeVersions", "GetExperienceTypeStats"],
+    "tally.v1.ExperienceTypeService": [
+        "GetExperienceType",
+        "ListExperienceTypes",
+        "ListExperienceTypeVersions",
+        "GetExperienceTypeStats",
+    ],
     "tally.v1.ExperienceService": ["GetExperience", "ListExperiences"],
     "tally.v1.PriceCatalogService": ["GetCustomPrice", "ListCustomPrices", "QuotePrice"],
 }
@@ -55,7 +66,9 @@ SERVICE_CONFIG = json.dumps(
     {
         "methodConfig": [
             {
-                "name": [{"service": service, "method": method} for service, methods in _READS.items() for method in methods],
+                "name": [
+                    {"service": service, "method": method} for service, methods in _READS.items() for method in methods
+                ],
                 "retryPolicy": {
                     "maxAttempts": 4,
                     "initialBackoff": "0.1s",
@@ -75,49 +88,6 @@ CHANNEL_OPTIONS = (
 )
 
 
-def usage_event(
-    category: str,
-    resource: str,
-    units: Mapping[str, tuple[int, int] | Mapping[str, int]] | None = None,
-    *,
-    event_time: datetime | None = None,
-    latency_ms: int = 0,
-    time_to_first_token_ms: int = 0,
-    http_status_code: int = 0,
-    provider_response_id: str = "",
-    idempotency_key: str = "",
-    properties: Mapping[str, str] | None = None,
-) -> ing_pb.UsageEvent:
-    """A UsageEvent; `units` maps a unit type to (input, output) or {"input": n, "output": n}."""
-    event = ing_pb.UsageEvent(
-        category=category,
-        resource=resource,
-        end_to_end_latency_ms=latency_ms,
-        time_to_first_token_ms=time_to_first_token_ms,
-        http_status_code=http_status_code,
-        provider_response_id=provider_response_id,
-        idempotency_key=idempotency_key,
-        properties=dict(properties or {}),
-    )
-    for unit_type, counts in (units or {}).items():
-        if isinstance(counts, Mapping):
-            event.units[unit_type].input = counts.get("input", 0)
-            event.units[unit_type].output = counts.get("output", 0)
-        else:
-            event.units[unit_type].input, event.units[unit_type].output = counts
-    if event_time is not None:
-        event.event_timestamp.FromDatetime(event_time)
-    return event
-
-
-def _timestamp(moment: datetime | None) -> timestamp_pb2.Timestamp | None:
-    if moment is None:
-        return None
-    stamp = timestamp_pb2.Timestamp()
-    stamp.FromDatetime(moment)
-    return stamp
-
-
 class ExperienceScope:
     """The experience context of the calls made inside `client.experience(...)`.
 
@@ -126,7 +96,9 @@ class ExperienceScope:
     Calls made concurrently before that wait for the first one.
     """
 
-    def __init__(self, name: str, experience_id: str = "", version: int = 0, user_id: str = "", tags: Iterable[str] = ()):
+    def __init__(
+        self, name: str, experience_id: str = "", version: int = 0, user_id: str = "", tags: Iterable[str] = ()
+    ) -> None:
         self.experience_name = name
         self.experience_id = experience_id
         self.experience_version = version
@@ -144,9 +116,10 @@ class ExperienceScope:
             request_tags=self.request_tags,
         )
 
-    def learn(self, experience_id: str) -> None:
-        if not self.experience_id and experience_id:
-            self.experience_id = experience_id
+    def learn(self, response: object) -> None:
+        """Takes the experience id the server resolved, from the first ingest's response."""
+        if not self.experience_id:
+            self.experience_id = _resolved_experience_id(response)
 
     @property
     def async_lock(self) -> asyncio.Lock:
@@ -158,7 +131,7 @@ class ExperienceScope:
 _scope: contextvars.ContextVar[ExperienceScope | None] = contextvars.ContextVar("tally_experience", default=None)
 
 
-def _result_experience_id(response: Any) -> str:
+def _resolved_experience_id(response: object) -> str:
     if isinstance(response, ing_pb.IngestResponse):
         return response.xproxy_result.experience_id
     if isinstance(response, ing_pb.IngestBatchResponse):
@@ -166,16 +139,27 @@ def _result_experience_id(response: Any) -> str:
     return ""
 
 
-class _Calls:
-    """The RPCs as methods. `_invoke` runs them: at once in TallyClient, as a coroutine in AsyncTallyClient."""
+def _credentials(secure: bool, credentials: grpc.ChannelCredentials | None) -> grpc.ChannelCredentials | None:
+    if credentials is not None:
+        return credentials
+    return grpc.ssl_channel_credentials() if secure else None
+
+
+class _ClientBase:
+    """What both clients share: the deadline and the experience scope."""
 
     timeout: float
 
-    def _invoke(self, rpc: Callable, request: Any, unpack: Callable = lambda r: r, timeout: float | None = None) -> Any:
-        raise NotImplementedError
-
     @contextlib.contextmanager
-    def experience(self, name: str, *, experience_id: str = "", version: int = 0, user_id: str = "", tags: Iterable[str] = ()) -> Iterator[ExperienceScope]:
+    def experience(
+        self,
+        name: str,
+        *,
+        experience_id: str | UUID = "",
+        version: int = 0,
+        user_id: str = "",
+        tags: Iterable[str] = (),
+    ) -> Iterator[ExperienceScope]:
         """Attaches an experience context to every call made inside the block (a plain
         `with`, for the async client too). Yields the scope; its `experience_id` is known
         after the first ingest, or at once when given."""
@@ -186,118 +170,11 @@ class _Calls:
         finally:
             _scope.reset(token)
 
-    # --- experience types ---------------------------------------------------------
-
-    def create_experience_type(self, name: str, description: str, settings: Mapping[str, str] | None = None, request_id: str = ""):  # noqa: ANN201
-        request = et_pb.CreateExperienceTypeRequest(
-            experience_type=et_pb.ExperienceType(name=name, description=description, settings=dict(settings or {})),
-            request_id=request_id,
-        )
-        return self._invoke(self._types.CreateExperienceType, request, lambda r: r.experience_type)
-
-    def get_experience_type(self, name: str):  # noqa: ANN201
-        return self._invoke(self._types.GetExperienceType, et_pb.GetExperienceTypeRequest(name=name), lambda r: r.experience_type)
-
-    def list_experience_types(self, page_size: int = 0, page_token: str = ""):  # noqa: ANN201
-        """One page: a ListExperienceTypesResponse with `experience_types` and `next_page_token`."""
-        return self._invoke(self._types.ListExperienceTypes, et_pb.ListExperienceTypesRequest(page_size=page_size, page_token=page_token))
-
-    def update_experience_type(self, name: str, description: str | None = None, settings: Mapping[str, str] | None = None):  # noqa: ANN201
-        paths = [path for path, value in (("description", description), ("settings", settings)) if value is not None]
-        if not paths:
-            raise ValueError("nothing to update: give a description, settings or both")
-        request = et_pb.UpdateExperienceTypeRequest(
-            experience_type=et_pb.ExperienceType(name=name, description=description or "", settings=dict(settings or {})),
-            update_mask=field_mask_pb2.FieldMask(paths=paths),
-        )
-        return self._invoke(self._types.UpdateExperienceType, request, lambda r: r.experience_type)
-
-    def delete_experience_type(self, name: str, force: bool = False):  # noqa: ANN201
-        request = et_pb.DeleteExperienceTypeRequest(name=name, force=force)
-        return self._invoke(self._types.DeleteExperienceType, request, lambda r: r.deleted_experience_count)
-
-    def increment_experience_type_version(self, name: str, request_id: str = ""):  # noqa: ANN201
-        request = et_pb.IncrementExperienceTypeVersionRequest(name=name, request_id=request_id)
-        return self._invoke(self._types.IncrementExperienceTypeVersion, request)
-
-    def list_experience_type_versions(self, name: str, page_size: int = 0, page_token: str = ""):  # noqa: ANN201
-        request = et_pb.ListExperienceTypeVersionsRequest(name=name, page_size=page_size, page_token=page_token)
-        return self._invoke(self._types.ListExperienceTypeVersions, request)
-
-    def get_experience_type_stats(self, name: str, version: int = 0, start: datetime | None = None, end: datetime | None = None):  # noqa: ANN201
-        request = et_pb.GetExperienceTypeStatsRequest(name=name, version=version, start_time=_timestamp(start), end_time=_timestamp(end))
-        return self._invoke(self._types.GetExperienceTypeStats, request)
-
-    # --- experiences --------------------------------------------------------------
-
-    def create_experience(self, experience_name: str, experience_id: str = "", version: int = 0, properties: Mapping[str, str] | None = None, request_id: str = ""):  # noqa: ANN201
-        request = exp_pb.CreateExperienceRequest(
-            experience_name=experience_name,
-            experience_id=str(experience_id or ""),
-            experience_version=version,
-            properties=dict(properties or {}),
-            request_id=request_id,
-        )
-        return self._invoke(self._experiences.CreateExperience, request, lambda r: r.experience)
-
-    def get_experience(self, experience_id: str):  # noqa: ANN201
-        """The experience with its cost statistics in `.stats`."""
-        request = exp_pb.GetExperienceRequest(experience_id=str(experience_id))
-        return self._invoke(self._experiences.GetExperience, request, lambda r: r.experience)
-
-    def list_experiences(self, experience_name: str, version: int = 0, page_size: int = 0, page_token: str = ""):  # noqa: ANN201
-        request = exp_pb.ListExperiencesRequest(
-            experience_name=experience_name, experience_version=version, page_size=page_size, page_token=page_token
-        )
-        return self._invoke(self._experiences.ListExperiences, request)
-
-    def delete_experience(self, experience_id: str):  # noqa: ANN201
-        request = exp_pb.DeleteExperienceRequest(experience_id=str(experience_id))
-        return self._invoke(self._experiences.DeleteExperience, request, lambda r: r.unattributed_event_count)
-
-    def update_experience_properties(self, experience_id: str, set_properties: Mapping[str, str] | None = None, remove_keys: Iterable[str] = ()):  # noqa: ANN201
-        request = exp_pb.UpdateExperiencePropertiesRequest(
-            experience_id=str(experience_id), set_properties=dict(set_properties or {}), remove_keys=list(remove_keys)
-        )
-        return self._invoke(self._experiences.UpdateExperienceProperties, request, lambda r: r.experience)
-
-    # --- ingest -------------------------------------------------------------------
-
-    def ingest(self, event_or_category: ing_pb.UsageEvent | str, resource: str = "", units: Mapping | None = None, **fields: Any):  # noqa: ANN201
-        """Ingests one event: a UsageEvent, or the arguments of `usage_event`. Returns the IngestResponse."""
-        event = event_or_category if isinstance(event_or_category, ing_pb.UsageEvent) else usage_event(event_or_category, resource, units, **fields)
-        return self._invoke(self._ingest.Ingest, ing_pb.IngestRequest(event=event))
-
-    def ingest_batch(self, events: Iterable[ing_pb.UsageEvent]):  # noqa: ANN201
-        """Ingests up to 1,000 events; the IngestBatchResponse has one item per event."""
-        return self._invoke(self._ingest.IngestBatch, ing_pb.IngestBatchRequest(events=list(events)), timeout=max(self.timeout, 60.0))
-
-    # --- prices -------------------------------------------------------------------
-
-    def create_custom_price(self, category: str, resource: str, unit_prices: Mapping[str, tuple[str, str]], effective_time: datetime | None = None):  # noqa: ANN201
-        """Adds a custom price; `unit_prices` maps a unit type to (input, output) USD per million, as decimal strings."""
-        price = price_pb.CustomPrice(
-            category=category,
-            resource=resource,
-            effective_time=_timestamp(effective_time),
-            unit_prices={u: price_pb.UnitPrice(input_per_million=i, output_per_million=o) for u, (i, o) in unit_prices.items()},
-        )
-        return self._invoke(self._prices.CreateCustomPrice, price_pb.CreateCustomPriceRequest(price=price), lambda r: r.price)
-
-    def _bind(self, channel: grpc.Channel | aio.Channel) -> None:
-        self._types = et_grpc.ExperienceTypeServiceStub(channel)
-        self._experiences = exp_grpc.ExperienceServiceStub(channel)
-        self._ingest = ing_grpc.IngestServiceStub(channel)
-        self._prices = price_grpc.PriceCatalogServiceStub(channel)
+    def _timeout(self, call: Call[Any]) -> float:
+        return max(self.timeout, call.min_timeout)
 
 
-def _credentials(secure: bool, credentials: grpc.ChannelCredentials | None) -> grpc.ChannelCredentials | None:
-    if credentials is not None:
-        return credentials
-    return grpc.ssl_channel_credentials() if secure else None
-
-
-class TallyClient(_Calls):
+class TallyClient(_ClientBase):
     """Blocking client. `secure=True` (or `credentials`) for TLS; plaintext otherwise."""
 
     def __init__(
@@ -310,15 +187,20 @@ class TallyClient(_Calls):
         channel: grpc.Channel | None = None,
     ) -> None:
         self.timeout = timeout
-        creds = _credentials(secure, credentials)
         if channel is None:
+            creds = _credentials(secure, credentials)
             channel = (
                 grpc.secure_channel(target, creds, options=CHANNEL_OPTIONS)
                 if creds
                 else grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
             )
         self.channel = channel
-        self._bind(channel)
+        self._stubs: dict[str, Any] = {
+            "types": et_grpc.ExperienceTypeServiceStub(channel),
+            "experiences": exp_grpc.ExperienceServiceStub(channel),
+            "ingest": ing_grpc.IngestServiceStub(channel),
+            "prices": price_grpc.PriceCatalogServiceStub(channel),
+        }
 
     def close(self) -> None:
         self.channel.close()
@@ -329,34 +211,177 @@ class TallyClient(_Calls):
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _invoke(self, rpc: Callable, request: Any, unpack: Callable = lambda r: r, timeout: float | None = None) -> Any:
+    def _run(self, call: Call[T]) -> T:
+        rpc = getattr(self._stubs[call.stub], call.method)
         scope = _scope.get()
         try:
             if scope is None:
-                return unpack(rpc(request, timeout=timeout or self.timeout))
+                return call.unpack(rpc(call.request, timeout=self._timeout(call)))
             if scope.experience_id:
-                return unpack(rpc(request, timeout=timeout or self.timeout, metadata=scope.metadata()))
+                return call.unpack(rpc(call.request, timeout=self._timeout(call), metadata=scope.metadata()))
             with scope._thread_lock:  # the first call creates the experience; the others wait for its id
-                response = rpc(request, timeout=timeout or self.timeout, metadata=scope.metadata())
-                scope.learn(_result_experience_id(response))
-                return unpack(response)
+                response = rpc(call.request, timeout=self._timeout(call), metadata=scope.metadata())
+                scope.learn(response)
+                return call.unpack(response)
         except grpc.RpcError as error:
             raise from_rpc_error(error) from None
 
-    def ingest_stream(self, events: Iterable[ing_pb.UsageEvent], metadata: Metadata = ()) -> Iterator[ing_pb.IngestStreamResponse]:
+    # --- experience types ---------------------------------------------------------
+
+    def create_experience_type(
+        self, name: str, description: str, *, settings: Mapping[str, str] | None = None, request_id: str = ""
+    ) -> et_pb.ExperienceType:
+        """Creates a type at version 1. A `request_id` makes a retry return the first result."""
+        return self._run(_calls.create_experience_type(name, description, settings, request_id))
+
+    def get_experience_type(self, name: str) -> et_pb.ExperienceType:
+        return self._run(_calls.get_experience_type(name))
+
+    def list_experience_types(self, *, page_size: int = 0, page_token: str = "") -> et_pb.ListExperienceTypesResponse:
+        """One page: `experience_types` and `next_page_token` (empty on the last page)."""
+        return self._run(_calls.list_experience_types(page_size, page_token))
+
+    def update_experience_type(
+        self, name: str, *, description: str | None = None, settings: Mapping[str, str] | None = None
+    ) -> et_pb.ExperienceType:
+        """Changes what is given (the version does not move); ValueError if nothing is."""
+        return self._run(_calls.update_experience_type(name, description, settings))
+
+    def delete_experience_type(self, name: str, *, force: bool = False) -> int:
+        """Deletes the type; with `force`, its experiences too. Returns how many were deleted."""
+        return self._run(_calls.delete_experience_type(name, force))
+
+    def increment_experience_type_version(
+        self, name: str, *, request_id: str = ""
+    ) -> et_pb.IncrementExperienceTypeVersionResponse:
+        return self._run(_calls.increment_experience_type_version(name, request_id))
+
+    def list_experience_type_versions(
+        self, name: str, *, page_size: int = 0, page_token: str = ""
+    ) -> et_pb.ListExperienceTypeVersionsResponse:
+        return self._run(_calls.list_experience_type_versions(name, page_size, page_token))
+
+    def get_experience_type_stats(
+        self, name: str, *, version: int = 0, start: datetime | None = None, end: datetime | None = None
+    ) -> et_pb.GetExperienceTypeStatsResponse:
+        """Cost per experience of the type (all versions, or `version`), over events in [start, end)."""
+        return self._run(_calls.get_experience_type_stats(name, version, start, end))
+
+    # --- experiences --------------------------------------------------------------
+
+    def create_experience(
+        self,
+        experience_name: str,
+        *,
+        experience_id: str | UUID = "",
+        version: int = 0,
+        properties: Mapping[str, str] | None = None,
+        request_id: str = "",
+    ) -> exp_pb.Experience:
+        """A new run of the type: a server UUIDv7, or `experience_id`; `version` pins a type version."""
+        return self._run(_calls.create_experience(experience_name, experience_id, version, properties, request_id))
+
+    def get_experience(self, experience_id: str | UUID) -> exp_pb.Experience:
+        """The experience with its cost statistics in `.stats`."""
+        return self._run(_calls.get_experience(experience_id))
+
+    def list_experiences(
+        self, experience_name: str, *, version: int = 0, page_size: int = 0, page_token: str = ""
+    ) -> exp_pb.ListExperiencesResponse:
+        """One page of the type's experiences, newest first."""
+        return self._run(_calls.list_experiences(experience_name, version, page_size, page_token))
+
+    def delete_experience(self, experience_id: str | UUID) -> int:
+        """Deletes it; returns how many of its events were kept as unattributed."""
+        return self._run(_calls.delete_experience(experience_id))
+
+    def update_experience_properties(
+        self,
+        experience_id: str | UUID,
+        *,
+        set_properties: Mapping[str, str] | None = None,
+        remove_keys: Iterable[str] = (),
+    ) -> exp_pb.Experience:
+        return self._run(_calls.update_experience_properties(experience_id, set_properties, remove_keys))
+
+    # --- ingest -------------------------------------------------------------------
+
+    @overload
+    def ingest(self, event: ing_pb.UsageEvent, /) -> ing_pb.IngestResponse: ...
+
+    @overload
+    def ingest(
+        self,
+        category: str,
+        resource: str,
+        units: Units | None = None,
+        *,
+        event_time: datetime | None = None,
+        latency_ms: int = 0,
+        time_to_first_token_ms: int = 0,
+        http_status_code: int = 0,
+        provider_response_id: str = "",
+        idempotency_key: str = "",
+        properties: Mapping[str, str] | None = None,
+    ) -> ing_pb.IngestResponse: ...
+
+    def ingest(
+        self,
+        event_or_category: ing_pb.UsageEvent | str,
+        resource: str = "",
+        units: Units | None = None,
+        **fields: Any,
+    ) -> ing_pb.IngestResponse:
+        """Ingests one event: a UsageEvent, or the arguments of `usage_event`."""
+        return self._run(_calls.ingest(_event(event_or_category, resource, units, fields)))
+
+    def ingest_batch(self, events: Iterable[ing_pb.UsageEvent]) -> ing_pb.IngestBatchResponse:
+        """Ingests up to 1,000 events; the response has one item per event, in order."""
+        return self._run(_calls.ingest_batch(events))
+
+    def ingest_stream(
+        self, events: Iterable[ing_pb.UsageEvent], metadata: Metadata = ()
+    ) -> Iterator[ing_pb.IngestStreamResponse]:
         """Streams events; yields one IngestStreamResponse per event, in order. `metadata`
         (from create_metadata) applies to every event; inside `experience(...)` its context does."""
         scope = _scope.get()
-        metadata = scope.metadata() if scope else tuple(metadata)
         requests = (ing_pb.IngestStreamRequest(event=event) for event in events)
         try:
-            yield from self._ingest.IngestStream(requests, metadata=metadata)
+            yield from self._stubs["ingest"].IngestStream(requests, metadata=scope.metadata() if scope else metadata)
         except grpc.RpcError as error:
             raise from_rpc_error(error) from None
 
+    # --- prices -------------------------------------------------------------------
 
-class AsyncTallyClient(_Calls):
-    """asyncio client: every method returns an awaitable. Use inside a running event loop."""
+    def create_custom_price(
+        self,
+        category: str,
+        resource: str,
+        unit_prices: Mapping[str, tuple[str, str]],
+        *,
+        effective_time: datetime | None = None,
+    ) -> price_pb.CustomPrice:
+        """Adds a price; `unit_prices` maps a unit type to (input, output) USD per million
+        units, as exact decimal strings. It applies to events at or after `effective_time`."""
+        return self._run(_calls.create_custom_price(category, resource, unit_prices, effective_time))
+
+    def get_custom_price(self, price_id: str | UUID) -> price_pb.CustomPrice:
+        return self._run(_calls.get_custom_price(price_id))
+
+    def list_custom_prices(
+        self, *, category: str = "", resource: str = "", page_size: int = 0, page_token: str = ""
+    ) -> price_pb.ListCustomPricesResponse:
+        return self._run(_calls.list_custom_prices(category, resource, page_size, page_token))
+
+    def quote_price(
+        self, category: str, resource: str, units: Units, *, event_time: datetime | None = None
+    ) -> ing_pb.XProxyResult:
+        """What this usage costs (at `event_time`, default now), without storing anything."""
+        return self._run(_calls.quote_price(category, resource, units, event_time))
+
+
+class AsyncTallyClient(_ClientBase):
+    """asyncio client: the same methods as TallyClient, awaited. Use inside a running event loop."""
 
     def __init__(
         self,
@@ -373,7 +398,12 @@ class AsyncTallyClient(_Calls):
             if creds
             else aio.insecure_channel(target, options=CHANNEL_OPTIONS)
         )
-        self._bind(self.channel)
+        self._stubs: dict[str, Any] = {
+            "types": et_grpc.ExperienceTypeServiceStub(self.channel),
+            "experiences": exp_grpc.ExperienceServiceStub(self.channel),
+            "ingest": ing_grpc.IngestServiceStub(self.channel),
+            "prices": price_grpc.PriceCatalogServiceStub(self.channel),
+        }
 
     async def close(self) -> None:
         await self.channel.close()
@@ -384,23 +414,137 @@ class AsyncTallyClient(_Calls):
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    def _invoke(self, rpc: Callable, request: Any, unpack: Callable = lambda r: r, timeout: float | None = None) -> Any:
-        scope = _scope.get()  # read now: the coroutine may be awaited elsewhere
+    async def _run(self, call: Call[T]) -> T:
+        rpc = getattr(self._stubs[call.stub], call.method)
+        scope = _scope.get()
+        try:
+            if scope is None:
+                return call.unpack(await rpc(call.request, timeout=self._timeout(call)))
+            if scope.experience_id:
+                return call.unpack(await rpc(call.request, timeout=self._timeout(call), metadata=scope.metadata()))
+            async with scope.async_lock:  # the first call creates the experience; the others wait for its id
+                response = await rpc(call.request, timeout=self._timeout(call), metadata=scope.metadata())
+                scope.learn(response)
+                return call.unpack(response)
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
 
-        async def call() -> Any:
-            try:
-                if scope is None:
-                    return unpack(await rpc(request, timeout=timeout or self.timeout))
-                if scope.experience_id:
-                    return unpack(await rpc(request, timeout=timeout or self.timeout, metadata=scope.metadata()))
-                async with scope.async_lock:
-                    response = await rpc(request, timeout=timeout or self.timeout, metadata=scope.metadata())
-                    scope.learn(_result_experience_id(response))
-                    return unpack(response)
-            except grpc.RpcError as error:
-                raise from_rpc_error(error) from None
+    # --- experience types ---------------------------------------------------------
 
-        return call()
+    async def create_experience_type(
+        self, name: str, description: str, *, settings: Mapping[str, str] | None = None, request_id: str = ""
+    ) -> et_pb.ExperienceType:
+        """Creates a type at version 1. A `request_id` makes a retry return the first result."""
+        return await self._run(_calls.create_experience_type(name, description, settings, request_id))
+
+    async def get_experience_type(self, name: str) -> et_pb.ExperienceType:
+        return await self._run(_calls.get_experience_type(name))
+
+    async def list_experience_types(
+        self, *, page_size: int = 0, page_token: str = ""
+    ) -> et_pb.ListExperienceTypesResponse:
+        """One page: `experience_types` and `next_page_token` (empty on the last page)."""
+        return await self._run(_calls.list_experience_types(page_size, page_token))
+
+    async def update_experience_type(
+        self, name: str, *, description: str | None = None, settings: Mapping[str, str] | None = None
+    ) -> et_pb.ExperienceType:
+        """Changes what is given (the version does not move); ValueError if nothing is."""
+        return await self._run(_calls.update_experience_type(name, description, settings))
+
+    async def delete_experience_type(self, name: str, *, force: bool = False) -> int:
+        """Deletes the type; with `force`, its experiences too. Returns how many were deleted."""
+        return await self._run(_calls.delete_experience_type(name, force))
+
+    async def increment_experience_type_version(
+        self, name: str, *, request_id: str = ""
+    ) -> et_pb.IncrementExperienceTypeVersionResponse:
+        return await self._run(_calls.increment_experience_type_version(name, request_id))
+
+    async def list_experience_type_versions(
+        self, name: str, *, page_size: int = 0, page_token: str = ""
+    ) -> et_pb.ListExperienceTypeVersionsResponse:
+        return await self._run(_calls.list_experience_type_versions(name, page_size, page_token))
+
+    async def get_experience_type_stats(
+        self, name: str, *, version: int = 0, start: datetime | None = None, end: datetime | None = None
+    ) -> et_pb.GetExperienceTypeStatsResponse:
+        """Cost per experience of the type (all versions, or `version`), over events in [start, end)."""
+        return await self._run(_calls.get_experience_type_stats(name, version, start, end))
+
+    # --- experiences --------------------------------------------------------------
+
+    async def create_experience(
+        self,
+        experience_name: str,
+        *,
+        experience_id: str | UUID = "",
+        version: int = 0,
+        properties: Mapping[str, str] | None = None,
+        request_id: str = "",
+    ) -> exp_pb.Experience:
+        """A new run of the type: a server UUIDv7, or `experience_id`; `version` pins a type version."""
+        return await self._run(
+            _calls.create_experience(experience_name, experience_id, version, properties, request_id)
+        )
+
+    async def get_experience(self, experience_id: str | UUID) -> exp_pb.Experience:
+        """The experience with its cost statistics in `.stats`."""
+        return await self._run(_calls.get_experience(experience_id))
+
+    async def list_experiences(
+        self, experience_name: str, *, version: int = 0, page_size: int = 0, page_token: str = ""
+    ) -> exp_pb.ListExperiencesResponse:
+        """One page of the type's experiences, newest first."""
+        return await self._run(_calls.list_experiences(experience_name, version, page_size, page_token))
+
+    async def delete_experience(self, experience_id: str | UUID) -> int:
+        """Deletes it; returns how many of its events were kept as unattributed."""
+        return await self._run(_calls.delete_experience(experience_id))
+
+    async def update_experience_properties(
+        self,
+        experience_id: str | UUID,
+        *,
+        set_properties: Mapping[str, str] | None = None,
+        remove_keys: Iterable[str] = (),
+    ) -> exp_pb.Experience:
+        return await self._run(_calls.update_experience_properties(experience_id, set_properties, remove_keys))
+
+    # --- ingest -------------------------------------------------------------------
+
+    @overload
+    async def ingest(self, event: ing_pb.UsageEvent, /) -> ing_pb.IngestResponse: ...
+
+    @overload
+    async def ingest(
+        self,
+        category: str,
+        resource: str,
+        units: Units | None = None,
+        *,
+        event_time: datetime | None = None,
+        latency_ms: int = 0,
+        time_to_first_token_ms: int = 0,
+        http_status_code: int = 0,
+        provider_response_id: str = "",
+        idempotency_key: str = "",
+        properties: Mapping[str, str] | None = None,
+    ) -> ing_pb.IngestResponse: ...
+
+    async def ingest(
+        self,
+        event_or_category: ing_pb.UsageEvent | str,
+        resource: str = "",
+        units: Units | None = None,
+        **fields: Any,
+    ) -> ing_pb.IngestResponse:
+        """Ingests one event: a UsageEvent, or the arguments of `usage_event`."""
+        return await self._run(_calls.ingest(_event(event_or_category, resource, units, fields)))
+
+    async def ingest_batch(self, events: Iterable[ing_pb.UsageEvent]) -> ing_pb.IngestBatchResponse:
+        """Ingests up to 1,000 events; the response has one item per event, in order."""
+        return await self._run(_calls.ingest_batch(events))
 
     async def ingest_stream(
         self, events: AsyncIterable[ing_pb.UsageEvent] | Iterable[ing_pb.UsageEvent], metadata: Metadata = ()
@@ -408,10 +552,9 @@ class AsyncTallyClient(_Calls):
         """Streams events; yields one IngestStreamResponse per event, in order. `metadata`
         (from create_metadata) applies to every event; inside `experience(...)` its context does."""
         scope = _scope.get()
-        metadata = scope.metadata() if scope else tuple(metadata)
 
-        async def requests():  # noqa: ANN202
-            if hasattr(events, "__aiter__"):
+        async def requests() -> AsyncIterator[ing_pb.IngestStreamRequest]:
+            if isinstance(events, AsyncIterable):
                 async for event in events:
                     yield ing_pb.IngestStreamRequest(event=event)
             else:
@@ -419,10 +562,47 @@ class AsyncTallyClient(_Calls):
                     yield ing_pb.IngestStreamRequest(event=event)
 
         try:
-            async for response in self._ingest.IngestStream(requests(), metadata=metadata):
+            call = self._stubs["ingest"].IngestStream(requests(), metadata=scope.metadata() if scope else metadata)
+            async for response in call:
                 yield response
         except grpc.RpcError as error:
             raise from_rpc_error(error) from None
+
+    # --- prices -------------------------------------------------------------------
+
+    async def create_custom_price(
+        self,
+        category: str,
+        resource: str,
+        unit_prices: Mapping[str, tuple[str, str]],
+        *,
+        effective_time: datetime | None = None,
+    ) -> price_pb.CustomPrice:
+        """Adds a price; `unit_prices` maps a unit type to (input, output) USD per million
+        units, as exact decimal strings. It applies to events at or after `effective_time`."""
+        return await self._run(_calls.create_custom_price(category, resource, unit_prices, effective_time))
+
+    async def get_custom_price(self, price_id: str | UUID) -> price_pb.CustomPrice:
+        return await self._run(_calls.get_custom_price(price_id))
+
+    async def list_custom_prices(
+        self, *, category: str = "", resource: str = "", page_size: int = 0, page_token: str = ""
+    ) -> price_pb.ListCustomPricesResponse:
+        return await self._run(_calls.list_custom_prices(category, resource, page_size, page_token))
+
+    async def quote_price(
+        self, category: str, resource: str, units: Units, *, event_time: datetime | None = None
+    ) -> ing_pb.XProxyResult:
+        """What this usage costs (at `event_time`, default now), without storing anything."""
+        return await self._run(_calls.quote_price(category, resource, units, event_time))
+
+
+def _event(
+    event_or_category: ing_pb.UsageEvent | str, resource: str, units: Units | None, fields: Mapping[str, Any]
+) -> ing_pb.UsageEvent:
+    if isinstance(event_or_category, ing_pb.UsageEvent):
+        return event_or_category
+    return usage_event(event_or_category, resource, units, **fields)
 
 
 __all__ = ["AsyncTallyClient", "ExperienceScope", "TallyClient", "TallyError", "usage_event"]

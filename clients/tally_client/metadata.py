@@ -1,4 +1,7 @@
-"""The xproxy metadata keys, as DESIGN.md names them."""
+"""The xproxy metadata keys, mirroring the reference product's xProxy headers.
+
+The one copy of these names: the server reads the same constants.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +13,15 @@ EXPERIENCE_NAME = "xproxy-experience-name"
 EXPERIENCE_VERSION = "xproxy-experience-version"
 USER_ID = "xproxy-user-id"
 REQUEST_TAGS = "xproxy-request-tags"
+
+# Each field of an event's context (tally.v1.EventContext) and the key that carries it.
+CONTEXT_KEYS = {
+    "experience_id": EXPERIENCE_ID,
+    "experience_name": EXPERIENCE_NAME,
+    "experience_version": EXPERIENCE_VERSION,
+    "user_id": USER_ID,
+    "request_tags": REQUEST_TAGS,
+}
 
 Metadata = tuple[tuple[str, str], ...]
 

@@ -14,6 +14,7 @@ class Code(enum.Enum):
     ALREADY_EXISTS = 6
     FAILED_PRECONDITION = 9
     ABORTED = 10
+    INTERNAL = 13
     UNAVAILABLE = 14
 
 
@@ -40,6 +41,26 @@ class TallyError(Exception):
 
     def __str__(self) -> str:
         return self.message
+
+
+class StorageUnavailable(TallyError):
+    """The database could not be reached, or was busy beyond its timeout: worth a retry.
+
+    The caller gets a generic message; `detail` (the driver's own words) is only logged.
+    """
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(
+            Code.UNAVAILABLE,
+            "STORAGE_UNAVAILABLE",
+            "the database is unavailable or busy; retry (an ingest with the same idempotency key)",
+        )
+        self.detail = detail
+
+
+def internal_error(request_id: str) -> TallyError:
+    """What a caller learns of a bug: that it happened, and where the log has it."""
+    return TallyError(Code.INTERNAL, "INTERNAL", f"internal error; the server logged it under request id {request_id}")
 
 
 def invalid(violations: list[Violation], reason: str = "INVALID_ARGUMENT") -> TallyError:

@@ -8,9 +8,11 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
+from tally_client.metadata import CONTEXT_KEYS
+
 from ..storage import repository as repo
 from ..storage.db import Database
-from .errors import Code, TallyError, Violations
+from .errors import Code, TallyError, Violations, invalid
 from .ids import uuid7
 from .models import Cost, CostState, EventContext, IngestResult, PriceReference, PriceSource, UnknownUnit, UsageEvent, now_us
 from .pricing import PriceCatalog
@@ -34,19 +36,23 @@ def merge_context(call: EventContext, event: EventContext, v: Violations) -> Eve
         return call
     if call == _NO_CONTEXT:
         return event
-    merged = {}
-    for name, key in (
-        ("experience_id", "xproxy-experience-id"),
-        ("experience_name", "xproxy-experience-name"),
-        ("experience_version", "xproxy-experience-version"),
-        ("user_id", "xproxy-user-id"),
-        ("request_tags", "xproxy-request-tags"),
-    ):
+    merged: dict[str, Any] = {}
+    for name, key in CONTEXT_KEYS.items():
         from_call, from_event = getattr(call, name), getattr(event, name)
         if from_call and from_event and from_call != from_event:
             v.add(f"context.{name}", f"{from_event!r} contradicts metadata {key}={from_call!r}")
         merged[name] = from_event or from_call
     return EventContext(**merged)
+
+
+def prepare_event(event: UsageEvent, call: EventContext, now: int, prefix: str = "") -> UsageEvent | TallyError:
+    """An event as converted from the wire, with its own context, made ready to store:
+    merged with the call's context (metadata) and validated. Returns the event, or the
+    INVALID_ARGUMENT that refuses it, with field paths under `prefix`."""
+    v = Violations(prefix)
+    event.context = merge_context(call, event.context, v)
+    validate_event(event, now, v)
+    return invalid(v.items, "INVALID_EVENT") if v else event
 
 
 def validate_event(event: UsageEvent, now: int | None, v: Violations) -> None:

@@ -135,17 +135,20 @@ def event_context(c: ing_pb.EventContext) -> m.EventContext:
     )
 
 
-def usage_event(event: ing_pb.UsageEvent, context: m.EventContext, now_us: int) -> m.UsageEvent:
-    """The domain event, context already merged. Its content hash covers the usage as
-    sent (before defaults such as the event time) and not the context: a retry that
-    has since learned its experience id is still the same event."""
+def usage_event(event: ing_pb.UsageEvent, now_us: int) -> m.UsageEvent:
+    """The domain event with its own context, not yet merged with the call's (the
+    domain's prepare_event does that). Its content hash covers the usage as sent
+    (before defaults such as the event time) and not the context: a retry that has
+    since learned its experience id is still the same event."""
     if event.HasField("context"):
         usage_only = ing_pb.UsageEvent()
         usage_only.CopyFrom(event)
         usage_only.ClearField("context")
         event_bytes = usage_only.SerializeToString(deterministic=True)
+        context = event_context(event.context)
     else:
         event_bytes = event.SerializeToString(deterministic=True)
+        context = _NO_CONTEXT
     properties = event.properties
     return m.UsageEvent(
         category=event.category,
@@ -161,6 +164,9 @@ def usage_event(event: ing_pb.UsageEvent, context: m.EventContext, now_us: int) 
         context=context,
         content_hash=hashlib.sha256(event_bytes).hexdigest(),
     )
+
+
+_NO_CONTEXT = m.EventContext()
 
 
 def price_reference(p: m.PriceReference) -> ing_pb.PriceReference:

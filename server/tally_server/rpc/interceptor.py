@@ -16,9 +16,7 @@ from collections.abc import AsyncIterator, Callable
 import grpc
 from grpc import aio
 
-from ..domain.errors import TallyError
-from ..storage.db import StorageUnavailable
-from .status import internal_status, status_of, unavailable_status
+from .status import as_tally_error, current_call, status_of
 
 log = logging.getLogger("tally.rpc")
 REQUEST_ID_KEY = "x-request-id"
@@ -40,18 +38,10 @@ class _Call:
         given = next((value for key, value in context.invocation_metadata() or () if key == REQUEST_ID_KEY), None)
         self.request_id = str(given)[:128] if given else f"{_REQUEST_ID_PREFIX}-{next(_request_numbers):x}"
         context.set_trailing_metadata(((REQUEST_ID_KEY, self.request_id),))
+        current_call.set((method, self.request_id))
 
     async def fail(self, context: aio.ServicerContext, error: Exception) -> None:
-        if isinstance(error, TallyError):
-            status = status_of(error)
-        elif isinstance(error, StorageUnavailable):
-            log.warning("storage unavailable method=%s request_id=%s: %s", self.method, self.request_id, error)
-            status = unavailable_status(self.request_id)
-        else:
-            log.error(
-                "unhandled error method=%s request_id=%s", self.method, self.request_id, exc_info=error
-            )
-            status = internal_status(self.request_id)
+        status = status_of(as_tally_error(error, self.method, self.request_id))
         self.code = status.code
         metadata = tuple(status.trailing_metadata) + ((REQUEST_ID_KEY, self.request_id),)
         await context.abort(status.code, status.details, metadata)

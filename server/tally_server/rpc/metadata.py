@@ -5,14 +5,12 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterable
 
+from tally_client.metadata import EXPERIENCE_ID, EXPERIENCE_NAME, EXPERIENCE_VERSION, REQUEST_TAGS, USER_ID
+
 from ..domain.errors import Violations
 from ..domain.models import EventContext
 
-EXPERIENCE_ID = "xproxy-experience-id"
-EXPERIENCE_NAME = "xproxy-experience-name"
-EXPERIENCE_VERSION = "xproxy-experience-version"
-USER_ID = "xproxy-user-id"
-REQUEST_TAGS = "xproxy-request-tags"
+__all__ = ["EXPERIENCE_ID", "call_context"]
 
 
 _NO_CONTEXT = EventContext()

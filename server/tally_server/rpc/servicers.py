@@ -10,7 +10,6 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 
-from google.rpc import code_pb2
 from grpc import aio
 from tally.v1 import (
     common_pb2,
@@ -25,14 +24,14 @@ from tally.v1 import (
 )
 
 from ..domain import ingest as ingest_rules
-from ..domain.errors import TallyError, Violations, invalid
+from ..domain.errors import TallyError, Violations
 from ..domain.experience_types import ExperienceTypes
 from ..domain.experiences import Experiences
 from ..domain.ingest import Ingestor
 from ..domain.models import EventContext, UnitPrice, UsageEvent, now_us
 from ..domain.prices import Prices
-from ..storage.db import StorageUnavailable
 from . import convert, metadata
+from .status import as_tally_error, current_call
 
 log = logging.getLogger("tally.rpc")
 
@@ -135,25 +134,12 @@ class ExperienceServicer(exp_grpc.ExperienceServiceServicer):
 def _item_error(outcome: Exception) -> common_pb2.ItemError:
     """An event's refusal or failure as a batch or stream item's error, so that one
     event's fate never decides the others'."""
-    if isinstance(outcome, TallyError):
-        return convert.item_error(outcome)
-    if isinstance(outcome, StorageUnavailable):
-        return common_pb2.ItemError(
-            code=code_pb2.UNAVAILABLE,
-            reason="STORAGE_UNAVAILABLE",
-            message="the database is unavailable or busy; retry this event",
-        )
-    log.error("ingesting an event failed", exc_info=outcome)
-    return common_pb2.ItemError(code=code_pb2.INTERNAL, reason="INTERNAL", message="internal error; the server logged it")
+    return convert.item_error(as_tally_error(outcome, *current_call.get()))
 
 
-def _prepare(event: ing_pb.UsageEvent, call: EventContext, now: int, prefix: str) -> UsageEvent | TallyError:
-    """A validated domain event, or the INVALID_ARGUMENT that refuses it."""
-    v = Violations(prefix)
-    merged = ingest_rules.merge_context(call, convert.event_context(event.context), v) if event.HasField("context") else call
-    domain_event = convert.usage_event(event, merged, now)
-    ingest_rules.validate_event(domain_event, now, v)
-    return invalid(v.items, "INVALID_EVENT") if v else domain_event
+def _prepare(message: ing_pb.UsageEvent, call: EventContext, now: int, prefix: str) -> UsageEvent | TallyError:
+    """The validated domain event, or the INVALID_ARGUMENT that refuses it."""
+    return ingest_rules.prepare_event(convert.usage_event(message, now), call, now, prefix)
 
 
 class IngestServicer(ing_grpc.IngestServiceServicer):

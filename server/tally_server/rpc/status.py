@@ -1,53 +1,60 @@
-"""Domain errors as rich gRPC statuses (google.rpc.Status with ErrorInfo, BadRequest, ResourceInfo)."""
+"""How an exception becomes what a caller sees: the one place that decides it.
+
+A TallyError (StorageUnavailable included) is the caller's answer as it is; anything
+else is a bug, logged with its stack trace under the request id and answered as
+INTERNAL with a generic message. The result becomes a rich status for a call
+(google.rpc.Status with ErrorInfo, BadRequest, ResourceInfo), or an item error in a
+batch or stream.
+"""
 
 from __future__ import annotations
 
+import contextvars
+import logging
+
 import grpc
-from google.protobuf import any_pb2
-from google.rpc import code_pb2, error_details_pb2, status_pb2
+from google.protobuf import any_pb2, message
+from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from ..domain.errors import TallyError
+from ..domain.errors import StorageUnavailable, TallyError, internal_error
 
+log = logging.getLogger("tally.rpc")
 DOMAIN = "tally.v1"
 
+# (method, request id) of the call being served, set by the interceptor, so that an
+# event's error in a batch or stream is logged under its call like the call's own.
+current_call: contextvars.ContextVar[tuple[str, str]] = contextvars.ContextVar("tally_call", default=("", ""))
 
-def rich_status(code: int, reason: str, message: str, violations=(), resource=None) -> grpc.Status:  # noqa: ANN001
-    details = []
-    info = error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN)
-    details.append(info)
-    if violations:
+
+def as_tally_error(error: BaseException, method: str, request_id: str) -> TallyError:
+    """The error a caller gets for `error`, logged as it deserves."""
+    if isinstance(error, StorageUnavailable):
+        log.warning("storage unavailable method=%s request_id=%s: %s", method, request_id, error.detail)
+        return error
+    if isinstance(error, TallyError):
+        return error
+    log.error("unhandled error method=%s request_id=%s", method, request_id, exc_info=error)
+    return internal_error(request_id)
+
+
+def status_of(error: TallyError) -> grpc.Status:
+    details: list[message.Message] = [error_details_pb2.ErrorInfo(reason=error.reason, domain=DOMAIN)]
+    if error.violations:
         details.append(
             error_details_pb2.BadRequest(
                 field_violations=[
                     error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
-                    for v in violations
+                    for v in error.violations
                 ]
             )
         )
-    if resource is not None:
-        details.append(error_details_pb2.ResourceInfo(resource_type=resource[0], resource_name=resource[1]))
+    if error.resource is not None:
+        resource_type, resource_name = error.resource
+        details.append(error_details_pb2.ResourceInfo(resource_type=resource_type, resource_name=resource_name))
     packed = []
     for detail in details:
         container = any_pb2.Any()
         container.Pack(detail)
         packed.append(container)
-    return rpc_status.to_status(status_pb2.Status(code=code, message=message, details=packed))
-
-
-def status_of(error: TallyError) -> grpc.Status:
-    return rich_status(error.code.value, error.reason, error.message, error.violations, error.resource)
-
-
-def unavailable_status(request_id: str) -> grpc.Status:
-    return rich_status(
-        code_pb2.UNAVAILABLE,
-        "STORAGE_UNAVAILABLE",
-        f"the database is unavailable or busy; retry (ingest with the same idempotency key); request id {request_id}",
-    )
-
-
-def internal_status(request_id: str) -> grpc.Status:
-    return rich_status(
-        code_pb2.INTERNAL, "INTERNAL", f"internal error; the server logged it under request id {request_id}"
-    )
+    return rpc_status.to_status(status_pb2.Status(code=error.code.value, message=error.message, details=packed))

@@ -13,16 +13,14 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
+from ..domain.errors import StorageUnavailable
+
 log = logging.getLogger(__name__)
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 _WRITE = "tally_write"
 # Any constant: serializes migrations of replicas that start together on PostgreSQL.
 _MIGRATION_LOCK_ID = 0x7A11E
-
-
-class StorageUnavailable(Exception):
-    """The database could not be reached or was busy beyond the timeout: worth a retry."""
 
 
 _UNAVAILABLE = (sa.exc.OperationalError, sa.exc.InterfaceError, OSError, asyncio.TimeoutError)

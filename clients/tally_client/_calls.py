@@ -1,0 +1,255 @@
+"""Each RPC of the client as a typed description: which method, the request, and how the
+response becomes what the client method returns. TallyClient and AsyncTallyClient run
+the same descriptions, one blocking and one awaiting, so that what a call sends and
+returns is written once."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Generic, TypeVar
+from uuid import UUID
+
+from google.protobuf import field_mask_pb2, timestamp_pb2
+
+from tally.v1 import (
+    experience_service_pb2 as exp_pb,
+    experience_type_service_pb2 as et_pb,
+    ingest_service_pb2 as ing_pb,
+    price_catalog_service_pb2 as price_pb,
+)
+
+T = TypeVar("T")
+
+# A unit type's counts: (input, output), or {"input": n, "output": n} with either key optional.
+UnitCounts = tuple[int, int] | Mapping[str, int]
+Units = Mapping[str, UnitCounts]
+
+
+@dataclass(frozen=True, slots=True)
+class Call(Generic[T]):
+    """One unary call: the stub (`types`, `experiences`, `ingest` or `prices`), the method,
+    the request, and what the client returns of the response."""
+
+    stub: str
+    method: str
+    request: Any
+    unpack: Callable[[Any], T]
+    # Calls that may take long (a full batch) get at least this many seconds.
+    min_timeout: float = 0.0
+
+
+def _same(response: T) -> T:
+    return response
+
+
+def _timestamp(moment: datetime | None) -> timestamp_pb2.Timestamp | None:
+    if moment is None:
+        return None
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromDatetime(moment)
+    return stamp
+
+
+def set_units(target: Any, units: Units | None) -> None:
+    """Writes `units` into a map<string, UnitCounts> field."""
+    for unit_type, counts in (units or {}).items():
+        entry = target[unit_type]
+        if isinstance(counts, Mapping):
+            entry.input = counts.get("input", 0)
+            entry.output = counts.get("output", 0)
+        else:
+            entry.input, entry.output = counts
+
+
+def usage_event(
+    category: str,
+    resource: str,
+    units: Units | None = None,
+    *,
+    event_time: datetime | None = None,
+    latency_ms: int = 0,
+    time_to_first_token_ms: int = 0,
+    http_status_code: int = 0,
+    provider_response_id: str = "",
+    idempotency_key: str = "",
+    properties: Mapping[str, str] | None = None,
+) -> ing_pb.UsageEvent:
+    """A UsageEvent; `units` maps a unit type to (input, output) or {"input": n, "output": n}."""
+    event = ing_pb.UsageEvent(
+        category=category,
+        resource=resource,
+        end_to_end_latency_ms=latency_ms,
+        time_to_first_token_ms=time_to_first_token_ms,
+        http_status_code=http_status_code,
+        provider_response_id=provider_response_id,
+        idempotency_key=idempotency_key,
+        properties=dict(properties or {}),
+    )
+    set_units(event.units, units)
+    if event_time is not None:
+        event.event_timestamp.FromDatetime(event_time)
+    return event
+
+
+# --- experience types ---------------------------------------------------------------
+
+
+def create_experience_type(
+    name: str, description: str, settings: Mapping[str, str] | None, request_id: str
+) -> Call[et_pb.ExperienceType]:
+    experience_type = et_pb.ExperienceType(name=name, description=description, settings=dict(settings or {}))
+    request = et_pb.CreateExperienceTypeRequest(experience_type=experience_type, request_id=request_id)
+    return Call("types", "CreateExperienceType", request, lambda r: r.experience_type)
+
+
+def get_experience_type(name: str) -> Call[et_pb.ExperienceType]:
+    request = et_pb.GetExperienceTypeRequest(name=name)
+    return Call("types", "GetExperienceType", request, lambda r: r.experience_type)
+
+
+def list_experience_types(page_size: int, page_token: str) -> Call[et_pb.ListExperienceTypesResponse]:
+    request = et_pb.ListExperienceTypesRequest(page_size=page_size, page_token=page_token)
+    return Call("types", "ListExperienceTypes", request, _same)
+
+
+def update_experience_type(
+    name: str, description: str | None, settings: Mapping[str, str] | None
+) -> Call[et_pb.ExperienceType]:
+    paths = [path for path, value in (("description", description), ("settings", settings)) if value is not None]
+    if not paths:
+        raise ValueError("nothing to update: give a description, settings or both")
+    request = et_pb.UpdateExperienceTypeRequest(
+        experience_type=et_pb.ExperienceType(name=name, description=description or "", settings=dict(settings or {})),
+        update_mask=field_mask_pb2.FieldMask(paths=paths),
+    )
+    return Call("types", "UpdateExperienceType", request, lambda r: r.experience_type)
+
+
+def delete_experience_type(name: str, force: bool) -> Call[int]:
+    request = et_pb.DeleteExperienceTypeRequest(name=name, force=force)
+    return Call("types", "DeleteExperienceType", request, lambda r: r.deleted_experience_count)
+
+
+def increment_experience_type_version(
+    name: str, request_id: str
+) -> Call[et_pb.IncrementExperienceTypeVersionResponse]:
+    request = et_pb.IncrementExperienceTypeVersionRequest(name=name, request_id=request_id)
+    return Call("types", "IncrementExperienceTypeVersion", request, _same)
+
+
+def list_experience_type_versions(
+    name: str, page_size: int, page_token: str
+) -> Call[et_pb.ListExperienceTypeVersionsResponse]:
+    request = et_pb.ListExperienceTypeVersionsRequest(name=name, page_size=page_size, page_token=page_token)
+    return Call("types", "ListExperienceTypeVersions", request, _same)
+
+
+def get_experience_type_stats(
+    name: str, version: int, start: datetime | None, end: datetime | None
+) -> Call[et_pb.GetExperienceTypeStatsResponse]:
+    request = et_pb.GetExperienceTypeStatsRequest(
+        name=name, version=version, start_time=_timestamp(start), end_time=_timestamp(end)
+    )
+    return Call("types", "GetExperienceTypeStats", request, _same)
+
+
+# --- experiences --------------------------------------------------------------------
+
+
+def create_experience(
+    experience_name: str,
+    experience_id: str | UUID,
+    version: int,
+    properties: Mapping[str, str] | None,
+    request_id: str,
+) -> Call[exp_pb.Experience]:
+    request = exp_pb.CreateExperienceRequest(
+        experience_name=experience_name,
+        experience_id=str(experience_id or ""),
+        experience_version=version,
+        properties=dict(properties or {}),
+        request_id=request_id,
+    )
+    return Call("experiences", "CreateExperience", request, lambda r: r.experience)
+
+
+def get_experience(experience_id: str | UUID) -> Call[exp_pb.Experience]:
+    request = exp_pb.GetExperienceRequest(experience_id=str(experience_id))
+    return Call("experiences", "GetExperience", request, lambda r: r.experience)
+
+
+def list_experiences(
+    experience_name: str, version: int, page_size: int, page_token: str
+) -> Call[exp_pb.ListExperiencesResponse]:
+    request = exp_pb.ListExperiencesRequest(
+        experience_name=experience_name, experience_version=version, page_size=page_size, page_token=page_token
+    )
+    return Call("experiences", "ListExperiences", request, _same)
+
+
+def delete_experience(experience_id: str | UUID) -> Call[int]:
+    request = exp_pb.DeleteExperienceRequest(experience_id=str(experience_id))
+    return Call("experiences", "DeleteExperience", request, lambda r: r.unattributed_event_count)
+
+
+def update_experience_properties(
+    experience_id: str | UUID, set_properties: Mapping[str, str] | None, remove_keys: Iterable[str]
+) -> Call[exp_pb.Experience]:
+    request = exp_pb.UpdateExperiencePropertiesRequest(
+        experience_id=str(experience_id), set_properties=dict(set_properties or {}), remove_keys=list(remove_keys)
+    )
+    return Call("experiences", "UpdateExperienceProperties", request, lambda r: r.experience)
+
+
+# --- ingest ---------------------------------------------------------------------------
+
+
+def ingest(event: ing_pb.UsageEvent) -> Call[ing_pb.IngestResponse]:
+    return Call("ingest", "Ingest", ing_pb.IngestRequest(event=event), _same)
+
+
+def ingest_batch(events: Iterable[ing_pb.UsageEvent]) -> Call[ing_pb.IngestBatchResponse]:
+    request = ing_pb.IngestBatchRequest(events=list(events))
+    return Call("ingest", "IngestBatch", request, _same, min_timeout=60.0)
+
+
+# --- prices ---------------------------------------------------------------------------
+
+
+def create_custom_price(
+    category: str, resource: str, unit_prices: Mapping[str, tuple[str, str]], effective_time: datetime | None
+) -> Call[price_pb.CustomPrice]:
+    price = price_pb.CustomPrice(
+        category=category,
+        resource=resource,
+        effective_time=_timestamp(effective_time),
+        unit_prices={
+            unit: price_pb.UnitPrice(input_per_million=per_input, output_per_million=per_output)
+            for unit, (per_input, per_output) in unit_prices.items()
+        },
+    )
+    return Call("prices", "CreateCustomPrice", price_pb.CreateCustomPriceRequest(price=price), lambda r: r.price)
+
+
+def get_custom_price(price_id: str | UUID) -> Call[price_pb.CustomPrice]:
+    request = price_pb.GetCustomPriceRequest(price_id=str(price_id))
+    return Call("prices", "GetCustomPrice", request, lambda r: r.price)
+
+
+def list_custom_prices(
+    category: str, resource: str, page_size: int, page_token: str
+) -> Call[price_pb.ListCustomPricesResponse]:
+    request = price_pb.ListCustomPricesRequest(
+        category=category, resource=resource, page_size=page_size, page_token=page_token
+    )
+    return Call("prices", "ListCustomPrices", request, _same)
+
+
+def quote_price(
+    category: str, resource: str, units: Units, event_time: datetime | None
+) -> Call[ing_pb.XProxyResult]:
+    request = price_pb.QuotePriceRequest(category=category, resource=resource, event_timestamp=_timestamp(event_time))
+    set_units(request.units, units)
+    return Call("prices", "QuotePrice", request, lambda r: r.xproxy_result)

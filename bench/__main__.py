@@ -35,10 +35,10 @@ from pathlib import Path
 import grpc
 import sqlalchemy as sa
 from grpc import aio
+
 from tally.v1 import experience_service_pb2 as exp_pb
-from tally.v1 import experience_service_pb2_grpc
+from tally.v1 import experience_service_pb2_grpc, experience_type_service_pb2_grpc
 from tally.v1 import experience_type_service_pb2 as et_pb
-from tally.v1 import experience_type_service_pb2_grpc
 from tally.v1 import ingest_service_pb2 as pb
 from tally_server.domain.ids import uuid7
 
@@ -116,9 +116,11 @@ class Keys:
         return f"bench-{self.run}-{self.count}"
 
 
-async def unary_load(channel, method: str, metadata, seconds: float, concurrency: int, keys: Keys, name: str) -> Result:  # noqa: ANN001
+async def unary_load(channel, method: str, metadata, seconds: float, concurrency: int, keys: Keys, name: str) -> Result:
     call = channel.unary_unary(
-        method, request_serializer=pb.IngestRequest.SerializeToString, response_deserializer=pb.IngestResponse.FromString
+        method,
+        request_serializer=pb.IngestRequest.SerializeToString,
+        response_deserializer=pb.IngestResponse.FromString,
     )
     latencies: list[float] = []
     measuring = False
@@ -140,7 +142,7 @@ async def unary_load(channel, method: str, metadata, seconds: float, concurrency
     return summarize(name, len(latencies), time.perf_counter() - start, latencies)
 
 
-async def stream_load(channel, method: str, metadata, seconds: float, window: int, keys: Keys, name: str) -> Result:  # noqa: ANN001
+async def stream_load(channel, method: str, metadata, seconds: float, window: int, keys: Keys, name: str) -> Result:
     call = channel.stream_stream(
         method,
         request_serializer=pb.IngestStreamRequest.SerializeToString,
@@ -151,7 +153,7 @@ async def stream_load(channel, method: str, metadata, seconds: float, window: in
     start = time.perf_counter()
     deadline = start + seconds
 
-    async def requests():  # noqa: ANN202
+    async def requests():
         while time.perf_counter() < deadline:
             await credit.acquire()
             sent_at.append(time.perf_counter())
@@ -164,7 +166,7 @@ async def stream_load(channel, method: str, metadata, seconds: float, window: in
     return summarize(name, len(latencies), time.perf_counter() - start, latencies)
 
 
-async def batch_load(channel, metadata, seconds: float, batch_size: int, concurrency: int, keys: Keys) -> Result:  # noqa: ANN001
+async def batch_load(channel, metadata, seconds: float, batch_size: int, concurrency: int, keys: Keys) -> Result:
     call = channel.unary_unary(
         "/tally.v1.IngestService/IngestBatch",
         request_serializer=None,  # requests are encoded by encode_batch
@@ -186,13 +188,15 @@ async def batch_load(channel, metadata, seconds: float, batch_size: int, concurr
             events += batch_size
 
     await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return summarize(f"IngestBatch ({batch_size}/request, {concurrency} in flight)", events, time.perf_counter() - start, latencies)
+    return summarize(
+        f"IngestBatch ({batch_size}/request, {concurrency} in flight)", events, time.perf_counter() - start, latencies
+    )
 
 
 def storage_rows(count: int, experience_id: uuid.UUID, as_text: bool) -> list[tuple]:
     """The rows Tally stores for the benchmark's events, as the raw baseline inserts them."""
     rows = []
-    for i in range(count):
+    for _ in range(count):
         event_id = uuid7()
         now = time.time_ns() // 1000
         rows.append(
@@ -336,11 +340,15 @@ async def run_engine(label: str, database_url: str, args: argparse.Namespace) ->
             metadata = (("xproxy-experience-id", experience.experience_id),)
             keys = Keys()
             for round_number in range(1, args.rounds + 1):
-                noop_unary = await unary_load(channel, "/bench.Noop/Unary", metadata, s, c, keys, f"no-op unary (c={c})")
+                noop_unary = await unary_load(
+                    channel, "/bench.Noop/Unary", metadata, s, c, keys, f"no-op unary (c={c})"
+                )
                 ingest_unary = await unary_load(
                     channel, "/tally.v1.IngestService/Ingest", metadata, s, c, keys, f"Ingest unary (c={c})"
                 )
-                noop_stream = await stream_load(channel, "/bench.Noop/Stream", metadata, s, args.window, keys, "no-op stream")
+                noop_stream = await stream_load(
+                    channel, "/bench.Noop/Stream", metadata, s, args.window, keys, "no-op stream"
+                )
                 ingest_stream = await stream_load(
                     channel, "/tally.v1.IngestService/IngestStream", metadata, s, args.window, keys, "IngestStream"
                 )
@@ -407,9 +415,15 @@ async def drop_postgres_database(admin_url: str, url: str) -> None:
 
 
 async def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seconds", type=float, default=3.0, help="measured seconds per scenario and round (default 3)")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds of every scenario beside its baseline (default 3)")
+    parser = argparse.ArgumentParser(
+        prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--seconds", type=float, default=3.0, help="measured seconds per scenario and round (default 3)"
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="rounds of every scenario beside its baseline (default 3)"
+    )
     parser.add_argument("--concurrency", type=int, default=64, help="unary calls in flight (default 64)")
     parser.add_argument("--window", type=int, default=1024, help="unacknowledged stream events at most (default 1024)")
     parser.add_argument("--batch-size", type=int, default=1000, help="events per IngestBatch (default 1000)")

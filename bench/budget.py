@@ -46,7 +46,7 @@ async def measure(path: str, batches: int) -> dict[str, float]:
     insert_seconds: list[float] = []
     real_insert = repository.insert_events
 
-    async def timed_insert(conn, stored):  # noqa: ANN001, ANN202
+    async def timed_insert(conn, stored):
         start = time.perf_counter()
         try:
             return await real_insert(conn, stored)

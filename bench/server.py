@@ -15,6 +15,7 @@ import logging
 import signal
 
 import grpc
+
 from tally.v1 import ingest_service_pb2 as pb
 from tally_server.app import TallyServer, configure_logging, run_event_loop
 from tally_server.config import Settings
@@ -35,11 +36,11 @@ RESPONSE = pb.IngestResponse(
 )
 
 
-async def noop_unary(request: pb.IngestRequest, context) -> pb.IngestResponse:  # noqa: ANN001
+async def noop_unary(request: pb.IngestRequest, context) -> pb.IngestResponse:
     return RESPONSE
 
 
-async def noop_stream(requests, context):  # noqa: ANN001, ANN201
+async def noop_stream(requests, context):
     position = 0
     async for request in requests:
         yield pb.IngestStreamResponse(position=position, idempotency_key=request.event.idempotency_key, result=RESPONSE)
@@ -50,7 +51,9 @@ NOOP = grpc.method_handlers_generic_handler(
     "bench.Noop",
     {
         "Unary": grpc.unary_unary_rpc_method_handler(
-            noop_unary, request_deserializer=pb.IngestRequest.FromString, response_serializer=pb.IngestResponse.SerializeToString
+            noop_unary,
+            request_deserializer=pb.IngestRequest.FromString,
+            response_serializer=pb.IngestResponse.SerializeToString,
         ),
         "Stream": grpc.stream_stream_rpc_method_handler(
             noop_stream,

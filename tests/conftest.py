@@ -18,6 +18,7 @@ import pytest
 import sqlalchemy as sa
 from grpc import aio
 from sqlalchemy.ext.asyncio import create_async_engine
+
 from tally.v1 import (
     experience_service_pb2_grpc,
     experience_type_service_pb2_grpc,
@@ -124,4 +125,3 @@ async def stubs(server: TallyServer, backend: str):
 def unique(prefix: str = "T") -> str:
     """A fresh experience type name: tests share one server per engine."""
     return f"{prefix}_{uuid.uuid4().hex[:10]}"
-

@@ -22,7 +22,16 @@ class ServerProcess:
     def start(self, timeout: float = 60) -> ServerProcess:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "tally_server", "--listen", "127.0.0.1:0", "--database-url", self.database_url, *self.extra],
+            [
+                sys.executable,
+                "-m",
+                "tally_server",
+                "--listen",
+                "127.0.0.1:0",
+                "--database-url",
+                self.database_url,
+                *self.extra,
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,

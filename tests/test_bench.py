@@ -16,11 +16,20 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_bench_reports_every_scenario_beside_its_baseline():
     run = subprocess.run(
         [sys.executable, "-m", "bench", "--seconds", "0.3", "--rounds", "1"],
-        capture_output=True, text=True, cwd=ROOT, timeout=180,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=180,
     )
     assert run.returncode == 0, run.stdout + run.stderr
-    for line in ("no-op unary (c=64)", "Ingest unary (c=64)", "no-op stream", "IngestStream",
-                 "raw sqlite3 executemany (1,000/transaction)", "IngestBatch (1000/request, 2 in flight)"):
+    for line in (
+        "no-op unary (c=64)",
+        "Ingest unary (c=64)",
+        "no-op stream",
+        "IngestStream",
+        "raw sqlite3 executemany (1,000/transaction)",
+        "IngestBatch (1000/request, 2 in flight)",
+    ):
         assert line in run.stdout, run.stdout
     assert run.stdout.count("target ") == 3, run.stdout
 
@@ -31,5 +40,11 @@ def test_budget_reports_every_stage():
         [sys.executable, "-m", "bench.budget", "--batches", "2"], capture_output=True, text=True, cwd=ROOT, timeout=120
     )
     assert run.returncode == 0, run.stdout + run.stderr
-    for stage in ("validate and hash", "answer", "writer: the insert", "writer: resolve, price, ids, commit", "raw sqlite3"):
+    for stage in (
+        "validate and hash",
+        "answer",
+        "writer: the insert",
+        "writer: resolve, price, ids, commit",
+        "raw sqlite3",
+    ):
         assert stage in run.stdout, run.stdout

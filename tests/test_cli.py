@@ -44,10 +44,21 @@ def test_readme_cli_walkthrough(tmp_path):
     try:
         env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "TALLY_TARGET": server.target}
         script = "set -e\n" + readme_block("sh", "tally types create Document_Chatbot")
-        result = subprocess.run(["bash", "-c", script], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
+        result = subprocess.run(
+            ["bash", "-c", script], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120
+        )
         again = subprocess.run(
-            ["bash", "-c", f"{BIN}/tally ingest events.jsonl --experience-id $(tally experiences list Document_Chatbot --json | python3 -c 'import json,sys; print(json.load(sys.stdin)[\"experiences\"][0][\"experience_id\"])')"],
-            capture_output=True, text=True, cwd=tmp_path, env=env, timeout=60,
+            [
+                "bash",
+                "-c",
+                f"{BIN}/tally ingest events.jsonl --experience-id $(tally experiences list Document_Chatbot --json"
+                ' | python3 -c \'import json,sys; print(json.load(sys.stdin)["experiences"][0]["experience_id"])\')',
+            ],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+            env=env,
+            timeout=60,
         )
     finally:
         server.terminate()
@@ -69,7 +80,7 @@ def readme_python_example(stubs):
 
     def run() -> None:
         with contextlib.redirect_stdout(printed):
-            exec(compile(code, "README.md", "exec"), {})  # noqa: S102 - the README's own example
+            exec(compile(code, "README.md", "exec"), {})
 
     return asyncio.to_thread(run), printed
 
@@ -96,7 +107,8 @@ async def test_cli_ingest_from_stdin_with_json_summary(stubs):
     name = unique("Stdin")
     assert (await tally(stubs.target, "types", "create", name, "-d", "from stdin"))[0] == 0
     lines = "\n".join(
-        '{"category": "system.openai", "resource": "gpt-4o", "units": {"text": {"input": %d}}}' % n for n in range(1, 51)
+        f'{{"category": "system.openai", "resource": "gpt-4o", "units": {{"text": {{"input": {n}}}}}}}'
+        for n in range(1, 51)
     )
     code, out, err = await tally(stubs.target, "ingest", "--experience-name", name, "--json", stdin=lines)
     assert code == 0, err

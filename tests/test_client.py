@@ -6,11 +6,11 @@ import asyncio
 from decimal import Decimal
 
 import pytest
+
 from tally_client import AsyncTallyClient, InvalidArgument, NotFound, TallyClient, create_metadata, dollars
 from tally_client.client import usage_event
 
 from .conftest import unique
-
 
 
 def seed_scenario(target: str, name: str) -> list:
@@ -88,7 +88,7 @@ def test_create_metadata_names_every_key_and_leaves_out_what_is_unset():
         ("xproxy-user-id", "alice"),
         ("xproxy-request-tags", "beta,eu-west"),
     )
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="commas"):
         create_metadata(request_tags=["a,b"])
 
 
@@ -96,7 +96,7 @@ async def test_every_call_has_a_deadline(stubs, monkeypatch):
     from tally_client import TallyError
     from tally_server.domain.experience_types import ExperienceTypes
 
-    async def slow(self, name):  # noqa: ANN001, ANN202
+    async def slow(self, name):
         await asyncio.sleep(1)
 
     monkeypatch.setattr(ExperienceTypes, "get", slow)
@@ -116,13 +116,13 @@ async def test_reads_are_retried_on_unavailable_and_writes_are_not(stubs, monkey
     original_get = ExperienceTypes.get
     calls = {"get": 0, "create": 0}
 
-    async def flaky_get(self, type_name):  # noqa: ANN001, ANN202
+    async def flaky_get(self, type_name):
         calls["get"] += 1
         if calls["get"] <= 2:
             raise ServerError(Code.UNAVAILABLE, "TRY_AGAIN", "briefly unavailable")
         return await original_get(self, type_name)
 
-    async def unavailable_create(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+    async def unavailable_create(self, *args, **kwargs):
         calls["create"] += 1
         raise ServerError(Code.UNAVAILABLE, "TRY_AGAIN", "briefly unavailable")
 

@@ -7,13 +7,14 @@ import threading
 
 import grpc
 import grpc_testing
+
 from tally.v1 import ingest_service_pb2 as pb
 from tally_client import TallyClient
 
 INGEST = pb.DESCRIPTOR.services_by_name["IngestService"].methods_by_name["Ingest"]
 
 
-def call_in_thread(function):  # noqa: ANN001, ANN201
+def call_in_thread(function):
     outcome = {}
     thread = threading.Thread(target=lambda: outcome.setdefault("value", function()))
     thread.start()

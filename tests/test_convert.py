@@ -14,20 +14,20 @@ CUSTOM = PriceReference(PriceSource.CUSTOM, "custom.llm", "mine", str(uuid.uuid4
 EXPERIENCE = uuid.uuid4()
 
 
-def result(cost: Cost, **changes) -> IngestResult:  # noqa: ANN003
-    fields = dict(
-        request_id=uuid.uuid4(),
-        event_time_us=1_764_000_000_123_456,
-        ingest_time_us=1_764_000_001_000_001,
-        cost=cost,
-        experience_id=EXPERIENCE,
-        experience_name="Document_Summarization",
-        experience_version=3,
-        experience_created=False,
-        user_id="",
-        request_tags=(),
-        warnings=(),
-    )
+def result(cost: Cost, **changes) -> IngestResult:
+    fields = {
+        "request_id": uuid.uuid4(),
+        "event_time_us": 1_764_000_000_123_456,
+        "ingest_time_us": 1_764_000_001_000_001,
+        "cost": cost,
+        "experience_id": EXPERIENCE,
+        "experience_name": "Document_Summarization",
+        "experience_version": 3,
+        "experience_created": False,
+        "user_id": "",
+        "request_tags": (),
+        "warnings": (),
+    }
     return IngestResult(**(fields | changes))
 
 
@@ -42,7 +42,12 @@ def test_batch_answers_equal_unary_answers():
         result(priced, user_id="u-7", request_tags=("a", "b"), warnings=("experience id 'x' is not a UUID",)),
         result(Cost(1_000_000_123, 0, 1_000_000_123, CostState.PARTIALLY_PRICED, CUSTOM, unknown)),
         result(Cost(0, 0, 0, CostState.UNPRICED, None, unknown)),
-        result(Cost(0, 0, 0, CostState.UNPRICED, None, unknown), experience_id=None, experience_name="", experience_version=0),
+        result(
+            Cost(0, 0, 0, CostState.UNPRICED, None, unknown),
+            experience_id=None,
+            experience_name="",
+            experience_version=0,
+        ),
         result(priced, ingest_time_us=1_764_000_002_000_000),
     ]
     answers = IngestResponses()

@@ -12,11 +12,11 @@ import uuid
 
 import pytest
 from grpc import aio
+
 from tally.v1 import experience_service_pb2 as exp_pb
-from tally.v1 import experience_service_pb2_grpc
+from tally.v1 import experience_service_pb2_grpc, ingest_service_pb2_grpc
 from tally.v1 import experience_type_service_pb2 as et_pb
 from tally.v1 import ingest_service_pb2 as pb
-from tally.v1 import ingest_service_pb2_grpc
 
 from .conftest import unique
 from .server_process import ServerProcess
@@ -33,12 +33,12 @@ def event(index: int, key: str) -> pb.UsageEvent:
     )
 
 
-async def stream(target: str, events: list[tuple[int, str]], metadata, acked: dict, stop_after: int | None, on_stop):  # noqa: ANN001, ANN201
+async def stream(target: str, events: list[tuple[int, str]], metadata, acked: dict, stop_after: int | None, on_stop):
     """Streams events and records each acknowledged key's result; calls on_stop after `stop_after` acks."""
     async with aio.insecure_channel(target) as channel:
         stub = ingest_service_pb2_grpc.IngestServiceStub(channel)
 
-        async def requests():  # noqa: ANN202
+        async def requests():
             for index, key in events:
                 yield pb.IngestStreamRequest(event=event(index, key))
                 await asyncio.sleep(0)

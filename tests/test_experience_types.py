@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import grpc
 from google.protobuf import field_mask_pb2
+
 from tally.v1 import experience_service_pb2 as exp_pb
 from tally.v1 import experience_type_service_pb2 as pb
 
@@ -11,7 +12,7 @@ from .conftest import unique
 from .helpers import raises
 
 
-async def create(stubs, name=None, description="Summarize one document", **settings):  # noqa: ANN001, ANN201
+async def create(stubs, name=None, description="Summarize one document", **settings):
     name = name or unique()
     response = await stubs.types.CreateExperienceType(
         pb.CreateExperienceTypeRequest(
@@ -159,11 +160,13 @@ async def test_update_refuses_name_and_version_paths(stubs):
         )
 
 
-async def _versioned(stubs, versions: int):  # noqa: ANN001, ANN202
+async def _versioned(stubs, versions: int):
     created = await create(stubs, description="v1")
     for number in range(2, versions + 1):
         await stubs.types.UpdateExperienceType(
-            pb.UpdateExperienceTypeRequest(experience_type=pb.ExperienceType(name=created.name, description=f"v{number - 1} final"))
+            pb.UpdateExperienceTypeRequest(
+                experience_type=pb.ExperienceType(name=created.name, description=f"v{number - 1} final")
+            )
         )
         await stubs.types.IncrementExperienceTypeVersion(pb.IncrementExperienceTypeVersionRequest(name=created.name))
     return created

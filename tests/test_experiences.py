@@ -6,6 +6,7 @@ import uuid
 
 import grpc
 from google.protobuf import timestamp_pb2
+
 from tally.v1 import experience_service_pb2 as pb
 from tally.v1 import experience_type_service_pb2 as et_pb
 
@@ -13,7 +14,7 @@ from .conftest import unique
 from .helpers import raises
 
 
-async def new_type(stubs, name=None) -> str:  # noqa: ANN001
+async def new_type(stubs, name=None) -> str:
     name = name or unique("Document_Summarization")
     await stubs.types.CreateExperienceType(
         et_pb.CreateExperienceTypeRequest(experience_type=et_pb.ExperienceType(name=name, description="one document"))
@@ -21,8 +22,10 @@ async def new_type(stubs, name=None) -> str:  # noqa: ANN001
     return name
 
 
-async def create(stubs, name, **kwargs):  # noqa: ANN001, ANN201
-    return (await stubs.experiences.CreateExperience(pb.CreateExperienceRequest(experience_name=name, **kwargs))).experience
+async def create(stubs, name, **kwargs):
+    return (
+        await stubs.experiences.CreateExperience(pb.CreateExperienceRequest(experience_name=name, **kwargs))
+    ).experience
 
 
 async def test_seed_scenario_one_experience_per_document(stubs):
@@ -110,7 +113,9 @@ async def test_list_pages_newest_first_with_filters(stubs):
         pb.ListExperiencesRequest(experience_name=name, create_time_start=middle)
     )
     assert [e.experience_id for e in window.experiences] == [e.experience_id for e in reversed(created[3:])]
-    before = await stubs.experiences.ListExperiences(pb.ListExperiencesRequest(experience_name=name, create_time_end=middle))
+    before = await stubs.experiences.ListExperiences(
+        pb.ListExperiencesRequest(experience_name=name, create_time_end=middle)
+    )
     assert {e.experience_id for e in before.experiences} == {e.experience_id for e in created[:3]}
 
     first_page = await stubs.experiences.ListExperiences(pb.ListExperiencesRequest(experience_name=name, page_size=3))

@@ -10,6 +10,7 @@ from decimal import Decimal
 import genai_prices
 import grpc
 from google.protobuf import timestamp_pb2
+
 from tally.v1 import experience_service_pb2 as exp_pb
 from tally.v1 import experience_type_service_pb2 as et_pb
 from tally.v1 import ingest_service_pb2 as pb
@@ -21,8 +22,7 @@ from .conftest import unique
 from .helpers import raises
 
 
-
-def gpt4o(input_tokens=1000, output_tokens=100, **kwargs) -> pb.UsageEvent:  # noqa: ANN001
+def gpt4o(input_tokens=1000, output_tokens=100, **kwargs) -> pb.UsageEvent:
     return pb.UsageEvent(
         category="system.openai",
         resource="gpt-4o",
@@ -31,7 +31,7 @@ def gpt4o(input_tokens=1000, output_tokens=100, **kwargs) -> pb.UsageEvent:  # n
     )
 
 
-async def new_type(stubs) -> str:  # noqa: ANN001
+async def new_type(stubs) -> str:
     name = unique("Document_Summarization")
     await stubs.types.CreateExperienceType(
         et_pb.CreateExperienceTypeRequest(experience_type=et_pb.ExperienceType(name=name, description="one document"))
@@ -39,7 +39,7 @@ async def new_type(stubs) -> str:  # noqa: ANN001
     return name
 
 
-async def ingest(stubs, event, **metadata):  # noqa: ANN001, ANN201
+async def ingest(stubs, event, **metadata):
     pairs = tuple((f"xproxy-{k.replace('_', '-')}", str(v)) for k, v in metadata.items())
     call = stubs.ingest.Ingest(pb.IngestRequest(event=event), metadata=pairs)
     response = await call
@@ -131,7 +131,9 @@ async def test_a_backfilled_event_gets_the_price_of_its_day(stubs):
 
 async def test_unknown_resource_and_unit_are_visible_never_free(stubs):
     name = await new_type(stubs)
-    unknown = pb.UsageEvent(category="system.openai", resource="gpt-does-not-exist", units={"text": pb.UnitCounts(input=5)})
+    unknown = pb.UsageEvent(
+        category="system.openai", resource="gpt-does-not-exist", units={"text": pb.UnitCounts(input=5)}
+    )
     response, _ = await ingest(stubs, unknown, experience_name=name)
     result = response.xproxy_result
     assert result.cost_state == pb.COST_STATE_UNPRICED
@@ -145,7 +147,9 @@ async def test_unknown_resource_and_unit_are_visible_never_free(stubs):
     assert [u.unit_type for u in second.unknown_units] == ["telepathy"]
     assert dollars(second.cost_total) == Decimal("0.0035")
 
-    stats = (await stubs.experiences.GetExperience(exp_pb.GetExperienceRequest(experience_id=result.experience_id))).experience.stats
+    stats = (
+        await stubs.experiences.GetExperience(exp_pb.GetExperienceRequest(experience_id=result.experience_id))
+    ).experience.stats
     assert stats.event_count == 2 and stats.unpriced_event_count == 2
 
 
@@ -160,7 +164,9 @@ async def test_custom_price_prices_a_custom_resource_and_overrides_system(stubs)
             )
         )
     )
-    event = pb.UsageEvent(category=category, resource="llama-internal", units={"text": pb.UnitCounts(input=1000, output=2000)})
+    event = pb.UsageEvent(
+        category=category, resource="llama-internal", units={"text": pb.UnitCounts(input=1000, output=2000)}
+    )
     result = (await ingest(stubs, event))[0].xproxy_result
     assert result.price.source == pb.PRICE_SOURCE_CUSTOM
     assert dollars(result.cost_input) == Decimal("0.000123457")  # 0.000123456789 rounded half-even to the nano
@@ -181,7 +187,7 @@ async def test_custom_price_prices_a_custom_resource_and_overrides_system(stubs)
     got = await stubs.prices.GetCustomPrice(price_pb.GetCustomPriceRequest(price_id=created.price.price_id))
     assert got.price == created.price
     listed = await stubs.prices.ListCustomPrices(price_pb.ListCustomPricesRequest(category=category))
-    assert [p.price_id for p in listed.prices][0] == created.price.price_id and len(listed.prices) == 2
+    assert listed.prices[0].price_id == created.price.price_id and len(listed.prices) == 2
     still_old = (await ingest(stubs, event))[0].xproxy_result
     assert dollars(still_old.cost_output) == Decimal("0.003")
     quote = await stubs.prices.QuotePrice(
@@ -217,7 +223,9 @@ async def test_a_custom_price_overrides_the_system_price(stubs):
     await stubs.prices.CreateCustomPrice(
         price_pb.CreateCustomPriceRequest(
             price=price_pb.CustomPrice(
-                category="system.openai", resource=resource, unit_prices={"text": price_pb.UnitPrice(input_per_million="7")}
+                category="system.openai",
+                resource=resource,
+                unit_prices={"text": price_pb.UnitPrice(input_per_million="7")},
             )
         )
     )
@@ -331,10 +339,12 @@ async def test_batch_answers_per_item_in_order(stubs):
 
 async def test_stream_answers_every_event_in_order_and_goes_on_after_a_bad_one(stubs):
     name = await new_type(stubs)
-    experience = (await stubs.experiences.CreateExperience(exp_pb.CreateExperienceRequest(experience_name=name))).experience
+    experience = (
+        await stubs.experiences.CreateExperience(exp_pb.CreateExperienceRequest(experience_name=name))
+    ).experience
     keys = [uuid.uuid4().hex for _ in range(50)]
 
-    async def requests():  # noqa: ANN202
+    async def requests():
         for i, key in enumerate(keys):
             event = gpt4o(i + 1, 1, idempotency_key=key) if i != 10 else pb.UsageEvent(idempotency_key=key)
             yield pb.IngestStreamRequest(event=event)
@@ -351,7 +361,9 @@ async def test_stream_answers_every_event_in_order_and_goes_on_after_a_bad_one(s
     assert {f.field for f in responses[10].error.field_violations} == {"event.category", "event.resource"}
     good = [r for r in responses if r.WhichOneof("outcome") == "result"]
     assert len(good) == 49
-    stats = (await stubs.experiences.GetExperience(exp_pb.GetExperienceRequest(experience_id=experience.experience_id))).experience.stats
+    stats = (
+        await stubs.experiences.GetExperience(exp_pb.GetExperienceRequest(experience_id=experience.experience_id))
+    ).experience.stats
     assert stats.event_count == 49
     assert dollars(stats.cost_total) == sum(dollars(r.result.xproxy_result.cost_total) for r in good)
 
@@ -370,7 +382,9 @@ async def test_context_field_contradicting_metadata_is_refused(stubs):
 
 async def test_experience_statistics(stubs):
     name = await new_type(stubs)
-    experience = (await stubs.experiences.CreateExperience(exp_pb.CreateExperienceRequest(experience_name=name))).experience
+    experience = (
+        await stubs.experiences.CreateExperience(exp_pb.CreateExperienceRequest(experience_name=name))
+    ).experience
     base = int(datetime(2026, 1, 1, tzinfo=UTC).timestamp())
     results = []
     for i, (latency, status) in enumerate([(100, 200), (300, 200), (200, 500), (400, 429), (1000, 200)]):
@@ -382,7 +396,9 @@ async def test_experience_statistics(stubs):
             event_timestamp=timestamp_pb2.Timestamp(seconds=base + i * 60),
         )
         results.append((await ingest(stubs, event, experience_id=experience.experience_id))[0].xproxy_result)
-    stats = (await stubs.experiences.GetExperience(exp_pb.GetExperienceRequest(experience_id=experience.experience_id))).experience.stats
+    stats = (
+        await stubs.experiences.GetExperience(exp_pb.GetExperienceRequest(experience_id=experience.experience_id))
+    ).experience.stats
     assert stats.event_count == 5 and stats.failed_event_count == 2 and stats.unpriced_event_count == 0
     assert dollars(stats.cost_total) == sum(dollars(r.cost_total) for r in results)
     assert dollars(stats.cost_input) == sum(dollars(r.cost_input) for r in results)
@@ -397,7 +413,10 @@ async def test_type_statistics_by_version_and_window(stubs):
     for version_runs in ([1000, 3000], [5000]):
         for tokens in version_runs:
             response, _ = await ingest(stubs, gpt4o(tokens, 0), experience_name=name)
-            totals[response.xproxy_result.experience_id] = (response.xproxy_result.experience_version, dollars(response.xproxy_result.cost_total))
+            totals[response.xproxy_result.experience_id] = (
+                response.xproxy_result.experience_version,
+                dollars(response.xproxy_result.cost_total),
+            )
         await stubs.types.IncrementExperienceTypeVersion(et_pb.IncrementExperienceTypeVersionRequest(name=name))
     stats = await stubs.types.GetExperienceTypeStats(et_pb.GetExperienceTypeStatsRequest(name=name))
     assert stats.total.experience_count == 3 and stats.total.event_count == 3
@@ -428,26 +447,33 @@ async def test_deleting_an_experience_keeps_its_events_unattributed(stubs):
 
 async def test_concurrent_unary_ingests_share_commits_and_all_land(stubs):
     name = await new_type(stubs)
-    experience = (await stubs.experiences.CreateExperience(exp_pb.CreateExperienceRequest(experience_name=name))).experience
+    experience = (
+        await stubs.experiences.CreateExperience(exp_pb.CreateExperienceRequest(experience_name=name))
+    ).experience
     metadata = (("xproxy-experience-id", experience.experience_id),)
     responses = await asyncio.gather(
         *(stubs.ingest.Ingest(pb.IngestRequest(event=gpt4o(i + 1, i)), metadata=metadata) for i in range(200))
     )
-    stats = (await stubs.experiences.GetExperience(exp_pb.GetExperienceRequest(experience_id=experience.experience_id))).experience.stats
+    stats = (
+        await stubs.experiences.GetExperience(exp_pb.GetExperienceRequest(experience_id=experience.experience_id))
+    ).experience.stats
     assert stats.event_count == 200
     assert dollars(stats.cost_total) == sum(dollars(r.xproxy_result.cost_total) for r in responses)
 
 
 async def test_a_database_failure_is_unavailable_per_event_and_stores_nothing_half(stubs, monkeypatch):
     import sqlalchemy as sa
+
     from tally_server.storage import repository
 
     name = await new_type(stubs)
-    experience = (await stubs.experiences.CreateExperience(exp_pb.CreateExperienceRequest(experience_name=name))).experience
+    experience = (
+        await stubs.experiences.CreateExperience(exp_pb.CreateExperienceRequest(experience_name=name))
+    ).experience
     metadata = (("xproxy-experience-id", experience.experience_id),)
     real_insert = repository.insert_events
 
-    async def failing_insert(conn, stored):  # noqa: ANN001, ANN202
+    async def failing_insert(conn, stored):
         if any(result.cost.total_nanos == 2_500_000 for _, result in stored):  # the event with 1,000 input tokens
             raise sa.exc.OperationalError("INSERT", {}, Exception("database is locked"))
         return await real_insert(conn, stored)
@@ -462,5 +488,7 @@ async def test_a_database_failure_is_unavailable_per_event_and_stores_nothing_ha
     )
     assert [item.WhichOneof("outcome") for item in batch.items] == ["error", "result", "result"]
     assert batch.items[0].error.reason == "STORAGE_UNAVAILABLE" and batch.items[0].error.code == 14
-    stats = (await stubs.experiences.GetExperience(exp_pb.GetExperienceRequest(experience_id=experience.experience_id))).experience.stats
+    stats = (
+        await stubs.experiences.GetExperience(exp_pb.GetExperienceRequest(experience_id=experience.experience_id))
+    ).experience.stats
     assert stats.event_count == 2, "the others were stored, each exactly once"

@@ -12,6 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import anthropic
 import openai
 import pytest
+
 from tally_client import TallyClient, dollars
 from tally_client.instrument import record_anthropic, record_openai, track_openai
 
@@ -39,14 +40,19 @@ MESSAGE = {
     "content": [{"type": "text", "text": "A summary."}],
     "stop_reason": "end_turn",
     "stop_sequence": None,
-    "usage": {"input_tokens": 600, "output_tokens": 100, "cache_read_input_tokens": 400, "cache_creation_input_tokens": 1000},
+    "usage": {
+        "input_tokens": 600,
+        "output_tokens": 100,
+        "cache_read_input_tokens": 400,
+        "cache_creation_input_tokens": 1000,
+    },
 }
 
 
 class FakeProvider(BaseHTTPRequestHandler):
     calls = 0
 
-    def do_POST(self) -> None:  # noqa: N802
+    def do_POST(self) -> None:
         length = int(self.headers.get("content-length", 0))
         self.rfile.read(length)
         FakeProvider.calls += 1
@@ -77,13 +83,14 @@ def provider():
     server.shutdown()
 
 
-
-def run_openai(target: str, provider_url: str, name: str):  # noqa: ANN201
+def run_openai(target: str, provider_url: str, name: str):
     client = openai.OpenAI(base_url=f"{provider_url}/v1", api_key="test-key", max_retries=0)
     with TallyClient(target) as tally:
         tally.create_experience_type(name, "Summarize one document")
         with tally.experience(name) as run:
-            response = client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "Summarize"}])
+            response = client.chat.completions.create(
+                model="gpt-4o", messages=[{"role": "user", "content": "Summarize"}]
+            )
             recorded = record_openai(tally, response, latency_ms=120)
             again = record_openai(tally, response, latency_ms=120)  # a retry of the same record
             track_openai(client, tally)
@@ -104,7 +111,7 @@ async def test_openai_chat_completion_usage_with_cached_and_reasoning_tokens(stu
     assert dollars(stats.cost_total) == Decimal("0.008")
 
 
-def run_anthropic(target: str, provider_url: str, name: str):  # noqa: ANN201
+def run_anthropic(target: str, provider_url: str, name: str):
     client = anthropic.Anthropic(base_url=provider_url, api_key="test-key", max_retries=0)
     with TallyClient(target) as tally:
         tally.create_experience_type(name, "One conversation")

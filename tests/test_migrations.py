@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
+
 from tally_server.storage.tables import metadata
 
 
 async def test_migrations_match_the_table_definitions(server):
-    def differences(connection):  # noqa: ANN001, ANN202
+    def differences(connection):
         return compare_metadata(MigrationContext.configure(connection), metadata)
 
     async with server.db.read() as conn:

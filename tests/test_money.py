@@ -8,6 +8,7 @@ from collections import defaultdict
 from datetime import UTC, datetime
 
 from google.protobuf import timestamp_pb2
+
 from tally.v1 import experience_service_pb2 as exp_pb
 from tally.v1 import experience_type_service_pb2 as et_pb
 from tally.v1 import ingest_service_pb2 as pb
@@ -27,7 +28,7 @@ MODELS = [
 ]
 
 
-def nanos(money) -> int:  # noqa: ANN001
+def nanos(money) -> int:
     return money.units * 1_000_000_000 + money.nanos
 
 

@@ -15,11 +15,11 @@ from .conftest import IN_CI, unique
 NODE_DIR = Path(__file__).parent / "node"
 
 
-async def run(*command: str, timeout: float = 300) -> tuple[int, str, str]:
+async def run(*command: str, limit_seconds: float = 300) -> tuple[int, str, str]:
     process = await asyncio.create_subprocess_exec(
         *command, cwd=NODE_DIR, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
     )
-    out, err = await asyncio.wait_for(process.communicate(), timeout)
+    out, err = await asyncio.wait_for(process.communicate(), limit_seconds)
     return process.returncode, out.decode(), err.decode()
 
 
@@ -38,7 +38,7 @@ async def node_ready() -> str:
 
 
 async def test_node_client_creates_ingests_and_reads_the_cost(stubs, node_ready):
-    code, out, err = await run(node_ready, "caller.js", stubs.target, unique("Node_Summarization"), timeout=60)
+    code, out, err = await run(node_ready, "caller.js", stubs.target, unique("Node_Summarization"), limit_seconds=60)
     assert code == 0, err
     result = json.loads(out.strip().splitlines()[-1])
     assert result["result_experience_id"] == result["experience_id"]

@@ -30,9 +30,7 @@ def test_readme_walkthrough(tmp_path):
     try:
         script = walkthrough().replace("localhost:50051", server.target).replace("127.0.0.1:50051", server.target)
         env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
-        result = subprocess.run(
-            ["bash", "-c", script], capture_output=True, text=True, cwd=ROOT, env=env, timeout=120
-        )
+        result = subprocess.run(["bash", "-c", script], capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
     finally:
         server.terminate()
     output = result.stdout + result.stderr

@@ -11,6 +11,7 @@ import uuid
 
 import grpc
 import pytest
+
 from tally.v1 import experience_service_pb2 as exp_pb
 from tally.v1 import experience_type_service_pb2 as et_pb
 from tally.v1 import ingest_service_pb2 as pb
@@ -22,7 +23,7 @@ from .conftest import unique
 from .helpers import raises
 
 
-async def new_type(stubs) -> str:  # noqa: ANN001
+async def new_type(stubs) -> str:
     name = unique("Chatbot")
     await stubs.types.CreateExperienceType(
         et_pb.CreateExperienceTypeRequest(experience_type=et_pb.ExperienceType(name=name, description="a conversation"))
@@ -30,7 +31,7 @@ async def new_type(stubs) -> str:  # noqa: ANN001
     return name
 
 
-async def resolve(stubs, context: EventContext):  # noqa: ANN001, ANN201
+async def resolve(stubs, context: EventContext):
     async with stubs.server.db.write() as conn:
         [outcome] = await resolve_experiences(conn, [context], now_us())
     return outcome
@@ -47,7 +48,9 @@ async def test_the_five_rules(stubs):
     # 1. An existing id: used; a contradicting name is FAILED_PRECONDITION.
     existing = await resolve(stubs, EventContext(experience_id=str(created.experience.experience_id)))
     assert existing.experience == created.experience and not existing.created
-    mismatch = await resolve(stubs, EventContext(experience_id=str(created.experience.experience_id), experience_name=other))
+    mismatch = await resolve(
+        stubs, EventContext(experience_id=str(created.experience.experience_id), experience_name=other)
+    )
     assert isinstance(mismatch, TallyError) and mismatch.reason == "EXPERIENCE_TYPE_MISMATCH"
 
     # 2. A valid unknown id: created with exactly that id when named, else NOT_FOUND.
@@ -86,6 +89,7 @@ async def test_concurrent_resolutions_of_one_new_id_make_one_experience(stubs, r
 
     # Separate channels, so the calls really run side by side on the server.
     from grpc import aio
+
     from tally.v1 import ingest_service_pb2_grpc
 
     channels = [aio.insecure_channel(stubs.target) for _ in range(8)]
@@ -115,7 +119,9 @@ async def test_concurrent_resolutions_across_two_databases_connections(stubs):
 
     async def one() -> object:
         async with stubs.server.db.write() as conn:
-            [outcome] = await resolve_experiences(conn, [EventContext(experience_id=own, experience_name=name)], now_us())
+            [outcome] = await resolve_experiences(
+                conn, [EventContext(experience_id=own, experience_name=name)], now_us()
+            )
             await asyncio.sleep(0.05)  # hold the transaction open while the other one runs
         return outcome
 
@@ -128,7 +134,9 @@ async def test_concurrent_resolutions_across_two_databases_connections(stubs):
 async def test_mismatch_over_the_wire(stubs):
     name = await new_type(stubs)
     other = await new_type(stubs)
-    experience = (await stubs.experiences.CreateExperience(exp_pb.CreateExperienceRequest(experience_name=name))).experience
+    experience = (
+        await stubs.experiences.CreateExperience(exp_pb.CreateExperienceRequest(experience_name=name))
+    ).experience
     event = pb.UsageEvent(category="system.openai", resource="gpt-4o")
     async with raises(grpc.StatusCode.FAILED_PRECONDITION, "EXPERIENCE_TYPE_MISMATCH"):
         await stubs.ingest.Ingest(

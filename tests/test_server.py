@@ -12,6 +12,7 @@ import pytest
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
 from tally.v1 import experience_service_pb2 as exp_pb
 from tally.v1 import experience_type_service_pb2 as pb
 from tally_server.app import TallyServer
@@ -25,7 +26,7 @@ from .helpers import decode
 async def test_reflection_lists_every_service(stubs):
     stub = reflection_pb2_grpc.ServerReflectionStub(stubs.channel)
 
-    async def requests():  # noqa: ANN202
+    async def requests():
         yield reflection_pb2.ServerReflectionRequest(list_services="")
 
     async for response in stub.ServerReflectionInfo(requests()):
@@ -49,19 +50,23 @@ async def test_health_reports_serving(stubs):
 
 async def test_every_call_gets_a_request_id_and_a_log_line(stubs, caplog):
     caplog.set_level(logging.INFO, logger="tally.rpc")
-    call = stubs.types.GetExperienceType(pb.GetExperienceTypeRequest(name=unique()), metadata=(("x-request-id", "trace-42"),))
+    call = stubs.types.GetExperienceType(
+        pb.GetExperienceTypeRequest(name=unique()), metadata=(("x-request-id", "trace-42"),)
+    )
     with pytest.raises(grpc.aio.AioRpcError):
         await call
     assert ("x-request-id", "trace-42") in tuple(await call.trailing_metadata())
     lines = [r.getMessage() for r in caplog.records if "trace-42" in r.getMessage()]
     assert lines == [
-        next(line for line in lines if "method=/tally.v1.ExperienceTypeService/GetExperienceType code=NOT_FOUND" in line)
+        next(
+            line for line in lines if "method=/tally.v1.ExperienceTypeService/GetExperienceType code=NOT_FOUND" in line
+        )
     ]
     assert "duration_ms=" in lines[0]
 
 
 async def test_an_internal_error_reaches_the_caller_without_its_text(stubs, monkeypatch, caplog):
-    async def broken(self, name):  # noqa: ANN001, ANN202
+    async def broken(self, name):
         raise RuntimeError("secret database password in a stack trace")
 
     monkeypatch.setattr(ExperienceTypes, "get", broken)
@@ -92,7 +97,7 @@ async def test_graceful_shutdown_lets_an_in_flight_call_finish(own_server, monke
     entered = asyncio.Event()
     original = ExperienceTypes.get
 
-    async def slow(self, name):  # noqa: ANN001, ANN202
+    async def slow(self, name):
         entered.set()
         await asyncio.sleep(0.5)
         return await original(self, name)
@@ -121,7 +126,8 @@ async def test_graceful_shutdown_lets_an_in_flight_call_finish(own_server, monke
 
 
 async def test_a_second_server_on_a_taken_port_fails_loudly(stubs, tmp_path):
-    result = subprocess.run(
+    result = await asyncio.to_thread(
+        subprocess.run,
         [
             sys.executable,
             "-m",

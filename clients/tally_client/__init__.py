@@ -1,6 +1,6 @@
 """Tally's Python client, metadata helper, provider instrumentation and command line.
 
-    from tally_client import TallyClient, create_metadata
+from tally_client import TallyClient, create_metadata
 """
 
 from ._calls import UnitCounts, Units, usage_event
@@ -19,9 +19,9 @@ __all__ = [
     "NotFound",
     "TallyClient",
     "TallyError",
+    "Unavailable",
     "UnitCounts",
     "Units",
-    "Unavailable",
     "create_metadata",
     "dollars",
     "usage_event",

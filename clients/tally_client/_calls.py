@@ -15,8 +15,14 @@ from google.protobuf import field_mask_pb2, timestamp_pb2
 
 from tally.v1 import (
     experience_service_pb2 as exp_pb,
+)
+from tally.v1 import (
     experience_type_service_pb2 as et_pb,
+)
+from tally.v1 import (
     ingest_service_pb2 as ing_pb,
+)
+from tally.v1 import (
     price_catalog_service_pb2 as price_pb,
 )
 
@@ -132,9 +138,7 @@ def delete_experience_type(name: str, force: bool) -> Call[int]:
     return Call("types", "DeleteExperienceType", request, lambda r: r.deleted_experience_count)
 
 
-def increment_experience_type_version(
-    name: str, request_id: str
-) -> Call[et_pb.IncrementExperienceTypeVersionResponse]:
+def increment_experience_type_version(name: str, request_id: str) -> Call[et_pb.IncrementExperienceTypeVersionResponse]:
     request = et_pb.IncrementExperienceTypeVersionRequest(name=name, request_id=request_id)
     return Call("types", "IncrementExperienceTypeVersion", request, _same)
 
@@ -247,9 +251,7 @@ def list_custom_prices(
     return Call("prices", "ListCustomPrices", request, _same)
 
 
-def quote_price(
-    category: str, resource: str, units: Units, event_time: datetime | None
-) -> Call[ing_pb.XProxyResult]:
+def quote_price(category: str, resource: str, units: Units, event_time: datetime | None) -> Call[ing_pb.XProxyResult]:
     request = price_pb.QuotePriceRequest(category=category, resource=resource, event_timestamp=_timestamp(event_time))
     set_units(request.units, units)
     return Call("prices", "QuotePrice", request, lambda r: r.xproxy_result)

@@ -13,9 +13,16 @@ import os
 import sys
 import time
 from collections import Counter
-from importlib.metadata import entry_points
+from collections.abc import Iterator
 from datetime import datetime
+from importlib.metadata import entry_points
 from typing import Any, TextIO
+
+from google.protobuf import json_format
+
+from tally.v1 import common_pb2
+from tally.v1 import experience_type_service_pb2 as et_pb
+from tally.v1 import ingest_service_pb2 as ing_pb
 
 from .client import DEFAULT_TARGET, TallyClient
 from .errors import TallyError
@@ -50,7 +57,7 @@ def _emit(args: argparse.Namespace, message: Any, human: str) -> None:
 # --- experience types -------------------------------------------------------------
 
 
-def type_row(t: Any) -> list:
+def type_row(t: et_pb.ExperienceType) -> list[object]:
     return [t.name, t.version, when(t.create_time), t.description]
 
 
@@ -62,11 +69,17 @@ def types_create(tally: TallyClient, args: argparse.Namespace) -> None:
 def types_get(tally: TallyClient, args: argparse.Namespace) -> None:
     t = tally.get_experience_type(args.name)
     settings = ", ".join(f"{k}={v}" for k, v in sorted(t.settings.items())) or "-"
-    _emit(args, t, f"{t.name} (version {t.version})\n  {t.description}\n  settings: {settings}\n  created {when(t.create_time)}, updated {when(t.update_time)}")
+    _emit(
+        args,
+        t,
+        f"{t.name} (version {t.version})\n  {t.description}\n  settings: {settings}\n"
+        f"  created {when(t.create_time)}, updated {when(t.update_time)}",
+    )
 
 
 def types_list(tally: TallyClient, args: argparse.Namespace) -> None:
-    items, token = [], ""
+    items: list[et_pb.ExperienceType] = []
+    token = ""
     while True:
         page = tally.list_experience_types(page_size=1000, page_token=token)
         items.extend(page.experience_types)
@@ -76,7 +89,11 @@ def types_list(tally: TallyClient, args: argparse.Namespace) -> None:
     if args.json:
         print(json.dumps([as_json(t) for t in items], indent=2))
     else:
-        print(table(["NAME", "VERSION", "CREATED", "DESCRIPTION"], [type_row(t) for t in items]) if items else "no experience types")
+        print(
+            table(["NAME", "VERSION", "CREATED", "DESCRIPTION"], [type_row(t) for t in items])
+            if items
+            else "no experience types"
+        )
 
 
 def types_update(tally: TallyClient, args: argparse.Namespace) -> None:
@@ -114,7 +131,13 @@ def experiences_create(tally: TallyClient, args: argparse.Namespace) -> None:
     created = tally.create_experience(
         args.type, experience_id=args.id or "", version=args.version, properties=_pairs(args.property, "--property")
     )
-    _emit(args, created, created.experience_id if not args.verbose else f"{created.experience_id} ({created.experience_name} v{created.experience_version})")
+    _emit(
+        args,
+        created,
+        created.experience_id
+        if not args.verbose
+        else f"{created.experience_id} ({created.experience_name} v{created.experience_version})",
+    )
 
 
 def experiences_get(tally: TallyClient, args: argparse.Namespace) -> None:
@@ -125,7 +148,9 @@ def experiences_get(tally: TallyClient, args: argparse.Namespace) -> None:
 def experiences_list(tally: TallyClient, args: argparse.Namespace) -> None:
     page = tally.list_experiences(args.type, version=args.version, page_size=args.limit)
     rows = [[e.experience_id, e.experience_version, when(e.create_time)] for e in page.experiences]
-    _emit(args, page, table(["EXPERIENCE ID", "VERSION", "CREATED"], rows) if rows else f"no experiences of {args.type}")
+    _emit(
+        args, page, table(["EXPERIENCE ID", "VERSION", "CREATED"], rows) if rows else f"no experiences of {args.type}"
+    )
 
 
 def experiences_delete(tally: TallyClient, args: argparse.Namespace) -> None:
@@ -145,8 +170,14 @@ def experience_report(e: Any) -> str:
         ["experience", e.experience_id],
         ["type", f"{e.experience_name} (version {e.experience_version})"],
         ["cost", f"{money(s.cost_total)}  (input {money(s.cost_input)}, output {money(s.cost_output)})"],
-        ["events", f"{s.event_count:,}  ({s.failed_event_count:,} failed, {s.unpriced_event_count:,} not fully priced)"],
-        ["latency", f"mean {s.latency_mean_ms:,.0f} ms, p50 {s.latency_p50_ms:,.0f} ms, p95 {s.latency_p95_ms:,.0f} ms"],
+        [
+            "events",
+            f"{s.event_count:,}  ({s.failed_event_count:,} failed, {s.unpriced_event_count:,} not fully priced)",
+        ],
+        [
+            "latency",
+            f"mean {s.latency_mean_ms:,.0f} ms, p50 {s.latency_p50_ms:,.0f} ms, p95 {s.latency_p95_ms:,.0f} ms",
+        ],
         ["first event", when(s.first_event_time)],
         ["last event", when(s.last_event_time)],
     ]
@@ -161,7 +192,7 @@ def report_type(tally: TallyClient, args: argparse.Namespace) -> None:
         args.name, version=args.version, start=_time(args.since), end=_time(args.until)
     )
 
-    def row(label: Any, d: Any) -> list:
+    def row(label: str, d: et_pb.CostDistribution) -> list[object]:
         return [
             label,
             f"{d.experience_count:,}",
@@ -215,16 +246,14 @@ class Progress:
             self.draw(end="\n")
 
 
-def _read_events(source: TextIO, rejected: list[tuple[int, str]]):  # noqa: ANN202
+def _read_events(source: TextIO, rejected: list[tuple[int, str]]) -> Iterator[tuple[int, ing_pb.UsageEvent]]:
     """Parses JSONL lines into (line number, UsageEvent); a line that does not parse is rejected here."""
-    from google.protobuf import json_format
-    from tally.v1 import ingest_service_pb2 as pb
 
     for number, line in enumerate(source, 1):
         if not line.strip():
             continue
         try:
-            yield number, json_format.Parse(line, pb.UsageEvent())
+            yield number, json_format.Parse(line, ing_pb.UsageEvent())
         except json_format.ParseError as error:
             rejected.append((number, f"not a UsageEvent in JSON: {error}"))
 
@@ -241,12 +270,14 @@ def ingest(tally: TallyClient, args: argparse.Namespace) -> int:
     numbers: list[int] = []
     progress = Progress(total)
 
-    def events():  # noqa: ANN202
+    def events() -> Iterator[ing_pb.UsageEvent]:
         for number, event in _read_events(source, rejected):
             numbers.append(number)
             yield event
 
-    metadata = create_metadata(args.experience_id, args.experience_name, None, args.user_id, args.tags.split(",") if args.tags else None)
+    metadata = create_metadata(
+        args.experience_id, args.experience_name, None, args.user_id, args.tags.split(",") if args.tags else None
+    )
     costs = 0
     try:
         for response in tally.ingest_stream(events(), metadata=metadata):
@@ -265,8 +296,6 @@ def ingest(tally: TallyClient, args: argparse.Namespace) -> int:
         progress.close()
         if source is not sys.stdin:
             source.close()
-    from tally.v1 import common_pb2
-
     summary = {
         "accepted": accepted,
         "duplicates": duplicates,
@@ -277,7 +306,10 @@ def ingest(tally: TallyClient, args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
-        print(f"accepted {accepted:,}, duplicates {duplicates:,}, rejected {len(rejected):,}; cost of accepted events {summary['cost_of_accepted']}")
+        print(
+            f"accepted {accepted:,}, duplicates {duplicates:,}, rejected {len(rejected):,}; "
+            f"cost of accepted events {summary['cost_of_accepted']}"
+        )
         for line, reason in sorted(rejected)[:20]:
             print(f"  line {line}: {reason}")
         if len(rejected) > 20:
@@ -313,9 +345,7 @@ def _server_not_installed(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     client = argparse.ArgumentParser(add_help=False)
-    client.add_argument(
-        "--target", help=f"the Tally server, host:port (env TALLY_TARGET, default {DEFAULT_TARGET})"
-    )
+    client.add_argument("--target", help=f"the Tally server, host:port (env TALLY_TARGET, default {DEFAULT_TARGET})")
     client.add_argument("--json", action="store_true", help="print JSON instead of text")
     client.add_argument("--timeout", type=float, default=10.0, help="seconds each call may take (default 10)")
 
@@ -327,7 +357,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_installed_commands(commands)
 
-    types = commands.add_parser("types", help="experience types").add_subparsers(dest="action", required=True, metavar="ACTION")
+    types = commands.add_parser("types", help="experience types").add_subparsers(
+        dest="action", required=True, metavar="ACTION"
+    )
     p = types.add_parser("create", parents=[client], help="create an experience type")
     p.add_argument("name")
     p.add_argument("--description", "-d", required=True)
@@ -354,7 +386,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="also delete its experiences (their events are kept)")
     p.set_defaults(remote=types_delete)
 
-    exps = commands.add_parser("experiences", help="experiences").add_subparsers(dest="action", required=True, metavar="ACTION")
+    exps = commands.add_parser("experiences", help="experiences").add_subparsers(
+        dest="action", required=True, metavar="ACTION"
+    )
     p = exps.add_parser("create", parents=[client], help="create an experience; prints its id")
     p.add_argument("type", help="experience type name")
     p.add_argument("--id", help="your own UUID for it")
@@ -374,7 +408,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("id")
     p.set_defaults(remote=experiences_delete)
 
-    p = commands.add_parser("ingest", parents=[client], help="ingest usage events from JSONL (a file or standard input)")
+    p = commands.add_parser(
+        "ingest", parents=[client], help="ingest usage events from JSONL (a file or standard input)"
+    )
     p.add_argument("file", nargs="?", help="a JSONL file of UsageEvent objects; - or nothing for standard input")
     p.add_argument("--experience-id", help="xproxy-experience-id for every event")
     p.add_argument("--experience-name", help="xproxy-experience-name for every event")
@@ -382,7 +418,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tags", help="xproxy-request-tags for every event, comma-separated")
     p.set_defaults(remote=ingest)
 
-    reports = commands.add_parser("report", help="cost reports").add_subparsers(dest="action", required=True, metavar="ACTION")
+    reports = commands.add_parser("report", help="cost reports").add_subparsers(
+        dest="action", required=True, metavar="ACTION"
+    )
     p = reports.add_parser("experience", parents=[client], help="the cost of one experience")
     p.add_argument("id")
     p.set_defaults(remote=report_experience)
@@ -402,13 +440,16 @@ def main(argv: list[str] | None = None) -> int:
         args.json = args.json or args.global_json
     try:
         if hasattr(args, "local"):
-            return args.local(args)
+            return int(args.local(args))
         with TallyClient(args.target, timeout=args.timeout) as tally:
-            return args.remote(tally, args) or 0
+            return int(args.remote(tally, args) or 0)
     except TallyError as error:
         detail = "; ".join(f"{field}: {why}" for field, why in error.field_violations.items())
         where = f" (is Tally running at {args.target}?)" if error.code.name == "UNAVAILABLE" else ""
-        print(f"tally: {error}{where}" + (f" [{detail}]" if detail and detail not in error.message else ""), file=sys.stderr)
+        print(
+            f"tally: {error}{where}" + (f" [{detail}]" if detail and detail not in error.message else ""),
+            file=sys.stderr,
+        )
         return 1
     except KeyboardInterrupt:
         return 130

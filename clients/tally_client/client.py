@@ -30,12 +30,26 @@ from grpc import aio
 
 from tally.v1 import (
     experience_service_pb2 as exp_pb,
+)
+from tally.v1 import (
     experience_service_pb2_grpc as exp_grpc,
+)
+from tally.v1 import (
     experience_type_service_pb2 as et_pb,
+)
+from tally.v1 import (
     experience_type_service_pb2_grpc as et_grpc,
+)
+from tally.v1 import (
     ingest_service_pb2 as ing_pb,
+)
+from tally.v1 import (
     ingest_service_pb2_grpc as ing_grpc,
+)
+from tally.v1 import (
     price_catalog_service_pb2 as price_pb,
+)
+from tally.v1 import (
     price_catalog_service_pb2_grpc as price_grpc,
 )
 
@@ -313,6 +327,7 @@ class TallyClient(_ClientBase):
     def ingest(
         self,
         category: str,
+        /,
         resource: str,
         units: Units | None = None,
         *,
@@ -328,6 +343,7 @@ class TallyClient(_ClientBase):
     def ingest(
         self,
         event_or_category: ing_pb.UsageEvent | str,
+        /,
         resource: str = "",
         units: Units | None = None,
         **fields: Any,
@@ -520,6 +536,7 @@ class AsyncTallyClient(_ClientBase):
     async def ingest(
         self,
         category: str,
+        /,
         resource: str,
         units: Units | None = None,
         *,
@@ -535,6 +552,7 @@ class AsyncTallyClient(_ClientBase):
     async def ingest(
         self,
         event_or_category: ing_pb.UsageEvent | str,
+        /,
         resource: str = "",
         units: Units | None = None,
         **fields: Any,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
@@ -64,11 +66,13 @@ _BY_CODE = {
 
 def from_rpc_error(error: grpc.RpcError) -> TallyError:
     """Decodes the google.rpc.Status details of a failed call."""
-    code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
-    message = (error.details() if hasattr(error, "details") else str(error)) or code.name
+    # Blocking and asyncio calls raise different classes; both have the grpc.Call methods.
+    call: Any = error
+    code: grpc.StatusCode = call.code() if hasattr(call, "code") else grpc.StatusCode.UNKNOWN
+    message: str = (call.details() if hasattr(call, "details") else str(error)) or code.name
     reason, violations, resource = "", {}, None
     try:
-        status = rpc_status.from_call(error)
+        status = rpc_status.from_call(call)
     except ValueError:  # details that disagree with the code or message
         status = None
     for detail in status.details if status else ():
@@ -85,7 +89,7 @@ def from_rpc_error(error: grpc.RpcError) -> TallyError:
             detail.Unpack(info)
             resource = (info.resource_type, info.resource_name)
     request_id = ""
-    trailing = error.trailing_metadata() if hasattr(error, "trailing_metadata") else None
+    trailing = call.trailing_metadata() if hasattr(call, "trailing_metadata") else None
     for key, value in trailing or ():
         if key == "x-request-id":
             request_id = value

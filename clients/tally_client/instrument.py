@@ -67,7 +67,13 @@ def anthropic_units(usage: Any) -> dict[str, tuple[int, int]]:
     return units
 
 
-def _event(response: Any, units: Callable[[Any], dict], category: str, latency_ms: int, http_status_code: int) -> ing_pb.UsageEvent:
+def _event(
+    response: Any,
+    units: Callable[[Any], dict[str, tuple[int, int]]],
+    category: str,
+    latency_ms: int,
+    http_status_code: int,
+) -> ing_pb.UsageEvent:
     """A provider response as a usage event: its model, its usage, and its id as the idempotency key."""
     return usage_event(
         category,
@@ -79,22 +85,30 @@ def _event(response: Any, units: Callable[[Any], dict], category: str, latency_m
     )
 
 
-def openai_event(response: Any, *, latency_ms: int = 0, category: str = "system.openai", http_status_code: int = 200) -> ing_pb.UsageEvent:
+def openai_event(
+    response: Any, *, latency_ms: int = 0, category: str = "system.openai", http_status_code: int = 200
+) -> ing_pb.UsageEvent:
     """The usage event of an OpenAI-compatible chat completion (SDK object or JSON dict)."""
     return _event(response, openai_units, category, latency_ms, http_status_code)
 
 
-def anthropic_event(response: Any, *, latency_ms: int = 0, category: str = "system.anthropic", http_status_code: int = 200) -> ing_pb.UsageEvent:
+def anthropic_event(
+    response: Any, *, latency_ms: int = 0, category: str = "system.anthropic", http_status_code: int = 200
+) -> ing_pb.UsageEvent:
     """The usage event of an Anthropic message (SDK object or JSON dict)."""
     return _event(response, anthropic_units, category, latency_ms, http_status_code)
 
 
-def record_openai(tally: TallyClient, response: Any, *, latency_ms: int = 0, category: str = "system.openai") -> ing_pb.IngestResponse:
+def record_openai(
+    tally: TallyClient, response: Any, *, latency_ms: int = 0, category: str = "system.openai"
+) -> ing_pb.IngestResponse:
     """Ingests the usage of one OpenAI-compatible chat completion; returns Tally's result."""
     return tally.ingest(openai_event(response, latency_ms=latency_ms, category=category))
 
 
-def record_anthropic(tally: TallyClient, response: Any, *, latency_ms: int = 0, category: str = "system.anthropic") -> ing_pb.IngestResponse:
+def record_anthropic(
+    tally: TallyClient, response: Any, *, latency_ms: int = 0, category: str = "system.anthropic"
+) -> ing_pb.IngestResponse:
     """Ingests the usage of one Anthropic message; returns Tally's result."""
     return tally.ingest(anthropic_event(response, latency_ms=latency_ms, category=category))
 

@@ -4,23 +4,27 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from decimal import Decimal
+from typing import Any
 
-from google.protobuf import json_format
+from google.protobuf import json_format, timestamp_pb2
+from google.protobuf.message import Message
+
+from tally.v1 import common_pb2
 
 
-def dollars(m) -> Decimal:  # noqa: ANN001
+def dollars(m: common_pb2.Money) -> Decimal:
     """A tally.v1.Money as an exact Decimal of dollars."""
     return Decimal(m.units * 1_000_000_000 + m.nanos) / 1_000_000_000
 
 
-def money(m) -> str:  # noqa: ANN001
+def money(m: common_pb2.Money) -> str:
     """$0.0035, $12.50: exact, with at least cents and no trailing zeros beyond them."""
     text = f"{dollars(m):.9f}".rstrip("0")
     whole, _, fraction = text.partition(".")
     return f"${whole}.{fraction.ljust(2, '0')}"
 
 
-def when(timestamp) -> str:  # noqa: ANN001
+def when(timestamp: timestamp_pb2.Timestamp) -> str:
     if not timestamp.seconds and not timestamp.nanos:
         return "-"
     return timestamp.ToDatetime().strftime("%Y-%m-%d %H:%M:%S")
@@ -45,5 +49,5 @@ def _is_number(text: str) -> bool:
     return bool(text) and (text[0] == "$" or text.replace(",", "").replace(".", "").replace("-", "").isdigit())
 
 
-def as_json(message) -> dict:  # noqa: ANN001
+def as_json(message: Message) -> dict[str, Any]:
     return json_format.MessageToDict(message, preserving_proto_field_name=True)

@@ -9,9 +9,11 @@ import signal
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
+import grpc
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+
 from tally.v1 import (
     experience_service_pb2,
     experience_service_pb2_grpc,
@@ -47,7 +49,7 @@ SERVICE_NAMES = (
 class TallyServer:
     """One server process: a gRPC server, a database and a group-commit writer."""
 
-    def __init__(self, settings: Settings, extra_handlers: tuple = ()) -> None:
+    def __init__(self, settings: Settings, extra_handlers: tuple[grpc.GenericRpcHandler, ...] = ()) -> None:
         """`extra_handlers` are generic RPC handlers served beside Tally's (the benchmark's baselines)."""
         self.settings = settings
         self.extra_handlers = extra_handlers
@@ -171,4 +173,3 @@ def run(settings: Settings) -> None:
     if settings.log_level != "debug":
         logging.getLogger("alembic").setLevel(logging.WARNING)
     run_event_loop(serve(settings))
-

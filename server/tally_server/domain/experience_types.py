@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ..storage import repository as repo
 from ..storage.db import Database
@@ -82,7 +86,7 @@ class ExperienceTypes:
                 )
         return created
 
-    async def _require(self, conn, name: str) -> tuple[int, ExperienceType]:  # noqa: ANN001
+    async def _require(self, conn: AsyncConnection, name: str) -> tuple[int, ExperienceType]:
         v = Violations()
         check_name(v, "name", name)
         v.raise_if_any()
@@ -104,7 +108,7 @@ class ExperienceTypes:
         return Page(items[:size], token)
 
     async def update(
-        self, name: str, description: str, settings: dict[str, str], update_mask: list[str]
+        self, name: str, description: str, settings: dict[str, str], update_mask: Sequence[str]
     ) -> ExperienceType:
         paths = list(update_mask) or list(UPDATABLE_FIELDS)
         v = Violations()
@@ -118,7 +122,7 @@ class ExperienceTypes:
             check_string_map(v, "experience_type.settings", settings, SETTINGS_MAX_ENTRIES)
         v.raise_if_any()
 
-        values = {}
+        values: dict[str, Any] = {}
         if "description" in paths:
             values["description"] = description
         if "settings" in paths:
@@ -126,7 +130,7 @@ class ExperienceTypes:
         async with self.db.write() as conn:
             type_id, current = await self._require(conn, name)
             await repo.update_type(conn, type_id, current.version, values, now_us())
-            return (await repo.get_type(conn, name))[1]
+            return (await self._require(conn, name))[1]
 
     async def delete(self, name: str, force: bool) -> int:
         async with self.db.write() as conn:
@@ -140,9 +144,7 @@ class ExperienceTypes:
                 )
             return await repo.delete_type(conn, type_id)
 
-    async def increment_version(
-        self, name: str, request_id: str = ""
-    ) -> tuple[ExperienceType, ExperienceTypeVersion]:
+    async def increment_version(self, name: str, request_id: str = "") -> tuple[ExperienceType, ExperienceTypeVersion]:
         v = Violations()
         check_request_id(v, "request_id", request_id)
         v.raise_if_any()
@@ -162,7 +164,7 @@ class ExperienceTypes:
                 await repo.put_idempotent_request(
                     conn, "IncrementExperienceTypeVersion", request_id, fingerprint(name), str(version), now
                 )
-            updated = (await repo.get_type(conn, name))[1]
+            updated = (await self._require(conn, name))[1]
             return updated, await repo.get_version(conn, type_id, name, version)
 
     async def list_versions(self, name: str, page_size: int, page_token: str) -> Page:

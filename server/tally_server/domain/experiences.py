@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 
 from ..storage import repository as repo
 from ..storage.db import Database
@@ -94,6 +95,7 @@ class Experiences:
         v = Violations()
         parsed = _require_uuid(v, "experience_id", experience_id)
         v.raise_if_any()
+        assert parsed is not None  # raise_if_any refused a missing or bad id
         async with self.db.read() as conn:
             experience = await repo.get_experience(conn, parsed)
             if experience is None:
@@ -141,6 +143,7 @@ class Experiences:
         v = Violations()
         parsed = _require_uuid(v, "experience_id", experience_id)
         v.raise_if_any()
+        assert parsed is not None  # raise_if_any refused a missing or bad id
         async with self.db.write() as conn:
             unattributed = await repo.delete_experience(conn, parsed)
         if unattributed is None:
@@ -148,7 +151,7 @@ class Experiences:
         return unattributed
 
     async def update_properties(
-        self, experience_id: str, set_properties: dict[str, str], remove_keys: list[str]
+        self, experience_id: str, set_properties: dict[str, str], remove_keys: Sequence[str]
     ) -> Experience:
         v = Violations()
         parsed = _require_uuid(v, "experience_id", experience_id)
@@ -156,6 +159,7 @@ class Experiences:
         for key in set(remove_keys) & set(set_properties):
             v.add("remove_keys", f"{key!r} is both set and removed")
         v.raise_if_any()
+        assert parsed is not None  # raise_if_any refused a missing or bad id
         async with self.db.write() as conn:
             experience = await repo.get_experience(conn, parsed)
             if experience is None:

@@ -4,9 +4,12 @@ stores many events per transaction, answering each caller only after commit."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Sequence
 from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from tally_client.metadata import CONTEXT_KEYS
 
@@ -14,7 +17,17 @@ from ..storage import repository as repo
 from ..storage.db import Database
 from .errors import Code, TallyError, Violations, invalid
 from .ids import uuid7
-from .models import Cost, CostState, EventContext, IngestResult, PriceReference, PriceSource, UnknownUnit, UsageEvent, now_us
+from .models import (
+    Cost,
+    CostState,
+    EventContext,
+    IngestResult,
+    PriceReference,
+    PriceSource,
+    UnknownUnit,
+    UsageEvent,
+    now_us,
+)
 from .pricing import PriceCatalog
 from .resolution import resolve_experiences
 from .validation import CATEGORY_PATTERN, NAME_PATTERN, PROPERTIES_MAX_ENTRIES, UNIT_TYPE_PATTERN, check_string_map
@@ -124,9 +137,9 @@ class _Request:
     answered through one future once all of them are settled: a batch costs one
     future and one wake-up, not one per event."""
 
-    __slots__ = ("events", "future", "outcomes", "unsettled", "single")
+    __slots__ = ("events", "future", "outcomes", "single", "unsettled")
 
-    def __init__(self, events: Sequence[UsageEvent], future: asyncio.Future, single: bool) -> None:
+    def __init__(self, events: Sequence[UsageEvent], future: asyncio.Future[Any], single: bool) -> None:
         self.events = events
         self.future = future
         self.outcomes: list[Any] = [None] * len(events)
@@ -137,7 +150,7 @@ class _Request:
 class _Pending:
     """One event of a request, as the writer handles it."""
 
-    __slots__ = ("request", "index", "event", "settled")
+    __slots__ = ("event", "index", "request", "settled")
 
     def __init__(self, request: _Request, index: int) -> None:
         self.request = request
@@ -158,7 +171,7 @@ class Ingestor:
         self.catalog = catalog or PriceCatalog()
         self.max_batch = max_batch
         self._queue: asyncio.Queue[_Request] = asyncio.Queue()
-        self._task: asyncio.Task | None = None
+        self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="tally-group-commit")
@@ -169,13 +182,11 @@ class Ingestor:
             return
         await self._queue.join()
         self._task.cancel()
-        try:
+        with contextlib.suppress(asyncio.CancelledError):
             await self._task
-        except asyncio.CancelledError:
-            pass
         self._task = None
 
-    def enqueue(self, event: UsageEvent) -> asyncio.Future:
+    def enqueue(self, event: UsageEvent) -> asyncio.Future[IngestResult | TallyError]:
         """Queues a validated event; the future gives its IngestResult or TallyError after
         commit, or raises what kept it from being stored."""
         future = asyncio.get_running_loop().create_future()
@@ -187,7 +198,7 @@ class Ingestor:
         the exception that kept it from being stored (the database was unreachable)."""
         if not events:
             return []
-        future = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[list[IngestResult | TallyError | Exception]] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait(_Request(events, future, single=False))
         return await future
 
@@ -217,7 +228,8 @@ class Ingestor:
         keys = {key for item in current if (key := idempotency_key(item.event))}
         try:
             outcomes, raced = await self._store(current, keys)
-        except Exception as error:  # rolled back: nothing of this transaction is stored
+        # Deliberately any exception: whatever failed, every caller waiting on this batch gets an answer.
+        except Exception as error:  # noqa: BLE001 - rolled back: nothing of this transaction is stored
             if len(current) > 1:
                 log.warning("a batch of %d events failed (%r); storing them one by one", len(current), error)
                 for item in current:
@@ -229,7 +241,7 @@ class Ingestor:
         try:
             if raced:
                 await self._resolve_raced(raced, outcomes)
-        except Exception as error:  # committed, but the duplicate could not be read back
+        except Exception as error:  # noqa: BLE001 - committed, but the duplicate could not be read back
             log.error("reading back raced events failed: %r", error)
             for item, _ in raced:
                 outcomes.setdefault(id(item), error)
@@ -252,7 +264,9 @@ class Ingestor:
                 request.future.set_result(outcome)
         self._queue.task_done()
 
-    async def _store(self, current: list[_Pending], keys: set[str]) -> tuple[dict[int, Any], list]:
+    async def _store(
+        self, current: list[_Pending], keys: set[str]
+    ) -> tuple[dict[int, Any], list[tuple[_Pending, IngestResult]]]:
         """One transaction: duplicates, resolution, pricing, insert. Returns the outcome
         per item, and the items another replica stored first under the same key."""
         now = now_us()
@@ -311,7 +325,7 @@ class Ingestor:
             idempotency_key=idempotency_key(event),
         )
 
-    async def _resolve_raced(self, raced: list, outcomes: dict[int, Any]) -> None:
+    async def _resolve_raced(self, raced: list[tuple[_Pending, IngestResult]], outcomes: dict[int, Any]) -> None:
         async with self.db.read() as conn:
             winners = await repo.events_by_key(conn, [result.idempotency_key for _, result in raced])
         for item, result in raced:
@@ -323,7 +337,7 @@ class Ingestor:
         async with self.db.read() as conn:
             await self._refresh_prices(conn)
 
-    async def _refresh_prices(self, conn) -> None:  # noqa: ANN001
+    async def _refresh_prices(self, conn: AsyncConnection) -> None:
         """Reloads custom prices when any replica added one (checked at most once a second)."""
         if not self.catalog.due():
             return
@@ -391,5 +405,3 @@ def quote(catalog: PriceCatalog, category: str, resource: str, units: dict[str, 
     validate_event(probe, None, v)
     v.raise_if_any()
     return catalog.price(category, resource, units, time_us)
-
-

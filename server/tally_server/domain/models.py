@@ -7,6 +7,7 @@ import enum
 import time
 import uuid
 from dataclasses import dataclass, field
+from typing import Any
 
 
 def now_us() -> int:
@@ -198,5 +199,5 @@ class IngestResult:
 class Page:
     """One page of a list and the opaque token of the next (empty at the end)."""
 
-    items: list = field(default_factory=list)
+    items: list[Any] = field(default_factory=list)
     next_page_token: str = ""

@@ -6,6 +6,7 @@ import base64
 import binascii
 import hashlib
 import json
+from collections.abc import Callable
 from typing import Any
 
 from .errors import Violation, invalid
@@ -31,7 +32,7 @@ def encode(kind: str, filters: Any, position: Any) -> str:
     return base64.urlsafe_b64encode(body.encode()).decode().rstrip("=")
 
 
-def decode(token: str, kind: str, filters: Any, check=lambda position: True) -> Any:  # noqa: ANN001
+def decode(token: str, kind: str, filters: Any, check: Callable[[Any], bool] = lambda position: True) -> Any:
     """The position in `token`, or None for the first page. `check` validates its shape."""
     if not token:
         return None

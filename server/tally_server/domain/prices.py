@@ -26,7 +26,7 @@ def _check_decimal(v: Violations, field_path: str, text: str) -> None:
         return
     if not value.is_finite() or value < 0:
         v.add(field_path, "must be a finite, non-negative decimal")
-    elif value.as_tuple().exponent < -9 or value >= Decimal(10) ** 9:
+    elif int(value.as_tuple().exponent) < -9 or value >= Decimal(10) ** 9:
         v.add(field_path, "at most 9 decimal places and less than 1,000,000,000")
 
 
@@ -51,13 +51,13 @@ class Prices:
             v.add("unit_prices", "at least one unit price is required")
         if len(unit_prices) > MAX_UNIT_PRICES:
             v.add("unit_prices", f"at most {MAX_UNIT_PRICES} unit types")
-        for unit, price in unit_prices.items():
+        for unit, unit_price in unit_prices.items():
             if not UNIT_TYPE_PATTERN.fullmatch(unit):
                 v.add(f"unit_prices[{unit[:64]!r}]", "unit type must match [a-z0-9_]{1,64}")
-            if not price.input_per_million and not price.output_per_million:
+            if not unit_price.input_per_million and not unit_price.output_per_million:
                 v.add(f"unit_prices[{unit[:64]!r}]", "set input_per_million, output_per_million or both")
-            _check_decimal(v, f"unit_prices[{unit[:64]!r}].input_per_million", price.input_per_million)
-            _check_decimal(v, f"unit_prices[{unit[:64]!r}].output_per_million", price.output_per_million)
+            _check_decimal(v, f"unit_prices[{unit[:64]!r}].input_per_million", unit_price.input_per_million)
+            _check_decimal(v, f"unit_prices[{unit[:64]!r}].output_per_million", unit_price.output_per_million)
         if effective_time_us is not None and effective_time_us < 0:
             v.add("effective_time", "must not be before 1970-01-01")
         v.raise_if_any()
@@ -86,6 +86,7 @@ class Prices:
         if parsed is None:
             v.add("price_id", f"not a UUID: {price_id[:80]!r}")
         v.raise_if_any()
+        assert parsed is not None
         async with self.db.read() as conn:
             price = await repo.get_price(conn, parsed)
         if price is None:
@@ -95,9 +96,7 @@ class Prices:
     async def list(self, category: str, resource: str, page_size: int, page_token: str) -> Page:
         size = paging.page_size(page_size)
         filters = [category, resource.lower()]
-        after = paging.decode(
-            page_token, "custom_prices", filters, lambda p: isinstance(p, list) and len(p) == 3
-        )
+        after = paging.decode(page_token, "custom_prices", filters, lambda p: isinstance(p, list) and len(p) == 3)
         async with self.db.read() as conn:
             items = await repo.list_prices(conn, category, resource.lower(), tuple(after) if after else None, size + 1)
         token = ""

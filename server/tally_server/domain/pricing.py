@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import bisect
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
+from typing import Any
 
 import genai_prices
 from genai_prices import Usage, data_snapshot
@@ -47,9 +49,7 @@ UNIT_TYPES: dict[str, dict[str, tuple[str, ...]]] = {
         INPUT: ("input_tokens", "input_audio_tokens"),
         OUTPUT: ("output_tokens", "output_audio_tokens"),
     },
-    "audio_cache_read": {
-        INPUT: ("input_tokens", "cache_read_tokens", "input_audio_tokens", "cache_audio_read_tokens")
-    },
+    "audio_cache_read": {INPUT: ("input_tokens", "cache_read_tokens", "input_audio_tokens", "cache_audio_read_tokens")},
     "image": {
         INPUT: ("input_tokens", "input_image_tokens"),
         OUTPUT: ("output_tokens", "output_image_tokens"),
@@ -101,8 +101,7 @@ class RateCard:
         if self.model_price is None and per_request is not None and None not in attos.values():
             self.atto_rates, self.atto_per_request = attos, per_request  # type: ignore[assignment]
             self.atto_rates_by_unit = {
-                unit_type: (attos.get((unit_type, INPUT)), attos.get((unit_type, OUTPUT)))
-                for unit_type, _ in attos
+                unit_type: (attos.get((unit_type, INPUT)), attos.get((unit_type, OUTPUT))) for unit_type, _ in attos
             }
         else:
             self.atto_rates = self.atto_rates_by_unit = None
@@ -137,7 +136,7 @@ def system_rate_card(model_price: ModelPrice, reference: PriceReference) -> Rate
             if tiered:
                 card.rates[(unit_type, direction)] = Decimal(0)  # priced per event
                 continue
-            probe = model_price.calc_price(Usage(**{key: _MILLION for key in keys}))
+            probe = model_price.calc_price(Usage(**dict.fromkeys(keys, _MILLION)))
             card.rates[(unit_type, direction)] = (probe["total_price"] - base) / _MILLION
     card.refresh_integer_rates()
     return card
@@ -207,9 +206,7 @@ class PriceCatalog:
             model = None
             if category.startswith(SYSTEM_PREFIX):
                 try:
-                    _, model = self._snapshot.find_provider_model(
-                        resource, None, category[len(SYSTEM_PREFIX) :], None
-                    )
+                    _, model = self._snapshot.find_provider_model(resource, None, category[len(SYSTEM_PREFIX) :], None)
                 except LookupError:
                     model = None
             self._models[key] = model
@@ -288,13 +285,15 @@ def price_with(card: RateCard, units: dict[str, tuple[int, int]]) -> Cost:
 
 def _price_with_unknowns(card: RateCard, units: dict[str, tuple[int, int]]) -> Cost:
     integer = card.atto_rates is not None
-    rates = card.atto_rates if integer else card.rates
-    to_nanos = attos_to_nanos if integer else decimal_to_nanos
-    input_cost = output_cost = 0
+    to_nanos: Callable[[Any], int] = attos_to_nanos if integer else decimal_to_nanos
+    # Integer atto-dollars, or exact Decimals where the card has no integer rates.
+    rates: Mapping[tuple[str, str], int | Decimal] = (card.atto_rates if integer else card.rates) or {}
+    input_cost: int | Decimal = 0
+    output_cost: int | Decimal = 0
     unknown: list[UnknownUnit] = []
     for unit_type, counts in units.items():
         missing = []
-        for direction, count in zip((INPUT, OUTPUT), counts):
+        for direction, count in zip((INPUT, OUTPUT), counts, strict=True):
             if not count:
                 continue
             rate = rates.get((unit_type, direction))

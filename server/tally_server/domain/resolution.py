@@ -1,4 +1,4 @@
-"""Which experience an event belongs to: the five rules of DESIGN.md, in one place.
+"""Which experience an event belongs to: the five rules of docs/guarantees.md, in one place.
 
 1. A valid UUID that exists: that experience. A name that differs from its type
    is FAILED_PRECONDITION (EXPERIENCE_TYPE_MISMATCH).
@@ -13,6 +13,10 @@
 Safe under concurrency: creation is an insert that ignores a conflicting id,
 followed by a read of whichever row won, so concurrent resolutions of one new
 id end with one experience, on one server or many.
+
+The steps, for all the events of one commit at once: plan each context (no I/O),
+read what exists, decide each distinct plan, create what is missing, and answer
+each event.
 """
 
 from __future__ import annotations
@@ -20,13 +24,14 @@ from __future__ import annotations
 import dataclasses
 import uuid
 from collections.abc import Sequence
+from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ..storage import repository as repo
-from .ids import uuid7
 from .errors import Code, TallyError, Violation, failed_precondition, invalid, not_found
-from .models import EventContext, Experience, Resolution
+from .ids import uuid7
+from .models import EventContext, Experience, ExperienceType, Resolution
 from .validation import parse_uuid
 
 # Fixed forever: derived ids of existing experiences depend on it.
@@ -60,17 +65,62 @@ def type_mismatch(experience: Experience, name: str) -> TallyError:
     )
 
 
+def _type_not_found(name: str) -> TallyError:
+    return not_found(
+        "EXPERIENCE_TYPE_NOT_FOUND",
+        "tally.v1.ExperienceType",
+        name,
+        f"experience type {name!r} does not exist; create it first",
+    )
+
+
+def _no_such_version(name: str, version: int, current: int) -> TallyError:
+    message = f"version {version} of {name!r} does not exist (current: {current})"
+    return invalid([Violation("experience_version", message)])
+
+
 class _Plan:
-    """What one context asks for, before the database is read."""
+    """What one context asks for, before the database is read. `generated` ids are
+    new by construction (rule 4), so they are never looked up."""
 
-    __slots__ = ("experience_id", "name", "version", "warnings", "generated")
+    __slots__ = ("experience_id", "generated", "name", "version", "warnings")
 
-    def __init__(self, experience_id: uuid.UUID | None, name: str, version: int, warnings: tuple[str, ...], generated: bool):
+    def __init__(
+        self, experience_id: uuid.UUID, name: str, version: int, warnings: tuple[str, ...], generated: bool
+    ) -> None:
         self.experience_id = experience_id
         self.name = name
         self.version = version
         self.warnings = warnings
         self.generated = generated
+
+
+@dataclasses.dataclass(slots=True)
+class _ToCreate:
+    """A plan that will create its experience, of this type at this version."""
+
+    plan: _Plan
+    type_id: int
+    version: int
+
+
+_Decision = Resolution | TallyError | _ToCreate
+_UNATTRIBUTED = Resolution(None)
+
+
+async def resolve_experiences(
+    conn: AsyncConnection, contexts: Sequence[EventContext], now_us: int
+) -> list[Resolution | TallyError]:
+    """Resolves each context inside the caller's transaction, creating experiences as needed.
+
+    Returns, per context, its Resolution or the TallyError that refuses it.
+    """
+    plans = _plans(contexts)
+    distinct = list({id(plan): plan for plan in plans if plan is not None}.values())
+    existing, types = await _read_existing(conn, distinct)
+    decided = {id(plan): _decide(plan, existing, types) for plan in distinct}
+    await _create(conn, decided, now_us)
+    return _per_event(plans, decided)
 
 
 def _plan(context: EventContext) -> _Plan | None:
@@ -89,109 +139,13 @@ def _plan(context: EventContext) -> _Plan | None:
     return _Plan(parsed, context.experience_name, context.experience_version, warnings, False)
 
 
-async def resolve_experiences(
-    conn: AsyncConnection, contexts: Sequence[EventContext], now_us: int
-) -> list[Resolution | TallyError]:
-    """Resolves each context inside the caller's transaction, creating experiences as needed.
-
-    Returns, per context, its Resolution or the TallyError that refuses it.
-    """
-    plans = _plans(contexts)
-    distinct = list({id(plan): plan for plan in plans if plan is not None}.values())
-    existing = await repo.get_experiences(conn, {p.experience_id for p in distinct if not p.generated})
-    names = {p.name for p in distinct if p.experience_id not in existing and p.name}
-    types = await repo.get_types(conn, names) if names else {}
-
-    # Each distinct plan is decided once: found, refused, or to be created.
-    decided: dict[int, Resolution | TallyError | _Plan] = {}
-    to_create: dict[uuid.UUID, dict] = {}
-    for plan in distinct:
-        found = existing.get(plan.experience_id)
-        if found is not None:
-            mismatch = plan.name and plan.name != found.experience_name
-            decided[id(plan)] = type_mismatch(found, plan.name) if mismatch else Resolution(found, False, plan.warnings)
-            continue
-        if not plan.name:
-            decided[id(plan)] = experience_not_found(plan.experience_id)
-            continue
-        type_row = types.get(plan.name)
-        if type_row is None:
-            decided[id(plan)] = not_found(
-                "EXPERIENCE_TYPE_NOT_FOUND",
-                "tally.v1.ExperienceType",
-                plan.name,
-                f"experience type {plan.name!r} does not exist; create it first",
-            )
-            continue
-        type_id, experience_type = type_row
-        version = plan.version or experience_type.version
-        if not 1 <= version <= experience_type.version:
-            decided[id(plan)] = invalid(
-                [
-                    Violation(
-                        "experience_version",
-                        f"version {plan.version} of {plan.name!r} does not exist (current: {experience_type.version})",
-                    )
-                ]
-            )
-            continue
-        if plan.experience_id not in to_create:
-            to_create[plan.experience_id] = {
-                "id": plan.experience_id,
-                "type_id": type_id,
-                "version": version,
-                "create_time_us": now_us,
-                "properties": {},
-            }
-        decided[id(plan)] = plan
-
-    inserted = await repo.insert_experiences(conn, list(to_create.values()))
-    lost_race = set(to_create) - inserted
-    winners = await repo.get_experiences(conn, lost_race) if lost_race else {}
-    for key, outcome in decided.items():
-        if not isinstance(outcome, _Plan):
-            continue
-        plan = outcome
-        if plan.experience_id in inserted:
-            experience = Experience(plan.experience_id, plan.name, to_create[plan.experience_id]["version"], now_us, {})
-            decided[key] = Resolution(experience, True, plan.warnings)
-            continue
-        winner = winners.get(plan.experience_id)
-        if winner is None:  # created and deleted again between the two statements
-            decided[key] = TallyError(Code.ABORTED, "CONCURRENT_DELETE", "the experience was deleted concurrently; retry")
-        elif winner.experience_name != plan.name:
-            decided[key] = type_mismatch(winner, plan.name)
-        else:
-            decided[key] = Resolution(winner, False, plan.warnings)
-
-    results: list[Resolution | TallyError] = []
-    announced: set[uuid.UUID] = set()
-    for plan in plans:
-        if plan is None:
-            results.append(_UNATTRIBUTED)
-            continue
-        outcome = decided[id(plan)]
-        if isinstance(outcome, TallyError):
-            outcome = dataclasses.replace(outcome)  # each event raises its own exception
-        elif outcome.created:
-            # Only the first event of a new experience says it created it.
-            experience_id = outcome.experience.experience_id
-            if experience_id in announced:
-                outcome = Resolution(outcome.experience, False, outcome.warnings)
-            announced.add(experience_id)
-        results.append(outcome)
-    return results
-
-
-_UNATTRIBUTED = Resolution(None)
-
-
 def _plans(contexts: Sequence[EventContext]) -> list[_Plan | None]:
     """A plan per context. Events of one call mostly share a context: each distinct
     id is planned once (rule 4 plans a new experience per event)."""
     planned: dict[EventContext, _Plan | None] = {}
     plans: list[_Plan | None] = []
-    last_context, last_plan = None, None
+    last_context: EventContext | None = None
+    last_plan: _Plan | None = None
     for context in contexts:
         if context is last_context and context.experience_id:  # the same object: no hashing
             plans.append(last_plan)
@@ -199,9 +153,96 @@ def _plans(contexts: Sequence[EventContext]) -> list[_Plan | None]:
         if not context.experience_id:
             plan = _plan(context)
         else:
-            plan = planned.get(context)
-            if plan is None:
-                plan = planned[context] = _plan(context)
+            if context not in planned:
+                planned[context] = _plan(context)
+            plan = planned[context]
         plans.append(plan)
         last_context, last_plan = context, plan
     return plans
+
+
+async def _read_existing(
+    conn: AsyncConnection, plans: Sequence[_Plan]
+) -> tuple[dict[uuid.UUID, Experience], dict[str, tuple[int, ExperienceType]]]:
+    """The experiences the plans name that exist, and the types of those that do not."""
+    existing = await repo.get_experiences(conn, {p.experience_id for p in plans if not p.generated})
+    names = {p.name for p in plans if p.experience_id not in existing and p.name}
+    types = await repo.get_types(conn, names) if names else {}
+    return existing, types
+
+
+def _decide(
+    plan: _Plan, existing: dict[uuid.UUID, Experience], types: dict[str, tuple[int, ExperienceType]]
+) -> _Decision:
+    """Found (rules 1 and 3), refused, or to be created (rules 2 and 4)."""
+    found = existing.get(plan.experience_id)
+    if found is not None:
+        if plan.name and plan.name != found.experience_name:
+            return type_mismatch(found, plan.name)
+        return Resolution(found, False, plan.warnings)
+    if not plan.name:
+        return experience_not_found(plan.experience_id)
+    if plan.name not in types:
+        return _type_not_found(plan.name)
+    type_id, experience_type = types[plan.name]
+    version = plan.version or experience_type.version
+    if not 1 <= version <= experience_type.version:
+        return _no_such_version(plan.name, plan.version, experience_type.version)
+    return _ToCreate(plan, type_id, version)
+
+
+async def _create(conn: AsyncConnection, decided: dict[int, _Decision], now_us: int) -> None:
+    """Inserts the experiences to create, and replaces each such decision by what
+    became of it: created here, or created first by a concurrent resolution."""
+    rows: dict[uuid.UUID, dict[str, Any]] = {}
+    for decision in decided.values():
+        if isinstance(decision, _ToCreate) and decision.plan.experience_id not in rows:
+            rows[decision.plan.experience_id] = {
+                "id": decision.plan.experience_id,
+                "type_id": decision.type_id,
+                "version": decision.version,
+                "create_time_us": now_us,
+                "properties": {},
+            }
+    if not rows:
+        return
+    inserted = await repo.insert_experiences(conn, list(rows.values()))
+    lost_race = set(rows) - inserted
+    winners = await repo.get_experiences(conn, lost_race) if lost_race else {}
+    for key, decision in decided.items():
+        if not isinstance(decision, _ToCreate):
+            continue
+        plan = decision.plan
+        if plan.experience_id in inserted:
+            experience = Experience(plan.experience_id, plan.name, rows[plan.experience_id]["version"], now_us, {})
+            decided[key] = Resolution(experience, True, plan.warnings)
+        elif (winner := winners.get(plan.experience_id)) is None:  # created and deleted between the statements
+            decided[key] = TallyError(
+                Code.ABORTED, "CONCURRENT_DELETE", "the experience was deleted concurrently; retry"
+            )
+        elif winner.experience_name != plan.name:
+            decided[key] = type_mismatch(winner, plan.name)
+        else:
+            decided[key] = Resolution(winner, False, plan.warnings)
+
+
+def _per_event(plans: Sequence[_Plan | None], decided: dict[int, _Decision]) -> list[Resolution | TallyError]:
+    """Each event's answer: each refusal its own exception object, and only the first
+    event of a new experience saying it created it."""
+    results: list[Resolution | TallyError] = []
+    announced: set[uuid.UUID] = set()
+    for plan in plans:
+        if plan is None:
+            results.append(_UNATTRIBUTED)
+            continue
+        outcome = decided[id(plan)]
+        assert not isinstance(outcome, _ToCreate), "_create settles every creation"
+        if isinstance(outcome, TallyError):
+            outcome = dataclasses.replace(outcome)
+        elif outcome.created and outcome.experience is not None:
+            experience_id = outcome.experience.experience_id
+            if experience_id in announced:
+                outcome = Resolution(outcome.experience, False, outcome.warnings)
+            announced.add(experience_id)
+        results.append(outcome)
+    return results

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from .models import CostDistribution, ExperienceStats, TypeStats
 from .money import divide_half_even
 
+T = TypeVar("T")
 
-def nearest_rank(sorted_values: Sequence, fraction: float):  # noqa: ANN201
+
+def nearest_rank(sorted_values: Sequence[T], fraction: float) -> T | int:
     """The nearest-rank percentile: always one of the values, never interpolated."""
     if not sorted_values:
         return 0

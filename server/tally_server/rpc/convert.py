@@ -3,13 +3,24 @@
 from __future__ import annotations
 
 import hashlib
+from typing import Any, cast
 
 from google.protobuf import timestamp_pb2
+from google.protobuf.message import Message
+
 from tally.v1 import (
     common_pb2,
+)
+from tally.v1 import (
     experience_service_pb2 as exp_pb,
+)
+from tally.v1 import (
     experience_type_service_pb2 as et_pb,
+)
+from tally.v1 import (
     ingest_service_pb2 as ing_pb,
+)
+from tally.v1 import (
     price_catalog_service_pb2 as price_pb,
 )
 
@@ -31,7 +42,7 @@ def timestamp(time_us: int | None) -> timestamp_pb2.Timestamp | None:
     return stamp
 
 
-def micros(message, field: str) -> int | None:  # noqa: ANN001
+def micros(message: Message, field: str) -> int | None:
     """A Timestamp field as microseconds, or None when unset."""
     return getattr(message, field).ToMicroseconds() if message.HasField(field) else None
 
@@ -171,7 +182,7 @@ _NO_CONTEXT = m.EventContext()
 
 def price_reference(p: m.PriceReference) -> ing_pb.PriceReference:
     return ing_pb.PriceReference(
-        source=int(p.source),
+        source=cast("ing_pb.PriceSource.ValueType", p.source),
         category=p.category,
         resource=p.resource,
         version=p.version,
@@ -199,7 +210,7 @@ def _set_shared_cost(result: ing_pb.XProxyResult, price: m.PriceReference | None
         amount.currency_code = "USD"
     if price is not None:
         reference = result.price
-        reference.source = price.source
+        reference.source = cast("ing_pb.PriceSource.ValueType", price.source)
         reference.category = price.category
         reference.resource = price.resource
         reference.version = price.version
@@ -211,7 +222,7 @@ def _set_own_cost(result: ing_pb.XProxyResult, cost: m.Cost) -> None:
     _set_amount(result.cost_input, cost.input_nanos)
     _set_amount(result.cost_output, cost.output_nanos)
     _set_amount(result.cost_total, cost.total_nanos)
-    result.cost_state = cost.state
+    result.cost_state = cast("ing_pb.CostState.ValueType", cost.state)
     for u in cost.unknown_units:
         result.unknown_units.add(unit_type=u.unit_type, input=u.input, output=u.output, reason=u.reason)
 
@@ -271,11 +282,20 @@ class IngestResponses:
     _MAX_ENTRIES = 64
 
     def __init__(self) -> None:
-        self._shared: dict[tuple, bytes] = {}
+        self._shared: dict[tuple[Any, ...], bytes] = {}
 
     def write(self, r: m.IngestResult, response: ing_pb.IngestResponse) -> None:
         # Every input of _set_shared_fields (an experience's name and version follow its id).
-        key = (r.ingest_time_us, r.experience_id, r.experience_created, r.duplicate, r.user_id, r.request_tags, r.warnings, r.cost.price)
+        key = (
+            r.ingest_time_us,
+            r.experience_id,
+            r.experience_created,
+            r.duplicate,
+            r.user_id,
+            r.request_tags,
+            r.warnings,
+            r.cost.price,
+        )
         shared = self._shared.get(key)
         if shared is None:
             if len(self._shared) >= self._MAX_ENTRIES:

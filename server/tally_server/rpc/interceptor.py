@@ -11,7 +11,8 @@ import itertools
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc import aio
@@ -19,6 +20,12 @@ from grpc import aio
 from .status import as_tally_error, current_call, status_of
 
 log = logging.getLogger("tally.rpc")
+if TYPE_CHECKING:  # grpc's classes are generic in its type stubs only
+    Context = aio.ServicerContext[Any, Any]
+    Handler = grpc.RpcMethodHandler[Any, Any]
+# A servicer method as grpc.aio calls it: (request or request iterator, context). grpc's
+# stubs type a handler's behaviors for the blocking server, hence the loose signature.
+Behavior = Callable[..., Any]
 REQUEST_ID_KEY = "x-request-id"
 # Request ids only need to be unique across replicas and calls: a random prefix per
 # process and a counter are, and cost no system call per request (uuid4 does).
@@ -29,9 +36,9 @@ _request_numbers = itertools.count(1)
 class _Call:
     """Bookkeeping of one call: its request id and the status it ended with."""
 
-    __slots__ = ("method", "request_id", "start", "code")
+    __slots__ = ("code", "method", "request_id", "start")
 
-    def __init__(self, method: str, context: aio.ServicerContext) -> None:
+    def __init__(self, method: str, context: Context) -> None:
         self.method = method
         self.start = time.perf_counter()
         self.code = grpc.StatusCode.OK
@@ -40,20 +47,20 @@ class _Call:
         context.set_trailing_metadata(((REQUEST_ID_KEY, self.request_id),))
         current_call.set((method, self.request_id))
 
-    async def fail(self, context: aio.ServicerContext, error: Exception) -> None:
+    async def fail(self, context: Context, error: Exception) -> None:
         status = status_of(as_tally_error(error, self.method, self.request_id))
         self.code = status.code
-        metadata = tuple(status.trailing_metadata) + ((REQUEST_ID_KEY, self.request_id),)
+        metadata = (*status.trailing_metadata, (REQUEST_ID_KEY, self.request_id))
         await context.abort(status.code, status.details, metadata)
 
-    def finish(self, context: aio.ServicerContext) -> None:
+    def finish(self, context: Context) -> None:
         code = context.code() if self.code == grpc.StatusCode.OK else self.code
-        if isinstance(code, int):
+        if isinstance(code, int):  # grpc.aio reports some codes as their number
             code = _CODES.get(code, grpc.StatusCode.UNKNOWN)
         log.info(
             "rpc method=%s code=%s duration_ms=%.2f request_id=%s",
             self.method,
-            (code or grpc.StatusCode.OK).name,
+            code.name if code else "OK",
             (time.perf_counter() - self.start) * 1000,
             self.request_id,
         )
@@ -69,11 +76,13 @@ def _is_abort(error: BaseException) -> bool:
 class ServerInterceptor(aio.ServerInterceptor):
     def __init__(self) -> None:
         # Wrapped handlers, made once per method rather than once per call.
-        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
+        self._wrapped: dict[str, Handler] = {}
 
     async def intercept_service(
-        self, continuation: Callable, handler_call_details: grpc.HandlerCallDetails
-    ) -> grpc.RpcMethodHandler | None:
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Handler | None:
         method = handler_call_details.method
         wrapped = self._wrapped.get(method)
         if wrapped is None:
@@ -84,7 +93,7 @@ class ServerInterceptor(aio.ServerInterceptor):
         return wrapped
 
 
-def _wrap(method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+def _wrap(method: str, handler: Handler) -> Handler:
     if handler.unary_unary:
         return grpc.unary_unary_rpc_method_handler(
             _wrap_unary(method, handler.unary_unary),
@@ -103,6 +112,7 @@ def _wrap(method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
+    assert handler.stream_stream is not None, "a handler has one of the four behaviors"
     return grpc.stream_stream_rpc_method_handler(
         _wrap_stream(method, handler.stream_stream),
         request_deserializer=handler.request_deserializer,
@@ -110,8 +120,8 @@ def _wrap(method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
     )
 
 
-def _wrap_unary(method: str, behavior: Callable) -> Callable:
-    async def wrapper(request_or_iterator, context: aio.ServicerContext):  # noqa: ANN001, ANN202
+def _wrap_unary(method: str, behavior: Behavior) -> Behavior:
+    async def wrapper(request_or_iterator: Any, context: Context) -> Any:
         call = _Call(method, context)
         try:
             return await behavior(request_or_iterator, context)
@@ -125,8 +135,8 @@ def _wrap_unary(method: str, behavior: Callable) -> Callable:
     return wrapper
 
 
-def _wrap_stream(method: str, behavior: Callable) -> Callable:
-    async def wrapper(request_or_iterator, context: aio.ServicerContext) -> AsyncIterator:  # noqa: ANN001
+def _wrap_stream(method: str, behavior: Behavior) -> Behavior:
+    async def wrapper(request_or_iterator: Any, context: Context) -> AsyncIterator[Any]:
         call = _Call(method, context)
         try:
             result = behavior(request_or_iterator, context)

@@ -9,17 +9,35 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
 
 from grpc import aio
+
 from tally.v1 import (
     common_pb2,
+)
+from tally.v1 import (
     experience_service_pb2 as exp_pb,
+)
+from tally.v1 import (
     experience_service_pb2_grpc as exp_grpc,
+)
+from tally.v1 import (
     experience_type_service_pb2 as et_pb,
+)
+from tally.v1 import (
     experience_type_service_pb2_grpc as et_grpc,
+)
+from tally.v1 import (
     ingest_service_pb2 as ing_pb,
+)
+from tally.v1 import (
     ingest_service_pb2_grpc as ing_grpc,
+)
+from tally.v1 import (
     price_catalog_service_pb2 as price_pb,
+)
+from tally.v1 import (
     price_catalog_service_pb2_grpc as price_grpc,
 )
 
@@ -28,12 +46,16 @@ from ..domain.errors import TallyError, Violations
 from ..domain.experience_types import ExperienceTypes
 from ..domain.experiences import Experiences
 from ..domain.ingest import Ingestor
-from ..domain.models import EventContext, UnitPrice, UsageEvent, now_us
+from ..domain.models import EventContext, IngestResult, UnitPrice, UsageEvent, now_us
 from ..domain.prices import Prices
 from . import convert, metadata
 from .status import as_tally_error, current_call
 
 log = logging.getLogger("tally.rpc")
+if TYPE_CHECKING:  # grpc's classes are generic in its type stubs only
+    Context = aio.ServicerContext[Any, Any]
+# A stream event on its way: refused at once, or waiting for its commit.
+_Pending = TallyError | asyncio.Future[IngestResult | TallyError]
 
 # How many events of one stream may be in flight before it stops reading: beyond
 # this, gRPC flow control pushes back on the sender.
@@ -44,45 +66,61 @@ class ExperienceTypeServicer(et_grpc.ExperienceTypeServiceServicer):
     def __init__(self, types: ExperienceTypes) -> None:
         self.types = types
 
-    async def CreateExperienceType(self, request, context):  # noqa: ANN001, ANN201, N802
+    async def CreateExperienceType(
+        self, request: et_pb.CreateExperienceTypeRequest, context: Context
+    ) -> et_pb.CreateExperienceTypeResponse:
         t = request.experience_type
         created = await self.types.create(t.name, t.description, dict(t.settings), request.request_id)
         return et_pb.CreateExperienceTypeResponse(experience_type=convert.experience_type(created))
 
-    async def GetExperienceType(self, request, context):  # noqa: ANN001, ANN201, N802
+    async def GetExperienceType(
+        self, request: et_pb.GetExperienceTypeRequest, context: Context
+    ) -> et_pb.GetExperienceTypeResponse:
         found = await self.types.get(request.name)
         return et_pb.GetExperienceTypeResponse(experience_type=convert.experience_type(found))
 
-    async def ListExperienceTypes(self, request, context):  # noqa: ANN001, ANN201, N802
+    async def ListExperienceTypes(
+        self, request: et_pb.ListExperienceTypesRequest, context: Context
+    ) -> et_pb.ListExperienceTypesResponse:
         page = await self.types.list(request.page_size, request.page_token)
         return et_pb.ListExperienceTypesResponse(
             experience_types=[convert.experience_type(t) for t in page.items], next_page_token=page.next_page_token
         )
 
-    async def UpdateExperienceType(self, request, context):  # noqa: ANN001, ANN201, N802
+    async def UpdateExperienceType(
+        self, request: et_pb.UpdateExperienceTypeRequest, context: Context
+    ) -> et_pb.UpdateExperienceTypeResponse:
         t = request.experience_type
         updated = await self.types.update(t.name, t.description, dict(t.settings), list(request.update_mask.paths))
         return et_pb.UpdateExperienceTypeResponse(experience_type=convert.experience_type(updated))
 
-    async def DeleteExperienceType(self, request, context):  # noqa: ANN001, ANN201, N802
+    async def DeleteExperienceType(
+        self, request: et_pb.DeleteExperienceTypeRequest, context: Context
+    ) -> et_pb.DeleteExperienceTypeResponse:
         deleted = await self.types.delete(request.name, request.force)
         return et_pb.DeleteExperienceTypeResponse(deleted_experience_count=deleted)
 
-    async def IncrementExperienceTypeVersion(self, request, context):  # noqa: ANN001, ANN201, N802
+    async def IncrementExperienceTypeVersion(
+        self, request: et_pb.IncrementExperienceTypeVersionRequest, context: Context
+    ) -> et_pb.IncrementExperienceTypeVersionResponse:
         current, snapshot = await self.types.increment_version(request.name, request.request_id)
         return et_pb.IncrementExperienceTypeVersionResponse(
             experience_type=convert.experience_type(current),
             experience_type_version=convert.experience_type_version(snapshot),
         )
 
-    async def ListExperienceTypeVersions(self, request, context):  # noqa: ANN001, ANN201, N802
+    async def ListExperienceTypeVersions(
+        self, request: et_pb.ListExperienceTypeVersionsRequest, context: Context
+    ) -> et_pb.ListExperienceTypeVersionsResponse:
         page = await self.types.list_versions(request.name, request.page_size, request.page_token)
         return et_pb.ListExperienceTypeVersionsResponse(
             experience_type_versions=[convert.experience_type_version(v) for v in page.items],
             next_page_token=page.next_page_token,
         )
 
-    async def GetExperienceTypeStats(self, request, context):  # noqa: ANN001, ANN201, N802
+    async def GetExperienceTypeStats(
+        self, request: et_pb.GetExperienceTypeStatsRequest, context: Context
+    ) -> et_pb.GetExperienceTypeStatsResponse:
         stats = await self.types.stats(
             request.name, request.version, convert.micros(request, "start_time"), convert.micros(request, "end_time")
         )
@@ -93,7 +131,9 @@ class ExperienceServicer(exp_grpc.ExperienceServiceServicer):
     def __init__(self, experiences: Experiences) -> None:
         self.experiences = experiences
 
-    async def CreateExperience(self, request, context):  # noqa: ANN001, ANN201, N802
+    async def CreateExperience(
+        self, request: exp_pb.CreateExperienceRequest, context: Context
+    ) -> exp_pb.CreateExperienceResponse:
         created = await self.experiences.create(
             request.experience_name,
             request.experience_id,
@@ -103,11 +143,15 @@ class ExperienceServicer(exp_grpc.ExperienceServiceServicer):
         )
         return exp_pb.CreateExperienceResponse(experience=convert.experience(created))
 
-    async def GetExperience(self, request, context):  # noqa: ANN001, ANN201, N802
+    async def GetExperience(
+        self, request: exp_pb.GetExperienceRequest, context: Context
+    ) -> exp_pb.GetExperienceResponse:
         experience, stats = await self.experiences.get(request.experience_id)
         return exp_pb.GetExperienceResponse(experience=convert.experience(experience, stats))
 
-    async def ListExperiences(self, request, context):  # noqa: ANN001, ANN201, N802
+    async def ListExperiences(
+        self, request: exp_pb.ListExperiencesRequest, context: Context
+    ) -> exp_pb.ListExperiencesResponse:
         page = await self.experiences.list(
             request.experience_name,
             request.experience_version,
@@ -120,11 +164,15 @@ class ExperienceServicer(exp_grpc.ExperienceServiceServicer):
             experiences=[convert.experience(e) for e in page.items], next_page_token=page.next_page_token
         )
 
-    async def DeleteExperience(self, request, context):  # noqa: ANN001, ANN201, N802
+    async def DeleteExperience(
+        self, request: exp_pb.DeleteExperienceRequest, context: Context
+    ) -> exp_pb.DeleteExperienceResponse:
         unattributed = await self.experiences.delete(request.experience_id)
         return exp_pb.DeleteExperienceResponse(unattributed_event_count=unattributed)
 
-    async def UpdateExperienceProperties(self, request, context):  # noqa: ANN001, ANN201, N802
+    async def UpdateExperienceProperties(
+        self, request: exp_pb.UpdateExperiencePropertiesRequest, context: Context
+    ) -> exp_pb.UpdateExperiencePropertiesResponse:
         updated = await self.experiences.update_properties(
             request.experience_id, dict(request.set_properties), list(request.remove_keys)
         )
@@ -146,7 +194,7 @@ class IngestServicer(ing_grpc.IngestServiceServicer):
     def __init__(self, ingestor: Ingestor) -> None:
         self.ingestor = ingestor
 
-    async def Ingest(self, request, context: aio.ServicerContext):  # noqa: ANN001, ANN201, N802
+    async def Ingest(self, request: ing_pb.IngestRequest, context: Context) -> ing_pb.IngestResponse:
         call = metadata.call_context(context.invocation_metadata())
         prepared = _prepare(request.event, call, now_us(), "event.")
         if isinstance(prepared, TallyError):
@@ -158,7 +206,7 @@ class IngestServicer(ing_grpc.IngestServiceServicer):
             await context.send_initial_metadata(((metadata.EXPERIENCE_ID, str(outcome.experience_id)),))
         return convert.ingest_response(outcome)
 
-    async def IngestBatch(self, request, context: aio.ServicerContext):  # noqa: ANN001, ANN201, N802
+    async def IngestBatch(self, request: ing_pb.IngestBatchRequest, context: Context) -> ing_pb.IngestBatchResponse:
         count = len(request.events)
         if not 1 <= count <= ingest_rules.MAX_BATCH_EVENTS:
             v = Violations()
@@ -188,9 +236,11 @@ class IngestServicer(ing_grpc.IngestServiceServicer):
             await context.send_initial_metadata(((metadata.EXPERIENCE_ID, str(experience_ids.pop())),))
         return response
 
-    async def IngestStream(self, request_iterator, context: aio.ServicerContext) -> AsyncIterator:  # noqa: ANN001, N802
+    async def IngestStream(
+        self, request_iterator: AsyncIterator[ing_pb.IngestStreamRequest], context: Context
+    ) -> AsyncIterator[ing_pb.IngestStreamResponse]:
         call = metadata.call_context(context.invocation_metadata())
-        in_flight: asyncio.Queue = asyncio.Queue(maxsize=STREAM_WINDOW)
+        in_flight: asyncio.Queue[tuple[int, str, _Pending] | None] = asyncio.Queue(maxsize=STREAM_WINDOW)
         answers = convert.IngestResponses()
 
         async def read() -> None:
@@ -209,12 +259,15 @@ class IngestServicer(ing_grpc.IngestServiceServicer):
         try:
             while (entry := await in_flight.get()) is not None:
                 position, key, pending = entry
+                outcome: IngestResult | Exception
                 try:
                     outcome = pending if isinstance(pending, TallyError) else await pending
-                except Exception as error:  # not stored (the database failed): this event's answer only
+                except Exception as error:  # noqa: BLE001 - not stored (the database failed): this event's answer only
                     outcome = error
                 if isinstance(outcome, Exception):
-                    yield ing_pb.IngestStreamResponse(position=position, idempotency_key=key, error=_item_error(outcome))
+                    yield ing_pb.IngestStreamResponse(
+                        position=position, idempotency_key=key, error=_item_error(outcome)
+                    )
                 else:
                     answer = ing_pb.IngestStreamResponse(position=position, idempotency_key=key)
                     answers.write(outcome, answer.result)
@@ -229,7 +282,9 @@ class PriceCatalogServicer(price_grpc.PriceCatalogServiceServicer):
         self.prices = prices
         self.ingestor = ingestor
 
-    async def CreateCustomPrice(self, request, context):  # noqa: ANN001, ANN201, N802
+    async def CreateCustomPrice(
+        self, request: price_pb.CreateCustomPriceRequest, context: Context
+    ) -> price_pb.CreateCustomPriceResponse:
         p = request.price
         created = await self.prices.create(
             p.category,
@@ -239,16 +294,20 @@ class PriceCatalogServicer(price_grpc.PriceCatalogServiceServicer):
         )
         return price_pb.CreateCustomPriceResponse(price=convert.custom_price(created))
 
-    async def GetCustomPrice(self, request, context):  # noqa: ANN001, ANN201, N802
+    async def GetCustomPrice(
+        self, request: price_pb.GetCustomPriceRequest, context: Context
+    ) -> price_pb.GetCustomPriceResponse:
         return price_pb.GetCustomPriceResponse(price=convert.custom_price(await self.prices.get(request.price_id)))
 
-    async def ListCustomPrices(self, request, context):  # noqa: ANN001, ANN201, N802
+    async def ListCustomPrices(
+        self, request: price_pb.ListCustomPricesRequest, context: Context
+    ) -> price_pb.ListCustomPricesResponse:
         page = await self.prices.list(request.category, request.resource, request.page_size, request.page_token)
         return price_pb.ListCustomPricesResponse(
             prices=[convert.custom_price(p) for p in page.items], next_page_token=page.next_page_token
         )
 
-    async def QuotePrice(self, request, context):  # noqa: ANN001, ANN201, N802
+    async def QuotePrice(self, request: price_pb.QuotePriceRequest, context: Context) -> price_pb.QuotePriceResponse:
         await self.ingestor.refresh_prices()
         time_us = convert.micros(request, "event_timestamp") or now_us()
         units = {unit: (c.input, c.output) for unit, c in request.units.items()}

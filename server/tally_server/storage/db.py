@@ -7,6 +7,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import sqlalchemy as sa
 from alembic import command
@@ -44,7 +45,7 @@ class Database:
     def __init__(self, url: str, *, echo: bool = False) -> None:
         self.url = sa.make_url(url)
         self.is_sqlite = self.url.get_backend_name() == "sqlite"
-        kwargs: dict = {"echo": echo}
+        kwargs: dict[str, Any] = {"echo": echo}
         if self.is_sqlite:
             # read() and write() always end their transaction, so a connection comes
             # back to the pool clean: the pool's own reset would be one more rollback
@@ -92,7 +93,7 @@ def _upgrade_to_head(connection: sa.Connection) -> None:
 
 def _configure_sqlite(engine: AsyncEngine) -> None:
     @sa.event.listens_for(engine.sync_engine, "connect")
-    def on_connect(dbapi_connection, _record) -> None:  # noqa: ANN001
+    def on_connect(dbapi_connection: Any, _record: Any) -> None:
         # Let SQLAlchemy's "begin" event below own transaction starts.
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
@@ -108,4 +109,5 @@ def _configure_sqlite(engine: AsyncEngine) -> None:
     def on_begin(conn: sa.Connection) -> None:
         statement = "BEGIN IMMEDIATE" if conn.get_execution_options().get(_WRITE) else "BEGIN"
         # Straight to aiosqlite: one trip to its thread, where a cursor takes three.
-        conn.connection.dbapi_connection.run_async(lambda driver: driver.execute_fetchall(statement))
+        driver: Any = conn.connection.dbapi_connection  # SQLAlchemy's adapter of the aiosqlite connection
+        driver.run_async(lambda aiosqlite_connection: aiosqlite_connection.execute_fetchall(statement))

@@ -18,10 +18,11 @@ from ..domain import models as m
 from .tables import custom_prices, events, experience_type_versions, experience_types, experiences, idempotent_requests
 
 
-def _insert(conn: AsyncConnection, table: sa.Table):
+def _insert(conn: AsyncConnection, table: sa.Table) -> postgresql.Insert | sqlite.Insert:
     """An INSERT that can say ON CONFLICT DO NOTHING on either engine."""
-    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
-    return dialect.insert(table)
+    if conn.dialect.name == "postgresql":
+        return postgresql.insert(table)
+    return sqlite.insert(table)
 
 
 # --- experience types -------------------------------------------------------------
@@ -76,11 +77,11 @@ async def insert_type(conn: AsyncConnection, t: m.ExperienceType) -> int | None:
     type_id = (await conn.execute(stmt)).scalar()
     if type_id is not None:
         await insert_type_version(conn, type_id, t.version, t.description, t.settings, t.create_time_us)
-    return type_id
+    return None if type_id is None else int(type_id)
 
 
 async def insert_type_version(
-    conn: AsyncConnection, type_id: int, version: int, description: str, settings: dict, now_us: int
+    conn: AsyncConnection, type_id: int, version: int, description: str, settings: dict[str, str], now_us: int
 ) -> None:
     await conn.execute(
         sa.insert(experience_type_versions).values(
@@ -96,9 +97,7 @@ async def list_types(conn: AsyncConnection, after_name: str | None, limit: int) 
     return [_type(row) for row in await conn.execute(query)]
 
 
-async def update_type(
-    conn: AsyncConnection, type_id: int, version: int, values: dict[str, Any], now_us: int
-) -> None:
+async def update_type(conn: AsyncConnection, type_id: int, version: int, values: dict[str, Any], now_us: int) -> None:
     """Updates the type and the snapshot of its current version alike."""
     await conn.execute(
         sa.update(experience_types).where(experience_types.c.id == type_id).values(**values, update_time_us=now_us)
@@ -118,7 +117,7 @@ async def increment_version(conn: AsyncConnection, type_id: int, now_us: int) ->
         .values(version=experience_types.c.version + 1, update_time_us=now_us)
         .returning(experience_types.c.version)
     )
-    return (await conn.execute(stmt)).scalar_one()
+    return int((await conn.execute(stmt)).scalar_one())
 
 
 async def list_versions(
@@ -206,7 +205,7 @@ def _experience(row: Any) -> m.Experience:
     return m.Experience(row.id, row.name, row.version, row.create_time_us, dict(row.properties))
 
 
-def _experiences_by_id(ids: Sequence[uuid.UUID]) -> sa.Select:
+def _experiences_by_id(ids: Sequence[uuid.UUID]) -> sa.Select[Any]:
     return sa.select(*_experience_columns).select_from(_experiences_join).where(experiences.c.id.in_(ids))
 
 
@@ -243,9 +242,7 @@ async def insert_experiences(conn: AsyncConnection, rows: Sequence[dict[str, Any
     """
     if not rows:
         return set()
-    stmt = (
-        _insert(conn, experiences).on_conflict_do_nothing(index_elements=["id"]).returning(experiences.c.id)
-    )
+    stmt = _insert(conn, experiences).on_conflict_do_nothing(index_elements=["id"]).returning(experiences.c.id)
     result = await conn.execute(stmt, list(rows))
     return {row.id for row in result}
 
@@ -375,7 +372,7 @@ def _sqlite_chunks(count: int) -> list[int]:
     while rest > _SQLITE_EXACT_ROWS:
         chunks.append(1 << (rest.bit_length() - 1))
         rest -= chunks[-1]
-    return chunks + [rest] if rest else chunks
+    return [*chunks, rest] if rest else chunks
 
 
 def _units_json(units: dict[str, tuple[int, int]]) -> str:
@@ -430,16 +427,39 @@ def _event_row(event: m.UsageEvent, result: m.IngestResult) -> list[Any]:
 
 # _event_row writes the columns in this order; a new column must be added to both.
 if _EVENT_COLUMNS != (
-    "id", "idempotency_key", "content_hash", "experience_id", "experience_created", "category", "resource",
-    "units", "event_time_us", "ingest_time_us", "end_to_end_latency_ms", "time_to_first_token_ms",
-    "http_status_code", "provider_response_id", "user_id", "request_tags", "properties", "cost_input_nanos",
-    "cost_output_nanos", "cost_total_nanos", "cost_state", "price_source", "price_category", "price_resource",
-    "price_version", "price_effective_time_us", "unknown_units", "warnings",
+    "id",
+    "idempotency_key",
+    "content_hash",
+    "experience_id",
+    "experience_created",
+    "category",
+    "resource",
+    "units",
+    "event_time_us",
+    "ingest_time_us",
+    "end_to_end_latency_ms",
+    "time_to_first_token_ms",
+    "http_status_code",
+    "provider_response_id",
+    "user_id",
+    "request_tags",
+    "properties",
+    "cost_input_nanos",
+    "cost_output_nanos",
+    "cost_total_nanos",
+    "cost_state",
+    "price_source",
+    "price_category",
+    "price_resource",
+    "price_version",
+    "price_effective_time_us",
+    "unknown_units",
+    "warnings",
 ):
     raise RuntimeError(f"_event_row does not match the events table's columns {_EVENT_COLUMNS}")
 
 
-def _postgres_array_type(column: sa.Column) -> str:
+def _postgres_array_type(column: sa.Column[Any]) -> str:
     if isinstance(column.type, sa.Uuid):
         return "uuid"
     if isinstance(column.type, sa.JSON):
@@ -505,7 +525,9 @@ async def events_by_key(conn: AsyncConnection, keys: Iterable[str]) -> dict[str,
         return {}
     ev = events
     query = (
-        sa.select(ev, experience_types.c.name.label("experience_name"), experiences.c.version.label("experience_version"))
+        sa.select(
+            ev, experience_types.c.name.label("experience_name"), experiences.c.version.label("experience_version")
+        )
         .select_from(
             ev.outerjoin(experiences, ev.c.experience_id == experiences.c.id).outerjoin(
                 experience_types, experiences.c.type_id == experience_types.c.id

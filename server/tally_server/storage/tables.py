@@ -32,9 +32,7 @@ experience_types = sa.Table(
 experience_type_versions = sa.Table(
     "experience_type_versions",
     metadata,
-    sa.Column(
-        "type_id", sa.Integer, sa.ForeignKey("experience_types.id", ondelete="CASCADE"), primary_key=True
-    ),
+    sa.Column("type_id", sa.Integer, sa.ForeignKey("experience_types.id", ondelete="CASCADE"), primary_key=True),
     sa.Column("version", sa.Integer, primary_key=True),
     sa.Column("description", sa.Text, nullable=False),
     sa.Column("settings", sa.JSON, nullable=False),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 
+import sqlalchemy as sa
 from alembic import context
 
 from tally_server.storage.tables import metadata
@@ -12,7 +13,7 @@ from tally_server.storage.tables import metadata
 config = context.config
 
 
-def _run(connection) -> None:  # noqa: ANN001
+def _run(connection: sa.Connection) -> None:
     context.configure(connection=connection, target_metadata=metadata, render_as_batch=True)
     with context.begin_transaction():
         context.run_migrations()

@@ -52,9 +52,7 @@ def upgrade() -> None:
         sa.Column("create_time_us", sa.BigInteger, nullable=False),
         sa.Column("properties", sa.JSON, nullable=False),
         sa.PrimaryKeyConstraint("id", name="pk_experiences"),
-        sa.ForeignKeyConstraint(
-            ["type_id"], ["experience_types.id"], name="fk_experiences_type_id_experience_types"
-        ),
+        sa.ForeignKeyConstraint(["type_id"], ["experience_types.id"], name="fk_experiences_type_id_experience_types"),
     )
     op.create_index("ix_experiences_type_created", "experiences", ["type_id", "create_time_us", "id"])
     op.create_table(

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-import itertools
-import json
-import sqlite3
 import uuid
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -15,6 +11,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ..domain import models as m
+from . import hot_path
 from .tables import custom_prices, events, experience_type_versions, experience_types, experiences, idempotent_requests
 
 
@@ -184,50 +181,11 @@ async def put_idempotent_request(
 
 # --- experiences -------------------------------------------------------------------
 
-_experience_columns = (
-    experiences.c.id,
-    experience_types.c.name,
-    experiences.c.version,
-    experiences.c.create_time_us,
-    experiences.c.properties,
-)
-_experiences_join = experiences.join(experience_types, experiences.c.type_id == experience_types.c.id)
-
-
-async def _sqlite_driver(conn: AsyncConnection) -> Any:
-    """The aiosqlite connection under `conn`, inside its open transaction. The ingest
-    writer's statements go to it directly: one trip to its thread per statement, where
-    SQLAlchemy's adapted cursor takes three or four."""
-    return (await conn.get_raw_connection()).driver_connection
-
-
-def _experience(row: Any) -> m.Experience:
-    return m.Experience(row.id, row.name, row.version, row.create_time_us, dict(row.properties))
-
-
-def _experiences_by_id(ids: Sequence[uuid.UUID]) -> sa.Select[Any]:
-    return sa.select(*_experience_columns).select_from(_experiences_join).where(experiences.c.id.in_(ids))
-
-
-@functools.lru_cache(maxsize=32)
-def _sqlite_experiences_by_id(count: int) -> str:
-    """The same query as SQLite text, for count ids."""
-    query = _experiences_by_id([uuid.UUID(int=i) for i in range(count)])
-    return str(query.compile(dialect=sqlite.dialect(), compile_kwargs={"render_postcompile": True}))
-
 
 async def get_experiences(conn: AsyncConnection, ids: Iterable[uuid.UUID]) -> dict[uuid.UUID, m.Experience]:
+    """The experiences with these ids that exist. The ingest writer asks this in every commit."""
     ids = list(ids)
-    if not ids:
-        return {}
-    if conn.dialect.name == "sqlite":
-        # The ingest writer asks this in every commit. Ids are stored as hex and
-        # properties as JSON text, as sa.Uuid and sa.JSON do on SQLite.
-        driver = await _sqlite_driver(conn)
-        rows = await driver.execute_fetchall(_sqlite_experiences_by_id(len(ids)), [i.hex for i in ids])
-        found = (m.Experience(uuid.UUID(hex=r[0]), r[1], r[2], r[3], json.loads(r[4])) for r in rows)
-        return {experience.experience_id: experience for experience in found}
-    return {row.id: _experience(row) for row in await conn.execute(_experiences_by_id(ids))}
+    return await hot_path.get_experiences(conn, ids) if ids else {}
 
 
 async def get_experience(conn: AsyncConnection, experience_id: uuid.UUID) -> m.Experience | None:
@@ -258,8 +216,8 @@ async def list_experiences(
 ) -> list[m.Experience]:
     e = experiences
     query = (
-        sa.select(*_experience_columns)
-        .select_from(_experiences_join)
+        sa.select(*hot_path.EXPERIENCE_COLUMNS)
+        .select_from(hot_path.EXPERIENCES_JOIN)
         .where(e.c.type_id == type_id)
         .order_by(e.c.create_time_us.desc(), e.c.id.desc())
         .limit(limit)
@@ -272,7 +230,7 @@ async def list_experiences(
         query = query.where(e.c.create_time_us < end_us)
     if before is not None:
         query = query.where(sa.tuple_(e.c.create_time_us, e.c.id) < sa.tuple_(*before))
-    return [_experience(row) for row in await conn.execute(query)]
+    return [hot_path.experience_from_row(row) for row in await conn.execute(query)]
 
 
 async def delete_experience(conn: AsyncConnection, experience_id: uuid.UUID) -> int | None:
@@ -342,180 +300,11 @@ async def cost_per_experience(
 # --- events ----------------------------------------------------------------------------
 
 
-def _compact_json(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"))
-
-
-_EVENT_COLUMNS = tuple(column.name for column in events.columns)
-# SQLite inserts a batch as few multi-row INSERTs: one of exactly n rows for a small
-# batch, else rows in chunks of 2**k (at most 1,024, within SQLite's 32,766 bound
-# parameters), so that the statements are few and each is prepared once per
-# connection. executemany would step once per row, releasing and retaking the GIL
-# each time: beside a busy event loop, each retake waits for the loop's thread.
-_SQLITE_MAX_ROWS = 1024 if sqlite3.sqlite_version_info >= (3, 32) else 32
-_SQLITE_EXACT_ROWS = 32  # up to this many rows, one statement of exactly that many
-
-
-@functools.lru_cache(maxsize=64)
-def _sqlite_insert_events(rows: int) -> str:
-    placeholders = "(" + ", ".join("?" * len(_EVENT_COLUMNS)) + ")"
-    return (
-        f"INSERT INTO events ({', '.join(_EVENT_COLUMNS)}) VALUES {', '.join([placeholders] * rows)} "
-        "ON CONFLICT (idempotency_key) DO NOTHING"
-    )
-
-
-def _sqlite_chunks(count: int) -> list[int]:
-    """Statement sizes for count rows, largest first."""
-    chunks = [_SQLITE_MAX_ROWS] * (count // _SQLITE_MAX_ROWS)
-    rest = count % _SQLITE_MAX_ROWS
-    while rest > _SQLITE_EXACT_ROWS:
-        chunks.append(1 << (rest.bit_length() - 1))
-        rest -= chunks[-1]
-    return [*chunks, rest] if rest else chunks
-
-
-def _units_json(units: dict[str, tuple[int, int]]) -> str:
-    """json.dumps of an event's units as {type: [input, output]}, written out directly
-    (this runs once per event): unit types are validated as [a-z0-9_]+, so they
-    need no escaping."""
-    if any(not unit.isascii() or not unit.replace("_", "").isalnum() for unit in units):
-        return _compact_json({unit: list(counts) for unit, counts in units.items()})
-    return "{" + ",".join(f'"{unit}":[{i},{o}]' for unit, (i, o) in units.items()) + "}"
-
-
-def _json_or_null(value: Any) -> str | None:
-    return _compact_json(value) if value else None
-
-
-def _event_row(event: m.UsageEvent, result: m.IngestResult) -> list[Any]:
-    """The events row of a priced, attributed event, in column order, with JSON
-    columns as text (what SQLAlchemy's JSON type would bind, without its per-value
-    overhead). Built directly from the records: this runs once per ingested event."""
-    cost, price, context = result.cost, result.cost.price, event.context
-    return [
-        result.request_id,
-        result.idempotency_key or None,
-        event.content_hash,
-        result.experience_id,
-        result.experience_created,
-        event.category,
-        event.resource,
-        _units_json(event.units),
-        event.event_time_us,
-        result.ingest_time_us,
-        event.end_to_end_latency_ms,
-        event.time_to_first_token_ms,
-        event.http_status_code,
-        event.provider_response_id or None,
-        context.user_id or None,
-        _json_or_null(list(context.request_tags)),
-        _json_or_null(event.properties),
-        cost.input_nanos,
-        cost.output_nanos,
-        cost.total_nanos,
-        int(cost.state),
-        int(price.source) if price else 0,
-        price.category if price else None,
-        price.resource if price else None,
-        price.version if price else None,
-        price.effective_time_us if price else None,
-        _json_or_null([[u.unit_type, u.input, u.output, u.reason] for u in cost.unknown_units]),
-        _json_or_null(list(result.warnings)),
-    ]
-
-
-# _event_row writes the columns in this order; a new column must be added to both.
-if _EVENT_COLUMNS != (
-    "id",
-    "idempotency_key",
-    "content_hash",
-    "experience_id",
-    "experience_created",
-    "category",
-    "resource",
-    "units",
-    "event_time_us",
-    "ingest_time_us",
-    "end_to_end_latency_ms",
-    "time_to_first_token_ms",
-    "http_status_code",
-    "provider_response_id",
-    "user_id",
-    "request_tags",
-    "properties",
-    "cost_input_nanos",
-    "cost_output_nanos",
-    "cost_total_nanos",
-    "cost_state",
-    "price_source",
-    "price_category",
-    "price_resource",
-    "price_version",
-    "price_effective_time_us",
-    "unknown_units",
-    "warnings",
-):
-    raise RuntimeError(f"_event_row does not match the events table's columns {_EVENT_COLUMNS}")
-
-
-def _postgres_array_type(column: sa.Column[Any]) -> str:
-    if isinstance(column.type, sa.Uuid):
-        return "uuid"
-    if isinstance(column.type, sa.JSON):
-        return "json"
-    if isinstance(column.type, sa.Boolean):
-        return "boolean"
-    if isinstance(column.type, sa.BigInteger | sa.SmallInteger | sa.Integer):
-        return "bigint"
-    return "text"
-
-
-# One statement for a whole batch: each column travels as one array and unnest()
-# turns them back into rows (asyncpg encodes arrays in C).
-_POSTGRES_INSERT_EVENTS = (
-    f"INSERT INTO events ({', '.join(_EVENT_COLUMNS)}) SELECT "
-    + ", ".join(f"batch.{c.name}::{_postgres_array_type(c)}" for c in events.columns)
-    + " FROM unnest("
-    + ", ".join(
-        f"${i}::{'text' if _postgres_array_type(c) == 'json' else _postgres_array_type(c)}[]"
-        for i, c in enumerate(events.columns, 1)
-    )
-    + f") AS batch ({', '.join(_EVENT_COLUMNS)}) ON CONFLICT (idempotency_key) DO NOTHING RETURNING id"
-)
-
-
-async def insert_events(conn: AsyncConnection, stored: Sequence[tuple[m.UsageEvent, m.IngestResult]]) -> set[uuid.UUID]:
+async def insert_events(conn: AsyncConnection, stored: hot_path.Stored) -> set[uuid.UUID]:
     """Inserts (event, result) pairs in one transaction; returns the ids NOT inserted
     (usually none): events whose idempotency key another transaction committed
     first are skipped, not failed."""
-    if not stored:
-        return set()
-    rows = [_event_row(event, result) for event, result in stored]
-    if conn.dialect.name == "sqlite":
-        for row in rows:
-            row[0] = row[0].hex  # UUIDs as hex, as sa.Uuid stores them on SQLite
-            if row[3] is not None:
-                row[3] = row[3].hex
-        # SQLAlchemy's parameter handling would also cost more than the insert itself
-        # for statements this wide.
-        driver = await _sqlite_driver(conn)
-        changes_before, start = driver.total_changes, 0
-        for size in _sqlite_chunks(len(rows)):
-            values = tuple(itertools.chain.from_iterable(rows[start : start + size]))
-            await driver.execute_fetchall(_sqlite_insert_events(size), values)
-            start += size
-        inserted = driver.total_changes - changes_before
-        if inserted == len(rows):
-            return set()
-        ids = [result.request_id for _, result in stored]
-        found = await conn.execute(sa.select(events.c.id).where(events.c.id.in_(ids)))
-        return set(ids) - {row.id for row in found}
-    result = await conn.exec_driver_sql(_POSTGRES_INSERT_EVENTS, tuple(map(list, zip(*rows, strict=True))))
-    inserted_ids = [row[0] for row in result]
-    if len(inserted_ids) == len(rows):
-        return set()
-    return {result.request_id for _, result in stored} - set(inserted_ids)
+    return await hot_path.insert_events(conn, stored) if stored else set()
 
 
 async def events_by_key(conn: AsyncConnection, keys: Iterable[str]) -> dict[str, Any]:

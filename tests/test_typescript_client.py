@@ -1,0 +1,67 @@
+"""A fourth caller: TypeScript, as docs/callers.md describes it. protoc-gen-es writes the
+messages and service descriptors (int64 as bigint) from protos/ and googleapis'
+error_details.proto, `tsc --strict` checks the caller, and tsx runs it over Connect's
+gRPC transport against a real server. Its npm packages are installed here on first use."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+from google.rpc import error_details_pb2
+
+from .conftest import IN_CI, unique
+
+ROOT = Path(__file__).resolve().parent.parent
+TS_DIR = Path(__file__).parent / "ts"
+
+
+async def run(*command: str | Path, limit_seconds: float = 300) -> tuple[int, str, str]:
+    process = await asyncio.create_subprocess_exec(
+        *command, cwd=TS_DIR, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    out, err = await asyncio.wait_for(process.communicate(), limit_seconds)
+    return process.returncode or 0, out.decode(), err.decode()
+
+
+@pytest.fixture(scope="module")
+async def ts_ready() -> Path:
+    npm = shutil.which("npm")
+    if not shutil.which("node") or not npm:
+        reason = "Node.js and npm are needed for the TypeScript caller test"
+        if IN_CI:
+            pytest.fail(f"CI=true: {reason}")
+        pytest.skip(reason)
+    if not (TS_DIR / "node_modules" / ".bin" / "tsx").exists():
+        code, out, err = await run(npm, "ci", "--no-audit", "--no-fund")
+        assert code == 0, f"npm ci failed:\n{out}\n{err}"
+    # googleapis' protos (google/rpc/...) come with googleapis-common-protos.
+    googleapis = Path(error_details_pb2.__file__).parent.parent.parent
+    shutil.rmtree(TS_DIR / "gen", ignore_errors=True)
+    (TS_DIR / "gen").mkdir()
+    protos = sorted(str(p.relative_to(ROOT / "protos")) for p in ROOT.glob("protos/tally/v1/*.proto"))
+    code, out, err = await run(
+        sys.executable, "-m", "grpc_tools.protoc", "-I", ROOT / "protos", "-I", googleapis,
+        f"--plugin=protoc-gen-es={TS_DIR / 'node_modules' / '.bin' / 'protoc-gen-es'}",
+        "--es_out=gen", "--es_opt=target=ts,import_extension=js", *protos, "google/rpc/error_details.proto",
+    )  # fmt: skip
+    assert code == 0, f"protoc-gen-es failed:\n{out}\n{err}"
+    code, out, err = await run(TS_DIR / "node_modules" / ".bin" / "tsc", "-p", ".")
+    assert code == 0, f"tsc --strict refused the caller:\n{out}\n{err}"
+    return TS_DIR / "node_modules" / ".bin" / "tsx"
+
+
+async def test_typescript_client_creates_ingests_reads_the_cost_and_decodes_errors(stubs, ts_ready):
+    code, out, err = await run(ts_ready, "caller.ts", stubs.target, unique("TS_Summarization"), limit_seconds=60)
+    assert code == 0, err
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["result_experience_id"] == result["experience_id"]
+    assert result["header_experience_id"] == result["experience_id"], "the xproxy-experience-id response header"
+    assert result["user_id"] == "ts-user"
+    assert result["cost_total_nanos"] == 3_500_000 and result["stats_cost_nanos"] == 3_500_000
+    assert result["event_count"] == "1" and result["event_count_is_bigint"]
+    assert (result["missing_type_code"], result["missing_type_reason"]) == ("NotFound", "EXPERIENCE_TYPE_NOT_FOUND")

@@ -5,7 +5,6 @@ gRPC transport against a real server. Its npm packages are installed here on fir
 
 from __future__ import annotations
 
-import asyncio
 import json
 import shutil
 import sys
@@ -14,31 +13,20 @@ from pathlib import Path
 import pytest
 from google.rpc import error_details_pb2
 
-from .conftest import IN_CI, unique
+from . import npm
+from .conftest import unique
 
 ROOT = Path(__file__).resolve().parent.parent
 TS_DIR = Path(__file__).parent / "ts"
 
 
 async def run(*command: str | Path, limit_seconds: float = 300) -> tuple[int, str, str]:
-    process = await asyncio.create_subprocess_exec(
-        *command, cwd=TS_DIR, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
-    )
-    out, err = await asyncio.wait_for(process.communicate(), limit_seconds)
-    return process.returncode or 0, out.decode(), err.decode()
+    return await npm.run(TS_DIR, *command, limit_seconds=limit_seconds)
 
 
 @pytest.fixture(scope="module")
 async def ts_ready() -> Path:
-    npm = shutil.which("npm")
-    if not shutil.which("node") or not npm:
-        reason = "Node.js and npm are needed for the TypeScript caller test"
-        if IN_CI:
-            pytest.fail(f"CI=true: {reason}")
-        pytest.skip(reason)
-    if not (TS_DIR / "node_modules" / ".bin" / "tsx").exists():
-        code, out, err = await run(npm, "ci", "--no-audit", "--no-fund")
-        assert code == 0, f"npm ci failed:\n{out}\n{err}"
+    await npm.install(TS_DIR, ".bin/tsx", "TypeScript caller")
     # googleapis' protos (google/rpc/...) come with googleapis-common-protos.
     googleapis = Path(error_details_pb2.__file__).parent.parent.parent
     shutil.rmtree(TS_DIR / "gen", ignore_errors=True)

@@ -48,20 +48,21 @@ async def test_health_reports_serving(stubs):
         assert response.status == health_pb2.HealthCheckResponse.SERVING
 
 
-async def test_every_call_gets_a_request_id_and_a_log_line(stubs, caplog):
+async def test_every_call_gets_its_own_request_id_and_a_log_line(stubs, caplog):
+    """The request id is the server's own; a caller's x-request-id is logged beside it, never instead."""
     caplog.set_level(logging.INFO, logger="tally.rpc")
+    forged = "245e25841bd7-1"  # shaped like a server's id: it must not become this call's
     call = stubs.types.GetExperienceType(
-        pb.GetExperienceTypeRequest(name=unique()), metadata=(("x-request-id", "trace-42"),)
+        pb.GetExperienceTypeRequest(name=unique()), metadata=(("x-request-id", forged),)
     )
     with pytest.raises(grpc.aio.AioRpcError):
         await call
-    assert ("x-request-id", "trace-42") in tuple(await call.trailing_metadata())
-    lines = [r.getMessage() for r in caplog.records if "trace-42" in r.getMessage()]
-    assert lines == [
-        next(
-            line for line in lines if "method=/tally.v1.ExperienceTypeService/GetExperienceType code=NOT_FOUND" in line
-        )
-    ]
+    returned = dict(await call.trailing_metadata())["x-request-id"]
+    assert returned and returned != forged
+    lines = [r.getMessage() for r in caplog.records if forged in r.getMessage()]
+    assert len(lines) == 1, lines
+    assert "method=/tally.v1.ExperienceTypeService/GetExperienceType code=NOT_FOUND" in lines[0]
+    assert f"request_id={returned} " in lines[0] and f"caller_request_id='{forged}'" in lines[0]
     assert "duration_ms=" in lines[0]
 
 

@@ -15,6 +15,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from tally.v1 import (
+    api_key_service_pb2,
+    api_key_service_pb2_grpc,
     experience_service_pb2,
     experience_service_pb2_grpc,
     experience_type_service_pb2,
@@ -25,25 +27,38 @@ from tally.v1 import (
     price_catalog_service_pb2_grpc,
 )
 
-from .config import Settings
+from .config import RefusedToStart, Settings, auth_required
 from .domain.experience_types import ExperienceTypes
 from .domain.experiences import Experiences
 from .domain.ingest import Ingestor
+from .domain.keys import ApiKeys
 from .domain.prices import Prices
 from .domain.pricing import PriceCatalog
+from .rpc.access import Access, required_scopes
 from .rpc.interceptor import ServerInterceptor
-from .rpc.servicers import ExperienceServicer, ExperienceTypeServicer, IngestServicer, PriceCatalogServicer
+from .rpc.servicers import (
+    ApiKeyServicer,
+    ExperienceServicer,
+    ExperienceTypeServicer,
+    IngestServicer,
+    PriceCatalogServicer,
+)
 from .storage.db import Database
+from .tls import CertificateFiles, certificate_files
 
 T = TypeVar("T")
 log = logging.getLogger("tally")
 
-SERVICE_NAMES = (
-    experience_type_service_pb2.DESCRIPTOR.services_by_name["ExperienceTypeService"].full_name,
-    experience_service_pb2.DESCRIPTOR.services_by_name["ExperienceService"].full_name,
-    ingest_service_pb2.DESCRIPTOR.services_by_name["IngestService"].full_name,
-    price_catalog_service_pb2.DESCRIPTOR.services_by_name["PriceCatalogService"].full_name,
+SERVICES = (
+    experience_type_service_pb2.DESCRIPTOR.services_by_name["ExperienceTypeService"],
+    experience_service_pb2.DESCRIPTOR.services_by_name["ExperienceService"],
+    ingest_service_pb2.DESCRIPTOR.services_by_name["IngestService"],
+    price_catalog_service_pb2.DESCRIPTOR.services_by_name["PriceCatalogService"],
+    api_key_service_pb2.DESCRIPTOR.services_by_name["ApiKeyService"],
 )
+SERVICE_NAMES = tuple(service.full_name for service in SERVICES)
+# Every RPC's scope, from the contract; fails at import if an RPC declares none.
+REQUIRED_SCOPES = required_scopes(SERVICES)
 
 
 class TallyServer:
@@ -60,15 +75,24 @@ class TallyServer:
         self.types = ExperienceTypes(self.db)
         self.experiences = Experiences(self.db)
         self.prices = Prices(self.db, self.catalog)
+        self.keys = ApiKeys(self.db)
         self.server: aio.Server | None = None
         self.port = 0
+        self.certificates: CertificateFiles | None = None
 
     async def start(self) -> int:
-        """Migrates the database, binds and starts serving; returns the bound port."""
+        """Migrates the database, binds and starts serving; returns the bound port.
+        RefusedToStart for settings it will not serve with."""
+        auth, warning = auth_required(self.settings)
+        self.certificates = certificate_files(self.settings)
         await self.db.migrate()
+        if warning:
+            log.warning(warning)
+        if auth and not (await self.keys.list(1, "")).items:
+            log.warning("API keys are required but none exists: `tally keys create --name NAME --scope admin`")
         limit = self.settings.max_message_bytes
         server = aio.server(
-            interceptors=[ServerInterceptor()],
+            interceptors=[ServerInterceptor(Access(REQUIRED_SCOPES, self.keys if auth else None))],
             options=[
                 # Off, so that a second server on a taken port fails instead of sharing it.
                 ("grpc.so_reuseport", 0),
@@ -86,6 +110,7 @@ class TallyServer:
         price_catalog_service_pb2_grpc.add_PriceCatalogServiceServicer_to_server(
             PriceCatalogServicer(self.prices, self.ingestor), server
         )
+        api_key_service_pb2_grpc.add_ApiKeyServiceServicer_to_server(ApiKeyServicer(self.keys), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         if self.extra_handlers:
             server.add_generic_rpc_handlers(self.extra_handlers)
@@ -94,7 +119,10 @@ class TallyServer:
             server,
         )
         try:
-            self.port = server.add_insecure_port(self.settings.listen)
+            if self.certificates is None:
+                self.port = server.add_insecure_port(self.settings.listen)
+            else:
+                self.port = server.add_secure_port(self.settings.listen, self.certificates.credentials())
         except RuntimeError as error:
             raise SystemExit(f"tally: cannot listen on {self.settings.listen}: {error} (is the port in use?)") from None
         if not self.port:
@@ -106,10 +134,15 @@ class TallyServer:
         for name in ("", *SERVICE_NAMES):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         host = self.settings.listen.rsplit(":", 1)[0]
+        security = "plaintext" if self.certificates is None else "TLS"
+        if self.certificates is not None and self.certificates.client_ca is not None:
+            security = "mTLS"
         log.info(
-            "tally ready: serving on %s:%d, database %s",
+            "tally ready: serving on %s:%d (%s, API keys %s), database %s",
             host,
             self.port,
+            security,
+            "required" if auth else "off",
             self.db.url.render_as_string(hide_password=True),
         )
         return self.port
@@ -146,11 +179,16 @@ def configure_logging(level: str) -> None:
 async def serve(settings: Settings) -> None:
     """Runs until SIGTERM or SIGINT, then shuts down gracefully."""
     server = TallyServer(settings)
-    await server.start()
+    try:
+        await server.start()
+    except RefusedToStart as refusal:
+        raise SystemExit(str(refusal)) from None
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
+    if server.certificates is not None:
+        loop.add_signal_handler(signal.SIGHUP, server.certificates.request_reload)
     await stopping.wait()
     log.info("shutting down: in-flight calls get %.1f s", settings.grace_seconds)
     await server.stop()

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
+import socket
 from dataclasses import dataclass
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
 DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///./tally.db"
 LOG_LEVELS = ("debug", "info", "warning", "error")
+AUTH_MODES = ("required", "off")
 
 
 @dataclass(frozen=True)
@@ -17,8 +20,55 @@ class Settings:
     database_url: str = DEFAULT_DATABASE_URL
     log_level: str = "info"
     grace_seconds: float = 10.0
+    # "required", "off", or None: off on a loopback address, refused beyond it (see auth_required).
+    auth: str | None = None
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""
     # A full IngestBatch (1,000 events with properties) fits with room to spare.
     max_message_bytes: int = 32 * 1024 * 1024
+
+
+class RefusedToStart(Exception):
+    """A setting the server will not start with; the message says which and what to do."""
+
+
+def listen_host(listen: str) -> str:
+    return listen.rsplit(":", 1)[0].strip("[]")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether every address `host` names is a loopback one (127.0.0.0/8, ::1)."""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        pass
+    if not host:
+        return False  # ":50051" listens on every interface
+    try:
+        addresses = {str(info[4][0]) for info in socket.getaddrinfo(host, None)}
+    except OSError:
+        return False
+    return bool(addresses) and all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addresses)
+
+
+def auth_required(settings: Settings) -> tuple[bool, str]:
+    """Whether calls need an API key, and a warning to log (or ""). Like Redis' protected
+    mode: a server reachable beyond this machine must be told whether to check keys."""
+    if settings.auth == "required":
+        return True, ""
+    loopback = is_loopback(listen_host(settings.listen))
+    if settings.auth == "off":
+        if loopback:
+            return False, ""
+        return False, f"authentication is off on {settings.listen}: anyone who reaches it can change costs"
+    if loopback:
+        return False, ""
+    raise RefusedToStart(
+        f"tally: refusing to serve {settings.listen} beyond this machine without an authentication decision: "
+        "pass --auth required (after `tally keys create --name NAME --scope admin`), "
+        "or --auth off to serve without API keys (env TALLY_AUTH)"
+    )
 
 
 def _env(name: str, default: str) -> str:
@@ -31,12 +81,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=_env("TALLY_LISTEN", DEFAULT_LISTEN),
         help=f"host:port to listen on; port 0 picks a free one (env TALLY_LISTEN, default {DEFAULT_LISTEN})",
     )
-    parser.add_argument(
-        "--database-url",
-        default=_env("TALLY_DATABASE_URL", DEFAULT_DATABASE_URL),
-        help="SQLAlchemy URL: sqlite+aiosqlite:///path.db or postgresql+asyncpg://user@host/db "
-        f"(env TALLY_DATABASE_URL, default {DEFAULT_DATABASE_URL})",
-    )
+    add_database_argument(parser)
     parser.add_argument(
         "--log-level",
         default=_env("TALLY_LOG_LEVEL", "info"),
@@ -49,9 +94,44 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=float(_env("TALLY_GRACE_SECONDS", "10")),
         help="seconds in-flight calls get to finish on SIGTERM/SIGINT (env TALLY_GRACE_SECONDS, default 10)",
     )
+    parser.add_argument(
+        "--auth",
+        choices=AUTH_MODES,
+        default=os.environ.get("TALLY_AUTH") or None,
+        help="require API keys (required) or not (off); default: off on a loopback address, and a listen "
+        "address beyond loopback refuses to start without a choice (env TALLY_AUTH)",
+    )
+    parser.add_argument(
+        "--tls-cert",
+        default=_env("TALLY_TLS_CERT", ""),
+        help="PEM certificate chain: serve TLS only (with --tls-key; env TALLY_TLS_CERT)",
+    )
+    parser.add_argument("--tls-key", default=_env("TALLY_TLS_KEY", ""), help="PEM private key (env TALLY_TLS_KEY)")
+    parser.add_argument(
+        "--tls-client-ca",
+        default=_env("TALLY_TLS_CLIENT_CA", ""),
+        help="PEM CA certificates: also require client certificates signed by them, mTLS (env TALLY_TLS_CLIENT_CA); "
+        "certificate files are re-read on SIGHUP or when they change",
+    )
+
+
+def add_database_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--database-url",
+        default=_env("TALLY_DATABASE_URL", DEFAULT_DATABASE_URL),
+        help="SQLAlchemy URL: sqlite+aiosqlite:///path.db or postgresql+asyncpg://user@host/db "
+        f"(env TALLY_DATABASE_URL, default {DEFAULT_DATABASE_URL})",
+    )
 
 
 def from_arguments(args: argparse.Namespace) -> Settings:
     return Settings(
-        listen=args.listen, database_url=args.database_url, log_level=args.log_level, grace_seconds=args.grace
+        listen=args.listen,
+        database_url=args.database_url,
+        log_level=args.log_level,
+        grace_seconds=args.grace,
+        auth=args.auth,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_client_ca=args.tls_client_ca,
     )

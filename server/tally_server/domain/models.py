@@ -137,6 +137,24 @@ class CustomPrice:
     effective_time_us: int
     unit_prices: dict[str, UnitPrice]
     create_time_us: int
+    create_key: str = ""  # the API key that added it; empty with authentication off
+    end_time_us: int | None = None
+    end_key: str = ""
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    """An API key, without its secret. Scopes are "ingest", "read" and "admin"."""
+
+    name: str
+    scopes: tuple[str, ...]
+    create_time_us: int
+    last_use_time_us: int | None = None
+    revoke_time_us: int | None = None
+
+    def allows(self, scope: str) -> bool:
+        """An admin key may do everything; another only what its scopes say."""
+        return self.revoke_time_us is None and ("admin" in self.scopes or scope in self.scopes)
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from decimal import Decimal, InvalidOperation
 from ..storage import repository as repo
 from ..storage.db import Database
 from . import paging
-from .errors import Violations, already_exists, not_found
+from .errors import Violations, already_exists, failed_precondition, not_found
 from .models import CustomPrice, Page, UnitPrice, now_us
 from .pricing import PriceCatalog
 from .validation import CATEGORY_PATTERN, UNIT_TYPE_PATTERN, parse_uuid
@@ -34,14 +34,30 @@ def price_not_found(price_id: str) -> Exception:
     return not_found("PRICE_NOT_FOUND", "tally.v1.CustomPrice", price_id, f"custom price {price_id} does not exist")
 
 
+def _price_id(text: str) -> uuid.UUID:
+    parsed = parse_uuid(text)
+    if parsed is None:
+        v = Violations()
+        v.add("price_id", f"not a UUID: {text[:80]!r}" if text else "price_id is required")
+        v.raise_if_any()
+    assert parsed is not None
+    return parsed
+
+
 class Prices:
     def __init__(self, db: Database, catalog: PriceCatalog) -> None:
         self.db = db
         self.catalog = catalog
 
     async def create(
-        self, category: str, resource: str, effective_time_us: int | None, unit_prices: dict[str, UnitPrice]
-    ) -> CustomPrice:
+        self,
+        category: str,
+        resource: str,
+        effective_time_us: int | None,
+        unit_prices: dict[str, UnitPrice],
+        create_key: str = "",
+    ) -> tuple[CustomPrice, list[str]]:
+        """The added price, and warnings for the caller (it overrides a system price)."""
         v = Violations("price.")
         if not CATEGORY_PATTERN.fullmatch(category):
             v.add("category", "category is required and must match [A-Za-z0-9._-]{1,128}")
@@ -68,6 +84,7 @@ class Prices:
             effective_time_us=effective_time_us or 0,
             unit_prices=dict(unit_prices),
             create_time_us=now_us(),
+            create_key=create_key,
         )
         async with self.db.write() as conn:
             if not await repo.insert_price(conn, price):
@@ -78,15 +95,40 @@ class Prices:
                     f"{category}/{resource} already has a price effective at that time",
                 )
         self.catalog.invalidate()
-        return price
+        warnings = []
+        system = self.catalog.system_reference(price.category, price.resource, price.effective_time_us)
+        if system is not None:
+            warnings.append(
+                f"this price overrides the system price of {category}/{resource} (genai-prices, {system.resource}) "
+                "for events from its effective time on"
+            )
+        return price, warnings
+
+    async def end(self, price_id: str, end_time_us: int | None, end_key: str = "") -> CustomPrice:
+        """Ends the price at `end_time_us` (default now): from then on it prices no new event."""
+        parsed = _price_id(price_id)
+        async with self.db.write() as conn:
+            price = await repo.get_price(conn, parsed)
+            if price is None:
+                raise price_not_found(price_id)
+            end = now_us() if end_time_us is None else end_time_us
+            if end < price.effective_time_us:
+                v = Violations()
+                v.add("end_time", "must not be before the price's effective time (equal to it voids the price)")
+                v.raise_if_any()
+            if not await repo.end_price(conn, parsed, end, end_key, now_us()):
+                raise failed_precondition(
+                    "PRICE_ALREADY_ENDED",
+                    f"custom price {price_id} already has an end time",
+                    ("tally.v1.CustomPrice", price_id),
+                )
+            ended = await repo.get_price(conn, parsed)
+        self.catalog.invalidate()
+        assert ended is not None
+        return ended
 
     async def get(self, price_id: str) -> CustomPrice:
-        v = Violations()
-        parsed = parse_uuid(price_id)
-        if parsed is None:
-            v.add("price_id", f"not a UUID: {price_id[:80]!r}")
-        v.raise_if_any()
-        assert parsed is not None
+        parsed = _price_id(price_id)
         async with self.db.read() as conn:
             price = await repo.get_price(conn, parsed)
         if price is None:

@@ -174,7 +174,8 @@ class PriceCatalog:
         self._snapshot = data_snapshot.get_snapshot()
         self._models: dict[tuple[str, str], ModelInfo | None] = {}
         self._system_cards: dict[int, RateCard] = {}
-        self._custom: dict[tuple[str, str], tuple[list[int], list[RateCard]]] = {}
+        # Per (category, resource): effective times in order, their cards, and their end times.
+        self._custom: dict[tuple[str, str], tuple[list[int], list[RateCard], list[int | None]]] = {}
         self.revision: tuple[int, int] | None = None
 
     def load_custom(self, prices: list[CustomPrice], revision: tuple[int, int]) -> None:
@@ -184,7 +185,11 @@ class PriceCatalog:
         custom = {}
         for key, entries in grouped.items():
             entries.sort(key=lambda p: p.effective_time_us)
-            custom[key] = ([p.effective_time_us for p in entries], [custom_rate_card(p) for p in entries])
+            custom[key] = (
+                [p.effective_time_us for p in entries],
+                [custom_rate_card(p) for p in entries],
+                [p.end_time_us for p in entries],
+            )
         self._custom = custom
         self.revision = revision
 
@@ -216,10 +221,22 @@ class PriceCatalog:
         key = (category, resource.lower())
         custom = self._custom.get(key)
         if custom is not None:
-            starts, cards = custom
+            starts, cards, ends = custom
+            # The latest price in force at the event time; an ended one gives way to the one before.
             index = bisect.bisect_right(starts, event_time_us) - 1
-            if index >= 0:
-                return cards[index]
+            while index >= 0:
+                end = ends[index]
+                if end is None or event_time_us < end:
+                    return cards[index]
+                index -= 1
+        return self._system_card(key, category, event_time_us)
+
+    def system_reference(self, category: str, resource: str, event_time_us: int) -> PriceReference | None:
+        """The system (genai-prices) entry for this resource at this time, if there is one."""
+        card = self._system_card((category, resource.lower()), category, event_time_us)
+        return None if card is None else card.reference
+
+    def _system_card(self, key: tuple[str, str], category: str, event_time_us: int) -> RateCard | None:
         model = self._system_model(key)
         if model is None:
             return None

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 from typing import Any, cast
 
 from google.protobuf import timestamp_pb2
 from google.protobuf.message import Message
 
 from tally.v1 import (
+    access_pb2,
     common_pb2,
+)
+from tally.v1 import (
+    api_key_service_pb2 as api_key_pb,
 )
 from tally.v1 import (
     experience_service_pb2 as exp_pb,
@@ -332,4 +337,28 @@ def custom_price(p: m.CustomPrice) -> price_pb.CustomPrice:
             for unit, u in p.unit_prices.items()
         },
         create_time=timestamp(p.create_time_us),
+        create_key=p.create_key,
+        end_time=timestamp(p.end_time_us),
+        end_key=p.end_key,
     )
+
+
+# --- API keys ------------------------------------------------------------------------
+
+_SCOPES = {"ingest": access_pb2.SCOPE_INGEST, "read": access_pb2.SCOPE_READ, "admin": access_pb2.SCOPE_ADMIN}
+SCOPE_NAMES: dict[int, str] = {number: name for name, number in _SCOPES.items()}
+
+
+def api_key(k: m.ApiKey) -> api_key_pb.ApiKey:
+    return api_key_pb.ApiKey(
+        name=k.name,
+        scopes=[_SCOPES[scope] for scope in k.scopes],
+        create_time=timestamp(k.create_time_us),
+        last_use_time=timestamp(k.last_use_time_us),
+        revoke_time=timestamp(k.revoke_time_us),
+    )
+
+
+def scope_names(scopes: Iterable[int]) -> list[str]:
+    """Scope enum values as the domain's names; an unknown value keeps a name the domain refuses."""
+    return [SCOPE_NAMES.get(scope, f"scope {scope}") for scope in scopes]

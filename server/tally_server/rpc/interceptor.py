@@ -1,5 +1,7 @@
-"""One server interceptor for every call: request id, one log line, and the error edge.
+"""One server interceptor for every call: request id, access, one log line, and the error edge.
 
+The request id is always the server's own; a caller's `x-request-id` is logged beside
+it as the caller's, never instead of it, so that no caller can forge or reuse one.
 A TallyError becomes its rich status; any other exception becomes INTERNAL with a
 generic message, its details logged under the request id: no exception text or
 stack trace ever reaches a caller.
@@ -17,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 from grpc import aio
 
+from .access import Access, current_key
 from .status import as_tally_error, current_call, status_of
 
 log = logging.getLogger("tally.rpc")
@@ -34,16 +37,19 @@ _request_numbers = itertools.count(1)
 
 
 class _Call:
-    """Bookkeeping of one call: its request id and the status it ended with."""
+    """Bookkeeping of one call: its request id, its key and the status it ended with."""
 
-    __slots__ = ("code", "method", "request_id", "start")
+    __slots__ = ("caller_request_id", "code", "key", "method", "request_id", "start")
 
     def __init__(self, method: str, context: Context) -> None:
         self.method = method
         self.start = time.perf_counter()
         self.code = grpc.StatusCode.OK
-        given = next((value for key, value in context.invocation_metadata() or () if key == REQUEST_ID_KEY), None)
-        self.request_id = str(given)[:128] if given else f"{_REQUEST_ID_PREFIX}-{next(_request_numbers):x}"
+        self.key = ""
+        self.request_id = f"{_REQUEST_ID_PREFIX}-{next(_request_numbers):x}"
+        given = next((value for key, value in context.invocation_metadata() or () if key == REQUEST_ID_KEY), "")
+        # Logged quoted (repr), so a caller's id cannot pass for one of the server's or break a log line.
+        self.caller_request_id = given[:128] if isinstance(given, str) else ""
         context.set_trailing_metadata(((REQUEST_ID_KEY, self.request_id),))
         current_call.set((method, self.request_id))
 
@@ -58,12 +64,21 @@ class _Call:
         if isinstance(code, int):  # grpc.aio reports some codes as their number
             code = _CODES.get(code, grpc.StatusCode.UNKNOWN)
         log.info(
-            "rpc method=%s code=%s duration_ms=%.2f request_id=%s",
+            "rpc method=%s code=%s duration_ms=%.2f request_id=%s%s%s",
             self.method,
             code.name if code else "OK",
             (time.perf_counter() - self.start) * 1000,
             self.request_id,
+            f" key={self.key}" if self.key else "",
+            f" caller_request_id={self.caller_request_id!r}" if self.caller_request_id else "",
         )
+
+    async def admit(self, access: Access, context: Context) -> None:
+        """Raises UNAUTHENTICATED or PERMISSION_DENIED unless the call may proceed."""
+        key = await access.check(self.method, context.invocation_metadata())
+        if key is not None:
+            self.key = key.name
+        current_key.set(key)
 
 
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
@@ -74,7 +89,8 @@ def _is_abort(error: BaseException) -> bool:
 
 
 class ServerInterceptor(aio.ServerInterceptor):
-    def __init__(self) -> None:
+    def __init__(self, access: Access) -> None:
+        self.access = access
         # Wrapped handlers, made once per method rather than once per call.
         self._wrapped: dict[str, Handler] = {}
 
@@ -89,41 +105,42 @@ class ServerInterceptor(aio.ServerInterceptor):
             handler = await continuation(handler_call_details)
             if handler is None:
                 return None
-            wrapped = self._wrapped[method] = _wrap(method, handler)
+            wrapped = self._wrapped[method] = _wrap(method, handler, self.access)
         return wrapped
 
 
-def _wrap(method: str, handler: Handler) -> Handler:
+def _wrap(method: str, handler: Handler, access: Access) -> Handler:
     if handler.unary_unary:
         return grpc.unary_unary_rpc_method_handler(
-            _wrap_unary(method, handler.unary_unary),
+            _wrap_unary(method, access, handler.unary_unary),
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
     if handler.unary_stream:
         return grpc.unary_stream_rpc_method_handler(
-            _wrap_stream(method, handler.unary_stream),
+            _wrap_stream(method, access, handler.unary_stream),
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
     if handler.stream_unary:
         return grpc.stream_unary_rpc_method_handler(
-            _wrap_unary(method, handler.stream_unary),
+            _wrap_unary(method, access, handler.stream_unary),
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
     assert handler.stream_stream is not None, "a handler has one of the four behaviors"
     return grpc.stream_stream_rpc_method_handler(
-        _wrap_stream(method, handler.stream_stream),
+        _wrap_stream(method, access, handler.stream_stream),
         request_deserializer=handler.request_deserializer,
         response_serializer=handler.response_serializer,
     )
 
 
-def _wrap_unary(method: str, behavior: Behavior) -> Behavior:
+def _wrap_unary(method: str, access: Access, behavior: Behavior) -> Behavior:
     async def wrapper(request_or_iterator: Any, context: Context) -> Any:
         call = _Call(method, context)
         try:
+            await call.admit(access, context)
             return await behavior(request_or_iterator, context)
         except Exception as error:
             if _is_abort(error):
@@ -135,10 +152,11 @@ def _wrap_unary(method: str, behavior: Behavior) -> Behavior:
     return wrapper
 
 
-def _wrap_stream(method: str, behavior: Behavior) -> Behavior:
+def _wrap_stream(method: str, access: Access, behavior: Behavior) -> Behavior:
     async def wrapper(request_or_iterator: Any, context: Context) -> AsyncIterator[Any]:
         call = _Call(method, context)
         try:
+            await call.admit(access, context)
             result = behavior(request_or_iterator, context)
             if hasattr(result, "__aiter__"):
                 async for response in result:

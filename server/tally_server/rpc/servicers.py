@@ -14,6 +14,12 @@ from typing import TYPE_CHECKING, Any
 from grpc import aio
 
 from tally.v1 import (
+    api_key_service_pb2 as key_pb,
+)
+from tally.v1 import (
+    api_key_service_pb2_grpc as key_grpc,
+)
+from tally.v1 import (
     common_pb2,
 )
 from tally.v1 import (
@@ -46,9 +52,11 @@ from ..domain.errors import TallyError, Violations
 from ..domain.experience_types import ExperienceTypes
 from ..domain.experiences import Experiences
 from ..domain.ingest import Ingestor
+from ..domain.keys import ApiKeys
 from ..domain.models import EventContext, IngestResult, UnitPrice, UsageEvent, now_us
 from ..domain.prices import Prices
 from . import convert, metadata
+from .access import current_key
 from .status import as_tally_error, current_call
 
 log = logging.getLogger("tally.rpc")
@@ -286,13 +294,20 @@ class PriceCatalogServicer(price_grpc.PriceCatalogServiceServicer):
         self, request: price_pb.CreateCustomPriceRequest, context: Context
     ) -> price_pb.CreateCustomPriceResponse:
         p = request.price
-        created = await self.prices.create(
+        created, warnings = await self.prices.create(
             p.category,
             p.resource,
             convert.micros(p, "effective_time"),
             {u: UnitPrice(x.input_per_million, x.output_per_million) for u, x in p.unit_prices.items()},
+            create_key=_key_name(),
         )
-        return price_pb.CreateCustomPriceResponse(price=convert.custom_price(created))
+        return price_pb.CreateCustomPriceResponse(price=convert.custom_price(created), warnings=warnings)
+
+    async def EndCustomPrice(
+        self, request: price_pb.EndCustomPriceRequest, context: Context
+    ) -> price_pb.EndCustomPriceResponse:
+        ended = await self.prices.end(request.price_id, convert.micros(request, "end_time"), end_key=_key_name())
+        return price_pb.EndCustomPriceResponse(price=convert.custom_price(ended))
 
     async def GetCustomPrice(
         self, request: price_pb.GetCustomPriceRequest, context: Context
@@ -313,3 +328,28 @@ class PriceCatalogServicer(price_grpc.PriceCatalogServiceServicer):
         units = {unit: (c.input, c.output) for unit, c in request.units.items()}
         cost = ingest_rules.quote(self.ingestor.catalog, request.category, request.resource, units, time_us)
         return price_pb.QuotePriceResponse(xproxy_result=convert.quote_result(cost))
+
+
+class ApiKeyServicer(key_grpc.ApiKeyServiceServicer):
+    def __init__(self, keys: ApiKeys) -> None:
+        self.keys = keys
+
+    async def CreateApiKey(self, request: key_pb.CreateApiKeyRequest, context: Context) -> key_pb.CreateApiKeyResponse:
+        k = request.api_key
+        created, secret = await self.keys.create(k.name, convert.scope_names(k.scopes))
+        return key_pb.CreateApiKeyResponse(api_key=convert.api_key(created), secret=secret)
+
+    async def ListApiKeys(self, request: key_pb.ListApiKeysRequest, context: Context) -> key_pb.ListApiKeysResponse:
+        page = await self.keys.list(request.page_size, request.page_token)
+        return key_pb.ListApiKeysResponse(
+            api_keys=[convert.api_key(k) for k in page.items], next_page_token=page.next_page_token
+        )
+
+    async def RevokeApiKey(self, request: key_pb.RevokeApiKeyRequest, context: Context) -> key_pb.RevokeApiKeyResponse:
+        return key_pb.RevokeApiKeyResponse(api_key=convert.api_key(await self.keys.revoke(request.name)))
+
+
+def _key_name() -> str:
+    """The name of the calling API key; empty with authentication off."""
+    key = current_key.get()
+    return key.name if key else ""

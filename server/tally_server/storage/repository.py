@@ -12,7 +12,15 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ..domain import models as m
 from . import hot_path
-from .tables import custom_prices, events, experience_type_versions, experience_types, experiences, idempotent_requests
+from .tables import (
+    api_keys,
+    custom_prices,
+    events,
+    experience_type_versions,
+    experience_types,
+    experiences,
+    idempotent_requests,
+)
 
 
 def _insert(conn: AsyncConnection, table: sa.Table) -> postgresql.Insert | sqlite.Insert:
@@ -338,6 +346,9 @@ def _price(row: Any) -> m.CustomPrice:
         effective_time_us=row.effective_time_us,
         unit_prices={unit: m.UnitPrice(*pair) for unit, pair in row.unit_prices.items()},
         create_time_us=row.create_time_us,
+        create_key=row.create_key or "",
+        end_time_us=row.end_time_us,
+        end_key=row.end_key or "",
     )
 
 
@@ -351,6 +362,8 @@ async def insert_price(conn: AsyncConnection, price: m.CustomPrice) -> bool:
             effective_time_us=price.effective_time_us,
             unit_prices={u: [p.input_per_million, p.output_per_million] for u, p in price.unit_prices.items()},
             create_time_us=price.create_time_us,
+            update_time_us=price.create_time_us,
+            create_key=price.create_key or None,
         )
         .on_conflict_do_nothing()
         .returning(custom_prices.c.id)
@@ -389,7 +402,63 @@ async def all_prices(conn: AsyncConnection) -> list[m.CustomPrice]:
 
 
 async def price_catalog_revision(conn: AsyncConnection) -> tuple[int, int]:
-    """Changes whenever a custom price is added: (count, newest create time)."""
+    """Changes whenever a custom price is added or ended: (count, latest change)."""
     p = custom_prices
-    row = (await conn.execute(sa.select(sa.func.count(), sa.func.coalesce(sa.func.max(p.c.create_time_us), 0)))).one()
+    row = (await conn.execute(sa.select(sa.func.count(), sa.func.coalesce(sa.func.max(p.c.update_time_us), 0)))).one()
     return int(row[0]), int(row[1])
+
+
+async def end_price(conn: AsyncConnection, price_id: uuid.UUID, end_time_us: int, key: str, now_us: int) -> bool:
+    """Sets the end of a price that has none; False if it already had one."""
+    p = custom_prices
+    stmt = (
+        sa.update(p)
+        .where(p.c.id == price_id, p.c.end_time_us.is_(None))
+        .values(end_time_us=end_time_us, end_key=key or None, update_time_us=now_us)
+    )
+    return bool((await conn.execute(stmt)).rowcount)
+
+
+# --- API keys -------------------------------------------------------------------------
+
+
+def _api_key(row: Any) -> m.ApiKey:
+    return m.ApiKey(row.name, tuple(row.scopes), row.create_time_us, row.last_use_time_us, row.revoke_time_us)
+
+
+async def insert_api_key(conn: AsyncConnection, key: m.ApiKey, secret_hash: str) -> bool:
+    """Inserts the key; False if its name is taken."""
+    stmt = (
+        _insert(conn, api_keys)
+        .values(name=key.name, scopes=list(key.scopes), secret_hash=secret_hash, create_time_us=key.create_time_us)
+        .on_conflict_do_nothing(index_elements=["name"])
+        .returning(api_keys.c.id)
+    )
+    return (await conn.execute(stmt)).scalar() is not None
+
+
+async def api_key_by_hash(conn: AsyncConnection, secret_hash: str) -> m.ApiKey | None:
+    row = (await conn.execute(sa.select(api_keys).where(api_keys.c.secret_hash == secret_hash))).first()
+    return None if row is None else _api_key(row)
+
+
+async def list_api_keys(conn: AsyncConnection, after_name: str | None, limit: int) -> list[m.ApiKey]:
+    query = sa.select(api_keys).order_by(api_keys.c.name).limit(limit)
+    if after_name is not None:
+        query = query.where(api_keys.c.name > after_name)
+    return [_api_key(row) for row in await conn.execute(query)]
+
+
+async def revoke_api_key(conn: AsyncConnection, name: str, now_us: int) -> m.ApiKey | None:
+    """Revokes the key (a revoked key stays revoked at its first time); None if there is none."""
+    await conn.execute(
+        sa.update(api_keys)
+        .where(api_keys.c.name == name, api_keys.c.revoke_time_us.is_(None))
+        .values(revoke_time_us=now_us)
+    )
+    row = (await conn.execute(sa.select(api_keys).where(api_keys.c.name == name))).first()
+    return None if row is None else _api_key(row)
+
+
+async def touch_api_key(conn: AsyncConnection, secret_hash: str, now_us: int) -> None:
+    await conn.execute(sa.update(api_keys).where(api_keys.c.secret_hash == secret_hash).values(last_use_time_us=now_us))

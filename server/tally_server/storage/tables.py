@@ -105,5 +105,23 @@ custom_prices = sa.Table(
     sa.Column("effective_time_us", sa.BigInteger, nullable=False),
     sa.Column("unit_prices", sa.JSON, nullable=False),
     sa.Column("create_time_us", sa.BigInteger, nullable=False),
+    # Changes when the price is added or ended: replicas reload prices when the latest one moves.
+    sa.Column("update_time_us", sa.BigInteger, nullable=False),
+    sa.Column("create_key", sa.String(64), nullable=True),
+    sa.Column("end_time_us", sa.BigInteger, nullable=True),
+    sa.Column("end_key", sa.String(64), nullable=True),
     sa.UniqueConstraint("category", "resource", "effective_time_us"),
+)
+
+api_keys = sa.Table(
+    "api_keys",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("name", sa.String(64), nullable=False, unique=True),
+    sa.Column("scopes", sa.JSON, nullable=False),
+    # SHA-256 of the secret, hex: the secret itself is never stored.
+    sa.Column("secret_hash", sa.String(64), nullable=False, unique=True),
+    sa.Column("create_time_us", sa.BigInteger, nullable=False),
+    sa.Column("last_use_time_us", sa.BigInteger, nullable=True),
+    sa.Column("revoke_time_us", sa.BigInteger, nullable=True),
 )

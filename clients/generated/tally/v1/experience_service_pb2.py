@@ -23,10 +23,11 @@ _sym_db = _symbol_database.Default()
 
 
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
+from tally.v1 import access_pb2 as tally_dot_v1_dot_access__pb2
 from tally.v1 import common_pb2 as tally_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!tally/v1/experience_service.proto\x12\x08tally.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x15tally/v1/common.proto\"\xa0\x02\n\nExperience\x12\x15\n\rexperience_id\x18\x01 \x01(\t\x12\x17\n\x0f\x65xperience_name\x18\x02 \x01(\t\x12\x1a\n\x12\x65xperience_version\x18\x03 \x01(\x05\x12/\n\x0b\x63reate_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x38\n\nproperties\x18\x05 \x03(\x0b\x32$.tally.v1.Experience.PropertiesEntry\x12(\n\x05stats\x18\x06 \x01(\x0b\x32\x19.tally.v1.ExperienceStats\x1a\x31\n\x0fPropertiesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x84\x03\n\x0f\x45xperienceStats\x12#\n\ncost_input\x18\x01 \x01(\x0b\x32\x0f.tally.v1.Money\x12$\n\x0b\x63ost_output\x18\x02 \x01(\x0b\x32\x0f.tally.v1.Money\x12#\n\ncost_total\x18\x03 \x01(\x0b\x32\x0f.tally.v1.Money\x12\x13\n\x0b\x65vent_count\x18\x04 \x01(\x03\x12\x1a\n\x12\x66\x61iled_event_count\x18\x05 \x01(\x03\x12\x1c\n\x14unpriced_event_count\x18\x06 \x01(\x03\x12\x17\n\x0flatency_mean_ms\x18\x07 \x01(\x01\x12\x16\n\x0elatency_p50_ms\x18\x08 \x01(\x01\x12\x16\n\x0elatency_p95_ms\x18\t \x01(\x01\x12\x34\n\x10\x66irst_event_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x33\n\x0flast_event_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xf3\x01\n\x17\x43reateExperienceRequest\x12\x17\n\x0f\x65xperience_name\x18\x01 \x01(\t\x12\x15\n\rexperience_id\x18\x02 \x01(\t\x12\x1a\n\x12\x65xperience_version\x18\x03 \x01(\x05\x12\x45\n\nproperties\x18\x04 \x03(\x0b\x32\x31.tally.v1.CreateExperienceRequest.PropertiesEntry\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x1a\x31\n\x0fPropertiesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"D\n\x18\x43reateExperienceResponse\x12(\n\nexperience\x18\x01 \x01(\x0b\x32\x14.tally.v1.Experience\"-\n\x14GetExperienceRequest\x12\x15\n\rexperience_id\x18\x01 \x01(\t\"A\n\x15GetExperienceResponse\x12(\n\nexperience\x18\x01 \x01(\x0b\x32\x14.tally.v1.Experience\"\xe0\x01\n\x16ListExperiencesRequest\x12\x17\n\x0f\x65xperience_name\x18\x01 \x01(\t\x12\x1a\n\x12\x65xperience_version\x18\x02 \x01(\x05\x12\x35\n\x11\x63reate_time_start\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x33\n\x0f\x63reate_time_end\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tpage_size\x18\x05 \x01(\x05\x12\x12\n\npage_token\x18\x06 \x01(\t\"]\n\x17ListExperiencesResponse\x12)\n\x0b\x65xperiences\x18\x01 \x03(\x0b\x32\x14.tally.v1.Experience\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"0\n\x17\x44\x65leteExperienceRequest\x12\x15\n\rexperience_id\x18\x01 \x01(\t\"<\n\x18\x44\x65leteExperienceResponse\x12 \n\x18unattributed_event_count\x18\x01 \x01(\x03\"\xdd\x01\n!UpdateExperiencePropertiesRequest\x12\x15\n\rexperience_id\x18\x01 \x01(\t\x12V\n\x0eset_properties\x18\x02 \x03(\x0b\x32>.tally.v1.UpdateExperiencePropertiesRequest.SetPropertiesEntry\x12\x13\n\x0bremove_keys\x18\x03 \x03(\t\x1a\x34\n\x12SetPropertiesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"N\n\"UpdateExperiencePropertiesResponse\x12(\n\nexperience\x18\x01 \x01(\x0b\x32\x14.tally.v1.Experience2\xec\x03\n\x11\x45xperienceService\x12Y\n\x10\x43reateExperience\x12!.tally.v1.CreateExperienceRequest\x1a\".tally.v1.CreateExperienceResponse\x12P\n\rGetExperience\x12\x1e.tally.v1.GetExperienceRequest\x1a\x1f.tally.v1.GetExperienceResponse\x12V\n\x0fListExperiences\x12 .tally.v1.ListExperiencesRequest\x1a!.tally.v1.ListExperiencesResponse\x12Y\n\x10\x44\x65leteExperience\x12!.tally.v1.DeleteExperienceRequest\x1a\".tally.v1.DeleteExperienceResponse\x12w\n\x1aUpdateExperienceProperties\x12+.tally.v1.UpdateExperiencePropertiesRequest\x1a,.tally.v1.UpdateExperiencePropertiesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!tally/v1/experience_service.proto\x12\x08tally.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x15tally/v1/access.proto\x1a\x15tally/v1/common.proto\"\xa0\x02\n\nExperience\x12\x15\n\rexperience_id\x18\x01 \x01(\t\x12\x17\n\x0f\x65xperience_name\x18\x02 \x01(\t\x12\x1a\n\x12\x65xperience_version\x18\x03 \x01(\x05\x12/\n\x0b\x63reate_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x38\n\nproperties\x18\x05 \x03(\x0b\x32$.tally.v1.Experience.PropertiesEntry\x12(\n\x05stats\x18\x06 \x01(\x0b\x32\x19.tally.v1.ExperienceStats\x1a\x31\n\x0fPropertiesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x84\x03\n\x0f\x45xperienceStats\x12#\n\ncost_input\x18\x01 \x01(\x0b\x32\x0f.tally.v1.Money\x12$\n\x0b\x63ost_output\x18\x02 \x01(\x0b\x32\x0f.tally.v1.Money\x12#\n\ncost_total\x18\x03 \x01(\x0b\x32\x0f.tally.v1.Money\x12\x13\n\x0b\x65vent_count\x18\x04 \x01(\x03\x12\x1a\n\x12\x66\x61iled_event_count\x18\x05 \x01(\x03\x12\x1c\n\x14unpriced_event_count\x18\x06 \x01(\x03\x12\x17\n\x0flatency_mean_ms\x18\x07 \x01(\x01\x12\x16\n\x0elatency_p50_ms\x18\x08 \x01(\x01\x12\x16\n\x0elatency_p95_ms\x18\t \x01(\x01\x12\x34\n\x10\x66irst_event_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x33\n\x0flast_event_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xf3\x01\n\x17\x43reateExperienceRequest\x12\x17\n\x0f\x65xperience_name\x18\x01 \x01(\t\x12\x15\n\rexperience_id\x18\x02 \x01(\t\x12\x1a\n\x12\x65xperience_version\x18\x03 \x01(\x05\x12\x45\n\nproperties\x18\x04 \x03(\x0b\x32\x31.tally.v1.CreateExperienceRequest.PropertiesEntry\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x1a\x31\n\x0fPropertiesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"D\n\x18\x43reateExperienceResponse\x12(\n\nexperience\x18\x01 \x01(\x0b\x32\x14.tally.v1.Experience\"-\n\x14GetExperienceRequest\x12\x15\n\rexperience_id\x18\x01 \x01(\t\"A\n\x15GetExperienceResponse\x12(\n\nexperience\x18\x01 \x01(\x0b\x32\x14.tally.v1.Experience\"\xe0\x01\n\x16ListExperiencesRequest\x12\x17\n\x0f\x65xperience_name\x18\x01 \x01(\t\x12\x1a\n\x12\x65xperience_version\x18\x02 \x01(\x05\x12\x35\n\x11\x63reate_time_start\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x33\n\x0f\x63reate_time_end\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tpage_size\x18\x05 \x01(\x05\x12\x12\n\npage_token\x18\x06 \x01(\t\"]\n\x17ListExperiencesResponse\x12)\n\x0b\x65xperiences\x18\x01 \x03(\x0b\x32\x14.tally.v1.Experience\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"0\n\x17\x44\x65leteExperienceRequest\x12\x15\n\rexperience_id\x18\x01 \x01(\t\"<\n\x18\x44\x65leteExperienceResponse\x12 \n\x18unattributed_event_count\x18\x01 \x01(\x03\"\xdd\x01\n!UpdateExperiencePropertiesRequest\x12\x15\n\rexperience_id\x18\x01 \x01(\t\x12V\n\x0eset_properties\x18\x02 \x03(\x0b\x32>.tally.v1.UpdateExperiencePropertiesRequest.SetPropertiesEntry\x12\x13\n\x0bremove_keys\x18\x03 \x03(\t\x1a\x34\n\x12SetPropertiesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"N\n\"UpdateExperiencePropertiesResponse\x12(\n\nexperience\x18\x01 \x01(\x0b\x32\x14.tally.v1.Experience2\x8a\x04\n\x11\x45xperienceService\x12_\n\x10\x43reateExperience\x12!.tally.v1.CreateExperienceRequest\x1a\".tally.v1.CreateExperienceResponse\"\x04\x88\xe7\x18\x01\x12V\n\rGetExperience\x12\x1e.tally.v1.GetExperienceRequest\x1a\x1f.tally.v1.GetExperienceResponse\"\x04\x88\xe7\x18\x02\x12\\\n\x0fListExperiences\x12 .tally.v1.ListExperiencesRequest\x1a!.tally.v1.ListExperiencesResponse\"\x04\x88\xe7\x18\x02\x12_\n\x10\x44\x65leteExperience\x12!.tally.v1.DeleteExperienceRequest\x1a\".tally.v1.DeleteExperienceResponse\"\x04\x88\xe7\x18\x03\x12}\n\x1aUpdateExperienceProperties\x12+.tally.v1.UpdateExperiencePropertiesRequest\x1a,.tally.v1.UpdateExperiencePropertiesResponse\"\x04\x88\xe7\x18\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,36 +40,46 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CREATEEXPERIENCEREQUEST_PROPERTIESENTRY']._serialized_options = b'8\001'
   _globals['_UPDATEEXPERIENCEPROPERTIESREQUEST_SETPROPERTIESENTRY']._loaded_options = None
   _globals['_UPDATEEXPERIENCEPROPERTIESREQUEST_SETPROPERTIESENTRY']._serialized_options = b'8\001'
-  _globals['_EXPERIENCE']._serialized_start=104
-  _globals['_EXPERIENCE']._serialized_end=392
-  _globals['_EXPERIENCE_PROPERTIESENTRY']._serialized_start=343
-  _globals['_EXPERIENCE_PROPERTIESENTRY']._serialized_end=392
-  _globals['_EXPERIENCESTATS']._serialized_start=395
-  _globals['_EXPERIENCESTATS']._serialized_end=783
-  _globals['_CREATEEXPERIENCEREQUEST']._serialized_start=786
-  _globals['_CREATEEXPERIENCEREQUEST']._serialized_end=1029
-  _globals['_CREATEEXPERIENCEREQUEST_PROPERTIESENTRY']._serialized_start=343
-  _globals['_CREATEEXPERIENCEREQUEST_PROPERTIESENTRY']._serialized_end=392
-  _globals['_CREATEEXPERIENCERESPONSE']._serialized_start=1031
-  _globals['_CREATEEXPERIENCERESPONSE']._serialized_end=1099
-  _globals['_GETEXPERIENCEREQUEST']._serialized_start=1101
-  _globals['_GETEXPERIENCEREQUEST']._serialized_end=1146
-  _globals['_GETEXPERIENCERESPONSE']._serialized_start=1148
-  _globals['_GETEXPERIENCERESPONSE']._serialized_end=1213
-  _globals['_LISTEXPERIENCESREQUEST']._serialized_start=1216
-  _globals['_LISTEXPERIENCESREQUEST']._serialized_end=1440
-  _globals['_LISTEXPERIENCESRESPONSE']._serialized_start=1442
-  _globals['_LISTEXPERIENCESRESPONSE']._serialized_end=1535
-  _globals['_DELETEEXPERIENCEREQUEST']._serialized_start=1537
-  _globals['_DELETEEXPERIENCEREQUEST']._serialized_end=1585
-  _globals['_DELETEEXPERIENCERESPONSE']._serialized_start=1587
-  _globals['_DELETEEXPERIENCERESPONSE']._serialized_end=1647
-  _globals['_UPDATEEXPERIENCEPROPERTIESREQUEST']._serialized_start=1650
-  _globals['_UPDATEEXPERIENCEPROPERTIESREQUEST']._serialized_end=1871
-  _globals['_UPDATEEXPERIENCEPROPERTIESREQUEST_SETPROPERTIESENTRY']._serialized_start=1819
-  _globals['_UPDATEEXPERIENCEPROPERTIESREQUEST_SETPROPERTIESENTRY']._serialized_end=1871
-  _globals['_UPDATEEXPERIENCEPROPERTIESRESPONSE']._serialized_start=1873
-  _globals['_UPDATEEXPERIENCEPROPERTIESRESPONSE']._serialized_end=1951
-  _globals['_EXPERIENCESERVICE']._serialized_start=1954
-  _globals['_EXPERIENCESERVICE']._serialized_end=2446
+  _globals['_EXPERIENCESERVICE'].methods_by_name['CreateExperience']._loaded_options = None
+  _globals['_EXPERIENCESERVICE'].methods_by_name['CreateExperience']._serialized_options = b'\210\347\030\001'
+  _globals['_EXPERIENCESERVICE'].methods_by_name['GetExperience']._loaded_options = None
+  _globals['_EXPERIENCESERVICE'].methods_by_name['GetExperience']._serialized_options = b'\210\347\030\002'
+  _globals['_EXPERIENCESERVICE'].methods_by_name['ListExperiences']._loaded_options = None
+  _globals['_EXPERIENCESERVICE'].methods_by_name['ListExperiences']._serialized_options = b'\210\347\030\002'
+  _globals['_EXPERIENCESERVICE'].methods_by_name['DeleteExperience']._loaded_options = None
+  _globals['_EXPERIENCESERVICE'].methods_by_name['DeleteExperience']._serialized_options = b'\210\347\030\003'
+  _globals['_EXPERIENCESERVICE'].methods_by_name['UpdateExperienceProperties']._loaded_options = None
+  _globals['_EXPERIENCESERVICE'].methods_by_name['UpdateExperienceProperties']._serialized_options = b'\210\347\030\001'
+  _globals['_EXPERIENCE']._serialized_start=127
+  _globals['_EXPERIENCE']._serialized_end=415
+  _globals['_EXPERIENCE_PROPERTIESENTRY']._serialized_start=366
+  _globals['_EXPERIENCE_PROPERTIESENTRY']._serialized_end=415
+  _globals['_EXPERIENCESTATS']._serialized_start=418
+  _globals['_EXPERIENCESTATS']._serialized_end=806
+  _globals['_CREATEEXPERIENCEREQUEST']._serialized_start=809
+  _globals['_CREATEEXPERIENCEREQUEST']._serialized_end=1052
+  _globals['_CREATEEXPERIENCEREQUEST_PROPERTIESENTRY']._serialized_start=366
+  _globals['_CREATEEXPERIENCEREQUEST_PROPERTIESENTRY']._serialized_end=415
+  _globals['_CREATEEXPERIENCERESPONSE']._serialized_start=1054
+  _globals['_CREATEEXPERIENCERESPONSE']._serialized_end=1122
+  _globals['_GETEXPERIENCEREQUEST']._serialized_start=1124
+  _globals['_GETEXPERIENCEREQUEST']._serialized_end=1169
+  _globals['_GETEXPERIENCERESPONSE']._serialized_start=1171
+  _globals['_GETEXPERIENCERESPONSE']._serialized_end=1236
+  _globals['_LISTEXPERIENCESREQUEST']._serialized_start=1239
+  _globals['_LISTEXPERIENCESREQUEST']._serialized_end=1463
+  _globals['_LISTEXPERIENCESRESPONSE']._serialized_start=1465
+  _globals['_LISTEXPERIENCESRESPONSE']._serialized_end=1558
+  _globals['_DELETEEXPERIENCEREQUEST']._serialized_start=1560
+  _globals['_DELETEEXPERIENCEREQUEST']._serialized_end=1608
+  _globals['_DELETEEXPERIENCERESPONSE']._serialized_start=1610
+  _globals['_DELETEEXPERIENCERESPONSE']._serialized_end=1670
+  _globals['_UPDATEEXPERIENCEPROPERTIESREQUEST']._serialized_start=1673
+  _globals['_UPDATEEXPERIENCEPROPERTIESREQUEST']._serialized_end=1894
+  _globals['_UPDATEEXPERIENCEPROPERTIESREQUEST_SETPROPERTIESENTRY']._serialized_start=1842
+  _globals['_UPDATEEXPERIENCEPROPERTIESREQUEST_SETPROPERTIESENTRY']._serialized_end=1894
+  _globals['_UPDATEEXPERIENCEPROPERTIESRESPONSE']._serialized_start=1896
+  _globals['_UPDATEEXPERIENCEPROPERTIESRESPONSE']._serialized_end=1974
+  _globals['_EXPERIENCESERVICE']._serialized_start=1977
+  _globals['_EXPERIENCESERVICE']._serialized_end=2499
 # @@protoc_insertion_point(module_scope)

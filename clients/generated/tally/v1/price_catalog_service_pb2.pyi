@@ -83,6 +83,9 @@ class CustomPrice(_message.Message):
     EFFECTIVE_TIME_FIELD_NUMBER: _builtins.int
     UNIT_PRICES_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
+    CREATE_KEY_FIELD_NUMBER: _builtins.int
+    END_TIME_FIELD_NUMBER: _builtins.int
+    END_KEY_FIELD_NUMBER: _builtins.int
     price_id: _builtins.str
     """Server-assigned id (a UUID). Output only."""
     category: _builtins.str
@@ -91,6 +94,12 @@ class CustomPrice(_message.Message):
     """
     resource: _builtins.str
     """The resource, 1 to 256 characters, matched exactly (case-insensitively)."""
+    create_key: _builtins.str
+    """The name of the API key that added it; empty when authentication was off.
+    Output only.
+    """
+    end_key: _builtins.str
+    """The name of the API key that ended it. Output only."""
     @_builtins.property
     def effective_time(self) -> _timestamp_pb2.Timestamp:
         """From when the price applies. Unset on create means the Unix epoch, so the
@@ -105,6 +114,12 @@ class CustomPrice(_message.Message):
     def create_time(self) -> _timestamp_pb2.Timestamp:
         """When the price was added. Output only."""
 
+    @_builtins.property
+    def end_time(self) -> _timestamp_pb2.Timestamp:
+        """From when the price no longer applies; unset while it has no end. Set by
+        EndCustomPrice. Output only.
+        """
+
     def __init__(
         self,
         *,
@@ -114,10 +129,13 @@ class CustomPrice(_message.Message):
         effective_time: _timestamp_pb2.Timestamp | None = ...,
         unit_prices: _abc.Mapping[_builtins.str, Global___UnitPrice] | None = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
+        create_key: _builtins.str = ...,
+        end_time: _timestamp_pb2.Timestamp | None = ...,
+        end_key: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "effective_time", b"effective_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "effective_time", b"effective_time", "end_time", b"end_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["category", b"category", "create_time", b"create_time", "effective_time", b"effective_time", "price_id", b"price_id", "resource", b"resource", "unit_prices", b"unit_prices"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["category", b"category", "create_key", b"create_key", "create_time", b"create_time", "effective_time", b"effective_time", "end_key", b"end_key", "end_time", b"end_time", "price_id", b"price_id", "resource", b"resource", "unit_prices", b"unit_prices"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -154,9 +172,69 @@ class CreateCustomPriceResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     PRICE_FIELD_NUMBER: _builtins.int
+    WARNINGS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def price(self) -> Global___CustomPrice:
         """The added price."""
+
+    @_builtins.property
+    def warnings(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """What the caller should know, e.g. that the price overrides a system price."""
+
+    def __init__(
+        self,
+        *,
+        price: Global___CustomPrice | None = ...,
+        warnings: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["price", b"price"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["price", b"price", "warnings", b"warnings"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateCustomPriceResponse: _TypeAlias = CreateCustomPriceResponse  # noqa: Y015
+
+@_typing.final
+class EndCustomPriceRequest(_message.Message):
+    """Request of EndCustomPrice."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PRICE_ID_FIELD_NUMBER: _builtins.int
+    END_TIME_FIELD_NUMBER: _builtins.int
+    price_id: _builtins.str
+    """The id of the price to end."""
+    @_builtins.property
+    def end_time(self) -> _timestamp_pb2.Timestamp:
+        """From when the price no longer applies; unset means now. Not before the
+        price's effective time; equal to it voids the price.
+        """
+
+    def __init__(
+        self,
+        *,
+        price_id: _builtins.str = ...,
+        end_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "price_id", b"price_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EndCustomPriceRequest: _TypeAlias = EndCustomPriceRequest  # noqa: Y015
+
+@_typing.final
+class EndCustomPriceResponse(_message.Message):
+    """Response of EndCustomPrice."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PRICE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def price(self) -> Global___CustomPrice:
+        """The ended price."""
 
     def __init__(
         self,
@@ -169,7 +247,7 @@ class CreateCustomPriceResponse(_message.Message):
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___CreateCustomPriceResponse: _TypeAlias = CreateCustomPriceResponse  # noqa: Y015
+Global___EndCustomPriceResponse: _TypeAlias = EndCustomPriceResponse  # noqa: Y015
 
 @_typing.final
 class GetCustomPriceRequest(_message.Message):

@@ -29,7 +29,10 @@ class PriceCatalogServiceStub:
     """The price catalog: the built-in system prices (from the genai-prices
     package, with their history) and custom prices added here. A custom price
     applies to events of its category and resource from its effective time on,
-    and overrides a system price for the same category and resource.
+    until the next custom price of the same category and resource or its own end
+    time, and overrides a system price for the same category and resource. An
+    event is priced when it is ingested: changing the catalog never changes the
+    cost of events already stored.
     """
 
     def __init__(self, channel):
@@ -42,6 +45,11 @@ class PriceCatalogServiceStub:
                 '/tally.v1.PriceCatalogService/CreateCustomPrice',
                 request_serializer=tally_dot_v1_dot_price__catalog__service__pb2.CreateCustomPriceRequest.SerializeToString,
                 response_deserializer=tally_dot_v1_dot_price__catalog__service__pb2.CreateCustomPriceResponse.FromString,
+                _registered_method=True)
+        self.EndCustomPrice = channel.unary_unary(
+                '/tally.v1.PriceCatalogService/EndCustomPrice',
+                request_serializer=tally_dot_v1_dot_price__catalog__service__pb2.EndCustomPriceRequest.SerializeToString,
+                response_deserializer=tally_dot_v1_dot_price__catalog__service__pb2.EndCustomPriceResponse.FromString,
                 _registered_method=True)
         self.GetCustomPrice = channel.unary_unary(
                 '/tally.v1.PriceCatalogService/GetCustomPrice',
@@ -64,12 +72,29 @@ class PriceCatalogServiceServicer:
     """The price catalog: the built-in system prices (from the genai-prices
     package, with their history) and custom prices added here. A custom price
     applies to events of its category and resource from its effective time on,
-    and overrides a system price for the same category and resource.
+    until the next custom price of the same category and resource or its own end
+    time, and overrides a system price for the same category and resource. An
+    event is priced when it is ingested: changing the catalog never changes the
+    cost of events already stored.
     """
 
     def CreateCustomPrice(self, request, context):
-        """Adds a custom price. ALREADY_EXISTS (reason PRICE_ALREADY_EXISTS) if the
-        category and resource already have a price with the same effective time.
+        """Adds a custom price, recording the key that added it. ALREADY_EXISTS
+        (reason PRICE_ALREADY_EXISTS) if the category and resource already have a
+        price with the same effective time. Overriding a `system.*` price is
+        allowed and said in the response's warnings.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def EndCustomPrice(self, request, context):
+        """Ends a custom price: events with an event time at or after its end time are
+        priced as if it did not exist (by the custom price before it, else the system
+        price). An end time equal to the effective time voids a mistaken price for
+        every event ingested from now on; events already stored keep their cost.
+        NOT_FOUND (reason PRICE_NOT_FOUND) if there is no such price;
+        FAILED_PRECONDITION (reason PRICE_ALREADY_ENDED) if it has an end time.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -106,6 +131,11 @@ def add_PriceCatalogServiceServicer_to_server(servicer, server):
                     request_deserializer=tally_dot_v1_dot_price__catalog__service__pb2.CreateCustomPriceRequest.FromString,
                     response_serializer=tally_dot_v1_dot_price__catalog__service__pb2.CreateCustomPriceResponse.SerializeToString,
             ),
+            'EndCustomPrice': grpc.unary_unary_rpc_method_handler(
+                    servicer.EndCustomPrice,
+                    request_deserializer=tally_dot_v1_dot_price__catalog__service__pb2.EndCustomPriceRequest.FromString,
+                    response_serializer=tally_dot_v1_dot_price__catalog__service__pb2.EndCustomPriceResponse.SerializeToString,
+            ),
             'GetCustomPrice': grpc.unary_unary_rpc_method_handler(
                     servicer.GetCustomPrice,
                     request_deserializer=tally_dot_v1_dot_price__catalog__service__pb2.GetCustomPriceRequest.FromString,
@@ -133,7 +163,10 @@ class PriceCatalogService:
     """The price catalog: the built-in system prices (from the genai-prices
     package, with their history) and custom prices added here. A custom price
     applies to events of its category and resource from its effective time on,
-    and overrides a system price for the same category and resource.
+    until the next custom price of the same category and resource or its own end
+    time, and overrides a system price for the same category and resource. An
+    event is priced when it is ingested: changing the catalog never changes the
+    cost of events already stored.
     """
 
     @staticmethod
@@ -153,6 +186,33 @@ class PriceCatalogService:
             '/tally.v1.PriceCatalogService/CreateCustomPrice',
             tally_dot_v1_dot_price__catalog__service__pb2.CreateCustomPriceRequest.SerializeToString,
             tally_dot_v1_dot_price__catalog__service__pb2.CreateCustomPriceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EndCustomPrice(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tally.v1.PriceCatalogService/EndCustomPrice',
+            tally_dot_v1_dot_price__catalog__service__pb2.EndCustomPriceRequest.SerializeToString,
+            tally_dot_v1_dot_price__catalog__service__pb2.EndCustomPriceResponse.FromString,
             options,
             channel_credentials,
             insecure,

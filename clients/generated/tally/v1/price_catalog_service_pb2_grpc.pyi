@@ -30,7 +30,10 @@ class PriceCatalogServiceStub:
     """The price catalog: the built-in system prices (from the genai-prices
     package, with their history) and custom prices added here. A custom price
     applies to events of its category and resource from its effective time on,
-    and overrides a system price for the same category and resource.
+    until the next custom price of the same category and resource or its own end
+    time, and overrides a system price for the same category and resource. An
+    event is priced when it is ingested: changing the catalog never changes the
+    cost of events already stored.
     """
 
     @_typing.overload
@@ -38,8 +41,18 @@ class PriceCatalogServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> PriceCatalogServiceAsyncStub: ...
     CreateCustomPrice: _grpc.UnaryUnaryMultiCallable[_price_catalog_service_pb2.CreateCustomPriceRequest, _price_catalog_service_pb2.CreateCustomPriceResponse]
-    """Adds a custom price. ALREADY_EXISTS (reason PRICE_ALREADY_EXISTS) if the
-    category and resource already have a price with the same effective time.
+    """Adds a custom price, recording the key that added it. ALREADY_EXISTS
+    (reason PRICE_ALREADY_EXISTS) if the category and resource already have a
+    price with the same effective time. Overriding a `system.*` price is
+    allowed and said in the response's warnings.
+    """
+    EndCustomPrice: _grpc.UnaryUnaryMultiCallable[_price_catalog_service_pb2.EndCustomPriceRequest, _price_catalog_service_pb2.EndCustomPriceResponse]
+    """Ends a custom price: events with an event time at or after its end time are
+    priced as if it did not exist (by the custom price before it, else the system
+    price). An end time equal to the effective time voids a mistaken price for
+    every event ingested from now on; events already stored keep their cost.
+    NOT_FOUND (reason PRICE_NOT_FOUND) if there is no such price;
+    FAILED_PRECONDITION (reason PRICE_ALREADY_ENDED) if it has an end time.
     """
     GetCustomPrice: _grpc.UnaryUnaryMultiCallable[_price_catalog_service_pb2.GetCustomPriceRequest, _price_catalog_service_pb2.GetCustomPriceResponse]
     """Gets a custom price by id. NOT_FOUND (reason PRICE_NOT_FOUND) if there is none."""
@@ -57,13 +70,26 @@ class PriceCatalogServiceAsyncStub(PriceCatalogServiceStub):
     """The price catalog: the built-in system prices (from the genai-prices
     package, with their history) and custom prices added here. A custom price
     applies to events of its category and resource from its effective time on,
-    and overrides a system price for the same category and resource.
+    until the next custom price of the same category and resource or its own end
+    time, and overrides a system price for the same category and resource. An
+    event is priced when it is ingested: changing the catalog never changes the
+    cost of events already stored.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     CreateCustomPrice: _aio.UnaryUnaryMultiCallable[_price_catalog_service_pb2.CreateCustomPriceRequest, _price_catalog_service_pb2.CreateCustomPriceResponse]  # type: ignore[assignment]
-    """Adds a custom price. ALREADY_EXISTS (reason PRICE_ALREADY_EXISTS) if the
-    category and resource already have a price with the same effective time.
+    """Adds a custom price, recording the key that added it. ALREADY_EXISTS
+    (reason PRICE_ALREADY_EXISTS) if the category and resource already have a
+    price with the same effective time. Overriding a `system.*` price is
+    allowed and said in the response's warnings.
+    """
+    EndCustomPrice: _aio.UnaryUnaryMultiCallable[_price_catalog_service_pb2.EndCustomPriceRequest, _price_catalog_service_pb2.EndCustomPriceResponse]  # type: ignore[assignment]
+    """Ends a custom price: events with an event time at or after its end time are
+    priced as if it did not exist (by the custom price before it, else the system
+    price). An end time equal to the effective time voids a mistaken price for
+    every event ingested from now on; events already stored keep their cost.
+    NOT_FOUND (reason PRICE_NOT_FOUND) if there is no such price;
+    FAILED_PRECONDITION (reason PRICE_ALREADY_ENDED) if it has an end time.
     """
     GetCustomPrice: _aio.UnaryUnaryMultiCallable[_price_catalog_service_pb2.GetCustomPriceRequest, _price_catalog_service_pb2.GetCustomPriceResponse]  # type: ignore[assignment]
     """Gets a custom price by id. NOT_FOUND (reason PRICE_NOT_FOUND) if there is none."""
@@ -80,7 +106,10 @@ class PriceCatalogServiceServicer(metaclass=_abc_1.ABCMeta):
     """The price catalog: the built-in system prices (from the genai-prices
     package, with their history) and custom prices added here. A custom price
     applies to events of its category and resource from its effective time on,
-    and overrides a system price for the same category and resource.
+    until the next custom price of the same category and resource or its own end
+    time, and overrides a system price for the same category and resource. An
+    event is priced when it is ingested: changing the catalog never changes the
+    cost of events already stored.
     """
 
     @_abc_1.abstractmethod
@@ -89,8 +118,24 @@ class PriceCatalogServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _price_catalog_service_pb2.CreateCustomPriceRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_price_catalog_service_pb2.CreateCustomPriceResponse, _abc.Awaitable[_price_catalog_service_pb2.CreateCustomPriceResponse]]:
-        """Adds a custom price. ALREADY_EXISTS (reason PRICE_ALREADY_EXISTS) if the
-        category and resource already have a price with the same effective time.
+        """Adds a custom price, recording the key that added it. ALREADY_EXISTS
+        (reason PRICE_ALREADY_EXISTS) if the category and resource already have a
+        price with the same effective time. Overriding a `system.*` price is
+        allowed and said in the response's warnings.
+        """
+
+    @_abc_1.abstractmethod
+    def EndCustomPrice(
+        self,
+        request: _price_catalog_service_pb2.EndCustomPriceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_price_catalog_service_pb2.EndCustomPriceResponse, _abc.Awaitable[_price_catalog_service_pb2.EndCustomPriceResponse]]:
+        """Ends a custom price: events with an event time at or after its end time are
+        priced as if it did not exist (by the custom price before it, else the system
+        price). An end time equal to the effective time voids a mistaken price for
+        every event ingested from now on; events already stored keep their cost.
+        NOT_FOUND (reason PRICE_NOT_FOUND) if there is no such price;
+        FAILED_PRECONDITION (reason PRICE_ALREADY_ENDED) if it has an end time.
         """
 
     @_abc_1.abstractmethod

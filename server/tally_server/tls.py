@@ -1,0 +1,85 @@
+"""TLS and mTLS server credentials whose certificate files are re-read without a restart.
+
+grpc asks the fetcher for a new certificate configuration at each new TLS handshake;
+it answers with the files' new contents when one of them changed (by modification time
+and size) or after a SIGHUP, and with None (keep the current one) otherwise. Open
+connections keep the certificate they started with; new ones get the new one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from .config import RefusedToStart, Settings
+
+log = logging.getLogger("tally.tls")
+
+
+class CertificateFiles:
+    def __init__(self, cert: str, key: str, client_ca: str) -> None:
+        self.paths = [Path(p) for p in (cert, key, client_ca) if p]
+        self.cert, self.key, self.client_ca = Path(cert), Path(key), Path(client_ca) if client_ca else None
+        self._reload = threading.Event()
+        self._seen = self._stamps()
+        self.initial = self._configuration()
+
+    def request_reload(self) -> None:
+        """Re-read the files at the next handshake (SIGHUP)."""
+        self._reload.set()
+
+    def credentials(self) -> grpc.ServerCredentials:
+        # grpc's stubs say the fetcher returns a configuration; grpc itself takes None as "no change".
+        fetcher: Any = self.fetch
+        return grpc.dynamic_ssl_server_credentials(
+            self.initial, fetcher, require_client_authentication=self.client_ca is not None
+        )
+
+    def fetch(self) -> grpc.ServerCertificateConfiguration | None:
+        """Called by grpc before each handshake: a new configuration, or None for no change."""
+        stamps = self._stamps()
+        if stamps == self._seen and not self._reload.is_set():
+            return None
+        self._reload.clear()
+        try:
+            configuration = self._configuration()
+        except (OSError, ValueError) as error:  # a file half written: keep serving the current one
+            log.warning("TLS certificate files not reloaded: %s", error)
+            return None
+        self._seen = stamps
+        log.info("TLS certificate files reloaded: %s", ", ".join(map(str, self.paths)))
+        return configuration
+
+    def _stamps(self) -> tuple[tuple[int, int], ...]:
+        stamps = []
+        for path in self.paths:
+            try:
+                status = os.stat(path)
+                stamps.append((status.st_mtime_ns, status.st_size))
+            except OSError:
+                stamps.append((0, 0))
+        return tuple(stamps)
+
+    def _configuration(self) -> grpc.ServerCertificateConfiguration:
+        pair = (self.key.read_bytes(), self.cert.read_bytes())
+        root = self.client_ca.read_bytes() if self.client_ca else None
+        if b"PRIVATE KEY" not in pair[0] or b"CERTIFICATE" not in pair[1]:
+            raise ValueError(f"{self.key} must hold a PEM private key and {self.cert} a PEM certificate")
+        return grpc.ssl_server_certificate_configuration([pair], root_certificates=root)
+
+
+def certificate_files(settings: Settings) -> CertificateFiles | None:
+    """The TLS files of these settings, read once now; None for plaintext."""
+    if not (settings.tls_cert or settings.tls_key or settings.tls_client_ca):
+        return None
+    if not (settings.tls_cert and settings.tls_key):
+        raise RefusedToStart("tally: TLS needs both --tls-cert and --tls-key (and --tls-client-ca for mTLS)")
+    try:
+        return CertificateFiles(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
+    except (OSError, ValueError) as error:
+        raise RefusedToStart(f"tally: cannot read the TLS files: {error}") from None

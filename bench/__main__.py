@@ -36,10 +36,13 @@ import grpc
 import sqlalchemy as sa
 from grpc import aio
 
-from tally.v1 import experience_service_pb2 as exp_pb
-from tally.v1 import experience_service_pb2_grpc, experience_type_service_pb2_grpc
-from tally.v1 import experience_type_service_pb2 as et_pb
-from tally.v1 import ingest_service_pb2 as pb
+from tally.v1 import (
+    experience_service_pb2 as exp_pb,
+    experience_service_pb2_grpc,
+    experience_type_service_pb2 as et_pb,
+    experience_type_service_pb2_grpc,
+    ingest_service_pb2 as pb,
+)
 from tally_server.domain.ids import uuid7
 
 CHANNEL_OPTIONS = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]

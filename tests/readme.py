@@ -55,13 +55,14 @@ def commands(text: str) -> list[str]:
     return found
 
 
-def run_block(text: str, target: str, cwd: Path, timeout: float = 180) -> list[Ran]:
-    """Runs each command of `text` against the server at `target` (the README's address
-    replaced), with the dev install's tools first on PATH."""
-    text = text.replace("localhost:50051", target).replace("127.0.0.1:50051", target)
+def run_block(text: str, target: str, cwd: Path, timeout: float = 180, env: dict[str, str] | None = None) -> list[Ran]:
+    """Runs each command of `text` against the server at `target` (the README's addresses
+    replaced), with the dev install's tools first on PATH and `env` added."""
+    for address in ("localhost:50051", "127.0.0.1:50051", "tally.example:50051"):
+        text = text.replace(address, target)
     listed = commands(text)
     script = "".join(f'{command}\necho "{_MARK} $?"\n' for command in listed)
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "TALLY_TARGET": target}
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "TALLY_TARGET": target, **(env or {})}
     result = subprocess.run(
         ["bash", "-c", script],
         stdout=subprocess.PIPE,

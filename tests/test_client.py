@@ -108,8 +108,7 @@ async def test_every_call_has_a_deadline(stubs, monkeypatch):
 
 async def test_reads_are_retried_on_unavailable_and_writes_are_not(stubs, monkeypatch):
     from tally_client import Unavailable
-    from tally_server.domain.errors import Code
-    from tally_server.domain.errors import TallyError as ServerError
+    from tally_server.domain.errors import Code, TallyError as ServerError
     from tally_server.domain.experience_types import ExperienceTypes
 
     name = unique("Retry")

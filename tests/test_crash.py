@@ -13,10 +13,13 @@ import uuid
 import pytest
 from grpc import aio
 
-from tally.v1 import experience_service_pb2 as exp_pb
-from tally.v1 import experience_service_pb2_grpc, ingest_service_pb2_grpc
-from tally.v1 import experience_type_service_pb2 as et_pb
-from tally.v1 import ingest_service_pb2 as pb
+from tally.v1 import (
+    experience_service_pb2 as exp_pb,
+    experience_service_pb2_grpc,
+    experience_type_service_pb2 as et_pb,
+    ingest_service_pb2 as pb,
+    ingest_service_pb2_grpc,
+)
 
 from .conftest import unique
 from .server_process import ServerProcess

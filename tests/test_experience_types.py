@@ -5,8 +5,7 @@ from __future__ import annotations
 import grpc
 from google.protobuf import field_mask_pb2
 
-from tally.v1 import experience_service_pb2 as exp_pb
-from tally.v1 import experience_type_service_pb2 as pb
+from tally.v1 import experience_service_pb2 as exp_pb, experience_type_service_pb2 as pb
 
 from .conftest import unique
 from .helpers import raises

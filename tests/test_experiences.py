@@ -7,8 +7,7 @@ import uuid
 import grpc
 from google.protobuf import timestamp_pb2
 
-from tally.v1 import experience_service_pb2 as pb
-from tally.v1 import experience_type_service_pb2 as et_pb
+from tally.v1 import experience_service_pb2 as pb, experience_type_service_pb2 as et_pb
 
 from .conftest import unique
 from .helpers import raises

@@ -9,10 +9,12 @@ from datetime import UTC, datetime
 
 from google.protobuf import timestamp_pb2
 
-from tally.v1 import experience_service_pb2 as exp_pb
-from tally.v1 import experience_type_service_pb2 as et_pb
-from tally.v1 import ingest_service_pb2 as pb
-from tally.v1 import price_catalog_service_pb2 as price_pb
+from tally.v1 import (
+    experience_service_pb2 as exp_pb,
+    experience_type_service_pb2 as et_pb,
+    ingest_service_pb2 as pb,
+    price_catalog_service_pb2 as price_pb,
+)
 
 from .conftest import unique
 

@@ -12,9 +12,7 @@ import uuid
 import grpc
 import pytest
 
-from tally.v1 import experience_service_pb2 as exp_pb
-from tally.v1 import experience_type_service_pb2 as et_pb
-from tally.v1 import ingest_service_pb2 as pb
+from tally.v1 import experience_service_pb2 as exp_pb, experience_type_service_pb2 as et_pb, ingest_service_pb2 as pb
 from tally_server.domain.errors import TallyError
 from tally_server.domain.models import EventContext, now_us
 from tally_server.domain.resolution import derive_experience_id, resolve_experiences

@@ -15,14 +15,8 @@ from google.protobuf import field_mask_pb2, timestamp_pb2
 
 from tally.v1 import (
     experience_service_pb2 as exp_pb,
-)
-from tally.v1 import (
     experience_type_service_pb2 as et_pb,
-)
-from tally.v1 import (
     ingest_service_pb2 as ing_pb,
-)
-from tally.v1 import (
     price_catalog_service_pb2 as price_pb,
 )
 

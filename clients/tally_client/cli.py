@@ -20,9 +20,7 @@ from typing import Any, TextIO
 
 from google.protobuf import json_format
 
-from tally.v1 import common_pb2
-from tally.v1 import experience_type_service_pb2 as et_pb
-from tally.v1 import ingest_service_pb2 as ing_pb
+from tally.v1 import common_pb2, experience_type_service_pb2 as et_pb, ingest_service_pb2 as ing_pb
 
 from .client import DEFAULT_TARGET, TallyClient
 from .errors import TallyError
@@ -348,6 +346,26 @@ def build_parser() -> argparse.ArgumentParser:
     client.add_argument("--target", help=f"the Tally server, host:port (env TALLY_TARGET, default {DEFAULT_TARGET})")
     client.add_argument("--json", action="store_true", help="print JSON instead of text")
     client.add_argument("--timeout", type=float, default=10.0, help="seconds each call may take (default 10)")
+    tls = client.add_argument_group("TLS (the API key comes from the environment: TALLY_API_KEY)")
+    tls.add_argument(
+        "--tls",
+        action="store_true",
+        default=bool(os.environ.get("TALLY_TLS")),
+        help="TLS with the system's roots (env TALLY_TLS=1)",
+    )
+    tls.add_argument(
+        "--ca-file", default=os.environ.get("TALLY_CA_FILE"), help="TLS with this PEM CA (env TALLY_CA_FILE)"
+    )
+    tls.add_argument(
+        "--client-cert",
+        default=os.environ.get("TALLY_CLIENT_CERT"),
+        help="PEM client certificate, for mTLS (env TALLY_CLIENT_CERT)",
+    )
+    tls.add_argument(
+        "--client-key",
+        default=os.environ.get("TALLY_CLIENT_KEY"),
+        help="PEM client key, for mTLS (env TALLY_CLIENT_KEY)",
+    )
 
     parser = argparse.ArgumentParser(prog="tally", description="Tally: what your GenAI calls cost, per experience.")
     # Also accepted before the command: `tally --target HOST:PORT types list`.
@@ -441,7 +459,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if hasattr(args, "local"):
             return int(args.local(args))
-        with TallyClient(args.target, timeout=args.timeout) as tally:
+        client = TallyClient(
+            args.target,
+            api_key=os.environ.get("TALLY_API_KEY") or None,
+            secure=args.tls,
+            ca_file=args.ca_file,
+            client_cert_file=args.client_cert,
+            client_key_file=args.client_key,
+            timeout=args.timeout,
+        )
+        with client as tally:
             return int(args.remote(tally, args) or 0)
     except TallyError as error:
         detail = "; ".join(f"{field}: {why}" for field, why in error.field_violations.items())
@@ -450,6 +477,9 @@ def main(argv: list[str] | None = None) -> int:
             f"tally: {error}{where}" + (f" [{detail}]" if detail and detail not in error.message else ""),
             file=sys.stderr,
         )
+        return 1
+    except (OSError, ValueError) as error:  # a TLS file that cannot be read, half a key pair
+        print(f"tally: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

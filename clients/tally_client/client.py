@@ -22,6 +22,7 @@ import json
 import threading
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Mapping
 from datetime import datetime
+from pathlib import Path
 from typing import Any, TypeVar, overload
 from uuid import UUID
 
@@ -30,26 +31,12 @@ from grpc import aio
 
 from tally.v1 import (
     experience_service_pb2 as exp_pb,
-)
-from tally.v1 import (
     experience_service_pb2_grpc as exp_grpc,
-)
-from tally.v1 import (
     experience_type_service_pb2 as et_pb,
-)
-from tally.v1 import (
     experience_type_service_pb2_grpc as et_grpc,
-)
-from tally.v1 import (
     ingest_service_pb2 as ing_pb,
-)
-from tally.v1 import (
     ingest_service_pb2_grpc as ing_grpc,
-)
-from tally.v1 import (
     price_catalog_service_pb2 as price_pb,
-)
-from tally.v1 import (
     price_catalog_service_pb2_grpc as price_grpc,
 )
 
@@ -153,16 +140,42 @@ def _resolved_experience_id(response: object) -> str:
     return ""
 
 
-def _credentials(secure: bool, credentials: grpc.ChannelCredentials | None) -> grpc.ChannelCredentials | None:
+def channel_credentials(
+    *,
+    secure: bool = False,
+    credentials: grpc.ChannelCredentials | None = None,
+    ca_file: str | Path | None = None,
+    client_cert_file: str | Path | None = None,
+    client_key_file: str | Path | None = None,
+) -> grpc.ChannelCredentials | None:
+    """TLS credentials from the options, or None for plaintext. `ca_file` (PEM) replaces the
+    system's roots; a client certificate and key (PEM) are for servers that require mTLS."""
     if credentials is not None:
         return credentials
-    return grpc.ssl_channel_credentials() if secure else None
+    if (client_cert_file is None) != (client_key_file is None):
+        raise ValueError("give both client_cert_file and client_key_file, or neither")
+    if not (secure or ca_file or client_cert_file):
+        return None
+    return grpc.ssl_channel_credentials(
+        root_certificates=Path(ca_file).read_bytes() if ca_file else None,
+        private_key=Path(client_key_file).read_bytes() if client_key_file else None,
+        certificate_chain=Path(client_cert_file).read_bytes() if client_cert_file else None,
+    )
 
 
 class _ClientBase:
-    """What both clients share: the deadline and the experience scope."""
+    """What both clients share: the deadline, the API key and the experience scope."""
 
     timeout: float
+    _credentials: Metadata = ()
+
+    def _use_api_key(self, api_key: str | None) -> None:
+        """Sends the key with every call, as `authorization: Bearer <key>`."""
+        self._credentials = (("authorization", f"Bearer {api_key}"),) if api_key else ()
+
+    def _metadata(self, scope: ExperienceScope | None, metadata: Metadata = ()) -> Metadata:
+        """What a call sends: the API key, and the experience scope's keys (else `metadata`)."""
+        return self._credentials + (scope.metadata() if scope else metadata)
 
     @contextlib.contextmanager
     def experience(
@@ -195,14 +208,27 @@ class TallyClient(_ClientBase):
         self,
         target: str = DEFAULT_TARGET,
         *,
+        api_key: str | None = None,
         secure: bool = False,
+        ca_file: str | Path | None = None,
+        client_cert_file: str | Path | None = None,
+        client_key_file: str | Path | None = None,
         credentials: grpc.ChannelCredentials | None = None,
         timeout: float = DEFAULT_TIMEOUT,
         channel: grpc.Channel | None = None,
     ) -> None:
+        """`api_key` goes with every call. TLS with `secure=True` (system roots), `ca_file`
+        (your CA), a client certificate and key (mTLS), or ready `credentials`."""
         self.timeout = timeout
+        self._use_api_key(api_key)
         if channel is None:
-            creds = _credentials(secure, credentials)
+            creds = channel_credentials(
+                secure=secure,
+                credentials=credentials,
+                ca_file=ca_file,
+                client_cert_file=client_cert_file,
+                client_key_file=client_key_file,
+            )
             channel = (
                 grpc.secure_channel(target, creds, options=CHANNEL_OPTIONS)
                 if creds
@@ -229,12 +255,10 @@ class TallyClient(_ClientBase):
         rpc = getattr(self._stubs[call.stub], call.method)
         scope = _scope.get()
         try:
-            if scope is None:
-                return call.unpack(rpc(call.request, timeout=self._timeout(call)))
-            if scope.experience_id:
-                return call.unpack(rpc(call.request, timeout=self._timeout(call), metadata=scope.metadata()))
+            if scope is None or scope.experience_id:
+                return call.unpack(rpc(call.request, timeout=self._timeout(call), metadata=self._metadata(scope)))
             with scope._thread_lock:  # the first call creates the experience; the others wait for its id
-                response = rpc(call.request, timeout=self._timeout(call), metadata=scope.metadata())
+                response = rpc(call.request, timeout=self._timeout(call), metadata=self._metadata(scope))
                 scope.learn(response)
                 return call.unpack(response)
         except grpc.RpcError as error:
@@ -363,7 +387,7 @@ class TallyClient(_ClientBase):
         scope = _scope.get()
         requests = (ing_pb.IngestStreamRequest(event=event) for event in events)
         try:
-            yield from self._stubs["ingest"].IngestStream(requests, metadata=scope.metadata() if scope else metadata)
+            yield from self._stubs["ingest"].IngestStream(requests, metadata=self._metadata(scope, metadata))
         except grpc.RpcError as error:
             raise from_rpc_error(error) from None
 
@@ -403,12 +427,24 @@ class AsyncTallyClient(_ClientBase):
         self,
         target: str = DEFAULT_TARGET,
         *,
+        api_key: str | None = None,
         secure: bool = False,
+        ca_file: str | Path | None = None,
+        client_cert_file: str | Path | None = None,
+        client_key_file: str | Path | None = None,
         credentials: grpc.ChannelCredentials | None = None,
         timeout: float = DEFAULT_TIMEOUT,
     ) -> None:
+        """As TallyClient's."""
         self.timeout = timeout
-        creds = _credentials(secure, credentials)
+        self._use_api_key(api_key)
+        creds = channel_credentials(
+            secure=secure,
+            credentials=credentials,
+            ca_file=ca_file,
+            client_cert_file=client_cert_file,
+            client_key_file=client_key_file,
+        )
         self.channel = (
             aio.secure_channel(target, creds, options=CHANNEL_OPTIONS)
             if creds
@@ -434,12 +470,11 @@ class AsyncTallyClient(_ClientBase):
         rpc = getattr(self._stubs[call.stub], call.method)
         scope = _scope.get()
         try:
-            if scope is None:
-                return call.unpack(await rpc(call.request, timeout=self._timeout(call)))
-            if scope.experience_id:
-                return call.unpack(await rpc(call.request, timeout=self._timeout(call), metadata=scope.metadata()))
+            metadata = self._metadata(scope)
+            if scope is None or scope.experience_id:
+                return call.unpack(await rpc(call.request, timeout=self._timeout(call), metadata=metadata))
             async with scope.async_lock:  # the first call creates the experience; the others wait for its id
-                response = await rpc(call.request, timeout=self._timeout(call), metadata=scope.metadata())
+                response = await rpc(call.request, timeout=self._timeout(call), metadata=self._metadata(scope))
                 scope.learn(response)
                 return call.unpack(response)
         except grpc.RpcError as error:
@@ -580,7 +615,7 @@ class AsyncTallyClient(_ClientBase):
                     yield ing_pb.IngestStreamRequest(event=event)
 
         try:
-            call = self._stubs["ingest"].IngestStream(requests(), metadata=scope.metadata() if scope else metadata)
+            call = self._stubs["ingest"].IngestStream(requests(), metadata=self._metadata(scope, metadata))
             async for response in call:
                 yield response
         except grpc.RpcError as error:

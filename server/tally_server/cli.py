@@ -1,14 +1,31 @@
-"""The server's commands of `tally`: `serve` and `migrate`.
+"""The server's commands of `tally`: `serve`, `migrate` and `keys`.
 
 The `tally` command belongs to the client distribution; it finds these through the
 "tally.commands" entry point group, so that the client never imports the server.
+`tally keys` works on the database directly (the same --database-url as `tally serve`),
+which is how the first admin key is made; ApiKeyService manages keys remotely after that.
+
+Only the parsers are built here at import: every `tally` command imports this module, so
+the server itself (SQLAlchemy, the price catalog) is imported by the commands that run it.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import sys
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, TypeVar
 
-from .config import add_arguments, from_arguments
+from .config import add_arguments, add_database_argument, from_arguments
+
+if TYPE_CHECKING:
+    from .domain.keys import ApiKeys
+    from .domain.models import ApiKey
+
+T = TypeVar("T")
+SCOPES = ("ingest", "read", "admin")  # as domain.keys.SCOPES, which a test holds equal
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -19,17 +36,16 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _migrate(args: argparse.Namespace) -> int:
-    from .app import run_event_loop
     from .storage.db import Database
 
-    async def main() -> None:
-        db = Database(args.database_url)
+    async def migrate(url: str) -> None:
+        db = Database(url)
         try:
             await db.migrate()
         finally:
             await db.dispose()
 
-    run_event_loop(main())
+    _on_database(args, migrate(args.database_url))
     print(f"the database is at the newest schema ({db_url_for_humans(args.database_url)})")
     return 0
 
@@ -41,11 +57,108 @@ def db_url_for_humans(url: str) -> str:
     return sa.make_url(url).render_as_string(hide_password=True)
 
 
+def _on_database(args: argparse.Namespace, work: Awaitable[T]) -> T:
+    """Runs `work`; a refusal or an unreachable database is one line and exit 1."""
+    from .app import run_event_loop
+    from .domain.errors import StorageUnavailable, TallyError
+
+    try:
+        return run_event_loop(work)  # type: ignore[arg-type]
+    except StorageUnavailable as error:
+        raise SystemExit(f"tally: cannot use {db_url_for_humans(args.database_url)}: {error.detail}") from None
+    except TallyError as error:
+        raise SystemExit(f"tally: {error}") from None
+
+
+def _keys(args: argparse.Namespace, work: Callable[[ApiKeys], Awaitable[T]]) -> T:
+    """Runs `work` on the keys of the database, which is created or migrated first."""
+    from .domain.keys import ApiKeys
+    from .storage.db import Database
+
+    async def on_database() -> T:
+        db = Database(args.database_url)
+        try:
+            await db.migrate()
+            return await work(ApiKeys(db))
+        finally:
+            await db.dispose()
+
+    return _on_database(args, on_database())
+
+
+def _keys_create(args: argparse.Namespace) -> int:
+    _, secret = _keys(args, lambda keys: keys.create(args.name, args.scope))
+    print(secret)  # alone on standard output, so that `SECRET=$(tally keys create ...)` takes it
+    scopes = ", ".join(dict.fromkeys(args.scope))
+    print(f"created API key {args.name} ({scopes}); its secret is shown only now", file=sys.stderr)
+    return 0
+
+
+async def _all_keys(keys: ApiKeys) -> list[ApiKey]:
+    found: list[ApiKey] = []
+    token = ""
+    while True:
+        page = await keys.list(1000, token)
+        found.extend(page.items)
+        if not (token := page.next_page_token):
+            return found
+
+
+def _keys_list(args: argparse.Namespace) -> int:
+    from tally_client.output import table
+
+    found = _keys(args, _all_keys)
+    if args.json:
+        print(json.dumps([_key_json(k) for k in found], indent=2))
+        return 0
+    rows = [
+        [k.name, ",".join(k.scopes), _when(k.create_time_us), _when(k.last_use_time_us), _when(k.revoke_time_us)]
+        for k in found
+    ]
+    print(table(["NAME", "SCOPES", "CREATED", "LAST USED", "REVOKED"], rows) if rows else "no API keys")
+    return 0
+
+
+def _keys_revoke(args: argparse.Namespace) -> int:
+    revoked = _keys(args, lambda keys: keys.revoke(args.name))
+    print(f"revoked API key {revoked.name}: every server refuses it within 10 seconds")
+    return 0
+
+
+def _when(time_us: int | None) -> str:
+    if time_us is None:
+        return "-"
+    return datetime.fromtimestamp(time_us / 1e6, UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _key_json(k: ApiKey) -> dict[str, object]:
+    return {
+        "name": k.name,
+        "scopes": list(k.scopes),
+        "create_time_us": k.create_time_us,
+        "last_use_time_us": k.last_use_time_us,
+        "revoke_time_us": k.revoke_time_us,
+    }
+
+
 def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Adds `serve` and `migrate` to the `tally` command's subcommands."""
+    """Adds `serve`, `migrate` and `keys` to the `tally` command's subcommands."""
     serve = commands.add_parser("serve", help="run the gRPC server")
     add_arguments(serve)
     serve.set_defaults(local=_serve)
     migrate = commands.add_parser("migrate", help="bring the database schema to the newest migration")
-    add_arguments(migrate)
+    add_database_argument(migrate)
     migrate.set_defaults(local=_migrate)
+
+    keys = commands.add_parser("keys", help="API keys, on the database directly (the first admin key too)")
+    actions = keys.add_subparsers(dest="action", required=True, metavar="ACTION")
+    create = actions.add_parser("create", help="create a key; prints its secret alone, once")
+    create.add_argument("--name", required=True, help="a unique name, [A-Za-z0-9._-]{1,64}")
+    create.add_argument("--scope", action="append", required=True, choices=SCOPES, help="repeat for several")
+    listing = actions.add_parser("list", help="list keys (never their secrets)")
+    listing.add_argument("--json", action="store_true", help="print JSON instead of text")
+    revoke = actions.add_parser("revoke", help="revoke a key: every server refuses it within 10 seconds")
+    revoke.add_argument("name")
+    for parser, run in ((create, _keys_create), (listing, _keys_list), (revoke, _keys_revoke)):
+        add_database_argument(parser)
+        parser.set_defaults(local=run)

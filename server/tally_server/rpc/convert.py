@@ -11,21 +11,11 @@ from google.protobuf.message import Message
 
 from tally.v1 import (
     access_pb2,
-    common_pb2,
-)
-from tally.v1 import (
     api_key_service_pb2 as api_key_pb,
-)
-from tally.v1 import (
+    common_pb2,
     experience_service_pb2 as exp_pb,
-)
-from tally.v1 import (
     experience_type_service_pb2 as et_pb,
-)
-from tally.v1 import (
     ingest_service_pb2 as ing_pb,
-)
-from tally.v1 import (
     price_catalog_service_pb2 as price_pb,
 )
 

@@ -15,35 +15,15 @@ from grpc import aio
 
 from tally.v1 import (
     api_key_service_pb2 as key_pb,
-)
-from tally.v1 import (
     api_key_service_pb2_grpc as key_grpc,
-)
-from tally.v1 import (
     common_pb2,
-)
-from tally.v1 import (
     experience_service_pb2 as exp_pb,
-)
-from tally.v1 import (
     experience_service_pb2_grpc as exp_grpc,
-)
-from tally.v1 import (
     experience_type_service_pb2 as et_pb,
-)
-from tally.v1 import (
     experience_type_service_pb2_grpc as et_grpc,
-)
-from tally.v1 import (
     ingest_service_pb2 as ing_pb,
-)
-from tally.v1 import (
     ingest_service_pb2_grpc as ing_grpc,
-)
-from tally.v1 import (
     price_catalog_service_pb2 as price_pb,
-)
-from tally.v1 import (
     price_catalog_service_pb2_grpc as price_grpc,
 )
 

@@ -1,0 +1,184 @@
+"""API keys and scopes, through the wire on both databases, against a server with
+`--auth required`: every RPC of the contract is called without a key, with an unknown
+key, with a revoked key and with a key of each scope, and answers as the README's scope
+table says. A new RPC is walked as soon as it is in the contract; without a scope in its
+proto the server does not start, and without a row in the README this test fails."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import subprocess
+import time
+from dataclasses import dataclass
+
+import pytest
+from google.protobuf import message_factory
+from grpc import aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tally.v1 import api_key_service_pb2 as key_pb, api_key_service_pb2_grpc as key_grpc
+from tally_server.app import REQUIRED_SCOPES, SERVICES, TallyServer
+from tally_server.config import Settings
+from tally_server.domain import keys as domain_keys
+from tally_server.rpc import convert
+
+from .conftest import drop_database_url, make_database_url
+from .helpers import decode
+from .readme import BIN, ROOT
+
+SCOPES = ("ingest", "read", "admin")
+
+
+def readme_scope_table() -> dict[str, str]:
+    """'/tally.v1.Service/Method' -> scope, from the README's table of RPCs and scopes."""
+    text = (ROOT / "README.md").read_text()
+    table: dict[str, str] = {}
+    for cell, scope in re.findall(r"^\| (`[A-Za-z]+Service/.+`) \| (ingest|read|admin) \|$", text, re.M):
+        service = ""
+        for name in re.findall(r"`([^`]+)`", cell):
+            if "/" in name:
+                service, name = name.split("/")
+            table[f"/tally.v1.{service}/{name}"] = scope
+    return table
+
+
+def test_the_readme_states_the_scope_of_every_rpc_as_the_contract_does():
+    assert readme_scope_table() == REQUIRED_SCOPES
+
+
+def test_the_scope_names_are_the_same_everywhere():
+    from tally_server import cli
+
+    assert domain_keys.SCOPES == SCOPES == cli.SCOPES == tuple(convert.SCOPE_NAMES.values())
+
+
+@dataclass
+class Secured:
+    server: TallyServer
+    target: str
+    secrets: dict[str, str]  # key name -> secret: one key per scope, "revoked" and "unknown"
+
+
+@pytest.fixture(scope="module")
+async def secured(backend, tmp_path_factory):
+    url = await make_database_url(backend, tmp_path_factory.mktemp(f"secured-{backend}"))
+    server = TallyServer(Settings(listen="127.0.0.1:0", database_url=url, grace_seconds=1, auth="required"))
+    await server.start()
+    secrets = {}
+    for scope in SCOPES:
+        _, secrets[scope] = await server.keys.create(scope, [scope])
+    _, secrets["revoked"] = await server.keys.create("revoked", ["admin"])
+    await server.keys.revoke("revoked")
+    secrets["unknown"] = domain_keys.new_secret()
+    yield Secured(server, f"127.0.0.1:{server.port}", secrets)
+    await server.stop()
+    await drop_database_url(url)
+
+
+def _call(channel: aio.Channel, path: str, metadata: tuple[tuple[str, str], ...]):
+    """Calls the RPC at `path` with an empty request (an empty stream for a streaming one)."""
+    service_name, method_name = path.strip("/").split("/")
+    service = next(s for s in SERVICES if s.full_name == service_name)
+    method = service.methods_by_name[method_name]
+    request = message_factory.GetMessageClass(method.input_type)
+    response = message_factory.GetMessageClass(method.output_type)
+    kwargs = {"request_serializer": request.SerializeToString, "response_deserializer": response.FromString}
+    if method.client_streaming:
+
+        async def consume():
+            async for _ in channel.stream_stream(path, **kwargs)(iter(()), metadata=metadata, timeout=10):
+                pass
+
+        return consume()
+    return channel.unary_unary(path, **kwargs)(request(), metadata=metadata, timeout=10)
+
+
+async def outcome(channel: aio.Channel, path: str, metadata: tuple[tuple[str, str], ...]) -> tuple[str, str]:
+    """(code name, ErrorInfo reason) of the call; ("OK", "") when it succeeded."""
+    try:
+        await _call(channel, path, metadata)
+    except aio.AioRpcError as error:
+        return error.code().name, decode(error).reason
+    return "OK", ""
+
+
+def bearer(secret: str) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {secret}"),)
+
+
+async def test_every_rpc_refuses_a_call_without_a_valid_key(secured):
+    async with aio.insecure_channel(secured.target) as channel:
+        for path in REQUIRED_SCOPES:
+            assert await outcome(channel, path, ()) == ("UNAUTHENTICATED", "API_KEY_MISSING"), path
+            for name in ("unknown", "revoked"):
+                got = await outcome(channel, path, bearer(secured.secrets[name]))
+                assert got == ("UNAUTHENTICATED", "API_KEY_INVALID"), (path, name, got)
+            wrong_scheme = (("authorization", f"Basic {secured.secrets['admin']}"),)
+            assert (await outcome(channel, path, wrong_scheme))[0] == "UNAUTHENTICATED", path
+
+
+async def test_every_rpc_answers_each_scope_as_the_table_says(secured):
+    async with aio.insecure_channel(secured.target) as channel:
+        for path, needed in REQUIRED_SCOPES.items():
+            for scope in SCOPES:
+                code, reason = await outcome(channel, path, bearer(secured.secrets[scope]))
+                if scope in (needed, "admin"):
+                    # Admitted: what follows is the RPC's own answer to an empty request.
+                    assert code not in ("UNAUTHENTICATED", "PERMISSION_DENIED"), (path, scope, code, reason)
+                else:
+                    assert (code, reason) == ("PERMISSION_DENIED", "SCOPE_MISSING"), (path, scope, code, reason)
+
+
+async def test_pay_i_header_carries_a_key_too(secured):
+    async with aio.insecure_channel(secured.target) as channel:
+        read = "/tally.v1.ExperienceTypeService/ListExperienceTypes"
+        assert await outcome(channel, read, (("xproxy-api-key", secured.secrets["read"]),)) == ("OK", "")
+        assert (await outcome(channel, read, (("xproxy-api-key", secured.secrets["ingest"]),)))[0] == (
+            "PERMISSION_DENIED"
+        )
+
+
+async def test_health_stays_open_and_reflection_needs_a_valid_key(secured):
+    async with aio.insecure_channel(secured.target) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        checked = await health.Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
+        assert checked.status == health_pb2.HealthCheckResponse.SERVING
+
+    def listed(*headers: str) -> subprocess.CompletedProcess[str]:
+        command = [str(BIN / "grpcurl"), "-plaintext", *headers, secured.target, "list"]
+        return subprocess.run(command, capture_output=True, text=True, timeout=60)
+
+    refused = await asyncio.to_thread(listed)
+    assert refused.returncode != 0 and "Unauthenticated" in refused.stderr, refused.stderr
+    allowed = await asyncio.to_thread(listed, "-H", f"authorization: Bearer {secured.secrets['read']}")
+    assert allowed.returncode == 0 and "tally.v1.IngestService" in allowed.stdout, allowed.stderr
+
+
+async def test_keys_over_grpc_and_a_revoked_key_stops_on_every_replica_within_ten_seconds(secured):
+    url = secured.server.db.url.render_as_string(hide_password=False)
+    other = TallyServer(Settings(listen="127.0.0.1:0", database_url=url, grace_seconds=1, auth="required"))
+    await other.start()
+    try:
+        async with aio.insecure_channel(secured.target) as one, aio.insecure_channel(f"127.0.0.1:{other.port}") as two:
+            admin = key_grpc.ApiKeyServiceStub(one)
+            created = await admin.CreateApiKey(
+                key_pb.CreateApiKeyRequest(api_key=key_pb.ApiKey(name="replicated", scopes=[2])),
+                metadata=bearer(secured.secrets["admin"]),
+            )
+            assert created.secret.startswith("tally_") and list(created.api_key.scopes) == [2]
+            read = "/tally.v1.ExperienceTypeService/ListExperienceTypes"
+            assert await outcome(two, read, bearer(created.secret)) == ("OK", "")  # cached on replica two
+            listed = await admin.ListApiKeys(key_pb.ListApiKeysRequest(), metadata=bearer(secured.secrets["admin"]))
+            replicated = next(k for k in listed.api_keys if k.name == "replicated")
+            assert replicated.HasField("last_use_time") and not replicated.HasField("revoke_time")
+            await admin.RevokeApiKey(
+                key_pb.RevokeApiKeyRequest(name="replicated"), metadata=bearer(secured.secrets["admin"])
+            )
+            assert (await outcome(one, read, bearer(created.secret)))[0] == "UNAUTHENTICATED", "at once on its replica"
+            revoked_at = time.monotonic()
+            while (await outcome(two, read, bearer(created.secret)))[0] != "UNAUTHENTICATED":
+                assert time.monotonic() - revoked_at < 10, "replica two still takes the revoked key after 10 s"
+                await asyncio.sleep(0.25)
+    finally:
+        await other.stop()

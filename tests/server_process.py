@@ -18,6 +18,7 @@ class ServerProcess:
         self.extra = extra
         self.process: subprocess.Popen | None = None
         self.port = 0
+        self.lines: list[str] = []  # what it logged until it was ready
 
     def start(self, timeout: float = 60) -> ServerProcess:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -46,6 +47,7 @@ class ServerProcess:
             lines.append(line)
             if match := READY.search(line):
                 self.port = int(match.group(1))
+                self.lines = lines
                 return self
         self.kill()
         raise RuntimeError("server did not become ready:\n" + "".join(lines))

@@ -7,24 +7,34 @@ proto the server does not start, and without a row in the README this test fails
 from __future__ import annotations
 
 import asyncio
+import datetime
+import json
 import re
 import subprocess
 import time
 from dataclasses import dataclass
 
+import grpc
 import pytest
-from google.protobuf import message_factory
+from google.protobuf import message_factory, timestamp_pb2
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tally.v1 import api_key_service_pb2 as key_pb, api_key_service_pb2_grpc as key_grpc
+from tally.v1 import (
+    api_key_service_pb2 as key_pb,
+    api_key_service_pb2_grpc as key_grpc,
+    ingest_service_pb2 as ing_pb,
+    ingest_service_pb2_grpc as ing_grpc,
+    price_catalog_service_pb2 as price_pb,
+    price_catalog_service_pb2_grpc as price_grpc,
+)
 from tally_server.app import REQUIRED_SCOPES, SERVICES, TallyServer
 from tally_server.config import Settings
 from tally_server.domain import keys as domain_keys
 from tally_server.rpc import convert
 
 from .conftest import drop_database_url, make_database_url
-from .helpers import decode
+from .helpers import decode, raises
 from .readme import BIN, ROOT
 
 SCOPES = ("ingest", "read", "admin")
@@ -182,3 +192,92 @@ async def test_keys_over_grpc_and_a_revoked_key_stops_on_every_replica_within_te
                 await asyncio.sleep(0.25)
     finally:
         await other.stop()
+
+
+async def test_custom_prices_are_governed(secured):
+    """Admin only, recorded with their key, a warning for a system override, and a mistaken
+    price undone by ending it: new events are priced as before it, stored ones keep their cost."""
+
+    def at(year: int) -> timestamp_pb2.Timestamp:
+        return timestamp_pb2.Timestamp(seconds=int(datetime.datetime(year, 1, 1, tzinfo=datetime.UTC).timestamp()))
+
+    def price(effective_year: int, input_per_million: str) -> price_pb.CreateCustomPriceRequest:
+        return price_pb.CreateCustomPriceRequest(
+            price=price_pb.CustomPrice(
+                category="system.openai",
+                resource="gpt-4o",
+                effective_time=at(effective_year),
+                unit_prices={"text": price_pb.UnitPrice(input_per_million=input_per_million)},
+            )
+        )
+
+    admin, ingest_key = bearer(secured.secrets["admin"]), bearer(secured.secrets["ingest"])
+    async with aio.insecure_channel(secured.target) as channel:
+        prices, ingest = price_grpc.PriceCatalogServiceStub(channel), ing_grpc.IngestServiceStub(channel)
+        quote = price_pb.QuotePriceRequest(
+            category="system.openai", resource="gpt-4o", units={"text": ing_pb.UnitCounts(input=1_000_000)}
+        )
+
+        async def dollars_now() -> int:
+            return (await prices.QuotePrice(quote, metadata=admin)).xproxy_result.cost_total.units
+
+        assert await dollars_now() == 2, "gpt-4o input: $2.50 per million by genai-prices"
+        async with raises(grpc.StatusCode.PERMISSION_DENIED, "SCOPE_MISSING"):
+            await prices.CreateCustomPrice(price(2020, "1"), metadata=ingest_key)
+        good = await prices.CreateCustomPrice(price(2020, "1"), metadata=admin)
+        assert good.price.create_key == "admin"
+        assert len(good.warnings) == 1 and "overrides the system price of system.openai/gpt-4o" in good.warnings[0]
+        mistaken = await prices.CreateCustomPrice(price(2021, "0"), metadata=admin)
+        assert await dollars_now() == 0, "the mistaken price makes gpt-4o free"
+        event = ing_pb.UsageEvent(
+            category="system.openai",
+            resource="gpt-4o",
+            units={"text": ing_pb.UnitCounts(input=1_000_000)},
+            idempotency_key="during-the-mistake",
+        )
+        stored = await ingest.Ingest(ing_pb.IngestRequest(event=event), metadata=ingest_key)
+        assert stored.xproxy_result.cost_total.units == 0
+
+        async with raises(grpc.StatusCode.INVALID_ARGUMENT):
+            await prices.EndCustomPrice(
+                price_pb.EndCustomPriceRequest(price_id=mistaken.price.price_id, end_time=at(2020)), metadata=admin
+            )
+        void = price_pb.EndCustomPriceRequest(price_id=mistaken.price.price_id, end_time=mistaken.price.effective_time)
+        ended = await prices.EndCustomPrice(void, metadata=admin)
+        assert ended.price.end_key == "admin" and ended.price.end_time == mistaken.price.effective_time
+        assert await dollars_now() == 1, "voided: the price before it applies again"
+        async with raises(grpc.StatusCode.FAILED_PRECONDITION, "PRICE_ALREADY_ENDED"):
+            await prices.EndCustomPrice(void, metadata=admin)
+        again = await ingest.Ingest(ing_pb.IngestRequest(event=event), metadata=ingest_key)
+        assert again.xproxy_result.duplicate_request and again.xproxy_result.cost_total.units == 0, "never repriced"
+
+        await prices.EndCustomPrice(price_pb.EndCustomPriceRequest(price_id=good.price.price_id), metadata=admin)
+        assert await dollars_now() == 2, "both ended: the system price again"
+        listed = await prices.ListCustomPrices(
+            price_pb.ListCustomPricesRequest(category="system.openai"), metadata=admin
+        )
+        assert all(p.HasField("end_time") and p.create_key == "admin" for p in listed.prices)
+
+
+async def test_tally_keys_commands_work_from_a_fresh_database(backend, tmp_path):
+    url = await make_database_url(backend, tmp_path)
+
+    async def tally(*args: str) -> subprocess.CompletedProcess[str]:
+        command = [str(BIN / "tally"), "keys", *args, "--database-url", url]
+        return await asyncio.to_thread(subprocess.run, command, capture_output=True, text=True, timeout=120)
+
+    try:
+        created = await tally("create", "--name", "first-admin", "--scope", "admin")
+        assert created.returncode == 0, created.stderr
+        secret = created.stdout.strip()
+        assert created.stdout == secret + "\n" and secret.startswith("tally_") and len(secret) == 49
+        again = await tally("create", "--name", "first-admin", "--scope", "read")
+        assert again.returncode == 1 and again.stderr.strip() == "tally: an API key named 'first-admin' exists"
+        listed = await tally("list", "--json")
+        assert [k["name"] for k in json.loads(listed.stdout)] == ["first-admin"] and secret not in listed.stdout
+        revoked = await tally("revoke", "first-admin")
+        assert revoked.returncode == 0 and "revoked API key first-admin" in revoked.stdout
+        table = await tally("list")
+        assert re.search(r"^first-admin\s+admin\s+\S+ \S+\s+-\s+\d{4}-", table.stdout, re.M), table.stdout
+    finally:
+        await drop_database_url(url)

@@ -5,7 +5,8 @@ The one copy of these names: the server reads the same constants.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import Literal
 from uuid import UUID
 
 EXPERIENCE_ID = "xproxy-experience-id"
@@ -13,6 +14,26 @@ EXPERIENCE_NAME = "xproxy-experience-name"
 EXPERIENCE_VERSION = "xproxy-experience-version"
 USER_ID = "xproxy-user-id"
 REQUEST_TAGS = "xproxy-request-tags"
+# Pay-i has since renamed experiences to use cases: these mean the same as the three above.
+USECASE_ID = "xproxy-usecase-id"
+USECASE_NAME = "xproxy-usecase-name"
+USECASE_VERSION = "xproxy-usecase-version"
+USECASE_ALIASES = {USECASE_ID: EXPERIENCE_ID, USECASE_NAME: EXPERIENCE_NAME, USECASE_VERSION: EXPERIENCE_VERSION}
+# Comma-separated key=value pairs that select price variants, e.g. "processing=batch".
+PRICE_CONTEXT = "xproxy-price-context"
+API_KEY = "xproxy-api-key"
+KNOWN_KEYS = frozenset(
+    (
+        EXPERIENCE_ID,
+        EXPERIENCE_NAME,
+        EXPERIENCE_VERSION,
+        USER_ID,
+        REQUEST_TAGS,
+        PRICE_CONTEXT,
+        API_KEY,
+        *USECASE_ALIASES,
+    )
+)
 
 # Each field of an event's context (tally.v1.EventContext) and the key that carries it.
 CONTEXT_KEYS = {
@@ -32,19 +53,30 @@ def create_metadata(
     experience_version: int | None = None,
     user_id: str | None = None,
     request_tags: Iterable[str] | None = None,
+    *,
+    price_context: Mapping[str, str] | None = None,
+    family: Literal["experience", "usecase"] = "experience",
 ) -> Metadata:
-    """gRPC metadata for the given context, leaving out what is unset.
+    """gRPC metadata for the given context, leaving out what is unset. `family="usecase"`
+    names the experience with Pay-i's current keys (xproxy-usecase-*), which mean the same.
 
     >>> create_metadata(experience_name="Document_Summarization", request_tags=["beta", "eu"])
     (('xproxy-experience-name', 'Document_Summarization'), ('xproxy-request-tags', 'beta,eu'))
+    >>> create_metadata(experience_name="Chat", family="usecase", price_context={"processing": "batch"})
+    (('xproxy-usecase-name', 'Chat'), ('xproxy-price-context', 'processing=batch'))
     """
+    if family not in ("experience", "usecase"):
+        raise ValueError(f"family is 'experience' or 'usecase', not {family!r}")
+    keys = (EXPERIENCE_ID, EXPERIENCE_NAME, EXPERIENCE_VERSION)
+    if family == "usecase":
+        keys = (USECASE_ID, USECASE_NAME, USECASE_VERSION)
     pairs: list[tuple[str, str]] = []
     if experience_id:
-        pairs.append((EXPERIENCE_ID, str(experience_id)))
+        pairs.append((keys[0], str(experience_id)))
     if experience_name:
-        pairs.append((EXPERIENCE_NAME, experience_name))
+        pairs.append((keys[1], experience_name))
     if experience_version:
-        pairs.append((EXPERIENCE_VERSION, str(int(experience_version))))
+        pairs.append((keys[2], str(int(experience_version))))
     if user_id:
         pairs.append((USER_ID, user_id))
     tags = [tag for tag in (request_tags or ()) if tag]
@@ -52,4 +84,8 @@ def create_metadata(
         if any("," in tag for tag in tags):
             raise ValueError("request tags cannot contain commas")
         pairs.append((REQUEST_TAGS, ",".join(tags)))
+    if price_context:
+        if any(("," in item or "=" in item) for pair in price_context.items() for item in pair):
+            raise ValueError("price context keys and values cannot contain ',' or '='")
+        pairs.append((PRICE_CONTEXT, ",".join(f"{key}={value}" for key, value in sorted(price_context.items()))))
     return tuple(pairs)

@@ -11,7 +11,7 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from tally_client.metadata import CONTEXT_KEYS
+from tally_client.metadata import CONTEXT_KEYS, PRICE_CONTEXT
 
 from ..storage import repository as repo
 from ..storage.db import Database
@@ -30,7 +30,14 @@ from .models import (
 )
 from .pricing import PriceCatalog
 from .resolution import resolve_experiences
-from .validation import CATEGORY_PATTERN, NAME_PATTERN, PROPERTIES_MAX_ENTRIES, UNIT_TYPE_PATTERN, check_string_map
+from .validation import (
+    CATEGORY_PATTERN,
+    NAME_PATTERN,
+    PROPERTIES_MAX_ENTRIES,
+    UNIT_TYPE_PATTERN,
+    check_price_context,
+    check_string_map,
+)
 
 log = logging.getLogger(__name__)
 
@@ -44,12 +51,13 @@ _NO_CONTEXT = EventContext()
 
 
 def merge_context(call: EventContext, event: EventContext, v: Violations) -> EventContext:
-    """The call's metadata and the event's own context as one; a contradiction is a violation."""
+    """The call's metadata and the event's own context as one; a contradiction is a violation.
+    (The event's own context has no price context or warnings: those come from metadata.)"""
     if event == _NO_CONTEXT:
         return call
     if call == _NO_CONTEXT:
         return event
-    merged: dict[str, Any] = {}
+    merged: dict[str, Any] = {"price_context": call.price_context, "warnings": call.warnings}
     for name, key in CONTEXT_KEYS.items():
         from_call, from_event = getattr(call, name), getattr(event, name)
         if from_call and from_event and from_call != from_event:
@@ -58,12 +66,25 @@ def merge_context(call: EventContext, event: EventContext, v: Violations) -> Eve
     return EventContext(**merged)
 
 
+def merge_price_context(call: EventContext, event: UsageEvent, v: Violations) -> dict[str, str]:
+    """The call's xproxy-price-context and the event's own price_context as one."""
+    if not call.price_context:
+        return event.price_context
+    merged = dict(call.price_context)
+    for key, value in event.price_context.items():
+        if merged.get(key, value) != value:
+            v.add(f"price_context[{key[:64]!r}]", f"{value[:64]!r} contradicts metadata {PRICE_CONTEXT}")
+        merged[key] = value
+    return merged
+
+
 def prepare_event(event: UsageEvent, call: EventContext, now: int, prefix: str = "") -> UsageEvent | TallyError:
     """An event as converted from the wire, with its own context, made ready to store:
     merged with the call's context (metadata) and validated. Returns the event, or the
     INVALID_ARGUMENT that refuses it, with field paths under `prefix`."""
     v = Violations(prefix)
     event.context = merge_context(call, event.context, v)
+    event.price_context = merge_price_context(call, event, v)
     validate_event(event, now, v)
     return invalid(v.items, "INVALID_EVENT") if v else event
 
@@ -112,6 +133,7 @@ def validate_event(event: UsageEvent, now: int | None, v: Violations) -> None:
         v.add("context.experience_version", "must be 0 (current) or a version number")
     if len(context.user_id) > 256:
         v.add("context.user_id", "must be at most 256 characters")
+    check_price_context(v, "price_context", event.price_context)
     if len(context.request_tags) > MAX_TAGS:
         v.add("context.request_tags", f"at most {MAX_TAGS} tags")
     for tag in context.request_tags:
@@ -308,8 +330,11 @@ class Ingestor:
         return outcomes, raced
 
     def _result(self, event: UsageEvent, resolution: Any, now: int) -> IngestResult:
-        cost = self.catalog.price(event.category, event.resource, event.units, event.event_time_us)
+        cost = self.catalog.price(event.category, event.resource, event.units, event.event_time_us, event.price_context)
         experience = resolution.experience
+        warnings = resolution.warnings
+        if event.context.warnings or cost.warnings:
+            warnings = (*warnings, *event.context.warnings, *cost.warnings)
         return IngestResult(
             request_id=uuid7(),
             event_time_us=event.event_time_us,
@@ -321,7 +346,7 @@ class Ingestor:
             experience_created=resolution.created,
             user_id=event.context.user_id,
             request_tags=event.context.request_tags,
-            warnings=resolution.warnings,
+            warnings=warnings,
             idempotency_key=idempotency_key(event),
         )
 
@@ -373,6 +398,7 @@ def result_from_row(row: Any) -> IngestResult:
             row.price_resource,
             row.price_version,
             row.price_effective_time_us,
+            tuple(sorted((row.price_variant or {}).items())),
         )
     cost = Cost(
         row.cost_input_nanos,
@@ -399,9 +425,17 @@ def result_from_row(row: Any) -> IngestResult:
     )
 
 
-def quote(catalog: PriceCatalog, category: str, resource: str, units: dict[str, tuple[int, int]], time_us: int) -> Cost:
+def quote(
+    catalog: PriceCatalog,
+    category: str,
+    resource: str,
+    units: dict[str, tuple[int, int]],
+    time_us: int,
+    price_context: dict[str, str] | None = None,
+) -> Cost:
     v = Violations()
-    probe = UsageEvent(category, resource, units, time_us, 0, 0, 0, "", "", {}, EventContext(), "")
+    context = price_context or {}
+    probe = UsageEvent(category, resource, units, time_us, 0, 0, 0, "", "", {}, EventContext(), "", context)
     validate_event(probe, None, v)
     v.raise_if_any()
-    return catalog.price(category, resource, units, time_us)
+    return catalog.price(category, resource, units, time_us, context)

@@ -99,6 +99,8 @@ class PriceReference:
     resource: str
     version: str
     effective_time_us: int | None
+    # The pairs of the event's price context that selected this variant; () for the standard rate.
+    price_context: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -119,6 +121,7 @@ class Cost:
     state: CostState
     price: PriceReference | None
     unknown_units: tuple[UnknownUnit, ...] = ()
+    warnings: tuple[str, ...] = ()  # e.g. a price context with no variant for the model
 
 
 @dataclass(frozen=True)
@@ -140,6 +143,8 @@ class CustomPrice:
     create_key: str = ""  # the API key that added it; empty with authentication off
     end_time_us: int | None = None
     end_key: str = ""
+    # A variant: applies only to events whose price context has all these pairs.
+    price_context: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -166,6 +171,10 @@ class EventContext:
     experience_version: int = 0
     user_id: str = ""
     request_tags: tuple[str, ...] = ()
+    # Price context pairs from the call's metadata (xproxy-price-context), sorted.
+    price_context: tuple[tuple[str, str], ...] = ()
+    # What the call's metadata said that Tally ignored (unknown xproxy-* keys).
+    warnings: tuple[str, ...] = ()
 
 
 @dataclass(slots=True)
@@ -185,6 +194,7 @@ class UsageEvent:
     context: EventContext
     # SHA-256 of the event as the caller sent it, to tell a retry from a reuse of its key.
     content_hash: str
+    price_context: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(slots=True)

@@ -11,7 +11,7 @@ from . import paging
 from .errors import Violations, already_exists, failed_precondition, not_found
 from .models import CustomPrice, Page, UnitPrice, now_us
 from .pricing import PriceCatalog
-from .validation import CATEGORY_PATTERN, UNIT_TYPE_PATTERN, parse_uuid
+from .validation import CATEGORY_PATTERN, UNIT_TYPE_PATTERN, check_price_context, parse_uuid
 
 MAX_UNIT_PRICES = 32
 
@@ -56,6 +56,7 @@ class Prices:
         effective_time_us: int | None,
         unit_prices: dict[str, UnitPrice],
         create_key: str = "",
+        price_context: dict[str, str] | None = None,
     ) -> tuple[CustomPrice, list[str]]:
         """The added price, and warnings for the caller (it overrides a system price)."""
         v = Violations("price.")
@@ -76,6 +77,7 @@ class Prices:
             _check_decimal(v, f"unit_prices[{unit[:64]!r}].output_per_million", unit_price.output_per_million)
         if effective_time_us is not None and effective_time_us < 0:
             v.add("effective_time", "must not be before 1970-01-01")
+        check_price_context(v, "price_context", price_context or {})
         v.raise_if_any()
         price = CustomPrice(
             price_id=uuid.uuid4(),
@@ -85,6 +87,7 @@ class Prices:
             unit_prices=dict(unit_prices),
             create_time_us=now_us(),
             create_key=create_key,
+            price_context=dict(price_context or {}),
         )
         async with self.db.write() as conn:
             if not await repo.insert_price(conn, price):
@@ -92,7 +95,12 @@ class Prices:
                     "PRICE_ALREADY_EXISTS",
                     "tally.v1.CustomPrice",
                     f"{category}/{resource}",
-                    f"{category}/{resource} already has a price effective at that time",
+                    f"{category}/{resource} already has a price effective at that time"
+                    + (
+                        f" for price context {repo.price_context_key(price.price_context)}"
+                        if price.price_context
+                        else ""
+                    ),
                 )
         self.catalog.invalidate()
         warnings = []
@@ -138,11 +146,17 @@ class Prices:
     async def list(self, category: str, resource: str, page_size: int, page_token: str) -> Page:
         size = paging.page_size(page_size)
         filters = [category, resource.lower()]
-        after = paging.decode(page_token, "custom_prices", filters, lambda p: isinstance(p, list) and len(p) == 3)
+        after = paging.decode(page_token, "custom_prices", filters, lambda p: isinstance(p, list) and len(p) == 4)
         async with self.db.read() as conn:
             items = await repo.list_prices(conn, category, resource.lower(), tuple(after) if after else None, size + 1)
         token = ""
         if len(items) > size:
             last = items[size - 1]
-            token = paging.encode("custom_prices", filters, [last.category, last.resource, last.effective_time_us])
+            position = [
+                last.category,
+                last.resource,
+                last.effective_time_us,
+                repo.price_context_key(last.price_context),
+            ]
+            token = paging.encode("custom_prices", filters, position)
         return Page(items[:size], token)

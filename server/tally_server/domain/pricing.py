@@ -44,6 +44,9 @@ UNIT_TYPES: dict[str, dict[str, tuple[str, ...]]] = {
     "text": {INPUT: ("input_tokens",), OUTPUT: ("output_tokens",)},
     "text_cache_read": {INPUT: ("input_tokens", "cache_read_tokens")},
     "text_cache_write": {INPUT: ("input_tokens", "cache_write_tokens")},
+    # Anthropic prices cache writes by how long they live; elsewhere both are plain cache writes.
+    "text_cache_write_5m": {INPUT: ("input_tokens", "cache_write_tokens", "cache_write_5m_tokens")},
+    "text_cache_write_1h": {INPUT: ("input_tokens", "cache_write_tokens", "cache_write_1h_tokens")},
     "reasoning": {OUTPUT: ("output_tokens", "output_reasoning_tokens")},
     "audio": {
         INPUT: ("input_tokens", "input_audio_tokens"),
@@ -144,7 +147,12 @@ def system_rate_card(model_price: ModelPrice, reference: PriceReference) -> Rate
 
 def custom_rate_card(price: CustomPrice) -> RateCard:
     reference = PriceReference(
-        PriceSource.CUSTOM, price.category, price.resource, str(price.price_id), price.effective_time_us
+        PriceSource.CUSTOM,
+        price.category,
+        price.resource,
+        str(price.price_id),
+        price.effective_time_us,
+        tuple(sorted(price.price_context.items())),
     )
     rates: dict[tuple[str, str], Decimal] = {}
     for unit_type, unit_price in price.unit_prices.items():
@@ -159,12 +167,35 @@ def _dt(time_us: int) -> datetime:
     return datetime.fromtimestamp(time_us / 1_000_000, tz=UTC)
 
 
+@dataclass
+class _CustomSeries:
+    """The custom prices of one resource with one price context, by effective time."""
+
+    context: tuple[tuple[str, str], ...]
+    starts: list[int]
+    cards: list[RateCard]
+    ends: list[int | None]
+
+    def card_at(self, event_time_us: int) -> RateCard | None:
+        """The latest price in force at the event time; an ended one gives way to the one before."""
+        index = bisect.bisect_right(self.starts, event_time_us) - 1
+        while index >= 0:
+            end = self.ends[index]
+            if end is None or event_time_us < end:
+                return self.cards[index]
+            index -= 1
+        return None
+
+
 class PriceCatalog:
-    """Resolves (category, resource, event time) to a rate card, caching every step.
+    """Resolves (category, resource, event time, price context) to a rate card, caching
+    every step.
 
     Custom prices live in the database; a replica rereads them when a price is
     added through it (at once) or through another replica (within
-    CUSTOM_PRICES_MAX_AGE seconds).
+    CUSTOM_PRICES_MAX_AGE seconds). A price context selects variants: a custom price
+    whose context the event's has, else the system price's variants as genai-prices
+    resolves them; each set of variants is its own rate card.
     """
 
     CUSTOM_PRICES_MAX_AGE = 1.0
@@ -173,23 +204,31 @@ class PriceCatalog:
         self._checked_at = float("-inf")
         self._snapshot = data_snapshot.get_snapshot()
         self._models: dict[tuple[str, str], ModelInfo | None] = {}
-        self._system_cards: dict[int, RateCard] = {}
-        # Per (category, resource): effective times in order, their cards, and their end times.
-        self._custom: dict[tuple[str, str], tuple[list[int], list[RateCard], list[int | None]]] = {}
+        # By (standard price entry, the variants applied to it).
+        self._system_cards: dict[tuple[int, tuple[int, ...]], RateCard] = {}
+        # Per (category, resource): its series of custom prices, most specific context first.
+        self._custom: dict[tuple[str, str], list[_CustomSeries]] = {}
         self.revision: tuple[int, int] | None = None
 
     def load_custom(self, prices: list[CustomPrice], revision: tuple[int, int]) -> None:
-        grouped: dict[tuple[str, str], list[CustomPrice]] = {}
+        grouped: dict[tuple[str, str], dict[tuple[tuple[str, str], ...], list[CustomPrice]]] = {}
         for price in prices:
-            grouped.setdefault((price.category, price.resource.lower()), []).append(price)
-        custom = {}
-        for key, entries in grouped.items():
-            entries.sort(key=lambda p: p.effective_time_us)
-            custom[key] = (
-                [p.effective_time_us for p in entries],
-                [custom_rate_card(p) for p in entries],
-                [p.end_time_us for p in entries],
-            )
+            by_context = grouped.setdefault((price.category, price.resource.lower()), {})
+            by_context.setdefault(tuple(sorted(price.price_context.items())), []).append(price)
+        custom: dict[tuple[str, str], list[_CustomSeries]] = {}
+        for key, by_context in grouped.items():
+            series = []
+            for context, entries in by_context.items():
+                entries.sort(key=lambda p: p.effective_time_us)
+                series.append(
+                    _CustomSeries(
+                        context,
+                        [p.effective_time_us for p in entries],
+                        [custom_rate_card(p) for p in entries],
+                        [p.end_time_us for p in entries],
+                    )
+                )
+            custom[key] = sorted(series, key=lambda s: -len(s.context))
         self._custom = custom
         self.revision = revision
 
@@ -201,7 +240,7 @@ class PriceCatalog:
         self._checked_at = time.monotonic()
 
     def invalidate(self) -> None:
-        """A custom price was added: check before the next event is priced."""
+        """A custom price was added or ended: check before the next event is priced."""
         self._checked_at = float("-inf")
 
     def _system_model(self, key: tuple[str, str]) -> ModelInfo | None:
@@ -217,52 +256,74 @@ class PriceCatalog:
             self._models[key] = model
         return self._models[key]
 
-    def rate_card(self, category: str, resource: str, event_time_us: int) -> RateCard | None:
+    def rate_card(
+        self, category: str, resource: str, event_time_us: int, price_context: Mapping[str, str] | None = None
+    ) -> RateCard | None:
         key = (category, resource.lower())
-        custom = self._custom.get(key)
-        if custom is not None:
-            starts, cards, ends = custom
-            # The latest price in force at the event time; an ended one gives way to the one before.
-            index = bisect.bisect_right(starts, event_time_us) - 1
-            while index >= 0:
-                end = ends[index]
-                if end is None or event_time_us < end:
-                    return cards[index]
-                index -= 1
-        return self._system_card(key, category, event_time_us)
+        context = price_context or {}
+        for series in self._custom.get(key, ()):
+            if all(context.get(k) == v for k, v in series.context):
+                card = series.card_at(event_time_us)
+                if card is not None:
+                    return card
+        return self._system_card(key, category, event_time_us, context)
 
     def system_reference(self, category: str, resource: str, event_time_us: int) -> PriceReference | None:
         """The system (genai-prices) entry for this resource at this time, if there is one."""
-        card = self._system_card((category, resource.lower()), category, event_time_us)
+        card = self._system_card((category, resource.lower()), category, event_time_us, {})
         return None if card is None else card.reference
 
-    def _system_card(self, key: tuple[str, str], category: str, event_time_us: int) -> RateCard | None:
+    def _system_card(
+        self, key: tuple[str, str], category: str, event_time_us: int, context: Mapping[str, str]
+    ) -> RateCard | None:
         model = self._system_model(key)
         if model is None:
             return None
+        moment = _dt(event_time_us)
         if isinstance(model.prices, ModelPrice):
-            model_price, start = model.prices, None
+            standard, start = model.prices, None
         else:
             # The last conditional price in force wins, as in genai-prices.
-            moment = _dt(event_time_us)
-            model_price, start = model.prices[0].prices, None
+            standard, start = model.prices[0].prices, None
             for conditional in reversed(model.prices):
                 if conditional.constraint is None or conditional.constraint.active(moment):
-                    model_price = conditional.prices
+                    standard = conditional.prices
                     start = getattr(conditional.constraint, "start_date", None)
                     break
-        card = self._system_cards.get(id(model_price))
+        variants: tuple[int, ...] = ()
+        if context and model.price_variants:
+            variants = tuple(
+                index
+                for index, variant in enumerate(model.price_variants)
+                if (variant.constraint is None or variant.constraint.active(moment))
+                and all(context.get(k) == v for k, v in variant.when.items())
+            )
+        card = self._system_cards.get((id(standard), variants))
         if card is None:
             effective = None
             if start is not None:
                 start_dt = start if isinstance(start, datetime) else datetime.combine(start, datetime.min.time(), UTC)
                 effective = int(start_dt.timestamp() * 1_000_000)
-            reference = PriceReference(PriceSource.SYSTEM, category, model.id, SYSTEM_VERSION, effective)
-            card = self._system_cards[id(model_price)] = system_rate_card(model_price, reference)
+            applied: tuple[tuple[str, str], ...] = ()
+            model_price = standard
+            if variants:
+                # genai-prices resolves the variants itself: the same prices as its calc_price.
+                model_price = model.get_prices(moment, context)
+                whens = (model.price_variants[i].when for i in variants)  # type: ignore[index]
+                applied = tuple(sorted({pair for when in whens for pair in when.items()}))
+            reference = PriceReference(PriceSource.SYSTEM, category, model.id, SYSTEM_VERSION, effective, applied)
+            card = self._system_cards[(id(standard), variants)] = system_rate_card(model_price, reference)
         return card
 
-    def price(self, category: str, resource: str, units: dict[str, tuple[int, int]], event_time_us: int) -> Cost:
-        card = self.rate_card(category, resource, event_time_us)
+    def price(
+        self,
+        category: str,
+        resource: str,
+        units: dict[str, tuple[int, int]],
+        event_time_us: int,
+        price_context: Mapping[str, str] | None = None,
+    ) -> Cost:
+        card = self.rate_card(category, resource, event_time_us, price_context)
         if card is None:
             unknown = tuple(
                 UnknownUnit(unit_type, i, o, f"no price for {category}/{resource}")
@@ -270,7 +331,16 @@ class PriceCatalog:
                 if i or o
             )
             return Cost(0, 0, 0, CostState.UNPRICED, None, unknown)
-        return price_with(card, units)
+        cost = price_with(card, units)
+        if price_context:
+            unused = sorted(set(price_context.items()) - set(card.reference.price_context))
+            if unused:
+                named = ", ".join(f"{k}={v}" for k, v in unused)
+                cost.warnings = (
+                    f"price context {named} has no price variant for {category}/{resource} at this time; "
+                    "priced without it (the standard rate)",
+                )
+        return cost
 
 
 def price_with(card: RateCard, units: dict[str, tuple[int, int]]) -> Cost:
@@ -301,6 +371,8 @@ def price_with(card: RateCard, units: dict[str, tuple[int, int]]) -> Cost:
 
 
 def _price_with_unknowns(card: RateCard, units: dict[str, tuple[int, int]]) -> Cost:
+    """An event's cost when some (unit type, direction) has no price: every direction that
+    has one is priced, and only the others are listed as unknown, with their counts."""
     integer = card.atto_rates is not None
     to_nanos: Callable[[Any], int] = attos_to_nanos if integer else decimal_to_nanos
     # Integer atto-dollars, or exact Decimals where the card has no integer rates.
@@ -308,14 +380,18 @@ def _price_with_unknowns(card: RateCard, units: dict[str, tuple[int, int]]) -> C
     input_cost: int | Decimal = 0
     output_cost: int | Decimal = 0
     unknown: list[UnknownUnit] = []
-    for unit_type, counts in units.items():
-        missing = []
-        for direction, count in zip((INPUT, OUTPUT), counts, strict=True):
+    priced: dict[str, tuple[int, int]] = {}  # the counts that have a price, for tiered prices
+    used = missing_count = 0
+    for unit_type, (input_count, output_count) in units.items():
+        counts = {INPUT: input_count, OUTPUT: output_count}
+        missing: dict[str, str] = {}
+        for direction, count in counts.items():
             if not count:
                 continue
+            used += 1
             rate = rates.get((unit_type, direction))
             if rate is None:
-                missing.append(
+                missing[direction] = (
                     card.missing_reason.get((unit_type, direction))
                     or f"no {direction} price for unit type {unit_type!r}"
                 )
@@ -324,21 +400,21 @@ def _price_with_unknowns(card: RateCard, units: dict[str, tuple[int, int]]) -> C
             else:
                 output_cost += rate * count
         if missing:
-            unknown.append(UnknownUnit(unit_type, counts[0], counts[1], "; ".join(missing)))
+            missing_count += len(missing)
+            shown = {d: (0 if d not in missing else c) for d, c in counts.items()}
+            unknown.append(UnknownUnit(unit_type, shown[INPUT], shown[OUTPUT], "; ".join(missing.values())))
+        priced[unit_type] = (0 if INPUT in missing else input_count, 0 if OUTPUT in missing else output_count)
     per_request = card.atto_per_request if integer else card.per_request
     if card.model_price is not None:
-        unknown_types = {u.unit_type for u in unknown}
-        known = {u: c for u, c in units.items() if u not in unknown_types}
-        computed = card.model_price.calc_price(to_genai_usage(known))
+        computed = card.model_price.calc_price(to_genai_usage(priced))
         input_cost, output_cost = computed["input_price"], computed["output_price"]
         per_request = computed["total_price"] - input_cost - output_cost
     input_nanos = to_nanos(input_cost)
     output_nanos = to_nanos(output_cost)
     total_nanos = input_nanos + output_nanos + to_nanos(per_request)
-    used = sum(1 for i, o in units.values() if i or o)
     if not unknown:
         state = CostState.PRICED
-    elif len(unknown) < used:
+    elif missing_count < used:
         state = CostState.PARTIALLY_PRICED
     else:
         state = CostState.UNPRICED

@@ -36,6 +36,23 @@ def check_string_map(v: Violations, field_path: str, values: Mapping[str, str], 
             v.add(f"{field_path}[{key[:80]!r}]", f"value must be at most {MAP_VALUE_MAX} characters")
 
 
+PRICE_CONTEXT_MAX_ENTRIES = 8
+PRICE_CONTEXT_VALUE_MAX = 64
+
+
+def check_price_context(v: Violations, field_path: str, context: Mapping[str, str]) -> None:
+    if len(context) > PRICE_CONTEXT_MAX_ENTRIES:
+        v.add(field_path, f"at most {PRICE_CONTEXT_MAX_ENTRIES} entries, got {len(context)}")
+    for key, value in context.items():
+        if not NAME_PATTERN.fullmatch(key):
+            v.add(f"{field_path}[{key[:64]!r}]", "key must match [A-Za-z0-9._-]{1,64}")
+        if not value or len(value) > PRICE_CONTEXT_VALUE_MAX or not value.isprintable() or "," in value:
+            v.add(
+                f"{field_path}[{key[:64]!r}]",
+                f"value must be 1 to {PRICE_CONTEXT_VALUE_MAX} printable characters without commas",
+            )
+
+
 def check_description(v: Violations, field_path: str, description: str) -> None:
     if not description.strip():
         v.add(field_path, "description is required")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 from google.protobuf import timestamp_pb2
 from google.protobuf.message import Message
@@ -141,34 +141,41 @@ def event_context(c: ing_pb.EventContext) -> m.EventContext:
     )
 
 
+# Not part of an event's content: its context (a retry may have learned its experience
+# since) and the latencies (they measure the observer; recording one response twice is a
+# duplicate, not a different event).
+_NOT_CONTENT: tuple[Literal["context", "end_to_end_latency_ms", "time_to_first_token_ms"], ...] = (
+    "context",
+    "end_to_end_latency_ms",
+    "time_to_first_token_ms",
+)
+
+
 def usage_event(event: ing_pb.UsageEvent, now_us: int) -> m.UsageEvent:
     """The domain event with its own context, not yet merged with the call's (the
-    domain's prepare_event does that). Its content hash covers the usage as sent
-    (before defaults such as the event time) and not the context: a retry that has
-    since learned its experience id is still the same event."""
-    if event.HasField("context"):
-        usage_only = ing_pb.UsageEvent()
-        usage_only.CopyFrom(event)
-        usage_only.ClearField("context")
-        event_bytes = usage_only.SerializeToString(deterministic=True)
-        context = event_context(event.context)
-    else:
-        event_bytes = event.SerializeToString(deterministic=True)
-        context = _NO_CONTEXT
-    properties = event.properties
+    domain's prepare_event does that). Its content hash covers the event as sent (before
+    defaults such as the event time), without what _NOT_CONTENT names.
+
+    The message is consumed: those fields are cleared from it once read."""
+    context = event_context(event.context) if event.HasField("context") else _NO_CONTEXT
+    latency, first_token = event.end_to_end_latency_ms, event.time_to_first_token_ms
+    for name in _NOT_CONTENT:
+        event.ClearField(name)
+    properties, price_context = event.properties, event.price_context
     return m.UsageEvent(
         category=event.category,
         resource=event.resource,
         units={unit: (counts.input, counts.output) for unit, counts in event.units.items()},
         event_time_us=event.event_timestamp.ToMicroseconds() if event.HasField("event_timestamp") else now_us,
-        end_to_end_latency_ms=event.end_to_end_latency_ms,
-        time_to_first_token_ms=event.time_to_first_token_ms,
+        end_to_end_latency_ms=latency,
+        time_to_first_token_ms=first_token,
         http_status_code=event.http_status_code,
         provider_response_id=event.provider_response_id,
         idempotency_key=event.idempotency_key,
         properties=dict(properties) if properties else {},  # dict() of an empty map costs 10x the test
         context=context,
-        content_hash=hashlib.sha256(event_bytes).hexdigest(),
+        content_hash=hashlib.sha256(event.SerializeToString(deterministic=True)).hexdigest(),
+        price_context=dict(price_context) if price_context else {},
     )
 
 
@@ -182,6 +189,7 @@ def price_reference(p: m.PriceReference) -> ing_pb.PriceReference:
         resource=p.resource,
         version=p.version,
         effective_time=timestamp(p.effective_time_us),
+        price_context=dict(p.price_context),
     )
 
 
@@ -211,6 +219,8 @@ def _set_shared_cost(result: ing_pb.XProxyResult, price: m.PriceReference | None
         reference.version = price.version
         if price.effective_time_us is not None:
             set_timestamp(reference.effective_time, price.effective_time_us)
+        if price.price_context:
+            reference.price_context.update(price.price_context)
 
 
 def _set_own_cost(result: ing_pb.XProxyResult, cost: m.Cost) -> None:
@@ -330,6 +340,7 @@ def custom_price(p: m.CustomPrice) -> price_pb.CustomPrice:
         create_key=p.create_key,
         end_time=timestamp(p.end_time_us),
         end_key=p.end_key,
+        price_context=p.price_context,
     )
 
 

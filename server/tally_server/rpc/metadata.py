@@ -1,11 +1,20 @@
-"""The xproxy metadata keys of a call, as an experience context."""
+"""The xproxy metadata keys of a call, as an experience and price context."""
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Iterable
 
-from tally_client.metadata import EXPERIENCE_ID, EXPERIENCE_NAME, EXPERIENCE_VERSION, REQUEST_TAGS, USER_ID
+from tally_client.metadata import (
+    EXPERIENCE_ID,
+    EXPERIENCE_NAME,
+    EXPERIENCE_VERSION,
+    KNOWN_KEYS,
+    PRICE_CONTEXT,
+    REQUEST_TAGS,
+    USECASE_ALIASES,
+    USER_ID,
+)
 
 from ..domain.errors import Violations
 from ..domain.models import EventContext
@@ -25,8 +34,19 @@ def call_context(metadata: Iterable[tuple[str, str | bytes]] | None) -> EventCon
 # A caller sends the same few contexts again and again; a refused one raises and is not cached.
 @functools.lru_cache(maxsize=4096)
 def _context_of(pairs: tuple[tuple[str, str], ...]) -> EventContext:
-    values = {key: value.strip() for key, value in pairs}
     v = Violations()
+    values: dict[str, str] = {}
+    warnings: list[str] = []
+    for key, raw in pairs:
+        value = raw.strip()
+        if key not in KNOWN_KEYS:
+            warnings.append(f"metadata key {key[:64]!r} is not one Tally reads; it was ignored")
+            continue
+        # Pay-i's use-case keys are aliases of the experience keys; both with different values is a contradiction.
+        canonical = USECASE_ALIASES.get(key, key)
+        if canonical in values and values[canonical] != value:
+            v.add(key, f"{value[:80]!r} contradicts {canonical}={values[canonical][:80]!r}")
+        values[canonical] = value
     version = 0
     raw_version = values.get(EXPERIENCE_VERSION, "")
     if raw_version:
@@ -35,6 +55,13 @@ def _context_of(pairs: tuple[tuple[str, str], ...]) -> EventContext:
         else:
             v.add(EXPERIENCE_VERSION, f"must be a positive integer, got {raw_version[:40]!r}")
     tags = tuple(tag.strip() for tag in values.get(REQUEST_TAGS, "").split(",") if tag.strip())
+    price_context: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in values.get(PRICE_CONTEXT, "").split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            v.add(PRICE_CONTEXT, f"comma-separated key=value pairs, got {item[:80]!r}")
+        else:
+            price_context[key.strip()] = value.strip()
     v.raise_if_any()
     return EventContext(
         experience_id=values.get(EXPERIENCE_ID, ""),
@@ -42,4 +69,6 @@ def _context_of(pairs: tuple[tuple[str, str], ...]) -> EventContext:
         experience_version=version,
         user_id=values.get(USER_ID, ""),
         request_tags=tags,
+        price_context=tuple(sorted(price_context.items())),
+        warnings=tuple(warnings),
     )

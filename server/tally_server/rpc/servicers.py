@@ -280,6 +280,7 @@ class PriceCatalogServicer(price_grpc.PriceCatalogServiceServicer):
             convert.micros(p, "effective_time"),
             {u: UnitPrice(x.input_per_million, x.output_per_million) for u, x in p.unit_prices.items()},
             create_key=_key_name(),
+            price_context=dict(p.price_context),
         )
         return price_pb.CreateCustomPriceResponse(price=convert.custom_price(created), warnings=warnings)
 
@@ -306,7 +307,8 @@ class PriceCatalogServicer(price_grpc.PriceCatalogServiceServicer):
         await self.ingestor.refresh_prices()
         time_us = convert.micros(request, "event_timestamp") or now_us()
         units = {unit: (c.input, c.output) for unit, c in request.units.items()}
-        cost = ingest_rules.quote(self.ingestor.catalog, request.category, request.resource, units, time_us)
+        catalog, price_context = self.ingestor.catalog, dict(request.price_context)
+        cost = ingest_rules.quote(catalog, request.category, request.resource, units, time_us, price_context)
         return price_pb.QuotePriceResponse(xproxy_result=convert.quote_result(cost))
 
 

@@ -104,6 +104,8 @@ def event_row(event: m.UsageEvent, result: m.IngestResult, *, json_as_text: bool
         "price_effective_time_us": price.effective_time_us if price else None,
         "unknown_units": as_json([[u.unit_type, u.input, u.output, u.reason] for u in cost.unknown_units]),
         "warnings": as_json(list(result.warnings)),
+        "price_context": as_json(event.price_context),
+        "price_variant": as_json(dict(price.price_context)) if price else None,
     }
 
 

@@ -349,6 +349,7 @@ def _price(row: Any) -> m.CustomPrice:
         create_key=row.create_key or "",
         end_time_us=row.end_time_us,
         end_key=row.end_key or "",
+        price_context=dict(row.price_context or {}),
     )
 
 
@@ -364,6 +365,8 @@ async def insert_price(conn: AsyncConnection, price: m.CustomPrice) -> bool:
             create_time_us=price.create_time_us,
             update_time_us=price.create_time_us,
             create_key=price.create_key or None,
+            price_context=price.price_context or None,
+            price_context_key=price_context_key(price.price_context),
         )
         .on_conflict_do_nothing()
         .returning(custom_prices.c.id)
@@ -376,22 +379,31 @@ async def get_price(conn: AsyncConnection, price_id: uuid.UUID) -> m.CustomPrice
     return None if row is None else _price(row)
 
 
+def price_context_key(context: dict[str, str]) -> str:
+    """A variant's price context as the text its uniqueness is kept by: "k=v,k=v", sorted."""
+    return ",".join(f"{k}={v}" for k, v in sorted(context.items()))
+
+
 async def list_prices(
-    conn: AsyncConnection, category: str, resource: str, after: tuple[str, str, int] | None, limit: int
+    conn: AsyncConnection, category: str, resource: str, after: tuple[str, str, int, str] | None, limit: int
 ) -> list[m.CustomPrice]:
+    """By category, resource, effective time (newest first) and variant."""
     p = custom_prices
-    query = sa.select(p).order_by(p.c.category, p.c.resource, p.c.effective_time_us.desc()).limit(limit)
+    order = (p.c.category, p.c.resource, p.c.effective_time_us.desc(), p.c.price_context_key)
+    query = sa.select(p).order_by(*order).limit(limit)
     if category:
         query = query.where(p.c.category == category)
     if resource:
         query = query.where(p.c.resource == resource)
     if after is not None:
-        cat, res, eff = after
+        cat, res, eff, variant = after
+        same_time = sa.and_(p.c.category == cat, p.c.resource == res, p.c.effective_time_us == eff)
         query = query.where(
             sa.or_(
                 p.c.category > cat,
                 sa.and_(p.c.category == cat, p.c.resource > res),
                 sa.and_(p.c.category == cat, p.c.resource == res, p.c.effective_time_us < eff),
+                sa.and_(same_time, p.c.price_context_key > variant),
             )
         )
     return [_price(row) for row in await conn.execute(query)]

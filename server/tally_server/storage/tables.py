@@ -83,6 +83,10 @@ events = sa.Table(
     sa.Column("price_effective_time_us", sa.BigInteger, nullable=True),
     sa.Column("unknown_units", sa.JSON(none_as_null=True), nullable=True),
     sa.Column("warnings", sa.JSON(none_as_null=True), nullable=True),
+    # The event's price context as sent and merged ({key: value}), and the pairs of it that
+    # selected the price variant applied.
+    sa.Column("price_context", sa.JSON(none_as_null=True), nullable=True),
+    sa.Column("price_variant", sa.JSON(none_as_null=True), nullable=True),
 )
 
 # request_id idempotency of the explicit create calls (AIP-155).
@@ -110,7 +114,13 @@ custom_prices = sa.Table(
     sa.Column("create_key", sa.String(64), nullable=True),
     sa.Column("end_time_us", sa.BigInteger, nullable=True),
     sa.Column("end_key", sa.String(64), nullable=True),
-    sa.UniqueConstraint("category", "resource", "effective_time_us"),
+    # A variant's price context ({key: value}), and the same as sorted "k=v,k=v" text ("" for
+    # none): one price per resource, variant and effective time.
+    sa.Column("price_context", sa.JSON(none_as_null=True), nullable=True),
+    sa.Column("price_context_key", sa.String(600), nullable=False),
+    sa.UniqueConstraint(
+        "category", "resource", "effective_time_us", "price_context_key", name="uq_custom_prices_resource_time_context"
+    ),
 )
 
 api_keys = sa.Table(

@@ -194,6 +194,26 @@ class UsageEvent(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class PriceContextEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     CATEGORY_FIELD_NUMBER: _builtins.int
     RESOURCE_FIELD_NUMBER: _builtins.int
     UNITS_FIELD_NUMBER: _builtins.int
@@ -205,6 +225,7 @@ class UsageEvent(_message.Message):
     IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
     PROPERTIES_FIELD_NUMBER: _builtins.int
     CONTEXT_FIELD_NUMBER: _builtins.int
+    PRICE_CONTEXT_FIELD_NUMBER: _builtins.int
     category: _builtins.str
     """The provider category, 1 to 128 characters: "system.<provider>" for the
     built-in catalog (system.openai, system.anthropic, system.google,
@@ -233,7 +254,10 @@ class UsageEvent(_message.Message):
     def units(self) -> _containers.MessageMap[_builtins.str, Global___UnitCounts]:
         """Usage per unit type. Unit types are disjoint buckets: "text" input
         counts uncached input tokens only, "text_cache_read" input counts cache
-        hits, "text_cache_write" input counts tokens written to the cache,
+        hits, "text_cache_write" input counts tokens written to the cache (at the
+        model's standard cache write price), "text_cache_write_5m" and
+        "text_cache_write_1h" those written for 5 minutes or 1 hour where the
+        model prices them apart (Anthropic),
         "reasoning" output counts reasoning tokens, "text" output the other
         output tokens; also "audio", "audio_cache_read", "image", "vision" and
         "video". At most 32 entries; keys match `[a-z0-9_]{1,64}`. A unit type the
@@ -257,6 +281,18 @@ class UsageEvent(_message.Message):
     def context(self) -> Global___EventContext:
         """Per-event experience context, merged with the call's metadata."""
 
+    @_builtins.property
+    def price_context(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """What selects a price variant of the catalog: genai-prices knows
+        `processing` ("batch": the Batch API), `service_tier` ("flex", "priority",
+        "fast", "default"), `speed` ("fast"), `search_type` and `route`, each for
+        the models that have such a variant; custom prices may use any key. A
+        context with no variant for the event's model is priced at the standard
+        rate, with a warning. Merged with the call's `xproxy-price-context`
+        metadata; at most 8 entries, keys matching `[A-Za-z0-9._-]{1,64}`, values of
+        1 to 64 characters.
+        """
+
     def __init__(
         self,
         *,
@@ -271,10 +307,11 @@ class UsageEvent(_message.Message):
         idempotency_key: _builtins.str = ...,
         properties: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         context: Global___EventContext | None = ...,
+        price_context: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "event_timestamp", b"event_timestamp"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["category", b"category", "context", b"context", "end_to_end_latency_ms", b"end_to_end_latency_ms", "event_timestamp", b"event_timestamp", "http_status_code", b"http_status_code", "idempotency_key", b"idempotency_key", "properties", b"properties", "provider_response_id", b"provider_response_id", "resource", b"resource", "time_to_first_token_ms", b"time_to_first_token_ms", "units", b"units"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["category", b"category", "context", b"context", "end_to_end_latency_ms", b"end_to_end_latency_ms", "event_timestamp", b"event_timestamp", "http_status_code", b"http_status_code", "idempotency_key", b"idempotency_key", "price_context", b"price_context", "properties", b"properties", "provider_response_id", b"provider_response_id", "resource", b"resource", "time_to_first_token_ms", b"time_to_first_token_ms", "units", b"units"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -286,11 +323,32 @@ class PriceReference(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class PriceContextEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     SOURCE_FIELD_NUMBER: _builtins.int
     CATEGORY_FIELD_NUMBER: _builtins.int
     RESOURCE_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
     EFFECTIVE_TIME_FIELD_NUMBER: _builtins.int
+    PRICE_CONTEXT_FIELD_NUMBER: _builtins.int
     source: Global___PriceSource.ValueType
     """The catalog it came from."""
     category: _builtins.str
@@ -305,6 +363,12 @@ class PriceReference(_message.Message):
     def effective_time(self) -> _timestamp_pb2.Timestamp:
         """When this price came into force; unset for a system price without a start date."""
 
+    @_builtins.property
+    def price_context(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """The price variant applied: the pairs of the event's price context that
+        selected it (empty: the standard rate).
+        """
+
     def __init__(
         self,
         *,
@@ -313,10 +377,11 @@ class PriceReference(_message.Message):
         resource: _builtins.str = ...,
         version: _builtins.str = ...,
         effective_time: _timestamp_pb2.Timestamp | None = ...,
+        price_context: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["effective_time", b"effective_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["category", b"category", "effective_time", b"effective_time", "resource", b"resource", "source", b"source", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["category", b"category", "effective_time", b"effective_time", "price_context", b"price_context", "resource", b"resource", "source", b"source", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

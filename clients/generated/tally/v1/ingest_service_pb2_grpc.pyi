@@ -34,9 +34,14 @@ class IngestServiceStub:
     Experience context comes from the call's metadata, whose keys mirror the
     xProxy headers: `xproxy-experience-id`, `xproxy-experience-name`,
     `xproxy-experience-version`, `xproxy-user-id` and `xproxy-request-tags`
-    (comma-separated). It applies to every event of the call; an event's own
-    `context` field may add to it, but a field that contradicts the metadata is
-    INVALID_ARGUMENT. The resolved experience id is returned in the result and
+    (comma-separated). Pay-i's current names for the first three,
+    `xproxy-usecase-id`, `xproxy-usecase-name` and `xproxy-usecase-version`, mean
+    the same; both families on one call with different values is
+    INVALID_ARGUMENT. `xproxy-price-context` (comma-separated `key=value` pairs)
+    sets the price context of every event of the call. Any other `xproxy-*` key
+    is ignored with a warning in each result. The metadata applies to every event
+    of the call; an event's own `context` and `price_context` fields may add to
+    it, but a field that contradicts the metadata is INVALID_ARGUMENT. The resolved experience id is returned in the result and
     in the response header `xproxy-experience-id` (for a batch, when all its
     events resolved to the same experience; a stream carries it in each result).
 
@@ -50,11 +55,15 @@ class IngestServiceStub:
     the event is stored unattributed.
 
     Idempotency: an event's key is its `idempotency_key`, else its
-    `provider_response_id`. The same key with the same content (every field of
-    the event but its context, so a retry that has since learned its experience
-    id is still the same event) returns the original result, with its original
-    attribution, and `duplicate_request` set; the same key with different
-    content is ALREADY_EXISTS (reason IDEMPOTENCY_KEY_REUSED).
+    `provider_response_id`. The same key with the same content returns the
+    original result, with its original attribution, and `duplicate_request` set;
+    the same key with different content is ALREADY_EXISTS (reason
+    IDEMPOTENCY_KEY_REUSED). An event's content is what it says was used and
+    what it cost: category, resource, units, event time, HTTP status, provider
+    response id, idempotency key, properties and price context, as sent. Its
+    `context` is not (a retry that has since learned its experience id is the
+    same event), nor are the latencies, which measure the observer: recording
+    the same provider response twice is a duplicate.
     """
 
     @_typing.overload
@@ -82,9 +91,14 @@ class IngestServiceAsyncStub(IngestServiceStub):
     Experience context comes from the call's metadata, whose keys mirror the
     xProxy headers: `xproxy-experience-id`, `xproxy-experience-name`,
     `xproxy-experience-version`, `xproxy-user-id` and `xproxy-request-tags`
-    (comma-separated). It applies to every event of the call; an event's own
-    `context` field may add to it, but a field that contradicts the metadata is
-    INVALID_ARGUMENT. The resolved experience id is returned in the result and
+    (comma-separated). Pay-i's current names for the first three,
+    `xproxy-usecase-id`, `xproxy-usecase-name` and `xproxy-usecase-version`, mean
+    the same; both families on one call with different values is
+    INVALID_ARGUMENT. `xproxy-price-context` (comma-separated `key=value` pairs)
+    sets the price context of every event of the call. Any other `xproxy-*` key
+    is ignored with a warning in each result. The metadata applies to every event
+    of the call; an event's own `context` and `price_context` fields may add to
+    it, but a field that contradicts the metadata is INVALID_ARGUMENT. The resolved experience id is returned in the result and
     in the response header `xproxy-experience-id` (for a batch, when all its
     events resolved to the same experience; a stream carries it in each result).
 
@@ -98,11 +112,15 @@ class IngestServiceAsyncStub(IngestServiceStub):
     the event is stored unattributed.
 
     Idempotency: an event's key is its `idempotency_key`, else its
-    `provider_response_id`. The same key with the same content (every field of
-    the event but its context, so a retry that has since learned its experience
-    id is still the same event) returns the original result, with its original
-    attribution, and `duplicate_request` set; the same key with different
-    content is ALREADY_EXISTS (reason IDEMPOTENCY_KEY_REUSED).
+    `provider_response_id`. The same key with the same content returns the
+    original result, with its original attribution, and `duplicate_request` set;
+    the same key with different content is ALREADY_EXISTS (reason
+    IDEMPOTENCY_KEY_REUSED). An event's content is what it says was used and
+    what it cost: category, resource, units, event time, HTTP status, provider
+    response id, idempotency key, properties and price context, as sent. Its
+    `context` is not (a retry that has since learned its experience id is the
+    same event), nor are the latencies, which measure the observer: recording
+    the same provider response twice is a duplicate.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -126,9 +144,14 @@ class IngestServiceServicer(metaclass=_abc_1.ABCMeta):
     Experience context comes from the call's metadata, whose keys mirror the
     xProxy headers: `xproxy-experience-id`, `xproxy-experience-name`,
     `xproxy-experience-version`, `xproxy-user-id` and `xproxy-request-tags`
-    (comma-separated). It applies to every event of the call; an event's own
-    `context` field may add to it, but a field that contradicts the metadata is
-    INVALID_ARGUMENT. The resolved experience id is returned in the result and
+    (comma-separated). Pay-i's current names for the first three,
+    `xproxy-usecase-id`, `xproxy-usecase-name` and `xproxy-usecase-version`, mean
+    the same; both families on one call with different values is
+    INVALID_ARGUMENT. `xproxy-price-context` (comma-separated `key=value` pairs)
+    sets the price context of every event of the call. Any other `xproxy-*` key
+    is ignored with a warning in each result. The metadata applies to every event
+    of the call; an event's own `context` and `price_context` fields may add to
+    it, but a field that contradicts the metadata is INVALID_ARGUMENT. The resolved experience id is returned in the result and
     in the response header `xproxy-experience-id` (for a batch, when all its
     events resolved to the same experience; a stream carries it in each result).
 
@@ -142,11 +165,15 @@ class IngestServiceServicer(metaclass=_abc_1.ABCMeta):
     the event is stored unattributed.
 
     Idempotency: an event's key is its `idempotency_key`, else its
-    `provider_response_id`. The same key with the same content (every field of
-    the event but its context, so a retry that has since learned its experience
-    id is still the same event) returns the original result, with its original
-    attribution, and `duplicate_request` set; the same key with different
-    content is ALREADY_EXISTS (reason IDEMPOTENCY_KEY_REUSED).
+    `provider_response_id`. The same key with the same content returns the
+    original result, with its original attribution, and `duplicate_request` set;
+    the same key with different content is ALREADY_EXISTS (reason
+    IDEMPOTENCY_KEY_REUSED). An event's content is what it says was used and
+    what it cost: category, resource, units, event time, HTTP status, provider
+    response id, idempotency key, properties and price context, as sent. Its
+    `context` is not (a retry that has since learned its experience id is the
+    same event), nor are the latencies, which measure the observer: recording
+    the same provider response twice is a duplicate.
     """
 
     @_abc_1.abstractmethod

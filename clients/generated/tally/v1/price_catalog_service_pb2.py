@@ -27,7 +27,7 @@ from tally.v1 import access_pb2 as tally_dot_v1_dot_access__pb2
 from tally.v1 import ingest_service_pb2 as tally_dot_v1_dot_ingest__service__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$tally/v1/price_catalog_service.proto\x12\x08tally.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x15tally/v1/access.proto\x1a\x1dtally/v1/ingest_service.proto\"B\n\tUnitPrice\x12\x19\n\x11input_per_million\x18\x01 \x01(\t\x12\x1a\n\x12output_per_million\x18\x02 \x01(\t\"\xff\x02\n\x0b\x43ustomPrice\x12\x10\n\x08price_id\x18\x01 \x01(\t\x12\x10\n\x08\x63\x61tegory\x18\x02 \x01(\t\x12\x10\n\x08resource\x18\x03 \x01(\t\x12\x32\n\x0e\x65\x66\x66\x65\x63tive_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12:\n\x0bunit_prices\x18\x05 \x03(\x0b\x32%.tally.v1.CustomPrice.UnitPricesEntry\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\ncreate_key\x18\x07 \x01(\t\x12,\n\x08\x65nd_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07\x65nd_key\x18\t \x01(\t\x1a\x46\n\x0fUnitPricesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\"\n\x05value\x18\x02 \x01(\x0b\x32\x13.tally.v1.UnitPrice:\x02\x38\x01\"@\n\x18\x43reateCustomPriceRequest\x12$\n\x05price\x18\x01 \x01(\x0b\x32\x15.tally.v1.CustomPrice\"S\n\x19\x43reateCustomPriceResponse\x12$\n\x05price\x18\x01 \x01(\x0b\x32\x15.tally.v1.CustomPrice\x12\x10\n\x08warnings\x18\x02 \x03(\t\"W\n\x15\x45ndCustomPriceRequest\x12\x10\n\x08price_id\x18\x01 \x01(\t\x12,\n\x08\x65nd_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\">\n\x16\x45ndCustomPriceResponse\x12$\n\x05price\x18\x01 \x01(\x0b\x32\x15.tally.v1.CustomPrice\")\n\x15GetCustomPriceRequest\x12\x10\n\x08price_id\x18\x01 \x01(\t\">\n\x16GetCustomPriceResponse\x12$\n\x05price\x18\x01 \x01(\x0b\x32\x15.tally.v1.CustomPrice\"d\n\x17ListCustomPricesRequest\x12\x10\n\x08\x63\x61tegory\x18\x01 \x01(\t\x12\x10\n\x08resource\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"Z\n\x18ListCustomPricesResponse\x12%\n\x06prices\x18\x01 \x03(\x0b\x32\x15.tally.v1.CustomPrice\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xe7\x01\n\x11QuotePriceRequest\x12\x10\n\x08\x63\x61tegory\x18\x01 \x01(\t\x12\x10\n\x08resource\x18\x02 \x01(\t\x12\x35\n\x05units\x18\x03 \x03(\x0b\x32&.tally.v1.QuotePriceRequest.UnitsEntry\x12\x33\n\x0f\x65vent_timestamp\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a\x42\n\nUnitsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12#\n\x05value\x18\x02 \x01(\x0b\x32\x14.tally.v1.UnitCounts:\x02\x38\x01\"C\n\x12QuotePriceResponse\x12-\n\rxproxy_result\x18\x01 \x01(\x0b\x32\x16.tally.v1.XProxyResult2\xdf\x03\n\x13PriceCatalogService\x12\x62\n\x11\x43reateCustomPrice\x12\".tally.v1.CreateCustomPriceRequest\x1a#.tally.v1.CreateCustomPriceResponse\"\x04\x88\xe7\x18\x03\x12Y\n\x0e\x45ndCustomPrice\x12\x1f.tally.v1.EndCustomPriceRequest\x1a .tally.v1.EndCustomPriceResponse\"\x04\x88\xe7\x18\x03\x12Y\n\x0eGetCustomPrice\x12\x1f.tally.v1.GetCustomPriceRequest\x1a .tally.v1.GetCustomPriceResponse\"\x04\x88\xe7\x18\x02\x12_\n\x10ListCustomPrices\x12!.tally.v1.ListCustomPricesRequest\x1a\".tally.v1.ListCustomPricesResponse\"\x04\x88\xe7\x18\x02\x12M\n\nQuotePrice\x12\x1b.tally.v1.QuotePriceRequest\x1a\x1c.tally.v1.QuotePriceResponse\"\x04\x88\xe7\x18\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$tally/v1/price_catalog_service.proto\x12\x08tally.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x15tally/v1/access.proto\x1a\x1dtally/v1/ingest_service.proto\"B\n\tUnitPrice\x12\x19\n\x11input_per_million\x18\x01 \x01(\t\x12\x1a\n\x12output_per_million\x18\x02 \x01(\t\"\xf4\x03\n\x0b\x43ustomPrice\x12\x10\n\x08price_id\x18\x01 \x01(\t\x12\x10\n\x08\x63\x61tegory\x18\x02 \x01(\t\x12\x10\n\x08resource\x18\x03 \x01(\t\x12\x32\n\x0e\x65\x66\x66\x65\x63tive_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12:\n\x0bunit_prices\x18\x05 \x03(\x0b\x32%.tally.v1.CustomPrice.UnitPricesEntry\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\ncreate_key\x18\x07 \x01(\t\x12,\n\x08\x65nd_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07\x65nd_key\x18\t \x01(\t\x12>\n\rprice_context\x18\n \x03(\x0b\x32\'.tally.v1.CustomPrice.PriceContextEntry\x1a\x46\n\x0fUnitPricesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\"\n\x05value\x18\x02 \x01(\x0b\x32\x13.tally.v1.UnitPrice:\x02\x38\x01\x1a\x33\n\x11PriceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"@\n\x18\x43reateCustomPriceRequest\x12$\n\x05price\x18\x01 \x01(\x0b\x32\x15.tally.v1.CustomPrice\"S\n\x19\x43reateCustomPriceResponse\x12$\n\x05price\x18\x01 \x01(\x0b\x32\x15.tally.v1.CustomPrice\x12\x10\n\x08warnings\x18\x02 \x03(\t\"W\n\x15\x45ndCustomPriceRequest\x12\x10\n\x08price_id\x18\x01 \x01(\t\x12,\n\x08\x65nd_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\">\n\x16\x45ndCustomPriceResponse\x12$\n\x05price\x18\x01 \x01(\x0b\x32\x15.tally.v1.CustomPrice\")\n\x15GetCustomPriceRequest\x12\x10\n\x08price_id\x18\x01 \x01(\t\">\n\x16GetCustomPriceResponse\x12$\n\x05price\x18\x01 \x01(\x0b\x32\x15.tally.v1.CustomPrice\"d\n\x17ListCustomPricesRequest\x12\x10\n\x08\x63\x61tegory\x18\x01 \x01(\t\x12\x10\n\x08resource\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"Z\n\x18ListCustomPricesResponse\x12%\n\x06prices\x18\x01 \x03(\x0b\x32\x15.tally.v1.CustomPrice\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xe2\x02\n\x11QuotePriceRequest\x12\x10\n\x08\x63\x61tegory\x18\x01 \x01(\t\x12\x10\n\x08resource\x18\x02 \x01(\t\x12\x35\n\x05units\x18\x03 \x03(\x0b\x32&.tally.v1.QuotePriceRequest.UnitsEntry\x12\x33\n\x0f\x65vent_timestamp\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x44\n\rprice_context\x18\x05 \x03(\x0b\x32-.tally.v1.QuotePriceRequest.PriceContextEntry\x1a\x42\n\nUnitsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12#\n\x05value\x18\x02 \x01(\x0b\x32\x14.tally.v1.UnitCounts:\x02\x38\x01\x1a\x33\n\x11PriceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"C\n\x12QuotePriceResponse\x12-\n\rxproxy_result\x18\x01 \x01(\x0b\x32\x16.tally.v1.XProxyResult2\xdf\x03\n\x13PriceCatalogService\x12\x62\n\x11\x43reateCustomPrice\x12\".tally.v1.CreateCustomPriceRequest\x1a#.tally.v1.CreateCustomPriceResponse\"\x04\x88\xe7\x18\x03\x12Y\n\x0e\x45ndCustomPrice\x12\x1f.tally.v1.EndCustomPriceRequest\x1a .tally.v1.EndCustomPriceResponse\"\x04\x88\xe7\x18\x03\x12Y\n\x0eGetCustomPrice\x12\x1f.tally.v1.GetCustomPriceRequest\x1a .tally.v1.GetCustomPriceResponse\"\x04\x88\xe7\x18\x02\x12_\n\x10ListCustomPrices\x12!.tally.v1.ListCustomPricesRequest\x1a\".tally.v1.ListCustomPricesResponse\"\x04\x88\xe7\x18\x02\x12M\n\nQuotePrice\x12\x1b.tally.v1.QuotePriceRequest\x1a\x1c.tally.v1.QuotePriceResponse\"\x04\x88\xe7\x18\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,8 +36,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_CUSTOMPRICE_UNITPRICESENTRY']._loaded_options = None
   _globals['_CUSTOMPRICE_UNITPRICESENTRY']._serialized_options = b'8\001'
+  _globals['_CUSTOMPRICE_PRICECONTEXTENTRY']._loaded_options = None
+  _globals['_CUSTOMPRICE_PRICECONTEXTENTRY']._serialized_options = b'8\001'
   _globals['_QUOTEPRICEREQUEST_UNITSENTRY']._loaded_options = None
   _globals['_QUOTEPRICEREQUEST_UNITSENTRY']._serialized_options = b'8\001'
+  _globals['_QUOTEPRICEREQUEST_PRICECONTEXTENTRY']._loaded_options = None
+  _globals['_QUOTEPRICEREQUEST_PRICECONTEXTENTRY']._serialized_options = b'8\001'
   _globals['_PRICECATALOGSERVICE'].methods_by_name['CreateCustomPrice']._loaded_options = None
   _globals['_PRICECATALOGSERVICE'].methods_by_name['CreateCustomPrice']._serialized_options = b'\210\347\030\003'
   _globals['_PRICECATALOGSERVICE'].methods_by_name['EndCustomPrice']._loaded_options = None
@@ -51,31 +55,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_UNITPRICE']._serialized_start=137
   _globals['_UNITPRICE']._serialized_end=203
   _globals['_CUSTOMPRICE']._serialized_start=206
-  _globals['_CUSTOMPRICE']._serialized_end=589
-  _globals['_CUSTOMPRICE_UNITPRICESENTRY']._serialized_start=519
-  _globals['_CUSTOMPRICE_UNITPRICESENTRY']._serialized_end=589
-  _globals['_CREATECUSTOMPRICEREQUEST']._serialized_start=591
-  _globals['_CREATECUSTOMPRICEREQUEST']._serialized_end=655
-  _globals['_CREATECUSTOMPRICERESPONSE']._serialized_start=657
-  _globals['_CREATECUSTOMPRICERESPONSE']._serialized_end=740
-  _globals['_ENDCUSTOMPRICEREQUEST']._serialized_start=742
-  _globals['_ENDCUSTOMPRICEREQUEST']._serialized_end=829
-  _globals['_ENDCUSTOMPRICERESPONSE']._serialized_start=831
-  _globals['_ENDCUSTOMPRICERESPONSE']._serialized_end=893
-  _globals['_GETCUSTOMPRICEREQUEST']._serialized_start=895
-  _globals['_GETCUSTOMPRICEREQUEST']._serialized_end=936
-  _globals['_GETCUSTOMPRICERESPONSE']._serialized_start=938
-  _globals['_GETCUSTOMPRICERESPONSE']._serialized_end=1000
-  _globals['_LISTCUSTOMPRICESREQUEST']._serialized_start=1002
-  _globals['_LISTCUSTOMPRICESREQUEST']._serialized_end=1102
-  _globals['_LISTCUSTOMPRICESRESPONSE']._serialized_start=1104
-  _globals['_LISTCUSTOMPRICESRESPONSE']._serialized_end=1194
-  _globals['_QUOTEPRICEREQUEST']._serialized_start=1197
-  _globals['_QUOTEPRICEREQUEST']._serialized_end=1428
-  _globals['_QUOTEPRICEREQUEST_UNITSENTRY']._serialized_start=1362
-  _globals['_QUOTEPRICEREQUEST_UNITSENTRY']._serialized_end=1428
-  _globals['_QUOTEPRICERESPONSE']._serialized_start=1430
-  _globals['_QUOTEPRICERESPONSE']._serialized_end=1497
-  _globals['_PRICECATALOGSERVICE']._serialized_start=1500
-  _globals['_PRICECATALOGSERVICE']._serialized_end=1979
+  _globals['_CUSTOMPRICE']._serialized_end=706
+  _globals['_CUSTOMPRICE_UNITPRICESENTRY']._serialized_start=583
+  _globals['_CUSTOMPRICE_UNITPRICESENTRY']._serialized_end=653
+  _globals['_CUSTOMPRICE_PRICECONTEXTENTRY']._serialized_start=655
+  _globals['_CUSTOMPRICE_PRICECONTEXTENTRY']._serialized_end=706
+  _globals['_CREATECUSTOMPRICEREQUEST']._serialized_start=708
+  _globals['_CREATECUSTOMPRICEREQUEST']._serialized_end=772
+  _globals['_CREATECUSTOMPRICERESPONSE']._serialized_start=774
+  _globals['_CREATECUSTOMPRICERESPONSE']._serialized_end=857
+  _globals['_ENDCUSTOMPRICEREQUEST']._serialized_start=859
+  _globals['_ENDCUSTOMPRICEREQUEST']._serialized_end=946
+  _globals['_ENDCUSTOMPRICERESPONSE']._serialized_start=948
+  _globals['_ENDCUSTOMPRICERESPONSE']._serialized_end=1010
+  _globals['_GETCUSTOMPRICEREQUEST']._serialized_start=1012
+  _globals['_GETCUSTOMPRICEREQUEST']._serialized_end=1053
+  _globals['_GETCUSTOMPRICERESPONSE']._serialized_start=1055
+  _globals['_GETCUSTOMPRICERESPONSE']._serialized_end=1117
+  _globals['_LISTCUSTOMPRICESREQUEST']._serialized_start=1119
+  _globals['_LISTCUSTOMPRICESREQUEST']._serialized_end=1219
+  _globals['_LISTCUSTOMPRICESRESPONSE']._serialized_start=1221
+  _globals['_LISTCUSTOMPRICESRESPONSE']._serialized_end=1311
+  _globals['_QUOTEPRICEREQUEST']._serialized_start=1314
+  _globals['_QUOTEPRICEREQUEST']._serialized_end=1668
+  _globals['_QUOTEPRICEREQUEST_UNITSENTRY']._serialized_start=1549
+  _globals['_QUOTEPRICEREQUEST_UNITSENTRY']._serialized_end=1615
+  _globals['_QUOTEPRICEREQUEST_PRICECONTEXTENTRY']._serialized_start=655
+  _globals['_QUOTEPRICEREQUEST_PRICECONTEXTENTRY']._serialized_end=706
+  _globals['_QUOTEPRICERESPONSE']._serialized_start=1670
+  _globals['_QUOTEPRICERESPONSE']._serialized_end=1737
+  _globals['_PRICECATALOGSERVICE']._serialized_start=1740
+  _globals['_PRICECATALOGSERVICE']._serialized_end=2219
 # @@protoc_insertion_point(module_scope)

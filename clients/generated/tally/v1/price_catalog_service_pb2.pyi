@@ -77,6 +77,26 @@ class CustomPrice(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class PriceContextEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     PRICE_ID_FIELD_NUMBER: _builtins.int
     CATEGORY_FIELD_NUMBER: _builtins.int
     RESOURCE_FIELD_NUMBER: _builtins.int
@@ -86,6 +106,7 @@ class CustomPrice(_message.Message):
     CREATE_KEY_FIELD_NUMBER: _builtins.int
     END_TIME_FIELD_NUMBER: _builtins.int
     END_KEY_FIELD_NUMBER: _builtins.int
+    PRICE_CONTEXT_FIELD_NUMBER: _builtins.int
     price_id: _builtins.str
     """Server-assigned id (a UUID). Output only."""
     category: _builtins.str
@@ -120,6 +141,13 @@ class CustomPrice(_message.Message):
         EndCustomPrice. Output only.
         """
 
+    @_builtins.property
+    def price_context(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Makes the price a variant: it applies only to events whose price context
+        has all these pairs (e.g. {"processing": "batch"}), before a custom price of
+        the same resource with fewer pairs. At most 8 entries.
+        """
+
     def __init__(
         self,
         *,
@@ -132,10 +160,11 @@ class CustomPrice(_message.Message):
         create_key: _builtins.str = ...,
         end_time: _timestamp_pb2.Timestamp | None = ...,
         end_key: _builtins.str = ...,
+        price_context: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "effective_time", b"effective_time", "end_time", b"end_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["category", b"category", "create_key", b"create_key", "create_time", b"create_time", "effective_time", b"effective_time", "end_key", b"end_key", "end_time", b"end_time", "price_id", b"price_id", "resource", b"resource", "unit_prices", b"unit_prices"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["category", b"category", "create_key", b"create_key", "create_time", b"create_time", "effective_time", b"effective_time", "end_key", b"end_key", "end_time", b"end_time", "price_context", b"price_context", "price_id", b"price_id", "resource", b"resource", "unit_prices", b"unit_prices"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -386,10 +415,31 @@ class QuotePriceRequest(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class PriceContextEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     CATEGORY_FIELD_NUMBER: _builtins.int
     RESOURCE_FIELD_NUMBER: _builtins.int
     UNITS_FIELD_NUMBER: _builtins.int
     EVENT_TIMESTAMP_FIELD_NUMBER: _builtins.int
+    PRICE_CONTEXT_FIELD_NUMBER: _builtins.int
     category: _builtins.str
     """The category, as in `UsageEvent.category`."""
     resource: _builtins.str
@@ -402,6 +452,10 @@ class QuotePriceRequest(_message.Message):
     def event_timestamp(self) -> _timestamp_pb2.Timestamp:
         """The time to price at; unset means now."""
 
+    @_builtins.property
+    def price_context(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """The price context, as in `UsageEvent.price_context`."""
+
     def __init__(
         self,
         *,
@@ -409,10 +463,11 @@ class QuotePriceRequest(_message.Message):
         resource: _builtins.str = ...,
         units: _abc.Mapping[_builtins.str, _ingest_service_pb2.UnitCounts] | None = ...,
         event_timestamp: _timestamp_pb2.Timestamp | None = ...,
+        price_context: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["event_timestamp", b"event_timestamp"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["category", b"category", "event_timestamp", b"event_timestamp", "resource", b"resource", "units", b"units"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["category", b"category", "event_timestamp", b"event_timestamp", "price_context", b"price_context", "resource", b"resource", "units", b"units"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -236,6 +236,7 @@ def quote_result(cost: m.Cost) -> ing_pb.XProxyResult:
     result = ing_pb.XProxyResult()
     _set_shared_cost(result, cost.price)
     _set_own_cost(result, cost)
+    result.warnings.extend(cost.warnings)
     return result
 
 

@@ -20,6 +20,7 @@ import contextlib
 import contextvars
 import json
 import threading
+import uuid
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Mapping
 from datetime import datetime
 from pathlib import Path
@@ -117,6 +118,13 @@ class ExperienceScope:
             request_tags=self.request_tags,
         )
 
+    def ensure_id(self) -> str:
+        """The experience id, made now (a UUID the server creates the experience with) when
+        no call has learned one: for events recorded without waiting for the server."""
+        if not self.experience_id:
+            self.experience_id = str(uuid.uuid4())
+        return self.experience_id
+
     def learn(self, response: object) -> None:
         """Takes the experience id the server resolved, from the first ingest's response."""
         if not self.experience_id:
@@ -130,6 +138,11 @@ class ExperienceScope:
 
 
 _scope: contextvars.ContextVar[ExperienceScope | None] = contextvars.ContextVar("tally_experience", default=None)
+
+
+def current_scope() -> ExperienceScope | None:
+    """The experience context of the `experience(...)` block the caller is in, if any."""
+    return _scope.get()
 
 
 def _resolved_experience_id(response: object) -> str:

@@ -1,24 +1,40 @@
 """Records provider SDK calls as Tally usage events, in the current experience context.
 
-    tally = TallyClient()
-    with tally.experience("Document_Summarization"):
-        response = openai_client.chat.completions.create(model="gpt-4o", messages=[...])
-        record_openai(tally, response, latency_ms=...)
+Once per provider client, every call is recorded in the background, off the app's path:
 
-or once for every call of one OpenAI client: `track_openai(openai_client, tally)`.
-The provider's response id is the idempotency key, so a recorded call is never counted twice.
+    recorder = Recorder(TallyClient())               # AsyncRecorder(AsyncTallyClient()) for asyncio
+    track_openai(openai_client, recorder)            # chat completions and the Responses API
+    track_anthropic(anthropic_client, recorder)      # messages
+    with tally.experience("Document_Summarization"):
+        openai_client.chat.completions.create(model="gpt-4o", messages=[...])   # recorded
+
+Tracking never changes what the provider call returns or raises, and nothing Tally does
+raises into it: recording only queues the event (see recorder.py). Streams are recorded
+when they end, with the usage of their last chunk; a chat completion stream asks for that
+usage (`stream_options.include_usage`) unless the caller said otherwise. The response's
+service tier becomes the event's price context, so flex or priority calls are priced as
+such. The provider's response id is the idempotency key: a response recorded twice is
+counted once.
+
+`record_openai` and `record_anthropic` record one response now and return Tally's result.
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
+import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 from tally.v1 import ingest_service_pb2 as ing_pb
 
-from .client import TallyClient, usage_event
+from .client import AsyncTallyClient, TallyClient, usage_event
+from .recorder import AsyncRecorder, Recorder
+
+log = logging.getLogger("tally_client.instrument")
+AnyRecorder = Recorder | AsyncRecorder
 
 
 def _get(obj: Any, name: str, default: Any = None) -> Any:
@@ -29,19 +45,25 @@ def _get(obj: Any, name: str, default: Any = None) -> Any:
     return default if value is None else value
 
 
+# --- usage as Tally's disjoint buckets ------------------------------------------------------
+
+
 def openai_units(usage: Any) -> dict[str, tuple[int, int]]:
     """OpenAI's inclusive counts as Tally's disjoint buckets: cached, audio and image
-    input, and reasoning and audio output, are taken out of the text counts."""
-    prompt_details = _get(usage, "prompt_tokens_details")
-    completion_details = _get(usage, "completion_tokens_details")
+    input, and reasoning and audio output, are taken out of the text counts. Takes chat
+    completion usage (prompt/completion tokens) and Responses API usage (input/output)."""
+    prompt_details = _get(usage, "prompt_tokens_details") or _get(usage, "input_tokens_details")
+    completion_details = _get(usage, "completion_tokens_details") or _get(usage, "output_tokens_details")
+    prompt = _get(usage, "prompt_tokens", 0) or _get(usage, "input_tokens", 0)
+    completion = _get(usage, "completion_tokens", 0) or _get(usage, "output_tokens", 0)
     cached = _get(prompt_details, "cached_tokens", 0)
     cache_write = _get(prompt_details, "cache_write_tokens", 0)
     audio_in = _get(prompt_details, "audio_tokens", 0)
     image_in = _get(prompt_details, "image_tokens", 0)
     reasoning = _get(completion_details, "reasoning_tokens", 0)
     audio_out = _get(completion_details, "audio_tokens", 0)
-    text_in = max(0, _get(usage, "prompt_tokens", 0) - cached - cache_write - audio_in - image_in)
-    text_out = max(0, _get(usage, "completion_tokens", 0) - reasoning - audio_out)
+    text_in = max(0, prompt - cached - cache_write - audio_in - image_in)
+    text_out = max(0, completion - reasoning - audio_out)
     units = {"text": (text_in, text_out)}
     for unit_type, counts in (
         ("text_cache_read", (cached, 0)),
@@ -56,86 +78,349 @@ def openai_units(usage: Any) -> dict[str, tuple[int, int]]:
 
 
 def anthropic_units(usage: Any) -> dict[str, tuple[int, int]]:
-    """Anthropic's input_tokens already exclude cache reads and writes."""
+    """Anthropic's input_tokens already exclude cache reads and writes. Cache writes are
+    split by how long they live where the usage says (5 minutes, 1 hour): priced apart."""
     units = {"text": (_get(usage, "input_tokens", 0), _get(usage, "output_tokens", 0))}
     cache_read = _get(usage, "cache_read_input_tokens", 0)
-    cache_write = _get(usage, "cache_creation_input_tokens", 0)
     if cache_read:
         units["text_cache_read"] = (cache_read, 0)
-    if cache_write:
+    creation = _get(usage, "cache_creation")
+    five_minutes = _get(creation, "ephemeral_5m_input_tokens", 0)
+    one_hour = _get(creation, "ephemeral_1h_input_tokens", 0)
+    if five_minutes or one_hour:
+        if five_minutes:
+            units["text_cache_write_5m"] = (five_minutes, 0)
+        if one_hour:
+            units["text_cache_write_1h"] = (one_hour, 0)
+    elif cache_write := _get(usage, "cache_creation_input_tokens", 0):
         units["text_cache_write"] = (cache_write, 0)
     return units
 
 
+def openai_price_context(response: Any) -> dict[str, str]:
+    """The service tier the response was served at, where it changes the price."""
+    tier = _get(response, "service_tier")
+    return {"service_tier": str(tier)} if tier and tier not in ("default", "auto") else {}
+
+
+def anthropic_price_context(usage: Any) -> dict[str, str]:
+    tier = _get(usage, "service_tier")
+    if tier == "batch":
+        return {"processing": "batch"}
+    return {"service_tier": str(tier)} if tier == "priority" else {}
+
+
+# --- one response as an event --------------------------------------------------------------
+
+
 def _event(
     response: Any,
-    units: Callable[[Any], dict[str, tuple[int, int]]],
+    units: dict[str, tuple[int, int]],
     category: str,
     latency_ms: int,
     http_status_code: int,
+    price_context: dict[str, str],
+    time_to_first_token_ms: int = 0,
 ) -> ing_pb.UsageEvent:
     """A provider response as a usage event: its model, its usage, and its id as the idempotency key."""
-    return usage_event(
+    event = usage_event(
         category,
         _get(response, "model", ""),
-        units(_get(response, "usage")),
+        units,
         latency_ms=int(latency_ms),
+        time_to_first_token_ms=int(time_to_first_token_ms),
         http_status_code=http_status_code,
         provider_response_id=_get(response, "id", ""),
     )
+    event.price_context.update(price_context)
+    return event
 
 
 def openai_event(
     response: Any, *, latency_ms: int = 0, category: str = "system.openai", http_status_code: int = 200
 ) -> ing_pb.UsageEvent:
-    """The usage event of an OpenAI-compatible chat completion (SDK object or JSON dict)."""
-    return _event(response, openai_units, category, latency_ms, http_status_code)
+    """The usage event of an OpenAI-compatible chat completion or Responses API response."""
+    usage = _get(response, "usage")
+    return _event(response, openai_units(usage), category, latency_ms, http_status_code, openai_price_context(response))
 
 
 def anthropic_event(
     response: Any, *, latency_ms: int = 0, category: str = "system.anthropic", http_status_code: int = 200
 ) -> ing_pb.UsageEvent:
     """The usage event of an Anthropic message (SDK object or JSON dict)."""
-    return _event(response, anthropic_units, category, latency_ms, http_status_code)
+    usage = _get(response, "usage")
+    return _event(
+        response, anthropic_units(usage), category, latency_ms, http_status_code, anthropic_price_context(usage)
+    )
 
 
 def record_openai(
     tally: TallyClient, response: Any, *, latency_ms: int = 0, category: str = "system.openai"
 ) -> ing_pb.IngestResponse:
-    """Ingests the usage of one OpenAI-compatible chat completion; returns Tally's result."""
+    """Ingests the usage of one OpenAI-compatible response now; returns Tally's result."""
     return tally.ingest(openai_event(response, latency_ms=latency_ms, category=category))
 
 
 def record_anthropic(
     tally: TallyClient, response: Any, *, latency_ms: int = 0, category: str = "system.anthropic"
 ) -> ing_pb.IngestResponse:
-    """Ingests the usage of one Anthropic message; returns Tally's result."""
+    """Ingests the usage of one Anthropic message now; returns Tally's result."""
     return tally.ingest(anthropic_event(response, latency_ms=latency_ms, category=category))
 
 
-def track_openai(openai_client: Any, tally: TallyClient, *, category: str = "system.openai") -> Any:
-    """Makes every `chat.completions.create` of this OpenAI client record its usage and
-    latency in Tally (a failed call is recorded with its HTTP status). Returns the client."""
-    completions = openai_client.chat.completions
-    create = completions.create
+# --- streams: what each provider's stream says of the usage ----------------------------------
 
-    @functools.wraps(create)
-    def recorded_create(*args: Any, **kwargs: Any) -> Any:
-        start = time.perf_counter()
+
+class _Usage:
+    """Collects a stream's response id, model and final usage from its items."""
+
+    def __init__(self, provider: str) -> None:
+        self.provider = provider
+        self.response: dict[str, Any] = {}
+        self.usage: dict[str, Any] = {}
+        self.first_item_ms: int = 0
+
+    def observe(self, item: Any, elapsed_ms: int) -> None:
+        if not self.first_item_ms:
+            self.first_item_ms = elapsed_ms
+        kind = _get(item, "type", "")
+        if self.provider == "anthropic":
+            if kind == "message_start":
+                message = _get(item, "message")
+                self.response.update(id=_get(message, "id", ""), model=_get(message, "model", ""))
+                self.usage.update(_as_dict(_get(message, "usage")))
+            elif kind == "message_delta":  # output tokens so far, cumulative
+                self.usage.update({k: v for k, v in _as_dict(_get(item, "usage")).items() if v is not None})
+        elif kind in ("response.completed", "response.incomplete", "response.failed"):  # Responses API
+            response = _get(item, "response")
+            self.response.update(id=_get(response, "id", ""), model=_get(response, "model", ""))
+            self.response["service_tier"] = _get(response, "service_tier")
+            self.usage = _as_dict(_get(response, "usage"))
+        elif _get(item, "object") == "chat.completion.chunk":
+            self.response.update(id=_get(item, "id", ""), model=_get(item, "model", ""))
+            self.response["service_tier"] = _get(item, "service_tier") or self.response.get("service_tier")
+            if _get(item, "usage") is not None:
+                self.usage = _as_dict(_get(item, "usage"))
+
+    def event(self, category: str, latency_ms: int) -> ing_pb.UsageEvent | None:
+        if not self.response.get("id") or not self.usage:
+            return None  # ended before any usage was reported: nothing to price
+        if self.provider == "anthropic":
+            units, context = anthropic_units(self.usage), anthropic_price_context(self.usage)
+        else:
+            units, context = openai_units(self.usage), openai_price_context(self.response)
+        return _event(self.response, units, category, latency_ms, 200, context, self.first_item_ms)
+
+
+def _as_dict(value: Any) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if isinstance(value, dict):
+        return value
+    dump = getattr(value, "model_dump", None)
+    return dict(dump()) if dump else dict(vars(value))
+
+
+class _RecordedStream:
+    """The SDK's stream, as the app uses it (iteration, `with`, close, its attributes),
+    recording the call's usage once the stream ends or is closed."""
+
+    def __init__(self, stream: Any, usage: _Usage, finish: Callable[[_Usage], None], start: float) -> None:
+        self._stream, self._usage, self._finish, self._start = stream, usage, finish, start
+        self._items: Iterator[Any] | None = None
+        self._done = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+    def __iter__(self) -> Iterator[Any]:
         try:
-            response = create(*args, **kwargs)
-        except Exception as error:
-            status = getattr(error, "status_code", None)
-            if status:
-                model = kwargs.get("model", "")
-                tally.ingest(usage_event(category, model, {}, latency_ms=_ms_since(start), http_status_code=status))
-            raise
-        tally.ingest(openai_event(response, latency_ms=_ms_since(start), category=category))
-        return response
+            for item in self._stream:
+                _safely(self._usage.observe, item, _ms_since(self._start))
+                yield item
+        finally:
+            self._end()
 
-    completions.create = recorded_create
-    return openai_client
+    def __next__(self) -> Any:
+        if self._items is None:
+            self._items = iter(self)
+        return next(self._items)
+
+    def __enter__(self) -> _RecordedStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        try:
+            self._stream.close()
+        finally:
+            self._end()
+
+    def _end(self) -> None:
+        if not self._done:
+            self._done = True
+            _safely(self._finish, self._usage)
+
+
+class _RecordedAsyncStream:
+    """_RecordedStream for an asyncio SDK's stream."""
+
+    def __init__(self, stream: Any, usage: _Usage, finish: Callable[[_Usage], None], start: float) -> None:
+        self._stream, self._usage, self._finish, self._start = stream, usage, finish, start
+        self._items: AsyncIterator[Any] | None = None
+        self._done = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+    async def _iterate(self) -> AsyncIterator[Any]:
+        try:
+            async for item in self._stream:
+                _safely(self._usage.observe, item, _ms_since(self._start))
+                yield item
+        finally:
+            self._end()
+
+    def __aiter__(self) -> AsyncIterator[Any]:
+        if self._items is None:
+            self._items = self._iterate()
+        return self._items
+
+    async def __anext__(self) -> Any:
+        return await self.__aiter__().__anext__()
+
+    async def __aenter__(self) -> _RecordedAsyncStream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        try:
+            await self._stream.close()
+        finally:
+            self._end()
+
+    def _end(self) -> None:
+        if not self._done:
+            self._done = True
+            _safely(self._finish, self._usage)
+
+
+# --- wrapping a provider client's methods ------------------------------------------------------
+
+
+def _safely(action: Callable[..., Any], *args: Any) -> None:
+    """Runs a recording step; whatever goes wrong is logged, never raised into the app."""
+    try:
+        action(*args)
+    except Exception:
+        log.exception("Tally could not record a provider call")
 
 
 def _ms_since(start: float) -> int:
     return int((time.perf_counter() - start) * 1000)
+
+
+def _recorder(tally: TallyClient | AsyncTallyClient | AnyRecorder) -> AnyRecorder:
+    if isinstance(tally, Recorder | AsyncRecorder):
+        return tally
+    if isinstance(tally, AsyncTallyClient):
+        return AsyncRecorder(tally)
+    return Recorder(tally)
+
+
+def _wrap(
+    owner: Any,
+    name: str,
+    recorder: AnyRecorder,
+    provider: str,
+    category: str,
+    to_event: Callable[[Any, int], ing_pb.UsageEvent],
+    ask_for_stream_usage: bool = False,
+) -> None:
+    """Replaces owner.name (an SDK's create method) by one that records each call."""
+    original = getattr(owner, name)
+
+    def prepare(kwargs: dict[str, Any]) -> dict[str, Any]:
+        if ask_for_stream_usage and kwargs.get("stream") and "stream_options" not in kwargs:
+            return {**kwargs, "stream_options": {"include_usage": True}}
+        return kwargs
+
+    def failed(error: Exception, kwargs: dict[str, Any], start: float) -> None:
+        status = getattr(error, "status_code", None)
+        if status:
+            event = usage_event(
+                category, str(kwargs.get("model", "")), {}, latency_ms=_ms_since(start), http_status_code=status
+            )
+            recorder.record(event)
+
+    def finish(usage: _Usage, start: float) -> None:
+        event = usage.event(category, _ms_since(start))
+        if event is not None:
+            recorder.record(event)
+
+    def answered(result: Any, start: float, asynchronous: bool) -> Any:
+        if not hasattr(result, "close") or not (hasattr(result, "__iter__") or hasattr(result, "__aiter__")):
+            _safely(lambda: recorder.record(to_event(result, _ms_since(start))))
+            return result
+        stream_type = _RecordedAsyncStream if asynchronous else _RecordedStream
+        return stream_type(result, _Usage(provider), lambda usage: finish(usage, start), start)
+
+    async def answered_later(pending: Any, kwargs: dict[str, Any], start: float) -> Any:
+        try:
+            result = await pending
+        except Exception as error:
+            _safely(failed, error, kwargs, start)
+            raise
+        return answered(result, start, asynchronous=True)
+
+    # The asyncio SDKs' methods are plain functions returning a coroutine: whether the call
+    # is asynchronous is known from what it returns, not from the method.
+    @functools.wraps(original)
+    def recorded(*args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            result = original(*args, **prepare(kwargs))
+        except Exception as error:
+            _safely(failed, error, kwargs, start)
+            raise
+        if inspect.isawaitable(result):
+            return answered_later(result, kwargs, start)
+        return answered(result, start, asynchronous=False)
+
+    setattr(owner, name, recorded)
+
+
+def track_openai(
+    openai_client: Any, tally: TallyClient | AsyncTallyClient | AnyRecorder, *, category: str = "system.openai"
+) -> AnyRecorder:
+    """Records every `chat.completions.create` and `responses.create` of this OpenAI client
+    (OpenAI or AsyncOpenAI; streaming or not) in the background. Returns the recorder:
+    `flush()` it (await it, for AsyncRecorder) where the app wants its events sent."""
+    recorder = _recorder(tally)
+
+    def to_event(response: Any, latency_ms: int) -> ing_pb.UsageEvent:
+        return openai_event(response, latency_ms=latency_ms, category=category)
+
+    _wrap(openai_client.chat.completions, "create", recorder, "openai", category, to_event, ask_for_stream_usage=True)
+    responses = getattr(openai_client, "responses", None)
+    if responses is not None:
+        _wrap(responses, "create", recorder, "openai", category, to_event)
+    return recorder
+
+
+def track_anthropic(
+    anthropic_client: Any, tally: TallyClient | AsyncTallyClient | AnyRecorder, *, category: str = "system.anthropic"
+) -> AnyRecorder:
+    """Records every `messages.create` of this Anthropic client (Anthropic or AsyncAnthropic;
+    `stream=True` too) in the background. Returns the recorder, as track_openai."""
+    recorder = _recorder(tally)
+
+    def to_event(response: Any, latency_ms: int) -> ing_pb.UsageEvent:
+        return anthropic_event(response, latency_ms=latency_ms, category=category)
+
+    _wrap(anthropic_client.messages, "create", recorder, "anthropic", category, to_event)
+    return recorder

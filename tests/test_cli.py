@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import json
 import os
+import re
 
 from .conftest import unique
 from .readme import BIN, block
@@ -69,3 +71,105 @@ async def test_cli_ingest_from_stdin_with_json_summary(stubs):
     assert (summary["accepted"], summary["duplicates"], summary["rejected"]) == (50, 0, 0)
     # 1 + 2 + ... + 50 = 1,275 input tokens at $2.50/M
     assert summary["cost_of_accepted"] == "$0.0031875"
+
+
+def jsonl(count: int, prefix: str) -> str:
+    return "\n".join(
+        json.dumps(
+            {"category": "system.openai", "resource": "gpt-4o", "units": {"text": {"input": 100 * n, "output": 10}},
+             "idempotency_key": f"{prefix}-{n}"}
+        )
+        for n in range(1, count + 1)
+    )  # fmt: skip
+
+
+async def test_cli_ingest_makes_one_experience_per_file(stubs, tmp_path):
+    name = unique("Files")
+    assert (await tally(stubs.target, "types", "create", name, "-d", "one run per file"))[0] == 0
+    path = tmp_path / "run.jsonl"
+    path.write_text(jsonl(40, unique("line")))
+    code, out, err = await tally(stubs.target, "ingest", str(path), "--experience-name", name)
+    assert code == 0, err
+    created = re.search(rf"experience (\S+) \({name}\) created for this file", out)
+    assert created, out
+    code, out, _ = await tally(stubs.target, "experiences", "list", name, "--json")
+    listed = json.loads(out)["experiences"]
+    assert [e["experience_id"] for e in listed] == [created.group(1)]
+    code, out, _ = await tally(stubs.target, "experiences", "get", created.group(1), "--json")
+    assert json.loads(out)["stats"]["event_count"] == "40"
+    code, out, _ = await tally(stubs.target, "ingest", str(path), "--experience-name", name)
+    assert "duplicates 40" in out and "created for this file" not in out, "a rerun makes no empty experience"
+    assert len(json.loads((await tally(stubs.target, "experiences", "list", name, "--json"))[1])["experiences"]) == 1
+
+
+async def test_cli_ingest_experience_per_line_keeps_one_per_event(stubs, tmp_path):
+    name = unique("Lines")
+    await tally(stubs.target, "types", "create", name, "-d", "one run per line")
+    path = tmp_path / "lines.jsonl"
+    path.write_text(jsonl(5, unique("per-line")))
+    code, out, err = await tally(stubs.target, "ingest", str(path), "--experience-name", name, "--experience-per-line")
+    assert code == 0 and "5 experiences of" in out, out + err
+    listed = json.loads((await tally(stubs.target, "experiences", "list", name, "--json"))[1])["experiences"]
+    assert len(listed) == 5
+
+
+async def test_cli_experiences_list_pages_with_a_hint(stubs):
+    name = unique("Pages")
+    await tally(stubs.target, "types", "create", name, "-d", "paged")
+    for _ in range(3):
+        assert (await tally(stubs.target, "experiences", "create", name))[0] == 0
+    code, first, err = await tally(stubs.target, "experiences", "list", name, "--limit", "2")
+    assert code == 0 and len(first.strip().splitlines()) == 4, first  # header, rule, two rows
+    token = re.search(r"^more: tally experiences list \S+ --limit 2 --page-token (\S+)$", err, re.M)
+    assert token, err
+    code, second, err = await tally(
+        stubs.target, "experiences", "list", name, "--limit", "2", "--page-token", token.group(1)
+    )
+    assert len(second.strip().splitlines()) == 3 and "more:" not in err
+    ids = re.compile(r"^[0-9a-f]{8}-[0-9a-f-]{27}\b", re.M)
+    assert len(set(ids.findall(first)) | set(ids.findall(second))) == 3, "three experiences, none twice"
+
+
+async def test_cli_prices(stubs):
+    resource = unique("acme-llm")
+    code, out, err = await tally(
+        stubs.target, "prices", "create", "custom.acme", resource, "--unit", "text=0.20/0.60", "--json"
+    )
+    assert code == 0, err
+    price_id = json.loads(out)["price"]["price_id"]
+    code, out, err = await tally(stubs.target, "prices", "quote", "custom.acme", resource, "--units", "text=10000/2000")
+    assert code == 0 and out.startswith("$0.0032  (input $0.002, output $0.0012)"), out + err
+    assert f"custom custom.acme/{resource.lower()}" in out
+    code, out, _ = await tally(stubs.target, "prices", "list", "--category", "custom.acme")
+    assert price_id in out and "text 0.20/0.60" in out
+    code, out, _ = await tally(stubs.target, "prices", "get", price_id)
+    assert code == 0 and price_id in out
+    code, out, _ = await tally(stubs.target, "prices", "end", price_id)
+    assert code == 0 and "events stored before keep their cost" in out
+    code, out, err = await tally(stubs.target, "prices", "quote", "custom.acme", resource, "--units", "text=10000/2000")
+    assert out.startswith("$0.00"), "ended: no price any more"
+    assert "not priced: text 10000/2000" in out
+    code, _, err = await tally(
+        stubs.target,
+        "prices",
+        "create",
+        "system.openai",
+        "o3",
+        "--unit",
+        "text=1/1",
+        "--context",
+        "processing=overnight",
+    )
+    assert code == 0 and "warning: this price overrides the system price of system.openai/o3" in err
+    code, out, err = await tally(
+        stubs.target,
+        "prices",
+        "quote",
+        "system.openai",
+        "o3",
+        "--units",
+        "text=1000/1000",
+        "--context",
+        "service_tier=flex",
+    )
+    assert out.startswith("$0.005 ") and "variant service_tier=flex" in out, out + err

@@ -217,18 +217,28 @@ def ingest_batch(events: Iterable[ing_pb.UsageEvent]) -> Call[ing_pb.IngestBatch
 
 
 def create_custom_price(
-    category: str, resource: str, unit_prices: Mapping[str, tuple[str, str]], effective_time: datetime | None
-) -> Call[price_pb.CustomPrice]:
+    category: str,
+    resource: str,
+    unit_prices: Mapping[str, tuple[str, str]],
+    effective_time: datetime | None,
+    price_context: Mapping[str, str] | None,
+) -> Call[price_pb.CreateCustomPriceResponse]:
     price = price_pb.CustomPrice(
         category=category,
         resource=resource,
         effective_time=_timestamp(effective_time),
+        price_context=dict(price_context or {}),
         unit_prices={
             unit: price_pb.UnitPrice(input_per_million=per_input, output_per_million=per_output)
             for unit, (per_input, per_output) in unit_prices.items()
         },
     )
-    return Call("prices", "CreateCustomPrice", price_pb.CreateCustomPriceRequest(price=price), lambda r: r.price)
+    return Call("prices", "CreateCustomPrice", price_pb.CreateCustomPriceRequest(price=price), _same)
+
+
+def end_custom_price(price_id: str | UUID, end_time: datetime | None) -> Call[price_pb.CustomPrice]:
+    request = price_pb.EndCustomPriceRequest(price_id=str(price_id), end_time=_timestamp(end_time))
+    return Call("prices", "EndCustomPrice", request, lambda r: r.price)
 
 
 def get_custom_price(price_id: str | UUID) -> Call[price_pb.CustomPrice]:
@@ -245,7 +255,14 @@ def list_custom_prices(
     return Call("prices", "ListCustomPrices", request, _same)
 
 
-def quote_price(category: str, resource: str, units: Units, event_time: datetime | None) -> Call[ing_pb.XProxyResult]:
-    request = price_pb.QuotePriceRequest(category=category, resource=resource, event_timestamp=_timestamp(event_time))
+def quote_price(
+    category: str, resource: str, units: Units, event_time: datetime | None, price_context: Mapping[str, str] | None
+) -> Call[ing_pb.XProxyResult]:
+    request = price_pb.QuotePriceRequest(
+        category=category,
+        resource=resource,
+        event_timestamp=_timestamp(event_time),
+        price_context=dict(price_context or {}),
+    )
     set_units(request.units, units)
     return Call("prices", "QuotePrice", request, lambda r: r.xproxy_result)

@@ -12,6 +12,7 @@ import json
 import os
 import sys
 import time
+import uuid
 from collections import Counter
 from collections.abc import Iterator
 from datetime import datetime
@@ -20,7 +21,12 @@ from typing import Any, TextIO
 
 from google.protobuf import json_format
 
-from tally.v1 import common_pb2, experience_type_service_pb2 as et_pb, ingest_service_pb2 as ing_pb
+from tally.v1 import (
+    common_pb2,
+    experience_type_service_pb2 as et_pb,
+    ingest_service_pb2 as ing_pb,
+    price_catalog_service_pb2 as price_pb,
+)
 
 from .client import DEFAULT_TARGET, TallyClient
 from .errors import TallyError
@@ -144,11 +150,112 @@ def experiences_get(tally: TallyClient, args: argparse.Namespace) -> None:
 
 
 def experiences_list(tally: TallyClient, args: argparse.Namespace) -> None:
-    page = tally.list_experiences(args.type, version=args.version, page_size=args.limit)
+    page = tally.list_experiences(args.type, version=args.version, page_size=args.limit, page_token=args.page_token)
     rows = [[e.experience_id, e.experience_version, when(e.create_time)] for e in page.experiences]
     _emit(
         args, page, table(["EXPERIENCE ID", "VERSION", "CREATED"], rows) if rows else f"no experiences of {args.type}"
     )
+    _more(args, page.next_page_token, f"tally experiences list {args.type} --limit {args.limit}")
+
+
+def _more(args: argparse.Namespace, token: str, command: str) -> None:
+    """Where a page is full, says how to get the next one (on stderr: stdout stays the table)."""
+    if token and not args.json:
+        print(f"more: {command} --page-token {token}", file=sys.stderr)
+
+
+# --- prices -------------------------------------------------------------------------------
+
+
+def _unit_prices(values: list[str]) -> dict[str, tuple[str, str]]:
+    """--unit text=0.20/0.60 (input/output USD per million; either may be empty)."""
+    prices = {}
+    for value in values:
+        unit, sep, rates = value.partition("=")
+        per_input, slash, per_output = rates.partition("/")
+        if not sep or not slash:
+            raise SystemExit(f"tally: --unit must be UNIT=INPUT/OUTPUT (USD per million), got {value!r}")
+        prices[unit] = (per_input, per_output)
+    return prices
+
+
+def _unit_counts(values: list[str]) -> dict[str, tuple[int, int]]:
+    """--units text=1000/100 (input/output counts)."""
+    counts = {}
+    for value in values:
+        unit, sep, numbers = value.partition("=")
+        count_in, _, count_out = numbers.partition("/")
+        try:
+            counts[unit] = (int(count_in or 0), int(count_out or 0))
+        except ValueError:
+            raise SystemExit(f"tally: --units must be UNIT=INPUT/OUTPUT counts, got {value!r}") from None
+        if not sep:
+            raise SystemExit(f"tally: --units must be UNIT=INPUT/OUTPUT counts, got {value!r}")
+    return counts
+
+
+def price_row(p: price_pb.CustomPrice) -> list[object]:
+    rates = ", ".join(
+        f"{u} {r.input_per_million or '-'}/{r.output_per_million or '-'}" for u, r in sorted(p.unit_prices.items())
+    )
+    variant = ",".join(f"{k}={v}" for k, v in sorted(p.price_context.items())) or "-"
+    return [p.price_id, p.category, p.resource, variant, when(p.effective_time), when(p.end_time), rates]
+
+
+PRICE_HEADERS = ["PRICE ID", "CATEGORY", "RESOURCE", "VARIANT", "EFFECTIVE", "ENDED", "USD/M IN/OUT"]
+
+
+def prices_create(tally: TallyClient, args: argparse.Namespace) -> None:
+    created = tally.create_custom_price(
+        args.category,
+        args.resource,
+        _unit_prices(args.unit),
+        effective_time=_time(args.effective),
+        price_context=_pairs(args.context, "--context"),
+    )
+    for warning in created.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    _emit(args, created, f"created price {created.price.price_id}\n" + table(PRICE_HEADERS, [price_row(created.price)]))
+
+
+def prices_get(tally: TallyClient, args: argparse.Namespace) -> None:
+    price = tally.get_custom_price(args.price_id)
+    _emit(args, price, table(PRICE_HEADERS, [price_row(price)]))
+
+
+def prices_list(tally: TallyClient, args: argparse.Namespace) -> None:
+    page = tally.list_custom_prices(
+        category=args.category or "", resource=args.resource or "", page_size=args.limit, page_token=args.page_token
+    )
+    rows = [price_row(p) for p in page.prices]
+    _emit(args, page, table(PRICE_HEADERS, rows) if rows else "no custom prices")
+    _more(args, page.next_page_token, f"tally prices list --limit {args.limit}")
+
+
+def prices_end(tally: TallyClient, args: argparse.Namespace) -> None:
+    ended = tally.end_custom_price(args.price_id, end_time=_time(args.at))
+    _emit(args, ended, f"price {ended.price_id} ends at {when(ended.end_time)}; events stored before keep their cost")
+
+
+def prices_quote(tally: TallyClient, args: argparse.Namespace) -> None:
+    result = tally.quote_price(
+        args.category,
+        args.resource,
+        _unit_counts(args.units),
+        event_time=_time(args.at),
+        price_context=_pairs(args.context, "--context"),
+    )
+    for warning in result.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    source = {1: "system", 2: "custom"}.get(result.price.source, "none")
+    variant = ",".join(f"{k}={v}" for k, v in sorted(result.price.price_context.items()))
+    lines = [
+        f"{money(result.cost_total)}  (input {money(result.cost_input)}, output {money(result.cost_output)})",
+        f"price: {source} {result.price.category}/{result.price.resource} {result.price.version}"
+        + (f" variant {variant}" if variant else ""),
+    ]
+    lines += [f"not priced: {u.unit_type} {u.input}/{u.output}: {u.reason}" for u in result.unknown_units]
+    _emit(args, result, "\n".join(lines))
 
 
 def experiences_delete(tally: TallyClient, args: argparse.Namespace) -> None:
@@ -273,9 +380,20 @@ def ingest(tally: TallyClient, args: argparse.Namespace) -> int:
             numbers.append(number)
             yield event
 
+    experience_id = args.experience_id
+    if args.experience_name and not experience_id and not args.experience_per_line:
+        # One run for the whole file: an id of our own, which the first new event creates the
+        # experience with (a file of duplicates only creates none).
+        experience_id = str(uuid.uuid4())
     metadata = create_metadata(
-        args.experience_id, args.experience_name, None, args.user_id, args.tags.split(",") if args.tags else None
+        experience_id,
+        args.experience_name,
+        None,
+        args.user_id,
+        args.tags.split(",") if args.tags else None,
+        price_context=_pairs(args.price_context, "--price-context"),
     )
+    experiences: set[str] = set()
     costs = 0
     try:
         for response in tally.ingest_stream(events(), metadata=metadata):
@@ -287,6 +405,8 @@ def ingest(tally: TallyClient, args: argparse.Namespace) -> int:
                 duplicates += 1
             else:
                 accepted += 1
+                if response.result.xproxy_result.experience_created:
+                    experiences.add(response.result.xproxy_result.experience_id)
                 total_cost = response.result.xproxy_result.cost_total
                 costs += total_cost.units * 1_000_000_000 + total_cost.nanos
             progress.advance()
@@ -300,6 +420,7 @@ def ingest(tally: TallyClient, args: argparse.Namespace) -> int:
         "rejected": len(rejected),
         "cost_of_accepted": money(common_pb2.Money(units=costs // 1_000_000_000, nanos=costs % 1_000_000_000)),
         "rejections": [{"line": line, "reason": reason} for line, reason in sorted(rejected)],
+        "experiences_created": sorted(experiences),
     }
     if args.json:
         print(json.dumps(summary, indent=2))
@@ -308,6 +429,10 @@ def ingest(tally: TallyClient, args: argparse.Namespace) -> int:
             f"accepted {accepted:,}, duplicates {duplicates:,}, rejected {len(rejected):,}; "
             f"cost of accepted events {summary['cost_of_accepted']}"
         )
+        if len(experiences) == 1:
+            print(f"experience {next(iter(experiences))} ({args.experience_name}) created for this file")
+        elif experiences:
+            print(f"{len(experiences):,} experiences of {args.experience_name} created")
         for line, reason in sorted(rejected)[:20]:
             print(f"  line {line}: {reason}")
         if len(rejected) > 20:
@@ -420,7 +545,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = exps.add_parser("list", parents=[client], help="list the experiences of a type, newest first")
     p.add_argument("type")
     p.add_argument("--version", type=int, default=0)
-    p.add_argument("--limit", type=int, default=50)
+    p.add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
+    p.add_argument("--page-token", default="", help="the page after the one that printed this token")
     p.set_defaults(remote=experiences_list)
     p = exps.add_parser("delete", parents=[client], help="delete an experience (its events are kept, unattributed)")
     p.add_argument("id")
@@ -431,10 +557,50 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("file", nargs="?", help="a JSONL file of UsageEvent objects; - or nothing for standard input")
     p.add_argument("--experience-id", help="xproxy-experience-id for every event")
-    p.add_argument("--experience-name", help="xproxy-experience-name for every event")
+    p.add_argument(
+        "--experience-name",
+        help="the experience type: without --experience-id, the whole file is one new experience of it",
+    )
+    p.add_argument(
+        "--experience-per-line", action="store_true", help="with --experience-name: a new experience per event"
+    )
     p.add_argument("--user-id", help="xproxy-user-id for every event")
     p.add_argument("--tags", help="xproxy-request-tags for every event, comma-separated")
+    p.add_argument("--price-context", action="append", metavar="KEY=VALUE", help="price context of every event")
     p.set_defaults(remote=ingest)
+
+    prices = commands.add_parser("prices", help="the price catalog: custom prices and quotes").add_subparsers(
+        dest="action", required=True, metavar="ACTION"
+    )
+    p = prices.add_parser("create", parents=[client], help="add a custom price (admin)")
+    p.add_argument("category", help="e.g. custom.acme, or system.openai to override a system price")
+    p.add_argument("resource", help="e.g. acme-llm-7b")
+    p.add_argument(
+        "--unit", action="append", required=True, metavar="UNIT=IN/OUT", help="USD per million, e.g. text=0.20/0.60"
+    )
+    p.add_argument("--effective", help="ISO 8601 time it applies from (default: always)")
+    p.add_argument("--context", action="append", metavar="KEY=VALUE", help="make it a variant, e.g. processing=batch")
+    p.set_defaults(remote=prices_create)
+    p = prices.add_parser("list", parents=[client], help="list custom prices")
+    p.add_argument("--category")
+    p.add_argument("--resource")
+    p.add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
+    p.add_argument("--page-token", default="", help="the page after the one that printed this token")
+    p.set_defaults(remote=prices_list)
+    p = prices.add_parser("get", parents=[client], help="show a custom price")
+    p.add_argument("price_id")
+    p.set_defaults(remote=prices_get)
+    p = prices.add_parser("end", parents=[client], help="end a custom price (admin); stored events keep their cost")
+    p.add_argument("price_id")
+    p.add_argument("--at", help="ISO 8601 time it ends (default now; its effective time voids it)")
+    p.set_defaults(remote=prices_end)
+    p = prices.add_parser("quote", parents=[client], help="what usage costs, without storing anything")
+    p.add_argument("category")
+    p.add_argument("resource")
+    p.add_argument("--units", action="append", required=True, metavar="UNIT=IN/OUT", help="counts, e.g. text=1000/100")
+    p.add_argument("--context", action="append", metavar="KEY=VALUE", help="price context, e.g. service_tier=flex")
+    p.add_argument("--at", help="ISO 8601 time to price at (default now)")
+    p.set_defaults(remote=prices_quote)
 
     reports = commands.add_parser("report", help="cost reports").add_subparsers(
         dest="action", required=True, metavar="ACTION"

@@ -413,10 +413,19 @@ class TallyClient(_ClientBase):
         unit_prices: Mapping[str, tuple[str, str]],
         *,
         effective_time: datetime | None = None,
-    ) -> price_pb.CustomPrice:
+        price_context: Mapping[str, str] | None = None,
+    ) -> price_pb.CreateCustomPriceResponse:
         """Adds a price; `unit_prices` maps a unit type to (input, output) USD per million
-        units, as exact decimal strings. It applies to events at or after `effective_time`."""
-        return self._run(_calls.create_custom_price(category, resource, unit_prices, effective_time))
+        units, as exact decimal strings. It applies to events at or after `effective_time`
+        (with `price_context`, only to events whose price context has those pairs). The
+        response has the price and the warnings (e.g. that it overrides a system price)."""
+        call = _calls.create_custom_price(category, resource, unit_prices, effective_time, price_context)
+        return self._run(call)
+
+    def end_custom_price(self, price_id: str | UUID, *, end_time: datetime | None = None) -> price_pb.CustomPrice:
+        """Ends a price at `end_time` (default now; its effective time voids it): events from
+        then on are priced as if it did not exist. Stored events keep their cost."""
+        return self._run(_calls.end_custom_price(price_id, end_time))
 
     def get_custom_price(self, price_id: str | UUID) -> price_pb.CustomPrice:
         return self._run(_calls.get_custom_price(price_id))
@@ -427,10 +436,17 @@ class TallyClient(_ClientBase):
         return self._run(_calls.list_custom_prices(category, resource, page_size, page_token))
 
     def quote_price(
-        self, category: str, resource: str, units: Units, *, event_time: datetime | None = None
+        self,
+        category: str,
+        resource: str,
+        units: Units,
+        *,
+        event_time: datetime | None = None,
+        price_context: Mapping[str, str] | None = None,
     ) -> ing_pb.XProxyResult:
-        """What this usage costs (at `event_time`, default now), without storing anything."""
-        return self._run(_calls.quote_price(category, resource, units, event_time))
+        """What this usage costs (at `event_time`, default now; with the price variant
+        `price_context` selects), without storing anything."""
+        return self._run(_calls.quote_price(category, resource, units, event_time, price_context))
 
 
 class AsyncTallyClient(_ClientBase):
@@ -643,10 +659,19 @@ class AsyncTallyClient(_ClientBase):
         unit_prices: Mapping[str, tuple[str, str]],
         *,
         effective_time: datetime | None = None,
-    ) -> price_pb.CustomPrice:
+        price_context: Mapping[str, str] | None = None,
+    ) -> price_pb.CreateCustomPriceResponse:
         """Adds a price; `unit_prices` maps a unit type to (input, output) USD per million
-        units, as exact decimal strings. It applies to events at or after `effective_time`."""
-        return await self._run(_calls.create_custom_price(category, resource, unit_prices, effective_time))
+        units, as exact decimal strings. It applies to events at or after `effective_time`
+        (with `price_context`, only to events whose price context has those pairs). The
+        response has the price and the warnings (e.g. that it overrides a system price)."""
+        call = _calls.create_custom_price(category, resource, unit_prices, effective_time, price_context)
+        return await self._run(call)
+
+    async def end_custom_price(self, price_id: str | UUID, *, end_time: datetime | None = None) -> price_pb.CustomPrice:
+        """Ends a price at `end_time` (default now; its effective time voids it): events from
+        then on are priced as if it did not exist. Stored events keep their cost."""
+        return await self._run(_calls.end_custom_price(price_id, end_time))
 
     async def get_custom_price(self, price_id: str | UUID) -> price_pb.CustomPrice:
         return await self._run(_calls.get_custom_price(price_id))
@@ -657,10 +682,17 @@ class AsyncTallyClient(_ClientBase):
         return await self._run(_calls.list_custom_prices(category, resource, page_size, page_token))
 
     async def quote_price(
-        self, category: str, resource: str, units: Units, *, event_time: datetime | None = None
+        self,
+        category: str,
+        resource: str,
+        units: Units,
+        *,
+        event_time: datetime | None = None,
+        price_context: Mapping[str, str] | None = None,
     ) -> ing_pb.XProxyResult:
-        """What this usage costs (at `event_time`, default now), without storing anything."""
-        return await self._run(_calls.quote_price(category, resource, units, event_time))
+        """What this usage costs (at `event_time`, default now; with the price variant
+        `price_context` selects), without storing anything."""
+        return await self._run(_calls.quote_price(category, resource, units, event_time, price_context))
 
 
 def _event(

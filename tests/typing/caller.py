@@ -22,7 +22,7 @@ def summarize(tally: TallyClient, documents: list[str]) -> Decimal:
         print(experience.experience_id, experience.experience_version)
     stats = tally.get_experience_type_stats("Document_Summarization", version=1)
     print(dollars(stats.total.p95_cost_per_experience))
-    price = tally.create_custom_price("custom.acme", "acme-llm-7b", {"text": ("0.20", "0.60")})
+    price = tally.create_custom_price("custom.acme", "acme-llm-7b", {"text": ("0.20", "0.60")}).price
     quote = tally.quote_price("custom.acme", "acme-llm-7b", {"text": (10_000, 2_000)})
     print(price.price_id, dollars(quote.cost_total), tally.get_custom_price(price.price_id).resource)
     print(len(tally.list_custom_prices(category="custom.acme").prices))

@@ -212,3 +212,37 @@ async def test_record_anthropic_prices_cache_writes_by_duration(stubs, provider)
     result = recorded.xproxy_result
     assert dollars(result.cost_total) == SONNET
     assert not result.unknown_units
+
+
+async def test_with_tally_stopped_an_async_app_is_unaffected_and_events_arrive_once_it_is_back(provider, tmp_path):
+    from tally_client.recorder import AsyncRecorder
+
+    target = f"127.0.0.1:{free_port()}"
+    oai, claude = clients(provider, asynchronous=True)
+    async with AsyncTallyClient(target, timeout=2) as tally:
+        recorder = AsyncRecorder(tally, RecorderLimits(first_retry_seconds=0.2, max_retry_seconds=1.0))
+        track_openai(oai, recorder)
+        track_anthropic(claude, recorder)
+        answer = await oai.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+        stream = await oai.chat.completions.create(model="gpt-4o", messages=MESSAGES, stream=True)
+        text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+        kinds = [
+            e.type
+            async for e in await claude.messages.create(
+                model="claude-sonnet-4-5", max_tokens=10, messages=MESSAGES, stream=True
+            )
+        ]
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(recorder.flush(), 1.0)  # Tally is down: nothing can be sent yet
+        database = tmp_path / "late-async.db"
+        server = await asyncio.to_thread(ServerProcess(f"sqlite+aiosqlite:///{database}", "--listen", target).start)
+        try:
+            await asyncio.wait_for(recorder.flush(), 20)
+        finally:
+            server.terminate()
+        await recorder.aclose()
+    assert (answer.choices[0].message.content, text, kinds[-1]) == ("A summary.", "A summary.", "message_stop")
+    assert (recorder.stats.accepted, recorder.stats.duplicates, recorder.stats.dropped) == (3, 0, 0)
+    assert recorder.stats.retries >= 1
+    with sqlite3.connect(database) as stored:
+        assert stored.execute("SELECT count(DISTINCT provider_response_id) FROM events").fetchone() == (3,)

@@ -133,7 +133,8 @@ def validate_event(event: UsageEvent, now: int | None, v: Violations) -> None:
         v.add("context.experience_version", "must be 0 (current) or a version number")
     if len(context.user_id) > 256:
         v.add("context.user_id", "must be at most 256 characters")
-    check_price_context(v, "price_context", event.price_context)
+    if event.price_context:
+        check_price_context(v, "price_context", event.price_context)
     if len(context.request_tags) > MAX_TAGS:
         v.add("context.request_tags", f"at most {MAX_TAGS} tags")
     for tag in context.request_tags:

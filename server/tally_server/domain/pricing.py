@@ -279,10 +279,12 @@ class PriceCatalog:
         model = self._system_model(key)
         if model is None:
             return None
-        moment = _dt(event_time_us)
+        # A datetime costs a microsecond: made only for a price that depends on the time.
+        moment = _dt(event_time_us) if isinstance(model.prices, list) or context else None
         if isinstance(model.prices, ModelPrice):
             standard, start = model.prices, None
         else:
+            assert moment is not None
             # The last conditional price in force wins, as in genai-prices.
             standard, start = model.prices[0].prices, None
             for conditional in reversed(model.prices):
@@ -292,6 +294,7 @@ class PriceCatalog:
                     break
         variants: tuple[int, ...] = ()
         if context and model.price_variants:
+            assert moment is not None
             variants = tuple(
                 index
                 for index, variant in enumerate(model.price_variants)
@@ -308,6 +311,7 @@ class PriceCatalog:
             model_price = standard
             if variants:
                 # genai-prices resolves the variants itself: the same prices as its calc_price.
+                assert moment is not None
                 model_price = model.get_prices(moment, context)
                 whens = (model.price_variants[i].when for i in variants)  # type: ignore[index]
                 applied = tuple(sorted({pair for when in whens for pair in when.items()}))

@@ -157,10 +157,12 @@ def usage_event(event: ing_pb.UsageEvent, now_us: int) -> m.UsageEvent:
     defaults such as the event time), without what _NOT_CONTENT names.
 
     The message is consumed: those fields are cleared from it once read."""
-    context = event_context(event.context) if event.HasField("context") else _NO_CONTEXT
+    has_context = event.HasField("context")
+    context = event_context(event.context) if has_context else _NO_CONTEXT
     latency, first_token = event.end_to_end_latency_ms, event.time_to_first_token_ms
-    for name in _NOT_CONTENT:
-        event.ClearField(name)
+    if has_context or latency or first_token:
+        for name in _NOT_CONTENT:
+            event.ClearField(name)
     properties, price_context = event.properties, event.price_context
     return m.UsageEvent(
         category=event.category,

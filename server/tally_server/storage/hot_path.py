@@ -65,16 +65,10 @@ def _json_or_null(value: Any) -> str | None:
     return _compact_json(value) if value else None
 
 
-def _value_or_null(value: Any) -> Any:
-    return value or None
-
-
-def event_row(event: m.UsageEvent, result: m.IngestResult, *, json_as_text: bool = True) -> dict[str, Any]:
-    """The events row of a priced, attributed event, by column name. JSON columns come
-    as text, as SQLAlchemy's JSON type would bind them, without its per-value overhead;
-    `json_as_text=False` leaves them as values, for the plain statements."""
+def event_row(event: m.UsageEvent, result: m.IngestResult) -> dict[str, Any]:
+    """The events row of a priced, attributed event, by column name, with JSON columns as
+    text (what SQLAlchemy's JSON type would bind, without its per-value overhead)."""
     cost, price, context = result.cost, result.cost.price, event.context
-    as_json = _json_or_null if json_as_text else _value_or_null
     return {
         "id": result.request_id,
         "idempotency_key": result.idempotency_key or None,
@@ -83,7 +77,7 @@ def event_row(event: m.UsageEvent, result: m.IngestResult, *, json_as_text: bool
         "experience_created": result.experience_created,
         "category": event.category,
         "resource": event.resource,
-        "units": _units_json(event.units) if json_as_text else {u: list(c) for u, c in event.units.items()},
+        "units": _units_json(event.units),
         "event_time_us": event.event_time_us,
         "ingest_time_us": result.ingest_time_us,
         "end_to_end_latency_ms": event.end_to_end_latency_ms,
@@ -91,8 +85,8 @@ def event_row(event: m.UsageEvent, result: m.IngestResult, *, json_as_text: bool
         "http_status_code": event.http_status_code,
         "provider_response_id": event.provider_response_id or None,
         "user_id": context.user_id or None,
-        "request_tags": as_json(list(context.request_tags)),
-        "properties": as_json(event.properties),
+        "request_tags": _json_or_null(list(context.request_tags)),
+        "properties": _json_or_null(event.properties),
         "cost_input_nanos": cost.input_nanos,
         "cost_output_nanos": cost.output_nanos,
         "cost_total_nanos": cost.total_nanos,
@@ -102,10 +96,10 @@ def event_row(event: m.UsageEvent, result: m.IngestResult, *, json_as_text: bool
         "price_resource": price.resource if price else None,
         "price_version": price.version if price else None,
         "price_effective_time_us": price.effective_time_us if price else None,
-        "unknown_units": as_json([[u.unit_type, u.input, u.output, u.reason] for u in cost.unknown_units]),
-        "warnings": as_json(list(result.warnings)),
-        "price_context": as_json(event.price_context),
-        "price_variant": as_json(dict(price.price_context)) if price else None,
+        "unknown_units": _json_or_null([[u.unit_type, u.input, u.output, u.reason] for u in cost.unknown_units]),
+        "warnings": _json_or_null(list(result.warnings)),
+        "price_context": _json_or_null(event.price_context),
+        "price_variant": _json_or_null(dict(price.price_context)) if price and price.price_context else None,
     }
 
 
@@ -137,16 +131,17 @@ def _sqlite_chunks(count: int) -> list[int]:
     return [*chunks, rest] if rest else chunks
 
 
-def _sqlite_values(row: dict[str, Any]) -> list[Any]:
-    """A row in column order, UUIDs as hex as sa.Uuid stores them on SQLite."""
-    values = list(_in_column_order(row))
-    values[0] = row["id"].hex
+def _sqlite_values(row: dict[str, Any]) -> tuple[Any, ...]:
+    """A row in column order, UUIDs as hex as sa.Uuid stores them on SQLite (the row is
+    changed so: it is made for this insert alone)."""
+    row["id"] = row["id"].hex
     if row["experience_id"] is not None:
-        values[3] = row["experience_id"].hex
-    return values
+        row["experience_id"] = row["experience_id"].hex
+    return tuple(_in_column_order(row))
 
 
 async def _sqlite_insert(conn: AsyncConnection, rows: Sequence[dict[str, Any]]) -> set[uuid.UUID]:
+    ids = [row["id"] for row in rows]
     driver = await sqlite_driver(conn)
     changes_before, start = driver.total_changes, 0
     ordered = [_sqlite_values(row) for row in rows]
@@ -156,7 +151,6 @@ async def _sqlite_insert(conn: AsyncConnection, rows: Sequence[dict[str, Any]]) 
         start += size
     if driver.total_changes - changes_before == len(rows):
         return set()
-    ids = [row["id"] for row in rows]
     found = await conn.execute(sa.select(events.c.id).where(events.c.id.in_(ids)))
     return set(ids) - {row.id for row in found}
 
@@ -254,11 +248,21 @@ async def get_experiences(conn: AsyncConnection, ids: list[uuid.UUID]) -> dict[u
 # --- the plain SQLAlchemy statements, the measure of the tricks above ----------------------
 
 
+# The events table with its JSON columns as text: the plain insert binds the same JSON
+# text the tricks do, through SQLAlchemy's own parameter handling.
+_EVENTS_AS_TEXT = sa.Table(
+    "events",
+    sa.MetaData(),
+    *(sa.Column(c.name, sa.Text if isinstance(c.type, sa.JSON) else c.type) for c in events.columns),
+)
+
+
 async def plain_insert_events(conn: AsyncConnection, stored: Stored) -> set[uuid.UUID]:
     """SQLAlchemy's own bulk insert (insertmanyvalues, with RETURNING) of the same rows."""
-    rows = [event_row(event, result, json_as_text=False) for event, result in stored]
+    rows = [event_row(event, result) for event, result in stored]
     dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
-    statement = dialect.insert(events).on_conflict_do_nothing(index_elements=["idempotency_key"]).returning(events.c.id)
+    table = _EVENTS_AS_TEXT
+    statement = dialect.insert(table).on_conflict_do_nothing(index_elements=["idempotency_key"]).returning(table.c.id)
     inserted = {row.id for row in await conn.execute(statement, rows)}
     return {row["id"] for row in rows} - inserted
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import itertools
 import logging
 import queue
 import threading
@@ -93,6 +94,21 @@ class _Sending:
         if self.stats.dropped - self._warned_drops >= 1000 or not self._warned_drops:
             self._warned_drops = self.stats.dropped
             log.warning("Tally recorder dropped %d event(s) so far: its queue is full", self.stats.dropped)
+
+    def _after(
+        self, batch: list[ing_pb.UsageEvent], response: ing_pb.IngestBatchResponse | BaseException
+    ) -> list[ing_pb.UsageEvent]:
+        """What to send again after one attempt, which answered `response` or failed with it.
+        Counts what was settled; the rest is retried with backoff."""
+        if isinstance(response, ing_pb.IngestBatchResponse):
+            return [batch[i] for i in self._settle(batch, response)]
+        if isinstance(response, TallyError) and response.code.name not in _RETRYABLE:
+            self._refused(batch, response)
+            return []
+        if not isinstance(response, TallyError):  # a bug here must not stop the sender
+            log.error("Tally recorder failed to send a batch; retrying", exc_info=response)
+        self.stats.retries += 1
+        return batch
 
     def _settle(self, events: Sequence[ing_pb.UsageEvent], response: ing_pb.IngestBatchResponse) -> list[int]:
         """Counts a batch's answers; returns the indexes to send again."""
@@ -186,25 +202,17 @@ class Recorder(_Sending):
                     self._queue.task_done()
 
     def _send(self, batch: list[ing_pb.UsageEvent]) -> None:
-        attempt = 0
-        while batch and not self._closed.is_set():
+        for attempt in itertools.count():
+            answer: ing_pb.IngestBatchResponse | BaseException
             try:
-                response = self.client.ingest_batch(batch)
-            except TallyError as error:
-                if error.code.name not in _RETRYABLE:
-                    self._refused(batch, error)
-                    return
-            except Exception:
-                log.exception("Tally recorder failed to send a batch; retrying")
-            else:
-                batch = [batch[i] for i in self._settle(batch, response)]
-                if not batch:
-                    return
-            self.stats.retries += 1
-            self._closed.wait(self._backoff(attempt))
-            attempt += 1
+                answer = self.client.ingest_batch(batch)
+            except Exception as error:  # noqa: BLE001 - _after decides what each failure means
+                answer = error
+            batch = self._after(batch, answer)
+            if not batch or self._closed.wait(self._backoff(attempt)):
+                break
         if batch:
-            self._dropped(len(batch))
+            self._dropped(len(batch))  # closed while Tally could not take them
 
 
 class AsyncRecorder(_Sending):
@@ -265,20 +273,13 @@ class AsyncRecorder(_Sending):
                     self._queue.task_done()
 
     async def _send(self, batch: list[ing_pb.UsageEvent]) -> None:
-        attempt = 0
-        while batch:
+        for attempt in itertools.count():
+            answer: ing_pb.IngestBatchResponse | BaseException
             try:
-                response = await self.client.ingest_batch(batch)
-            except TallyError as error:
-                if error.code.name not in _RETRYABLE:
-                    self._refused(batch, error)
-                    return
-            except Exception:
-                log.exception("Tally recorder failed to send a batch; retrying")
-            else:
-                batch = [batch[i] for i in self._settle(batch, response)]
-                if not batch:
-                    return
-            self.stats.retries += 1
+                answer = await self.client.ingest_batch(batch)
+            except Exception as error:  # noqa: BLE001 - _after decides what each failure means
+                answer = error
+            batch = self._after(batch, answer)
+            if not batch:
+                return
             await asyncio.sleep(self._backoff(attempt))
-            attempt += 1

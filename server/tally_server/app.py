@@ -10,6 +10,7 @@ from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 import grpc
+import sqlalchemy as sa
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -28,6 +29,7 @@ from tally.v1 import (
 )
 
 from .config import RefusedToStart, Settings, auth_required
+from .domain.errors import StorageUnavailable
 from .domain.experience_types import ExperienceTypes
 from .domain.experiences import Experiences
 from .domain.ingest import Ingestor
@@ -158,6 +160,14 @@ class TallyServer:
         log.info("tally stopped")
 
 
+def url_for_humans(url: str) -> str:
+    """A database URL without its password, for messages; as given when it does not parse."""
+    try:
+        return sa.make_url(url).render_as_string(hide_password=True)
+    except sa.exc.ArgumentError:
+        return url
+
+
 def tune_garbage_collector() -> None:
     """Ingest makes many short-lived objects per event. With the defaults, the
     collector ran every 700 allocations and kept rescanning what lives as long as
@@ -177,12 +187,22 @@ def configure_logging(level: str) -> None:
 
 
 async def serve(settings: Settings) -> None:
-    """Runs until SIGTERM or SIGINT, then shuts down gracefully."""
-    server = TallyServer(settings)
+    """Runs until SIGTERM or SIGINT, then shuts down gracefully. What keeps it from
+    starting is one line naming the problem and the path or URL (without its password)."""
     try:
+        server = TallyServer(settings)
         await server.start()
     except RefusedToStart as refusal:
         raise SystemExit(str(refusal)) from None
+    except StorageUnavailable as error:
+        raise SystemExit(
+            f"tally: cannot use the database {url_for_humans(settings.database_url)}: {error.detail}"
+        ) from None
+    except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError, ModuleNotFoundError) as error:
+        raise SystemExit(
+            f"tally: cannot use the database URL {url_for_humans(settings.database_url)!r}: {error}; "
+            "Tally takes sqlite+aiosqlite:///PATH or postgresql+asyncpg://USER@HOST/DB"
+        ) from None
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -51,14 +51,15 @@ def _migrate(args: argparse.Namespace) -> int:
 
 
 def db_url_for_humans(url: str) -> str:
-    """The URL without its password, for messages."""
-    import sqlalchemy as sa
+    from .app import url_for_humans
 
-    return sa.make_url(url).render_as_string(hide_password=True)
+    return url_for_humans(url)
 
 
 def _on_database(args: argparse.Namespace, work: Awaitable[T]) -> T:
     """Runs `work`; a refusal or an unreachable database is one line and exit 1."""
+    import sqlalchemy as sa
+
     from .app import run_event_loop
     from .domain.errors import StorageUnavailable, TallyError
 
@@ -68,6 +69,8 @@ def _on_database(args: argparse.Namespace, work: Awaitable[T]) -> T:
         raise SystemExit(f"tally: cannot use {db_url_for_humans(args.database_url)}: {error.detail}") from None
     except TallyError as error:
         raise SystemExit(f"tally: {error}") from None
+    except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError, ModuleNotFoundError) as error:
+        raise SystemExit(f"tally: cannot use the database URL {args.database_url!r}: {error}") from None
 
 
 def _keys(args: argparse.Namespace, work: Callable[[ApiKeys], Awaitable[T]]) -> T:

@@ -44,6 +44,19 @@ class TallyError(Exception):
     def __str__(self) -> str:
         return self.message
 
+    def listed_violations(self) -> list[Violation]:
+        """The violations an answer lists: at most MAX_LISTED_VIOLATIONS, then one line that
+        counts the rest, so that an answer always fits in a response's trailers."""
+        if len(self.violations) <= MAX_LISTED_VIOLATIONS:
+            return self.violations
+        rest = len(self.violations) - MAX_LISTED_VIOLATIONS + 1
+        return [*self.violations[: MAX_LISTED_VIOLATIONS - 1], Violation("", f"and {rest:,} more violations")]
+
+
+# Enough to fix a request by; 10,000 would overflow the trailers and lose the answer.
+MAX_LISTED_VIOLATIONS = 100
+MAX_SUMMARIZED_VIOLATIONS = 5
+
 
 class StorageUnavailable(TallyError):
     """The database could not be reached, or was busy beyond its timeout: worth a retry.
@@ -66,8 +79,10 @@ def internal_error(request_id: str) -> TallyError:
 
 
 def invalid(violations: list[Violation], reason: str = "INVALID_ARGUMENT") -> TallyError:
-    """One INVALID_ARGUMENT naming every violation."""
-    summary = "; ".join(f"{v.field}: {v.description}" for v in violations)
+    """One INVALID_ARGUMENT with every violation (its message names the first few)."""
+    summary = "; ".join(f"{v.field}: {v.description}" for v in violations[:MAX_SUMMARIZED_VIOLATIONS])
+    if len(violations) > MAX_SUMMARIZED_VIOLATIONS:
+        summary += f"; and {len(violations) - MAX_SUMMARIZED_VIOLATIONS:,} more"
     return TallyError(Code.INVALID_ARGUMENT, reason, f"invalid request: {summary}", violations)
 
 

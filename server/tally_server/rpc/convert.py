@@ -20,7 +20,7 @@ from tally.v1 import (
 )
 
 from ..domain import models as m
-from ..domain.errors import TallyError
+from ..domain.errors import TallyError, Violation, invalid
 from ..domain.money import nanos_to_units_and_nanos
 
 
@@ -37,9 +37,30 @@ def timestamp(time_us: int | None) -> timestamp_pb2.Timestamp | None:
     return stamp
 
 
-def micros(message: Message, field: str) -> int | None:
-    """A Timestamp field as microseconds, or None when unset."""
-    return getattr(message, field).ToMicroseconds() if message.HasField(field) else None
+# google.protobuf.Timestamp's valid range: 0001-01-01T00:00:00Z to 9999-12-31T23:59:59.999999999Z.
+_MIN_SECONDS, _MAX_SECONDS = -62_135_596_800, 253_402_300_799
+
+
+def timestamp_problem(stamp: timestamp_pb2.Timestamp) -> str | None:
+    """Why a Timestamp is not a valid one, or None: outside protobuf's range, a caller
+    could otherwise reach date arithmetic that fails."""
+    if not _MIN_SECONDS <= stamp.seconds <= _MAX_SECONDS:
+        return f"seconds must be within years 0001 to 9999, got {stamp.seconds}"
+    if not 0 <= stamp.nanos <= 999_999_999:
+        return f"nanos must be 0 to 999,999,999, got {stamp.nanos}"
+    return None
+
+
+def micros(message: Message, field: str, path: str = "") -> int | None:
+    """A Timestamp field as microseconds, or None when unset; INVALID_ARGUMENT (naming
+    `path`, else the field) when it is not a valid Timestamp."""
+    if not message.HasField(field):
+        return None
+    stamp = getattr(message, field)
+    problem = timestamp_problem(stamp)
+    if problem is not None:
+        raise invalid([Violation(path or field, problem)])
+    return int(stamp.ToMicroseconds())
 
 
 def money(total_nanos: int) -> common_pb2.Money:
@@ -321,7 +342,7 @@ def item_error(error: TallyError) -> common_pb2.ItemError:
         message=error.message,
         reason=error.reason,
         field_violations=[
-            common_pb2.FieldViolation(field=v.field, description=v.description) for v in error.violations
+            common_pb2.FieldViolation(field=v.field, description=v.description) for v in error.listed_violations()
         ],
     )
 

@@ -17,8 +17,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc import aio
 
+from ..domain.errors import TallyError, Violation, invalid
 from .access import Access, current_key
 from .status import as_tally_error, current_call, status_of
 
@@ -109,29 +111,56 @@ class ServerInterceptor(aio.ServerInterceptor):
         return wrapped
 
 
+class Undecodable:
+    """A request message that does not decode (e.g. a string field of invalid UTF-8), in
+    place of the message: grpc would end the call with UNKNOWN, or a whole stream, where
+    Tally answers INVALID_ARGUMENT for the call, or for that one message of a stream."""
+
+    __slots__ = ("problem",)
+
+    def __init__(self, problem: str) -> None:
+        self.problem = problem
+
+    def error(self, field_path: str = "request") -> TallyError:
+        return invalid([Violation(field_path, f"the message does not decode: {self.problem}")], "UNDECODABLE_MESSAGE")
+
+
+def _tolerant(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserialize is None:
+        return None
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except DecodeError as error:
+            return Undecodable(str(error)[:200])
+
+    return parse
+
+
 def _wrap(method: str, handler: Handler, access: Access) -> Handler:
     if handler.unary_unary:
         return grpc.unary_unary_rpc_method_handler(
             _wrap_unary(method, access, handler.unary_unary),
-            request_deserializer=handler.request_deserializer,
+            request_deserializer=_tolerant(handler.request_deserializer),
             response_serializer=handler.response_serializer,
         )
     if handler.unary_stream:
         return grpc.unary_stream_rpc_method_handler(
             _wrap_stream(method, access, handler.unary_stream),
-            request_deserializer=handler.request_deserializer,
+            request_deserializer=_tolerant(handler.request_deserializer),
             response_serializer=handler.response_serializer,
         )
     if handler.stream_unary:
         return grpc.stream_unary_rpc_method_handler(
             _wrap_unary(method, access, handler.stream_unary),
-            request_deserializer=handler.request_deserializer,
+            request_deserializer=_tolerant(handler.request_deserializer),
             response_serializer=handler.response_serializer,
         )
     assert handler.stream_stream is not None, "a handler has one of the four behaviors"
     return grpc.stream_stream_rpc_method_handler(
         _wrap_stream(method, access, handler.stream_stream),
-        request_deserializer=handler.request_deserializer,
+        request_deserializer=_tolerant(handler.request_deserializer),
         response_serializer=handler.response_serializer,
     )
 
@@ -141,6 +170,8 @@ def _wrap_unary(method: str, access: Access, behavior: Behavior) -> Behavior:
         call = _Call(method, context)
         try:
             await call.admit(access, context)
+            if isinstance(request_or_iterator, Undecodable):
+                raise request_or_iterator.error()
             return await behavior(request_or_iterator, context)
         except Exception as error:
             if _is_abort(error):

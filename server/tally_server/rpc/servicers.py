@@ -28,7 +28,7 @@ from tally.v1 import (
 )
 
 from ..domain import ingest as ingest_rules
-from ..domain.errors import TallyError, Violations
+from ..domain.errors import TallyError, Violation, Violations, invalid
 from ..domain.experience_types import ExperienceTypes
 from ..domain.experiences import Experiences
 from ..domain.ingest import Ingestor
@@ -37,6 +37,7 @@ from ..domain.models import EventContext, IngestResult, UnitPrice, UsageEvent, n
 from ..domain.prices import Prices
 from . import convert, metadata
 from .access import current_key
+from .interceptor import Undecodable
 from .status import as_tally_error, current_call
 
 log = logging.getLogger("tally.rpc")
@@ -175,6 +176,8 @@ def _item_error(outcome: Exception) -> common_pb2.ItemError:
 
 def _prepare(message: ing_pb.UsageEvent, call: EventContext, now: int, prefix: str) -> UsageEvent | TallyError:
     """The validated domain event, or the INVALID_ARGUMENT that refuses it."""
+    if message.HasField("event_timestamp") and (problem := convert.timestamp_problem(message.event_timestamp)):
+        return invalid([Violation(f"{prefix}event_timestamp", problem)], "INVALID_EVENT")
     return ingest_rules.prepare_event(convert.usage_event(message, now), call, now, prefix)
 
 
@@ -225,7 +228,7 @@ class IngestServicer(ing_grpc.IngestServiceServicer):
         return response
 
     async def IngestStream(
-        self, request_iterator: AsyncIterator[ing_pb.IngestStreamRequest], context: Context
+        self, request_iterator: AsyncIterator[ing_pb.IngestStreamRequest | Undecodable], context: Context
     ) -> AsyncIterator[ing_pb.IngestStreamResponse]:
         call = metadata.call_context(context.invocation_metadata())
         in_flight: asyncio.Queue[tuple[int, str, _Pending] | None] = asyncio.Queue(maxsize=STREAM_WINDOW)
@@ -235,9 +238,13 @@ class IngestServicer(ing_grpc.IngestServiceServicer):
             position = 0
             try:
                 async for request in request_iterator:
-                    prepared = _prepare(request.event, call, now_us(), "event.")
-                    key = request.event.idempotency_key or request.event.provider_response_id
-                    pending = prepared if isinstance(prepared, TallyError) else self.ingestor.enqueue(prepared)
+                    pending: _Pending
+                    if isinstance(request, Undecodable):  # answered in place; the stream goes on
+                        key, pending = "", request.error("event")
+                    else:
+                        prepared = _prepare(request.event, call, now_us(), "event.")
+                        key = request.event.idempotency_key or request.event.provider_response_id
+                        pending = prepared if isinstance(prepared, TallyError) else self.ingestor.enqueue(prepared)
                     await in_flight.put((position, key, pending))
                     position += 1
             finally:
@@ -277,7 +284,7 @@ class PriceCatalogServicer(price_grpc.PriceCatalogServiceServicer):
         created, warnings = await self.prices.create(
             p.category,
             p.resource,
-            convert.micros(p, "effective_time"),
+            convert.micros(p, "effective_time", "price.effective_time"),
             {u: UnitPrice(x.input_per_million, x.output_per_million) for u, x in p.unit_prices.items()},
             create_key=_key_name(),
             price_context=dict(p.price_context),

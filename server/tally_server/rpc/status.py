@@ -45,7 +45,7 @@ def status_of(error: TallyError) -> grpc.Status:
             error_details_pb2.BadRequest(
                 field_violations=[
                     error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
-                    for v in error.violations
+                    for v in error.listed_violations()
                 ]
             )
         )

@@ -32,7 +32,9 @@ async def _unavailable_as_storage_error() -> AsyncIterator[None]:
     try:
         yield
     except _UNAVAILABLE as error:
-        raise StorageUnavailable(f"{type(error).__name__}: {error}") from error
+        # The driver's own words, without SQLAlchemy's statement and "background" link.
+        cause = getattr(error, "orig", None) or error
+        raise StorageUnavailable(f"{type(cause).__name__}: {cause}") from error
 
 
 class Database:

@@ -1,0 +1,128 @@
+"""Bad input answered cleanly, through the wire on both databases: a message that does not
+decode (INVALID_ARGUMENT with a request id; in a stream, answered at its position while
+the stream goes on), timestamps outside protobuf's range, error details capped so the
+caller always receives them, and start-up errors in one line."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import grpc
+import pytest
+from google.protobuf import timestamp_pb2
+from grpc import aio
+
+from tally.v1 import (
+    experience_service_pb2 as exp_pb,
+    experience_type_service_pb2 as et_pb,
+    ingest_service_pb2 as pb,
+    price_catalog_service_pb2 as price_pb,
+)
+
+from .helpers import decode, raises
+
+# An IngestRequest whose event's category (field 1 of field 1) is not UTF-8.
+UNDECODABLE = b"\x0a\x05\x0a\x03\xff\xfe\xfd"
+
+
+def good_event() -> pb.UsageEvent:
+    return pb.UsageEvent(category="system.openai", resource="gpt-4o", units={"text": pb.UnitCounts(input=10)})
+
+
+async def test_an_undecodable_message_is_invalid_argument_with_a_request_id(stubs):
+    call = stubs.channel.unary_unary(
+        "/tally.v1.IngestService/Ingest", request_serializer=bytes, response_deserializer=pb.IngestResponse.FromString
+    )
+    with pytest.raises(aio.AioRpcError) as caught:
+        await call(UNDECODABLE, timeout=10)
+    error = decode(caught.value)
+    assert (error.code, error.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "UNDECODABLE_MESSAGE")
+    assert "does not decode" in error.fields["request"] and "DecodeError" not in error.message
+    assert dict(caught.value.trailing_metadata())["x-request-id"]
+
+
+async def test_an_undecodable_message_in_a_stream_is_answered_in_place_and_the_stream_goes_on(stubs):
+    good = pb.IngestStreamRequest(event=good_event()).SerializeToString()
+    stream = stubs.channel.stream_stream(
+        "/tally.v1.IngestService/IngestStream",
+        request_serializer=bytes,
+        response_deserializer=pb.IngestStreamResponse.FromString,
+    )
+    answers = [answer async for answer in stream(iter([good, UNDECODABLE, good]), timeout=10)]
+    assert [a.position for a in answers] == [0, 1, 2]
+    assert answers[0].HasField("result") and answers[2].HasField("result")
+    assert (
+        answers[1].error.reason == "UNDECODABLE_MESSAGE"
+        and answers[1].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    )
+
+
+def stamp(seconds: int, nanos: int = 0) -> timestamp_pb2.Timestamp:
+    return timestamp_pb2.Timestamp(seconds=seconds, nanos=nanos)
+
+
+BAD_STAMPS = [stamp(253_402_300_800), stamp(-62_135_596_801), stamp(0, -1), stamp(0, 1_000_000_000), stamp(2**62)]
+
+
+@pytest.mark.parametrize("bad", BAD_STAMPS, ids=["after-9999", "before-0001", "negative-nanos", "nanos-1e9", "2^62"])
+async def test_timestamps_outside_protobufs_range_are_invalid_argument_everywhere(stubs, bad):
+    event = good_event()
+    event.event_timestamp.CopyFrom(bad)
+    async with raises(grpc.StatusCode.INVALID_ARGUMENT) as error:
+        await stubs.ingest.Ingest(pb.IngestRequest(event=event))
+    assert "event.event_timestamp" in error.fields
+    batch = await stubs.ingest.IngestBatch(pb.IngestBatchRequest(events=[good_event(), event]))
+    assert batch.accepted_count == 1 and batch.items[1].error.field_violations[0].field == "events[1].event_timestamp"
+    rates = {"text": price_pb.UnitPrice(input_per_million="1")}
+    price = price_pb.CustomPrice(category="custom.x", resource="y", effective_time=bad, unit_prices=rates)
+    some_id = "00000000-0000-4000-8000-000000000000"
+    quote = price_pb.QuotePriceRequest(category="c", resource="r", event_timestamp=bad)
+    calls = [
+        (stubs.prices.QuotePrice, quote, "event_timestamp"),
+        (stubs.prices.CreateCustomPrice, price_pb.CreateCustomPriceRequest(price=price), "price.effective_time"),
+        (stubs.prices.EndCustomPrice, price_pb.EndCustomPriceRequest(price_id=some_id, end_time=bad), "end_time"),
+        (stubs.experiences.ListExperiences, exp_pb.ListExperiencesRequest(create_time_start=bad), "create_time_start"),
+        (stubs.types.GetExperienceTypeStats, et_pb.GetExperienceTypeStatsRequest(name="A", end_time=bad), "end_time"),
+    ]  # fmt: skip
+    for rpc, request, field in calls:
+        async with raises(grpc.StatusCode.INVALID_ARGUMENT) as error:
+            await rpc(request)
+        assert field in error.fields, (field, error.fields)
+
+
+async def test_ten_thousand_violations_reach_the_caller_capped(stubs):
+    event = good_event()
+    for n in range(10_000):
+        event.properties[f"bad key {n}"] = "x"
+    async with raises(grpc.StatusCode.INVALID_ARGUMENT, "INVALID_EVENT") as error:
+        await stubs.ingest.Ingest(pb.IngestRequest(event=event))
+    # 10,000 bad keys and the limit of 64 entries: 10,001 violations, the first 99 listed.
+    assert len(error.fields) == 100, "the first 99 and a count of the rest"
+    assert error.fields[""] == "and 9,902 more violations"
+    assert len(error.message) < 1000 and error.message.endswith("and 9,996 more")
+    batch = await stubs.ingest.IngestBatch(pb.IngestBatchRequest(events=[event, good_event()]))
+    assert len(batch.items[0].error.field_violations) == 100 and batch.accepted_count == 1
+
+
+MISSING_DIRECTORY = "sqlite+aiosqlite:////nonexistent/dir/tally.db"
+UNREACHABLE = "postgresql+asyncpg://tally:s3cret@127.0.0.1:1/tally"
+
+
+@pytest.mark.parametrize(
+    ("url", "said"),
+    [
+        (MISSING_DIRECTORY, f"cannot use the database {MISSING_DIRECTORY}: OperationalError: unable to open database"),
+        (UNREACHABLE, "cannot use the database postgresql+asyncpg://tally:***@127.0.0.1:1/tally: "),
+        ("mysql://somewhere/db", "cannot use the database URL 'mysql://somewhere/db'"),
+        ("not a url", "cannot use the database URL 'not a url': Could not parse"),
+    ],
+    ids=["missing-directory", "unreachable-postgresql", "unknown-driver", "not-a-url"],
+)
+def test_start_up_errors_are_one_line_naming_the_url_without_its_password(url, said):
+    command = [sys.executable, "-m", "tally_server", "--listen", "127.0.0.1:0", "--database-url", url]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 1, result.stderr[-2000:]
+    assert lines[0].startswith(f"tally: {said}"), lines[0]
+    assert "s3cret" not in result.stderr

@@ -126,3 +126,85 @@ def test_start_up_errors_are_one_line_naming_the_url_without_its_password(url, s
     assert result.returncode == 1 and len(lines) == 1, result.stderr[-2000:]
     assert lines[0].startswith(f"tally: {said}"), lines[0]
     assert "s3cret" not in result.stderr
+
+
+async def test_numbers_past_the_bounds_are_refused_and_change_nothing(stubs):
+    from .conftest import unique
+
+    huge = good_event()
+    huge.units["text"].output = 600_000_000_000_000
+    async with raises(grpc.StatusCode.INVALID_ARGUMENT) as error:
+        await stubs.ingest.Ingest(pb.IngestRequest(event=huge))
+    assert "event.units['text'].output" in error.fields
+    slow = good_event()
+    slow.end_to_end_latency_ms = 2**63 - 1
+    async with raises(grpc.StatusCode.INVALID_ARGUMENT) as error:
+        await stubs.ingest.Ingest(pb.IngestRequest(event=slow))
+    assert "event.end_to_end_latency_ms" in error.fields
+    # Within the count bound, but $10,000,000 of gpt-4o output: refused before any experience is made.
+    name = unique("Costly")
+    await stubs.types.CreateExperienceType(
+        et_pb.CreateExperienceTypeRequest(experience_type=et_pb.ExperienceType(name=name, description="too costly"))
+    )
+    costly = good_event()
+    costly.units["text"].output = 10**12
+    async with raises(grpc.StatusCode.INVALID_ARGUMENT, "COST_OUT_OF_RANGE"):
+        await stubs.ingest.Ingest(pb.IngestRequest(event=costly), metadata=(("xproxy-experience-name", name),))
+    listed = await stubs.experiences.ListExperiences(exp_pb.ListExperiencesRequest(experience_name=name))
+    assert not listed.experiences, "a refused event leaves no experience behind"
+
+
+@pytest.mark.parametrize(
+    "field", ["idempotency_key", "provider_response_id", "user_id", "property", "tag", "experience_id", "description"]
+)
+async def test_nul_characters_are_invalid_argument_not_a_database_error(stubs, field):
+    event = good_event()
+    if field == "description":
+        request = et_pb.CreateExperienceTypeRequest(
+            experience_type=et_pb.ExperienceType(name="Nul", description="a\x00b")
+        )
+        async with raises(grpc.StatusCode.INVALID_ARGUMENT):
+            await stubs.types.CreateExperienceType(request)
+        return
+    if field in ("idempotency_key", "provider_response_id"):
+        setattr(event, field, "key\x00")
+    elif field == "property":
+        event.properties["note"] = "a\x00b"
+    elif field == "tag":
+        event.context.request_tags.append("beta\x00")
+    else:
+        setattr(event.context, field, "x\x00y")
+    async with raises(grpc.StatusCode.INVALID_ARGUMENT):
+        await stubs.ingest.Ingest(pb.IngestRequest(event=event))
+
+
+async def test_sums_past_64_bit_nano_dollars_are_exact(stubs):
+    """10,000 events of $999,999 in one experience: $9,999,990,000, past 2^63 nano-dollars."""
+    from .conftest import unique
+
+    name, resource = unique("Whales"), unique("whale")
+    await stubs.types.CreateExperienceType(
+        et_pb.CreateExperienceTypeRequest(experience_type=et_pb.ExperienceType(name=name, description="big"))
+    )
+    rate = {"text": price_pb.UnitPrice(input_per_million="999999")}
+    await stubs.prices.CreateCustomPrice(
+        price_pb.CreateCustomPriceRequest(
+            price=price_pb.CustomPrice(category="custom.big", resource=resource, unit_prices=rate)
+        )
+    )
+    created = await stubs.experiences.CreateExperience(exp_pb.CreateExperienceRequest(experience_name=name))
+    experience_id = created.experience.experience_id
+    whale = pb.UsageEvent(category="custom.big", resource=resource, units={"text": pb.UnitCounts(input=1_000_000)})
+    metadata = (("xproxy-experience-id", experience_id),)
+    for _ in range(10):
+        batch = await stubs.ingest.IngestBatch(pb.IngestBatchRequest(events=[whale] * 1000), metadata=metadata)
+        assert batch.accepted_count == 1000
+    stats = (
+        await stubs.experiences.GetExperience(exp_pb.GetExperienceRequest(experience_id=experience_id))
+    ).experience.stats
+    assert (stats.cost_total.units, stats.cost_total.nanos, stats.event_count) == (9_999_990_000, 0, 10_000)
+    assert 9_999_990_000 * 10**9 > 2**63
+    by_type = await stubs.types.GetExperienceTypeStats(et_pb.GetExperienceTypeStatsRequest(name=name))
+    assert (
+        by_type.total.total_cost.units == 9_999_990_000 and by_type.total.max_cost_per_experience.units == 9_999_990_000
+    )

@@ -15,7 +15,7 @@ from tally_client.metadata import CONTEXT_KEYS, PRICE_CONTEXT
 
 from ..storage import repository as repo
 from ..storage.db import Database
-from .errors import Code, TallyError, Violations, invalid
+from .errors import Code, TallyError, Violation, Violations, invalid
 from .ids import uuid7
 from .models import (
     Cost,
@@ -32,11 +32,14 @@ from .pricing import PriceCatalog
 from .resolution import resolve_experiences
 from .validation import (
     CATEGORY_PATTERN,
+    LATENCY_MAX_MS,
     NAME_PATTERN,
     PROPERTIES_MAX_ENTRIES,
+    UNIT_COUNT_MAX,
     UNIT_TYPE_PATTERN,
     check_price_context,
     check_string_map,
+    check_text,
 )
 
 log = logging.getLogger(__name__)
@@ -105,41 +108,51 @@ def validate_event(event: UsageEvent, now: int | None, v: Violations) -> None:
     for unit_type, (input_count, output_count) in event.units.items():
         if not UNIT_TYPE_PATTERN.fullmatch(unit_type):
             v.add(f"units[{unit_type[:64]!r}]", "unit type must match [a-z0-9_]{1,64}")
-        if input_count < 0:
-            v.add(f"units[{unit_type[:64]!r}].input", f"must not be negative, got {input_count}")
-        if output_count < 0:
-            v.add(f"units[{unit_type[:64]!r}].output", f"must not be negative, got {output_count}")
+        for direction, count in (("input", input_count), ("output", output_count)):
+            if not 0 <= count <= UNIT_COUNT_MAX:
+                v.add(f"units[{unit_type[:64]!r}].{direction}", f"must be 0 to {UNIT_COUNT_MAX:,}, got {count}")
     if now is not None and event.event_time_us > now + MAX_FUTURE_SKEW_US:
         v.add("event_timestamp", "is more than 5 minutes in the future")
     elif event.event_time_us < 0:
         v.add("event_timestamp", "must not be before 1970-01-01")
-    if event.end_to_end_latency_ms < 0:
-        v.add("end_to_end_latency_ms", "must not be negative")
-    if event.time_to_first_token_ms < 0:
-        v.add("time_to_first_token_ms", "must not be negative")
+    for name, latency in (
+        ("end_to_end_latency_ms", event.end_to_end_latency_ms),
+        ("time_to_first_token_ms", event.time_to_first_token_ms),
+    ):
+        if not 0 <= latency <= LATENCY_MAX_MS:
+            v.add(name, f"must be 0 to {LATENCY_MAX_MS:,} (a week), got {latency}")
     if event.http_status_code and not 100 <= event.http_status_code <= 599:
         v.add("http_status_code", f"must be 0 (unknown) or 100..599, got {event.http_status_code}")
-    if len(event.provider_response_id) > 256:
-        v.add("provider_response_id", "must be at most 256 characters")
-    if len(event.idempotency_key) > 256:
-        v.add("idempotency_key", "must be at most 256 characters")
+    check_text(v, "provider_response_id", event.provider_response_id)
+    check_text(v, "idempotency_key", event.idempotency_key)
     check_string_map(v, "properties", event.properties, PROPERTIES_MAX_ENTRIES)
     context = event.context
-    if len(context.experience_id) > 256:
-        v.add("context.experience_id", "must be at most 256 characters")
+    check_text(v, "context.experience_id", context.experience_id)
     if context.experience_name and not NAME_PATTERN.fullmatch(context.experience_name):
         v.add("context.experience_name", "experience type name must match [A-Za-z0-9._-]{1,64}")
     if context.experience_version < 0:
         v.add("context.experience_version", "must be 0 (current) or a version number")
-    if len(context.user_id) > 256:
-        v.add("context.user_id", "must be at most 256 characters")
+    check_text(v, "context.user_id", context.user_id)
     if event.price_context:
         check_price_context(v, "price_context", event.price_context)
     if len(context.request_tags) > MAX_TAGS:
         v.add("context.request_tags", f"at most {MAX_TAGS} tags")
     for tag in context.request_tags:
-        if not tag or len(tag) > 128 or "," in tag:
+        if not tag or len(tag) > 128 or "," in tag or "\x00" in tag:
             v.add("context.request_tags", f"each tag is 1 to 128 characters without commas, got {tag[:80]!r}")
+
+
+# At most $1,000,000 an event. With it, an event's costs fit in 64-bit nano-dollars with
+# room to spare, and sums (taken as whole dollars and nanos apart, storage/repository.py)
+# cannot overflow below 9 trillion events.
+MAX_EVENT_COST_NANOS = 10**15
+
+
+def cost_out_of_range(cost: Cost) -> TallyError:
+    return invalid(
+        [Violation("units", f"the event would cost ${cost.total_nanos / 1e9:,.0f}; at most $1,000,000 an event")],
+        "COST_OUT_OF_RANGE",
+    )
 
 
 def idempotency_key(event: UsageEvent) -> str:
@@ -311,14 +324,24 @@ class Ingestor:
                     outcomes[id(item)] = result_from_row(row)
                 else:
                     outcomes[id(item)] = key_reused(key)
-            resolutions = await resolve_experiences(conn, [item.event.context for item in fresh], now)
+            # Priced before resolution, so that an event refused for its cost creates no experience.
+            costs: list[Cost] = []
+            priced: list[_Pending] = []
+            for item in fresh:
+                cost = self._price(item.event)
+                if cost.total_nanos > MAX_EVENT_COST_NANOS:
+                    outcomes[id(item)] = cost_out_of_range(cost)
+                else:
+                    costs.append(cost)
+                    priced.append(item)
+            resolutions = await resolve_experiences(conn, [item.event.context for item in priced], now)
             stored_pairs: list[tuple[UsageEvent, IngestResult]] = []
             results: list[tuple[_Pending, IngestResult]] = []
-            for item, resolution in zip(fresh, resolutions, strict=True):
+            for item, cost, resolution in zip(priced, costs, resolutions, strict=True):
                 if isinstance(resolution, TallyError):
                     outcomes[id(item)] = resolution
                     continue
-                result = self._result(item.event, resolution, now)
+                result = self._result(item.event, resolution, now, cost)
                 stored_pairs.append((item.event, result))
                 results.append((item, result))
             skipped = await repo.insert_events(conn, stored_pairs)
@@ -330,8 +353,10 @@ class Ingestor:
                 outcomes[id(item)] = result
         return outcomes, raced
 
-    def _result(self, event: UsageEvent, resolution: Any, now: int) -> IngestResult:
-        cost = self.catalog.price(event.category, event.resource, event.units, event.event_time_us, event.price_context)
+    def _price(self, event: UsageEvent) -> Cost:
+        return self.catalog.price(event.category, event.resource, event.units, event.event_time_us, event.price_context)
+
+    def _result(self, event: UsageEvent, resolution: Any, now: int, cost: Cost) -> IngestResult:
         experience = resolution.experience
         warnings = resolution.warnings
         if event.context.warnings or cost.warnings:

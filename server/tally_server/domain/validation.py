@@ -12,11 +12,26 @@ NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
 UNIT_TYPE_PATTERN = re.compile(r"[a-z0-9_]{1,64}")
 CATEGORY_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,128}")
 
+# Bounds of what an event may say (stated in the proto comments). A count past a trillion
+# or a latency past a week is a bug in the caller, and with these bounds and the price
+# bound (prices.py) no event's cost or any sum of costs can overflow 64-bit nano-dollars.
+UNIT_COUNT_MAX = 10**12
+LATENCY_MAX_MS = 7 * 24 * 3600 * 1000
+TEXT_MAX = 256  # ids, keys, user ids
+
 DESCRIPTION_MAX = 1024
 SETTINGS_MAX_ENTRIES = 32
 PROPERTIES_MAX_ENTRIES = 64
 MAP_VALUE_MAX = 1024
 REQUEST_ID_MAX = 128
+
+
+def check_text(v: Violations, field_path: str, value: str, max_length: int = TEXT_MAX) -> None:
+    """At most `max_length` characters, and no NUL (PostgreSQL's text cannot hold one)."""
+    if len(value) > max_length:
+        v.add(field_path, f"must be at most {max_length} characters, got {len(value)}")
+    if "\x00" in value:
+        v.add(field_path, "must not contain NUL characters")
 
 
 def check_name(v: Violations, field_path: str, name: str, *, what: str = "name") -> None:
@@ -32,8 +47,8 @@ def check_string_map(v: Violations, field_path: str, values: Mapping[str, str], 
     for key, value in values.items():
         if not NAME_PATTERN.fullmatch(key):
             v.add(f"{field_path}[{key[:80]!r}]", "key must match [A-Za-z0-9._-]{1,64}")
-        if len(value) > MAP_VALUE_MAX:
-            v.add(f"{field_path}[{key[:80]!r}]", f"value must be at most {MAP_VALUE_MAX} characters")
+        if len(value) > MAP_VALUE_MAX or "\x00" in value:
+            v.add(f"{field_path}[{key[:80]!r}]", f"value must be at most {MAP_VALUE_MAX} characters, without NUL")
 
 
 PRICE_CONTEXT_MAX_ENTRIES = 8
@@ -56,13 +71,12 @@ def check_price_context(v: Violations, field_path: str, context: Mapping[str, st
 def check_description(v: Violations, field_path: str, description: str) -> None:
     if not description.strip():
         v.add(field_path, "description is required")
-    elif len(description) > DESCRIPTION_MAX:
-        v.add(field_path, f"description must be at most {DESCRIPTION_MAX} characters, got {len(description)}")
+    else:
+        check_text(v, field_path, description, DESCRIPTION_MAX)
 
 
 def check_request_id(v: Violations, field_path: str, request_id: str) -> None:
-    if len(request_id) > REQUEST_ID_MAX:
-        v.add(field_path, f"request_id must be at most {REQUEST_ID_MAX} characters")
+    check_text(v, field_path, request_id, REQUEST_ID_MAX)
 
 
 def parse_uuid(text: str) -> uuid.UUID | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -256,20 +257,68 @@ async def set_properties(conn: AsyncConnection, experience_id: uuid.UUID, proper
     await conn.execute(sa.update(experiences).where(experiences.c.id == experience_id).values(properties=properties))
 
 
-async def experience_event_summary(conn: AsyncConnection, experience_id: uuid.UUID) -> tuple[Any, list[int]]:
+_NANOS_PER_DOLLAR = 1_000_000_000
+
+
+def _exact_sum(column: sa.Column[Any], label: str) -> tuple[sa.Label[Any], sa.Label[Any]]:
+    """SUM(column) as whole dollars and leftover nanos, summed apart: 64-bit sums (SQLite's
+    SUM raises past 2^63) cannot overflow below 9 trillion events of $1,000,000."""
+    return (
+        sa.func.coalesce(sa.func.sum(column // _NANOS_PER_DOLLAR), 0).label(f"{label}_dollars"),
+        sa.func.coalesce(sa.func.sum(column % _NANOS_PER_DOLLAR), 0).label(f"{label}_nanos"),
+    )
+
+
+def _nanos(row: Any, label: str) -> int:
+    """The exact sum that _exact_sum took apart."""
+    return int(getattr(row, f"{label}_dollars")) * _NANOS_PER_DOLLAR + int(getattr(row, f"{label}_nanos"))
+
+
+@dataclasses.dataclass(frozen=True)
+class EventSummary:
+    event_count: int
+    cost_input: int
+    cost_output: int
+    cost_total: int
+    failed: int
+    unpriced: int
+    first_us: int | None
+    last_us: int | None
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperienceCost:
+    version: int
+    id: uuid.UUID
+    total: int
+    events: int
+    unpriced: int
+
+
+async def experience_event_summary(conn: AsyncConnection, experience_id: uuid.UUID) -> tuple[EventSummary, list[int]]:
     """Aggregates of the experience's events, and their latencies in ascending order."""
     ev = events
     aggregate = sa.select(
         sa.func.count().label("event_count"),
-        sa.func.coalesce(sa.func.sum(ev.c.cost_input_nanos), 0).label("cost_input"),
-        sa.func.coalesce(sa.func.sum(ev.c.cost_output_nanos), 0).label("cost_output"),
-        sa.func.coalesce(sa.func.sum(ev.c.cost_total_nanos), 0).label("cost_total"),
+        *_exact_sum(ev.c.cost_input_nanos, "cost_input"),
+        *_exact_sum(ev.c.cost_output_nanos, "cost_output"),
+        *_exact_sum(ev.c.cost_total_nanos, "cost_total"),
         sa.func.count().filter(ev.c.http_status_code >= 400).label("failed"),
         sa.func.count().filter(ev.c.cost_state != int(m.CostState.PRICED)).label("unpriced"),
         sa.func.min(ev.c.event_time_us).label("first_us"),
         sa.func.max(ev.c.event_time_us).label("last_us"),
     ).where(ev.c.experience_id == experience_id)
-    summary = (await conn.execute(aggregate)).one()
+    row = (await conn.execute(aggregate)).one()
+    summary = EventSummary(
+        int(row.event_count),
+        _nanos(row, "cost_input"),
+        _nanos(row, "cost_output"),
+        _nanos(row, "cost_total"),
+        int(row.failed),
+        int(row.unpriced),
+        None if row.first_us is None else int(row.first_us),
+        None if row.last_us is None else int(row.last_us),
+    )
     latencies = await conn.execute(
         sa.select(ev.c.end_to_end_latency_ms)
         .where(ev.c.experience_id == experience_id)
@@ -280,15 +329,14 @@ async def experience_event_summary(conn: AsyncConnection, experience_id: uuid.UU
 
 async def cost_per_experience(
     conn: AsyncConnection, type_id: int, version: int, start_us: int | None, end_us: int | None
-) -> list[Any]:
-    """One row per experience of the type with events in the window:
-    (version, experience_id, total_nanos, event_count, unpriced_count)."""
+) -> list[ExperienceCost]:
+    """One row per experience of the type with events in the window."""
     ev, e = events, experiences
     query = (
         sa.select(
             e.c.version,
             e.c.id,
-            sa.func.sum(ev.c.cost_total_nanos).label("total"),
+            *_exact_sum(ev.c.cost_total_nanos, "total"),
             sa.func.count().label("events"),
             sa.func.count().filter(ev.c.cost_state != int(m.CostState.PRICED)).label("unpriced"),
         )
@@ -302,7 +350,10 @@ async def cost_per_experience(
         query = query.where(ev.c.event_time_us >= start_us)
     if end_us is not None:
         query = query.where(ev.c.event_time_us < end_us)
-    return list(await conn.execute(query))
+    return [
+        ExperienceCost(int(r.version), r.id, _nanos(r, "total"), int(r.events), int(r.unpriced))
+        for r in await conn.execute(query)
+    ]
 
 
 # --- events ----------------------------------------------------------------------------

@@ -208,3 +208,57 @@ async def test_sums_past_64_bit_nano_dollars_are_exact(stubs):
     assert (
         by_type.total.total_cost.units == 9_999_990_000 and by_type.total.max_cost_per_experience.units == 9_999_990_000
     )
+
+
+def _b64(data: bytes) -> str:
+    import base64
+
+    return base64.urlsafe_b64encode(data).decode().rstrip("=")
+
+
+FORGED_TOKENS = {
+    "unsigned": _b64(b'{"f":"0000000000000000","p":"Zzz"}'),
+    "huge position": _b64(b'{"f":"x","p":[1180591620717411303424,"x"]}') + "." + _b64(b"0" * 16),
+    "deep nesting": _b64(b"[" * 5000 + b"]" * 5000) + "." + _b64(b"0" * 16),
+    "nul": "abc\x00def",
+    "too long": "a" * 5000,
+    "not base64": "%%%.%%%",
+}
+
+
+@pytest.mark.parametrize("token", FORGED_TOKENS.values(), ids=FORGED_TOKENS.keys())
+async def test_forged_page_tokens_are_invalid_argument(stubs, token):
+    for rpc, request in (
+        (stubs.types.ListExperienceTypes, et_pb.ListExperienceTypesRequest(page_token=token)),
+        (stubs.experiences.ListExperiences, exp_pb.ListExperiencesRequest(experience_name="A", page_token=token)),
+        (stubs.prices.ListCustomPrices, price_pb.ListCustomPricesRequest(page_token=token)),
+    ):
+        async with raises(grpc.StatusCode.INVALID_ARGUMENT) as error:
+            await rpc(request)
+        assert "page_token" in error.fields
+
+
+async def test_page_tokens_are_shared_by_the_replicas_of_one_database_only(stubs, tmp_path):
+    from tally_server.app import TallyServer
+    from tally_server.config import Settings
+    from tally_server.domain.errors import TallyError
+
+    from .conftest import unique
+
+    for _ in range(3):
+        name = unique("Paged")
+        request = et_pb.CreateExperienceTypeRequest(experience_type=et_pb.ExperienceType(name=name, description="p"))
+        await stubs.types.CreateExperienceType(request)
+    first = await stubs.types.ListExperienceTypes(et_pb.ListExperienceTypesRequest(page_size=1))
+    replica = TallyServer(Settings(listen="127.0.0.1:0", database_url=stubs.server.settings.database_url))
+    stranger = TallyServer(Settings(listen="127.0.0.1:0", database_url=f"sqlite+aiosqlite:///{tmp_path / 'other.db'}"))
+    await replica.start()
+    await stranger.start()
+    try:
+        page = await replica.types.list(1, first.next_page_token)
+        assert page.items and page.items[0].name > first.experience_types[0].name, "the replica reads the token"
+        with pytest.raises(TallyError, match="not a page token returned by this list"):
+            await stranger.types.list(1, first.next_page_token)
+    finally:
+        await replica.stop()
+        await stranger.stop()

@@ -34,6 +34,7 @@ from .domain.experience_types import ExperienceTypes
 from .domain.experiences import Experiences
 from .domain.ingest import Ingestor
 from .domain.keys import ApiKeys
+from .domain.paging import PageTokens
 from .domain.prices import Prices
 from .domain.pricing import PriceCatalog
 from .rpc.access import Access, required_scopes
@@ -45,6 +46,7 @@ from .rpc.servicers import (
     IngestServicer,
     PriceCatalogServicer,
 )
+from .storage import repository as repo
 from .storage.db import Database
 from .tls import CertificateFiles, certificate_files
 
@@ -74,10 +76,12 @@ class TallyServer:
         self.catalog = PriceCatalog()
         self.ingestor = Ingestor(self.db, self.catalog)
         self.health = health.aio.HealthServicer()
-        self.types = ExperienceTypes(self.db)
-        self.experiences = Experiences(self.db)
-        self.prices = Prices(self.db, self.catalog)
-        self.keys = ApiKeys(self.db)
+        # One signer of page tokens for every list; start() gives it the database's shared key.
+        self.pages = PageTokens()
+        self.types = ExperienceTypes(self.db, self.pages)
+        self.experiences = Experiences(self.db, self.pages)
+        self.prices = Prices(self.db, self.catalog, self.pages)
+        self.keys = ApiKeys(self.db, self.pages)
         self.server: aio.Server | None = None
         self.port = 0
         self.certificates: CertificateFiles | None = None
@@ -88,6 +92,8 @@ class TallyServer:
         auth, warning = auth_required(self.settings)
         self.certificates = certificate_files(self.settings)
         await self.db.migrate()
+        async with self.db.read() as conn:
+            self.pages.key = await repo.server_key(conn, "page_tokens")
         if warning:
             log.warning(warning)
         if auth and not (await self.keys.list(1, "")).items:

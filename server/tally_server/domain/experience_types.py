@@ -47,8 +47,9 @@ def request_id_reused(request_id: str) -> TallyError:
 
 
 class ExperienceTypes:
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, pages: paging.PageTokens | None = None) -> None:
         self.db = db
+        self.pages = pages or paging.PageTokens()
 
     async def create(
         self, name: str, description: str, settings: dict[str, str], request_id: str = ""
@@ -101,10 +102,10 @@ class ExperienceTypes:
 
     async def list(self, page_size: int, page_token: str) -> Page:
         size = paging.page_size(page_size)
-        after = paging.decode(page_token, "experience_types", None, lambda p: isinstance(p, str))
+        after = self.pages.decode(page_token, "experience_types", None, lambda p: isinstance(p, str))
         async with self.db.read() as conn:
             items = await repo.list_types(conn, after, size + 1)
-        token = paging.encode("experience_types", None, items[size - 1].name) if len(items) > size else ""
+        token = self.pages.encode("experience_types", None, items[size - 1].name) if len(items) > size else ""
         return Page(items[:size], token)
 
     async def update(
@@ -169,13 +170,13 @@ class ExperienceTypes:
 
     async def list_versions(self, name: str, page_size: int, page_token: str) -> Page:
         size = paging.page_size(page_size)
-        before = paging.decode(page_token, "experience_type_versions", name, lambda p: isinstance(p, int))
+        before = self.pages.decode(page_token, "experience_type_versions", name, lambda p: isinstance(p, int))
         async with self.db.read() as conn:
             type_id, _ = await self._require(conn, name)
             items = await repo.list_versions(conn, type_id, name, before, size + 1)
         token = ""
         if len(items) > size:
-            token = paging.encode("experience_type_versions", name, items[size - 1].version)
+            token = self.pages.encode("experience_type_versions", name, items[size - 1].version)
         return Page(items[:size], token)
 
     async def stats(self, name: str, version: int, start_us: int | None, end_us: int | None) -> TypeStats:

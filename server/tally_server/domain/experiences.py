@@ -26,8 +26,9 @@ def _require_uuid(v: Violations, field_path: str, text: str) -> uuid.UUID | None
 
 
 class Experiences:
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, pages: paging.PageTokens | None = None) -> None:
         self.db = db
+        self.pages = pages or paging.PageTokens()
 
     async def create(
         self,
@@ -121,7 +122,7 @@ class Experiences:
         v.raise_if_any()
         size = paging.page_size(page_size)
         filters = [experience_name, version, start_us, end_us]
-        position = paging.decode(
+        position = self.pages.decode(
             page_token,
             "experiences",
             filters,
@@ -136,7 +137,7 @@ class Experiences:
         token = ""
         if len(items) > size:
             last = items[size - 1]
-            token = paging.encode("experiences", filters, [last.create_time_us, str(last.experience_id)])
+            token = self.pages.encode("experiences", filters, [last.create_time_us, str(last.experience_id)])
         return Page(items[:size], token)
 
     async def delete(self, experience_id: str) -> int:

@@ -66,8 +66,9 @@ class ApiKeys:
     CACHE_ENTRIES = 10_000  # secrets remembered, unknown ones included: bounded memory
     LAST_USE_RESOLUTION_US = 60 * 1_000_000
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, pages: paging.PageTokens | None = None) -> None:
         self.db = db
+        self.pages = pages or paging.PageTokens()
         self._cache: OrderedDict[str, tuple[float, ApiKey | None]] = OrderedDict()
 
     async def create(self, name: str, scopes: Sequence[str]) -> tuple[ApiKey, str]:
@@ -85,10 +86,10 @@ class ApiKeys:
 
     async def list(self, page_size: int, page_token: str) -> Page:
         size = paging.page_size(page_size)
-        after = paging.decode(page_token, "api_keys", None, lambda p: isinstance(p, str))
+        after = self.pages.decode(page_token, "api_keys", None, lambda p: isinstance(p, str))
         async with self.db.read() as conn:
             items = await repo.list_api_keys(conn, after, size + 1)
-        token = paging.encode("api_keys", None, items[size - 1].name) if len(items) > size else ""
+        token = self.pages.encode("api_keys", None, items[size - 1].name) if len(items) > size else ""
         return Page(items[:size], token)
 
     async def revoke(self, name: str) -> ApiKey:

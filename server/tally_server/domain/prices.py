@@ -45,9 +45,10 @@ def _price_id(text: str) -> uuid.UUID:
 
 
 class Prices:
-    def __init__(self, db: Database, catalog: PriceCatalog) -> None:
+    def __init__(self, db: Database, catalog: PriceCatalog, pages: paging.PageTokens | None = None) -> None:
         self.db = db
         self.catalog = catalog
+        self.pages = pages or paging.PageTokens()
 
     async def create(
         self,
@@ -146,7 +147,7 @@ class Prices:
     async def list(self, category: str, resource: str, page_size: int, page_token: str) -> Page:
         size = paging.page_size(page_size)
         filters = [category, resource.lower()]
-        after = paging.decode(page_token, "custom_prices", filters, lambda p: isinstance(p, list) and len(p) == 4)
+        after = self.pages.decode(page_token, "custom_prices", filters, lambda p: isinstance(p, list) and len(p) == 4)
         async with self.db.read() as conn:
             items = await repo.list_prices(conn, category, resource.lower(), tuple(after) if after else None, size + 1)
         token = ""
@@ -158,5 +159,5 @@ class Prices:
                 last.effective_time_us,
                 repo.price_context_key(last.price_context),
             ]
-            token = paging.encode("custom_prices", filters, position)
+            token = self.pages.encode("custom_prices", filters, position)
         return Page(items[:size], token)

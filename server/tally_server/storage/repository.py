@@ -21,6 +21,7 @@ from .tables import (
     experience_types,
     experiences,
     idempotent_requests,
+    server_keys,
 )
 
 
@@ -525,3 +526,9 @@ async def revoke_api_key(conn: AsyncConnection, name: str, now_us: int) -> m.Api
 
 async def touch_api_key(conn: AsyncConnection, secret_hash: str, now_us: int) -> None:
     await conn.execute(sa.update(api_keys).where(api_keys.c.secret_hash == secret_hash).values(last_use_time_us=now_us))
+
+
+async def server_key(conn: AsyncConnection, name: str) -> bytes:
+    """A key the replicas of this database share (made by migration 0004)."""
+    value = (await conn.execute(sa.select(server_keys.c.value).where(server_keys.c.name == name))).scalar_one()
+    return bytes.fromhex(value)

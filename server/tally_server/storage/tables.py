@@ -135,3 +135,11 @@ api_keys = sa.Table(
     sa.Column("last_use_time_us", sa.BigInteger, nullable=True),
     sa.Column("revoke_time_us", sa.BigInteger, nullable=True),
 )
+
+# Keys the replicas of one database share, made by a migration: "page_tokens" signs page tokens.
+server_keys = sa.Table(
+    "server_keys",
+    metadata,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("value", sa.String(128), nullable=False),  # hex
+)

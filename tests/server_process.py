@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import collections
 import os
 import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 READY = re.compile(r"tally ready: serving on [^:]+:(\d+)")
@@ -19,6 +21,7 @@ class ServerProcess:
         self.process: subprocess.Popen | None = None
         self.port = 0
         self.lines: list[str] = []  # what it logged until it was ready
+        self.log: collections.deque[str] = collections.deque(maxlen=1000)  # the last of what it logged after
 
     def start(self, timeout: float = 60) -> ServerProcess:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -48,9 +51,16 @@ class ServerProcess:
             if match := READY.search(line):
                 self.port = int(match.group(1))
                 self.lines = lines
+                # Its log goes on (a line per call): read it, or a full pipe stalls the server.
+                threading.Thread(target=self._drain, daemon=True).start()
                 return self
         self.kill()
         raise RuntimeError("server did not become ready:\n" + "".join(lines))
+
+    def _drain(self) -> None:
+        assert self.process is not None and self.process.stderr is not None
+        for line in self.process.stderr:
+            self.log.append(line)
 
     @property
     def target(self) -> str:

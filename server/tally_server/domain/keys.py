@@ -93,6 +93,9 @@ class ApiKeys:
         return Page(items[:size], token)
 
     async def revoke(self, name: str) -> ApiKey:
+        v = Violations()
+        check_name(v, "name", name)
+        v.raise_if_any()
         async with self.db.write() as conn:
             key = await repo.revoke_api_key(conn, name, now_us())
         if key is None:

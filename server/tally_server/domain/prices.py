@@ -11,7 +11,7 @@ from . import paging
 from .errors import Violations, already_exists, failed_precondition, not_found
 from .models import CustomPrice, Page, UnitPrice, now_us
 from .pricing import PriceCatalog
-from .validation import CATEGORY_PATTERN, UNIT_TYPE_PATTERN, check_price_context, parse_uuid
+from .validation import CATEGORY_PATTERN, UNIT_TYPE_PATTERN, check_price_context, check_text, parse_uuid
 
 MAX_UNIT_PRICES = 32
 
@@ -145,6 +145,10 @@ class Prices:
         return price
 
     async def list(self, category: str, resource: str, page_size: int, page_token: str) -> Page:
+        v = Violations()
+        check_text(v, "category", category, 128)
+        check_text(v, "resource", resource, 256)
+        v.raise_if_any()
         size = paging.page_size(page_size)
         filters = [category, resource.lower()]
         after = self.pages.decode(page_token, "custom_prices", filters, lambda p: isinstance(p, list) and len(p) == 4)

@@ -72,7 +72,7 @@ class TallyServer:
         """`extra_handlers` are generic RPC handlers served beside Tally's (the benchmark's baselines)."""
         self.settings = settings
         self.extra_handlers = extra_handlers
-        self.db = Database(settings.database_url)
+        self.db = Database(settings.database_url, timeout=settings.database_timeout_seconds)
         self.catalog = PriceCatalog()
         self.ingestor = Ingestor(self.db, self.catalog)
         self.health = health.aio.HealthServicer()
@@ -85,6 +85,7 @@ class TallyServer:
         self.server: aio.Server | None = None
         self.port = 0
         self.certificates: CertificateFiles | None = None
+        self._watcher: asyncio.Task[None] | None = None
 
     async def start(self) -> int:
         """Migrates the database, binds and starts serving; returns the bound port.
@@ -139,8 +140,8 @@ class TallyServer:
         await server.start()
         self.server = server
         tune_garbage_collector()
-        for name in ("", *SERVICE_NAMES):
-            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        self._watcher = asyncio.create_task(self._watch_database(), name="tally-database-health")
         host = self.settings.listen.rsplit(":", 1)[0]
         security = "plaintext" if self.certificates is None else "TLS"
         if self.certificates is not None and self.certificates.client_ca is not None:
@@ -155,9 +156,40 @@ class TallyServer:
         )
         return self.port
 
+    HEALTH_INTERVAL_SECONDS = 2.0
+
+    async def _set_health(self, status: Any) -> None:
+        for name in ("", *SERVICE_NAMES):
+            await self.health.set(name, status)
+
+    async def _watch_database(self) -> None:
+        """Health says NOT_SERVING while the database does not answer, SERVING once it does."""
+        serving = True
+        while True:
+            await asyncio.sleep(self.HEALTH_INTERVAL_SECONDS)
+            try:
+                async with asyncio.timeout(self.db.timeout):
+                    await self.db.ping()
+                answered = True
+            except (StorageUnavailable, TimeoutError) as error:
+                answered = False
+                if serving:
+                    log.warning("the database does not answer (%s): health is NOT_SERVING", error)
+            if answered != serving:
+                serving = answered
+                if serving:
+                    log.info("the database answers again: health is SERVING")
+                status = (
+                    health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+                )
+                await self._set_health(status)
+
     async def stop(self, grace: float | None = None) -> None:
         """NOT_SERVING first, then in-flight calls get `grace` seconds, then the writer and database close."""
         grace = self.settings.grace_seconds if grace is None else grace
+        if self._watcher is not None:
+            self._watcher.cancel()
+            await asyncio.gather(self._watcher, return_exceptions=True)
         await self.health.enter_graceful_shutdown()
         if self.server is not None:
             await self.server.stop(grace)

@@ -20,6 +20,8 @@ class Settings:
     database_url: str = DEFAULT_DATABASE_URL
     log_level: str = "info"
     grace_seconds: float = 10.0
+    # The longest a database wait may take before a call answers UNAVAILABLE.
+    database_timeout_seconds: float = 5.0
     # "required", "off", or None: off on a loopback address, refused beyond it (see auth_required).
     auth: str | None = None
     tls_cert: str = ""
@@ -95,6 +97,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="seconds in-flight calls get to finish on SIGTERM/SIGINT (env TALLY_GRACE_SECONDS, default 10)",
     )
     parser.add_argument(
+        "--database-timeout",
+        type=float,
+        default=float(_env("TALLY_DATABASE_TIMEOUT_SECONDS", "5")),
+        help="seconds a connection, lock or statement may take before a call answers UNAVAILABLE "
+        "(env TALLY_DATABASE_TIMEOUT_SECONDS, default 5)",
+    )
+    parser.add_argument(
         "--auth",
         choices=AUTH_MODES,
         default=os.environ.get("TALLY_AUTH") or None,
@@ -130,6 +139,7 @@ def from_arguments(args: argparse.Namespace) -> Settings:
         database_url=args.database_url,
         log_level=args.log_level,
         grace_seconds=args.grace,
+        database_timeout_seconds=args.database_timeout,
         auth=args.auth,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,

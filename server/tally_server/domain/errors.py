@@ -40,6 +40,7 @@ class TallyError(Exception):
     message: str
     violations: list[Violation] = field(default_factory=list)
     resource: tuple[str, str] | None = None
+    retry_after_seconds: float | None = None  # said as google.rpc.RetryInfo
 
     def __str__(self) -> str:
         return self.message
@@ -69,6 +70,7 @@ class StorageUnavailable(TallyError):
             Code.UNAVAILABLE,
             "STORAGE_UNAVAILABLE",
             "the database is unavailable or busy; retry (an ingest with the same idempotency key)",
+            retry_after_seconds=1.0,
         )
         self.detail = detail
 

@@ -49,6 +49,10 @@ def status_of(error: TallyError) -> grpc.Status:
                 ]
             )
         )
+    if error.retry_after_seconds is not None:
+        retry = error_details_pb2.RetryInfo()
+        retry.retry_delay.FromNanoseconds(int(error.retry_after_seconds * 1e9))
+        details.append(retry)
     if error.resource is not None:
         resource_type, resource_name = error.resource
         details.append(error_details_pb2.ResourceInfo(resource_type=resource_type, resource_name=resource_name))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -24,14 +25,41 @@ _WRITE = "tally_write"
 _MIGRATION_LOCK_ID = 0x7A11E
 
 
-_UNAVAILABLE = (sa.exc.OperationalError, sa.exc.InterfaceError, OSError, asyncio.TimeoutError)
+DEFAULT_TIMEOUT_SECONDS = 5.0
+_UNAVAILABLE = (
+    sa.exc.OperationalError,
+    sa.exc.InterfaceError,
+    sa.exc.TimeoutError,  # no pooled connection came free in time
+    sqlite3.OperationalError,  # "database is locked", from the statements hot_path sends to the driver
+    OSError,
+    asyncio.TimeoutError,
+)
+# PostgreSQL errors that say the database is unreachable, refusing or busy, not that the
+# request was wrong (SQLSTATE classes and codes): connection exceptions (08), too many
+# connections or no resources (53), operator intervention (57: a statement or lock timeout,
+# a shutdown, "cannot connect now"), the database not accepting connections (55000), a
+# lock not available (55P03), the database gone (3D000), and retryable conflicts (40).
+_UNAVAILABLE_SQLSTATES = ("08", "53", "57", "55000", "55P03", "3D000", "40")
+
+
+def _is_unavailable(error: BaseException) -> bool:
+    if isinstance(error, _UNAVAILABLE):
+        return True
+    sqlstate = getattr(getattr(error, "orig", None), "sqlstate", None)
+    return (
+        isinstance(error, sa.exc.DBAPIError)
+        and isinstance(sqlstate, str)
+        and sqlstate.startswith(_UNAVAILABLE_SQLSTATES)
+    )
 
 
 @contextlib.asynccontextmanager
 async def _unavailable_as_storage_error() -> AsyncIterator[None]:
     try:
         yield
-    except _UNAVAILABLE as error:
+    except Exception as error:
+        if not _is_unavailable(error):
+            raise
         # The driver's own words, without SQLAlchemy's statement and "background" link.
         cause = getattr(error, "orig", None) or error
         raise StorageUnavailable(f"{type(cause).__name__}: {cause}") from error
@@ -44,9 +72,13 @@ class Database:
     for the lock (busy_timeout) instead of failing when it upgrades a read lock.
     """
 
-    def __init__(self, url: str, *, echo: bool = False) -> None:
+    def __init__(self, url: str, *, echo: bool = False, timeout: float = DEFAULT_TIMEOUT_SECONDS) -> None:
+        """`timeout`: the longest any database wait may take (a connection, the pool, a lock,
+        a statement) before the call answers UNAVAILABLE. The database enforces it, so a
+        statement it stops is rolled back: never committed after its caller was answered."""
         self.url = sa.make_url(url)
         self.is_sqlite = self.url.get_backend_name() == "sqlite"
+        self.timeout = timeout
         kwargs: dict[str, Any] = {"echo": echo}
         if self.is_sqlite:
             # read() and write() always end their transaction, so a connection comes
@@ -54,10 +86,20 @@ class Database:
             # (one more trip to the driver's thread) per transaction.
             kwargs.update(pool_reset_on_return=None)
         else:
-            kwargs.update(pool_size=10, max_overflow=10, pool_pre_ping=True)
+            milliseconds = str(int(timeout * 1000))
+            kwargs.update(
+                pool_size=10,
+                max_overflow=10,
+                pool_pre_ping=True,
+                pool_timeout=timeout,
+                connect_args={
+                    "timeout": timeout,
+                    "server_settings": {"statement_timeout": milliseconds, "lock_timeout": milliseconds},
+                },
+            )
         self.engine: AsyncEngine = create_async_engine(self.url, **kwargs)
         if self.is_sqlite:
-            _configure_sqlite(self.engine)
+            _configure_sqlite(self.engine, timeout)
         self._writer = self.engine.execution_options(**{_WRITE: True})
 
     @contextlib.asynccontextmanager
@@ -70,6 +112,11 @@ class Database:
         """A transaction that commits when the block ends without an exception."""
         async with _unavailable_as_storage_error(), self._writer.begin() as conn:
             yield conn
+
+    async def ping(self) -> None:
+        """One round trip; StorageUnavailable if the database does not answer."""
+        async with self.read() as conn:
+            await conn.execute(sa.text("SELECT 1"))
 
     async def migrate(self) -> None:
         """Brings the schema to the newest migration (idempotent)."""
@@ -93,7 +140,7 @@ def _upgrade_to_head(connection: sa.Connection) -> None:
     command.upgrade(alembic_config(connection), "head")
 
 
-def _configure_sqlite(engine: AsyncEngine) -> None:
+def _configure_sqlite(engine: AsyncEngine, timeout: float) -> None:
     @sa.event.listens_for(engine.sync_engine, "connect")
     def on_connect(dbapi_connection: Any, _record: Any) -> None:
         # Let SQLAlchemy's "begin" event below own transaction starts.
@@ -101,7 +148,7 @@ def _configure_sqlite(engine: AsyncEngine) -> None:
         cursor = dbapi_connection.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA foreign_keys=ON")
-        cursor.execute("PRAGMA busy_timeout=10000")
+        cursor.execute(f"PRAGMA busy_timeout={int(timeout * 1000)}")
         # FULL: a commit is on disk before it returns, so an acknowledged event
         # survives a power cut too. Group commit amortizes the fsync.
         cursor.execute("PRAGMA synchronous=FULL")

@@ -1,0 +1,162 @@
+"""A sick database answers UNAVAILABLE (STORAGE_UNAVAILABLE, with RetryInfo) in time, is
+never committed to after its caller was answered, shows in health, and recovers without
+a restart: PostgreSQL refusing connections, a table locked by another session, and a
+SQLite file locked by another process. Each test has a server and database of its own,
+with a one-second database timeout."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+import uuid
+
+import grpc
+import pytest
+import sqlalchemy as sa
+from google.rpc import error_details_pb2
+from grpc import aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_status import rpc_status
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from tally.v1 import ingest_service_pb2 as pb, ingest_service_pb2_grpc as ing_grpc
+from tally_server.app import TallyServer
+from tally_server.config import Settings
+
+from .conftest import POSTGRES_URL, drop_database_url, make_database_url
+from .helpers import decode
+
+
+def event(key: str) -> pb.UsageEvent:
+    return pb.UsageEvent(
+        category="system.openai", resource="gpt-4o", units={"text": pb.UnitCounts(input=10)}, idempotency_key=key
+    )
+
+
+async def start(url: str) -> TallyServer:
+    server = TallyServer(Settings(listen="127.0.0.1:0", database_url=url, grace_seconds=1, database_timeout_seconds=1))
+    server.HEALTH_INTERVAL_SECONDS = 0.5
+    await server.start()
+    return server
+
+
+async def unavailable_in_time(stub: ing_grpc.IngestServiceStub, key: str) -> float:
+    """Ingests `key`; asserts STORAGE_UNAVAILABLE with RetryInfo; returns how long it took."""
+    started = time.monotonic()
+    with pytest.raises(aio.AioRpcError) as caught:
+        await stub.Ingest(pb.IngestRequest(event=event(key)), timeout=20)
+    took = time.monotonic() - started
+    error = decode(caught.value)
+    assert (error.code, error.reason) == (grpc.StatusCode.UNAVAILABLE, "STORAGE_UNAVAILABLE"), error.message
+    status = rpc_status.from_call(caught.value)
+    assert any(detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR) for detail in status.details), "RetryInfo"
+    return took
+
+
+async def health(channel: aio.Channel) -> int:
+    answer = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+    return int(answer.status)
+
+
+async def until(condition, seconds: float = 10.0) -> float:
+    started = time.monotonic()
+    while not await condition():
+        assert time.monotonic() - started < seconds, "did not happen in time"
+        await asyncio.sleep(0.2)
+    return time.monotonic() - started
+
+
+async def stored(url: str, key: str) -> int:
+    engine = create_async_engine(url)
+    try:
+        async with engine.connect() as conn:
+            query = sa.text("SELECT count(*) FROM events WHERE idempotency_key = :key")
+            return int((await conn.execute(query, {"key": key})).scalar_one())
+    finally:
+        await engine.dispose()
+
+
+@pytest.fixture
+async def postgres_url(tmp_path):
+    url = await make_database_url("postgresql", tmp_path)
+    yield url
+    await drop_database_url(url)
+
+
+async def admin(statement: str) -> None:
+    engine = create_async_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
+    try:
+        async with engine.connect() as conn:
+            await conn.execute(sa.text(statement))
+    finally:
+        await engine.dispose()
+
+
+async def test_a_postgresql_that_refuses_connections_is_unavailable_then_recovers(postgres_url):
+    name = sa.make_url(postgres_url).database
+    server = await start(postgres_url)
+    try:
+        async with aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = ing_grpc.IngestServiceStub(channel)
+            await stub.Ingest(pb.IngestRequest(event=event(f"before-{uuid.uuid4()}")))
+            await admin(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
+            await admin(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'")
+            assert await unavailable_in_time(stub, f"during-{uuid.uuid4()}") < 3
+            await until(lambda: _is(channel, health_pb2.HealthCheckResponse.NOT_SERVING))
+            await admin(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+            await until(lambda: _is(channel, health_pb2.HealthCheckResponse.SERVING))
+            again = await stub.Ingest(pb.IngestRequest(event=event(f"after-{uuid.uuid4()}")))
+            assert not again.xproxy_result.duplicate_request, "recovered without a restart"
+    finally:
+        await admin(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+        await server.stop()
+
+
+async def _is(channel: aio.Channel, status: int) -> bool:
+    return await health(channel) == status
+
+
+async def test_a_locked_postgresql_table_is_unavailable_in_time_and_never_committed_after(postgres_url):
+    server = await start(postgres_url)
+    locker = create_async_engine(postgres_url)
+    key = f"locked-{uuid.uuid4()}"
+    try:
+        async with aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = ing_grpc.IngestServiceStub(channel)
+            await stub.Ingest(pb.IngestRequest(event=event(f"warm-{uuid.uuid4()}")))
+            async with locker.connect() as conn:
+                await conn.execute(sa.text("BEGIN"))
+                await conn.execute(sa.text("LOCK TABLE events IN ACCESS EXCLUSIVE MODE"))
+                assert await unavailable_in_time(stub, key) < 4, "the lock timeout, not the caller's deadline"
+                await asyncio.sleep(1.5)
+                await conn.execute(sa.text("ROLLBACK"))
+            await asyncio.sleep(0.5)
+            assert await stored(postgres_url, key) == 0, "answered UNAVAILABLE: never committed afterwards"
+            retried = await stub.Ingest(pb.IngestRequest(event=event(key)))
+            assert not retried.xproxy_result.duplicate_request, "the retry is the first time it is stored"
+    finally:
+        await locker.dispose()
+        await server.stop()
+
+
+async def test_a_locked_sqlite_file_is_unavailable_in_time_and_never_committed_after(tmp_path):
+    url = f"sqlite+aiosqlite:///{tmp_path / 'locked.db'}"
+    server = await start(url)
+    key = f"locked-{uuid.uuid4()}"
+    try:
+        async with aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = ing_grpc.IngestServiceStub(channel)
+            await stub.Ingest(pb.IngestRequest(event=event(f"warm-{uuid.uuid4()}")))
+            other = sqlite3.connect(tmp_path / "locked.db", isolation_level=None)  # as another process would
+            other.execute("BEGIN IMMEDIATE")
+            try:
+                assert await unavailable_in_time(stub, key) < 4
+            finally:
+                other.execute("ROLLBACK")
+                other.close()
+            assert await stored(url, key) == 0
+            retried = await stub.Ingest(pb.IngestRequest(event=event(key)))
+            assert not retried.xproxy_result.duplicate_request
+    finally:
+        await server.stop()

@@ -38,7 +38,7 @@ from .domain.paging import PageTokens
 from .domain.prices import Prices
 from .domain.pricing import PriceCatalog
 from .rpc.access import Access, required_scopes
-from .rpc.interceptor import ServerInterceptor
+from .rpc.interceptor import Admission, ServerInterceptor
 from .rpc.servicers import (
     ApiKeyServicer,
     ExperienceServicer,
@@ -74,7 +74,7 @@ class TallyServer:
         self.extra_handlers = extra_handlers
         self.db = Database(settings.database_url, timeout=settings.database_timeout_seconds)
         self.catalog = PriceCatalog()
-        self.ingestor = Ingestor(self.db, self.catalog)
+        self.ingestor = Ingestor(self.db, self.catalog, max_queued_events=settings.max_queued_events)
         self.health = health.aio.HealthServicer()
         # One signer of page tokens for every list; start() gives it the database's shared key.
         self.pages = PageTokens()
@@ -101,7 +101,12 @@ class TallyServer:
             log.warning("API keys are required but none exists: `tally keys create --name NAME --scope admin`")
         limit = self.settings.max_message_bytes
         server = aio.server(
-            interceptors=[ServerInterceptor(Access(REQUIRED_SCOPES, self.keys if auth else None))],
+            interceptors=[
+                ServerInterceptor(
+                    Access(REQUIRED_SCOPES, self.keys if auth else None),
+                    Admission(self.settings.max_calls, self.settings.max_streams),
+                )
+            ],
             options=[
                 # Off, so that a second server on a taken port fails instead of sharing it.
                 ("grpc.so_reuseport", 0),

@@ -22,6 +22,10 @@ class Settings:
     grace_seconds: float = 10.0
     # The longest a database wait may take before a call answers UNAVAILABLE.
     database_timeout_seconds: float = 5.0
+    # Load shedding: past these, work is refused with RESOURCE_EXHAUSTED, not held in memory.
+    max_calls: int = 1000
+    max_streams: int = 100
+    max_queued_events: int = 50_000
     # "required", "off", or None: off on a loopback address, refused beyond it (see auth_required).
     auth: str | None = None
     tls_cert: str = ""
@@ -103,6 +107,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="seconds a connection, lock or statement may take before a call answers UNAVAILABLE "
         "(env TALLY_DATABASE_TIMEOUT_SECONDS, default 5)",
     )
+    for flag, variable, default, what in (
+        ("--max-calls", "TALLY_MAX_CALLS", 1000, "calls in progress at once"),
+        ("--max-streams", "TALLY_MAX_STREAMS", 100, "IngestStream calls in progress at once"),
+        ("--max-queued-events", "TALLY_MAX_QUEUED_EVENTS", 50_000, "events waiting to be stored"),
+    ):
+        parser.add_argument(
+            flag,
+            type=int,
+            default=int(_env(variable, str(default))),
+            help=f"at most this many {what}; past it, RESOURCE_EXHAUSTED (env {variable}, default {default:,})",
+        )
     parser.add_argument(
         "--auth",
         choices=AUTH_MODES,
@@ -140,6 +155,9 @@ def from_arguments(args: argparse.Namespace) -> Settings:
         log_level=args.log_level,
         grace_seconds=args.grace,
         database_timeout_seconds=args.database_timeout,
+        max_calls=args.max_calls,
+        max_streams=args.max_streams,
+        max_queued_events=args.max_queued_events,
         auth=args.auth,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,

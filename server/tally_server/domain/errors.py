@@ -13,6 +13,7 @@ class Code(enum.Enum):
     NOT_FOUND = 5
     ALREADY_EXISTS = 6
     PERMISSION_DENIED = 7
+    RESOURCE_EXHAUSTED = 8
     FAILED_PRECONDITION = 9
     ABORTED = 10
     INTERNAL = 13
@@ -73,6 +74,16 @@ class StorageUnavailable(TallyError):
             retry_after_seconds=1.0,
         )
         self.detail = detail
+
+
+def overloaded(what: str) -> TallyError:
+    """Load shed: the server is at a limit that keeps its memory bounded; retry shortly."""
+    return TallyError(
+        Code.RESOURCE_EXHAUSTED,
+        "OVERLOADED",
+        f"the server is at its limit of {what}; retry shortly",
+        retry_after_seconds=1.0,
+    )
 
 
 def internal_error(request_id: str) -> TallyError:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -15,7 +16,7 @@ from tally_client.metadata import CONTEXT_KEYS, PRICE_CONTEXT
 
 from ..storage import repository as repo
 from ..storage.db import Database
-from .errors import Code, TallyError, Violation, Violations, invalid
+from .errors import Code, TallyError, Violation, Violations, invalid, overloaded
 from .ids import uuid7
 from .models import (
     Cost,
@@ -202,10 +203,20 @@ class Ingestor:
     event is durable; many events share one commit, so it is also fast.
     """
 
-    def __init__(self, db: Database, catalog: PriceCatalog | None = None, max_batch: int = 4096) -> None:
+    def __init__(
+        self,
+        db: Database,
+        catalog: PriceCatalog | None = None,
+        max_batch: int = 4096,
+        max_queued_events: int = 50_000,
+    ) -> None:
+        """`max_queued_events`: events waiting for the writer at most; past it, new events are
+        refused with RESOURCE_EXHAUSTED rather than held in memory."""
         self.db = db
         self.catalog = catalog or PriceCatalog()
         self.max_batch = max_batch
+        self.max_queued_events = max_queued_events
+        self._queued_events = 0
         self._queue: asyncio.Queue[_Request] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
 
@@ -225,15 +236,26 @@ class Ingestor:
     def enqueue(self, event: UsageEvent) -> asyncio.Future[IngestResult | TallyError]:
         """Queues a validated event; the future gives its IngestResult or TallyError after
         commit, or raises what kept it from being stored."""
+        self._admit(1)
         future = asyncio.get_running_loop().create_future()
         self._queue.put_nowait(_Request((event,), future, single=True))
         return future
+
+    def _admit(self, count: int) -> None:
+        """Counts `count` more events waiting; RESOURCE_EXHAUSTED past the bound."""
+        if self._queued_events + count > self.max_queued_events:
+            raise overloaded(f"{self.max_queued_events:,} events waiting to be stored")
+        self._queued_events += count
 
     async def submit(self, events: Sequence[UsageEvent]) -> list[IngestResult | TallyError | Exception]:
         """Stores validated events; per event, its result, the error that refused it, or
         the exception that kept it from being stored (the database was unreachable)."""
         if not events:
             return []
+        try:
+            self._admit(len(events))
+        except TallyError as refused:
+            return [dataclasses.replace(refused) for _ in events]
         future: asyncio.Future[list[IngestResult | TallyError | Exception]] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait(_Request(events, future, single=False))
         return await future
@@ -286,6 +308,7 @@ class Ingestor:
 
     def _settle(self, item: _Pending, outcome: Any) -> None:
         item.settled = True
+        self._queued_events -= 1
         request = item.request
         request.outcomes[item.index] = outcome
         request.unsettled -= 1

@@ -20,8 +20,8 @@ import grpc
 from google.protobuf.message import DecodeError
 from grpc import aio
 
-from ..domain.errors import TallyError, Violation, invalid
-from .access import Access, current_key
+from ..domain.errors import TallyError, Violation, invalid, overloaded
+from .access import OPEN_SERVICES, Access, current_key
 from .status import as_tally_error, current_call, status_of
 
 log = logging.getLogger("tally.rpc")
@@ -36,6 +36,31 @@ REQUEST_ID_KEY = "x-request-id"
 # process and a counter are, and cost no system call per request (uuid4 does).
 _REQUEST_ID_PREFIX = uuid.uuid4().hex[:12]
 _request_numbers = itertools.count(1)
+
+
+class Admission:
+    """How many calls, and of them streams, may be in progress at once. Past either limit a
+    call is refused with RESOURCE_EXHAUSTED (and RetryInfo) at once, rather than queued in
+    memory or left to time out. Health checks are always admitted."""
+
+    def __init__(self, max_calls: int, max_streams: int) -> None:
+        self.max_calls, self.max_streams = max_calls, max_streams
+        self.calls = self.streams = 0
+
+    def enter(self, method: str, stream: bool) -> None:
+        if method.startswith(OPEN_SERVICES):
+            return
+        if self.calls >= self.max_calls:
+            raise overloaded(f"{self.max_calls:,} calls in progress")
+        if stream and self.streams >= self.max_streams:
+            raise overloaded(f"{self.max_streams:,} streams in progress")
+        self.calls += 1
+        self.streams += stream
+
+    def leave(self, method: str, stream: bool) -> None:
+        if not method.startswith(OPEN_SERVICES):
+            self.calls -= 1
+            self.streams -= stream
 
 
 class _Call:
@@ -91,8 +116,9 @@ def _is_abort(error: BaseException) -> bool:
 
 
 class ServerInterceptor(aio.ServerInterceptor):
-    def __init__(self, access: Access) -> None:
+    def __init__(self, access: Access, admission: Admission) -> None:
         self.access = access
+        self.admission = admission
         # Wrapped handlers, made once per method rather than once per call.
         self._wrapped: dict[str, Handler] = {}
 
@@ -107,7 +133,7 @@ class ServerInterceptor(aio.ServerInterceptor):
             handler = await continuation(handler_call_details)
             if handler is None:
                 return None
-            wrapped = self._wrapped[method] = _wrap(method, handler, self.access)
+            wrapped = self._wrapped[method] = _wrap(method, handler, self.access, self.admission)
         return wrapped
 
 
@@ -138,37 +164,40 @@ def _tolerant(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], A
     return parse
 
 
-def _wrap(method: str, handler: Handler, access: Access) -> Handler:
+def _wrap(method: str, handler: Handler, access: Access, admission: Admission) -> Handler:
     if handler.unary_unary:
         return grpc.unary_unary_rpc_method_handler(
-            _wrap_unary(method, access, handler.unary_unary),
+            _wrap_unary(method, access, admission, handler.unary_unary),
             request_deserializer=_tolerant(handler.request_deserializer),
             response_serializer=handler.response_serializer,
         )
     if handler.unary_stream:
         return grpc.unary_stream_rpc_method_handler(
-            _wrap_stream(method, access, handler.unary_stream),
+            _wrap_stream(method, access, admission, handler.unary_stream),
             request_deserializer=_tolerant(handler.request_deserializer),
             response_serializer=handler.response_serializer,
         )
     if handler.stream_unary:
         return grpc.stream_unary_rpc_method_handler(
-            _wrap_unary(method, access, handler.stream_unary),
+            _wrap_unary(method, access, admission, handler.stream_unary),
             request_deserializer=_tolerant(handler.request_deserializer),
             response_serializer=handler.response_serializer,
         )
     assert handler.stream_stream is not None, "a handler has one of the four behaviors"
     return grpc.stream_stream_rpc_method_handler(
-        _wrap_stream(method, access, handler.stream_stream),
+        _wrap_stream(method, access, admission, handler.stream_stream),
         request_deserializer=_tolerant(handler.request_deserializer),
         response_serializer=handler.response_serializer,
     )
 
 
-def _wrap_unary(method: str, access: Access, behavior: Behavior) -> Behavior:
+def _wrap_unary(method: str, access: Access, admission: Admission, behavior: Behavior) -> Behavior:
     async def wrapper(request_or_iterator: Any, context: Context) -> Any:
         call = _Call(method, context)
+        entered = False
         try:
+            admission.enter(method, stream=False)
+            entered = True
             await call.admit(access, context)
             if isinstance(request_or_iterator, Undecodable):
                 raise request_or_iterator.error()
@@ -178,15 +207,20 @@ def _wrap_unary(method: str, access: Access, behavior: Behavior) -> Behavior:
                 raise
             await call.fail(context, error)
         finally:
+            if entered:
+                admission.leave(method, stream=False)
             call.finish(context)
 
     return wrapper
 
 
-def _wrap_stream(method: str, access: Access, behavior: Behavior) -> Behavior:
+def _wrap_stream(method: str, access: Access, admission: Admission, behavior: Behavior) -> Behavior:
     async def wrapper(request_or_iterator: Any, context: Context) -> AsyncIterator[Any]:
         call = _Call(method, context)
+        entered = False
         try:
+            admission.enter(method, stream=True)
+            entered = True
             await call.admit(access, context)
             result = behavior(request_or_iterator, context)
             if hasattr(result, "__aiter__"):
@@ -199,6 +233,8 @@ def _wrap_stream(method: str, access: Access, behavior: Behavior) -> Behavior:
                 raise
             await call.fail(context, error)
         finally:
+            if entered:
+                admission.leave(method, stream=True)
             call.finish(context)
 
     return wrapper

@@ -47,8 +47,9 @@ if TYPE_CHECKING:  # grpc's classes are generic in its type stubs only
 _Pending = TallyError | asyncio.Future[IngestResult | TallyError]
 
 # How many events of one stream may be in flight before it stops reading: beyond
-# this, gRPC flow control pushes back on the sender.
-STREAM_WINDOW = 2048
+# this, gRPC flow control pushes back on the sender. With the limit of concurrent
+# streams, it bounds the memory that streams whose clients stop reading can hold.
+STREAM_WINDOW = 512
 
 
 class ExperienceTypeServicer(et_grpc.ExperienceTypeServiceServicer):
@@ -244,7 +245,10 @@ class IngestServicer(ing_grpc.IngestServiceServicer):
                     else:
                         prepared = _prepare(request.event, call, now_us(), "event.")
                         key = request.event.idempotency_key or request.event.provider_response_id
-                        pending = prepared if isinstance(prepared, TallyError) else self.ingestor.enqueue(prepared)
+                        try:
+                            pending = prepared if isinstance(prepared, TallyError) else self.ingestor.enqueue(prepared)
+                        except TallyError as refused:  # the writer's queue is full: this event only
+                            pending = refused
                     await in_flight.put((position, key, pending))
                     position += 1
             finally:

@@ -28,6 +28,7 @@ from tally.v1 import (
     price_catalog_service_pb2_grpc,
 )
 
+from . import metrics
 from .config import RefusedToStart, Settings, auth_required
 from .domain.errors import StorageUnavailable
 from .domain.experience_types import ExperienceTypes
@@ -142,6 +143,13 @@ class TallyServer:
         if not self.port:
             raise SystemExit(f"tally: cannot listen on {self.settings.listen} (is the port in use?)")
         self.ingestor.start()
+        if self.settings.metrics_listen:
+            try:
+                metrics.serve(self.settings.metrics_listen)
+            except (OSError, ValueError) as error:
+                raise RefusedToStart(
+                    f"tally: cannot serve metrics on {self.settings.metrics_listen}: {error}"
+                ) from None
         await server.start()
         self.server = server
         tune_garbage_collector()

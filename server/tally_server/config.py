@@ -26,6 +26,7 @@ class Settings:
     max_calls: int = 1000
     max_streams: int = 100
     max_queued_events: int = 50_000
+    metrics_listen: str = ""  # host:port of the Prometheus endpoint; empty: none
     # "required", "off", or None: off on a loopback address, refused beyond it (see auth_required).
     auth: str | None = None
     tls_cert: str = ""
@@ -119,6 +120,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             help=f"at most this many {what}; past it, RESOURCE_EXHAUSTED (env {variable}, default {default:,})",
         )
     parser.add_argument(
+        "--metrics-listen",
+        default=_env("TALLY_METRICS_LISTEN", ""),
+        help="host:port to serve Prometheus metrics at /metrics (env TALLY_METRICS_LISTEN; default: off)",
+    )
+    parser.add_argument(
         "--auth",
         choices=AUTH_MODES,
         default=os.environ.get("TALLY_AUTH") or None,
@@ -158,6 +164,7 @@ def from_arguments(args: argparse.Namespace) -> Settings:
         max_calls=args.max_calls,
         max_streams=args.max_streams,
         max_queued_events=args.max_queued_events,
+        metrics_listen=args.metrics_listen,
         auth=args.auth,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,

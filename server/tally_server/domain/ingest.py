@@ -7,6 +7,8 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import time
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
@@ -14,6 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from tally_client.metadata import CONTEXT_KEYS, PRICE_CONTEXT
 
+from .. import metrics
 from ..storage import repository as repo
 from ..storage.db import Database
 from .errors import Code, TallyError, Violation, Violations, invalid, overloaded
@@ -217,6 +220,7 @@ class Ingestor:
         self.max_batch = max_batch
         self.max_queued_events = max_queued_events
         self._queued_events = 0
+        metrics.WRITER_QUEUE.set_function(lambda: self._queued_events)
         self._queue: asyncio.Queue[_Request] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
 
@@ -244,6 +248,7 @@ class Ingestor:
     def _admit(self, count: int) -> None:
         """Counts `count` more events waiting; RESOURCE_EXHAUSTED past the bound."""
         if self._queued_events + count > self.max_queued_events:
+            metrics.SHED.labels("queued_events").inc(count)
             raise overloaded(f"{self.max_queued_events:,} events waiting to be stored")
         self._queued_events += count
 
@@ -284,8 +289,11 @@ class Ingestor:
     async def _commit(self, current: list[_Pending]) -> None:
         """Stores events with distinct keys in one transaction and answers them."""
         keys = {key for item in current if (key := idempotency_key(item.event))}
+        started = time.perf_counter()
         try:
             outcomes, raced = await self._store(current, keys)
+            metrics.COMMIT_SECONDS.observe(time.perf_counter() - started)
+            metrics.COMMIT_EVENTS.observe(len(current))
         # Deliberately any exception: whatever failed, every caller waiting on this batch gets an answer.
         except Exception as error:  # noqa: BLE001 - rolled back: nothing of this transaction is stored
             if len(current) > 1:
@@ -303,6 +311,11 @@ class Ingestor:
             log.error("reading back raced events failed: %r", error)
             for item, _ in raced:
                 outcomes.setdefault(id(item), error)
+        stored = Counter(
+            o.cost.state.name for o in outcomes.values() if isinstance(o, IngestResult) and not o.duplicate
+        )
+        for state, count in stored.items():
+            metrics.EVENTS.labels(state).inc(count)
         for item in current:
             self._settle(item, outcomes[id(item)])
 

@@ -20,6 +20,7 @@ import grpc
 from google.protobuf.message import DecodeError
 from grpc import aio
 
+from .. import metrics
 from ..domain.errors import TallyError, Violation, invalid, overloaded
 from .access import OPEN_SERVICES, Access, current_key
 from .status import as_tally_error, current_call, status_of
@@ -51,8 +52,10 @@ class Admission:
         if method.startswith(OPEN_SERVICES):
             return
         if self.calls >= self.max_calls:
+            metrics.SHED.labels("calls").inc()
             raise overloaded(f"{self.max_calls:,} calls in progress")
         if stream and self.streams >= self.max_streams:
+            metrics.SHED.labels("streams").inc()
             raise overloaded(f"{self.max_streams:,} streams in progress")
         self.calls += 1
         self.streams += stream
@@ -90,11 +93,14 @@ class _Call:
         code = context.code() if self.code == grpc.StatusCode.OK else self.code
         if isinstance(code, int):  # grpc.aio reports some codes as their number
             code = _CODES.get(code, grpc.StatusCode.UNKNOWN)
+        seconds = time.perf_counter() - self.start
+        metrics.CALLS.labels(self.method, code.name if code else "OK").inc()
+        metrics.CALL_SECONDS.labels(self.method).observe(seconds)
         log.info(
             "rpc method=%s code=%s duration_ms=%.2f request_id=%s%s%s",
             self.method,
             code.name if code else "OK",
-            (time.perf_counter() - self.start) * 1000,
+            seconds * 1000,
             self.request_id,
             f" key={self.key}" if self.key else "",
             f" caller_request_id={self.caller_request_id!r}" if self.caller_request_id else "",

@@ -15,6 +15,7 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
+from .. import metrics
 from ..domain.errors import StorageUnavailable
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,7 @@ async def _unavailable_as_storage_error() -> AsyncIterator[None]:
     except Exception as error:
         if not _is_unavailable(error):
             raise
+        metrics.DATABASE_ERRORS.inc()
         # The driver's own words, without SQLAlchemy's statement and "background" link.
         cause = getattr(error, "orig", None) or error
         raise StorageUnavailable(f"{type(cause).__name__}: {cause}") from error

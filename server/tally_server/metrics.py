@@ -1,0 +1,34 @@
+"""What the server counts, for Prometheus (`tally serve --metrics-listen HOST:PORT`). Every
+metric is defined here, and documented in the README's table."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+CALLS = Counter("tally_calls", "Calls answered, by method and status code.", ["method", "code"])
+CALL_SECONDS = Histogram(
+    "tally_call_seconds",
+    "How long calls took, by method.",
+    ["method"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+EVENTS = Counter("tally_events_ingested", "Events stored (duplicates not counted), by cost state.", ["cost_state"])
+WRITER_QUEUE = Gauge("tally_writer_queued_events", "Events waiting for the group-commit writer.")
+COMMIT_EVENTS = Histogram(
+    "tally_commit_events",
+    "Events per group commit.",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096),
+)
+COMMIT_SECONDS = Histogram(
+    "tally_commit_seconds",
+    "How long a group commit's transaction took.",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+)
+SHED = Counter("tally_shed", "Work refused with RESOURCE_EXHAUSTED, by the limit reached.", ["limit"])
+DATABASE_ERRORS = Counter("tally_database_errors", "Database failures answered UNAVAILABLE.")
+
+
+def serve(listen: str) -> None:
+    """Serves /metrics over HTTP at host:port, in a thread of its own."""
+    host, _, port = listen.rpartition(":")
+    start_http_server(int(port), addr=host.strip("[]") or "0.0.0.0")

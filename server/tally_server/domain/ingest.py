@@ -8,6 +8,7 @@ import contextlib
 import dataclasses
 import logging
 import time
+import uuid
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any
@@ -381,6 +382,8 @@ class Ingestor:
                 stored_pairs.append((item.event, result))
                 results.append((item, result))
             skipped = await repo.insert_events(conn, stored_pairs)
+            if skipped:
+                await _drop_experiences_of_raced(conn, results, skipped)
         raced = []
         for item, result in results:
             if skipped and result.request_id in skipped:
@@ -432,6 +435,19 @@ class Ingestor:
         if revision != self.catalog.revision:
             self.catalog.load_custom(await repo.all_prices(conn), revision)
         self.catalog.checked()
+
+
+async def _drop_experiences_of_raced(
+    conn: AsyncConnection, results: list[tuple[_Pending, IngestResult]], skipped: set[uuid.UUID]
+) -> None:
+    """An event another replica stored first under the same key is answered as that one's
+    duplicate; an experience this transaction created for it alone would be left empty, so
+    it is deleted before the commit."""
+    created = {r.experience_id for _, r in results if r.request_id in skipped and r.experience_created}
+    kept = {r.experience_id for _, r in results if r.request_id not in skipped}
+    empty = {experience_id for experience_id in created - kept if experience_id is not None}
+    if empty:
+        await repo.delete_experiences(conn, empty)
 
 
 def _first_of_each_key(batch: list[_Pending]) -> tuple[list[_Pending], list[_Pending]]:

@@ -532,3 +532,8 @@ async def server_key(conn: AsyncConnection, name: str) -> bytes:
     """A key the replicas of this database share (made by migration 0004)."""
     value = (await conn.execute(sa.select(server_keys.c.value).where(server_keys.c.name == name))).scalar_one()
     return bytes.fromhex(value)
+
+
+async def delete_experiences(conn: AsyncConnection, ids: Iterable[uuid.UUID]) -> None:
+    """Deletes experiences that have no events (the writer's own, created in this transaction)."""
+    await conn.execute(sa.delete(experiences).where(experiences.c.id.in_(list(ids))))

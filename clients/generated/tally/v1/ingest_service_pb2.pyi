@@ -237,16 +237,16 @@ class UsageEvent(_message.Message):
     1 to 256 characters.
     """
     end_to_end_latency_ms: _builtins.int
-    """Latency of the whole call in milliseconds, >= 0."""
+    """Latency of the whole call in milliseconds, 0 to 604,800,000 (a week)."""
     time_to_first_token_ms: _builtins.int
-    """Time to the first token in milliseconds, >= 0."""
+    """Time to the first token in milliseconds, 0 to 604,800,000."""
     http_status_code: _builtins.int
     """The HTTP status code of the provider's response, 0 if unknown, else
     100..599. 400 and up counts as failed.
     """
     provider_response_id: _builtins.str
-    """The provider's response id, at most 256 characters; the idempotency key
-    when `idempotency_key` is empty.
+    """The provider's response id, at most 256 characters (no NUL, as for every
+    string Tally stores); the idempotency key when `idempotency_key` is empty.
     """
     idempotency_key: _builtins.str
     """The caller's idempotency key for the event, at most 256 characters."""
@@ -260,14 +260,18 @@ class UsageEvent(_message.Message):
         model prices them apart (Anthropic),
         "reasoning" output counts reasoning tokens, "text" output the other
         output tokens; also "audio", "audio_cache_read", "image", "vision" and
-        "video". At most 32 entries; keys match `[a-z0-9_]{1,64}`. A unit type the
-        catalog cannot price is stored and reported in `unknown_units`.
+        "video". At most 32 entries; keys match `[a-z0-9_]{1,64}`; each count is 0
+        to 1,000,000,000,000. A unit type the catalog cannot price is stored and
+        reported in `unknown_units`. An event that would cost more than $1,000,000 is
+        INVALID_ARGUMENT (reason COST_OUT_OF_RANGE): with these bounds no cost and no
+        sum of costs can overflow.
         """
 
     @_builtins.property
     def event_timestamp(self) -> _timestamp_pb2.Timestamp:
         """When the call was made. Unset means the time the server receives it.
-        More than 5 minutes in the future is INVALID_ARGUMENT. The event is priced
+        Before 1970, more than 5 minutes in the future, or outside protobuf's
+        Timestamp range is INVALID_ARGUMENT. The event is priced
         at the catalog version in force at this time.
         """
 

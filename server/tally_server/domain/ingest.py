@@ -113,19 +113,19 @@ def validate_event(event: UsageEvent, now: int | None, v: Violations) -> None:
     for unit_type, (input_count, output_count) in event.units.items():
         if not UNIT_TYPE_PATTERN.fullmatch(unit_type):
             v.add(f"units[{unit_type[:64]!r}]", "unit type must match [a-z0-9_]{1,64}")
-        for direction, count in (("input", input_count), ("output", output_count)):
-            if not 0 <= count <= UNIT_COUNT_MAX:
-                v.add(f"units[{unit_type[:64]!r}].{direction}", f"must be 0 to {UNIT_COUNT_MAX:,}, got {count}")
+        if not (0 <= input_count <= UNIT_COUNT_MAX and 0 <= output_count <= UNIT_COUNT_MAX):
+            for direction, count in (("input", input_count), ("output", output_count)):
+                if not 0 <= count <= UNIT_COUNT_MAX:
+                    v.add(f"units[{unit_type[:64]!r}].{direction}", f"must be 0 to {UNIT_COUNT_MAX:,}, got {count}")
     if now is not None and event.event_time_us > now + MAX_FUTURE_SKEW_US:
         v.add("event_timestamp", "is more than 5 minutes in the future")
     elif event.event_time_us < 0:
         v.add("event_timestamp", "must not be before 1970-01-01")
-    for name, latency in (
-        ("end_to_end_latency_ms", event.end_to_end_latency_ms),
-        ("time_to_first_token_ms", event.time_to_first_token_ms),
-    ):
-        if not 0 <= latency <= LATENCY_MAX_MS:
-            v.add(name, f"must be 0 to {LATENCY_MAX_MS:,} (a week), got {latency}")
+    latency, first_token = event.end_to_end_latency_ms, event.time_to_first_token_ms
+    if not (0 <= latency <= LATENCY_MAX_MS and 0 <= first_token <= LATENCY_MAX_MS):
+        for name, value in (("end_to_end_latency_ms", latency), ("time_to_first_token_ms", first_token)):
+            if not 0 <= value <= LATENCY_MAX_MS:
+                v.add(name, f"must be 0 to {LATENCY_MAX_MS:,} (a week), got {value}")
     if event.http_status_code and not 100 <= event.http_status_code <= 599:
         v.add("http_status_code", f"must be 0 (unknown) or 100..599, got {event.http_status_code}")
     check_text(v, "provider_response_id", event.provider_response_id)

@@ -1,8 +1,8 @@
 """A sick database answers UNAVAILABLE (STORAGE_UNAVAILABLE, with RetryInfo) in time, is
 never committed to after its caller was answered, shows in health, and recovers without
-a restart: PostgreSQL refusing connections, a table locked by another session, and a
-SQLite file locked by another process. Each test has a server and database of its own,
-with a one-second database timeout."""
+a restart: PostgreSQL refusing connections, a table locked by another session, a pool
+with no connection free, and a SQLite file locked by another process. Each test has a
+server and database of its own, with a one-second database timeout."""
 
 from __future__ import annotations
 
@@ -20,12 +20,17 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from tally.v1 import ingest_service_pb2 as pb, ingest_service_pb2_grpc as ing_grpc
+from tally.v1 import (
+    experience_type_service_pb2 as types_pb,
+    experience_type_service_pb2_grpc as types_grpc,
+    ingest_service_pb2 as pb,
+    ingest_service_pb2_grpc as ing_grpc,
+)
 from tally_server.app import TallyServer
 from tally_server.config import Settings
 
 from .conftest import POSTGRES_URL, drop_database_url, make_database_url
-from .helpers import decode
+from .helpers import RichError, decode
 
 
 def event(key: str) -> pb.UsageEvent:
@@ -159,4 +164,36 @@ async def test_a_locked_sqlite_file_is_unavailable_in_time_and_never_committed_a
             retried = await stub.Ingest(pb.IngestRequest(event=event(key)))
             assert not retried.xproxy_result.duplicate_request
     finally:
+        await server.stop()
+
+
+async def test_an_exhausted_postgresql_pool_is_unavailable_in_time(postgres_url, caplog):
+    """60 reads at once against a locked table: 20 hold every pooled connection while they
+    wait for the lock, the other 40 wait for the pool. Every call answers UNAVAILABLE
+    within the timeouts, the pool's own wait among them, and the server then serves."""
+    server = await start(postgres_url)
+    locker = create_async_engine(postgres_url)
+    try:
+        async with aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = types_grpc.ExperienceTypeServiceStub(channel)
+            await stub.ListExperienceTypes(types_pb.ListExperienceTypesRequest(), timeout=5)
+
+            async def one_read() -> tuple[float, RichError]:
+                started = time.monotonic()
+                with pytest.raises(aio.AioRpcError) as caught:
+                    await stub.ListExperienceTypes(types_pb.ListExperienceTypesRequest(), timeout=20)
+                return time.monotonic() - started, decode(caught.value)
+
+            async with locker.connect() as conn:
+                await conn.execute(sa.text("BEGIN"))
+                await conn.execute(sa.text("LOCK TABLE experience_types IN ACCESS EXCLUSIVE MODE"))
+                answers = await asyncio.gather(*(one_read() for _ in range(60)))
+                await conn.execute(sa.text("ROLLBACK"))
+            for took, error in answers:
+                assert (error.code, error.reason) == (grpc.StatusCode.UNAVAILABLE, "STORAGE_UNAVAILABLE"), error.message
+                assert took < 5, "the database timeouts (1 s each), not the caller's deadline"
+            assert "QueuePool limit" in caplog.text, "some calls waited for the pool, not only for the lock"
+            await stub.ListExperienceTypes(types_pb.ListExperienceTypesRequest(), timeout=5)
+    finally:
+        await locker.dispose()
         await server.stop()

@@ -78,6 +78,10 @@ def auth_required(settings: Settings) -> tuple[bool, str]:
     )
 
 
+# The flags' defaults are the Settings' own, so that they are written down once.
+_DEFAULTS = Settings()
+
+
 def _env(name: str, default: str) -> str:
     return os.environ.get(name) or default
 
@@ -91,27 +95,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_database_argument(parser)
     parser.add_argument(
         "--log-level",
-        default=_env("TALLY_LOG_LEVEL", "info"),
+        default=_env("TALLY_LOG_LEVEL", _DEFAULTS.log_level),
         choices=LOG_LEVELS,
-        help="log level (env TALLY_LOG_LEVEL, default info)",
+        help=f"log level (env TALLY_LOG_LEVEL, default {_DEFAULTS.log_level})",
     )
     parser.add_argument(
         "--grace",
         type=float,
-        default=float(_env("TALLY_GRACE_SECONDS", "10")),
-        help="seconds in-flight calls get to finish on SIGTERM/SIGINT (env TALLY_GRACE_SECONDS, default 10)",
+        default=float(_env("TALLY_GRACE_SECONDS", str(_DEFAULTS.grace_seconds))),
+        help="seconds in-flight calls get to finish on SIGTERM/SIGINT "
+        f"(env TALLY_GRACE_SECONDS, default {_DEFAULTS.grace_seconds:g})",
     )
     parser.add_argument(
         "--database-timeout",
         type=float,
-        default=float(_env("TALLY_DATABASE_TIMEOUT_SECONDS", "5")),
+        default=float(_env("TALLY_DATABASE_TIMEOUT_SECONDS", str(_DEFAULTS.database_timeout_seconds))),
         help="seconds a connection, lock or statement may take before a call answers UNAVAILABLE "
-        "(env TALLY_DATABASE_TIMEOUT_SECONDS, default 5)",
+        f"(env TALLY_DATABASE_TIMEOUT_SECONDS, default {_DEFAULTS.database_timeout_seconds:g})",
     )
     for flag, variable, default, what in (
-        ("--max-calls", "TALLY_MAX_CALLS", 1000, "calls in progress at once"),
-        ("--max-streams", "TALLY_MAX_STREAMS", 100, "IngestStream calls in progress at once"),
-        ("--max-queued-events", "TALLY_MAX_QUEUED_EVENTS", 50_000, "events waiting to be stored"),
+        ("--max-calls", "TALLY_MAX_CALLS", _DEFAULTS.max_calls, "calls in progress at once"),
+        ("--max-streams", "TALLY_MAX_STREAMS", _DEFAULTS.max_streams, "IngestStream calls in progress at once"),
+        ("--max-queued-events", "TALLY_MAX_QUEUED_EVENTS", _DEFAULTS.max_queued_events, "events waiting to be stored"),
     ):
         parser.add_argument(
             flag,

@@ -105,7 +105,7 @@ async def test_list_pages_newest_first_with_filters(stubs):
         if not token:
             break
     assert [e.experience_id for e in seen] == [e.experience_id for e in reversed(created)]
-    assert all(not e.HasField("stats") for e in seen)
+    assert all(e.HasField("stats") and e.stats.event_count == 0 for e in seen)
 
     middle = created[3].create_time
     window = await stubs.experiences.ListExperiences(

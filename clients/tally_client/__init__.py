@@ -3,7 +3,7 @@
 from tally_client import TallyClient, create_metadata
 """
 
-from ._calls import UnitCounts, Units, usage_event
+from ._calls import EventFilter, UnitCounts, Units, usage_event
 from .client import AsyncTallyClient, ExperienceScope, TallyClient
 from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, TallyError, Unavailable
 from .metadata import Metadata, create_metadata
@@ -12,6 +12,7 @@ from .output import dollars
 __all__ = [
     "AlreadyExists",
     "AsyncTallyClient",
+    "EventFilter",
     "ExperienceScope",
     "FailedPrecondition",
     "InvalidArgument",

@@ -14,10 +14,12 @@ from uuid import UUID
 from google.protobuf import field_mask_pb2, timestamp_pb2
 
 from tally.v1 import (
+    event_service_pb2 as event_pb,
     experience_service_pb2 as exp_pb,
     experience_type_service_pb2 as et_pb,
     ingest_service_pb2 as ing_pb,
     price_catalog_service_pb2 as price_pb,
+    report_service_pb2 as report_pb,
 )
 
 T = TypeVar("T")
@@ -29,7 +31,8 @@ Units = Mapping[str, UnitCounts]
 
 @dataclass(frozen=True, slots=True)
 class Call(Generic[T]):
-    """One unary call: the stub (`types`, `experiences`, `ingest` or `prices`), the method,
+    """One unary call: the stub (`types`, `experiences`, `ingest`, `prices`, `events` or
+    `reports`), the method,
     the request, and what the client returns of the response."""
 
     stub: str
@@ -179,10 +182,14 @@ def get_experience(experience_id: str | UUID) -> Call[exp_pb.Experience]:
 
 
 def list_experiences(
-    experience_name: str, version: int, page_size: int, page_token: str
+    experience_name: str, version: int, order_by: str, page_size: int, page_token: str
 ) -> Call[exp_pb.ListExperiencesResponse]:
     request = exp_pb.ListExperiencesRequest(
-        experience_name=experience_name, experience_version=version, page_size=page_size, page_token=page_token
+        experience_name=experience_name,
+        experience_version=version,
+        order_by=order_by,
+        page_size=page_size,
+        page_token=page_token,
     )
     return Call("experiences", "ListExperiences", request, _same)
 
@@ -199,6 +206,88 @@ def update_experience_properties(
         experience_id=str(experience_id), set_properties=dict(set_properties or {}), remove_keys=list(remove_keys)
     )
     return Call("experiences", "UpdateExperienceProperties", request, lambda r: r.experience)
+
+
+# --- events and reports -------------------------------------------------------------------
+
+# BreakDownCost's dimensions by the names the client takes.
+COST_DIMENSIONS = {
+    "type": report_pb.COST_DIMENSION_EXPERIENCE_NAME,
+    "version": report_pb.COST_DIMENSION_EXPERIENCE_VERSION,
+    "category": report_pb.COST_DIMENSION_CATEGORY,
+    "resource": report_pb.COST_DIMENSION_RESOURCE,
+    "user": report_pb.COST_DIMENSION_USER_ID,
+    "tag": report_pb.COST_DIMENSION_REQUEST_TAG,
+    "day": report_pb.COST_DIMENSION_DAY,
+    "hour": report_pb.COST_DIMENSION_HOUR,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class EventFilter:
+    """The filters of ListEvents; every one is optional and they apply together."""
+
+    experience_id: str | UUID = ""
+    experience_name: str = ""
+    experience_version: int = 0
+    user_id: str = ""
+    request_tag: str = ""
+    category: str = ""
+    resource: str = ""
+    cost_state: ing_pb.CostState.ValueType = ing_pb.COST_STATE_UNSPECIFIED
+    start: datetime | None = None
+    end: datetime | None = None
+
+
+def list_events(filters: EventFilter, page_size: int, page_token: str) -> Call[event_pb.ListEventsResponse]:
+    request = event_pb.ListEventsRequest(
+        experience_id=str(filters.experience_id),
+        experience_name=filters.experience_name,
+        experience_version=filters.experience_version,
+        user_id=filters.user_id,
+        request_tag=filters.request_tag,
+        category=filters.category,
+        resource=filters.resource,
+        cost_state=filters.cost_state,
+        start_time=_timestamp(filters.start),
+        end_time=_timestamp(filters.end),
+        page_size=page_size,
+        page_token=page_token,
+    )
+    return Call("events", "ListEvents", request, _same)
+
+
+def get_event(request_id: str | UUID, idempotency_key: str) -> Call[event_pb.StoredEvent]:
+    request = event_pb.GetEventRequest()
+    if idempotency_key:
+        request.idempotency_key = idempotency_key
+    else:
+        request.request_id = str(request_id)
+    return Call("events", "GetEvent", request, lambda r: r.event)
+
+
+def break_down_cost(
+    group_by: Iterable[str],
+    start: datetime | None,
+    end: datetime | None,
+    experience_name: str,
+    page_size: int,
+    page_token: str,
+) -> Call[report_pb.BreakDownCostResponse]:
+    dimensions = []
+    for name in group_by:
+        if name not in COST_DIMENSIONS:
+            raise ValueError(f"not a cost dimension: {name!r} (one of {', '.join(COST_DIMENSIONS)})")
+        dimensions.append(COST_DIMENSIONS[name])
+    request = report_pb.BreakDownCostRequest(
+        group_by=dimensions,
+        start_time=_timestamp(start),
+        end_time=_timestamp(end),
+        experience_name=experience_name,
+        page_size=page_size,
+        page_token=page_token,
+    )
+    return Call("reports", "BreakDownCost", request, _same)
 
 
 # --- ingest ---------------------------------------------------------------------------

@@ -14,10 +14,10 @@ import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
-from datetime import datetime
+from collections.abc import Callable, Iterator
+from datetime import datetime, timedelta
 from importlib.metadata import entry_points
-from typing import Any, TextIO
+from typing import Any, TextIO, cast
 
 from google.protobuf import json_format
 
@@ -28,6 +28,7 @@ from tally.v1 import (
     price_catalog_service_pb2 as price_pb,
 )
 
+from ._calls import EventFilter
 from .client import DEFAULT_TARGET, TallyClient
 from .errors import TallyError
 from .metadata import create_metadata
@@ -150,12 +151,23 @@ def experiences_get(tally: TallyClient, args: argparse.Namespace) -> None:
 
 
 def experiences_list(tally: TallyClient, args: argparse.Namespace) -> None:
-    page = tally.list_experiences(args.type, version=args.version, page_size=args.limit, page_token=args.page_token)
-    rows = [[e.experience_id, e.experience_version, when(e.create_time)] for e in page.experiences]
-    _emit(
-        args, page, table(["EXPERIENCE ID", "VERSION", "CREATED"], rows) if rows else f"no experiences of {args.type}"
+    page = tally.list_experiences(
+        args.type, version=args.version, order_by=args.order_by, page_size=args.limit, page_token=args.page_token
     )
-    _more(args, page.next_page_token, f"tally experiences list {args.type} --limit {args.limit}")
+    rows = [
+        [
+            e.experience_id,
+            e.experience_version,
+            when(e.create_time),
+            f"{e.stats.event_count:,}",
+            money(e.stats.cost_total),
+        ]
+        for e in page.experiences
+    ]
+    headers = ["EXPERIENCE ID", "VERSION", "CREATED", "EVENTS", "COST"]
+    _emit(args, page, table(headers, rows) if rows else f"no experiences of {args.type}")
+    order = f" --order-by {args.order_by!r}" if args.order_by else ""
+    _more(args, page.next_page_token, f"tally experiences list {args.type}{order} --limit {args.limit}")
 
 
 def _more(args: argparse.Namespace, token: str, command: str) -> None:
@@ -316,6 +328,134 @@ def report_type(tally: TallyClient, args: argparse.Namespace) -> None:
 
 def report_experience(tally: TallyClient, args: argparse.Namespace) -> None:
     experiences_get(tally, args)
+
+
+COST_STATES = {
+    "priced": ing_pb.COST_STATE_PRICED,
+    "partially_priced": ing_pb.COST_STATE_PARTIALLY_PRICED,
+    "unpriced": ing_pb.COST_STATE_UNPRICED,
+}
+
+
+def _state(value: int) -> str:
+    return {v: k for k, v in COST_STATES.items()}.get(cast(Any, value), "-")
+
+
+def events_list(tally: TallyClient, args: argparse.Namespace) -> None:
+    filters = EventFilter(
+        experience_id=args.experience_id or "",
+        experience_name=args.type or "",
+        experience_version=args.version,
+        user_id=args.user or "",
+        request_tag=args.tag or "",
+        category=args.category or "",
+        resource=args.resource or "",
+        cost_state=COST_STATES[args.cost_state] if args.cost_state else ing_pb.COST_STATE_UNSPECIFIED,
+        start=_time(args.since),
+        end=_time(args.until),
+    )
+    page = tally.list_events(filters, page_size=args.limit, page_token=args.page_token)
+    rows = [
+        [
+            when(e.event.event_timestamp),
+            e.request_id,
+            e.event.context.experience_name or "-",
+            e.event.resource,
+            money(e.xproxy_result.cost_total),
+            _state(e.xproxy_result.cost_state),
+            e.event.context.user_id or "-",
+        ]
+        for e in page.events
+    ]
+    headers = ["EVENT TIME", "REQUEST ID", "TYPE", "RESOURCE", "COST", "STATE", "USER"]
+    _emit(args, page, table(headers, rows) if rows else "no events")
+    _more(args, page.next_page_token, "tally events list " + " ".join(_repeatable(args)))
+
+
+def _repeatable(args: argparse.Namespace) -> list[str]:
+    """The filters of `tally events list` as flags, to print the next page's command."""
+    flags = []
+    for name in (
+        "experience_id",
+        "type",
+        "version",
+        "user",
+        "tag",
+        "category",
+        "resource",
+        "cost_state",
+        "since",
+        "until",
+    ):
+        value = getattr(args, name)
+        if value:
+            flags.append(f"--{name.replace('_', '-')} {json.dumps(value) if isinstance(value, str) else value}")
+    return [*flags, f"--limit {args.limit}"]
+
+
+def events_get(tally: TallyClient, args: argparse.Namespace) -> None:
+    found = tally.get_event(args.request_id or "", idempotency_key=args.key or "")
+    if args.json:
+        _emit(args, found, "")
+        return
+    e, r = found.event, found.xproxy_result
+    units = ", ".join(f"{unit} {c.input:,}/{c.output:,}" for unit, c in sorted(e.units.items()))
+    rows = [
+        ["request id", found.request_id],
+        ["event time", when(e.event_timestamp)],
+        ["stored", when(found.ingest_timestamp)],
+        [
+            "experience",
+            f"{e.context.experience_id} ({e.context.experience_name} v{e.context.experience_version})"
+            if e.context.experience_id
+            else "- (unattributed)",
+        ],
+        ["resource", f"{e.category} {e.resource}"],
+        ["units (in/out)", units or "-"],
+        ["cost", f"{money(r.cost_total)}  (input {money(r.cost_input)}, output {money(r.cost_output)})"],
+        ["cost state", _state(r.cost_state)],
+        ["latency", f"{e.end_to_end_latency_ms:,} ms, HTTP {e.http_status_code or '-'}"],
+        ["user", e.context.user_id or "-"],
+        ["tags", ", ".join(e.context.request_tags) or "-"],
+        ["idempotency key", e.idempotency_key or "-"],
+    ]
+    width = max(len(row[0]) for row in rows)
+    print("\n".join(f"{label.ljust(width)}  {value}" for label, value in rows))
+
+
+def report_breakdown(tally: TallyClient, args: argparse.Namespace) -> None:
+    by = args.by or ["resource"]
+    end = _time(args.until) or datetime.now().astimezone()
+    start = _time(args.since) or end - timedelta(days=args.days)
+    response = tally.break_down_cost(
+        by, start=start, end=end, experience_name=args.type or "", page_size=args.limit, page_token=args.page_token
+    )
+    columns: dict[str, tuple[str, Callable[[Any], str]]] = {
+        "type": ("TYPE", lambda g: g.experience_name or "(unattributed)"),
+        "version": ("TYPE VERSION", lambda g: f"{g.experience_name or '(unattributed)'} v{g.experience_version}"),
+        "category": ("CATEGORY", lambda g: g.category),
+        "resource": ("RESOURCE", lambda g: g.resource),
+        "user": ("USER", lambda g: g.user_id or "-"),
+        "tag": ("TAG", lambda g: g.request_tag or "-"),
+        "day": ("DAY", lambda g: g.period_start.ToDatetime().strftime("%Y-%m-%d")),
+        "hour": ("HOUR", lambda g: g.period_start.ToDatetime().strftime("%Y-%m-%d %H:00")),
+    }
+    headers = [columns[name][0] for name in by] + ["EVENTS", "NOT PRICED", "COST"]
+
+    def row(g: Any, keys: list[str]) -> list[object]:
+        return [*keys, f"{g.event_count:,}", f"{g.unpriced_event_count:,}", money(g.cost_total)]
+
+    rows = [row(g, [columns[name][1](g) for name in by]) for g in response.groups]
+    total = response.total
+    rows.append(row(total, ["total"] + [""] * (len(by) - 1)))
+    window = f"{start:%Y-%m-%d %H:%M} to {end:%Y-%m-%d %H:%M}"
+    _emit(args, response, f"cost by {', '.join(by)}, {window} (UTC periods)\n" + table(headers, rows))
+    flags = " ".join(f"--by {name}" for name in by)
+    _more(
+        args,
+        response.next_page_token,
+        f"tally report breakdown {flags} --since {start.isoformat()} --until {end.isoformat()}",
+    )
 
 
 # --- ingest -----------------------------------------------------------------------
@@ -546,8 +686,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("type")
     p.add_argument("--version", type=int, default=0)
     p.add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
+    p.add_argument(
+        "--order-by",
+        default="",
+        help='e.g. "cost_total desc" (the most expensive first), "event_count desc", "create_time" '
+        "(default: newest first)",
+    )
     p.add_argument("--page-token", default="", help="the page after the one that printed this token")
     p.set_defaults(remote=experiences_list)
+
+    events = commands.add_parser("events", help="stored events, read back").add_subparsers(
+        dest="action", required=True, metavar="ACTION"
+    )
+    p = events.add_parser("list", parents=[client], help="list stored events, newest first, with filters")
+    p.add_argument("--experience-id", help="only this experience's events")
+    p.add_argument("--type", help="only events of experiences of this type")
+    p.add_argument("--version", type=int, default=0, help="with --type: only this version")
+    p.add_argument("--user", help="only this user id")
+    p.add_argument("--tag", help="only events carrying this request tag")
+    p.add_argument("--category", help="e.g. system.openai")
+    p.add_argument("--resource", help="e.g. gpt-4o")
+    p.add_argument("--cost-state", choices=sorted(COST_STATES), help="only events priced so")
+    p.add_argument("--since", help="only events at or after this ISO 8601 time")
+    p.add_argument("--until", help="only events before this ISO 8601 time")
+    p.add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
+    p.add_argument("--page-token", default="", help="the page after the one that printed this token")
+    p.set_defaults(remote=events_list)
+    p = events.add_parser("get", parents=[client], help="show one stored event and its cost")
+    p.add_argument("request_id", nargs="?", help="the request id Tally returned")
+    p.add_argument("--key", help="find it by the idempotency key it was sent with instead")
+    p.set_defaults(remote=events_get)
     p = exps.add_parser("delete", parents=[client], help="delete an experience (its events are kept, unattributed)")
     p.add_argument("id")
     p.set_defaults(remote=experiences_delete)
@@ -611,9 +779,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = reports.add_parser("type", parents=[client], help="the cost per experience of a type, by version")
     p.add_argument("name")
     p.add_argument("--version", type=int, default=0, help="only this version")
-    p.add_argument("--since", help="only events at or after this ISO 8601 time")
-    p.add_argument("--until", help="only events before this ISO 8601 time")
+    p.add_argument("--since", help="only experiences whose first event is at or after this ISO 8601 time")
+    p.add_argument("--until", help="only experiences whose first event is before this ISO 8601 time")
     p.set_defaults(remote=report_type)
+    p = reports.add_parser(
+        "breakdown", parents=[client], help="cost over a window by one or two dimensions, most expensive first"
+    )
+    p.add_argument(
+        "--by",
+        action="append",
+        choices=["type", "version", "category", "resource", "user", "tag", "day", "hour"],
+        help="a dimension; give it once or twice (default: resource)",
+    )
+    p.add_argument("--days", type=int, default=30, help="without --since: the last this many days (default 30)")
+    p.add_argument("--since", help="from this ISO 8601 time")
+    p.add_argument("--until", help="to this ISO 8601 time (default now)")
+    p.add_argument("--type", help="only events of this experience type")
+    p.add_argument("--limit", type=int, default=50, help="at most this many groups (default 50)")
+    p.add_argument("--page-token", default="", help="the page after the one that printed this token")
+    p.set_defaults(remote=report_breakdown)
     return parser
 
 

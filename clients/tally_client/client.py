@@ -31,6 +31,8 @@ import grpc
 from grpc import aio
 
 from tally.v1 import (
+    event_service_pb2 as event_pb,
+    event_service_pb2_grpc as event_grpc,
     experience_service_pb2 as exp_pb,
     experience_service_pb2_grpc as exp_grpc,
     experience_type_service_pb2 as et_pb,
@@ -39,10 +41,12 @@ from tally.v1 import (
     ingest_service_pb2_grpc as ing_grpc,
     price_catalog_service_pb2 as price_pb,
     price_catalog_service_pb2_grpc as price_grpc,
+    report_service_pb2 as report_pb,
+    report_service_pb2_grpc as report_grpc,
 )
 
 from . import _calls
-from ._calls import Call, Units, usage_event
+from ._calls import Call, EventFilter, Units, usage_event
 from .errors import TallyError, from_rpc_error
 from .metadata import Metadata, create_metadata
 
@@ -253,6 +257,8 @@ class TallyClient(_ClientBase):
             "experiences": exp_grpc.ExperienceServiceStub(channel),
             "ingest": ing_grpc.IngestServiceStub(channel),
             "prices": price_grpc.PriceCatalogServiceStub(channel),
+            "events": event_grpc.EventServiceStub(channel),
+            "reports": report_grpc.ReportServiceStub(channel),
         }
 
     def close(self) -> None:
@@ -337,10 +343,41 @@ class TallyClient(_ClientBase):
         return self._run(_calls.get_experience(experience_id))
 
     def list_experiences(
-        self, experience_name: str, *, version: int = 0, page_size: int = 0, page_token: str = ""
+        self,
+        experience_name: str,
+        *,
+        version: int = 0,
+        order_by: str = "",
+        page_size: int = 0,
+        page_token: str = "",
     ) -> exp_pb.ListExperiencesResponse:
-        """One page of the type's experiences, newest first."""
-        return self._run(_calls.list_experiences(experience_name, version, page_size, page_token))
+        """One page of the type's experiences with their statistics, newest first or by
+        `order_by` ("cost_total desc": the most expensive runs first)."""
+        return self._run(_calls.list_experiences(experience_name, version, order_by, page_size, page_token))
+
+    def list_events(
+        self, filters: EventFilter | None = None, *, page_size: int = 0, page_token: str = ""
+    ) -> event_pb.ListEventsResponse:
+        """One page of stored events matching `filters`, newest first."""
+        return self._run(_calls.list_events(filters or EventFilter(), page_size, page_token))
+
+    def get_event(self, request_id: str | UUID = "", *, idempotency_key: str = "") -> event_pb.StoredEvent:
+        """A stored event by its request id, or by the idempotency key it was sent with."""
+        return self._run(_calls.get_event(request_id, idempotency_key))
+
+    def break_down_cost(
+        self,
+        group_by: Iterable[str],
+        *,
+        start: datetime | None = None,
+        end: datetime | None = None,
+        experience_name: str = "",
+        page_size: int = 0,
+        page_token: str = "",
+    ) -> report_pb.BreakDownCostResponse:
+        """Cost over [start, end) grouped by one or two of type, version, category, resource,
+        user, tag, day, hour; the most expensive group first."""
+        return self._run(_calls.break_down_cost(group_by, start, end, experience_name, page_size, page_token))
 
     def delete_experience(self, experience_id: str | UUID) -> int:
         """Deletes it; returns how many of its events were kept as unattributed."""
@@ -484,6 +521,8 @@ class AsyncTallyClient(_ClientBase):
             "experiences": exp_grpc.ExperienceServiceStub(self.channel),
             "ingest": ing_grpc.IngestServiceStub(self.channel),
             "prices": price_grpc.PriceCatalogServiceStub(self.channel),
+            "events": event_grpc.EventServiceStub(self.channel),
+            "reports": report_grpc.ReportServiceStub(self.channel),
         }
 
     async def close(self) -> None:
@@ -573,10 +612,41 @@ class AsyncTallyClient(_ClientBase):
         return await self._run(_calls.get_experience(experience_id))
 
     async def list_experiences(
-        self, experience_name: str, *, version: int = 0, page_size: int = 0, page_token: str = ""
+        self,
+        experience_name: str,
+        *,
+        version: int = 0,
+        order_by: str = "",
+        page_size: int = 0,
+        page_token: str = "",
     ) -> exp_pb.ListExperiencesResponse:
-        """One page of the type's experiences, newest first."""
-        return await self._run(_calls.list_experiences(experience_name, version, page_size, page_token))
+        """One page of the type's experiences with their statistics, newest first or by
+        `order_by` ("cost_total desc": the most expensive runs first)."""
+        return await self._run(_calls.list_experiences(experience_name, version, order_by, page_size, page_token))
+
+    async def list_events(
+        self, filters: EventFilter | None = None, *, page_size: int = 0, page_token: str = ""
+    ) -> event_pb.ListEventsResponse:
+        """One page of stored events matching `filters`, newest first."""
+        return await self._run(_calls.list_events(filters or EventFilter(), page_size, page_token))
+
+    async def get_event(self, request_id: str | UUID = "", *, idempotency_key: str = "") -> event_pb.StoredEvent:
+        """A stored event by its request id, or by the idempotency key it was sent with."""
+        return await self._run(_calls.get_event(request_id, idempotency_key))
+
+    async def break_down_cost(
+        self,
+        group_by: Iterable[str],
+        *,
+        start: datetime | None = None,
+        end: datetime | None = None,
+        experience_name: str = "",
+        page_size: int = 0,
+        page_token: str = "",
+    ) -> report_pb.BreakDownCostResponse:
+        """Cost over [start, end) grouped by one or two of type, version, category, resource,
+        user, tag, day, hour; the most expensive group first."""
+        return await self._run(_calls.break_down_cost(group_by, start, end, experience_name, page_size, page_token))
 
     async def delete_experience(self, experience_id: str | UUID) -> int:
         """Deletes it; returns how many of its events were kept as unattributed."""

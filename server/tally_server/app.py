@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
+import os
 import signal
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterator
 from typing import Any, TypeVar
 
 import grpc
@@ -18,6 +20,8 @@ from grpc_reflection.v1alpha import reflection
 from tally.v1 import (
     api_key_service_pb2,
     api_key_service_pb2_grpc,
+    event_service_pb2,
+    event_service_pb2_grpc,
     experience_service_pb2,
     experience_service_pb2_grpc,
     experience_type_service_pb2,
@@ -26,11 +30,14 @@ from tally.v1 import (
     ingest_service_pb2_grpc,
     price_catalog_service_pb2,
     price_catalog_service_pb2_grpc,
+    report_service_pb2,
+    report_service_pb2_grpc,
 )
 
 from . import metrics
 from .config import RefusedToStart, Settings, auth_required
 from .domain.errors import StorageUnavailable
+from .domain.events import Events
 from .domain.experience_types import ExperienceTypes
 from .domain.experiences import Experiences
 from .domain.ingest import Ingestor
@@ -38,14 +45,17 @@ from .domain.keys import ApiKeys
 from .domain.paging import PageTokens
 from .domain.prices import Prices
 from .domain.pricing import PriceCatalog
+from .domain.reports import Reports
 from .rpc.access import Access, required_scopes
 from .rpc.interceptor import Admission, ServerInterceptor
 from .rpc.servicers import (
     ApiKeyServicer,
+    EventServicer,
     ExperienceServicer,
     ExperienceTypeServicer,
     IngestServicer,
     PriceCatalogServicer,
+    ReportServicer,
 )
 from .storage import repository as repo
 from .storage.db import Database
@@ -60,6 +70,8 @@ SERVICES = (
     ingest_service_pb2.DESCRIPTOR.services_by_name["IngestService"],
     price_catalog_service_pb2.DESCRIPTOR.services_by_name["PriceCatalogService"],
     api_key_service_pb2.DESCRIPTOR.services_by_name["ApiKeyService"],
+    event_service_pb2.DESCRIPTOR.services_by_name["EventService"],
+    report_service_pb2.DESCRIPTOR.services_by_name["ReportService"],
 )
 SERVICE_NAMES = tuple(service.full_name for service in SERVICES)
 # Every RPC's scope, from the contract; fails at import if an RPC declares none.
@@ -83,6 +95,8 @@ class TallyServer:
         self.experiences = Experiences(self.db, self.pages)
         self.prices = Prices(self.db, self.catalog, self.pages)
         self.keys = ApiKeys(self.db, self.pages)
+        self.events = Events(self.db, self.pages)
+        self.reports = Reports(self.db, self.pages)
         self.server: aio.Server | None = None
         self.port = 0
         self.certificates: CertificateFiles | None = None
@@ -109,8 +123,9 @@ class TallyServer:
                 )
             ],
             options=[
-                # Off, so that a second server on a taken port fails instead of sharing it.
-                ("grpc.so_reuseport", 0),
+                # Off, so that a second server on a taken port fails instead of sharing it;
+                # on for the workers of `--workers N`, which share the port their parent reserved.
+                ("grpc.so_reuseport", 1 if self.settings.worker else 0),
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
             ],
@@ -126,6 +141,8 @@ class TallyServer:
             PriceCatalogServicer(self.prices, self.ingestor), server
         )
         api_key_service_pb2_grpc.add_ApiKeyServiceServicer_to_server(ApiKeyServicer(self.keys), server)
+        event_service_pb2_grpc.add_EventServiceServicer_to_server(EventServicer(self.events), server)
+        report_service_pb2_grpc.add_ReportServiceServicer_to_server(ReportServicer(self.reports), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         if self.extra_handlers:
             server.add_generic_rpc_handlers(self.extra_handlers)
@@ -159,14 +176,17 @@ class TallyServer:
         security = "plaintext" if self.certificates is None else "TLS"
         if self.certificates is not None and self.certificates.client_ca is not None:
             security = "mTLS"
-        log.info(
-            "tally ready: serving on %s:%d (%s, API keys %s), database %s",
-            host,
-            self.port,
-            security,
-            "required" if auth else "off",
-            self.db.url.render_as_string(hide_password=True),
-        )
+        if self.settings.worker:  # the parent says "tally ready" once every worker is
+            log.info("tally worker %d ready: pid %d on %s:%d", self.settings.worker, os.getpid(), host, self.port)
+        else:
+            log.info(
+                "tally ready: serving on %s:%d (%s, API keys %s), database %s",
+                host,
+                self.port,
+                security,
+                "required" if auth else "off",
+                self.db.url.render_as_string(hide_password=True),
+            )
         return self.port
 
     HEALTH_INTERVAL_SECONDS = 2.0
@@ -230,19 +250,18 @@ def tune_garbage_collector() -> None:
     gc.set_threshold(50_000, 20, 100)
 
 
-def configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )
+def configure_logging(level: str, worker: int = 0) -> None:
+    """Log lines to stderr; a worker of `--workers` names itself in each."""
+    who = f"worker-{worker} " if worker else ""
+    logging.basicConfig(level=level.upper(), format=f"%(asctime)s %(levelname)s {who}%(name)s %(message)s")
 
 
-async def serve(settings: Settings) -> None:
-    """Runs until SIGTERM or SIGINT, then shuts down gracefully. What keeps it from
-    starting is one line naming the problem and the path or URL (without its password)."""
+@contextlib.contextmanager
+def _start_errors(settings: Settings) -> Iterator[None]:
+    """What keeps the server from starting, as one line naming the problem and the path
+    or URL (without its password)."""
     try:
-        server = TallyServer(settings)
-        await server.start()
+        yield
     except RefusedToStart as refusal:
         raise SystemExit(str(refusal)) from None
     except StorageUnavailable as error:
@@ -254,6 +273,30 @@ async def serve(settings: Settings) -> None:
             f"tally: cannot use the database URL {url_for_humans(settings.database_url)!r}: {error}; "
             "Tally takes sqlite+aiosqlite:///PATH or postgresql+asyncpg://USER@HOST/DB"
         ) from None
+
+
+def migrate_or_exit(settings: Settings) -> None:
+    """Brings the database to the newest schema (before the workers of `--workers` start)."""
+
+    async def migrate() -> None:
+        with _start_errors(settings):
+            db = Database(settings.database_url, timeout=settings.database_timeout_seconds)
+            try:
+                await db.migrate()
+            finally:
+                await db.dispose()
+
+    asyncio.run(migrate())
+
+
+async def serve(settings: Settings, ready: Any = None) -> None:
+    """Runs until SIGTERM or SIGINT, then shuts down gracefully. `ready` (a queue, for the
+    workers of `--workers`) is told this worker's number once it serves."""
+    with _start_errors(settings):
+        server = TallyServer(settings)
+        await server.start()
+    if ready is not None:
+        ready.put(settings.worker)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -275,10 +318,10 @@ def run_event_loop(main: Coroutine[Any, Any, T]) -> T:
     return uvloop.run(main)
 
 
-def run(settings: Settings) -> None:
-    configure_logging(settings.log_level)
+def run(settings: Settings, ready: Any = None) -> None:
+    configure_logging(settings.log_level, settings.worker)
     # grpc logs a stack trace for a taken port before raising; ours says it in one line.
     logging.getLogger("grpc").setLevel(logging.CRITICAL)
     if settings.log_level != "debug":
         logging.getLogger("alembic").setLevel(logging.WARNING)
-    run_event_loop(serve(settings))
+    run_event_loop(serve(settings, ready))

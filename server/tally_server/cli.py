@@ -28,10 +28,17 @@ T = TypeVar("T")
 SCOPES = ("ingest", "read", "admin")  # as domain.keys.SCOPES, which a test holds equal
 
 
-def _serve(args: argparse.Namespace) -> int:
+def serve_command(args: argparse.Namespace) -> int:
+    settings = from_arguments(args)
+    if settings.workers < 1:
+        raise SystemExit(f"tally: --workers must be 1 or more, got {settings.workers}")
+    if settings.workers > 1:
+        from .workers import serve_workers
+
+        return serve_workers(settings)
     from .app import run
 
-    run(from_arguments(args))
+    run(settings)
     return 0
 
 
@@ -148,7 +155,7 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     """Adds `serve`, `migrate` and `keys` to the `tally` command's subcommands."""
     serve = commands.add_parser("serve", help="run the gRPC server")
     add_arguments(serve)
-    serve.set_defaults(local=_serve)
+    serve.set_defaults(local=serve_command)
     migrate = commands.add_parser("migrate", help="bring the database schema to the newest migration")
     add_database_argument(migrate)
     migrate.set_defaults(local=_migrate)

@@ -34,6 +34,9 @@ class Settings:
     tls_client_ca: str = ""
     # A full IngestBatch (1,000 events with properties) fits with room to spare.
     max_message_bytes: int = 32 * 1024 * 1024
+    # Server processes sharing the listen port (SO_REUSEPORT), each with its own writer.
+    workers: int = 1
+    worker: int = 0  # which of them this process is (from 1); 0 when it serves alone
 
 
 class RefusedToStart(Exception):
@@ -125,6 +128,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             help=f"at most this many {what}; past it, RESOURCE_EXHAUSTED (env {variable}, default {default:,})",
         )
     parser.add_argument(
+        "--workers",
+        type=int,
+        default=int(_env("TALLY_WORKERS", str(_DEFAULTS.workers))),
+        help="server processes sharing the listen port, each with its own writer, restarted if one dies "
+        f"(env TALLY_WORKERS, default {_DEFAULTS.workers})",
+    )
+    parser.add_argument(
         "--metrics-listen",
         default=_env("TALLY_METRICS_LISTEN", ""),
         help="host:port to serve Prometheus metrics at /metrics (env TALLY_METRICS_LISTEN; default: off)",
@@ -174,4 +184,5 @@ def from_arguments(args: argparse.Namespace) -> Settings:
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         tls_client_ca=args.tls_client_ca,
+        workers=args.workers,
     )

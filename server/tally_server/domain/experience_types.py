@@ -188,5 +188,4 @@ class ExperienceTypes:
         v.raise_if_any()
         async with self.db.read() as conn:
             type_id, _ = await self._require(conn, name)
-            rows = await repo.cost_per_experience(conn, type_id, version, start_us, end_us)
-        return stats.type_stats(name, rows)
+            return await stats.type_stats(conn, name, type_id, version, start_us, end_us)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from collections.abc import Sequence
 
@@ -23,6 +24,21 @@ def _require_uuid(v: Violations, field_path: str, text: str) -> uuid.UUID | None
     if parsed is None:
         v.add(field_path, f"not a UUID: {text[:80]!r}")
     return parsed
+
+
+ORDER_FIELDS = ("create_time", "cost_total", "event_count")
+
+
+def parse_order_by(v: Violations, order_by: str) -> tuple[str, bool]:
+    """An AIP-132 order_by of one field: "create_time" (ascending) or "cost_total desc".
+    Empty means "create_time desc", newest first."""
+    words = order_by.split()
+    if not words:
+        return "create_time", True
+    if len(words) <= 2 and words[0] in ORDER_FIELDS and words[1:] in ([], ["asc"], ["desc"]):
+        return words[0], words[1:] == ["desc"]
+    v.add("order_by", f"must be one of {', '.join(ORDER_FIELDS)}, optionally followed by desc; got {order_by[:80]!r}")
+    return "create_time", True
 
 
 class Experiences:
@@ -101,8 +117,8 @@ class Experiences:
             experience = await repo.get_experience(conn, parsed)
             if experience is None:
                 raise experience_not_found(parsed)
-            summary, latencies = await repo.experience_event_summary(conn, parsed)
-        return experience, stats.experience_stats(summary, latencies)
+            rollup = (await repo.experience_rollups(conn, [parsed]))[parsed]
+        return experience, stats.experience_stats(rollup)
 
     async def list(
         self,
@@ -112,33 +128,48 @@ class Experiences:
         end_us: int | None,
         page_size: int,
         page_token: str,
+        order_by: str = "",
     ) -> Page:
+        """A page of experiences with their statistics, in the order asked (AIP-132)."""
         v = Violations()
         check_name(v, "experience_name", experience_name, what="experience type name")
         if version < 0:
             v.add("experience_version", "must be 0 (all versions) or a version number")
         if start_us is not None and end_us is not None and end_us <= start_us:
             v.add("create_time_end", "must be after create_time_start")
+        order, descending = parse_order_by(v, order_by)
         v.raise_if_any()
         size = paging.page_size(page_size)
-        filters = [experience_name, version, start_us, end_us]
-        position = self.pages.decode(
+        filters = [experience_name, version, start_us, end_us, order, descending]
+        width = len(repo.EXPERIENCE_ORDERS[order]) + 1
+        after = self.pages.decode(
             page_token,
             "experiences",
             filters,
-            lambda p: isinstance(p, list) and len(p) == 2 and isinstance(p[0], int) and parse_uuid(p[1]) is not None,
+            lambda p: (
+                isinstance(p, list)
+                and len(p) == width
+                and all(isinstance(x, int) and not isinstance(x, bool) for x in p[:-1])
+                and isinstance(p[-1], str)
+                and parse_uuid(p[-1]) is not None
+            ),
         )
-        before = None if position is None else (position[0], uuid.UUID(position[1]))
         async with self.db.read() as conn:
             type_row = await repo.get_type(conn, experience_name)
             if type_row is None:
                 raise type_not_found(experience_name)
-            items = await repo.list_experiences(conn, type_row[0], version, start_us, end_us, before, size + 1)
-        token = ""
-        if len(items) > size:
-            last = items[size - 1]
-            token = self.pages.encode("experiences", filters, [last.create_time_us, str(last.experience_id)])
-        return Page(items[:size], token)
+            rows = await repo.list_experiences(
+                conn, type_row[0], version, start_us, end_us, order, descending, after, size + 1
+            )
+            ids = [experience.experience_id for experience, _ in rows[:size]]
+            rollups = await repo.experience_rollups(conn, ids)
+        token = self.pages.encode("experiences", filters, rows[size - 1][1]) if len(rows) > size else ""
+        items = [
+            dataclasses.replace(experience, stats=stats.experience_stats(rollups[experience.experience_id]))
+            for experience, _ in rows[:size]
+            if experience.experience_id in rollups  # deleted between the two reads
+        ]
+        return Page(items, token)
 
     async def delete(self, experience_id: str) -> int:
         v = Violations()

@@ -35,6 +35,7 @@ from .models import (
 )
 from .pricing import PriceCatalog
 from .resolution import resolve_experiences
+from .rollups import rollups_of
 from .validation import (
     CATEGORY_PATTERN,
     LATENCY_MAX_MS,
@@ -384,6 +385,8 @@ class Ingestor:
             skipped = await repo.insert_events(conn, stored_pairs)
             if skipped:
                 await _drop_experiences_of_raced(conn, results, skipped)
+                stored_pairs = [pair for pair in stored_pairs if pair[1].request_id not in skipped]
+            await repo.add_rollups(conn, *rollups_of(stored_pairs))
         raced = []
         for item, result in results:
             if skipped and result.request_id in skipped:

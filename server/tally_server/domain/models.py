@@ -40,6 +40,7 @@ class Experience:
     experience_version: int
     create_time_us: int
     properties: dict[str, str]
+    stats: ExperienceStats | None = None  # set where a read asked for them
 
 
 @dataclass(frozen=True)
@@ -229,3 +230,65 @@ class Page:
 
     items: list[Any] = field(default_factory=list)
     next_page_token: str = ""
+
+
+# --- rollups: what each commit adds to the statistics kept at ingest ------------------
+
+
+@dataclass(slots=True)
+class CostTotals:
+    """Sums over a set of events; money in exact nano-dollars."""
+
+    event_count: int = 0
+    failed_event_count: int = 0
+    unpriced_event_count: int = 0
+    cost_input_nanos: int = 0
+    cost_output_nanos: int = 0
+    cost_total_nanos: int = 0
+
+    def add(self, other: CostTotals) -> None:
+        self.event_count += other.event_count
+        self.failed_event_count += other.failed_event_count
+        self.unpriced_event_count += other.unpriced_event_count
+        self.cost_input_nanos += other.cost_input_nanos
+        self.cost_output_nanos += other.cost_output_nanos
+        self.cost_total_nanos += other.cost_total_nanos
+
+
+@dataclass(slots=True)
+class ExperienceRollup:
+    """What one commit adds to one experience's statistics."""
+
+    totals: CostTotals = field(default_factory=CostTotals)
+    first_event_time_us: int = 0
+    last_event_time_us: int = 0
+    latency_sum_ms: int = 0
+    latency_buckets: dict[int, int] = field(default_factory=dict)  # bucket: events
+
+
+@dataclass(frozen=True, slots=True)
+class CostRollupKey:
+    """One row of the hourly cost rollup: events of one hour, type version and model.
+    experience_name is "" (version 0) for unattributed events."""
+
+    hour_us: int
+    experience_name: str
+    experience_version: int
+    category: str
+    resource: str
+
+
+@dataclass(frozen=True)
+class StoredEvent:
+    """An event read back, with the result it was acknowledged with."""
+
+    event: UsageEvent
+    result: IngestResult
+
+
+@dataclass(frozen=True)
+class CostGroup:
+    """One group of a cost breakdown: its keys by dimension name, and its sums."""
+
+    keys: dict[str, Any]
+    totals: CostTotals

@@ -1,64 +1,73 @@
-"""Statistics arithmetic: exact integer money, nearest-rank percentiles."""
+"""Statistics from the rollups: exact integer money, nearest-rank percentiles."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from typing import Any, TypeVar
 
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from ..storage import repository as repo
 from .models import CostDistribution, ExperienceStats, TypeStats
 from .money import divide_half_even
-
-T = TypeVar("T")
-
-
-def nearest_rank(sorted_values: Sequence[T], fraction: float) -> T | int:
-    """The nearest-rank percentile: always one of the values, never interpolated."""
-    if not sorted_values:
-        return 0
-    rank = max(1, math.ceil(fraction * len(sorted_values)))
-    return sorted_values[rank - 1]
+from .rollups import histogram_percentile
 
 
-def experience_stats(summary: Any, latencies: list[int]) -> ExperienceStats:
-    count = int(summary.event_count)
+def nearest_rank(count: int, fraction: float) -> int:
+    """The rank (from 1) of the nearest-rank percentile among `count` sorted values."""
+    return max(1, math.ceil(fraction * count))
+
+
+def experience_stats(rollup: repo.ExperienceRollup) -> ExperienceStats:
+    """An experience's statistics: sums and mean exact, latency percentiles within the
+    histogram's relative error (domain.rollups.LATENCY_RELATIVE_ERROR)."""
+    totals = rollup.totals
+    count = totals.event_count
     return ExperienceStats(
-        cost_input_nanos=int(summary.cost_input),
-        cost_output_nanos=int(summary.cost_output),
-        cost_total_nanos=int(summary.cost_total),
+        cost_input_nanos=totals.cost_input_nanos,
+        cost_output_nanos=totals.cost_output_nanos,
+        cost_total_nanos=totals.cost_total_nanos,
         event_count=count,
-        failed_event_count=int(summary.failed),
-        unpriced_event_count=int(summary.unpriced),
-        latency_mean_ms=(sum(latencies) / len(latencies)) if latencies else 0.0,
-        latency_p50_ms=float(nearest_rank(latencies, 0.50)),
-        latency_p95_ms=float(nearest_rank(latencies, 0.95)),
-        first_event_time_us=None if summary.first_us is None else int(summary.first_us),
-        last_event_time_us=None if summary.last_us is None else int(summary.last_us),
+        failed_event_count=totals.failed_event_count,
+        unpriced_event_count=totals.unpriced_event_count,
+        latency_mean_ms=rollup.latency_sum_ms / count if count else 0.0,
+        latency_p50_ms=histogram_percentile(rollup.latency_buckets, 0.50),
+        latency_p95_ms=histogram_percentile(rollup.latency_buckets, 0.95),
+        first_event_time_us=rollup.first_event_time_us,
+        last_event_time_us=rollup.last_event_time_us,
     )
 
 
-def distribution(rows: Sequence[Any]) -> CostDistribution:
-    """Rows of (version, id, total, events, unpriced), one per experience."""
-    costs = sorted(int(row.total) for row in rows)
-    total = sum(costs)
-    return CostDistribution(
-        experience_count=len(costs),
-        event_count=sum(int(row.events) for row in rows),
-        unpriced_event_count=sum(int(row.unpriced) for row in rows),
-        total_nanos=total,
-        mean_nanos=divide_half_even(total, len(costs)),
-        p50_nanos=nearest_rank(costs, 0.50),
-        p95_nanos=nearest_rank(costs, 0.95),
-        max_nanos=costs[-1] if costs else 0,
-    )
+async def type_stats(
+    conn: AsyncConnection, name: str, type_id: int, version: int, start_us: int | None, end_us: int | None
+) -> TypeStats:
+    """The cost distribution of a type's experiences, in total and per version, from their
+    rollups: sums in one pass, each percentile by walking the cost index to its rank."""
+    by_version = await repo.cost_by_version(conn, type_id, version, start_us, end_us)
 
+    async def distribution(selected: list[repo.VersionCosts], only_version: int) -> CostDistribution:
+        count = sum(v.experience_count for v in selected)
+        total = sum(v.total_nanos for v in selected)
+        if not count:
+            return CostDistribution()
 
-def type_stats(name: str, rows: Sequence[Any]) -> TypeStats:
-    by_version: dict[int, list[Any]] = {}
-    for row in rows:
-        by_version.setdefault(int(row.version), []).append(row)
-    return TypeStats(
-        name=name,
-        total=distribution(rows),
-        by_version={version: distribution(by_version[version]) for version in sorted(by_version)},
-    )
+        async def at(fraction: float) -> int:
+            rank = nearest_rank(count, fraction)
+            return await repo.experience_cost_at_rank(conn, type_id, only_version, start_us, end_us, rank)
+
+        return CostDistribution(
+            experience_count=count,
+            event_count=sum(v.event_count for v in selected),
+            unpriced_event_count=sum(v.unpriced_event_count for v in selected),
+            total_nanos=total,
+            mean_nanos=divide_half_even(total, count),
+            p50_nanos=await at(0.50),
+            p95_nanos=await at(0.95),
+            max_nanos=await at(1.0),
+        )
+
+    versions = {v.version: await distribution([v], v.version) for v in by_version}
+    if version or len(versions) == 1:
+        total = next(iter(versions.values()), CostDistribution())
+    else:
+        total = await distribution(by_version, 0)
+    return TypeStats(name=name, total=total, by_version=versions)

@@ -13,10 +13,12 @@ from tally.v1 import (
     access_pb2,
     api_key_service_pb2 as api_key_pb,
     common_pb2,
+    event_service_pb2 as event_pb,
     experience_service_pb2 as exp_pb,
     experience_type_service_pb2 as et_pb,
     ingest_service_pb2 as ing_pb,
     price_catalog_service_pb2 as price_pb,
+    report_service_pb2 as report_pb,
 )
 
 from ..domain import models as m
@@ -121,6 +123,7 @@ def type_stats(s: m.TypeStats) -> et_pb.GetExperienceTypeStatsResponse:
 
 
 def experience(e: m.Experience, stats: m.ExperienceStats | None = None) -> exp_pb.Experience:
+    stats = stats or e.stats
     message = exp_pb.Experience(
         experience_id=str(e.experience_id),
         experience_name=e.experience_name,
@@ -387,3 +390,69 @@ def api_key(k: m.ApiKey) -> api_key_pb.ApiKey:
 def scope_names(scopes: Iterable[int]) -> list[str]:
     """Scope enum values as the domain's names; an unknown value keeps a name the domain refuses."""
     return [SCOPE_NAMES.get(scope, f"scope {scope}") for scope in scopes]
+
+
+def stored_event(s: m.StoredEvent) -> event_pb.StoredEvent:
+    e, c = s.event, s.event.context
+    message = event_pb.StoredEvent(
+        request_id=str(s.result.request_id),
+        event=ing_pb.UsageEvent(
+            category=e.category,
+            resource=e.resource,
+            units={unit: ing_pb.UnitCounts(input=i, output=o) for unit, (i, o) in e.units.items()},
+            end_to_end_latency_ms=e.end_to_end_latency_ms,
+            time_to_first_token_ms=e.time_to_first_token_ms,
+            http_status_code=e.http_status_code,
+            provider_response_id=e.provider_response_id,
+            idempotency_key=e.idempotency_key,
+            properties=e.properties,
+            context=ing_pb.EventContext(
+                experience_id=c.experience_id,
+                experience_name=c.experience_name,
+                experience_version=c.experience_version,
+                user_id=c.user_id,
+                request_tags=c.request_tags,
+            ),
+            price_context=e.price_context,
+        ),
+    )
+    set_timestamp(message.event.event_timestamp, e.event_time_us)
+    response = ingest_response(s.result)
+    message.ingest_timestamp.CopyFrom(response.ingest_timestamp)
+    message.xproxy_result.CopyFrom(response.xproxy_result)
+    return message
+
+
+# CostDimension values and the domain's dimension names.
+COST_DIMENSIONS = {
+    report_pb.COST_DIMENSION_EXPERIENCE_NAME: "experience_name",
+    report_pb.COST_DIMENSION_EXPERIENCE_VERSION: "experience_version",
+    report_pb.COST_DIMENSION_CATEGORY: "category",
+    report_pb.COST_DIMENSION_RESOURCE: "resource",
+    report_pb.COST_DIMENSION_USER_ID: "user_id",
+    report_pb.COST_DIMENSION_REQUEST_TAG: "request_tag",
+    report_pb.COST_DIMENSION_DAY: "day",
+    report_pb.COST_DIMENSION_HOUR: "hour",
+}
+
+
+def cost_dimensions(values: Iterable[int]) -> list[str]:
+    """The dimensions by name; an unknown value keeps a name the domain refuses."""
+    return [COST_DIMENSIONS.get(cast(Any, value), f"dimension {value}") for value in values]
+
+
+def cost_group(g: m.CostGroup) -> report_pb.CostGroup:
+    t = g.totals
+    message = report_pb.CostGroup(
+        cost_input=money(t.cost_input_nanos),
+        cost_output=money(t.cost_output_nanos),
+        cost_total=money(t.cost_total_nanos),
+        event_count=t.event_count,
+        unpriced_event_count=t.unpriced_event_count,
+    )
+    for name, value in g.keys.items():
+        if name in ("day", "hour"):
+            set_timestamp(message.period_start, int(value))
+        else:
+            setattr(message, name, value)
+    return message

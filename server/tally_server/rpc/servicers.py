@@ -17,6 +17,8 @@ from tally.v1 import (
     api_key_service_pb2 as key_pb,
     api_key_service_pb2_grpc as key_grpc,
     common_pb2,
+    event_service_pb2 as event_pb,
+    event_service_pb2_grpc as event_grpc,
     experience_service_pb2 as exp_pb,
     experience_service_pb2_grpc as exp_grpc,
     experience_type_service_pb2 as et_pb,
@@ -25,16 +27,20 @@ from tally.v1 import (
     ingest_service_pb2_grpc as ing_grpc,
     price_catalog_service_pb2 as price_pb,
     price_catalog_service_pb2_grpc as price_grpc,
+    report_service_pb2 as report_pb,
+    report_service_pb2_grpc as report_grpc,
 )
 
 from ..domain import ingest as ingest_rules
 from ..domain.errors import TallyError, Violation, Violations, invalid
+from ..domain.events import Events
 from ..domain.experience_types import ExperienceTypes
 from ..domain.experiences import Experiences
 from ..domain.ingest import Ingestor
 from ..domain.keys import ApiKeys
 from ..domain.models import EventContext, IngestResult, UnitPrice, UsageEvent, now_us
 from ..domain.prices import Prices
+from ..domain.reports import Reports
 from . import convert, metadata
 from .access import current_key
 from .interceptor import Undecodable
@@ -149,6 +155,7 @@ class ExperienceServicer(exp_grpc.ExperienceServiceServicer):
             convert.micros(request, "create_time_end"),
             request.page_size,
             request.page_token,
+            request.order_by,
         )
         return exp_pb.ListExperiencesResponse(
             experiences=[convert.experience(e) for e in page.items], next_page_token=page.next_page_token
@@ -167,6 +174,56 @@ class ExperienceServicer(exp_grpc.ExperienceServiceServicer):
             request.experience_id, dict(request.set_properties), list(request.remove_keys)
         )
         return exp_pb.UpdateExperiencePropertiesResponse(experience=convert.experience(updated))
+
+
+class EventServicer(event_grpc.EventServiceServicer):
+    def __init__(self, events: Events) -> None:
+        self.events = events
+
+    async def ListEvents(self, request: event_pb.ListEventsRequest, context: Context) -> event_pb.ListEventsResponse:
+        page = await self.events.list(
+            experience_id=request.experience_id,
+            experience_name=request.experience_name,
+            experience_version=request.experience_version,
+            user_id=request.user_id,
+            request_tag=request.request_tag,
+            category=request.category,
+            resource=request.resource,
+            cost_state=request.cost_state,
+            start_us=convert.micros(request, "start_time"),
+            end_us=convert.micros(request, "end_time"),
+            page_size=request.page_size,
+            page_token=request.page_token,
+        )
+        return event_pb.ListEventsResponse(
+            events=[convert.stored_event(e) for e in page.items], next_page_token=page.next_page_token
+        )
+
+    async def GetEvent(self, request: event_pb.GetEventRequest, context: Context) -> event_pb.GetEventResponse:
+        found = await self.events.get(request.request_id, request.idempotency_key)
+        return event_pb.GetEventResponse(event=convert.stored_event(found))
+
+
+class ReportServicer(report_grpc.ReportServiceServicer):
+    def __init__(self, reports: Reports) -> None:
+        self.reports = reports
+
+    async def BreakDownCost(
+        self, request: report_pb.BreakDownCostRequest, context: Context
+    ) -> report_pb.BreakDownCostResponse:
+        page, total = await self.reports.breakdown(
+            convert.cost_dimensions(request.group_by),
+            convert.micros(request, "start_time"),
+            convert.micros(request, "end_time"),
+            request.experience_name,
+            request.page_size,
+            request.page_token,
+        )
+        return report_pb.BreakDownCostResponse(
+            groups=[convert.cost_group(g) for g in page.items],
+            next_page_token=page.next_page_token,
+            total=convert.cost_group(total),
+        )
 
 
 def _item_error(outcome: Exception) -> common_pb2.ItemError:

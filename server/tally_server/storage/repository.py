@@ -12,11 +12,17 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ..domain import models as m
-from . import hot_path
+from ..domain.rollups import DAY_US, HOUR_US
+from . import hot_path, rollups
 from .tables import (
+    ROLLUP_COUNT_COLUMNS,
+    ROLLUP_MONEY,
+    ROLLUP_MONEY_COLUMNS,
     api_keys,
+    cost_rollups,
     custom_prices,
     events,
+    experience_latencies,
     experience_type_versions,
     experience_types,
     experiences,
@@ -151,10 +157,20 @@ async def count_experiences_of_type(conn: AsyncConnection, type_id: int) -> int:
     return (await conn.execute(stmt)).scalar_one()
 
 
+async def _type_name(conn: AsyncConnection, type_id: int) -> str:
+    query = sa.select(experience_types.c.name).where(experience_types.c.id == type_id)
+    return str((await conn.execute(query)).scalar_one())
+
+
 async def delete_type(conn: AsyncConnection, type_id: int) -> int:
-    """Deletes the type, its versions and its experiences; their events become unattributed."""
+    """Deletes the type, its versions and its experiences; their events become unattributed
+    (and move to the unattributed rows of the hourly cost rollup)."""
     of_type = sa.select(experiences.c.id).where(experiences.c.type_id == type_id)
+    hours = await rollups.hours_of_events(conn, events.c.experience_id.in_(of_type))
+    name = await _type_name(conn, type_id)
     await conn.execute(sa.update(events).where(events.c.experience_id.in_(of_type)).values(experience_id=None))
+    await conn.execute(sa.delete(experience_latencies).where(experience_latencies.c.experience_id.in_(of_type)))
+    await rollups.rebuild_cost_rollups(conn, hours, {name, ""})
     deleted = (await conn.execute(sa.delete(experiences).where(experiences.c.type_id == type_id))).rowcount
     await conn.execute(sa.delete(experience_type_versions).where(experience_type_versions.c.type_id == type_id))
     await conn.execute(sa.delete(experience_types).where(experience_types.c.id == type_id))
@@ -215,42 +231,25 @@ async def insert_experiences(conn: AsyncConnection, rows: Sequence[dict[str, Any
     return {row.id for row in result}
 
 
-async def list_experiences(
-    conn: AsyncConnection,
-    type_id: int,
-    version: int,
-    start_us: int | None,
-    end_us: int | None,
-    before: tuple[int, uuid.UUID] | None,
-    limit: int,
-) -> list[m.Experience]:
-    e = experiences
-    query = (
-        sa.select(*hot_path.EXPERIENCE_COLUMNS)
-        .select_from(hot_path.EXPERIENCES_JOIN)
-        .where(e.c.type_id == type_id)
-        .order_by(e.c.create_time_us.desc(), e.c.id.desc())
-        .limit(limit)
-    )
-    if version:
-        query = query.where(e.c.version == version)
-    if start_us is not None:
-        query = query.where(e.c.create_time_us >= start_us)
-    if end_us is not None:
-        query = query.where(e.c.create_time_us < end_us)
-    if before is not None:
-        query = query.where(sa.tuple_(e.c.create_time_us, e.c.id) < sa.tuple_(*before))
-    return [hot_path.experience_from_row(row) for row in await conn.execute(query)]
-
-
 async def delete_experience(conn: AsyncConnection, experience_id: uuid.UUID) -> int | None:
-    """Deletes it and unattributes its events; None if it did not exist, else the event count."""
-    deleted = (await conn.execute(sa.delete(experiences).where(experiences.c.id == experience_id))).rowcount
-    if not deleted:
+    """Deletes it and unattributes its events (moving them to the unattributed rows of the
+    hourly cost rollup); None if it did not exist, else the event count."""
+    name = (
+        await conn.execute(
+            sa.select(experience_types.c.name)
+            .select_from(hot_path.EXPERIENCES_JOIN)
+            .where(experiences.c.id == experience_id)
+        )
+    ).scalar()
+    if name is None:
         return None
+    await conn.execute(sa.delete(experiences).where(experiences.c.id == experience_id))
+    await conn.execute(sa.delete(experience_latencies).where(experience_latencies.c.experience_id == experience_id))
+    hours = await rollups.hours_of_events(conn, events.c.experience_id == experience_id)
     result = await conn.execute(
         sa.update(events).where(events.c.experience_id == experience_id).values(experience_id=None)
     )
+    await rollups.rebuild_cost_rollups(conn, hours, {name, ""})
     return result.rowcount
 
 
@@ -258,106 +257,170 @@ async def set_properties(conn: AsyncConnection, experience_id: uuid.UUID, proper
     await conn.execute(sa.update(experiences).where(experiences.c.id == experience_id).values(properties=properties))
 
 
-_NANOS_PER_DOLLAR = 1_000_000_000
+@dataclasses.dataclass(frozen=True)
+class ExperienceRollup:
+    """An experience's rollup as stored: its sums and its latency histogram."""
+
+    totals: m.CostTotals
+    latency_sum_ms: int
+    first_event_time_us: int | None
+    last_event_time_us: int | None
+    latency_buckets: dict[int, int]
 
 
-def _exact_sum(column: sa.Column[Any], label: str) -> tuple[sa.Label[Any], sa.Label[Any]]:
-    """SUM(column) as whole dollars and leftover nanos, summed apart: 64-bit sums (SQLite's
-    SUM raises past 2^63) cannot overflow below 9 trillion events of $1,000,000."""
-    return (
-        sa.func.coalesce(sa.func.sum(column // _NANOS_PER_DOLLAR), 0).label(f"{label}_dollars"),
-        sa.func.coalesce(sa.func.sum(column % _NANOS_PER_DOLLAR), 0).label(f"{label}_nanos"),
+_ROLLUP_COLUMNS = (
+    experiences.c.id,
+    *(experiences.c[name] for name in (*ROLLUP_COUNT_COLUMNS, *ROLLUP_MONEY_COLUMNS)),
+    experiences.c.latency_sum_ms,
+    experiences.c.first_event_time_us,
+    experiences.c.last_event_time_us,
+)
+
+
+async def experience_rollups(conn: AsyncConnection, ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, ExperienceRollup]:
+    """The rollups of these experiences: two indexed reads, whatever their event counts."""
+    if not ids:
+        return {}
+    buckets: dict[uuid.UUID, dict[int, int]] = {experience_id: {} for experience_id in ids}
+    lat = experience_latencies
+    query = sa.select(lat.c.experience_id, lat.c.bucket, lat.c.event_count).where(lat.c.experience_id.in_(ids))
+    for experience_id, bucket, count in await conn.execute(query):
+        buckets[experience_id][int(bucket)] = int(count)
+    rows = await conn.execute(sa.select(*_ROLLUP_COLUMNS).where(experiences.c.id.in_(ids)))
+    return {
+        row.id: ExperienceRollup(
+            rollups.totals_from_row(row),
+            int(row.latency_sum_ms),
+            row.first_event_time_us,
+            row.last_event_time_us,
+            buckets[row.id],
+        )
+        for row in rows
+    }
+
+
+# ListExperiences orderings: the sort key of each, ascending; the id breaks ties.
+EXPERIENCE_ORDERS: dict[str, tuple[sa.Column[Any], ...]] = {
+    "create_time": (experiences.c.create_time_us,),
+    "cost_total": (experiences.c.cost_total_dollars, experiences.c.cost_total_nanos),
+    "event_count": (experiences.c.event_count,),
+}
+
+
+def _experience_filters(
+    type_id: int, version: int, start_us: int | None, end_us: int | None, column: sa.Column[Any]
+) -> list[sa.ColumnElement[bool]]:
+    where = [experiences.c.type_id == type_id]
+    if version:
+        where.append(experiences.c.version == version)
+    if start_us is not None:
+        where.append(column >= start_us)
+    if end_us is not None:
+        where.append(column < end_us)
+    return where
+
+
+async def list_experiences(
+    conn: AsyncConnection,
+    type_id: int,
+    version: int,
+    start_us: int | None,
+    end_us: int | None,
+    order: str,
+    descending: bool,
+    after: Sequence[Any] | None,
+    limit: int,
+) -> list[tuple[m.Experience, list[Any]]]:
+    """A page of experiences in the order named (a key of EXPERIENCE_ORDERS), each with its
+    position (the sort key and id) for the next page's `after`."""
+    e = experiences
+    key = (*EXPERIENCE_ORDERS[order], e.c.id)
+    query = (
+        sa.select(*hot_path.EXPERIENCE_COLUMNS, *key[:-1])
+        .select_from(hot_path.EXPERIENCES_JOIN)
+        .where(*_experience_filters(type_id, version, start_us, end_us, e.c.create_time_us))
+        .order_by(*(column.desc() if descending else column for column in key))
+        .limit(limit)
     )
-
-
-def _nanos(row: Any, label: str) -> int:
-    """The exact sum that _exact_sum took apart."""
-    return int(getattr(row, f"{label}_dollars")) * _NANOS_PER_DOLLAR + int(getattr(row, f"{label}_nanos"))
-
-
-@dataclasses.dataclass(frozen=True)
-class EventSummary:
-    event_count: int
-    cost_input: int
-    cost_output: int
-    cost_total: int
-    failed: int
-    unpriced: int
-    first_us: int | None
-    last_us: int | None
+    if after is not None:
+        position = sa.tuple_(*after[:-1], uuid.UUID(after[-1]))
+        query = query.where(sa.tuple_(*key) < position if descending else sa.tuple_(*key) > position)
+    return [
+        (hot_path.experience_from_row(row), [*(row._mapping[c] for c in key[:-1]), str(row.id)])
+        for row in await conn.execute(query)
+    ]
 
 
 @dataclasses.dataclass(frozen=True)
-class ExperienceCost:
+class VersionCosts:
+    """Sums over the experiences of one version with events in a stats window."""
+
     version: int
-    id: uuid.UUID
-    total: int
-    events: int
-    unpriced: int
+    experience_count: int
+    event_count: int
+    unpriced_event_count: int
+    total_nanos: int
 
 
-async def experience_event_summary(conn: AsyncConnection, experience_id: uuid.UUID) -> tuple[EventSummary, list[int]]:
-    """Aggregates of the experience's events, and their latencies in ascending order."""
-    ev = events
-    aggregate = sa.select(
-        sa.func.count().label("event_count"),
-        *_exact_sum(ev.c.cost_input_nanos, "cost_input"),
-        *_exact_sum(ev.c.cost_output_nanos, "cost_output"),
-        *_exact_sum(ev.c.cost_total_nanos, "cost_total"),
-        sa.func.count().filter(ev.c.http_status_code >= 400).label("failed"),
-        sa.func.count().filter(ev.c.cost_state != int(m.CostState.PRICED)).label("unpriced"),
-        sa.func.min(ev.c.event_time_us).label("first_us"),
-        sa.func.max(ev.c.event_time_us).label("last_us"),
-    ).where(ev.c.experience_id == experience_id)
-    row = (await conn.execute(aggregate)).one()
-    summary = EventSummary(
-        int(row.event_count),
-        _nanos(row, "cost_input"),
-        _nanos(row, "cost_output"),
-        _nanos(row, "cost_total"),
-        int(row.failed),
-        int(row.unpriced),
-        None if row.first_us is None else int(row.first_us),
-        None if row.last_us is None else int(row.last_us),
-    )
-    latencies = await conn.execute(
-        sa.select(ev.c.end_to_end_latency_ms)
-        .where(ev.c.experience_id == experience_id)
-        .order_by(ev.c.end_to_end_latency_ms)
-    )
-    return summary, [row[0] for row in latencies]
+def _with_events(type_id: int, version: int, start_us: int | None, end_us: int | None) -> list[Any]:
+    """GetExperienceTypeStats' experiences: with events, the first of them in the window."""
+    e = experiences
+    return [*_experience_filters(type_id, version, start_us, end_us, e.c.first_event_time_us), e.c.event_count > 0]
 
 
-async def cost_per_experience(
+async def cost_by_version(
     conn: AsyncConnection, type_id: int, version: int, start_us: int | None, end_us: int | None
-) -> list[ExperienceCost]:
-    """One row per experience of the type with events in the window."""
-    ev, e = events, experiences
+) -> list[VersionCosts]:
+    """Sums of the experiences' rollups, per version: one pass over the type's experiences."""
+    e = experiences
     query = (
         sa.select(
             e.c.version,
-            e.c.id,
-            *_exact_sum(ev.c.cost_total_nanos, "total"),
-            sa.func.count().label("events"),
-            sa.func.count().filter(ev.c.cost_state != int(m.CostState.PRICED)).label("unpriced"),
+            sa.func.count().label("experiences"),
+            sa.func.sum(e.c.event_count).label("events"),
+            sa.func.sum(e.c.unpriced_event_count).label("unpriced"),
+            sa.func.sum(e.c.cost_total_dollars).label("dollars"),
+            sa.func.sum(e.c.cost_total_nanos).label("nanos"),
         )
-        .select_from(ev.join(e, ev.c.experience_id == e.c.id))
-        .where(e.c.type_id == type_id)
-        .group_by(e.c.version, e.c.id)
+        .where(*_with_events(type_id, version, start_us, end_us))
+        .group_by(e.c.version)
+        .order_by(e.c.version)
     )
-    if version:
-        query = query.where(e.c.version == version)
-    if start_us is not None:
-        query = query.where(ev.c.event_time_us >= start_us)
-    if end_us is not None:
-        query = query.where(ev.c.event_time_us < end_us)
     return [
-        ExperienceCost(int(r.version), r.id, _nanos(r, "total"), int(r.events), int(r.unpriced))
+        VersionCosts(
+            int(r.version), int(r.experiences), int(r.events), int(r.unpriced), rollups.joined(r.dollars, r.nanos)
+        )
         for r in await conn.execute(query)
     ]
 
 
+async def experience_cost_at_rank(
+    conn: AsyncConnection, type_id: int, version: int, start_us: int | None, end_us: int | None, rank: int
+) -> int:
+    """The total cost of the rank-th cheapest experience (from 1) among those stats select:
+    a walk of the cost index up to that rank, no sort of the experiences."""
+    e = experiences
+    query = (
+        sa.select(e.c.cost_total_dollars, e.c.cost_total_nanos)
+        .where(*_with_events(type_id, version, start_us, end_us))
+        .order_by(e.c.cost_total_dollars, e.c.cost_total_nanos)
+        .offset(rank - 1)
+        .limit(1)
+    )
+    row = (await conn.execute(query)).first()
+    return 0 if row is None else rollups.joined(*row)
+
+
 # --- events ----------------------------------------------------------------------------
+
+
+async def add_rollups(
+    conn: AsyncConnection,
+    by_experience: dict[uuid.UUID, m.ExperienceRollup],
+    by_hour: dict[m.CostRollupKey, m.CostTotals],
+) -> None:
+    """Adds a commit's stored events to the rollups (domain.rollups made these)."""
+    await rollups.add(conn, by_experience, by_hour)
 
 
 async def insert_events(conn: AsyncConnection, stored: hot_path.Stored) -> set[uuid.UUID]:
@@ -367,24 +430,241 @@ async def insert_events(conn: AsyncConnection, stored: hot_path.Stored) -> set[u
     return await hot_path.insert_events(conn, stored) if stored else set()
 
 
+_EVENTS_WITH_EXPERIENCE = events.outerjoin(experiences, events.c.experience_id == experiences.c.id).outerjoin(
+    experience_types, experiences.c.type_id == experience_types.c.id
+)
+_EVENT_WITH_EXPERIENCE_COLUMNS = (
+    events,
+    experience_types.c.name.label("experience_name"),
+    experiences.c.version.label("experience_version"),
+)
+
+
 async def events_by_key(conn: AsyncConnection, keys: Iterable[str]) -> dict[str, Any]:
     """Stored events by idempotency key, with their experience's name and version."""
     keys = list(keys)
     if not keys:
         return {}
-    ev = events
     query = (
-        sa.select(
-            ev, experience_types.c.name.label("experience_name"), experiences.c.version.label("experience_version")
-        )
-        .select_from(
-            ev.outerjoin(experiences, ev.c.experience_id == experiences.c.id).outerjoin(
-                experience_types, experiences.c.type_id == experience_types.c.id
-            )
-        )
-        .where(ev.c.idempotency_key.in_(keys))
+        sa.select(*_EVENT_WITH_EXPERIENCE_COLUMNS)
+        .select_from(_EVENTS_WITH_EXPERIENCE)
+        .where(events.c.idempotency_key.in_(keys))
     )
     return {row.idempotency_key: row for row in await conn.execute(query)}
+
+
+async def event_by_id(conn: AsyncConnection, request_id: uuid.UUID) -> Any:
+    query = (
+        sa.select(*_EVENT_WITH_EXPERIENCE_COLUMNS).select_from(_EVENTS_WITH_EXPERIENCE).where(events.c.id == request_id)
+    )
+    return (await conn.execute(query)).first()
+
+
+def _has_tag(conn: AsyncConnection, tag: str) -> sa.ColumnElement[bool]:
+    """The event's request_tags (a JSON array) hold `tag`."""
+    elements = "json_array_elements_text" if conn.dialect.name == "postgresql" else "json_each"
+    values = getattr(sa.func, elements)(events.c.request_tags).table_valued("value").alias("tag")
+    return sa.exists(sa.select(sa.literal(1)).select_from(values).where(values.c.value == tag))
+
+
+@dataclasses.dataclass(frozen=True)
+class EventFilter:
+    experience_id: uuid.UUID | None = None
+    type_id: int | None = None
+    version: int = 0
+    user_id: str = ""
+    request_tag: str = ""
+    category: str = ""
+    resource: str = ""
+    cost_state: int = 0
+    start_us: int | None = None
+    end_us: int | None = None
+
+
+def _event_conditions(conn: AsyncConnection, f: EventFilter) -> list[sa.ColumnElement[bool]]:
+    ev = events
+    where: list[sa.ColumnElement[bool]] = []
+    if f.experience_id is not None:
+        where.append(ev.c.experience_id == f.experience_id)
+    if f.type_id is not None:
+        where.append(experiences.c.type_id == f.type_id)
+        if f.version:
+            where.append(experiences.c.version == f.version)
+    for column, value in ((ev.c.user_id, f.user_id), (ev.c.category, f.category), (ev.c.resource, f.resource)):
+        if value:
+            where.append(column == value)
+    if f.cost_state:
+        where.append(ev.c.cost_state == f.cost_state)
+    if f.start_us is not None:
+        where.append(ev.c.event_time_us >= f.start_us)
+    if f.end_us is not None:
+        where.append(ev.c.event_time_us < f.end_us)
+    if f.request_tag:
+        where.append(_has_tag(conn, f.request_tag))
+    return where
+
+
+async def list_events(
+    conn: AsyncConnection, f: EventFilter, before: tuple[int, uuid.UUID] | None, limit: int
+) -> list[Any]:
+    """Stored events matching the filter, newest first (event time, then id)."""
+    ev = events
+    query = (
+        sa.select(*_EVENT_WITH_EXPERIENCE_COLUMNS)
+        .select_from(_EVENTS_WITH_EXPERIENCE)
+        .where(*_event_conditions(conn, f))
+        .order_by(ev.c.event_time_us.desc(), ev.c.id.desc())
+        .limit(limit)
+    )
+    if before is not None:
+        query = query.where(sa.tuple_(ev.c.event_time_us, ev.c.id) < sa.tuple_(*before))
+    return list(await conn.execute(query))
+
+
+# --- the cost breakdown ---------------------------------------------------------------------
+
+# Dimensions the hourly rollup keeps; the others (user id, request tag) are read from events.
+ROLLUP_DIMENSIONS = frozenset({"experience_name", "experience_version", "category", "resource", "day", "hour"})
+
+
+def _rollup_keys(dimension: str) -> list[sa.ColumnElement[Any]]:
+    r = cost_rollups
+    keys: dict[str, list[sa.ColumnElement[Any]]] = {
+        "experience_name": [r.c.experience_name],
+        "experience_version": [r.c.experience_name, r.c.experience_version],
+        "category": [r.c.category],
+        "resource": [r.c.resource],
+        "day": [r.c.hour_us - r.c.hour_us % DAY_US],
+        "hour": [r.c.hour_us],
+    }
+    return keys[dimension]
+
+
+def _event_keys(dimension: str, tag: Any) -> list[sa.ColumnElement[Any]]:
+    ev, time = events, events.c.event_time_us
+    name = sa.func.coalesce(experience_types.c.name, "")
+    keys: dict[str, list[sa.ColumnElement[Any]]] = {
+        "experience_name": [name],
+        "experience_version": [name, sa.func.coalesce(experiences.c.version, 0)],
+        "category": [ev.c.category],
+        "resource": [ev.c.resource],
+        "user_id": [sa.func.coalesce(ev.c.user_id, "")],
+        "request_tag": [sa.func.coalesce(tag.c.value, "") if tag is not None else sa.literal("")],
+        "day": [time - time % DAY_US],
+        "hour": [time - time % HOUR_US],
+    }
+    return keys[dimension]
+
+
+def _money_sums(table: sa.Table, from_events: bool) -> list[sa.Label[Any]]:
+    sums: list[sa.Label[Any]] = []
+    for money in ROLLUP_MONEY:
+        if from_events:
+            column = table.c[f"{money}_nanos"]
+            dollars, nanos = column // rollups.NANOS_PER_DOLLAR, column % rollups.NANOS_PER_DOLLAR
+        else:
+            dollars, nanos = table.c[f"{money}_dollars"], table.c[f"{money}_nanos"]
+        sums.append(sa.func.sum(dollars).label(f"{money}_dollars"))
+        sums.append(sa.func.sum(nanos).label(f"{money}_nanos"))
+    return sums
+
+
+Groups = dict[tuple[Any, ...], m.CostTotals]
+
+
+def _merge(groups: Groups, rows: Iterable[Any], width: int) -> None:
+    for row in rows:
+        if not row.event_count:  # an aggregate over no rows
+            continue
+        key = tuple(row[:width])
+        totals = rollups.totals_from_row(row)
+        if key in groups:
+            groups[key].add(totals)
+        else:
+            groups[key] = totals
+
+
+async def _breakdown_from_rollup(
+    conn: AsyncConnection, dimensions: Sequence[str], start_us: int | None, end_us: int | None, type_name: str
+) -> Groups:
+    r = cost_rollups
+    keys = [key for d in dimensions for key in _rollup_keys(d)]
+    query = sa.select(
+        *keys,
+        *(sa.func.sum(r.c[name]).label(name) for name in ROLLUP_COUNT_COLUMNS),
+        *_money_sums(r, from_events=False),
+    )
+    if keys:
+        query = query.group_by(*keys)
+    if start_us is not None:
+        query = query.where(r.c.hour_us >= start_us)
+    if end_us is not None:
+        query = query.where(r.c.hour_us < end_us)
+    if type_name:
+        query = query.where(r.c.experience_name == type_name)
+    groups: Groups = {}
+    _merge(groups, await conn.execute(query), len(keys))
+    return groups
+
+
+async def _breakdown_from_events(
+    conn: AsyncConnection,
+    dimensions: Sequence[str],
+    start_us: int | None,
+    end_us: int | None,
+    type_name: str,
+    into: Groups,
+) -> None:
+    ev = events
+    source: Any = _EVENTS_WITH_EXPERIENCE
+    tag = None
+    if "request_tag" in dimensions:
+        if conn.dialect.name == "postgresql":
+            tag = sa.func.json_array_elements_text(ev.c.request_tags).table_valued("value").lateral("tag")
+        else:  # SQLite's table-valued functions see the columns to their left without LATERAL
+            tag = sa.func.json_each(ev.c.request_tags).table_valued("value").alias("tag")
+        source = source.outerjoin(tag, sa.true())
+    keys = [key for d in dimensions for key in _event_keys(d, tag)]
+    query = sa.select(
+        *keys,
+        sa.func.count().label("event_count"),
+        sa.func.count().filter(ev.c.http_status_code >= 400).label("failed_event_count"),
+        sa.func.count().filter(ev.c.cost_state != int(m.CostState.PRICED)).label("unpriced_event_count"),
+        *_money_sums(ev, from_events=True),
+    ).select_from(source)
+    if keys:
+        query = query.group_by(*keys)
+    if start_us is not None:
+        query = query.where(ev.c.event_time_us >= start_us)
+    if end_us is not None:
+        query = query.where(ev.c.event_time_us < end_us)
+    if type_name:
+        query = query.where(experience_types.c.name == type_name)
+    _merge(into, await conn.execute(query), len(keys))
+
+
+async def cost_breakdown(
+    conn: AsyncConnection, dimensions: Sequence[str], start_us: int | None, end_us: int | None, type_name: str
+) -> Groups:
+    """Sums of the events in [start_us, end_us) per group of the dimensions (none: one
+    group, the total). From the hourly rollup for the window's whole hours and the events
+    of its partial hours; from the events alone for user id and request tag."""
+    if not set(dimensions) <= ROLLUP_DIMENSIONS:
+        groups: Groups = {}
+        await _breakdown_from_events(conn, dimensions, start_us, end_us, type_name, groups)
+        return groups
+    first_hour = None if start_us is None else -(-start_us // HOUR_US) * HOUR_US
+    end_hour = None if end_us is None else end_us - end_us % HOUR_US
+    if first_hour is not None and end_hour is not None and end_hour <= first_hour:
+        groups = {}
+        await _breakdown_from_events(conn, dimensions, start_us, end_us, type_name, groups)
+        return groups
+    groups = await _breakdown_from_rollup(conn, dimensions, first_hour, end_hour, type_name)
+    if start_us is not None and first_hour is not None and start_us < first_hour:
+        await _breakdown_from_events(conn, dimensions, start_us, first_hour, type_name, groups)
+    if end_us is not None and end_hour is not None and end_hour < end_us:
+        await _breakdown_from_events(conn, dimensions, end_hour, end_us, type_name, groups)
+    return groups
 
 
 # --- custom prices ---------------------------------------------------------------

@@ -8,6 +8,11 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 
+# The sums a rollup row keeps (experiences and cost_rollups alike).
+ROLLUP_COUNT_COLUMNS = ("event_count", "failed_event_count", "unpriced_event_count")
+ROLLUP_MONEY = ("cost_input", "cost_output", "cost_total")
+ROLLUP_MONEY_COLUMNS = tuple(f"{money}_{part}" for money in ROLLUP_MONEY for part in ("dollars", "nanos"))
+
 metadata = sa.MetaData(
     naming_convention={
         "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -47,7 +52,43 @@ experiences = sa.Table(
     sa.Column("version", sa.Integer, nullable=False),
     sa.Column("create_time_us", sa.BigInteger, nullable=False),
     sa.Column("properties", sa.JSON, nullable=False),
+    # The rollup of the experience's events, kept by the ingest writer in the transaction
+    # that stores them. Money is whole dollars plus nanos in 0..999,999,999: exact, and no
+    # 64-bit column overflows below 9 trillion events of the largest cost an event may have.
+    *(sa.Column(name, sa.BigInteger, nullable=False, server_default="0") for name in ROLLUP_COUNT_COLUMNS),
+    *(sa.Column(name, sa.BigInteger, nullable=False, server_default="0") for name in ROLLUP_MONEY_COLUMNS),
+    sa.Column("latency_sum_ms", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("first_event_time_us", sa.BigInteger, nullable=True),
+    sa.Column("last_event_time_us", sa.BigInteger, nullable=True),
     sa.Index("ix_experiences_type_created", "type_id", "create_time_us", "id"),
+    # The orderings of ListExperiences and the cost percentiles of GetExperienceTypeStats.
+    sa.Index("ix_experiences_type_cost", "type_id", "cost_total_dollars", "cost_total_nanos", "id"),
+    sa.Index("ix_experiences_type_version_cost", "type_id", "version", "cost_total_dollars", "cost_total_nanos", "id"),
+    sa.Index("ix_experiences_type_events", "type_id", "event_count", "id"),
+    sa.Index("ix_experiences_type_first_event", "type_id", "first_event_time_us"),
+)
+
+# An experience's latency histogram (domain.rollups: log-scaled buckets).
+experience_latencies = sa.Table(
+    "experience_latencies",
+    metadata,
+    sa.Column("experience_id", sa.Uuid, primary_key=True),
+    sa.Column("bucket", sa.SmallInteger, primary_key=True),
+    sa.Column("event_count", sa.BigInteger, nullable=False),
+)
+
+# Events summed per hour of event time, type version (experience_name "" and version 0
+# for unattributed events), category and resource: the cost breakdown reads these.
+cost_rollups = sa.Table(
+    "cost_rollups",
+    metadata,
+    sa.Column("hour_us", sa.BigInteger, primary_key=True),
+    sa.Column("experience_name", sa.String(64), primary_key=True),
+    sa.Column("experience_version", sa.Integer, primary_key=True),
+    sa.Column("category", sa.String(128), primary_key=True),
+    sa.Column("resource", sa.String(256), primary_key=True),
+    *(sa.Column(name, sa.BigInteger, nullable=False) for name in ROLLUP_COUNT_COLUMNS),
+    *(sa.Column(name, sa.BigInteger, nullable=False) for name in ROLLUP_MONEY_COLUMNS),
 )
 
 # One row per stored event. experience_id has no foreign key on purpose: deleting
@@ -63,7 +104,7 @@ events = sa.Table(
     sa.Column("category", sa.String(128), nullable=False),
     sa.Column("resource", sa.String(256), nullable=False),
     sa.Column("units", sa.JSON, nullable=False),
-    sa.Column("event_time_us", sa.BigInteger, nullable=False),
+    sa.Column("event_time_us", sa.BigInteger, nullable=False, index=True),
     sa.Column("ingest_time_us", sa.BigInteger, nullable=False),
     sa.Column("end_to_end_latency_ms", sa.BigInteger, nullable=False),
     sa.Column("time_to_first_token_ms", sa.BigInteger, nullable=False),

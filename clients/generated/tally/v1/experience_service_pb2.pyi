@@ -72,7 +72,7 @@ class Experience(_message.Message):
 
     @_builtins.property
     def stats(self) -> Global___ExperienceStats:
-        """The experience's cost statistics. Set by GetExperience only."""
+        """The experience's cost statistics. Set by GetExperience and ListExperiences."""
 
     def __init__(
         self,
@@ -94,7 +94,11 @@ Global___Experience: _TypeAlias = Experience  # noqa: Y015
 
 @_typing.final
 class ExperienceStats(_message.Message):
-    """Cost and usage statistics of one experience, over all its events."""
+    """Cost and usage statistics of one experience, over all its events, kept at
+    ingest: every acknowledged event is in them. Money, counts and the mean are
+    exact; the latency percentiles come from a log-scaled histogram and are
+    within 1% of the exact nearest-rank value.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -118,9 +122,9 @@ class ExperienceStats(_message.Message):
     latency_mean_ms: _builtins.float
     """Mean end-to-end latency of the events, in milliseconds."""
     latency_p50_ms: _builtins.float
-    """Median end-to-end latency, in milliseconds (nearest rank)."""
+    """Median end-to-end latency, in milliseconds (nearest rank, within 1%)."""
     latency_p95_ms: _builtins.float
-    """95th percentile of the end-to-end latency, in milliseconds (nearest rank)."""
+    """95th percentile of the end-to-end latency, in milliseconds (nearest rank, within 1%)."""
     @_builtins.property
     def cost_input(self) -> _common_pb2.Money:
         """Sum of the input cost of the events."""
@@ -312,6 +316,7 @@ class ListExperiencesRequest(_message.Message):
     CREATE_TIME_END_FIELD_NUMBER: _builtins.int
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    ORDER_BY_FIELD_NUMBER: _builtins.int
     experience_name: _builtins.str
     """The name of the experience type. Required."""
     experience_version: _builtins.int
@@ -321,7 +326,15 @@ class ListExperiencesRequest(_message.Message):
     1,000 are treated as 1,000; a negative value is INVALID_ARGUMENT.
     """
     page_token: _builtins.str
-    """The `next_page_token` of a previous call with the same filters, or empty."""
+    """The `next_page_token` of a previous call with the same filters and
+    order, or empty.
+    """
+    order_by: _builtins.str
+    """The order (AIP-132): one of `create_time`, `cost_total`, `event_count`,
+    optionally followed by ` desc`; ties go by experience id. Empty means
+    `create_time desc`, newest first. `cost_total desc` lists the most
+    expensive runs first.
+    """
     @_builtins.property
     def create_time_start(self) -> _timestamp_pb2.Timestamp:
         """Only experiences created at or after this time; unset means no lower bound."""
@@ -339,10 +352,11 @@ class ListExperiencesRequest(_message.Message):
         create_time_end: _timestamp_pb2.Timestamp | None = ...,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
+        order_by: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time_end", b"create_time_end", "create_time_start", b"create_time_start"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time_end", b"create_time_end", "create_time_start", b"create_time_start", "experience_name", b"experience_name", "experience_version", b"experience_version", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time_end", b"create_time_end", "create_time_start", b"create_time_start", "experience_name", b"experience_name", "experience_version", b"experience_version", "order_by", b"order_by", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -360,9 +374,7 @@ class ListExperiencesResponse(_message.Message):
     """The token of the next page, or empty when this is the last page."""
     @_builtins.property
     def experiences(self) -> _containers.RepeatedCompositeFieldContainer[Global___Experience]:
-        """The experiences of this page, newest first (by create time, then id).
-        Their `stats` are not set.
-        """
+        """The experiences of this page in the order asked, each with its `stats`."""
 
     def __init__(
         self,

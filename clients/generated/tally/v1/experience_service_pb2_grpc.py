@@ -91,7 +91,8 @@ class ExperienceServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListExperiences(self, request, context):
-        """Lists the experiences of one type, newest first, one page at a time.
+        """Lists the experiences of one type with their statistics, newest first or
+        in the order asked (the most expensive runs: `order_by: "cost_total desc"`).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -49,7 +49,9 @@ class ExperienceServiceStub:
     EXPERIENCE_NOT_FOUND) if there is none.
     """
     ListExperiences: _grpc.UnaryUnaryMultiCallable[_experience_service_pb2.ListExperiencesRequest, _experience_service_pb2.ListExperiencesResponse]
-    """Lists the experiences of one type, newest first, one page at a time."""
+    """Lists the experiences of one type with their statistics, newest first or
+    in the order asked (the most expensive runs: `order_by: "cost_total desc"`).
+    """
     DeleteExperience: _grpc.UnaryUnaryMultiCallable[_experience_service_pb2.DeleteExperienceRequest, _experience_service_pb2.DeleteExperienceResponse]
     """Deletes an experience. Events already ingested for it stay stored and
     count as unattributed from then on: nothing ingested is deleted.
@@ -78,7 +80,9 @@ class ExperienceServiceAsyncStub(ExperienceServiceStub):
     EXPERIENCE_NOT_FOUND) if there is none.
     """
     ListExperiences: _aio.UnaryUnaryMultiCallable[_experience_service_pb2.ListExperiencesRequest, _experience_service_pb2.ListExperiencesResponse]  # type: ignore[assignment]
-    """Lists the experiences of one type, newest first, one page at a time."""
+    """Lists the experiences of one type with their statistics, newest first or
+    in the order asked (the most expensive runs: `order_by: "cost_total desc"`).
+    """
     DeleteExperience: _aio.UnaryUnaryMultiCallable[_experience_service_pb2.DeleteExperienceRequest, _experience_service_pb2.DeleteExperienceResponse]  # type: ignore[assignment]
     """Deletes an experience. Events already ingested for it stay stored and
     count as unattributed from then on: nothing ingested is deleted.
@@ -122,7 +126,9 @@ class ExperienceServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _experience_service_pb2.ListExperiencesRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_experience_service_pb2.ListExperiencesResponse, _abc.Awaitable[_experience_service_pb2.ListExperiencesResponse]]:
-        """Lists the experiences of one type, newest first, one page at a time."""
+        """Lists the experiences of one type with their statistics, newest first or
+        in the order asked (the most expensive runs: `order_by: "cost_total desc"`).
+        """
 
     @_abc_1.abstractmethod
     def DeleteExperience(

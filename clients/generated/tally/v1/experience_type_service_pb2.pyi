@@ -557,11 +557,16 @@ class GetExperienceTypeStatsRequest(_message.Message):
     """Only experiences of this version; 0 means all versions."""
     @_builtins.property
     def start_time(self) -> _timestamp_pb2.Timestamp:
-        """Only events with an event time at or after this; unset means no lower bound."""
+        """Only experiences whose first event has an event time at or after this
+        (runs that started in the window, counted with all their events); unset
+        means no lower bound.
+        """
 
     @_builtins.property
     def end_time(self) -> _timestamp_pb2.Timestamp:
-        """Only events with an event time before this; unset means no upper bound."""
+        """Only experiences whose first event has an event time before this; unset
+        means no upper bound.
+        """
 
     def __init__(
         self,
@@ -616,7 +621,7 @@ Global___GetExperienceTypeStatsResponse: _TypeAlias = GetExperienceTypeStatsResp
 @_typing.final
 class CostDistribution(_message.Message):
     """Cost statistics over a set of experiences. An experience counts when it has
-    at least one event in the selected window.
+    at least one event and its first event is in the selected window.
     """
 
     DESCRIPTOR: _descriptor.Descriptor

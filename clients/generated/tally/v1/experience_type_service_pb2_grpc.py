@@ -144,8 +144,9 @@ class ExperienceTypeServiceServicer:
 
     def GetExperienceTypeStats(self, request, context):
         """Cost statistics of a type's experiences, in total and per version,
-        optionally for one version and a window of event time. Includes every
-        event acknowledged before the call.
+        optionally for one version and a window. Read from the experiences'
+        rollups, kept at ingest: includes every event acknowledged before the
+        call, in time independent of the number of events.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -66,8 +66,9 @@ class ExperienceTypeServiceStub:
     """Lists the snapshots of every version of a type, newest first."""
     GetExperienceTypeStats: _grpc.UnaryUnaryMultiCallable[_experience_type_service_pb2.GetExperienceTypeStatsRequest, _experience_type_service_pb2.GetExperienceTypeStatsResponse]
     """Cost statistics of a type's experiences, in total and per version,
-    optionally for one version and a window of event time. Includes every
-    event acknowledged before the call.
+    optionally for one version and a window. Read from the experiences'
+    rollups, kept at ingest: includes every event acknowledged before the
+    call, in time independent of the number of events.
     """
 
 @_typing.type_check_only
@@ -108,8 +109,9 @@ class ExperienceTypeServiceAsyncStub(ExperienceTypeServiceStub):
     """Lists the snapshots of every version of a type, newest first."""
     GetExperienceTypeStats: _aio.UnaryUnaryMultiCallable[_experience_type_service_pb2.GetExperienceTypeStatsRequest, _experience_type_service_pb2.GetExperienceTypeStatsResponse]  # type: ignore[assignment]
     """Cost statistics of a type's experiences, in total and per version,
-    optionally for one version and a window of event time. Includes every
-    event acknowledged before the call.
+    optionally for one version and a window. Read from the experiences'
+    rollups, kept at ingest: includes every event acknowledged before the
+    call, in time independent of the number of events.
     """
 
 class ExperienceTypeServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -195,8 +197,9 @@ class ExperienceTypeServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_experience_type_service_pb2.GetExperienceTypeStatsResponse, _abc.Awaitable[_experience_type_service_pb2.GetExperienceTypeStatsResponse]]:
         """Cost statistics of a type's experiences, in total and per version,
-        optionally for one version and a window of event time. Includes every
-        event acknowledged before the call.
+        optionally for one version and a window. Read from the experiences'
+        rollups, kept at ingest: includes every event acknowledged before the
+        call, in time independent of the number of events.
         """
 
 def add_ExperienceTypeServiceServicer_to_server(servicer: ExperienceTypeServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

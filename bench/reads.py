@@ -1,0 +1,235 @@
+"""Read benchmark: how the reads hold up as events pile up.
+
+Ingests through the wire (IngestBatch, 1,000 events per call) into a fresh database:
+one experience per ten events, plus one heavy experience that gets one event in
+twenty, spread over the last 60 days, five models, 200 users and a few request tags.
+At each size it times every read (the median of --calls calls), and prints the
+growth from the first size to the last beside the targets:
+
+    python -m bench.reads                               # SQLite, 100,000 and 1,000,000 events
+    python -m bench.reads --postgres-url postgresql+asyncpg://postgres@127.0.0.1:5432/test
+    python -m bench.reads --sizes 20000,100000          # a quicker look
+
+Targets on a 2-core machine at 1,000,000 events, on SQLite and PostgreSQL alike, each
+within 2x of its time at 100,000: GetExperienceTypeStats 100 ms, GetExperience 5 ms,
+the 20 most expensive experiences 50 ms, a 30-day breakdown by resource and day 200 ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from google.protobuf import timestamp_pb2
+from grpc import aio
+
+from tally.v1 import (
+    event_service_pb2 as ev_pb,
+    event_service_pb2_grpc,
+    experience_service_pb2 as exp_pb,
+    experience_service_pb2_grpc,
+    experience_type_service_pb2 as et_pb,
+    experience_type_service_pb2_grpc,
+    ingest_service_pb2 as pb,
+    ingest_service_pb2_grpc,
+    report_service_pb2 as rep_pb,
+    report_service_pb2_grpc,
+)
+
+from .__main__ import CHANNEL_OPTIONS, create_postgres_database, drop_postgres_database, start_server
+
+DAY = 86_400
+RESOURCES = ["gpt-4o", "gpt-4o-mini", "claude-3-5-sonnet-latest", "o3-mini", "gpt-4.1"]
+TAGS = ["checkout", "search", "support", "batch"]
+# (read, target ms at the largest size)
+TARGETS = {
+    "GetExperienceTypeStats": 100.0,
+    "GetExperience (heavy)": 5.0,
+    "GetExperience (typical)": 5.0,
+    "ListExperiences top 20 by cost": 50.0,
+    "BreakDownCost 30 days by resource, day": 200.0,
+    "BreakDownCost 30 days by user": None,
+    "ListEvents of the heavy run, page 1": None,
+}
+
+
+class Loader:
+    """Ingests events in batches; remembers the experiences and the heavy one."""
+
+    def __init__(self, channel: aio.Channel, name: str, seed: int = 7) -> None:
+        self.ingest = ingest_service_pb2_grpc.IngestServiceStub(channel)
+        self.name = name
+        self.rng = random.Random(seed)
+        self.heavy = str(uuid.uuid4())
+        self.typical = ""
+        self.sent = 0
+        self.now = int(time.time())
+
+    def _event(self, experience_id: str) -> pb.UsageEvent:
+        rng = self.rng
+        return pb.UsageEvent(
+            category="system.openai",
+            resource=rng.choice(RESOURCES),
+            units={"text": pb.UnitCounts(input=rng.randint(100, 20_000), output=rng.randint(10, 2_000))},
+            event_timestamp=timestamp_pb2.Timestamp(seconds=self.now - rng.randint(60, 60 * DAY)),
+            end_to_end_latency_ms=rng.randint(50, 20_000),
+            http_status_code=200 if rng.random() > 0.02 else 500,
+            context=pb.EventContext(
+                experience_id=experience_id,
+                experience_name=self.name,
+                user_id=f"user-{rng.randint(1, 200)}",
+                request_tags=rng.sample(TAGS, rng.randint(0, 2)),
+            ),
+        )
+
+    async def load_to(self, total: int, concurrency: int = 2) -> float:
+        """Ingests until `total` events are stored; returns events/s."""
+        started, count = time.perf_counter(), total - self.sent
+
+        async def one_batch(size: int) -> None:
+            events = []
+            for start in range(0, size, 10):
+                experience_id = str(uuid.uuid4())
+                self.typical = self.typical or experience_id
+                events.extend(self._event(experience_id) for _ in range(min(10, size - start)))
+            for i in range(0, size, 20):  # one event in twenty goes to the heavy run
+                events[i] = self._event(self.heavy)
+            response = await self.ingest.IngestBatch(pb.IngestBatchRequest(events=events))
+            if response.rejected_count:
+                raise SystemExit(f"bench.reads: {response.rejected_count} events refused")
+
+        while self.sent < total:
+            sizes = []
+            for _ in range(concurrency):
+                size = min(1000, total - self.sent - sum(sizes))
+                if size > 0:
+                    sizes.append(size)
+            await asyncio.gather(*(one_batch(size) for size in sizes))
+            self.sent += sum(sizes)
+            if self.sent % 100_000 < sum(sizes):
+                print(f"   {self.sent:,} events stored", flush=True)
+        return count / (time.perf_counter() - started)
+
+
+async def timed(call: Callable[[], Awaitable[Any]], calls: int) -> float:
+    """Median milliseconds of `calls` calls, after one warm-up call."""
+    await call()
+    times = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        await call()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+async def measure(channel: aio.Channel, loader: Loader, calls: int) -> dict[str, float]:
+    types = experience_type_service_pb2_grpc.ExperienceTypeServiceStub(channel)
+    experiences = experience_service_pb2_grpc.ExperienceServiceStub(channel)
+    reports = report_service_pb2_grpc.ReportServiceStub(channel)
+    events = event_service_pb2_grpc.EventServiceStub(channel)
+    window = {
+        "start_time": timestamp_pb2.Timestamp(seconds=loader.now - 30 * DAY),
+        "end_time": timestamp_pb2.Timestamp(seconds=loader.now),
+    }
+    by_resource_day = rep_pb.BreakDownCostRequest(
+        group_by=[rep_pb.COST_DIMENSION_RESOURCE, rep_pb.COST_DIMENSION_DAY], page_size=1000, **window
+    )
+    by_user = rep_pb.BreakDownCostRequest(group_by=[rep_pb.COST_DIMENSION_USER_ID], page_size=1000, **window)
+    reads: dict[str, Callable[[], Awaitable[Any]]] = {
+        "GetExperienceTypeStats": lambda: types.GetExperienceTypeStats(
+            et_pb.GetExperienceTypeStatsRequest(name=loader.name)
+        ),
+        "GetExperience (heavy)": lambda: experiences.GetExperience(
+            exp_pb.GetExperienceRequest(experience_id=loader.heavy)
+        ),
+        "GetExperience (typical)": lambda: experiences.GetExperience(
+            exp_pb.GetExperienceRequest(experience_id=loader.typical)
+        ),
+        "ListExperiences top 20 by cost": lambda: experiences.ListExperiences(
+            exp_pb.ListExperiencesRequest(experience_name=loader.name, order_by="cost_total desc", page_size=20)
+        ),
+        "BreakDownCost 30 days by resource, day": lambda: reports.BreakDownCost(by_resource_day),
+        "BreakDownCost 30 days by user": lambda: reports.BreakDownCost(by_user),
+        "ListEvents of the heavy run, page 1": lambda: events.ListEvents(
+            ev_pb.ListEventsRequest(experience_id=loader.heavy, page_size=50)
+        ),
+    }
+    figures = {}
+    for label, call in reads.items():
+        few = calls if "by user" not in label else max(3, calls // 4)  # the one that reads events
+        figures[label] = await timed(call, few)
+    return figures
+
+
+async def run_engine(label: str, database_url: str, sizes: list[int], calls: int) -> dict[int, dict[str, float]]:
+    print(f"\n== {label}: starting the server", flush=True)
+    process, port = start_server(database_url)
+    results: dict[int, dict[str, float]] = {}
+    try:
+        async with aio.insecure_channel(f"127.0.0.1:{port}", options=CHANNEL_OPTIONS) as channel:
+            name = f"Reads_{uuid.uuid4().hex[:8]}"
+            await experience_type_service_pb2_grpc.ExperienceTypeServiceStub(channel).CreateExperienceType(
+                et_pb.CreateExperienceTypeRequest(experience_type=et_pb.ExperienceType(name=name, description="reads"))
+            )
+            loader = Loader(channel, name)
+            for size in sizes:
+                rate = await loader.load_to(size)
+                print(f"   ingested to {size:,} events at {rate:,.0f} events/s; timing the reads", flush=True)
+                results[size] = await measure(channel, loader, calls)
+    finally:
+        process.terminate()
+        process.wait(60)
+    return results
+
+
+def print_table(label: str, results: dict[int, dict[str, float]]) -> None:
+    sizes = sorted(results)
+    first, last = sizes[0], sizes[-1]
+    print(f"\n{label}: median ms per read")
+    header = "".join(f"{size:>12,}" for size in sizes)
+    print(f"{'read':<42}{header}   growth   target at {last:,}")
+    for read, target in TARGETS.items():
+        row = "".join(f"{results[size][read]:>12.2f}" for size in sizes)
+        growth = results[last][read] / results[first][read]
+        verdict = ""
+        if target is not None:
+            meets = results[last][read] <= target and growth <= 2.0
+            verdict = f"{target:>6.0f} ms, growth <= 2x: {'meets' if meets else 'MISSES'}"
+        print(f"{read:<42}{row}   {growth:>5.2f}x   {verdict}")
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.reads", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--sizes", default="100000,1000000", help="event counts to time the reads at (ascending)")
+    parser.add_argument("--calls", type=int, default=20, help="timed calls per read (default 20)")
+    parser.add_argument("--postgres-url", help="also run against this PostgreSQL (a fresh database is created in it)")
+    parser.add_argument("--skip-sqlite", action="store_true", help="PostgreSQL only")
+    args = parser.parse_args()
+    sizes = sorted(int(size) for size in args.sizes.split(","))
+    print(f"Tally read benchmark: Python {sys.version.split()[0]}, sizes {', '.join(f'{s:,}' for s in sizes)}")
+    report = {}
+    if not args.skip_sqlite:
+        with tempfile.TemporaryDirectory() as tmp:
+            report["SQLite"] = await run_engine("SQLite", f"sqlite+aiosqlite:///{tmp}/reads.db", sizes, args.calls)
+    if args.postgres_url:
+        pg_url = await create_postgres_database(args.postgres_url)
+        try:
+            report["PostgreSQL"] = await run_engine("PostgreSQL", pg_url, sizes, args.calls)
+        finally:
+            await drop_postgres_database(args.postgres_url, pg_url)
+    for label, results in report.items():
+        print_table(label, results)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

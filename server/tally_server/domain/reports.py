@@ -1,0 +1,91 @@
+"""Cost breakdowns: cost and events over a window of event time, grouped by one or two
+dimensions, the most expensive group first."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from ..storage import repository as repo
+from ..storage.db import Database
+from . import paging
+from .errors import Violations
+from .models import CostGroup, CostTotals, Page
+from .validation import check_name
+
+DIMENSIONS = (
+    "experience_name",
+    "experience_version",
+    "category",
+    "resource",
+    "user_id",
+    "request_tag",
+    "day",
+    "hour",
+)
+# The key columns of each dimension, in the order storage returns them.
+_KEY_NAMES = {"experience_version": ("experience_name", "experience_version")}
+
+
+class Reports:
+    def __init__(self, db: Database, pages: paging.PageTokens | None = None) -> None:
+        self.db = db
+        self.pages = pages or paging.PageTokens()
+
+    async def breakdown(
+        self,
+        group_by: Sequence[str],
+        start_us: int | None,
+        end_us: int | None,
+        experience_name: str = "",
+        page_size: int = 0,
+        page_token: str = "",
+    ) -> tuple[Page, CostGroup]:
+        """A page of groups (CostGroup) and the total over the whole window."""
+        v = Violations()
+        if not 1 <= len(group_by) <= 2:
+            v.add("group_by", f"one or two dimensions, got {len(group_by)}")
+        elif len(set(group_by)) != len(group_by):
+            v.add("group_by", "the dimensions must differ")
+        elif {"day", "hour"} <= set(group_by):
+            v.add("group_by", "day and hour do not go together")
+        for i, dimension in enumerate(group_by):
+            if dimension not in DIMENSIONS:
+                v.add(f"group_by[{i}]", f"not a dimension: {dimension!r}")
+        if experience_name:
+            check_name(v, "experience_name", experience_name, what="experience type name")
+        if start_us is not None and end_us is not None and end_us <= start_us:
+            v.add("end_time", "must be after start_time")
+        v.raise_if_any()
+        size = paging.page_size(page_size)
+        filters = [list(group_by), start_us, end_us, experience_name]
+        offset = self.pages.decode(
+            page_token, "cost_breakdown", filters, lambda p: isinstance(p, int) and not isinstance(p, bool) and p >= 0
+        )
+        offset = offset or 0
+        async with self.db.read() as conn:
+            groups = await repo.cost_breakdown(conn, group_by, start_us, end_us, experience_name)
+            if "request_tag" in group_by:
+                whole = await repo.cost_breakdown(conn, (), start_us, end_us, experience_name)
+                total = whole.get((), CostTotals())
+            else:
+                total = _sum(groups.values())
+        names = [name for dimension in group_by for name in _KEY_NAMES.get(dimension, (dimension,))]
+        ordered = sorted(groups.items(), key=lambda item: (-item[1].cost_total_nanos, _sortable(item[0])))
+        page = [
+            CostGroup(dict(zip(names, key, strict=True)), totals) for key, totals in ordered[offset : offset + size]
+        ]
+        token = self.pages.encode("cost_breakdown", filters, offset + size) if len(ordered) > offset + size else ""
+        return Page(page, token), CostGroup({}, total)
+
+
+def _sum(all_totals: Any) -> CostTotals:
+    total = CostTotals()
+    for totals in all_totals:
+        total.add(totals)
+    return total
+
+
+def _sortable(key: tuple[Any, ...]) -> tuple[tuple[int, Any], ...]:
+    """A group's keys as a total order (text and numbers apart)."""
+    return tuple((0, k) if isinstance(k, int) else (1, str(k)) for k in key)

@@ -1,0 +1,292 @@
+"""The rollups' statements: the writer's upserts, and rebuilding rollups from events
+(the migration that introduces them, and deletions, which move events out of a type).
+
+Money in a rollup is whole dollars plus nanos in 0..999,999,999 (both BIGINT): sums stay
+exact and no column overflows below 9 trillion events of the largest cost an event may
+have ($1,000,000). The upserts carry the nanos over into dollars in SQL.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Collection, Iterable, Mapping
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from ..domain import models as m
+from ..domain.rollups import HOUR_US, latency_bucket
+from .tables import (
+    ROLLUP_COUNT_COLUMNS,
+    ROLLUP_MONEY,
+    ROLLUP_MONEY_COLUMNS,
+    cost_rollups,
+    events,
+    experience_latencies,
+    experience_types,
+    experiences,
+)
+
+NANOS_PER_DOLLAR = 1_000_000_000
+
+
+def split(nanos: int) -> tuple[int, int]:
+    """Exact nano-dollars as (dollars, nanos in 0..999,999,999)."""
+    return divmod(nanos, NANOS_PER_DOLLAR)
+
+
+def joined(dollars: Any, nanos: Any) -> int:
+    return int(dollars or 0) * NANOS_PER_DOLLAR + int(nanos or 0)
+
+
+def totals_from_row(row: Any) -> m.CostTotals:
+    """CostTotals of a row with the rollup columns (or labels) by name."""
+    return m.CostTotals(
+        int(row.event_count or 0),
+        int(row.failed_event_count or 0),
+        int(row.unpriced_event_count or 0),
+        *(joined(getattr(row, f"{money}_dollars"), getattr(row, f"{money}_nanos")) for money in ROLLUP_MONEY),
+    )
+
+
+def _totals_values(totals: m.CostTotals) -> dict[str, int]:
+    values = {
+        "event_count": totals.event_count,
+        "failed_event_count": totals.failed_event_count,
+        "unpriced_event_count": totals.unpriced_event_count,
+    }
+    for money, nanos in zip(
+        ROLLUP_MONEY, (totals.cost_input_nanos, totals.cost_output_nanos, totals.cost_total_nanos), strict=True
+    ):
+        values[f"{money}_dollars"], values[f"{money}_nanos"] = split(nanos)
+    return values
+
+
+def _added(table: sa.Table, new: Any) -> dict[str, Any]:
+    """SET clauses that add `new` (a namespace of the same columns) to a row's sums."""
+    c = table.c
+    values: dict[str, Any] = {name: c[name] + new[name] for name in ROLLUP_COUNT_COLUMNS}
+    for money in ROLLUP_MONEY:
+        dollars, nanos = c[f"{money}_dollars"], c[f"{money}_nanos"]
+        carried = nanos + new[f"{money}_nanos"]
+        values[dollars.name] = dollars + new[f"{money}_dollars"] + sa.cast(carried // NANOS_PER_DOLLAR, sa.BigInteger)
+        values[nanos.name] = carried % NANOS_PER_DOLLAR
+    return values
+
+
+def _insert(conn: AsyncConnection | sa.Connection, table: sa.Table) -> postgresql.Insert | sqlite.Insert:
+    return postgresql.insert(table) if conn.dialect.name == "postgresql" else sqlite.insert(table)
+
+
+# --- what each commit of the writer adds --------------------------------------------------
+
+
+def _experience_update() -> sa.Update:
+    e = experiences
+    params = {
+        name: sa.bindparam(f"p_{name}", type_=sa.BigInteger) for name in (*ROLLUP_COUNT_COLUMNS, *ROLLUP_MONEY_COLUMNS)
+    }
+    first, last = sa.bindparam("p_first", type_=sa.BigInteger), sa.bindparam("p_last", type_=sa.BigInteger)
+    return (
+        sa.update(e)
+        .where(e.c.id == sa.bindparam("p_id", type_=sa.Uuid))
+        .values(
+            **_added(e, params),
+            latency_sum_ms=e.c.latency_sum_ms + sa.bindparam("p_latency", type_=sa.BigInteger),
+            first_event_time_us=sa.case(
+                (sa.or_(e.c.first_event_time_us.is_(None), e.c.first_event_time_us > first), first),
+                else_=e.c.first_event_time_us,
+            ),
+            last_event_time_us=sa.case(
+                (sa.or_(e.c.last_event_time_us.is_(None), e.c.last_event_time_us < last), last),
+                else_=e.c.last_event_time_us,
+            ),
+        )
+    )
+
+
+_EXPERIENCE_UPDATE = _experience_update()
+
+
+async def add(
+    conn: AsyncConnection,
+    by_experience: Mapping[uuid.UUID, m.ExperienceRollup],
+    by_hour: Mapping[m.CostRollupKey, m.CostTotals],
+) -> None:
+    """Adds a commit's events to the rollups, in the commit's transaction."""
+    if by_experience:
+        await conn.execute(
+            _EXPERIENCE_UPDATE,
+            [
+                {
+                    "p_id": experience_id,
+                    **{f"p_{name}": value for name, value in _totals_values(rollup.totals).items()},
+                    "p_latency": rollup.latency_sum_ms,
+                    "p_first": rollup.first_event_time_us,
+                    "p_last": rollup.last_event_time_us,
+                }
+                for experience_id, rollup in by_experience.items()
+            ],
+        )
+        latencies = _insert(conn, experience_latencies)
+        await conn.execute(
+            latencies.on_conflict_do_update(
+                index_elements=["experience_id", "bucket"],
+                set_={"event_count": experience_latencies.c.event_count + latencies.excluded.event_count},
+            ),
+            [
+                {"experience_id": experience_id, "bucket": bucket, "event_count": count}
+                for experience_id, rollup in by_experience.items()
+                for bucket, count in rollup.latency_buckets.items()
+            ],
+        )
+    if by_hour:
+        await _add_cost_rows(conn, [{**_key_values(key), **_totals_values(t)} for key, t in by_hour.items()])
+
+
+def _key_values(key: m.CostRollupKey) -> dict[str, Any]:
+    return {
+        "hour_us": key.hour_us,
+        "experience_name": key.experience_name,
+        "experience_version": key.experience_version,
+        "category": key.category,
+        "resource": key.resource,
+    }
+
+
+async def _add_cost_rows(conn: AsyncConnection, rows: list[dict[str, Any]]) -> None:
+    upsert = _insert(conn, cost_rollups)
+    statement = upsert.on_conflict_do_update(
+        index_elements=[c.name for c in cost_rollups.primary_key.columns],
+        set_=_added(cost_rollups, upsert.excluded),
+    )
+    await conn.execute(statement, rows)
+
+
+# --- rebuilding from events ------------------------------------------------------------------
+
+
+def _event_sums() -> list[sa.Label[Any]]:
+    """The rollup sums of a group of events, labelled as the rollup columns; money as the sum
+    of whole dollars and the sum of leftover nanos (normalized by `_normalized`)."""
+    ev = events
+    sums = [
+        sa.func.count().label("event_count"),
+        sa.func.count().filter(ev.c.http_status_code >= 400).label("failed_event_count"),
+        sa.func.count().filter(ev.c.cost_state != int(m.CostState.PRICED)).label("unpriced_event_count"),
+    ]
+    for money in ROLLUP_MONEY:
+        column = ev.c[f"{money}_nanos"]
+        sums.append(sa.func.sum(column // NANOS_PER_DOLLAR).label(f"{money}_dollars"))
+        sums.append(sa.func.sum(column % NANOS_PER_DOLLAR).label(f"{money}_nanos"))
+    return sums
+
+
+def _normalized(row: Any) -> dict[str, int]:
+    return _totals_values(totals_from_row(row))
+
+
+def hour_expression(time_us: sa.ColumnElement[int]) -> sa.ColumnElement[int]:
+    return time_us - time_us % HOUR_US
+
+
+_TYPE_OF_EVENT = events.outerjoin(experiences, events.c.experience_id == experiences.c.id).outerjoin(
+    experience_types, experiences.c.type_id == experience_types.c.id
+)
+
+
+def _cost_rollup_select(where: Iterable[sa.ColumnElement[bool]]) -> sa.Select[Any]:
+    hour = hour_expression(events.c.event_time_us).label("hour_us")
+    name = sa.func.coalesce(experience_types.c.name, "").label("experience_name")
+    version = sa.func.coalesce(experiences.c.version, 0).label("experience_version")
+    return (
+        sa.select(hour, name, version, events.c.category, events.c.resource, *_event_sums())
+        .select_from(_TYPE_OF_EVENT)
+        .where(*where)
+        .group_by(hour, name, version, events.c.category, events.c.resource)
+    )
+
+
+async def rebuild_cost_rollups(conn: AsyncConnection, hours: Collection[int], type_names: Collection[str]) -> None:
+    """Recomputes the hourly cost rollup of these types in these hours from the events, as
+    they are attributed now. Run after events moved out of a type (a deletion)."""
+    if not hours:
+        return
+    if conn.dialect.name == "postgresql":
+        # Writers add to these rows concurrently: hold them off until this commits, so
+        # that no event is counted twice or missed (deletions are rare).
+        await conn.execute(sa.text("LOCK TABLE cost_rollups IN SHARE ROW EXCLUSIVE MODE"))
+    names = list(type_names)
+    for chunk in _chunks(sorted(hours), 500):
+        await conn.execute(
+            sa.delete(cost_rollups).where(cost_rollups.c.hour_us.in_(chunk), cost_rollups.c.experience_name.in_(names))
+        )
+        in_hours = sa.or_(*(events.c.event_time_us.between(h, h + HOUR_US - 1) for h in chunk))
+        select = _cost_rollup_select([in_hours, sa.func.coalesce(experience_types.c.name, "").in_(names)])
+        rows = [{**_key_values_of(row), **_normalized(row)} for row in await conn.execute(select)]
+        if rows:
+            await _add_cost_rows(conn, rows)
+
+
+def _key_values_of(row: Any) -> dict[str, Any]:
+    return {
+        "hour_us": int(row.hour_us),
+        "experience_name": row.experience_name,
+        "experience_version": int(row.experience_version),
+        "category": row.category,
+        "resource": row.resource,
+    }
+
+
+def _chunks(values: list[int], size: int) -> Iterable[list[int]]:
+    for start in range(0, len(values), size):
+        yield values[start : start + size]
+
+
+async def hours_of_events(conn: AsyncConnection, where: sa.ColumnElement[bool]) -> set[int]:
+    hour = hour_expression(events.c.event_time_us)
+    return {int(row[0]) for row in await conn.execute(sa.select(hour).where(where).distinct())}
+
+
+def backfill(conn: sa.Connection) -> None:
+    """Builds every rollup from the stored events (the migration that introduces them)."""
+    ev = events
+    for row in conn.execute(
+        sa.select(
+            ev.c.experience_id,
+            *_event_sums(),
+            sa.func.sum(ev.c.end_to_end_latency_ms).label("latency_sum_ms"),
+            sa.func.min(ev.c.event_time_us).label("first_event_time_us"),
+            sa.func.max(ev.c.event_time_us).label("last_event_time_us"),
+        )
+        .where(ev.c.experience_id.is_not(None))
+        .group_by(ev.c.experience_id)
+    ):
+        conn.execute(
+            sa.update(experiences)
+            .where(experiences.c.id == row.experience_id)
+            .values(
+                **_normalized(row),
+                latency_sum_ms=int(row.latency_sum_ms),
+                first_event_time_us=int(row.first_event_time_us),
+                last_event_time_us=int(row.last_event_time_us),
+            )
+        )
+    buckets: dict[tuple[uuid.UUID, int], int] = {}
+    for experience_id, latency, count in conn.execute(
+        sa.select(ev.c.experience_id, ev.c.end_to_end_latency_ms, sa.func.count())
+        .where(ev.c.experience_id.is_not(None))
+        .group_by(ev.c.experience_id, ev.c.end_to_end_latency_ms)
+    ):
+        key = (experience_id, latency_bucket(int(latency)))
+        buckets[key] = buckets.get(key, 0) + int(count)
+    if buckets:
+        conn.execute(
+            sa.insert(experience_latencies),
+            [{"experience_id": e, "bucket": b, "event_count": n} for (e, b), n in buckets.items()],
+        )
+    rows = [{**_key_values_of(row), **_normalized(row)} for row in conn.execute(_cost_rollup_select([]))]
+    if rows:
+        conn.execute(sa.insert(cost_rollups), rows)

@@ -1,0 +1,107 @@
+"""`tally serve --workers 2`: two processes on one port, on both engines. Calls reach both,
+every acknowledged event is stored once, a killed worker is restarted, and SIGTERM drains
+them all."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import time
+import uuid
+
+import grpc
+import pytest
+
+from tally.v1 import (
+    experience_type_service_pb2 as et_pb,
+    experience_type_service_pb2_grpc,
+    ingest_service_pb2 as pb,
+    ingest_service_pb2_grpc,
+)
+
+from .conftest import drop_database_url, make_database_url, unique
+from .server_process import ServerProcess
+
+PIDS = re.compile(r"with 2 workers \(pids (\d+), (\d+)\)")
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def ingest_on_new_connections(target: str, name: str, connections: int, per_connection: int) -> set[str]:
+    """Each connection is a new TCP connection: the kernel spreads them over the workers."""
+    keys = set()
+    for _ in range(connections):
+        with grpc.insecure_channel(target) as channel:
+            stub = ingest_service_pb2_grpc.IngestServiceStub(channel)
+            events = []
+            for _ in range(per_connection):
+                key = f"w-{uuid.uuid4()}"
+                keys.add(key)
+                events.append(
+                    pb.UsageEvent(
+                        category="system.openai",
+                        resource="gpt-4o",
+                        units={"text": pb.UnitCounts(input=100, output=10)},
+                        idempotency_key=key,
+                        context=pb.EventContext(experience_name=name),
+                    )
+                )
+            response = stub.IngestBatch(pb.IngestBatchRequest(events=events), timeout=30, wait_for_ready=True)
+            assert response.accepted_count == per_connection
+    return keys
+
+
+def event_count(target: str, name: str) -> int:
+    with grpc.insecure_channel(target) as channel:
+        stats = experience_type_service_pb2_grpc.ExperienceTypeServiceStub(channel).GetExperienceTypeStats(
+            et_pb.GetExperienceTypeStatsRequest(name=name), timeout=30
+        )
+    return stats.total.event_count
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+async def test_two_workers_share_the_port_restart_and_drain(backend, tmp_path):
+    url = await make_database_url(backend, tmp_path)
+    server = ServerProcess(url, "--workers", "2").start()
+    try:
+        pids = [int(pid) for pid in PIDS.search("".join(server.lines)).groups()]
+        name = unique("Workers")
+        with grpc.insecure_channel(server.target) as channel:
+            experience_type_service_pb2_grpc.ExperienceTypeServiceStub(channel).CreateExperienceType(
+                et_pb.CreateExperienceTypeRequest(experience_type=et_pb.ExperienceType(name=name, description="w"))
+            )
+        keys = ingest_on_new_connections(server.target, name, connections=16, per_connection=25)
+        assert event_count(server.target, name) == len(keys) == 400
+        # Both workers answered calls (each names itself in its log lines).
+        log = "".join(server.log)
+        assert "worker-1 tally.rpc" in log and "worker-2 tally.rpc" in log, log[-2000:]
+
+        # A worker killed as in a crash is restarted; the other serves meanwhile.
+        os.kill(pids[0], signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while alive(pids[0]):  # until the supervisor reaps it: its socket has left the port's group
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        keys |= ingest_on_new_connections(server.target, name, connections=4, per_connection=25)
+        deadline = time.monotonic() + 30
+        while "tally worker 1 ready" not in "".join(server.log):
+            assert time.monotonic() < deadline, "the killed worker was not restarted"
+            await asyncio.sleep(0.2)
+        keys |= ingest_on_new_connections(server.target, name, connections=8, per_connection=25)
+        assert event_count(server.target, name) == len(keys) == 700
+
+        # SIGTERM drains every worker and the parent exits 0.
+        assert server.terminate() == 0
+        assert not alive(pids[1])
+        assert "tally stopped: 2 workers" in "".join(server.log)
+    finally:
+        server.kill()
+        await drop_database_url(url)

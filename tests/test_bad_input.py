@@ -112,7 +112,10 @@ UNREACHABLE = "postgresql+asyncpg://tally:s3cret@127.0.0.1:1/tally"
 @pytest.mark.parametrize(
     ("url", "said"),
     [
-        (MISSING_DIRECTORY, f"cannot use the database {MISSING_DIRECTORY}: OperationalError: unable to open database"),
+        (
+            MISSING_DIRECTORY,
+            f"cannot use the database {MISSING_DIRECTORY}: the directory /nonexistent/dir does not exist",
+        ),
         (UNREACHABLE, "cannot use the database postgresql+asyncpg://tally:***@127.0.0.1:1/tally: "),
         ("mysql://somewhere/db", "cannot use the database URL 'mysql://somewhere/db'"),
         ("not a url", "cannot use the database URL 'not a url': Could not parse"),
@@ -126,6 +129,31 @@ def test_start_up_errors_are_one_line_naming_the_url_without_its_password(url, s
     assert result.returncode == 1 and len(lines) == 1, result.stderr[-2000:]
     assert lines[0].startswith(f"tally: {said}"), lines[0]
     assert "s3cret" not in result.stderr
+
+
+def test_a_read_only_mount_is_one_line_naming_the_file(tmp_path):
+    """A read-only file system (a tmpfs mounted ro, so root's privileges do not hide it):
+    a new database cannot be created there, an existing one cannot be written."""
+    mount = tmp_path / "ro"
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(mount)], capture_output=True, text=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here to make it read-only: {made.stderr.strip()}")
+    try:
+        (mount / "existing.db").write_bytes(b"")
+        subprocess.run(["mount", "-o", "remount,ro", str(mount)], check=True)
+        for name, said in [
+            ("new.db", f"cannot create {mount}/new.db: the directory is not writable (read-only mount?)"),
+            ("existing.db", f"{mount}/existing.db cannot be read and written (read-only file or mount?)"),
+        ]:
+            url = f"sqlite+aiosqlite:///{mount}/{name}"
+            command = [sys.executable, "-m", "tally_server", "--listen", "127.0.0.1:0", "--database-url", url]
+            result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+            lines = result.stderr.strip().splitlines()
+            assert result.returncode == 1 and len(lines) == 1, result.stderr[-2000:]
+            assert lines[0] == f"tally: cannot use the database {url}: {said}"
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)
 
 
 async def test_numbers_past_the_bounds_are_refused_and_change_nothing(stubs):

@@ -206,8 +206,21 @@ def distribution_of(message) -> dict:
     }
 
 
+def check_distribution(got, want: dict, where) -> None:
+    assert distribution_of(got) == want, where
+
+
 async def check_type_stats(stubs, world: World) -> None:
-    windows = [(None, None), (BASE + 12 * HOUR, None), (None, BASE + 36 * HOUR), (BASE + 6 * HOUR, BASE + 50 * HOUR)]
+    # Windows on day boundaries and off them (BASE is 10:17:23), and within one day.
+    day = BASE - BASE % 86400
+    windows = [
+        (None, None),
+        (BASE + 12 * HOUR, None),
+        (None, BASE + 36 * HOUR),
+        (BASE + 6 * HOUR, BASE + 50 * HOUR),
+        (day + 86400, day + 3 * 86400),
+        (BASE + HOUR, BASE + 5 * HOUR),
+    ]
     for start, end in windows:
         request = et_pb.GetExperienceTypeStatsRequest(name=world.name)
         if start is not None:
@@ -215,12 +228,15 @@ async def check_type_stats(stubs, world: World) -> None:
         if end is not None:
             request.end_time.seconds = end
         got = await stubs.types.GetExperienceTypeStats(request)
-        assert distribution_of(got.total) == expected_distribution(world, 0, start, end), (start, end)
+        check_distribution(got.total, expected_distribution(world, 0, start, end), (start, end))
+        assert {v.version for v in got.versions} == {
+            v for v in (1, 2) if expected_distribution(world, v, start, end)["experience_count"]
+        }
         for entry in got.versions:
-            assert distribution_of(entry.stats) == expected_distribution(world, entry.version, start, end)
+            check_distribution(entry.stats, expected_distribution(world, entry.version, start, end), entry.version)
         request.version = 2
         got = await stubs.types.GetExperienceTypeStats(request)
-        assert distribution_of(got.total) == expected_distribution(world, 2, start, end)
+        check_distribution(got.total, expected_distribution(world, 2, start, end), (2, start, end))
 
 
 async def list_all(stubs, name: str, order_by: str, page_size: int = 4, **filters) -> list:

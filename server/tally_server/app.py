@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import logging
 import os
 import signal
-from collections.abc import Coroutine, Iterator
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
 import grpc
@@ -256,45 +255,61 @@ def configure_logging(level: str, worker: int = 0) -> None:
     logging.basicConfig(level=level.upper(), format=f"%(asctime)s %(levelname)s {who}%(name)s %(message)s")
 
 
-@contextlib.contextmanager
-def _start_errors(settings: Settings) -> Iterator[None]:
+def _start_failure(settings: Settings, error: Exception) -> SystemExit | None:
     """What keeps the server from starting, as one line naming the problem and the path
-    or URL (without its password)."""
-    try:
-        yield
-    except RefusedToStart as refusal:
-        raise SystemExit(str(refusal)) from None
-    except StorageUnavailable as error:
-        raise SystemExit(
-            f"tally: cannot use the database {url_for_humans(settings.database_url)}: {error.detail}"
-        ) from None
-    except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError, ModuleNotFoundError) as error:
-        raise SystemExit(
-            f"tally: cannot use the database URL {url_for_humans(settings.database_url)!r}: {error}; "
+    or URL (without its password); None for an error that is not about the settings."""
+    if isinstance(error, RefusedToStart):
+        return SystemExit(str(error))
+    url = url_for_humans(settings.database_url)
+    if isinstance(error, StorageUnavailable):
+        return SystemExit(f"tally: cannot use the database {url}: {error.detail}")
+    if isinstance(error, sa.exc.ArgumentError | sa.exc.NoSuchModuleError | ModuleNotFoundError):
+        return SystemExit(
+            f"tally: cannot use the database URL {url!r}: {error}; "
             "Tally takes sqlite+aiosqlite:///PATH or postgresql+asyncpg://USER@HOST/DB"
-        ) from None
+        )
+    return None
+
+
+async def _started(settings: Settings, start: Callable[[], Awaitable[T]]) -> T:
+    """`start()`'s result, or SystemExit with _start_failure's line. Raised outside the
+    `except`, so that nothing of the failed start (a driver's connection thread) outlives
+    the event loop through the exception's context."""
+    try:
+        return await start()
+    except Exception as error:
+        failure = _start_failure(settings, error)
+        if failure is None:
+            raise
+    raise failure
 
 
 def migrate_or_exit(settings: Settings) -> None:
     """Brings the database to the newest schema (before the workers of `--workers` start)."""
 
     async def migrate() -> None:
-        with _start_errors(settings):
-            db = Database(settings.database_url, timeout=settings.database_timeout_seconds)
-            try:
-                await db.migrate()
-            finally:
-                await db.dispose()
+        db = Database(settings.database_url, timeout=settings.database_timeout_seconds)
+        try:
+            await db.migrate()
+        finally:
+            await db.dispose()
 
-    asyncio.run(migrate())
+    async def main() -> None:
+        await _started(settings, migrate)
+
+    asyncio.run(main())
 
 
 async def serve(settings: Settings, ready: Any = None) -> None:
     """Runs until SIGTERM or SIGINT, then shuts down gracefully. `ready` (a queue, for the
     workers of `--workers`) is told this worker's number once it serves."""
-    with _start_errors(settings):
+
+    async def start() -> TallyServer:
         server = TallyServer(settings)
         await server.start()
+        return server
+
+    server = await _started(settings, start)
     if ready is not None:
         ready.put(settings.worker)
     stopping = asyncio.Event()

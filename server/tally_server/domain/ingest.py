@@ -35,7 +35,7 @@ from .models import (
 )
 from .pricing import PriceCatalog
 from .resolution import resolve_experiences
-from .rollups import rollups_of
+from .rollups import rollups_of, type_deltas
 from .validation import (
     CATEGORY_PATTERN,
     LATENCY_MAX_MS,
@@ -386,7 +386,9 @@ class Ingestor:
             if skipped:
                 await _drop_experiences_of_raced(conn, results, skipped)
                 stored_pairs = [pair for pair in stored_pairs if pair[1].request_id not in skipped]
-            await repo.add_rollups(conn, *rollups_of(stored_pairs))
+            by_experience, by_hour = rollups_of(stored_pairs)
+            before = await repo.experience_states(conn, by_experience)
+            await repo.add_rollups(conn, by_experience, by_hour, type_deltas(before, by_experience))
         raced = []
         for item, result in results:
             if skipped and result.request_id in skipped:

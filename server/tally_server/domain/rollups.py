@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import uuid
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 
 from .models import CostRollupKey, CostState, CostTotals, ExperienceRollup, IngestResult, UsageEvent
 
@@ -54,6 +55,125 @@ def histogram_percentile(buckets: Mapping[int, int], fraction: float) -> float:
 
 def hour_of(time_us: int) -> int:
     return time_us - time_us % HOUR_US
+
+
+def day_of(time_us: int) -> int:
+    return time_us - time_us % DAY_US
+
+
+# An experience's total cost is counted in the same log-scaled buckets (of nano-dollars) in
+# its type's cost histogram: the cost percentiles of GetExperienceTypeStats are within
+# LATENCY_RELATIVE_ERROR (1%) of the exact nearest-rank value.
+cost_bucket = latency_bucket
+
+
+def bucket_nanos(bucket: int) -> int:
+    return round(bucket_value(bucket))
+
+
+def histogram_rank(buckets: Mapping[int, int], rank: int) -> tuple[int, int]:
+    """The bucket holding the rank-th smallest (from 1) of the values counted, and how many
+    values lie in the buckets below it."""
+    seen = 0
+    for bucket in sorted(buckets):
+        if seen + buckets[bucket] >= rank:
+            return bucket, seen
+        seen += buckets[bucket]
+    raise ValueError(f"rank {rank} beyond the {seen} values counted")
+
+
+def _first_in_or_after(bucket: int) -> int:
+    """The least integer that cost_bucket puts in `bucket` or a later one (a binary search
+    around the bucket's edge: floats alone miss it by many nanos at large values)."""
+    edge = _GAMMA ** (bucket - 2)
+    low, high = max(1, math.floor(edge * (1 - 1e-9)) - 2), math.ceil(edge * (1 + 1e-9)) + 2
+    while low < high:
+        middle = (low + high) // 2
+        if latency_bucket(middle) >= bucket:
+            high = middle
+        else:
+            low = middle + 1
+    return low
+
+
+def bucket_bounds(bucket: int) -> tuple[int, int]:
+    """The least and greatest integer that cost_bucket puts in `bucket` (by the same
+    function, so that a range query over them holds exactly the bucket's values; low > high
+    for a bucket that holds no integer)."""
+    if bucket <= 0:
+        return 0, 0
+    return _first_in_or_after(bucket), _first_in_or_after(bucket + 1) - 1
+
+
+@dataclass(frozen=True, slots=True)
+class ExperienceState:
+    """What the type's rollups count of one experience (read, locked, before a commit adds to it)."""
+
+    type_id: int
+    version: int
+    event_count: int
+    unpriced_event_count: int
+    cost_total_nanos: int
+    first_event_time_us: int | None
+
+
+@dataclass(slots=True)
+class TypeTotals:
+    """A change to one row of type_rollups (signed)."""
+
+    experience_count: int = 0
+    event_count: int = 0
+    unpriced_event_count: int = 0
+    cost_total_nanos: int = 0
+
+
+TypeKey = tuple[int, int, int]  # type_id, version, day of the first event
+TypeDeltas = tuple[dict[TypeKey, TypeTotals], dict[tuple[int, int, int, int], int]]
+
+
+def _count(deltas: TypeDeltas, state: ExperienceState, sign: int) -> None:
+    """Adds (sign 1) or takes away (sign -1) an experience's whole contribution."""
+    if not state.event_count or state.first_event_time_us is None:
+        return
+    key = (state.type_id, state.version, day_of(state.first_event_time_us))
+    totals = deltas[0].setdefault(key, TypeTotals())
+    totals.experience_count += sign
+    totals.event_count += sign * state.event_count
+    totals.unpriced_event_count += sign * state.unpriced_event_count
+    totals.cost_total_nanos += sign * state.cost_total_nanos
+    bucket_key = (*key, cost_bucket(state.cost_total_nanos))
+    deltas[1][bucket_key] = deltas[1].get(bucket_key, 0) + sign
+
+
+def type_deltas(before: Mapping[uuid.UUID, ExperienceState], added: Mapping[uuid.UUID, ExperienceRollup]) -> TypeDeltas:
+    """How a commit's events change their types' rollups: each experience they touch leaves
+    its old day and cost bucket and enters its new ones (zero-sum rows drop out later)."""
+    deltas: TypeDeltas = ({}, {})
+    for experience_id, rollup in added.items():
+        old = before.get(experience_id)
+        if old is None:  # deleted meanwhile: nothing counts it
+            continue
+        first = rollup.first_event_time_us
+        if old.first_event_time_us is not None:
+            first = min(first, old.first_event_time_us)
+        new = ExperienceState(
+            old.type_id,
+            old.version,
+            old.event_count + rollup.totals.event_count,
+            old.unpriced_event_count + rollup.totals.unpriced_event_count,
+            old.cost_total_nanos + rollup.totals.cost_total_nanos,
+            first,
+        )
+        _count(deltas, old, -1)
+        _count(deltas, new, 1)
+    return deltas
+
+
+def removal(state: ExperienceState) -> TypeDeltas:
+    """How deleting an experience changes its type's rollups."""
+    deltas: TypeDeltas = ({}, {})
+    _count(deltas, state, -1)
+    return deltas
 
 
 def event_totals(event: UsageEvent, result: IngestResult) -> CostTotals:

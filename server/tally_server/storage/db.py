@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -120,8 +121,26 @@ class Database:
         async with self.read() as conn:
             await conn.execute(sa.text("SELECT 1"))
 
+    def check_sqlite_file(self) -> None:
+        """StorageUnavailable naming the problem when the SQLite file cannot be made or
+        written: said before the driver tries (a driver thread that failed to open the file
+        can outlive the event loop and print a stack trace as the process exits)."""
+        path = self.url.database
+        if not self.is_sqlite or not path or path == ":memory:" or path.startswith("file:"):
+            return
+        file = os.path.abspath(path)
+        directory = os.path.dirname(file)
+        if not os.path.isdir(directory):
+            raise StorageUnavailable(f"the directory {directory} does not exist")
+        if os.path.exists(file):
+            if not os.access(file, os.R_OK | os.W_OK):
+                raise StorageUnavailable(f"{file} cannot be read and written (read-only file or mount?)")
+        elif not os.access(directory, os.W_OK | os.X_OK):
+            raise StorageUnavailable(f"cannot create {file}: the directory is not writable (read-only mount?)")
+
     async def migrate(self) -> None:
         """Brings the schema to the newest migration (idempotent)."""
+        self.check_sqlite_file()
         async with self.write() as conn:
             if not self.is_sqlite:
                 await conn.execute(sa.text("SELECT pg_advisory_xact_lock(:id)"), {"id": _MIGRATION_LOCK_ID})

@@ -12,7 +12,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ..domain import models as m
-from ..domain.rollups import DAY_US, HOUR_US
+from ..domain.rollups import DAY_US, HOUR_US, ExperienceState, TypeDeltas, removal
 from . import hot_path, rollups
 from .tables import (
     ROLLUP_COUNT_COLUMNS,
@@ -28,6 +28,8 @@ from .tables import (
     experiences,
     idempotent_requests,
     server_keys,
+    type_cost_buckets,
+    type_rollups,
 )
 
 
@@ -171,6 +173,7 @@ async def delete_type(conn: AsyncConnection, type_id: int) -> int:
     await conn.execute(sa.update(events).where(events.c.experience_id.in_(of_type)).values(experience_id=None))
     await conn.execute(sa.delete(experience_latencies).where(experience_latencies.c.experience_id.in_(of_type)))
     await rollups.rebuild_cost_rollups(conn, hours, {name, ""})
+    await rollups.drop_type(conn, type_id)
     deleted = (await conn.execute(sa.delete(experiences).where(experiences.c.type_id == type_id))).rowcount
     await conn.execute(sa.delete(experience_type_versions).where(experience_type_versions.c.type_id == type_id))
     await conn.execute(sa.delete(experience_types).where(experience_types.c.id == type_id))
@@ -243,6 +246,9 @@ async def delete_experience(conn: AsyncConnection, experience_id: uuid.UUID) -> 
     ).scalar()
     if name is None:
         return None
+    states = await rollups.experience_states(conn, [experience_id], lock=True)
+    if experience_id in states:
+        await rollups.add_type_deltas(conn, removal(states[experience_id]))
     await conn.execute(sa.delete(experiences).where(experiences.c.id == experience_id))
     await conn.execute(sa.delete(experience_latencies).where(experience_latencies.c.experience_id == experience_id))
     hours = await rollups.hours_of_events(conn, events.c.experience_id == experience_id)
@@ -351,15 +357,65 @@ async def list_experiences(
     ]
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass
 class VersionCosts:
-    """Sums over the experiences of one version with events in a stats window."""
+    """GetExperienceTypeStats' sums over one version's experiences, and their cost histogram."""
 
     version: int
-    experience_count: int
-    event_count: int
-    unpriced_event_count: int
-    total_nanos: int
+    experience_count: int = 0
+    event_count: int = 0
+    unpriced_event_count: int = 0
+    total_nanos: int = 0
+    buckets: dict[int, int] = dataclasses.field(default_factory=dict)
+
+
+async def type_costs(
+    conn: AsyncConnection, type_id: int, version: int, start_day: int | None, end_day: int | None
+) -> dict[int, VersionCosts]:
+    """Per version: the type rollup's sums and cost histogram over the days of first events
+    in [start_day, end_day): a few rows per day, whatever the number of experiences."""
+    t, b = type_rollups, type_cost_buckets
+    by_version: dict[int, VersionCosts] = {}
+    where = [t.c.type_id == type_id]
+    bucket_where = [b.c.type_id == type_id]
+    for table, conditions in ((t, where), (b, bucket_where)):
+        if version:
+            conditions.append(table.c.version == version)
+        if start_day is not None:
+            conditions.append(table.c.day_us >= start_day)
+        if end_day is not None:
+            conditions.append(table.c.day_us < end_day)
+    sums = (
+        sa.select(
+            t.c.version,
+            *(
+                sa.func.sum(t.c[name]).label(name)
+                for name in ("experience_count", "event_count", "unpriced_event_count")
+            ),
+            sa.func.sum(t.c.cost_total_dollars).label("dollars"),
+            sa.func.sum(t.c.cost_total_nanos).label("nanos"),
+        )
+        .where(*where)
+        .group_by(t.c.version)
+    )
+    for row in await conn.execute(sums):
+        if row.experience_count:
+            by_version[int(row.version)] = VersionCosts(
+                int(row.version),
+                int(row.experience_count),
+                int(row.event_count),
+                int(row.unpriced_event_count),
+                rollups.joined(row.dollars, row.nanos),
+            )
+    histogram = (
+        sa.select(b.c.version, b.c.bucket, sa.func.sum(b.c.experience_count).label("n"))
+        .where(*bucket_where)
+        .group_by(b.c.version, b.c.bucket)
+    )
+    for entry in await conn.execute(histogram):
+        if entry.n and int(entry.version) in by_version:
+            by_version[int(entry.version)].buckets[int(entry.bucket)] = int(entry.n)
+    return by_version
 
 
 def _with_events(type_id: int, version: int, start_us: int | None, end_us: int | None) -> list[Any]:
@@ -368,59 +424,68 @@ def _with_events(type_id: int, version: int, start_us: int | None, end_us: int |
     return [*_experience_filters(type_id, version, start_us, end_us, e.c.first_event_time_us), e.c.event_count > 0]
 
 
-async def cost_by_version(
-    conn: AsyncConnection, type_id: int, version: int, start_us: int | None, end_us: int | None
-) -> list[VersionCosts]:
-    """Sums of the experiences' rollups, per version: one pass over the type's experiences."""
+async def experience_costs(
+    conn: AsyncConnection, type_id: int, version: int, start_us: int, end_us: int
+) -> list[ExperienceState]:
+    """The experiences whose first event is in [start_us, end_us) (a window's partial day)."""
+    query = sa.select(*rollups.STATE_COLUMNS).where(*_with_events(type_id, version, start_us, end_us))
+    return [rollups.state(row) for row in await conn.execute(query)]
+
+
+async def experience_cost_in_range(
+    conn: AsyncConnection,
+    type_id: int,
+    version: int,
+    start_us: int | None,
+    end_us: int | None,
+    low_nanos: int,
+    high_nanos: int,
+    rank: int,
+) -> int | None:
+    """The total cost of the rank-th cheapest (from 1) of the experiences stats select whose
+    cost is in [low_nanos, high_nanos]: a walk of the cost index within that range only."""
     e = experiences
+    low, high = rollups.split(low_nanos), rollups.split(high_nanos)
+    cost = sa.tuple_(e.c.cost_total_dollars, e.c.cost_total_nanos)
     query = (
-        sa.select(
-            e.c.version,
-            sa.func.count().label("experiences"),
-            sa.func.sum(e.c.event_count).label("events"),
-            sa.func.sum(e.c.unpriced_event_count).label("unpriced"),
-            sa.func.sum(e.c.cost_total_dollars).label("dollars"),
-            sa.func.sum(e.c.cost_total_nanos).label("nanos"),
-        )
-        .where(*_with_events(type_id, version, start_us, end_us))
-        .group_by(e.c.version)
-        .order_by(e.c.version)
+        sa.select(e.c.cost_total_dollars, e.c.cost_total_nanos)
+        .where(*_with_events(type_id, version, start_us, end_us), cost >= sa.tuple_(*low), cost <= sa.tuple_(*high))
+        .order_by(e.c.cost_total_dollars, e.c.cost_total_nanos)
+        .offset(rank - 1)
+        .limit(1)
     )
-    return [
-        VersionCosts(
-            int(r.version), int(r.experiences), int(r.events), int(r.unpriced), rollups.joined(r.dollars, r.nanos)
-        )
-        for r in await conn.execute(query)
-    ]
+    row = (await conn.execute(query)).first()
+    return None if row is None else rollups.joined(*row)
 
 
-async def experience_cost_at_rank(
-    conn: AsyncConnection, type_id: int, version: int, start_us: int | None, end_us: int | None, rank: int
+async def max_experience_cost(
+    conn: AsyncConnection, type_id: int, version: int, start_us: int | None, end_us: int | None
 ) -> int:
-    """The total cost of the rank-th cheapest experience (from 1) among those stats select:
-    a walk of the cost index up to that rank, no sort of the experiences."""
+    """The highest total cost of one experience, exact: the top of the cost index."""
     e = experiences
     query = (
         sa.select(e.c.cost_total_dollars, e.c.cost_total_nanos)
         .where(*_with_events(type_id, version, start_us, end_us))
-        .order_by(e.c.cost_total_dollars, e.c.cost_total_nanos)
-        .offset(rank - 1)
+        .order_by(e.c.cost_total_dollars.desc(), e.c.cost_total_nanos.desc())
         .limit(1)
     )
     row = (await conn.execute(query)).first()
     return 0 if row is None else rollups.joined(*row)
 
 
-# --- events ----------------------------------------------------------------------------
+async def experience_states(conn: AsyncConnection, ids: Iterable[uuid.UUID]) -> dict[uuid.UUID, ExperienceState]:
+    """What the type rollups count of these experiences, their rows locked for this transaction."""
+    return await rollups.experience_states(conn, list(ids), lock=True)
 
 
 async def add_rollups(
     conn: AsyncConnection,
     by_experience: dict[uuid.UUID, m.ExperienceRollup],
     by_hour: dict[m.CostRollupKey, m.CostTotals],
+    by_type: TypeDeltas,
 ) -> None:
     """Adds a commit's stored events to the rollups (domain.rollups made these)."""
-    await rollups.add(conn, by_experience, by_hour)
+    await rollups.add(conn, by_experience, by_hour, by_type)
 
 
 async def insert_events(conn: AsyncConnection, stored: hot_path.Stored) -> set[uuid.UUID]:

@@ -17,7 +17,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ..domain import models as m
-from ..domain.rollups import HOUR_US, latency_bucket
+from ..domain.rollups import HOUR_US, ExperienceState, TypeDeltas, cost_bucket, day_of, latency_bucket
 from .tables import (
     ROLLUP_COUNT_COLUMNS,
     ROLLUP_MONEY,
@@ -27,6 +27,8 @@ from .tables import (
     experience_latencies,
     experience_types,
     experiences,
+    type_cost_buckets,
+    type_rollups,
 )
 
 NANOS_PER_DOLLAR = 1_000_000_000
@@ -64,14 +66,18 @@ def _totals_values(totals: m.CostTotals) -> dict[str, int]:
     return values
 
 
-def _added(table: sa.Table, new: Any) -> dict[str, Any]:
-    """SET clauses that add `new` (a namespace of the same columns) to a row's sums."""
+def _added(
+    table: sa.Table, new: Any, counts: Iterable[str] = ROLLUP_COUNT_COLUMNS, money: Iterable[str] = ROLLUP_MONEY
+) -> dict[str, Any]:
+    """SET clauses that add `new` (a namespace of the same columns) to a row's sums. The
+    nanos added are in 0..999,999,999 (dollars may be negative, for a change that takes
+    away), so the carry is 0 or 1 and integer division means the same on both engines."""
     c = table.c
-    values: dict[str, Any] = {name: c[name] + new[name] for name in ROLLUP_COUNT_COLUMNS}
-    for money in ROLLUP_MONEY:
-        dollars, nanos = c[f"{money}_dollars"], c[f"{money}_nanos"]
-        carried = nanos + new[f"{money}_nanos"]
-        values[dollars.name] = dollars + new[f"{money}_dollars"] + sa.cast(carried // NANOS_PER_DOLLAR, sa.BigInteger)
+    values: dict[str, Any] = {name: c[name] + new[name] for name in counts}
+    for name in money:
+        dollars, nanos = c[f"{name}_dollars"], c[f"{name}_nanos"]
+        carried = nanos + new[f"{name}_nanos"]
+        values[dollars.name] = dollars + new[f"{name}_dollars"] + sa.cast(carried // NANOS_PER_DOLLAR, sa.BigInteger)
         values[nanos.name] = carried % NANOS_PER_DOLLAR
     return values
 
@@ -114,8 +120,10 @@ async def add(
     conn: AsyncConnection,
     by_experience: Mapping[uuid.UUID, m.ExperienceRollup],
     by_hour: Mapping[m.CostRollupKey, m.CostTotals],
+    by_type: TypeDeltas,
 ) -> None:
-    """Adds a commit's events to the rollups, in the commit's transaction."""
+    """Adds a commit's events to the rollups, in the commit's transaction (the experiences
+    were locked by experience_states)."""
     if by_experience:
         await conn.execute(
             _EXPERIENCE_UPDATE,
@@ -127,10 +135,11 @@ async def add(
                     "p_first": rollup.first_event_time_us,
                     "p_last": rollup.last_event_time_us,
                 }
-                for experience_id, rollup in by_experience.items()
+                for experience_id, rollup in sorted(by_experience.items())
             ],
         )
         latencies = _insert(conn, experience_latencies)
+        # Sorted, as every writer does, so that concurrent writers never deadlock.
         await conn.execute(
             latencies.on_conflict_do_update(
                 index_elements=["experience_id", "bucket"],
@@ -138,12 +147,108 @@ async def add(
             ),
             [
                 {"experience_id": experience_id, "bucket": bucket, "event_count": count}
-                for experience_id, rollup in by_experience.items()
-                for bucket, count in rollup.latency_buckets.items()
+                for experience_id, rollup in sorted(by_experience.items())
+                for bucket, count in sorted(rollup.latency_buckets.items())
             ],
         )
     if by_hour:
-        await _add_cost_rows(conn, [{**_key_values(key), **_totals_values(t)} for key, t in by_hour.items()])
+        # In key order, as every writer does, so that concurrent writers never deadlock.
+        rows = [{**_key_values(key), **_totals_values(by_hour[key])} for key in sorted(by_hour, key=_sort_key)]
+        await _add_cost_rows(conn, rows)
+    await add_type_deltas(conn, by_type)
+
+
+def _sort_key(key: m.CostRollupKey) -> tuple[Any, ...]:
+    return (key.hour_us, key.experience_name, key.experience_version, key.category, key.resource)
+
+
+# --- the type rollups ------------------------------------------------------------------------
+
+_TYPE_COUNTS = ("experience_count", "event_count", "unpriced_event_count")
+STATE_COLUMNS = (
+    experiences.c.id,
+    experiences.c.type_id,
+    experiences.c.version,
+    experiences.c.event_count,
+    experiences.c.unpriced_event_count,
+    experiences.c.cost_total_dollars,
+    experiences.c.cost_total_nanos,
+    experiences.c.first_event_time_us,
+)
+
+
+def state(row: Any) -> ExperienceState:
+    return ExperienceState(
+        int(row.type_id),
+        int(row.version),
+        int(row.event_count),
+        int(row.unpriced_event_count),
+        joined(row.cost_total_dollars, row.cost_total_nanos),
+        row.first_event_time_us,
+    )
+
+
+async def experience_states(
+    conn: AsyncConnection, ids: Collection[uuid.UUID], lock: bool
+) -> dict[uuid.UUID, ExperienceState]:
+    """What the type rollups count of these experiences; with `lock`, their rows stay locked
+    (in id order) until the transaction ends, so that concurrent writers add in turn."""
+    if not ids:
+        return {}
+    query = sa.select(*STATE_COLUMNS).where(experiences.c.id.in_(list(ids))).order_by(experiences.c.id)
+    if lock and conn.dialect.name == "postgresql":
+        query = query.with_for_update()
+    return {row.id: state(row) for row in await conn.execute(query)}
+
+
+async def add_type_deltas(conn: AsyncConnection, deltas: TypeDeltas) -> None:
+    by_key, buckets = deltas
+    rows = []
+    for key in sorted(by_key):
+        t = by_key[key]
+        if not (t.experience_count or t.event_count or t.unpriced_event_count or t.cost_total_nanos):
+            continue
+        dollars, nanos = split(t.cost_total_nanos)
+        rows.append(
+            {
+                "type_id": key[0],
+                "version": key[1],
+                "day_us": key[2],
+                "experience_count": t.experience_count,
+                "event_count": t.event_count,
+                "unpriced_event_count": t.unpriced_event_count,
+                "cost_total_dollars": dollars,
+                "cost_total_nanos": nanos,
+            }
+        )
+    if rows:
+        upsert = _insert(conn, type_rollups)
+        await conn.execute(
+            upsert.on_conflict_do_update(
+                index_elements=["type_id", "version", "day_us"],
+                set_=_added(type_rollups, upsert.excluded, _TYPE_COUNTS, ("cost_total",)),
+            ),
+            rows,
+        )
+    bucket_rows = [
+        {"type_id": k[0], "version": k[1], "day_us": k[2], "bucket": k[3], "experience_count": n}
+        for k, n in sorted(buckets.items())
+        if n
+    ]
+    if bucket_rows:
+        upsert = _insert(conn, type_cost_buckets)
+        await conn.execute(
+            upsert.on_conflict_do_update(
+                index_elements=["type_id", "version", "day_us", "bucket"],
+                set_={"experience_count": type_cost_buckets.c.experience_count + upsert.excluded.experience_count},
+            ),
+            bucket_rows,
+        )
+
+
+async def drop_type(conn: AsyncConnection, type_id: int) -> None:
+    await conn.execute(sa.delete(type_rollups).where(type_rollups.c.type_id == type_id))
+    await conn.execute(sa.delete(type_cost_buckets).where(type_cost_buckets.c.type_id == type_id))
 
 
 def _key_values(key: m.CostRollupKey) -> dict[str, Any]:
@@ -290,3 +395,39 @@ def backfill(conn: sa.Connection) -> None:
     rows = [{**_key_values_of(row), **_normalized(row)} for row in conn.execute(_cost_rollup_select([]))]
     if rows:
         conn.execute(sa.insert(cost_rollups), rows)
+    totals: dict[tuple[int, int, int], list[int]] = {}
+    counts: dict[tuple[int, int, int, int], int] = {}
+    for experience in conn.execute(sa.select(*STATE_COLUMNS).where(experiences.c.event_count > 0)):
+        one = state(experience)
+        assert one.first_event_time_us is not None  # it has events
+        type_key = (one.type_id, one.version, day_of(one.first_event_time_us))
+        sums = totals.setdefault(type_key, [0, 0, 0, 0])
+        for i, value in enumerate((1, one.event_count, one.unpriced_event_count, one.cost_total_nanos)):
+            sums[i] += value
+        bucket_key = (*type_key, cost_bucket(one.cost_total_nanos))
+        counts[bucket_key] = counts.get(bucket_key, 0) + 1
+    if totals:
+        conn.execute(
+            sa.insert(type_rollups),
+            [
+                {
+                    "type_id": k[0],
+                    "version": k[1],
+                    "day_us": k[2],
+                    "experience_count": n,
+                    "event_count": events,
+                    "unpriced_event_count": unpriced,
+                    "cost_total_dollars": split(cost)[0],
+                    "cost_total_nanos": split(cost)[1],
+                }
+                for k, (n, events, unpriced, cost) in totals.items()
+            ],
+        )
+    if counts:
+        conn.execute(
+            sa.insert(type_cost_buckets),
+            [
+                {"type_id": k[0], "version": k[1], "day_us": k[2], "bucket": k[3], "experience_count": n}
+                for k, n in counts.items()
+            ],
+        )

@@ -77,6 +77,31 @@ experience_latencies = sa.Table(
     sa.Column("event_count", sa.BigInteger, nullable=False),
 )
 
+# The experiences of a type that have events, summed per version and UTC day of their first
+# event (an experience moves when an earlier event arrives), and the histogram of their
+# total costs (domain.rollups.cost_bucket): GetExperienceTypeStats reads these.
+type_rollups = sa.Table(
+    "type_rollups",
+    metadata,
+    sa.Column("type_id", sa.Integer, primary_key=True),
+    sa.Column("version", sa.Integer, primary_key=True),
+    sa.Column("day_us", sa.BigInteger, primary_key=True),
+    sa.Column("experience_count", sa.BigInteger, nullable=False),
+    sa.Column("event_count", sa.BigInteger, nullable=False),
+    sa.Column("unpriced_event_count", sa.BigInteger, nullable=False),
+    sa.Column("cost_total_dollars", sa.BigInteger, nullable=False),
+    sa.Column("cost_total_nanos", sa.BigInteger, nullable=False),
+)
+type_cost_buckets = sa.Table(
+    "type_cost_buckets",
+    metadata,
+    sa.Column("type_id", sa.Integer, primary_key=True),
+    sa.Column("version", sa.Integer, primary_key=True),
+    sa.Column("day_us", sa.BigInteger, primary_key=True),
+    sa.Column("bucket", sa.SmallInteger, primary_key=True),
+    sa.Column("experience_count", sa.BigInteger, nullable=False),
+)
+
 # Events summed per hour of event time, type version (experience_name "" and version 0
 # for unattributed events), category and resource: the cost breakdown reads these.
 cost_rollups = sa.Table(
@@ -99,7 +124,7 @@ events = sa.Table(
     sa.Column("id", sa.Uuid, primary_key=True),
     sa.Column("idempotency_key", sa.String(300), nullable=True, unique=True),
     sa.Column("content_hash", sa.String(64), nullable=False),
-    sa.Column("experience_id", sa.Uuid, nullable=True, index=True),
+    sa.Column("experience_id", sa.Uuid, nullable=True),
     sa.Column("experience_created", sa.Boolean, nullable=False),
     sa.Column("category", sa.String(128), nullable=False),
     sa.Column("resource", sa.String(256), nullable=False),
@@ -128,6 +153,8 @@ events = sa.Table(
     # selected the price variant applied.
     sa.Column("price_context", sa.JSON(none_as_null=True), nullable=True),
     sa.Column("price_variant", sa.JSON(none_as_null=True), nullable=True),
+    # An experience's events in event-time order (ListEvents, deletions).
+    sa.Index("ix_events_experience_time", "experience_id", "event_time_us", "id"),
 )
 
 # request_id idempotency of the explicit create calls (AIP-155).

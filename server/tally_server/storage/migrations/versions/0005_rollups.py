@@ -41,6 +41,8 @@ def upgrade() -> None:
     op.create_index("ix_experiences_type_events", "experiences", ["type_id", "event_count", "id"])
     op.create_index("ix_experiences_type_first_event", "experiences", ["type_id", "first_event_time_us"])
     op.create_index("ix_events_event_time_us", "events", ["event_time_us"])
+    op.create_index("ix_events_experience_time", "events", ["experience_id", "event_time_us", "id"])
+    op.drop_index("ix_events_experience_id", table_name="events")
     op.create_table(
         "experience_latencies",
         sa.Column("experience_id", sa.Uuid, nullable=False),
@@ -60,10 +62,41 @@ def upgrade() -> None:
             "hour_us", "experience_name", "experience_version", "category", "resource", name="pk_cost_rollups"
         ),
     )
+    key = ("type_id", "version", "day_us")
+    op.create_table(
+        "type_rollups",
+        sa.Column("type_id", sa.Integer, nullable=False),
+        sa.Column("version", sa.Integer, nullable=False),
+        sa.Column("day_us", sa.BigInteger, nullable=False),
+        *(
+            sa.Column(name, sa.BigInteger, nullable=False)
+            for name in (
+                "experience_count",
+                "event_count",
+                "unpriced_event_count",
+                "cost_total_dollars",
+                "cost_total_nanos",
+            )
+        ),
+        sa.PrimaryKeyConstraint(*key, name="pk_type_rollups"),
+    )
+    op.create_table(
+        "type_cost_buckets",
+        sa.Column("type_id", sa.Integer, nullable=False),
+        sa.Column("version", sa.Integer, nullable=False),
+        sa.Column("day_us", sa.BigInteger, nullable=False),
+        sa.Column("bucket", sa.SmallInteger, nullable=False),
+        sa.Column("experience_count", sa.BigInteger, nullable=False),
+        sa.PrimaryKeyConstraint(*key, "bucket", name="pk_type_cost_buckets"),
+    )
     rollups.backfill(op.get_bind())
 
 
 def downgrade() -> None:
+    op.drop_table("type_cost_buckets")
+    op.drop_table("type_rollups")
+    op.create_index("ix_events_experience_id", "events", ["experience_id"])
+    op.drop_index("ix_events_experience_time", table_name="events")
     op.drop_table("cost_rollups")
     op.drop_table("experience_latencies")
     op.drop_index("ix_events_event_time_us", table_name="events")

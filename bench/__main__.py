@@ -8,6 +8,7 @@ executemany, or asyncpg for PostgreSQL), 1,000 per transaction.
 
     python -m bench                       # SQLite (a temporary file)
     python -m bench --postgres-url postgresql+asyncpg://postgres@127.0.0.1:5432/test
+    python -m bench --workers 2 ...       # also: `tally serve` against `tally serve --workers 2`
 
 Each scenario runs right after its baseline, in several rounds; the table gives
 the median rate over the rounds and the median of the per-round ratios, with
@@ -22,11 +23,13 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import sqlite3
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass
@@ -381,6 +384,90 @@ async def run_engine(label: str, database_url: str, args: argparse.Namespace) ->
     return [unary, stream, batch]
 
 
+def start_tally(database_url: str, workers: int) -> tuple[subprocess.Popen, int]:
+    """`tally serve --workers N` itself (no baselines in it), on a free port."""
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tally_server",
+            "--listen",
+            "127.0.0.1:0",
+            "--database-url",
+            database_url,
+            "--workers",
+            str(workers),
+        ],
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+    )
+    while line := process.stderr.readline():
+        if match := re.search(r"tally ready: serving on [^:]+:(\d+)", line):
+            # Drained from here on: a full pipe would stall the server.
+            threading.Thread(target=lambda: [None for _ in process.stderr], daemon=True).start()
+            return process, int(match.group(1))
+    raise SystemExit(f"bench: tally serve --workers {workers} did not start")
+
+
+async def workers_load(database_url: str, workers: int, args: argparse.Namespace, keys: Keys) -> list[Result]:
+    """IngestBatch over several connections (the kernel spreads connections, not calls,
+    over the workers), `args.rounds` rounds."""
+    process, port = start_tally(database_url, workers)
+    # A local subchannel pool each: separate TCP connections, not one shared.
+    options = [*CHANNEL_OPTIONS, ("grpc.use_local_subchannel_pool", 1)]
+    channels = [aio.insecure_channel(f"127.0.0.1:{port}", options=options) for _ in range(args.connections)]
+    results = []
+    try:
+        name = f"Workers_{uuid.uuid4().hex[:8]}"
+        await experience_type_service_pb2_grpc.ExperienceTypeServiceStub(channels[0]).CreateExperienceType(
+            et_pb.CreateExperienceTypeRequest(experience_type=et_pb.ExperienceType(name=name, description="bench"))
+        )
+        experience = (
+            await experience_service_pb2_grpc.ExperienceServiceStub(channels[0]).CreateExperience(
+                exp_pb.CreateExperienceRequest(experience_name=name)
+            )
+        ).experience
+        metadata = (("xproxy-experience-id", experience.experience_id),)
+        for _ in range(args.rounds):
+            start = time.perf_counter()
+            loads = await asyncio.gather(
+                *(
+                    batch_load(c, metadata, args.seconds, args.batch_size, args.batch_concurrency, keys)
+                    for c in channels
+                )
+            )
+            seconds = time.perf_counter() - start
+            p50 = statistics.median(load.p50_ms for load in loads)
+            p99 = max(load.p99_ms for load in loads)
+            results.append(Result(f"{workers} worker(s)", sum(load.events for load in loads), seconds, p50, p99))
+    finally:
+        for channel in channels:
+            await channel.close()
+        process.terminate()
+        process.wait(60)
+    return results
+
+
+async def run_workers(label: str, database_url: str, args: argparse.Namespace) -> tuple[list[Result], list[Result]]:
+    print(f"\n== {label}: IngestBatch on 1 worker, then on {args.workers}", flush=True)
+    keys = Keys()
+    one = await workers_load(database_url, 1, args, keys)
+    many = await workers_load(database_url, args.workers, args, keys)
+    return one, many
+
+
+def print_workers(label: str, one: list[Result], many: list[Result], workers: int, connections: int) -> None:
+    single, multiple = median_result(one), median_result(many)
+    ratios = [m.rate / o.rate for o, m in zip(one, many, strict=True)]
+    print(
+        f"\n{label}: IngestBatch over {connections} connections, medians of {len(one)} rounds\n"
+        f"  tally serve:              {single.rate:>10,.0f} events/s\n"
+        f"  tally serve --workers {workers}:  {multiple.rate:>10,.0f} events/s   "
+        f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})"
+    )
+
+
 def print_table(label: str, comparisons: list[Comparison], rounds: int) -> None:
     print(f"\n{label}: medians of {rounds} rounds")
     print(f"{'scenario':<46} {'events/s':>10} {'p50 ms':>8} {'p99 ms':>8}   ratio to baseline (range)")
@@ -433,21 +520,37 @@ async def main() -> None:
     parser.add_argument("--batch-concurrency", type=int, default=2, help="IngestBatch calls in flight (default 2)")
     parser.add_argument("--postgres-url", help="also run against this PostgreSQL (a fresh database is created in it)")
     parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="also compare IngestBatch on `tally serve` with 1 worker and with this many (--workers N)",
+    )
+    parser.add_argument(
+        "--connections", type=int, default=4, help="connections of the --workers comparison (default 4)"
+    )
     args = parser.parse_args()
 
     print(f"Tally ingest benchmark: {os.cpu_count()} cores, Python {sys.version.split()[0]}, grpcio {grpc.__version__}")
     report = {}
+    workers = {}
     with tempfile.TemporaryDirectory() as tmp:
         sqlite_url = f"sqlite+aiosqlite:///{tmp}/bench.db"
         report["sqlite"] = await run_engine("SQLite (WAL, synchronous=FULL)", sqlite_url, args)
+        if args.workers:
+            workers["sqlite"] = await run_workers("SQLite", f"sqlite+aiosqlite:///{tmp}/workers.db", args)
     if args.postgres_url:
         pg_url = await create_postgres_database(args.postgres_url)
         try:
             report["postgresql"] = await run_engine("PostgreSQL", pg_url, args)
+            if args.workers:
+                workers["postgresql"] = await run_workers("PostgreSQL", pg_url, args)
         finally:
             await drop_postgres_database(args.postgres_url, pg_url)
     for label, comparisons in report.items():
         print_table(label, comparisons, args.rounds)
+    for label, (one, many) in workers.items():
+        print_workers(label, one, many, args.workers, args.connections)
     if args.json:
         args.json.write_text(
             json.dumps(

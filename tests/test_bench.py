@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.mark.slow
 def test_bench_reports_every_scenario_beside_its_baseline():
     run = subprocess.run(
-        [sys.executable, "-m", "bench", "--seconds", "0.3", "--rounds", "1"],
+        [sys.executable, "-m", "bench", "--seconds", "0.3", "--rounds", "1", "--workers", "2", "--connections", "2"],
         capture_output=True,
         text=True,
         cwd=ROOT,
@@ -32,6 +32,24 @@ def test_bench_reports_every_scenario_beside_its_baseline():
     ):
         assert line in run.stdout, run.stdout
     assert run.stdout.count("target ") == 3, run.stdout
+    assert "tally serve --workers 2:" in run.stdout, run.stdout
+
+
+@pytest.mark.slow
+def test_read_bench_times_every_read_at_each_size():
+    run = subprocess.run(
+        [sys.executable, "-m", "bench.reads", "--sizes", "2000,4000", "--calls", "2"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=180,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    from bench.reads import TARGETS
+
+    for read in TARGETS:
+        assert read in run.stdout, run.stdout
+    assert run.stdout.count("growth <= 2x") == sum(target is not None for target in TARGETS.values())
 
 
 @pytest.mark.slow

@@ -17,8 +17,11 @@ from tally.v1 import (
     experience_service_pb2 as exp_pb,
     experience_service_pb2_grpc,
     experience_type_service_pb2 as et_pb,
+    experience_type_service_pb2_grpc,
     ingest_service_pb2 as pb,
     ingest_service_pb2_grpc,
+    report_service_pb2 as rep_pb,
+    report_service_pb2_grpc,
 )
 
 from .conftest import unique
@@ -93,6 +96,13 @@ async def test_sigkill_mid_stream_loses_nothing_and_doubles_nothing(stubs, datab
             got = await experience_service_pb2_grpc.ExperienceServiceStub(channel).GetExperience(
                 exp_pb.GetExperienceRequest(experience_id=experience_id)
             )
+            # The type's rollup and the hourly rollup hold the same events, once each.
+            type_stats = await experience_type_service_pb2_grpc.ExperienceTypeServiceStub(
+                channel
+            ).GetExperienceTypeStats(et_pb.GetExperienceTypeStatsRequest(name=name))
+            breakdown = await report_service_pb2_grpc.ReportServiceStub(channel).BreakDownCost(
+                rep_pb.BreakDownCostRequest(group_by=[rep_pb.COST_DIMENSION_EXPERIENCE_NAME], page_size=1000)
+            )
     finally:
         assert second.terminate() == 0, "SIGTERM shuts down cleanly"
 
@@ -102,3 +112,9 @@ async def test_sigkill_mid_stream_loses_nothing_and_doubles_nothing(stubs, datab
     assert stats.event_count == EVENTS, "every key stored exactly once"
     expected = sum(r.xproxy_result.cost_total.units * 10**9 + r.xproxy_result.cost_total.nanos for r in final.values())
     assert stats.cost_total.units * 10**9 + stats.cost_total.nanos == expected
+    assert type_stats.total.experience_count == 1 and type_stats.total.event_count == EVENTS
+    total = type_stats.total.total_cost
+    assert total.units * 10**9 + total.nanos == expected
+    assert type_stats.total.max_cost_per_experience == type_stats.total.p50_cost_per_experience == total
+    (group,) = [g for g in breakdown.groups if g.experience_name == name]
+    assert group.event_count == EVENTS and group.cost_total.units * 10**9 + group.cost_total.nanos == expected

@@ -17,22 +17,27 @@ from .models import CostRollupKey, CostState, CostTotals, ExperienceRollup, Inge
 HOUR_US = 3600 * 1_000_000
 DAY_US = 24 * HOUR_US
 
-# Latencies are kept as a log-scaled histogram (as DDSketch does): bucket b > 0 holds
-# latencies in (GAMMA^(b-2), GAMMA^(b-1)] ms and answers with a value within
-# LATENCY_RELATIVE_ERROR of each of them; bucket 0 holds latency 0 exactly.
-LATENCY_RELATIVE_ERROR = 0.01
-_GAMMA = (1 + LATENCY_RELATIVE_ERROR) / (1 - LATENCY_RELATIVE_ERROR)
+# Histograms in log-scaled buckets (as DDSketch keeps them): bucket b > 0 holds the values
+# in (GAMMA^(b-2), GAMMA^(b-1)] and answers with a value within RELATIVE_ERROR of each of
+# them; bucket 0 holds 0 exactly. An experience's latencies (ms) are kept so, and so are
+# the total costs (nano-dollars) of a type's experiences.
+RELATIVE_ERROR = 0.01
+_GAMMA = (1 + RELATIVE_ERROR) / (1 - RELATIVE_ERROR)
 _LOG_GAMMA = math.log(_GAMMA)
 
 
-def latency_bucket(latency_ms: int) -> int:
-    if latency_ms <= 0:
+def log_bucket(value: int) -> int:
+    if value <= 0:
         return 0
-    return 1 + math.ceil(math.log(latency_ms) / _LOG_GAMMA - 1e-9)
+    return 1 + math.ceil(math.log(value) / _LOG_GAMMA - 1e-9)
+
+
+latency_bucket = log_bucket
+cost_bucket = log_bucket
 
 
 def bucket_value(bucket: int) -> float:
-    """The value a bucket answers with: within LATENCY_RELATIVE_ERROR of any latency in it."""
+    """The value a bucket answers with: within RELATIVE_ERROR of any value in it."""
     if bucket <= 0:
         return 0.0
     return 2 * _GAMMA ** (bucket - 1) / (_GAMMA + 1)
@@ -61,12 +66,6 @@ def day_of(time_us: int) -> int:
     return time_us - time_us % DAY_US
 
 
-# An experience's total cost is counted in the same log-scaled buckets (of nano-dollars) in
-# its type's cost histogram: the cost percentiles of GetExperienceTypeStats are within
-# LATENCY_RELATIVE_ERROR (1%) of the exact nearest-rank value.
-cost_bucket = latency_bucket
-
-
 def bucket_nanos(bucket: int) -> int:
     return round(bucket_value(bucket))
 
@@ -89,7 +88,7 @@ def _first_in_or_after(bucket: int) -> int:
     low, high = max(1, math.floor(edge * (1 - 1e-9)) - 2), math.ceil(edge * (1 + 1e-9)) + 2
     while low < high:
         middle = (low + high) // 2
-        if latency_bucket(middle) >= bucket:
+        if log_bucket(middle) >= bucket:
             high = middle
         else:
             low = middle + 1

@@ -19,7 +19,7 @@ def nearest_rank(count: int, fraction: float) -> int:
 
 def experience_stats(rollup: repo.ExperienceRollup) -> ExperienceStats:
     """An experience's statistics: sums and mean exact, latency percentiles within the
-    histogram's relative error (domain.rollups.LATENCY_RELATIVE_ERROR)."""
+    histogram's relative error (domain.rollups.RELATIVE_ERROR)."""
     totals = rollup.totals
     count = totals.event_count
     return ExperienceStats(

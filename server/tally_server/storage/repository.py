@@ -461,11 +461,14 @@ async def experience_cost_in_range(
 async def max_experience_cost(
     conn: AsyncConnection, type_id: int, version: int, start_us: int | None, end_us: int | None
 ) -> int:
-    """The highest total cost of one experience, exact: the top of the cost index."""
+    """The highest total cost of one experience, exact: the top of the cost index. (Without
+    `event_count > 0`, which made SQLite scan the type's experiences instead: an experience
+    without events costs 0, so it never changes a maximum; a window only selects
+    experiences with a first event anyway.)"""
     e = experiences
     query = (
         sa.select(e.c.cost_total_dollars, e.c.cost_total_nanos)
-        .where(*_with_events(type_id, version, start_us, end_us))
+        .where(*_experience_filters(type_id, version, start_us, end_us, e.c.first_event_time_us))
         .order_by(e.c.cost_total_dollars.desc(), e.c.cost_total_nanos.desc())
         .limit(1)
     )
@@ -681,7 +684,9 @@ async def _breakdown_from_events(
     into: Groups,
 ) -> None:
     ev = events
-    source: Any = _EVENTS_WITH_EXPERIENCE
+    # The experience and its type are joined only where a dimension or the filter needs them.
+    needs_type = bool(type_name) or {"experience_name", "experience_version"} & set(dimensions)
+    source: Any = _EVENTS_WITH_EXPERIENCE if needs_type else events
     tag = None
     if "request_tag" in dimensions:
         if conn.dialect.name == "postgresql":

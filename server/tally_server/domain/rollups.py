@@ -175,49 +175,68 @@ def removal(state: ExperienceState) -> TypeDeltas:
     return deltas
 
 
-def event_totals(event: UsageEvent, result: IngestResult) -> CostTotals:
-    cost = result.cost
-    return CostTotals(
-        event_count=1,
-        failed_event_count=1 if event.http_status_code >= 400 else 0,
-        unpriced_event_count=0 if cost.state == CostState.PRICED else 1,
-        cost_input_nanos=cost.input_nanos,
-        cost_output_nanos=cost.output_nanos,
-        cost_total_nanos=cost.total_nanos,
-    )
-
-
 def rollups_of(
     stored: Iterable[tuple[UsageEvent, IngestResult]],
 ) -> tuple[dict[uuid.UUID, ExperienceRollup], dict[CostRollupKey, CostTotals]]:
-    """What the stored events add to their experiences and to the hourly cost rollup."""
-    by_experience: dict[uuid.UUID, ExperienceRollup] = {}
-    by_hour: dict[CostRollupKey, CostTotals] = {}
+    """What the stored events add to their experiences and to the hourly cost rollup.
+    (Summed in plain lists, objects made once per group: this runs once per event.)"""
+    # Per group: events, failed, unpriced, input, output, total; per experience also the
+    # first and last event time and the latency sum.
+    by_hour: dict[tuple[int, str, int, str, str], list[int]] = {}
+    by_experience: dict[uuid.UUID, list[int]] = {}
+    latencies: dict[uuid.UUID, dict[int, int]] = {}
+    priced = CostState.PRICED
     for event, result in stored:
-        totals = event_totals(event, result)
-        key = CostRollupKey(
-            hour_of(event.event_time_us),
-            result.experience_name,
-            result.experience_version,
-            event.category,
-            event.resource,
-        )
-        hourly = by_hour.get(key)
-        if hourly is None:
-            by_hour[key] = totals
+        cost, time_us = result.cost, event.event_time_us
+        failed = 1 if event.http_status_code >= 400 else 0
+        unpriced = 0 if cost.state == priced else 1
+        hour = time_us - time_us % HOUR_US
+        key = (hour, result.experience_name, result.experience_version, event.category, event.resource)
+        sums = by_hour.get(key)
+        if sums is None:
+            by_hour[key] = [1, failed, unpriced, cost.input_nanos, cost.output_nanos, cost.total_nanos]
         else:
-            hourly.add(totals)
-        if result.experience_id is None:
+            sums[0] += 1
+            sums[1] += failed
+            sums[2] += unpriced
+            sums[3] += cost.input_nanos
+            sums[4] += cost.output_nanos
+            sums[5] += cost.total_nanos
+        experience_id = result.experience_id
+        if experience_id is None:
             continue
-        rollup = by_experience.get(result.experience_id)
-        if rollup is None:
-            rollup = by_experience[result.experience_id] = ExperienceRollup(
-                first_event_time_us=event.event_time_us, last_event_time_us=event.event_time_us
-            )
-        rollup.totals.add(totals)
-        rollup.first_event_time_us = min(rollup.first_event_time_us, event.event_time_us)
-        rollup.last_event_time_us = max(rollup.last_event_time_us, event.event_time_us)
-        rollup.latency_sum_ms += event.end_to_end_latency_ms
-        bucket = latency_bucket(event.end_to_end_latency_ms)
-        rollup.latency_buckets[bucket] = rollup.latency_buckets.get(bucket, 0) + 1
-    return by_experience, by_hour
+        latency = event.end_to_end_latency_ms
+        sums = by_experience.get(experience_id)
+        if sums is None:
+            by_experience[experience_id] = [
+                1,
+                failed,
+                unpriced,
+                cost.input_nanos,
+                cost.output_nanos,
+                cost.total_nanos,
+                time_us,
+                time_us,
+                latency,
+            ]
+            buckets = latencies[experience_id] = {}
+        else:
+            sums[0] += 1
+            sums[1] += failed
+            sums[2] += unpriced
+            sums[3] += cost.input_nanos
+            sums[4] += cost.output_nanos
+            sums[5] += cost.total_nanos
+            sums[6] = min(sums[6], time_us)
+            sums[7] = max(sums[7], time_us)
+            sums[8] += latency
+            buckets = latencies[experience_id]
+        bucket = latency_bucket(latency)
+        buckets[bucket] = buckets.get(bucket, 0) + 1
+    return (
+        {
+            experience_id: ExperienceRollup(CostTotals(*sums[:6]), sums[6], sums[7], sums[8], latencies[experience_id])
+            for experience_id, sums in by_experience.items()
+        },
+        {CostRollupKey(*key): CostTotals(*sums) for key, sums in by_hour.items()},
+    )

@@ -13,6 +13,12 @@ which measures it beside the plain SQLAlchemy statement kept next to it
 - PostgreSQL, the event insert: one statement per batch, each column one array that
   unnest() turns back into rows (asyncpg encodes arrays in C).
 
+- Both engines, the rollups' statements (storage/rollups.py builds them once with
+  SQLAlchemy): compiled once per engine and run on the driver with rows bound by
+  position, one executemany per statement. A commit runs six of them, and through
+  SQLAlchemy's execution each cost 0.3 ms on SQLite, as much as the rest of a unary
+  call's commit.
+
 (The third, BEGIN IMMEDIATE straight to aiosqlite, lives in db.py's "begin" listener,
 where SQLAlchemy starts transactions.)
 """
@@ -26,7 +32,7 @@ import operator
 import sqlite3
 import uuid
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
@@ -224,6 +230,66 @@ async def _postgres_insert(conn: AsyncConnection, rows: Sequence[dict[str, Any]]
     return {row["id"] for row in rows} - set(inserted)
 
 
+# --- the rollups' statements, on the driver ----------------------------------------------------
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled(dialect: Any, statement: sa.ClauseElement) -> tuple[str, tuple[str, ...], dict[str, Any]]:
+    """The statement's SQL for this engine, its parameters in order, and the values of its
+    constants (bound parameters SQLAlchemy made of literals). An expanding IN parameter
+    is rendered with the values the statement holds (see _with_length)."""
+    expanding = any(
+        getattr(p, "expanding", False) for p in sa.sql.visitors.iterate(statement) if isinstance(p, sa.BindParameter)
+    )
+    compiled = statement.compile(dialect=dialect, compile_kwargs={"render_postcompile": expanding})
+    positions = tuple(compiled.positiontup or ())  # type: ignore[attr-defined]
+    return str(compiled), positions, {} if expanding else dict(compiled.params)
+
+
+def _positional(
+    dialect: Any, statement: sa.ClauseElement, rows: Sequence[dict[str, Any]]
+) -> tuple[str, list[tuple[Any, ...]]]:
+    sql, names, constants = _compiled(dialect, statement)
+    sqlite_uuids = dialect.name == "sqlite"  # sa.Uuid stores hex text on SQLite
+    values = []
+    for row in rows:
+        bound = []
+        for name in names:
+            value = row[name] if name in row else constants[name]
+            bound.append(value.hex if sqlite_uuids and isinstance(value, uuid.UUID) else value)
+        values.append(tuple(bound))
+    return sql, values
+
+
+async def execute_many(conn: AsyncConnection, statement: sa.ClauseElement, rows: Sequence[dict[str, Any]]) -> None:
+    """`statement` once per row (named parameters), in one executemany on the driver."""
+    if not rows:
+        return
+    sql, values = _positional(conn.dialect, statement, rows)
+    if conn.dialect.name == "sqlite":
+        await (await sqlite_driver(conn)).executemany(sql, values)
+    else:
+        await conn.exec_driver_sql(sql, values)
+
+
+async def fetch_in(
+    conn: AsyncConnection, statement: sa.Select[Any], name: str, values: Sequence[uuid.UUID]
+) -> list[tuple[Any, ...]]:
+    """The rows of a query whose one expanding IN parameter `name` takes these UUIDs, as
+    tuples in column order (UUIDs as the driver returns them: hex text on SQLite)."""
+    sized = _with_length(statement, name, len(values))
+    sql, bound = _positional(conn.dialect, sized, [{f"{name}_{i}": v for i, v in enumerate(values, 1)}])
+    if conn.dialect.name == "sqlite":
+        return [tuple(row) for row in await (await sqlite_driver(conn)).execute_fetchall(sql, bound[0])]
+    return [tuple(row) for row in await conn.exec_driver_sql(sql, bound[0])]
+
+
+@functools.lru_cache(maxsize=128)
+def _with_length(statement: sa.Select[Any], name: str, length: int) -> sa.Select[Any]:
+    """The statement with its expanding parameter bound to `length` placeholders."""
+    return statement.params({name: [uuid.UUID(int=i) for i in range(length)]})
+
+
 # --- what the repository calls ------------------------------------------------------------
 
 
@@ -271,5 +337,23 @@ async def plain_get_experiences(conn: AsyncConnection, ids: Iterable[uuid.UUID])
     return {row.id: experience_from_row(row) for row in await conn.execute(experiences_by_id(list(ids)))}
 
 
+async def plain_execute_many(
+    conn: AsyncConnection, statement: sa.ClauseElement, rows: Sequence[dict[str, Any]]
+) -> None:
+    if rows:
+        await conn.execute(cast(sa.Executable, statement), list(rows))
+
+
+async def plain_fetch_in(
+    conn: AsyncConnection, statement: sa.Select[Any], name: str, values: Sequence[uuid.UUID]
+) -> list[tuple[Any, ...]]:
+    return [tuple(row) for row in await conn.execute(statement, {name: list(values)})]
+
+
 # The plain statement of each trick, by the name of the trick's function.
-PLAIN = {"insert_events": plain_insert_events, "get_experiences": plain_get_experiences}
+PLAIN = {
+    "insert_events": plain_insert_events,
+    "get_experiences": plain_get_experiences,
+    "execute_many": plain_execute_many,
+    "fetch_in": plain_fetch_in,
+}

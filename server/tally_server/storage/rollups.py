@@ -8,6 +8,7 @@ have ($1,000,000). The upserts carry the nanos over into dollars in SQL.
 
 from __future__ import annotations
 
+import functools
 import uuid
 from collections.abc import Collection, Iterable, Mapping
 from typing import Any
@@ -18,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ..domain import models as m
 from ..domain.rollups import HOUR_US, ExperienceState, TypeDeltas, cost_bucket, day_of, latency_bucket
+from . import hot_path
 from .tables import (
     ROLLUP_COUNT_COLUMNS,
     ROLLUP_MONEY,
@@ -86,6 +88,23 @@ def _insert(conn: AsyncConnection | sa.Connection, table: sa.Table) -> postgresq
     return postgresql.insert(table) if conn.dialect.name == "postgresql" else sqlite.insert(table)
 
 
+@functools.cache
+def _upsert(dialect: str, table_name: str) -> postgresql.Insert | sqlite.Insert:
+    """The INSERT ... ON CONFLICT DO UPDATE that adds a row to a rollup table, built once per
+    engine: building it per commit cost 0.7 ms of SQLAlchemy's time each (measured)."""
+    table = {t.name: t for t in (cost_rollups, type_rollups, type_cost_buckets, experience_latencies)}[table_name]
+    insert = postgresql.insert(table) if dialect == "postgresql" else sqlite.insert(table)
+    key = [c.name for c in table.primary_key.columns]
+    if table is cost_rollups:
+        added = _added(table, insert.excluded)
+    elif table is type_rollups:
+        added = _added(table, insert.excluded, _TYPE_COUNTS, ("cost_total",))
+    else:  # a histogram: its count
+        count = "event_count" if table is experience_latencies else "experience_count"
+        added = {count: table.c[count] + insert.excluded[count]}
+    return insert.on_conflict_do_update(index_elements=key, set_=added)
+
+
 # --- what each commit of the writer adds --------------------------------------------------
 
 
@@ -125,7 +144,8 @@ async def add(
     """Adds a commit's events to the rollups, in the commit's transaction (the experiences
     were locked by experience_states)."""
     if by_experience:
-        await conn.execute(
+        await hot_path.execute_many(
+            conn,
             _EXPERIENCE_UPDATE,
             [
                 {
@@ -138,13 +158,10 @@ async def add(
                 for experience_id, rollup in sorted(by_experience.items())
             ],
         )
-        latencies = _insert(conn, experience_latencies)
         # Sorted, as every writer does, so that concurrent writers never deadlock.
-        await conn.execute(
-            latencies.on_conflict_do_update(
-                index_elements=["experience_id", "bucket"],
-                set_={"event_count": experience_latencies.c.event_count + latencies.excluded.event_count},
-            ),
+        await hot_path.execute_many(
+            conn,
+            _upsert(conn.dialect.name, "experience_latencies"),
             [
                 {"experience_id": experience_id, "bucket": bucket, "event_count": count}
                 for experience_id, rollup in sorted(by_experience.items())
@@ -177,6 +194,15 @@ STATE_COLUMNS = (
 )
 
 
+# Built once: experience_states runs in every commit.
+_STATES = (
+    sa.select(*STATE_COLUMNS)
+    .where(experiences.c.id.in_(sa.bindparam("ids", expanding=True)))
+    .order_by(experiences.c.id)
+)
+_STATES_LOCKED = _STATES.with_for_update()
+
+
 def state(row: Any) -> ExperienceState:
     return ExperienceState(
         int(row.type_id),
@@ -195,10 +221,19 @@ async def experience_states(
     (in id order) until the transaction ends, so that concurrent writers add in turn."""
     if not ids:
         return {}
-    query = sa.select(*STATE_COLUMNS).where(experiences.c.id.in_(list(ids))).order_by(experiences.c.id)
-    if lock and conn.dialect.name == "postgresql":
-        query = query.with_for_update()
-    return {row.id: state(row) for row in await conn.execute(query)}
+    query = _STATES_LOCKED if lock and conn.dialect.name == "postgresql" else _STATES
+    rows = await hot_path.fetch_in(conn, query, "ids", sorted(ids))
+    return {_as_uuid(row[0]): _state_of(row) for row in rows}
+
+
+def _as_uuid(value: Any) -> uuid.UUID:
+    return value if isinstance(value, uuid.UUID) else uuid.UUID(hex=value)
+
+
+def _state_of(row: tuple[Any, ...]) -> ExperienceState:
+    """An experience_states row (STATE_COLUMNS, in order)."""
+    _, type_id, version, events, unpriced, dollars, nanos, first = row
+    return ExperienceState(int(type_id), int(version), int(events), int(unpriced), joined(dollars, nanos), first)
 
 
 async def add_type_deltas(conn: AsyncConnection, deltas: TypeDeltas) -> None:
@@ -222,28 +257,14 @@ async def add_type_deltas(conn: AsyncConnection, deltas: TypeDeltas) -> None:
             }
         )
     if rows:
-        upsert = _insert(conn, type_rollups)
-        await conn.execute(
-            upsert.on_conflict_do_update(
-                index_elements=["type_id", "version", "day_us"],
-                set_=_added(type_rollups, upsert.excluded, _TYPE_COUNTS, ("cost_total",)),
-            ),
-            rows,
-        )
+        await hot_path.execute_many(conn, _upsert(conn.dialect.name, "type_rollups"), rows)
     bucket_rows = [
         {"type_id": k[0], "version": k[1], "day_us": k[2], "bucket": k[3], "experience_count": n}
         for k, n in sorted(buckets.items())
         if n
     ]
     if bucket_rows:
-        upsert = _insert(conn, type_cost_buckets)
-        await conn.execute(
-            upsert.on_conflict_do_update(
-                index_elements=["type_id", "version", "day_us", "bucket"],
-                set_={"experience_count": type_cost_buckets.c.experience_count + upsert.excluded.experience_count},
-            ),
-            bucket_rows,
-        )
+        await hot_path.execute_many(conn, _upsert(conn.dialect.name, "type_cost_buckets"), bucket_rows)
 
 
 async def drop_type(conn: AsyncConnection, type_id: int) -> None:
@@ -262,12 +283,7 @@ def _key_values(key: m.CostRollupKey) -> dict[str, Any]:
 
 
 async def _add_cost_rows(conn: AsyncConnection, rows: list[dict[str, Any]]) -> None:
-    upsert = _insert(conn, cost_rollups)
-    statement = upsert.on_conflict_do_update(
-        index_elements=[c.name for c in cost_rollups.primary_key.columns],
-        set_=_added(cost_rollups, upsert.excluded),
-    )
-    await conn.execute(statement, rows)
+    await hot_path.execute_many(conn, _upsert(conn.dialect.name, "cost_rollups"), rows)
 
 
 # --- rebuilding from events ------------------------------------------------------------------

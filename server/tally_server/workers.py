@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from multiprocessing.context import SpawnProcess
 from typing import Any, cast
 
-from .config import Settings, listen_host
+from .config import RefusedToStart, Settings, auth_required, listen_host
 
 log = logging.getLogger("tally.workers")
 RESTART_DELAY_SECONDS = 1.0
@@ -139,6 +139,10 @@ def serve_workers(settings: Settings) -> int:
     from .app import configure_logging, migrate_or_exit
 
     configure_logging(settings.log_level)
+    try:
+        auth_required(settings)  # refused here in one line, not once per worker
+    except RefusedToStart as refusal:
+        raise SystemExit(str(refusal)) from None
     migrate_or_exit(settings)  # once, before any worker starts
     with reserve_port(settings.listen) as port:
         supervisor = Supervisor(settings, port)

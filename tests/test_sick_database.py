@@ -197,3 +197,46 @@ async def test_an_exhausted_postgresql_pool_is_unavailable_in_time(postgres_url,
     finally:
         await locker.dispose()
         await server.stop()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+async def test_an_event_whose_caller_gave_up_before_its_commit_is_never_stored(backend, tmp_path):
+    """While the writer waits on a locked database with event A, event B's caller passes its
+    deadline: B is answered DEADLINE_EXCEEDED and is not stored when the lock goes; A is."""
+    url = await make_database_url(backend, tmp_path)
+    server = TallyServer(Settings(listen="127.0.0.1:0", database_url=url, database_timeout_seconds=5))
+    await server.start()
+    first, gone = f"first-{uuid.uuid4()}", f"gone-{uuid.uuid4()}"
+    locker = create_async_engine(url) if backend == "postgresql" else None
+    try:
+        async with aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = ing_grpc.IngestServiceStub(channel)
+            await stub.Ingest(pb.IngestRequest(event=event(f"warm-{uuid.uuid4()}")))
+            if locker is not None:
+                conn = await locker.connect()
+                await conn.execute(sa.text("BEGIN"))
+                await conn.execute(sa.text("LOCK TABLE events IN ACCESS EXCLUSIVE MODE"))
+            else:
+                other = sqlite3.connect(tmp_path / "tally.db", isolation_level=None)
+                other.execute("BEGIN IMMEDIATE")
+            waiting = asyncio.ensure_future(stub.Ingest(pb.IngestRequest(event=event(first)), timeout=20))
+            await asyncio.sleep(0.3)  # the writer is in A's commit, waiting on the lock
+            with pytest.raises(aio.AioRpcError) as caught:
+                await stub.Ingest(pb.IngestRequest(event=event(gone)), timeout=0.5)
+            assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            await asyncio.sleep(1.0)
+            if locker is not None:
+                await conn.execute(sa.text("ROLLBACK"))
+                await conn.close()
+            else:
+                other.execute("ROLLBACK")
+                other.close()
+            assert not (await waiting).xproxy_result.duplicate_request
+            await stub.Ingest(pb.IngestRequest(event=event(f"after-{uuid.uuid4()}")))  # the writer went past B
+            assert await stored(url, first) == 1
+            assert await stored(url, gone) == 0, "its caller was answered DEADLINE_EXCEEDED: never stored after"
+    finally:
+        if locker is not None:
+            await locker.dispose()
+        await server.stop()
+        await drop_database_url(url)

@@ -25,6 +25,9 @@ COMMIT_SECONDS = Histogram(
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
 )
 SHED = Counter("tally_shed", "Work refused with RESOURCE_EXHAUSTED, by the limit reached.", ["limit"])
+ABANDONED = Counter(
+    "tally_events_abandoned", "Events not stored because their caller went away before their commit began."
+)
 DATABASE_ERRORS = Counter("tally_database_errors", "Database failures answered UNAVAILABLE.")
 
 

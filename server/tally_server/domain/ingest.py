@@ -274,6 +274,7 @@ class Ingestor:
             while size < self.max_batch and not self._queue.empty():
                 requests.append(self._queue.get_nowait())
                 size += len(requests[-1].events)
+            requests = [request for request in requests if not self._gone(request)]
             batch = [_Pending(request, index) for request in requests for index in range(len(request.events))]
             current: list[_Pending] = []
             try:
@@ -287,6 +288,19 @@ class Ingestor:
                 for item in (*current, *batch):
                     if not item.settled:
                         self._settle(item, error)
+
+    def _gone(self, request: _Request) -> bool:
+        """A caller that went away before its events' commit began (its deadline passed, it
+        cancelled): its events are not stored, so that a call answered DEADLINE_EXCEEDED or
+        CANCELLED is never committed afterwards. (Events already in a commit when their
+        caller gives up are stored; a retry with the same idempotency key is answered as
+        their duplicate.)"""
+        if not request.future.cancelled():
+            return False
+        self._queued_events -= len(request.events)
+        self._queue.task_done()
+        metrics.ABANDONED.inc(len(request.events))
+        return True
 
     async def _commit(self, current: list[_Pending]) -> None:
         """Stores events with distinct keys in one transaction and answers them."""

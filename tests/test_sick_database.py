@@ -240,3 +240,51 @@ async def test_an_event_whose_caller_gave_up_before_its_commit_is_never_stored(b
             await locker.dispose()
         await server.stop()
         await drop_database_url(url)
+
+
+async def waiting_on_locks(url: str) -> int:
+    """Statements of this database waiting on a lock right now."""
+    name = sa.make_url(url).database
+    query = sa.text(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = :name AND wait_event_type = 'Lock' AND state = 'active'"
+    )
+    engine = create_async_engine(POSTGRES_URL)
+    try:
+        async with engine.connect() as conn:
+            return int((await conn.execute(query, {"name": name})).scalar_one())
+    finally:
+        await engine.dispose()
+
+
+async def test_a_read_stops_waiting_on_the_database_when_its_caller_s_deadline_passes(postgres_url):
+    """The call's own deadline bounds its database wait below --database-timeout: gRPC cancels
+    the call at its deadline, and the cancellation reaches the statement (asyncpg cancels it
+    on the server), so nothing waits on for the caller that left."""
+    server = TallyServer(Settings(listen="127.0.0.1:0", database_url=postgres_url, database_timeout_seconds=10))
+    await server.start()
+    locker = create_async_engine(postgres_url)
+    try:
+        async with aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            types = types_grpc.ExperienceTypeServiceStub(channel)
+            async with locker.connect() as conn:
+                await conn.execute(sa.text("BEGIN"))
+                await conn.execute(sa.text("LOCK TABLE experience_types IN ACCESS EXCLUSIVE MODE"))
+                started = time.monotonic()
+                call = types.ListExperienceTypes(types_pb.ListExperienceTypesRequest(), timeout=1.0)
+                await asyncio.sleep(0.5)
+                assert await waiting_on_locks(postgres_url) == 1, "the read waits on the lock"
+                with pytest.raises(aio.AioRpcError) as caught:
+                    await call
+                assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+                await until(lambda: _none_waiting(postgres_url), seconds=3)
+                assert time.monotonic() - started < 5, "well before the 10 s database timeout"
+                await conn.execute(sa.text("ROLLBACK"))
+            listed = await types.ListExperienceTypes(types_pb.ListExperienceTypesRequest(), timeout=5)
+            assert listed is not None  # the pool serves again
+    finally:
+        await locker.dispose()
+        await server.stop()
+
+
+async def _none_waiting(url: str) -> bool:
+    return await waiting_on_locks(url) == 0

@@ -58,10 +58,6 @@ def histogram_percentile(buckets: Mapping[int, int], fraction: float) -> float:
     raise AssertionError("unreachable: rank <= count")
 
 
-def hour_of(time_us: int) -> int:
-    return time_us - time_us % HOUR_US
-
-
 def day_of(time_us: int) -> int:
     return time_us - time_us % DAY_US
 

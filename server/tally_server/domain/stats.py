@@ -49,20 +49,21 @@ async def _costs(
     experiences themselves."""
     start_day = None if start_us is None else _day_up(start_us)
     end_day = None if end_us is None else end_us - end_us % DAY_US
-    edges: list[tuple[int, int]] = []
-    if start_day is not None and end_day is not None and end_day <= start_day:
-        assert start_us is not None and end_us is not None
-        edges, start_day, end_day = [(start_us, end_us)], 0, 0  # within one day: experiences alone
+    if start_us is not None and end_us is not None and start_day is not None and end_day is not None:
+        if end_day <= start_day:  # no whole day inside: the window's experiences alone
+            costs: dict[int, repo.VersionCosts] = {}
+            edges = [(start_us, end_us)]
+        else:
+            costs = await repo.type_costs(conn, type_id, version, start_day, end_day)
+            edges = [(start_us, start_day), (end_day, end_us)]
     else:
-        if start_us is not None and start_day is not None and start_us < start_day:
+        costs = await repo.type_costs(conn, type_id, version, start_day, end_day)
+        edges = []
+        if start_us is not None and start_day is not None:
             edges.append((start_us, start_day))
-        if end_us is not None and end_day is not None and end_day < end_us:
+        if end_us is not None and end_day is not None:
             edges.append((end_day, end_us))
-    costs = (
-        await repo.type_costs(conn, type_id, version, start_day, end_day)
-        if start_day != end_day or start_day is None
-        else {}
-    )
+    edges = [(low, high) for low, high in edges if low < high]
     for edge_start, edge_end in edges:
         for state in await repo.experience_costs(conn, type_id, version, edge_start, edge_end):
             entry = costs.setdefault(state.version, repo.VersionCosts(state.version))

@@ -498,9 +498,7 @@ async def insert_events(conn: AsyncConnection, stored: hot_path.Stored) -> set[u
     return await hot_path.insert_events(conn, stored) if stored else set()
 
 
-_EVENTS_WITH_EXPERIENCE = events.outerjoin(experiences, events.c.experience_id == experiences.c.id).outerjoin(
-    experience_types, experiences.c.type_id == experience_types.c.id
-)
+_EVENTS_WITH_EXPERIENCE = rollups.EVENTS_WITH_TYPE
 _EVENT_WITH_EXPERIENCE_COLUMNS = (
     events,
     experience_types.c.name.label("experience_name"),

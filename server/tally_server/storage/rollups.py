@@ -84,10 +84,6 @@ def _added(
     return values
 
 
-def _insert(conn: AsyncConnection | sa.Connection, table: sa.Table) -> postgresql.Insert | sqlite.Insert:
-    return postgresql.insert(table) if conn.dialect.name == "postgresql" else sqlite.insert(table)
-
-
 @functools.cache
 def _upsert(dialect: str, table_name: str) -> postgresql.Insert | sqlite.Insert:
     """The INSERT ... ON CONFLICT DO UPDATE that adds a row to a rollup table, built once per
@@ -313,7 +309,8 @@ def hour_expression(time_us: sa.ColumnElement[int]) -> sa.ColumnElement[int]:
     return time_us - time_us % HOUR_US
 
 
-_TYPE_OF_EVENT = events.outerjoin(experiences, events.c.experience_id == experiences.c.id).outerjoin(
+# An event with its experience and that experience's type (none for unattributed events).
+EVENTS_WITH_TYPE = events.outerjoin(experiences, events.c.experience_id == experiences.c.id).outerjoin(
     experience_types, experiences.c.type_id == experience_types.c.id
 )
 
@@ -324,7 +321,7 @@ def _cost_rollup_select(where: Iterable[sa.ColumnElement[bool]]) -> sa.Select[An
     version = sa.func.coalesce(experiences.c.version, 0).label("experience_version")
     return (
         sa.select(hour, name, version, events.c.category, events.c.resource, *_event_sums())
-        .select_from(_TYPE_OF_EVENT)
+        .select_from(EVENTS_WITH_TYPE)
         .where(*where)
         .group_by(hour, name, version, events.c.category, events.c.resource)
     )

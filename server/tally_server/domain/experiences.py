@@ -161,13 +161,10 @@ class Experiences:
             rows = await repo.list_experiences(
                 conn, type_row[0], version, start_us, end_us, order, descending, after, size + 1
             )
-            ids = [experience.experience_id for experience, _ in rows[:size]]
-            rollups = await repo.experience_rollups(conn, ids)
-        token = self.pages.encode("experiences", filters, rows[size - 1][1]) if len(rows) > size else ""
+        token = self.pages.encode("experiences", filters, rows[size - 1][2]) if len(rows) > size else ""
         items = [
-            dataclasses.replace(experience, stats=stats.experience_stats(rollups[experience.experience_id]))
-            for experience, _ in rows[:size]
-            if experience.experience_id in rollups  # deleted between the two reads
+            dataclasses.replace(experience, stats=stats.experience_stats(rollup))
+            for experience, rollup, _ in rows[:size]
         ]
         return Page(items, token)
 

@@ -1,5 +1,6 @@
-"""Statistics kept at ingest: what a commit adds to each experience and to the hourly
-cost rollup, and the latency histogram they keep.
+"""Statistics kept at ingest: what a commit adds to each experience, to the hourly cost
+rollup and to the type rollup (whose rows an experience moves between as it grows), and
+the log-scaled histograms of latencies and costs they keep.
 
 Every commit of the writer adds its events here, in the transaction that stores them,
 so reads sum a few rollup rows instead of every event (docs/guarantees.md, "Statistics").
@@ -12,7 +13,7 @@ import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from .models import CostRollupKey, CostState, CostTotals, ExperienceRollup, IngestResult, UsageEvent
+from .models import Cost, CostRollupKey, CostState, CostTotals, ExperienceRollup, IngestResult, UsageEvent
 
 HOUR_US = 3600 * 1_000_000
 DAY_US = 24 * HOUR_US
@@ -171,13 +172,23 @@ def removal(state: ExperienceState) -> TypeDeltas:
     return deltas
 
 
+def _add(sums: list[int], failed: int, unpriced: int, cost: Cost) -> None:
+    """One event into a group's sums: events, failed, unpriced, input, output, total."""
+    sums[0] += 1
+    sums[1] += failed
+    sums[2] += unpriced
+    sums[3] += cost.input_nanos
+    sums[4] += cost.output_nanos
+    sums[5] += cost.total_nanos
+
+
 def rollups_of(
     stored: Iterable[tuple[UsageEvent, IngestResult]],
 ) -> tuple[dict[uuid.UUID, ExperienceRollup], dict[CostRollupKey, CostTotals]]:
     """What the stored events add to their experiences and to the hourly cost rollup.
     (Summed in plain lists, objects made once per group: this runs once per event.)"""
-    # Per group: events, failed, unpriced, input, output, total; per experience also the
-    # first and last event time and the latency sum.
+    # Per group, the sums of _add; per experience also the first and last event time and
+    # the latency sum.
     by_hour: dict[tuple[int, str, int, str, str], list[int]] = {}
     by_experience: dict[uuid.UUID, list[int]] = {}
     latencies: dict[uuid.UUID, dict[int, int]] = {}
@@ -186,47 +197,30 @@ def rollups_of(
         cost, time_us = result.cost, event.event_time_us
         failed = 1 if event.http_status_code >= 400 else 0
         unpriced = 0 if cost.state == priced else 1
-        hour = time_us - time_us % HOUR_US
-        key = (hour, result.experience_name, result.experience_version, event.category, event.resource)
-        sums = by_hour.get(key)
-        if sums is None:
-            by_hour[key] = [1, failed, unpriced, cost.input_nanos, cost.output_nanos, cost.total_nanos]
-        else:
-            sums[0] += 1
-            sums[1] += failed
-            sums[2] += unpriced
-            sums[3] += cost.input_nanos
-            sums[4] += cost.output_nanos
-            sums[5] += cost.total_nanos
+        key = (
+            time_us - time_us % HOUR_US,
+            result.experience_name,
+            result.experience_version,
+            event.category,
+            event.resource,
+        )
+        hourly = by_hour.get(key)
+        if hourly is None:
+            hourly = by_hour[key] = [0] * 6
+        _add(hourly, failed, unpriced, cost)
         experience_id = result.experience_id
         if experience_id is None:
             continue
-        latency = event.end_to_end_latency_ms
         sums = by_experience.get(experience_id)
         if sums is None:
-            by_experience[experience_id] = [
-                1,
-                failed,
-                unpriced,
-                cost.input_nanos,
-                cost.output_nanos,
-                cost.total_nanos,
-                time_us,
-                time_us,
-                latency,
-            ]
-            buckets = latencies[experience_id] = {}
-        else:
-            sums[0] += 1
-            sums[1] += failed
-            sums[2] += unpriced
-            sums[3] += cost.input_nanos
-            sums[4] += cost.output_nanos
-            sums[5] += cost.total_nanos
-            sums[6] = min(sums[6], time_us)
-            sums[7] = max(sums[7], time_us)
-            sums[8] += latency
-            buckets = latencies[experience_id]
+            sums = by_experience[experience_id] = [0, 0, 0, 0, 0, 0, time_us, time_us, 0]
+            latencies[experience_id] = {}
+        _add(sums, failed, unpriced, cost)
+        sums[6] = min(sums[6], time_us)
+        sums[7] = max(sums[7], time_us)
+        latency = event.end_to_end_latency_ms
+        sums[8] += latency
+        buckets = latencies[experience_id]
         bucket = latency_bucket(latency)
         buckets[bucket] = buckets.get(bucket, 0) + 1
     return (

@@ -12,11 +12,10 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ..domain import models as m
-from ..domain.rollups import DAY_US, HOUR_US, ExperienceState, TypeDeltas, removal
+from ..domain.rollups import DAY_US, HOUR_US, ExperienceState, removal
 from . import hot_path, rollups
 from .tables import (
     ROLLUP_COUNT_COLUMNS,
-    ROLLUP_MONEY,
     ROLLUP_MONEY_COLUMNS,
     api_keys,
     cost_rollups,
@@ -275,7 +274,7 @@ class ExperienceRollup:
 
 
 _ROLLUP_COLUMNS = (
-    experiences.c.id,
+    experiences.c.id,  # first, as list_experiences relies on
     *(experiences.c[name] for name in (*ROLLUP_COUNT_COLUMNS, *ROLLUP_MONEY_COLUMNS)),
     experiences.c.latency_sum_ms,
     experiences.c.first_event_time_us,
@@ -283,26 +282,33 @@ _ROLLUP_COLUMNS = (
 )
 
 
-async def experience_rollups(conn: AsyncConnection, ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, ExperienceRollup]:
-    """The rollups of these experiences: two indexed reads, whatever their event counts."""
-    if not ids:
-        return {}
+async def _latency_histograms(conn: AsyncConnection, ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, dict[int, int]]:
     buckets: dict[uuid.UUID, dict[int, int]] = {experience_id: {} for experience_id in ids}
     lat = experience_latencies
     query = sa.select(lat.c.experience_id, lat.c.bucket, lat.c.event_count).where(lat.c.experience_id.in_(ids))
     for experience_id, bucket, count in await conn.execute(query):
         buckets[experience_id][int(bucket)] = int(count)
+    return buckets
+
+
+def _rollup(row: Any, buckets: dict[int, int]) -> ExperienceRollup:
+    """An experience's rollup from its row (the _ROLLUP_COLUMNS) and its latency histogram."""
+    return ExperienceRollup(
+        rollups.totals_from_row(row),
+        int(row.latency_sum_ms),
+        row.first_event_time_us,
+        row.last_event_time_us,
+        buckets,
+    )
+
+
+async def experience_rollups(conn: AsyncConnection, ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, ExperienceRollup]:
+    """The rollups of these experiences: two indexed reads, whatever their event counts."""
+    if not ids:
+        return {}
+    buckets = await _latency_histograms(conn, ids)
     rows = await conn.execute(sa.select(*_ROLLUP_COLUMNS).where(experiences.c.id.in_(ids)))
-    return {
-        row.id: ExperienceRollup(
-            rollups.totals_from_row(row),
-            int(row.latency_sum_ms),
-            row.first_event_time_us,
-            row.last_event_time_us,
-            buckets[row.id],
-        )
-        for row in rows
-    }
+    return {row.id: _rollup(row, buckets[row.id]) for row in rows}
 
 
 # ListExperiences orderings: the sort key of each, ascending; the id breaks ties.
@@ -336,13 +342,14 @@ async def list_experiences(
     descending: bool,
     after: Sequence[Any] | None,
     limit: int,
-) -> list[tuple[m.Experience, list[Any]]]:
+) -> list[tuple[m.Experience, ExperienceRollup, list[Any]]]:
     """A page of experiences in the order named (a key of EXPERIENCE_ORDERS), each with its
-    position (the sort key and id) for the next page's `after`."""
+    rollup and its position (the sort key and id) for the next page's `after`."""
     e = experiences
     key = (*EXPERIENCE_ORDERS[order], e.c.id)
+    # Every sort key is among these columns: create time, or a rollup column.
     query = (
-        sa.select(*hot_path.EXPERIENCE_COLUMNS, *key[:-1])
+        sa.select(*hot_path.EXPERIENCE_COLUMNS, *_ROLLUP_COLUMNS[1:])
         .select_from(hot_path.EXPERIENCES_JOIN)
         .where(*_experience_filters(type_id, version, start_us, end_us, e.c.create_time_us))
         .order_by(*(column.desc() if descending else column for column in key))
@@ -351,9 +358,15 @@ async def list_experiences(
     if after is not None:
         position = sa.tuple_(*after[:-1], uuid.UUID(after[-1]))
         query = query.where(sa.tuple_(*key) < position if descending else sa.tuple_(*key) > position)
+    rows = list(await conn.execute(query))
+    buckets = await _latency_histograms(conn, [row.id for row in rows]) if rows else {}
     return [
-        (hot_path.experience_from_row(row), [*(row._mapping[c] for c in key[:-1]), str(row.id)])
-        for row in await conn.execute(query)
+        (
+            hot_path.experience_from_row(row),
+            _rollup(row, buckets[row.id]),
+            [*(row._mapping[c] for c in key[:-1]), str(row.id)],
+        )
+        for row in rows
     ]
 
 
@@ -481,14 +494,8 @@ async def experience_states(conn: AsyncConnection, ids: Iterable[uuid.UUID]) -> 
     return await rollups.experience_states(conn, list(ids), lock=True)
 
 
-async def add_rollups(
-    conn: AsyncConnection,
-    by_experience: dict[uuid.UUID, m.ExperienceRollup],
-    by_hour: dict[m.CostRollupKey, m.CostTotals],
-    by_type: TypeDeltas,
-) -> None:
-    """Adds a commit's stored events to the rollups (domain.rollups made these)."""
-    await rollups.add(conn, by_experience, by_hour, by_type)
+# Adds a commit's stored events to the rollups (domain.rollups made what it adds).
+add_rollups = rollups.add
 
 
 async def insert_events(conn: AsyncConnection, stored: hot_path.Stored) -> set[uuid.UUID]:
@@ -622,17 +629,33 @@ def _event_keys(dimension: str, tag: Any) -> list[sa.ColumnElement[Any]]:
     return keys[dimension]
 
 
-def _money_sums(table: sa.Table, from_events: bool) -> list[sa.Label[Any]]:
-    sums: list[sa.Label[Any]] = []
-    for money in ROLLUP_MONEY:
-        if from_events:
-            column = table.c[f"{money}_nanos"]
-            dollars, nanos = column // rollups.NANOS_PER_DOLLAR, column % rollups.NANOS_PER_DOLLAR
-        else:
-            dollars, nanos = table.c[f"{money}_dollars"], table.c[f"{money}_nanos"]
-        sums.append(sa.func.sum(dollars).label(f"{money}_dollars"))
-        sums.append(sa.func.sum(nanos).label(f"{money}_nanos"))
-    return sums
+def _rollup_sums() -> list[sa.Label[Any]]:
+    """The sums of cost_rollups rows, labelled as their columns (as rollups.event_sums does
+    for events)."""
+    r = cost_rollups
+    return [sa.func.sum(r.c[name]).label(name) for name in (*ROLLUP_COUNT_COLUMNS, *ROLLUP_MONEY_COLUMNS)]
+
+
+def _grouped(
+    query: sa.Select[Any],
+    keys: list[sa.ColumnElement[Any]],
+    time: sa.ColumnElement[int],
+    start_us: int | None,
+    end_us: int | None,
+    type_name: sa.ColumnElement[str],
+    only_type: str,
+) -> sa.Select[Any]:
+    """The breakdown's query grouped by `keys`, over [start_us, end_us) of `time`, and only
+    of the type `only_type` when one is given."""
+    if keys:
+        query = query.group_by(*keys)
+    if start_us is not None:
+        query = query.where(time >= start_us)
+    if end_us is not None:
+        query = query.where(time < end_us)
+    if only_type:
+        query = query.where(type_name == only_type)
+    return query
 
 
 Groups = dict[tuple[Any, ...], m.CostTotals]
@@ -655,19 +678,9 @@ async def _breakdown_from_rollup(
 ) -> Groups:
     r = cost_rollups
     keys = [key for d in dimensions for key in _rollup_keys(d)]
-    query = sa.select(
-        *keys,
-        *(sa.func.sum(r.c[name]).label(name) for name in ROLLUP_COUNT_COLUMNS),
-        *_money_sums(r, from_events=False),
+    query = _grouped(
+        sa.select(*keys, *_rollup_sums()), keys, r.c.hour_us, start_us, end_us, r.c.experience_name, type_name
     )
-    if keys:
-        query = query.group_by(*keys)
-    if start_us is not None:
-        query = query.where(r.c.hour_us >= start_us)
-    if end_us is not None:
-        query = query.where(r.c.hour_us < end_us)
-    if type_name:
-        query = query.where(r.c.experience_name == type_name)
     groups: Groups = {}
     _merge(groups, await conn.execute(query), len(keys))
     return groups
@@ -693,21 +706,15 @@ async def _breakdown_from_events(
             tag = sa.func.json_each(ev.c.request_tags).table_valued("value").alias("tag")
         source = source.outerjoin(tag, sa.true())
     keys = [key for d in dimensions for key in _event_keys(d, tag)]
-    query = sa.select(
-        *keys,
-        sa.func.count().label("event_count"),
-        sa.func.count().filter(ev.c.http_status_code >= 400).label("failed_event_count"),
-        sa.func.count().filter(ev.c.cost_state != int(m.CostState.PRICED)).label("unpriced_event_count"),
-        *_money_sums(ev, from_events=True),
-    ).select_from(source)
-    if keys:
-        query = query.group_by(*keys)
-    if start_us is not None:
-        query = query.where(ev.c.event_time_us >= start_us)
-    if end_us is not None:
-        query = query.where(ev.c.event_time_us < end_us)
-    if type_name:
-        query = query.where(experience_types.c.name == type_name)
+    query = _grouped(
+        sa.select(*keys, *rollups.event_sums()).select_from(source),
+        keys,
+        ev.c.event_time_us,
+        start_us,
+        end_us,
+        experience_types.c.name,
+        type_name,
+    )
     _merge(into, await conn.execute(query), len(keys))
 
 

@@ -285,7 +285,7 @@ async def _add_cost_rows(conn: AsyncConnection, rows: list[dict[str, Any]]) -> N
 # --- rebuilding from events ------------------------------------------------------------------
 
 
-def _event_sums() -> list[sa.Label[Any]]:
+def event_sums() -> list[sa.Label[Any]]:
     """The rollup sums of a group of events, labelled as the rollup columns; money as the sum
     of whole dollars and the sum of leftover nanos (normalized by `_normalized`)."""
     ev = events
@@ -320,7 +320,7 @@ def _cost_rollup_select(where: Iterable[sa.ColumnElement[bool]]) -> sa.Select[An
     name = sa.func.coalesce(experience_types.c.name, "").label("experience_name")
     version = sa.func.coalesce(experiences.c.version, 0).label("experience_version")
     return (
-        sa.select(hour, name, version, events.c.category, events.c.resource, *_event_sums())
+        sa.select(hour, name, version, events.c.category, events.c.resource, *event_sums())
         .select_from(EVENTS_WITH_TYPE)
         .where(*where)
         .group_by(hour, name, version, events.c.category, events.c.resource)
@@ -374,7 +374,7 @@ def backfill(conn: sa.Connection) -> None:
     for row in conn.execute(
         sa.select(
             ev.c.experience_id,
-            *_event_sums(),
+            *event_sums(),
             sa.func.sum(ev.c.end_to_end_latency_ms).label("latency_sum_ms"),
             sa.func.min(ev.c.event_time_us).label("first_event_time_us"),
             sa.func.max(ev.c.event_time_us).label("last_event_time_us"),

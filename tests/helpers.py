@@ -18,11 +18,13 @@ class RichError:
     domain: str = ""
     fields: dict[str, str] = field(default_factory=dict)
     resource: tuple[str, str] | None = None
+    details_bytes: int = 0  # the size of the grpc-status-details-bin trailer
 
 
 def decode(error: grpc.aio.AioRpcError) -> RichError:
     found = RichError(code=error.code(), message=error.details() or "")
     status = rpc_status.from_call(error)
+    found.details_bytes = sum(len(v) for k, v in error.trailing_metadata() or () if k == "grpc-status-details-bin")
     for detail in status.details if status else ():
         if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
             info = error_details_pb2.ErrorInfo()

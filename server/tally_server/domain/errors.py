@@ -47,17 +47,34 @@ class TallyError(Exception):
         return self.message
 
     def listed_violations(self) -> list[Violation]:
-        """The violations an answer lists: at most MAX_LISTED_VIOLATIONS, then one line that
-        counts the rest, so that an answer always fits in a response's trailers."""
-        if len(self.violations) <= MAX_LISTED_VIOLATIONS:
+        """The violations an answer lists: the first ones that fit in MAX_LISTED_VIOLATIONS
+        entries and MAX_LISTED_VIOLATION_BYTES, then one line that counts the rest, so that
+        an answer always fits in a response's trailers."""
+        sizes = [_encoded_size(v) for v in self.violations]
+        if len(sizes) <= MAX_LISTED_VIOLATIONS and sum(sizes) <= MAX_LISTED_VIOLATION_BYTES:
             return self.violations
-        rest = len(self.violations) - MAX_LISTED_VIOLATIONS + 1
-        return [*self.violations[: MAX_LISTED_VIOLATIONS - 1], Violation("", f"and {rest:,} more violations")]
+        listed, size = 0, _SUMMARY_LINE_BYTES
+        while listed < MAX_LISTED_VIOLATIONS - 1 and size + sizes[listed] <= MAX_LISTED_VIOLATION_BYTES:
+            size += sizes[listed]
+            listed += 1
+        rest = len(self.violations) - listed
+        return [*self.violations[:listed], Violation("", f"and {rest:,} more violations")]
 
 
-# Enough to fix a request by; 10,000 would overflow the trailers and lose the answer.
+def _encoded_size(violation: Violation) -> int:
+    """About the bytes one violation takes in a BadRequest (field tags and lengths included)."""
+    return len(violation.field.encode()) + len(violation.description.encode()) + 8
+
+
+# Enough to fix a request by. gRPC clients refuse trailers over 8 KiB by default (at random
+# between 8 and 16 KiB), and an error travels in them twice: the status (message and
+# details) in grpc-status-details-bin, the message again, percent-encoded (up to 3 bytes
+# for one), in grpc-message. 3 KiB of violations and 600 bytes of message keep to ~6 KiB.
 MAX_LISTED_VIOLATIONS = 100
+MAX_LISTED_VIOLATION_BYTES = 3072
+_SUMMARY_LINE_BYTES = 40
 MAX_SUMMARIZED_VIOLATIONS = 5
+MAX_SUMMARY_BYTES = 600
 
 
 class StorageUnavailable(TallyError):
@@ -93,9 +110,17 @@ def internal_error(request_id: str) -> TallyError:
 
 def invalid(violations: list[Violation], reason: str = "INVALID_ARGUMENT") -> TallyError:
     """One INVALID_ARGUMENT with every violation (its message names the first few)."""
-    summary = "; ".join(f"{v.field}: {v.description}" for v in violations[:MAX_SUMMARIZED_VIOLATIONS])
-    if len(violations) > MAX_SUMMARIZED_VIOLATIONS:
-        summary += f"; and {len(violations) - MAX_SUMMARIZED_VIOLATIONS:,} more"
+    named: list[str] = []
+    for v in violations[:MAX_SUMMARIZED_VIOLATIONS]:
+        said = f"{v.field}: {v.description}"
+        if named and len("; ".join([*named, said]).encode()) > MAX_SUMMARY_BYTES:
+            break
+        named.append(said)
+    summary = "; ".join(named)
+    if len(summary.encode()) > MAX_SUMMARY_BYTES:
+        summary = summary.encode()[:MAX_SUMMARY_BYTES].decode(errors="ignore") + "…"
+    if len(violations) > len(named):
+        summary += f"; and {len(violations) - len(named):,} more"
     return TallyError(Code.INVALID_ARGUMENT, reason, f"invalid request: {summary}", violations)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sqlite3
 from pathlib import Path
 
 import grpc
@@ -159,8 +160,17 @@ async def test_a_flood_past_max_calls_is_refused_overloaded_not_cancelled(tmp_pa
     try:
         async with aio.insecure_channel(server.target) as channel:
             stub = ing_grpc.IngestServiceStub(channel)
+            # The database's write lock held for 2 s (under the 5 s database timeout): the
+            # first calls wait in the writer, so the flood surely passes 100 at once however
+            # fast this machine serves.
+            holder = sqlite3.connect(tmp_path / "flood.db", isolation_level=None)
+            holder.execute("BEGIN IMMEDIATE")
             flood = [stub.Ingest(pb.IngestRequest(event=event(n)), timeout=60) for n in range(5000)]
-            outcomes = await asyncio.gather(*flood, return_exceptions=True)
+            flooding = asyncio.gather(*flood, return_exceptions=True)
+            await asyncio.sleep(2)
+            holder.execute("ROLLBACK")
+            holder.close()
+            outcomes = await flooding
             errors = [o for o in outcomes if isinstance(o, aio.AioRpcError)]
             assert {e.code() for e in errors} <= {grpc.StatusCode.RESOURCE_EXHAUSTED}, {e.code() for e in errors}
             assert all(overloaded(e) for e in errors)

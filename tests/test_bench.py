@@ -3,11 +3,14 @@ only that every scenario and baseline is measured and reported)."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from .conftest import POSTGRES_URL
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -55,9 +58,16 @@ def test_read_bench_times_every_read_at_each_size():
 @pytest.mark.slow
 def test_budget_reports_every_stage():
     run = subprocess.run(
-        [sys.executable, "-m", "bench.budget", "--batches", "2"], capture_output=True, text=True, cwd=ROOT, timeout=120
+        [sys.executable, "-m", "bench.budget", "--batches", "2", "--postgres-url", POSTGRES_URL],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=180,
     )
     assert run.returncode == 0, run.stdout + run.stderr
+    assert "failed" not in run.stderr, run.stderr
+    # The tricks weighed on both engines, in commits of 1,000 and of 32.
+    assert len(re.findall(r"^  (sqlite|postgresql) +(1000|32) ", run.stdout, re.MULTILINE)) == 4, run.stdout
     for stage in (
         "validate and hash",
         "answer",

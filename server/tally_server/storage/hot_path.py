@@ -314,20 +314,35 @@ async def get_experiences(conn: AsyncConnection, ids: list[uuid.UUID]) -> dict[u
 # --- the plain SQLAlchemy statements, the measure of the tricks above ----------------------
 
 
-# The events table with its JSON columns as text: the plain insert binds the same JSON
-# text the tricks do, through SQLAlchemy's own parameter handling.
-_EVENTS_AS_TEXT = sa.Table(
-    "events",
-    sa.MetaData(),
-    *(sa.Column(c.name, sa.Text if isinstance(c.type, sa.JSON) else c.type) for c in events.columns),
-)
+class _JsonTextForPostgres(sa.types.TypeDecorator[str]):
+    """JSON already serialized, bound as text and cast to json by PostgreSQL (asyncpg will
+    not pass text for a json column)."""
+
+    impl = sa.Text
+    cache_ok = True
+
+    def bind_expression(self, bindvalue: Any) -> Any:
+        return sa.cast(bindvalue, postgresql.JSON)
+
+
+def _events_as_text(json_text: Any) -> sa.Table:
+    return sa.Table(
+        "events",
+        sa.MetaData(),
+        *(sa.Column(c.name, json_text if isinstance(c.type, sa.JSON) else c.type) for c in events.columns),
+    )
+
+
+# The events table with its JSON columns as text, per engine: the plain insert binds the
+# same JSON text the tricks do, through SQLAlchemy's own parameter handling.
+_EVENTS_AS_TEXT = {"sqlite": _events_as_text(sa.Text), "postgresql": _events_as_text(_JsonTextForPostgres)}
 
 
 async def plain_insert_events(conn: AsyncConnection, stored: Stored) -> set[uuid.UUID]:
     """SQLAlchemy's own bulk insert (insertmanyvalues, with RETURNING) of the same rows."""
     rows = [event_row(event, result) for event, result in stored]
     dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
-    table = _EVENTS_AS_TEXT
+    table = _EVENTS_AS_TEXT[conn.dialect.name]
     statement = dialect.insert(table).on_conflict_do_nothing(index_elements=["idempotency_key"]).returning(table.c.id)
     inserted = {row.id for row in await conn.execute(statement, rows)}
     return {row["id"] for row in rows} - inserted

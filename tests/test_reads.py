@@ -6,6 +6,7 @@ rollups from events already stored."""
 
 from __future__ import annotations
 
+import asyncio
 import math
 import random
 import uuid
@@ -29,6 +30,7 @@ from tally.v1 import (
 )
 from tally_server.app import TallyServer
 from tally_server.config import Settings
+from tally_server.domain import ingest as ingest_module
 from tally_server.storage.db import Database, alembic_config
 
 from .conftest import drop_database_url, make_database_url, unique
@@ -489,6 +491,65 @@ async def test_rollups_equal_the_events_through_duplicates_and_deletions(stubs):
     groups = {g.experience_name: g for g in (await reports.BreakDownCost(unattributed)).groups}
     assert world.name not in groups
     assert groups[""].event_count >= len(world.sent)
+
+
+async def test_an_event_racing_its_experiences_deletion_ends_unattributed(stubs, monkeypatch):
+    """The writer resolves an event's experience, then DeleteExperience commits before the
+    writer stores it: the event ends unattributed, counted under no type, whichever
+    transaction waits for the other (on PostgreSQL the deletion goes first; on SQLite
+    the writer holds the file, so the deletion goes after and unattributes it)."""
+    name = unique("Race")
+    await stubs.types.CreateExperienceType(
+        et_pb.CreateExperienceTypeRequest(experience_type=et_pb.ExperienceType(name=name, description="race"))
+    )
+    experience_id = (
+        await stubs.experiences.CreateExperience(exp_pb.CreateExperienceRequest(experience_name=name))
+    ).experience.experience_id
+    time = int(datetime(2021, 6, 7, 8, 9, tzinfo=UTC).timestamp())
+    event = pb.UsageEvent(
+        category="system.openai",
+        resource="gpt-4o",
+        units={"text": pb.UnitCounts(input=1000, output=100)},
+        event_timestamp=timestamp_pb2.Timestamp(seconds=time),
+        context=pb.EventContext(experience_id=experience_id),
+    )
+    await stubs.ingest.Ingest(pb.IngestRequest(event=event))  # one event stored before
+
+    resolved, release = asyncio.Event(), asyncio.Event()
+    real_resolve = ingest_module.resolve_experiences
+
+    async def resolve_then_wait(*args, **kwargs):
+        resolutions = await real_resolve(*args, **kwargs)
+        resolved.set()
+        await release.wait()
+        return resolutions
+
+    monkeypatch.setattr(ingest_module, "resolve_experiences", resolve_then_wait)
+    storing = asyncio.ensure_future(stubs.ingest.Ingest(pb.IngestRequest(event=event), timeout=30))
+    await asyncio.wait_for(resolved.wait(), 10)
+    deleting = asyncio.ensure_future(
+        stubs.experiences.DeleteExperience(exp_pb.DeleteExperienceRequest(experience_id=experience_id), timeout=30)
+    )
+    if stubs.backend == "postgresql":
+        assert (await asyncio.wait_for(deleting, 10)).unattributed_event_count == 1
+    release.set()
+    stored = (await storing).xproxy_result
+    deleted = await deleting
+    if stubs.backend == "postgresql":
+        assert stored.experience_id == "" and any("was deleted" in w for w in stored.warnings), stored
+    else:
+        assert stored.experience_id == experience_id and deleted.unattributed_event_count == 2
+
+    events = event_service_pb2_grpc.EventServiceStub(stubs.channel)
+    back = (await events.GetEvent(ev_pb.GetEventRequest(request_id=stored.request_id))).event
+    assert not back.xproxy_result.experience_id, "the event must not point at a deleted experience"
+    reports = report_service_pb2_grpc.ReportServiceStub(stubs.channel)
+    request = rep_pb.BreakDownCostRequest(group_by=[rep_pb.COST_DIMENSION_EXPERIENCE_NAME], page_size=1000)
+    request.start_time.seconds, request.end_time.seconds = time - HOUR, time + HOUR
+    groups = {g.experience_name: g.event_count for g in (await reports.BreakDownCost(request)).groups}
+    assert name not in groups and groups[""] >= 2, groups
+    stats = await stubs.types.GetExperienceTypeStats(et_pb.GetExperienceTypeStatsRequest(name=name))
+    assert stats.total.experience_count == 0 and stats.total.event_count == 0, stats
 
 
 async def test_breakdown_refuses_bad_requests(stubs):

@@ -10,7 +10,7 @@ import logging
 import time
 import uuid
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -29,6 +29,7 @@ from .models import (
     IngestResult,
     PriceReference,
     PriceSource,
+    Resolution,
     UnknownUnit,
     UsageEvent,
     now_us,
@@ -387,12 +388,18 @@ class Ingestor:
                     costs.append(cost)
                     priced.append(item)
             resolutions = await resolve_experiences(conn, [item.event.context for item in priced], now)
+            # The experiences are locked before the insert (the rollups read their state):
+            # one deleted since it was resolved is gone now, and its events are stored
+            # unattributed, as its deletion left the others.
+            before = await repo.experience_states(conn, _experience_ids(resolutions))
             stored_pairs: list[tuple[UsageEvent, IngestResult]] = []
             results: list[tuple[_Pending, IngestResult]] = []
             for item, cost, resolution in zip(priced, costs, resolutions, strict=True):
                 if isinstance(resolution, TallyError):
                     outcomes[id(item)] = resolution
                     continue
+                if resolution.experience and resolution.experience.experience_id not in before:
+                    resolution = _deleted_meanwhile(resolution)
                 result = self._result(item.event, resolution, now, cost)
                 stored_pairs.append((item.event, result))
                 results.append((item, result))
@@ -401,7 +408,6 @@ class Ingestor:
                 await _drop_experiences_of_raced(conn, results, skipped)
                 stored_pairs = [pair for pair in stored_pairs if pair[1].request_id not in skipped]
             by_experience, by_hour = rollups_of(stored_pairs)
-            before = await repo.experience_states(conn, by_experience)
             await repo.add_rollups(conn, by_experience, by_hour, type_deltas(before, by_experience))
         raced = []
         for item, result in results:
@@ -454,6 +460,18 @@ class Ingestor:
         if revision != self.catalog.revision:
             self.catalog.load_custom(await repo.all_prices(conn), revision)
         self.catalog.checked()
+
+
+def _experience_ids(resolutions: Iterable[Resolution | TallyError]) -> set[uuid.UUID]:
+    return {r.experience.experience_id for r in resolutions if isinstance(r, Resolution) and r.experience}
+
+
+def _deleted_meanwhile(resolution: Resolution) -> Resolution:
+    """An event whose experience was deleted by a transaction that committed after this one
+    resolved it: stored unattributed, and the caller told why."""
+    assert resolution.experience is not None
+    said = f"experience {resolution.experience.experience_id} was deleted as this event was stored; it is unattributed"
+    return Resolution(None, False, (*resolution.warnings, said))
 
 
 async def _drop_experiences_of_raced(

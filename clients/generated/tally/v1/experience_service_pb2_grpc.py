@@ -100,7 +100,8 @@ class ExperienceServiceServicer:
 
     def DeleteExperience(self, request, context):
         """Deletes an experience. Events already ingested for it stay stored and
-        count as unattributed from then on: nothing ingested is deleted.
+        count as unattributed from then on: nothing ingested is deleted. An event
+        ingested for it while it is deleted is stored unattributed as well.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

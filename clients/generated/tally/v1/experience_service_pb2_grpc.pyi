@@ -54,7 +54,8 @@ class ExperienceServiceStub:
     """
     DeleteExperience: _grpc.UnaryUnaryMultiCallable[_experience_service_pb2.DeleteExperienceRequest, _experience_service_pb2.DeleteExperienceResponse]
     """Deletes an experience. Events already ingested for it stay stored and
-    count as unattributed from then on: nothing ingested is deleted.
+    count as unattributed from then on: nothing ingested is deleted. An event
+    ingested for it while it is deleted is stored unattributed as well.
     """
     UpdateExperienceProperties: _grpc.UnaryUnaryMultiCallable[_experience_service_pb2.UpdateExperiencePropertiesRequest, _experience_service_pb2.UpdateExperiencePropertiesResponse]
     """Sets and removes properties of an experience."""
@@ -85,7 +86,8 @@ class ExperienceServiceAsyncStub(ExperienceServiceStub):
     """
     DeleteExperience: _aio.UnaryUnaryMultiCallable[_experience_service_pb2.DeleteExperienceRequest, _experience_service_pb2.DeleteExperienceResponse]  # type: ignore[assignment]
     """Deletes an experience. Events already ingested for it stay stored and
-    count as unattributed from then on: nothing ingested is deleted.
+    count as unattributed from then on: nothing ingested is deleted. An event
+    ingested for it while it is deleted is stored unattributed as well.
     """
     UpdateExperienceProperties: _aio.UnaryUnaryMultiCallable[_experience_service_pb2.UpdateExperiencePropertiesRequest, _experience_service_pb2.UpdateExperiencePropertiesResponse]  # type: ignore[assignment]
     """Sets and removes properties of an experience."""
@@ -137,7 +139,8 @@ class ExperienceServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_experience_service_pb2.DeleteExperienceResponse, _abc.Awaitable[_experience_service_pb2.DeleteExperienceResponse]]:
         """Deletes an experience. Events already ingested for it stay stored and
-        count as unattributed from then on: nothing ingested is deleted.
+        count as unattributed from then on: nothing ingested is deleted. An event
+        ingested for it while it is deleted is stored unattributed as well.
         """
 
     @_abc_1.abstractmethod

@@ -31,6 +31,7 @@ from tally.v1 import (
 from tally_server.app import TallyServer
 from tally_server.config import Settings
 from tally_server.domain import ingest as ingest_module
+from tally_server.storage import repository as repo
 from tally_server.storage.db import Database, alembic_config
 
 from .conftest import drop_database_url, make_database_url, unique
@@ -493,11 +494,15 @@ async def test_rollups_equal_the_events_through_duplicates_and_deletions(stubs):
     assert groups[""].event_count >= len(world.sent)
 
 
-async def test_an_event_racing_its_experiences_deletion_ends_unattributed(stubs, monkeypatch):
-    """The writer resolves an event's experience, then DeleteExperience commits before the
-    writer stores it: the event ends unattributed, counted under no type, whichever
-    transaction waits for the other (on PostgreSQL the deletion goes first; on SQLite
-    the writer holds the file, so the deletion goes after and unattributes it)."""
+@pytest.mark.parametrize("deleted", ["experience", "type"])
+@pytest.mark.parametrize("paused", ["after_resolving", "after_locking"])
+async def test_an_event_racing_a_deletion_ends_unattributed(stubs, monkeypatch, deleted, paused):
+    """The writer is paused in storing an event for an experience (after resolving it, or
+    once it holds the experience's row), and the experience or its whole type is deleted
+    meanwhile: the event ends unattributed, counted under no type, whichever transaction
+    waits for the other. On PostgreSQL a deletion during the first pause goes first (the
+    event's answer says so); during the second it waits for the writer. On SQLite the
+    writer holds the file, so the deletion always goes after and unattributes the event."""
     name = unique("Race")
     await stubs.types.CreateExperienceType(
         et_pb.CreateExperienceTypeRequest(experience_type=et_pb.ExperienceType(name=name, description="race"))
@@ -515,41 +520,52 @@ async def test_an_event_racing_its_experiences_deletion_ends_unattributed(stubs,
     )
     await stubs.ingest.Ingest(pb.IngestRequest(event=event))  # one event stored before
 
-    resolved, release = asyncio.Event(), asyncio.Event()
-    real_resolve = ingest_module.resolve_experiences
+    reached, release = asyncio.Event(), asyncio.Event()
+    # Paused once resolution is done, or once the insert is (the experience's row then locked).
+    after = {"after_resolving": (ingest_module, "resolve_experiences"), "after_locking": (repo, "insert_events")}
+    module, function = after[paused]
+    real = getattr(module, function)
 
-    async def resolve_then_wait(*args, **kwargs):
-        resolutions = await real_resolve(*args, **kwargs)
-        resolved.set()
+    async def then_wait(*args, **kwargs):
+        done = await real(*args, **kwargs)
+        reached.set()
         await release.wait()
-        return resolutions
+        return done
 
-    monkeypatch.setattr(ingest_module, "resolve_experiences", resolve_then_wait)
+    monkeypatch.setattr(module, function, then_wait)
     storing = asyncio.ensure_future(stubs.ingest.Ingest(pb.IngestRequest(event=event), timeout=30))
-    await asyncio.wait_for(resolved.wait(), 10)
-    deleting = asyncio.ensure_future(
-        stubs.experiences.DeleteExperience(exp_pb.DeleteExperienceRequest(experience_id=experience_id), timeout=30)
-    )
-    if stubs.backend == "postgresql":
-        assert (await asyncio.wait_for(deleting, 10)).unattributed_event_count == 1
+    await asyncio.wait_for(reached.wait(), 10)
+    if deleted == "experience":
+        request = exp_pb.DeleteExperienceRequest(experience_id=experience_id)
+        deleting = asyncio.ensure_future(stubs.experiences.DeleteExperience(request, timeout=30))
+    else:
+        request = et_pb.DeleteExperienceTypeRequest(name=name, force=True)
+        deleting = asyncio.ensure_future(stubs.types.DeleteExperienceType(request, timeout=30))
+    deletion_first = stubs.backend == "postgresql" and paused == "after_resolving"
+    if deletion_first:
+        await asyncio.wait_for(asyncio.shield(deleting), 10)
+    else:
+        await asyncio.sleep(0.5)
+        assert not deleting.done(), "the deletion waits for the writer"
     release.set()
     stored = (await storing).xproxy_result
-    deleted = await deleting
-    if stubs.backend == "postgresql":
+    await deleting
+    if deletion_first:
         assert stored.experience_id == "" and any("was deleted" in w for w in stored.warnings), stored
     else:
-        assert stored.experience_id == experience_id and deleted.unattributed_event_count == 2
+        assert stored.experience_id == experience_id and not stored.warnings, stored
 
     events = event_service_pb2_grpc.EventServiceStub(stubs.channel)
     back = (await events.GetEvent(ev_pb.GetEventRequest(request_id=stored.request_id))).event
     assert not back.xproxy_result.experience_id, "the event must not point at a deleted experience"
     reports = report_service_pb2_grpc.ReportServiceStub(stubs.channel)
-    request = rep_pb.BreakDownCostRequest(group_by=[rep_pb.COST_DIMENSION_EXPERIENCE_NAME], page_size=1000)
-    request.start_time.seconds, request.end_time.seconds = time - HOUR, time + HOUR
-    groups = {g.experience_name: g.event_count for g in (await reports.BreakDownCost(request)).groups}
+    breakdown = rep_pb.BreakDownCostRequest(group_by=[rep_pb.COST_DIMENSION_EXPERIENCE_NAME], page_size=1000)
+    breakdown.start_time.seconds, breakdown.end_time.seconds = time - HOUR, time + HOUR
+    groups = {g.experience_name: g.event_count for g in (await reports.BreakDownCost(breakdown)).groups}
     assert name not in groups and groups[""] >= 2, groups
-    stats = await stubs.types.GetExperienceTypeStats(et_pb.GetExperienceTypeStatsRequest(name=name))
-    assert stats.total.experience_count == 0 and stats.total.event_count == 0, stats
+    if deleted == "experience":
+        stats = await stubs.types.GetExperienceTypeStats(et_pb.GetExperienceTypeStatsRequest(name=name))
+        assert stats.total.experience_count == 0 and stats.total.event_count == 0, stats
 
 
 async def test_breakdown_refuses_bad_requests(stubs):

@@ -136,6 +136,7 @@ class ExperienceTypes:
     async def delete(self, name: str, force: bool) -> int:
         async with self.db.write() as conn:
             type_id, _ = await self._require(conn, name)
+            await repo.lock_type(conn, type_id)
             count = await repo.count_experiences_of_type(conn, type_id)
             if count and not force:
                 raise failed_precondition(

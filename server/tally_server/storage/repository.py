@@ -163,9 +163,19 @@ async def _type_name(conn: AsyncConnection, type_id: int) -> str:
     return str((await conn.execute(query)).scalar_one())
 
 
+async def lock_type(conn: AsyncConnection, type_id: int) -> None:
+    """Locks the type's row and its experiences' rows for this transaction (PostgreSQL; a
+    SQLite writer holds the whole file), so that a writer adding an experience or events to
+    the type commits before it, or waits and finds them gone."""
+    if conn.dialect.name == "postgresql":
+        await conn.execute(sa.select(experience_types.c.id).where(experience_types.c.id == type_id).with_for_update())
+        of_type = sa.select(experiences.c.id).where(experiences.c.type_id == type_id).order_by(experiences.c.id)
+        await conn.execute(of_type.with_for_update())
+
+
 async def delete_type(conn: AsyncConnection, type_id: int) -> int:
     """Deletes the type, its versions and its experiences; their events become unattributed
-    (and move to the unattributed rows of the hourly cost rollup)."""
+    (and move to the unattributed rows of the hourly cost rollup). Call lock_type first."""
     of_type = sa.select(experiences.c.id).where(experiences.c.type_id == type_id)
     hours = await rollups.hours_of_events(conn, events.c.experience_id.in_(of_type))
     name = await _type_name(conn, type_id)

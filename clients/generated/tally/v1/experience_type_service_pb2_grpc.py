@@ -121,7 +121,8 @@ class ExperienceTypeServiceServicer:
         """Deletes an experience type and its version history. FAILED_PRECONDITION
         (reason EXPERIENCE_TYPE_IN_USE) while experiences of the type exist,
         unless `force` is set; with `force` its experiences are deleted too, and
-        their events stay stored as unattributed.
+        their events stay stored as unattributed, those ingested for them while
+        the type is deleted as well.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

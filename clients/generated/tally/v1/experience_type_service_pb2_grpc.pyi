@@ -56,7 +56,8 @@ class ExperienceTypeServiceStub:
     """Deletes an experience type and its version history. FAILED_PRECONDITION
     (reason EXPERIENCE_TYPE_IN_USE) while experiences of the type exist,
     unless `force` is set; with `force` its experiences are deleted too, and
-    their events stay stored as unattributed.
+    their events stay stored as unattributed, those ingested for them while
+    the type is deleted as well.
     """
     IncrementExperienceTypeVersion: _grpc.UnaryUnaryMultiCallable[_experience_type_service_pb2.IncrementExperienceTypeVersionRequest, _experience_type_service_pb2.IncrementExperienceTypeVersionResponse]
     """Adds 1 to the type's version and stores an immutable snapshot of the new
@@ -99,7 +100,8 @@ class ExperienceTypeServiceAsyncStub(ExperienceTypeServiceStub):
     """Deletes an experience type and its version history. FAILED_PRECONDITION
     (reason EXPERIENCE_TYPE_IN_USE) while experiences of the type exist,
     unless `force` is set; with `force` its experiences are deleted too, and
-    their events stay stored as unattributed.
+    their events stay stored as unattributed, those ingested for them while
+    the type is deleted as well.
     """
     IncrementExperienceTypeVersion: _aio.UnaryUnaryMultiCallable[_experience_type_service_pb2.IncrementExperienceTypeVersionRequest, _experience_type_service_pb2.IncrementExperienceTypeVersionResponse]  # type: ignore[assignment]
     """Adds 1 to the type's version and stores an immutable snapshot of the new
@@ -169,7 +171,8 @@ class ExperienceTypeServiceServicer(metaclass=_abc_1.ABCMeta):
         """Deletes an experience type and its version history. FAILED_PRECONDITION
         (reason EXPERIENCE_TYPE_IN_USE) while experiences of the type exist,
         unless `force` is set; with `force` its experiences are deleted too, and
-        their events stay stored as unattributed.
+        their events stay stored as unattributed, those ingested for them while
+        the type is deleted as well.
         """
 
     @_abc_1.abstractmethod

@@ -43,7 +43,7 @@ MISTAKES = [
 ]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def client_venv(tmp_path_factory) -> Path:
     """A fresh virtual environment with only ./clients (and mypy, to check callers) installed."""
     home = tmp_path_factory.mktemp("client-venv")
@@ -105,7 +105,7 @@ async def test_its_tally_command_talks_to_a_server_and_explains_serve(client_ven
     assert "pip install ./clients ." in serve.stderr, serve.stderr
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def checker(client_venv) -> Path:
     """mypy in the client-only environment, as a caller's CI would have it."""
     install = run(

@@ -48,7 +48,7 @@ def build(gopath: Path) -> Path:
     return gopath / "bin" / "caller"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def go_caller(tmp_path_factory) -> Path:
     missing = [tool for tool in ("go", "protoc", "protoc-gen-go") if shutil.which(tool) is None]
     if missing or not (DEBIAN_GOPATH / "src" / "google.golang.org" / "grpc").exists():

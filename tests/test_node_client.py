@@ -14,7 +14,7 @@ from .conftest import unique
 NODE_DIR = Path(__file__).parent / "node"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 async def node_ready() -> str:
     return await npm.install(NODE_DIR, "@grpc/grpc-js", "Node.js caller")
 

@@ -85,7 +85,7 @@ class Authority:
         return _write(self.directory, stem, builder.sign(self.key, hashes.SHA256()), key)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def pki(tmp_path_factory) -> tuple[Authority, Authority, Path]:
     directory = tmp_path_factory.mktemp("pki")
     return Authority(directory, "server-ca"), Authority(directory, "client-ca"), directory

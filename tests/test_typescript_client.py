@@ -24,7 +24,7 @@ async def run(*command: str | Path, limit_seconds: float = 300) -> tuple[int, st
     return await npm.run(TS_DIR, *command, limit_seconds=limit_seconds)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 async def ts_ready() -> Path:
     await npm.install(TS_DIR, ".bin/tsx", "TypeScript caller")
     # googleapis' protos (google/rpc/...) come with googleapis-common-protos.

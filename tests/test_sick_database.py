@@ -7,7 +7,10 @@ server and database of its own, with a one-second database timeout."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import sqlite3
+import subprocess
+import sys
 import time
 import uuid
 
@@ -197,6 +200,43 @@ async def test_an_exhausted_postgresql_pool_is_unavailable_in_time(postgres_url,
     finally:
         await locker.dispose()
         await server.stop()
+
+
+async def test_a_server_holds_at_most_its_database_connections(postgres_url):
+    """--database-connections 3: ten reads wait on a locked table at once, and the server
+    holds three connections to its database, no more; once the lock goes, all are served.
+    Fewer than 2 (the writer's and one more) refuses to start."""
+    settings = Settings(listen="127.0.0.1:0", database_url=postgres_url, grace_seconds=1, database_timeout_seconds=5)
+    server = TallyServer(dataclasses.replace(settings, database_connections=3))
+    await server.start()
+    locker = create_async_engine(postgres_url)
+    try:
+        async with aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = types_grpc.ExperienceTypeServiceStub(channel)
+            async with locker.connect() as conn:
+                await conn.execute(sa.text("BEGIN"))
+                await conn.execute(sa.text("LOCK TABLE experience_types IN ACCESS EXCLUSIVE MODE"))
+                reads = [stub.ListExperienceTypes(types_pb.ListExperienceTypesRequest(), timeout=20) for _ in range(10)]
+                waiting = asyncio.gather(*reads)
+                await asyncio.sleep(1.5)
+                held = (
+                    await conn.execute(
+                        sa.text(
+                            "SELECT count(*) FROM pg_stat_activity "
+                            "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                        )
+                    )
+                ).scalar_one()
+                await conn.execute(sa.text("ROLLBACK"))
+            await waiting
+            assert held == 3, held
+    finally:
+        await locker.dispose()
+        await server.stop()
+    command = [sys.executable, "-m", "tally_server", "--listen", "127.0.0.1:0", "--database-connections", "1"]
+    refused = await asyncio.to_thread(subprocess.run, command, capture_output=True, text=True, timeout=60)
+    assert refused.returncode != 0
+    assert refused.stderr.strip() == "tally: --database-connections must be 2 or more, got 1", refused.stderr
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])

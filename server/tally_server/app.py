@@ -90,7 +90,11 @@ class TallyServer:
         """`extra_handlers` are generic RPC handlers served beside Tally's (the benchmark's baselines)."""
         self.settings = settings
         self.extra_handlers = extra_handlers
-        self.db = Database(settings.database_url, timeout=settings.database_timeout_seconds)
+        self.db = Database(
+            settings.database_url,
+            timeout=settings.database_timeout_seconds,
+            connections=settings.database_connections,
+        )
         self.catalog = PriceCatalog()
         self.ingestor = Ingestor(self.db, self.catalog, max_queued_events=settings.max_queued_events)
         self.health = health.aio.HealthServicer()

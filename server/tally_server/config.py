@@ -22,6 +22,8 @@ class Settings:
     grace_seconds: float = 10.0
     # The longest a database wait may take before a call answers UNAVAILABLE.
     database_timeout_seconds: float = 5.0
+    # PostgreSQL connections one server process (each worker, each replica) may hold.
+    database_connections: int = 20
     # Load shedding: past these, work is refused with RESOURCE_EXHAUSTED, not held in memory.
     max_calls: int = 1000
     max_streams: int = 100
@@ -116,6 +118,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="seconds a connection, lock or statement may take before a call answers UNAVAILABLE "
         f"(env TALLY_DATABASE_TIMEOUT_SECONDS, default {_DEFAULTS.database_timeout_seconds:g})",
     )
+    parser.add_argument(
+        "--database-connections",
+        type=int,
+        default=int(_env("TALLY_DATABASE_CONNECTIONS", str(_DEFAULTS.database_connections))),
+        help="PostgreSQL connections one server process may hold (each of --workers holds its own) "
+        f"(env TALLY_DATABASE_CONNECTIONS, default {_DEFAULTS.database_connections})",
+    )
     for flag, variable, default, what in (
         ("--max-calls", "TALLY_MAX_CALLS", _DEFAULTS.max_calls, "calls in progress at once"),
         ("--max-streams", "TALLY_MAX_STREAMS", _DEFAULTS.max_streams, "IngestStream calls in progress at once"),
@@ -176,6 +185,7 @@ def from_arguments(args: argparse.Namespace) -> Settings:
         log_level=args.log_level,
         grace_seconds=args.grace,
         database_timeout_seconds=args.database_timeout,
+        database_connections=args.database_connections,
         max_calls=args.max_calls,
         max_streams=args.max_streams,
         max_queued_events=args.max_queued_events,

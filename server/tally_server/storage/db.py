@@ -75,10 +75,14 @@ class Database:
     for the lock (busy_timeout) instead of failing when it upgrades a read lock.
     """
 
-    def __init__(self, url: str, *, echo: bool = False, timeout: float = DEFAULT_TIMEOUT_SECONDS) -> None:
+    def __init__(
+        self, url: str, *, echo: bool = False, timeout: float = DEFAULT_TIMEOUT_SECONDS, connections: int = 20
+    ) -> None:
         """`timeout`: the longest any database wait may take (a connection, the pool, a lock,
         a statement) before the call answers UNAVAILABLE. The database enforces it, so a
-        statement it stops is rolled back: never committed after its caller was answered."""
+        statement it stops is rolled back: never committed after its caller was answered.
+        `connections`: the most PostgreSQL connections this process holds (half kept open,
+        half opened under load and closed after)."""
         self.url = sa.make_url(url)
         self.is_sqlite = self.url.get_backend_name() == "sqlite"
         self.timeout = timeout
@@ -91,8 +95,8 @@ class Database:
         else:
             milliseconds = str(int(timeout * 1000))
             kwargs.update(
-                pool_size=10,
-                max_overflow=10,
+                pool_size=connections - connections // 2,
+                max_overflow=connections // 2,
                 pool_pre_ping=True,
                 pool_timeout=timeout,
                 connect_args={

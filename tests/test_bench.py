@@ -56,6 +56,20 @@ def test_read_bench_times_every_read_at_each_size():
 
 
 @pytest.mark.slow
+def test_migration_bench_times_the_rollups_migration_on_both_engines():
+    run = subprocess.run(
+        [sys.executable, "-m", "bench.migration", "--sizes", "1000,2000", "--postgres-url", POSTGRES_URL],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=180,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    rows = re.findall(r"^(SQLite|PostgreSQL) +([\d,]+) +[\d.]+ +[\d,]+$", run.stdout, re.MULTILINE)
+    assert rows == [("SQLite", "1,000"), ("SQLite", "2,000"), ("PostgreSQL", "1,000"), ("PostgreSQL", "2,000")], run.stdout
+
+
+@pytest.mark.slow
 def test_budget_reports_every_stage():
     run = subprocess.run(
         [sys.executable, "-m", "bench.budget", "--batches", "2", "--postgres-url", POSTGRES_URL],

@@ -371,26 +371,33 @@ async def hours_of_events(conn: AsyncConnection, where: sa.ColumnElement[bool]) 
 def backfill(conn: sa.Connection) -> None:
     """Builds every rollup from the stored events (the migration that introduces them)."""
     ev = events
-    for row in conn.execute(
-        sa.select(
-            ev.c.experience_id,
-            *event_sums(),
-            sa.func.sum(ev.c.end_to_end_latency_ms).label("latency_sum_ms"),
-            sa.func.min(ev.c.event_time_us).label("first_event_time_us"),
-            sa.func.max(ev.c.event_time_us).label("last_event_time_us"),
+    sums = [
+        {
+            "experience": row.experience_id,
+            **_normalized(row),
+            "latency_sum_ms": int(row.latency_sum_ms),
+            "first_event_time_us": int(row.first_event_time_us),
+            "last_event_time_us": int(row.last_event_time_us),
+        }
+        for row in conn.execute(
+            sa.select(
+                ev.c.experience_id,
+                *event_sums(),
+                sa.func.sum(ev.c.end_to_end_latency_ms).label("latency_sum_ms"),
+                sa.func.min(ev.c.event_time_us).label("first_event_time_us"),
+                sa.func.max(ev.c.event_time_us).label("last_event_time_us"),
+            )
+            .where(ev.c.experience_id.is_not(None))
+            .group_by(ev.c.experience_id)
         )
-        .where(ev.c.experience_id.is_not(None))
-        .group_by(ev.c.experience_id)
-    ):
+    ]
+    if sums:  # one executemany: a statement per experience took 1.4 ms each on SQLite
+        columns = [name for name in sums[0] if name != "experience"]
         conn.execute(
             sa.update(experiences)
-            .where(experiences.c.id == row.experience_id)
-            .values(
-                **_normalized(row),
-                latency_sum_ms=int(row.latency_sum_ms),
-                first_event_time_us=int(row.first_event_time_us),
-                last_event_time_us=int(row.last_event_time_us),
-            )
+            .where(experiences.c.id == sa.bindparam("experience"))
+            .values({name: sa.bindparam(name) for name in columns}),
+            sums,
         )
     buckets: dict[tuple[uuid.UUID, int], int] = {}
     for experience_id, latency, count in conn.execute(

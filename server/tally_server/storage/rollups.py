@@ -371,7 +371,7 @@ async def hours_of_events(conn: AsyncConnection, where: sa.ColumnElement[bool]) 
 def backfill(conn: sa.Connection) -> None:
     """Builds every rollup from the stored events (the migration that introduces them)."""
     ev = events
-    sums = [
+    per_experience = [
         {
             "experience": row.experience_id,
             **_normalized(row),
@@ -391,13 +391,13 @@ def backfill(conn: sa.Connection) -> None:
             .group_by(ev.c.experience_id)
         )
     ]
-    if sums:  # one executemany: a statement per experience took 1.4 ms each on SQLite
-        columns = [name for name in sums[0] if name != "experience"]
+    if per_experience:  # one executemany: a statement per experience took 1.4 ms each on SQLite
+        columns = [name for name in per_experience[0] if name != "experience"]
         conn.execute(
             sa.update(experiences)
             .where(experiences.c.id == sa.bindparam("experience"))
             .values({name: sa.bindparam(name) for name in columns}),
-            sums,
+            per_experience,
         )
     buckets: dict[tuple[uuid.UUID, int], int] = {}
     for experience_id, latency, count in conn.execute(

@@ -7,6 +7,7 @@ rollups from events already stored."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import random
 import uuid
@@ -586,7 +587,7 @@ async def test_breakdown_refuses_bad_requests(stubs):
         assert field_path in error.fields, (request, error.fields)
 
 
-async def test_the_migration_builds_rollups_from_stored_events(backend, tmp_path):
+async def test_the_migration_builds_rollups_from_stored_events(backend, tmp_path, caplog):
     """Events stored before the rollups existed (downgraded to 0004, the rollups dropped)
     come back in them when the migration runs again."""
     url = await make_database_url(backend, tmp_path)
@@ -602,10 +603,12 @@ async def test_the_migration_builds_rollups_from_stored_events(backend, tmp_path
             async with server.db.write() as conn:
                 await conn.run_sync(lambda c: command.downgrade(alembic_config(c), "0004"))
             database = Database(url)
+            caplog.set_level(logging.INFO, "tally.migrations")
             try:
                 await database.migrate()
             finally:
                 await database.dispose()
+            assert "building the rollups from 40 stored events" in caplog.text, "the long step says so"
             for experience_id in world.experiences:
                 got = await stubs.experiences.GetExperience(exp_pb.GetExperienceRequest(experience_id=experience_id))
                 check_experience_stats(got.experience.stats, world.of(experience_id))

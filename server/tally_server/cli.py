@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
@@ -46,7 +47,11 @@ def serve_command(args: argparse.Namespace) -> int:
 
 
 def _migrate(args: argparse.Namespace) -> int:
+    from .app import configure_logging
     from .storage.db import Database
+
+    configure_logging("info")  # a migration that builds from stored events says so, and its time
+    logging.getLogger("alembic").setLevel(logging.WARNING)
 
     async def migrate(url: str) -> None:
         db = Database(url)

@@ -9,6 +9,8 @@ have ($1,000,000). The upserts carry the nanos over into dollars in SQL.
 from __future__ import annotations
 
 import functools
+import logging
+import time
 import uuid
 from collections.abc import Collection, Iterable, Mapping
 from typing import Any
@@ -32,6 +34,8 @@ from .tables import (
     type_cost_buckets,
     type_rollups,
 )
+
+_log = logging.getLogger("tally.migrations")
 
 NANOS_PER_DOLLAR = 1_000_000_000
 
@@ -370,6 +374,10 @@ async def hours_of_events(conn: AsyncConnection, where: sa.ColumnElement[bool]) 
 
 def backfill(conn: sa.Connection) -> None:
     """Builds every rollup from the stored events (the migration that introduces them)."""
+    started = time.monotonic()
+    stored = conn.execute(sa.select(sa.func.count()).select_from(events)).scalar_one()
+    if stored:  # a fresh database has nothing to say
+        _log.info("building the rollups from %s stored events (in one transaction)", f"{stored:,}")
     ev = events
     per_experience = [
         {
@@ -451,3 +459,5 @@ def backfill(conn: sa.Connection) -> None:
                 for k, n in counts.items()
             ],
         )
+    if stored:
+        _log.info("built the rollups of %s events in %.1f s", f"{stored:,}", time.monotonic() - started)

@@ -7,12 +7,14 @@ server and database of its own, with a one-second database timeout."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import sqlite3
 import subprocess
 import sys
 import time
 import uuid
+from collections.abc import AsyncIterator
 
 import grpc
 import pytest
@@ -21,7 +23,7 @@ from google.rpc import error_details_pb2
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
-from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
 
 from tally.v1 import (
     experience_type_service_pb2 as types_pb,
@@ -92,6 +94,20 @@ async def postgres_url(tmp_path):
     await drop_database_url(url)
 
 
+@contextlib.asynccontextmanager
+async def table_locked(url: str, table: str) -> AsyncIterator[AsyncConnection]:
+    """Another session holding `table` in ACCESS EXCLUSIVE mode until the block ends."""
+    locker = create_async_engine(url)
+    try:
+        async with locker.connect() as conn:
+            await conn.execute(sa.text("BEGIN"))
+            await conn.execute(sa.text(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE"))
+            yield conn
+            await conn.execute(sa.text("ROLLBACK"))
+    finally:
+        await locker.dispose()
+
+
 async def admin(statement: str) -> None:
     engine = create_async_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
     try:
@@ -127,24 +143,19 @@ async def _is(channel: aio.Channel, status: int) -> bool:
 
 async def test_a_locked_postgresql_table_is_unavailable_in_time_and_never_committed_after(postgres_url):
     server = await start(postgres_url)
-    locker = create_async_engine(postgres_url)
     key = f"locked-{uuid.uuid4()}"
     try:
         async with aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
             stub = ing_grpc.IngestServiceStub(channel)
             await stub.Ingest(pb.IngestRequest(event=event(f"warm-{uuid.uuid4()}")))
-            async with locker.connect() as conn:
-                await conn.execute(sa.text("BEGIN"))
-                await conn.execute(sa.text("LOCK TABLE events IN ACCESS EXCLUSIVE MODE"))
+            async with table_locked(postgres_url, "events"):
                 assert await unavailable_in_time(stub, key) < 4, "the lock timeout, not the caller's deadline"
                 await asyncio.sleep(1.5)
-                await conn.execute(sa.text("ROLLBACK"))
             await asyncio.sleep(0.5)
             assert await stored(postgres_url, key) == 0, "answered UNAVAILABLE: never committed afterwards"
             retried = await stub.Ingest(pb.IngestRequest(event=event(key)))
             assert not retried.xproxy_result.duplicate_request, "the retry is the first time it is stored"
     finally:
-        await locker.dispose()
         await server.stop()
 
 
@@ -175,7 +186,6 @@ async def test_an_exhausted_postgresql_pool_is_unavailable_in_time(postgres_url,
     wait for the lock, the other 40 wait for the pool. Every call answers UNAVAILABLE
     within the timeouts, the pool's own wait among them, and the server then serves."""
     server = await start(postgres_url)
-    locker = create_async_engine(postgres_url)
     try:
         async with aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
             stub = types_grpc.ExperienceTypeServiceStub(channel)
@@ -187,18 +197,14 @@ async def test_an_exhausted_postgresql_pool_is_unavailable_in_time(postgres_url,
                     await stub.ListExperienceTypes(types_pb.ListExperienceTypesRequest(), timeout=20)
                 return time.monotonic() - started, decode(caught.value)
 
-            async with locker.connect() as conn:
-                await conn.execute(sa.text("BEGIN"))
-                await conn.execute(sa.text("LOCK TABLE experience_types IN ACCESS EXCLUSIVE MODE"))
+            async with table_locked(postgres_url, "experience_types"):
                 answers = await asyncio.gather(*(one_read() for _ in range(60)))
-                await conn.execute(sa.text("ROLLBACK"))
             for took, error in answers:
                 assert (error.code, error.reason) == (grpc.StatusCode.UNAVAILABLE, "STORAGE_UNAVAILABLE"), error.message
                 assert took < 5, "the database timeouts (1 s each), not the caller's deadline"
             assert "QueuePool limit" in caplog.text, "some calls waited for the pool, not only for the lock"
             await stub.ListExperienceTypes(types_pb.ListExperienceTypesRequest(), timeout=5)
     finally:
-        await locker.dispose()
         await server.stop()
 
 
@@ -209,13 +215,10 @@ async def test_a_server_holds_at_most_its_database_connections(postgres_url):
     settings = Settings(listen="127.0.0.1:0", database_url=postgres_url, grace_seconds=1, database_timeout_seconds=5)
     server = TallyServer(dataclasses.replace(settings, database_connections=3))
     await server.start()
-    locker = create_async_engine(postgres_url)
     try:
         async with aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
             stub = types_grpc.ExperienceTypeServiceStub(channel)
-            async with locker.connect() as conn:
-                await conn.execute(sa.text("BEGIN"))
-                await conn.execute(sa.text("LOCK TABLE experience_types IN ACCESS EXCLUSIVE MODE"))
+            async with table_locked(postgres_url, "experience_types") as conn:
                 reads = [stub.ListExperienceTypes(types_pb.ListExperienceTypesRequest(), timeout=20) for _ in range(10)]
                 waiting = asyncio.gather(*reads)
                 await asyncio.sleep(1.5)
@@ -227,11 +230,9 @@ async def test_a_server_holds_at_most_its_database_connections(postgres_url):
                         )
                     )
                 ).scalar_one()
-                await conn.execute(sa.text("ROLLBACK"))
             await waiting
             assert held == 3, held
     finally:
-        await locker.dispose()
         await server.stop()
     command = [sys.executable, "-m", "tally_server", "--listen", "127.0.0.1:0", "--database-connections", "1"]
     refused = await asyncio.to_thread(subprocess.run, command, capture_output=True, text=True, timeout=60)
@@ -302,13 +303,10 @@ async def test_a_read_stops_waiting_on_the_database_when_its_caller_s_deadline_p
     on the server), so nothing waits on for the caller that left."""
     server = TallyServer(Settings(listen="127.0.0.1:0", database_url=postgres_url, database_timeout_seconds=10))
     await server.start()
-    locker = create_async_engine(postgres_url)
     try:
         async with aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
             types = types_grpc.ExperienceTypeServiceStub(channel)
-            async with locker.connect() as conn:
-                await conn.execute(sa.text("BEGIN"))
-                await conn.execute(sa.text("LOCK TABLE experience_types IN ACCESS EXCLUSIVE MODE"))
+            async with table_locked(postgres_url, "experience_types"):
                 started = time.monotonic()
                 call = types.ListExperienceTypes(types_pb.ListExperienceTypesRequest(), timeout=1.0)
                 await asyncio.sleep(0.5)
@@ -318,11 +316,9 @@ async def test_a_read_stops_waiting_on_the_database_when_its_caller_s_deadline_p
                 assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
                 await until(lambda: _none_waiting(postgres_url), seconds=3)
                 assert time.monotonic() - started < 5, "well before the 10 s database timeout"
-                await conn.execute(sa.text("ROLLBACK"))
             listed = await types.ListExperienceTypes(types_pb.ListExperienceTypesRequest(), timeout=5)
             assert listed is not None  # the pool serves again
     finally:
-        await locker.dispose()
         await server.stop()
 
 

@@ -297,8 +297,8 @@ async def _latency_histograms(conn: AsyncConnection, ids: Sequence[uuid.UUID]) -
     if len(ids) == 1:
         # One experience (GetExperience): its id is not read back, as making a UUID of each
         # of a heavy run's ~300 rows took a fifth of the call.
-        query = sa.select(lat.c.bucket, lat.c.event_count).where(lat.c.experience_id == ids[0])
-        return {ids[0]: {int(bucket): int(count) for bucket, count in (await conn.execute(query)).all()}}
+        one = sa.select(lat.c.bucket, lat.c.event_count).where(lat.c.experience_id == ids[0])
+        return {ids[0]: {int(bucket): int(count) for bucket, count in (await conn.execute(one)).all()}}
     buckets: dict[uuid.UUID, dict[int, int]] = {experience_id: {} for experience_id in ids}
     query = sa.select(lat.c.experience_id, lat.c.bucket, lat.c.event_count).where(lat.c.experience_id.in_(ids))
     for experience_id, bucket, count in await conn.execute(query):

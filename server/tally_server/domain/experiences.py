@@ -114,10 +114,10 @@ class Experiences:
         v.raise_if_any()
         assert parsed is not None  # raise_if_any refused a missing or bad id
         async with self.db.read() as conn:
-            experience = await repo.get_experience(conn, parsed)
-            if experience is None:
-                raise experience_not_found(parsed)
-            rollup = (await repo.experience_rollups(conn, [parsed]))[parsed]
+            found = await repo.experience_with_rollup(conn, parsed)
+        if found is None:
+            raise experience_not_found(parsed)
+        experience, rollup = found
         return experience, stats.experience_stats(rollup)
 
     async def list(

@@ -317,13 +317,21 @@ def _rollup(row: Any, buckets: dict[int, int]) -> ExperienceRollup:
     )
 
 
-async def experience_rollups(conn: AsyncConnection, ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, ExperienceRollup]:
-    """The rollups of these experiences: two indexed reads, whatever their event counts."""
-    if not ids:
-        return {}
-    buckets = await _latency_histograms(conn, ids)
-    rows = await conn.execute(sa.select(*_ROLLUP_COLUMNS).where(experiences.c.id.in_(ids)))
-    return {row.id: _rollup(row, buckets[row.id]) for row in rows}
+async def experience_with_rollup(
+    conn: AsyncConnection, experience_id: uuid.UUID
+) -> tuple[m.Experience, ExperienceRollup] | None:
+    """One experience with its rollup (GetExperience): two indexed reads, its row and its
+    latency histogram, whatever its event count."""
+    query = (
+        sa.select(*hot_path.EXPERIENCE_COLUMNS, *_ROLLUP_COLUMNS[1:])  # the id is in both
+        .select_from(hot_path.EXPERIENCES_JOIN)
+        .where(experiences.c.id == experience_id)
+    )
+    row = (await conn.execute(query)).first()
+    if row is None:
+        return None
+    buckets = await _latency_histograms(conn, [experience_id])
+    return hot_path.experience_from_row(row), _rollup(row, buckets[experience_id])
 
 
 # ListExperiences orderings: the sort key of each, ascending; the id breaks ties.

@@ -114,19 +114,37 @@ async def stall(stub: ing_grpc.IngestServiceStub, calls: list[aio.StreamStreamCa
     return written
 
 
+async def settled_count(path: Path) -> int:
+    """The events stored once the writer has caught up (the count still for half a second)."""
+    counts: list[int] = []
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        while len(counts) < 2 or counts[-1] != counts[-2]:
+            counts.append(db.execute("SELECT count(*) FROM events").fetchone()[0])
+            await asyncio.sleep(0.5)
+    return counts[-1]
+
+
 @pytest.mark.slow
 async def test_stalled_readers_and_a_flood_keep_memory_bounded(tmp_path):
     server = await asyncio.to_thread(ServerProcess(f"sqlite+aiosqlite:///{tmp_path / 'load.db'}").start)
     assert server.process is not None
     try:
-        async with aio.insecure_channel(server.target) as channel:
+        # A stream window of 1 KiB and no BDP probing: the server can send a stream only a
+        # few answers before the client, never reading, stalls it at the HTTP/2 level.
+        stalling = [("grpc.http2.lookahead_bytes", 1024), ("grpc.http2.bdp_probe", 0)]
+        async with aio.insecure_channel(server.target, options=stalling) as channel:
             stub = ing_grpc.IngestServiceStub(channel)
             await stub.Ingest(pb.IngestRequest(event=event()))
             before = rss_mb(server.process.pid)
             calls: list[aio.StreamStreamCall] = []
             written = await asyncio.gather(*(stall(stub, calls) for _ in range(50)))
             stalled = rss_mb(server.process.pid)
+            stored = await settled_count(tmp_path / "load.db") - 1  # the first, unary event
             print(f"\nevents written by 50 streams that never read: {sum(written):,} (at most 5,000 each)")
+            print(f"stored meanwhile: {stored:,} (each stream stops at 512 events in flight)")
+            # The rest wait in the transport's buffers: the server takes no more of a
+            # stream while 512 of its events are unanswered.
+            assert 50 * 400 <= stored <= 50 * (512 + 100), stored
             async with aio.insecure_channel(server.target) as other:  # other clients, another connection
                 flooding = ing_grpc.IngestServiceStub(other)
                 flood = [flooding.Ingest(pb.IngestRequest(event=event(n)), timeout=60) for n in range(5000)]

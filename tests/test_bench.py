@@ -15,16 +15,16 @@ from .conftest import POSTGRES_URL
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def run_bench(module: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """`python -m <module> <args>` from the repository root; asserts that it exited 0."""
+    run = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, cwd=ROOT, timeout=180)
+    assert run.returncode == 0, run.stdout + run.stderr
+    return run
+
+
 @pytest.mark.slow
 def test_bench_reports_every_scenario_beside_its_baseline():
-    run = subprocess.run(
-        [sys.executable, "-m", "bench", "--seconds", "0.3", "--rounds", "1", "--workers", "2", "--connections", "2"],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=180,
-    )
-    assert run.returncode == 0, run.stdout + run.stderr
+    run = run_bench("bench", "--seconds", "0.3", "--rounds", "1", "--workers", "2", "--connections", "2")
     for line in (
         "no-op unary (c=64)",
         "Ingest unary (c=64)",
@@ -40,14 +40,7 @@ def test_bench_reports_every_scenario_beside_its_baseline():
 
 @pytest.mark.slow
 def test_read_bench_times_every_read_at_each_size():
-    run = subprocess.run(
-        [sys.executable, "-m", "bench.reads", "--sizes", "2000,4000", "--calls", "2"],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=180,
-    )
-    assert run.returncode == 0, run.stdout + run.stderr
+    run = run_bench("bench.reads", "--sizes", "2000,4000", "--calls", "2")
     from bench.reads import TARGETS
 
     for read in TARGETS:
@@ -57,14 +50,7 @@ def test_read_bench_times_every_read_at_each_size():
 
 @pytest.mark.slow
 def test_migration_bench_times_the_rollups_migration_on_both_engines():
-    run = subprocess.run(
-        [sys.executable, "-m", "bench.migration", "--sizes", "1000,2000", "--postgres-url", POSTGRES_URL],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=180,
-    )
-    assert run.returncode == 0, run.stdout + run.stderr
+    run = run_bench("bench.migration", "--sizes", "1000,2000", "--postgres-url", POSTGRES_URL)
     rows = re.findall(r"^(SQLite|PostgreSQL) +([\d,]+) +[\d.]+ +[\d,]+$", run.stdout, re.MULTILINE)
     expected = [(engine, size) for engine in ("SQLite", "PostgreSQL") for size in ("1,000", "2,000")]
     assert rows == expected, run.stdout
@@ -72,14 +58,7 @@ def test_migration_bench_times_the_rollups_migration_on_both_engines():
 
 @pytest.mark.slow
 def test_budget_reports_every_stage():
-    run = subprocess.run(
-        [sys.executable, "-m", "bench.budget", "--batches", "2", "--postgres-url", POSTGRES_URL],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=180,
-    )
-    assert run.returncode == 0, run.stdout + run.stderr
+    run = run_bench("bench.budget", "--batches", "2", "--postgres-url", POSTGRES_URL)
     assert "failed" not in run.stderr, run.stderr
     # The tricks weighed on both engines, in commits of 1,000 and of 32.
     assert len(re.findall(r"^  (sqlite|postgresql) +(1000|32) ", run.stdout, re.MULTILINE)) == 4, run.stdout

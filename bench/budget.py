@@ -24,13 +24,13 @@ import time
 
 from tally.v1 import ingest_service_pb2 as pb
 from tally_server.app import run_event_loop, tune_garbage_collector
-from tally_server.domain.experience_types import ExperienceTypes
-from tally_server.domain.experiences import Experiences
-from tally_server.domain.ingest import Ingestor
 from tally_server.domain.models import now_us
 from tally_server.rpc import convert, metadata
 from tally_server.rpc.servicers import _prepare
-from tally_server.storage import hot_path, repository
+from tally_server.services.experience_types import ExperienceTypes
+from tally_server.services.experiences import Experiences
+from tally_server.services.ingest import Ingestor
+from tally_server.storage import events as stored_events, hot_path
 from tally_server.storage.db import Database
 
 from .__main__ import Keys, create_postgres_database, drop_postgres_database, encode_batch, raw_sqlite
@@ -51,7 +51,7 @@ async def measure(url: str, batches: int, batch: int = BATCH, plain: bool = Fals
 
     # The insert is timed inside the writer's transaction by wrapping it.
     insert_seconds: list[float] = []
-    real_insert = repository.insert_events
+    real_insert = stored_events.insert_events
 
     async def timed_insert(conn, stored):
         start = time.perf_counter()
@@ -60,7 +60,7 @@ async def measure(url: str, batches: int, batch: int = BATCH, plain: bool = Fals
         finally:
             insert_seconds.append(time.perf_counter() - start)
 
-    repository.insert_events = timed_insert
+    stored_events.insert_events = timed_insert
     tricks = {name: getattr(hot_path, name) for name in hot_path.PLAIN}
     if plain:
         for name, statement in hot_path.PLAIN.items():
@@ -84,7 +84,7 @@ async def measure(url: str, batches: int, batch: int = BATCH, plain: bool = Fals
             response.SerializeToString()
             stages["answer"].append(time.perf_counter() - start)
     finally:
-        repository.insert_events = real_insert
+        stored_events.insert_events = real_insert
         for name, trick in tricks.items():
             setattr(hot_path, name, trick)
         await ingestor.stop()

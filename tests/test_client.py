@@ -94,7 +94,7 @@ def test_create_metadata_names_every_key_and_leaves_out_what_is_unset():
 
 async def test_every_call_has_a_deadline(stubs, monkeypatch):
     from tally_client import TallyError
-    from tally_server.domain.experience_types import ExperienceTypes
+    from tally_server.services.experience_types import ExperienceTypes
 
     async def slow(self, name):
         await asyncio.sleep(1)
@@ -109,7 +109,7 @@ async def test_every_call_has_a_deadline(stubs, monkeypatch):
 async def test_reads_are_retried_on_unavailable_and_writes_are_not(stubs, monkeypatch):
     from tally_client import Unavailable
     from tally_server.domain.errors import Code, TallyError as ServerError
-    from tally_server.domain.experience_types import ExperienceTypes
+    from tally_server.services.experience_types import ExperienceTypes
 
     name = unique("Retry")
     original_get = ExperienceTypes.get

@@ -470,21 +470,21 @@ async def test_concurrent_unary_ingests_share_commits_and_all_land(stubs):
 async def test_a_database_failure_is_unavailable_per_event_and_stores_nothing_half(stubs, monkeypatch):
     import sqlalchemy as sa
 
-    from tally_server.storage import repository
+    from tally_server.storage import events as stored_events
 
     name = await new_type(stubs)
     experience = (
         await stubs.experiences.CreateExperience(exp_pb.CreateExperienceRequest(experience_name=name))
     ).experience
     metadata = (("xproxy-experience-id", experience.experience_id),)
-    real_insert = repository.insert_events
+    real_insert = stored_events.insert_events
 
     async def failing_insert(conn, stored):
         if any(result.cost.total_nanos == 2_500_000 for _, result in stored):  # the event with 1,000 input tokens
             raise sa.exc.OperationalError("INSERT", {}, Exception("database is locked"))
         return await real_insert(conn, stored)
 
-    monkeypatch.setattr(repository, "insert_events", failing_insert)
+    monkeypatch.setattr(stored_events, "insert_events", failing_insert)
     async with raises(grpc.StatusCode.UNAVAILABLE, "STORAGE_UNAVAILABLE") as error:
         await stubs.ingest.Ingest(pb.IngestRequest(event=gpt4o(1000, 0)), metadata=metadata)
     assert "locked" not in error.message, "no exception text reaches the caller"

@@ -2,17 +2,27 @@
 
 from __future__ import annotations
 
+import uuid
+
 import pytest
 import sqlalchemy as sa
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
+from grpc import aio
 
-from tally_server.storage import rollups
+from tally.v1 import (
+    experience_service_pb2 as exp_pb,
+    experience_type_service_pb2 as types_pb,
+    report_service_pb2 as report_pb,
+    report_service_pb2_grpc as report_grpc,
+)
+from tally_server.app import TallyServer
+from tally_server.config import Settings
 from tally_server.storage.db import Database, alembic_config
 from tally_server.storage.tables import metadata
 
-from .conftest import drop_database_url, make_database_url
+from .conftest import drop_database_url, make_database_url, stubs_for
 
 
 async def test_migrations_match_the_table_definitions(server):
@@ -25,7 +35,7 @@ async def test_migrations_match_the_table_definitions(server):
         assert [row[0] for row in version] == ["0005"]
 
 
-async def test_an_upgrade_that_fails_changes_nothing(backend, tmp_path, monkeypatch):
+async def test_an_upgrade_that_fails_changes_nothing(backend, tmp_path):
     """The rollups' migration fails at its last step (building them from the events): the
     database is left at 0004, without a table or column of 0005."""
     url = await make_database_url(backend, tmp_path)
@@ -34,12 +44,17 @@ async def test_an_upgrade_that_fails_changes_nothing(backend, tmp_path, monkeypa
         async with database.write() as conn:
             await conn.run_sync(lambda c: command.upgrade(alembic_config(c), "0004"))
 
-        def fail(connection):
-            raise RuntimeError("stopped mid-way")
+        def fail_at_the_backfill(conn, cursor, statement, *args):
+            # The backfill's first statement counts the stored events; 0005's DDL ran before it.
+            if statement.lstrip().upper().startswith("SELECT COUNT(*)") and "FROM events" in statement:
+                raise RuntimeError("stopped mid-way")
 
-        monkeypatch.setattr(rollups, "backfill", fail)
-        with pytest.raises(RuntimeError, match="stopped mid-way"):
-            await database.migrate()
+        sa.event.listen(database.engine.sync_engine, "before_cursor_execute", fail_at_the_backfill)
+        try:
+            with pytest.raises(RuntimeError, match="stopped mid-way"):
+                await database.migrate()
+        finally:
+            sa.event.remove(database.engine.sync_engine, "before_cursor_execute", fail_at_the_backfill)
 
         def schema(connection):
             inspector = sa.inspect(connection)
@@ -54,4 +69,113 @@ async def test_an_upgrade_that_fails_changes_nothing(backend, tmp_path, monkeypa
         assert "cost_total_nanos" not in columns, columns
     finally:
         await database.dispose()
+        await drop_database_url(url)
+
+
+def _rows_at_0001(connection):
+    """A type, one experience with two events (one failed), and one unattributed event,
+    written as the first migration's schema had them."""
+
+    def table(name, *columns, uuids=(), json=()):
+        typed = [sa.column(c, sa.Uuid) for c in uuids] + [sa.column(c, sa.JSON) for c in json]
+        return sa.table(name, *typed, *(sa.column(c) for c in columns))
+
+    times = ("create_time_us", "update_time_us")
+    types = table("experience_types", "id", "name", "description", "version", *times, json=["settings"])
+    versions = table("experience_type_versions", "type_id", "version", "description", times[0], json=["settings"])
+    experiences = table("experiences", "type_id", "version", times[0], uuids=["id"], json=["properties"])
+    event_columns = ["content_hash", "experience_created", "category", "resource", "ingest_time_us", "event_time_us"]
+    event_columns += ["time_to_first_token_ms", "end_to_end_latency_ms", "http_status_code", "price_source"]
+    event_columns += ["cost_state", "cost_input_nanos", "cost_output_nanos", "cost_total_nanos"]
+    events = table("events", *event_columns, uuids=["id", "experience_id"], json=["units"])
+    connection.execute(
+        types.insert().values(
+            id=1, name="Old", description="", settings={}, version=1, create_time_us=DAY, update_time_us=DAY
+        )
+    )
+    connection.execute(versions.insert().values(type_id=1, version=1, description="", settings={}, create_time_us=DAY))
+    connection.execute(
+        experiences.insert().values(id=EXPERIENCE, type_id=1, version=1, create_time_us=DAY, properties={})
+    )
+    base = {
+        "content_hash": "0" * 64,
+        "experience_created": False,
+        "category": "system.openai",
+        "resource": "gpt-4o",
+        "units": {"text": [10, 5]},
+        "ingest_time_us": DAY,
+        "time_to_first_token_ms": 0,
+        "price_source": 1,
+        "cost_state": 1,
+        "cost_input_nanos": 0,
+    }
+    rows = [
+        (EXPERIENCE, DAY + 1, 40, 200, 1_500_000_001),
+        (EXPERIENCE, DAY + 3_600_000_000, 60, 500, 2_000_000_000),
+        (None, DAY + 2, 10, 200, 7),
+    ]
+    connection.execute(
+        events.insert(),
+        [
+            {
+                **base,
+                "id": uuid.uuid4(),
+                "experience_id": experience_id,
+                "event_time_us": time_us,
+                "end_to_end_latency_ms": latency,
+                "http_status_code": status,
+                "cost_output_nanos": cost,
+                "cost_total_nanos": cost,
+            }
+            for experience_id, time_us, latency, status, cost in rows
+        ],
+    )
+
+
+DAY = 20_000 * 86_400 * 1_000_000
+EXPERIENCE = uuid.UUID("0190b5a8-0000-7000-8000-000000000001")
+
+
+@pytest.mark.parametrize("loaded", [False, True], ids=["empty", "loaded"])
+async def test_a_database_upgrades_from_the_first_migration_to_head(backend, tmp_path, loaded):
+    """Every migration in turn, on an empty database and on one holding events from the
+    first schema: the rollups the frozen 0005 builds answer as the ingest path keeps them."""
+    url = await make_database_url(backend, tmp_path)
+    database = Database(url)
+    try:
+        async with database.write() as conn:
+            await conn.run_sync(lambda c: command.upgrade(alembic_config(c), "0001"))
+            if loaded:
+                await conn.run_sync(_rows_at_0001)
+        await database.migrate()
+        async with database.read() as conn:
+            version = (await conn.exec_driver_sql("SELECT version_num FROM alembic_version")).scalar_one()
+            assert version == "0005"
+            assert await conn.run_sync(lambda c: compare_metadata(MigrationContext.configure(c), metadata)) == []
+    finally:
+        await database.dispose()
+    tally = TallyServer(Settings(listen="127.0.0.1:0", database_url=url, grace_seconds=1))
+    await tally.start()
+    try:
+        async with aio.insecure_channel(f"127.0.0.1:{tally.port}") as channel:
+            stubs = stubs_for(channel, tally, backend)
+            if not loaded:
+                listed = await stubs.types.ListExperienceTypes(types_pb.ListExperienceTypesRequest())
+                assert list(listed.experience_types) == []
+                return
+            got = await stubs.experiences.GetExperience(exp_pb.GetExperienceRequest(experience_id=str(EXPERIENCE)))
+            stats = got.experience.stats
+            assert (stats.event_count, stats.failed_event_count) == (2, 1)
+            assert (stats.cost_total.units, stats.cost_total.nanos) == (3, 500_000_001)
+            assert stats.latency_mean_ms == 50
+            type_stats = await stubs.types.GetExperienceTypeStats(types_pb.GetExperienceTypeStatsRequest(name="Old"))
+            assert type_stats.total.experience_count == 1
+            highest = type_stats.total.max_cost_per_experience
+            assert (highest.units, highest.nanos) == (3, 500_000_001)
+            reports = report_grpc.ReportServiceStub(channel)
+            by_type = report_pb.BreakDownCostRequest(group_by=[report_pb.COST_DIMENSION_EXPERIENCE_NAME])
+            breakdown = await reports.BreakDownCost(by_type)
+            assert {g.experience_name: g.event_count for g in breakdown.groups} == {"Old": 2, "": 1}
+    finally:
+        await tally.stop()
         await drop_database_url(url)

@@ -31,8 +31,8 @@ from tally.v1 import (
 )
 from tally_server.app import TallyServer
 from tally_server.config import Settings
-from tally_server.domain import ingest as ingest_module
-from tally_server.storage import repository as repo
+from tally_server.services import ingest as ingest_module
+from tally_server.storage import events as stored_events
 from tally_server.storage.db import Database, alembic_config
 
 from .conftest import drop_database_url, make_database_url, unique
@@ -523,7 +523,10 @@ async def test_an_event_racing_a_deletion_ends_unattributed(stubs, monkeypatch, 
 
     reached, release = asyncio.Event(), asyncio.Event()
     # Paused once resolution is done, or once the insert is (the experience's row then locked).
-    after = {"after_resolving": (ingest_module, "resolve_experiences"), "after_locking": (repo, "insert_events")}
+    after = {
+        "after_resolving": (ingest_module, "resolve_experiences"),
+        "after_locking": (stored_events, "insert_events"),
+    }
     module, function = after[paused]
     real = getattr(module, function)
 

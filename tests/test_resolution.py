@@ -15,7 +15,8 @@ import pytest
 from tally.v1 import experience_service_pb2 as exp_pb, experience_type_service_pb2 as et_pb, ingest_service_pb2 as pb
 from tally_server.domain.errors import TallyError
 from tally_server.domain.models import EventContext, now_us
-from tally_server.domain.resolution import derive_experience_id, resolve_experiences
+from tally_server.domain.resolution import derive_experience_id
+from tally_server.services.resolution import resolve_experiences
 
 from .conftest import unique
 from .helpers import raises

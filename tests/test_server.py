@@ -16,7 +16,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from tally.v1 import experience_service_pb2 as exp_pb, experience_type_service_pb2 as pb
 from tally_server.app import TallyServer
 from tally_server.config import Settings
-from tally_server.domain.experience_types import ExperienceTypes
+from tally_server.services.experience_types import ExperienceTypes
 
 from .conftest import unique
 from .helpers import decode

@@ -36,15 +36,7 @@ from tally.v1 import (
 from . import metrics
 from .config import RefusedToStart, Settings, auth_required
 from .domain.errors import StorageUnavailable
-from .domain.events import Events
-from .domain.experience_types import ExperienceTypes
-from .domain.experiences import Experiences
-from .domain.ingest import Ingestor
-from .domain.keys import ApiKeys
 from .domain.paging import PageTokens
-from .domain.prices import Prices
-from .domain.pricing import PriceCatalog
-from .domain.reports import Reports
 from .rpc.access import Access, required_scopes
 from .rpc.interceptor import Admission, ServerInterceptor
 from .rpc.servicers import (
@@ -56,7 +48,14 @@ from .rpc.servicers import (
     PriceCatalogServicer,
     ReportServicer,
 )
-from .storage import repository as repo
+from .services.catalog import LiveCatalog
+from .services.events import Events
+from .services.experience_types import ExperienceTypes
+from .services.experiences import Experiences
+from .services.ingest import Ingestor
+from .services.keys import ApiKeys
+from .services.prices import Prices
+from .services.reports import Reports
 from .storage.db import Database
 from .tls import CertificateFiles, certificate_files
 
@@ -95,7 +94,7 @@ class TallyServer:
             timeout=settings.database_timeout_seconds,
             connections=settings.database_connections,
         )
-        self.catalog = PriceCatalog()
+        self.catalog = LiveCatalog()
         self.ingestor = Ingestor(self.db, self.catalog, max_queued_events=settings.max_queued_events)
         self.health = health.aio.HealthServicer()
         # One signer of page tokens for every list; start() gives it the database's shared key.
@@ -117,8 +116,7 @@ class TallyServer:
         auth, warning = auth_required(self.settings)
         self.certificates = certificate_files(self.settings)
         await self.db.migrate()
-        async with self.db.read() as conn:
-            self.pages.key = await repo.server_key(conn, "page_tokens")
+        self.pages.key = await self.keys.server_key("page_tokens")
         if warning:
             log.warning(warning)
         if auth and not (await self.keys.list(1, "")).items:
@@ -153,7 +151,7 @@ class TallyServer:
         )
         ingest_service_pb2_grpc.add_IngestServiceServicer_to_server(IngestServicer(self.ingestor), server)
         price_catalog_service_pb2_grpc.add_PriceCatalogServiceServicer_to_server(
-            PriceCatalogServicer(self.prices, self.ingestor), server
+            PriceCatalogServicer(self.prices), server
         )
         api_key_service_pb2_grpc.add_ApiKeyServiceServicer_to_server(ApiKeyServicer(self.keys), server)
         event_service_pb2_grpc.add_EventServiceServicer_to_server(EventServicer(self.events), server)

@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING, TypeVar
 from .config import add_arguments, add_database_argument, from_arguments
 
 if TYPE_CHECKING:
-    from .domain.keys import ApiKeys
     from .domain.models import ApiKey
+    from .services.keys import ApiKeys
 
 T = TypeVar("T")
 SCOPES = ("ingest", "read", "admin")  # as domain.keys.SCOPES, which a test holds equal
@@ -90,7 +90,7 @@ def _on_database(args: argparse.Namespace, work: Awaitable[T]) -> T:
 
 def _keys(args: argparse.Namespace, work: Callable[[ApiKeys], Awaitable[T]]) -> T:
     """Runs `work` on the keys of the database, which is created or migrated first."""
-    from .domain.keys import ApiKeys
+    from .services.keys import ApiKeys
     from .storage.db import Database
 
     async def on_database() -> T:

@@ -1,146 +1,131 @@
-"""Events read back: listed with filters, or looked up by request id or idempotency key."""
+"""An event's rules: what makes it valid, its idempotency key, the bound on its cost,
+and the quote of a planned call. No I/O: the ingest service applies them."""
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import uuid
-from typing import Any
+import logging
 
-from ..storage import repository as repo
-from ..storage.db import Database
-from . import paging
-from .errors import TallyError, Violations, not_found
-from .ingest import result_from_row
-from .models import CostState, EventContext, Page, StoredEvent, UsageEvent
-from .validation import check_name, check_text, parse_uuid
+from .errors import Code, TallyError, Violation, Violations, invalid
+from .models import (
+    NO_CONTEXT,
+    Cost,
+    UsageEvent,
+)
+from .pricing import PriceCatalog
+from .validation import (
+    CATEGORY_PATTERN,
+    LATENCY_MAX_MS,
+    NAME_PATTERN,
+    PROPERTIES_MAX_ENTRIES,
+    UNIT_COUNT_MAX,
+    UNIT_TYPE_PATTERN,
+    check_price_context,
+    check_string_map,
+    check_text,
+)
+
+log = logging.getLogger(__name__)
+
+MAX_BATCH_EVENTS = 1000
+MAX_FUTURE_SKEW_US = 5 * 60 * 1_000_000
+MAX_UNIT_TYPES = 32
+MAX_TAGS = 32
 
 
-def event_not_found(how: str, value: str) -> TallyError:
-    return not_found("EVENT_NOT_FOUND", "tally.v1.StoredEvent", value, f"no event with {how} {value!r}")
+def checked_event(event: UsageEvent, now: int, v: Violations) -> UsageEvent | TallyError:
+    """The event if it is valid, else the INVALID_ARGUMENT that refuses it: the violations
+    already found (`v`, e.g. by merging the call's context) and those of its fields."""
+    validate_event(event, now, v)
+    return invalid(v.items, "INVALID_EVENT") if v else event
 
 
-def stored_event(row: Any) -> StoredEvent:
-    """An events row (with its experience's name and version) as the event and its result."""
-    result = dataclasses.replace(result_from_row(row), duplicate=False)
-    units = row.units if isinstance(row.units, dict) else json.loads(row.units)
-    event = UsageEvent(
-        category=row.category,
-        resource=row.resource,
-        units={unit: (int(counts[0]), int(counts[1])) for unit, counts in units.items()},
-        event_time_us=row.event_time_us,
-        end_to_end_latency_ms=row.end_to_end_latency_ms,
-        time_to_first_token_ms=row.time_to_first_token_ms,
-        http_status_code=row.http_status_code,
-        provider_response_id=row.provider_response_id or "",
-        idempotency_key=row.idempotency_key or "",
-        properties=dict(row.properties or {}),
-        context=EventContext(
-            experience_id=str(row.experience_id) if row.experience_id and row.experience_name else "",
-            experience_name=row.experience_name or "",
-            experience_version=row.experience_version or 0,
-            user_id=row.user_id or "",
-            request_tags=tuple(row.request_tags or ()),
-        ),
-        content_hash=row.content_hash,
-        price_context=dict(row.price_context or {}),
+def validate_event(event: UsageEvent, now: int | None, v: Violations) -> None:
+    """Adds a violation for each invalid field; paths are relative to the event.
+    `now` None skips the future check (a quote may price a planned call)."""
+    if not event.category:
+        v.add("category", "category is required, e.g. 'system.openai'")
+    elif not CATEGORY_PATTERN.fullmatch(event.category):
+        v.add("category", "must match [A-Za-z0-9._-]{1,128}")
+    if not event.resource:
+        v.add("resource", "resource is required, e.g. 'gpt-4o'")
+    elif len(event.resource) > 256 or not event.resource.isprintable():
+        v.add("resource", "must be 1 to 256 printable characters")
+    if len(event.units) > MAX_UNIT_TYPES:
+        v.add("units", f"at most {MAX_UNIT_TYPES} unit types, got {len(event.units)}")
+    for unit_type, (input_count, output_count) in event.units.items():
+        if not UNIT_TYPE_PATTERN.fullmatch(unit_type):
+            v.add(f"units[{unit_type[:64]!r}]", "unit type must match [a-z0-9_]{1,64}")
+        if not (0 <= input_count <= UNIT_COUNT_MAX and 0 <= output_count <= UNIT_COUNT_MAX):
+            for direction, count in (("input", input_count), ("output", output_count)):
+                if not 0 <= count <= UNIT_COUNT_MAX:
+                    v.add(f"units[{unit_type[:64]!r}].{direction}", f"must be 0 to {UNIT_COUNT_MAX:,}, got {count}")
+    if now is not None and event.event_time_us > now + MAX_FUTURE_SKEW_US:
+        v.add("event_timestamp", "is more than 5 minutes in the future")
+    elif event.event_time_us < 0:
+        v.add("event_timestamp", "must not be before 1970-01-01")
+    latency, first_token = event.end_to_end_latency_ms, event.time_to_first_token_ms
+    if not (0 <= latency <= LATENCY_MAX_MS and 0 <= first_token <= LATENCY_MAX_MS):
+        for name, value in (("end_to_end_latency_ms", latency), ("time_to_first_token_ms", first_token)):
+            if not 0 <= value <= LATENCY_MAX_MS:
+                v.add(name, f"must be 0 to {LATENCY_MAX_MS:,} (a week), got {value}")
+    if event.http_status_code and not 100 <= event.http_status_code <= 599:
+        v.add("http_status_code", f"must be 0 (unknown) or 100..599, got {event.http_status_code}")
+    check_text(v, "provider_response_id", event.provider_response_id)
+    check_text(v, "idempotency_key", event.idempotency_key)
+    check_string_map(v, "properties", event.properties, PROPERTIES_MAX_ENTRIES)
+    context = event.context
+    check_text(v, "context.experience_id", context.experience_id)
+    if context.experience_name and not NAME_PATTERN.fullmatch(context.experience_name):
+        v.add("context.experience_name", "experience type name must match [A-Za-z0-9._-]{1,64}")
+    if context.experience_version < 0:
+        v.add("context.experience_version", "must be 0 (current) or a version number")
+    check_text(v, "context.user_id", context.user_id)
+    if event.price_context:
+        check_price_context(v, "price_context", event.price_context)
+    if len(context.request_tags) > MAX_TAGS:
+        v.add("context.request_tags", f"at most {MAX_TAGS} tags")
+    for tag in context.request_tags:
+        if not tag or len(tag) > 128 or "," in tag or "\x00" in tag:
+            v.add("context.request_tags", f"each tag is 1 to 128 characters without commas, got {tag[:80]!r}")
+
+
+# At most $1,000,000 an event. With it, an event's costs fit in 64-bit nano-dollars with
+# room to spare, and sums (taken as whole dollars and nanos apart, storage/repository.py)
+# cannot overflow below 9 trillion events.
+MAX_EVENT_COST_NANOS = 10**15
+
+
+def cost_out_of_range(cost: Cost) -> TallyError:
+    return invalid(
+        [Violation("units", f"the event would cost ${cost.total_nanos / 1e9:,.0f}; at most $1,000,000 an event")],
+        "COST_OUT_OF_RANGE",
     )
-    return StoredEvent(event, result)
 
 
-class Events:
-    def __init__(self, db: Database, pages: paging.PageTokens | None = None) -> None:
-        self.db = db
-        self.pages = pages or paging.PageTokens()
+def idempotency_key(event: UsageEvent) -> str:
+    return event.idempotency_key or event.provider_response_id
 
-    async def get(self, request_id: str = "", idempotency_key: str = "") -> StoredEvent:
-        v = Violations()
-        if bool(request_id) == bool(idempotency_key):
-            v.add("lookup", "set exactly one of request_id and idempotency_key")
-        parsed = parse_uuid(request_id) if request_id else None
-        if request_id and parsed is None:
-            v.add("request_id", f"not a UUID: {request_id[:80]!r}")
-        check_text(v, "idempotency_key", idempotency_key, 300)
-        v.raise_if_any()
-        async with self.db.read() as conn:
-            if parsed is not None:
-                row = await repo.event_by_id(conn, parsed)
-            else:
-                row = (await repo.events_by_key(conn, [idempotency_key])).get(idempotency_key)
-        if row is None:
-            raise event_not_found(*(("request id", request_id) if request_id else ("idempotency key", idempotency_key)))
-        return stored_event(row)
 
-    async def list(
-        self,
-        *,
-        experience_id: str = "",
-        experience_name: str = "",
-        experience_version: int = 0,
-        user_id: str = "",
-        request_tag: str = "",
-        category: str = "",
-        resource: str = "",
-        cost_state: int = 0,
-        start_us: int | None = None,
-        end_us: int | None = None,
-        page_size: int = 0,
-        page_token: str = "",
-    ) -> Page:
-        v = Violations()
-        parsed = parse_uuid(experience_id) if experience_id else None
-        if experience_id and parsed is None:
-            v.add("experience_id", f"not a UUID: {experience_id[:80]!r}")
-        if experience_name:
-            check_name(v, "experience_name", experience_name, what="experience type name")
-        if experience_version < 0:
-            v.add("experience_version", "must be 0 (all versions) or a version number")
-        elif experience_version and not experience_name:
-            v.add("experience_version", "needs experience_name")
-        if cost_state and cost_state not in {int(state) for state in CostState}:
-            v.add("cost_state", f"not a cost state: {cost_state}")
-        if start_us is not None and end_us is not None and end_us <= start_us:
-            v.add("end_time", "must be after start_time")
-        for field, value in (
-            ("user_id", user_id),
-            ("request_tag", request_tag),
-            ("category", category),
-            ("resource", resource),
-        ):
-            check_text(v, field, value, 256)
-        v.raise_if_any()
-        size = paging.page_size(page_size)
-        filters = [experience_id, experience_name, experience_version, user_id, request_tag, category, resource]
-        filters += [cost_state, start_us, end_us]
-        position = self.pages.decode(
-            page_token,
-            "events",
-            filters,
-            lambda p: isinstance(p, list) and len(p) == 2 and isinstance(p[0], int) and parse_uuid(p[1]) is not None,
-        )
-        before = None if position is None else (position[0], uuid.UUID(position[1]))
-        async with self.db.read() as conn:
-            type_id = None
-            if experience_name:
-                type_row = await repo.get_type(conn, experience_name)
-                if type_row is None:
-                    return Page([], "")
-                type_id = type_row[0]
-            event_filter = repo.EventFilter(
-                parsed,
-                type_id,
-                experience_version,
-                user_id,
-                request_tag,
-                category,
-                resource,
-                cost_state,
-                start_us,
-                end_us,
-            )
-            rows = await repo.list_events(conn, event_filter, before, size + 1)
-        token = ""
-        if len(rows) > size:
-            last = rows[size - 1]
-            token = self.pages.encode("events", filters, [last.event_time_us, str(last.id)])
-        return Page([stored_event(row) for row in rows[:size]], token)
+def key_reused(key: str) -> TallyError:
+    return TallyError(
+        Code.ALREADY_EXISTS,
+        "IDEMPOTENCY_KEY_REUSED",
+        f"idempotency key {key[:80]!r} was already used by an event with different content",
+        resource=("tally.v1.UsageEvent", key[:256]),
+    )
+
+
+def quote(
+    catalog: PriceCatalog,
+    category: str,
+    resource: str,
+    units: dict[str, tuple[int, int]],
+    time_us: int,
+    price_context: dict[str, str] | None = None,
+) -> Cost:
+    v = Violations()
+    context = price_context or {}
+    probe = UsageEvent(category, resource, units, time_us, 0, 0, 0, "", "", {}, NO_CONTEXT, "", context)
+    validate_event(probe, None, v)
+    v.raise_if_any()
+    return catalog.price(category, resource, units, time_us, context)

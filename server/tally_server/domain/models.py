@@ -178,6 +178,10 @@ class EventContext:
     warnings: tuple[str, ...] = ()
 
 
+# The context of a call or event that names nothing: the event is unattributed.
+NO_CONTEXT = EventContext()
+
+
 @dataclass(slots=True)
 class UsageEvent:
     """A validated event, ready to be priced and stored."""
@@ -256,7 +260,7 @@ class CostTotals:
 
 
 @dataclass(slots=True)
-class ExperienceRollup:
+class ExperienceAddition:
     """What one commit adds to one experience's statistics."""
 
     totals: CostTotals = field(default_factory=CostTotals)
@@ -264,6 +268,29 @@ class ExperienceRollup:
     last_event_time_us: int = 0
     latency_sum_ms: int = 0
     latency_buckets: dict[int, int] = field(default_factory=dict)  # bucket: events
+
+
+@dataclass(frozen=True)
+class ExperienceRollup:
+    """An experience's rollup as stored: its sums and its latency histogram."""
+
+    totals: CostTotals
+    latency_sum_ms: int
+    first_event_time_us: int | None
+    last_event_time_us: int | None
+    latency_buckets: dict[int, int]
+
+
+@dataclass
+class VersionCosts:
+    """GetExperienceTypeStats' sums over one version's experiences, and their cost histogram."""
+
+    version: int
+    experience_count: int = 0
+    event_count: int = 0
+    unpriced_event_count: int = 0
+    total_nanos: int = 0
+    buckets: dict[int, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

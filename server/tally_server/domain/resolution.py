@@ -14,9 +14,9 @@ Safe under concurrency: creation is an insert that ignores a conflicting id,
 followed by a read of whichever row won, so concurrent resolutions of one new
 id end with one experience, on one server or many.
 
-The steps, for all the events of one commit at once: plan each context (no I/O),
-read what exists, decide each distinct plan, create what is missing, and answer
-each event.
+The steps, for all the events of one commit at once: plan each context, read what
+exists, decide each distinct plan, create what is missing, and answer each event.
+The rules are here, without I/O; services.resolution reads and creates.
 """
 
 from __future__ import annotations
@@ -24,12 +24,8 @@ from __future__ import annotations
 import dataclasses
 import uuid
 from collections.abc import Sequence
-from typing import Any
 
-from sqlalchemy.ext.asyncio import AsyncConnection
-
-from ..storage import repository as repo
-from .errors import Code, TallyError, Violation, failed_precondition, invalid, not_found
+from .errors import TallyError, Violation, failed_precondition, invalid, not_found
 from .ids import uuid7
 from .models import EventContext, Experience, ExperienceType, Resolution
 from .validation import parse_uuid
@@ -79,7 +75,7 @@ def _no_such_version(name: str, version: int, current: int) -> TallyError:
     return invalid([Violation("experience_version", message)])
 
 
-class _Plan:
+class Plan:
     """What one context asks for, before the database is read. `generated` ids are
     new by construction (rule 4), so they are never looked up."""
 
@@ -96,38 +92,23 @@ class _Plan:
 
 
 @dataclasses.dataclass(slots=True)
-class _ToCreate:
+class ToCreate:
     """A plan that will create its experience, of this type at this version."""
 
-    plan: _Plan
+    plan: Plan
     type_id: int
     version: int
 
 
-_Decision = Resolution | TallyError | _ToCreate
+Decision = Resolution | TallyError | ToCreate
 _UNATTRIBUTED = Resolution(None)
 
 
-async def resolve_experiences(
-    conn: AsyncConnection, contexts: Sequence[EventContext], now_us: int
-) -> list[Resolution | TallyError]:
-    """Resolves each context inside the caller's transaction, creating experiences as needed.
-
-    Returns, per context, its Resolution or the TallyError that refuses it.
-    """
-    plans = _plans(contexts)
-    distinct = list({id(plan): plan for plan in plans if plan is not None}.values())
-    existing, types = await _read_existing(conn, distinct)
-    decided = {id(plan): _decide(plan, existing, types) for plan in distinct}
-    await _create(conn, decided, now_us)
-    return _per_event(plans, decided)
-
-
-def _plan(context: EventContext) -> _Plan | None:
+def _plan(context: EventContext) -> Plan | None:
     if not context.experience_id:
         if not context.experience_name:
             return None  # rule 5
-        return _Plan(new_experience_id(), context.experience_name, context.experience_version, (), True)  # rule 4
+        return Plan(new_experience_id(), context.experience_name, context.experience_version, (), True)  # rule 4
     parsed = parse_uuid(context.experience_id)
     warnings: tuple[str, ...] = ()
     if parsed is None:  # rule 3
@@ -136,16 +117,16 @@ def _plan(context: EventContext) -> _Plan | None:
             f"experience id {context.experience_id[:80]!r} is not a UUID; "
             f"the event is attributed to the derived id {parsed}",
         )
-    return _Plan(parsed, context.experience_name, context.experience_version, warnings, False)
+    return Plan(parsed, context.experience_name, context.experience_version, warnings, False)
 
 
-def _plans(contexts: Sequence[EventContext]) -> list[_Plan | None]:
+def plans(contexts: Sequence[EventContext]) -> list[Plan | None]:
     """A plan per context. Events of one call mostly share a context: each distinct
     id is planned once (rule 4 plans a new experience per event)."""
-    planned: dict[EventContext, _Plan | None] = {}
-    plans: list[_Plan | None] = []
+    planned: dict[EventContext, Plan | None] = {}
+    plans: list[Plan | None] = []
     last_context: EventContext | None = None
-    last_plan: _Plan | None = None
+    last_plan: Plan | None = None
     for context in contexts:
         if context is last_context and context.experience_id:  # the same object: no hashing
             plans.append(last_plan)
@@ -161,19 +142,7 @@ def _plans(contexts: Sequence[EventContext]) -> list[_Plan | None]:
     return plans
 
 
-async def _read_existing(
-    conn: AsyncConnection, plans: Sequence[_Plan]
-) -> tuple[dict[uuid.UUID, Experience], dict[str, tuple[int, ExperienceType]]]:
-    """The experiences the plans name that exist, and the types of those that do not."""
-    existing = await repo.get_experiences(conn, {p.experience_id for p in plans if not p.generated})
-    names = {p.name for p in plans if p.experience_id not in existing and p.name}
-    types = await repo.get_types(conn, names) if names else {}
-    return existing, types
-
-
-def _decide(
-    plan: _Plan, existing: dict[uuid.UUID, Experience], types: dict[str, tuple[int, ExperienceType]]
-) -> _Decision:
+def decide(plan: Plan, existing: dict[uuid.UUID, Experience], types: dict[str, tuple[int, ExperienceType]]) -> Decision:
     """Found (rules 1 and 3), refused, or to be created (rules 2 and 4)."""
     found = existing.get(plan.experience_id)
     if found is not None:
@@ -188,45 +157,10 @@ def _decide(
     version = plan.version or experience_type.version
     if not 1 <= version <= experience_type.version:
         return _no_such_version(plan.name, plan.version, experience_type.version)
-    return _ToCreate(plan, type_id, version)
+    return ToCreate(plan, type_id, version)
 
 
-async def _create(conn: AsyncConnection, decided: dict[int, _Decision], now_us: int) -> None:
-    """Inserts the experiences to create, and replaces each such decision by what
-    became of it: created here, or created first by a concurrent resolution."""
-    rows: dict[uuid.UUID, dict[str, Any]] = {}
-    for decision in decided.values():
-        if isinstance(decision, _ToCreate) and decision.plan.experience_id not in rows:
-            rows[decision.plan.experience_id] = {
-                "id": decision.plan.experience_id,
-                "type_id": decision.type_id,
-                "version": decision.version,
-                "create_time_us": now_us,
-                "properties": {},
-            }
-    if not rows:
-        return
-    inserted = await repo.insert_experiences(conn, list(rows.values()))
-    lost_race = set(rows) - inserted
-    winners = await repo.get_experiences(conn, lost_race) if lost_race else {}
-    for key, decision in decided.items():
-        if not isinstance(decision, _ToCreate):
-            continue
-        plan = decision.plan
-        if plan.experience_id in inserted:
-            experience = Experience(plan.experience_id, plan.name, rows[plan.experience_id]["version"], now_us, {})
-            decided[key] = Resolution(experience, True, plan.warnings)
-        elif (winner := winners.get(plan.experience_id)) is None:  # created and deleted between the statements
-            decided[key] = TallyError(
-                Code.ABORTED, "CONCURRENT_DELETE", "the experience was deleted concurrently; retry"
-            )
-        elif winner.experience_name != plan.name:
-            decided[key] = type_mismatch(winner, plan.name)
-        else:
-            decided[key] = Resolution(winner, False, plan.warnings)
-
-
-def _per_event(plans: Sequence[_Plan | None], decided: dict[int, _Decision]) -> list[Resolution | TallyError]:
+def per_event(plans: Sequence[Plan | None], decided: dict[int, Decision]) -> list[Resolution | TallyError]:
     """Each event's answer: each refusal its own exception object, and only the first
     event of a new experience saying it created it."""
     results: list[Resolution | TallyError] = []
@@ -236,7 +170,7 @@ def _per_event(plans: Sequence[_Plan | None], decided: dict[int, _Decision]) -> 
             results.append(_UNATTRIBUTED)
             continue
         outcome = decided[id(plan)]
-        assert not isinstance(outcome, _ToCreate), "_create settles every creation"
+        assert not isinstance(outcome, ToCreate), "_create settles every creation"
         if isinstance(outcome, TallyError):
             outcome = dataclasses.replace(outcome)
         elif outcome.created and outcome.experience is not None:

@@ -13,7 +13,7 @@ import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from .models import Cost, CostRollupKey, CostState, CostTotals, ExperienceRollup, IngestResult, UsageEvent
+from .models import Cost, CostRollupKey, CostState, CostTotals, ExperienceAddition, IngestResult, UsageEvent
 
 HOUR_US = 3600 * 1_000_000
 DAY_US = 24 * HOUR_US
@@ -141,7 +141,9 @@ def _count(deltas: TypeDeltas, state: ExperienceState, sign: int) -> None:
     deltas[1][bucket_key] = deltas[1].get(bucket_key, 0) + sign
 
 
-def type_deltas(before: Mapping[uuid.UUID, ExperienceState], added: Mapping[uuid.UUID, ExperienceRollup]) -> TypeDeltas:
+def type_deltas(
+    before: Mapping[uuid.UUID, ExperienceState], added: Mapping[uuid.UUID, ExperienceAddition]
+) -> TypeDeltas:
     """How a commit's events change their types' rollups: each experience they touch leaves
     its old day and cost bucket and enters its new ones (zero-sum rows drop out later)."""
     deltas: TypeDeltas = ({}, {})
@@ -184,7 +186,7 @@ def _add(sums: list[int], failed: int, unpriced: int, cost: Cost) -> None:
 
 def rollups_of(
     stored: Iterable[tuple[UsageEvent, IngestResult]],
-) -> tuple[dict[uuid.UUID, ExperienceRollup], dict[CostRollupKey, CostTotals]]:
+) -> tuple[dict[uuid.UUID, ExperienceAddition], dict[CostRollupKey, CostTotals]]:
     """What the stored events add to their experiences and to the hourly cost rollup.
     (Summed in plain lists, objects made once per group: this runs once per event.)"""
     # Per group, the sums of _add; per experience also the first and last event time and
@@ -225,7 +227,9 @@ def rollups_of(
         buckets[bucket] = buckets.get(bucket, 0) + 1
     return (
         {
-            experience_id: ExperienceRollup(CostTotals(*sums[:6]), sums[6], sums[7], sums[8], latencies[experience_id])
+            experience_id: ExperienceAddition(
+                CostTotals(*sums[:6]), sums[6], sums[7], sums[8], latencies[experience_id]
+            )
             for experience_id, sums in by_experience.items()
         },
         {CostRollupKey(*key): CostTotals(*sums) for key, sums in by_hour.items()},

@@ -15,8 +15,9 @@ from google.protobuf.descriptor import ServiceDescriptor
 
 from tally.v1 import access_pb2
 
-from ..domain.keys import ApiKeys, unauthenticated
+from ..domain.keys import unauthenticated
 from ..domain.models import ApiKey
+from ..services.keys import ApiKeys
 
 AUTHORIZATION = "authorization"
 API_KEY = "xproxy-api-key"  # the reference product's header

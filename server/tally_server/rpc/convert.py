@@ -182,7 +182,7 @@ def usage_event(event: ing_pb.UsageEvent, now_us: int) -> m.UsageEvent:
 
     The message is consumed: those fields are cleared from it once read."""
     has_context = event.HasField("context")
-    context = event_context(event.context) if has_context else _NO_CONTEXT
+    context = event_context(event.context) if has_context else m.NO_CONTEXT
     latency, first_token = event.end_to_end_latency_ms, event.time_to_first_token_ms
     if has_context or latency or first_token:
         for name in _NOT_CONTENT:
@@ -203,9 +203,6 @@ def usage_event(event: ing_pb.UsageEvent, now_us: int) -> m.UsageEvent:
         content_hash=hashlib.sha256(event.SerializeToString(deterministic=True)).hexdigest(),
         price_context=dict(price_context) if price_context else {},
     )
-
-
-_NO_CONTEXT = m.EventContext()
 
 
 def price_reference(p: m.PriceReference) -> ing_pb.PriceReference:

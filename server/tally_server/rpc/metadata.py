@@ -1,11 +1,14 @@
-"""The xproxy metadata keys of a call, as an experience and price context."""
+"""The xproxy metadata keys of a call, as an experience and price context, and that
+context merged with each event's own."""
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Iterable
+from typing import Any
 
 from tally_client.metadata import (
+    CONTEXT_KEYS,
     EXPERIENCE_ID,
     EXPERIENCE_NAME,
     EXPERIENCE_VERSION,
@@ -17,18 +20,15 @@ from tally_client.metadata import (
 )
 
 from ..domain.errors import Violations
-from ..domain.models import EventContext
+from ..domain.models import NO_CONTEXT, EventContext, UsageEvent
 
 __all__ = ["EXPERIENCE_ID", "call_context"]
-
-
-_NO_CONTEXT = EventContext()
 
 
 def call_context(metadata: Iterable[tuple[str, str | bytes]] | None) -> EventContext:
     """The context every event of the call gets; INVALID_ARGUMENT for a malformed key."""
     pairs = tuple((key, value) for key, value in metadata or () if key.startswith("xproxy-") and isinstance(value, str))
-    return _context_of(pairs) if pairs else _NO_CONTEXT
+    return _context_of(pairs) if pairs else NO_CONTEXT
 
 
 # A caller sends the same few contexts again and again; a refused one raises and is not cached.
@@ -72,3 +72,31 @@ def _context_of(pairs: tuple[tuple[str, str], ...]) -> EventContext:
         price_context=tuple(sorted(price_context.items())),
         warnings=tuple(warnings),
     )
+
+
+def merge_context(call: EventContext, event: EventContext, v: Violations) -> EventContext:
+    """The call's metadata and the event's own context as one; a contradiction is a violation.
+    (The event's own context has no price context or warnings: those come from metadata.)"""
+    if event == NO_CONTEXT:
+        return call
+    if call == NO_CONTEXT:
+        return event
+    merged: dict[str, Any] = {"price_context": call.price_context, "warnings": call.warnings}
+    for name, key in CONTEXT_KEYS.items():
+        from_call, from_event = getattr(call, name), getattr(event, name)
+        if from_call and from_event and from_call != from_event:
+            v.add(f"context.{name}", f"{from_event!r} contradicts metadata {key}={from_call!r}")
+        merged[name] = from_event or from_call
+    return EventContext(**merged)
+
+
+def merge_price_context(call: EventContext, event: UsageEvent, v: Violations) -> dict[str, str]:
+    """The call's xproxy-price-context and the event's own price_context as one."""
+    if not call.price_context:
+        return event.price_context
+    merged = dict(call.price_context)
+    for key, value in event.price_context.items():
+        if merged.get(key, value) != value:
+            v.add(f"price_context[{key[:64]!r}]", f"{value[:64]!r} contradicts metadata {PRICE_CONTEXT}")
+        merged[key] = value
+    return merged

@@ -31,16 +31,16 @@ from tally.v1 import (
     report_service_pb2_grpc as report_grpc,
 )
 
-from ..domain import ingest as ingest_rules
+from ..domain import events as event_rules
 from ..domain.errors import TallyError, Violation, Violations, invalid
-from ..domain.events import Events
-from ..domain.experience_types import ExperienceTypes
-from ..domain.experiences import Experiences
-from ..domain.ingest import Ingestor
-from ..domain.keys import ApiKeys
 from ..domain.models import EventContext, IngestResult, UnitPrice, UsageEvent, now_us
-from ..domain.prices import Prices
-from ..domain.reports import Reports
+from ..services.events import Events
+from ..services.experience_types import ExperienceTypes
+from ..services.experiences import Experiences
+from ..services.ingest import Ingestor
+from ..services.keys import ApiKeys
+from ..services.prices import Prices
+from ..services.reports import Reports
 from . import convert, metadata
 from .access import current_key
 from .interceptor import Undecodable
@@ -236,7 +236,11 @@ def _prepare(message: ing_pb.UsageEvent, call: EventContext, now: int, prefix: s
     """The validated domain event, or the INVALID_ARGUMENT that refuses it."""
     if message.HasField("event_timestamp") and (problem := convert.timestamp_problem(message.event_timestamp)):
         return invalid([Violation(f"{prefix}event_timestamp", problem)], "INVALID_EVENT")
-    return ingest_rules.prepare_event(convert.usage_event(message, now), call, now, prefix)
+    event = convert.usage_event(message, now)
+    v = Violations(prefix)
+    event.context = metadata.merge_context(call, event.context, v)
+    event.price_context = metadata.merge_price_context(call, event, v)
+    return event_rules.checked_event(event, now, v)
 
 
 class IngestServicer(ing_grpc.IngestServiceServicer):
@@ -257,9 +261,9 @@ class IngestServicer(ing_grpc.IngestServiceServicer):
 
     async def IngestBatch(self, request: ing_pb.IngestBatchRequest, context: Context) -> ing_pb.IngestBatchResponse:
         count = len(request.events)
-        if not 1 <= count <= ingest_rules.MAX_BATCH_EVENTS:
+        if not 1 <= count <= event_rules.MAX_BATCH_EVENTS:
             v = Violations()
-            v.add("events", f"a batch holds 1 to {ingest_rules.MAX_BATCH_EVENTS} events, got {count}")
+            v.add("events", f"a batch holds 1 to {event_rules.MAX_BATCH_EVENTS} events, got {count}")
             v.raise_if_any()
         call = metadata.call_context(context.invocation_metadata())
         now = now_us()
@@ -334,9 +338,8 @@ class IngestServicer(ing_grpc.IngestServiceServicer):
 
 
 class PriceCatalogServicer(price_grpc.PriceCatalogServiceServicer):
-    def __init__(self, prices: Prices, ingestor: Ingestor) -> None:
+    def __init__(self, prices: Prices) -> None:
         self.prices = prices
-        self.ingestor = ingestor
 
     async def CreateCustomPrice(
         self, request: price_pb.CreateCustomPriceRequest, context: Context
@@ -372,11 +375,9 @@ class PriceCatalogServicer(price_grpc.PriceCatalogServiceServicer):
         )
 
     async def QuotePrice(self, request: price_pb.QuotePriceRequest, context: Context) -> price_pb.QuotePriceResponse:
-        await self.ingestor.refresh_prices()
         time_us = convert.micros(request, "event_timestamp") or now_us()
         units = {unit: (c.input, c.output) for unit, c in request.units.items()}
-        catalog, price_context = self.ingestor.catalog, dict(request.price_context)
-        cost = ingest_rules.quote(catalog, request.category, request.resource, units, time_us, price_context)
+        cost = await self.prices.quote(request.category, request.resource, units, time_us, dict(request.price_context))
         return price_pb.QuotePriceResponse(xproxy_result=convert.quote_result(cost))
 
 

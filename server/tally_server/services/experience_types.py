@@ -9,18 +9,19 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from ..storage import repository as repo
-from ..storage.db import Database
-from . import paging, stats
-from .errors import Code, TallyError, Violations, already_exists, failed_precondition, not_found
-from .models import ExperienceType, ExperienceTypeVersion, Page, TypeStats, now_us
-from .validation import (
+from ..domain import paging
+from ..domain.errors import Code, TallyError, Violations, already_exists, failed_precondition, not_found
+from ..domain.models import ExperienceType, ExperienceTypeVersion, Page, TypeStats, now_us
+from ..domain.validation import (
     SETTINGS_MAX_ENTRIES,
     check_description,
     check_name,
     check_request_id,
     check_string_map,
 )
+from ..storage import idempotency as stored_idempotency, types as stored_types
+from ..storage.db import Database
+from .type_stats import type_stats
 
 UPDATABLE_FIELDS = ("description", "settings")
 
@@ -65,16 +66,16 @@ class ExperienceTypes:
         now = now_us()
         async with self.db.write() as conn:
             if request_id:
-                seen = await repo.get_idempotent_request(conn, "CreateExperienceType", request_id)
+                seen = await stored_idempotency.get_idempotent_request(conn, "CreateExperienceType", request_id)
                 if seen is not None:
                     if seen[0] != request_fingerprint:
                         raise request_id_reused(request_id)
-                    found = await repo.get_type(conn, seen[1])
+                    found = await stored_types.get_type(conn, seen[1])
                     if found is None:
                         raise type_not_found(seen[1])
                     return found[1]
             created = ExperienceType(name, description, dict(settings), 1, now, now)
-            if await repo.insert_type(conn, created) is None:
+            if await stored_types.insert_type(conn, created) is None:
                 raise already_exists(
                     "EXPERIENCE_TYPE_ALREADY_EXISTS",
                     "tally.v1.ExperienceType",
@@ -82,7 +83,7 @@ class ExperienceTypes:
                     f"experience type {name!r} already exists",
                 )
             if request_id:
-                await repo.put_idempotent_request(
+                await stored_idempotency.put_idempotent_request(
                     conn, "CreateExperienceType", request_id, request_fingerprint, name, now
                 )
         return created
@@ -91,7 +92,7 @@ class ExperienceTypes:
         v = Violations()
         check_name(v, "name", name)
         v.raise_if_any()
-        found = await repo.get_type(conn, name)
+        found = await stored_types.get_type(conn, name)
         if found is None:
             raise type_not_found(name)
         return found
@@ -104,7 +105,7 @@ class ExperienceTypes:
         size = paging.page_size(page_size)
         after = self.pages.decode(page_token, "experience_types", None, lambda p: isinstance(p, str))
         async with self.db.read() as conn:
-            items = await repo.list_types(conn, after, size + 1)
+            items = await stored_types.list_types(conn, after, size + 1)
         token = self.pages.encode("experience_types", None, items[size - 1].name) if len(items) > size else ""
         return Page(items[:size], token)
 
@@ -130,21 +131,21 @@ class ExperienceTypes:
             values["settings"] = dict(settings)
         async with self.db.write() as conn:
             type_id, current = await self._require(conn, name)
-            await repo.update_type(conn, type_id, current.version, values, now_us())
+            await stored_types.update_type(conn, type_id, current.version, values, now_us())
             return (await self._require(conn, name))[1]
 
     async def delete(self, name: str, force: bool) -> int:
         async with self.db.write() as conn:
             type_id, _ = await self._require(conn, name)
-            await repo.lock_type(conn, type_id)
-            count = await repo.count_experiences_of_type(conn, type_id)
+            await stored_types.lock_type(conn, type_id)
+            count = await stored_types.count_experiences_of_type(conn, type_id)
             if count and not force:
                 raise failed_precondition(
                     "EXPERIENCE_TYPE_IN_USE",
                     f"experience type {name!r} has {count} experience(s); delete them first or pass force=true",
                     resource=("tally.v1.ExperienceType", name),
                 )
-            return await repo.delete_type(conn, type_id)
+            return await stored_types.delete_type(conn, type_id)
 
     async def increment_version(self, name: str, request_id: str = "") -> tuple[ExperienceType, ExperienceTypeVersion]:
         v = Violations()
@@ -153,28 +154,30 @@ class ExperienceTypes:
         async with self.db.write() as conn:
             type_id, current = await self._require(conn, name)
             if request_id:
-                seen = await repo.get_idempotent_request(conn, "IncrementExperienceTypeVersion", request_id)
+                seen = await stored_idempotency.get_idempotent_request(
+                    conn, "IncrementExperienceTypeVersion", request_id
+                )
                 if seen is not None:
                     if seen[0] != fingerprint(name):
                         raise request_id_reused(request_id)
-                    snapshot = await repo.get_version(conn, type_id, name, int(seen[1]))
+                    snapshot = await stored_types.get_version(conn, type_id, name, int(seen[1]))
                     return current, snapshot
             now = now_us()
-            version = await repo.increment_version(conn, type_id, now)
-            await repo.insert_type_version(conn, type_id, version, current.description, current.settings, now)
+            version = await stored_types.increment_version(conn, type_id, now)
+            await stored_types.insert_type_version(conn, type_id, version, current.description, current.settings, now)
             if request_id:
-                await repo.put_idempotent_request(
+                await stored_idempotency.put_idempotent_request(
                     conn, "IncrementExperienceTypeVersion", request_id, fingerprint(name), str(version), now
                 )
             updated = (await self._require(conn, name))[1]
-            return updated, await repo.get_version(conn, type_id, name, version)
+            return updated, await stored_types.get_version(conn, type_id, name, version)
 
     async def list_versions(self, name: str, page_size: int, page_token: str) -> Page:
         size = paging.page_size(page_size)
         before = self.pages.decode(page_token, "experience_type_versions", name, lambda p: isinstance(p, int))
         async with self.db.read() as conn:
             type_id, _ = await self._require(conn, name)
-            items = await repo.list_versions(conn, type_id, name, before, size + 1)
+            items = await stored_types.list_versions(conn, type_id, name, before, size + 1)
         token = ""
         if len(items) > size:
             token = self.pages.encode("experience_type_versions", name, items[size - 1].version)
@@ -189,4 +192,4 @@ class ExperienceTypes:
         v.raise_if_any()
         async with self.db.read() as conn:
             type_id, _ = await self._require(conn, name)
-            return await stats.type_stats(conn, name, type_id, version, start_us, end_us)
+            return await type_stats(conn, name, type_id, version, start_us, end_us)

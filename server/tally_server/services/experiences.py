@@ -6,14 +6,14 @@ import dataclasses
 import uuid
 from collections.abc import Sequence
 
-from ..storage import repository as repo
+from ..domain import paging, stats
+from ..domain.errors import Violations, already_exists
+from ..domain.models import Experience, ExperienceStats, Page, now_us
+from ..domain.resolution import experience_not_found, new_experience_id
+from ..domain.validation import PROPERTIES_MAX_ENTRIES, check_name, check_request_id, check_string_map, parse_uuid
+from ..storage import experiences as stored_experiences, idempotency as stored_idempotency, types as stored_types
 from ..storage.db import Database
-from . import paging, stats
-from .errors import Violations, already_exists
 from .experience_types import fingerprint, request_id_reused, type_not_found
-from .models import Experience, ExperienceStats, Page, now_us
-from .resolution import experience_not_found, new_experience_id
-from .validation import PROPERTIES_MAX_ENTRIES, check_name, check_request_id, check_string_map, parse_uuid
 
 
 def _require_uuid(v: Violations, field_path: str, text: str) -> uuid.UUID | None:
@@ -68,15 +68,15 @@ class Experiences:
         now = now_us()
         async with self.db.write() as conn:
             if request_id:
-                seen = await repo.get_idempotent_request(conn, "CreateExperience", request_id)
+                seen = await stored_idempotency.get_idempotent_request(conn, "CreateExperience", request_id)
                 if seen is not None:
                     if seen[0] != request_fingerprint:
                         raise request_id_reused(request_id)
-                    found = await repo.get_experience(conn, uuid.UUID(seen[1]))
+                    found = await stored_experiences.get_experience(conn, uuid.UUID(seen[1]))
                     if found is None:
                         raise experience_not_found(seen[1])
                     return found
-            type_row = await repo.get_type(conn, experience_name)
+            type_row = await stored_types.get_type(conn, experience_name)
             if type_row is None:
                 raise type_not_found(experience_name)
             type_id, experience_type = type_row
@@ -95,7 +95,7 @@ class Experiences:
                 "create_time_us": now,
                 "properties": properties,
             }
-            if not await repo.insert_experiences(conn, [row]):
+            if not await stored_experiences.insert_experiences(conn, [row]):
                 raise already_exists(
                     "EXPERIENCE_ALREADY_EXISTS",
                     "tally.v1.Experience",
@@ -103,7 +103,7 @@ class Experiences:
                     f"experience {new_id} already exists",
                 )
             if request_id:
-                await repo.put_idempotent_request(
+                await stored_idempotency.put_idempotent_request(
                     conn, "CreateExperience", request_id, request_fingerprint, str(new_id), now
                 )
         return experience
@@ -114,7 +114,7 @@ class Experiences:
         v.raise_if_any()
         assert parsed is not None  # raise_if_any refused a missing or bad id
         async with self.db.read() as conn:
-            found = await repo.experience_with_rollup(conn, parsed)
+            found = await stored_experiences.experience_with_rollup(conn, parsed)
         if found is None:
             raise experience_not_found(parsed)
         experience, rollup = found
@@ -141,7 +141,7 @@ class Experiences:
         v.raise_if_any()
         size = paging.page_size(page_size)
         filters = [experience_name, version, start_us, end_us, order, descending]
-        width = len(repo.EXPERIENCE_ORDERS[order]) + 1
+        width = len(stored_experiences.EXPERIENCE_ORDERS[order]) + 1
         after = self.pages.decode(
             page_token,
             "experiences",
@@ -155,10 +155,10 @@ class Experiences:
             ),
         )
         async with self.db.read() as conn:
-            type_row = await repo.get_type(conn, experience_name)
+            type_row = await stored_types.get_type(conn, experience_name)
             if type_row is None:
                 raise type_not_found(experience_name)
-            rows = await repo.list_experiences(
+            rows = await stored_experiences.list_experiences(
                 conn, type_row[0], version, start_us, end_us, order, descending, after, size + 1
             )
         token = self.pages.encode("experiences", filters, rows[size - 1][2]) if len(rows) > size else ""
@@ -174,7 +174,7 @@ class Experiences:
         v.raise_if_any()
         assert parsed is not None  # raise_if_any refused a missing or bad id
         async with self.db.write() as conn:
-            unattributed = await repo.delete_experience(conn, parsed)
+            unattributed = await stored_experiences.delete_experience(conn, parsed)
         if unattributed is None:
             raise experience_not_found(parsed)
         return unattributed
@@ -190,7 +190,7 @@ class Experiences:
         v.raise_if_any()
         assert parsed is not None  # raise_if_any refused a missing or bad id
         async with self.db.write() as conn:
-            experience = await repo.get_experience(conn, parsed)
+            experience = await stored_experiences.get_experience(conn, parsed)
             if experience is None:
                 raise experience_not_found(parsed)
             properties = {k: val for k, val in experience.properties.items() if k not in set(remove_keys)}
@@ -198,7 +198,7 @@ class Experiences:
             if len(properties) > PROPERTIES_MAX_ENTRIES:
                 v.add("set_properties", f"an experience has at most {PROPERTIES_MAX_ENTRIES} properties")
                 v.raise_if_any()
-            await repo.set_properties(conn, parsed, properties)
+            await stored_experiences.set_properties(conn, parsed, properties)
         return Experience(
             experience.experience_id,
             experience.experience_name,

@@ -6,12 +6,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from ..storage import repository as repo
+from ..domain import paging
+from ..domain.errors import Violations
+from ..domain.models import CostGroup, CostTotals, Page
+from ..domain.validation import check_name
+from ..storage import reports as stored_reports
 from ..storage.db import Database
-from . import paging
-from .errors import Violations
-from .models import CostGroup, CostTotals, Page
-from .validation import check_name
 
 DIMENSIONS = (
     "experience_name",
@@ -64,9 +64,9 @@ class Reports:
         )
         offset = offset or 0
         async with self.db.read() as conn:
-            groups = await repo.cost_breakdown(conn, group_by, start_us, end_us, experience_name)
+            groups = await stored_reports.cost_breakdown(conn, group_by, start_us, end_us, experience_name)
             if "request_tag" in group_by:
-                whole = await repo.cost_breakdown(conn, (), start_us, end_us, experience_name)
+                whole = await stored_reports.cost_breakdown(conn, (), start_us, end_us, experience_name)
                 total = whole.get((), CostTotals())
             else:
                 total = _sum(groups.values())

@@ -5,13 +5,14 @@ from __future__ import annotations
 import uuid
 from decimal import Decimal, InvalidOperation
 
-from ..storage import repository as repo
+from ..domain import paging
+from ..domain.errors import Violations, already_exists, failed_precondition, not_found
+from ..domain.events import quote
+from ..domain.models import Cost, CustomPrice, Page, UnitPrice, now_us
+from ..domain.validation import CATEGORY_PATTERN, UNIT_TYPE_PATTERN, check_price_context, check_text, parse_uuid
+from ..storage import prices as stored_prices
 from ..storage.db import Database
-from . import paging
-from .errors import Violations, already_exists, failed_precondition, not_found
-from .models import CustomPrice, Page, UnitPrice, now_us
-from .pricing import PriceCatalog
-from .validation import CATEGORY_PATTERN, UNIT_TYPE_PATTERN, check_price_context, check_text, parse_uuid
+from .catalog import LiveCatalog
 
 MAX_UNIT_PRICES = 32
 
@@ -45,10 +46,25 @@ def _price_id(text: str) -> uuid.UUID:
 
 
 class Prices:
-    def __init__(self, db: Database, catalog: PriceCatalog, pages: paging.PageTokens | None = None) -> None:
+    """Custom prices, and quotes of what a call would cost."""
+
+    def __init__(self, db: Database, catalog: LiveCatalog, pages: paging.PageTokens | None = None) -> None:
         self.db = db
-        self.catalog = catalog
+        self.live = catalog
+        self.catalog = catalog.prices
         self.pages = pages or paging.PageTokens()
+
+    async def quote(
+        self,
+        category: str,
+        resource: str,
+        units: dict[str, tuple[int, int]],
+        time_us: int,
+        price_context: dict[str, str],
+    ) -> Cost:
+        """What such an event would cost, by the catalog as every replica sees it now."""
+        catalog = await self.live.refreshed(self.db)
+        return quote(catalog, category, resource, units, time_us, price_context)
 
     async def create(
         self,
@@ -91,14 +107,14 @@ class Prices:
             price_context=dict(price_context or {}),
         )
         async with self.db.write() as conn:
-            if not await repo.insert_price(conn, price):
+            if not await stored_prices.insert_price(conn, price):
                 raise already_exists(
                     "PRICE_ALREADY_EXISTS",
                     "tally.v1.CustomPrice",
                     f"{category}/{resource}",
                     f"{category}/{resource} already has a price effective at that time"
                     + (
-                        f" for price context {repo.price_context_key(price.price_context)}"
+                        f" for price context {stored_prices.price_context_key(price.price_context)}"
                         if price.price_context
                         else ""
                     ),
@@ -117,7 +133,7 @@ class Prices:
         """Ends the price at `end_time_us` (default now): from then on it prices no new event."""
         parsed = _price_id(price_id)
         async with self.db.write() as conn:
-            price = await repo.get_price(conn, parsed)
+            price = await stored_prices.get_price(conn, parsed)
             if price is None:
                 raise price_not_found(price_id)
             end = now_us() if end_time_us is None else end_time_us
@@ -125,13 +141,13 @@ class Prices:
                 v = Violations()
                 v.add("end_time", "must not be before the price's effective time (equal to it voids the price)")
                 v.raise_if_any()
-            if not await repo.end_price(conn, parsed, end, end_key, now_us()):
+            if not await stored_prices.end_price(conn, parsed, end, end_key, now_us()):
                 raise failed_precondition(
                     "PRICE_ALREADY_ENDED",
                     f"custom price {price_id} already has an end time",
                     ("tally.v1.CustomPrice", price_id),
                 )
-            ended = await repo.get_price(conn, parsed)
+            ended = await stored_prices.get_price(conn, parsed)
         self.catalog.invalidate()
         assert ended is not None
         return ended
@@ -139,7 +155,7 @@ class Prices:
     async def get(self, price_id: str) -> CustomPrice:
         parsed = _price_id(price_id)
         async with self.db.read() as conn:
-            price = await repo.get_price(conn, parsed)
+            price = await stored_prices.get_price(conn, parsed)
         if price is None:
             raise price_not_found(price_id)
         return price
@@ -153,7 +169,9 @@ class Prices:
         filters = [category, resource.lower()]
         after = self.pages.decode(page_token, "custom_prices", filters, lambda p: isinstance(p, list) and len(p) == 4)
         async with self.db.read() as conn:
-            items = await repo.list_prices(conn, category, resource.lower(), tuple(after) if after else None, size + 1)
+            items = await stored_prices.list_prices(
+                conn, category, resource.lower(), tuple(after) if after else None, size + 1
+            )
         token = ""
         if len(items) > size:
             last = items[size - 1]
@@ -161,7 +179,7 @@ class Prices:
                 last.category,
                 last.resource,
                 last.effective_time_us,
-                repo.price_context_key(last.price_context),
+                stored_prices.price_context_key(last.price_context),
             ]
             token = self.pages.encode("custom_prices", filters, position)
         return Page(items[:size], token)

@@ -1,0 +1,73 @@
+"""GetExperienceTypeStats: the cost distribution of a type's experiences, read from the
+type rollups (whole days) and the experiences at the window's edges."""
+
+from __future__ import annotations
+
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from ..domain.models import CostDistribution, TypeStats, VersionCosts
+from ..domain.money import divide_half_even
+from ..domain.rollups import bucket_bounds, bucket_nanos, histogram_rank
+from ..domain.stats import add_experience, merged_buckets, nearest_rank, split_window
+from ..storage import statistics as stored_statistics
+
+
+async def _costs(
+    conn: AsyncConnection, type_id: int, version: int, start_us: int | None, end_us: int | None
+) -> dict[int, VersionCosts]:
+    """Per version, the sums and cost histogram of the experiences whose first event is in
+    the window: whole days from the type rollup, a partial day at either edge from its
+    experiences themselves."""
+    days, edges = split_window(start_us, end_us)
+    costs = {} if days is None else await stored_statistics.type_costs(conn, type_id, version, *days)
+    for edge_start, edge_end in edges:
+        for state in await stored_statistics.experience_costs(conn, type_id, version, edge_start, edge_end):
+            add_experience(costs, state)
+    return costs
+
+
+async def type_stats(
+    conn: AsyncConnection, name: str, type_id: int, version: int, start_us: int | None, end_us: int | None
+) -> TypeStats:
+    """The cost distribution of a type's experiences, in total and per version, from the type
+    rollup: money, counts, mean, max and the nearest-rank percentiles all exact."""
+    by_version = await _costs(conn, type_id, version, start_us, end_us)
+
+    async def distribution(selected: list[VersionCosts], only_version: int) -> CostDistribution:
+        count = sum(v.experience_count for v in selected)
+        if not count:
+            return CostDistribution()
+        total = sum(v.total_nanos for v in selected)
+        buckets = merged_buckets(selected)
+        highest = await stored_statistics.max_experience_cost(conn, type_id, only_version, start_us, end_us)
+
+        async def at(fraction: float) -> int:
+            """Exact: the histogram names the bucket of the rank, the cost index is walked
+            within that bucket's range only (its representative value if the rollup and the
+            experiences moved apart meanwhile)."""
+            rank = nearest_rank(count, fraction)
+            bucket, below = histogram_rank(buckets, rank)
+            low, high = bucket_bounds(bucket)
+            exact = await stored_statistics.experience_cost_in_range(
+                conn, type_id, only_version, start_us, end_us, low, high, rank - below
+            )
+            return exact if exact is not None else min(highest, bucket_nanos(bucket))
+
+        return CostDistribution(
+            experience_count=count,
+            event_count=sum(v.event_count for v in selected),
+            unpriced_event_count=sum(v.unpriced_event_count for v in selected),
+            total_nanos=total,
+            mean_nanos=divide_half_even(total, count),
+            p50_nanos=await at(0.50),
+            p95_nanos=await at(0.95),
+            max_nanos=highest,
+        )
+
+    ordered = [by_version[v] for v in sorted(by_version)]
+    versions = {v.version: await distribution([v], v.version) for v in ordered}
+    if version or len(versions) == 1:
+        total = next(iter(versions.values()), CostDistribution())
+    else:
+        total = await distribution(ordered, 0)
+    return TypeStats(name=name, total=total, by_version=versions)

@@ -1,0 +1,188 @@
+"""Events: stored by the ingest writer, read back by id, key or filter, and decoded into domain records."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import uuid
+from collections.abc import Iterable
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from ..domain import models as m
+from . import hot_path, rollups
+from .tables import (
+    events,
+    experience_types,
+    experiences,
+)
+
+
+async def insert_events(conn: AsyncConnection, stored: hot_path.Stored) -> set[uuid.UUID]:
+    """Inserts (event, result) pairs in one transaction; returns the ids NOT inserted
+    (usually none): events whose idempotency key another transaction committed
+    first are skipped, not failed."""
+    return await hot_path.insert_events(conn, stored) if stored else set()
+
+
+_EVENT_WITH_EXPERIENCE_COLUMNS = (
+    events,
+    experience_types.c.name.label("experience_name"),
+    experiences.c.version.label("experience_version"),
+)
+
+
+async def events_by_key(conn: AsyncConnection, keys: Iterable[str]) -> dict[str, m.StoredEvent]:
+    """Stored events by idempotency key, with their experience's name and version."""
+    keys = list(keys)
+    if not keys:
+        return {}
+    query = (
+        sa.select(*_EVENT_WITH_EXPERIENCE_COLUMNS)
+        .select_from(rollups.EVENTS_WITH_TYPE)
+        .where(events.c.idempotency_key.in_(keys))
+    )
+    return {row.idempotency_key: stored_event(row) for row in await conn.execute(query)}
+
+
+async def event_by_id(conn: AsyncConnection, request_id: uuid.UUID) -> m.StoredEvent | None:
+    query = (
+        sa.select(*_EVENT_WITH_EXPERIENCE_COLUMNS)
+        .select_from(rollups.EVENTS_WITH_TYPE)
+        .where(events.c.id == request_id)
+    )
+    row = (await conn.execute(query)).first()
+    return None if row is None else stored_event(row)
+
+
+def _has_tag(conn: AsyncConnection, tag: str) -> sa.ColumnElement[bool]:
+    """The event's request_tags (a JSON array) hold `tag`."""
+    elements = "json_array_elements_text" if conn.dialect.name == "postgresql" else "json_each"
+    values = getattr(sa.func, elements)(events.c.request_tags).table_valued("value").alias("tag")
+    return sa.exists(sa.select(sa.literal(1)).select_from(values).where(values.c.value == tag))
+
+
+@dataclasses.dataclass(frozen=True)
+class EventFilter:
+    experience_id: uuid.UUID | None = None
+    type_id: int | None = None
+    version: int = 0
+    user_id: str = ""
+    request_tag: str = ""
+    category: str = ""
+    resource: str = ""
+    cost_state: int = 0
+    start_us: int | None = None
+    end_us: int | None = None
+
+
+def _event_conditions(conn: AsyncConnection, f: EventFilter) -> list[sa.ColumnElement[bool]]:
+    ev = events
+    where: list[sa.ColumnElement[bool]] = []
+    if f.experience_id is not None:
+        where.append(ev.c.experience_id == f.experience_id)
+    if f.type_id is not None:
+        where.append(experiences.c.type_id == f.type_id)
+        if f.version:
+            where.append(experiences.c.version == f.version)
+    for column, value in ((ev.c.user_id, f.user_id), (ev.c.category, f.category), (ev.c.resource, f.resource)):
+        if value:
+            where.append(column == value)
+    if f.cost_state:
+        where.append(ev.c.cost_state == f.cost_state)
+    if f.start_us is not None:
+        where.append(ev.c.event_time_us >= f.start_us)
+    if f.end_us is not None:
+        where.append(ev.c.event_time_us < f.end_us)
+    if f.request_tag:
+        where.append(_has_tag(conn, f.request_tag))
+    return where
+
+
+async def list_events(
+    conn: AsyncConnection, f: EventFilter, before: tuple[int, uuid.UUID] | None, limit: int
+) -> list[m.StoredEvent]:
+    """Stored events matching the filter, newest first (event time, then id)."""
+    ev = events
+    query = (
+        sa.select(*_EVENT_WITH_EXPERIENCE_COLUMNS)
+        .select_from(rollups.EVENTS_WITH_TYPE)
+        .where(*_event_conditions(conn, f))
+        .order_by(ev.c.event_time_us.desc(), ev.c.id.desc())
+        .limit(limit)
+    )
+    if before is not None:
+        query = query.where(sa.tuple_(ev.c.event_time_us, ev.c.id) < sa.tuple_(*before))
+    return [stored_event(row) for row in await conn.execute(query)]
+
+
+# --- rows as domain records -----------------------------------------------------------
+
+
+def _price_reference(row: Any) -> m.PriceReference | None:
+    if not row.price_source:
+        return None
+    return m.PriceReference(
+        m.PriceSource(row.price_source),
+        row.price_category,
+        row.price_resource,
+        row.price_version,
+        row.price_effective_time_us,
+        tuple(sorted((row.price_variant or {}).items())),
+    )
+
+
+def _result(row: Any) -> m.IngestResult:
+    """The result an events row was acknowledged with (with its experience's name and version)."""
+    cost = m.Cost(
+        row.cost_input_nanos,
+        row.cost_output_nanos,
+        row.cost_total_nanos,
+        m.CostState(row.cost_state),
+        _price_reference(row),
+        tuple(m.UnknownUnit(*u) for u in row.unknown_units or ()),
+    )
+    return m.IngestResult(
+        request_id=row.id,
+        event_time_us=row.event_time_us,
+        ingest_time_us=row.ingest_time_us,
+        cost=cost,
+        experience_id=row.experience_id,
+        experience_name=row.experience_name or "",
+        experience_version=row.experience_version or 0,
+        experience_created=False,
+        user_id=row.user_id or "",
+        request_tags=tuple(row.request_tags or ()),
+        warnings=tuple(row.warnings or ()),
+        idempotency_key=row.idempotency_key or "",
+    )
+
+
+def stored_event(row: Any) -> m.StoredEvent:
+    """An events row (with its experience's name and version) as the event and its result."""
+    # The JSON column comes back decoded through SQLAlchemy, as text from a raw SQLite read.
+    units = row.units if isinstance(row.units, dict) else json.loads(row.units)
+    event = m.UsageEvent(
+        category=row.category,
+        resource=row.resource,
+        units={unit: (int(counts[0]), int(counts[1])) for unit, counts in units.items()},
+        event_time_us=row.event_time_us,
+        end_to_end_latency_ms=row.end_to_end_latency_ms,
+        time_to_first_token_ms=row.time_to_first_token_ms,
+        http_status_code=row.http_status_code,
+        provider_response_id=row.provider_response_id or "",
+        idempotency_key=row.idempotency_key or "",
+        properties=dict(row.properties or {}),
+        context=m.EventContext(
+            experience_id=str(row.experience_id) if row.experience_id and row.experience_name else "",
+            experience_name=row.experience_name or "",
+            experience_version=row.experience_version or 0,
+            user_id=row.user_id or "",
+            request_tags=tuple(row.request_tags or ()),
+        ),
+        content_hash=row.content_hash,
+        price_context=dict(row.price_context or {}),
+    )
+    return m.StoredEvent(event, _result(row))

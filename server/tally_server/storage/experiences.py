@@ -1,0 +1,195 @@
+"""Experiences, with the rollup columns kept on their rows, and their latency histograms."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from ..domain import models as m
+from ..domain.rollups import ExperienceState, removal
+from . import hot_path, rollups
+from .sql import insert_or_ignore
+from .tables import (
+    ROLLUP_COUNT_COLUMNS,
+    ROLLUP_MONEY_COLUMNS,
+    events,
+    experience_latencies,
+    experience_types,
+    experiences,
+)
+
+
+async def get_experiences(conn: AsyncConnection, ids: Iterable[uuid.UUID]) -> dict[uuid.UUID, m.Experience]:
+    """The experiences with these ids that exist. The ingest writer asks this in every commit."""
+    ids = list(ids)
+    return await hot_path.get_experiences(conn, ids) if ids else {}
+
+
+async def get_experience(conn: AsyncConnection, experience_id: uuid.UUID) -> m.Experience | None:
+    return (await get_experiences(conn, [experience_id])).get(experience_id)
+
+
+async def insert_experiences(conn: AsyncConnection, rows: Sequence[dict[str, Any]]) -> set[uuid.UUID]:
+    """Inserts experiences whose id is free; returns the ids this call inserted.
+
+    Rows: id, type_id, version, create_time_us, properties. A concurrent insert
+    of the same id (another replica) makes this one a no-op, never a second row.
+    """
+    if not rows:
+        return set()
+    stmt = insert_or_ignore(conn, experiences).on_conflict_do_nothing(index_elements=["id"]).returning(experiences.c.id)
+    result = await conn.execute(stmt, list(rows))
+    return {row.id for row in result}
+
+
+async def delete_experience(conn: AsyncConnection, experience_id: uuid.UUID) -> int | None:
+    """Deletes it and unattributes its events (moving them to the unattributed rows of the
+    hourly cost rollup); None if it did not exist, else the event count."""
+    name = (
+        await conn.execute(
+            sa.select(experience_types.c.name)
+            .select_from(hot_path.EXPERIENCES_JOIN)
+            .where(experiences.c.id == experience_id)
+        )
+    ).scalar()
+    if name is None:
+        return None
+    states = await rollups.experience_states(conn, [experience_id], lock=True)
+    if experience_id in states:
+        await rollups.add_type_deltas(conn, removal(states[experience_id]))
+    await conn.execute(sa.delete(experiences).where(experiences.c.id == experience_id))
+    await conn.execute(sa.delete(experience_latencies).where(experience_latencies.c.experience_id == experience_id))
+    hours = await rollups.hours_of_events(conn, events.c.experience_id == experience_id)
+    result = await conn.execute(
+        sa.update(events).where(events.c.experience_id == experience_id).values(experience_id=None)
+    )
+    await rollups.rebuild_cost_rollups(conn, hours, {name, ""})
+    return result.rowcount
+
+
+async def set_properties(conn: AsyncConnection, experience_id: uuid.UUID, properties: dict[str, str]) -> None:
+    await conn.execute(sa.update(experiences).where(experiences.c.id == experience_id).values(properties=properties))
+
+
+_ROLLUP_COLUMNS = (
+    experiences.c.id,  # first, as list_experiences relies on
+    *(experiences.c[name] for name in (*ROLLUP_COUNT_COLUMNS, *ROLLUP_MONEY_COLUMNS)),
+    experiences.c.latency_sum_ms,
+    experiences.c.first_event_time_us,
+    experiences.c.last_event_time_us,
+)
+
+
+async def _latency_histograms(conn: AsyncConnection, ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, dict[int, int]]:
+    lat = experience_latencies
+    if len(ids) == 1:
+        # One experience (GetExperience): its id is not read back, as making a UUID of each
+        # of a heavy run's ~300 rows took a fifth of the call.
+        one = sa.select(lat.c.bucket, lat.c.event_count).where(lat.c.experience_id == ids[0])
+        return {ids[0]: {int(bucket): int(count) for bucket, count in (await conn.execute(one)).all()}}
+    buckets: dict[uuid.UUID, dict[int, int]] = {experience_id: {} for experience_id in ids}
+    query = sa.select(lat.c.experience_id, lat.c.bucket, lat.c.event_count).where(lat.c.experience_id.in_(ids))
+    for experience_id, bucket, count in await conn.execute(query):
+        buckets[experience_id][int(bucket)] = int(count)
+    return buckets
+
+
+def _rollup(row: Any, buckets: dict[int, int]) -> m.ExperienceRollup:
+    """An experience's rollup from its row (the _ROLLUP_COLUMNS) and its latency histogram."""
+    return m.ExperienceRollup(
+        rollups.totals_from_row(row),
+        int(row.latency_sum_ms),
+        row.first_event_time_us,
+        row.last_event_time_us,
+        buckets,
+    )
+
+
+async def experience_with_rollup(
+    conn: AsyncConnection, experience_id: uuid.UUID
+) -> tuple[m.Experience, m.ExperienceRollup] | None:
+    """One experience with its rollup (GetExperience): two indexed reads, its row and its
+    latency histogram, whatever its event count."""
+    query = (
+        sa.select(*hot_path.EXPERIENCE_COLUMNS, *_ROLLUP_COLUMNS[1:])  # the id is in both
+        .select_from(hot_path.EXPERIENCES_JOIN)
+        .where(experiences.c.id == experience_id)
+    )
+    row = (await conn.execute(query)).first()
+    if row is None:
+        return None
+    buckets = await _latency_histograms(conn, [experience_id])
+    return hot_path.experience_from_row(row), _rollup(row, buckets[experience_id])
+
+
+# ListExperiences orderings: the sort key of each, ascending; the id breaks ties.
+EXPERIENCE_ORDERS: dict[str, tuple[sa.Column[Any], ...]] = {
+    "create_time": (experiences.c.create_time_us,),
+    "cost_total": (experiences.c.cost_total_dollars, experiences.c.cost_total_nanos),
+    "event_count": (experiences.c.event_count,),
+}
+
+
+def experience_filters(
+    type_id: int, version: int, start_us: int | None, end_us: int | None, column: sa.Column[Any]
+) -> list[sa.ColumnElement[bool]]:
+    where = [experiences.c.type_id == type_id]
+    if version:
+        where.append(experiences.c.version == version)
+    if start_us is not None:
+        where.append(column >= start_us)
+    if end_us is not None:
+        where.append(column < end_us)
+    return where
+
+
+async def list_experiences(
+    conn: AsyncConnection,
+    type_id: int,
+    version: int,
+    start_us: int | None,
+    end_us: int | None,
+    order: str,
+    descending: bool,
+    after: Sequence[Any] | None,
+    limit: int,
+) -> list[tuple[m.Experience, m.ExperienceRollup, list[Any]]]:
+    """A page of experiences in the order named (a key of EXPERIENCE_ORDERS), each with its
+    rollup and its position (the sort key and id) for the next page's `after`."""
+    e = experiences
+    key = (*EXPERIENCE_ORDERS[order], e.c.id)
+    # Every sort key is among these columns: create time, or a rollup column.
+    query = (
+        sa.select(*hot_path.EXPERIENCE_COLUMNS, *_ROLLUP_COLUMNS[1:])
+        .select_from(hot_path.EXPERIENCES_JOIN)
+        .where(*experience_filters(type_id, version, start_us, end_us, e.c.create_time_us))
+        .order_by(*(column.desc() if descending else column for column in key))
+        .limit(limit)
+    )
+    if after is not None:
+        position = sa.tuple_(*after[:-1], uuid.UUID(after[-1]))
+        query = query.where(sa.tuple_(*key) < position if descending else sa.tuple_(*key) > position)
+    rows = list(await conn.execute(query))
+    buckets = await _latency_histograms(conn, [row.id for row in rows]) if rows else {}
+    return [
+        (
+            hot_path.experience_from_row(row),
+            _rollup(row, buckets[row.id]),
+            [*(row._mapping[c] for c in key[:-1]), str(row.id)],
+        )
+        for row in rows
+    ]
+
+
+async def experience_states(conn: AsyncConnection, ids: Iterable[uuid.UUID]) -> dict[uuid.UUID, ExperienceState]:
+    """What the type rollups count of these experiences, their rows locked for this transaction."""
+    return await rollups.experience_states(conn, list(ids), lock=True)
+
+
+async def delete_experiences(conn: AsyncConnection, ids: Iterable[uuid.UUID]) -> None:
+    """Deletes experiences that have no events (the writer's own, created in this transaction)."""
+    await conn.execute(sa.delete(experiences).where(experiences.c.id.in_(list(ids))))

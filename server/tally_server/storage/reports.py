@@ -1,0 +1,166 @@
+"""The cost breakdown: whole hours from the hourly cost rollup, the rest from the events."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from ..domain import models as m
+from ..domain.rollups import DAY_US, HOUR_US
+from . import rollups
+from .tables import (
+    ROLLUP_COUNT_COLUMNS,
+    ROLLUP_MONEY_COLUMNS,
+    cost_rollups,
+    events,
+    experience_types,
+    experiences,
+)
+
+# Dimensions the hourly rollup keeps; the others (user id, request tag) are read from events.
+ROLLUP_DIMENSIONS = frozenset({"experience_name", "experience_version", "category", "resource", "day", "hour"})
+
+
+def _rollup_keys(dimension: str) -> list[sa.ColumnElement[Any]]:
+    r = cost_rollups
+    keys: dict[str, list[sa.ColumnElement[Any]]] = {
+        "experience_name": [r.c.experience_name],
+        "experience_version": [r.c.experience_name, r.c.experience_version],
+        "category": [r.c.category],
+        "resource": [r.c.resource],
+        "day": [r.c.hour_us - r.c.hour_us % DAY_US],
+        "hour": [r.c.hour_us],
+    }
+    return keys[dimension]
+
+
+def _event_keys(dimension: str, tag: Any) -> list[sa.ColumnElement[Any]]:
+    ev, time = events, events.c.event_time_us
+    name = sa.func.coalesce(experience_types.c.name, "")
+    keys: dict[str, list[sa.ColumnElement[Any]]] = {
+        "experience_name": [name],
+        "experience_version": [name, sa.func.coalesce(experiences.c.version, 0)],
+        "category": [ev.c.category],
+        "resource": [ev.c.resource],
+        "user_id": [sa.func.coalesce(ev.c.user_id, "")],
+        "request_tag": [sa.func.coalesce(tag.c.value, "") if tag is not None else sa.literal("")],
+        "day": [time - time % DAY_US],
+        "hour": [time - time % HOUR_US],
+    }
+    return keys[dimension]
+
+
+def _rollup_sums() -> list[sa.Label[Any]]:
+    """The sums of cost_rollups rows, labelled as their columns (as rollups.event_sums does
+    for events)."""
+    r = cost_rollups
+    return [sa.func.sum(r.c[name]).label(name) for name in (*ROLLUP_COUNT_COLUMNS, *ROLLUP_MONEY_COLUMNS)]
+
+
+def _grouped(
+    query: sa.Select[Any],
+    keys: list[sa.ColumnElement[Any]],
+    time: sa.ColumnElement[int],
+    start_us: int | None,
+    end_us: int | None,
+    type_name: sa.ColumnElement[str],
+    only_type: str,
+) -> sa.Select[Any]:
+    """The breakdown's query grouped by `keys`, over [start_us, end_us) of `time`, and only
+    of the type `only_type` when one is given."""
+    if keys:
+        query = query.group_by(*keys)
+    if start_us is not None:
+        query = query.where(time >= start_us)
+    if end_us is not None:
+        query = query.where(time < end_us)
+    if only_type:
+        query = query.where(type_name == only_type)
+    return query
+
+
+Groups = dict[tuple[Any, ...], m.CostTotals]
+
+
+def _merge(groups: Groups, rows: Iterable[Any], width: int) -> None:
+    for row in rows:
+        if not row.event_count:  # an aggregate over no rows
+            continue
+        key = tuple(row[:width])
+        totals = rollups.totals_from_row(row)
+        if key in groups:
+            groups[key].add(totals)
+        else:
+            groups[key] = totals
+
+
+async def _breakdown_from_rollup(
+    conn: AsyncConnection, dimensions: Sequence[str], start_us: int | None, end_us: int | None, type_name: str
+) -> Groups:
+    r = cost_rollups
+    keys = [key for d in dimensions for key in _rollup_keys(d)]
+    query = _grouped(
+        sa.select(*keys, *_rollup_sums()), keys, r.c.hour_us, start_us, end_us, r.c.experience_name, type_name
+    )
+    groups: Groups = {}
+    _merge(groups, await conn.execute(query), len(keys))
+    return groups
+
+
+async def _breakdown_from_events(
+    conn: AsyncConnection,
+    dimensions: Sequence[str],
+    start_us: int | None,
+    end_us: int | None,
+    type_name: str,
+    into: Groups,
+) -> None:
+    ev = events
+    # The experience and its type are joined only where a dimension or the filter needs them.
+    needs_type = bool(type_name) or {"experience_name", "experience_version"} & set(dimensions)
+    source: Any = rollups.EVENTS_WITH_TYPE if needs_type else events
+    tag = None
+    if "request_tag" in dimensions:
+        if conn.dialect.name == "postgresql":
+            tag = sa.func.json_array_elements_text(ev.c.request_tags).table_valued("value").lateral("tag")
+        else:  # SQLite's table-valued functions see the columns to their left without LATERAL
+            tag = sa.func.json_each(ev.c.request_tags).table_valued("value").alias("tag")
+        source = source.outerjoin(tag, sa.true())
+    keys = [key for d in dimensions for key in _event_keys(d, tag)]
+    query = _grouped(
+        sa.select(*keys, *rollups.event_sums()).select_from(source),
+        keys,
+        ev.c.event_time_us,
+        start_us,
+        end_us,
+        experience_types.c.name,
+        type_name,
+    )
+    _merge(into, await conn.execute(query), len(keys))
+
+
+async def cost_breakdown(
+    conn: AsyncConnection, dimensions: Sequence[str], start_us: int | None, end_us: int | None, type_name: str
+) -> Groups:
+    """Sums of the events in [start_us, end_us) per group of the dimensions (none: one
+    group, the total). From the hourly rollup for the window's whole hours and the events
+    of its partial hours; from the events alone for user id and request tag."""
+    if not set(dimensions) <= ROLLUP_DIMENSIONS:
+        groups: Groups = {}
+        await _breakdown_from_events(conn, dimensions, start_us, end_us, type_name, groups)
+        return groups
+    first_hour = None if start_us is None else -(-start_us // HOUR_US) * HOUR_US
+    end_hour = None if end_us is None else end_us - end_us % HOUR_US
+    if first_hour is not None and end_hour is not None and end_hour <= first_hour:
+        groups = {}
+        await _breakdown_from_events(conn, dimensions, start_us, end_us, type_name, groups)
+        return groups
+    groups = await _breakdown_from_rollup(conn, dimensions, first_hour, end_hour, type_name)
+    if start_us is not None and first_hour is not None and start_us < first_hour:
+        await _breakdown_from_events(conn, dimensions, start_us, first_hour, type_name, groups)
+    if end_us is not None and end_hour is not None and end_hour < end_us:
+        await _breakdown_from_events(conn, dimensions, end_hour, end_us, type_name, groups)
+    return groups

@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test test-sqlite generate check-generated lint bench clean
+.PHONY: serve test test-sqlite generate check-generated lint bench release-contract clean
 
 $(STAMP): pyproject.toml clients/pyproject.toml
 	@echo "setting up $(VENV) (first run, or pyproject.toml changed): a minute or two"
@@ -26,19 +26,28 @@ test: $(STAMP)
 generate: $(STAMP)
 	PYTHON=$(BIN)/python scripts/generate.sh
 
+# generated/ (Python, Go, TypeScript) is exactly what `make generate` writes from protos/.
 check-generated: generate
-	git diff --exit-code -- clients/generated && test -z "$$(git status --porcelain -- clients/generated)"
+	git diff --exit-code -- generated && test -z "$$(git status --porcelain -- generated)"
 
-# The contract (buf), the Python code (ruff: rules and format) and its types (mypy --strict).
+# The contract (buf lint, format, and no breaking change against the last released
+# contract, protos/released.binpb), the server's layers (import-linter), the Python code
+# (ruff: rules and format) and its types (mypy --strict).
 lint: $(STAMP)
 	$(BIN)/buf lint
 	$(BIN)/buf format --exit-code --diff
+	$(BIN)/buf breaking --against protos/released.binpb
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
 bench: $(STAMP)
 	$(BIN)/python -m bench $(ARGS)
+
+# When a version is cut: the contract as released becomes the baseline `buf breaking` holds to.
+release-contract: $(STAMP)
+	$(BIN)/buf build -o protos/released.binpb
 
 clean:
 	rm -rf $(VENV) *.egg-info

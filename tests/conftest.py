@@ -91,6 +91,15 @@ async def make_database_url(backend: str, tmp_path: Path) -> str:
         pytest.skip(reason)
 
 
+@pytest.fixture(scope="session")
+async def postgres_url() -> str:
+    """The PostgreSQL server's URL, for a test that makes its own databases there: skipped
+    when it does not answer, failed under CI=true (as every PostgreSQL test)."""
+    url = await make_database_url("postgresql", Path("."))
+    await drop_database_url(url)
+    return POSTGRES_URL
+
+
 async def drop_database_url(url: str) -> None:
     if url.startswith("postgresql"):
         await _drop_postgres_database(url)

@@ -10,8 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import POSTGRES_URL
-
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -49,16 +47,16 @@ def test_read_bench_times_every_read_at_each_size():
 
 
 @pytest.mark.slow
-def test_migration_bench_times_the_rollups_migration_on_both_engines():
-    run = run_bench("bench.migration", "--sizes", "1000,2000", "--postgres-url", POSTGRES_URL)
+def test_migration_bench_times_the_rollups_migration_on_both_engines(postgres_url):
+    run = run_bench("bench.migration", "--sizes", "1000,2000", "--postgres-url", postgres_url)
     rows = re.findall(r"^(SQLite|PostgreSQL) +([\d,]+) +[\d.]+ +[\d,]+$", run.stdout, re.MULTILINE)
     expected = [(engine, size) for engine in ("SQLite", "PostgreSQL") for size in ("1,000", "2,000")]
     assert rows == expected, run.stdout
 
 
 @pytest.mark.slow
-def test_budget_reports_every_stage():
-    run = run_bench("bench.budget", "--batches", "2", "--postgres-url", POSTGRES_URL)
+def test_budget_reports_every_stage(postgres_url):
+    run = run_bench("bench.budget", "--batches", "2", "--postgres-url", postgres_url)
     assert "failed" not in run.stderr, run.stderr
     # The tricks weighed on both engines, in commits of 1,000 and of 32.
     assert len(re.findall(r"^  (sqlite|postgresql) +(1000|32) ", run.stdout, re.MULTILINE)) == 4, run.stdout

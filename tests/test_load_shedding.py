@@ -28,8 +28,8 @@ from .helpers import decode
 from .server_process import ServerProcess
 
 # The documented bound of what 50 stalled streams and a flood of 5,000 calls may add to a
-# server's resident memory (README, "Load shedding").
-RSS_GROWTH_BOUND_MB = 400
+# server's resident memory (docs/guarantees.md, "Load shedding").
+RSS_GROWTH_BOUND_MB = 150
 
 
 def event(n: int = 0) -> pb.UsageEvent:

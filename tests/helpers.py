@@ -19,6 +19,7 @@ class RichError:
     fields: dict[str, str] = field(default_factory=dict)
     resource: tuple[str, str] | None = None
     details_bytes: int = 0  # the size of the grpc-status-details-bin trailer
+    retry_delay_seconds: float | None = None  # google.rpc.RetryInfo
 
 
 def decode(error: grpc.aio.AioRpcError) -> RichError:
@@ -34,6 +35,10 @@ def decode(error: grpc.aio.AioRpcError) -> RichError:
             bad = error_details_pb2.BadRequest()
             detail.Unpack(bad)
             found.fields = {v.field: v.description for v in bad.field_violations}
+        elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            retry = error_details_pb2.RetryInfo()
+            detail.Unpack(retry)
+            found.retry_delay_seconds = retry.retry_delay.ToNanoseconds() / 1e9
         elif detail.Is(error_details_pb2.ResourceInfo.DESCRIPTOR):
             info = error_details_pb2.ResourceInfo()
             detail.Unpack(info)

@@ -33,6 +33,10 @@ def value(scraped: str, name: str, **labels: str) -> float:
     raise AssertionError(f"no sample {name}{labels}")
 
 
+def scrape(port: int) -> str:
+    return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+
+
 def test_metrics_show_calls_events_and_the_writer(tmp_path):
     port = free_port()
     server = ServerProcess(f"sqlite+aiosqlite:///{tmp_path / 'm.db'}", "--metrics-listen", f"127.0.0.1:{port}").start()
@@ -65,3 +69,58 @@ def test_metrics_show_calls_events_and_the_writer(tmp_path):
     assert value(scraped, "tally_commit_events_count") >= 2 and value(scraped, "tally_commit_events_sum") == 4
     assert value(scraped, "tally_commit_seconds_count") >= 2
     assert value(scraped, "tally_database_errors_total") == 0
+
+
+async def test_calls_are_logged_and_counted_with_the_code_their_caller_saw(tmp_path):
+    """Calls whose deadline passed, calls and a stream the caller cancelled, and a call refused
+    for load: each logged and counted with the code the caller received, not OK."""
+    import asyncio
+    import sqlite3
+
+    from grpc import aio
+
+    port = free_port()
+    path = tmp_path / "codes.db"
+    server = ServerProcess(
+        f"sqlite+aiosqlite:///{path}", "--metrics-listen", f"127.0.0.1:{port}", "--max-calls", "8"
+    ).start()
+    unary = "/tally.v1.IngestService/Ingest"
+    stream = "/tally.v1.IngestService/IngestStream"
+    event = pb.UsageEvent(category="system.openai", resource="gpt-4o", units={"text": pb.UnitCounts(input=5)})
+    try:
+        async with aio.insecure_channel(server.target) as channel:
+            ingest = ing_grpc.IngestServiceStub(channel)
+            await ingest.Ingest(pb.IngestRequest(event=event))
+            holder = sqlite3.connect(path, isolation_level=None)  # the writer waits on the file's lock
+            holder.execute("BEGIN IMMEDIATE")
+            try:
+                late = [ingest.Ingest(pb.IngestRequest(event=event), timeout=0.5) for _ in range(3)]
+                cancelled = [ingest.Ingest(pb.IngestRequest(event=event), timeout=30) for _ in range(2)]
+                opened = ingest.IngestStream(timeout=30)
+                await opened.write(pb.IngestStreamRequest(event=event))
+                refused = [ingest.Ingest(pb.IngestRequest(event=event), timeout=30) for _ in range(10)]
+                await asyncio.sleep(0.3)
+                for call in (*cancelled, opened):
+                    call.cancel()
+                outcomes = await asyncio.gather(*late, *refused, return_exceptions=True)
+                await asyncio.sleep(1)
+            finally:
+                holder.execute("ROLLBACK")
+                holder.close()
+            codes = [o.code() for o in outcomes if isinstance(o, aio.AioRpcError)]
+            assert codes.count(grpc.StatusCode.DEADLINE_EXCEEDED) == 3, codes
+            shed = codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED)
+            assert shed >= 1, codes
+        await asyncio.sleep(1)
+        scraped = await asyncio.to_thread(scrape, port)
+        log = "".join(server.log)
+    finally:
+        server.terminate()
+    assert value(scraped, "tally_calls_total", method=unary, code="DEADLINE_EXCEEDED") == 3
+    assert value(scraped, "tally_calls_total", method=unary, code="CANCELLED") == 2
+    assert value(scraped, "tally_calls_total", method=stream, code="CANCELLED") == 1
+    assert value(scraped, "tally_calls_total", method=unary, code="RESOURCE_EXHAUSTED") == shed
+    assert log.count(f"method={unary} code=DEADLINE_EXCEEDED") == 3, log[-3000:]
+    assert log.count(f"method={unary} code=CANCELLED") == 2
+    assert log.count(f"method={stream} code=CANCELLED") == 1
+    assert log.count(f"method={unary} code=RESOURCE_EXHAUSTED") == shed

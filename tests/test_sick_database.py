@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import logging
 import sqlite3
 import subprocess
 import sys
@@ -324,3 +325,143 @@ async def test_a_read_stops_waiting_on_the_database_when_its_caller_s_deadline_p
 
 async def _none_waiting(url: str) -> bool:
     return await waiting_on_locks(url) == 0
+
+
+@contextlib.asynccontextmanager
+async def events_locked(backend: str, url: str, path) -> AsyncIterator[None]:
+    """The events table locked by another session: on SQLite, the file's write lock."""
+    if backend == "postgresql":
+        async with table_locked(url, "events"):
+            yield
+        return
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+
+
+LOCK_SECONDS = 20
+
+
+async def test_a_lock_held_for_20_s_answers_every_call_within_the_timeout_and_retries_store_once(backend, tmp_path):
+    """With the default 5 s database timeout: 16 callers keep ingesting (unary and batches,
+    each event with its idempotency key) while another session holds the events table for
+    20 s. Every call is answered within the timeout plus 1 s: UNAVAILABLE with RetryInfo
+    while the lock holds, then stored; retried as told, every event is stored exactly once."""
+    url = await make_database_url(backend, tmp_path)
+    timeout = 5.0
+    server = TallyServer(Settings(listen="127.0.0.1:0", database_url=url, grace_seconds=1))
+    assert server.settings.database_timeout_seconds == timeout
+    await server.start()
+    answers: list[tuple[float, str]] = []  # (seconds, code) of every call
+    keys: set[str] = set()
+    try:
+        async with aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = ing_grpc.IngestServiceStub(channel)
+            await stub.Ingest(pb.IngestRequest(event=event(f"warm-{uuid.uuid4()}")))
+
+            async def until_stored(attempt) -> None:
+                """Calls `attempt` until it stores; it returns None then, else the retry delay."""
+                while True:
+                    started = time.monotonic()
+                    try:
+                        delay = await attempt()
+                    except aio.AioRpcError as error:
+                        rich = decode(error)
+                        assert rich.reason == "STORAGE_UNAVAILABLE", (rich.code, rich.reason, rich.message)
+                        assert rich.retry_delay_seconds, "UNAVAILABLE says when to retry"
+                        delay = rich.retry_delay_seconds
+                    answers.append((time.monotonic() - started, "OK" if delay is None else "UNAVAILABLE"))
+                    if delay is None:
+                        return
+                    await asyncio.sleep(delay)
+
+            async def unary(key: str) -> float | None:
+                await stub.Ingest(pb.IngestRequest(event=event(key)), timeout=30)
+                return None
+
+            async def batch(request: pb.IngestBatchRequest) -> float | None:
+                response = await stub.IngestBatch(request, timeout=30)
+                errors = [item.error for item in response.items if item.HasField("error")]
+                if not errors:
+                    return None
+                # The batch waited on the lock as one: refused as one, retried whole.
+                assert len(errors) == len(request.events), len(errors)
+                assert {(e.code, e.reason) for e in errors} == {(14, "STORAGE_UNAVAILABLE")}, errors[0]
+                return 1.0
+
+            async def caller(n: int) -> None:
+                for i in range(4):
+                    if n % 4:  # three callers in four send one event a call
+                        key = f"unary-{n}-{i}-{uuid.uuid4()}"
+                        keys.add(key)
+                        await until_stored(lambda key=key: unary(key))
+                    else:
+                        batched = [f"batch-{n}-{i}-{j}-{uuid.uuid4()}" for j in range(50)]
+                        keys.update(batched)
+                        request = pb.IngestBatchRequest(events=[event(key) for key in batched])
+                        await until_stored(lambda request=request: batch(request))
+                    await asyncio.sleep(1.5)
+
+            async with events_locked(backend, url, tmp_path / "tally.db"):
+                started = time.monotonic()
+                callers = asyncio.gather(*(caller(n) for n in range(16)))
+                await asyncio.sleep(LOCK_SECONDS)
+            held = time.monotonic() - started
+            await callers
+        slowest = max(seconds for seconds, _ in answers)
+        refused = sum(1 for _, code in answers if code != "OK")
+        print(
+            f"\n{backend}: lock held {held:.1f} s; {len(answers)} calls, {refused} answered UNAVAILABLE, "
+            f"the slowest answer in {slowest:.2f} s"
+        )
+        assert refused, "the lock was felt"
+        assert slowest < timeout + 1, sorted(seconds for seconds, _ in answers)[-5:]
+        engine = create_async_engine(url)
+        try:
+            async with engine.connect() as conn:
+                rows = (await conn.execute(sa.text("SELECT idempotency_key, count(*) FROM events GROUP BY 1"))).all()
+        finally:
+            await engine.dispose()
+        counts = {key: count for key, count in rows if key in keys}
+        assert set(counts) == keys and set(counts.values()) == {1}, "every event stored, once"
+    finally:
+        await server.stop()
+        await drop_database_url(url)
+
+
+async def test_an_outage_is_logged_once_with_a_count_not_once_per_event(tmp_path, caplog, monkeypatch):
+    """200 calls failing on a locked database make a handful of warning and error lines: the
+    first of each message at once, then one line with how often it repeated."""
+    from tally_server.rpc import status
+    from tally_server.services import ingest
+
+    for module in (status, ingest):
+        monkeypatch.setattr(module.repeated, "interval", 1.0)
+    url = f"sqlite+aiosqlite:///{tmp_path / 'outage.db'}"
+    server = await start(url)
+    try:
+        async with aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = ing_grpc.IngestServiceStub(channel)
+            await stub.Ingest(pb.IngestRequest(event=event(f"warm-{uuid.uuid4()}")))
+            other = sqlite3.connect(tmp_path / "outage.db", isolation_level=None)
+            other.execute("BEGIN IMMEDIATE")
+            caplog.clear()
+            try:
+                calls = [stub.Ingest(pb.IngestRequest(event=event(f"o-{n}")), timeout=20) for n in range(200)]
+                outcomes = await asyncio.gather(*calls, return_exceptions=True)
+            finally:
+                other.execute("ROLLBACK")
+                other.close()
+            await asyncio.sleep(1.5)  # the counts are said when the interval ends
+    finally:
+        await server.stop()
+    failed = [o for o in outcomes if isinstance(o, aio.AioRpcError)]
+    assert len(failed) == 200 and {o.code() for o in failed} == {grpc.StatusCode.UNAVAILABLE}
+    loud = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    print(f"\n200 calls on a locked database: {len(loud)} warning and error lines")
+    assert len(loud) <= 10, loud
+    assert any("repeated" in line for line in loud), loud

@@ -10,6 +10,7 @@ import datetime
 import ipaddress
 import os
 import signal
+import ssl
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -190,6 +191,53 @@ def test_certificates_are_reread_on_sighup_without_a_restart(pki, tmp_path):
         assert server.process.poll() is None, "the server kept running"
     finally:
         assert server.terminate() == 0
+
+
+@pytest.mark.slow
+def test_a_reload_of_bad_files_is_said_and_the_old_certificate_stays(pki, tmp_path):
+    """SIGHUP after the files were replaced by a corrupt certificate, then by a key of another
+    certificate: each reload is logged as a failure naming the files, and handshakes go on
+    presenting the certificate that was loaded."""
+    servers, _, _ = pki
+    first = servers.issue("kept", server=True)
+    other = servers.issue("other", server=True)
+    cert, key = tmp_path / "server.pem", tmp_path / "server.key"
+    cert.write_bytes(first.cert.read_bytes())
+    key.write_bytes(first.key.read_bytes())
+    server = serve(tmp_path, "--tls-cert", str(cert), "--tls-key", str(key))
+    assert server.process is not None
+    try:
+        for broken_cert, broken_key in (
+            (b"-----BEGIN CERTIFICATE-----\ngarbage\n-----END CERTIFICATE-----\n", first.key.read_bytes()),
+            (first.cert.read_bytes(), other.key.read_bytes()),  # a key of another certificate
+        ):
+            cert.write_bytes(broken_cert)
+            key.write_bytes(broken_key)
+            server.process.send_signal(signal.SIGHUP)
+            assert listed(server.target, ca_file=servers.pem), "the loaded certificate is still presented"
+            presented = ssl.get_server_certificate(("127.0.0.1", server.port), ca_certs=str(servers.pem))
+            assert presented.strip() == first.cert.read_text().strip()
+        log = "".join(server.log)
+        assert log.count("TLS certificate files NOT reloaded") >= 2, log[-2000:]
+        assert f"{cert} and {key} are not a certificate and its key" in log, log[-2000:]
+        assert "TLS certificate files reloaded" not in log
+        assert server.process.poll() is None, "the server kept running"
+    finally:
+        assert server.terminate() == 0
+
+
+def test_a_start_with_a_corrupt_certificate_names_the_files(pki, tmp_path):
+    servers, _, _ = pki
+    first = servers.issue("corrupt-start", server=True)
+    cert = tmp_path / "corrupt.pem"
+    cert.write_bytes(b"-----BEGIN CERTIFICATE-----\ngarbage\n-----END CERTIFICATE-----\n")
+    database = f"sqlite+aiosqlite:///{tmp_path / 'c.db'}"
+    command = [str(BIN / "tally"), "serve", "--listen", "127.0.0.1:0", "--database-url", database]
+    command += ["--tls-cert", str(cert), "--tls-key", str(first.key)]
+    process = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert process.returncode == 1, process.stderr
+    assert f"{cert} and {first.key} are not a certificate and its key" in process.stderr, process.stderr
+    assert "is the port in use" not in process.stderr
 
 
 def test_serving_beyond_loopback_needs_an_authentication_decision(tmp_path):

@@ -33,7 +33,7 @@ from tally.v1 import (
     report_service_pb2_grpc,
 )
 
-from . import metrics
+from . import memory, metrics
 from .config import RefusedToStart, Settings, auth_required
 from .domain.errors import StorageUnavailable
 from .domain.paging import PageTokens
@@ -109,6 +109,7 @@ class TallyServer:
         self.port = 0
         self.certificates: CertificateFiles | None = None
         self._watcher: asyncio.Task[None] | None = None
+        self._trimmer: asyncio.Task[None] | None = None
 
     async def start(self) -> int:
         """Migrates the database, binds and starts serving; returns the bound port.
@@ -126,7 +127,7 @@ class TallyServer:
             interceptors=[
                 ServerInterceptor(
                     Access(REQUIRED_SCOPES, self.keys if auth else None),
-                    Admission(self.settings.max_calls, self.settings.max_streams),
+                    Admission(self.settings.max_calls, self.settings.max_streams, self.settings.max_call_bytes),
                 )
             ],
             options=[
@@ -135,6 +136,10 @@ class TallyServer:
                 ("grpc.so_reuseport", 1 if self.settings.worker else 0),
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
+                # The receive windows stay at HTTP/2's 64 KiB per stream: grpc-core's probing
+                # grew them to megabytes, so 40 streams whose callers never read answers had
+                # 350 MB of events waiting in the transport, out of Tally's byte bounds.
+                ("grpc.http2.bdp_probe", 0),
                 # grpc-core's defaults (1,000 pending calls, then random early cancellation up
                 # to 3,000) cancelled a third of a flood of 5,000 calls before Tally saw them;
                 # now they reach the interceptor, which answers those past --max-calls
@@ -149,7 +154,9 @@ class TallyServer:
         experience_service_pb2_grpc.add_ExperienceServiceServicer_to_server(
             ExperienceServicer(self.experiences), server
         )
-        ingest_service_pb2_grpc.add_IngestServiceServicer_to_server(IngestServicer(self.ingestor), server)
+        ingest_service_pb2_grpc.add_IngestServiceServicer_to_server(
+            IngestServicer(self.ingestor, self.settings.stream_window_bytes), server
+        )
         price_catalog_service_pb2_grpc.add_PriceCatalogServiceServicer_to_server(
             PriceCatalogServicer(self.prices), server
         )
@@ -185,6 +192,7 @@ class TallyServer:
         tune_garbage_collector()
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         self._watcher = asyncio.create_task(self._watch_database(), name="tally-database-health")
+        self._trimmer = asyncio.create_task(self._give_back_memory(), name="tally-memory-trim")
         host = self.settings.listen.rsplit(":", 1)[0]
         security = "plaintext" if self.certificates is None else "TLS"
         if self.certificates is not None and self.certificates.client_ca is not None:
@@ -230,12 +238,19 @@ class TallyServer:
                 )
                 await self._set_health(status)
 
+    async def _give_back_memory(self) -> None:
+        trimmer = memory.Trimmer()
+        while True:
+            await asyncio.sleep(memory.TRIM_SECONDS)
+            trimmer.tick()
+
     async def stop(self, grace: float | None = None) -> None:
         """NOT_SERVING first, then in-flight calls get `grace` seconds, then the writer and database close."""
         grace = self.settings.grace_seconds if grace is None else grace
-        if self._watcher is not None:
-            self._watcher.cancel()
-            await asyncio.gather(self._watcher, return_exceptions=True)
+        for task in (self._watcher, self._trimmer):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         await self.health.enter_graceful_shutdown()
         if self.server is not None:
             await self.server.stop(grace)

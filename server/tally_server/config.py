@@ -28,14 +28,18 @@ class Settings:
     max_calls: int = 1000
     max_streams: int = 100
     max_queued_events: int = 50_000
+    # Memory, in bytes of requests as received: the unary and batch requests being served at
+    # once, and what each stream has in flight (its events taken in and not yet answered).
+    max_call_bytes: int = 16 * 1024 * 1024
+    stream_window_bytes: int = 256 * 1024
     metrics_listen: str = ""  # host:port of the Prometheus endpoint; empty: none
     # "required", "off", or None: off on a loopback address, refused beyond it (see auth_required).
     auth: str | None = None
     tls_cert: str = ""
     tls_key: str = ""
     tls_client_ca: str = ""
-    # A full IngestBatch (1,000 events with properties) fits with room to spare.
-    max_message_bytes: int = 32 * 1024 * 1024
+    # The largest message either way (gRPC's own default): 1,000 events of 4 KiB in one batch.
+    max_message_bytes: int = 4 * 1024 * 1024
     # Server processes sharing the listen port (SO_REUSEPORT), each with its own writer.
     workers: int = 1
     worker: int = 0  # which of them this process is (from 1); 0 when it serves alone
@@ -129,6 +133,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         ("--max-calls", "TALLY_MAX_CALLS", _DEFAULTS.max_calls, "calls in progress at once"),
         ("--max-streams", "TALLY_MAX_STREAMS", _DEFAULTS.max_streams, "IngestStream calls in progress at once"),
         ("--max-queued-events", "TALLY_MAX_QUEUED_EVENTS", _DEFAULTS.max_queued_events, "events waiting to be stored"),
+        (
+            "--max-call-bytes",
+            "TALLY_MAX_CALL_BYTES",
+            _DEFAULTS.max_call_bytes,
+            "bytes of unary and batch requests served at once",
+        ),
+        (
+            "--max-message-bytes",
+            "TALLY_MAX_MESSAGE_BYTES",
+            _DEFAULTS.max_message_bytes,
+            "bytes in one message, received or sent",
+        ),
     ):
         parser.add_argument(
             flag,
@@ -136,6 +152,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             default=int(_env(variable, str(default))),
             help=f"at most this many {what}; past it, RESOURCE_EXHAUSTED (env {variable}, default {default:,})",
         )
+    parser.add_argument(
+        "--stream-window-bytes",
+        type=int,
+        default=int(_env("TALLY_STREAM_WINDOW_BYTES", str(_DEFAULTS.stream_window_bytes))),
+        help="bytes of events one IngestStream may have taken in and not yet answered (besides at most 512 "
+        "events); past it the stream reads no more until answers go out, and HTTP/2 holds the caller back "
+        f"(env TALLY_STREAM_WINDOW_BYTES, default {_DEFAULTS.stream_window_bytes:,})",
+    )
     parser.add_argument(
         "--workers",
         type=int,
@@ -189,6 +213,9 @@ def from_arguments(args: argparse.Namespace) -> Settings:
         max_calls=args.max_calls,
         max_streams=args.max_streams,
         max_queued_events=args.max_queued_events,
+        max_call_bytes=args.max_call_bytes,
+        stream_window_bytes=args.stream_window_bytes,
+        max_message_bytes=args.max_message_bytes,
         metrics_listen=args.metrics_listen,
         auth=args.auth,
         tls_cert=args.tls_cert,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import ssl
 import threading
 from pathlib import Path
 from typing import Any
@@ -17,8 +18,10 @@ from typing import Any
 import grpc
 
 from .config import RefusedToStart, Settings
+from .logs import RepeatedLog
 
 log = logging.getLogger("tally.tls")
+repeated = RepeatedLog(log)  # grpc asks at every handshake: a bad file is said once per interval
 
 
 class CertificateFiles:
@@ -48,8 +51,8 @@ class CertificateFiles:
         self._reload.clear()
         try:
             configuration = self._configuration()
-        except (OSError, ValueError) as error:  # a file half written: keep serving the current one
-            log.warning("TLS certificate files not reloaded: %s", error)
+        except (OSError, ValueError) as error:  # corrupt or half written: keep serving the current one
+            repeated.error("TLS certificate files NOT reloaded, still serving the previous certificate: %s", error)
             return None
         self._seen = stamps
         log.info("TLS certificate files reloaded: %s", ", ".join(map(str, self.paths)))
@@ -66,10 +69,25 @@ class CertificateFiles:
         return tuple(stamps)
 
     def _configuration(self) -> grpc.ServerCertificateConfiguration:
+        """The files as grpc takes them, checked first as OpenSSL reads them: grpc would take a
+        corrupt certificate or a key of another certificate here and only fail at handshakes."""
+        stamps = self._stamps()
         pair = (self.key.read_bytes(), self.cert.read_bytes())
         root = self.client_ca.read_bytes() if self.client_ca else None
         if b"PRIVATE KEY" not in pair[0] or b"CERTIFICATE" not in pair[1]:
             raise ValueError(f"{self.key} must hold a PEM private key and {self.cert} a PEM certificate")
+        check = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        try:
+            check.load_cert_chain(self.cert, self.key)
+        except ssl.SSLError as error:
+            raise ValueError(f"{self.cert} and {self.key} are not a certificate and its key: {error}") from None
+        if self.client_ca is not None:
+            try:
+                check.load_verify_locations(cafile=self.client_ca)
+            except ssl.SSLError as error:
+                raise ValueError(f"{self.client_ca} is not a PEM CA certificate: {error}") from None
+        if self._stamps() != stamps:
+            raise ValueError("the files changed while they were read (being written?)")
         return grpc.ssl_server_certificate_configuration([pair], root_certificates=root)
 
 

@@ -22,6 +22,7 @@ from .validation import (
     check_price_context,
     check_string_map,
     check_text,
+    utf8_length,
 )
 
 log = logging.getLogger(__name__)
@@ -48,8 +49,8 @@ def validate_event(event: UsageEvent, now: int | None, v: Violations) -> None:
         v.add("category", "must match [A-Za-z0-9._-]{1,128}")
     if not event.resource:
         v.add("resource", "resource is required, e.g. 'gpt-4o'")
-    elif len(event.resource) > 256 or not event.resource.isprintable():
-        v.add("resource", "must be 1 to 256 printable characters")
+    elif utf8_length(event.resource) > 256 or not event.resource.isprintable():
+        v.add("resource", "must be 1 to 256 bytes of printable UTF-8")
     if len(event.units) > MAX_UNIT_TYPES:
         v.add("units", f"at most {MAX_UNIT_TYPES} unit types, got {len(event.units)}")
     for unit_type, (input_count, output_count) in event.units.items():
@@ -85,8 +86,8 @@ def validate_event(event: UsageEvent, now: int | None, v: Violations) -> None:
     if len(context.request_tags) > MAX_TAGS:
         v.add("context.request_tags", f"at most {MAX_TAGS} tags")
     for tag in context.request_tags:
-        if not tag or len(tag) > 128 or "," in tag or "\x00" in tag:
-            v.add("context.request_tags", f"each tag is 1 to 128 characters without commas, got {tag[:80]!r}")
+        if not tag or utf8_length(tag) > 128 or "," in tag or "\x00" in tag:
+            v.add("context.request_tags", f"each tag is 1 to 128 bytes of UTF-8 without commas, got {tag[:80]!r}")
 
 
 # At most $1,000,000 an event. With it, an event's costs fit in 64-bit nano-dollars with

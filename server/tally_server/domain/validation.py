@@ -17,6 +17,7 @@ CATEGORY_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,128}")
 # bound (prices.py) no event's cost or any sum of costs can overflow 64-bit nano-dollars.
 UNIT_COUNT_MAX = 10**12
 LATENCY_MAX_MS = 7 * 24 * 3600 * 1000
+# String bounds are in bytes of UTF-8.
 TEXT_MAX = 256  # ids, keys, user ids
 
 DESCRIPTION_MAX = 1024
@@ -26,10 +27,16 @@ MAP_VALUE_MAX = 1024
 REQUEST_ID_MAX = 128
 
 
-def check_text(v: Violations, field_path: str, value: str, max_length: int = TEXT_MAX) -> None:
-    """At most `max_length` characters, and no NUL (PostgreSQL's text cannot hold one)."""
-    if len(value) > max_length:
-        v.add(field_path, f"must be at most {max_length} characters, got {len(value)}")
+def utf8_length(text: str) -> int:
+    """The bytes `text` takes in UTF-8: what it costs to hold and store, whatever its
+    characters (a limit in characters let 4-byte characters make an event 4 times larger)."""
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
+def check_text(v: Violations, field_path: str, value: str, max_bytes: int = TEXT_MAX) -> None:
+    """At most `max_bytes` bytes of UTF-8, and no NUL (PostgreSQL's text cannot hold one)."""
+    if (size := utf8_length(value)) > max_bytes:
+        v.add(field_path, f"must be at most {max_bytes} bytes of UTF-8, got {size}")
     if "\x00" in value:
         v.add(field_path, "must not contain NUL characters")
 
@@ -47,8 +54,8 @@ def check_string_map(v: Violations, field_path: str, values: Mapping[str, str], 
     for key, value in values.items():
         if not NAME_PATTERN.fullmatch(key):
             v.add(f"{field_path}[{key[:80]!r}]", "key must match [A-Za-z0-9._-]{1,64}")
-        if len(value) > MAP_VALUE_MAX or "\x00" in value:
-            v.add(f"{field_path}[{key[:80]!r}]", f"value must be at most {MAP_VALUE_MAX} characters, without NUL")
+        if utf8_length(value) > MAP_VALUE_MAX or "\x00" in value:
+            v.add(f"{field_path}[{key[:80]!r}]", f"value must be at most {MAP_VALUE_MAX} bytes of UTF-8, without NUL")
 
 
 PRICE_CONTEXT_MAX_ENTRIES = 8
@@ -61,10 +68,10 @@ def check_price_context(v: Violations, field_path: str, context: Mapping[str, st
     for key, value in context.items():
         if not NAME_PATTERN.fullmatch(key):
             v.add(f"{field_path}[{key[:64]!r}]", "key must match [A-Za-z0-9._-]{1,64}")
-        if not value or len(value) > PRICE_CONTEXT_VALUE_MAX or not value.isprintable() or "," in value:
+        if not value or utf8_length(value) > PRICE_CONTEXT_VALUE_MAX or not value.isprintable() or "," in value:
             v.add(
                 f"{field_path}[{key[:64]!r}]",
-                f"value must be 1 to {PRICE_CONTEXT_VALUE_MAX} printable characters without commas",
+                f"value must be 1 to {PRICE_CONTEXT_VALUE_MAX} bytes of printable UTF-8 without commas",
             )
 
 

@@ -9,6 +9,7 @@ stack trace ever reaches a caller.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import time
@@ -17,11 +18,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import grpc
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, Message
 from grpc import aio
 
 from .. import metrics
-from ..domain.errors import TallyError, Violation, invalid, overloaded
+from ..domain.errors import Code, TallyError, Violation, invalid, overloaded
 from .access import OPEN_SERVICES, Access, current_key
 from .status import as_tally_error, current_call, status_of
 
@@ -40,13 +41,25 @@ _request_numbers = itertools.count(1)
 
 
 class Admission:
-    """How many calls, and of them streams, may be in progress at once. Past either limit a
-    call is refused with RESOURCE_EXHAUSTED (and RetryInfo) at once, rather than queued in
-    memory or left to time out. Health checks are always admitted."""
+    """How many calls, and of them streams, may be in progress at once, and how many bytes of
+    unary and batch requests. Past a limit a call is refused with RESOURCE_EXHAUSTED (and
+    RetryInfo) at once, rather than queued in memory or left to time out. Health checks are
+    always admitted. (What a stream holds is bounded by its own window: servicers.py.)"""
 
-    def __init__(self, max_calls: int, max_streams: int) -> None:
-        self.max_calls, self.max_streams = max_calls, max_streams
-        self.calls = self.streams = 0
+    def __init__(self, max_calls: int, max_streams: int, max_call_bytes: int = 16 * 1024 * 1024) -> None:
+        self.max_calls, self.max_streams, self.max_call_bytes = max_calls, max_streams, max_call_bytes
+        self.calls = self.streams = self.call_bytes = 0
+
+    def take_bytes(self, size: int) -> None:
+        """Counts a request of `size` bytes as served; one request is always taken when none
+        is (a message is at most --max-message-bytes), so a large one is never refused forever."""
+        if self.call_bytes and self.call_bytes + size > self.max_call_bytes:
+            metrics.SHED.labels("call_bytes").inc()
+            raise overloaded(f"{self.max_call_bytes:,} bytes of requests in progress")
+        self.call_bytes += size
+
+    def give_bytes(self, size: int) -> None:
+        self.call_bytes -= size
 
     def enter(self, method: str, stream: bool) -> None:
         if method.startswith(OPEN_SERVICES):
@@ -89,7 +102,16 @@ class _Call:
         metadata = (*status.trailing_metadata, (REQUEST_ID_KEY, self.request_id))
         await context.abort(status.code, status.details, metadata)
 
+    def gone(self, context: Context) -> None:
+        """The caller went away: its deadline passed, or it cancelled. Logged and counted with
+        the code the caller itself saw."""
+        remaining = context.time_remaining()
+        expired = remaining is not None and remaining <= 0
+        self.code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
+
     def finish(self, context: Context) -> None:
+        if self.code == grpc.StatusCode.OK and context.cancelled():  # answered, but too late to be heard
+            self.gone(context)
         code = context.code() if self.code == grpc.StatusCode.OK else self.code
         if isinstance(code, int):  # grpc.aio reports some codes as their number
             code = _CODES.get(code, grpc.StatusCode.UNKNOWN)
@@ -201,44 +223,114 @@ def _wrap_unary(method: str, access: Access, admission: Admission, behavior: Beh
     async def wrapper(request_or_iterator: Any, context: Context) -> Any:
         call = _Call(method, context)
         entered = False
+        size = 0
         try:
             admission.enter(method, stream=False)
             entered = True
             await call.admit(access, context)
             if isinstance(request_or_iterator, Undecodable):
                 raise request_or_iterator.error()
+            if isinstance(request_or_iterator, Message):
+                requested = request_or_iterator.ByteSize()
+                admission.take_bytes(requested)
+                size = requested  # given back when the call ends
             return await behavior(request_or_iterator, context)
+        except asyncio.CancelledError:
+            call.gone(context)
+            raise
         except Exception as error:
             if _is_abort(error):
                 raise
             await call.fail(context, error)
         finally:
+            # A refusal's exception holds this frame in a reference cycle until a full
+            # collection: the frame lets go of the request (up to --max-message-bytes) now.
+            request_or_iterator = None
             if entered:
+                admission.give_bytes(size)
                 admission.leave(method, stream=False)
             call.finish(context)
 
     return wrapper
 
 
+# How often a stream's key is checked again while the stream is open. With the keys' cache
+# (ApiKeys.CACHE_SECONDS, 5 s) a revocation on any replica ends the stream within 7.5 s,
+# and an idle one REVOKED_GRACE_SECONDS later: inside the documented 10 s.
+RECHECK_SECONDS = 2.5
+REVOKED_GRACE_SECONDS = 1.0
+
+
+class _Revocation:
+    """Checks an open stream's credentials every RECHECK_SECONDS. Once they are no longer valid
+    (the key revoked), the stream reads no more requests: its next one raises the refusal, so
+    that the events it sent before are answered as usual and then the call ends with it. A
+    stream that sends nothing more is cancelled after REVOKED_GRACE_SECONDS and ends with it."""
+
+    def __init__(self, access: Access, method: str, context: Context) -> None:
+        self.refusal: TallyError | None = None
+        self._task = asyncio.create_task(self._watch(access, method, context, asyncio.current_task()))
+
+    async def _watch(self, access: Access, method: str, context: Context, stream: asyncio.Task[Any] | None) -> None:
+        while True:
+            await asyncio.sleep(RECHECK_SECONDS)
+            try:
+                await access.check(method, context.invocation_metadata())
+            except TallyError as refusal:
+                if refusal.code in (Code.UNAUTHENTICATED, Code.PERMISSION_DENIED):
+                    self.refusal = refusal
+                    await asyncio.sleep(REVOKED_GRACE_SECONDS)
+                    if stream is not None:
+                        stream.cancel()
+                    return
+                # The database did not answer: the key stays as it was last seen.
+
+    async def guard(self, requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+        """The stream's requests, until its credentials are found invalid."""
+        async for request in requests:
+            if self.refusal is not None:
+                raise self.refusal
+            yield request
+
+    def stop(self) -> None:
+        self._task.cancel()
+
+
 def _wrap_stream(method: str, access: Access, admission: Admission, behavior: Behavior) -> Behavior:
     async def wrapper(request_or_iterator: Any, context: Context) -> AsyncIterator[Any]:
         call = _Call(method, context)
         entered = False
+        revocation: _Revocation | None = None
         try:
             admission.enter(method, stream=True)
             entered = True
             await call.admit(access, context)
+            if call.key:  # a stream outlives its key's check: checked again while it is open
+                revocation = _Revocation(access, method, context)
+                if hasattr(request_or_iterator, "__aiter__"):
+                    request_or_iterator = revocation.guard(request_or_iterator)
             result = behavior(request_or_iterator, context)
             if hasattr(result, "__aiter__"):
                 async for response in result:
                     yield response
             else:  # a handler that writes through context.write and returns a coroutine
                 await result
+        except asyncio.CancelledError:
+            if revocation is None or revocation.refusal is None:
+                call.gone(context)
+                raise
+            # Ended for its key while idle (a stream still sending ends through `guard`).
+            current = asyncio.current_task()
+            if current is not None:
+                current.uncancel()
+            await call.fail(context, revocation.refusal)
         except Exception as error:
             if _is_abort(error):
                 raise
             await call.fail(context, error)
         finally:
+            if revocation is not None:
+                revocation.stop()
             if entered:
                 admission.leave(method, stream=True)
             call.finish(context)

@@ -243,9 +243,33 @@ def _prepare(message: ing_pb.UsageEvent, call: EventContext, now: int, prefix: s
     return event_rules.checked_event(event, now, v)
 
 
+class _ByteWindow:
+    """The bytes of events one stream has taken in and not yet answered. Its reader waits for
+    room before it reads on, so a caller that stops reading answers is held back by HTTP/2
+    flow control instead of by the server's memory. One event is always let in when the
+    window is empty, whatever its size (a message is bounded by --max-message-bytes)."""
+
+    __slots__ = ("_room", "held", "limit")
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.held = limit, 0
+        self._room = asyncio.Event()
+
+    async def take(self, size: int) -> None:
+        while self.held and self.held + size > self.limit:
+            self._room.clear()
+            await self._room.wait()
+        self.held += size
+
+    def give(self, size: int) -> None:
+        self.held -= size
+        self._room.set()
+
+
 class IngestServicer(ing_grpc.IngestServiceServicer):
-    def __init__(self, ingestor: Ingestor) -> None:
+    def __init__(self, ingestor: Ingestor, stream_window_bytes: int = 256 * 1024) -> None:
         self.ingestor = ingestor
+        self.stream_window_bytes = stream_window_bytes
 
     async def Ingest(self, request: ing_pb.IngestRequest, context: Context) -> ing_pb.IngestResponse:
         call = metadata.call_context(context.invocation_metadata())
@@ -293,7 +317,8 @@ class IngestServicer(ing_grpc.IngestServiceServicer):
         self, request_iterator: AsyncIterator[ing_pb.IngestStreamRequest | Undecodable], context: Context
     ) -> AsyncIterator[ing_pb.IngestStreamResponse]:
         call = metadata.call_context(context.invocation_metadata())
-        in_flight: asyncio.Queue[tuple[int, str, _Pending] | None] = asyncio.Queue(maxsize=STREAM_WINDOW)
+        in_flight: asyncio.Queue[tuple[int, str, _Pending, int] | None] = asyncio.Queue(maxsize=STREAM_WINDOW)
+        window = _ByteWindow(self.stream_window_bytes)
         answers = convert.IngestResponses()
 
         async def read() -> None:
@@ -301,16 +326,19 @@ class IngestServicer(ing_grpc.IngestServiceServicer):
             try:
                 async for request in request_iterator:
                     pending: _Pending
+                    size = 0
                     if isinstance(request, Undecodable):  # answered in place; the stream goes on
                         key, pending = "", request.error("event")
                     else:
+                        size = request.ByteSize()
+                        await window.take(size)
                         prepared = _prepare(request.event, call, now_us(), "event.")
                         key = request.event.idempotency_key or request.event.provider_response_id
                         try:
                             pending = prepared if isinstance(prepared, TallyError) else self.ingestor.enqueue(prepared)
                         except TallyError as refused:  # the writer's queue is full: this event only
                             pending = refused
-                    await in_flight.put((position, key, pending))
+                    await in_flight.put((position, key, pending, size))
                     position += 1
             finally:
                 await in_flight.put(None)  # ends the answers; `await reader` raises what stopped it
@@ -318,7 +346,7 @@ class IngestServicer(ing_grpc.IngestServiceServicer):
         reader = asyncio.create_task(read())
         try:
             while (entry := await in_flight.get()) is not None:
-                position, key, pending = entry
+                position, key, pending, size = entry
                 outcome: IngestResult | Exception
                 try:
                     outcome = pending if isinstance(pending, TallyError) else await pending
@@ -332,6 +360,7 @@ class IngestServicer(ing_grpc.IngestServiceServicer):
                     answer = ing_pb.IngestStreamResponse(position=position, idempotency_key=key)
                     answers.write(outcome, answer.result)
                     yield answer
+                window.give(size)  # answered: gRPC holds the answer (bounded by STREAM_WINDOW answers)
             await reader
         finally:
             reader.cancel()

@@ -18,8 +18,10 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from ..domain.errors import StorageUnavailable, TallyError, internal_error
+from ..logs import RepeatedLog
 
 log = logging.getLogger("tally.rpc")
+repeated = RepeatedLog(log)
 DOMAIN = "tally.v1"
 
 # (method, request id) of the call being served, set by the interceptor, so that an
@@ -30,7 +32,9 @@ current_call: contextvars.ContextVar[tuple[str, str]] = contextvars.ContextVar("
 def as_tally_error(error: BaseException, method: str, request_id: str) -> TallyError:
     """The error a caller gets for `error`, logged as it deserves."""
     if isinstance(error, StorageUnavailable):
-        log.warning("storage unavailable method=%s request_id=%s: %s", method, request_id, error.detail)
+        # Said once per interval with a count: an outage fails every call alike, and each call's
+        # own line (the interceptor's, with its request id) says which ones.
+        repeated.warning("storage unavailable method=%s: %s", method, error.detail)
         return error
     if isinstance(error, TallyError):
         return error

@@ -16,17 +16,19 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from .. import metrics
-from ..domain.errors import TallyError, overloaded
+from ..domain.errors import StorageUnavailable, TallyError, overloaded
 from ..domain.events import MAX_EVENT_COST_NANOS, cost_out_of_range, idempotency_key, key_reused
 from ..domain.ids import uuid7
 from ..domain.models import Cost, IngestResult, Resolution, StoredEvent, UsageEvent, now_us
 from ..domain.rollups import rollups_of, type_deltas
+from ..logs import RepeatedLog
 from ..storage import events as stored_events, experiences as stored_experiences, rollups as stored_rollups
 from ..storage.db import Database
 from .catalog import LiveCatalog
 from .resolution import resolve_experiences
 
 log = logging.getLogger(__name__)
+repeated = RepeatedLog(log)
 
 
 class _Request:
@@ -138,6 +140,11 @@ class Ingestor:
                 while batch:
                     current, batch = _first_of_each_key(batch)
                     await self._commit(current)
+            except StorageUnavailable as error:  # answered now, not after one more timeout each
+                for item in (*current, *batch):
+                    if not item.settled:
+                        self._settle(item, StorageUnavailable(error.detail))
+                self._refuse_queued(error)
             except Exception as error:  # a bug: answer the callers rather than leave them waiting
                 log.exception("the group-commit writer failed")
                 for item in (*current, *batch):
@@ -157,29 +164,58 @@ class Ingestor:
         metrics.ABANDONED.inc(len(request.events))
         return True
 
+    def _refuse_queued(self, error: StorageUnavailable) -> None:
+        """A commit waited at least half the database timeout and failed (a lock held, the
+        database unreachable): the events queued meanwhile are answered UNAVAILABLE now, rather
+        than each commit after it waiting one more timeout. Their callers retry with the same
+        keys, so each waits at most about one timeout for its answer."""
+        refused = 0
+        while not self._queue.empty():
+            request = self._queue.get_nowait()
+            if self._gone(request):
+                continue
+            for index in range(len(request.events)):
+                self._settle(_Pending(request, index), StorageUnavailable(error.detail))
+            refused += len(request.events)
+        if refused:
+            repeated.warning("the database is unavailable: %d queued events refused at once, retryable", refused)
+
     async def _commit(self, current: list[_Pending]) -> None:
-        """Stores events with distinct keys in one transaction and answers them."""
+        """Stores events with distinct keys in one transaction and answers them. Raises
+        StorageUnavailable, answering no one, when the database is unavailable or busy."""
         keys = {key for item in current if (key := idempotency_key(item.event))}
         started = time.perf_counter()
         try:
             outcomes, raced = await self._store(current, keys)
             metrics.COMMIT_SECONDS.observe(time.perf_counter() - started)
             metrics.COMMIT_EVENTS.observe(len(current))
-        # Deliberately any exception: whatever failed, every caller waiting on this batch gets an answer.
-        except Exception as error:  # noqa: BLE001 - rolled back: nothing of this transaction is stored
-            if len(current) > 1:
-                log.warning("a batch of %d events failed (%r); storing them one by one", len(current), error)
+        except StorageUnavailable as error:
+            repeated.error("storing events failed, the database is unavailable: %s", error.detail)
+            if time.perf_counter() - started >= self.db.timeout / 2:
+                # Stuck (a lock held, the database unreachable): storing one by one would wait
+                # out the same lock once per event. Everyone waiting is answered now instead.
+                raise
+            if len(current) > 1:  # a quick refusal (a deadlock, one bad row): isolate it
                 for item in current:
                     await self._commit([item])
                 return
-            log.error("storing an event failed: %r", error)
+            self._settle(current[0], error)
+            return
+        # Deliberately any exception: whatever failed, every caller waiting on this batch gets an answer.
+        except Exception as error:  # noqa: BLE001 - rolled back: nothing of this transaction is stored
+            if len(current) > 1:
+                repeated.warning("a batch of events failed (%r); storing them one by one", error)
+                for item in current:
+                    await self._commit([item])
+                return
+            repeated.error("storing an event failed: %r", error)
             self._settle(current[0], error)
             return
         try:
             if raced:
                 await self._resolve_raced(raced, outcomes)
         except Exception as error:  # noqa: BLE001 - committed, but the duplicate could not be read back
-            log.error("reading back raced events failed: %r", error)
+            repeated.error("reading back raced events failed: %r", error)
             for item, _ in raced:
                 outcomes.setdefault(id(item), error)
         stored = Counter(

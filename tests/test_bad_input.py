@@ -298,3 +298,27 @@ async def test_page_tokens_are_shared_by_the_replicas_of_one_database_only(stubs
     finally:
         await replica.stop()
         await stranger.stop()
+
+
+@pytest.mark.parametrize(
+    ("field", "set_to"),
+    [
+        ("properties['note']", lambda e, text: e.properties.update({"note": text})),
+        ("context.user_id", lambda e, text: setattr(e.context, "user_id", text[:65])),  # 260 bytes of 256
+        ("idempotency_key", lambda e, text: setattr(e, "idempotency_key", text[:65])),
+    ],
+    ids=["property", "user_id", "idempotency_key"],
+)
+async def test_string_bounds_are_bytes_of_utf8_not_characters(stubs, field, set_to):
+    """A string of 4-byte characters is refused at its bound in bytes: 257 of them are
+    1,028 bytes, over a property's 1,024, though only 257 characters."""
+    four_bytes = "𝄞" * 257
+    too_big = pb.UsageEvent(category="system.openai", resource="gpt-4o", units={"text": pb.UnitCounts(input=1)})
+    set_to(too_big, four_bytes)
+    async with raises(grpc.StatusCode.INVALID_ARGUMENT, "INVALID_EVENT") as error:
+        await stubs.ingest.Ingest(pb.IngestRequest(event=too_big))
+    [(path, why)] = error.fields.items()
+    assert path == f"event.{field}" and "bytes of UTF-8" in why, (path, why)
+    fits = pb.UsageEvent(category="system.openai", resource="gpt-4o", units={"text": pb.UnitCounts(input=1)})
+    set_to(fits, "𝄞" * 64 if field != "properties['note']" else "𝄞" * 256)
+    assert (await stubs.ingest.Ingest(pb.IngestRequest(event=fits))).request_id

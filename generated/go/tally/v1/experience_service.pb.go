@@ -37,7 +37,7 @@ type Experience struct {
 	// When the experience was created.
 	CreateTime *timestamppb.Timestamp `protobuf:"bytes,4,opt,name=create_time,json=createTime,proto3" json:"create_time,omitempty"`
 	// Caller-defined properties: at most 64 entries, keys matching
-	// `[A-Za-z0-9._-]{1,64}`, values of at most 1,024 characters.
+	// `[A-Za-z0-9._-]{1,64}`, values of at most 1,024 bytes of UTF-8.
 	Properties map[string]string `protobuf:"bytes,5,rep,name=properties,proto3" json:"properties,omitempty" protobuf_key:"bytes,1,opt,name=key,proto3" protobuf_val:"bytes,2,opt,name=value,proto3"`
 	// The experience's cost statistics. Set by GetExperience and ListExperiences.
 	Stats *ExperienceStats `protobuf:"bytes,6,opt,name=stats,proto3" json:"stats,omitempty"`

@@ -33,7 +33,7 @@ type ExperienceType struct {
 	// What the scenario does, for people: 1 to 1,024 characters.
 	Description string `protobuf:"bytes,2,opt,name=description,proto3" json:"description,omitempty"`
 	// Free-form settings of the scenario: at most 32 entries, keys matching
-	// `[A-Za-z0-9._-]{1,64}`, values of at most 1,024 characters.
+	// `[A-Za-z0-9._-]{1,64}`, values of at most 1,024 bytes of UTF-8.
 	Settings map[string]string `protobuf:"bytes,3,rep,name=settings,proto3" json:"settings,omitempty" protobuf_key:"bytes,1,opt,name=key,proto3" protobuf_val:"bytes,2,opt,name=value,proto3"`
 	// The current version, starting at 1. Output only: it changes only through
 	// IncrementExperienceTypeVersion.

@@ -197,16 +197,16 @@ type EventContext struct {
 	unknownFields protoimpl.UnknownFields
 
 	// The experience the event belongs to: a UUID, or any other string of at
-	// most 256 characters that is mapped to a derived UUID (see the service).
+	// most 256 bytes of UTF-8 that is mapped to a derived UUID (see the service).
 	ExperienceId string `protobuf:"bytes,1,opt,name=experience_id,json=experienceId,proto3" json:"experience_id,omitempty"`
 	// The experience type name, matching `[A-Za-z0-9._-]{1,64}`.
 	ExperienceName string `protobuf:"bytes,2,opt,name=experience_name,json=experienceName,proto3" json:"experience_name,omitempty"`
 	// Pins the type version of an experience that this event creates; 0 means
 	// the current version. Ignored for an experience that exists.
 	ExperienceVersion int32 `protobuf:"varint,3,opt,name=experience_version,json=experienceVersion,proto3" json:"experience_version,omitempty"`
-	// The end user the call was made for, at most 256 characters.
+	// The end user the call was made for, at most 256 bytes of UTF-8.
 	UserId string `protobuf:"bytes,4,opt,name=user_id,json=userId,proto3" json:"user_id,omitempty"`
-	// Tags of the call: at most 32, each 1 to 128 characters without commas.
+	// Tags of the call: at most 32, each 1 to 128 bytes of UTF-8 without commas.
 	RequestTags []string `protobuf:"bytes,5,rep,name=request_tags,json=requestTags,proto3" json:"request_tags,omitempty"`
 }
 
@@ -289,7 +289,7 @@ type UsageEvent struct {
 	// ...), or a custom category of the price catalog.
 	Category string `protobuf:"bytes,1,opt,name=category,proto3" json:"category,omitempty"`
 	// The resource within the category, usually a model id such as "gpt-4o";
-	// 1 to 256 characters.
+	// 1 to 256 bytes of UTF-8.
 	Resource string `protobuf:"bytes,2,opt,name=resource,proto3" json:"resource,omitempty"`
 	// Usage per unit type. Unit types are disjoint buckets: "text" input
 	// counts uncached input tokens only, "text_cache_read" input counts cache
@@ -317,13 +317,13 @@ type UsageEvent struct {
 	// The HTTP status code of the provider's response, 0 if unknown, else
 	// 100..599. 400 and up counts as failed.
 	HttpStatusCode int32 `protobuf:"varint,7,opt,name=http_status_code,json=httpStatusCode,proto3" json:"http_status_code,omitempty"`
-	// The provider's response id, at most 256 characters (no NUL, as for every
+	// The provider's response id, at most 256 bytes of UTF-8 (no NUL, as for every
 	// string Tally stores); the idempotency key when `idempotency_key` is empty.
 	ProviderResponseId string `protobuf:"bytes,8,opt,name=provider_response_id,json=providerResponseId,proto3" json:"provider_response_id,omitempty"`
-	// The caller's idempotency key for the event, at most 256 characters.
+	// The caller's idempotency key for the event, at most 256 bytes of UTF-8.
 	IdempotencyKey string `protobuf:"bytes,9,opt,name=idempotency_key,json=idempotencyKey,proto3" json:"idempotency_key,omitempty"`
 	// Caller-defined properties: at most 64 entries, keys matching
-	// `[A-Za-z0-9._-]{1,64}`, values of at most 1,024 characters.
+	// `[A-Za-z0-9._-]{1,64}`, values of at most 1,024 bytes of UTF-8.
 	Properties map[string]string `protobuf:"bytes,10,rep,name=properties,proto3" json:"properties,omitempty" protobuf_key:"bytes,1,opt,name=key,proto3" protobuf_val:"bytes,2,opt,name=value,proto3"`
 	// Per-event experience context, merged with the call's metadata.
 	Context *EventContext `protobuf:"bytes,11,opt,name=context,proto3" json:"context,omitempty"`

@@ -67,7 +67,7 @@ class Experience(_message.Message):
     @_builtins.property
     def properties(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Caller-defined properties: at most 64 entries, keys matching
-        `[A-Za-z0-9._-]{1,64}`, values of at most 1,024 characters.
+        `[A-Za-z0-9._-]{1,64}`, values of at most 1,024 bytes of UTF-8.
         """
 
     @_builtins.property

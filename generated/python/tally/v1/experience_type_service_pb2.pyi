@@ -64,7 +64,7 @@ class ExperienceType(_message.Message):
     @_builtins.property
     def settings(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Free-form settings of the scenario: at most 32 entries, keys matching
-        `[A-Za-z0-9._-]{1,64}`, values of at most 1,024 characters.
+        `[A-Za-z0-9._-]{1,64}`, values of at most 1,024 bytes of UTF-8.
         """
 
     @_builtins.property

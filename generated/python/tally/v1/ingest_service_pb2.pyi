@@ -116,7 +116,7 @@ class EventContext(_message.Message):
     REQUEST_TAGS_FIELD_NUMBER: _builtins.int
     experience_id: _builtins.str
     """The experience the event belongs to: a UUID, or any other string of at
-    most 256 characters that is mapped to a derived UUID (see the service).
+    most 256 bytes of UTF-8 that is mapped to a derived UUID (see the service).
     """
     experience_name: _builtins.str
     """The experience type name, matching `[A-Za-z0-9._-]{1,64}`."""
@@ -125,10 +125,10 @@ class EventContext(_message.Message):
     the current version. Ignored for an experience that exists.
     """
     user_id: _builtins.str
-    """The end user the call was made for, at most 256 characters."""
+    """The end user the call was made for, at most 256 bytes of UTF-8."""
     @_builtins.property
     def request_tags(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Tags of the call: at most 32, each 1 to 128 characters without commas."""
+        """Tags of the call: at most 32, each 1 to 128 bytes of UTF-8 without commas."""
 
     def __init__(
         self,
@@ -234,7 +234,7 @@ class UsageEvent(_message.Message):
     """
     resource: _builtins.str
     """The resource within the category, usually a model id such as "gpt-4o";
-    1 to 256 characters.
+    1 to 256 bytes of UTF-8.
     """
     end_to_end_latency_ms: _builtins.int
     """Latency of the whole call in milliseconds, 0 to 604,800,000 (a week)."""
@@ -245,11 +245,11 @@ class UsageEvent(_message.Message):
     100..599. 400 and up counts as failed.
     """
     provider_response_id: _builtins.str
-    """The provider's response id, at most 256 characters (no NUL, as for every
+    """The provider's response id, at most 256 bytes of UTF-8 (no NUL, as for every
     string Tally stores); the idempotency key when `idempotency_key` is empty.
     """
     idempotency_key: _builtins.str
-    """The caller's idempotency key for the event, at most 256 characters."""
+    """The caller's idempotency key for the event, at most 256 bytes of UTF-8."""
     @_builtins.property
     def units(self) -> _containers.MessageMap[_builtins.str, Global___UnitCounts]:
         """Usage per unit type. Unit types are disjoint buckets: "text" input
@@ -278,7 +278,7 @@ class UsageEvent(_message.Message):
     @_builtins.property
     def properties(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Caller-defined properties: at most 64 entries, keys matching
-        `[A-Za-z0-9._-]{1,64}`, values of at most 1,024 characters.
+        `[A-Za-z0-9._-]{1,64}`, values of at most 1,024 bytes of UTF-8.
         """
 
     @_builtins.property

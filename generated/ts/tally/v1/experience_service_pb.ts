@@ -54,7 +54,7 @@ export type Experience = Message<"tally.v1.Experience"> & {
 
   /**
    * Caller-defined properties: at most 64 entries, keys matching
-   * `[A-Za-z0-9._-]{1,64}`, values of at most 1,024 characters.
+   * `[A-Za-z0-9._-]{1,64}`, values of at most 1,024 bytes of UTF-8.
    *
    * @generated from field: map<string, string> properties = 5;
    */

@@ -39,7 +39,7 @@ export type ExperienceType = Message<"tally.v1.ExperienceType"> & {
 
   /**
    * Free-form settings of the scenario: at most 32 entries, keys matching
-   * `[A-Za-z0-9._-]{1,64}`, values of at most 1,024 characters.
+   * `[A-Za-z0-9._-]{1,64}`, values of at most 1,024 bytes of UTF-8.
    *
    * @generated from field: map<string, string> settings = 3;
    */

@@ -53,7 +53,7 @@ export const UnitCountsSchema: GenMessage<UnitCounts> = /*@__PURE__*/
 export type EventContext = Message<"tally.v1.EventContext"> & {
   /**
    * The experience the event belongs to: a UUID, or any other string of at
-   * most 256 characters that is mapped to a derived UUID (see the service).
+   * most 256 bytes of UTF-8 that is mapped to a derived UUID (see the service).
    *
    * @generated from field: string experience_id = 1;
    */
@@ -75,14 +75,14 @@ export type EventContext = Message<"tally.v1.EventContext"> & {
   experienceVersion: number;
 
   /**
-   * The end user the call was made for, at most 256 characters.
+   * The end user the call was made for, at most 256 bytes of UTF-8.
    *
    * @generated from field: string user_id = 4;
    */
   userId: string;
 
   /**
-   * Tags of the call: at most 32, each 1 to 128 characters without commas.
+   * Tags of the call: at most 32, each 1 to 128 bytes of UTF-8 without commas.
    *
    * @generated from field: repeated string request_tags = 5;
    */
@@ -114,7 +114,7 @@ export type UsageEvent = Message<"tally.v1.UsageEvent"> & {
 
   /**
    * The resource within the category, usually a model id such as "gpt-4o";
-   * 1 to 256 characters.
+   * 1 to 256 bytes of UTF-8.
    *
    * @generated from field: string resource = 2;
    */
@@ -172,7 +172,7 @@ export type UsageEvent = Message<"tally.v1.UsageEvent"> & {
   httpStatusCode: number;
 
   /**
-   * The provider's response id, at most 256 characters (no NUL, as for every
+   * The provider's response id, at most 256 bytes of UTF-8 (no NUL, as for every
    * string Tally stores); the idempotency key when `idempotency_key` is empty.
    *
    * @generated from field: string provider_response_id = 8;
@@ -180,7 +180,7 @@ export type UsageEvent = Message<"tally.v1.UsageEvent"> & {
   providerResponseId: string;
 
   /**
-   * The caller's idempotency key for the event, at most 256 characters.
+   * The caller's idempotency key for the event, at most 256 bytes of UTF-8.
    *
    * @generated from field: string idempotency_key = 9;
    */
@@ -188,7 +188,7 @@ export type UsageEvent = Message<"tally.v1.UsageEvent"> & {
 
   /**
    * Caller-defined properties: at most 64 entries, keys matching
-   * `[A-Za-z0-9._-]{1,64}`, values of at most 1,024 characters.
+   * `[A-Za-z0-9._-]{1,64}`, values of at most 1,024 bytes of UTF-8.
    *
    * @generated from field: map<string, string> properties = 10;
    */

@@ -38,8 +38,11 @@ CALLER_ERRORS = {
     grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 EXAMPLES_PER_RPC = 100
+# A server-streaming watch runs until its caller leaves: each example watches this long, on fewer examples.
+WATCH_SECONDS = 0.5
+WATCH_EXAMPLES = 20
 METHODS = {f"/{s.full_name}/{m.name}": m for s in SERVICES for m in s.methods}
-TABLES = ("events", "experiences", "experience_types", "custom_prices", "api_keys")
+TABLES = ("events", "experiences", "experience_types", "custom_prices", "api_keys", "limits", "limit_reservations")
 
 # Values that mean something to Tally, mixed with arbitrary ones.
 MEANINGFUL = ["", "system.openai", "gpt-4o", "text", "Doc_Summaries", "00000000-0000-4000-8000-000000000001", "admin"]
@@ -167,6 +170,16 @@ def answer(channel: grpc.Channel, path: str, requests: list[Message]) -> list[gr
         if method.client_streaming:
             items = list(channel.stream_stream(path, **kwargs)(iter(requests), timeout=30))
             return [grpc.StatusCode.OK, *(_item_code(item) for item in items)]
+        if method.server_streaming:  # a watch: its first answers, or its refusal, then the caller leaves
+            watch = channel.unary_stream(path, **kwargs)(requests[0], timeout=WATCH_SECONDS)
+            try:
+                for _ in itertools.islice(watch, 3):
+                    pass
+            except grpc.RpcError as error:
+                if error.code() != grpc.StatusCode.DEADLINE_EXCEEDED:  # the caller's own deadline: it watched
+                    raise
+            watch.cancel()
+            return [grpc.StatusCode.OK]
         result = channel.unary_unary(path, **kwargs)(requests[0], timeout=30)
     except grpc.RpcError as error:
         return [error.code()]
@@ -190,7 +203,7 @@ def test_every_rpc_answers_random_messages_with_a_documented_code(served, path):
     refusals_checked = itertools.count()
 
     @settings(
-        max_examples=EXAMPLES_PER_RPC,
+        max_examples=WATCH_EXAMPLES if method.server_streaming and not method.client_streaming else EXAMPLES_PER_RPC,
         deadline=None,
         derandomize=True,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],

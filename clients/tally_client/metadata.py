@@ -21,6 +21,8 @@ USECASE_VERSION = "xproxy-usecase-version"
 USECASE_ALIASES = {USECASE_ID: EXPERIENCE_ID, USECASE_NAME: EXPERIENCE_NAME, USECASE_VERSION: EXPERIENCE_VERSION}
 # Comma-separated key=value pairs that select price variants, e.g. "processing=batch".
 PRICE_CONTEXT = "xproxy-price-context"
+# The limit reservation (from LimitService.Reserve) that the call's event settles.
+LIMIT_RESERVATION = "xproxy-limit-reservation"
 API_KEY = "xproxy-api-key"
 KNOWN_KEYS = frozenset(
     (
@@ -30,6 +32,7 @@ KNOWN_KEYS = frozenset(
         USER_ID,
         REQUEST_TAGS,
         PRICE_CONTEXT,
+        LIMIT_RESERVATION,
         API_KEY,
         *USECASE_ALIASES,
     )
@@ -42,6 +45,7 @@ CONTEXT_KEYS = {
     "experience_version": EXPERIENCE_VERSION,
     "user_id": USER_ID,
     "request_tags": REQUEST_TAGS,
+    "limit_reservation": LIMIT_RESERVATION,
 }
 
 Metadata = tuple[tuple[str, str], ...]
@@ -55,6 +59,7 @@ def create_metadata(
     request_tags: Iterable[str] | None = None,
     *,
     price_context: Mapping[str, str] | None = None,
+    limit_reservation: str | None = None,
     family: Literal["experience", "usecase"] = "experience",
 ) -> Metadata:
     """gRPC metadata for the given context, leaving out what is unset. `family="usecase"`
@@ -88,4 +93,6 @@ def create_metadata(
         if any(("," in item or "=" in item) for pair in price_context.items() for item in pair):
             raise ValueError("price context keys and values cannot contain ',' or '='")
         pairs.append((PRICE_CONTEXT, ",".join(f"{key}={value}" for key, value in sorted(price_context.items()))))
+    if limit_reservation:
+        pairs.append((LIMIT_RESERVATION, str(limit_reservation)))
     return tuple(pairs)

@@ -27,6 +27,8 @@ from tally.v1 import (
     experience_type_service_pb2_grpc,
     ingest_service_pb2,
     ingest_service_pb2_grpc,
+    limit_service_pb2,
+    limit_service_pb2_grpc,
     price_catalog_service_pb2,
     price_catalog_service_pb2_grpc,
     report_service_pb2,
@@ -39,6 +41,7 @@ from .domain.errors import StorageUnavailable
 from .domain.paging import PageTokens
 from .rpc.access import Access, required_scopes
 from .rpc.interceptor import Admission, ServerInterceptor
+from .rpc.limits import LimitServicer
 from .rpc.servicers import (
     ApiKeyServicer,
     EventServicer,
@@ -54,6 +57,7 @@ from .services.experience_types import ExperienceTypes
 from .services.experiences import Experiences
 from .services.ingest import Ingestor
 from .services.keys import ApiKeys
+from .services.limits import Limits, LiveLimits
 from .services.prices import Prices
 from .services.reports import Reports
 from .storage.db import Database
@@ -70,6 +74,7 @@ SERVICES = (
     api_key_service_pb2.DESCRIPTOR.services_by_name["ApiKeyService"],
     event_service_pb2.DESCRIPTOR.services_by_name["EventService"],
     report_service_pb2.DESCRIPTOR.services_by_name["ReportService"],
+    limit_service_pb2.DESCRIPTOR.services_by_name["LimitService"],
 )
 SERVICE_NAMES = tuple(service.full_name for service in SERVICES)
 # Every RPC's scope, from the contract; fails at import if an RPC declares none.
@@ -95,7 +100,8 @@ class TallyServer:
             connections=settings.database_connections,
         )
         self.catalog = LiveCatalog()
-        self.ingestor = Ingestor(self.db, self.catalog, max_queued_events=settings.max_queued_events)
+        self.live_limits = LiveLimits()
+        self.ingestor = Ingestor(self.db, self.catalog, self.live_limits, max_queued_events=settings.max_queued_events)
         self.health = health.aio.HealthServicer()
         # One signer of page tokens for every list; start() gives it the database's shared key.
         self.pages = PageTokens()
@@ -105,6 +111,7 @@ class TallyServer:
         self.keys = ApiKeys(self.db, self.pages)
         self.events = Events(self.db, self.pages)
         self.reports = Reports(self.db, self.pages)
+        self.limits = Limits(self.db, self.catalog, self.pages, settings.reservation_seconds)
         self.server: aio.Server | None = None
         self.port = 0
         self.certificates: CertificateFiles | None = None
@@ -163,6 +170,7 @@ class TallyServer:
         api_key_service_pb2_grpc.add_ApiKeyServiceServicer_to_server(ApiKeyServicer(self.keys), server)
         event_service_pb2_grpc.add_EventServiceServicer_to_server(EventServicer(self.events), server)
         report_service_pb2_grpc.add_ReportServiceServicer_to_server(ReportServicer(self.reports), server)
+        limit_service_pb2_grpc.add_LimitServiceServicer_to_server(LimitServicer(self.limits), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         if self.extra_handlers:
             server.add_generic_rpc_handlers(self.extra_handlers)

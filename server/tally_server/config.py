@@ -32,6 +32,8 @@ class Settings:
     # once, and what each stream has in flight (its events taken in and not yet answered).
     max_call_bytes: int = 16 * 1024 * 1024
     stream_window_bytes: int = 256 * 1024
+    # How long a limit reservation holds when it is never settled (a crashed caller).
+    reservation_seconds: int = 600
     metrics_listen: str = ""  # host:port of the Prometheus endpoint; empty: none
     # "required", "off", or None: off on a loopback address, refused beyond it (see auth_required).
     auth: str | None = None
@@ -153,6 +155,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             help=f"at most this many {what}; past it, RESOURCE_EXHAUSTED (env {variable}, default {default:,})",
         )
     parser.add_argument(
+        "--reservation-seconds",
+        type=int,
+        default=int(_env("TALLY_RESERVATION_SECONDS", str(_DEFAULTS.reservation_seconds))),
+        help="how long a limit reservation holds when it is never settled or released: then it expires and "
+        f"frees its amount (env TALLY_RESERVATION_SECONDS, default {_DEFAULTS.reservation_seconds})",
+    )
+    parser.add_argument(
         "--stream-window-bytes",
         type=int,
         default=int(_env("TALLY_STREAM_WINDOW_BYTES", str(_DEFAULTS.stream_window_bytes))),
@@ -214,6 +223,7 @@ def from_arguments(args: argparse.Namespace) -> Settings:
         max_streams=args.max_streams,
         max_queued_events=args.max_queued_events,
         max_call_bytes=args.max_call_bytes,
+        reservation_seconds=args.reservation_seconds,
         stream_window_bytes=args.stream_window_bytes,
         max_message_bytes=args.max_message_bytes,
         metrics_listen=args.metrics_listen,

@@ -42,6 +42,8 @@ class TallyError(Exception):
     violations: list[Violation] = field(default_factory=list)
     resource: tuple[str, str] | None = None
     retry_after_seconds: float | None = None  # said as google.rpc.RetryInfo
+    # (subject, description) of each quota refused, said as google.rpc.QuotaFailure.
+    quota_violations: list[tuple[str, str]] = field(default_factory=list)
 
     def __str__(self) -> str:
         return self.message

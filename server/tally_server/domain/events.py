@@ -22,6 +22,7 @@ from .validation import (
     check_price_context,
     check_string_map,
     check_text,
+    parse_uuid,
     utf8_length,
 )
 
@@ -81,6 +82,8 @@ def validate_event(event: UsageEvent, now: int | None, v: Violations) -> None:
     if context.experience_version < 0:
         v.add("context.experience_version", "must be 0 (current) or a version number")
     check_text(v, "context.user_id", context.user_id)
+    if context.limit_reservation and parse_uuid(context.limit_reservation) is None:
+        v.add("limit_reservation_id", f"not a UUID: {context.limit_reservation[:80]!r}")
     if event.price_context:
         check_price_context(v, "price_context", event.price_context)
     if len(context.request_tags) > MAX_TAGS:

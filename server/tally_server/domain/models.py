@@ -9,6 +9,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from .limits import Applied
+
 
 def now_us() -> int:
     return time.time_ns() // 1_000
@@ -172,6 +174,8 @@ class EventContext:
     experience_version: int = 0
     user_id: str = ""
     request_tags: tuple[str, ...] = ()
+    # The limit reservation the event settles (a UUID from Reserve), if any.
+    limit_reservation: str = ""
     # Price context pairs from the call's metadata (xproxy-price-context), sorted.
     price_context: tuple[tuple[str, str], ...] = ()
     # What the call's metadata said that Tally ignored (unknown xproxy-* keys).
@@ -226,6 +230,8 @@ class IngestResult:
     warnings: tuple[str, ...]
     duplicate: bool = False
     idempotency_key: str = ""
+    # The limits that applied, each as the event left it (not kept for duplicates).
+    limits: tuple[Applied, ...] = ()
 
 
 @dataclass(frozen=True)

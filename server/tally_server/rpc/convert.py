@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections.abc import Iterable
 from typing import Any, Literal, cast
@@ -168,11 +169,9 @@ def event_context(c: ing_pb.EventContext) -> m.EventContext:
 # Not part of an event's content: its context (a retry may have learned its experience
 # since) and the latencies (they measure the observer; recording one response twice is a
 # duplicate, not a different event).
-_NOT_CONTENT: tuple[Literal["context", "end_to_end_latency_ms", "time_to_first_token_ms"], ...] = (
-    "context",
-    "end_to_end_latency_ms",
-    "time_to_first_token_ms",
-)
+_NOT_CONTENT: tuple[
+    Literal["context", "end_to_end_latency_ms", "time_to_first_token_ms", "limit_reservation_id"], ...
+] = ("context", "end_to_end_latency_ms", "time_to_first_token_ms", "limit_reservation_id")
 
 
 def usage_event(event: ing_pb.UsageEvent, now_us: int) -> m.UsageEvent:
@@ -183,8 +182,10 @@ def usage_event(event: ing_pb.UsageEvent, now_us: int) -> m.UsageEvent:
     The message is consumed: those fields are cleared from it once read."""
     has_context = event.HasField("context")
     context = event_context(event.context) if has_context else m.NO_CONTEXT
+    if event.limit_reservation_id:  # not content: the retry of a call may hold a new reservation
+        context = dataclasses.replace(context, limit_reservation=event.limit_reservation_id)
     latency, first_token = event.end_to_end_latency_ms, event.time_to_first_token_ms
-    if has_context or latency or first_token:
+    if has_context or latency or first_token or event.limit_reservation_id:
         for name in _NOT_CONTENT:
             event.ClearField(name)
     properties, price_context = event.properties, event.price_context
@@ -297,6 +298,15 @@ def _set_own_fields(response: ing_pb.IngestResponse, r: m.IngestResult) -> None:
     set_timestamp(response.event_timestamp, r.event_time_us)
     response.xproxy_result.request_id = request_id
     _set_own_cost(response.xproxy_result, r.cost)
+    for applied in r.limits:
+        status = response.xproxy_result.limits.add(
+            limit=applied.limit.name,
+            state=cast("common_pb2.LimitState.ValueType", int(applied.state)),
+            crossed=applied.crossed,
+            experience_id=applied.subject,
+        )
+        _set_money(status.spend, applied.spend_nanos)
+        _set_money(status.max, applied.limit.max_nanos)
 
 
 class IngestResponses:

@@ -13,6 +13,7 @@ from tally_client.metadata import (
     EXPERIENCE_NAME,
     EXPERIENCE_VERSION,
     KNOWN_KEYS,
+    LIMIT_RESERVATION,
     PRICE_CONTEXT,
     REQUEST_TAGS,
     USECASE_ALIASES,
@@ -69,6 +70,7 @@ def _context_of(pairs: tuple[tuple[str, str], ...]) -> EventContext:
         experience_version=version,
         user_id=values.get(USER_ID, ""),
         request_tags=tags,
+        limit_reservation=values.get(LIMIT_RESERVATION, ""),
         price_context=tuple(sorted(price_context.items())),
         warnings=tuple(warnings),
     )

@@ -53,6 +53,15 @@ def status_of(error: TallyError) -> grpc.Status:
                 ]
             )
         )
+    if error.quota_violations:
+        details.append(
+            error_details_pb2.QuotaFailure(
+                violations=[
+                    error_details_pb2.QuotaFailure.Violation(subject=subject, description=description)
+                    for subject, description in error.quota_violations[:20]
+                ]
+            )
+        )
     if error.retry_after_seconds is not None:
         retry = error_details_pb2.RetryInfo()
         retry.retry_delay.FromNanoseconds(int(error.retry_after_seconds * 1e9))

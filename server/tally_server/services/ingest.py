@@ -25,6 +25,7 @@ from ..logs import RepeatedLog
 from ..storage import events as stored_events, experiences as stored_experiences, rollups as stored_rollups
 from ..storage.db import Database
 from .catalog import LiveCatalog
+from .limits import LiveLimits, count_against_limits
 from .resolution import resolve_experiences
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,7 @@ class Ingestor:
         self,
         db: Database,
         catalog: LiveCatalog | None = None,
+        limits: LiveLimits | None = None,
         max_batch: int = 4096,
         max_queued_events: int = 50_000,
     ) -> None:
@@ -76,6 +78,7 @@ class Ingestor:
         refused with RESOURCE_EXHAUSTED rather than held in memory."""
         self.db = db
         self.catalog = catalog or LiveCatalog()
+        self.limits = limits or LiveLimits()
         self.max_batch = max_batch
         self.max_queued_events = max_queued_events
         self._queued_events = 0
@@ -297,6 +300,10 @@ class Ingestor:
                 stored_pairs = [pair for pair in stored_pairs if pair[1].request_id not in skipped]
             by_experience, by_hour = rollups_of(stored_pairs)
             await stored_rollups.add(conn, by_experience, by_hour, type_deltas(before, by_experience))
+            # Limits count in the same transaction: their spend is the sum of their events.
+            book = await self.limits.refresh(conn)
+            if book or any(event.context.limit_reservation for event, _ in stored_pairs):
+                await count_against_limits(conn, book, stored_pairs, now)
         raced = []
         for item, result in results:
             if skipped and result.request_id in skipped:

@@ -211,3 +211,74 @@ server_keys = sa.Table(
     sa.Column("name", sa.String(64), primary_key=True),
     sa.Column("value", sa.String(128), nullable=False),  # hex
 )
+
+# --- limits ------------------------------------------------------------------------------
+
+limits = sa.Table(
+    "limits",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("name", sa.String(64), nullable=False, unique=True),
+    sa.Column("kind", sa.SmallInteger, nullable=False),
+    sa.Column("max_nanos", sa.BigInteger, nullable=False),
+    sa.Column("threshold_percent", sa.SmallInteger, nullable=False),
+    sa.Column("scope_kind", sa.SmallInteger, nullable=False),
+    sa.Column("scope_type", sa.String(64), nullable=False),
+    sa.Column("scope_version", sa.Integer, nullable=False),
+    sa.Column("per_experience", sa.Boolean, nullable=False),
+    sa.Column("scope_value", sa.String(256), nullable=False),
+    sa.Column("period", sa.SmallInteger, nullable=False),
+    sa.Column("create_time_us", sa.BigInteger, nullable=False),
+)
+
+limit_resets = sa.Table(
+    "limit_resets",
+    metadata,
+    sa.Column("limit_id", sa.Integer, primary_key=True),
+    sa.Column("reset_time_us", sa.BigInteger, primary_key=True),
+)
+
+# One row: bumped by every change of a limit, so that each replica's writer sees the
+# change in the transaction that follows it.
+limit_revision = sa.Table(
+    "limit_revision",
+    metadata,
+    sa.Column("id", sa.SmallInteger, primary_key=True),
+    sa.Column("revision", sa.BigInteger, nullable=False),
+)
+
+# A limit's spend in one period (of one experience, for a per-experience limit). Money as
+# a sum of whole dollars and a sum of leftover nanos, as in the rollups: exact, no overflow.
+limit_spend = sa.Table(
+    "limit_spend",
+    metadata,
+    sa.Column("limit_id", sa.Integer, primary_key=True),
+    sa.Column("subject", sa.String(36), primary_key=True),
+    sa.Column("start_us", sa.BigInteger, primary_key=True),
+    sa.Column("spend_dollars", sa.BigInteger, nullable=False),
+    sa.Column("spend_nanos", sa.BigInteger, nullable=False),
+    sa.Column("event_count", sa.BigInteger, nullable=False),
+)
+
+limit_reservations = sa.Table(
+    "limit_reservations",
+    metadata,
+    sa.Column("id", sa.Uuid, primary_key=True),
+    sa.Column("amount_nanos", sa.BigInteger, nullable=False),
+    sa.Column("create_time_us", sa.BigInteger, nullable=False),
+    sa.Column("expire_time_us", sa.BigInteger, nullable=False),
+    sa.Column("settle_time_us", sa.BigInteger, nullable=True),
+    sa.Column("key_name", sa.String(64), nullable=False),
+)
+
+# What a reservation holds against each BLOCK limit that applied.
+limit_holds = sa.Table(
+    "limit_holds",
+    metadata,
+    sa.Column("reservation_id", sa.Uuid, primary_key=True),
+    sa.Column("limit_id", sa.Integer, primary_key=True),
+    sa.Column("subject", sa.String(36), primary_key=True),
+    sa.Column("amount_nanos", sa.BigInteger, nullable=False),
+    sa.Column("expire_time_us", sa.BigInteger, nullable=False),
+    sa.Index(None, "limit_id", "subject", "expire_time_us"),
+)

@@ -36,8 +36,8 @@ type Scope int32
 const (
 	// Not a scope: an RPC must declare one of the others.
 	Scope_SCOPE_UNSPECIFIED Scope = 0
-	// Send usage: the IngestService methods, CreateExperience and
-	// UpdateExperienceProperties.
+	// Send usage: the IngestService methods, CreateExperience,
+	// UpdateExperienceProperties, and Reserve and Release of limits.
 	Scope_SCOPE_INGEST Scope = 1
 	// Read: every Get, List, Stats and Quote call.
 	Scope_SCOPE_READ Scope = 2

@@ -20,6 +20,63 @@ const (
 	_ = protoimpl.EnforceVersion(protoimpl.MaxVersion - 20)
 )
 
+// How a limit's spend compares with its maximum.
+type LimitState int32
+
+const (
+	// Not a state.
+	LimitState_LIMIT_STATE_UNSPECIFIED LimitState = 0
+	// Below the threshold.
+	LimitState_LIMIT_STATE_OK LimitState = 1
+	// At or past the threshold, within the maximum.
+	LimitState_LIMIT_STATE_THRESHOLD LimitState = 2
+	// Past the maximum.
+	LimitState_LIMIT_STATE_EXCEEDED LimitState = 3
+)
+
+// Enum value maps for LimitState.
+var (
+	LimitState_name = map[int32]string{
+		0: "LIMIT_STATE_UNSPECIFIED",
+		1: "LIMIT_STATE_OK",
+		2: "LIMIT_STATE_THRESHOLD",
+		3: "LIMIT_STATE_EXCEEDED",
+	}
+	LimitState_value = map[string]int32{
+		"LIMIT_STATE_UNSPECIFIED": 0,
+		"LIMIT_STATE_OK":          1,
+		"LIMIT_STATE_THRESHOLD":   2,
+		"LIMIT_STATE_EXCEEDED":    3,
+	}
+)
+
+func (x LimitState) Enum() *LimitState {
+	p := new(LimitState)
+	*p = x
+	return p
+}
+
+func (x LimitState) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (LimitState) Descriptor() protoreflect.EnumDescriptor {
+	return file_tally_v1_common_proto_enumTypes[0].Descriptor()
+}
+
+func (LimitState) Type() protoreflect.EnumType {
+	return &file_tally_v1_common_proto_enumTypes[0]
+}
+
+func (x LimitState) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use LimitState.Descriptor instead.
+func (LimitState) EnumDescriptor() ([]byte, []int) {
+	return file_tally_v1_common_proto_rawDescGZIP(), []int{0}
+}
+
 // An exact amount of money, shaped like `google.type.Money`. Tally only
 // reports US dollars. The amount is `units + nanos / 1e9`; `units` and `nanos`
 // always have the same sign. Tally computes every amount from integers of
@@ -228,6 +285,101 @@ func (x *FieldViolation) GetDescription() string {
 	return ""
 }
 
+// A limit that applied to an ingested event, as the event left it.
+type LimitStatus struct {
+	state         protoimpl.MessageState
+	sizeCache     protoimpl.SizeCache
+	unknownFields protoimpl.UnknownFields
+
+	// The limit's name.
+	Limit string `protobuf:"bytes,1,opt,name=limit,proto3" json:"limit,omitempty"`
+	// The state after the event.
+	State LimitState `protobuf:"varint,2,opt,name=state,proto3,enum=tally.v1.LimitState" json:"state,omitempty"`
+	// True if this event moved the limit to this state (past its threshold or
+	// its maximum).
+	Crossed bool `protobuf:"varint,3,opt,name=crossed,proto3" json:"crossed,omitempty"`
+	// The spend of the period after the event.
+	Spend *Money `protobuf:"bytes,4,opt,name=spend,proto3" json:"spend,omitempty"`
+	// The limit's maximum.
+	Max *Money `protobuf:"bytes,5,opt,name=max,proto3" json:"max,omitempty"`
+	// For a per-experience limit: the experience; empty otherwise.
+	ExperienceId string `protobuf:"bytes,6,opt,name=experience_id,json=experienceId,proto3" json:"experience_id,omitempty"`
+}
+
+func (x *LimitStatus) Reset() {
+	*x = LimitStatus{}
+	if protoimpl.UnsafeEnabled {
+		mi := &file_tally_v1_common_proto_msgTypes[3]
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		ms.StoreMessageInfo(mi)
+	}
+}
+
+func (x *LimitStatus) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*LimitStatus) ProtoMessage() {}
+
+func (x *LimitStatus) ProtoReflect() protoreflect.Message {
+	mi := &file_tally_v1_common_proto_msgTypes[3]
+	if protoimpl.UnsafeEnabled && x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use LimitStatus.ProtoReflect.Descriptor instead.
+func (*LimitStatus) Descriptor() ([]byte, []int) {
+	return file_tally_v1_common_proto_rawDescGZIP(), []int{3}
+}
+
+func (x *LimitStatus) GetLimit() string {
+	if x != nil {
+		return x.Limit
+	}
+	return ""
+}
+
+func (x *LimitStatus) GetState() LimitState {
+	if x != nil {
+		return x.State
+	}
+	return LimitState_LIMIT_STATE_UNSPECIFIED
+}
+
+func (x *LimitStatus) GetCrossed() bool {
+	if x != nil {
+		return x.Crossed
+	}
+	return false
+}
+
+func (x *LimitStatus) GetSpend() *Money {
+	if x != nil {
+		return x.Spend
+	}
+	return nil
+}
+
+func (x *LimitStatus) GetMax() *Money {
+	if x != nil {
+		return x.Max
+	}
+	return nil
+}
+
+func (x *LimitStatus) GetExperienceId() string {
+	if x != nil {
+		return x.ExperienceId
+	}
+	return ""
+}
+
 var File_tally_v1_common_proto protoreflect.FileDescriptor
 
 var file_tally_v1_common_proto_rawDesc = []byte{
@@ -252,8 +404,29 @@ var file_tally_v1_common_proto_rawDesc = []byte{
 	0x6c, 0x61, 0x74, 0x69, 0x6f, 0x6e, 0x12, 0x14, 0x0a, 0x05, 0x66, 0x69, 0x65, 0x6c, 0x64, 0x18,
 	0x01, 0x20, 0x01, 0x28, 0x09, 0x52, 0x05, 0x66, 0x69, 0x65, 0x6c, 0x64, 0x12, 0x20, 0x0a, 0x0b,
 	0x64, 0x65, 0x73, 0x63, 0x72, 0x69, 0x70, 0x74, 0x69, 0x6f, 0x6e, 0x18, 0x02, 0x20, 0x01, 0x28,
-	0x09, 0x52, 0x0b, 0x64, 0x65, 0x73, 0x63, 0x72, 0x69, 0x70, 0x74, 0x69, 0x6f, 0x6e, 0x62, 0x06,
-	0x70, 0x72, 0x6f, 0x74, 0x6f, 0x33,
+	0x09, 0x52, 0x0b, 0x64, 0x65, 0x73, 0x63, 0x72, 0x69, 0x70, 0x74, 0x69, 0x6f, 0x6e, 0x22, 0xd8,
+	0x01, 0x0a, 0x0b, 0x4c, 0x69, 0x6d, 0x69, 0x74, 0x53, 0x74, 0x61, 0x74, 0x75, 0x73, 0x12, 0x14,
+	0x0a, 0x05, 0x6c, 0x69, 0x6d, 0x69, 0x74, 0x18, 0x01, 0x20, 0x01, 0x28, 0x09, 0x52, 0x05, 0x6c,
+	0x69, 0x6d, 0x69, 0x74, 0x12, 0x2a, 0x0a, 0x05, 0x73, 0x74, 0x61, 0x74, 0x65, 0x18, 0x02, 0x20,
+	0x01, 0x28, 0x0e, 0x32, 0x14, 0x2e, 0x74, 0x61, 0x6c, 0x6c, 0x79, 0x2e, 0x76, 0x31, 0x2e, 0x4c,
+	0x69, 0x6d, 0x69, 0x74, 0x53, 0x74, 0x61, 0x74, 0x65, 0x52, 0x05, 0x73, 0x74, 0x61, 0x74, 0x65,
+	0x12, 0x18, 0x0a, 0x07, 0x63, 0x72, 0x6f, 0x73, 0x73, 0x65, 0x64, 0x18, 0x03, 0x20, 0x01, 0x28,
+	0x08, 0x52, 0x07, 0x63, 0x72, 0x6f, 0x73, 0x73, 0x65, 0x64, 0x12, 0x25, 0x0a, 0x05, 0x73, 0x70,
+	0x65, 0x6e, 0x64, 0x18, 0x04, 0x20, 0x01, 0x28, 0x0b, 0x32, 0x0f, 0x2e, 0x74, 0x61, 0x6c, 0x6c,
+	0x79, 0x2e, 0x76, 0x31, 0x2e, 0x4d, 0x6f, 0x6e, 0x65, 0x79, 0x52, 0x05, 0x73, 0x70, 0x65, 0x6e,
+	0x64, 0x12, 0x21, 0x0a, 0x03, 0x6d, 0x61, 0x78, 0x18, 0x05, 0x20, 0x01, 0x28, 0x0b, 0x32, 0x0f,
+	0x2e, 0x74, 0x61, 0x6c, 0x6c, 0x79, 0x2e, 0x76, 0x31, 0x2e, 0x4d, 0x6f, 0x6e, 0x65, 0x79, 0x52,
+	0x03, 0x6d, 0x61, 0x78, 0x12, 0x23, 0x0a, 0x0d, 0x65, 0x78, 0x70, 0x65, 0x72, 0x69, 0x65, 0x6e,
+	0x63, 0x65, 0x5f, 0x69, 0x64, 0x18, 0x06, 0x20, 0x01, 0x28, 0x09, 0x52, 0x0c, 0x65, 0x78, 0x70,
+	0x65, 0x72, 0x69, 0x65, 0x6e, 0x63, 0x65, 0x49, 0x64, 0x2a, 0x72, 0x0a, 0x0a, 0x4c, 0x69, 0x6d,
+	0x69, 0x74, 0x53, 0x74, 0x61, 0x74, 0x65, 0x12, 0x1b, 0x0a, 0x17, 0x4c, 0x49, 0x4d, 0x49, 0x54,
+	0x5f, 0x53, 0x54, 0x41, 0x54, 0x45, 0x5f, 0x55, 0x4e, 0x53, 0x50, 0x45, 0x43, 0x49, 0x46, 0x49,
+	0x45, 0x44, 0x10, 0x00, 0x12, 0x12, 0x0a, 0x0e, 0x4c, 0x49, 0x4d, 0x49, 0x54, 0x5f, 0x53, 0x54,
+	0x41, 0x54, 0x45, 0x5f, 0x4f, 0x4b, 0x10, 0x01, 0x12, 0x19, 0x0a, 0x15, 0x4c, 0x49, 0x4d, 0x49,
+	0x54, 0x5f, 0x53, 0x54, 0x41, 0x54, 0x45, 0x5f, 0x54, 0x48, 0x52, 0x45, 0x53, 0x48, 0x4f, 0x4c,
+	0x44, 0x10, 0x02, 0x12, 0x18, 0x0a, 0x14, 0x4c, 0x49, 0x4d, 0x49, 0x54, 0x5f, 0x53, 0x54, 0x41,
+	0x54, 0x45, 0x5f, 0x45, 0x58, 0x43, 0x45, 0x45, 0x44, 0x45, 0x44, 0x10, 0x03, 0x62, 0x06, 0x70,
+	0x72, 0x6f, 0x74, 0x6f, 0x33,
 }
 
 var (
@@ -268,19 +441,25 @@ func file_tally_v1_common_proto_rawDescGZIP() []byte {
 	return file_tally_v1_common_proto_rawDescData
 }
 
-var file_tally_v1_common_proto_msgTypes = make([]protoimpl.MessageInfo, 3)
+var file_tally_v1_common_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
+var file_tally_v1_common_proto_msgTypes = make([]protoimpl.MessageInfo, 4)
 var file_tally_v1_common_proto_goTypes = []interface{}{
-	(*Money)(nil),          // 0: tally.v1.Money
-	(*ItemError)(nil),      // 1: tally.v1.ItemError
-	(*FieldViolation)(nil), // 2: tally.v1.FieldViolation
+	(LimitState)(0),        // 0: tally.v1.LimitState
+	(*Money)(nil),          // 1: tally.v1.Money
+	(*ItemError)(nil),      // 2: tally.v1.ItemError
+	(*FieldViolation)(nil), // 3: tally.v1.FieldViolation
+	(*LimitStatus)(nil),    // 4: tally.v1.LimitStatus
 }
 var file_tally_v1_common_proto_depIdxs = []int32{
-	2, // 0: tally.v1.ItemError.field_violations:type_name -> tally.v1.FieldViolation
-	1, // [1:1] is the sub-list for method output_type
-	1, // [1:1] is the sub-list for method input_type
-	1, // [1:1] is the sub-list for extension type_name
-	1, // [1:1] is the sub-list for extension extendee
-	0, // [0:1] is the sub-list for field type_name
+	3, // 0: tally.v1.ItemError.field_violations:type_name -> tally.v1.FieldViolation
+	0, // 1: tally.v1.LimitStatus.state:type_name -> tally.v1.LimitState
+	1, // 2: tally.v1.LimitStatus.spend:type_name -> tally.v1.Money
+	1, // 3: tally.v1.LimitStatus.max:type_name -> tally.v1.Money
+	4, // [4:4] is the sub-list for method output_type
+	4, // [4:4] is the sub-list for method input_type
+	4, // [4:4] is the sub-list for extension type_name
+	4, // [4:4] is the sub-list for extension extendee
+	0, // [0:4] is the sub-list for field type_name
 }
 
 func init() { file_tally_v1_common_proto_init() }
@@ -325,19 +504,32 @@ func file_tally_v1_common_proto_init() {
 				return nil
 			}
 		}
+		file_tally_v1_common_proto_msgTypes[3].Exporter = func(v interface{}, i int) interface{} {
+			switch v := v.(*LimitStatus); i {
+			case 0:
+				return &v.state
+			case 1:
+				return &v.sizeCache
+			case 2:
+				return &v.unknownFields
+			default:
+				return nil
+			}
+		}
 	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: file_tally_v1_common_proto_rawDesc,
-			NumEnums:      0,
-			NumMessages:   3,
+			NumEnums:      1,
+			NumMessages:   4,
 			NumExtensions: 0,
 			NumServices:   0,
 		},
 		GoTypes:           file_tally_v1_common_proto_goTypes,
 		DependencyIndexes: file_tally_v1_common_proto_depIdxs,
+		EnumInfos:         file_tally_v1_common_proto_enumTypes,
 		MessageInfos:      file_tally_v1_common_proto_msgTypes,
 	}.Build()
 	File_tally_v1_common_proto = out.File

@@ -27,8 +27,8 @@ class _ScopeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Scope.ValueType
     SCOPE_UNSPECIFIED: _Scope.ValueType  # 0
     """Not a scope: an RPC must declare one of the others."""
     SCOPE_INGEST: _Scope.ValueType  # 1
-    """Send usage: the IngestService methods, CreateExperience and
-    UpdateExperienceProperties.
+    """Send usage: the IngestService methods, CreateExperience,
+    UpdateExperienceProperties, and Reserve and Release of limits.
     """
     SCOPE_READ: _Scope.ValueType  # 2
     """Read: every Get, List, Stats and Quote call."""
@@ -51,8 +51,8 @@ class Scope(_Scope, metaclass=_ScopeEnumTypeWrapper):
 SCOPE_UNSPECIFIED: Scope.ValueType  # 0
 """Not a scope: an RPC must declare one of the others."""
 SCOPE_INGEST: Scope.ValueType  # 1
-"""Send usage: the IngestService methods, CreateExperience and
-UpdateExperienceProperties.
+"""Send usage: the IngestService methods, CreateExperience,
+UpdateExperienceProperties, and Reserve and Release of limits.
 """
 SCOPE_READ: Scope.ValueType  # 2
 """Read: every Get, List, Stats and Quote call."""

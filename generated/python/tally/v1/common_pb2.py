@@ -24,17 +24,21 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15tally/v1/common.proto\x12\x08tally.v1\"<\n\x05Money\x12\x15\n\rcurrency_code\x18\x01 \x01(\t\x12\r\n\x05units\x18\x02 \x01(\x03\x12\r\n\x05nanos\x18\x03 \x01(\x05\"n\n\tItemError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x32\n\x10\x66ield_violations\x18\x04 \x03(\x0b\x32\x18.tally.v1.FieldViolation\"4\n\x0e\x46ieldViolation\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\tb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15tally/v1/common.proto\x12\x08tally.v1\"<\n\x05Money\x12\x15\n\rcurrency_code\x18\x01 \x01(\t\x12\r\n\x05units\x18\x02 \x01(\x03\x12\r\n\x05nanos\x18\x03 \x01(\x05\"n\n\tItemError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x32\n\x10\x66ield_violations\x18\x04 \x03(\x0b\x32\x18.tally.v1.FieldViolation\"4\n\x0e\x46ieldViolation\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\"\xa7\x01\n\x0bLimitStatus\x12\r\n\x05limit\x18\x01 \x01(\t\x12#\n\x05state\x18\x02 \x01(\x0e\x32\x14.tally.v1.LimitState\x12\x0f\n\x07\x63rossed\x18\x03 \x01(\x08\x12\x1e\n\x05spend\x18\x04 \x01(\x0b\x32\x0f.tally.v1.Money\x12\x1c\n\x03max\x18\x05 \x01(\x0b\x32\x0f.tally.v1.Money\x12\x15\n\rexperience_id\x18\x06 \x01(\t*r\n\nLimitState\x12\x1b\n\x17LIMIT_STATE_UNSPECIFIED\x10\x00\x12\x12\n\x0eLIMIT_STATE_OK\x10\x01\x12\x19\n\x15LIMIT_STATE_THRESHOLD\x10\x02\x12\x18\n\x14LIMIT_STATE_EXCEEDED\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tally.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_LIMITSTATE']._serialized_start=433
+  _globals['_LIMITSTATE']._serialized_end=547
   _globals['_MONEY']._serialized_start=35
   _globals['_MONEY']._serialized_end=95
   _globals['_ITEMERROR']._serialized_start=97
   _globals['_ITEMERROR']._serialized_end=207
   _globals['_FIELDVIOLATION']._serialized_start=209
   _globals['_FIELDVIOLATION']._serialized_end=261
+  _globals['_LIMITSTATUS']._serialized_start=264
+  _globals['_LIMITSTATUS']._serialized_end=431
 # @@protoc_insertion_point(module_scope)

@@ -7,6 +7,7 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -17,6 +18,34 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _LimitState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _LimitStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_LimitState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    LIMIT_STATE_UNSPECIFIED: _LimitState.ValueType  # 0
+    """Not a state."""
+    LIMIT_STATE_OK: _LimitState.ValueType  # 1
+    """Below the threshold."""
+    LIMIT_STATE_THRESHOLD: _LimitState.ValueType  # 2
+    """At or past the threshold, within the maximum."""
+    LIMIT_STATE_EXCEEDED: _LimitState.ValueType  # 3
+    """Past the maximum."""
+
+class LimitState(_LimitState, metaclass=_LimitStateEnumTypeWrapper):
+    """How a limit's spend compares with its maximum."""
+
+LIMIT_STATE_UNSPECIFIED: LimitState.ValueType  # 0
+"""Not a state."""
+LIMIT_STATE_OK: LimitState.ValueType  # 1
+"""Below the threshold."""
+LIMIT_STATE_THRESHOLD: LimitState.ValueType  # 2
+"""At or past the threshold, within the maximum."""
+LIMIT_STATE_EXCEEDED: LimitState.ValueType  # 3
+"""Past the maximum."""
+Global___LimitState: _TypeAlias = LimitState  # noqa: Y015
 
 @_typing.final
 class Money(_message.Message):
@@ -119,3 +148,51 @@ class FieldViolation(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___FieldViolation: _TypeAlias = FieldViolation  # noqa: Y015
+
+@_typing.final
+class LimitStatus(_message.Message):
+    """A limit that applied to an ingested event, as the event left it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LIMIT_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    CROSSED_FIELD_NUMBER: _builtins.int
+    SPEND_FIELD_NUMBER: _builtins.int
+    MAX_FIELD_NUMBER: _builtins.int
+    EXPERIENCE_ID_FIELD_NUMBER: _builtins.int
+    limit: _builtins.str
+    """The limit's name."""
+    state: Global___LimitState.ValueType
+    """The state after the event."""
+    crossed: _builtins.bool
+    """True if this event moved the limit to this state (past its threshold or
+    its maximum).
+    """
+    experience_id: _builtins.str
+    """For a per-experience limit: the experience; empty otherwise."""
+    @_builtins.property
+    def spend(self) -> Global___Money:
+        """The spend of the period after the event."""
+
+    @_builtins.property
+    def max(self) -> Global___Money:
+        """The limit's maximum."""
+
+    def __init__(
+        self,
+        *,
+        limit: _builtins.str = ...,
+        state: Global___LimitState.ValueType = ...,
+        crossed: _builtins.bool = ...,
+        spend: Global___Money | None = ...,
+        max: Global___Money | None = ...,
+        experience_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["max", b"max", "spend", b"spend"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["crossed", b"crossed", "experience_id", b"experience_id", "limit", b"limit", "max", b"max", "spend", b"spend", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LimitStatus: _TypeAlias = LimitStatus  # noqa: Y015

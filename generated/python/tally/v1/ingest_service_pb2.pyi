@@ -226,6 +226,7 @@ class UsageEvent(_message.Message):
     PROPERTIES_FIELD_NUMBER: _builtins.int
     CONTEXT_FIELD_NUMBER: _builtins.int
     PRICE_CONTEXT_FIELD_NUMBER: _builtins.int
+    LIMIT_RESERVATION_ID_FIELD_NUMBER: _builtins.int
     category: _builtins.str
     """The provider category, 1 to 128 characters: "system.<provider>" for the
     built-in catalog (system.openai, system.anthropic, system.google,
@@ -250,6 +251,13 @@ class UsageEvent(_message.Message):
     """
     idempotency_key: _builtins.str
     """The caller's idempotency key for the event, at most 256 bytes of UTF-8."""
+    limit_reservation_id: _builtins.str
+    """The limit reservation this event settles (a UUID from LimitService.Reserve):
+    its amount is freed and the event's real cost counted instead, in the same
+    transaction. Also metadata `xproxy-limit-reservation`. A reservation that
+    is no longer outstanding settles nothing and the result says so in
+    warnings; the event is stored all the same.
+    """
     @_builtins.property
     def units(self) -> _containers.MessageMap[_builtins.str, Global___UnitCounts]:
         """Usage per unit type. Unit types are disjoint buckets: "text" input
@@ -312,10 +320,11 @@ class UsageEvent(_message.Message):
         properties: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         context: Global___EventContext | None = ...,
         price_context: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        limit_reservation_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "event_timestamp", b"event_timestamp"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["category", b"category", "context", b"context", "end_to_end_latency_ms", b"end_to_end_latency_ms", "event_timestamp", b"event_timestamp", "http_status_code", b"http_status_code", "idempotency_key", b"idempotency_key", "price_context", b"price_context", "properties", b"properties", "provider_response_id", b"provider_response_id", "resource", b"resource", "time_to_first_token_ms", b"time_to_first_token_ms", "units", b"units"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["category", b"category", "context", b"context", "end_to_end_latency_ms", b"end_to_end_latency_ms", "event_timestamp", b"event_timestamp", "http_status_code", b"http_status_code", "idempotency_key", b"idempotency_key", "limit_reservation_id", b"limit_reservation_id", "price_context", b"price_context", "properties", b"properties", "provider_response_id", b"provider_response_id", "resource", b"resource", "time_to_first_token_ms", b"time_to_first_token_ms", "units", b"units"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -446,6 +455,7 @@ class XProxyResult(_message.Message):
     USER_ID_FIELD_NUMBER: _builtins.int
     REQUEST_TAGS_FIELD_NUMBER: _builtins.int
     EXPERIENCE_CREATED_FIELD_NUMBER: _builtins.int
+    LIMITS_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """The server's id of the stored event (a UUIDv7)."""
     cost_state: Global___CostState.ValueType
@@ -494,6 +504,10 @@ class XProxyResult(_message.Message):
     def request_tags(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The tags of the event."""
 
+    @_builtins.property
+    def limits(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.LimitStatus]:
+        """The limits that applied to the event, each as the event left it."""
+
     def __init__(
         self,
         *,
@@ -512,10 +526,11 @@ class XProxyResult(_message.Message):
         user_id: _builtins.str = ...,
         request_tags: _abc.Iterable[_builtins.str] | None = ...,
         experience_created: _builtins.bool = ...,
+        limits: _abc.Iterable[_common_pb2.LimitStatus] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["cost_input", b"cost_input", "cost_output", b"cost_output", "cost_total", b"cost_total", "price", b"price"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cost_input", b"cost_input", "cost_output", b"cost_output", "cost_state", b"cost_state", "cost_total", b"cost_total", "duplicate_request", b"duplicate_request", "experience_created", b"experience_created", "experience_id", b"experience_id", "experience_name", b"experience_name", "experience_version", b"experience_version", "price", b"price", "request_id", b"request_id", "request_tags", b"request_tags", "unknown_units", b"unknown_units", "user_id", b"user_id", "warnings", b"warnings"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cost_input", b"cost_input", "cost_output", b"cost_output", "cost_state", b"cost_state", "cost_total", b"cost_total", "duplicate_request", b"duplicate_request", "experience_created", b"experience_created", "experience_id", b"experience_id", "experience_name", b"experience_name", "experience_version", b"experience_version", "limits", b"limits", "price", b"price", "request_id", b"request_id", "request_tags", b"request_tags", "unknown_units", b"unknown_units", "user_id", b"user_id", "warnings", b"warnings"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -36,8 +36,8 @@ export enum Scope {
   UNSPECIFIED = 0,
 
   /**
-   * Send usage: the IngestService methods, CreateExperience and
-   * UpdateExperienceProperties.
+   * Send usage: the IngestService methods, CreateExperience,
+   * UpdateExperienceProperties, and Reserve and Release of limits.
    *
    * @generated from enum value: SCOPE_INGEST = 1;
    */

@@ -2,15 +2,15 @@
 // @generated from file tally/v1/common.proto (package tally.v1, syntax proto3)
 /* eslint-disable */
 
-import type { GenFile, GenMessage } from "@bufbuild/protobuf/codegenv2";
-import { fileDesc, messageDesc } from "@bufbuild/protobuf/codegenv2";
+import type { GenEnum, GenFile, GenMessage } from "@bufbuild/protobuf/codegenv2";
+import { enumDesc, fileDesc, messageDesc } from "@bufbuild/protobuf/codegenv2";
 import type { Message } from "@bufbuild/protobuf";
 
 /**
  * Describes the file tally/v1/common.proto.
  */
 export const file_tally_v1_common: GenFile = /*@__PURE__*/
-  fileDesc("ChV0YWxseS92MS9jb21tb24ucHJvdG8SCHRhbGx5LnYxIjwKBU1vbmV5EhUKDWN1cnJlbmN5X2NvZGUYASABKAkSDQoFdW5pdHMYAiABKAMSDQoFbmFub3MYAyABKAUibgoJSXRlbUVycm9yEgwKBGNvZGUYASABKAUSDwoHbWVzc2FnZRgCIAEoCRIOCgZyZWFzb24YAyABKAkSMgoQZmllbGRfdmlvbGF0aW9ucxgEIAMoCzIYLnRhbGx5LnYxLkZpZWxkVmlvbGF0aW9uIjQKDkZpZWxkVmlvbGF0aW9uEg0KBWZpZWxkGAEgASgJEhMKC2Rlc2NyaXB0aW9uGAIgASgJYgZwcm90bzM");
+  fileDesc("ChV0YWxseS92MS9jb21tb24ucHJvdG8SCHRhbGx5LnYxIjwKBU1vbmV5EhUKDWN1cnJlbmN5X2NvZGUYASABKAkSDQoFdW5pdHMYAiABKAMSDQoFbmFub3MYAyABKAUibgoJSXRlbUVycm9yEgwKBGNvZGUYASABKAUSDwoHbWVzc2FnZRgCIAEoCRIOCgZyZWFzb24YAyABKAkSMgoQZmllbGRfdmlvbGF0aW9ucxgEIAMoCzIYLnRhbGx5LnYxLkZpZWxkVmlvbGF0aW9uIjQKDkZpZWxkVmlvbGF0aW9uEg0KBWZpZWxkGAEgASgJEhMKC2Rlc2NyaXB0aW9uGAIgASgJIqcBCgtMaW1pdFN0YXR1cxINCgVsaW1pdBgBIAEoCRIjCgVzdGF0ZRgCIAEoDjIULnRhbGx5LnYxLkxpbWl0U3RhdGUSDwoHY3Jvc3NlZBgDIAEoCBIeCgVzcGVuZBgEIAEoCzIPLnRhbGx5LnYxLk1vbmV5EhwKA21heBgFIAEoCzIPLnRhbGx5LnYxLk1vbmV5EhUKDWV4cGVyaWVuY2VfaWQYBiABKAkqcgoKTGltaXRTdGF0ZRIbChdMSU1JVF9TVEFURV9VTlNQRUNJRklFRBAAEhIKDkxJTUlUX1NUQVRFX09LEAESGQoVTElNSVRfU1RBVEVfVEhSRVNIT0xEEAISGAoUTElNSVRfU1RBVEVfRVhDRUVERUQQA2IGcHJvdG8z");
 
 /**
  * An exact amount of money, shaped like `google.type.Money`. Tally only
@@ -123,4 +123,102 @@ export type FieldViolation = Message<"tally.v1.FieldViolation"> & {
  */
 export const FieldViolationSchema: GenMessage<FieldViolation> = /*@__PURE__*/
   messageDesc(file_tally_v1_common, 2);
+
+/**
+ * A limit that applied to an ingested event, as the event left it.
+ *
+ * @generated from message tally.v1.LimitStatus
+ */
+export type LimitStatus = Message<"tally.v1.LimitStatus"> & {
+  /**
+   * The limit's name.
+   *
+   * @generated from field: string limit = 1;
+   */
+  limit: string;
+
+  /**
+   * The state after the event.
+   *
+   * @generated from field: tally.v1.LimitState state = 2;
+   */
+  state: LimitState;
+
+  /**
+   * True if this event moved the limit to this state (past its threshold or
+   * its maximum).
+   *
+   * @generated from field: bool crossed = 3;
+   */
+  crossed: boolean;
+
+  /**
+   * The spend of the period after the event.
+   *
+   * @generated from field: tally.v1.Money spend = 4;
+   */
+  spend?: Money | undefined;
+
+  /**
+   * The limit's maximum.
+   *
+   * @generated from field: tally.v1.Money max = 5;
+   */
+  max?: Money | undefined;
+
+  /**
+   * For a per-experience limit: the experience; empty otherwise.
+   *
+   * @generated from field: string experience_id = 6;
+   */
+  experienceId: string;
+};
+
+/**
+ * Describes the message tally.v1.LimitStatus.
+ * Use `create(LimitStatusSchema)` to create a new message.
+ */
+export const LimitStatusSchema: GenMessage<LimitStatus> = /*@__PURE__*/
+  messageDesc(file_tally_v1_common, 3);
+
+/**
+ * How a limit's spend compares with its maximum.
+ *
+ * @generated from enum tally.v1.LimitState
+ */
+export enum LimitState {
+  /**
+   * Not a state.
+   *
+   * @generated from enum value: LIMIT_STATE_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * Below the threshold.
+   *
+   * @generated from enum value: LIMIT_STATE_OK = 1;
+   */
+  OK = 1,
+
+  /**
+   * At or past the threshold, within the maximum.
+   *
+   * @generated from enum value: LIMIT_STATE_THRESHOLD = 2;
+   */
+  THRESHOLD = 2,
+
+  /**
+   * Past the maximum.
+   *
+   * @generated from enum value: LIMIT_STATE_EXCEEDED = 3;
+   */
+  EXCEEDED = 3,
+}
+
+/**
+ * Describes the enum tally.v1.LimitState.
+ */
+export const LimitStateSchema: GenEnum<LimitState> = /*@__PURE__*/
+  enumDesc(file_tally_v1_common, 0);
 

@@ -9,6 +9,8 @@ import json
 import os
 import re
 
+from tally.v1 import ingest_service_pb2 as ing_pb
+
 from .conftest import unique
 from .readme import BIN, block
 
@@ -173,3 +175,31 @@ async def test_cli_prices(stubs):
         "service_tier=flex",
     )
     assert out.startswith("$0.005 ") and "variant service_tier=flex" in out, out + err
+
+
+async def test_cli_limits_create_list_reset_and_refuse_bad_input(stubs):
+    name = unique("cli-limit")
+    code, out, err = await tally(
+        stubs.target, "limits", "create", name, "--max", "2.50", "--tag", name, "--period", "day"
+    )
+    assert code == 0 and f"created limit {name}" in out and "$2.50" in out, err
+    await stubs.ingest.Ingest(
+        ing_pb.IngestRequest(
+            event=ing_pb.UsageEvent(
+                category="system.openai", resource="gpt-4o", units={"text": ing_pb.UnitCounts(input=1000)}
+            )
+        ),
+        metadata=(("xproxy-request-tags", name),),
+    )
+    code, out, err = await tally(stubs.target, "limits", "get", name)
+    assert code == 0 and "$0.0025" in out and "ok" in out, out + err
+    code, out, _ = await tally(stubs.target, "limits", "list", "--limit", "1000")
+    assert name in out
+    code, out, err = await tally(stubs.target, "limits", "reset", name)
+    assert code == 0 and "new period" in out, err
+    code, out, _ = await tally(stubs.target, "limits", "periods", name)
+    assert code == 0 and out.count("$0.0025") == 1, out
+    code, out, err = await tally(stubs.target, "limits", "create", unique("bad"), "--max", "-1", "--everything")
+    assert code != 0 and "INVALID_ARGUMENT" in err and "limit.max" in err, err
+    code, out, err = await tally(stubs.target, "limits", "delete", name)
+    assert code == 0

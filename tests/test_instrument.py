@@ -246,3 +246,43 @@ async def test_with_tally_stopped_an_async_app_is_unaffected_and_events_arrive_o
     assert recorder.stats.retries >= 1
     with sqlite3.connect(database) as stored:
         assert stored.execute("SELECT count(DISTINCT provider_response_id) FROM events").fetchone() == (3,)
+
+
+def over_the_limit(target: str, provider: str, name: str) -> dict:
+    """In a thread: OpenAI tracked with enforce_limits, inside one run of a type limited to
+    $0.005 per run; each call reserves ~$0.002 (3 prompt tokens in, max_tokens=200 out) and
+    really costs $0.004."""
+    from tally_client import LimitExceeded, limit
+
+    oai, _ = clients(provider)
+    with TallyClient(target) as tally:
+        tally.create_experience_type(name, "limited runs")
+        tally.create_limit(limit(f"{name}-run", "0.005", experience_type=name, per_experience=True))
+        recorder = Recorder(tally)
+        track_openai(oai, recorder, enforce_limits=True)
+        sent = len(fake_provider.Provider.requests)
+        outcome: dict = {}
+        with tally.experience(name) as run:
+            oai.chat.completions.create(model="gpt-4o", messages=MESSAGES, max_tokens=200)
+            recorder.flush()  # the event settles the reservation with the real $0.004
+            try:
+                oai.chat.completions.create(model="gpt-4o", messages=MESSAGES, max_tokens=200)
+            except LimitExceeded as refused:
+                outcome["refused"] = refused
+        outcome["provider_requests"] = len(fake_provider.Provider.requests) - sent
+        current = tally.get_limit(f"{name}-run", experience_id=run.experience_id).current
+        outcome["spend"] = dollars(current.spend)
+        outcome["reserved"] = dollars(current.reserved)
+        outcome["cost"] = dollars(tally.get_experience(run.experience_id).stats.cost_total)
+        recorder.close()
+    return outcome
+
+
+async def test_enforce_limits_refuses_a_call_over_its_limit_without_calling_the_provider(stubs, provider):
+    outcome = await asyncio.to_thread(over_the_limit, stubs.target, provider, unique("Limited"))
+    refused = outcome.get("refused")
+    assert refused is not None, "the second call was refused"
+    assert refused.reason == "LIMIT_EXCEEDED" and refused.limits, refused
+    assert outcome["provider_requests"] == 1, "the refused call never reached the provider"
+    assert outcome["spend"] == outcome["cost"] == GPT_4O
+    assert outcome["reserved"] == 0

@@ -5,6 +5,7 @@ commits and their sizes."""
 from __future__ import annotations
 
 import re
+import time
 import urllib.request
 
 import grpc
@@ -124,3 +125,33 @@ async def test_calls_are_logged_and_counted_with_the_code_their_caller_saw(tmp_p
     assert log.count(f"method={unary} code=CANCELLED") == 2
     assert log.count(f"method={stream} code=CANCELLED") == 1
     assert log.count(f"method={unary} code=RESOURCE_EXHAUSTED") == shed
+
+
+def test_limit_gauges_show_spend_reservations_and_maximum(tmp_path):
+    from tally.v1 import common_pb2, limit_service_pb2 as lim_pb, limit_service_pb2_grpc as lim_grpc
+
+    port = free_port()
+    server = ServerProcess(f"sqlite+aiosqlite:///{tmp_path / 'g.db'}", "--metrics-listen", f"127.0.0.1:{port}").start()
+    try:
+        with grpc.insecure_channel(server.target) as channel:
+            limits = lim_grpc.LimitServiceStub(channel)
+            everything = lim_pb.LimitScope(everything=True)
+            limit = lim_pb.Limit(name="all", max=common_pb2.Money(units=2), kind=1, period=4, scope=everything)
+            limits.CreateLimit(lim_pb.CreateLimitRequest(limit=limit))
+            priced = pb.UsageEvent(
+                category="system.openai", resource="gpt-4o", units={"text": pb.UnitCounts(input=1000)}
+            )
+            ing_grpc.IngestServiceStub(channel).Ingest(pb.IngestRequest(event=priced))
+            cent = common_pb2.Money(nanos=10_000_000)
+            limits.Reserve(lim_pb.ReserveRequest(estimate=lim_pb.CostEstimate(amount=cent)))
+        deadline = time.monotonic() + 15
+        while True:  # the gauges are read every 5 s
+            scraped = scrape(port)
+            if "tally_limit_spend_usd{" in scraped or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+    finally:
+        server.terminate()
+    assert value(scraped, "tally_limit_spend_usd", limit="all") == 0.0025
+    assert value(scraped, "tally_limit_reserved_usd", limit="all") == 0.01
+    assert value(scraped, "tally_limit_max_usd", limit="all") == 2

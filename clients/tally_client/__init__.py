@@ -3,9 +3,18 @@
 from tally_client import TallyClient, create_metadata
 """
 
-from ._calls import EventFilter, UnitCounts, Units, usage_event
+from ._calls import EventFilter, UnitCounts, Units, money, new_limit as limit, usage_event
 from .client import AsyncTallyClient, ExperienceScope, TallyClient
-from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, TallyError, Unavailable
+from .errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    LimitExceeded,
+    NotFound,
+    ResourceExhausted,
+    TallyError,
+    Unavailable,
+)
 from .metadata import Metadata, create_metadata
 from .output import dollars
 
@@ -16,8 +25,10 @@ __all__ = [
     "ExperienceScope",
     "FailedPrecondition",
     "InvalidArgument",
+    "LimitExceeded",
     "Metadata",
     "NotFound",
+    "ResourceExhausted",
     "TallyClient",
     "TallyError",
     "Unavailable",
@@ -25,5 +36,7 @@ __all__ = [
     "Units",
     "create_metadata",
     "dollars",
+    "limit",
+    "money",
     "usage_event",
 ]

@@ -8,16 +8,19 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
+from decimal import Decimal
 from typing import Any, Generic, TypeVar
 from uuid import UUID
 
 from google.protobuf import field_mask_pb2, timestamp_pb2
 
 from tally.v1 import (
+    common_pb2,
     event_service_pb2 as event_pb,
     experience_service_pb2 as exp_pb,
     experience_type_service_pb2 as et_pb,
     ingest_service_pb2 as ing_pb,
+    limit_service_pb2 as limit_pb,
     price_catalog_service_pb2 as price_pb,
     report_service_pb2 as report_pb,
 )
@@ -355,3 +358,101 @@ def quote_price(
     )
     set_units(request.units, units)
     return Call("prices", "QuotePrice", request, lambda r: r.xproxy_result)
+
+
+# --- limits ---------------------------------------------------------------------------
+
+
+def money(amount: Decimal | str | int) -> common_pb2.Money:
+    """An exact USD amount (a Decimal or its text; never a float) as Money."""
+    value = Decimal(str(amount)) if not isinstance(amount, Decimal) else amount
+    nanos_total = int((value * 1_000_000_000).to_integral_exact())
+    units, nanos = divmod(abs(nanos_total), 1_000_000_000)
+    sign = -1 if nanos_total < 0 else 1
+    return common_pb2.Money(currency_code="USD", units=sign * units, nanos=sign * nanos)
+
+
+def create_limit(limit: limit_pb.Limit) -> Call[limit_pb.Limit]:
+    return Call("limits", "CreateLimit", limit_pb.CreateLimitRequest(limit=limit), lambda r: r.limit)
+
+
+def get_limit(name: str, experience_id: str) -> Call[limit_pb.GetLimitResponse]:
+    return Call("limits", "GetLimit", limit_pb.GetLimitRequest(name=name, experience_id=experience_id), _same)
+
+
+def list_limits(page_size: int, page_token: str) -> Call[limit_pb.ListLimitsResponse]:
+    request = limit_pb.ListLimitsRequest(page_size=page_size, page_token=page_token)
+    return Call("limits", "ListLimits", request, _same)
+
+
+def list_limit_periods(
+    name: str, experience_id: str, page_size: int, page_token: str
+) -> Call[limit_pb.ListLimitPeriodsResponse]:
+    request = limit_pb.ListLimitPeriodsRequest(
+        name=name, experience_id=experience_id, page_size=page_size, page_token=page_token
+    )
+    return Call("limits", "ListLimitPeriods", request, _same)
+
+
+def reset_limit(name: str) -> Call[limit_pb.ResetLimitResponse]:
+    return Call("limits", "ResetLimit", limit_pb.ResetLimitRequest(name=name), _same)
+
+
+def delete_limit(name: str) -> Call[None]:
+    return Call("limits", "DeleteLimit", limit_pb.DeleteLimitRequest(name=name), lambda r: None)
+
+
+def reserve(
+    amount: Decimal | str | None,
+    category: str,
+    resource: str,
+    units: Units | None,
+    request_id: str,
+    ttl_seconds: int,
+) -> Call[limit_pb.Reservation]:
+    estimate = limit_pb.CostEstimate(category=category, resource=resource)
+    if amount is not None:
+        estimate.amount.CopyFrom(money(amount))
+    set_units(estimate.units, units)
+    request = limit_pb.ReserveRequest(estimate=estimate, request_id=request_id, ttl_seconds=ttl_seconds)
+    return Call("limits", "Reserve", request, lambda r: r.reservation)
+
+
+def release(reservation_id: str | UUID) -> Call[None]:
+    return Call("limits", "Release", limit_pb.ReleaseRequest(reservation_id=str(reservation_id)), lambda r: None)
+
+
+def new_limit(
+    name: str,
+    max_usd: Decimal | str | int,
+    *,
+    kind: str = "block",
+    period: str = "lifetime",
+    threshold_percent: int = 0,
+    everything: bool = False,
+    experience_type: str = "",
+    experience_version: int = 0,
+    per_experience: bool = False,
+    experience_id: str | UUID = "",
+    user_id: str = "",
+    request_tag: str = "",
+) -> limit_pb.Limit:
+    """A limit to create: `kind` "block" or "allow", `period` "lifetime", "day", "week" or
+    "month" (UTC), and one scope: everything, an experience type (optionally one version, or
+    per experience of it), an experience, a user id or a request tag."""
+    return limit_pb.Limit(
+        name=name,
+        max=money(max_usd),
+        kind=limit_pb.LimitKind.Value(f"LIMIT_KIND_{kind.upper()}"),
+        period=limit_pb.LimitPeriod.Value(f"LIMIT_PERIOD_{period.upper()}"),
+        threshold_percent=threshold_percent,
+        scope=limit_pb.LimitScope(
+            everything=everything,
+            experience_type=experience_type,
+            experience_version=experience_version,
+            per_experience=per_experience,
+            experience_id=str(experience_id),
+            user_id=user_id,
+            request_tag=request_tag,
+        ),
+    )

@@ -23,6 +23,7 @@ import threading
 import uuid
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Mapping
 from datetime import datetime
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, TypeVar, overload
 from uuid import UUID
@@ -39,6 +40,8 @@ from tally.v1 import (
     experience_type_service_pb2_grpc as et_grpc,
     ingest_service_pb2 as ing_pb,
     ingest_service_pb2_grpc as ing_grpc,
+    limit_service_pb2 as limit_pb,
+    limit_service_pb2_grpc as limit_grpc,
     price_catalog_service_pb2 as price_pb,
     price_catalog_service_pb2_grpc as price_grpc,
     report_service_pb2 as report_pb,
@@ -64,6 +67,7 @@ _READS = {
     ],
     "tally.v1.ExperienceService": ["GetExperience", "ListExperiences"],
     "tally.v1.PriceCatalogService": ["GetCustomPrice", "ListCustomPrices", "QuotePrice"],
+    "tally.v1.LimitService": ["GetLimit", "ListLimits", "ListLimitPeriods"],
 }
 # Reads are retried by gRPC itself when the server is briefly unreachable. Writes
 # are not: an ingest is safe to resend only with an idempotency key, which the
@@ -259,6 +263,7 @@ class TallyClient(_ClientBase):
             "prices": price_grpc.PriceCatalogServiceStub(channel),
             "events": event_grpc.EventServiceStub(channel),
             "reports": report_grpc.ReportServiceStub(channel),
+            "limits": limit_grpc.LimitServiceStub(channel),
         }
 
     def close(self) -> None:
@@ -485,6 +490,58 @@ class TallyClient(_ClientBase):
         `price_context` selects), without storing anything."""
         return self._run(_calls.quote_price(category, resource, units, event_time, price_context))
 
+    # --- limits -------------------------------------------------------------------
+
+    def create_limit(self, limit: limit_pb.Limit) -> limit_pb.Limit:
+        """Creates a limit (see `tally_client.limit` to build one)."""
+        return self._run(_calls.create_limit(limit))
+
+    def get_limit(self, name: str, *, experience_id: str | UUID = "") -> limit_pb.GetLimitResponse:
+        return self._run(_calls.get_limit(name, str(experience_id)))
+
+    def list_limits(self, *, page_size: int = 0, page_token: str = "") -> limit_pb.ListLimitsResponse:
+        return self._run(_calls.list_limits(page_size, page_token))
+
+    def list_limit_periods(
+        self, name: str, *, experience_id: str | UUID = "", page_size: int = 0, page_token: str = ""
+    ) -> limit_pb.ListLimitPeriodsResponse:
+        return self._run(_calls.list_limit_periods(name, str(experience_id), page_size, page_token))
+
+    def reset_limit(self, name: str) -> limit_pb.ResetLimitResponse:
+        return self._run(_calls.reset_limit(name))
+
+    def delete_limit(self, name: str) -> None:
+        self._run(_calls.delete_limit(name))
+
+    def reserve(
+        self,
+        amount: Decimal | str | None = None,
+        *,
+        category: str = "",
+        resource: str = "",
+        units: Units | None = None,
+        request_id: str = "",
+        ttl_seconds: int = 0,
+    ) -> limit_pb.Reservation:
+        """Reserves an estimate before a model call, against the BLOCK limits of the current
+        experience context: an amount in USD, or the usage the call may have (Tally prices it).
+        Raises LimitExceeded when a limit has no room; name the reservation in the call's event
+        (`limit_reservation_id`) to settle it, or release() it."""
+        return self._run(_calls.reserve(amount, category, resource, units, request_id, ttl_seconds))
+
+    def release(self, reservation_id: str | UUID) -> None:
+        """Settles a reservation whose call produced no usage."""
+        self._run(_calls.release(reservation_id))
+
+    def watch_limits(self, names: Iterable[str] = ()) -> Iterator[limit_pb.WatchLimitsResponse]:
+        """Each limit's state now, then each time one crosses its threshold or maximum, or is reset."""
+        try:
+            yield from self._stubs["limits"].WatchLimits(
+                limit_pb.WatchLimitsRequest(names=list(names)), metadata=self._metadata(None)
+            )
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+
 
 class AsyncTallyClient(_ClientBase):
     """asyncio client: the same methods as TallyClient, awaited. Use inside a running event loop."""
@@ -523,6 +580,7 @@ class AsyncTallyClient(_ClientBase):
             "prices": price_grpc.PriceCatalogServiceStub(self.channel),
             "events": event_grpc.EventServiceStub(self.channel),
             "reports": report_grpc.ReportServiceStub(self.channel),
+            "limits": limit_grpc.LimitServiceStub(self.channel),
         }
 
     async def close(self) -> None:
@@ -763,6 +821,39 @@ class AsyncTallyClient(_ClientBase):
         """What this usage costs (at `event_time`, default now; with the price variant
         `price_context` selects), without storing anything."""
         return await self._run(_calls.quote_price(category, resource, units, event_time, price_context))
+
+    # --- limits -------------------------------------------------------------------
+
+    async def create_limit(self, limit: limit_pb.Limit) -> limit_pb.Limit:
+        return await self._run(_calls.create_limit(limit))
+
+    async def get_limit(self, name: str, *, experience_id: str | UUID = "") -> limit_pb.GetLimitResponse:
+        return await self._run(_calls.get_limit(name, str(experience_id)))
+
+    async def list_limits(self, *, page_size: int = 0, page_token: str = "") -> limit_pb.ListLimitsResponse:
+        return await self._run(_calls.list_limits(page_size, page_token))
+
+    async def reset_limit(self, name: str) -> limit_pb.ResetLimitResponse:
+        return await self._run(_calls.reset_limit(name))
+
+    async def delete_limit(self, name: str) -> None:
+        await self._run(_calls.delete_limit(name))
+
+    async def reserve(
+        self,
+        amount: Decimal | str | None = None,
+        *,
+        category: str = "",
+        resource: str = "",
+        units: Units | None = None,
+        request_id: str = "",
+        ttl_seconds: int = 0,
+    ) -> limit_pb.Reservation:
+        """As TallyClient.reserve."""
+        return await self._run(_calls.reserve(amount, category, resource, units, request_id, ttl_seconds))
+
+    async def release(self, reservation_id: str | UUID) -> None:
+        await self._run(_calls.release(reservation_id))
 
 
 def _event(

@@ -55,12 +55,28 @@ class Unavailable(TallyError):
     pass
 
 
+class ResourceExhausted(TallyError):
+    """Refused for load (reason OVERLOADED) or for a limit (LimitExceeded)."""
+
+
+class LimitExceeded(ResourceExhausted):
+    """A reservation was refused: a BLOCK limit has no room for the estimate (reason
+    LIMIT_EXCEEDED). `limits` names them; `retry_after` is the seconds until their period
+    starts again (None: a lifetime limit). With enforce_limits, the provider was not called."""
+
+    def __init__(self, *args: Any, limits: tuple[str, ...] = (), retry_after: float | None = None) -> None:
+        super().__init__(*args)
+        self.limits = limits
+        self.retry_after = retry_after
+
+
 _BY_CODE = {
     grpc.StatusCode.NOT_FOUND: NotFound,
     grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
     grpc.StatusCode.ALREADY_EXISTS: AlreadyExists,
     grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
     grpc.StatusCode.UNAVAILABLE: Unavailable,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
 }
 
 
@@ -71,6 +87,8 @@ def from_rpc_error(error: grpc.RpcError) -> TallyError:
     code: grpc.StatusCode = call.code() if hasattr(call, "code") else grpc.StatusCode.UNKNOWN
     message: str = (call.details() if hasattr(call, "details") else str(error)) or code.name
     reason, violations, resource = "", {}, None
+    limits: list[str] = []
+    retry_after: float | None = None
     try:
         status = rpc_status.from_call(call)
     except ValueError:  # details that disagree with the code or message
@@ -88,9 +106,21 @@ def from_rpc_error(error: grpc.RpcError) -> TallyError:
             info = error_details_pb2.ResourceInfo()
             detail.Unpack(info)
             resource = (info.resource_type, info.resource_name)
+        elif detail.Is(error_details_pb2.QuotaFailure.DESCRIPTOR):
+            quota = error_details_pb2.QuotaFailure()
+            detail.Unpack(quota)
+            limits += [v.subject.removeprefix("limits/") for v in quota.violations]
+        elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            retry = error_details_pb2.RetryInfo()
+            detail.Unpack(retry)
+            retry_after = retry.retry_delay.ToNanoseconds() / 1e9
     request_id = ""
     trailing = call.trailing_metadata() if hasattr(call, "trailing_metadata") else None
     for key, value in trailing or ():
         if key == "x-request-id":
             request_id = value
+    if reason == "LIMIT_EXCEEDED":
+        return LimitExceeded(
+            code, message, reason, violations, resource, request_id, limits=tuple(limits), retry_after=retry_after
+        )
     return _BY_CODE.get(code, TallyError)(code, message, reason, violations, resource, request_id)

@@ -21,16 +21,19 @@ counted once.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from tally.v1 import ingest_service_pb2 as ing_pb
 
-from .client import AsyncTallyClient, TallyClient, usage_event
+from .client import AsyncTallyClient, TallyClient, current_scope, usage_event
+from .errors import TallyError, Unavailable
 from .recorder import AsyncRecorder, Recorder
 
 log = logging.getLogger("tally_client.instrument")
@@ -332,6 +335,76 @@ def _recorder(tally: TallyClient | AsyncTallyClient | AnyRecorder) -> AnyRecorde
     return Recorder(tally)
 
 
+# Tokens per character when estimating a prompt before the call: 1 in 3 overestimates
+# English (about 4 characters a token), so that a reservation rarely falls short.
+_CHARACTERS_PER_TOKEN = 3
+DEFAULT_MAX_OUTPUT_TOKENS = 4096
+
+
+def _text_of(value: Any) -> int:
+    """The characters of the text in a request's messages, system prompt or input."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, dict):
+        return sum(_text_of(v) for k, v in value.items() if k in ("content", "text", "input", "system"))
+    if isinstance(value, list | tuple):
+        return sum(_text_of(item) for item in value)
+    return 0
+
+
+@dataclass(frozen=True)
+class _Enforcement:
+    """Reserve-before-call for one tracked SDK client (track_openai(..., enforce_limits=True))."""
+
+    client: TallyClient | AsyncTallyClient
+    category: str
+    fail_closed: bool
+    default_max_output_tokens: int
+
+    def estimate(self, kwargs: dict[str, Any]) -> tuple[str, dict[str, tuple[int, int]]]:
+        """The model and the most a call may use: its prompt's characters / 3 in, its
+        max_tokens (max_completion_tokens, max_output_tokens) or the default out. The run it
+        belongs to gets its id now, so that its own limits (per experience) hold from its
+        first call."""
+        scope = current_scope()
+        if scope is not None:
+            scope.ensure_id()
+        prompt = sum(_text_of(kwargs.get(key)) for key in ("messages", "input", "system", "instructions"))
+        output = (
+            kwargs.get("max_tokens")
+            or kwargs.get("max_completion_tokens")
+            or kwargs.get("max_output_tokens")
+            or self.default_max_output_tokens
+        )
+        return str(kwargs.get("model", "")), {"text": (-(-prompt // _CHARACTERS_PER_TOKEN), int(output))}
+
+    def reserve(self, kwargs: dict[str, Any]) -> str:
+        assert isinstance(self.client, TallyClient)
+        model, units = self.estimate(kwargs)
+        try:
+            return self.client.reserve(category=self.category, resource=model, units=units).reservation_id
+        except TallyError as error:
+            return self._without_reservation(error)
+
+    async def reserve_async(self, kwargs: dict[str, Any]) -> str:
+        assert isinstance(self.client, AsyncTallyClient)
+        model, units = self.estimate(kwargs)
+        try:
+            return (await self.client.reserve(category=self.category, resource=model, units=units)).reservation_id
+        except TallyError as error:
+            return self._without_reservation(error)
+
+    def _without_reservation(self, error: TallyError) -> str:
+        """A refusal for a limit (LimitExceeded) or a bad request is raised; Tally not answering
+        (unreachable, past the deadline, overloaded) lets the call go on, or fails it closed."""
+        if isinstance(error, Unavailable) or error.code.name == "DEADLINE_EXCEEDED" or error.reason == "OVERLOADED":
+            if self.fail_closed:
+                raise error
+            log.warning("Tally did not answer the limit reservation (%s): the call goes ahead unchecked", error)
+            return ""
+        raise error
+
+
 def _wrap(
     owner: Any,
     name: str,
@@ -340,8 +413,10 @@ def _wrap(
     category: str,
     to_event: Callable[[Any, int], ing_pb.UsageEvent],
     ask_for_stream_usage: bool = False,
+    enforcement: _Enforcement | None = None,
 ) -> None:
-    """Replaces owner.name (an SDK's create method) by one that records each call."""
+    """Replaces owner.name (an SDK's create method) by one that records each call, and with
+    `enforcement` reserves its estimate first: refused, the SDK is not called."""
     original = getattr(owner, name)
 
     def prepare(kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -349,78 +424,143 @@ def _wrap(
             return {**kwargs, "stream_options": {"include_usage": True}}
         return kwargs
 
-    def failed(error: Exception, kwargs: dict[str, Any], start: float) -> None:
+    def record(event: ing_pb.UsageEvent, reservation: str) -> None:
+        event.limit_reservation_id = reservation  # settles it: the real cost replaces the estimate
+        recorder.record(event)
+
+    def failed(error: Exception, kwargs: dict[str, Any], start: float, reservation: str) -> None:
         status = getattr(error, "status_code", None)
         if status:
             event = usage_event(
                 category, str(kwargs.get("model", "")), {}, latency_ms=_ms_since(start), http_status_code=status
             )
-            recorder.record(event)
+            record(event, reservation)
+        elif reservation:  # no answer at all: nothing to record, the reservation is freed
+            release(reservation)
 
-    def finish(usage: _Usage, start: float) -> None:
+    def release(reservation: str) -> None:
+        client = recorder.client
+        if isinstance(client, TallyClient):
+            _safely(client.release, reservation)
+        else:
+            asyncio.get_running_loop().create_task(_release_later(client, reservation))
+
+    def finish(usage: _Usage, start: float, reservation: str) -> None:
         event = usage.event(category, _ms_since(start))
         if event is not None:
-            recorder.record(event)
+            record(event, reservation)
+        elif reservation:
+            release(reservation)
 
-    def answered(result: Any, start: float, asynchronous: bool) -> Any:
+    def answered(result: Any, start: float, asynchronous: bool, reservation: str) -> Any:
         if not hasattr(result, "close") or not (hasattr(result, "__iter__") or hasattr(result, "__aiter__")):
-            _safely(lambda: recorder.record(to_event(result, _ms_since(start))))
+            _safely(lambda: record(to_event(result, _ms_since(start)), reservation))
             return result
         stream_type = _RecordedAsyncStream if asynchronous else _RecordedStream
-        return stream_type(result, _Usage(provider), lambda usage: finish(usage, start), start)
+        return stream_type(result, _Usage(provider), lambda usage: finish(usage, start, reservation), start)
 
-    async def answered_later(pending: Any, kwargs: dict[str, Any], start: float) -> Any:
+    async def answered_later(pending: Any, kwargs: dict[str, Any], start: float, reservation: str) -> Any:
         try:
             result = await pending
         except Exception as error:
-            _safely(failed, error, kwargs, start)
+            _safely(failed, error, kwargs, start, reservation)
             raise
-        return answered(result, start, asynchronous=True)
+        return answered(result, start, True, reservation)
+
+    def call(args: tuple[Any, ...], kwargs: dict[str, Any], reservation: str) -> Any:
+        start = time.perf_counter()
+        try:
+            result = original(*args, **prepare(kwargs))
+        except Exception as error:
+            _safely(failed, error, kwargs, start, reservation)
+            raise
+        if inspect.isawaitable(result):
+            return answered_later(result, kwargs, start, reservation)
+        return answered(result, start, False, reservation)
+
+    async def reserved_then_called(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        assert enforcement is not None
+        reservation = await enforcement.reserve_async(kwargs)
+        return await call(args, kwargs, reservation)
 
     # The asyncio SDKs' methods are plain functions returning a coroutine: whether the call
     # is asynchronous is known from what it returns, not from the method.
     @functools.wraps(original)
     def recorded(*args: Any, **kwargs: Any) -> Any:
-        start = time.perf_counter()
-        try:
-            result = original(*args, **prepare(kwargs))
-        except Exception as error:
-            _safely(failed, error, kwargs, start)
-            raise
-        if inspect.isawaitable(result):
-            return answered_later(result, kwargs, start)
-        return answered(result, start, asynchronous=False)
+        if enforcement is None:
+            return call(args, kwargs, "")
+        if isinstance(enforcement.client, AsyncTallyClient):
+            return reserved_then_called(args, kwargs)
+        return call(args, kwargs, enforcement.reserve(kwargs))
 
     setattr(owner, name, recorded)
 
 
+async def _release_later(client: AsyncTallyClient, reservation: str) -> None:
+    try:
+        await client.release(reservation)
+    except TallyError as error:
+        log.warning("Tally could not release limit reservation %s: %s", reservation, error)
+
+
+def _enforcement(
+    recorder: AnyRecorder, category: str, enforce_limits: bool, fail_closed: bool, max_output_tokens: int
+) -> _Enforcement | None:
+    if not enforce_limits:
+        return None
+    return _Enforcement(recorder.client, category, fail_closed, max_output_tokens)
+
+
 def track_openai(
-    openai_client: Any, tally: TallyClient | AsyncTallyClient | AnyRecorder, *, category: str = "system.openai"
+    openai_client: Any,
+    tally: TallyClient | AsyncTallyClient | AnyRecorder,
+    *,
+    category: str = "system.openai",
+    enforce_limits: bool = False,
+    fail_closed: bool = False,
+    default_max_output_tokens: int = DEFAULT_MAX_OUTPUT_TOKENS,
 ) -> AnyRecorder:
     """Records every `chat.completions.create` and `responses.create` of this OpenAI client
     (OpenAI or AsyncOpenAI; streaming or not) in the background. Returns the recorder:
-    `flush()` it (await it, for AsyncRecorder) where the app wants its events sent."""
+    `flush()` it (await it, for AsyncRecorder) where the app wants its events sent.
+
+    With `enforce_limits`, each call first reserves its estimate (the prompt's characters / 3
+    as input tokens, max_tokens or `default_max_output_tokens` as output) against the BLOCK
+    limits of the current experience context: refused, it raises LimitExceeded and OpenAI is
+    not called; granted, the call's event settles the reservation with its real cost. When
+    Tally does not answer, the call goes ahead unchecked (logged), or with `fail_closed`
+    raises Unavailable."""
     recorder = _recorder(tally)
+    enforcement = _enforcement(recorder, category, enforce_limits, fail_closed, default_max_output_tokens)
 
     def to_event(response: Any, latency_ms: int) -> ing_pb.UsageEvent:
         return openai_event(response, latency_ms=latency_ms, category=category)
 
-    _wrap(openai_client.chat.completions, "create", recorder, "openai", category, to_event, ask_for_stream_usage=True)
+    completions = openai_client.chat.completions
+    _wrap(completions, "create", recorder, "openai", category, to_event, True, enforcement)
     responses = getattr(openai_client, "responses", None)
     if responses is not None:
-        _wrap(responses, "create", recorder, "openai", category, to_event)
+        _wrap(responses, "create", recorder, "openai", category, to_event, enforcement=enforcement)
     return recorder
 
 
 def track_anthropic(
-    anthropic_client: Any, tally: TallyClient | AsyncTallyClient | AnyRecorder, *, category: str = "system.anthropic"
+    anthropic_client: Any,
+    tally: TallyClient | AsyncTallyClient | AnyRecorder,
+    *,
+    category: str = "system.anthropic",
+    enforce_limits: bool = False,
+    fail_closed: bool = False,
+    default_max_output_tokens: int = DEFAULT_MAX_OUTPUT_TOKENS,
 ) -> AnyRecorder:
     """Records every `messages.create` of this Anthropic client (Anthropic or AsyncAnthropic;
-    `stream=True` too) in the background. Returns the recorder, as track_openai."""
+    `stream=True` too) in the background. Returns the recorder, as track_openai, and enforces
+    limits as it does (Anthropic requires max_tokens, so the output estimate is exact)."""
     recorder = _recorder(tally)
+    enforcement = _enforcement(recorder, category, enforce_limits, fail_closed, default_max_output_tokens)
 
     def to_event(response: Any, latency_ms: int) -> ing_pb.UsageEvent:
         return anthropic_event(response, latency_ms=latency_ms, category=category)
 
-    _wrap(anthropic_client.messages, "create", recorder, "anthropic", category, to_event)
+    _wrap(anthropic_client.messages, "create", recorder, "anthropic", category, to_event, enforcement=enforcement)
     return recorder

@@ -111,12 +111,13 @@ class TallyServer:
         self.keys = ApiKeys(self.db, self.pages)
         self.events = Events(self.db, self.pages)
         self.reports = Reports(self.db, self.pages)
-        self.limits = Limits(self.db, self.catalog, self.pages, settings.reservation_seconds)
+        self.limits = Limits(self.db, self.catalog, self.pages, settings.reservation_seconds, self.live_limits)
         self.server: aio.Server | None = None
         self.port = 0
         self.certificates: CertificateFiles | None = None
         self._watcher: asyncio.Task[None] | None = None
         self._trimmer: asyncio.Task[None] | None = None
+        self._gauges: asyncio.Task[None] | None = None
 
     async def start(self) -> int:
         """Migrates the database, binds and starts serving; returns the bound port.
@@ -201,6 +202,8 @@ class TallyServer:
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         self._watcher = asyncio.create_task(self._watch_database(), name="tally-database-health")
         self._trimmer = asyncio.create_task(self._give_back_memory(), name="tally-memory-trim")
+        if self.settings.metrics_listen:
+            self._gauges = asyncio.create_task(self._export_limit_gauges(), name="tally-limit-gauges")
         host = self.settings.listen.rsplit(":", 1)[0]
         security = "plaintext" if self.certificates is None else "TLS"
         if self.certificates is not None and self.certificates.client_ca is not None:
@@ -246,6 +249,25 @@ class TallyServer:
                 )
                 await self._set_health(status)
 
+    async def _export_limit_gauges(self) -> None:
+        exported: set[str] = set()
+        while True:
+            try:
+                views = await self.limits.current()
+            except StorageUnavailable:
+                views = None  # kept as last read until the database answers
+            if views is not None:
+                names = {view.limit.name for view in views}
+                for gone in exported - names:
+                    for gauge in (metrics.LIMIT_SPEND, metrics.LIMIT_RESERVED, metrics.LIMIT_MAX):
+                        gauge.remove(gone)
+                for view in views:
+                    metrics.LIMIT_SPEND.labels(view.limit.name).set(view.spend.spend_nanos / 1e9)
+                    metrics.LIMIT_RESERVED.labels(view.limit.name).set(view.spend.reserved_nanos / 1e9)
+                    metrics.LIMIT_MAX.labels(view.limit.name).set(view.limit.max_nanos / 1e9)
+                exported = names
+            await asyncio.sleep(metrics.LIMIT_GAUGE_SECONDS)
+
     async def _give_back_memory(self) -> None:
         trimmer = memory.Trimmer()
         while True:
@@ -255,7 +277,7 @@ class TallyServer:
     async def stop(self, grace: float | None = None) -> None:
         """NOT_SERVING first, then in-flight calls get `grace` seconds, then the writer and database close."""
         grace = self.settings.grace_seconds if grace is None else grace
-        for task in (self._watcher, self._trimmer):
+        for task in (self._watcher, self._trimmer, self._gauges):
             if task is not None:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)

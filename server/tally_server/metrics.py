@@ -29,6 +29,12 @@ ABANDONED = Counter(
     "tally_events_abandoned", "Events not stored because their caller went away before their commit began."
 )
 DATABASE_ERRORS = Counter("tally_database_errors", "Database failures answered UNAVAILABLE.")
+# One series per limit (per-experience limits have one period per experience: not exported),
+# refreshed every LIMIT_GAUGE_SECONDS while metrics are served.
+LIMIT_SPEND = Gauge("tally_limit_spend_usd", "Spend of each limit's current period, in USD.", ["limit"])
+LIMIT_RESERVED = Gauge("tally_limit_reserved_usd", "Outstanding reservations against each limit, in USD.", ["limit"])
+LIMIT_MAX = Gauge("tally_limit_max_usd", "Each limit's maximum, in USD.", ["limit"])
+LIMIT_GAUGE_SECONDS = 5.0
 
 
 def serve(listen: str) -> None:

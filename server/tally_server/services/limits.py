@@ -28,6 +28,7 @@ from .catalog import LiveCatalog
 # Settled and expired reservations are kept this long (a Release of one says
 # "no longer outstanding" rather than "never existed"), then forgotten.
 KEEP_RESERVATIONS_US = 24 * 3600 * 1_000_000
+FORGET_EVERY_US = 60 * 1_000_000
 
 
 async def count_against_limits(
@@ -123,9 +124,13 @@ class Limits:
         catalog: LiveCatalog,
         pages: paging.PageTokens | None = None,
         reservation_seconds: int = rules.DEFAULT_RESERVATION_SECONDS,
+        live: LiveLimits | None = None,
     ) -> None:
         self.db = db
         self.catalog = catalog
+        # The writer's book, shared: reloaded in a transaction only when a limit changed.
+        self.live = live or LiveLimits()
+        self._forgotten_us = 0
         self.pages = pages or paging.PageTokens()
         self.reservation_seconds = reservation_seconds
 
@@ -253,9 +258,11 @@ class Limits:
                 if seen is not None:
                     return await self._granted_again(conn, seen, fingerprint, request_id)
             now = now_us()
-            await stored_limits.forget_expired(conn, now, now - KEEP_RESERVATIONS_US)
+            if now - self._forgotten_us >= FORGET_EVERY_US:  # not on every call: two deletes each
+                await stored_limits.forget_expired(conn, now, now - KEEP_RESERVATIONS_US)
+                self._forgotten_us = now
             subject = await self._subject_of(conn, context, experience_id)
-            book = rules.LimitBook.of(await stored_limits.all_limits(conn), (0, 0))
+            book = await self.live.refresh(conn)
             blocking = [
                 (limit, rules.PeriodKey(limit.limit_id, subj, rules.period_start(limit, now)))
                 for limit, subj in book.applicable(subject)
@@ -338,6 +345,12 @@ class Limits:
                 raise failed_precondition(
                     "RESERVATION_NOT_OUTSTANDING", f"reservation {parsed} was settled, released or expired already"
                 )
+
+    async def current(self) -> Sequence[PeriodView]:
+        """The current period of every limit shared by its events (not per experience)."""
+        async with self.db.read() as conn:
+            limits = await stored_limits.all_limits(conn)
+            return [await self._current(conn, limit, "") for limit in limits if not limit.scope.per_experience]
 
     async def watch(self, names: Sequence[str], interval: float = 1.0) -> AsyncIterator[tuple[PeriodView, str]]:
         """Each watched limit's current period once, then on each change of state or period."""

@@ -114,7 +114,8 @@ async def run(label: str, url: str, sizes: list[int], seconds: float, concurrenc
                 await add_limits(limits, type_name, have, size)
                 have = size
                 print(f"  ({size:,} limits defined; {time.perf_counter() - started:.1f} s to create them)")
-                noop = await unary_load(channel, "/bench.Noop/Unary", metadata, seconds, concurrency, keys, "no-op unary")
+                noop_path = "/bench.Noop/Unary"
+                noop = await unary_load(channel, noop_path, metadata, seconds, concurrency, keys, "no-op unary")
                 pair = await reserve_and_settle(
                     channel, metadata, seconds, concurrency, keys, f"Reserve + settling Ingest ({size:,} limits)"
                 )

@@ -8,6 +8,7 @@ import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import NamedTuple
 
 from .errors import Code, TallyError, Violations, not_found
 from .validation import NAME_PATTERN, check_name, check_text, parse_uuid
@@ -73,9 +74,9 @@ class Limit:
     resets_us: tuple[int, ...] = ()  # when it was reset, ascending
 
 
-@dataclass(frozen=True)
-class PeriodKey:
-    """One spend counter: a limit's period, for one experience of a per-experience limit."""
+class PeriodKey(NamedTuple):
+    """One spend counter: a limit's period, for one experience of a per-experience limit.
+    (A tuple, not a dataclass: the writer makes and hashes one per event and limit.)"""
 
     limit_id: int
     subject: str  # the experience id of a per-experience limit; "" otherwise
@@ -92,8 +93,7 @@ class PeriodSpend:
     reserved_nanos: int = 0
 
 
-@dataclass(frozen=True)
-class Subject:
+class Subject(NamedTuple):
     """What a limit's applicability is decided by: an event's or a reservation's context."""
 
     experience_id: uuid.UUID | None
@@ -103,8 +103,7 @@ class Subject:
     request_tags: tuple[str, ...]
 
 
-@dataclass(frozen=True)
-class Applied:
+class Applied(NamedTuple):
     """A limit as one event left it."""
 
     limit: Limit
@@ -203,6 +202,12 @@ def period_start(limit: Limit, time_us: int) -> int:
         if reset <= time_us:
             return max(start, reset)
     return start
+
+
+def period_of(limit: Limit, time_us: int) -> tuple[int, int | None]:
+    """The period `time_us` falls in, as (start, end or None)."""
+    start = period_start(limit, time_us)
+    return start, period_end(limit, start)
 
 
 def period_end(limit: Limit, start_us: int) -> int | None:

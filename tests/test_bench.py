@@ -68,3 +68,12 @@ def test_budget_reports_every_stage(postgres_url):
         "raw sqlite3",
     ):
         assert stage in run.stdout, run.stdout
+
+
+def test_limits_bench_times_reserve_and_settle_beside_a_noop_at_each_size(postgres_url):
+    run = run_bench("bench.limits", "--sizes", "1,100", "--seconds", "0.3", "--postgres-url", postgres_url)
+    for engine in ("sqlite", "postgresql"):
+        section = run.stdout.split(f"{engine}: ")[1]
+        assert re.search(r"Reserve \+ settling Ingest \(1 limits\) .* \d\.\d\dx", section), section
+        assert re.search(r"Reserve \+ settling Ingest \(100 limits\) .* \d\.\d\dx", section), section
+        assert "(100 limits, one of them applying)" in section

@@ -304,3 +304,88 @@ async def test_bad_limits_are_invalid_argument_and_change_nothing(stubs, case):
     assert field in error.fields, error.fields
     async with raises(grpc.StatusCode.NOT_FOUND, "LIMIT_NOT_FOUND"):
         await limits.GetLimit(lim_pb.GetLimitRequest(name=f"bad-{case}"))
+
+
+async def test_watch_limits_says_the_start_each_crossing_and_a_reset(stubs):
+    await price_model(stubs)
+    user = f"watched-{uuid.uuid4()}"
+    name = unique("watched")
+    limits = lim_grpc.LimitServiceStub(stubs.channel)
+    watched = lim_pb.Limit(
+        name=name,
+        max=CENT_TIMES(2),
+        kind=lim_pb.LIMIT_KIND_ALLOW,
+        threshold_percent=50,
+        period=lim_pb.LIMIT_PERIOD_MONTH,
+        scope=lim_pb.LimitScope(user_id=user),
+    )
+    await limits.CreateLimit(lim_pb.CreateLimitRequest(limit=watched))
+    watch = limits.WatchLimits(lim_pb.WatchLimitsRequest(names=[name]), timeout=30)
+    meta = (("xproxy-user-id", user),)
+
+    async def next_change() -> tuple[str, int, int]:
+        change = await watch.read()
+        return change.reason, change.period.state, nanos(change.period.spend)
+
+    assert await next_change() == ("initial", common_pb2.LIMIT_STATE_OK, 0)
+    await stubs.ingest.Ingest(pb.IngestRequest(event=usage(1000)), metadata=meta)  # $0.01: half of it
+    assert await next_change() == ("threshold", common_pb2.LIMIT_STATE_THRESHOLD, 10_000_000)
+    await stubs.ingest.Ingest(pb.IngestRequest(event=usage(1500)), metadata=meta)
+    assert await next_change() == ("exceeded", common_pb2.LIMIT_STATE_EXCEEDED, 25_000_000)
+    await limits.ResetLimit(lim_pb.ResetLimitRequest(name=name))
+    assert await next_change() == ("reset", common_pb2.LIMIT_STATE_OK, 0)
+    watch.cancel()
+    async with raises(grpc.StatusCode.NOT_FOUND, "LIMIT_NOT_FOUND"):
+        async for _ in limits.WatchLimits(lim_pb.WatchLimitsRequest(names=["no-such-limit"]), timeout=10):
+            pass
+
+
+async def test_reserve_is_idempotent_with_a_request_id(stubs):
+    limits = lim_grpc.LimitServiceStub(stubs.channel)
+    request_id = str(uuid.uuid4())
+    first = await limits.Reserve(
+        lim_pb.ReserveRequest(estimate=lim_pb.CostEstimate(amount=CENT), request_id=request_id)
+    )
+    again = await limits.Reserve(
+        lim_pb.ReserveRequest(estimate=lim_pb.CostEstimate(amount=CENT), request_id=request_id)
+    )
+    assert again.reservation.reservation_id == first.reservation.reservation_id
+    other = lim_pb.ReserveRequest(estimate=lim_pb.CostEstimate(amount=CENT_TIMES(2)), request_id=request_id)
+    async with raises(grpc.StatusCode.ALREADY_EXISTS, "REQUEST_ID_REUSED"):
+        await limits.Reserve(other)
+    async with raises(grpc.StatusCode.INVALID_ARGUMENT):
+        await limits.Reserve(lim_pb.ReserveRequest())  # no estimate
+
+
+async def test_a_reservation_is_released_only_with_the_key_that_made_it(backend, tmp_path):
+    url = await make_database_url(backend, tmp_path)
+    server = TallyServer(Settings(listen="127.0.0.1:0", database_url=url, grace_seconds=1, auth="required"))
+    await server.start()
+    try:
+        _, admin = await server.keys.create("admin", ["admin"])
+        _, mine = await server.keys.create("mine", ["ingest"])
+        _, theirs = await server.keys.create("theirs", ["ingest"])
+        async with aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            limits = lim_grpc.LimitServiceStub(channel)
+            bearer = lambda secret: (("authorization", f"Bearer {secret}"),)  # noqa: E731
+            everything = lim_pb.LimitScope(everything=True)
+            limit = lim_pb.Limit(name="all", max=CENT_TIMES(5), kind=1, period=1, scope=everything)
+            async with raises(grpc.StatusCode.PERMISSION_DENIED, "SCOPE_MISSING"):
+                await limits.CreateLimit(lim_pb.CreateLimitRequest(limit=limit), metadata=bearer(mine))
+            await limits.CreateLimit(lim_pb.CreateLimitRequest(limit=limit), metadata=bearer(admin))
+            async with raises(grpc.StatusCode.PERMISSION_DENIED, "SCOPE_MISSING"):
+                await limits.ResetLimit(lim_pb.ResetLimitRequest(name="all"), metadata=bearer(mine))
+            held = await limits.Reserve(
+                lim_pb.ReserveRequest(estimate=lim_pb.CostEstimate(amount=CENT)), metadata=bearer(mine)
+            )
+            release = lim_pb.ReleaseRequest(reservation_id=held.reservation.reservation_id)
+            async with raises(grpc.StatusCode.FAILED_PRECONDITION, "RESERVATION_OF_ANOTHER_KEY"):
+                await limits.Release(release, metadata=bearer(theirs))
+            got = await limits.GetLimit(lim_pb.GetLimitRequest(name="all"), metadata=bearer(admin))
+            assert nanos(got.current.reserved) == 10_000_000, "still held"
+            await limits.Release(release, metadata=bearer(mine))
+            got = await limits.GetLimit(lim_pb.GetLimitRequest(name="all"), metadata=bearer(admin))
+            assert nanos(got.current.reserved) == 0
+    finally:
+        await server.stop()
+        await drop_database_url(url)

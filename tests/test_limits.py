@@ -212,6 +212,7 @@ async def test_a_per_experience_limit_gives_each_experience_its_own_maximum(repl
     type_name = await new_type(stubs)
     limits = lim_grpc.LimitServiceStub(stubs.channel)
     template = type_limit("per-run", type_name, CENT_TIMES(2), per_experience=True)
+    template.period = lim_pb.LIMIT_PERIOD_DAY
     await limits.CreateLimit(lim_pb.CreateLimitRequest(limit=template))
     runs = []
     for _ in range(2):
@@ -220,8 +221,12 @@ async def test_a_per_experience_limit_gives_each_experience_its_own_maximum(repl
     estimate = lim_pb.ReserveRequest(estimate=lim_pb.CostEstimate(amount=CENT_TIMES(2)))
     first = await limits.Reserve(estimate, metadata=runs[0])
     assert list(first.reservation.limits) == ["per-run"]
-    async with raises(grpc.StatusCode.RESOURCE_EXHAUSTED, "LIMIT_EXCEEDED"):
+    async with raises(grpc.StatusCode.RESOURCE_EXHAUSTED, "LIMIT_EXCEEDED") as refused:
         await limits.Reserve(estimate, metadata=runs[0])
+    now = datetime.datetime.now(datetime.UTC)
+    midnight = (now + datetime.timedelta(days=1)).replace(hour=0, minute=0, second=0, microsecond=0)
+    # RetryInfo points at the day's end in UTC, when the run's spend starts again.
+    assert abs(refused.retry_delay_seconds - (midnight - now).total_seconds()) < 5, refused.retry_delay_seconds
     second = await limits.Reserve(estimate, metadata=runs[1])  # the other run has its own two cents
     assert list(second.reservation.limits) == ["per-run"]
 

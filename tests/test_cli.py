@@ -203,3 +203,32 @@ async def test_cli_limits_create_list_reset_and_refuse_bad_input(stubs):
     assert code != 0 and "INVALID_ARGUMENT" in err and "limit.max" in err, err
     code, out, err = await tally(stubs.target, "limits", "delete", name)
     assert code == 0
+
+
+MISSPELT = "\n".join(
+    [
+        '{"category": "system.openai", "resource": "gtp-4o", "units": {"text": {"input": 100}}}',
+        '{"category": "system.opneai", "resource": "gpt-4o", "units": {"text": {"input": 100}}}',
+        '{"category": "system.openai", "resource": "gpt-4o", "units": {"txt": {"input": 100}}}',
+    ]
+)
+
+
+async def test_cli_ingest_says_why_events_are_not_priced_and_can_fail_on_it(stubs):
+    """Three misspelt lines: each reason printed with the nearest known name, and
+    --fail-on-unpriced turns the quiet $0.00 into exit 1."""
+    code, out, err = await tally(stubs.target, "ingest", stdin=MISSPELT)
+    assert code == 0, err
+    assert "3 unpriced" in out, out
+    assert "no price for system.openai/gtp-4o (did you mean gpt-4o?) (1)" in out, out
+    assert "no price for system.opneai/gpt-4o (did you mean system.openai?) (1)" in out, out
+    assert "(did you mean 'text'?)" in out, out
+    code, out, err = await tally(stubs.target, "ingest", "--fail-on-unpriced", "--json", stdin=MISSPELT)
+    assert code == 1, (out, err)
+    import json
+
+    summary = json.loads(out)
+    assert summary["unpriced"] == 3 and summary["accepted"] == 3
+    assert sum(summary["not_priced_reasons"]["unpriced"].values()) == 3
+    listed = await tally(stubs.target, "events", "list", "--resource", "gtp-4o", "--limit", "1")
+    assert "did you mean gpt-4o?" in listed[1], listed

@@ -364,10 +364,11 @@ def events_list(tally: TallyClient, args: argparse.Namespace) -> None:
             money(e.xproxy_result.cost_total),
             _state(e.xproxy_result.cost_state),
             e.event.context.user_id or "-",
+            "; ".join(dict.fromkeys(u.reason for u in e.xproxy_result.unknown_units)) or "-",
         ]
         for e in page.events
     ]
-    headers = ["EVENT TIME", "REQUEST ID", "TYPE", "RESOURCE", "COST", "STATE", "USER"]
+    headers = ["EVENT TIME", "REQUEST ID", "TYPE", "RESOURCE", "COST", "STATE", "USER", "WHY NOT PRICED"]
     _emit(args, page, table(headers, rows) if rows else "no events")
     _more(args, page.next_page_token, "tally events list " + " ".join(_repeatable(args)))
 
@@ -413,7 +414,10 @@ def events_get(tally: TallyClient, args: argparse.Namespace) -> None:
         ["resource", f"{e.category} {e.resource}"],
         ["units (in/out)", units or "-"],
         ["cost", f"{money(r.cost_total)}  (input {money(r.cost_input)}, output {money(r.cost_output)})"],
-        ["cost state", _state(r.cost_state)],
+        [
+            "cost state",
+            _state(r.cost_state) + "".join(f"\n{' ' * 17}{u.unit_type}: {u.reason}" for u in r.unknown_units),
+        ],
         ["latency", f"{e.end_to_end_latency_ms:,} ms, HTTP {e.http_status_code or '-'}"],
         ["user", e.context.user_id or "-"],
         ["tags", ", ".join(e.context.request_tags) or "-"],
@@ -503,6 +507,9 @@ def _read_events(source: TextIO, rejected: list[tuple[int, str]]) -> Iterator[tu
             rejected.append((number, f"not a UsageEvent in JSON: {error}"))
 
 
+_NOT_PRICED = {ing_pb.COST_STATE_UNPRICED: "unpriced", ing_pb.COST_STATE_PARTIALLY_PRICED: "partially priced"}
+
+
 def ingest(tally: TallyClient, args: argparse.Namespace) -> int:
     path = args.file
     source = sys.stdin if path in (None, "-") else open(path, encoding="utf-8")  # noqa: SIM115
@@ -535,6 +542,9 @@ def ingest(tally: TallyClient, args: argparse.Namespace) -> int:
     )
     experiences: set[str] = set()
     costs = 0
+    # Accepted events that are not (fully) priced, and why: a run of misspelt models is loud.
+    not_priced = {"unpriced": Counter[str](), "partially priced": Counter[str]()}
+    not_priced_events = {"unpriced": 0, "partially priced": 0}
     try:
         for response in tally.ingest_stream(events(), metadata=metadata):
             line = numbers[response.position]
@@ -547,8 +557,13 @@ def ingest(tally: TallyClient, args: argparse.Namespace) -> int:
                 accepted += 1
                 if response.result.xproxy_result.experience_created:
                     experiences.add(response.result.xproxy_result.experience_id)
-                total_cost = response.result.xproxy_result.cost_total
+                result = response.result.xproxy_result
+                total_cost = result.cost_total
                 costs += total_cost.units * 1_000_000_000 + total_cost.nanos
+                state = _NOT_PRICED.get(result.cost_state)
+                if state is not None:
+                    not_priced_events[state] += 1
+                    not_priced[state].update(list(dict.fromkeys(u.reason for u in result.unknown_units)))
             progress.advance()
     finally:
         progress.close()
@@ -560,6 +575,9 @@ def ingest(tally: TallyClient, args: argparse.Namespace) -> int:
         "rejected": len(rejected),
         "cost_of_accepted": money(common_pb2.Money(units=costs // 1_000_000_000, nanos=costs % 1_000_000_000)),
         "rejections": [{"line": line, "reason": reason} for line, reason in sorted(rejected)],
+        "unpriced": not_priced_events["unpriced"],
+        "partially_priced": not_priced_events["partially priced"],
+        "not_priced_reasons": {state: dict(reasons.most_common()) for state, reasons in not_priced.items() if reasons},
         "experiences_created": sorted(experiences),
     }
     if args.json:
@@ -569,6 +587,12 @@ def ingest(tally: TallyClient, args: argparse.Namespace) -> int:
             f"accepted {accepted:,}, duplicates {duplicates:,}, rejected {len(rejected):,}; "
             f"cost of accepted events {summary['cost_of_accepted']}"
         )
+        for state, count in not_priced_events.items():
+            if count:
+                reasons = not_priced[state].most_common()
+                said = ", ".join(f"{reason} ({n:,})" for reason, n in reasons[:5])
+                more = f", and {len(reasons) - 5} more reasons (use --json)" if len(reasons) > 5 else ""
+                print(f"{count:,} {state}: {said}{more}")
         if len(experiences) == 1:
             print(f"experience {next(iter(experiences))} ({args.experience_name}) created for this file")
         elif experiences:
@@ -580,10 +604,9 @@ def ingest(tally: TallyClient, args: argparse.Namespace) -> int:
         common = Counter(reason for _, reason in rejected).most_common(1)
         if len(rejected) > 20 and common:
             print(f"  most common: {common[0][0]} ({common[0][1]}x)")
-    return 1 if rejected else 0
-
-
-# --- the parser -----------------------------------------------------------------------
+    if rejected:
+        return 1
+    return 1 if args.fail_on_unpriced and any(not_priced_events.values()) else 0
 
 
 # --- limits -------------------------------------------------------------------------
@@ -681,6 +704,9 @@ def limits_watch(tally: TallyClient, args: argparse.Namespace) -> None:
         p = change.period
         line = f"{p.limit}: {_limit_state(p.state)} ({change.reason}), spend {money(p.spend)} of {money(p.max)}"
         print(json.dumps(as_json(change)) if args.json else line, flush=True)
+
+
+# --- the parser -----------------------------------------------------------------------
 
 
 def _add_installed_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -832,6 +858,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--user-id", help="xproxy-user-id for every event")
     p.add_argument("--tags", help="xproxy-request-tags for every event, comma-separated")
     p.add_argument("--price-context", action="append", metavar="KEY=VALUE", help="price context of every event")
+    p.add_argument(
+        "--fail-on-unpriced",
+        action="store_true",
+        help="exit 1 when any accepted event is unpriced or partially priced (its reasons are printed either way)",
+    )
     p.set_defaults(remote=ingest)
 
     prices = commands.add_parser("prices", help="the price catalog: custom prices and quotes").add_subparsers(

@@ -17,6 +17,7 @@ request) are not linear and are computed by genai-prices per event.
 from __future__ import annotations
 
 import bisect
+import difflib
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -65,6 +66,14 @@ UNIT_TYPES: dict[str, dict[str, tuple[str, ...]]] = {
 }
 
 _registry = UnitRegistry(unit_data)
+
+
+def _unit_suggestion(unit_type: str) -> str:
+    """ " (did you mean 'text'?)" for a unit type Tally does not know that is near one it does."""
+    if unit_type in UNIT_TYPES:
+        return ""
+    near = difflib.get_close_matches(unit_type, UNIT_TYPES, n=1, cutoff=0.6)
+    return f" (did you mean {near[0]!r}?)" if near else ""
 
 
 def to_genai_usage(units: dict[str, tuple[int, int]]) -> Usage:
@@ -203,6 +212,7 @@ class PriceCatalog:
     def __init__(self) -> None:
         self._checked_at = float("-inf")
         self._snapshot = data_snapshot.get_snapshot()
+        self._suggestions: dict[tuple[str, str], str] = {}
         self._models: dict[tuple[str, str], ModelInfo | None] = {}
         # By (standard price entry, the variants applied to it).
         self._system_cards: dict[tuple[int, tuple[int, ...]], RateCard] = {}
@@ -242,6 +252,27 @@ class PriceCatalog:
     def invalidate(self) -> None:
         """A custom price was added or ended: check before the next event is priced."""
         self._checked_at = float("-inf")
+
+    def suggestion(self, category: str, resource: str) -> str:
+        """ " (did you mean ...?)" naming the nearest known provider or model, for a category
+        or resource nothing prices (a misspelt `gtp-4o`, `system.opneai`); "" when none is near."""
+        key = (category, resource.lower())
+        if key not in self._suggestions:
+            said = ""
+            if category.startswith(SYSTEM_PREFIX):
+                providers = {provider.id: provider for provider in self._snapshot.providers}
+                provider = providers.get(category[len(SYSTEM_PREFIX) :])
+                if provider is None:
+                    near = difflib.get_close_matches(category[len(SYSTEM_PREFIX) :], providers, n=1, cutoff=0.6)
+                    said = f" (did you mean {SYSTEM_PREFIX}{near[0]}?)" if near else ""
+                else:
+                    models = [model.id for model in provider.models]
+                    near = difflib.get_close_matches(resource.lower(), models, n=1, cutoff=0.6)
+                    said = f" (did you mean {near[0]}?)" if near else ""
+            if len(self._suggestions) < 10_000:  # bounded: callers choose the names
+                self._suggestions[key] = said
+            return said
+        return self._suggestions[key]
 
     def _system_model(self, key: tuple[str, str]) -> ModelInfo | None:
         """The genai-prices model of (category, lowercased resource), looked up once."""
@@ -329,11 +360,8 @@ class PriceCatalog:
     ) -> Cost:
         card = self.rate_card(category, resource, event_time_us, price_context)
         if card is None:
-            unknown = tuple(
-                UnknownUnit(unit_type, i, o, f"no price for {category}/{resource}")
-                for unit_type, (i, o) in units.items()
-                if i or o
-            )
+            reason = f"no price for {category}/{resource}{self.suggestion(category, resource)}"
+            unknown = tuple(UnknownUnit(unit_type, i, o, reason) for unit_type, (i, o) in units.items() if i or o)
             return Cost(0, 0, 0, CostState.UNPRICED, None, unknown)
         cost = price_with(card, units)
         if price_context:
@@ -406,7 +434,8 @@ def _price_with_unknowns(card: RateCard, units: dict[str, tuple[int, int]]) -> C
         if missing:
             missing_count += len(missing)
             shown = {d: (0 if d not in missing else c) for d, c in counts.items()}
-            unknown.append(UnknownUnit(unit_type, shown[INPUT], shown[OUTPUT], "; ".join(missing.values())))
+            reason = "; ".join(missing.values()) + _unit_suggestion(unit_type)
+            unknown.append(UnknownUnit(unit_type, shown[INPUT], shown[OUTPUT], reason))
         priced[unit_type] = (0 if INPUT in missing else input_count, 0 if OUTPUT in missing else output_count)
     per_request = card.atto_per_request if integer else card.per_request
     if card.model_price is not None:

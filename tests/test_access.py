@@ -267,12 +267,18 @@ async def test_tally_keys_commands_work_from_a_fresh_database(backend, tmp_path)
         return await asyncio.to_thread(subprocess.run, command, capture_output=True, text=True, timeout=120)
 
     try:
-        created = await tally("create", "--name", "first-admin", "--scope", "admin")
+        if backend == "sqlite":  # a file that does not exist is not silently made
+            refused = await tally("list")
+            assert refused.returncode == 1 and "there is no database at" in refused.stderr, refused.stderr
+            assert not (tmp_path / "tally.db").exists()
+        created = await tally("create", "--name", "first-admin", "--scope", "admin", "--create")
         assert created.returncode == 0, created.stderr
+        assert created.stderr.startswith("database: "), "it says which database it opened"
         secret = created.stdout.strip()
         assert created.stdout == secret + "\n" and secret.startswith("tally_") and len(secret) == 49
         again = await tally("create", "--name", "first-admin", "--scope", "read")
-        assert again.returncode == 1 and again.stderr.strip() == "tally: an API key named 'first-admin' exists"
+        said = again.stderr.strip().splitlines()[-1]
+        assert again.returncode == 1 and said == "tally: an API key named 'first-admin' exists", again.stderr
         listed = await tally("list", "--json")
         assert [k["name"] for k in json.loads(listed.stdout)] == ["first-admin"] and secret not in listed.stdout
         revoked = await tally("revoke", "first-admin")

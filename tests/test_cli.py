@@ -232,3 +232,8 @@ async def test_cli_ingest_says_why_events_are_not_priced_and_can_fail_on_it(stub
     assert sum(summary["not_priced_reasons"]["unpriced"].values()) == 3
     listed = await tally(stubs.target, "events", "list", "--resource", "gtp-4o", "--limit", "1")
     assert "did you mean gpt-4o?" in listed[1], listed
+
+
+async def test_cli_says_its_version(stubs):
+    code, out, _ = await tally(stubs.target, "--version")
+    assert code == 0 and re.fullmatch(r"tally \d+\.\d+\.\d+ \(tally-genai-client\), server tally-genai \S+\n", out), out

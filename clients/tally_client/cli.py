@@ -8,6 +8,7 @@ and --json (machine-readable output). Failures print one line on stderr and exit
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -729,6 +730,16 @@ def _server_not_installed(args: argparse.Namespace) -> int:
     return 1
 
 
+def _versions() -> str:
+    """This command's version, and the server's where it is installed beside it."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    said = f"tally {version('tally-genai-client')} (tally-genai-client)"
+    with contextlib.suppress(PackageNotFoundError):
+        said += f", server tally-genai {version('tally-genai')}"
+    return said
+
+
 def build_parser() -> argparse.ArgumentParser:
     client = argparse.ArgumentParser(add_help=False)
     client.add_argument("--target", help=f"the Tally server, host:port (env TALLY_TARGET, default {DEFAULT_TARGET})")
@@ -756,6 +767,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     parser = argparse.ArgumentParser(prog="tally", description="Tally: what your GenAI calls cost, per experience.")
+    parser.add_argument("--version", action="version", version=_versions())
     # Also accepted before the command: `tally --target HOST:PORT types list`.
     parser.add_argument("--target", dest="global_target", help=argparse.SUPPRESS)
     parser.add_argument("--json", dest="global_json", action="store_true", help=argparse.SUPPRESS)

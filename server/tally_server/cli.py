@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
@@ -88,10 +89,34 @@ def _on_database(args: argparse.Namespace, work: Awaitable[T]) -> T:
         raise SystemExit(f"tally: cannot use the database URL {args.database_url!r}: {error}") from None
 
 
+def _sqlite_file(url: str) -> str | None:
+    """The file of a SQLite URL (absolute), None for another database or an in-memory one."""
+    import sqlalchemy as sa
+
+    try:
+        parsed = sa.make_url(url)
+    except sa.exc.ArgumentError:
+        return None
+    path = parsed.database
+    if parsed.get_backend_name() != "sqlite" or not path or path == ":memory:" or path.startswith("file:"):
+        return None
+    return os.path.abspath(path)
+
+
 def _keys(args: argparse.Namespace, work: Callable[[ApiKeys], Awaitable[T]]) -> T:
-    """Runs `work` on the keys of the database, which is created or migrated first."""
+    """Runs `work` on the keys of the database, migrated first. A SQLite file that does not
+    exist is made only with --create: run from another directory, `./tally.db` is not the
+    server's database, and a key made there would be refused by the server."""
     from .services.keys import ApiKeys
     from .storage.db import Database
+
+    file = _sqlite_file(args.database_url)
+    if file is not None and not os.path.exists(file) and not args.create:
+        raise SystemExit(
+            f"tally: there is no database at {file}; pass the server's --database-url (or TALLY_DATABASE_URL), "
+            "run from the server's directory, or add --create to make a new one"
+        )
+    print(f"database: {db_url_for_humans(args.database_url)}", file=sys.stderr)
 
     async def on_database() -> T:
         db = Database(args.database_url)
@@ -179,4 +204,7 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     revoke.add_argument("name")
     for parser, run in ((create, _keys_create), (listing, _keys_list), (revoke, _keys_revoke)):
         add_database_argument(parser)
+        parser.add_argument(
+            "--create", action="store_true", help="make the database if it does not exist (SQLite): the first key"
+        )
         parser.set_defaults(local=run)

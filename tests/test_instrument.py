@@ -286,3 +286,24 @@ async def test_enforce_limits_refuses_a_call_over_its_limit_without_calling_the_
     assert outcome["provider_requests"] == 1, "the refused call never reached the provider"
     assert outcome["spend"] == outcome["cost"] == GPT_4O
     assert outcome["reserved"] == 0
+
+
+def test_with_tally_unreachable_the_recorder_says_so_and_closes_within_its_bound(caplog):
+    """Nothing listens at the target: the recorder says once that it cannot reach Tally, the
+    app's close waits at most exit_wait_seconds, and the dropped events are said with why."""
+    from tally_client import usage_event
+
+    caplog.set_level(logging.WARNING, logger="tally_client.recorder")
+    with TallyClient("127.0.0.1:1", timeout=1) as tally:
+        recorder = Recorder(tally, RecorderLimits(exit_wait_seconds=1.0, first_retry_seconds=0.1))
+        for n in range(3):
+            recorder.record(usage_event("system.openai", "gpt-4o", {"text": (10 + n, 1)}))
+        time.sleep(1.0)  # a send or two failed
+        started = time.monotonic()
+        recorder.close()
+        took = time.monotonic() - started
+    said = [r.getMessage() for r in caplog.records]
+    assert took < 1.0 + 1.5, took  # the wait, and the sender's last attempt
+    assert sum("cannot reach Tally" in line for line in said) == 1, said
+    assert any("dropped 3 event(s)" in line and "could not be reached" in line for line in said), said
+    assert recorder.stats.dropped == 3

@@ -125,6 +125,14 @@ def test_tls_serves_only_tls(pki, tmp_path):
         assert untrusted.returncode != 0
         assert listed(server.target, ca_file=servers.pem)
         assert not listed(server.target), "the Python client in plaintext"
+        plain = subprocess.run(
+            [str(BIN / "tally"), "types", "list", "--target", server.target, "--timeout", "5"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={k: v for k, v in os.environ.items() if not k.startswith("TALLY_")},
+        )
+        assert plain.returncode == 1 and "add --tls, or --ca-file" in plain.stderr, plain.stderr
     finally:
         server.terminate()
 

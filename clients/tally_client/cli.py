@@ -730,6 +730,20 @@ def _server_not_installed(args: argparse.Namespace) -> int:
     return 1
 
 
+def _unavailable_hint(error: TallyError, args: argparse.Namespace) -> str:
+    """Why a server may not answer: not running, or TLS on one side only."""
+    text = error.message.lower()
+    secure = args.tls or args.ca_file
+    if not secure and ("socket closed" in text or "connection reset" in text or "eof" in text):
+        return (
+            f" (is Tally running at {args.target}? If it serves TLS, add --tls, or --ca-file with its CA, "
+            "or set TALLY_TLS=1 / TALLY_CA_FILE)"
+        )
+    if secure and ("ssl" in text or "handshake" in text or "wrong_version" in text):
+        return f" (Tally at {args.target} does not answer TLS: is it serving plaintext? Leave out --tls / --ca-file)"
+    return f" (is Tally running at {args.target}?)"
+
+
 def _versions() -> str:
     """This command's version, and the server's where it is installed beside it."""
     from importlib.metadata import PackageNotFoundError, version
@@ -1002,7 +1016,7 @@ def main(argv: list[str] | None = None) -> int:
             return int(args.remote(tally, args) or 0)
     except TallyError as error:
         detail = "; ".join(f"{field}: {why}" for field, why in error.field_violations.items())
-        where = f" (is Tally running at {args.target}?)" if error.code.name == "UNAVAILABLE" else ""
+        where = _unavailable_hint(error, args) if error.code.name == "UNAVAILABLE" else ""
         print(
             f"tally: {error}{where}" + (f" [{detail}]" if detail and detail not in error.message else ""),
             file=sys.stderr,

@@ -59,6 +59,9 @@ class RecorderLimits:
     linger_seconds: float = 0.2  # how long the sender waits to fill a batch
     first_retry_seconds: float = 0.5  # backoff after a failed send, doubled up to max_retry_seconds
     max_retry_seconds: float = 30.0
+    # How long the app's exit (and close() by default) waits for what is queued to be sent;
+    # what is left then is dropped, counted and said.
+    exit_wait_seconds: float = 2.0
 
 
 def recordable(event: ing_pb.UsageEvent) -> ing_pb.UsageEvent:
@@ -87,13 +90,22 @@ class _Sending:
         self.limits = limits
         self.stats = RecorderStats()
         self._warned_drops = 0
+        self._unreachable: str = ""  # why the last send failed, while Tally cannot be reached
 
-    def _dropped(self, count: int) -> None:
+    def _dropped(self, count: int, why: str = "its queue is full") -> None:
         self.stats.dropped += count
         # The first drop, then every thousandth: visible, without flooding the app's log.
         if self.stats.dropped - self._warned_drops >= 1000 or not self._warned_drops:
             self._warned_drops = self.stats.dropped
-            log.warning("Tally recorder dropped %d event(s) so far: its queue is full", self.stats.dropped)
+            log.warning("Tally recorder dropped %d event(s) so far: %s", self.stats.dropped, why)
+
+    def _reachable(self, reached: bool, why: str = "") -> None:
+        """Says once when Tally stops answering, and once when it answers again."""
+        if not reached and not self._unreachable:
+            log.warning("Tally recorder cannot reach Tally (%s); keeping events and retrying", why)
+        elif reached and self._unreachable:
+            log.warning("Tally recorder reaches Tally again; sending what it kept")
+        self._unreachable = "" if reached else (why or "unreachable")
 
     def _after(
         self, batch: list[ing_pb.UsageEvent], response: ing_pb.IngestBatchResponse | BaseException
@@ -101,10 +113,14 @@ class _Sending:
         """What to send again after one attempt, which answered `response` or failed with it.
         Counts what was settled; the rest is retried with backoff."""
         if isinstance(response, ing_pb.IngestBatchResponse):
+            self._reachable(True)
             return [batch[i] for i in self._settle(batch, response)]
         if isinstance(response, TallyError) and response.code.name not in _RETRYABLE:
+            self._reachable(True)
             self._refused(batch, response)
             return []
+        if isinstance(response, TallyError):
+            self._reachable(False, f"{response.code.name}: {response.message}")
         if not isinstance(response, TallyError):  # a bug here must not stop the sender
             log.error("Tally recorder failed to send a batch; retrying", exc_info=response)
         self.stats.retries += 1
@@ -130,8 +146,17 @@ class _Sending:
         self.stats.rejected += len(events)
         log.warning("Tally refused a batch of %d recorded event(s): %s", len(events), error)
 
+    def _why_left(self) -> str:
+        return _why(self)
+
     def _backoff(self, attempt: int) -> float:
         return min(self.limits.max_retry_seconds, self.limits.first_retry_seconds * 2.0**attempt)
+
+
+def _why(sending: _Sending) -> str:
+    if sending._unreachable:
+        return f"closed while Tally could not be reached ({sending._unreachable})"
+    return "closed before they could be sent"
 
 
 def _code_name(code: int) -> str:
@@ -170,16 +195,17 @@ class Recorder(_Sending):
             time.sleep(0.01)
         return True
 
-    def close(self, timeout: float = 5.0) -> None:
-        """Flushes (for at most `timeout` seconds), then stops the sender; what is left is dropped."""
+    def close(self, timeout: float | None = None) -> None:
+        """Flushes (for at most `timeout` seconds, by default the limits' exit_wait_seconds),
+        then stops the sender; what is left is dropped, counted and said."""
         if self._closed.is_set():
             return
-        self.flush(timeout)
+        self.flush(self.limits.exit_wait_seconds if timeout is None else timeout)
         self._closed.set()
         self._thread.join(timeout=1.0)
         left = self._queue.qsize()
         if left:
-            self._dropped(left)
+            self._dropped(left, self._why_left())
         atexit.unregister(self.close)
 
     def _run(self) -> None:
@@ -212,7 +238,7 @@ class Recorder(_Sending):
             if not batch or self._closed.wait(self._backoff(attempt)):
                 break
         if batch:
-            self._dropped(len(batch))  # closed while Tally could not take them
+            self._dropped(len(batch), self._why_left())  # closed while Tally could not take them
 
 
 class AsyncRecorder(_Sending):
@@ -243,17 +269,18 @@ class AsyncRecorder(_Sending):
         if self._queue is not None:
             await self._queue.join()  # queued, or in a batch not yet answered
 
-    async def aclose(self, flush_seconds: float = 5.0) -> None:
-        """Flushes (for at most `flush_seconds`), then stops the sender; what is left is dropped."""
+    async def aclose(self, flush_seconds: float | None = None) -> None:
+        """Flushes (for at most `flush_seconds`, by default the limits' exit_wait_seconds), then
+        stops the sender; what is left is dropped, counted and said."""
         with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(flush_seconds):
+            async with asyncio.timeout(self.limits.exit_wait_seconds if flush_seconds is None else flush_seconds):
                 await self.flush()
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
         if self._queue is not None and self._queue.qsize():
-            self._dropped(self._queue.qsize())
+            self._dropped(self._queue.qsize(), self._why_left())
 
     async def _run(self) -> None:
         assert self._queue is not None

@@ -155,3 +155,41 @@ def test_limit_gauges_show_spend_reservations_and_maximum(tmp_path):
     assert value(scraped, "tally_limit_spend_usd", limit="all") == 0.0025
     assert value(scraped, "tally_limit_reserved_usd", limit="all") == 0.01
     assert value(scraped, "tally_limit_max_usd", limit="all") == 2
+
+
+def test_spend_counters_sum_to_the_breakdown_and_group_snapshots_under_their_model(tmp_path):
+    from tally.v1 import report_service_pb2 as rep_pb, report_service_pb2_grpc as rep_grpc
+
+    port = free_port()
+    server = ServerProcess(f"sqlite+aiosqlite:///{tmp_path / 's.db'}", "--metrics-listen", f"127.0.0.1:{port}").start()
+    try:
+        with grpc.insecure_channel(server.target) as channel:
+            types = et_grpc.ExperienceTypeServiceStub(channel)
+            types.CreateExperienceType(
+                et_pb.CreateExperienceTypeRequest(experience_type=et_pb.ExperienceType(name="Spend", description="s"))
+            )
+            ingest = ing_grpc.IngestServiceStub(channel)
+            events = []
+            for n, model in enumerate(["gpt-4o", "gpt-4o-2024-08-06", "gpt-4o-mini", "no-such-model"] * 5):
+                units = {"text": pb.UnitCounts(input=1000 + n, output=100)}
+                events.append(pb.UsageEvent(category="system.openai", resource=model, units=units))
+            ingest.IngestBatch(pb.IngestBatchRequest(events=events), metadata=(("xproxy-experience-name", "Spend"),))
+            ingest.IngestBatch(pb.IngestBatchRequest(events=events[:4]))  # unattributed
+            breakdown = rep_grpc.ReportServiceStub(channel).BreakDownCost(
+                rep_pb.BreakDownCostRequest(group_by=[rep_pb.COST_DIMENSION_EXPERIENCE_NAME])
+            )
+        scraped = scrape(port)
+    finally:
+        server.terminate()
+    samples = [
+        (dict(re.findall(r'(\w+)="([^"]*)"', labels)), float(number))
+        for labels, number in re.findall(r"^tally_spend_usd_total\{(.*)\} (\S+)$", scraped, re.M)
+    ]
+    total = breakdown.total.cost_total.units + breakdown.total.cost_total.nanos / 1e9
+    assert round(sum(v for _, v in samples), 2) == round(total, 2) and total > 0
+    models = {labels["model"] for labels, _ in samples}
+    assert "gpt-4o" in models and "gpt-4o-2024-08-06" not in models, models  # one price entry priced both
+    unpriced = [labels for labels, _ in samples if labels["cost_state"] == "UNPRICED"]
+    assert unpriced and all(labels["model"] == "no-such-model" for labels in unpriced)
+    counted = sum(float(n) for n in re.findall(r"^tally_spend_events_total\{.*\} (\S+)$", scraped, re.M))
+    assert counted == 24

@@ -37,6 +37,26 @@ LIMIT_MAX = Gauge("tally_limit_max_usd", "Each limit's maximum, in USD.", ["limi
 LIMIT_GAUGE_SECONDS = 5.0
 
 
+# Spend, for charts and alerts: by experience type, version, category, model (the price
+# entry's name when one priced the event, so dated snapshots count under their model) and
+# cost state. Label sets are bounded per process (SPEND_SERIES_MAX): past it, new ones count
+# under experience_type="other", model="other", so a caller cannot grow the scrape.
+_SPEND_LABELS = ["experience_type", "version", "category", "model", "cost_state"]
+SPEND = Counter("tally_spend_usd", "Cost of the events stored, in USD.", _SPEND_LABELS)
+SPEND_EVENTS = Counter("tally_spend_events", "Events stored, as tally_spend_usd counts them.", _SPEND_LABELS)
+SPEND_SERIES_MAX = 2000
+_spend_series: set[tuple[str, ...]] = set()
+
+
+def count_spend(labels: tuple[str, str, str, str, str], nanos: int, events: int) -> None:
+    if labels not in _spend_series:
+        if len(_spend_series) >= SPEND_SERIES_MAX:
+            labels = ("other", "", "other", "other", labels[4])
+        _spend_series.add(labels)
+    SPEND.labels(*labels).inc(nanos / 1e9)
+    SPEND_EVENTS.labels(*labels).inc(events)
+
+
 def serve(listen: str) -> None:
     """Serves /metrics over HTTP at host:port, in a thread of its own."""
     host, _, port = listen.rpartition(":")

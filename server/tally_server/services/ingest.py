@@ -226,6 +226,7 @@ class Ingestor:
         )
         for state, count in stored.items():
             metrics.EVENTS.labels(state).inc(count)
+        _count_spend(current, outcomes)
         for item in current:
             self._settle(item, outcomes[id(item)])
 
@@ -342,6 +343,24 @@ class Ingestor:
             winners = await stored_events.events_by_key(conn, [result.idempotency_key for _, result in raced])
         for item, result in raced:
             outcomes[id(item)] = _answer_to_repeat(item.event, winners[result.idempotency_key], result.idempotency_key)
+
+
+def _count_spend(current: list[_Pending], outcomes: dict[int, Any]) -> None:
+    """Adds the commit's stored events to the spend counters, summed per label set first."""
+    sums: dict[tuple[str, str, str, str, str], list[int]] = {}
+    for item in current:
+        result = outcomes[id(item)]
+        if not isinstance(result, IngestResult) or result.duplicate:
+            continue
+        event, cost = item.event, result.cost
+        version = str(result.experience_version) if result.experience_name else ""
+        model = cost.price.resource if cost.price is not None else event.resource
+        labels = (result.experience_name, version, event.category, model, cost.state.name)
+        total = sums.setdefault(labels, [0, 0])
+        total[0] += cost.total_nanos
+        total[1] += 1
+    for labels, (nanos, events) in sums.items():
+        metrics.count_spend(labels, nanos, events)
 
 
 def _experience_ids(resolutions: Iterable[Resolution | TallyError]) -> set[uuid.UUID]:

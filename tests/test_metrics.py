@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 import time
 import urllib.request
+from pathlib import Path
 
 import grpc
 import pytest
@@ -193,3 +194,51 @@ def test_spend_counters_sum_to_the_breakdown_and_group_snapshots_under_their_mod
     assert unpriced and all(labels["model"] == "no-such-model" for labels in unpriced)
     counted = sum(float(n) for n in re.findall(r"^tally_spend_events_total\{.*\} (\S+)$", scraped, re.M))
     assert counted == 24
+
+
+MONITORING = Path(__file__).resolve().parent.parent / "docs" / "monitoring"
+
+
+def _exported_names(scraped: str) -> set[str]:
+    names = set()
+    for line in scraped.splitlines():
+        if line.startswith("# TYPE "):
+            name, kind = line.split()[2:4]
+            names.add(name)
+            if kind == "counter":
+                names.add(f"{name}_total")
+            if kind == "histogram":
+                names.update(f"{name}_{part}" for part in ("bucket", "sum", "count"))
+    return names
+
+
+def test_the_example_alerts_and_dashboard_use_only_exported_metrics(tmp_path):
+    """The alert rules pass promtool (Debian's prometheus package; skipped without it, failed
+    under CI=true), and every metric the rules and the Grafana dashboard query is one a
+    server exports."""
+    import json
+    import shutil
+    import subprocess
+
+    from .conftest import IN_CI
+
+    port = free_port()
+    server = ServerProcess(f"sqlite+aiosqlite:///{tmp_path / 'x.db'}", "--metrics-listen", f"127.0.0.1:{port}").start()
+    try:
+        exported = _exported_names(scrape(port))
+    finally:
+        server.terminate()
+    dashboard = json.loads((MONITORING / "grafana-dashboard.json").read_text())
+    queries = [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
+    rules = (MONITORING / "alerts.yml").read_text()
+    used = set(re.findall(r"\btally_[a-z_]+", " ".join(queries) + rules))
+    assert used and used <= exported, used - exported
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        if IN_CI:
+            pytest.fail("CI=true: promtool is needed (Debian's prometheus package)")
+        pytest.skip("promtool is not installed (Debian's prometheus package)")
+    checked = subprocess.run(
+        [promtool, "check", "rules", str(MONITORING / "alerts.yml")], capture_output=True, text=True
+    )
+    assert checked.returncode == 0 and "SUCCESS: 3 rules found" in checked.stdout, checked.stdout + checked.stderr

@@ -237,3 +237,30 @@ async def test_cli_ingest_says_why_events_are_not_priced_and_can_fail_on_it(stub
 async def test_cli_says_its_version(stubs):
     code, out, _ = await tally(stubs.target, "--version")
     assert code == 0 and re.fullmatch(r"tally \d+\.\d+\.\d+ \(tally-genai-client\), server tally-genai \S+\n", out), out
+
+
+async def test_cli_breakdown_by_day_is_in_time_order_with_empty_days(stubs):
+    import datetime as dt
+
+    from google.protobuf import timestamp_pb2
+
+    from tally.v1 import experience_type_service_pb2 as et_pb
+
+    name = unique("Daily")
+    await stubs.types.CreateExperienceType(
+        et_pb.CreateExperienceTypeRequest(experience_type=et_pb.ExperienceType(name=name, description="d"))
+    )
+    now = dt.datetime.now(dt.UTC)
+    for days_ago, tokens in ((3, 1000), (0, 2000)):  # the dearer day last, and two empty days between
+        stamp = timestamp_pb2.Timestamp()
+        stamp.FromDatetime(now - dt.timedelta(days=days_ago))
+        units = {"text": ing_pb.UnitCounts(input=tokens)}
+        event = ing_pb.UsageEvent(category="system.openai", resource="gpt-4o", units=units, event_timestamp=stamp)
+        await stubs.ingest.Ingest(ing_pb.IngestRequest(event=event), metadata=(("xproxy-experience-name", name),))
+    code, out, err = await tally(stubs.target, "report", "breakdown", "--by", "day", "--days", "4", "--type", name)
+    assert code == 0, err
+    days = re.findall(r"^(\d{4}-\d{2}-\d{2})\s+(\S+)\s+(\S+)\s+(\S+)", out, re.M)
+    assert [d for d, *_ in days] == sorted(d for d, *_ in days), out
+    expected = [(now - dt.timedelta(days=n)).strftime("%Y-%m-%d") for n in (3, 2, 1, 0)]
+    assert [d for d, *_ in days][-4:] == expected, out
+    assert [events for _, events, *_ in days][-4:] == ["1", "0", "0", "1"], out

@@ -16,7 +16,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from importlib.metadata import entry_points
 from typing import Any, TextIO, cast
 
@@ -27,6 +27,7 @@ from tally.v1 import (
     experience_type_service_pb2 as et_pb,
     ingest_service_pb2 as ing_pb,
     price_catalog_service_pb2 as price_pb,
+    report_service_pb2 as report_pb,
 )
 
 from ._calls import EventFilter, new_limit
@@ -428,6 +429,26 @@ def events_get(tally: TallyClient, args: argparse.Namespace) -> None:
     print("\n".join(f"{label.ljust(width)}  {value}" for label, value in rows))
 
 
+def _with_empty_periods(groups: list[Any], unit: str, start: datetime, end: datetime) -> list[Any]:
+    """The groups of a breakdown by day or hour, with a zero group for every period of the
+    window that had no event (UTC periods, as the server keys them)."""
+    step = timedelta(days=1) if unit == "day" else timedelta(hours=1)
+    moment = start.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
+    if unit == "day":
+        moment = moment.replace(hour=0)
+    by_start = {g.period_start.seconds: g for g in groups}
+    filled = []
+    while moment < end:
+        seconds = int(moment.timestamp())
+        group = by_start.pop(seconds, None)
+        if group is None:
+            group = report_pb.CostGroup()
+            group.period_start.FromDatetime(moment)
+        filled.append(group)
+        moment += step
+    return filled + sorted(by_start.values(), key=lambda g: g.period_start.seconds)
+
+
 def report_breakdown(tally: TallyClient, args: argparse.Namespace) -> None:
     by = args.by or ["resource"]
     end = _time(args.until) or datetime.now().astimezone()
@@ -450,7 +471,13 @@ def report_breakdown(tally: TallyClient, args: argparse.Namespace) -> None:
     def row(g: Any, keys: list[str]) -> list[object]:
         return [*keys, f"{g.event_count:,}", f"{g.unpriced_event_count:,}", money(g.cost_total)]
 
-    rows = [row(g, [columns[name][1](g) for name in by]) for g in response.groups]
+    groups = list(response.groups)
+    timed = next((name for name in by if name in ("day", "hour")), None)
+    if timed is not None:  # by time: in time order, every period of the window shown
+        groups.sort(key=lambda g: (g.period_start.seconds, -(g.cost_total.units * 10**9 + g.cost_total.nanos)))
+        if by == [timed] and not response.next_page_token:
+            groups = _with_empty_periods(groups, timed, start, end)
+    rows = [row(g, [columns[name][1](g) for name in by]) for g in groups]
     total = response.total
     rows.append(row(total, ["total"] + [""] * (len(by) - 1)))
     window = f"{start:%Y-%m-%d %H:%M} to {end:%Y-%m-%d %H:%M}"
@@ -977,7 +1004,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--until", help="only experiences whose first event is before this ISO 8601 time")
     p.set_defaults(remote=report_type)
     p = reports.add_parser(
-        "breakdown", parents=[client], help="cost over a window by one or two dimensions, most expensive first"
+        "breakdown",
+        parents=[client],
+        help="cost over a window by one or two dimensions, most expensive first (by day or hour: in time order)",
     )
     p.add_argument(
         "--by",

@@ -62,6 +62,7 @@ from .services.prices import Prices
 from .services.reports import Reports
 from .storage.db import Database
 from .tls import CertificateFiles, certificate_files
+from .web import Dashboard, Services
 
 T = TypeVar("T")
 log = logging.getLogger("tally")
@@ -114,6 +115,8 @@ class TallyServer:
         self.limits = Limits(self.db, self.catalog, self.pages, settings.reservation_seconds, self.live_limits)
         self.server: aio.Server | None = None
         self.port = 0
+        self.dashboard: Dashboard | None = None
+        self.web_port = 0
         self.certificates: CertificateFiles | None = None
         self._watcher: asyncio.Task[None] | None = None
         self._trimmer: asyncio.Task[None] | None = None
@@ -189,6 +192,19 @@ class TallyServer:
         if not self.port:
             raise SystemExit(f"tally: cannot listen on {self.settings.listen} (is the port in use?)")
         self.ingestor.start()
+        if self.settings.web_listen:
+            self.dashboard = Dashboard(
+                Services(
+                    self.types, self.experiences, self.events, self.reports, self.limits, self.keys if auth else None
+                ),
+                self.settings.web_listen,
+            )
+            try:
+                self.web_port = await self.dashboard.start()
+            except OSError as error:
+                raise RefusedToStart(
+                    f"tally: cannot serve the dashboard on {self.settings.web_listen}: {error}"
+                ) from None
         if self.settings.metrics_listen:
             try:
                 metrics.serve(self.settings.metrics_listen)
@@ -212,16 +228,21 @@ class TallyServer:
             log.info("tally worker %d ready: pid %d on %s:%d", self.settings.worker, os.getpid(), host, self.port)
         else:
             log.info(
-                "tally ready: serving on %s:%d (%s, API keys %s), database %s",
+                "tally ready: serving on %s:%d (%s, API keys %s), database %s%s",
                 host,
                 self.port,
                 security,
                 "required" if auth else "off",
                 self.db.url.render_as_string(hide_password=True),
+                f", dashboard at http://{self._web_host()}:{self.web_port}/" if self.dashboard is not None else "",
             )
         return self.port
 
     HEALTH_INTERVAL_SECONDS = 2.0
+
+    def _web_host(self) -> str:
+        host = self.settings.web_listen.rpartition(":")[0].strip("[]")
+        return "127.0.0.1" if host in ("", "0.0.0.0") else host
 
     async def _set_health(self, status: Any) -> None:
         for name in ("", *SERVICE_NAMES):
@@ -284,6 +305,8 @@ class TallyServer:
         await self.health.enter_graceful_shutdown()
         if self.server is not None:
             await self.server.stop(grace)
+        if self.dashboard is not None:
+            await self.dashboard.stop()
         await self.ingestor.stop()
         await self.db.dispose()
         log.info("tally stopped")

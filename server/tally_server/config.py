@@ -35,6 +35,7 @@ class Settings:
     # How long a limit reservation holds when it is never settled (a crashed caller).
     reservation_seconds: int = 600
     metrics_listen: str = ""  # host:port of the Prometheus endpoint; empty: none
+    web_listen: str = ""  # host:port of the dashboard; empty: none
     # "required", "off", or None: off on a loopback address, refused beyond it (see auth_required).
     auth: str | None = None
     tls_cert: str = ""
@@ -177,6 +178,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         f"(env TALLY_WORKERS, default {_DEFAULTS.workers})",
     )
     parser.add_argument(
+        "--web-listen",
+        default=_env("TALLY_WEB_LISTEN", ""),
+        help="host:port to serve the dashboard, a read-only web page of spend behind the same API keys "
+        "(env TALLY_WEB_LISTEN; default: off; `make serve` uses 127.0.0.1:8080)",
+    )
+    parser.add_argument(
         "--metrics-listen",
         default=_env("TALLY_METRICS_LISTEN", ""),
         help="host:port to serve Prometheus metrics at /metrics (env TALLY_METRICS_LISTEN; default: off)",
@@ -227,6 +234,7 @@ def from_arguments(args: argparse.Namespace) -> Settings:
         stream_window_bytes=args.stream_window_bytes,
         max_message_bytes=args.max_message_bytes,
         metrics_listen=args.metrics_listen,
+        web_listen=args.web_listen,
         auth=args.auth,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,

@@ -1,0 +1,149 @@
+"""The dashboard in a real browser: Debian's Chromium, driven through chromedriver, against a
+server loaded through the wire with API keys required. Without a key the page asks for one
+and the API refuses; with a read key every part loads, the charts draw, the console stays
+clean, and a click drills down to one run's steps. A screenshot is left in the test's
+directory. Needs Debian's chromium and chromium-driver (.ci/run installs them): skipped
+without them, failed under CI=true."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import urllib.error
+import urllib.request
+import uuid
+
+import grpc
+import pytest
+
+from tally.v1 import (
+    experience_type_service_pb2 as et_pb,
+    experience_type_service_pb2_grpc as et_grpc,
+    ingest_service_pb2 as pb,
+    ingest_service_pb2_grpc as ing_grpc,
+)
+
+from .conftest import IN_CI
+from .readme import BIN
+from .server_process import ServerProcess
+from .test_readme import free_port
+
+CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+
+
+@pytest.fixture
+def browser(tmp_path):
+    if CHROMIUM is None or CHROMEDRIVER is None:
+        reason = "the dashboard test needs Debian's chromium and chromium-driver"
+        if IN_CI:
+            pytest.fail(f"CI=true: {reason}")
+        pytest.skip(reason)
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--window-size=1400,1100",
+        f"--user-data-dir={tmp_path / 'chromium'}",
+    ):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver.set_page_load_timeout(30)
+    yield driver
+    driver.quit()
+
+
+def keys(url: str, name: str, scope: str) -> str:
+    command = [str(BIN / "tally"), "keys", "create", "--name", name, "--scope", scope, "--create"]
+    created = subprocess.run([*command, "--database-url", url], capture_output=True, text=True, timeout=60)
+    assert created.returncode == 0, created.stderr
+    return created.stdout.strip()
+
+
+def seed(target: str, admin: str) -> None:
+    """Two types, runs of two models and an unpriced event, through the wire."""
+    metadata = (("authorization", f"Bearer {admin}"),)
+    with grpc.insecure_channel(target) as channel:
+        types = et_grpc.ExperienceTypeServiceStub(channel)
+        ingest = ing_grpc.IngestServiceStub(channel)
+        for name in ("Document_Summarization", "Chatbot"):
+            new = et_pb.ExperienceType(name=name, description=name)
+            types.CreateExperienceType(et_pb.CreateExperienceTypeRequest(experience_type=new), metadata=metadata)
+            for run in range(3):
+                events = [
+                    pb.UsageEvent(
+                        category="system.openai",
+                        resource=model,
+                        units={"text": pb.UnitCounts(input=20_000 * (run + 1), output=2_000)},
+                    )
+                    for model in ("gpt-4o", "gpt-4o-mini")
+                ]
+                run_metadata = (
+                    *metadata,
+                    ("xproxy-experience-name", name),
+                    ("xproxy-experience-id", str(uuid.uuid4())),
+                )
+                ingest.IngestBatch(pb.IngestBatchRequest(events=events), metadata=run_metadata)
+        misspelt = pb.UsageEvent(category="system.openai", resource="gtp-4o", units={"text": pb.UnitCounts(input=5)})
+        ingest.Ingest(pb.IngestRequest(event=misspelt), metadata=metadata)
+
+
+@pytest.mark.slow
+def test_the_dashboard_needs_a_key_then_draws_spend_runs_versions_and_reasons(browser, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as shown
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    url = f"sqlite+aiosqlite:///{tmp_path / 'dashboard.db'}"
+    admin, reader = keys(url, "admin", "admin"), keys(url, "reader", "read")
+    web = free_port()
+    server = ServerProcess(url, "--auth", "required", "--web-listen", f"127.0.0.1:{web}").start()
+    try:
+        assert f"dashboard at http://127.0.0.1:{web}/" in "".join(server.lines)
+        seed(server.target, admin)
+        page = f"http://127.0.0.1:{web}/"
+        with pytest.raises(urllib.error.HTTPError) as refused:  # the API refuses without a key
+            urllib.request.urlopen(f"{page}api/spend", timeout=10)
+        assert refused.value.code == 401
+
+        browser.get(page)
+        wait = WebDriverWait(browser, 20)
+        wait.until(shown.visibility_of_element_located((By.ID, "key-form")))
+        assert browser.find_elements(By.CSS_SELECTOR, "#runs tbody tr") == [], "nothing shown without a key"
+        browser.find_element(By.ID, "secret").send_keys(reader)
+        browser.find_element(By.CSS_SELECTOR, "#key button").click()
+        wait.until(lambda driver: driver.execute_script("return document.body.dataset.loaded") == "true")
+
+        charts = browser.execute_script(
+            "return ['spend-chart', 'versions-chart'].map((id) => {"
+            " const chart = Chart.getChart(id);"
+            " return chart ? chart.data.datasets.reduce((n, d) => n + d.data.filter((v) => v > 0).length, 0) : -1; })"
+        )
+        assert all(points > 0 for points in charts), charts
+        runs = browser.find_elements(By.CSS_SELECTOR, "#runs tbody tr")
+        assert len(runs) == 6, [r.text for r in runs]
+        assert "Chatbot" in runs[0].text or "Document_Summarization" in runs[0].text
+        runs[1].click()
+        wait.until(lambda driver: len(driver.find_elements(By.CSS_SELECTOR, "#steps tbody tr")) == 2)
+        unpriced = browser.find_element(By.ID, "unpriced").text
+        assert "did you mean gpt-4o?" in unpriced, unpriced
+        versions = browser.find_element(By.ID, "versions").text
+        assert "Chatbot" in versions and "Document_Summarization" in versions
+
+        browser.save_screenshot(str(tmp_path / "dashboard.png"))
+        print(f"\nscreenshot: {tmp_path / 'dashboard.png'}")
+        errors = [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
+        assert not errors, json.dumps(errors, indent=2)
+    finally:
+        server.terminate()

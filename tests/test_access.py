@@ -101,6 +101,13 @@ def _call(channel: aio.Channel, path: str, metadata: tuple[tuple[str, str], ...]
                 pass
 
         return consume()
+    if method.server_streaming:  # a watch: admitted, it answers its first change or waits for one
+
+        async def first():
+            async for _ in channel.unary_stream(path, **kwargs)(request(), metadata=metadata, timeout=1):
+                return
+
+        return first()
     return channel.unary_unary(path, **kwargs)(request(), metadata=metadata, timeout=10)
 
 

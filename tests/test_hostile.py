@@ -94,7 +94,7 @@ async def under_hostile_load(tmp_path, name: str, load: Callable[[str], Awaitabl
         stop = asyncio.Event()
         watching = asyncio.create_task(watch.run(stop))
         opened = await load(server.target)
-        await asyncio.sleep(3)  # held at its worst
+        await asyncio.sleep(2)  # held at its worst
         for call in opened:
             call.cancel()
         await asyncio.sleep(TRIM_SECONDS + 1.5)  # the server gives freed memory back every TRIM_SECONDS

@@ -39,7 +39,7 @@ CALLER_ERRORS = {
 }
 EXAMPLES_PER_RPC = 100
 # A server-streaming watch runs until its caller leaves: each example watches this long, on fewer examples.
-WATCH_SECONDS = 0.5
+WATCH_SECONDS = 0.2
 WATCH_EXAMPLES = 20
 METHODS = {f"/{s.full_name}/{m.name}": m for s in SERVICES for m in s.methods}
 TABLES = ("events", "experiences", "experience_types", "custom_prices", "api_keys", "limits", "limit_reservations")

@@ -157,3 +157,38 @@ async def test_malformed_experience_id_is_invalid_argument(stubs):
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await stubs.experiences.GetExperience(exp_pb.GetExperienceRequest(experience_id="nope"))
     assert decode(caught.value).fields == {"experience_id": "not a UUID: 'nope'"}
+
+
+async def test_calls_cancelled_mid_transaction_leave_no_connection_dirty(backend, tmp_path):
+    """Bursts of reads cancelled by 1-5 ms deadlines, each followed by a write: every write
+    succeeds (a read cancelled as its BEGIN ran once left a pooled SQLite connection inside
+    a transaction, and the next write on it was refused UNAVAILABLE)."""
+    import asyncio
+    import uuid
+
+    import grpc
+    from grpc import aio
+
+    from tally.v1 import experience_type_service_pb2 as et_pb, experience_type_service_pb2_grpc as et_grpc
+
+    from .conftest import drop_database_url, make_database_url
+
+    url = await make_database_url(backend, tmp_path)
+    server = TallyServer(Settings(listen="127.0.0.1:0", database_url=url, grace_seconds=1))
+    await server.start()
+    try:
+        async with aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            types = et_grpc.ExperienceTypeServiceStub(channel)
+            for _ in range(30):
+                reads = [
+                    types.ListExperienceTypes(et_pb.ListExperienceTypesRequest(), timeout=0.001 * (n % 5 + 1))
+                    for n in range(20)
+                ]
+                outcomes = await asyncio.gather(*reads, return_exceptions=True)
+                codes = {o.code() for o in outcomes if isinstance(o, grpc.RpcError)}
+                assert codes <= {grpc.StatusCode.DEADLINE_EXCEEDED}, codes
+                new = et_pb.ExperienceType(name=f"T_{uuid.uuid4().hex[:8]}", description="after a burst")
+                await types.CreateExperienceType(et_pb.CreateExperienceTypeRequest(experience_type=new), timeout=10)
+    finally:
+        await server.stop()
+        await drop_database_url(url)

@@ -28,10 +28,11 @@ class RepeatedLog:
     def __init__(self, logger: logging.Logger, interval: float = REPEAT_INTERVAL_SECONDS) -> None:
         self.logger = logger
         self.interval = interval
-        self._counting: OrderedDict[tuple[object, ...], _Counted] = OrderedDict()
+        self._counting: OrderedDict[tuple[int, str], _Counted] = OrderedDict()
 
     def log(self, level: int, message: str, *args: object) -> None:
-        key = (level, message, *args)
+        # Keyed by the text as it would be logged: the arguments may be unhashable (an error).
+        key = (level, message % args if args else message)
         now = time.monotonic()
         counted = self._counting.get(key)
         if counted is not None and now - counted.since < self.interval:
@@ -53,7 +54,7 @@ class RepeatedLog:
     def warning(self, message: str, *args: object) -> None:
         self.log(logging.WARNING, message, *args)
 
-    def _report(self, key: tuple[object, ...], only: _Counted | None = None) -> None:
+    def _report(self, key: tuple[int, str], only: _Counted | None = None) -> None:
         """Says how often the message repeated since it was logged, and forgets it (`only`:
         if it is still that count, not a newer one of the same message)."""
         counted = self._counting.get(key)

@@ -118,7 +118,6 @@ class LimitBook:
     """Every limit, indexed by what its scope names, so that finding those of an event costs
     a few dictionary lookups however many limits there are."""
 
-    revision: tuple[int, int] = (0, 0)
     everything: list[Limit] = field(default_factory=list)
     by_type: dict[str, list[Limit]] = field(default_factory=dict)
     by_experience: dict[str, list[Limit]] = field(default_factory=dict)
@@ -127,8 +126,8 @@ class LimitBook:
     by_name: dict[str, Limit] = field(default_factory=dict)
 
     @classmethod
-    def of(cls, limits: Iterable[Limit], revision: tuple[int, int]) -> LimitBook:
-        book = cls(revision)
+    def of(cls, limits: Iterable[Limit]) -> LimitBook:
+        book = cls()
         for limit in limits:
             book.by_name[limit.name] = limit
             scope = limit.scope

@@ -114,9 +114,7 @@ def limit_message(limit: rules.Limit) -> pb.Limit:
     return message
 
 
-def period_message(view: PeriodView | None) -> pb.LimitPeriodState | None:
-    if view is None:
-        return None
+def period_message(view: PeriodView) -> pb.LimitPeriodState:
     return pb.LimitPeriodState(
         limit=view.limit.name,
         experience_id=view.spend.key.subject,
@@ -128,6 +126,11 @@ def period_message(view: PeriodView | None) -> pb.LimitPeriodState | None:
         state=cast("common_pb2.LimitState.ValueType", int(view.state)),
         event_count=view.spend.event_count,
     )
+
+
+def _current(view: PeriodView | None) -> pb.LimitPeriodState | None:
+    """A limit's current period; none for a per-experience limit asked without its experience."""
+    return None if view is None else period_message(view)
 
 
 def reservation_message(granted: Granted) -> pb.Reservation:
@@ -154,13 +157,13 @@ class LimitServicer(limit_grpc.LimitServiceServicer):
 
     async def GetLimit(self, request: pb.GetLimitRequest, context: Context) -> pb.GetLimitResponse:
         limit, current = await self.limits.get(request.name, request.experience_id)
-        return pb.GetLimitResponse(limit=limit_message(limit), current=period_message(current))
+        return pb.GetLimitResponse(limit=limit_message(limit), current=_current(current))
 
     async def ListLimits(self, request: pb.ListLimitsRequest, context: Context) -> pb.ListLimitsResponse:
         items, token = await self.limits.list(request.page_size, request.page_token)
         return pb.ListLimitsResponse(
             limits=[limit_message(limit) for limit, _ in items],
-            current=[period_message(view) or pb.LimitPeriodState(limit=limit.name) for limit, view in items],
+            current=[period_message(view) if view else pb.LimitPeriodState(limit=limit.name) for limit, view in items],
             next_page_token=token,
         )
 
@@ -170,12 +173,11 @@ class LimitServicer(limit_grpc.LimitServiceServicer):
         views, token = await self.limits.periods(
             request.name, request.experience_id, request.page_size, request.page_token
         )
-        periods = [pb.LimitPeriodState() if (m := period_message(view)) is None else m for view in views]
-        return pb.ListLimitPeriodsResponse(periods=periods, next_page_token=token)
+        return pb.ListLimitPeriodsResponse(periods=[period_message(view) for view in views], next_page_token=token)
 
     async def ResetLimit(self, request: pb.ResetLimitRequest, context: Context) -> pb.ResetLimitResponse:
         limit, current = await self.limits.reset(request.name)
-        return pb.ResetLimitResponse(limit=limit_message(limit), current=period_message(current))
+        return pb.ResetLimitResponse(limit=limit_message(limit), current=_current(current))
 
     async def DeleteLimit(self, request: pb.DeleteLimitRequest, context: Context) -> pb.DeleteLimitResponse:
         await self.limits.delete(request.name)

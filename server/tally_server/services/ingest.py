@@ -9,7 +9,6 @@ import dataclasses
 import logging
 import time
 import uuid
-from collections import Counter
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -192,21 +191,14 @@ class Ingestor:
             outcomes, raced = await self._store(current, keys)
             metrics.COMMIT_SECONDS.observe(time.perf_counter() - started)
             metrics.COMMIT_EVENTS.observe(len(current))
-        except StorageUnavailable as error:
-            repeated.error("storing events failed, the database is unavailable: %s", error.detail)
-            if time.perf_counter() - started >= self.db.timeout / 2:
+        # Deliberately any exception: whatever failed, every caller waiting on this batch gets an answer.
+        except Exception as error:
+            if isinstance(error, StorageUnavailable) and time.perf_counter() - started >= self.db.timeout / 2:
                 # Stuck (a lock held, the database unreachable): storing one by one would wait
-                # out the same lock once per event. Everyone waiting is answered now instead.
+                # out the same lock once per event. Everyone waiting is answered now instead (_run).
+                repeated.error("storing events failed, the database is unavailable: %s", error.detail)
                 raise
             if len(current) > 1:  # a quick refusal (a deadlock, one bad row): isolate it
-                for item in current:
-                    await self._commit([item])
-                return
-            self._settle(current[0], error)
-            return
-        # Deliberately any exception: whatever failed, every caller waiting on this batch gets an answer.
-        except Exception as error:  # noqa: BLE001 - rolled back: nothing of this transaction is stored
-            if len(current) > 1:
                 repeated.warning("a batch of events failed (%r); storing them one by one", error)
                 for item in current:
                     await self._commit([item])
@@ -221,12 +213,7 @@ class Ingestor:
             repeated.error("reading back raced events failed: %r", error)
             for item, _ in raced:
                 outcomes.setdefault(id(item), error)
-        stored = Counter(
-            o.cost.state.name for o in outcomes.values() if isinstance(o, IngestResult) and not o.duplicate
-        )
-        for state, count in stored.items():
-            metrics.EVENTS.labels(state).inc(count)
-        _count_spend(current, outcomes)
+        _count_stored(current, outcomes)
         for item in current:
             self._settle(item, outcomes[id(item)])
 
@@ -345,8 +332,9 @@ class Ingestor:
             outcomes[id(item)] = _answer_to_repeat(item.event, winners[result.idempotency_key], result.idempotency_key)
 
 
-def _count_spend(current: list[_Pending], outcomes: dict[int, Any]) -> None:
-    """Adds the commit's stored events to the spend counters, summed per label set first."""
+def _count_stored(current: list[_Pending], outcomes: dict[int, Any]) -> None:
+    """Adds the commit's stored events to the metrics (events by cost state, spend by label
+    set), summed per label set first: one pass, a few increments per commit."""
     sums: dict[tuple[str, str, str, str, str], list[int]] = {}
     for item in current:
         result = outcomes[id(item)]
@@ -360,6 +348,7 @@ def _count_spend(current: list[_Pending], outcomes: dict[int, Any]) -> None:
         total[0] += cost.total_nanos
         total[1] += 1
     for labels, (nanos, events) in sums.items():
+        metrics.EVENTS.labels(labels[4]).inc(events)
         metrics.count_spend(labels, nanos, events)
 
 

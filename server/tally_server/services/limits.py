@@ -101,7 +101,7 @@ class LiveLimits:
     async def refresh(self, conn: AsyncConnection) -> rules.LimitBook:
         current = await stored_limits.revision(conn)
         if current != self._revision:
-            self.book = rules.LimitBook.of(await stored_limits.all_limits(conn), (current, 0))
+            self.book = rules.LimitBook.of(await stored_limits.all_limits(conn))
             self._revision = current
         return self.book
 
@@ -390,11 +390,7 @@ class Limits:
                     reason = view.state.name.lower()
                 seen[view.limit.name] = now
                 yield view, reason
-            await _sleep(max(0.0, interval - (time.monotonic() - started)))
-
-
-async def _sleep(seconds: float) -> None:
-    await asyncio.sleep(seconds)
+            await asyncio.sleep(max(0.0, interval - (time.monotonic() - started)))
 
 
 def _until_room(refused: Sequence[tuple[rules.Limit, rules.PeriodSpend]], now: int) -> float | None:

@@ -292,11 +292,8 @@ class Dashboard:
         host, _, port = self.listen.rpartition(":")
         self._runner = web.AppRunner(application(self.services), access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, host.strip("[]") or "0.0.0.0", int(port))
-        await site.start()
-        server = site._server  # the bound port, for port 0
-        sockets = getattr(server, "sockets", None) or []
-        self.port = sockets[0].getsockname()[1] if sockets else int(port)
+        await web.TCPSite(self._runner, host.strip("[]") or "0.0.0.0", int(port)).start()
+        self.port = int(self._runner.addresses[0][1])  # the bound port, for port 0
         return self.port
 
     async def stop(self) -> None:

@@ -94,7 +94,7 @@ def validate_event(event: UsageEvent, now: int | None, v: Violations) -> None:
 
 
 # At most $1,000,000 an event. With it, an event's costs fit in 64-bit nano-dollars with
-# room to spare, and sums (taken as whole dollars and nanos apart, storage/repository.py)
+# room to spare, and sums (taken as whole dollars and nanos apart, storage/rollups.py)
 # cannot overflow below 9 trillion events.
 MAX_EVENT_COST_NANOS = 10**15
 

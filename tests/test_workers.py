@@ -1,6 +1,6 @@
 """`tally serve --workers 2`: two processes on one port, on both engines. Calls reach both,
-every acknowledged event is stored once, a killed worker is restarted, and SIGTERM drains
-them all."""
+every acknowledged event is stored once, a killed worker is restarted, SIGTERM drains
+them all, and one /metrics endpoint counts every worker's events."""
 
 from __future__ import annotations
 
@@ -24,6 +24,8 @@ from tally_server.workers import RESTART_DELAY_SECONDS
 
 from .conftest import drop_database_url, make_database_url, unique
 from .server_process import ServerProcess
+from .test_metrics import scrape
+from .test_readme import free_port
 
 PIDS = re.compile(r"with 2 workers \(pids (\d+), (\d+)\)")
 
@@ -68,6 +70,15 @@ def event_count(target: str, name: str) -> int:
     return stats.total.event_count
 
 
+def scraped_sum(port: int, name: str, experience_type: str) -> float:
+    """The sum of a spend counter's samples for one experience type, over its other labels."""
+    total = 0.0
+    for line in scrape(port).splitlines():
+        if line.startswith(name + "{") and f'experience_type="{experience_type}"' in line:
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
 # The README's bound on how long a dead worker's place stays empty.
 RESTART_BOUND_SECONDS = 10
 
@@ -75,7 +86,8 @@ RESTART_BOUND_SECONDS = 10
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 async def test_two_workers_share_the_port_restart_and_drain(backend, tmp_path):
     url = await make_database_url(backend, tmp_path)
-    server = ServerProcess(url, "--workers", "2").start()
+    metrics_port = free_port()
+    server = ServerProcess(url, "--workers", "2", "--metrics-listen", f"127.0.0.1:{metrics_port}").start()
     try:
         pids = [int(pid) for pid in PIDS.search("".join(server.lines)).groups()]
         name = unique("Workers")
@@ -88,6 +100,8 @@ async def test_two_workers_share_the_port_restart_and_drain(backend, tmp_path):
         # Both workers answered calls (each names itself in its log lines).
         log = "".join(server.log)
         assert "worker-1 tally.rpc" in log and "worker-2 tally.rpc" in log, log[-2000:]
+        # One scrape, served by the parent, counts both workers' events.
+        assert scraped_sum(metrics_port, "tally_spend_events_total", name) == 400
 
         # A worker killed as in a crash is replaced (README: the parent waits a second, then
         # starts a new one, serving within RESTART_BOUND_SECONDS); the other serves meanwhile.
@@ -107,6 +121,10 @@ async def test_two_workers_share_the_port_restart_and_drain(backend, tmp_path):
         assert RESTART_DELAY_SECONDS <= replaced < RESTART_BOUND_SECONDS, replaced
         keys |= ingest_on_new_connections(server.target, name, connections=8, per_connection=25)
         assert event_count(server.target, name) == len(keys) == 700
+        # The killed worker's counts stay counted beside its successor's.
+        assert scraped_sum(metrics_port, "tally_spend_events_total", name) == 700
+        spend = scraped_sum(metrics_port, "tally_spend_usd_total", name)
+        assert spend == pytest.approx(700 * (100 * 2.5 + 10 * 10) / 1e6), spend
 
         # SIGTERM drains every worker and the parent exits 0.
         assert server.terminate() == 0

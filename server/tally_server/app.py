@@ -198,6 +198,7 @@ class TallyServer:
                     self.types, self.experiences, self.events, self.reports, self.limits, self.keys if auth else None
                 ),
                 self.settings.web_listen,
+                shared_port=bool(self.settings.worker),
             )
             try:
                 self.web_port = await self.dashboard.start()
@@ -205,7 +206,7 @@ class TallyServer:
                 raise RefusedToStart(
                     f"tally: cannot serve the dashboard on {self.settings.web_listen}: {error}"
                 ) from None
-        if self.settings.metrics_listen:
+        if self.settings.metrics_listen and not self.settings.worker:  # the parent of --workers serves all
             try:
                 metrics.serve(self.settings.metrics_listen)
             except (OSError, ValueError) as error:
@@ -280,8 +281,7 @@ class TallyServer:
             if views is not None:
                 names = {view.limit.name for view in views}
                 for gone in exported - names:
-                    for gauge in (metrics.LIMIT_SPEND, metrics.LIMIT_RESERVED, metrics.LIMIT_MAX):
-                        gauge.remove(gone)
+                    metrics.forget_limit(gone)
                 for view in views:
                     metrics.LIMIT_SPEND.labels(view.limit.name).set(view.spend.spend_nanos / 1e9)
                     metrics.LIMIT_RESERVED.labels(view.limit.name).set(view.spend.reserved_nanos / 1e9)

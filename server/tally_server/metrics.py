@@ -1,9 +1,16 @@
 """What the server counts, for Prometheus (`tally serve --metrics-listen HOST:PORT`). Every
-metric is defined here, and documented in the README's table."""
+metric is defined here, and documented in the README's table.
+
+With `--workers N` the parent serves one endpoint for all workers: prometheus-client's
+multiprocess mode, where each worker writes its values to files in a directory the parent
+made (PROMETHEUS_MULTIPROC_DIR, set before the workers start) and the parent sums them at
+each scrape. Each gauge says how workers combine (`multiprocess_mode`)."""
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+import os
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, multiprocess, start_http_server
 
 CALLS = Counter("tally_calls", "Calls answered, by method and status code.", ["method", "code"])
 CALL_SECONDS = Histogram(
@@ -13,7 +20,9 @@ CALL_SECONDS = Histogram(
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
 EVENTS = Counter("tally_events_ingested", "Events stored (duplicates not counted), by cost state.", ["cost_state"])
-WRITER_QUEUE = Gauge("tally_writer_queued_events", "Events waiting for the group-commit writer.")
+WRITER_QUEUE = Gauge(
+    "tally_writer_queued_events", "Events waiting for the group-commit writer.", multiprocess_mode="livesum"
+)
 COMMIT_EVENTS = Histogram(
     "tally_commit_events",
     "Events per group commit.",
@@ -31,9 +40,17 @@ ABANDONED = Counter(
 DATABASE_ERRORS = Counter("tally_database_errors", "Database failures answered UNAVAILABLE.")
 # One series per limit (per-experience limits have one period per experience: not exported),
 # refreshed every LIMIT_GAUGE_SECONDS while metrics are served.
-LIMIT_SPEND = Gauge("tally_limit_spend_usd", "Spend of each limit's current period, in USD.", ["limit"])
-LIMIT_RESERVED = Gauge("tally_limit_reserved_usd", "Outstanding reservations against each limit, in USD.", ["limit"])
-LIMIT_MAX = Gauge("tally_limit_max_usd", "Each limit's maximum, in USD.", ["limit"])
+# Every worker reads the same values from the database: the scrape shows the latest.
+LIMIT_SPEND = Gauge(
+    "tally_limit_spend_usd", "Spend of each limit's current period, in USD.", ["limit"], multiprocess_mode="mostrecent"
+)
+LIMIT_RESERVED = Gauge(
+    "tally_limit_reserved_usd",
+    "Outstanding reservations against each limit, in USD.",
+    ["limit"],
+    multiprocess_mode="mostrecent",
+)
+LIMIT_MAX = Gauge("tally_limit_max_usd", "Each limit's maximum, in USD.", ["limit"], multiprocess_mode="mostrecent")
 LIMIT_GAUGE_SECONDS = 5.0
 
 
@@ -57,7 +74,35 @@ def count_spend(labels: tuple[str, str, str, str, str], nanos: int, events: int)
     SPEND_EVENTS.labels(*labels).inc(events)
 
 
-def serve(listen: str) -> None:
-    """Serves /metrics over HTTP at host:port, in a thread of its own."""
+MULTIPROCESS_DIR = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def shared() -> bool:
+    """True in a worker of `--workers N`: the parent serves the values this process writes."""
+    return bool(os.environ.get(MULTIPROCESS_DIR))
+
+
+def forget_limit(name: str) -> None:
+    """A deleted limit's series go. Multiprocess mode cannot remove a series: there it reads NaN."""
+    for gauge in (LIMIT_SPEND, LIMIT_RESERVED, LIMIT_MAX):
+        if shared():
+            gauge.labels(name).set(float("nan"))
+        else:
+            gauge.remove(name)
+
+
+def serve(listen: str, workers_dir: str | None = None) -> None:
+    """Serves /metrics over HTTP at host:port, in a thread of its own: this process's
+    metrics, or (workers_dir) the sum of every worker's."""
     host, _, port = listen.rpartition(":")
-    start_http_server(int(port), addr=host.strip("[]") or "0.0.0.0")
+    registry = REGISTRY
+    if workers_dir is not None:
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, path=workers_dir)
+    start_http_server(int(port), addr=host.strip("[]") or "0.0.0.0", registry=registry)
+
+
+def worker_exited(pid: int, workers_dir: str) -> None:
+    """A dead worker's live gauges (its queue) leave the sum; its counters stay counted."""
+    multiprocess.mark_process_dead(pid, workers_dir)
+

@@ -16,13 +16,17 @@ import dataclasses
 import logging
 import multiprocessing
 import multiprocessing.connection
+import os
+import shutil
 import signal
 import socket
+import tempfile
 import time
 from collections.abc import Iterator
 from multiprocessing.context import SpawnProcess
 from typing import Any, cast
 
+from . import metrics
 from .config import RefusedToStart, Settings, auth_required, listen_host
 
 log = logging.getLogger("tally.workers")
@@ -53,7 +57,7 @@ def _worker_main(settings: Settings, ready: Any) -> None:
 
 
 class Supervisor:
-    def __init__(self, settings: Settings, port: int) -> None:
+    def __init__(self, settings: Settings, port: int, metrics_dir: str | None = None) -> None:
         host = settings.listen.rsplit(":", 1)[0]
         self.settings = settings
         self.listen = f"{host}:{port}"
@@ -61,13 +65,10 @@ class Supervisor:
         self.ready = self.context.Queue()
         self.workers: dict[int, SpawnProcess] = {}
         self.stopping = False
+        self.metrics_dir = metrics_dir
 
     def _settings(self, index: int) -> Settings:
-        metrics = self.settings.metrics_listen
-        if metrics:  # worker i serves its metrics on the metrics port + i - 1
-            metrics_host, metrics_port = metrics.rsplit(":", 1)
-            metrics = f"{metrics_host}:{int(metrics_port) + index - 1}"
-        return dataclasses.replace(self.settings, listen=self.listen, worker=index, metrics_listen=metrics)
+        return dataclasses.replace(self.settings, listen=self.listen, worker=index)
 
     def spawn(self, index: int) -> None:
         process = self.context.Process(
@@ -98,11 +99,17 @@ class Supervisor:
                 raise SystemExit("tally: a worker failed to start (its error is above)")
             with contextlib.suppress(Exception):
                 started.add(self.ready.get(timeout=0.2))
+        also = ""
+        if self.settings.web_listen:
+            also += f", dashboard at http://{self.settings.web_listen}/"
+        if self.settings.metrics_listen:
+            also += f", metrics of all workers at http://{self.settings.metrics_listen}/metrics"
         log.info(
-            "tally ready: serving on %s with %d workers (pids %s)",
+            "tally ready: serving on %s with %d workers (pids %s)%s",
             self.listen,
             len(self.workers),
             ", ".join(str(p.pid) for p in self.workers.values()),
+            also,
         )
         while not self.stopping:
             sentinels = {p.sentinel: index for index, p in self.workers.items()}
@@ -113,6 +120,8 @@ class Supervisor:
     def _restart(self, index: int) -> None:
         process = self.workers[index]
         process.join()
+        if self.metrics_dir is not None and process.pid is not None:
+            metrics.worker_exited(process.pid, self.metrics_dir)
         if self.stopping:
             return
         log.warning("worker %d (pid %s) exited with code %s: restarting it", index, process.pid, process.exitcode)
@@ -144,8 +153,28 @@ def serve_workers(settings: Settings) -> int:
     except RefusedToStart as refusal:
         raise SystemExit(str(refusal)) from None
     migrate_or_exit(settings)  # once, before any worker starts
-    with reserve_port(settings.listen) as port:
-        supervisor = Supervisor(settings, port)
+    with reserve_port(settings.listen) as port, _metrics_for_workers(settings.metrics_listen) as metrics_dir:
+        supervisor = Supervisor(settings, port, metrics_dir)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, supervisor.stop)
         return supervisor.run()
+
+
+@contextlib.contextmanager
+def _metrics_for_workers(listen: str) -> Iterator[str | None]:
+    """With metrics on: a fresh directory for the workers' values (the spawned workers
+    inherit its name in the environment), served summed from here."""
+    if not listen:
+        yield None
+        return
+    directory = tempfile.mkdtemp(prefix="tally-metrics-")
+    os.environ[metrics.MULTIPROCESS_DIR] = directory
+    try:
+        try:
+            metrics.serve(listen, workers_dir=directory)
+        except (OSError, ValueError) as error:
+            raise SystemExit(f"tally: cannot serve metrics on {listen}: {error}") from None
+        yield directory
+    finally:
+        os.environ.pop(metrics.MULTIPROCESS_DIR, None)
+        shutil.rmtree(directory, ignore_errors=True)

@@ -282,9 +282,10 @@ def application(services: Services) -> web.Application:
 class Dashboard:
     """The dashboard's HTTP server, started and stopped with the gRPC server."""
 
-    def __init__(self, services: Services, listen: str) -> None:
+    def __init__(self, services: Services, listen: str, shared_port: bool = False) -> None:
         self.services = services
         self.listen = listen
+        self.shared_port = shared_port  # the workers of --workers N bind one port (SO_REUSEPORT)
         self.port = 0
         self._runner: web.AppRunner | None = None
 
@@ -292,7 +293,9 @@ class Dashboard:
         host, _, port = self.listen.rpartition(":")
         self._runner = web.AppRunner(application(self.services), access_log=None)
         await self._runner.setup()
-        await web.TCPSite(self._runner, host.strip("[]") or "0.0.0.0", int(port)).start()
+        await web.TCPSite(
+            self._runner, host.strip("[]") or "0.0.0.0", int(port), reuse_port=self.shared_port or None
+        ).start()
         self.port = int(self._runner.addresses[0][1])  # the bound port, for port 0
         return self.port
 

@@ -32,7 +32,7 @@ async def test_migrations_match_the_table_definitions(server):
     async with server.db.read() as conn:
         assert await conn.run_sync(differences) == []
         version = await conn.exec_driver_sql("SELECT version_num FROM alembic_version")
-        assert [row[0] for row in version] == ["0006"]
+        assert [row[0] for row in version] == ["0007"]
 
 
 async def test_an_upgrade_that_fails_changes_nothing(backend, tmp_path):
@@ -87,6 +87,7 @@ def _rows_at_0001(connection):
     event_columns = ["content_hash", "experience_created", "category", "resource", "ingest_time_us", "event_time_us"]
     event_columns += ["time_to_first_token_ms", "end_to_end_latency_ms", "http_status_code", "price_source"]
     event_columns += ["cost_state", "cost_input_nanos", "cost_output_nanos", "cost_total_nanos"]
+    event_columns += ["price_resource"]
     events = table("events", *event_columns, uuids=["id", "experience_id"], json=["units"])
     connection.execute(
         types.insert().values(
@@ -110,9 +111,9 @@ def _rows_at_0001(connection):
         "cost_input_nanos": 0,
     }
     rows = [
-        (EXPERIENCE, DAY + 1, 40, 200, 1_500_000_001),
-        (EXPERIENCE, DAY + 3_600_000_000, 60, 500, 2_000_000_000),
-        (None, DAY + 2, 10, 200, 7),
+        (EXPERIENCE, DAY + 1, 40, 200, 1_500_000_001, "gpt-4o"),
+        (EXPERIENCE, DAY + 3_600_000_000, 60, 500, 2_000_000_000, "gpt-4o"),
+        (None, DAY + 2, 10, 200, 7, "gpt-4o-2024-08-06"),  # a dated snapshot the gpt-4o entry priced
     ]
     connection.execute(
         events.insert(),
@@ -126,8 +127,10 @@ def _rows_at_0001(connection):
                 "http_status_code": status,
                 "cost_output_nanos": cost,
                 "cost_total_nanos": cost,
+                "resource": resource,
+                "price_resource": "gpt-4o",
             }
-            for experience_id, time_us, latency, status, cost in rows
+            for experience_id, time_us, latency, status, cost, resource in rows
         ],
     )
 
@@ -150,7 +153,7 @@ async def test_a_database_upgrades_from_the_first_migration_to_head(backend, tmp
         await database.migrate()
         async with database.read() as conn:
             version = (await conn.exec_driver_sql("SELECT version_num FROM alembic_version")).scalar_one()
-            assert version == "0006"
+            assert version == "0007"
             assert await conn.run_sync(lambda c: compare_metadata(MigrationContext.configure(c), metadata)) == []
     finally:
         await database.dispose()
@@ -176,6 +179,13 @@ async def test_a_database_upgrades_from_the_first_migration_to_head(backend, tmp
             by_type = report_pb.BreakDownCostRequest(group_by=[report_pb.COST_DIMENSION_EXPERIENCE_NAME])
             breakdown = await reports.BreakDownCost(by_type)
             assert {g.experience_name: g.event_count for g in breakdown.groups} == {"Old": 2, "": 1}
+            # 0007 rebuilt the hourly rollup with the model that priced each event.
+            by_model = report_pb.BreakDownCostRequest(group_by=[report_pb.COST_DIMENSION_MODEL])
+            breakdown = await reports.BreakDownCost(by_model)
+            assert [(g.model, g.event_count) for g in breakdown.groups] == [("gpt-4o", 3)]
+            by_resource = report_pb.BreakDownCostRequest(group_by=[report_pb.COST_DIMENSION_RESOURCE])
+            breakdown = await reports.BreakDownCost(by_resource)
+            assert {g.resource: g.event_count for g in breakdown.groups} == {"gpt-4o": 2, "gpt-4o-2024-08-06": 1}
     finally:
         await tally.stop()
         await drop_database_url(url)

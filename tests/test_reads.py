@@ -44,7 +44,8 @@ BASE = int(datetime(2021, 3, 4, 10, 17, 23, tzinfo=UTC).timestamp())
 USERS = ["", "alice", "bob"]
 TAGS = ["alpha", "beta", "gamma"]
 # gpt-4o and gpt-4o-mini are priced; the third is no model the catalog knows (unpriced).
-RESOURCES = ["gpt-4o", "gpt-4o-mini", "no-such-model-x"]
+# A dated snapshot: the model dimension counts it under the entry that priced it (gpt-4o).
+RESOURCES = ["gpt-4o", "gpt-4o-2024-08-06", "gpt-4o-mini", "no-such-model-x"]
 
 
 def nanos(money) -> int:
@@ -62,6 +63,7 @@ class Sent:
     version: int
     time: int  # seconds
     resource: str
+    model: str  # the price entry's resource, or the resource when unpriced
     user: str
     tags: tuple[str, ...]
     latency: int
@@ -103,9 +105,22 @@ async def _ingest(stubs, world: World, rng: random.Random, experience_id: str, v
     assert again.duplicate_request and again.request_id == result.request_id
     cost = (nanos(result.cost_input), nanos(result.cost_output), nanos(result.cost_total))
     unpriced = result.cost_state != pb.COST_STATE_PRICED
+    model = result.price.resource or resource
     world.sent.append(
         Sent(
-            result.request_id, experience_id, version, time, resource, user, tags, latency, failed, cost, unpriced, key
+            result.request_id,
+            experience_id,
+            version,
+            time,
+            resource,
+            model,
+            user,
+            tags,
+            latency,
+            failed,
+            cost,
+            unpriced,
+            key,
         )
     )
 
@@ -308,6 +323,8 @@ async def check_orderings(stubs, world: World) -> None:
 def _group_key(s: Sent, dimension: str, name: str) -> list:
     if dimension == "resource":
         return [s.resource]
+    if dimension == "model":
+        return [s.model]
     if dimension == "user_id":
         return [s.user]
     if dimension == "request_tag":
@@ -331,6 +348,7 @@ def _message_key(group, dimension: str):
 
 DIMENSION_VALUES = {
     "resource": rep_pb.COST_DIMENSION_RESOURCE,
+    "model": rep_pb.COST_DIMENSION_MODEL,
     "user_id": rep_pb.COST_DIMENSION_USER_ID,
     "request_tag": rep_pb.COST_DIMENSION_REQUEST_TAG,
     "day": rep_pb.COST_DIMENSION_DAY,
@@ -465,7 +483,16 @@ async def test_rollups_equal_the_events_through_duplicates_and_deletions(stubs):
     await check_orderings(stubs, world)
     await check_events(stubs, world)
     start, end = BASE + 1234, BASE + 70 * HOUR + 77  # partial hours at both edges
-    for dimensions in [("resource", "day"), ("user_id",), ("request_tag",), ("experience_version", "hour")]:
+    snapshots = {s.resource for s in world.sent if s.model == "gpt-4o"}
+    assert snapshots == {"gpt-4o", "gpt-4o-2024-08-06"}, snapshots  # one entry priced both
+    for dimensions in [
+        ("resource", "day"),
+        ("model",),
+        ("model", "resource"),
+        ("user_id",),
+        ("request_tag",),
+        ("experience_version", "hour"),
+    ]:
         await check_breakdown(reports, world, dimensions, start, end)
     await check_breakdown(reports, world, ("resource",), BASE + 60, BASE + 600)  # within one hour
 
@@ -476,6 +503,7 @@ async def test_rollups_equal_the_events_through_duplicates_and_deletions(stubs):
     del world.experiences[heaviest]
     await check_type_stats(stubs, world)
     await check_breakdown(reports, world, ("resource", "day"), start, end)
+    await check_breakdown(reports, world, ("model", "day"), start, end)
     await check_orderings(stubs, world)
     # ... and the events stay stored, unattributed.
     events = event_service_pb2_grpc.EventServiceStub(stubs.channel)

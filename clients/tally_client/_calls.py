@@ -218,6 +218,7 @@ COST_DIMENSIONS = {
     "type": report_pb.COST_DIMENSION_EXPERIENCE_NAME,
     "version": report_pb.COST_DIMENSION_EXPERIENCE_VERSION,
     "category": report_pb.COST_DIMENSION_CATEGORY,
+    "model": report_pb.COST_DIMENSION_MODEL,
     "resource": report_pb.COST_DIMENSION_RESOURCE,
     "user": report_pb.COST_DIMENSION_USER_ID,
     "tag": report_pb.COST_DIMENSION_REQUEST_TAG,

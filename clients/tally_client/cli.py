@@ -32,7 +32,7 @@ from tally.v1 import (
 
 from ._calls import EventFilter, new_limit
 from .client import DEFAULT_TARGET, TallyClient
-from .errors import TallyError
+from .errors import AlreadyExists, TallyError
 from .metadata import create_metadata
 from .output import as_json, money, table, when
 
@@ -69,7 +69,14 @@ def type_row(t: et_pb.ExperienceType) -> list[object]:
 
 
 def types_create(tally: TallyClient, args: argparse.Namespace) -> None:
-    created = tally.create_experience_type(args.name, args.description, settings=_pairs(args.setting, "--setting"))
+    try:
+        created = tally.create_experience_type(args.name, args.description, settings=_pairs(args.setting, "--setting"))
+    except AlreadyExists:
+        if not args.exist_ok:
+            raise
+        found = tally.get_experience_type(args.name)
+        _emit(args, found, f"experience type {found.name} exists (version {found.version}): left as it is")
+        return
     _emit(args, created, f"created experience type {created.name} (version {created.version})")
 
 
@@ -220,13 +227,21 @@ PRICE_HEADERS = ["PRICE ID", "CATEGORY", "RESOURCE", "VARIANT", "EFFECTIVE", "EN
 
 
 def prices_create(tally: TallyClient, args: argparse.Namespace) -> None:
-    created = tally.create_custom_price(
-        args.category,
-        args.resource,
-        _unit_prices(args.unit),
-        effective_time=_time(args.effective),
-        price_context=_pairs(args.context, "--context"),
-    )
+    try:
+        created = tally.create_custom_price(
+            args.category,
+            args.resource,
+            _unit_prices(args.unit),
+            effective_time=_time(args.effective),
+            price_context=_pairs(args.context, "--context"),
+        )
+    except AlreadyExists as exists:
+        if not args.exist_ok:
+            raise
+        found = tally.list_custom_prices(category=args.category, resource=args.resource, page_size=1000)
+        listed = table(PRICE_HEADERS, [price_row(price) for price in found.prices])
+        _emit(args, found, f"{exists.message}: left as it is\n{listed}")
+        return
     for warning in created.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     _emit(args, created, f"created price {created.price.price_id}\n" + table(PRICE_HEADERS, [price_row(created.price)]))
@@ -450,7 +465,7 @@ def _with_empty_periods(groups: list[Any], unit: str, start: datetime, end: date
 
 
 def report_breakdown(tally: TallyClient, args: argparse.Namespace) -> None:
-    by = args.by or ["resource"]
+    by = args.by or ["model"]
     end = _time(args.until) or datetime.now().astimezone()
     start = _time(args.since) or end - timedelta(days=args.days)
     response = tally.break_down_cost(
@@ -460,6 +475,7 @@ def report_breakdown(tally: TallyClient, args: argparse.Namespace) -> None:
         "type": ("TYPE", lambda g: g.experience_name or "(unattributed)"),
         "version": ("TYPE VERSION", lambda g: f"{g.experience_name or '(unattributed)'} v{g.experience_version}"),
         "category": ("CATEGORY", lambda g: g.category),
+        "model": ("MODEL", lambda g: g.model),
         "resource": ("RESOURCE", lambda g: g.resource),
         "user": ("USER", lambda g: g.user_id or "-"),
         "tag": ("TAG", lambda g: g.request_tag or "-"),
@@ -823,6 +839,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     p.add_argument("--description", "-d", required=True)
     p.add_argument("--setting", action="append", metavar="KEY=VALUE")
+    p.add_argument("--exist-ok", action="store_true", help="a type of that name already there is not an error")
     p.set_defaults(remote=types_create)
     p = types.add_parser("list", parents=[client], help="list experience types")
     p.set_defaults(remote=types_list)
@@ -929,6 +946,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--effective", help="ISO 8601 time it applies from (default: always)")
     p.add_argument("--context", action="append", metavar="KEY=VALUE", help="make it a variant, e.g. processing=batch")
+    p.add_argument(
+        "--exist-ok", action="store_true", help="a price already there at that time is not an error: it is shown"
+    )
     p.set_defaults(remote=prices_create)
     p = prices.add_parser("list", parents=[client], help="list custom prices")
     p.add_argument("--category")
@@ -1011,8 +1031,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--by",
         action="append",
-        choices=["type", "version", "category", "resource", "user", "tag", "day", "hour"],
-        help="a dimension; give it once or twice (default: resource)",
+        choices=["type", "version", "category", "model", "resource", "user", "tag", "day", "hour"],
+        help="a dimension; give it once or twice (default: model, the price entry's, so that "
+        "dated snapshots count under their model; resource: the name as sent)",
     )
     p.add_argument("--days", type=int, default=30, help="without --since: the last this many days (default 30)")
     p.add_argument("--since", help="from this ISO 8601 time")

@@ -50,7 +50,7 @@ from tally.v1 import (
 
 from . import _calls
 from ._calls import Call, EventFilter, Units, usage_event
-from .errors import TallyError, from_rpc_error
+from .errors import AlreadyExists, TallyError, from_rpc_error
 from .metadata import Metadata, create_metadata
 
 T = TypeVar("T")
@@ -291,10 +291,22 @@ class TallyClient(_ClientBase):
     # --- experience types ---------------------------------------------------------
 
     def create_experience_type(
-        self, name: str, description: str, *, settings: Mapping[str, str] | None = None, request_id: str = ""
+        self,
+        name: str,
+        description: str,
+        *,
+        settings: Mapping[str, str] | None = None,
+        request_id: str = "",
+        exist_ok: bool = False,
     ) -> et_pb.ExperienceType:
-        """Creates a type at version 1. A `request_id` makes a retry return the first result."""
-        return self._run(_calls.create_experience_type(name, description, settings, request_id))
+        """Creates a type at version 1. A `request_id` makes a retry return the first result;
+        `exist_ok` returns the type of that name if there is one, as it is (get or create)."""
+        try:
+            return self._run(_calls.create_experience_type(name, description, settings, request_id))
+        except AlreadyExists:
+            if not exist_ok:
+                raise
+            return self.get_experience_type(name)
 
     def get_experience_type(self, name: str) -> et_pb.ExperienceType:
         return self._run(_calls.get_experience_type(name))
@@ -380,8 +392,9 @@ class TallyClient(_ClientBase):
         page_size: int = 0,
         page_token: str = "",
     ) -> report_pb.BreakDownCostResponse:
-        """Cost over [start, end) grouped by one or two of type, version, category, resource,
-        user, tag, day, hour; the most expensive group first."""
+        """Cost over [start, end) grouped by one or two of type, version, category, model
+        (the price entry's), resource (as sent), user, tag, day, hour; the most expensive
+        group first."""
         return self._run(_calls.break_down_cost(group_by, start, end, experience_name, page_size, page_token))
 
     def delete_experience(self, experience_id: str | UUID) -> int:
@@ -609,10 +622,22 @@ class AsyncTallyClient(_ClientBase):
     # --- experience types ---------------------------------------------------------
 
     async def create_experience_type(
-        self, name: str, description: str, *, settings: Mapping[str, str] | None = None, request_id: str = ""
+        self,
+        name: str,
+        description: str,
+        *,
+        settings: Mapping[str, str] | None = None,
+        request_id: str = "",
+        exist_ok: bool = False,
     ) -> et_pb.ExperienceType:
-        """Creates a type at version 1. A `request_id` makes a retry return the first result."""
-        return await self._run(_calls.create_experience_type(name, description, settings, request_id))
+        """Creates a type at version 1. A `request_id` makes a retry return the first result;
+        `exist_ok` returns the type of that name if there is one, as it is (get or create)."""
+        try:
+            return await self._run(_calls.create_experience_type(name, description, settings, request_id))
+        except AlreadyExists:
+            if not exist_ok:
+                raise
+            return await self.get_experience_type(name)
 
     async def get_experience_type(self, name: str) -> et_pb.ExperienceType:
         return await self._run(_calls.get_experience_type(name))
@@ -702,8 +727,9 @@ class AsyncTallyClient(_ClientBase):
         page_size: int = 0,
         page_token: str = "",
     ) -> report_pb.BreakDownCostResponse:
-        """Cost over [start, end) grouped by one or two of type, version, category, resource,
-        user, tag, day, hour; the most expensive group first."""
+        """Cost over [start, end) grouped by one or two of type, version, category, model
+        (the price entry's), resource (as sent), user, tag, day, hour; the most expensive
+        group first."""
         return await self._run(_calls.break_down_cost(group_by, start, end, experience_name, page_size, page_token))
 
     async def delete_experience(self, experience_id: str | UUID) -> int:

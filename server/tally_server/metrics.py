@@ -98,11 +98,10 @@ def serve(listen: str, workers_dir: str | None = None) -> None:
     registry = REGISTRY
     if workers_dir is not None:
         registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry, path=workers_dir)
+        multiprocess.MultiProcessCollector(registry, path=workers_dir)  # type: ignore[no-untyped-call]
     start_http_server(int(port), addr=host.strip("[]") or "0.0.0.0", registry=registry)
 
 
 def worker_exited(pid: int, workers_dir: str) -> None:
     """A dead worker's live gauges (its queue) leave the sum; its counters stay counted."""
-    multiprocess.mark_process_dead(pid, workers_dir)
-
+    multiprocess.mark_process_dead(pid, workers_dir)  # type: ignore[no-untyped-call]

@@ -309,6 +309,7 @@ class CostRollupKey:
     experience_version: int
     category: str
     resource: str
+    model: str  # the price entry's model, or the resource when no entry priced the event
 
 
 @dataclass(frozen=True)

@@ -174,6 +174,12 @@ def removal(state: ExperienceState) -> TypeDeltas:
     return deltas
 
 
+def priced_model(event: UsageEvent, cost: Cost) -> str:
+    """The model an event counts under in reports and metrics: the price entry's that priced
+    it (a dated snapshot such as gpt-4o-2024-08-06 under gpt-4o), else the resource sent."""
+    return cost.price.resource if cost.price is not None else event.resource
+
+
 def _add(sums: list[int], failed: int, unpriced: int, cost: Cost) -> None:
     """One event into a group's sums: events, failed, unpriced, input, output, total."""
     sums[0] += 1
@@ -191,7 +197,7 @@ def rollups_of(
     (Summed in plain lists, objects made once per group: this runs once per event.)"""
     # Per group, the sums of _add; per experience also the first and last event time and
     # the latency sum.
-    by_hour: dict[tuple[int, str, int, str, str], list[int]] = {}
+    by_hour: dict[tuple[int, str, int, str, str, str], list[int]] = {}
     by_experience: dict[uuid.UUID, list[int]] = {}
     latencies: dict[uuid.UUID, dict[int, int]] = {}
     priced = CostState.PRICED
@@ -205,6 +211,7 @@ def rollups_of(
             result.experience_version,
             event.category,
             event.resource,
+            priced_model(event, cost),
         )
         hourly = by_hour.get(key)
         if hourly is None:

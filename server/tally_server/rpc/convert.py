@@ -436,6 +436,7 @@ COST_DIMENSIONS = {
     report_pb.COST_DIMENSION_EXPERIENCE_VERSION: "experience_version",
     report_pb.COST_DIMENSION_CATEGORY: "category",
     report_pb.COST_DIMENSION_RESOURCE: "resource",
+    report_pb.COST_DIMENSION_MODEL: "model",
     report_pb.COST_DIMENSION_USER_ID: "user_id",
     report_pb.COST_DIMENSION_REQUEST_TAG: "request_tag",
     report_pb.COST_DIMENSION_DAY: "day",

@@ -19,7 +19,7 @@ from ..domain.errors import StorageUnavailable, TallyError, overloaded
 from ..domain.events import MAX_EVENT_COST_NANOS, cost_out_of_range, idempotency_key, key_reused
 from ..domain.ids import uuid7
 from ..domain.models import Cost, IngestResult, Resolution, StoredEvent, UsageEvent, now_us
-from ..domain.rollups import rollups_of, type_deltas
+from ..domain.rollups import priced_model, rollups_of, type_deltas
 from ..logs import RepeatedLog
 from ..storage import events as stored_events, experiences as stored_experiences, rollups as stored_rollups
 from ..storage.db import Database
@@ -342,8 +342,7 @@ def _count_stored(current: list[_Pending], outcomes: dict[int, Any]) -> None:
             continue
         event, cost = item.event, result.cost
         version = str(result.experience_version) if result.experience_name else ""
-        model = cost.price.resource if cost.price is not None else event.resource
-        labels = (result.experience_name, version, event.category, model, cost.state.name)
+        labels = (result.experience_name, version, event.category, priced_model(event, cost), cost.state.name)
         total = sums.setdefault(labels, [0, 0])
         total[0] += cost.total_nanos
         total[1] += 1

@@ -18,6 +18,7 @@ DIMENSIONS = (
     "experience_version",
     "category",
     "resource",
+    "model",
     "user_id",
     "request_tag",
     "day",

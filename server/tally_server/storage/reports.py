@@ -21,7 +21,7 @@ from .tables import (
 )
 
 # Dimensions the hourly rollup keeps; the others (user id, request tag) are read from events.
-ROLLUP_DIMENSIONS = frozenset({"experience_name", "experience_version", "category", "resource", "day", "hour"})
+ROLLUP_DIMENSIONS = frozenset({"experience_name", "experience_version", "category", "resource", "model", "day", "hour"})
 
 
 def _rollup_keys(dimension: str) -> list[sa.ColumnElement[Any]]:
@@ -31,6 +31,7 @@ def _rollup_keys(dimension: str) -> list[sa.ColumnElement[Any]]:
         "experience_version": [r.c.experience_name, r.c.experience_version],
         "category": [r.c.category],
         "resource": [r.c.resource],
+        "model": [r.c.model],
         "day": [r.c.hour_us - r.c.hour_us % DAY_US],
         "hour": [r.c.hour_us],
     }
@@ -45,6 +46,7 @@ def _event_keys(dimension: str, tag: Any) -> list[sa.ColumnElement[Any]]:
         "experience_version": [name, sa.func.coalesce(experiences.c.version, 0)],
         "category": [ev.c.category],
         "resource": [ev.c.resource],
+        "model": [rollups.MODEL_OF_EVENT],
         "user_id": [sa.func.coalesce(ev.c.user_id, "")],
         "request_tag": [sa.func.coalesce(tag.c.value, "") if tag is not None else sa.literal("")],
         "day": [time - time % DAY_US],

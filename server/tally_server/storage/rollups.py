@@ -172,7 +172,7 @@ async def add(
 
 
 def _sort_key(key: m.CostRollupKey) -> tuple[Any, ...]:
-    return (key.hour_us, key.experience_name, key.experience_version, key.category, key.resource)
+    return (key.hour_us, key.experience_name, key.experience_version, key.category, key.resource, key.model)
 
 
 # --- the type rollups ------------------------------------------------------------------------
@@ -275,6 +275,7 @@ def _key_values(key: m.CostRollupKey) -> dict[str, Any]:
         "experience_version": key.experience_version,
         "category": key.category,
         "resource": key.resource,
+        "model": key.model,
     }
 
 
@@ -315,15 +316,20 @@ EVENTS_WITH_TYPE = events.outerjoin(experiences, events.c.experience_id == exper
 )
 
 
+# The model an event counts under (domain.rollups.priced_model, in SQL).
+MODEL_OF_EVENT = sa.func.coalesce(events.c.price_resource, events.c.resource)
+
+
 def _cost_rollup_select(where: Iterable[sa.ColumnElement[bool]]) -> sa.Select[Any]:
     hour = hour_expression(events.c.event_time_us).label("hour_us")
     name = sa.func.coalesce(experience_types.c.name, "").label("experience_name")
     version = sa.func.coalesce(experiences.c.version, 0).label("experience_version")
+    model = MODEL_OF_EVENT.label("model")
     return (
-        sa.select(hour, name, version, events.c.category, events.c.resource, *event_sums())
+        sa.select(hour, name, version, events.c.category, events.c.resource, model, *event_sums())
         .select_from(EVENTS_WITH_TYPE)
         .where(*where)
-        .group_by(hour, name, version, events.c.category, events.c.resource)
+        .group_by(hour, name, version, events.c.category, events.c.resource, model)
     )
 
 
@@ -355,6 +361,7 @@ def _key_values_of(row: Any) -> dict[str, Any]:
         "experience_version": int(row.experience_version),
         "category": row.category,
         "resource": row.resource,
+        "model": row.model,
     }
 
 

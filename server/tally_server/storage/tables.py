@@ -103,7 +103,8 @@ type_cost_buckets = sa.Table(
 )
 
 # Events summed per hour of event time, type version (experience_name "" and version 0
-# for unattributed events), category and resource: the cost breakdown reads these.
+# for unattributed events), category, resource and the model that priced it: the cost
+# breakdown reads these.
 cost_rollups = sa.Table(
     "cost_rollups",
     metadata,
@@ -112,6 +113,8 @@ cost_rollups = sa.Table(
     sa.Column("experience_version", sa.Integer, primary_key=True),
     sa.Column("category", sa.String(128), primary_key=True),
     sa.Column("resource", sa.String(256), primary_key=True),
+    # The model of the price entry that priced the events; the resource for unpriced ones.
+    sa.Column("model", sa.String(256), primary_key=True),
     *(sa.Column(name, sa.BigInteger, nullable=False) for name in ROLLUP_COUNT_COLUMNS),
     *(sa.Column(name, sa.BigInteger, nullable=False) for name in ROLLUP_MONEY_COLUMNS),
 )

@@ -101,8 +101,8 @@ async def _spend(services: Services, request: web.Request) -> web.Response:
     """Spend per day over the last `days`, by experience type, version or model: read from the
     hourly rollup kept at ingest, so a month of a million events costs a few rollup rows."""
     by = request.query.get("by", "experience_name")
-    if by not in ("experience_name", "experience_version", "resource", "category"):
-        raise web.HTTPBadRequest(text="by is experience_name, experience_version, resource or category")
+    if by not in ("experience_name", "experience_version", "model", "resource", "category"):
+        raise web.HTTPBadRequest(text="by is experience_name, experience_version, model, resource or category")
     days = _days(request)
     end = now_us()
     start = (end // DAY_US - days + 1) * DAY_US

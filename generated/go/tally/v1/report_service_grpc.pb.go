@@ -19,7 +19,7 @@ const _ = grpc.SupportPackageIsVersion7
 type ReportServiceClient interface {
 	// Sums cost and events over a window of event time, grouped by one or two
 	// dimensions, the most expensive group first. Grouping by type, version,
-	// category, resource, day or hour reads the hourly rollup kept at ingest
+	// category, resource, model, day or hour reads the hourly rollup kept at ingest
 	// (and the events of the window's partial hours at its edges); grouping by
 	// user id or request tag reads the window's events.
 	BreakDownCost(ctx context.Context, in *BreakDownCostRequest, opts ...grpc.CallOption) (*BreakDownCostResponse, error)
@@ -48,7 +48,7 @@ func (c *reportServiceClient) BreakDownCost(ctx context.Context, in *BreakDownCo
 type ReportServiceServer interface {
 	// Sums cost and events over a window of event time, grouped by one or two
 	// dimensions, the most expensive group first. Grouping by type, version,
-	// category, resource, day or hour reads the hourly rollup kept at ingest
+	// category, resource, model, day or hour reads the hourly rollup kept at ingest
 	// (and the events of the window's partial hours at its edges); grouping by
 	// user id or request tag reads the window's events.
 	BreakDownCost(context.Context, *BreakDownCostRequest) (*BreakDownCostResponse, error)

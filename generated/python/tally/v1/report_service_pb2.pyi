@@ -36,7 +36,7 @@ class _CostDimensionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_CostDim
     COST_DIMENSION_CATEGORY: _CostDimension.ValueType  # 3
     """The event's category, e.g. "system.openai"."""
     COST_DIMENSION_RESOURCE: _CostDimension.ValueType  # 4
-    """The event's resource (model), e.g. "gpt-4o"."""
+    """The event's resource (model) as sent, e.g. "gpt-4o-2024-08-06"."""
     COST_DIMENSION_USER_ID: _CostDimension.ValueType  # 5
     """The event's user id; "" for none."""
     COST_DIMENSION_REQUEST_TAG: _CostDimension.ValueType  # 6
@@ -47,6 +47,11 @@ class _CostDimensionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_CostDim
     """The UTC day of the event time."""
     COST_DIMENSION_HOUR: _CostDimension.ValueType  # 8
     """The UTC hour of the event time."""
+    COST_DIMENSION_MODEL: _CostDimension.ValueType  # 9
+    """The model of the price entry that priced the event, so that a dated
+    snapshot ("gpt-4o-2024-08-06") counts under its model ("gpt-4o"); the
+    resource as sent for an event no entry priced.
+    """
 
 class CostDimension(_CostDimension, metaclass=_CostDimensionEnumTypeWrapper):
     """What cost can be grouped by."""
@@ -60,7 +65,7 @@ COST_DIMENSION_EXPERIENCE_VERSION: CostDimension.ValueType  # 2
 COST_DIMENSION_CATEGORY: CostDimension.ValueType  # 3
 """The event's category, e.g. "system.openai"."""
 COST_DIMENSION_RESOURCE: CostDimension.ValueType  # 4
-"""The event's resource (model), e.g. "gpt-4o"."""
+"""The event's resource (model) as sent, e.g. "gpt-4o-2024-08-06"."""
 COST_DIMENSION_USER_ID: CostDimension.ValueType  # 5
 """The event's user id; "" for none."""
 COST_DIMENSION_REQUEST_TAG: CostDimension.ValueType  # 6
@@ -71,6 +76,11 @@ COST_DIMENSION_DAY: CostDimension.ValueType  # 7
 """The UTC day of the event time."""
 COST_DIMENSION_HOUR: CostDimension.ValueType  # 8
 """The UTC hour of the event time."""
+COST_DIMENSION_MODEL: CostDimension.ValueType  # 9
+"""The model of the price entry that priced the event, so that a dated
+snapshot ("gpt-4o-2024-08-06") counts under its model ("gpt-4o"); the
+resource as sent for an event no entry priced.
+"""
 Global___CostDimension: _TypeAlias = CostDimension  # noqa: Y015
 
 @_typing.final
@@ -146,6 +156,7 @@ class CostGroup(_message.Message):
     COST_TOTAL_FIELD_NUMBER: _builtins.int
     EVENT_COUNT_FIELD_NUMBER: _builtins.int
     UNPRICED_EVENT_COUNT_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
     experience_name: _builtins.str
     """The experience type ("" for unattributed events)."""
     experience_version: _builtins.int
@@ -153,7 +164,7 @@ class CostGroup(_message.Message):
     category: _builtins.str
     """The category."""
     resource: _builtins.str
-    """The resource (model)."""
+    """The resource (model) as sent."""
     user_id: _builtins.str
     """The user id ("" for none)."""
     request_tag: _builtins.str
@@ -162,6 +173,8 @@ class CostGroup(_message.Message):
     """Number of events."""
     unpriced_event_count: _builtins.int
     """Number of events not fully priced."""
+    model: _builtins.str
+    """The price entry's model (COST_DIMENSION_MODEL)."""
     @_builtins.property
     def period_start(self) -> _timestamp_pb2.Timestamp:
         """The start of the day or hour."""
@@ -193,10 +206,11 @@ class CostGroup(_message.Message):
         cost_total: _common_pb2.Money | None = ...,
         event_count: _builtins.int = ...,
         unpriced_event_count: _builtins.int = ...,
+        model: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["cost_input", b"cost_input", "cost_output", b"cost_output", "cost_total", b"cost_total", "period_start", b"period_start"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["category", b"category", "cost_input", b"cost_input", "cost_output", b"cost_output", "cost_total", b"cost_total", "event_count", b"event_count", "experience_name", b"experience_name", "experience_version", b"experience_version", "period_start", b"period_start", "request_tag", b"request_tag", "resource", b"resource", "unpriced_event_count", b"unpriced_event_count", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["category", b"category", "cost_input", b"cost_input", "cost_output", b"cost_output", "cost_total", b"cost_total", "event_count", b"event_count", "experience_name", b"experience_name", "experience_version", b"experience_version", "model", b"model", "period_start", b"period_start", "request_tag", b"request_tag", "resource", b"resource", "unpriced_event_count", b"unpriced_event_count", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

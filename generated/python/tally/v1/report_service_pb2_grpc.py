@@ -49,7 +49,7 @@ class ReportServiceServicer:
     def BreakDownCost(self, request, context):
         """Sums cost and events over a window of event time, grouped by one or two
         dimensions, the most expensive group first. Grouping by type, version,
-        category, resource, day or hour reads the hourly rollup kept at ingest
+        category, resource, model, day or hour reads the hourly rollup kept at ingest
         (and the events of the window's partial hours at its edges); grouping by
         user id or request tag reads the window's events.
         """

@@ -36,7 +36,7 @@ class ReportServiceStub:
     BreakDownCost: _grpc.UnaryUnaryMultiCallable[_report_service_pb2.BreakDownCostRequest, _report_service_pb2.BreakDownCostResponse]
     """Sums cost and events over a window of event time, grouped by one or two
     dimensions, the most expensive group first. Grouping by type, version,
-    category, resource, day or hour reads the hourly rollup kept at ingest
+    category, resource, model, day or hour reads the hourly rollup kept at ingest
     (and the events of the window's partial hours at its edges); grouping by
     user id or request tag reads the window's events.
     """
@@ -49,7 +49,7 @@ class ReportServiceAsyncStub(ReportServiceStub):
     BreakDownCost: _aio.UnaryUnaryMultiCallable[_report_service_pb2.BreakDownCostRequest, _report_service_pb2.BreakDownCostResponse]  # type: ignore[assignment]
     """Sums cost and events over a window of event time, grouped by one or two
     dimensions, the most expensive group first. Grouping by type, version,
-    category, resource, day or hour reads the hourly rollup kept at ingest
+    category, resource, model, day or hour reads the hourly rollup kept at ingest
     (and the events of the window's partial hours at its edges); grouping by
     user id or request tag reads the window's events.
     """
@@ -65,7 +65,7 @@ class ReportServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_report_service_pb2.BreakDownCostResponse, _abc.Awaitable[_report_service_pb2.BreakDownCostResponse]]:
         """Sums cost and events over a window of event time, grouped by one or two
         dimensions, the most expensive group first. Grouping by type, version,
-        category, resource, day or hour reads the hourly rollup kept at ingest
+        category, resource, model, day or hour reads the hourly rollup kept at ingest
         (and the events of the window's partial hours at its edges); grouping by
         user id or request tag reads the window's events.
         """

@@ -15,7 +15,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file tally/v1/report_service.proto.
  */
 export const file_tally_v1_report_service: GenFile = /*@__PURE__*/
-  fileDesc("Ch10YWxseS92MS9yZXBvcnRfc2VydmljZS5wcm90bxIIdGFsbHkudjEi3wEKFEJyZWFrRG93bkNvc3RSZXF1ZXN0Ei4KCnN0YXJ0X3RpbWUYASABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiwKCGVuZF90aW1lGAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIpCghncm91cF9ieRgDIAMoDjIXLnRhbGx5LnYxLkNvc3REaW1lbnNpb24SFwoPZXhwZXJpZW5jZV9uYW1lGAQgASgJEhEKCXBhZ2Vfc2l6ZRgFIAEoBRISCgpwYWdlX3Rva2VuGAYgASgJIt8CCglDb3N0R3JvdXASFwoPZXhwZXJpZW5jZV9uYW1lGAEgASgJEhoKEmV4cGVyaWVuY2VfdmVyc2lvbhgCIAEoBRIQCghjYXRlZ29yeRgDIAEoCRIQCghyZXNvdXJjZRgEIAEoCRIPCgd1c2VyX2lkGAUgASgJEhMKC3JlcXVlc3RfdGFnGAYgASgJEjAKDHBlcmlvZF9zdGFydBgHIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASIwoKY29zdF9pbnB1dBgIIAEoCzIPLnRhbGx5LnYxLk1vbmV5EiQKC2Nvc3Rfb3V0cHV0GAkgASgLMg8udGFsbHkudjEuTW9uZXkSIwoKY29zdF90b3RhbBgKIAEoCzIPLnRhbGx5LnYxLk1vbmV5EhMKC2V2ZW50X2NvdW50GAsgASgDEhwKFHVucHJpY2VkX2V2ZW50X2NvdW50GAwgASgDInkKFUJyZWFrRG93bkNvc3RSZXNwb25zZRIjCgZncm91cHMYASADKAsyEy50YWxseS52MS5Db3N0R3JvdXASFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJEiIKBXRvdGFsGAMgASgLMhMudGFsbHkudjEuQ29zdEdyb3VwKqECCg1Db3N0RGltZW5zaW9uEh4KGkNPU1RfRElNRU5TSU9OX1VOU1BFQ0lGSUVEEAASIgoeQ09TVF9ESU1FTlNJT05fRVhQRVJJRU5DRV9OQU1FEAESJQohQ09TVF9ESU1FTlNJT05fRVhQRVJJRU5DRV9WRVJTSU9OEAISGwoXQ09TVF9ESU1FTlNJT05fQ0FURUdPUlkQAxIbChdDT1NUX0RJTUVOU0lPTl9SRVNPVVJDRRAEEhoKFkNPU1RfRElNRU5TSU9OX1VTRVJfSUQQBRIeChpDT1NUX0RJTUVOU0lPTl9SRVFVRVNUX1RBRxAGEhYKEkNPU1RfRElNRU5TSU9OX0RBWRAHEhcKE0NPU1RfRElNRU5TSU9OX0hPVVIQCDJnCg1SZXBvcnRTZXJ2aWNlElYKDUJyZWFrRG93bkNvc3QSHi50YWxseS52MS5CcmVha0Rvd25Db3N0UmVxdWVzdBofLnRhbGx5LnYxLkJyZWFrRG93bkNvc3RSZXNwb25zZSIEiOcYAmIGcHJvdG8z", [file_google_protobuf_timestamp, file_tally_v1_access, file_tally_v1_common]);
+  fileDesc("Ch10YWxseS92MS9yZXBvcnRfc2VydmljZS5wcm90bxIIdGFsbHkudjEi3wEKFEJyZWFrRG93bkNvc3RSZXF1ZXN0Ei4KCnN0YXJ0X3RpbWUYASABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiwKCGVuZF90aW1lGAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIpCghncm91cF9ieRgDIAMoDjIXLnRhbGx5LnYxLkNvc3REaW1lbnNpb24SFwoPZXhwZXJpZW5jZV9uYW1lGAQgASgJEhEKCXBhZ2Vfc2l6ZRgFIAEoBRISCgpwYWdlX3Rva2VuGAYgASgJIu4CCglDb3N0R3JvdXASFwoPZXhwZXJpZW5jZV9uYW1lGAEgASgJEhoKEmV4cGVyaWVuY2VfdmVyc2lvbhgCIAEoBRIQCghjYXRlZ29yeRgDIAEoCRIQCghyZXNvdXJjZRgEIAEoCRIPCgd1c2VyX2lkGAUgASgJEhMKC3JlcXVlc3RfdGFnGAYgASgJEjAKDHBlcmlvZF9zdGFydBgHIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASIwoKY29zdF9pbnB1dBgIIAEoCzIPLnRhbGx5LnYxLk1vbmV5EiQKC2Nvc3Rfb3V0cHV0GAkgASgLMg8udGFsbHkudjEuTW9uZXkSIwoKY29zdF90b3RhbBgKIAEoCzIPLnRhbGx5LnYxLk1vbmV5EhMKC2V2ZW50X2NvdW50GAsgASgDEhwKFHVucHJpY2VkX2V2ZW50X2NvdW50GAwgASgDEg0KBW1vZGVsGA0gASgJInkKFUJyZWFrRG93bkNvc3RSZXNwb25zZRIjCgZncm91cHMYASADKAsyEy50YWxseS52MS5Db3N0R3JvdXASFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJEiIKBXRvdGFsGAMgASgLMhMudGFsbHkudjEuQ29zdEdyb3VwKrsCCg1Db3N0RGltZW5zaW9uEh4KGkNPU1RfRElNRU5TSU9OX1VOU1BFQ0lGSUVEEAASIgoeQ09TVF9ESU1FTlNJT05fRVhQRVJJRU5DRV9OQU1FEAESJQohQ09TVF9ESU1FTlNJT05fRVhQRVJJRU5DRV9WRVJTSU9OEAISGwoXQ09TVF9ESU1FTlNJT05fQ0FURUdPUlkQAxIbChdDT1NUX0RJTUVOU0lPTl9SRVNPVVJDRRAEEhoKFkNPU1RfRElNRU5TSU9OX1VTRVJfSUQQBRIeChpDT1NUX0RJTUVOU0lPTl9SRVFVRVNUX1RBRxAGEhYKEkNPU1RfRElNRU5TSU9OX0RBWRAHEhcKE0NPU1RfRElNRU5TSU9OX0hPVVIQCBIYChRDT1NUX0RJTUVOU0lPTl9NT0RFTBAJMmcKDVJlcG9ydFNlcnZpY2USVgoNQnJlYWtEb3duQ29zdBIeLnRhbGx5LnYxLkJyZWFrRG93bkNvc3RSZXF1ZXN0Gh8udGFsbHkudjEuQnJlYWtEb3duQ29zdFJlc3BvbnNlIgSI5xgCYgZwcm90bzM", [file_google_protobuf_timestamp, file_tally_v1_access, file_tally_v1_common]);
 
 /**
  * Request of BreakDownCost.
@@ -105,7 +105,7 @@ export type CostGroup = Message<"tally.v1.CostGroup"> & {
   category: string;
 
   /**
-   * The resource (model).
+   * The resource (model) as sent.
    *
    * @generated from field: string resource = 4;
    */
@@ -166,6 +166,13 @@ export type CostGroup = Message<"tally.v1.CostGroup"> & {
    * @generated from field: int64 unpriced_event_count = 12;
    */
   unpricedEventCount: bigint;
+
+  /**
+   * The price entry's model (COST_DIMENSION_MODEL).
+   *
+   * @generated from field: string model = 13;
+   */
+  model: string;
 };
 
 /**
@@ -246,7 +253,7 @@ export enum CostDimension {
   CATEGORY = 3,
 
   /**
-   * The event's resource (model), e.g. "gpt-4o".
+   * The event's resource (model) as sent, e.g. "gpt-4o-2024-08-06".
    *
    * @generated from enum value: COST_DIMENSION_RESOURCE = 4;
    */
@@ -280,6 +287,15 @@ export enum CostDimension {
    * @generated from enum value: COST_DIMENSION_HOUR = 8;
    */
   HOUR = 8,
+
+  /**
+   * The model of the price entry that priced the event, so that a dated
+   * snapshot ("gpt-4o-2024-08-06") counts under its model ("gpt-4o"); the
+   * resource as sent for an event no entry priced.
+   *
+   * @generated from enum value: COST_DIMENSION_MODEL = 9;
+   */
+  MODEL = 9,
 }
 
 /**
@@ -297,7 +313,7 @@ export const ReportService: GenService<{
   /**
    * Sums cost and events over a window of event time, grouped by one or two
    * dimensions, the most expensive group first. Grouping by type, version,
-   * category, resource, day or hour reads the hourly rollup kept at ingest
+   * category, resource, model, day or hour reads the hourly rollup kept at ingest
    * (and the events of the window's partial hours at its edges); grouping by
    * user id or request tag reads the window's events.
    *

@@ -285,7 +285,8 @@ async def raw_postgres(url: str, seconds: float, experience_id: uuid.UUID) -> Re
     return summarize("raw asyncpg executemany (1,000/transaction)", 1000 * len(latencies), sum(latencies), latencies)
 
 
-def start_server(database_url: str) -> tuple[subprocess.Popen, int]:
+def start_server(database_url: str) -> tuple[subprocess.Popen, int, int]:
+    """The server's process, its gRPC port and its dashboard's port."""
     process = subprocess.Popen(
         [sys.executable, "-m", "bench.server", "--database-url", database_url],
         stdout=subprocess.PIPE,
@@ -296,7 +297,7 @@ def start_server(database_url: str) -> tuple[subprocess.Popen, int]:
     if not line.startswith("PORT "):
         process.kill()
         raise SystemExit(f"bench: the server did not start: {line!r}")
-    return process, int(line.split()[1])
+    return process, int(line.split()[1]), int(line.split()[2])
 
 
 @dataclass
@@ -326,7 +327,7 @@ def median_result(results: list[Result]) -> Result:
 
 async def run_engine(label: str, database_url: str, args: argparse.Namespace) -> list[Comparison]:
     print(f"\n== {label}: starting the server", flush=True)
-    process, port = start_server(database_url)
+    process, port, _ = start_server(database_url)
     c, s = args.concurrency, args.seconds
     unary = Comparison("Ingest unary", TARGETS["Ingest unary"], [], [])
     stream = Comparison("IngestStream", TARGETS["IngestStream"], [], [])

@@ -93,7 +93,7 @@ def line(result: Result, baseline: Result | None = None) -> str:
 
 
 async def run(label: str, url: str, sizes: list[int], seconds: float, concurrency: int) -> None:
-    process, port = start_server(url)
+    process, port, _ = start_server(url)
     try:
         async with aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             type_name = f"Bench_{uuid.uuid4().hex[:8]}"

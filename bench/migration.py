@@ -35,7 +35,7 @@ BEFORE_ROLLUPS = "0004"
 async def load(database_url: str, name: str, size: int, loader: Loader | None) -> Loader:
     """Ingests up to `size` events (the type `name` created first) with a server of its
     own, stopped after."""
-    process, port = start_server(database_url)
+    process, port, _ = start_server(database_url)
     try:
         async with aio.insecure_channel(f"127.0.0.1:{port}", options=CHANNEL_OPTIONS) as channel:
             if loader is None:

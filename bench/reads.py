@@ -13,6 +13,8 @@ growth from the first size to the last beside the targets:
 Targets on a 2-core machine at 1,000,000 events, on SQLite and PostgreSQL alike, each
 within 2x of its time at 100,000: GetExperienceTypeStats 100 ms, GetExperience 5 ms,
 the 20 most expensive experiences 50 ms, a 30-day breakdown by resource and day 200 ms.
+The dashboard's JSON reads (`/api/...`, what the page loads) are timed the same way, over
+HTTP from the same server.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import statistics
 import sys
 import tempfile
 import time
+import urllib.request
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -58,6 +61,12 @@ TARGETS = {
     "BreakDownCost 30 days by resource, day": 200.0,
     "BreakDownCost 30 days by user": None,
     "ListEvents of the heavy run, page 1": None,
+    "dashboard /api/spend by type (30 days)": 200.0,
+    "dashboard /api/spend by model (30 days)": 200.0,
+    "dashboard /api/runs (top 20)": 50.0,
+    "dashboard /api/runs/<heavy run>": None,
+    "dashboard /api/versions": 100.0,
+    "dashboard /api/unpriced": None,
 }
 
 
@@ -130,7 +139,17 @@ async def timed(call: Callable[[], Awaitable[Any]], calls: int) -> float:
     return statistics.median(times)
 
 
-async def measure(channel: aio.Channel, loader: Loader, calls: int) -> dict[str, float]:
+def dashboard_get(web_port: int, path: str) -> Callable[[], Awaitable[Any]]:
+    """One GET of the dashboard's JSON, in a thread (urllib), read to its end."""
+
+    def get() -> bytes:
+        with urllib.request.urlopen(f"http://127.0.0.1:{web_port}{path}", timeout=60) as response:
+            return bytes(response.read())
+
+    return lambda: asyncio.to_thread(get)
+
+
+async def measure(channel: aio.Channel, loader: Loader, calls: int, web_port: int) -> dict[str, float]:
     types = experience_type_service_pb2_grpc.ExperienceTypeServiceStub(channel)
     experiences = experience_service_pb2_grpc.ExperienceServiceStub(channel)
     reports = report_service_pb2_grpc.ReportServiceStub(channel)
@@ -161,6 +180,12 @@ async def measure(channel: aio.Channel, loader: Loader, calls: int) -> dict[str,
         "ListEvents of the heavy run, page 1": lambda: events.ListEvents(
             ev_pb.ListEventsRequest(experience_id=loader.heavy, page_size=50)
         ),
+        "dashboard /api/spend by type (30 days)": dashboard_get(web_port, "/api/spend?by=experience_name&days=30"),
+        "dashboard /api/spend by model (30 days)": dashboard_get(web_port, "/api/spend?by=model&days=30"),
+        "dashboard /api/runs (top 20)": dashboard_get(web_port, "/api/runs?limit=20"),
+        "dashboard /api/runs/<heavy run>": dashboard_get(web_port, f"/api/runs/{loader.heavy}"),
+        "dashboard /api/versions": dashboard_get(web_port, "/api/versions"),
+        "dashboard /api/unpriced": dashboard_get(web_port, "/api/unpriced"),
     }
     figures = {}
     for label, call in reads.items():
@@ -171,7 +196,7 @@ async def measure(channel: aio.Channel, loader: Loader, calls: int) -> dict[str,
 
 async def run_engine(label: str, database_url: str, sizes: list[int], calls: int) -> dict[int, dict[str, float]]:
     print(f"\n== {label}: starting the server", flush=True)
-    process, port = start_server(database_url)
+    process, port, web_port = start_server(database_url)
     results: dict[int, dict[str, float]] = {}
     try:
         async with aio.insecure_channel(f"127.0.0.1:{port}", options=CHANNEL_OPTIONS) as channel:
@@ -183,7 +208,7 @@ async def run_engine(label: str, database_url: str, sizes: list[int], calls: int
             for size in sizes:
                 rate = await loader.load_to(size)
                 print(f"   ingested to {size:,} events at {rate:,.0f} events/s; timing the reads", flush=True)
-                results[size] = await measure(channel, loader, calls)
+                results[size] = await measure(channel, loader, calls, web_port)
     finally:
         process.terminate()
         process.wait(60)

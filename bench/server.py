@@ -65,9 +65,12 @@ NOOP = grpc.method_handlers_generic_handler(
 
 
 async def main(database_url: str) -> None:
-    server = TallyServer(Settings(listen="127.0.0.1:0", database_url=database_url, log_level="warning"), (NOOP,))
+    settings = Settings(
+        listen="127.0.0.1:0", database_url=database_url, log_level="warning", web_listen="127.0.0.1:0"
+    )
+    server = TallyServer(settings, (NOOP,))
     await server.start()
-    print(f"PORT {server.port}", flush=True)
+    print(f"PORT {server.port} {server.web_port}", flush=True)  # gRPC, then the dashboard
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         asyncio.get_running_loop().add_signal_handler(sig, stop.set)

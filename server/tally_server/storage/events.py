@@ -92,6 +92,8 @@ def _event_conditions(conn: AsyncConnection, f: EventFilter) -> list[sa.ColumnEl
             where.append(column == value)
     if f.cost_state:
         where.append(ev.c.cost_state == f.cost_state)
+        if f.cost_state != m.CostState.PRICED:  # as ix_events_not_priced says it, so that it is used
+            where.append(ev.c.cost_state != int(m.CostState.PRICED))
     if f.start_us is not None:
         where.append(ev.c.event_time_us >= f.start_us)
     if f.end_us is not None:

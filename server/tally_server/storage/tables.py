@@ -158,6 +158,13 @@ events = sa.Table(
     sa.Column("price_variant", sa.JSON(none_as_null=True), nullable=True),
     # An experience's events in event-time order (ListEvents, deletions).
     sa.Index("ix_events_experience_time", "experience_id", "event_time_us", "id"),
+    # The events not fully priced, newest first (the dashboard's reasons): few among many.
+    sa.Index(
+        "ix_events_not_priced",
+        "event_time_us",
+        sqlite_where=sa.text("cost_state != 1"),
+        postgresql_where=sa.text("cost_state != 1"),
+    ),
 )
 
 # request_id idempotency of the explicit create calls (AIP-155).

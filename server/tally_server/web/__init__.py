@@ -199,20 +199,33 @@ async def _versions(services: Services, request: web.Request) -> web.Response:
     return web.json_response({"versions": rows})
 
 
+# The newest events of each state whose reasons the page counts.
+UNPRICED_SAMPLE = 1000
+
+
 async def _unpriced(services: Services, request: web.Request) -> web.Response:
-    """Events not (fully) priced over the last `days`, by reason: what to fix in a caller."""
+    """Events not (fully) priced over the last `days`: their count from the hourly rollup,
+    their reasons from the newest of them (an index holds only those): what to fix."""
     days = _days(request)
-    since = now_us() - days * DAY_US
+    end = now_us()
+    since = end - days * DAY_US
+    _, total = await services.reports.breakdown(["category"], since, end, "", 1, "")
     reasons: dict[str, int] = {}
-    count = 0
+    sampled = 0
     for state in (CostState.UNPRICED, CostState.PARTIALLY_PRICED):
-        page = await services.events.list(cost_state=int(state), start_us=since, page_size=1000)
+        page = await services.events.list(cost_state=int(state), start_us=since, page_size=UNPRICED_SAMPLE)
         for stored in page.items:
-            count += 1
+            sampled += 1
             for reason in {u.reason for u in stored.result.cost.unknown_units}:
                 reasons[reason] = reasons.get(reason, 0) + 1
     ordered = sorted(reasons.items(), key=lambda item: -item[1])
-    return web.json_response({"events": count, "reasons": [{"reason": r, "events": n} for r, n in ordered]})
+    return web.json_response(
+        {
+            "events": total.totals.unpriced_event_count,
+            "sampled": sampled,
+            "reasons": [{"reason": r, "events": n} for r, n in ordered],
+        }
+    )
 
 
 async def _limits(services: Services, request: web.Request) -> web.Response:

@@ -94,7 +94,8 @@ async function loadVersions() {
 
 async function loadUnpriced() {
   const data = await api("/api/unpriced?days=30");
-  document.getElementById("unpriced-count").textContent = data.events + " events in 30 days";
+  const sampled = data.sampled < data.events ? " (reasons of the newest " + data.sampled + ")" : "";
+  document.getElementById("unpriced-count").textContent = data.events + " events in 30 days" + sampled;
   rows("#unpriced", data.reasons, (r) => [[r.reason], [r.events, true]]);
 }
 

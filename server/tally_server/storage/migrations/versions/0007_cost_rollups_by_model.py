@@ -1,6 +1,7 @@
 """The hourly cost rollup keeps the model that priced each event beside the resource sent,
 so that a breakdown by model counts a dated snapshot (gpt-4o-2024-08-06) under the price
-entry's model (gpt-4o). Rebuilt here from the events already stored.
+entry's model (gpt-4o). Rebuilt here from the events already stored. And an index of the
+events not fully priced (cost_state != 1, PRICED), newest first, for the dashboard.
 
 Frozen: this file carries the statements it ran when it was written and imports nothing of
 the server.
@@ -116,7 +117,10 @@ def _rebuild(with_model: bool) -> None:
 
 def upgrade() -> None:
     _rebuild(with_model=True)
+    where = sa.text(f"cost_state != {_PRICED}")
+    op.create_index("ix_events_not_priced", "events", ["event_time_us"], sqlite_where=where, postgresql_where=where)
 
 
 def downgrade() -> None:
+    op.drop_index("ix_events_not_priced", table_name="events")
     _rebuild(with_model=False)

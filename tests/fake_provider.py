@@ -24,6 +24,9 @@ RESPONSES_USAGE = {
     "output_tokens_details": {"reasoning_tokens": 50},
     "total_tokens": 1200,
 }
+# Usage without the details (cached, reasoning), as a model without caching reports it;
+# asked for with the request header `x-fake-usage: plain`.
+PLAIN_CHAT_USAGE = {"prompt_tokens": 1000, "completion_tokens": 200, "total_tokens": 1200}
 MESSAGE_USAGE = {
     "input_tokens": 600,
     "output_tokens": 100,
@@ -53,6 +56,7 @@ class Provider(BaseHTTPRequestHandler):
             self.send_error(404)
 
     def _chat(self, body: dict[str, Any], number: int) -> None:
+        usage = PLAIN_CHAT_USAGE if self.headers.get("x-fake-usage") == "plain" else CHAT_USAGE
         base = {
             "id": f"chatcmpl-{number}",
             "created": 1764300000,
@@ -62,7 +66,7 @@ class Provider(BaseHTTPRequestHandler):
         if not body.get("stream"):
             message = {"role": "assistant", "content": "A summary."}
             choices = [{"index": 0, "message": message, "finish_reason": "stop"}]
-            self._json({**base, "object": "chat.completion", "choices": choices, "usage": CHAT_USAGE})
+            self._json({**base, "object": "chat.completion", "choices": choices, "usage": usage})
             return
         chunk = {**base, "object": "chat.completion.chunk"}
         events = [
@@ -73,7 +77,7 @@ class Provider(BaseHTTPRequestHandler):
             {**chunk, "choices": [{"index": 0, "delta": {"content": "summary."}, "finish_reason": "stop"}]},
         ]
         if (body.get("stream_options") or {}).get("include_usage"):  # as OpenAI: usage only when asked
-            events.append({**chunk, "choices": [], "usage": CHAT_USAGE})
+            events.append({**chunk, "choices": [], "usage": usage})
         self._sse([(None, e) for e in events], done=True)
 
     def _responses(self, body: dict[str, Any], number: int) -> None:

@@ -19,6 +19,7 @@ import pytest
 from google.protobuf import message_factory, timestamp_pb2
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 
 from tally.v1 import (
     api_key_service_pb2 as key_pb,
@@ -38,18 +39,20 @@ from .helpers import decode, raises
 from .readme import BIN, ROOT
 
 SCOPES = ("ingest", "read", "admin")
+OTLP_TRACES = trace_service_pb2.DESCRIPTOR.services_by_name["TraceService"]
 
 
 def readme_scope_table() -> dict[str, str]:
     """'/tally.v1.Service/Method' -> scope, from the README's table of RPCs and scopes."""
     text = (ROOT / "README.md").read_text()
     table: dict[str, str] = {}
-    for cell, scope in re.findall(r"^\| (`[A-Za-z]+Service/.+`) \| (ingest|read|admin) \|$", text, re.M):
+    for cell, scope in re.findall(r"^\| (`[A-Za-z.0-9]+Service/.+`) \| (ingest|read|admin) \|$", text, re.M):
         service = ""
         for name in re.findall(r"`([^`]+)`", cell):
             if "/" in name:
                 service, name = name.split("/")
-            table[f"/tally.v1.{service}/{name}"] = scope
+            package = "" if "." in service else "tally.v1."  # OTLP's service is named in full
+            table[f"/{package}{service}/{name}"] = scope
     return table
 
 
@@ -89,7 +92,7 @@ async def secured(backend, tmp_path_factory):
 def _call(channel: aio.Channel, path: str, metadata: tuple[tuple[str, str], ...]):
     """Calls the RPC at `path` with an empty request (an empty stream for a streaming one)."""
     service_name, method_name = path.strip("/").split("/")
-    service = next(s for s in SERVICES if s.full_name == service_name)
+    service = next(s for s in (*SERVICES, OTLP_TRACES) if s.full_name == service_name)
     method = service.methods_by_name[method_name]
     request = message_factory.GetMessageClass(method.input_type)
     response = message_factory.GetMessageClass(method.output_type)

@@ -19,6 +19,7 @@ import sqlalchemy as sa
 from google.protobuf import descriptor as d, message_factory
 from google.protobuf.message import Message
 from hypothesis import HealthCheck, given, settings, strategies as st
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from tally_server.app import REQUIRED_SCOPES, SERVICES
@@ -41,7 +42,9 @@ EXAMPLES_PER_RPC = 100
 # A server-streaming watch runs until its caller leaves: each example watches this long, on fewer examples.
 WATCH_SECONDS = 0.2
 WATCH_EXAMPLES = 20
-METHODS = {f"/{s.full_name}/{m.name}": m for s in SERVICES for m in s.methods}
+# Tally's services and OTLP's trace service on the same port.
+ALL_SERVICES = (*SERVICES, trace_service_pb2.DESCRIPTOR.services_by_name["TraceService"])
+METHODS = {f"/{s.full_name}/{m.name}": m for s in ALL_SERVICES for m in s.methods}
 TABLES = ("events", "experiences", "experience_types", "custom_prices", "api_keys", "limits", "limit_reservations")
 
 # Values that mean something to Tally, mixed with arbitrary ones.

@@ -15,6 +15,7 @@ import sqlalchemy as sa
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
 
 from tally.v1 import (
     api_key_service_pb2,
@@ -41,6 +42,7 @@ from .domain.errors import StorageUnavailable
 from .domain.paging import PageTokens
 from .rpc.access import Access, required_scopes
 from .rpc.interceptor import Admission, ServerInterceptor
+from .rpc import otlp
 from .rpc.limits import LimitServicer
 from .rpc.servicers import (
     ApiKeyServicer,
@@ -78,8 +80,9 @@ SERVICES = (
     limit_service_pb2.DESCRIPTOR.services_by_name["LimitService"],
 )
 SERVICE_NAMES = tuple(service.full_name for service in SERVICES)
-# Every RPC's scope, from the contract; fails at import if an RPC declares none.
-REQUIRED_SCOPES = required_scopes(SERVICES)
+# Every RPC's scope, from the contract; fails at import if an RPC declares none. OTLP's
+# trace export stores events: the ingest scope.
+REQUIRED_SCOPES = {**required_scopes(SERVICES), otlp.EXPORT_METHOD: "ingest"}
 
 
 # Calls grpc-core may hold until the server takes them (past this, grpc-core cancels new
@@ -175,11 +178,19 @@ class TallyServer:
         event_service_pb2_grpc.add_EventServiceServicer_to_server(EventServicer(self.events), server)
         report_service_pb2_grpc.add_ReportServiceServicer_to_server(ReportServicer(self.reports), server)
         limit_service_pb2_grpc.add_LimitServiceServicer_to_server(LimitServicer(self.limits), server)
+        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(  # type: ignore[no-untyped-call]
+            otlp.TraceServicer(self.ingestor), server
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         if self.extra_handlers:
             server.add_generic_rpc_handlers(self.extra_handlers)
         reflection.enable_server_reflection(
-            (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            (
+                *SERVICE_NAMES,
+                otlp.SERVICE_NAME,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
             server,
         )
         try:

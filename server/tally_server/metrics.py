@@ -38,6 +38,11 @@ ABANDONED = Counter(
     "tally_events_abandoned", "Events not stored because their caller went away before their commit began."
 )
 DATABASE_ERRORS = Counter("tally_database_errors", "Database failures answered UNAVAILABLE.")
+OTLP_SPANS = Counter(
+    "tally_otlp_spans",
+    "Spans received by the OTLP trace export: stored, duplicate, skipped (not a model call) or refused.",
+    ["outcome"],
+)
 # One series per limit (per-experience limits have one period per experience: not exported),
 # refreshed every LIMIT_GAUGE_SECONDS while metrics are served.
 # Every worker reads the same values from the database: the scrape shows the latest.

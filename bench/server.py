@@ -65,9 +65,7 @@ NOOP = grpc.method_handlers_generic_handler(
 
 
 async def main(database_url: str) -> None:
-    settings = Settings(
-        listen="127.0.0.1:0", database_url=database_url, log_level="warning", web_listen="127.0.0.1:0"
-    )
+    settings = Settings(listen="127.0.0.1:0", database_url=database_url, log_level="warning", web_listen="127.0.0.1:0")
     server = TallyServer(settings, (NOOP,))
     await server.start()
     print(f"PORT {server.port} {server.web_port}", flush=True)  # gRPC, then the dashboard

@@ -40,9 +40,9 @@ from . import memory, metrics
 from .config import RefusedToStart, Settings, auth_required
 from .domain.errors import StorageUnavailable
 from .domain.paging import PageTokens
+from .rpc import otlp
 from .rpc.access import Access, required_scopes
 from .rpc.interceptor import Admission, ServerInterceptor
-from .rpc import otlp
 from .rpc.limits import LimitServicer
 from .rpc.servicers import (
     ApiKeyServicer,

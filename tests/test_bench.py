@@ -77,3 +77,11 @@ def test_limits_bench_times_reserve_and_settle_beside_a_noop_at_each_size(postgr
         assert re.search(r"Reserve \+ settling Ingest \(1 limits\) .* \d\.\d\dx", section), section
         assert re.search(r"Reserve \+ settling Ingest \(100 limits\) .* \d\.\d\dx", section), section
         assert "(100 limits, one of them applying)" in section
+
+
+@pytest.mark.slow
+def test_otlp_bench_compares_export_with_ingest_batch():
+    run = run_bench("bench.otlp", "--seconds", "0.3", "--rounds", "1")
+    assert "IngestBatch (512/request, 2 in flight)" in run.stdout, run.stdout
+    assert "Export (512 spans/request, 2 in flight)" in run.stdout, run.stdout
+    assert re.search(r"Export / IngestBatch: \d+\.\d\dx .*target 0\.8x: (meets|MISSES)", run.stdout), run.stdout

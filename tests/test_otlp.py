@@ -424,3 +424,35 @@ def _is_call(attributes: dict[str, Any]) -> bool:
     from tally_server.domain.genai_spans import is_model_call
 
     return is_model_call(attributes)
+
+
+async def test_baggage_names_the_run_once_for_every_span(secured):
+    """The OpenTelemetry way to set a run's experience once: baggage, copied onto every
+    span by the SDK's baggage span processor (as docs/callers.md shows)."""
+    from opentelemetry import baggage, context
+    from opentelemetry.processor.baggage import ALLOW_ALL_BAGGAGE_KEYS, BaggageSpanProcessor
+
+    run, name = str(uuid.uuid4()), await create_type(secured)
+    memory = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(BaggageSpanProcessor(ALLOW_ALL_BAGGAGE_KEYS))
+    provider.add_span_processor(SimpleSpanProcessor(memory))
+    tracer = provider.get_tracer("tests")
+    scope = baggage.set_baggage("tally.experience.name", name)
+    scope = baggage.set_baggage("tally.experience.id", run, context=scope)
+    token = context.attach(scope)
+    try:
+        for _ in range(2):  # two model calls of one run, named once
+            with tracer.start_as_current_span("chat gpt-4o", attributes=GENAI_CALL):
+                pass
+    finally:
+        context.detach(token)
+    provider.shutdown()
+    spans = list(memory.get_finished_spans())
+    assert await asyncio.to_thread(export, secured.target, secured.ingest_key, spans) == SpanExportResult.SUCCESS
+    async with aio.insecure_channel(secured.target) as channel:
+        experiences, _, _ = await read_stubs(channel)
+        got = await experiences.GetExperience(
+            exp_pb.GetExperienceRequest(experience_id=run), metadata=bearer(secured.read_key)
+        )
+    assert got.experience.experience_name == name and got.experience.stats.event_count == 2

@@ -4,11 +4,13 @@ Migration 0005 builds the rollups of the reads from the events stored before it,
 migration's one transaction. This loads a fresh database as `bench.reads` does (through
 the wire, one experience per ten events, one heavy experience, 60 days), stops the
 server, then at each size takes the schema back to 0004 (the rollups dropped) and times
-`tally migrate` building them again:
+`tally migrate` building them again (every migration from there: 0005's rollups, 0006's
+limits, 0007's rebuild of the hourly rollup by model). `--from 0006` times 0007 alone:
 
     python -m bench.migration                           # SQLite, 100,000 and 1,000,000 events
     python -m bench.migration --postgres-url postgresql+asyncpg://postgres@127.0.0.1:5432/test
     python -m bench.migration --sizes 20000             # a quicker look
+    python -m bench.migration --from 0006               # migration 0007 only
 """
 
 from __future__ import annotations
@@ -52,13 +54,13 @@ async def load(database_url: str, name: str, size: int, loader: Loader | None) -
     return loader
 
 
-async def time_migration(database_url: str) -> tuple[float, float]:
-    """Seconds to downgrade to 0004, and to migrate back to the newest schema."""
+async def time_migration(database_url: str, revision: str) -> tuple[float, float]:
+    """Seconds to downgrade to `revision`, and to migrate back to the newest schema."""
     database = Database(database_url, timeout=3600)
     try:
         started = time.perf_counter()
         async with database.write() as conn:
-            await conn.run_sync(lambda c: command.downgrade(alembic_config(c), BEFORE_ROLLUPS))
+            await conn.run_sync(lambda c: command.downgrade(alembic_config(c), revision))
         down = time.perf_counter() - started
         started = time.perf_counter()
         await database.migrate()
@@ -67,15 +69,15 @@ async def time_migration(database_url: str) -> tuple[float, float]:
         await database.dispose()
 
 
-async def run_engine(label: str, database_url: str, sizes: list[int]) -> dict[int, float]:
+async def run_engine(label: str, database_url: str, sizes: list[int], revision: str) -> dict[int, float]:
     print(f"\n== {label}", flush=True)
     loader: Loader | None = None
     name = f"Migration_{uuid.uuid4().hex[:8]}"
     upgrades: dict[int, float] = {}
     for size in sizes:
         loader = await load(database_url, name, size, loader)
-        down, up = await time_migration(database_url)
-        print(f"   {size:,} events: down to {BEFORE_ROLLUPS} in {down:.1f} s, migrated back in {up:.1f} s", flush=True)
+        down, up = await time_migration(database_url, revision)
+        print(f"   {size:,} events: down to {revision} in {down:.1f} s, migrated back in {up:.1f} s", flush=True)
         upgrades[size] = up
     return upgrades
 
@@ -87,20 +89,25 @@ async def main() -> None:
     parser.add_argument("--sizes", default="100000,1000000", help="event counts to time the migration at (ascending)")
     parser.add_argument("--postgres-url", help="also run against this PostgreSQL (a fresh database is created in it)")
     parser.add_argument("--skip-sqlite", action="store_true", help="PostgreSQL only")
+    parser.add_argument(
+        "--from", dest="revision", default=BEFORE_ROLLUPS, help=f"the revision to go back to (default {BEFORE_ROLLUPS})"
+    )
     args = parser.parse_args()
     sizes = sorted(int(size) for size in args.sizes.split(","))
     print(f"Tally migration benchmark: Python {sys.version.split()[0]}, sizes {', '.join(f'{s:,}' for s in sizes)}")
     report: dict[str, dict[int, float]] = {}
     if not args.skip_sqlite:
         with tempfile.TemporaryDirectory() as tmp:
-            report["SQLite"] = await run_engine("SQLite", f"sqlite+aiosqlite:///{tmp}/migration.db", sizes)
+            report["SQLite"] = await run_engine(
+                "SQLite", f"sqlite+aiosqlite:///{tmp}/migration.db", sizes, args.revision
+            )
     if args.postgres_url:
         pg_url = await create_postgres_database(args.postgres_url)
         try:
-            report["PostgreSQL"] = await run_engine("PostgreSQL", pg_url, sizes)
+            report["PostgreSQL"] = await run_engine("PostgreSQL", pg_url, sizes, args.revision)
         finally:
             await drop_postgres_database(args.postgres_url, pg_url)
-    print("\nmigration 0005 (building the rollups from stored events)")
+    print(f"\nthe migrations after {args.revision}, on a database of stored events")
     print(f"{'engine':<12}{'events':>12}{'seconds':>10}{'events/s':>12}")
     for label, upgrades in report.items():
         for size, seconds in upgrades.items():

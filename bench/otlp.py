@@ -140,9 +140,8 @@ def report(label: str, exports: list[Result], batches: list[Result]) -> None:
     for result in (batch, export):
         print(f"{result.scenario:<48}{result.rate:>10,.0f}{result.p50_ms:>9.1f}{result.p99_ms:>9.1f}")
     verdict = "meets" if ratio >= TARGET else "MISSES"
-    print(
-        f"Export / IngestBatch: {ratio:.2f}x (rounds: {', '.join(f'{r:.2f}' for r in ratios)}); target {TARGET}x: {verdict}"
-    )
+    rounds = ", ".join(f"{r:.2f}" for r in ratios)
+    print(f"Export / IngestBatch: {ratio:.2f}x (rounds: {rounds}); target {TARGET}x: {verdict}")
 
 
 async def main() -> None:

@@ -23,6 +23,7 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExportResult
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import Status, StatusCode
+from prometheus_client import REGISTRY
 
 from tally.v1 import (
     event_service_pb2 as ev_pb,
@@ -73,6 +74,11 @@ async def secured(backend, tmp_path_factory):
     yield Secured(server, f"127.0.0.1:{server.port}", ingest_key, read_key)
     await server.stop()
     await drop_database_url(url)
+
+
+def spans_counted(outcome: str) -> float:
+    """tally_otlp_spans_total{outcome}: the server runs in this process."""
+    return REGISTRY.get_sample_value("tally_otlp_spans_total", {"outcome": outcome}) or 0.0
 
 
 def bearer(secret: str) -> tuple[tuple[str, str], ...]:
@@ -135,12 +141,14 @@ async def test_the_sdk_exporter_sends_genai_spans_priced_once_each_token(secured
             ),
         ],
     )
+    skipped_before = spans_counted("skipped")
     # Without a key, or with one of another scope: refused, nothing stored.
     assert await asyncio.to_thread(export, secured.target, "", spans) == SpanExportResult.FAILURE
     assert (
         await asyncio.to_thread(export, secured.target, secured.read_key[:-2] + "xx", spans) == SpanExportResult.FAILURE
     )
     assert await asyncio.to_thread(export, secured.target, secured.ingest_key, spans) == SpanExportResult.SUCCESS
+    assert spans_counted("skipped") == skipped_before + 2  # the HTTP span and the agent's, counted
 
     async with aio.insecure_channel(secured.target) as channel:
         experiences, prices, events = await read_stubs(channel)

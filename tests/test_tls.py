@@ -16,16 +16,20 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+from opentelemetry.sdk.trace.export import SpanExportResult
 
-from tally_client import TallyClient, Unavailable
+from tally_client import EventFilter, TallyClient, Unavailable
 
 from .readme import BIN
 from .server_process import ServerProcess
+from .test_otlp import GENAI_CALL, record_spans
 
 
 @dataclass
@@ -133,6 +137,16 @@ def test_tls_serves_only_tls(pki, tmp_path):
             env={k: v for k, v in os.environ.items() if not k.startswith("TALLY_")},
         )
         assert plain.returncode == 1 and "add --tls, or --ca-file" in plain.stderr, plain.stderr
+        # OTLP on the same TLS port: the SDK's exporter with the CA stores a GenAI span.
+        assert "opentelemetry.proto.collector.trace.v1.TraceService" in trusted.stdout
+        spans = record_spans({}, [("chat gpt-4o", GENAI_CALL, False)])
+        credentials = grpc.ssl_channel_credentials(servers.pem.read_bytes())
+        exporter = OTLPSpanExporter(endpoint=server.target, credentials=credentials, timeout=10)
+        assert exporter.export(spans) == SpanExportResult.SUCCESS
+        exporter.shutdown()
+        with TallyClient(server.target, ca_file=servers.pem) as client:
+            (stored,) = client.list_events(EventFilter(resource="gpt-4o-2024-08-06")).events
+        assert stored.event.properties["otel.span_id"] == format(spans[0].context.span_id, "016x")
     finally:
         server.terminate()
 

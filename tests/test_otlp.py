@@ -5,6 +5,7 @@ track_openai records for the same calls. On both databases."""
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 import uuid
 from collections.abc import Sequence
@@ -310,7 +311,11 @@ def answered(call: Any) -> tuple[Any, grpc.StatusCode]:
 
 
 _COUNTS = st.one_of(
-    st.integers(-5, 10**6), st.sampled_from([0, 2**31, 10**13, -(2**63)]), st.floats(-1, 1e6), st.text(max_size=5)
+    st.sampled_from([math.nan, math.inf, 0.5, True]),
+    st.integers(-5, 10**6),
+    st.sampled_from([0, 2**31, 10**13, -(2**63)]),
+    st.floats(-1, 1e6),
+    st.text(max_size=5),
 )
 _ATTRIBUTES = st.fixed_dictionaries(
     {"gen_ai.provider.name": st.sampled_from(["openai", "anthropic", "gcp.gemini", "nobody", ""])},
@@ -328,7 +333,8 @@ _ATTRIBUTES = st.fixed_dictionaries(
         "tally.experience.version": st.integers(-2, 3) | st.text(max_size=3),
         "tally.use_case.name": st.sampled_from(["Otel_Prop", "Other_Name"]),
         "tally.request_tags": st.lists(st.text(max_size=10), max_size=3) | st.text(max_size=20),
-        "gen_ai.response.time_to_first_chunk": st.floats(-1, 1e7),
+        "gen_ai.response.time_to_first_chunk": st.floats(-1, 1e7) | st.sampled_from([math.nan, math.inf, -math.inf]),
+        "tally.experience.id ": st.just("a key with a trailing space: not Tally's"),
     },
 )
 

@@ -15,6 +15,7 @@ ones at their cache rate, reasoning at its own.
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -96,8 +97,7 @@ def usage_event(span: Span, now_us: int) -> UsageEvent | TallyError:
     units = _units(attributes, v)
     tier = _text(attributes, "openai.response.service_tier") or _text(attributes, "gen_ai.openai.response.service_tier")
     status = _integer(attributes, "http.response.status_code", v) or (FAILED_STATUS if span.failed else 0)
-    first_chunk = attributes.get("gen_ai.response.time_to_first_chunk")  # seconds
-    first_token_ms = round(first_chunk * 1000) if isinstance(first_chunk, int | float) else 0
+    first_token_ms = _milliseconds(attributes, "gen_ai.response.time_to_first_chunk", v)
     if span.end_unix_nano < span.start_unix_nano:
         v.add("end_time_unix_nano", "the span ends before it starts")
     event = UsageEvent(
@@ -106,7 +106,7 @@ def usage_event(span: Span, now_us: int) -> UsageEvent | TallyError:
         units=units,
         event_time_us=span.start_unix_nano // 1000,
         end_to_end_latency_ms=max(0, span.end_unix_nano - span.start_unix_nano) // 1_000_000,
-        time_to_first_token_ms=max(0, first_token_ms),
+        time_to_first_token_ms=first_token_ms,
         http_status_code=status,
         provider_response_id=_text(attributes, "gen_ai.response.id"),
         idempotency_key=idempotency_key(span),
@@ -156,7 +156,10 @@ def _context(span: Span, v: Violations) -> EventContext:
             value = _attribute(span, key)
             if value is None or value == "":
                 continue
-            text = str(value) if not isinstance(value, bool) else ""
+            if isinstance(value, bool) or not isinstance(value, str | int):
+                v.add(key, f"must be a string, got {str(value)[:80]!r}")
+                continue
+            text = str(value)
             if target in values and values[target] != text:
                 v.add(key, f"{text[:80]!r} contradicts {keys[0]}={values[target][:80]!r}")
             values.setdefault(target, text)
@@ -206,6 +209,17 @@ def _integer(attributes: Mapping[str, AttributeValue], key: str, v: Violations, 
         v.add(key, f"must be a whole number of 0 or more, got {str(value)[:80]!r}")
         return 0
     return value
+
+
+def _milliseconds(attributes: Mapping[str, AttributeValue], key: str, v: Violations) -> int:
+    """A duration in seconds (a double, as the conventions give it) in milliseconds."""
+    value = attributes.get(key)
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+        v.add(key, f"must be a duration of 0 seconds or more, got {str(value)[:80]!r}")
+        return 0
+    return round(value * 1000)
 
 
 def _content_hash(event: UsageEvent) -> str:

@@ -118,7 +118,9 @@ def _rebuild(with_model: bool) -> None:
 def upgrade() -> None:
     _rebuild(with_model=True)
     where = sa.text(f"cost_state != {_PRICED}")
-    op.create_index("ix_events_not_priced", "events", ["event_time_us"], sqlite_where=where, postgresql_where=where)
+    op.create_index(
+        "ix_events_not_priced", "events", ["event_time_us", "id"], sqlite_where=where, postgresql_where=where
+    )
 
 
 def downgrade() -> None:

@@ -158,10 +158,12 @@ events = sa.Table(
     sa.Column("price_variant", sa.JSON(none_as_null=True), nullable=True),
     # An experience's events in event-time order (ListEvents, deletions).
     sa.Index("ix_events_experience_time", "experience_id", "event_time_us", "id"),
-    # The events not fully priced, newest first as ListEvents orders them (the dashboard's
-    # reasons): without it, their newest thousand were sorted out of the whole window.
+    # The events not fully priced, of one state, newest first as ListEvents orders them (the
+    # dashboard's reasons): without it, their newest thousand were sorted out of the whole
+    # window; without the state first, a state with none scanned all the others.
     sa.Index(
         "ix_events_not_priced",
+        "cost_state",
         "event_time_us",
         "id",
         sqlite_where=sa.text("cost_state != 1"),

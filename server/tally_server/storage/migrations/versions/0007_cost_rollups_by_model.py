@@ -119,7 +119,11 @@ def upgrade() -> None:
     _rebuild(with_model=True)
     where = sa.text(f"cost_state != {_PRICED}")
     op.create_index(
-        "ix_events_not_priced", "events", ["event_time_us", "id"], sqlite_where=where, postgresql_where=where
+        "ix_events_not_priced",
+        "events",
+        ["cost_state", "event_time_us", "id"],
+        sqlite_where=where,
+        postgresql_where=where,
     )
 
 

@@ -241,10 +241,14 @@ def limit_not_found(name: str) -> TallyError:
     return not_found("LIMIT_NOT_FOUND", "tally.v1.Limit", name, f"there is no limit named {name!r}")
 
 
-def limit_exceeded(
-    refused: Sequence[tuple[Limit, PeriodSpend]], amount_nanos: int, retry_seconds: float | None
-) -> TallyError:
+def limit_exceeded(refused: Sequence[tuple[Limit, PeriodSpend]], amount_nanos: int, now_us: int) -> TallyError:
+    """RESOURCE_EXHAUSTED naming each refusing limit (QuotaFailure), with RetryInfo when
+    there is room again: once every refusing limit's period has ended (none, when one of
+    them is a lifetime limit)."""
     names = ", ".join(repr(limit.name) for limit, _ in refused)
+    ends = [period_end(limit, spend.key.start_us) for limit, spend in refused]
+    finite = [end for end in ends if end is not None]
+    retry_seconds = max(1.0, (max(finite) - now_us) / 1e6) if finite and len(finite) == len(ends) else None
     return TallyError(
         Code.RESOURCE_EXHAUSTED,
         "LIMIT_EXCEEDED",

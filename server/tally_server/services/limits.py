@@ -286,14 +286,7 @@ class Limits:
                 (limit, spends[key]) for limit, key in blocking if not rules.room_for(limit, spends[key], amount_nanos)
             ]
             if refused:
-                ends = [
-                    rules.period_end(limit, spends[key].key.start_us)
-                    for limit, key in blocking
-                    if limit in dict(refused)
-                ]
-                finite = [end for end in ends if end is not None]
-                retry = max(1.0, (min(finite) - now) / 1e6) if finite and len(finite) == len(ends) else None
-                raise rules.limit_exceeded(refused, amount_nanos, retry)
+                raise rules.limit_exceeded(refused, amount_nanos, now)
             reservation_id = uuid.uuid4()
             expire = now + seconds * 1_000_000
             await stored_limits.insert_reservation(
@@ -391,16 +384,6 @@ class Limits:
                 seen[view.limit.name] = now
                 yield view, reason
             await asyncio.sleep(max(0.0, interval - (time.monotonic() - started)))
-
-
-def _until_room(refused: Sequence[tuple[rules.Limit, rules.PeriodSpend]], now: int) -> float | None:
-    """Seconds until every refusing limit's period ends (its spend starts again); None when
-    one of them never ends (a lifetime limit)."""
-    ends = [rules.period_end(limit, spend.key.start_us) for limit, spend in refused]
-    finite = [end for end in ends if end is not None]
-    if len(finite) < len(ends):
-        return None
-    return max(1.0, (max(finite) - now) / 1e6)
 
 
 def _subject(experience_id: str) -> str:

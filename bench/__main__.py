@@ -32,6 +32,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -172,12 +173,16 @@ async def stream_load(channel, method: str, metadata, seconds: float, window: in
     return summarize(name, len(latencies), time.perf_counter() - start, latencies)
 
 
-async def batch_load(channel, metadata, seconds: float, batch_size: int, concurrency: int, keys: Keys) -> Result:
-    call = channel.unary_unary(
-        "/tally.v1.IngestService/IngestBatch",
-        request_serializer=None,  # requests are encoded by encode_batch
-        response_deserializer=pb.IngestBatchResponse.FromString,
-    )
+async def request_load(
+    send: Callable[[bytes], Awaitable[None]],
+    make: Callable[[], bytes],
+    per_request: int,
+    seconds: float,
+    concurrency: int,
+    name: str,
+) -> Result:
+    """`concurrency` callers each sending make()'s request with send() until `seconds` pass;
+    the latency of each call is the send alone, not the making of its request."""
     latencies: list[float] = []
     events = 0
     start = time.perf_counter()
@@ -186,17 +191,32 @@ async def batch_load(channel, metadata, seconds: float, batch_size: int, concurr
     async def worker() -> None:
         nonlocal events
         while time.perf_counter() < deadline:
-            request = encode_batch([keys.next() for _ in range(batch_size)])
+            request = make()
             sent = time.perf_counter()
-            response = await call(request, metadata=metadata)
+            await send(request)
             latencies.append(time.perf_counter() - sent)
-            assert response.accepted_count == batch_size, response.items[0]
-            events += batch_size
+            events += per_request
 
     await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return summarize(
-        f"IngestBatch ({batch_size}/request, {concurrency} in flight)", events, time.perf_counter() - start, latencies
+    return summarize(name, events, time.perf_counter() - start, latencies)
+
+
+async def batch_load(channel, metadata, seconds: float, batch_size: int, concurrency: int, keys: Keys) -> Result:
+    call = channel.unary_unary(
+        "/tally.v1.IngestService/IngestBatch",
+        request_serializer=None,  # requests are encoded by encode_batch
+        response_deserializer=pb.IngestBatchResponse.FromString,
     )
+
+    async def send(request: bytes) -> None:
+        response = await call(request, metadata=metadata)
+        assert response.accepted_count == batch_size, response.items[0]
+
+    def make() -> bytes:
+        return encode_batch([keys.next() for _ in range(batch_size)])
+
+    name = f"IngestBatch ({batch_size}/request, {concurrency} in flight)"
+    return await request_load(send, make, batch_size, seconds, concurrency, name)
 
 
 def storage_rows(count: int, experience_id: uuid.UUID, as_text: bool) -> list[tuple]:

@@ -28,8 +28,8 @@ from .__main__ import (
     batch_load,
     create_postgres_database,
     drop_postgres_database,
+    request_load,
     start_server,
-    summarize,
 )
 
 SPANS_PER_REQUEST = 512
@@ -77,24 +77,15 @@ async def export_load(channel: aio.Channel, seconds: float, concurrency: int, re
         request_serializer=None,
         response_deserializer=otlp_pb.ExportTraceServiceResponse.FromString,
     )
-    latencies: list[float] = []
-    events = 0
-    start = time.perf_counter()
-    deadline = start + seconds
 
-    async def worker() -> None:
-        nonlocal events
-        while time.perf_counter() < deadline:
-            request = export_request(SPANS_PER_REQUEST, resource)
-            sent = time.perf_counter()
-            response = await call(request)
-            latencies.append(time.perf_counter() - sent)
-            assert not response.partial_success.rejected_spans, response.partial_success.error_message
-            events += SPANS_PER_REQUEST
+    async def send(request: bytes) -> None:
+        response = await call(request)
+        assert not response.partial_success.rejected_spans, response.partial_success.error_message
 
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
     name = f"Export ({SPANS_PER_REQUEST} spans/request, {concurrency} in flight)"
-    return summarize(name, events, time.perf_counter() - start, latencies)
+    return await request_load(
+        send, lambda: export_request(SPANS_PER_REQUEST, resource), SPANS_PER_REQUEST, seconds, concurrency, name
+    )
 
 
 async def run_engine(label: str, database_url: str, args: argparse.Namespace) -> tuple[list[Result], list[Result]]:

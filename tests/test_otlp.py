@@ -119,12 +119,12 @@ async def create_type(secured: Secured) -> str:
     return name
 
 
-async def read_stubs(channel: aio.Channel):
-    return (
-        experience_service_pb2_grpc.ExperienceServiceStub(channel),
-        price_catalog_service_pb2_grpc.PriceCatalogServiceStub(channel),
-        event_service_pb2_grpc.EventServiceStub(channel),
-    )
+async def get_experience(secured: Secured, experience_id: str) -> exp_pb.Experience:
+    """The run with its stats, read with the read key."""
+    async with aio.insecure_channel(secured.target) as channel:
+        stub = experience_service_pb2_grpc.ExperienceServiceStub(channel)
+        request = exp_pb.GetExperienceRequest(experience_id=experience_id)
+        return (await stub.GetExperience(request, metadata=bearer(secured.read_key))).experience
 
 
 async def test_the_sdk_exporter_sends_genai_spans_priced_once_each_token(secured):
@@ -151,13 +151,12 @@ async def test_the_sdk_exporter_sends_genai_spans_priced_once_each_token(secured
     assert await asyncio.to_thread(export, secured.target, secured.ingest_key, spans) == SpanExportResult.SUCCESS
     assert spans_counted("skipped") == skipped_before + 2  # the HTTP span and the agent's, counted
 
+    got = await get_experience(secured, run)
+    assert got.experience_name == name and got.stats.event_count == 1
     async with aio.insecure_channel(secured.target) as channel:
-        experiences, prices, events = await read_stubs(channel)
+        prices = price_catalog_service_pb2_grpc.PriceCatalogServiceStub(channel)
+        events = event_service_pb2_grpc.EventServiceStub(channel)
         meta = bearer(secured.read_key)
-        got = (
-            await experiences.GetExperience(exp_pb.GetExperienceRequest(experience_id=run), metadata=meta)
-        ).experience
-        assert got.experience_name == name and got.stats.event_count == 1
         quote = await prices.QuotePrice(
             price_pb.QuotePriceRequest(
                 category="system.openai",
@@ -175,13 +174,8 @@ async def test_the_sdk_exporter_sends_genai_spans_priced_once_each_token(secured
         assert stored.xproxy_result.price.resource == "gpt-4o"  # the dated snapshot, under its model
     # The same export again: duplicates, nothing new.
     assert await asyncio.to_thread(export, secured.target, secured.ingest_key, spans) == SpanExportResult.SUCCESS
-    async with aio.insecure_channel(secured.target) as channel:
-        experiences, _, _ = await read_stubs(channel)
-        again = await experiences.GetExperience(exp_pb.GetExperienceRequest(experience_id=run), metadata=meta)
-        assert (
-            again.experience.stats.event_count == 1
-            and again.experience.stats.cost_total == quote.xproxy_result.cost_total
-        )
+    again = await get_experience(secured, run)
+    assert again.stats.event_count == 1 and again.stats.cost_total == quote.xproxy_result.cost_total
 
 
 async def test_bad_genai_spans_are_refused_one_by_one_and_the_rest_stored(secured):
@@ -216,19 +210,12 @@ async def test_bad_genai_spans_are_refused_one_by_one_and_the_rest_stored(secure
         message = response.partial_success.error_message
         assert "gen_ai.request.model" in message and "gen_ai.usage.output_tokens" in message, message
         assert "includes the cache reads" in message, message
-        experiences, _, _ = await read_stubs(channel)
-        meta = bearer(secured.read_key)
-        stats = (
-            await experiences.GetExperience(exp_pb.GetExperienceRequest(experience_id=run), metadata=meta)
-        ).experience.stats
+        stats = (await get_experience(secured, run)).stats
         assert (stats.event_count, stats.failed_event_count) == (2, 1)  # the good one and the failed call
         # Sent again: the refused ones are refused again, nothing is stored twice.
         again = await stub.Export(request, metadata=bearer(secured.ingest_key))
         assert again.partial_success.rejected_spans == 3
-        stats = (
-            await experiences.GetExperience(exp_pb.GetExperienceRequest(experience_id=run), metadata=meta)
-        ).experience.stats
-        assert stats.event_count == 2
+        assert (await get_experience(secured, run)).stats.event_count == 2
         # An empty export, and an export of spans that are no model calls, answer OK with nothing refused.
         empty = await stub.Export(otlp_pb.ExportTraceServiceRequest(), metadata=bearer(secured.ingest_key))
         assert not empty.HasField("partial_success")
@@ -282,15 +269,7 @@ async def test_openai_instrumentation_costs_what_track_openai_records(secured):
         instrumentor.uninstrument()
         tracer_provider.shutdown()
         provider_server.shutdown()
-    async with aio.insecure_channel(secured.target) as channel:
-        experiences, _, _ = await read_stubs(channel)
-        meta = bearer(secured.read_key)
-        from_spans = (
-            await experiences.GetExperience(exp_pb.GetExperienceRequest(experience_id=run), metadata=meta)
-        ).experience
-        tracked = (
-            await experiences.GetExperience(exp_pb.GetExperienceRequest(experience_id=tracked_id), metadata=meta)
-        ).experience
+    from_spans, tracked = await get_experience(secured, run), await get_experience(secured, tracked_id)
     assert from_spans.stats.event_count == tracked.stats.event_count == 3
     assert from_spans.stats.cost_total == tracked.stats.cost_total and tracked.stats.cost_total.nanos > 0
     print(f"\n3 calls: ${from_spans.stats.cost_total.nanos / 1e9:.6f} from spans, the same from track_openai")
@@ -464,9 +443,5 @@ async def test_baggage_names_the_run_once_for_every_span(secured):
     provider.shutdown()
     spans = list(memory.get_finished_spans())
     assert await asyncio.to_thread(export, secured.target, secured.ingest_key, spans) == SpanExportResult.SUCCESS
-    async with aio.insecure_channel(secured.target) as channel:
-        experiences, _, _ = await read_stubs(channel)
-        got = await experiences.GetExperience(
-            exp_pb.GetExperienceRequest(experience_id=run), metadata=bearer(secured.read_key)
-        )
-    assert got.experience.experience_name == name and got.experience.stats.event_count == 2
+    got = await get_experience(secured, run)
+    assert got.experience_name == name and got.stats.event_count == 2

@@ -232,6 +232,12 @@ def applied(limit: Limit, subject: str, before_nanos: int, after_nanos: int) -> 
     return Applied(limit, subject, state, state != state_of(limit, before_nanos), after_nanos)
 
 
+def may_settle(reserving_key: str, key_name: str) -> bool:
+    """Whether a call with `key_name` may release or settle a reservation made with
+    `reserving_key` ("" for either: API keys were off)."""
+    return not (reserving_key and key_name and reserving_key != key_name)
+
+
 def room_for(limit: Limit, spend: PeriodSpend, amount_nanos: int) -> bool:
     """Whether a BLOCK limit lets a reservation of `amount_nanos` in."""
     return spend.spend_nanos + spend.reserved_nanos + amount_nanos <= limit.max_nanos

@@ -204,6 +204,8 @@ class UsageEvent:
     # SHA-256 of the event as the caller sent it, to tell a retry from a reuse of its key.
     content_hash: str
     price_context: dict[str, str] = field(default_factory=dict)
+    # The API key the event came with ("" with keys off): it settles only its own reservations.
+    key_name: str = ""
 
 
 @dataclass(slots=True)

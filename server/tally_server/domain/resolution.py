@@ -104,7 +104,7 @@ Decision = Resolution | TallyError | ToCreate
 _UNATTRIBUTED = Resolution(None)
 
 
-def _plan(context: EventContext) -> Plan | None:
+def plan_of(context: EventContext) -> Plan | None:
     if not context.experience_id:
         if not context.experience_name:
             return None  # rule 5
@@ -132,10 +132,10 @@ def plans(contexts: Sequence[EventContext]) -> list[Plan | None]:
             plans.append(last_plan)
             continue
         if not context.experience_id:
-            plan = _plan(context)
+            plan = plan_of(context)
         else:
             if context not in planned:
-                planned[context] = _plan(context)
+                planned[context] = plan_of(context)
             plan = planned[context]
         plans.append(plan)
         last_context, last_plan = context, plan

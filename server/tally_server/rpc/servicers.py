@@ -240,6 +240,7 @@ def _prepare(message: ing_pb.UsageEvent, call: EventContext, now: int, prefix: s
     v = Violations(prefix)
     event.context = metadata.merge_context(call, event.context, v)
     event.price_context = metadata.merge_price_context(call, event, v)
+    event.key_name = _key_name()
     return event_rules.checked_event(event, now, v)
 
 

@@ -24,7 +24,7 @@ from ..logs import RepeatedLog
 from ..storage import events as stored_events, experiences as stored_experiences, rollups as stored_rollups
 from ..storage.db import Database
 from .catalog import LiveCatalog
-from .limits import LiveLimits, count_against_limits
+from .limits import LiveLimits, count_against_limits, settle_named
 from .resolution import resolve_experiences
 
 log = logging.getLogger(__name__)
@@ -188,7 +188,7 @@ class Ingestor:
         keys = {key for item in current if (key := idempotency_key(item.event))}
         started = time.perf_counter()
         try:
-            outcomes, raced = await self._store(current, keys)
+            outcomes, raced, notes = await self._store(current, keys)
             metrics.COMMIT_SECONDS.observe(time.perf_counter() - started)
             metrics.COMMIT_EVENTS.observe(len(current))
         # Deliberately any exception: whatever failed, every caller waiting on this batch gets an answer.
@@ -214,6 +214,9 @@ class Ingestor:
             for item, _ in raced:
                 outcomes.setdefault(id(item), error)
         _count_stored(current, outcomes)
+        for item_id, said in notes.items():
+            if isinstance(outcome := outcomes.get(item_id), IngestResult):
+                outcome.warnings = (*outcome.warnings, said)
         for item in current:
             self._settle(item, outcomes[id(item)])
 
@@ -236,9 +239,10 @@ class Ingestor:
 
     async def _store(
         self, current: list[_Pending], keys: set[str]
-    ) -> tuple[dict[int, Any], list[tuple[_Pending, IngestResult]]]:
+    ) -> tuple[dict[int, Any], list[tuple[_Pending, IngestResult]], dict[int, str]]:
         """One transaction: duplicates, resolution, pricing, insert. Returns the outcome
-        per item, and the items another replica stored first under the same key."""
+        per item, the items another replica stored first under the same key, and a warning
+        for each duplicate that named a limit reservation (released, as nothing is counted)."""
         now = now_us()
         outcomes: dict[int, Any] = {}
         async with self.db.write() as conn:
@@ -286,6 +290,9 @@ class Ingestor:
             if skipped:
                 await _drop_experiences_of_raced(conn, results, skipped)
                 stored_pairs = [pair for pair in stored_pairs if pair[1].request_id not in skipped]
+            repeats = [item for item in current if isinstance(outcomes.get(id(item)), IngestResult)]
+            repeats += [item for item, result in results if skipped and result.request_id in skipped]
+            notes = await _release_for_repeats(conn, repeats, now)
             by_experience, by_hour = rollups_of(stored_pairs)
             await stored_rollups.add(conn, by_experience, by_hour, type_deltas(before, by_experience))
             # Limits count in the same transaction: their spend is the sum of their events.
@@ -298,7 +305,7 @@ class Ingestor:
                 raced.append((item, result))
             else:
                 outcomes[id(item)] = result
-        return outcomes, raced
+        return outcomes, raced, notes
 
     def _price(self, event: UsageEvent) -> Cost:
         return self.catalog.prices.price(
@@ -374,6 +381,18 @@ async def _drop_experiences_of_raced(
     empty = {experience_id for experience_id in created - kept if experience_id is not None}
     if empty:
         await stored_experiences.delete_experiences(conn, empty)
+
+
+async def _release_for_repeats(conn: AsyncConnection, repeats: Sequence[_Pending], now: int) -> dict[int, str]:
+    """A duplicate event counts nothing; a limit reservation it names (a retry of the call may
+    hold a new one) is released rather than left held until it expires, and the caller told."""
+    named: dict[uuid.UUID, list[tuple[str, int]]] = {}
+    for item in repeats:
+        if reservation := item.event.context.limit_reservation:
+            named.setdefault(uuid.UUID(reservation), []).append((item.event.key_name, id(item)))
+    if not named:
+        return {}
+    return dict(await settle_named(conn, named, now, repeats=True))
 
 
 def _first_of_each_key(batch: list[_Pending]) -> tuple[list[_Pending], list[_Pending]]:

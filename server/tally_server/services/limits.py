@@ -8,7 +8,8 @@ import dataclasses
 import hashlib
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from typing import TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -18,17 +19,19 @@ from ..domain.events import quote
 from ..domain.models import EventContext, IngestResult, UsageEvent, now_us
 from ..domain.validation import check_name, check_request_id, parse_uuid
 from ..storage import (
-    experiences as stored_experiences,
     idempotency as stored_idempotency,
     limits as stored_limits,
 )
 from ..storage.db import Database
 from .catalog import LiveCatalog
+from .resolution import limit_subject
 
 # Settled and expired reservations are kept this long (a Release of one says
 # "no longer outstanding" rather than "never existed"), then forgotten.
 KEEP_RESERVATIONS_US = 24 * 3600 * 1_000_000
 FORGET_EVERY_US = 60 * 1_000_000
+# How often WatchLimits' shared feed reads every limit.
+WATCH_INTERVAL_SECONDS = 1.0
 
 
 async def count_against_limits(
@@ -37,16 +40,13 @@ async def count_against_limits(
     """In the writer's transaction: settles the reservations the events name, adds each
     event's cost to every limit that applies to it (in its event time's period), and leaves
     on each result the states it left those limits in, in the order the events came."""
-    named: dict[uuid.UUID, list[IngestResult]] = {}
+    named: dict[uuid.UUID, list[tuple[str, IngestResult]]] = {}
     for event, result in stored:
         if event.context.limit_reservation:
-            named.setdefault(uuid.UUID(event.context.limit_reservation), []).append(result)
+            named.setdefault(uuid.UUID(event.context.limit_reservation), []).append((event.key_name, result))
     if named:
-        settled = await stored_limits.settle(conn, named, now)
-        for reservation_id, results in named.items():
-            for result in results if reservation_id not in settled else results[1:]:
-                said = f"limit reservation {reservation_id} was not outstanding (settled, released or expired)"
-                result.warnings = (*result.warnings, said)
+        for result, said in await settle_named(conn, named, now):
+            result.warnings = (*result.warnings, said)
     if not book:
         return
     counted: list[list[tuple[rules.Limit, rules.PeriodKey]]] = []
@@ -88,6 +88,40 @@ async def count_against_limits(
                 running[key] = before + result.cost.total_nanos
                 states.append(rules.applied(limit, key.subject, before, running[key]))
             result.limits = tuple(states)
+
+
+T = TypeVar("T")
+
+
+async def settle_named(
+    conn: AsyncConnection, named: Mapping[uuid.UUID, Sequence[tuple[str, T]]], now: int, repeats: bool = False
+) -> list[tuple[T, str]]:
+    """Settles each reservation named by events (their key name and a tag of the caller's),
+    the first event of the reserving key settling it. Returns a warning per event that did
+    not settle its reservation, saying why (`repeats`: the events are duplicates of events
+    stored before, and the one that settled is told so too)."""
+    owners = await stored_limits.reservation_keys(conn, list(named))
+    mine = {
+        reservation_id
+        for reservation_id, events in named.items()
+        if reservation_id in owners and any(rules.may_settle(owners[reservation_id], key) for key, _ in events)
+    }
+    settled = await stored_limits.settle(conn, mine, now)
+    warnings: list[tuple[T, str]] = []
+    for reservation_id, events in named.items():
+        first = reservation_id in settled
+        for key_name, tag in events:
+            if reservation_id in owners and not rules.may_settle(owners[reservation_id], key_name):
+                said = f"limit reservation {reservation_id} was made with another API key; this event did not settle it"
+            elif first:
+                first = False
+                if not repeats:
+                    continue
+                said = f"a duplicate of an event stored before: limit reservation {reservation_id} was released"
+            else:
+                said = f"limit reservation {reservation_id} was not outstanding (settled, released or expired)"
+            warnings.append((tag, said))
+    return warnings
 
 
 class LiveLimits:
@@ -146,6 +180,13 @@ class Limits:
         self._forgotten_us = 0
         self.pages = pages or paging.PageTokens()
         self.reservation_seconds = reservation_seconds
+        self.feed = LimitFeed(self._snapshot)
+
+    async def _snapshot(self) -> Snapshot:
+        async with self.db.read() as conn:
+            limits = await stored_limits.all_limits(conn)
+            current = await _current_views(conn, limits, now_us())
+        return Snapshot(frozenset(limit.name for limit in limits), current)
 
     async def create(self, limit: rules.Limit) -> rules.Limit:
         if not limit.threshold_percent:
@@ -188,12 +229,9 @@ class Limits:
         after = self.pages.decode(page_token, "limits", None, lambda p: isinstance(p, str))
         async with self.db.read() as conn:
             found = await stored_limits.list_limits(conn, after, size + 1)
-            items = [
-                (limit, None if limit.scope.per_experience else await self._current(conn, limit, ""))
-                for limit in found[:size]
-            ]
+            views = await _current_views(conn, found[:size], now_us())
         token = self.pages.encode("limits", None, found[size - 1].name) if len(found) > size else ""
-        return items, token
+        return [(limit, views.get(limit.name)) for limit in found[:size]], token
 
     async def periods(
         self, name: str, experience_id: str, page_size: int, page_token: str
@@ -245,14 +283,12 @@ class Limits:
         key_name: str,
     ) -> Granted:
         """Grants a reservation of the estimate if every BLOCK limit that applies has room for
-        it; LIMIT_EXCEEDED (RESOURCE_EXHAUSTED) naming those that have not."""
+        it; LIMIT_EXCEEDED (RESOURCE_EXHAUSTED) naming those that have not. The context is
+        resolved as ingest resolves an event's, without creating anything."""
         v = Violations()
         check_request_id(v, "request_id", request_id)
         if not 0 <= ttl_seconds <= rules.MAX_RESERVATION_SECONDS:
             v.add("ttl_seconds", f"must be 1 to {rules.MAX_RESERVATION_SECONDS:,} seconds, or 0 for the default")
-        experience_id = parse_uuid(context.experience_id) if context.experience_id else None
-        if context.experience_id and experience_id is None:
-            v.add("context.experience_id", f"not a UUID: {context.experience_id[:80]!r}")
         if (amount_nanos is None) == (usage is None):
             v.add("estimate", "set either amount, or category, resource and units")
         elif amount_nanos is not None and not 0 <= amount_nanos <= rules.MAX_LIMIT_NANOS:
@@ -265,22 +301,25 @@ class Limits:
         assert amount_nanos is not None
         fingerprint = f"{context}|{amount_nanos}|{ttl_seconds}"
         seconds = ttl_seconds or self.reservation_seconds
+        # Request ids are the reserving key's own: another key's id is another reservation.
+        operation = "Reserve" if not key_name else f"Reserve/{_hash(key_name)[:16]}"
         async with self.db.write() as conn:
             if request_id:
-                seen = await stored_idempotency.get_idempotent_request(conn, "Reserve", request_id)
+                seen = await stored_idempotency.get_idempotent_request(conn, operation, request_id)
                 if seen is not None:
                     return await self._granted_again(conn, seen, fingerprint, request_id)
-            now = now_us()
+            now = await stored_limits.begin_reservation(conn)
             if now - self._forgotten_us >= FORGET_EVERY_US:  # not on every call: two deletes each
                 await stored_limits.forget_expired(conn, now, now - KEEP_RESERVATIONS_US)
                 self._forgotten_us = now
-            subject = await self._subject_of(conn, context, experience_id)
+            subject = await limit_subject(conn, context)
             book = await self.live.refresh(conn)
             blocking = [
                 (limit, rules.PeriodKey(limit.limit_id, subj, rules.period_start(limit, now)))
                 for limit, subj in book.applicable(subject)
                 if limit.kind == rules.LimitKind.BLOCK
             ]
+            await stored_limits.lock_holders(conn, [(key.limit_id, key.subject) for _, key in blocking])
             spends = await stored_limits.locked_spend(conn, [key for _, key in blocking], now)
             refused = [
                 (limit, spends[key]) for limit, key in blocking if not rules.room_for(limit, spends[key], amount_nanos)
@@ -294,21 +333,27 @@ class Limits:
             )
             if request_id:
                 await stored_idempotency.put_idempotent_request(
-                    conn, "Reserve", request_id, _hash(fingerprint), str(reservation_id), now
+                    conn, operation, request_id, _hash(fingerprint), str(reservation_id), now
                 )
         return Granted(reservation_id, amount_nanos, expire, tuple(dict.fromkeys(limit.name for limit, _ in blocking)))
 
     async def _granted_again(
         self, conn: AsyncConnection, seen: tuple[str, str], fingerprint: str, request_id: str
     ) -> Granted:
+        """The reservation a request id made, while it is outstanding; once it is not, the
+        truth (FAILED_PRECONDITION), not a grant of what no longer holds."""
         if seen[0] != _hash(fingerprint):
             raise already_exists(
                 "REQUEST_ID_REUSED", "tally.v1.Reservation", request_id, "request_id was used for another reservation"
             )
         reservation_id = uuid.UUID(seen[1])
         row = await stored_limits.get_reservation(conn, reservation_id)
-        if row is None:
-            raise failed_precondition("RESERVATION_NOT_OUTSTANDING", f"reservation {reservation_id} was forgotten")
+        if row is None or row.settle_time_us is not None or row.expire_time_us <= now_us():
+            raise failed_precondition(
+                "RESERVATION_NOT_OUTSTANDING",
+                f"request_id {request_id[:80]!r} made reservation {reservation_id}, which was settled, released or "
+                "expired; a new reservation needs a new request_id",
+            )
         names = await self._names(
             conn, [limit_id for limit_id, _ in await stored_limits.holds_of(conn, reservation_id)]
         )
@@ -317,18 +362,6 @@ class Limits:
     async def _names(self, conn: AsyncConnection, ids: Sequence[int]) -> tuple[str, ...]:
         by_id = {limit.limit_id: limit.name for limit in await stored_limits.all_limits(conn)}
         return tuple(dict.fromkeys(by_id[i] for i in ids if i in by_id))
-
-    async def _subject_of(
-        self, conn: AsyncConnection, context: EventContext, experience_id: uuid.UUID | None
-    ) -> rules.Subject:
-        """What decides which limits apply: an existing experience's type and version, else
-        the context's own name and version."""
-        name, version = context.experience_name, context.experience_version
-        if experience_id is not None:
-            found = await stored_experiences.get_experience(conn, experience_id)
-            if found is not None:
-                name, version = found.experience_name, found.experience_version
-        return rules.Subject(experience_id, name, version, context.user_id, context.request_tags)
 
     async def release(self, reservation_id: str, key_name: str) -> None:
         parsed = parse_uuid(reservation_id)
@@ -343,7 +376,7 @@ class Limits:
                 raise not_found(
                     "RESERVATION_NOT_FOUND", "tally.v1.Reservation", str(parsed), f"no reservation {parsed}"
                 )
-            if key_name and row.key_name and row.key_name != key_name:
+            if not rules.may_settle(row.key_name, key_name):
                 raise failed_precondition(
                     "RESERVATION_OF_ANOTHER_KEY", f"reservation {parsed} was made with another API key"
                 )
@@ -353,25 +386,31 @@ class Limits:
                 )
 
     async def current(self) -> Sequence[PeriodView]:
-        """The current period of every limit shared by its events (not per experience)."""
+        """The current period of every limit shared by its events (not per experience): four
+        queries however many limits."""
         async with self.db.read() as conn:
             limits = await stored_limits.all_limits(conn)
-            return [await self._current(conn, limit, "") for limit in limits if not limit.scope.per_experience]
+            views = await _current_views(conn, limits, now_us())
+        return [views[limit.name] for limit in limits if limit.name in views]
 
-    async def watch(self, names: Sequence[str], interval: float = 1.0) -> AsyncIterator[tuple[PeriodView, str]]:
-        """Each watched limit's current period once, then on each change of state or period."""
+    async def watch(self, names: Sequence[str]) -> AsyncIterator[tuple[PeriodView, str]]:
+        """Each watched limit's current period once, then on each change of state or period
+        (as the shared feed sees them: at most one change per limit per read)."""
+        if len(names) > MAX_WATCHED_NAMES:
+            v = Violations()
+            v.add("names", f"at most {MAX_WATCHED_NAMES:,} limit names, got {len(names):,}")
+            v.raise_if_any()
+        wanted = sorted(set(names))
         seen: dict[str, tuple[int, rules.LimitState]] = {}
-        while True:
-            started = time.monotonic()
-            async with self.db.read() as conn:
-                limits = await stored_limits.all_limits(conn)
-                wanted = [limit for limit in limits if not names or limit.name in names]
-                if names and len(wanted) < len(set(names)):
-                    missing = sorted(set(names) - {limit.name for limit in wanted})
-                    raise rules.limit_not_found(missing[0])
-                views = [await self._current(conn, limit, "") for limit in wanted if not limit.scope.per_experience]
-            for view in views:
-                before = seen.get(view.limit.name)
+        async for views in self.feed.snapshots():
+            missing = [name for name in wanted if name not in views.names]
+            if missing:
+                raise rules.limit_not_found(missing[0])
+            for name in wanted or views.current:
+                view = views.current.get(name)
+                if view is None:  # per experience: no period shared by its events
+                    continue
+                before = seen.get(name)
                 now = (view.spend.key.start_us, view.state)
                 if before == now:
                     continue
@@ -381,9 +420,84 @@ class Limits:
                     reason = "reset"
                 else:
                     reason = view.state.name.lower()
-                seen[view.limit.name] = now
+                seen[name] = now
                 yield view, reason
-            await asyncio.sleep(max(0.0, interval - (time.monotonic() - started)))
+
+
+# A watch names at most this many limits (the request is bounded by the message size too).
+MAX_WATCHED_NAMES = 1000
+
+
+async def _current_views(conn: AsyncConnection, limits: Sequence[rules.Limit], now: int) -> dict[str, PeriodView]:
+    """The current period of each limit not per experience, by name, in a constant number of queries."""
+    keys = {
+        limit.name: rules.PeriodKey(limit.limit_id, "", rules.period_start(limit, now))
+        for limit in limits
+        if not limit.scope.per_experience
+    }
+    spends = await stored_limits.spends_of(conn, list(keys.values()), now)
+    return {limit.name: _view(limit, spends[keys[limit.name]]) for limit in limits if limit.name in keys}
+
+
+@dataclasses.dataclass(frozen=True)
+class Snapshot:
+    """One read of every limit: the names that exist and the current period of each limit
+    that is not per experience."""
+
+    names: frozenset[str]
+    current: dict[str, PeriodView]
+
+
+class LimitFeed:
+    """Every limit's current period, read once per interval however many watch: one reader
+    task runs while anyone watches, and each watcher is handed the newest snapshot. A
+    watcher that is slow to take them skips to the newest (changes in between coalesce)."""
+
+    def __init__(self, read: Callable[[], Awaitable[Snapshot]], interval: float = WATCH_INTERVAL_SECONDS) -> None:
+        self._read = read
+        self.interval = interval
+        self._latest: tuple[int, Snapshot | BaseException] | None = None
+        self._changed = asyncio.Event()
+        self._watchers = 0
+        self._task: asyncio.Task[None] | None = None
+        self.reads = 0  # how many reads were made, for tests and metrics
+
+    async def snapshots(self) -> AsyncIterator[Snapshot]:
+        self._watchers += 1
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._run(), name="tally-limit-feed")
+        taken = -1
+        try:
+            while True:
+                while self._latest is None or self._latest[0] == taken:
+                    await self._changed.wait()
+                taken, latest = self._latest
+                if isinstance(latest, BaseException):
+                    raise latest
+                yield latest
+        finally:
+            self._watchers -= 1
+            if not self._watchers and self._task is not None:
+                self._task.cancel()
+                self._task = None
+                self._latest = None
+
+    async def _run(self) -> None:
+        generation = 0
+        while True:
+            started = time.monotonic()
+            try:
+                result: Snapshot | BaseException = await self._read()
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:  # noqa: BLE001 - each watcher ends with it (UNAVAILABLE for the database)
+                result = error
+            self.reads += 1
+            generation += 1
+            self._latest = (generation, result)
+            changed, self._changed = self._changed, asyncio.Event()
+            changed.set()
+            await asyncio.sleep(max(0.0, self.interval - (time.monotonic() - started)))
 
 
 def _subject(experience_id: str) -> str:

@@ -15,8 +15,9 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ..domain.errors import Code, TallyError
+from ..domain.limits import Subject
 from ..domain.models import EventContext, Experience, ExperienceType, Resolution
-from ..domain.resolution import Decision, Plan, ToCreate, decide, per_event, plans, type_mismatch
+from ..domain.resolution import Decision, Plan, ToCreate, decide, per_event, plan_of, plans, type_mismatch
 from ..storage import experiences as stored_experiences, types as stored_types
 
 
@@ -78,3 +79,25 @@ async def _create(conn: AsyncConnection, decided: dict[int, Decision], now_us: i
             decided[key] = type_mismatch(winner, plan.name)
         else:
             decided[key] = Resolution(winner, False, plan.warnings)
+
+
+async def limit_subject(conn: AsyncConnection, context: EventContext) -> Subject:
+    """What decides which limits apply to a call with this context, resolved as ingest would
+    resolve its event (the same rules, nothing created): an existing experience's type and
+    version; else the named type at the version given or, as a new run gets, its current one.
+    A non-UUID id is its derived UUID; a name alone names no experience yet."""
+    plan = plan_of(context)
+    if plan is None:
+        return Subject(None, "", 0, context.user_id, context.request_tags)
+    if not plan.generated:
+        found = await stored_experiences.get_experience(conn, plan.experience_id)
+        if found is not None:
+            name, version = found.experience_name, found.experience_version
+            return Subject(found.experience_id, name, version, context.user_id, context.request_tags)
+    version = plan.version
+    if plan.name and not version:
+        types = await stored_types.get_types(conn, [plan.name])
+        if plan.name in types:
+            version = types[plan.name][1].version
+    experience_id = None if plan.generated else plan.experience_id
+    return Subject(experience_id, plan.name, version, context.user_id, context.request_tags)

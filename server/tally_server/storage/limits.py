@@ -15,6 +15,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ..domain import limits as rules
+from ..domain.models import now_us as process_now_us
 from .sql import insert_or_ignore
 from .tables import limit_holds, limit_reservations, limit_resets, limit_revision, limit_spend, limits
 
@@ -45,6 +46,33 @@ async def revision(conn: AsyncConnection) -> int:
     return int((await conn.execute(sa.select(limit_revision.c.revision).where(limit_revision.c.id == 1))).scalar_one())
 
 
+async def begin_reservation(conn: AsyncConnection) -> int:
+    """At the start of a Reserve's transaction: waits for any change of the limits in flight
+    and keeps them from changing until it ends (a share lock on the revision row, which every
+    change updates), then answers "now" from the database's clock on PostgreSQL, so that
+    replicas whose clocks differ agree on which period an instant falls in. SQLite: its write
+    lock already makes this transaction the only one, and the process's clock is the one."""
+    if conn.dialect.name != "postgresql":
+        return process_now_us()
+    await conn.execute(sa.select(limit_revision.c.revision).where(limit_revision.c.id == 1).with_for_update(read=True))
+    clock = sa.text("SELECT (extract(epoch FROM clock_timestamp()) * 1000000)::bigint")
+    return int((await conn.execute(clock)).scalar_one())
+
+
+async def lock_holders(conn: AsyncConnection, holders: Iterable[tuple[int, str]]) -> None:
+    """Locks each (limit, subject) that reservations' holds are summed over, in order, until
+    the transaction ends: two Reserves of one limit and subject take turns whichever period
+    each reads (PostgreSQL: a transaction-level advisory lock; SQLite's write lock serializes
+    every Reserve already)."""
+    if conn.dialect.name != "postgresql":
+        return
+    for limit_id, subject in sorted(set(holders)):
+        await conn.execute(
+            sa.text("SELECT pg_advisory_xact_lock(:limit_id, hashtext(:subject))"),
+            {"limit_id": limit_id, "subject": subject},
+        )
+
+
 async def bump_revision(conn: AsyncConnection) -> None:
     """Marks a change of the limits; its row lock also makes changes take turns."""
     await conn.execute(
@@ -52,12 +80,22 @@ async def bump_revision(conn: AsyncConnection) -> None:
     )
 
 
-async def all_limits(conn: AsyncConnection) -> list[rules.Limit]:
+async def _with_resets(conn: AsyncConnection, query: sa.Select[Any], all_resets: bool = False) -> list[rules.Limit]:
+    """The limits `query` selects, each with its resets: two queries however many limits."""
+    rows = list(await conn.execute(query))
     resets: dict[int, list[int]] = {}
-    for limit_id, reset in await conn.execute(sa.select(limit_resets.c.limit_id, limit_resets.c.reset_time_us)):
-        resets.setdefault(int(limit_id), []).append(int(reset))
-    rows = await conn.execute(sa.select(limits).order_by(limits.c.name))
+    if rows:
+        r = limit_resets
+        reset_query = sa.select(r.c.limit_id, r.c.reset_time_us)
+        if not all_resets:
+            reset_query = reset_query.where(r.c.limit_id.in_([int(row.id) for row in rows]))
+        for limit_id, reset in await conn.execute(reset_query):
+            resets.setdefault(int(limit_id), []).append(int(reset))
     return [_limit(row, resets.get(int(row.id), ())) for row in rows]
+
+
+async def all_limits(conn: AsyncConnection) -> list[rules.Limit]:
+    return await _with_resets(conn, sa.select(limits).order_by(limits.c.name), all_resets=True)
 
 
 async def insert_limit(conn: AsyncConnection, limit: rules.Limit) -> int | None:
@@ -86,20 +124,15 @@ async def insert_limit(conn: AsyncConnection, limit: rules.Limit) -> int | None:
 
 
 async def get_limit(conn: AsyncConnection, name: str) -> rules.Limit | None:
-    row = (await conn.execute(sa.select(limits).where(limits.c.name == name))).first()
-    if row is None:
-        return None
-    resets = await conn.execute(sa.select(limit_resets.c.reset_time_us).where(limit_resets.c.limit_id == row.id))
-    return _limit(row, [int(r[0]) for r in resets])
+    found = await _with_resets(conn, sa.select(limits).where(limits.c.name == name))
+    return found[0] if found else None
 
 
 async def list_limits(conn: AsyncConnection, after_name: str | None, count: int) -> list[rules.Limit]:
-    query = sa.select(limits.c.name).order_by(limits.c.name).limit(count)
+    query = sa.select(limits).order_by(limits.c.name).limit(count)
     if after_name is not None:
         query = query.where(limits.c.name > after_name)
-    names = [row[0] for row in await conn.execute(query)]
-    found = [await get_limit(conn, name) for name in names]
-    return [limit for limit in found if limit is not None]
+    return await _with_resets(conn, query)
 
 
 async def add_reset(conn: AsyncConnection, limit_id: int, time_us: int) -> None:
@@ -197,16 +230,42 @@ async def reserved(conn: AsyncConnection, key: rules.PeriodKey, now_us: int) -> 
 
 
 async def spend_of(conn: AsyncConnection, key: rules.PeriodKey, now_us: int) -> rules.PeriodSpend:
-    s = limit_spend
-    row = (
-        await conn.execute(
-            sa.select(s.c.spend_dollars, s.c.spend_nanos, s.c.event_count).where(
-                s.c.limit_id == key.limit_id, s.c.subject == key.subject, s.c.start_us == key.start_us
-            )
+    return (await spends_of(conn, [key], now_us))[key]
+
+
+# Keys per statement in spends_of: 3 bound values each, far below either engine's limit.
+_KEYS_PER_QUERY = 1000
+
+
+async def spends_of(
+    conn: AsyncConnection, keys: Sequence[rules.PeriodKey], now_us: int
+) -> dict[rules.PeriodKey, rules.PeriodSpend]:
+    """Each period's spend and what is reserved against its limit and subject, unlocked: two
+    queries per thousand keys (the ListLimits page, every limit for WatchLimits and metrics)."""
+    found = {key: rules.PeriodSpend(key) for key in keys}
+    s, h = limit_spend, limit_holds
+    distinct = list(found)
+    for first in range(0, len(distinct), _KEYS_PER_QUERY):
+        chunk = distinct[first : first + _KEYS_PER_QUERY]
+        spent = await conn.execute(
+            sa.select(s).where(sa.tuple_(s.c.limit_id, s.c.subject, s.c.start_us).in_([tuple(key) for key in chunk]))
         )
-    ).first()
-    spent, count = (0, 0) if row is None else (_spend(row), int(row.event_count))
-    return rules.PeriodSpend(key, spent, count, await reserved(conn, key, now_us))
+        for row in spent:
+            key = rules.PeriodKey(int(row.limit_id), row.subject, int(row.start_us))
+            found[key].spend_nanos = _spend(row)
+            found[key].event_count = int(row.event_count)
+        by_holder: dict[tuple[int, str], list[rules.PeriodKey]] = {}
+        for key in chunk:
+            by_holder.setdefault((key.limit_id, key.subject), []).append(key)
+        held = await conn.execute(
+            sa.select(h.c.limit_id, h.c.subject, sa.func.sum(h.c.amount_nanos))
+            .where(sa.tuple_(h.c.limit_id, h.c.subject).in_(list(by_holder)), h.c.expire_time_us > now_us)
+            .group_by(h.c.limit_id, h.c.subject)
+        )
+        for limit_id, subject, total in held:
+            for key in by_holder[(int(limit_id), subject)]:
+                found[key].reserved_nanos = int(total)
+    return found
 
 
 async def periods(
@@ -267,6 +326,13 @@ async def insert_reservation(
 async def get_reservation(conn: AsyncConnection, reservation_id: uuid.UUID) -> Any:
     r = limit_reservations
     return (await conn.execute(sa.select(r).where(r.c.id == reservation_id))).first()
+
+
+async def reservation_keys(conn: AsyncConnection, ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, str]:
+    """The API key name each existing reservation among `ids` was made with."""
+    r = limit_reservations
+    rows = await conn.execute(sa.select(r.c.id, r.c.key_name).where(r.c.id.in_(list(ids))))
+    return {row.id: row.key_name for row in rows}
 
 
 async def holds_of(conn: AsyncConnection, reservation_id: uuid.UUID) -> list[tuple[int, str]]:

@@ -15,16 +15,17 @@ READY = re.compile(r"tally ready: serving on [^:]+:(\d+)")
 
 
 class ServerProcess:
-    def __init__(self, database_url: str, *extra: str) -> None:
+    def __init__(self, database_url: str, *extra: str, env: dict[str, str] | None = None) -> None:
         self.database_url = database_url
         self.extra = extra
+        self.env = env or {}
         self.process: subprocess.Popen | None = None
         self.port = 0
         self.lines: list[str] = []  # what it logged until it was ready
         self.log: collections.deque[str] = collections.deque(maxlen=1000)  # the last of what it logged after
 
     def start(self, timeout: float = 60) -> ServerProcess:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
         self.process = subprocess.Popen(
             [
                 sys.executable,

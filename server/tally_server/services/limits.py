@@ -185,7 +185,7 @@ class Limits:
     async def _snapshot(self) -> Snapshot:
         async with self.db.read() as conn:
             limits = await stored_limits.all_limits(conn)
-            current = await _current_views(conn, limits, now_us())
+            current = await _current_views(conn, limits, await stored_limits.clock_us(conn))
         return Snapshot(frozenset(limit.name for limit in limits), current)
 
     async def create(self, limit: rules.Limit) -> rules.Limit:
@@ -210,7 +210,7 @@ class Limits:
         return limit
 
     async def _current(self, conn: AsyncConnection, limit: rules.Limit, subject: str) -> PeriodView:
-        now = now_us()
+        now = await stored_limits.clock_us(conn)
         key = rules.PeriodKey(limit.limit_id, subject, rules.period_start(limit, now))
         return _view(limit, await stored_limits.spend_of(conn, key, now))
 
@@ -229,7 +229,7 @@ class Limits:
         after = self.pages.decode(page_token, "limits", None, lambda p: isinstance(p, str))
         async with self.db.read() as conn:
             found = await stored_limits.list_limits(conn, after, size + 1)
-            views = await _current_views(conn, found[:size], now_us())
+            views = await _current_views(conn, found[:size], await stored_limits.clock_us(conn))
         token = self.pages.encode("limits", None, found[size - 1].name) if len(found) > size else ""
         return [(limit, views.get(limit.name)) for limit in found[:size]], token
 
@@ -259,7 +259,7 @@ class Limits:
         async with self.db.write() as conn:
             await stored_limits.bump_revision(conn)
             limit = await self._require(conn, name)
-            now = now_us()
+            now = await stored_limits.clock_us(conn)
             if limit.resets_us and limit.resets_us[-1] >= now:
                 now = limit.resets_us[-1] + 1  # two resets in one microsecond stay two periods
             await stored_limits.add_reset(conn, limit.limit_id, now)
@@ -348,7 +348,7 @@ class Limits:
             )
         reservation_id = uuid.UUID(seen[1])
         row = await stored_limits.get_reservation(conn, reservation_id)
-        if row is None or row.settle_time_us is not None or row.expire_time_us <= now_us():
+        if row is None or row.settle_time_us is not None or row.expire_time_us <= await stored_limits.clock_us(conn):
             raise failed_precondition(
                 "RESERVATION_NOT_OUTSTANDING",
                 f"request_id {request_id[:80]!r} made reservation {reservation_id}, which was settled, released or "
@@ -380,7 +380,7 @@ class Limits:
                 raise failed_precondition(
                     "RESERVATION_OF_ANOTHER_KEY", f"reservation {parsed} was made with another API key"
                 )
-            if not await stored_limits.settle(conn, [parsed], now_us()):
+            if not await stored_limits.settle(conn, [parsed], await stored_limits.clock_us(conn)):
                 raise failed_precondition(
                     "RESERVATION_NOT_OUTSTANDING", f"reservation {parsed} was settled, released or expired already"
                 )
@@ -390,7 +390,7 @@ class Limits:
         queries however many limits."""
         async with self.db.read() as conn:
             limits = await stored_limits.all_limits(conn)
-            views = await _current_views(conn, limits, now_us())
+            views = await _current_views(conn, limits, await stored_limits.clock_us(conn))
         return [views[limit.name] for limit in limits if limit.name in views]
 
     async def watch(self, names: Sequence[str]) -> AsyncIterator[tuple[PeriodView, str]]:

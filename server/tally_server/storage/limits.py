@@ -46,6 +46,23 @@ async def revision(conn: AsyncConnection) -> int:
     return int((await conn.execute(sa.select(limit_revision.c.revision).where(limit_revision.c.id == 1))).scalar_one())
 
 
+# PostgreSQL's clock, in microseconds: on PostgreSQL every replica reads "now" for limits
+# (periods, expiry) from the one database, not from its own clock.
+_DATABASE_NOW = sa.cast(sa.func.extract("epoch", sa.func.clock_timestamp()) * 1_000_000, sa.BigInteger)
+
+
+def _now(conn: AsyncConnection, now_us: int) -> Any:
+    """`now_us` in a statement, or the database's own clock on PostgreSQL."""
+    return _DATABASE_NOW if conn.dialect.name == "postgresql" else sa.literal(now_us)
+
+
+async def clock_us(conn: AsyncConnection) -> int:
+    """ "Now" for limits: PostgreSQL's clock, shared by every replica; on SQLite the process's."""
+    if conn.dialect.name != "postgresql":
+        return process_now_us()
+    return int((await conn.execute(sa.select(_DATABASE_NOW))).scalar_one())
+
+
 async def begin_reservation(conn: AsyncConnection) -> int:
     """At the start of a Reserve's transaction: waits for any change of the limits in flight
     and keeps them from changing until it ends (a share lock on the revision row, which every
@@ -55,8 +72,7 @@ async def begin_reservation(conn: AsyncConnection) -> int:
     if conn.dialect.name != "postgresql":
         return process_now_us()
     await conn.execute(sa.select(limit_revision.c.revision).where(limit_revision.c.id == 1).with_for_update(read=True))
-    clock = sa.text("SELECT (extract(epoch FROM clock_timestamp()) * 1000000)::bigint")
-    return int((await conn.execute(clock)).scalar_one())
+    return await clock_us(conn)
 
 
 async def lock_holders(conn: AsyncConnection, holders: Iterable[tuple[int, str]]) -> None:
@@ -223,7 +239,7 @@ async def reserved(conn: AsyncConnection, key: rules.PeriodKey, now_us: int) -> 
     h = limit_holds
     total = await conn.execute(
         sa.select(sa.func.coalesce(sa.func.sum(h.c.amount_nanos), 0)).where(
-            h.c.limit_id == key.limit_id, h.c.subject == key.subject, h.c.expire_time_us > now_us
+            h.c.limit_id == key.limit_id, h.c.subject == key.subject, h.c.expire_time_us > _now(conn, now_us)
         )
     )
     return int(total.scalar_one())
@@ -259,7 +275,7 @@ async def spends_of(
             by_holder.setdefault((key.limit_id, key.subject), []).append(key)
         held = await conn.execute(
             sa.select(h.c.limit_id, h.c.subject, sa.func.sum(h.c.amount_nanos))
-            .where(sa.tuple_(h.c.limit_id, h.c.subject).in_(list(by_holder)), h.c.expire_time_us > now_us)
+            .where(sa.tuple_(h.c.limit_id, h.c.subject).in_(list(by_holder)), h.c.expire_time_us > _now(conn, now_us))
             .group_by(h.c.limit_id, h.c.subject)
         )
         for limit_id, subject, total in held:
@@ -348,7 +364,7 @@ async def settle(conn: AsyncConnection, ids: Iterable[uuid.UUID], now_us: int) -
     if not ids:
         return set()
     r = limit_reservations
-    outstanding = sa.and_(r.c.id.in_(ids), r.c.settle_time_us.is_(None), r.c.expire_time_us > now_us)
+    outstanding = sa.and_(r.c.id.in_(ids), r.c.settle_time_us.is_(None), r.c.expire_time_us > _now(conn, now_us))
     settled = {
         row[0]
         for row in await conn.execute(sa.update(r).where(outstanding).values(settle_time_us=now_us).returning(r.c.id))
@@ -360,6 +376,6 @@ async def settle(conn: AsyncConnection, ids: Iterable[uuid.UUID], now_us: int) -
 
 async def forget_expired(conn: AsyncConnection, now_us: int, keep_us: int) -> None:
     """Deletes holds that expired, and reservations settled or expired before `keep_us`."""
-    await conn.execute(sa.delete(limit_holds).where(limit_holds.c.expire_time_us <= now_us))
+    await conn.execute(sa.delete(limit_holds).where(limit_holds.c.expire_time_us <= _now(conn, now_us)))
     r = limit_reservations
     await conn.execute(sa.delete(r).where(sa.or_(r.c.expire_time_us < keep_us, r.c.settle_time_us < keep_us)))

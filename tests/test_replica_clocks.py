@@ -44,10 +44,7 @@ async def test_replicas_with_different_clocks_never_over_grant_across_midnight(t
         hour=0, minute=0, second=0, microsecond=0
     )
     offset_a = midnight.timestamp() - 0.7 - begin
-    replicas = [
-        ServerProcess(url, env=clock_ahead_by(offset)).start()
-        for offset in (offset_a, offset_a + 1.0)
-    ]
+    replicas = [ServerProcess(url, env=clock_ahead_by(offset)).start() for offset in (offset_a, offset_a + 1.0)]
     try:
         assert time.time() < begin, f"the replicas took over {STARTUP_SECONDS:g} s to start"
         async with aio.insecure_channel(replicas[0].target) as a, aio.insecure_channel(replicas[1].target) as b:

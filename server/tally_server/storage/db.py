@@ -14,6 +14,7 @@ from typing import Any
 import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
+from asyncpg import exceptions as asyncpg_exceptions
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from .. import metrics
@@ -47,6 +48,8 @@ _UNAVAILABLE_SQLSTATES = ("08", "53", "57", "55000", "55P03", "3D000", "40")
 def _is_unavailable(error: BaseException) -> bool:
     if isinstance(error, _UNAVAILABLE):
         return True
+    if isinstance(error, sa.exc.DBAPIError) and error.connection_invalidated:
+        return True  # a connection found broken (see _discard_broken_connections): retry on another
     sqlstate = getattr(getattr(error, "orig", None), "sqlstate", None)
     return (
         isinstance(error, sa.exc.DBAPIError)
@@ -107,13 +110,28 @@ class Database:
         self.engine: AsyncEngine = create_async_engine(self.url, **kwargs)
         if self.is_sqlite:
             _configure_sqlite(self.engine, timeout)
+        else:
+            _discard_broken_connections(self.engine)
         self._writer = self.engine.execution_options(**{_WRITE: True})
         self._sqlite_write_turn = asyncio.Lock()
 
     @contextlib.asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncConnection]:
-        async with _unavailable_as_storage_error(), self.engine.connect() as conn:
+        async with _unavailable_as_storage_error(), self.engine.connect() as conn, self._discarded_if_cut(conn):
             yield conn
+
+    @contextlib.asynccontextmanager
+    async def _discarded_if_cut(self, conn: AsyncConnection) -> AsyncIterator[None]:
+        """PostgreSQL: a transaction cut short by cancellation (the caller's deadline, a
+        database timeout) may leave asyncpg's connection mid-operation. It is closed, never
+        handed to the next caller, who would meet "another operation is in progress"."""
+        try:
+            yield
+        except asyncio.CancelledError:
+            if not self.is_sqlite:
+                with contextlib.suppress(Exception):
+                    await conn.invalidate()
+            raise
 
     @contextlib.asynccontextmanager
     async def write(self) -> AsyncIterator[AsyncConnection]:
@@ -125,7 +143,7 @@ class Database:
         to seconds where a queue in the process answers in turn (bench.limits, Reserve then
         settle on SQLite: p99 1,650 ms before). Other processes still meet SQLite's lock."""
         if not self.is_sqlite:
-            async with _unavailable_as_storage_error(), self._writer.begin() as conn:
+            async with _unavailable_as_storage_error(), self._writer.begin() as conn, self._discarded_if_cut(conn):
                 yield conn
             return
         try:
@@ -183,6 +201,22 @@ def alembic_config(connection: sa.Connection | None = None) -> Config:
 
 def _upgrade_to_head(connection: sa.Connection) -> None:
     command.upgrade(alembic_config(connection), "head")
+
+
+def _discard_broken_connections(engine: AsyncEngine) -> None:
+    """asyncpg's InternalClientError ("cannot switch to state 12; another operation (2) is in
+    progress") says the connection's protocol is mid-operation: that connection alone is
+    invalidated (closed, never pooled again) and the call answers UNAVAILABLE, retryable."""
+
+    @sa.event.listens_for(engine.sync_engine, "handle_error")
+    def on_error(context: sa.engine.ExceptionContext) -> None:
+        original = context.original_exception
+        # asyncpg's own class, or SQLAlchemy's adapter of it (named alike)
+        if isinstance(original, asyncpg_exceptions.InternalClientError) or (
+            type(original).__name__ == "InternalClientError"
+        ):
+            context.is_disconnect = True
+            context.invalidate_pool_on_disconnect = False
 
 
 def _configure_sqlite(engine: AsyncEngine, timeout: float) -> None:

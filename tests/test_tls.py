@@ -262,13 +262,20 @@ def test_a_start_with_a_corrupt_certificate_names_the_files(pki, tmp_path):
     assert "is the port in use" not in process.stderr
 
 
-def test_serving_beyond_loopback_needs_an_authentication_decision(tmp_path):
+@pytest.mark.parametrize("flag", ["--listen", "--web-listen", "--metrics-listen"])
+def test_serving_beyond_loopback_needs_an_authentication_decision(tmp_path, flag):
+    """The gRPC port's rule holds for every listener: the dashboard and metrics too."""
     command = [sys.executable, "-m", "tally_server", "--database-url", f"sqlite+aiosqlite:///{tmp_path / 'x.db'}"]
-    refused = subprocess.run([*command, "--listen", "0.0.0.0:0"], capture_output=True, text=True, timeout=60)
+    if flag != "--listen":
+        command += ["--listen", "127.0.0.1:0"]
+    refused = subprocess.run([*command, flag, "0.0.0.0:0"], capture_output=True, text=True, timeout=60)
     assert refused.returncode != 0
     lines = refused.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("tally: refusing to serve 0.0.0.0:0 beyond this machine"), lines
+    expected = f"tally: refusing to serve {flag} 0.0.0.0:0 beyond this machine"
+    assert len(lines) == 1 and lines[0].startswith(expected), lines
     assert "--auth required" in lines[0] and "--auth off" in lines[0]
+    if flag != "--listen":
+        return
     half_tls = subprocess.run([*command, "--tls-cert", "x.pem"], capture_output=True, text=True, timeout=60)
     assert half_tls.returncode != 0 and half_tls.stderr.strip() == (
         "tally: TLS needs both --tls-cert and --tls-key (and --tls-client-ca for mTLS)"
@@ -280,7 +287,7 @@ def test_auth_off_beyond_loopback_starts_with_a_warning(tmp_path):
     server = ServerProcess(f"sqlite+aiosqlite:///{tmp_path / 'open.db'}", "--listen", "0.0.0.0:0", "--auth", "off")
     server.start()
     try:
-        assert any("WARNING" in line and "authentication is off on 0.0.0.0:0" in line for line in server.lines)
+        assert any("WARNING" in line and "authentication is off on --listen 0.0.0.0:0" in line for line in server.lines)
         assert listed(server.target)
     finally:
         server.terminate()

@@ -7,6 +7,7 @@ import gc
 import logging
 import os
 import signal
+import ssl
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
@@ -64,7 +65,9 @@ from .services.prices import Prices
 from .services.reports import Reports
 from .storage.db import Database
 from .tls import CertificateFiles, certificate_files
-from .web import Dashboard, Services
+from .web import Services, dashboard
+from .web.edge import HttpSite, loopback_bind
+from .web.scrape import metrics_application
 
 T = TypeVar("T")
 log = logging.getLogger("tally")
@@ -118,8 +121,9 @@ class TallyServer:
         self.limits = Limits(self.db, self.catalog, self.pages, settings.reservation_seconds, self.live_limits)
         self.server: aio.Server | None = None
         self.port = 0
-        self.dashboard: Dashboard | None = None
+        self.dashboard: HttpSite | None = None
         self.web_port = 0
+        self.metrics_site: HttpSite | None = None
         self.certificates: CertificateFiles | None = None
         self._watcher: asyncio.Task[None] | None = None
         self._trimmer: asyncio.Task[None] | None = None
@@ -204,13 +208,10 @@ class TallyServer:
             raise SystemExit(f"tally: cannot listen on {self.settings.listen} (is the port in use?)")
         self.ingestor.start()
         if self.settings.web_listen:
-            self.dashboard = Dashboard(
-                Services(
-                    self.types, self.experiences, self.events, self.reports, self.limits, self.keys if auth else None
-                ),
-                self.settings.web_listen,
-                shared_port=bool(self.settings.worker),
+            services = Services(
+                self.types, self.experiences, self.events, self.reports, self.limits, self.keys if auth else None
             )
+            self.dashboard = dashboard(services, self.settings.web_listen, bool(self.settings.worker), self._http_tls())
             try:
                 self.web_port = await self.dashboard.start()
             except OSError as error:
@@ -218,12 +219,13 @@ class TallyServer:
                     f"tally: cannot serve the dashboard on {self.settings.web_listen}: {error}"
                 ) from None
         if self.settings.metrics_listen and not self.settings.worker:  # the parent of --workers serves all
+            listen = self.settings.metrics_listen
+            app = metrics_application(metrics.registry(), self.keys if auth else None, loopback_bind(listen))
+            self.metrics_site = HttpSite(app, listen, tls=self._http_tls())
             try:
-                metrics.serve(self.settings.metrics_listen)
+                await self.metrics_site.start()
             except (OSError, ValueError) as error:
-                raise RefusedToStart(
-                    f"tally: cannot serve metrics on {self.settings.metrics_listen}: {error}"
-                ) from None
+                raise RefusedToStart(f"tally: cannot serve metrics on {listen}: {error}") from None
         await server.start()
         self.server = server
         tune_garbage_collector()
@@ -246,15 +248,27 @@ class TallyServer:
                 security,
                 "required" if auth else "off",
                 self.db.url.render_as_string(hide_password=True),
-                f", dashboard at http://{self._web_host()}:{self.web_port}/" if self.dashboard is not None else "",
+                "".join(
+                    f", {what} at {site.url(path)}"
+                    for what, site, path in (
+                        ("dashboard", self.dashboard, "/"),
+                        ("metrics", self.metrics_site, "/metrics"),
+                    )
+                    if site is not None
+                ),
             )
         return self.port
 
     HEALTH_INTERVAL_SECONDS = 2.0
 
-    def _web_host(self) -> str:
-        host = self.settings.web_listen.rpartition(":")[0].strip("[]")
-        return "127.0.0.1" if host in ("", "0.0.0.0") else host
+    def _http_listeners(self) -> str:
+        """The ready line's part naming the dashboard and metrics as bound."""
+        sites = (("dashboard", self.dashboard, "/"), ("metrics", self.metrics_site, "/metrics"))
+        return "".join(f", {what} at {site.url(path)}" for what, site, path in sites if site is not None)
+
+    def _http_tls(self) -> ssl.SSLContext | None:
+        """TLS for the HTTP listeners whenever gRPC has it: keys never cross in clear."""
+        return None if self.certificates is None else self.certificates.http_context()
 
     async def _set_health(self, status: Any) -> None:
         for name in ("", *SERVICE_NAMES):
@@ -316,8 +330,9 @@ class TallyServer:
         await self.health.enter_graceful_shutdown()
         if self.server is not None:
             await self.server.stop(grace)
-        if self.dashboard is not None:
-            await self.dashboard.stop()
+        for site in (self.dashboard, self.metrics_site):
+            if site is not None:
+                await site.stop()
         await self.ingestor.stop()
         await self.db.dispose()
         log.info("tally stopped")

@@ -71,20 +71,31 @@ def is_loopback(host: str) -> bool:
     return bool(addresses) and all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addresses)
 
 
+def listeners(settings: Settings) -> list[tuple[str, str]]:
+    """Every address the server listens on, with the flag that set it."""
+    found = [("--listen", settings.listen)]
+    found += [
+        (flag, value)
+        for flag, value in (("--web-listen", settings.web_listen), ("--metrics-listen", settings.metrics_listen))
+        if value
+    ]
+    return found
+
+
 def auth_required(settings: Settings) -> tuple[bool, str]:
     """Whether calls need an API key, and a warning to log (or ""). Like Redis' protected
-    mode: a server reachable beyond this machine must be told whether to check keys."""
+    mode, for every listener alike (gRPC, dashboard, metrics): a server reachable beyond this
+    machine on any of them must be told whether to check keys."""
     if settings.auth == "required":
         return True, ""
-    loopback = is_loopback(listen_host(settings.listen))
-    if settings.auth == "off":
-        if loopback:
-            return False, ""
-        return False, f"authentication is off on {settings.listen}: anyone who reaches it can change costs"
-    if loopback:
+    beyond = [(flag, listen) for flag, listen in listeners(settings) if not is_loopback(listen_host(listen))]
+    if not beyond:
         return False, ""
+    named = ", ".join(f"{flag} {listen}" for flag, listen in beyond)
+    if settings.auth == "off":
+        return False, f"authentication is off on {named}: anyone who reaches it can read costs, and on gRPC change them"
     raise RefusedToStart(
-        f"tally: refusing to serve {settings.listen} beyond this machine without an authentication decision: "
+        f"tally: refusing to serve {named} beyond this machine without an authentication decision: "
         "pass --auth required (after `tally keys create --name NAME --scope admin`), "
         "or --auth off to serve without API keys (env TALLY_AUTH)"
     )

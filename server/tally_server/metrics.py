@@ -9,8 +9,9 @@ each scrape. Each gauge says how workers combine (`multiprocess_mode`)."""
 from __future__ import annotations
 
 import os
+from typing import Any
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, multiprocess, start_http_server
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, multiprocess
 
 CALLS = Counter("tally_calls", "Calls answered, by method and status code.", ["method", "code"])
 CALL_SECONDS = Histogram(
@@ -96,15 +97,13 @@ def forget_limit(name: str) -> None:
             gauge.remove(name)
 
 
-def serve(listen: str, workers_dir: str | None = None) -> None:
-    """Serves /metrics over HTTP at host:port, in a thread of its own: this process's
-    metrics, or (workers_dir) the sum of every worker's."""
-    host, _, port = listen.rpartition(":")
-    registry = REGISTRY
-    if workers_dir is not None:
-        registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry, path=workers_dir)  # type: ignore[no-untyped-call]
-    start_http_server(int(port), addr=host.strip("[]") or "0.0.0.0", registry=registry)
+def registry(workers_dir: str | None = None) -> Any:
+    """What /metrics shows: this process's metrics, or (workers_dir) the sum of every worker's."""
+    if workers_dir is None:
+        return REGISTRY
+    summed = CollectorRegistry()
+    multiprocess.MultiProcessCollector(summed, path=workers_dir)  # type: ignore[no-untyped-call]
+    return summed
 
 
 def worker_exited(pid: int, workers_dir: str) -> None:

@@ -31,6 +31,7 @@ class CertificateFiles:
         self._reload = threading.Event()
         self._seen = self._stamps()
         self.initial = self._configuration()
+        self._http_contexts: list[ssl.SSLContext] = []
 
     def request_reload(self) -> None:
         """Re-read the files at the next handshake (SIGHUP)."""
@@ -55,8 +56,26 @@ class CertificateFiles:
             repeated.error("TLS certificate files NOT reloaded, still serving the previous certificate: %s", error)
             return None
         self._seen = stamps
+        for context in self._http_contexts:  # new HTTP connections get the new certificate too
+            self._load(context)
         log.info("TLS certificate files reloaded: %s", ", ".join(map(str, self.paths)))
         return configuration
+
+    def http_context(self) -> ssl.SSLContext:
+        """The same certificate (and client CAs, for mTLS) for an HTTP listener: the dashboard
+        and metrics are served over TLS whenever gRPC is."""
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        self._load(context)
+        if self.client_ca is not None:
+            context.verify_mode = ssl.CERT_REQUIRED
+        self._http_contexts.append(context)
+        return context
+
+    def _load(self, context: ssl.SSLContext) -> None:
+        context.load_cert_chain(self.cert, self.key)
+        if self.client_ca is not None:
+            context.load_verify_locations(cafile=self.client_ca)
 
     def _stamps(self) -> tuple[tuple[int, int], ...]:
         stamps = []

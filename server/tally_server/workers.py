@@ -28,6 +28,11 @@ from typing import Any, cast
 
 from . import metrics
 from .config import RefusedToStart, Settings, auth_required, listen_host
+from .services.keys import ApiKeys
+from .storage.db import Database
+from .tls import certificate_files
+from .web.edge import HttpSite, bound_url, loopback_bind, run_forever_in_thread
+from .web.scrape import metrics_application
 
 log = logging.getLogger("tally.workers")
 RESTART_DELAY_SECONDS = 1.0
@@ -100,10 +105,13 @@ class Supervisor:
             with contextlib.suppress(Exception):
                 started.add(self.ready.get(timeout=0.2))
         also = ""
+        tls = bool(self.settings.tls_cert)
         if self.settings.web_listen:
-            also += f", dashboard at http://{self.settings.web_listen}/"
+            port = int(self.settings.web_listen.rpartition(":")[2])
+            also += f", dashboard at {bound_url(self.settings.web_listen, port, tls)}"
         if self.settings.metrics_listen:
-            also += f", metrics of all workers at http://{self.settings.metrics_listen}/metrics"
+            port = int(self.settings.metrics_listen.rpartition(":")[2])
+            also += f", metrics of all workers at {bound_url(self.settings.metrics_listen, port, tls, '/metrics')}"
         log.info(
             "tally ready: serving on %s with %d workers (pids %s)%s",
             self.listen,
@@ -153,7 +161,7 @@ def serve_workers(settings: Settings) -> int:
     except RefusedToStart as refusal:
         raise SystemExit(str(refusal)) from None
     migrate_or_exit(settings)  # once, before any worker starts
-    with reserve_port(settings.listen) as port, _metrics_for_workers(settings.metrics_listen) as metrics_dir:
+    with reserve_port(settings.listen) as port, _metrics_for_workers(settings) as metrics_dir:
         supervisor = Supervisor(settings, port, metrics_dir)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, supervisor.stop)
@@ -161,17 +169,28 @@ def serve_workers(settings: Settings) -> int:
 
 
 @contextlib.contextmanager
-def _metrics_for_workers(listen: str) -> Iterator[str | None]:
+def _metrics_for_workers(settings: Settings) -> Iterator[str | None]:
     """With metrics on: a fresh directory for the workers' values (the spawned workers
-    inherit its name in the environment), served summed from here."""
+    inherit its name in the environment), served summed from here, with the protections of
+    every listener (its own event loop in a thread; keys checked on a database connection
+    of its own)."""
+    listen = settings.metrics_listen
     if not listen:
         yield None
         return
     directory = tempfile.mkdtemp(prefix="tally-metrics-")
     os.environ[metrics.MULTIPROCESS_DIR] = directory
+    auth, _ = auth_required(settings)
+    certificates = certificate_files(settings)
+
+    async def start() -> None:
+        keys = ApiKeys(Database(settings.database_url, timeout=settings.database_timeout_seconds)) if auth else None
+        app = metrics_application(metrics.registry(directory), keys, loopback_bind(listen))
+        await HttpSite(app, listen, tls=certificates.http_context() if certificates else None).start()
+
     try:
         try:
-            metrics.serve(listen, workers_dir=directory)
+            run_forever_in_thread(start)
         except (OSError, ValueError) as error:
             raise SystemExit(f"tally: cannot serve metrics on {listen}: {error}") from None
         yield directory

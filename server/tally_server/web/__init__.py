@@ -5,6 +5,7 @@ rpc: it calls services only."""
 from __future__ import annotations
 
 import logging
+import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from importlib import resources
@@ -13,7 +14,6 @@ from typing import Any
 from aiohttp import web
 
 from ..domain.errors import StorageUnavailable, TallyError
-from ..domain.keys import unauthenticated
 from ..domain.models import CostGroup, CostState, now_us
 from ..services.events import Events
 from ..services.experience_types import ExperienceTypes
@@ -21,6 +21,7 @@ from ..services.experiences import Experiences
 from ..services.keys import ApiKeys
 from ..services.limits import Limits
 from ..services.reports import Reports
+from .edge import Admission, Handler, HttpSite, check_key, host_guard, loopback_bind
 
 log = logging.getLogger("tally.web")
 DAY_US = 86_400 * 1_000_000
@@ -55,9 +56,6 @@ def _days(request: web.Request) -> int:
     return days
 
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
 def _guarded(services: Services) -> Any:
     """Every /api call carries a read key when keys are on; a TallyError is its HTTP status."""
 
@@ -66,7 +64,7 @@ def _guarded(services: Services) -> Any:
         if not request.path.startswith("/api/") or request.path == "/api/whoami":
             return await handler(request)
         try:
-            await _authenticate(services, request)
+            await check_key(services.keys, request, "read")
             return await handler(request)
         except StorageUnavailable:
             return web.json_response({"error": "the database is unavailable; retry"}, status=503)
@@ -75,17 +73,6 @@ def _guarded(services: Services) -> Any:
             return web.json_response({"error": error.message, "reason": error.reason}, status=status)
 
     return middleware
-
-
-async def _authenticate(services: Services, request: web.Request) -> None:
-    """Nothing when keys are off or the request carries a key with the read scope; else the refusal."""
-    if services.keys is None:
-        return
-    given = request.headers.get("Authorization", "")
-    secret = given[7:].strip() if given.lower().startswith("bearer ") else ""
-    if not secret:
-        raise unauthenticated("API_KEY_MISSING", "this dashboard needs an API key with the read scope")
-    await services.keys.authenticate(secret, "read")
 
 
 def _group_json(group: CostGroup) -> dict[str, Any]:
@@ -250,7 +237,7 @@ async def _whoami(services: Services, request: web.Request) -> web.Response:
     """Whether keys are on, and whether this request's key may read: answered without a refusal,
     so that the page asks for a key without an error in the browser's console."""
     try:
-        await _authenticate(services, request)
+        await check_key(services.keys, request, "read")
     except StorageUnavailable:
         return web.json_response({"error": "the database is unavailable; retry"}, status=503)
     except TallyError as error:
@@ -268,8 +255,15 @@ async def _static(request: web.Request) -> web.StreamResponse:
     return web.Response(body=resource.read_bytes(), content_type=_CONTENT_TYPES[suffix], headers=headers)
 
 
-def application(services: Services) -> web.Application:
-    app = web.Application(middlewares=[_guarded(services)])
+# /api requests served at once: each is bounded, but many at once would take the database
+# from the gRPC callers; past it, 429 with Retry-After.
+MAX_API_REQUESTS = 8
+
+
+def application(services: Services, loopback_bind: bool = True) -> web.Application:
+    app = web.Application(
+        middlewares=[host_guard(loopback_bind), Admission(MAX_API_REQUESTS).middleware("/api/"), _guarded(services)]
+    )
 
     def bound(handler: Callable[[Services, web.Request], Awaitable[web.Response]]) -> Handler:
         async def call(request: web.Request) -> web.StreamResponse:
@@ -292,27 +286,8 @@ def application(services: Services) -> web.Application:
     return app
 
 
-class Dashboard:
-    """The dashboard's HTTP server, started and stopped with the gRPC server."""
-
-    def __init__(self, services: Services, listen: str, shared_port: bool = False) -> None:
-        self.services = services
-        self.listen = listen
-        self.shared_port = shared_port  # the workers of --workers N bind one port (SO_REUSEPORT)
-        self.port = 0
-        self._runner: web.AppRunner | None = None
-
-    async def start(self) -> int:
-        host, _, port = self.listen.rpartition(":")
-        self._runner = web.AppRunner(application(self.services), access_log=None)
-        await self._runner.setup()
-        await web.TCPSite(
-            self._runner, host.strip("[]") or "0.0.0.0", int(port), reuse_port=self.shared_port or None
-        ).start()
-        self.port = int(self._runner.addresses[0][1])  # the bound port, for port 0
-        return self.port
-
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+def dashboard(
+    services: Services, listen: str, shared_port: bool = False, tls: ssl.SSLContext | None = None
+) -> HttpSite:
+    """The dashboard's HTTP listener."""
+    return HttpSite(application(services, loopback_bind(listen)), listen, shared_port, tls)

@@ -266,6 +266,14 @@ class CostTotals:
         self.cost_output_nanos += other.cost_output_nanos
         self.cost_total_nanos += other.cost_total_nanos
 
+    def subtract(self, other: CostTotals) -> None:
+        self.event_count -= other.event_count
+        self.failed_event_count -= other.failed_event_count
+        self.unpriced_event_count -= other.unpriced_event_count
+        self.cost_input_nanos -= other.cost_input_nanos
+        self.cost_output_nanos -= other.cost_output_nanos
+        self.cost_total_nanos -= other.cost_total_nanos
+
 
 @dataclass(slots=True)
 class ExperienceAddition:

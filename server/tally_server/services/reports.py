@@ -3,6 +3,7 @@ dimensions, the most expensive group first."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -90,3 +91,41 @@ def _sum(all_totals: Any) -> CostTotals:
 def _sortable(key: tuple[Any, ...]) -> tuple[tuple[int, Any], ...]:
     """A group's keys as a total order (text and numbers apart)."""
     return tuple((0, k) if isinstance(k, int) else (1, str(k)) for k in key)
+
+
+@dataclasses.dataclass(frozen=True)
+class TopSpend:
+    """Spend per day of the costliest groups of a dimension, the rest as "other": bounded
+    however many groups callers' names made."""
+
+    groups: list[CostGroup]  # per (group, day), of the top groups only
+    other: list[CostGroup]  # per day, of every group not among them
+    total: CostGroup
+    other_groups: bool  # whether any group was left out of `groups`
+
+
+async def top_spend_by_day(reports: Reports, dimension: str, start_us: int, end_us: int, top: int) -> TopSpend:
+    """The `top` costliest groups of a rollup dimension (ranked over the window's whole
+    hours, in the database), their spend per day, and the others' per day: three reads
+    whose answers are bounded by `top` and the window's days."""
+    names = list(_KEY_NAMES.get(dimension, (dimension,)))
+    async with reports.db.read() as conn:
+        chosen = await stored_reports.costliest_groups(conn, dimension, start_us, end_us, top + 1)
+        kept = chosen[:top]
+        by_day = await stored_reports.cost_breakdown(conn, [dimension, "day"], start_us, end_us, "", kept)
+        days = await stored_reports.cost_breakdown(conn, ["day"], start_us, end_us, "")
+    width = len(names)
+    groups = [
+        CostGroup({**dict(zip(names, key[:width], strict=True)), "day": key[width]}, totals)
+        for key, totals in sorted(by_day.items(), key=lambda item: _sortable(item[0]))
+    ]
+    kept_by_day: dict[Any, CostTotals] = {}
+    for key, totals in by_day.items():
+        kept_by_day.setdefault(key[width], CostTotals()).add(totals)
+    other = []
+    for (day,), totals in sorted(days.items()):
+        rest = dataclasses.replace(totals)
+        rest.subtract(kept_by_day.get(day, CostTotals()))
+        if rest.event_count:
+            other.append(CostGroup({"day": day}, rest))
+    return TopSpend(groups, other, CostGroup({}, _sum(days.values())), len(chosen) > top)

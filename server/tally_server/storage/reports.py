@@ -62,6 +62,10 @@ def _rollup_sums() -> list[sa.Label[Any]]:
     return [sa.func.sum(r.c[name]).label(name) for name in (*ROLLUP_COUNT_COLUMNS, *ROLLUP_MONEY_COLUMNS)]
 
 
+# Groups the breakdown is kept to: the values of the first dimension's key columns.
+Only = Sequence[tuple[Any, ...]] | None
+
+
 def _grouped(
     query: sa.Select[Any],
     keys: list[sa.ColumnElement[Any]],
@@ -70,9 +74,13 @@ def _grouped(
     end_us: int | None,
     type_name: sa.ColumnElement[str],
     only_type: str,
+    only: tuple[list[sa.ColumnElement[Any]], Only] = ([], None),
 ) -> sa.Select[Any]:
-    """The breakdown's query grouped by `keys`, over [start_us, end_us) of `time`, and only
-    of the type `only_type` when one is given."""
+    """The breakdown's query grouped by `keys`, over [start_us, end_us) of `time`, only of
+    the type `only_type` when one is given, and only of the groups `only` names."""
+    columns, values = only
+    if values is not None:
+        query = query.where(sa.tuple_(*columns).in_([tuple(v) for v in values]) if values else sa.false())
     if keys:
         query = query.group_by(*keys)
     if start_us is not None:
@@ -100,12 +108,25 @@ def _merge(groups: Groups, rows: Iterable[Any], width: int) -> None:
 
 
 async def _breakdown_from_rollup(
-    conn: AsyncConnection, dimensions: Sequence[str], start_us: int | None, end_us: int | None, type_name: str
+    conn: AsyncConnection,
+    dimensions: Sequence[str],
+    start_us: int | None,
+    end_us: int | None,
+    type_name: str,
+    only: Only = None,
 ) -> Groups:
     r = cost_rollups
     keys = [key for d in dimensions for key in _rollup_keys(d)]
+    first = _rollup_keys(dimensions[0]) if dimensions else []
     query = _grouped(
-        sa.select(*keys, *_rollup_sums()), keys, r.c.hour_us, start_us, end_us, r.c.experience_name, type_name
+        sa.select(*keys, *_rollup_sums()),
+        keys,
+        r.c.hour_us,
+        start_us,
+        end_us,
+        r.c.experience_name,
+        type_name,
+        (first, only),
     )
     groups: Groups = {}
     _merge(groups, await conn.execute(query), len(keys))
@@ -119,6 +140,7 @@ async def _breakdown_from_events(
     end_us: int | None,
     type_name: str,
     into: Groups,
+    only: Only = None,
 ) -> None:
     ev = events
     # The experience and its type are joined only where a dimension or the filter needs them.
@@ -132,6 +154,7 @@ async def _breakdown_from_events(
             tag = sa.func.json_each(ev.c.request_tags).table_valued("value").alias("tag")
         source = source.outerjoin(tag, sa.true())
     keys = [key for d in dimensions for key in _event_keys(d, tag)]
+    first = _event_keys(dimensions[0], tag) if dimensions else []
     query = _grouped(
         sa.select(*keys, *rollups.event_sums()).select_from(source),
         keys,
@@ -140,29 +163,53 @@ async def _breakdown_from_events(
         end_us,
         experience_types.c.name,
         type_name,
+        (first, only),
     )
     _merge(into, await conn.execute(query), len(keys))
 
 
 async def cost_breakdown(
-    conn: AsyncConnection, dimensions: Sequence[str], start_us: int | None, end_us: int | None, type_name: str
+    conn: AsyncConnection,
+    dimensions: Sequence[str],
+    start_us: int | None,
+    end_us: int | None,
+    type_name: str,
+    only: Only = None,
 ) -> Groups:
     """Sums of the events in [start_us, end_us) per group of the dimensions (none: one
-    group, the total). From the hourly rollup for the window's whole hours and the events
-    of its partial hours; from the events alone for user id and request tag."""
+    group, the total), kept to the groups of the first dimension that `only` names when
+    given. From the hourly rollup for the window's whole hours and the events of its partial
+    hours; from the events alone for user id and request tag."""
     if not set(dimensions) <= ROLLUP_DIMENSIONS:
         groups: Groups = {}
-        await _breakdown_from_events(conn, dimensions, start_us, end_us, type_name, groups)
+        await _breakdown_from_events(conn, dimensions, start_us, end_us, type_name, groups, only)
         return groups
     first_hour = None if start_us is None else -(-start_us // HOUR_US) * HOUR_US
     end_hour = None if end_us is None else end_us - end_us % HOUR_US
     if first_hour is not None and end_hour is not None and end_hour <= first_hour:
         groups = {}
-        await _breakdown_from_events(conn, dimensions, start_us, end_us, type_name, groups)
+        await _breakdown_from_events(conn, dimensions, start_us, end_us, type_name, groups, only)
         return groups
-    groups = await _breakdown_from_rollup(conn, dimensions, first_hour, end_hour, type_name)
+    groups = await _breakdown_from_rollup(conn, dimensions, first_hour, end_hour, type_name, only)
     if start_us is not None and first_hour is not None and start_us < first_hour:
-        await _breakdown_from_events(conn, dimensions, start_us, first_hour, type_name, groups)
+        await _breakdown_from_events(conn, dimensions, start_us, first_hour, type_name, groups, only)
     if end_us is not None and end_hour is not None and end_hour < end_us:
-        await _breakdown_from_events(conn, dimensions, end_hour, end_us, type_name, groups)
+        await _breakdown_from_events(conn, dimensions, end_hour, end_us, type_name, groups, only)
     return groups
+
+
+async def costliest_groups(
+    conn: AsyncConnection, dimension: str, start_us: int, end_us: int, count: int
+) -> list[tuple[Any, ...]]:
+    """The `count` groups of a rollup dimension that cost the most over the window's whole
+    hours, ranked in the database: however many groups there are, `count` rows come back."""
+    r = cost_rollups
+    keys = _rollup_keys(dimension)
+    first_hour = -(-start_us // HOUR_US) * HOUR_US
+    cost = sa.func.sum(r.c.cost_total_dollars * 1_000_000_000 + r.c.cost_total_nanos)
+    query = (
+        _grouped(sa.select(*keys), keys, r.c.hour_us, first_hour, end_us, r.c.experience_name, "")
+        .order_by(cost.desc(), sa.func.sum(r.c.event_count).desc(), *keys)
+        .limit(count)
+    )
+    return [tuple(row) for row in await conn.execute(query)]

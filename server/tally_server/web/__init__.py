@@ -20,7 +20,7 @@ from ..services.experience_types import ExperienceTypes
 from ..services.experiences import Experiences
 from ..services.keys import ApiKeys
 from ..services.limits import Limits
-from ..services.reports import Reports
+from ..services.reports import Reports, top_spend_by_day
 from .edge import Admission, Handler, HttpSite, check_key, host_guard, loopback_bind
 
 log = logging.getLogger("tally.web")
@@ -46,14 +46,16 @@ def _dollars(nanos: int) -> float:
     return nanos / 1e9
 
 
+def _whole_number(request: web.Request, name: str, default: int, low: int, high: int) -> int:
+    """A query parameter that must be a whole number from `low` to `high`; 400 naming it if not."""
+    text = request.query.get(name, str(default))
+    if not text.strip().isdigit() or not low <= int(text) <= high:
+        raise web.HTTPBadRequest(text=f"{name} must be a whole number from {low} to {high}, got {text[:40]!r}")
+    return int(text)
+
+
 def _days(request: web.Request) -> int:
-    try:
-        days = int(request.query.get("days", "30"))
-    except ValueError:
-        raise web.HTTPBadRequest(text="days must be a whole number") from None
-    if not 1 <= days <= MAX_DAYS:
-        raise web.HTTPBadRequest(text=f"days must be 1 to {MAX_DAYS}")
-    return days
+    return _whole_number(request, "days", 30, 1, MAX_DAYS)
 
 
 def _guarded(services: Services) -> Any:
@@ -84,28 +86,37 @@ def _group_json(group: CostGroup) -> dict[str, Any]:
     }
 
 
+# Groups /api/spend shows by name; the rest are summed as "other" (caller-chosen names, such
+# as 50,000 misspelt models, cannot make the answer or its reads grow).
+SPEND_GROUPS = 12
+
+
 async def _spend(services: Services, request: web.Request) -> web.Response:
-    """Spend per day over the last `days`, by experience type, version or model: read from the
-    hourly rollup kept at ingest, so a month of a million events costs a few rollup rows."""
+    """Spend per day over the last `days` of the costliest groups by experience type, version,
+    model, resource or category, and the rest as "other": read from the hourly rollup kept at
+    ingest, ranked in the database, at most SPEND_GROUPS groups per day in the answer."""
     by = request.query.get("by", "experience_name")
     if by not in ("experience_name", "experience_version", "model", "resource", "category"):
         raise web.HTTPBadRequest(text="by is experience_name, experience_version, model, resource or category")
     days = _days(request)
     end = now_us()
     start = (end // DAY_US - days + 1) * DAY_US
-    groups: list[dict[str, Any]] = []
-    token = ""
-    while True:
-        page, total = await services.reports.breakdown([by, "day"], start, end, "", 1000, token)
-        groups += [_group_json(g) for g in page.items]
-        if not (token := page.next_page_token):
-            break
-    return web.json_response({"start_us": start, "days": days, "groups": groups, "total": _group_json(total)})
+    top = await top_spend_by_day(services.reports, by, start, end, SPEND_GROUPS)
+    return web.json_response(
+        {
+            "start_us": start,
+            "days": days,
+            "groups": [_group_json(g) for g in top.groups],
+            "other": [_group_json(g) for g in top.other],
+            "other_groups": top.other_groups,
+            "total": _group_json(top.total),
+        }
+    )
 
 
 async def _top_runs(services: Services, request: web.Request) -> web.Response:
     """The most expensive experiences: the costliest of each type, merged."""
-    limit = min(max(int(request.query.get("limit", "20")), 1), 100)
+    limit = _whole_number(request, "limit", 20, 1, 100)
     runs: list[dict[str, Any]] = []
     token = ""
     while True:

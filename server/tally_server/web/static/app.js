@@ -50,12 +50,14 @@ async function loadSpend() {
   for (let i = 0; i < data.days; i++) days.push(new Date(data.start_us / 1000 + i * 86400000).toISOString().slice(0, 10));
   const label = (g) => (by === "experience_version" ? (g.experience_name || "(unattributed)") + " v" + g.experience_version : g[by] || "(unattributed)");
   const series = new Map();
-  for (const g of data.groups) {
-    const name = label(g);
+  const add = (name, g) => {
     if (!series.has(name)) series.set(name, new Array(days.length).fill(0));
     const index = Math.round((g.day / 1000 - data.start_us / 1000) / 86400000);
     if (index >= 0 && index < days.length) series.get(name)[index] += g.cost;
-  }
+  };
+  for (const g of data.groups) add(label(g), g);
+  // Past the costliest groups, the rest are one series: the answer stays small whatever names callers send.
+  for (const g of data.other) add("(all others)", g);
   draw("spend-chart", {
     type: "bar",
     data: { labels: days, datasets: [...series].map(([name, values]) => ({ label: name, data: values })) },
@@ -101,7 +103,9 @@ async function loadUnpriced() {
 
 async function loadLimits() {
   const data = await api("/api/limits");
-  rows("#limits", data.limits, (l) => [[l.name], [l.kind], [l.period], [usd(l.spend), true], [usd(l.max), true], [l.state, false, "state-" + l.state]]);
+  // A per-experience limit has no one period: its state reads "per experience", styled as none.
+  const known = new Set(["ok", "threshold", "exceeded"]);
+  rows("#limits", data.limits, (l) => [[l.name], [l.kind], [l.period], [usd(l.spend), true], [usd(l.max), true], [l.state, false, known.has(l.state) ? "state-" + l.state : ""]]);
 }
 
 async function loadAll() {

@@ -551,6 +551,11 @@ def _read_events(source: TextIO, rejected: list[tuple[int, str]]) -> Iterator[tu
             rejected.append((number, f"not a UsageEvent in JSON: {error}"))
 
 
+# The largest event `tally ingest` sends: gRPC's default message bound, which the server keeps
+# unless --max-message-bytes says otherwise. A larger one is rejected here, by its line, rather
+# than sent to end the whole stream.
+MAX_EVENT_BYTES = 4 * 1024 * 1024 - 1024
+
 _NOT_PRICED = {ing_pb.COST_STATE_UNPRICED: "unpriced", ing_pb.COST_STATE_PARTIALLY_PRICED: "partially priced"}
 
 
@@ -568,6 +573,10 @@ def ingest(tally: TallyClient, args: argparse.Namespace) -> int:
 
     def events() -> Iterator[ing_pb.UsageEvent]:
         for number, event in _read_events(source, rejected):
+            size = event.ByteSize()
+            if size > MAX_EVENT_BYTES:  # the server would end the whole stream for it
+                rejected.append((number, f"the event is {size:,} bytes; one message holds at most {MAX_EVENT_BYTES:,}"))
+                continue
             numbers.append(number)
             yield event
 
@@ -589,8 +598,11 @@ def ingest(tally: TallyClient, args: argparse.Namespace) -> int:
     # Accepted events that are not (fully) priced, and why: a run of misspelt models is loud.
     not_priced = {"unpriced": Counter[str](), "partially priced": Counter[str]()}
     not_priced_events = {"unpriced": 0, "partially priced": 0}
+    answered = 0
+    ended: TallyError | None = None
     try:
         for response in tally.ingest_stream(events(), metadata=metadata):
+            answered += 1
             line = numbers[response.position]
             if response.HasField("error"):
                 fields = "; ".join(f"{v.field}: {v.description}" for v in response.error.field_violations)
@@ -609,10 +621,13 @@ def ingest(tally: TallyClient, args: argparse.Namespace) -> int:
                     not_priced_events[state] += 1
                     not_priced[state].update(list(dict.fromkeys(u.reason for u in result.unknown_units)))
             progress.advance()
+    except TallyError as error:  # the stream ended: what was answered stands, the rest was not stored
+        ended = error
     finally:
         progress.close()
         if source is not sys.stdin:
             source.close()
+    unanswered = numbers[answered:] if ended is not None else []
     summary = {
         "accepted": accepted,
         "duplicates": duplicates,
@@ -624,6 +639,9 @@ def ingest(tally: TallyClient, args: argparse.Namespace) -> int:
         "not_priced_reasons": {state: dict(reasons.most_common()) for state, reasons in not_priced.items() if reasons},
         "experiences_created": sorted(experiences),
     }
+    if ended is not None:
+        summary["stream_ended"] = f"{type(ended).__name__}: {ended}"
+        summary["not_stored_lines"] = unanswered
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
@@ -648,7 +666,16 @@ def ingest(tally: TallyClient, args: argparse.Namespace) -> int:
         common = Counter(reason for _, reason in rejected).most_common(1)
         if len(rejected) > 20 and common:
             print(f"  most common: {common[0][0]} ({common[0][1]}x)")
-    if rejected:
+        if ended is not None:
+            lines = ", ".join(map(str, unanswered[:10])) + (" ..." if len(unanswered) > 10 else "")
+            sent = f"; sent and not answered: line{'s' if len(unanswered) != 1 else ''} {lines}" if unanswered else ""
+            print(f"the stream ended after {answered:,} answers: {ended}{sent}", file=sys.stderr)
+            print(
+                "the lines after them were not read. Lines sent and not answered may have been stored: fix the "
+                "cause and run again, and those stored come back as duplicates",
+                file=sys.stderr,
+            )
+    if rejected or ended is not None:
         return 1
     return 1 if args.fail_on_unpriced and any(not_priced_events.values()) else 0
 

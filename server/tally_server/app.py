@@ -43,7 +43,7 @@ from .domain.errors import StorageUnavailable
 from .domain.paging import PageTokens
 from .rpc import otlp
 from .rpc.access import Access, required_scopes
-from .rpc.interceptor import Admission, ServerInterceptor
+from .rpc.interceptor import GRPC_RECEIVE_FACTOR, Admission, ServerInterceptor
 from .rpc.limits import LimitServicer
 from .rpc.servicers import (
     ApiKeyServicer,
@@ -145,14 +145,19 @@ class TallyServer:
             interceptors=[
                 ServerInterceptor(
                     Access(REQUIRED_SCOPES, self.keys if auth else None),
-                    Admission(self.settings.max_calls, self.settings.max_streams, self.settings.max_call_bytes),
+                    Admission(
+                        self.settings.max_calls,
+                        self.settings.max_streams,
+                        self.settings.max_call_bytes,
+                        self.settings.max_message_bytes,
+                    ),
                 )
             ],
             options=[
                 # Off, so that a second server on a taken port fails instead of sharing it;
                 # on for the workers of `--workers N`, which share the port their parent reserved.
                 ("grpc.so_reuseport", 1 if self.settings.worker else 0),
-                ("grpc.max_receive_message_length", limit),
+                ("grpc.max_receive_message_length", limit * GRPC_RECEIVE_FACTOR),
                 ("grpc.max_send_message_length", limit),
                 # The receive windows stay at HTTP/2's 64 KiB per stream: grpc-core's probing
                 # grew them to megabytes, so 40 streams whose callers never read answers had
@@ -173,13 +178,15 @@ class TallyServer:
             ExperienceServicer(self.experiences), server
         )
         ingest_service_pb2_grpc.add_IngestServiceServicer_to_server(
-            IngestServicer(self.ingestor, self.settings.stream_window_bytes), server
+            IngestServicer(self.ingestor, self.settings.stream_window_bytes, self.settings.max_message_bytes), server
         )
         price_catalog_service_pb2_grpc.add_PriceCatalogServiceServicer_to_server(
             PriceCatalogServicer(self.prices), server
         )
         api_key_service_pb2_grpc.add_ApiKeyServiceServicer_to_server(ApiKeyServicer(self.keys), server)
-        event_service_pb2_grpc.add_EventServiceServicer_to_server(EventServicer(self.events), server)
+        event_service_pb2_grpc.add_EventServiceServicer_to_server(
+            EventServicer(self.events, self.settings.max_message_bytes), server
+        )
         report_service_pb2_grpc.add_ReportServiceServicer_to_server(ReportServicer(self.reports), server)
         limit_service_pb2_grpc.add_LimitServiceServicer_to_server(LimitServicer(self.limits), server)
         trace_service_pb2_grpc.add_TraceServiceServicer_to_server(  # type: ignore[no-untyped-call]

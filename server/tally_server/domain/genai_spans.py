@@ -100,6 +100,10 @@ def usage_event(span: Span, now_us: int) -> UsageEvent | TallyError:
     first_token_ms = _milliseconds(attributes, "gen_ai.response.time_to_first_chunk", v)
     if span.end_unix_nano < span.start_unix_nano:
         v.add("end_time_unix_nano", "the span ends before it starts")
+    # The ids are the event's idempotency key: OTLP's sizes, and not all zeros (invalid there).
+    for id_field, value, size in (("trace_id", span.trace_id, 16), ("span_id", span.span_id, 8)):
+        if len(value) != size or not any(value):
+            v.add(id_field, f"must be {size} bytes, not all zero (got {len(value)} bytes)")
     event = UsageEvent(
         category=category,
         resource=model,
@@ -171,12 +175,12 @@ def _context(span: Span, v: Violations) -> EventContext:
             v.add("tally.experience.version", f"not a version number: {values['experience_version'][:80]!r}")
     user = _attribute(span, "user.id") or _attribute(span, "enduser.id")
     tags = _attribute(span, "tally.request_tags")
-    if isinstance(tags, str):
-        request_tags = tuple(tag.strip() for tag in tags.split(",") if tag.strip())
-    elif isinstance(tags, list | tuple):
-        request_tags = tuple(str(tag) for tag in tags)
-    else:
-        request_tags = ()
+    # A comma-separated string, or an array of strings (each a tag).
+    items = [tags] if isinstance(tags, str) else list(tags) if isinstance(tags, list | tuple) else []
+    if (tags is not None and not isinstance(tags, str | list | tuple)) or not all(isinstance(i, str) for i in items):
+        v.add("tally.request_tags", f"a string of comma-separated tags or an array of strings, got {str(tags)[:80]!r}")
+        items = []
+    request_tags = tuple(tag.strip() for item in items for tag in str(item).split(",") if tag.strip())
     return EventContext(
         experience_id=values.get("experience_id", ""),
         experience_name=values.get("experience_name", ""),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import enum
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -242,6 +243,9 @@ class Page:
 
     items: list[Any] = field(default_factory=list)
     next_page_token: str = ""
+    # The token that resumes after the first n items, for an edge that sends fewer than the
+    # page holds (its answer would be over the message bound); None where no list offers it.
+    token_after: Callable[[int], str] | None = None
 
 
 # --- rollups: what each commit adds to the statistics kept at ingest ------------------

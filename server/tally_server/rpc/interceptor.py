@@ -40,15 +40,46 @@ _REQUEST_ID_PREFIX = uuid.uuid4().hex[:12]
 _request_numbers = itertools.count(1)
 
 
+def message_too_large(field_path: str, size: int, bound: int) -> TallyError:
+    """A request message over --max-message-bytes, seen by Tally (gRPC reads up to twice the
+    bound, GRPC_RECEIVE_FACTOR, so that Tally answers it rather than gRPC ending the call)."""
+    return invalid([Violation(field_path, f"the message is {size:,} bytes, over the {bound:,} bytes one may hold")])
+
+
+# gRPC itself reads messages up to this many times --max-message-bytes; Tally refuses those
+# over the bound with INVALID_ARGUMENT (a stream by position, going on), and gRPC ends a call
+# whose message is larger still (RESOURCE_EXHAUSTED, before Tally sees it).
+GRPC_RECEIVE_FACTOR = 2
+
+
 class Admission:
     """How many calls, and of them streams, may be in progress at once, and how many bytes of
     unary and batch requests. Past a limit a call is refused with RESOURCE_EXHAUSTED (and
     RetryInfo) at once, rather than queued in memory or left to time out. Health checks are
     always admitted. (What a stream holds is bounded by its own window: servicers.py.)"""
 
-    def __init__(self, max_calls: int, max_streams: int, max_call_bytes: int = 16 * 1024 * 1024) -> None:
+    def __init__(
+        self,
+        max_calls: int,
+        max_streams: int,
+        max_call_bytes: int = 16 * 1024 * 1024,
+        max_message_bytes: int = 4 * 1024 * 1024,
+    ) -> None:
         self.max_calls, self.max_streams, self.max_call_bytes = max_calls, max_streams, max_call_bytes
+        self.max_message_bytes = max_message_bytes
         self.calls = self.streams = self.call_bytes = 0
+
+    def check_answer(self, answer: Any) -> None:
+        """An answer over the message bound would fail in grpc-core as the call is logged OK;
+        it is refused here instead, so that the caller, the log and the metrics agree (lists
+        shrink their pages to fit first: this is the last guard)."""
+        if isinstance(answer, Message) and (size := answer.ByteSize()) > self.max_message_bytes:
+            raise TallyError(
+                Code.RESOURCE_EXHAUSTED,
+                "ANSWER_TOO_LARGE",
+                f"the answer of {size:,} bytes is over the {self.max_message_bytes:,} bytes a message may hold; "
+                "ask for less (a smaller page)",
+            )
 
     def take_bytes(self, size: int) -> None:
         """Counts a request of `size` bytes as served; one request is always taken when none
@@ -232,9 +263,13 @@ def _wrap_unary(method: str, access: Access, admission: Admission, behavior: Beh
                 raise request_or_iterator.error()
             if isinstance(request_or_iterator, Message):
                 requested = request_or_iterator.ByteSize()
+                if requested > admission.max_message_bytes:  # the one bound of a message, either way
+                    raise message_too_large("request", requested, admission.max_message_bytes)
                 admission.take_bytes(requested)
                 size = requested  # given back when the call ends
-            return await behavior(request_or_iterator, context)
+            answer = await behavior(request_or_iterator, context)
+            admission.check_answer(answer)
+            return answer
         except asyncio.CancelledError:
             call.gone(context)
             raise

@@ -36,6 +36,8 @@ EXPORT_METHOD = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
 SERVICE_NAME = trace_service_pb2.DESCRIPTOR.services_by_name["TraceService"].full_name
 # The reasons partial_success's message names at most (the count covers them all).
 MAX_REASONS = 5
+# Characters of one refusal in the answer: what a span sent is never echoed whole.
+MAX_REASON_CHARS = 500
 # Codes a retry of the export can cure: the export fails with them as a whole.
 _RETRYABLE = frozenset({Code.UNAVAILABLE, Code.RESOURCE_EXHAUSTED})
 _PROVIDER_KEYS = frozenset({"gen_ai.provider.name", "gen_ai.system"})
@@ -83,7 +85,7 @@ class TraceServicer(trace_service_pb2_grpc.TraceServiceServicer):
                 error = as_tally_error(outcome, *current_call.get())
                 if error.code in _RETRYABLE:
                     raise error
-                reasons.append(f"span {event.properties['otel.span_id']}: {error.message}")
+                reasons.append(f"span {event.properties['otel.span_id'][:16]}: {error.message[:MAX_REASON_CHARS]}")
         _count(stored, duplicates, skipped, len(reasons))
         response = trace_service_pb2.ExportTraceServiceResponse()
         if reasons:
@@ -124,8 +126,14 @@ def _value(value: AnyValue) -> genai_spans.AttributeValue:
 
 
 def _reason(span: OtlpSpan, error: TallyError) -> str:
-    said = "; ".join(f"{violation.field}: {violation.description}" for violation in error.violations)
-    return f"span {span.span_id.hex()}: {said or error.message}"
+    """One refusal as the answer says it, bounded: an id or value echoed is cut short, so the
+    answer stays small whatever the spans carried (a 1 MB id once made a 6 MB answer)."""
+    said = "; ".join(f"{violation.field}: {violation.description[:200]}" for violation in error.violations)
+    return f"span {_short_id(span.span_id)}: {(said or error.message)[:MAX_REASON_CHARS]}"
+
+
+def _short_id(span_id: bytes) -> str:
+    return span_id.hex() if len(span_id) <= 8 else f"{span_id[:8].hex()}... ({len(span_id)} bytes)"
 
 
 def _count(stored: int, duplicates: int, skipped: int, refused: int) -> None:

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncIterator, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 
+from google.protobuf.message import Message
 from grpc import aio
 
 from tally.v1 import (
@@ -33,7 +34,7 @@ from tally.v1 import (
 
 from ..domain import events as event_rules
 from ..domain.errors import TallyError, Violation, Violations, invalid
-from ..domain.models import EventContext, IngestResult, UnitPrice, UsageEvent, now_us
+from ..domain.models import EventContext, IngestResult, Page, UnitPrice, UsageEvent, now_us
 from ..services.events import Events
 from ..services.experience_types import ExperienceTypes
 from ..services.experiences import Experiences
@@ -43,7 +44,7 @@ from ..services.prices import Prices
 from ..services.reports import Reports
 from . import convert, metadata
 from .access import current_key
-from .interceptor import Undecodable
+from .interceptor import Undecodable, message_too_large
 from .status import as_tally_error, current_call
 
 log = logging.getLogger("tally.rpc")
@@ -177,8 +178,9 @@ class ExperienceServicer(exp_grpc.ExperienceServiceServicer):
 
 
 class EventServicer(event_grpc.EventServiceServicer):
-    def __init__(self, events: Events) -> None:
+    def __init__(self, events: Events, max_answer_bytes: int = 4 * 1024 * 1024) -> None:
         self.events = events
+        self.max_answer_bytes = max_answer_bytes  # --max-message-bytes: a page shrinks to fit
 
     async def ListEvents(self, request: event_pb.ListEventsRequest, context: Context) -> event_pb.ListEventsResponse:
         page = await self.events.list(
@@ -195,9 +197,8 @@ class EventServicer(event_grpc.EventServiceServicer):
             page_size=request.page_size,
             page_token=request.page_token,
         )
-        return event_pb.ListEventsResponse(
-            events=[convert.stored_event(e) for e in page.items], next_page_token=page.next_page_token
-        )
+        events = [convert.stored_event(e) for e in page.items]
+        return fitted(event_pb.ListEventsResponse(), "events", events, page, self.max_answer_bytes)
 
     async def GetEvent(self, request: event_pb.GetEventRequest, context: Context) -> event_pb.GetEventResponse:
         found = await self.events.get(request.request_id, request.idempotency_key)
@@ -268,9 +269,12 @@ class _ByteWindow:
 
 
 class IngestServicer(ing_grpc.IngestServiceServicer):
-    def __init__(self, ingestor: Ingestor, stream_window_bytes: int = 256 * 1024) -> None:
+    def __init__(
+        self, ingestor: Ingestor, stream_window_bytes: int = 256 * 1024, max_message_bytes: int = 4 * 1024 * 1024
+    ) -> None:
         self.ingestor = ingestor
         self.stream_window_bytes = stream_window_bytes
+        self.max_message_bytes = max_message_bytes
 
     async def Ingest(self, request: ing_pb.IngestRequest, context: Context) -> ing_pb.IngestResponse:
         call = metadata.call_context(context.invocation_metadata())
@@ -330,8 +334,10 @@ class IngestServicer(ing_grpc.IngestServiceServicer):
                     size = 0
                     if isinstance(request, Undecodable):  # answered in place; the stream goes on
                         key, pending = "", request.error("event")
+                    elif (size := request.ByteSize()) > self.max_message_bytes:  # refused by position, not the stream
+                        key, pending = "", message_too_large("event", size, self.max_message_bytes)
+                        size = 0
                     else:
-                        size = request.ByteSize()
                         await window.take(size)
                         prepared = _prepare(request.event, call, now_us(), "event.")
                         key = request.event.idempotency_key or request.event.provider_response_id
@@ -428,6 +434,31 @@ class ApiKeyServicer(key_grpc.ApiKeyServiceServicer):
 
     async def RevokeApiKey(self, request: key_pb.RevokeApiKeyRequest, context: Context) -> key_pb.RevokeApiKeyResponse:
         return key_pb.RevokeApiKeyResponse(api_key=convert.api_key(await self.keys.revoke(request.name)))
+
+
+# Room kept in an answer for its page token and framing, past the items.
+_ANSWER_MARGIN_BYTES = 4096
+
+
+Answer = TypeVar("Answer", bound=Message)
+
+
+def fitted(response: Answer, field: str, items: Sequence[Any], page: Page, max_bytes: int) -> Answer:
+    """`response` with as many of `items` (the page's, as messages) as fit in one message, and
+    the token that resumes after the last of them: a page of large events shrinks to fit
+    rather than failing on the wire (its token says where the next one starts)."""
+    room = max_bytes - _ANSWER_MARGIN_BYTES
+    used, sent = 0, 0
+    for item in items:
+        size = item.ByteSize() + 6  # the field's tag and length
+        if sent and used + size > room:
+            break
+        used += size
+        sent += 1
+    getattr(response, field).extend(items[:sent])
+    token = page.token_after(sent) if sent < len(items) and page.token_after is not None else page.next_page_token
+    setattr(response, "next_page_token", token)  # noqa: B010 - every list answer has one; Message types do not say
+    return response
 
 
 def _key_name() -> str:

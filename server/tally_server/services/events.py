@@ -107,8 +107,9 @@ class Events:
                 end_us,
             )
             found = await stored_events.list_events(conn, event_filter, before, size + 1)
-        token = ""
-        if len(found) > size:
-            last = found[size - 1].result
-            token = self.pages.encode("events", filters, [last.event_time_us, str(last.request_id)])
-        return Page(found[:size], token)
+
+        def token_after(count: int) -> str:
+            last = found[count - 1].result
+            return self.pages.encode("events", filters, [last.event_time_us, str(last.request_id)])
+
+        return Page(found[:size], token_after(size) if len(found) > size else "", token_after)

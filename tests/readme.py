@@ -58,7 +58,7 @@ def commands(text: str) -> list[str]:
 def run_block(text: str, target: str, cwd: Path, timeout: float = 180, env: dict[str, str] | None = None) -> list[Ran]:
     """Runs each command of `text` against the server at `target` (the README's addresses
     replaced), with the dev install's tools first on PATH and `env` added."""
-    for address in ("localhost:50051", "127.0.0.1:50051", "tally.example:50051"):
+    for address in ("localhost:50051", "127.0.0.1:50051", "tally.example:50052"):
         text = text.replace(address, target)
     listed = commands(text)
     script = "".join(f'{command}\necho "{_MARK} $?"\n' for command in listed)

@@ -18,10 +18,13 @@ import grpc
 import pytest
 
 from tally.v1 import (
+    common_pb2,
     experience_type_service_pb2 as et_pb,
     experience_type_service_pb2_grpc as et_grpc,
     ingest_service_pb2 as pb,
     ingest_service_pb2_grpc as ing_grpc,
+    limit_service_pb2 as lim_pb,
+    limit_service_pb2_grpc as lim_grpc,
 )
 
 from .conftest import IN_CI
@@ -97,6 +100,27 @@ def seed(target: str, admin: str) -> None:
                 ingest.IngestBatch(pb.IngestBatchRequest(events=events), metadata=run_metadata)
         misspelt = pb.UsageEvent(category="system.openai", resource="gtp-4o", units={"text": pb.UnitCounts(input=5)})
         ingest.Ingest(pb.IngestRequest(event=misspelt), metadata=metadata)
+        # Names a caller chose, shown as text wherever they appear (models, reasons, steps).
+        for hostile in HOSTILE:
+            event = pb.UsageEvent(category="system.openai", resource=hostile, units={"text": pb.UnitCounts(input=5)})
+            ingest.Ingest(pb.IngestRequest(event=event), metadata=(*metadata, ("xproxy-experience-name", "Chatbot")))
+        # The README's limits: one per experience of a type (the panel once broke on it), one per tag.
+        limits = lim_grpc.LimitServiceStub(channel)
+        one_dollar = common_pb2.Money(currency_code="USD", units=1)
+        for name, scope in (
+            ("per-summary", lim_pb.LimitScope(experience_type="Document_Summarization", per_experience=True)),
+            ("eng-daily", lim_pb.LimitScope(request_tag="team-eng")),
+        ):
+            limit = lim_pb.Limit(name=name, max=one_dollar, kind=1, period=2, scope=scope)
+            limits.CreateLimit(lim_pb.CreateLimitRequest(limit=limit), metadata=metadata)
+
+
+# Each would run script if the page put it in as HTML or a link.
+HOSTILE = (
+    '<img src=x onerror="window.__pwned=1">',
+    "<script>window.__pwned=2</script>",
+    "javascript:window.__pwned=3",
+)
 
 
 @pytest.mark.slow
@@ -108,9 +132,10 @@ def test_the_dashboard_needs_a_key_then_draws_spend_runs_versions_and_reasons(br
     url = f"sqlite+aiosqlite:///{tmp_path / 'dashboard.db'}"
     admin, reader = keys(url, "admin", "admin"), keys(url, "reader", "read")
     web = free_port()
-    server = ServerProcess(url, "--auth", "required", "--web-listen", f"127.0.0.1:{web}").start()
+    # Beyond loopback (keys required): any Host is answered, behind the key.
+    server = ServerProcess(url, "--auth", "required", "--web-listen", f"0.0.0.0:{web}").start()
     try:
-        assert f"dashboard at http://127.0.0.1:{web}/" in "".join(server.lines)
+        assert f"dashboard at http://0.0.0.0:{web}/ (every interface)" in "".join(server.lines)
         seed(server.target, admin)
         page = f"http://127.0.0.1:{web}/"
         with pytest.raises(urllib.error.HTTPError) as refused:  # the API refuses without a key
@@ -132,12 +157,18 @@ def test_the_dashboard_needs_a_key_then_draws_spend_runs_versions_and_reasons(br
         )
         assert all(points > 0 for points in charts), charts
         runs = browser.find_elements(By.CSS_SELECTOR, "#runs tbody tr")
-        assert len(runs) == 6, [r.text for r in runs]
+        assert len(runs) == 9, [r.text for r in runs]  # 6 runs, and one per hostile event
         assert "Chatbot" in runs[0].text or "Document_Summarization" in runs[0].text
         runs[1].click()
         wait.until(lambda driver: len(driver.find_elements(By.CSS_SELECTOR, "#steps tbody tr")) == 2)
         unpriced = browser.find_element(By.ID, "unpriced").text
         assert "did you mean gpt-4o?" in unpriced, unpriced
+        for hostile in HOSTILE:  # shown as the text it is
+            assert hostile in unpriced, unpriced
+        assert browser.execute_script("return window.__pwned") is None, "a name ran as script"
+        assert browser.execute_script("return document.querySelectorAll('img[src=x], a[href^=javascript]').length") == 0
+        limits = browser.find_element(By.ID, "limits").text
+        assert "per-summary" in limits and "per experience" in limits and "eng-daily" in limits, limits
         versions = browser.find_element(By.ID, "versions").text
         assert "Chatbot" in versions and "Document_Summarization" in versions
 

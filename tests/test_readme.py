@@ -14,6 +14,7 @@ import socket
 
 import pytest
 
+from . import fake_provider
 from .readme import BIN, block, run_block
 from .server_process import ServerProcess
 
@@ -62,7 +63,8 @@ def test_readme_buf_curl(readme_server, tmp_path):
 
 
 def run_python_block(contains: str, target: str) -> str:
-    """Runs a Python block of the README as printed (its address replaced); returns what it printed."""
+    """Runs a Python block of the README as printed (its address replaced); returns what it printed.
+    The provider SDKs it makes read their base URLs from the environment: the fake provider's."""
     code = block("python", contains).replace("127.0.0.1:50051", target)
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
@@ -95,6 +97,21 @@ def test_readme_blocks_run_in_order_and_twice(readme_server, tmp_path):
         assert [line.split()[:2] for line in printed] == [["q3-report.pdf", "0.0115"], ["contract.docx", "0.0115"]]
         printed = run_python_block("a_month_ago = ", target)
         assert re.search(r"^gpt-4o \d{4}-\d\d-\d\d \d", printed, re.M), printed
+        with fake_provider_environment():
+            # The instrumentation block, then the limits block (a per-run limit the calls fit in).
+            before = len(fake_provider.Provider.requests)
+            run_python_block("track_anthropic(anthropic_client, recorder)", target)
+            assert len(fake_provider.Provider.requests) - before == 3, "two OpenAI calls and one Anthropic call"
+            printed = run_python_block("enforce_limits=True", target)
+            assert "over budget" not in printed, printed
+
+        ran = run_block(block("sh", "misspelt.jsonl"), target, tmp_path)
+        if round == 1:
+            assert ran[-1].exit_code == 1, "--fail-on-unpriced: unpriced events make it exit 1"
+            shown = block("text", "3 unpriced: no price for system.openai/gtp-4o")
+            assert ran[-1].output == shown, "the output is as the README shows it"
+        else:  # stored already: duplicates, nothing newly unpriced
+            assert ran[-1].exit_code == 0 and "accepted 0, duplicates 3" in ran[-1].output, ran[-1].describe()
 
         ran = run_block(block("sh", "tally types create Document_Chatbot"), target, tmp_path)
         output = check_each(ran)
@@ -114,6 +131,30 @@ def test_readme_blocks_run_in_order_and_twice(readme_server, tmp_path):
         assert re.search(r"^v1\s+1\s+2\s+\$0\.008", output, re.M), "the per-version table"
 
 
+@contextlib.contextmanager
+def fake_provider_environment():
+    """OPENAI_BASE_URL and ANTHROPIC_BASE_URL (and keys) naming the fake provider, as a reader's
+    environment names the real ones."""
+    server, url = fake_provider.serve()
+    names = {
+        "OPENAI_BASE_URL": f"{url}/v1",
+        "OPENAI_API_KEY": "test",
+        "ANTHROPIC_BASE_URL": url,
+        "ANTHROPIC_API_KEY": "test",
+    }
+    saved = {name: os.environ.get(name) for name in names}
+    os.environ.update(names)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        server.shutdown()
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -125,14 +166,14 @@ def test_readme_api_keys(tmp_path):
     """The operator's block (its `tally serve` started in the background, on loopback),
     then the callers' block, against the same fresh database."""
     target = f"127.0.0.1:{free_port()}"
-    serve = "tally serve --listen 0.0.0.0:50051 --auth required"
+    serve = "tally serve --listen 0.0.0.0:50052 --auth required"
     operator = block("sh", "ADMIN_KEY=$(tally keys create")
     assert serve in operator
     started = (
         f"tally serve --listen {target} --auth required > serve.log 2>&1 & echo $! > serve.pid; "
         "for _ in $(seq 150); do grep -q 'tally ready' serve.log && break; sleep 0.2; done; cat serve.log"
     )
-    script = operator.replace(serve, started) + block("sh", "tally.example:50051 list")
+    script = operator.replace(serve, started) + block("sh", "tally.example:50052 list")
     env = {"TALLY_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'keys.db'}"}
     try:
         ran = run_block(script, target, tmp_path, env=env)

@@ -298,6 +298,13 @@ def experiences_delete(tally: TallyClient, args: argparse.Namespace) -> None:
 # --- reports ------------------------------------------------------------------------
 
 
+def _latencies(s: Any) -> str:
+    """A run's latencies, or that none of its events reported one (0 ms would read as instant)."""
+    if not s.latency_mean_ms and not s.latency_p95_ms:
+        return "not reported"
+    return f"mean {s.latency_mean_ms:,.0f} ms, p50 {s.latency_p50_ms:,.0f} ms, p95 {s.latency_p95_ms:,.0f} ms"
+
+
 def experience_report(e: Any) -> str:
     s = e.stats
     rows = [
@@ -308,10 +315,7 @@ def experience_report(e: Any) -> str:
             "events",
             f"{s.event_count:,}  ({s.failed_event_count:,} failed, {s.unpriced_event_count:,} not fully priced)",
         ],
-        [
-            "latency",
-            f"mean {s.latency_mean_ms:,.0f} ms, p50 {s.latency_p50_ms:,.0f} ms, p95 {s.latency_p95_ms:,.0f} ms",
-        ],
+        ["latency", _latencies(s)],
         ["first event", when(s.first_event_time)],
         ["last event", when(s.last_event_time)],
     ]
@@ -435,7 +439,11 @@ def events_get(tally: TallyClient, args: argparse.Namespace) -> None:
             "cost state",
             _state(r.cost_state) + "".join(f"\n{' ' * 17}{u.unit_type}: {u.reason}" for u in r.unknown_units),
         ],
-        ["latency", f"{e.end_to_end_latency_ms:,} ms, HTTP {e.http_status_code or '-'}"],
+        [
+            "latency",
+            (f"{e.end_to_end_latency_ms:,} ms" if e.end_to_end_latency_ms else "not reported")
+            + f", HTTP {e.http_status_code or '-'}",
+        ],
         ["user", e.context.user_id or "-"],
         ["tags", ", ".join(e.context.request_tags) or "-"],
         ["idempotency key", e.idempotency_key or "-"],
@@ -705,6 +713,8 @@ def limit_row(limit: Any, current: Any) -> list[object]:
     kind = {1: "block", 2: "allow"}.get(limit.kind, "?")
     period = {1: "lifetime", 2: "day", 3: "week", 4: "month"}.get(limit.period, "?")
     has = current is not None and current.HasField("max")
+    # No current period: each experience has its own (per experience), or none was read (a create).
+    none = "per experience" if limit.scope.per_experience else "-"
     return [
         limit.name,
         kind,
@@ -713,7 +723,7 @@ def limit_row(limit: Any, current: Any) -> list[object]:
         money(limit.max),
         money(current.spend) if has else "-",
         money(current.reserved) if has else "-",
-        _limit_state(current.state) if has else "per experience",
+        _limit_state(current.state) if has else none,
     ]
 
 
@@ -728,7 +738,8 @@ def limits_create(tally: TallyClient, args: argparse.Namespace) -> None:
         args.name, args.max, kind=args.kind, period=args.period, threshold_percent=args.threshold, **scope
     )
     created = tally.create_limit(limit)
-    _emit(args, created, f"created limit {created.name}\n" + table(LIMIT_HEADERS, [limit_row(created, None)]))
+    current = None if created.scope.per_experience else tally.get_limit(created.name).current
+    _emit(args, created, f"created limit {created.name}\n" + table(LIMIT_HEADERS, [limit_row(created, current)]))
 
 
 def limits_get(tally: TallyClient, args: argparse.Namespace) -> None:
@@ -811,6 +822,11 @@ def _unavailable_hint(error: TallyError, args: argparse.Namespace) -> str:
         )
     if secure and ("ssl" in text or "handshake" in text or "wrong_version" in text):
         return f" (Tally at {args.target} does not answer TLS: is it serving plaintext? Leave out --tls / --ca-file)"
+    if secure and not args.client_cert and ("socket closed" in text or "connection reset" in text):
+        return (
+            f" (Tally at {args.target} may require a client certificate, mTLS: add --client-cert and --client-key, "
+            "or set TALLY_CLIENT_CERT / TALLY_CLIENT_KEY)"
+        )
     return f" (is Tally running at {args.target}?)"
 
 

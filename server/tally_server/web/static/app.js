@@ -72,7 +72,7 @@ async function loadRun(run) {
   rows("#steps", data.steps, (s) => [
     [new Date(s.time_us / 1000).toISOString().replace("T", " ").slice(0, 19)],
     [s.model],
-    [s.latency_ms + " ms", true],
+    [s.latency_ms ? s.latency_ms + " ms" : "not reported", true],
     [s.state + (s.why_not_priced.length ? ": " + s.why_not_priced.join("; ") : "")],
     [usd(s.cost), true],
   ]);

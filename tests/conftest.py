@@ -44,15 +44,16 @@ class Stubs:
     backend: str
 
 
-def stubs_for(channel: aio.Channel, server: TallyServer, backend: str) -> Stubs:
+def stubs_for(channel: aio.Channel, server: TallyServer | None, backend: str, target: str = "") -> Stubs:
+    """Stubs on `channel` to `server` (in this process), or to the server at `target` (another process)."""
     return Stubs(
         channel=channel,
         types=experience_type_service_pb2_grpc.ExperienceTypeServiceStub(channel),
         experiences=experience_service_pb2_grpc.ExperienceServiceStub(channel),
         ingest=ingest_service_pb2_grpc.IngestServiceStub(channel),
         prices=price_catalog_service_pb2_grpc.PriceCatalogServiceStub(channel),
-        server=server,
-        target=f"127.0.0.1:{server.port}",
+        server=server,  # type: ignore[arg-type]
+        target=target or f"127.0.0.1:{server.port}",  # type: ignore[union-attr]
         backend=backend,
     )
 

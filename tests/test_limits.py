@@ -32,6 +32,7 @@ from tally_server.config import Settings
 
 from .conftest import drop_database_url, make_database_url, stubs_for, unique
 from .helpers import decode, raises
+from .server_process import ServerProcess
 
 CENT = common_pb2.Money(currency_code="USD", nanos=10_000_000)
 # A model of our own at $10 per million input tokens: 1,000 tokens cost exactly $0.01.
@@ -109,24 +110,24 @@ def quota_subjects(error: aio.AioRpcError) -> list[str]:
 
 @pytest.fixture
 async def replicas(backend, tmp_path):
-    """Two servers on one PostgreSQL database; one server on SQLite."""
+    """Two server processes (each its own clock, pool and caches) on one PostgreSQL
+    database; one on SQLite."""
     url = await make_database_url(backend, tmp_path)
-    servers = [
-        TallyServer(Settings(listen="127.0.0.1:0", database_url=url, grace_seconds=1))
-        for _ in range(2 if backend == "postgresql" else 1)
-    ]
+    count = 2 if backend == "postgresql" else 1
+    servers = await asyncio.gather(*(asyncio.to_thread(ServerProcess(url).start) for _ in range(count)))
     channels = []
     try:
-        for server in servers:
-            await server.start()
         # Many connections: each replica reached over four.
-        channels = [aio.insecure_channel(f"127.0.0.1:{s.port}") for s in servers for _ in range(4)]
-        yield [stubs_for(channel, server, backend) for channel, server in zip(channels, servers * 4, strict=False)]
+        channels = [aio.insecure_channel(s.target) for s in servers for _ in range(4)]
+        yield [
+            stubs_for(channel, None, backend, target)
+            for channel, target in zip(channels, [s.target for s in servers] * 4, strict=False)
+        ]
     finally:
         for channel in channels:
             await channel.close()
         for server in servers:
-            await server.stop()
+            await asyncio.to_thread(server.terminate)
         await drop_database_url(url)
 
 

@@ -184,6 +184,15 @@ def test_mtls_requires_a_client_certificate(pki, tmp_path):
             },
         )
         assert cli.returncode == 0 and "no experience types" in cli.stdout, cli.stderr
+        # The README's TLS command, without the client certificate: the error says what is missing.
+        bare = subprocess.run(
+            [str(BIN / "tally"), "types", "list", "--target", server.target, "--ca-file", str(servers.pem)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={k: v for k, v in os.environ.items() if not k.startswith("TALLY_")},
+        )
+        assert bare.returncode == 1 and "--client-cert and --client-key" in bare.stderr, bare.stderr
     finally:
         server.terminate()
 

@@ -18,7 +18,7 @@ from grpc import aio
 from tally.v1 import ingest_service_pb2 as pb
 from tally_server.app import TallyServer
 from tally_server.config import Settings
-from tally_server.web import MAX_API_REQUESTS, SPEND_GROUPS
+from tally_server.web import MAX_API_REQUESTS, SPEND_GROUPS, UNPRICED_REASONS
 
 from .conftest import drop_database_url, make_database_url, stubs_for
 
@@ -65,6 +65,10 @@ async def test_spend_by_model_is_bounded_whatever_names_callers_send(dashboard_s
         events = sum(g["events"] for g in data["groups"]) + sum(g["events"] for g in data["other"])
         assert events == data["total"]["events"] >= NAMES + 3
         assert len(body) < 20_000, f"{len(body):,} bytes"
+        async with http.get(f"{web}/api/unpriced?days=30") as response:
+            unpriced = await response.json()
+        assert len(unpriced["reasons"]) <= UNPRICED_REASONS and unpriced["other_reasons"] > 0, unpriced
+        assert unpriced["events"] == NAMES
 
         # gRPC callers meanwhile: 8 dashboards reading at once, one caller ingesting.
         latencies: list[float] = []

@@ -77,7 +77,9 @@ async def test_a_thousand_limits_and_thirty_watchers_cost_one_read_a_second(own_
             )
         )
     sent = count_statements(stubs.server)
+    began = time.perf_counter()
     listed = await limits.ListLimits(lim_pb.ListLimitsRequest(page_size=1000))
+    print(f"\n{stubs.backend}: ListLimits(page_size=1000) in {(time.perf_counter() - began) * 1000:.0f} ms")
     assert [limit.name for limit in listed.limits] == names
     assert [state.limit for state in listed.current] == names
     assert len(sent) <= 6, f"ListLimits of 1,000 limits sent {len(sent)} statements"

@@ -28,7 +28,10 @@ EXPECTED_FAILURES = {
 
 
 # What the README says fails when its grpcurl walkthrough runs a second time.
-FAILING_THE_SECOND_TIME = {"tally.v1.PriceCatalogService/CreateCustomPrice": "PRICE_ALREADY_EXISTS"}
+FAILING_THE_SECOND_TIME = {
+    "tally.v1.PriceCatalogService/CreateCustomPrice": "PRICE_ALREADY_EXISTS",
+    "tally limits create eng-daily": "ALREADY_EXISTS",
+}
 
 
 def check_each(ran, target: str = "", second_time: bool = False) -> str:
@@ -104,6 +107,18 @@ def test_readme_blocks_run_in_order_and_twice(readme_server, tmp_path):
             assert len(fake_provider.Provider.requests) - before == 3, "two OpenAI calls and one Anthropic call"
             printed = run_python_block("enforce_limits=True", target)
             assert "over budget" not in printed, printed
+
+        # The limits block, its watch ended as a reader ends it (Ctrl-C) once it has printed.
+        limits = block("sh", "tally limits create eng-daily").replace(
+            "tally limits watch", "timeout -s INT 3 tally limits watch"
+        )
+        ran = run_block(limits, target, tmp_path)
+        watched = ran.pop()
+        assert watched.exit_code in (124, 130) and "eng-daily" in watched.output, watched.describe()
+        output = check_each(ran, second_time=round == 2)
+        assert re.search(
+            r"^eng-daily\s+block\s+day\s+tag team-eng\s+\$25\.00\s+\$0\.00\s+\$0\.00\s+ok", output, re.M
+        ), output
 
         ran = run_block(block("sh", "misspelt.jsonl"), target, tmp_path)
         if round == 1:

@@ -197,8 +197,11 @@ async def _versions(services: Services, request: web.Request) -> web.Response:
     return web.json_response({"versions": rows})
 
 
-# The newest events of each state whose reasons the page counts.
+# The newest events of each state whose reasons the page counts, the reasons it shows (the
+# rest counted as one), and the characters of each: caller-chosen names stay bounded.
 UNPRICED_SAMPLE = 1000
+UNPRICED_REASONS = 20
+REASON_CHARS = 300
 
 
 async def _unpriced(services: Services, request: web.Request) -> web.Response:
@@ -221,7 +224,8 @@ async def _unpriced(services: Services, request: web.Request) -> web.Response:
         {
             "events": total.totals.unpriced_event_count,
             "sampled": sampled,
-            "reasons": [{"reason": r, "events": n} for r, n in ordered],
+            "reasons": [{"reason": r[:REASON_CHARS], "events": n} for r, n in ordered[:UNPRICED_REASONS]],
+            "other_reasons": sum(n for _, n in ordered[UNPRICED_REASONS:]),
         }
     )
 

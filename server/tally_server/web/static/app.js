@@ -98,7 +98,8 @@ async function loadUnpriced() {
   const data = await api("/api/unpriced?days=30");
   const sampled = data.sampled < data.events ? " (reasons of the newest " + data.sampled + ")" : "";
   document.getElementById("unpriced-count").textContent = data.events + " events in 30 days" + sampled;
-  rows("#unpriced", data.reasons, (r) => [[r.reason], [r.events, true]]);
+  const reasons = data.other_reasons ? [...data.reasons, { reason: "(other reasons)", events: data.other_reasons }] : data.reasons;
+  rows("#unpriced", reasons, (r) => [[r.reason], [r.events, true]]);
 }
 
 async function loadLimits() {

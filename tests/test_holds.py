@@ -92,7 +92,7 @@ async def test_a_thousand_limits_and_thirty_watchers_cost_one_read_a_second(own_
     feed = stubs.server.limits.feed
     reads_before, started = feed.reads, time.monotonic()
     latencies = []
-    while time.monotonic() - started < 4:
+    while time.monotonic() - started < 2.5:
         began = time.perf_counter()
         await stubs.ingest.Ingest(pb.IngestRequest(event=usage(10)), timeout=10)
         latencies.append((time.perf_counter() - began) * 1000)

@@ -110,7 +110,7 @@ def test_readme_blocks_run_in_order_and_twice(readme_server, tmp_path):
 
         # The limits block, its watch ended as a reader ends it (Ctrl-C) once it has printed.
         limits = block("sh", "tally limits create eng-daily").replace(
-            "tally limits watch", "timeout -s INT 3 tally limits watch"
+            "tally limits watch", "timeout -s INT 2 tally limits watch"
         )
         ran = run_block(limits, target, tmp_path)
         watched = ran.pop()

@@ -132,8 +132,9 @@ class LiveLimits:
         self.book = rules.LimitBook()
         self._revision = -1
 
-    async def refresh(self, conn: AsyncConnection) -> rules.LimitBook:
-        current = await stored_limits.revision(conn)
+    async def refresh(self, conn: AsyncConnection, revision: int | None = None) -> rules.LimitBook:
+        """`revision`: the limits' revision as this transaction already read it, if it did."""
+        current = await stored_limits.revision(conn) if revision is None else revision
         if current != self._revision:
             self.book = rules.LimitBook.of(await stored_limits.all_limits(conn))
             self._revision = current
@@ -308,12 +309,12 @@ class Limits:
                 seen = await stored_idempotency.get_idempotent_request(conn, operation, request_id)
                 if seen is not None:
                     return await self._granted_again(conn, seen, fingerprint, request_id)
-            now = await stored_limits.begin_reservation(conn)
+            revision, now = await stored_limits.begin_reservation(conn)
             if now - self._forgotten_us >= FORGET_EVERY_US:  # not on every call: two deletes each
                 await stored_limits.forget_expired(conn, now, now - KEEP_RESERVATIONS_US)
                 self._forgotten_us = now
             subject = await limit_subject(conn, context)
-            book = await self.live.refresh(conn)
+            book = await self.live.refresh(conn, revision)
             blocking = [
                 (limit, rules.PeriodKey(limit.limit_id, subj, rules.period_start(limit, now)))
                 for limit, subj in book.applicable(subject)

@@ -63,16 +63,19 @@ async def clock_us(conn: AsyncConnection) -> int:
     return int((await conn.execute(sa.select(_DATABASE_NOW))).scalar_one())
 
 
-async def begin_reservation(conn: AsyncConnection) -> int:
+async def begin_reservation(conn: AsyncConnection) -> tuple[int | None, int]:
     """At the start of a Reserve's transaction: waits for any change of the limits in flight
     and keeps them from changing until it ends (a share lock on the revision row, which every
-    change updates), then answers "now" from the database's clock on PostgreSQL, so that
-    replicas whose clocks differ agree on which period an instant falls in. SQLite: its write
-    lock already makes this transaction the only one, and the process's clock is the one."""
+    change updates), and answers the limits' revision then and "now" from the database's
+    clock on PostgreSQL, so that replicas whose clocks differ agree on which period an
+    instant falls in; one statement. SQLite: its write lock already makes this transaction
+    the only one, and the process's clock is the one (no revision read: None)."""
     if conn.dialect.name != "postgresql":
-        return process_now_us()
-    await conn.execute(sa.select(limit_revision.c.revision).where(limit_revision.c.id == 1).with_for_update(read=True))
-    return await clock_us(conn)
+        return None, process_now_us()
+    r = limit_revision
+    locked = sa.select(r.c.revision, _DATABASE_NOW).where(r.c.id == 1).with_for_update(read=True)
+    revision, now = (await conn.execute(locked)).one()
+    return int(revision), int(now)
 
 
 async def lock_holders(conn: AsyncConnection, holders: Iterable[tuple[int, str]]) -> None:

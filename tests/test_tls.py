@@ -9,12 +9,14 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
+import re
 import signal
 import ssl
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -27,7 +29,7 @@ from opentelemetry.sdk.trace.export import SpanExportResult
 
 from tally_client import EventFilter, TallyClient, Unavailable
 
-from .readme import BIN
+from .readme import BIN, ROOT
 from .server_process import ServerProcess
 from .test_otlp import GENAI_CALL, record_spans
 
@@ -298,5 +300,29 @@ def test_auth_off_beyond_loopback_starts_with_a_warning(tmp_path):
     try:
         assert any("WARNING" in line and "authentication is off on --listen 0.0.0.0:0" in line for line in server.lines)
         assert listed(server.target)
+    finally:
+        server.terminate()
+
+
+@pytest.mark.slow
+def test_the_docs_opentelemetry_block_exports_to_a_tls_tally_as_written(pki, tmp_path, monkeypatch):
+    """docs/callers.md's SDK block, run as printed (its address replaced) against a TLS Tally:
+    the exporter trusts the test's CA through the SDK's own OTEL_EXPORTER_OTLP_CERTIFICATE."""
+    servers, _, _ = pki
+    cert = servers.issue("docs-otlp-server", server=True)
+    server = serve(tmp_path, "--tls-cert", str(cert.cert), "--tls-key", str(cert.key))
+    try:
+        text = (ROOT / "docs" / "callers.md").read_text()
+        code = next(b for b in re.findall(r"```python\n(.*?)```", text, re.S) if "OTLPSpanExporter(" in b)
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_CERTIFICATE", str(servers.pem))
+        names: dict[str, Any] = {}
+        exec(compile(code.replace("tally.example:50052", server.target), "docs/callers.md", "exec"), names)
+        tracer = names["provider"].get_tracer("docs")
+        with tracer.start_as_current_span("chat gpt-4o", attributes=GENAI_CALL) as span:
+            span_id = format(span.get_span_context().span_id, "016x")
+        names["provider"].shutdown()  # the batch processor sends what it holds
+        with TallyClient(server.target, ca_file=servers.pem) as client:
+            found = client.list_events(EventFilter(resource="gpt-4o-2024-08-06")).events
+        assert [e.event.properties["otel.span_id"] for e in found] == [span_id]
     finally:
         server.terminate()

@@ -21,6 +21,9 @@ from tally_server.memory import TRIM_SECONDS
 from .server_process import ServerProcess
 from .test_load_shedding import event, overloaded, rss_mb
 
+# Memory and a normal call's latency are measured here: with no other test beside them.
+pytestmark = pytest.mark.alone
+
 # The documented bounds (docs/guarantees.md, "Load shedding"): what hostile callers may add
 # to a server's resident memory at its peak, and what it may keep once they are gone.
 HOSTILE_RSS_GROWTH_BOUND_MB = 300

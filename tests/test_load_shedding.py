@@ -27,6 +27,9 @@ from tally_server.config import Settings
 from .helpers import decode
 from .server_process import ServerProcess
 
+# Memory and a normal call's latency are measured here: with no other test beside them.
+pytestmark = pytest.mark.alone
+
 # The documented bound of what 50 stalled streams and a flood of 5,000 calls may add to a
 # server's resident memory (docs/guarantees.md, "Load shedding").
 RSS_GROWTH_BOUND_MB = 150

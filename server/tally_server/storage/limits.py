@@ -64,17 +64,17 @@ async def clock_us(conn: AsyncConnection) -> int:
 
 
 async def begin_reservation(conn: AsyncConnection) -> tuple[int | None, int]:
-    """At the start of a Reserve's transaction: waits for any change of the limits in flight
-    and keeps them from changing until it ends (a share lock on the revision row, which every
-    change updates), and answers the limits' revision then and "now" from the database's
-    clock on PostgreSQL, so that replicas whose clocks differ agree on which period an
-    instant falls in; one statement. SQLite: its write lock already makes this transaction
-    the only one, and the process's clock is the one (no revision read: None)."""
+    """At the start of a Reserve's transaction on PostgreSQL: the limits' revision and "now"
+    from the database's clock, in one statement, so that replicas whose clocks differ agree
+    on which period an instant falls in. (A book a change of the limits left stale cannot
+    over-grant: holds are summed per limit and subject under lock_holders whatever period
+    each replica reads, and a stale period's spend is never less than the new one's.)
+    SQLite: its write lock makes this transaction the only one, and the process's clock is
+    the one (no revision read: None)."""
     if conn.dialect.name != "postgresql":
         return None, process_now_us()
     r = limit_revision
-    locked = sa.select(r.c.revision, _DATABASE_NOW).where(r.c.id == 1).with_for_update(read=True)
-    revision, now = (await conn.execute(locked)).one()
+    revision, now = (await conn.execute(sa.select(r.c.revision, _DATABASE_NOW).where(r.c.id == 1))).one()
     return int(revision), int(now)
 
 

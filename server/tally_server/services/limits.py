@@ -100,13 +100,19 @@ async def settle_named(
     the first event of the reserving key settling it. Returns a warning per event that did
     not settle its reservation, saying why (`repeats`: the events are duplicates of events
     stored before, and the one that settled is told so too)."""
-    owners = await stored_limits.reservation_keys(conn, list(named))
-    mine = {
-        reservation_id
-        for reservation_id, events in named.items()
-        if reservation_id in owners and any(rules.may_settle(owners[reservation_id], key) for key, _ in events)
-    }
-    settled = await stored_limits.settle(conn, mine, now)
+    keys = {key for events in named.values() for key, _ in events}
+    if len(keys) == 1:  # the usual commit: one key's events; the key is checked in the update
+        settled = await stored_limits.settle(conn, named, now, next(iter(keys)))
+        unsettled = [reservation_id for reservation_id in named if reservation_id not in settled]
+        owners = await stored_limits.reservation_keys(conn, unsettled) if unsettled else {}
+    else:
+        owners = await stored_limits.reservation_keys(conn, list(named))
+        mine = {
+            reservation_id
+            for reservation_id, events in named.items()
+            if reservation_id in owners and any(rules.may_settle(owners[reservation_id], key) for key, _ in events)
+        }
+        settled = await stored_limits.settle(conn, mine, now)
     warnings: list[tuple[T, str]] = []
     for reservation_id, events in named.items():
         first = reservation_id in settled

@@ -360,14 +360,17 @@ async def holds_of(conn: AsyncConnection, reservation_id: uuid.UUID) -> list[tup
     return [(int(limit_id), subject) for limit_id, subject in rows]
 
 
-async def settle(conn: AsyncConnection, ids: Iterable[uuid.UUID], now_us: int) -> set[uuid.UUID]:
-    """Settles the outstanding reservations among `ids` (not settled, not expired): their
-    holds go. Returns those it settled."""
+async def settle(conn: AsyncConnection, ids: Iterable[uuid.UUID], now_us: int, key_name: str = "") -> set[uuid.UUID]:
+    """Settles the outstanding reservations among `ids` (not settled, not expired), of the
+    API key `key_name` when one is given (or made without keys): their holds go. Returns
+    those it settled."""
     ids = list(set(ids))
     if not ids:
         return set()
     r = limit_reservations
     outstanding = sa.and_(r.c.id.in_(ids), r.c.settle_time_us.is_(None), r.c.expire_time_us > _now(conn, now_us))
+    if key_name:  # rules.may_settle, in the statement
+        outstanding = sa.and_(outstanding, r.c.key_name.in_(["", key_name]))
     settled = {
         row[0]
         for row in await conn.execute(sa.update(r).where(outstanding).values(settle_time_us=now_us).returning(r.c.id))

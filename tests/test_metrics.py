@@ -39,6 +39,16 @@ def scrape(port: int) -> str:
     return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
 
 
+def scrape_until(port: int, seen: str, seconds: float = 5.0) -> str:
+    """A scrape that shows `seen` (the last one after `seconds`, for the assertions to say what it lacks)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        scraped = scrape(port)
+        if seen in scraped or time.monotonic() > deadline:
+            return scraped
+        time.sleep(0.05)
+
+
 def test_metrics_show_calls_events_and_the_writer(tmp_path):
     port = free_port()
     server = ServerProcess(f"sqlite+aiosqlite:///{tmp_path / 'm.db'}", "--metrics-listen", f"127.0.0.1:{port}").start()
@@ -52,7 +62,8 @@ def test_metrics_show_calls_events_and_the_writer(tmp_path):
             types = et_grpc.ExperienceTypeServiceStub(channel)
             with pytest.raises(grpc.RpcError):
                 types.GetExperienceType(et_pb.GetExperienceTypeRequest(name="None"))
-        scraped = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        # A call is counted as it ends, just after its caller has the answer: scraped until it is.
+        scraped = scrape_until(port, 'method="/tally.v1.ExperienceTypeService/GetExperienceType",code="NOT_FOUND"')
     finally:
         server.terminate()
     batch, unary = "/tally.v1.IngestService/IngestBatch", "/tally.v1.IngestService/Ingest"

@@ -419,20 +419,29 @@ async def serve(settings: Settings, ready: Any = None) -> None:
     """Runs until SIGTERM or SIGINT, then shuts down gracefully. `ready` (a queue, for the
     workers of `--workers`) is told this worker's number once it serves."""
 
+    # The signals are handled before the server says it is ready: a SIGHUP sent right after
+    # the ready line once found its default action (the process ended) still in place.
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    started: list[TallyServer] = []
+
+    def reload_certificates() -> None:  # SIGHUP; nothing to reload without TLS
+        if started and started[0].certificates is not None:
+            started[0].certificates.request_reload()
+
+    loop.add_signal_handler(signal.SIGHUP, reload_certificates)
+
     async def start() -> TallyServer:
         server = TallyServer(settings)
+        started.append(server)
         await server.start()
         return server
 
     server = await _started(settings, start)
     if ready is not None:
         ready.put(settings.worker)
-    stopping = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stopping.set)
-    if server.certificates is not None:
-        loop.add_signal_handler(signal.SIGHUP, server.certificates.request_reload)
     await stopping.wait()
     log.info("shutting down: in-flight calls get %.1f s", settings.grace_seconds)
     await server.stop()

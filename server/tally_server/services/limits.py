@@ -395,10 +395,7 @@ class Limits:
     async def current(self) -> Sequence[PeriodView]:
         """The current period of every limit shared by its events (not per experience): four
         queries however many limits."""
-        async with self.db.read() as conn:
-            limits = await stored_limits.all_limits(conn)
-            views = await _current_views(conn, limits, await stored_limits.clock_us(conn))
-        return [views[limit.name] for limit in limits if limit.name in views]
+        return list((await self._snapshot()).current.values())
 
     async def watch(self, names: Sequence[str]) -> AsyncIterator[tuple[PeriodView, str]]:
         """Each watched limit's current period once, then on each change of state or period
@@ -467,7 +464,7 @@ class LimitFeed:
         self._changed = asyncio.Event()
         self._watchers = 0
         self._task: asyncio.Task[None] | None = None
-        self.reads = 0  # how many reads were made, for tests and metrics
+        self.reads = 0  # how many reads were made (the tests count them)
 
     async def snapshots(self) -> AsyncIterator[Snapshot]:
         self._watchers += 1

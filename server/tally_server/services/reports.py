@@ -80,6 +80,32 @@ class Reports:
         token = self.pages.encode("cost_breakdown", filters, offset + size) if len(ordered) > offset + size else ""
         return Page(page, token), CostGroup({}, total)
 
+    async def top_spend_by_day(self, dimension: str, start_us: int, end_us: int, top: int) -> TopSpend:
+        """The `top` costliest groups of a rollup dimension (ranked over the window's whole
+        hours, in the database), their spend per day, and the others' per day: three reads
+        whose answers are bounded by `top` and the window's days."""
+        names = list(_KEY_NAMES.get(dimension, (dimension,)))
+        async with self.db.read() as conn:
+            chosen = await stored_reports.costliest_groups(conn, dimension, start_us, end_us, top + 1)
+            kept = chosen[:top]
+            by_day = await stored_reports.cost_breakdown(conn, [dimension, "day"], start_us, end_us, "", kept)
+            days = await stored_reports.cost_breakdown(conn, ["day"], start_us, end_us, "")
+        width = len(names)
+        groups = [
+            CostGroup({**dict(zip(names, key[:width], strict=True)), "day": key[width]}, totals)
+            for key, totals in sorted(by_day.items(), key=lambda item: _sortable(item[0]))
+        ]
+        kept_by_day: dict[Any, CostTotals] = {}
+        for key, totals in by_day.items():
+            kept_by_day.setdefault(key[width], CostTotals()).add(totals)
+        other = []
+        for (day,), totals in sorted(days.items()):
+            rest = dataclasses.replace(totals)
+            rest.subtract(kept_by_day.get(day, CostTotals()))
+            if rest.event_count:
+                other.append(CostGroup({"day": day}, rest))
+        return TopSpend(groups, other, CostGroup({}, _sum(days.values())), len(chosen) > top)
+
 
 def _sum(all_totals: Any) -> CostTotals:
     total = CostTotals()
@@ -102,30 +128,3 @@ class TopSpend:
     other: list[CostGroup]  # per day, of every group not among them
     total: CostGroup
     other_groups: bool  # whether any group was left out of `groups`
-
-
-async def top_spend_by_day(reports: Reports, dimension: str, start_us: int, end_us: int, top: int) -> TopSpend:
-    """The `top` costliest groups of a rollup dimension (ranked over the window's whole
-    hours, in the database), their spend per day, and the others' per day: three reads
-    whose answers are bounded by `top` and the window's days."""
-    names = list(_KEY_NAMES.get(dimension, (dimension,)))
-    async with reports.db.read() as conn:
-        chosen = await stored_reports.costliest_groups(conn, dimension, start_us, end_us, top + 1)
-        kept = chosen[:top]
-        by_day = await stored_reports.cost_breakdown(conn, [dimension, "day"], start_us, end_us, "", kept)
-        days = await stored_reports.cost_breakdown(conn, ["day"], start_us, end_us, "")
-    width = len(names)
-    groups = [
-        CostGroup({**dict(zip(names, key[:width], strict=True)), "day": key[width]}, totals)
-        for key, totals in sorted(by_day.items(), key=lambda item: _sortable(item[0]))
-    ]
-    kept_by_day: dict[Any, CostTotals] = {}
-    for key, totals in by_day.items():
-        kept_by_day.setdefault(key[width], CostTotals()).add(totals)
-    other = []
-    for (day,), totals in sorted(days.items()):
-        rest = dataclasses.replace(totals)
-        rest.subtract(kept_by_day.get(day, CostTotals()))
-        if rest.event_count:
-            other.append(CostGroup({"day": day}, rest))
-    return TopSpend(groups, other, CostGroup({}, _sum(days.values())), len(chosen) > top)

@@ -20,7 +20,7 @@ from ..services.experience_types import ExperienceTypes
 from ..services.experiences import Experiences
 from ..services.keys import ApiKeys
 from ..services.limits import Limits
-from ..services.reports import Reports, top_spend_by_day
+from ..services.reports import Reports
 from .edge import Admission, Handler, HttpSite, check_key, host_guard, loopback_bind
 
 log = logging.getLogger("tally.web")
@@ -101,7 +101,7 @@ async def _spend(services: Services, request: web.Request) -> web.Response:
     days = _days(request)
     end = now_us()
     start = (end // DAY_US - days + 1) * DAY_US
-    top = await top_spend_by_day(services.reports, by, start, end, SPEND_GROUPS)
+    top = await services.reports.top_spend_by_day(by, start, end, SPEND_GROUPS)
     return web.json_response(
         {
             "start_us": start,

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import ssl
+import threading
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -140,8 +141,6 @@ def loopback_bind(listen: str) -> bool:
 def run_forever_in_thread(start: Callable[[], Awaitable[Any]]) -> asyncio.AbstractEventLoop:
     """Runs `start()` on an event loop of its own in a daemon thread, then that loop forever
     (the parent of --workers, which has no loop, serves metrics this way)."""
-    import threading
-
     loop = asyncio.new_event_loop()
     started = threading.Event()
     failure: list[BaseException] = []

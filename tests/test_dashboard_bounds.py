@@ -18,7 +18,7 @@ from grpc import aio
 from tally.v1 import ingest_service_pb2 as pb
 from tally_server.app import TallyServer
 from tally_server.config import Settings
-from tally_server.web import MAX_API_REQUESTS, SPEND_GROUPS, UNPRICED_REASONS
+from tally_server.web.dashboard import MAX_API_REQUESTS, SPEND_GROUPS, UNPRICED_REASONS
 
 from .conftest import drop_database_url, make_database_url, stubs_for
 

@@ -35,82 +35,19 @@ from tally.v1 import ingest_service_pb2 as ing_pb
 from .client import AsyncTallyClient, TallyClient, current_scope, usage_event
 from .errors import TallyError, Unavailable
 from .recorder import AsyncRecorder, Recorder
+from .usage import (
+    DEFAULT_MAX_OUTPUT_TOKENS,
+    StreamUsage,
+    anthropic_price_context,
+    anthropic_units,
+    estimate,
+    field as _get,
+    openai_price_context,
+    openai_units,
+)
 
 log = logging.getLogger("tally_client.instrument")
 AnyRecorder = Recorder | AsyncRecorder
-
-
-def _get(obj: Any, name: str, default: Any = None) -> Any:
-    """A field of an SDK object or of its JSON form."""
-    if obj is None:
-        return default
-    value = obj.get(name, default) if isinstance(obj, dict) else getattr(obj, name, default)
-    return default if value is None else value
-
-
-# --- usage as Tally's disjoint buckets ------------------------------------------------------
-
-
-def openai_units(usage: Any) -> dict[str, tuple[int, int]]:
-    """OpenAI's inclusive counts as Tally's disjoint buckets: cached, audio and image
-    input, and reasoning and audio output, are taken out of the text counts. Takes chat
-    completion usage (prompt/completion tokens) and Responses API usage (input/output)."""
-    prompt_details = _get(usage, "prompt_tokens_details") or _get(usage, "input_tokens_details")
-    completion_details = _get(usage, "completion_tokens_details") or _get(usage, "output_tokens_details")
-    prompt = _get(usage, "prompt_tokens", 0) or _get(usage, "input_tokens", 0)
-    completion = _get(usage, "completion_tokens", 0) or _get(usage, "output_tokens", 0)
-    cached = _get(prompt_details, "cached_tokens", 0)
-    cache_write = _get(prompt_details, "cache_write_tokens", 0)
-    audio_in = _get(prompt_details, "audio_tokens", 0)
-    image_in = _get(prompt_details, "image_tokens", 0)
-    reasoning = _get(completion_details, "reasoning_tokens", 0)
-    audio_out = _get(completion_details, "audio_tokens", 0)
-    text_in = max(0, prompt - cached - cache_write - audio_in - image_in)
-    text_out = max(0, completion - reasoning - audio_out)
-    units = {"text": (text_in, text_out)}
-    for unit_type, counts in (
-        ("text_cache_read", (cached, 0)),
-        ("text_cache_write", (cache_write, 0)),
-        ("reasoning", (0, reasoning)),
-        ("audio", (audio_in, audio_out)),
-        ("image", (image_in, 0)),
-    ):
-        if any(counts):
-            units[unit_type] = counts
-    return units
-
-
-def anthropic_units(usage: Any) -> dict[str, tuple[int, int]]:
-    """Anthropic's input_tokens already exclude cache reads and writes. Cache writes are
-    split by how long they live where the usage says (5 minutes, 1 hour): priced apart."""
-    units = {"text": (_get(usage, "input_tokens", 0), _get(usage, "output_tokens", 0))}
-    cache_read = _get(usage, "cache_read_input_tokens", 0)
-    if cache_read:
-        units["text_cache_read"] = (cache_read, 0)
-    creation = _get(usage, "cache_creation")
-    five_minutes = _get(creation, "ephemeral_5m_input_tokens", 0)
-    one_hour = _get(creation, "ephemeral_1h_input_tokens", 0)
-    if five_minutes or one_hour:
-        if five_minutes:
-            units["text_cache_write_5m"] = (five_minutes, 0)
-        if one_hour:
-            units["text_cache_write_1h"] = (one_hour, 0)
-    elif cache_write := _get(usage, "cache_creation_input_tokens", 0):
-        units["text_cache_write"] = (cache_write, 0)
-    return units
-
-
-def openai_price_context(response: Any) -> dict[str, str]:
-    """The service tier the response was served at, where it changes the price."""
-    tier = _get(response, "service_tier")
-    return {"service_tier": str(tier)} if tier and tier not in ("default", "auto") else {}
-
-
-def anthropic_price_context(usage: Any) -> dict[str, str]:
-    tier = _get(usage, "service_tier")
-    if tier == "batch":
-        return {"processing": "batch"}
-    return {"service_tier": str(tier)} if tier == "priority" else {}
 
 
 # --- one response as an event --------------------------------------------------------------
@@ -171,64 +108,20 @@ def record_anthropic(
     return tally.ingest(anthropic_event(response, latency_ms=latency_ms, category=category))
 
 
-# --- streams: what each provider's stream says of the usage ----------------------------------
-
-
-class _Usage:
-    """Collects a stream's response id, model and final usage from its items."""
-
-    def __init__(self, provider: str) -> None:
-        self.provider = provider
-        self.response: dict[str, Any] = {}
-        self.usage: dict[str, Any] = {}
-        self.first_item_ms: int = 0
-
-    def observe(self, item: Any, elapsed_ms: int) -> None:
-        if not self.first_item_ms:
-            self.first_item_ms = elapsed_ms
-        kind = _get(item, "type", "")
-        if self.provider == "anthropic":
-            if kind == "message_start":
-                message = _get(item, "message")
-                self.response.update(id=_get(message, "id", ""), model=_get(message, "model", ""))
-                self.usage.update(_as_dict(_get(message, "usage")))
-            elif kind == "message_delta":  # output tokens so far, cumulative
-                self.usage.update({k: v for k, v in _as_dict(_get(item, "usage")).items() if v is not None})
-        elif kind in ("response.completed", "response.incomplete", "response.failed"):  # Responses API
-            response = _get(item, "response")
-            self.response.update(id=_get(response, "id", ""), model=_get(response, "model", ""))
-            self.response["service_tier"] = _get(response, "service_tier")
-            self.usage = _as_dict(_get(response, "usage"))
-        elif _get(item, "object") == "chat.completion.chunk":
-            self.response.update(id=_get(item, "id", ""), model=_get(item, "model", ""))
-            self.response["service_tier"] = _get(item, "service_tier") or self.response.get("service_tier")
-            if _get(item, "usage") is not None:
-                self.usage = _as_dict(_get(item, "usage"))
-
-    def event(self, category: str, latency_ms: int) -> ing_pb.UsageEvent | None:
-        if not self.response.get("id") or not self.usage:
-            return None  # ended before any usage was reported: nothing to price
-        if self.provider == "anthropic":
-            units, context = anthropic_units(self.usage), anthropic_price_context(self.usage)
-        else:
-            units, context = openai_units(self.usage), openai_price_context(self.response)
-        return _event(self.response, units, category, latency_ms, 200, context, self.first_item_ms)
-
-
-def _as_dict(value: Any) -> dict[str, Any]:
-    if value is None:
-        return {}
-    if isinstance(value, dict):
-        return value
-    dump = getattr(value, "model_dump", None)
-    return dict(dump()) if dump else dict(vars(value))
+def _stream_event(usage: StreamUsage, category: str, latency_ms: int) -> ing_pb.UsageEvent | None:
+    """A stream's event; None when it ended before its id and usage were reported."""
+    reading = usage.reading()
+    if reading is None or not reading.response_id:
+        return None  # nothing to price
+    response = {"id": reading.response_id, "model": reading.model}
+    return _event(response, reading.units, category, latency_ms, 200, reading.price_context, usage.first_item_ms)
 
 
 class _RecordedStream:
     """The SDK's stream, as the app uses it (iteration, `with`, close, its attributes),
     recording the call's usage once the stream ends or is closed."""
 
-    def __init__(self, stream: Any, usage: _Usage, finish: Callable[[_Usage], None], start: float) -> None:
+    def __init__(self, stream: Any, usage: StreamUsage, finish: Callable[[StreamUsage], None], start: float) -> None:
         self._stream, self._usage, self._finish, self._start = stream, usage, finish, start
         self._items: Iterator[Any] | None = None
         self._done = False
@@ -270,7 +163,7 @@ class _RecordedStream:
 class _RecordedAsyncStream:
     """_RecordedStream for an asyncio SDK's stream."""
 
-    def __init__(self, stream: Any, usage: _Usage, finish: Callable[[_Usage], None], start: float) -> None:
+    def __init__(self, stream: Any, usage: StreamUsage, finish: Callable[[StreamUsage], None], start: float) -> None:
         self._stream, self._usage, self._finish, self._start = stream, usage, finish, start
         self._items: AsyncIterator[Any] | None = None
         self._done = False
@@ -335,23 +228,6 @@ def _recorder(tally: TallyClient | AsyncTallyClient | AnyRecorder) -> AnyRecorde
     return Recorder(tally)
 
 
-# Tokens per character when estimating a prompt before the call: 1 in 3 overestimates
-# English (about 4 characters a token), so that a reservation rarely falls short.
-_CHARACTERS_PER_TOKEN = 3
-DEFAULT_MAX_OUTPUT_TOKENS = 4096
-
-
-def _text_of(value: Any) -> int:
-    """The characters of the text in a request's messages, system prompt or input."""
-    if isinstance(value, str):
-        return len(value)
-    if isinstance(value, dict):
-        return sum(_text_of(v) for k, v in value.items() if k in ("content", "text", "input", "system"))
-    if isinstance(value, list | tuple):
-        return sum(_text_of(item) for item in value)
-    return 0
-
-
 @dataclass(frozen=True)
 class _Enforcement:
     """Reserve-before-call for one tracked SDK client (track_openai(..., enforce_limits=True))."""
@@ -369,14 +245,7 @@ class _Enforcement:
         scope = current_scope()
         if scope is not None:
             scope.ensure_id()
-        prompt = sum(_text_of(kwargs.get(key)) for key in ("messages", "input", "system", "instructions"))
-        output = (
-            kwargs.get("max_tokens")
-            or kwargs.get("max_completion_tokens")
-            or kwargs.get("max_output_tokens")
-            or self.default_max_output_tokens
-        )
-        return str(kwargs.get("model", "")), {"text": (-(-prompt // _CHARACTERS_PER_TOKEN), int(output))}
+        return str(kwargs.get("model", "")), estimate(kwargs, self.default_max_output_tokens)
 
     def reserve(self, kwargs: dict[str, Any]) -> str:
         assert isinstance(self.client, TallyClient)
@@ -445,8 +314,8 @@ def _wrap(
         else:
             asyncio.get_running_loop().create_task(_release_later(client, reservation))
 
-    def finish(usage: _Usage, start: float, reservation: str) -> None:
-        event = usage.event(category, _ms_since(start))
+    def finish(usage: StreamUsage, start: float, reservation: str) -> None:
+        event = _stream_event(usage, category, _ms_since(start))
         if event is not None:
             record(event, reservation)
         elif reservation:
@@ -457,7 +326,7 @@ def _wrap(
             _safely(lambda: record(to_event(result, _ms_since(start)), reservation))
             return result
         stream_type = _RecordedAsyncStream if asynchronous else _RecordedStream
-        return stream_type(result, _Usage(provider), lambda usage: finish(usage, start, reservation), start)
+        return stream_type(result, StreamUsage(provider), lambda usage: finish(usage, start, reservation), start)
 
     async def answered_later(pending: Any, kwargs: dict[str, Any], start: float, reservation: str) -> Any:
         try:

@@ -65,8 +65,8 @@ from .services.prices import Prices
 from .services.reports import Reports
 from .storage.db import Database
 from .tls import CertificateFiles, certificate_files
-from .web import Services, dashboard
-from .web.edge import HttpSite, loopback_bind
+from .web.dashboard import Services, dashboard
+from .edges.http import HttpSite, loopback_bind
 from .web.scrape import metrics_application
 
 T = TypeVar("T")

@@ -31,7 +31,7 @@ from .config import RefusedToStart, Settings, auth_required, listen_host
 from .services.keys import ApiKeys
 from .storage.db import Database
 from .tls import certificate_files
-from .web.edge import HttpSite, bound_url, loopback_bind, run_forever_in_thread
+from .edges.http import HttpSite, bound_url, loopback_bind, run_forever_in_thread
 from .web.scrape import metrics_application
 
 log = logging.getLogger("tally.workers")

@@ -12,7 +12,8 @@ from tally.v1 import common_pb2, limit_service_pb2 as pb, limit_service_pb2_grpc
 from ..domain import limits as rules
 from ..domain.errors import Violations
 from ..services.limits import Granted, Limits, PeriodView
-from . import convert, metadata
+from ..edges import context as metadata
+from . import convert
 from .access import current_key
 
 if TYPE_CHECKING:  # grpc's classes are generic in its type stubs only

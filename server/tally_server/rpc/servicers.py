@@ -42,7 +42,8 @@ from ..services.ingest import Ingestor
 from ..services.keys import ApiKeys
 from ..services.prices import Prices
 from ..services.reports import Reports
-from . import convert, metadata
+from ..edges import context as metadata
+from . import convert
 from .access import current_key
 from .interceptor import Undecodable, message_too_large
 from .status import as_tally_error, current_call

@@ -41,6 +41,8 @@ from . import memory, metrics
 from .config import RefusedToStart, Settings, auth_required
 from .domain.errors import StorageUnavailable
 from .domain.paging import PageTokens
+from .edges.http import HttpSite, loopback_bind
+from .proxy import ProxyServices, ProxySettings, ProxySite, upstreams
 from .rpc import otlp
 from .rpc.access import Access, required_scopes
 from .rpc.interceptor import GRPC_RECEIVE_FACTOR, Admission, ServerInterceptor
@@ -66,7 +68,6 @@ from .services.reports import Reports
 from .storage.db import Database
 from .tls import CertificateFiles, certificate_files
 from .web.dashboard import Services, dashboard
-from .edges.http import HttpSite, loopback_bind
 from .web.scrape import metrics_application
 
 T = TypeVar("T")
@@ -123,7 +124,8 @@ class TallyServer:
         self.port = 0
         self.dashboard: HttpSite | None = None
         self.web_port = 0
-        self.metrics_site: HttpSite | None = None
+        self.sites: list[tuple[str, HttpSite, str]] = []
+        self.proxy: HttpSite | None = None
         self.certificates: CertificateFiles | None = None
         self._watcher: asyncio.Task[None] | None = None
         self._trimmer: asyncio.Task[None] | None = None
@@ -214,25 +216,15 @@ class TallyServer:
         if not self.port:
             raise SystemExit(f"tally: cannot listen on {self.settings.listen} (is the port in use?)")
         self.ingestor.start()
-        if self.settings.web_listen:
-            services = Services(
-                self.types, self.experiences, self.events, self.reports, self.limits, self.keys if auth else None
-            )
-            self.dashboard = dashboard(services, self.settings.web_listen, bool(self.settings.worker), self._http_tls())
+        self.sites = self._http_sites(auth)
+        for what, site, _ in self.sites:
             try:
-                self.web_port = await self.dashboard.start()
-            except OSError as error:
-                raise RefusedToStart(
-                    f"tally: cannot serve the dashboard on {self.settings.web_listen}: {error}"
-                ) from None
-        if self.settings.metrics_listen and not self.settings.worker:  # the parent of --workers serves all
-            listen = self.settings.metrics_listen
-            app = metrics_application(metrics.registry(), self.keys if auth else None, loopback_bind(listen))
-            self.metrics_site = HttpSite(app, listen, tls=self._http_tls())
-            try:
-                await self.metrics_site.start()
+                await site.start()
             except (OSError, ValueError) as error:
-                raise RefusedToStart(f"tally: cannot serve metrics on {listen}: {error}") from None
+                raise RefusedToStart(f"tally: cannot serve the {what} on {site.listen}: {error}") from None
+        self.dashboard = next((site for what, site, _ in self.sites if what == "dashboard"), None)
+        self.web_port = self.dashboard.port if self.dashboard is not None else 0
+        self.proxy = next((site for what, site, _ in self.sites if what == "proxy"), None)
         await server.start()
         self.server = server
         tune_garbage_collector()
@@ -255,23 +247,50 @@ class TallyServer:
                 security,
                 "required" if auth else "off",
                 self.db.url.render_as_string(hide_password=True),
-                "".join(
-                    f", {what} at {site.url(path)}"
-                    for what, site, path in (
-                        ("dashboard", self.dashboard, "/"),
-                        ("metrics", self.metrics_site, "/metrics"),
-                    )
-                    if site is not None
-                ),
+                self._http_listeners(),
             )
         return self.port
 
     HEALTH_INTERVAL_SECONDS = 2.0
 
+    def _http_sites(self, auth: bool) -> list[tuple[str, HttpSite, str]]:
+        """The HTTP edges these settings ask for, each with what it is and the path the ready
+        line names: every one with the same protections (edges/http.py) and TLS when gRPC has it."""
+        settings, keys, tls = self.settings, self.keys if auth else None, self._http_tls()
+        sites: list[tuple[str, HttpSite, str]] = []
+        if settings.web_listen:
+            services = Services(self.types, self.experiences, self.events, self.reports, self.limits, keys)
+            sites.append(("dashboard", dashboard(services, settings.web_listen, bool(settings.worker), tls), "/"))
+        if settings.proxy_listen:
+            try:
+                configured = upstreams(settings.proxy_upstreams)
+            except ValueError as error:
+                raise RefusedToStart(f"tally: {error}") from None
+            proxy_settings = ProxySettings(
+                max_body_bytes=settings.proxy_max_body_bytes,
+                max_held_bytes=max(16 * settings.proxy_max_body_bytes, 256 * 1024 * 1024),
+                fail_closed=settings.proxy_fail_closed,
+                read_timeout_seconds=settings.proxy_read_timeout_seconds,
+            )
+            services_ = ProxyServices(self.ingestor, self.limits, keys)
+            site = ProxySite(
+                services_,
+                configured,
+                proxy_settings,
+                settings.proxy_listen,
+                settings.max_calls,
+                bool(settings.worker),
+                tls,
+            )
+            sites.append(("proxy", site, "/"))
+        if settings.metrics_listen and not settings.worker:  # the parent of --workers serves all
+            app = metrics_application(metrics.registry(), keys, loopback_bind(settings.metrics_listen))
+            sites.append(("metrics", HttpSite(app, settings.metrics_listen, tls=tls), "/metrics"))
+        return sites
+
     def _http_listeners(self) -> str:
-        """The ready line's part naming the dashboard and metrics as bound."""
-        sites = (("dashboard", self.dashboard, "/"), ("metrics", self.metrics_site, "/metrics"))
-        return "".join(f", {what} at {site.url(path)}" for what, site, path in sites if site is not None)
+        """The ready line's part naming the HTTP edges as bound."""
+        return "".join(f", {what} at {site.url(path)}" for what, site, path in self.sites)
 
     def _http_tls(self) -> ssl.SSLContext | None:
         """TLS for the HTTP listeners whenever gRPC has it: keys never cross in clear."""
@@ -337,9 +356,8 @@ class TallyServer:
         await self.health.enter_graceful_shutdown()
         if self.server is not None:
             await self.server.stop(grace)
-        for site in (self.dashboard, self.metrics_site):
-            if site is not None:
-                await site.stop()
+        for _, site, _ in self.sites:
+            await site.stop()
         await self.ingestor.stop()
         await self.db.dispose()
         log.info("tally stopped")

@@ -46,6 +46,14 @@ class Settings:
     # Server processes sharing the listen port (SO_REUSEPORT), each with its own writer.
     workers: int = 1
     worker: int = 0  # which of them this process is (from 1); 0 when it serves alone
+    # The proxy: host:port of its provider-compatible routes (empty: none), its upstreams
+    # (NAME=BASE_URL[,CATEGORY], added to or replacing openai and anthropic), the bound on a
+    # body it reads, and whether it refuses calls while the database does not answer.
+    proxy_listen: str = ""
+    proxy_upstreams: tuple[str, ...] = ()
+    proxy_max_body_bytes: int = 16 * 1024 * 1024
+    proxy_fail_closed: bool = False
+    proxy_read_timeout_seconds: float = 600.0
 
 
 class RefusedToStart(Exception):
@@ -76,7 +84,11 @@ def listeners(settings: Settings) -> list[tuple[str, str]]:
     found = [("--listen", settings.listen)]
     found += [
         (flag, value)
-        for flag, value in (("--web-listen", settings.web_listen), ("--metrics-listen", settings.metrics_listen))
+        for flag, value in (
+            ("--web-listen", settings.web_listen),
+            ("--metrics-listen", settings.metrics_listen),
+            ("--proxy-listen", settings.proxy_listen),
+        )
         if value
     ]
     return found
@@ -84,7 +96,7 @@ def listeners(settings: Settings) -> list[tuple[str, str]]:
 
 def auth_required(settings: Settings) -> tuple[bool, str]:
     """Whether calls need an API key, and a warning to log (or ""). Like Redis' protected
-    mode, for every listener alike (gRPC, dashboard, metrics): a server reachable beyond this
+    mode, for every listener alike (gRPC, dashboard, metrics, proxy): a server reachable beyond this
     machine on any of them must be told whether to check keys."""
     if settings.auth == "required":
         return True, ""
@@ -200,6 +212,44 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="host:port to serve Prometheus metrics at /metrics (env TALLY_METRICS_LISTEN; default: off)",
     )
     parser.add_argument(
+        "--proxy-listen",
+        default=_env("TALLY_PROXY_LISTEN", ""),
+        help="host:port to serve the OpenAI- and Anthropic-compatible proxy: /openai/v1/..., /anthropic/v1/... "
+        "and /NAME/v1/... of each --proxy-upstream (env TALLY_PROXY_LISTEN; default: off; `make serve` uses "
+        "127.0.0.1:8090)",
+    )
+    parser.add_argument(
+        "--proxy-upstream",
+        action="append",
+        default=[u for u in _env("TALLY_PROXY_UPSTREAMS", "").split() if u],
+        metavar="NAME=BASE_URL[,CATEGORY]",
+        help="an OpenAI-compatible provider the proxy forwards /NAME/v1/... to, priced in CATEGORY (default "
+        "system.NAME); openai=URL or anthropic=URL moves those (defaults https://api.openai.com/v1 and "
+        "https://api.anthropic.com/v1); repeatable (env TALLY_PROXY_UPSTREAMS, space-separated)",
+    )
+    parser.add_argument(
+        "--proxy-max-body-bytes",
+        type=int,
+        default=int(_env("TALLY_PROXY_MAX_BODY_BYTES", str(_DEFAULTS.proxy_max_body_bytes))),
+        help="the largest request body the proxy takes (413 past it), and the largest answer or stream event "
+        "it reads for usage (passed on unread past it) "
+        f"(env TALLY_PROXY_MAX_BODY_BYTES, default {_DEFAULTS.proxy_max_body_bytes:,})",
+    )
+    parser.add_argument(
+        "--proxy-read-timeout",
+        type=float,
+        default=float(_env("TALLY_PROXY_READ_TIMEOUT_SECONDS", str(_DEFAULTS.proxy_read_timeout_seconds))),
+        help="seconds an upstream may stay silent before the call is answered 504 "
+        f"(env TALLY_PROXY_READ_TIMEOUT_SECONDS, default {_DEFAULTS.proxy_read_timeout_seconds:g})",
+    )
+    parser.add_argument(
+        "--proxy-fail-closed",
+        action="store_true",
+        default=_env("TALLY_PROXY_FAIL_CLOSED", "") in ("1", "true", "yes"),
+        help="refuse proxied calls (503) while the database does not answer; by default they are forwarded "
+        "and counted as unrecorded (env TALLY_PROXY_FAIL_CLOSED)",
+    )
+    parser.add_argument(
         "--auth",
         choices=AUTH_MODES,
         default=os.environ.get("TALLY_AUTH") or None,
@@ -251,4 +301,9 @@ def from_arguments(args: argparse.Namespace) -> Settings:
         tls_key=args.tls_key,
         tls_client_ca=args.tls_client_ca,
         workers=args.workers,
+        proxy_listen=args.proxy_listen,
+        proxy_upstreams=tuple(args.proxy_upstream),
+        proxy_max_body_bytes=args.proxy_max_body_bytes,
+        proxy_read_timeout_seconds=args.proxy_read_timeout,
+        proxy_fail_closed=args.proxy_fail_closed,
     )

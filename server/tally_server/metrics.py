@@ -44,6 +44,12 @@ OTLP_SPANS = Counter(
     "Spans received by the OTLP trace export: stored, duplicate, skipped (not a model call) or refused.",
     ["outcome"],
 )
+PROXY_CALLS = Counter(
+    "tally_proxy_calls",
+    "Calls through the proxy, by upstream and outcome: recorded, unrecorded (the database did not "
+    "answer), refused (a limit, a bad request), failed (the upstream could not be reached).",
+    ["upstream", "outcome"],
+)
 # One series per limit (per-experience limits have one period per experience: not exported),
 # refreshed every LIMIT_GAUGE_SECONDS while metrics are served.
 # Every worker reads the same values from the database: the scrape shows the latest.

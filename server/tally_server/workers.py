@@ -28,10 +28,10 @@ from typing import Any, cast
 
 from . import metrics
 from .config import RefusedToStart, Settings, auth_required, listen_host
+from .edges.http import HttpSite, bound_url, loopback_bind, run_forever_in_thread
 from .services.keys import ApiKeys
 from .storage.db import Database
 from .tls import certificate_files
-from .edges.http import HttpSite, bound_url, loopback_bind, run_forever_in_thread
 from .web.scrape import metrics_application
 
 log = logging.getLogger("tally.workers")
@@ -109,6 +109,9 @@ class Supervisor:
         if self.settings.web_listen:
             port = int(self.settings.web_listen.rpartition(":")[2])
             also += f", dashboard at {bound_url(self.settings.web_listen, port, tls)}"
+        if self.settings.proxy_listen:
+            port = int(self.settings.proxy_listen.rpartition(":")[2])
+            also += f", proxy at {bound_url(self.settings.proxy_listen, port, tls)}"
         if self.settings.metrics_listen:
             port = int(self.settings.metrics_listen.rpartition(":")[2])
             also += f", metrics of all workers at {bound_url(self.settings.metrics_listen, port, tls, '/metrics')}"

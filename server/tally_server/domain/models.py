@@ -207,6 +207,11 @@ class UsageEvent:
     price_context: dict[str, str] = field(default_factory=dict)
     # The API key the event came with ("" with keys off): it settles only its own reservations.
     key_name: str = ""
+    # Set by the proxy, which names the stored event in its answer's headers before it is stored.
+    request_id: uuid.UUID | None = None
+    # Why the call's usage could not be read (the proxy could not find it in the response):
+    # the event is stored as not priced, with this reason, never as $0.
+    unread_usage: str = ""
 
 
 @dataclass(slots=True)

@@ -94,9 +94,15 @@ class HttpSite:
     """One HTTP listener, started and stopped with the server."""
 
     def __init__(
-        self, app: web.Application, listen: str, shared_port: bool = False, tls: ssl.SSLContext | None = None
+        self,
+        app: web.Application,
+        listen: str,
+        shared_port: bool = False,
+        tls: ssl.SSLContext | None = None,
+        handler_cancellation: bool = False,
     ) -> None:
         self.app = app
+        self.handler_cancellation = handler_cancellation
         self.listen = listen
         self.shared_port = shared_port  # the workers of --workers N bind one port (SO_REUSEPORT)
         self.tls = tls
@@ -105,7 +111,7 @@ class HttpSite:
 
     async def start(self) -> int:
         host, _, port = self.listen.rpartition(":")
-        self._runner = web.AppRunner(self.app, access_log=None)
+        self._runner = web.AppRunner(self.app, access_log=None, handler_cancellation=self.handler_cancellation)
         await self._runner.setup()
         await web.TCPSite(
             self._runner,

@@ -11,8 +11,8 @@ from tally.v1 import common_pb2, limit_service_pb2 as pb, limit_service_pb2_grpc
 
 from ..domain import limits as rules
 from ..domain.errors import Violations
-from ..services.limits import Granted, Limits, PeriodView
 from ..edges import context as metadata
+from ..services.limits import Granted, Limits, PeriodView
 from . import convert
 from .access import current_key
 

@@ -35,6 +35,7 @@ from tally.v1 import (
 from ..domain import events as event_rules
 from ..domain.errors import TallyError, Violation, Violations, invalid
 from ..domain.models import EventContext, IngestResult, Page, UnitPrice, UsageEvent, now_us
+from ..edges import context as metadata
 from ..services.events import Events
 from ..services.experience_types import ExperienceTypes
 from ..services.experiences import Experiences
@@ -42,7 +43,6 @@ from ..services.ingest import Ingestor
 from ..services.keys import ApiKeys
 from ..services.prices import Prices
 from ..services.reports import Reports
-from ..edges import context as metadata
 from . import convert
 from .access import current_key
 from .interceptor import Undecodable, message_too_large

@@ -18,7 +18,16 @@ from .. import metrics
 from ..domain.errors import StorageUnavailable, TallyError, overloaded
 from ..domain.events import MAX_EVENT_COST_NANOS, cost_out_of_range, idempotency_key, key_reused
 from ..domain.ids import uuid7
-from ..domain.models import Cost, IngestResult, Resolution, StoredEvent, UsageEvent, now_us
+from ..domain.models import (
+    Cost,
+    CostState,
+    IngestResult,
+    Resolution,
+    StoredEvent,
+    UnknownUnit,
+    UsageEvent,
+    now_us,
+)
 from ..domain.rollups import priced_model, rollups_of, type_deltas
 from ..logs import RepeatedLog
 from ..storage import events as stored_events, experiences as stored_experiences, rollups as stored_rollups
@@ -308,6 +317,8 @@ class Ingestor:
         return outcomes, raced, notes
 
     def _price(self, event: UsageEvent) -> Cost:
+        if event.unread_usage:
+            return Cost(0, 0, 0, CostState.UNPRICED, None, (UnknownUnit("usage", 0, 0, event.unread_usage),))
         return self.catalog.prices.price(
             event.category, event.resource, event.units, event.event_time_us, event.price_context
         )
@@ -318,7 +329,7 @@ class Ingestor:
         if event.context.warnings or cost.warnings:
             warnings = (*warnings, *event.context.warnings, *cost.warnings)
         return IngestResult(
-            request_id=uuid7(),
+            request_id=event.request_id or uuid7(),
             event_time_us=event.event_time_us,
             ingest_time_us=now,
             cost=cost,

@@ -30,6 +30,8 @@ from .resolution import limit_subject
 # "no longer outstanding" rather than "never existed"), then forgotten.
 KEEP_RESERVATIONS_US = 24 * 3600 * 1_000_000
 FORGET_EVERY_US = 60 * 1_000_000
+# A limit created on another replica binds this one's proxied calls within this many seconds.
+BOOK_SECONDS = 1.0
 # How often WatchLimits' shared feed reads every limit.
 WATCH_INTERVAL_SECONDS = 1.0
 
@@ -188,6 +190,18 @@ class Limits:
         self.pages = pages or paging.PageTokens()
         self.reservation_seconds = reservation_seconds
         self.feed = LimitFeed(self._snapshot)
+        self._book_read = -BOOK_SECONDS
+
+    async def may_block(self) -> bool:
+        """Whether any BLOCK limit exists, as this replica's book says: the book the writer
+        reloads in each commit, read again here when it is older than BOOK_SECONDS. The proxy
+        reserves before a call only then, so that calls under no BLOCK limit pay nothing."""
+        now = time.monotonic()
+        if now - self._book_read >= BOOK_SECONDS:
+            self._book_read = now  # one read at a time: the others use the book as it is
+            async with self.db.read() as conn:
+                await self.live.refresh(conn)
+        return any(limit.kind == rules.LimitKind.BLOCK for limit in self.live.book.by_name.values())
 
     async def _snapshot(self) -> Snapshot:
         async with self.db.read() as conn:

@@ -15,13 +15,13 @@ from aiohttp import web
 
 from ..domain.errors import StorageUnavailable, TallyError
 from ..domain.models import CostGroup, CostState, now_us
+from ..edges.http import Admission, Handler, HttpSite, check_key, host_guard, loopback_bind
 from ..services.events import Events
 from ..services.experience_types import ExperienceTypes
 from ..services.experiences import Experiences
 from ..services.keys import ApiKeys
 from ..services.limits import Limits
 from ..services.reports import Reports
-from ..edges.http import Admission, Handler, HttpSite, check_key, host_guard, loopback_bind
 
 log = logging.getLogger("tally.web")
 DAY_US = 86_400 * 1_000_000

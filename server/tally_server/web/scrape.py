@@ -9,8 +9,8 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ..domain.errors import StorageUnavailable, TallyError
-from ..services.keys import ApiKeys
 from ..edges.http import Admission, check_key, host_guard
+from ..services.keys import ApiKeys
 
 # Scrapes served at once: a scrape is cheap; more at once is a flood, answered 429.
 MAX_SCRAPES = 8

@@ -4,9 +4,11 @@ stream. Nothing reaches the network."""
 
 from __future__ import annotations
 
+import gzip
 import itertools
 import json
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, ClassVar
 
@@ -39,12 +41,30 @@ _ids = itertools.count(1)
 
 class Provider(BaseHTTPRequestHandler):
     requests: ClassVar[list[dict[str, Any]]] = []  # every request body, in order
+    headers_seen: ClassVar[list[dict[str, str]]] = []  # every request's headers, in order
+    paths: ClassVar[list[str]] = []  # every request's path, in order
+    # Streamed events as produced: (time.monotonic(), response number, index of the event).
+    produced: ClassVar[list[tuple[float, int, int]]] = []
+    cancelled: ClassVar[list[int]] = []  # responses whose caller went away mid-stream
+    sent: ClassVar[list[bytes]] = []  # every JSON body answered, as sent (before any compression)
+
+    def do_GET(self) -> None:
+        Provider.headers_seen.append(dict(self.headers))
+        Provider.paths.append(self.path)
+        if self.path.split("?")[0].endswith("/models"):
+            self._json({"object": "list", "data": [{"id": "gpt-4o", "object": "model", "owned_by": "openai"}]})
+        else:
+            self.send_error(404)
 
     def do_POST(self) -> None:
         body = json.loads(self.rfile.read(int(self.headers.get("content-length", 0))) or b"{}")
         Provider.requests.append(body)
+        Provider.headers_seen.append(dict(self.headers))
+        Provider.paths.append(self.path)
         number = next(_ids)
-        if body.get("model") == "rate-limited":
+        if body.get("model") == "bad-request":
+            self._json({"error": {"message": "no such thing", "type": "invalid_request_error"}}, status=400)
+        elif body.get("model") == "rate-limited":
             self._json({"error": {"message": "slow down", "type": "rate_limit_error"}}, status=429)
         elif self.path.endswith("/chat/completions"):
             self._chat(body, number)
@@ -52,6 +72,10 @@ class Provider(BaseHTTPRequestHandler):
             self._responses(body, number)
         elif self.path.endswith("/messages"):
             self._messages(body, number)
+        elif self.path.endswith("/embeddings"):
+            usage = {"prompt_tokens": 1000, "total_tokens": 1000}
+            data = [{"object": "embedding", "index": 0, "embedding": [0.5, 0.25]}]
+            self._json({"object": "list", "data": data, "model": body["model"], "usage": usage})
         else:
             self.send_error(404)
 
@@ -66,7 +90,10 @@ class Provider(BaseHTTPRequestHandler):
         if not body.get("stream"):
             message = {"role": "assistant", "content": "A summary."}
             choices = [{"index": 0, "message": message, "finish_reason": "stop"}]
-            self._json({**base, "object": "chat.completion", "choices": choices, "usage": usage})
+            completion = {**base, "object": "chat.completion", "choices": choices, "usage": usage}
+            if self.headers.get("x-fake-usage") == "none":  # a compatible server that reports none
+                del completion["usage"]
+            self._json(completion)
             return
         chunk = {**base, "object": "chat.completion.chunk"}
         events = [
@@ -78,7 +105,7 @@ class Provider(BaseHTTPRequestHandler):
         ]
         if (body.get("stream_options") or {}).get("include_usage"):  # as OpenAI: usage only when asked
             events.append({**chunk, "choices": [], "usage": usage})
-        self._sse([(None, e) for e in events], done=True)
+        self._sse([(None, e) for e in events], done=True, number=number)
 
     def _responses(self, body: dict[str, Any], number: int) -> None:
         response = {
@@ -129,27 +156,43 @@ class Provider(BaseHTTPRequestHandler):
             {"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 100}},
             {"type": "message_stop"},
         ]
-        self._sse([(event["type"], event) for event in events])
+        self._sse([(event["type"], event) for event in events], number=number)
 
     def _json(self, body: dict[str, Any], status: int = 200) -> None:
+        """The body as JSON; with `x-fake-wait: SECONDS`, after that long (a slow provider)."""
+        time.sleep(float(self.headers.get("x-fake-wait", "0")))
         payload = json.dumps(body).encode()
+        Provider.sent.append(payload)
+        compressed = self.headers.get("x-fake-gzip") == "1"
+        if compressed:  # as a provider behind a compressing front end
+            payload = gzip.compress(payload)
         self.send_response(status)
         self.send_header("content-type", "application/json")
+        if compressed:
+            self.send_header("content-encoding", "gzip")
         self.send_header("content-length", str(len(payload)))
         self.end_headers()
         self.wfile.write(payload)
 
-    def _sse(self, events: list[tuple[str | None, dict[str, Any]]], done: bool = False) -> None:
+    def _sse(self, events: list[tuple[str | None, dict[str, Any]]], done: bool = False, number: int = 0) -> None:
+        """The events, each flushed on its own; with `x-fake-delay: SECONDS`, that long before
+        each event after the first (a caller that goes away is noticed at the next write, and noted)."""
+        delay = float(self.headers.get("x-fake-delay", "0"))
         self.send_response(200)
         self.send_header("content-type", "text/event-stream")
         self.end_headers()
-        for name, data in events:
-            if name:
-                self.wfile.write(f"event: {name}\n".encode())
-            self.wfile.write(f"data: {json.dumps(data)}\n\n".encode())
+        lines = [(f"event: {name}\n" if name else "") + f"data: {json.dumps(data)}\n\n" for name, data in events]
         if done:
-            self.wfile.write(b"data: [DONE]\n\n")
-        self.wfile.flush()
+            lines.append("data: [DONE]\n\n")
+        try:
+            for index, line in enumerate(lines):
+                if index and delay:
+                    time.sleep(delay)
+                Provider.produced.append((time.monotonic(), number, index))
+                self.wfile.write(line.encode())
+                self.wfile.flush()
+        except (BrokenPipeError, ConnectionResetError):
+            Provider.cancelled.append(number)
         self.close_connection = True
 
     def log_message(self, *args: object) -> None:

@@ -1,6 +1,6 @@
 """Tally's Python client, metadata helper, provider instrumentation and command line.
 
-from tally_client import TallyClient, create_metadata
+from tally_client import TallyClient, create_headers, create_metadata
 """
 
 from ._calls import EventFilter, UnitCounts, Units, money, new_limit as limit, usage_event
@@ -15,7 +15,7 @@ from .errors import (
     TallyError,
     Unavailable,
 )
-from .metadata import Metadata, create_metadata
+from .metadata import Metadata, create_headers, create_metadata
 from .output import dollars
 
 __all__ = [
@@ -34,6 +34,7 @@ __all__ = [
     "Unavailable",
     "UnitCounts",
     "Units",
+    "create_headers",
     "create_metadata",
     "dollars",
     "limit",

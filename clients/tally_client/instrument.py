@@ -26,12 +26,13 @@ import functools
 import inspect
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from tally.v1 import ingest_service_pb2 as ing_pb
 
+from . import metadata
 from .client import AsyncTallyClient, TallyClient, current_scope, usage_event
 from .errors import TallyError, Unavailable
 from .recorder import AsyncRecorder, Recorder
@@ -289,23 +290,27 @@ def _wrap(
     original = getattr(owner, name)
 
     def prepare(kwargs: dict[str, Any]) -> dict[str, Any]:
+        kwargs = _without_xproxy_headers(kwargs)
         if ask_for_stream_usage and kwargs.get("stream") and "stream_options" not in kwargs:
             return {**kwargs, "stream_options": {"include_usage": True}}
         return kwargs
 
-    def record(event: ing_pb.UsageEvent, reservation: str) -> None:
-        event.limit_reservation_id = reservation  # settles it: the real cost replaces the estimate
+    def record(event: ing_pb.UsageEvent, held: _Held) -> None:
+        if held.headers:
+            _apply_headers(event, held.headers)
+        if held.reservation:
+            event.limit_reservation_id = held.reservation  # settles it: the real cost replaces the estimate
         recorder.record(event)
 
-    def failed(error: Exception, kwargs: dict[str, Any], start: float, reservation: str) -> None:
+    def failed(error: Exception, kwargs: dict[str, Any], start: float, held: _Held) -> None:
         status = getattr(error, "status_code", None)
         if status:
             event = usage_event(
                 category, str(kwargs.get("model", "")), {}, latency_ms=_ms_since(start), http_status_code=status
             )
-            record(event, reservation)
-        elif reservation:  # no answer at all: nothing to record, the reservation is freed
-            release(reservation)
+            record(event, held)
+        elif held.reservation:  # no answer at all: nothing to record, the reservation is freed
+            release(held.reservation)
 
     def release(reservation: str) -> None:
         client = recorder.client
@@ -314,38 +319,39 @@ def _wrap(
         else:
             asyncio.get_running_loop().create_task(_release_later(client, reservation))
 
-    def finish(usage: StreamUsage, start: float, reservation: str) -> None:
+    def finish(usage: StreamUsage, start: float, held: _Held) -> None:
         event = _stream_event(usage, category, _ms_since(start))
         if event is not None:
-            record(event, reservation)
-        elif reservation:
-            release(reservation)
+            record(event, held)
+        elif held.reservation:
+            release(held.reservation)
 
-    def answered(result: Any, start: float, asynchronous: bool, reservation: str) -> Any:
+    def answered(result: Any, start: float, asynchronous: bool, held: _Held) -> Any:
         if not hasattr(result, "close") or not (hasattr(result, "__iter__") or hasattr(result, "__aiter__")):
-            _safely(lambda: record(to_event(result, _ms_since(start)), reservation))
+            _safely(lambda: record(to_event(result, _ms_since(start)), held))
             return result
         stream_type = _RecordedAsyncStream if asynchronous else _RecordedStream
-        return stream_type(result, StreamUsage(provider), lambda usage: finish(usage, start, reservation), start)
+        return stream_type(result, StreamUsage(provider), lambda usage: finish(usage, start, held), start)
 
-    async def answered_later(pending: Any, kwargs: dict[str, Any], start: float, reservation: str) -> Any:
+    async def answered_later(pending: Any, kwargs: dict[str, Any], start: float, held: _Held) -> Any:
         try:
             result = await pending
         except Exception as error:
-            _safely(failed, error, kwargs, start, reservation)
+            _safely(failed, error, kwargs, start, held)
             raise
-        return answered(result, start, True, reservation)
+        return answered(result, start, True, held)
 
     def call(args: tuple[Any, ...], kwargs: dict[str, Any], reservation: str) -> Any:
+        held = _Held(reservation, _xproxy_headers(kwargs))
         start = time.perf_counter()
         try:
             result = original(*args, **prepare(kwargs))
         except Exception as error:
-            _safely(failed, error, kwargs, start, reservation)
+            _safely(failed, error, kwargs, start, held)
             raise
         if inspect.isawaitable(result):
-            return answered_later(result, kwargs, start, reservation)
-        return answered(result, start, False, reservation)
+            return answered_later(result, kwargs, start, held)
+        return answered(result, start, False, held)
 
     async def reserved_then_called(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         assert enforcement is not None
@@ -363,6 +369,52 @@ def _wrap(
         return call(args, kwargs, enforcement.reserve(kwargs))
 
     setattr(owner, name, recorded)
+
+
+@dataclass(frozen=True)
+class _Held:
+    """What a call's event takes from the call itself: the reservation it settles, and the
+    xProxy-* headers of its `extra_headers` (its context, as the proxy would read them)."""
+
+    reservation: str
+    headers: dict[str, str]
+
+
+def _xproxy_headers(kwargs: dict[str, Any]) -> dict[str, str]:
+    extra = kwargs.get("extra_headers")
+    if not isinstance(extra, Mapping):
+        return {}
+    return {str(k).lower(): str(v) for k, v in extra.items() if str(k).lower().startswith("xproxy-")}
+
+
+def _without_xproxy_headers(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The call's arguments without xProxy-* headers: they are Tally's, not the provider's."""
+    extra = kwargs.get("extra_headers")
+    if not isinstance(extra, Mapping) or not any(str(k).lower().startswith("xproxy-") for k in extra):
+        return kwargs
+    kept = {k: v for k, v in extra.items() if not str(k).lower().startswith("xproxy-")}
+    return {**kwargs, "extra_headers": kept}
+
+
+def _apply_headers(event: ing_pb.UsageEvent, headers: dict[str, str]) -> None:
+    """The call's xProxy-* headers as its event's context (the use-case spellings too)."""
+    context = event.context
+    if value := headers.get(metadata.EXPERIENCE_ID) or headers.get(metadata.USECASE_ID):
+        context.experience_id = value
+    if value := headers.get(metadata.EXPERIENCE_NAME) or headers.get(metadata.USECASE_NAME):
+        context.experience_name = value
+    version = headers.get(metadata.EXPERIENCE_VERSION) or headers.get(metadata.USECASE_VERSION) or ""
+    if version.isdigit():
+        context.experience_version = int(version)
+    if value := headers.get(metadata.USER_ID):
+        context.user_id = value
+    context.request_tags.extend(t.strip() for t in headers.get(metadata.REQUEST_TAGS, "").split(",") if t.strip())
+    for pair in headers.get(metadata.PRICE_CONTEXT, "").split(","):
+        key, sep, value = pair.partition("=")
+        if sep and key.strip() and value.strip():
+            event.price_context[key.strip()] = value.strip()
+    if value := headers.get(metadata.LIMIT_RESERVATION):
+        event.limit_reservation_id = value
 
 
 async def _release_later(client: AsyncTallyClient, reservation: str) -> None:

@@ -96,3 +96,56 @@ def create_metadata(
     if limit_reservation:
         pairs.append((LIMIT_RESERVATION, str(limit_reservation)))
     return tuple(pairs)
+
+
+# The HTTP spelling of each key, as the reference product's helper writes them.
+HEADER_NAMES = {
+    EXPERIENCE_ID: "xProxy-Experience-Id",
+    EXPERIENCE_NAME: "xProxy-Experience-Name",
+    EXPERIENCE_VERSION: "xProxy-Experience-Version",
+    USECASE_ID: "xProxy-UseCase-Id",
+    USECASE_NAME: "xProxy-UseCase-Name",
+    USECASE_VERSION: "xProxy-UseCase-Version",
+    USER_ID: "xProxy-User-Id",
+    REQUEST_TAGS: "xProxy-Request-Tags",
+    PRICE_CONTEXT: "xProxy-Price-Context",
+    LIMIT_RESERVATION: "xProxy-Limit-Reservation",
+    API_KEY: "xProxy-Api-Key",
+}
+
+
+def create_headers(
+    experience_id: str | UUID | None = None,
+    experience_name: str | None = None,
+    experience_version: int | None = None,
+    user_id: str | None = None,
+    request_tags: Iterable[str] | None = None,
+    *,
+    price_context: Mapping[str, str] | None = None,
+    limit_reservation: str | None = None,
+    api_key: str | None = None,
+    family: Literal["experience", "usecase"] = "experience",
+) -> dict[str, str]:
+    """The xProxy-* HTTP headers for the given context (the reference product's helper, by
+    name): pass them as a provider SDK call's `extra_headers`, through Tally's proxy (which
+    reads and strips them) or to an SDK tracked by `track_openai` / `track_anthropic` (which
+    takes them as the call's context and does not send them on). `api_key` is Tally's key,
+    for a proxy that requires one.
+
+    >>> create_headers(experience_name="Document_Summarization", user_id="u-42")
+    {'xProxy-Experience-Name': 'Document_Summarization', 'xProxy-User-Id': 'u-42'}
+    """
+    pairs = create_metadata(
+        experience_id,
+        experience_name,
+        experience_version,
+        user_id,
+        request_tags,
+        price_context=price_context,
+        limit_reservation=limit_reservation,
+        family=family,
+    )
+    headers = {HEADER_NAMES[key]: value for key, value in pairs}
+    if api_key:
+        headers[HEADER_NAMES[API_KEY]] = api_key
+    return headers

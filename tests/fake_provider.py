@@ -62,17 +62,18 @@ class Provider(BaseHTTPRequestHandler):
         Provider.headers_seen.append(dict(self.headers))
         Provider.paths.append(self.path)
         number = next(_ids)
+        path = self.path.split("?")[0]
         if body.get("model") == "bad-request":
             self._json({"error": {"message": "no such thing", "type": "invalid_request_error"}}, status=400)
         elif body.get("model") == "rate-limited":
             self._json({"error": {"message": "slow down", "type": "rate_limit_error"}}, status=429)
-        elif self.path.endswith("/chat/completions"):
+        elif path.endswith("/chat/completions"):
             self._chat(body, number)
-        elif self.path.endswith("/responses"):
+        elif path.endswith("/responses"):
             self._responses(body, number)
-        elif self.path.endswith("/messages"):
+        elif path.endswith("/messages"):
             self._messages(body, number)
-        elif self.path.endswith("/embeddings"):
+        elif path.endswith("/embeddings"):
             usage = {"prompt_tokens": 1000, "total_tokens": 1000}
             data = [{"object": "embedding", "index": 0, "embedding": [0.5, 0.25]}]
             self._json({"object": "list", "data": data, "model": body["model"], "usage": usage})
@@ -199,7 +200,12 @@ class Provider(BaseHTTPRequestHandler):
         pass
 
 
+class _Server(ThreadingHTTPServer):
+    request_queue_size = 1024  # hundreds of calls at once (http.server's default backlog is 5)
+    daemon_threads = True
+
+
 def serve() -> tuple[ThreadingHTTPServer, str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Provider)
+    server = _Server(("127.0.0.1", 0), Provider)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server, f"http://127.0.0.1:{server.server_address[1]}"

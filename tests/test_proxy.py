@@ -51,7 +51,11 @@ async def tally(database_url, provider):
         database_url=database_url,
         grace_seconds=2,
         proxy_listen="127.0.0.1:0",
-        proxy_upstreams=(f"openai={provider}/v1", f"anthropic={provider}/v1", f"compatible={provider}/v1,system.openai"),
+        proxy_upstreams=(
+            f"openai={provider}/v1",
+            f"anthropic={provider}/v1",
+            f"compatible={provider}/v1,system.openai",
+        ),
         proxy_max_body_bytes=MAX_BODY,
         proxy_read_timeout_seconds=3,
     )
@@ -100,7 +104,9 @@ async def test_the_sdks_through_the_proxy_are_priced_and_attributed(tally, backe
             answer = oai.chat.completions.create(model="gpt-4o", messages=MESSAGES, extra_headers=headers)
             assert answer.choices[0].message.content == "A summary."
             seen.append(("chat", result_of(answer), chat))
-            chunks = list(oai.chat.completions.create(model="gpt-4o", messages=MESSAGES, stream=True, extra_headers=headers))
+            chunks = list(
+                oai.chat.completions.create(model="gpt-4o", messages=MESSAGES, stream=True, extra_headers=headers)
+            )
             assert "".join(c.choices[0].delta.content or "" for c in chunks) == "A summary."
             assert all(c.choices for c in chunks), "the usage chunk the proxy asked for is not shown"
             seen.append(("chat stream", chunks[-1].model_extra["xproxy_result"], chat))
@@ -132,7 +138,11 @@ async def test_the_sdks_through_the_proxy_are_priced_and_attributed(tally, backe
         answer = await oai.chat.completions.create(model="gpt-4o", messages=MESSAGES, extra_headers=headers)
         seen.append(("async chat", result_of(answer), chat))
         stream = await oai.chat.completions.create(
-            model="gpt-4o", messages=MESSAGES, stream=True, stream_options={"include_usage": True}, extra_headers=headers
+            model="gpt-4o",
+            messages=MESSAGES,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_headers=headers,
         )
         chunks = [chunk async for chunk in stream]
         assert chunks[-1].usage is not None and chunks[-1].usage.prompt_tokens == 1000, "asked for: shown"
@@ -141,9 +151,12 @@ async def test_the_sdks_through_the_proxy_are_priced_and_attributed(tally, backe
             model="claude-sonnet-4-5", max_tokens=100, messages=MESSAGES, extra_headers=headers
         )
         seen.append(("async messages", result_of(reply), message))
-        events = [e async for e in await claude.messages.create(
-            model="claude-sonnet-4-5", max_tokens=100, messages=MESSAGES, stream=True, extra_headers=headers
-        )]
+        events = [
+            e
+            async for e in await claude.messages.create(
+                model="claude-sonnet-4-5", max_tokens=100, messages=MESSAGES, stream=True, extra_headers=headers
+            )
+        ]
         seen.append(("async messages stream", events[-1].model_extra["xproxy_result"], message))  # type: ignore[index]
 
         for what, result, expected in seen:

@@ -191,17 +191,27 @@ class Limits:
         self.reservation_seconds = reservation_seconds
         self.feed = LimitFeed(self._snapshot)
         self._book_read = -BOOK_SECONDS
+        self._book_reading: asyncio.Future[None] | None = None
 
     async def may_block(self) -> bool:
         """Whether any BLOCK limit exists, as this replica's book says: the book the writer
-        reloads in each commit, read again here when it is older than BOOK_SECONDS. The proxy
+        reloads in each commit, read again here when this replica changed a limit or the last
+        read is older than BOOK_SECONDS (calls meanwhile wait for that one read). The proxy
         reserves before a call only then, so that calls under no BLOCK limit pay nothing."""
-        now = time.monotonic()
-        if now - self._book_read >= BOOK_SECONDS:
-            self._book_read = now  # one read at a time: the others use the book as it is
+        if time.monotonic() - self._book_read >= BOOK_SECONDS:
+            if self._book_reading is None:
+                self._book_reading = asyncio.ensure_future(self._read_book())
+            await asyncio.shield(self._book_reading)
+        return any(limit.kind == rules.LimitKind.BLOCK for limit in self.live.book.by_name.values())
+
+    async def _read_book(self) -> None:
+        try:
+            started = time.monotonic()
             async with self.db.read() as conn:
                 await self.live.refresh(conn)
-        return any(limit.kind == rules.LimitKind.BLOCK for limit in self.live.book.by_name.values())
+            self._book_read = started
+        finally:
+            self._book_reading = None
 
     async def _snapshot(self) -> Snapshot:
         async with self.db.read() as conn:
@@ -217,6 +227,7 @@ class Limits:
         async with self.db.write() as conn:
             await stored_limits.bump_revision(conn)
             limit_id = await stored_limits.insert_limit(conn, limit)
+        self._book_read = -BOOK_SECONDS  # binds this replica's next proxied call
         if limit_id is None:
             raise already_exists("LIMIT_EXISTS", "tally.v1.Limit", limit.name, f"a limit named {limit.name!r} exists")
         return dataclasses.replace(limit, limit_id=limit_id)

@@ -263,9 +263,7 @@ async def test_a_caller_that_goes_away_cancels_the_upstream_and_is_recorded_once
             assert b"message_start" in first
             number = int(json.loads(first.split(b"data: ", 1)[1])["message"]["id"].split("_")[1])
             answer.close()  # the caller goes away
-        deadline = time.monotonic() + 10
-        while number not in Provider.cancelled and time.monotonic() < deadline:
-            await asyncio.sleep(0.1)
+        await until(lambda: number in Provider.cancelled)
         assert number in Provider.cancelled, "the upstream call was cancelled"
         produced = [index for _, n, index in Provider.produced if n == number]
         assert len(produced) < 6, "the fake stopped before the end of its stream"
@@ -406,12 +404,21 @@ async def raw_request(port: int, path: str, body: bytes, extra: bytes = b"") -> 
     return head.split(b"\r\n", 1)[0], answer_body
 
 
+async def until(condition: Any, seconds: float = 10) -> None:
+    """Returns once `condition()` holds, or after `seconds` (the caller asserts it then)."""
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:  # noqa: ASYNC110 - another thread's list
+        await asyncio.sleep(0.1)
+
+
 async def test_other_routes_pass_through_unmetered(tally):
-    async with aiohttp.ClientSession() as session:
-        async with session.get(f"{proxy_url(tally)}/models", params={"limit": "5"}) as answer:
-            assert answer.status == 200
-            assert (await answer.json())["data"][0]["id"] == "gpt-4o"
-            assert "xproxy-request-id" not in answer.headers
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"{proxy_url(tally)}/models", params={"limit": "5"}) as answer,
+    ):
+        assert answer.status == 200
+        assert (await answer.json())["data"][0]["id"] == "gpt-4o"
+        assert "xproxy-request-id" not in answer.headers
     assert Provider.paths[-1] == "/v1/models?limit=5", "the path and query as sent"
 
 

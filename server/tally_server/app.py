@@ -359,6 +359,7 @@ class TallyServer:
         for _, site, _ in self.sites:
             await site.stop()
         await self.ingestor.stop()
+        await self.limits.writer.stop()
         await self.db.dispose()
         log.info("tally stopped")
 

@@ -384,8 +384,10 @@ class Forwarder:
             # The caller went away: leaving the upstream's `async with` closes its connection
             # (the upstream call is cancelled), and what the stream reported until then is
             # recorded, once, by a task of its own.
-            gone_event = self._event(call, usage.reading(), answer.status, _unread(usage, cut=True), usage.first_item_ms)
-            self._detached(self._store(call, gone_event))
+            unread = _unread(usage, cut=True)
+            self._detached(
+                self._store(call, self._event(call, usage.reading(), answer.status, unread, usage.first_item_ms))
+            )
             if isinstance(gone, asyncio.CancelledError):
                 raise
             return response

@@ -24,12 +24,17 @@ from ..storage import (
 )
 from ..storage.db import Database
 from .catalog import LiveCatalog
+from .reservations import (
+    FORGET_EVERY_US,
+    KEEP_RESERVATIONS_US,
+    Granted,
+    LiveLimits,
+    ReservationWriter,
+)
 from .resolution import limit_subject
 
-# Settled and expired reservations are kept this long (a Release of one says
-# "no longer outstanding" rather than "never existed"), then forgotten.
-KEEP_RESERVATIONS_US = 24 * 3600 * 1_000_000
-FORGET_EVERY_US = 60 * 1_000_000
+__all__ = ["Granted", "Limits", "LiveLimits", "count_against_limits", "settle_named"]
+
 # A limit created on another replica binds this one's proxied calls within this many seconds.
 BOOK_SECONDS = 1.0
 # How often WatchLimits' shared feed reads every limit.
@@ -132,31 +137,6 @@ async def settle_named(
     return warnings
 
 
-class LiveLimits:
-    """The book of limits as the database has it, reloaded in the writer's transaction when
-    any replica changed a limit: a limit counts every event committed after its creation."""
-
-    def __init__(self) -> None:
-        self.book = rules.LimitBook()
-        self._revision = -1
-
-    async def refresh(self, conn: AsyncConnection, revision: int | None = None) -> rules.LimitBook:
-        """`revision`: the limits' revision as this transaction already read it, if it did."""
-        current = await stored_limits.revision(conn) if revision is None else revision
-        if current != self._revision:
-            self.book = rules.LimitBook.of(await stored_limits.all_limits(conn))
-            self._revision = current
-        return self.book
-
-
-@dataclasses.dataclass(frozen=True)
-class Granted:
-    reservation_id: uuid.UUID
-    amount_nanos: int
-    expire_time_us: int
-    limits: tuple[str, ...]
-
-
 @dataclasses.dataclass(frozen=True)
 class PeriodView:
     """A period of a limit, for reading: its spend, reservations, bounds and state."""
@@ -186,10 +166,10 @@ class Limits:
         self.catalog = catalog
         # The writer's book, shared: reloaded in a transaction only when a limit changed.
         self.live = live or LiveLimits()
-        self._forgotten_us = 0
         self.pages = pages or paging.PageTokens()
         self.reservation_seconds = reservation_seconds
         self.feed = LimitFeed(self._snapshot)
+        self.writer = ReservationWriter(db, self.live)
         self._book_read = -BOOK_SECONDS
         self._book_reading: asyncio.Future[None] | None = None
 
@@ -331,8 +311,10 @@ class Limits:
             catalog = await self.catalog.refreshed(self.db)
             amount_nanos = quote(catalog, category, resource, units, now_us(), {}).total_nanos
         assert amount_nanos is not None
-        fingerprint = f"{context}|{amount_nanos}|{ttl_seconds}"
         seconds = ttl_seconds or self.reservation_seconds
+        if not request_id:  # the usual Reserve, and the proxy's: decided in batches
+            return await self.writer.reserve(context, amount_nanos, seconds, key_name)
+        fingerprint = f"{context}|{amount_nanos}|{ttl_seconds}"
         # Request ids are the reserving key's own: another key's id is another reservation.
         operation = "Reserve" if not key_name else f"Reserve/{_hash(key_name)[:16]}"
         async with self.db.write() as conn:
@@ -341,9 +323,9 @@ class Limits:
                 if seen is not None:
                     return await self._granted_again(conn, seen, fingerprint, request_id)
             revision, now = await stored_limits.begin_reservation(conn)
-            if now - self._forgotten_us >= FORGET_EVERY_US:  # not on every call: two deletes each
+            if now - self.writer.forgotten_us >= FORGET_EVERY_US:  # not on every call: two deletes each
                 await stored_limits.forget_expired(conn, now, now - KEEP_RESERVATIONS_US)
-                self._forgotten_us = now
+                self.writer.forgotten_us = now
             subject = await limit_subject(conn, context)
             book = await self.live.refresh(conn, revision)
             blocking = [

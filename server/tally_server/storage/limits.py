@@ -342,6 +342,37 @@ async def insert_reservation(
         )
 
 
+async def insert_reservations(
+    conn: AsyncConnection,
+    granted: Sequence[tuple[uuid.UUID, int, Sequence[rules.PeriodKey], int, str]],
+    now_us: int,
+) -> None:
+    """Many reservations at once, each (id, amount, the periods it holds, expiry, key name):
+    one statement for the reservations, one for their holds."""
+    if not granted:
+        return
+    await conn.execute(
+        sa.insert(limit_reservations),
+        [
+            {"id": rid, "amount_nanos": amount, "create_time_us": now_us, "expire_time_us": expire, "key_name": key}
+            for rid, amount, _, expire, key in granted
+        ],
+    )
+    holds = [
+        {
+            "reservation_id": rid,
+            "limit_id": limit_id,
+            "subject": subject,
+            "amount_nanos": amount,
+            "expire_time_us": expire,
+        }
+        for rid, amount, keys, expire, _ in granted
+        for limit_id, subject in sorted({(key.limit_id, key.subject) for key in keys})
+    ]
+    if holds:
+        await conn.execute(sa.insert(limit_holds), holds)
+
+
 async def get_reservation(conn: AsyncConnection, reservation_id: uuid.UUID) -> Any:
     r = limit_reservations
     return (await conn.execute(sa.select(r).where(r.c.id == reservation_id))).first()

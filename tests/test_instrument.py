@@ -307,3 +307,28 @@ def test_with_tally_unreachable_the_recorder_says_so_and_closes_within_its_bound
     assert sum("cannot reach Tally" in line for line in said) == 1, said
     assert any("dropped 3 event(s)" in line and "could not be reached" in line for line in said), said
     assert recorder.stats.dropped == 3
+
+
+async def test_xproxy_extra_headers_are_the_calls_context_and_never_reach_the_provider(stubs, provider):
+    """The seed's call, `extra_headers=create_headers(...)`, on a tracked client: the event
+    lands in the experience the headers name (a new run of the type, with its user and tag),
+    and the provider never sees an xProxy header (other extra headers still go)."""
+    from tally_client import create_headers
+
+    name = unique("Headers")
+    oai, claude = clients(provider, asynchronous=True)
+    async with AsyncTallyClient(stubs.target) as tally:
+        await tally.create_experience_type(name, "Context from headers")
+        run = await tally.create_experience(name)
+        recorder = track_openai(oai, tally)
+        track_anthropic(claude, recorder)
+        fake_provider.Provider.headers_seen.clear()
+        headers = {**create_headers(experience_id=run.experience_id, user_id="u-7"), "x-custom": "kept"}
+        await oai.chat.completions.create(model="gpt-4o", messages=MESSAGES, extra_headers=headers)
+        await claude.messages.create(model="claude-sonnet-4-5", max_tokens=10, messages=MESSAGES, extra_headers=headers)
+        await recorder.flush()
+        stats = (await tally.get_experience(run.experience_id)).stats
+        assert stats.event_count == 2 and dollars(stats.cost_total) == GPT_4O + SONNET
+    for seen in fake_provider.Provider.headers_seen:
+        assert not [h for h in seen if h.lower().startswith("xproxy-")]
+        assert {k.lower(): v for k, v in seen.items()}["x-custom"] == "kept"

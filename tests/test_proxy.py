@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import sqlite3
 import time
 import uuid
 from decimal import Decimal
@@ -22,7 +23,7 @@ import pytest
 from grpc import aio
 
 from tally.v1 import event_service_pb2 as event_pb, event_service_pb2_grpc
-from tally_client import AsyncTallyClient, create_headers, dollars
+from tally_client import AsyncTallyClient, create_headers, dollars, limit
 from tally_client.usage import anthropic_units, openai_units
 from tally_server.app import TallyServer
 from tally_server.config import Settings
@@ -428,3 +429,59 @@ async def test_a_named_compatible_upstream_prices_in_its_category(tally):
     result = result_of(answer)
     assert result["price"]["category"] == "system.openai"
     assert Provider.paths[-1] == "/v1/chat/completions"
+
+
+async def test_a_database_that_does_not_answer_forwards_and_counts_or_fails_closed(provider, tmp_path):
+    """SQLite locked by another process: a call is still forwarded and answered, its result
+    saying it was not recorded (and limits not checked), and counted as unrecorded; with
+    --proxy-fail-closed it is refused 503 and the upstream receives nothing."""
+    from tally_server import metrics
+
+    url = f"sqlite+aiosqlite:///{tmp_path / 'sick.db'}"
+    common = dict(
+        listen="127.0.0.1:0",
+        database_url=url,
+        grace_seconds=1,
+        database_timeout_seconds=1,
+        proxy_listen="127.0.0.1:0",
+        proxy_upstreams=(f"openai={provider}/v1",),
+    )
+    open_server, closed_server = (
+        TallyServer(Settings(**common)),
+        TallyServer(Settings(**common, proxy_fail_closed=True)),
+    )
+    await open_server.start()
+    await closed_server.start()
+    try:
+        async with AsyncTallyClient(f"127.0.0.1:{open_server.port}") as client:
+            await client.create_limit(limit("roomy", 1000, everything=True))
+        unrecorded = metrics.PROXY_CALLS.labels("openai", "unrecorded")
+        before = unrecorded._value.get()
+        body = {"model": "gpt-4o", "messages": MESSAGES}
+        locker = sqlite3.connect(tmp_path / "sick.db", isolation_level=None)  # as another process would
+        locker.execute("BEGIN IMMEDIATE")
+        try:
+            forwarded = len(Provider.paths)
+            async with aiohttp.ClientSession() as session:
+                base = f"http://127.0.0.1:{open_server.proxy.port}/openai/v1"
+                async with session.post(f"{base}/chat/completions", json=body) as answer:
+                    assert answer.status == 200
+                    answered = await answer.json()
+                assert answered["choices"][0]["message"]["content"] == "A summary."
+                result = answered["xproxy_result"]
+                assert result["recorded"] is False
+                assert any("limits were not checked" in w for w in result["warnings"])
+                assert any("not recorded" in w for w in result["warnings"])
+                assert len(Provider.paths) == forwarded + 1
+                closed = f"http://127.0.0.1:{closed_server.proxy.port}/openai/v1"
+                async with session.post(f"{closed}/chat/completions", json=body) as answer:
+                    assert answer.status == 503
+                    assert "limits cannot be checked" in (await answer.json())["error"]["message"]
+                assert len(Provider.paths) == forwarded + 1, "fail-closed: nothing forwarded"
+        finally:
+            locker.execute("ROLLBACK")
+            locker.close()
+        assert unrecorded._value.get() == before + 1
+    finally:
+        await open_server.stop()
+        await closed_server.stop()

@@ -66,14 +66,14 @@ def xproxy_result(result: IngestResult) -> dict[str, Any]:
     return answer
 
 
-def not_recorded(warning: str, experience_id: str, request_id: str) -> dict[str, Any]:
+def not_recorded(warnings: Sequence[str], experience_id: str, request_id: str) -> dict[str, Any]:
     """The result of a call whose event could not be stored."""
     return {
         "request_id": request_id,
         "experience_id": experience_id,
         "recorded": False,
         "cost_state": "COST_STATE_UNSPECIFIED",
-        "warnings": [warning],
+        "warnings": list(warnings),
     }
 
 

@@ -459,9 +459,8 @@ class Forwarder:
             await self._release(call)
         reason = str(error or outcome)
         repeated.error("a proxied call to %s was answered but not recorded: %s", call.upstream.name, reason)
-        return answers.not_recorded(
-            f"the call was not recorded: {reason}", _experience_header(call), str(call.request_id)
-        )
+        said = [*call.warnings, f"the call was not recorded: {reason}"]
+        return answers.not_recorded(said, _experience_header(call), str(call.request_id))
 
 
 # --- helpers ---------------------------------------------------------------------------------

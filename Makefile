@@ -14,9 +14,9 @@ $(STAMP): pyproject.toml clients/pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ./clients -e '.[dev]'
 	touch $(STAMP)
 
-# The dashboard on loopback too: the ready line names its address.
+# The dashboard and the proxy on loopback too: the ready line names their addresses.
 serve: $(STAMP)
-	$(BIN)/tally serve --web-listen 127.0.0.1:8080 $(ARGS)
+	$(BIN)/tally serve --web-listen 127.0.0.1:8080 --proxy-listen 127.0.0.1:8090 $(ARGS)
 
 # On SQLite always; on PostgreSQL too when it answers at TALLY_TEST_POSTGRES_URL
 # (default postgresql+asyncpg://postgres@127.0.0.1:5432/test). With CI=true a

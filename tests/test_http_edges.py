@@ -1,4 +1,4 @@
-"""Every HTTP listener (the dashboard, metrics) is protected as the gRPC port is: foreign
+"""Every HTTP listener (the dashboard, metrics, the proxy) is protected as the gRPC port is: foreign
 Host names refused on a loopback bind (DNS rebinding), keys checked when required, TLS
 whenever the server has a certificate, and the ready line naming each as bound."""
 
@@ -17,7 +17,8 @@ from .server_process import ServerProcess
 from .test_tls import pki  # noqa: F401 - the test's own certificate authorities
 
 LISTENERS = re.compile(
-    r"dashboard at (https?)://[^ ]+:(\d+)/( \(every interface\))?, metrics at (https?)://[^ ]+:(\d+)/metrics"
+    r"dashboard at (https?)://[^ ]+:(\d+)/( \(every interface\))?, (?:proxy at [^ ]+, )?"
+    r"metrics at (https?)://[^ ]+:(\d+)/metrics"
 )
 
 
@@ -99,18 +100,25 @@ def create_key(server: ServerProcess, name: str, scope: str) -> str:
     return made.stdout.strip()
 
 
-def test_the_dashboard_and_metrics_are_served_over_tls_when_grpc_is(pki, tmp_path):  # noqa: F811
+def test_the_dashboard_metrics_and_proxy_are_served_over_tls_when_grpc_is(pki, tmp_path):  # noqa: F811
     servers, _, _ = pki
     cert = servers.issue("edges-server", server=True)
-    flags = ("--web-listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0")
+    flags = ("--web-listen", "127.0.0.1:0", "--proxy-listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0")
     server = start(tmp_path, *flags, "--tls-cert", str(cert.cert), "--tls-key", str(cert.key))
     try:
         web, metrics, _ = listeners(server)
+        proxy = re.search(r"proxy at (https?://[^ ]+:\d+)/", "".join(server.lines))
+        assert proxy and proxy.group(1).startswith("https://"), server.lines
         assert web.startswith("https://") and metrics.startswith("https://"), server.lines
         trusting = ssl.create_default_context(cafile=str(servers.pem))
         assert get(f"{web}/api/whoami", context=trusting)[0] == 200
         assert get(f"{metrics}/metrics", context=trusting)[0] == 200
+        # The proxy answers over TLS (a route it does not have: its own 404, in OpenAI's shape).
+        status, body = get(f"{proxy.group(1)}/nowhere/v1/models", context=trusting)
+        assert status == 404 and b"Tally proxy" in body
         with pytest.raises((urllib.error.URLError, ConnectionError)):  # nothing in clear
             get(web.replace("https://", "http://") + "/api/whoami")
+        with pytest.raises((urllib.error.URLError, ConnectionError)):
+            get(proxy.group(1).replace("https://", "http://") + "/nowhere/v1/models")
     finally:
         server.terminate()

@@ -438,14 +438,14 @@ async def test_a_database_that_does_not_answer_forwards_and_counts_or_fails_clos
     from tally_server import metrics
 
     url = f"sqlite+aiosqlite:///{tmp_path / 'sick.db'}"
-    common = dict(
-        listen="127.0.0.1:0",
-        database_url=url,
-        grace_seconds=1,
-        database_timeout_seconds=1,
-        proxy_listen="127.0.0.1:0",
-        proxy_upstreams=(f"openai={provider}/v1",),
-    )
+    common = {
+        "listen": "127.0.0.1:0",
+        "database_url": url,
+        "grace_seconds": 1,
+        "database_timeout_seconds": 1,
+        "proxy_listen": "127.0.0.1:0",
+        "proxy_upstreams": (f"openai={provider}/v1",),
+    }
     open_server, closed_server = (
         TallyServer(Settings(**common)),
         TallyServer(Settings(**common, proxy_fail_closed=True)),

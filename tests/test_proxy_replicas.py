@@ -190,3 +190,48 @@ async def _database_bytes(url: str, tmp_path: Path) -> bytes:
         return "\n".join(rows).encode()
     finally:
         await conn.close()
+
+
+async def test_workers_share_the_proxy_port(provider, tmp_path):
+    """`--workers 2 --proxy-listen` on a fixed port: calls on new connections reach both
+    workers (each names itself in its log) and every one is recorded once."""
+    from .test_readme import free_port
+
+    port = free_port()
+    url = f"sqlite+aiosqlite:///{tmp_path / 'workers.db'}"
+    server = ServerProcess(
+        url,
+        "--workers",
+        "2",
+        "--proxy-listen",
+        f"127.0.0.1:{port}",
+        "--proxy-upstream",
+        f"openai={provider}/v1",
+        "--log-level",
+        "debug",
+    ).start()
+    try:
+        assert f"proxy at http://127.0.0.1:{port}/" in "".join(server.lines)
+        tag = f"workers-{uuid.uuid4().hex[:8]}"
+        body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}]}
+        connector = aiohttp.TCPConnector(force_close=True)  # a new connection each: the kernel spreads them
+        async with aiohttp.ClientSession(connector=connector) as session:
+            for _ in range(40):
+                async with session.post(
+                    f"http://127.0.0.1:{port}/openai/v1/chat/completions",
+                    json=body,
+                    headers=create_headers(request_tags=[tag]),
+                ) as answer:
+                    assert answer.status == 200
+        async with AsyncTallyClient(server.target) as client:
+            grouped = await client.break_down_cost(["tag"])
+        deadline = asyncio.get_running_loop().time() + 10
+        log = "".join(server.log)
+        while not ("worker-1 tally.proxy" in log and "worker-2 tally.proxy" in log):
+            assert asyncio.get_running_loop().time() < deadline, "both workers served proxied calls"
+            await asyncio.sleep(0.1)
+            log = "".join(server.log)
+        counted = {group.request_tag: group.event_count for group in grouped.groups}
+        assert counted.get(tag) == 40, counted
+    finally:
+        server.terminate()

@@ -202,3 +202,38 @@ def test_readme_api_keys(tmp_path):
     assert re.search(r"^checkout-service\s+ingest,read\s", output, re.M), output
     assert "tally.v1.ApiKeyService" in output, "the admin key listed the services by reflection"
     assert "revoked API key checkout-service" in output
+
+
+@pytest.mark.slow
+def test_readme_proxy_block(tmp_path):
+    """The proxy's Python block as printed, with the addresses of a server whose proxy sends
+    OpenAI's calls to the fake provider: the answer and its xproxy_result's cost."""
+    provider, url = fake_provider.serve()
+    server = ServerProcess(
+        f"sqlite+aiosqlite:///{tmp_path / 'proxy.db'}",
+        "--proxy-listen",
+        "127.0.0.1:0",
+        "--proxy-upstream",
+        f"openai={url}/v1",
+    ).start()
+    saved = os.environ.get("OPENAI_API_KEY")
+    os.environ["OPENAI_API_KEY"] = "test"
+    try:
+        port = re.search(r"proxy at http://127\.0\.0\.1:(\d+)/", "".join(server.lines)).group(1)
+        code = block("python", "create_headers(experience_id=").replace("127.0.0.1:8090", f"127.0.0.1:{port}")
+        code = code.replace("127.0.0.1:50051", server.target)
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            exec(compile(code, "README.md", "exec"), {})
+        assert printed.getvalue().splitlines() == [
+            "A summary.",
+            "{'currency_code': 'USD', 'amount': '0.004000000'}",
+        ]
+        assert "xproxy" not in str(fake_provider.Provider.headers_seen[-1]).lower()
+    finally:
+        if saved is None:
+            os.environ.pop("OPENAI_API_KEY", None)
+        else:
+            os.environ["OPENAI_API_KEY"] = saved
+        server.terminate()
+        provider.shutdown()

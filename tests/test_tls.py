@@ -273,9 +273,9 @@ def test_a_start_with_a_corrupt_certificate_names_the_files(pki, tmp_path):
     assert "is the port in use" not in process.stderr
 
 
-@pytest.mark.parametrize("flag", ["--listen", "--web-listen", "--metrics-listen"])
+@pytest.mark.parametrize("flag", ["--listen", "--web-listen", "--metrics-listen", "--proxy-listen"])
 def test_serving_beyond_loopback_needs_an_authentication_decision(tmp_path, flag):
-    """The gRPC port's rule holds for every listener: the dashboard and metrics too."""
+    """The gRPC port's rule holds for every listener: the dashboard, metrics and proxy too."""
     command = [sys.executable, "-m", "tally_server", "--database-url", f"sqlite+aiosqlite:///{tmp_path / 'x.db'}"]
     if flag != "--listen":
         command += ["--listen", "127.0.0.1:0"]

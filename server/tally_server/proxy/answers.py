@@ -117,6 +117,7 @@ def error(
     result: dict[str, Any] | None = None,
     retry_after: float | None = None,
     extra: dict[str, Any] | None = None,
+    headers: dict[str, str] | None = None,
 ) -> web.Response:
     """An error answer as the provider would give it (OpenAI: {"error": {...}}; Anthropic:
     {"type": "error", "error": {...}}), the message saying it came from Tally."""
@@ -131,10 +132,10 @@ def error(
         body.update(extra)
     if result is not None:
         body["xproxy_result"] = result
-    headers = {"Content-Type": "application/json"}
+    answer_headers = {"Content-Type": "application/json", **(headers or {})}
     if retry_after is not None:
-        headers["Retry-After"] = str(max(1, round(retry_after)))
-    return web.Response(status=status, body=encode(body), headers=headers)
+        answer_headers["Retry-After"] = str(max(1, round(retry_after)))
+    return web.Response(status=status, body=encode(body), headers=answer_headers)
 
 
 def from_tally_error(shape: str, refusal: TallyError, warnings: Sequence[str] = ()) -> web.Response:
@@ -152,7 +153,10 @@ def from_tally_error(shape: str, refusal: TallyError, warnings: Sequence[str] = 
     if refusal.violations:
         message += ": " + "; ".join(f"{v.field}: {v.description}" for v in refusal.listed_violations())
     result: dict[str, Any] | None = None
+    headers: dict[str, str] = {}
     if refusal.reason == "LIMIT_EXCEEDED":
+        # The SDKs retry a 429 at once by default; a limit has no room until its period ends.
+        headers["x-should-retry"] = "false"
         result = {
             "recorded": False,
             "limits": [
@@ -168,4 +172,5 @@ def from_tally_error(shape: str, refusal: TallyError, warnings: Sequence[str] = 
         code=refusal.reason.lower(),
         result=result,
         retry_after=refusal.retry_after_seconds if status == 429 else None,
+        headers=headers,
     )

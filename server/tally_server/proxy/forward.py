@@ -449,6 +449,7 @@ class Forwarder:
             event = dataclasses.replace(event, context=dataclasses.replace(NO_CONTEXT, limit_reservation=reservation))
         if isinstance(outcome, IngestResult):
             metrics.PROXY_CALLS.labels(call.upstream.name, "recorded").inc()
+            log.debug("proxied %s/%s: request %s", call.upstream.name, call.rest, outcome.request_id)
             result = answers.xproxy_result(outcome)
             if call.warnings:
                 result["warnings"] = [*call.warnings, *result["warnings"]]

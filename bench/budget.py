@@ -25,7 +25,8 @@ import time
 from tally.v1 import ingest_service_pb2 as pb
 from tally_server.app import run_event_loop, tune_garbage_collector
 from tally_server.domain.models import now_us
-from tally_server.rpc import convert, metadata
+from tally_server.edges import context as metadata
+from tally_server.rpc import convert
 from tally_server.rpc.servicers import _prepare
 from tally_server.services.experience_types import ExperienceTypes
 from tally_server.services.experiences import Experiences

@@ -533,7 +533,9 @@ def _event(call: Call, reading: Reading | None, status: int, unread: str, first_
         time_to_first_token_ms=first_ms,
         http_status_code=status if 100 <= status <= 599 else 0,
         provider_response_id=response_id[:1024],
-        idempotency_key="",
+        # The proxy sees each call once: its own request id is the key. (The provider's
+        # response id is kept, but some compatible servers repeat one for every answer.)
+        idempotency_key=str(call.request_id),
         properties={},
         context=dataclasses.replace(call.context, limit_reservation=call.reservation)
         if call.reservation

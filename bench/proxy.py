@@ -9,7 +9,8 @@ the table gives medians over the rounds:
   latency the proxy adds (proxied minus direct, at p50 and p99);
 - the same with a BLOCK limit on every call (each call reserved before it is forwarded and
   settled by its event);
-- streamed: the time to the first byte of the body, direct and proxied.
+- streamed, one call at a time: the time to the first byte of the body, direct and
+  proxied, without and with the limit.
 
 With `--latency-ms` the fake answers after that long, as a provider does: the proxy's
 share of a call then shows beside a realistic one.
@@ -132,20 +133,23 @@ async def engine(label: str, url: str, args: argparse.Namespace) -> None:
         connector = aiohttp.TCPConnector(limit=0)
         async with aiohttp.ClientSession(connector=connector) as session:
             rows: dict[str, list[Run]] = {}
+            first: dict[str, tuple[float, float]] = {}
             for with_limit in (False, True):
+                suffix = " (BLOCK limit on every call)" if with_limit else ""
                 if with_limit:
                     async with AsyncTallyClient(f"127.0.0.1:{ready.group(1)}") as client:
                         await client.create_limit(limit("bench-every-call", 1_000_000, everything=True))
                 for _ in range(args.rounds):
-                    suffix = " (BLOCK limit on every call)" if with_limit else ""
                     rows.setdefault("direct" + suffix, []).append(
                         await load(session, direct, args.seconds, args.concurrency, "direct")
                     )
                     rows.setdefault("proxied" + suffix, []).append(
                         await load(session, proxied, args.seconds, args.concurrency, "proxied")
                     )
-            first_direct = await first_byte(session, direct, args.stream_calls)
-            first_proxied = await first_byte(session, proxied, args.stream_calls)
+                first["first streamed byte" + suffix] = (
+                    await first_byte(session, direct, args.stream_calls),
+                    await first_byte(session, proxied, args.stream_calls),
+                )
         print(f"\n{label}: {'scenario':<40} {'rate':>9} {'p50 ms':>8} {'p99 ms':>8}   ratio  added p50/p99 ms")
         baseline: Run | None = None
         for name, runs in rows.items():
@@ -161,10 +165,11 @@ async def engine(label: str, url: str, args: argparse.Namespace) -> None:
                     f"  {name:<40} {run.rate:>7,.0f}/s {run.p50_ms:>8.2f} {run.p99_ms:>8.2f}"
                     f"   {statistics.median(ratios):.2f}x  {added}"
                 )
-        print(
-            f"  {'first streamed byte, direct / proxied':<40} {first_direct:.2f} / {first_proxied:.2f} ms"
-            f" (added {first_proxied - first_direct:+.2f} ms)"
-        )
+        for name, (first_direct, first_proxied) in first.items():
+            print(
+                f"  {name}: direct {first_direct:.2f} ms, proxied {first_proxied:.2f} ms"
+                f" (added {first_proxied - first_direct:+.2f} ms)"
+            )
     finally:
         for process in (server, upstream):
             process.terminate()

@@ -235,3 +235,24 @@ async def test_workers_share_the_proxy_port(provider, tmp_path):
         assert counted.get(tag) == 40, counted
     finally:
         server.terminate()
+
+
+@pytest.mark.parametrize(
+    ("flag", "said"),
+    [
+        ("groq", "--proxy-upstream takes NAME=BASE_URL[,CATEGORY]"),
+        ("groq=ftp://api.groq.com/openai/v1", "the base URL must be http(s)://HOST[:PORT][/PATH]"),
+        ("groq=https://user@api.groq.com/v1", "the base URL must be http(s)://HOST[:PORT][/PATH]"),
+        ("groq=https://api.groq.com/openai/v1,bad category", "the category must match"),
+    ],
+)
+def test_a_bad_upstream_flag_refuses_to_start_in_one_line(tmp_path, flag, said):
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "tally_server", "--listen", "127.0.0.1:0"]
+    command += ["--database-url", f"sqlite+aiosqlite:///{tmp_path / 'x.db'}", "--proxy-listen", "127.0.0.1:0"]
+    refused = subprocess.run([*command, "--proxy-upstream", flag], capture_output=True, text=True, timeout=60)
+    assert refused.returncode != 0
+    lines = refused.stderr.strip().splitlines()
+    assert said in lines[-1] and lines[-1].startswith("tally: "), lines

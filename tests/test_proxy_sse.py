@@ -4,6 +4,7 @@ and higress lost usage to SSE events split across reads)."""
 
 from __future__ import annotations
 
+import itertools
 import json
 
 from hypothesis import given, strategies as st
@@ -37,7 +38,7 @@ STREAM = (
 def read(cuts: list[int]) -> tuple[bytes, list[sse.Event], object]:
     splitter, usage, events = sse.Splitter(1 << 20), StreamUsage("openai"), []
     bounds = [0, *sorted(set(cuts)), len(STREAM)]
-    for start, end in zip(bounds, bounds[1:], strict=False):
+    for start, end in itertools.pairwise(bounds):
         for event in splitter.feed(STREAM[start:end]):
             events.append(event)
             if isinstance(item := event.json(), dict):

@@ -20,16 +20,17 @@ import aiohttp
 import anthropic
 import openai
 import pytest
+import sqlalchemy as sa
 from grpc import aio
 
-from tally.v1 import event_service_pb2 as event_pb, event_service_pb2_grpc
-from tally_client import AsyncTallyClient, create_headers, dollars, limit
+from tally.v1 import event_service_pb2 as event_pb, event_service_pb2_grpc, ingest_service_pb2 as ing_pb
+from tally_client import AsyncTallyClient, EventFilter, create_headers, dollars, limit
 from tally_client.usage import anthropic_units, openai_units
 from tally_server.app import TallyServer
 from tally_server.config import Settings
 
 from . import fake_provider
-from .conftest import unique
+from .conftest import drop_database_url, make_database_url, unique
 from .fake_provider import CHAT_USAGE, MESSAGE_USAGE, RESPONSES_USAGE, Provider
 
 pytestmark = pytest.mark.filterwarnings("ignore:The model:DeprecationWarning")
@@ -277,6 +278,27 @@ async def test_a_caller_that_goes_away_cancels_the_upstream_and_is_recorded_once
         ), "priced from what the stream reported before the caller left"
 
 
+async def test_a_caller_that_leaves_before_the_answer_is_recorded_once_not_priced(tally):
+    """The upstream takes 1.5 s; the caller gives up after 0.3 s: the upstream request is
+    closed, and the call (sent, maybe billed) is stored once as failed (499) and not priced."""
+    name = unique("Impatient")
+    async with AsyncTallyClient(f"127.0.0.1:{tally.port}") as client:
+        await client.create_experience_type(name, "A caller that does not wait")
+        run = await client.create_experience(name)
+        headers = {"x-fake-wait": "1.5", **create_headers(experience_id=run.experience_id)}
+        body = {"model": "gpt-4o", "messages": MESSAGES}
+        timeout = aiohttp.ClientTimeout(total=0.3)
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            with pytest.raises(TimeoutError):
+                await session.post(f"{proxy_url(tally)}/chat/completions", json=body, headers=headers)
+        await asyncio.sleep(2.5)
+        events = await client.list_events(EventFilter(experience_id=run.experience_id))
+        assert [(e.event.http_status_code, e.xproxy_result.cost_state) for e in events.events] == [
+            (499, ing_pb.COST_STATE_UNPRICED)
+        ]
+        assert "went away before the upstream answered" in events.events[0].xproxy_result.unknown_units[0].reason
+
+
 async def test_upstream_errors_pass_through_and_are_recorded_as_failed(tally):
     name = unique("Failing")
     async with AsyncTallyClient(f"127.0.0.1:{tally.port}") as client:
@@ -333,11 +355,18 @@ async def test_an_unreachable_or_silent_upstream_is_502_or_504(database_url, pro
             async with session.post(f"{base}/gone/v1/chat/completions", json=body) as answer:
                 assert answer.status == 502
                 assert "upstream gone could not be reached" in (await answer.json())["error"]["message"]
-            # An upstream that answers after 1 s, past the 0.5 s read timeout.
-            slow = {"x-fake-wait": "1"}
-            async with session.post(f"{base}/openai/v1/chat/completions", json=body, headers=slow) as answer:
-                assert answer.status == 504
-                assert "did not answer in time" in (await answer.json())["error"]["message"]
+            # An upstream that answers after 1 s, past the 0.5 s read timeout: the call was sent
+            # (and may be billed), so it is stored, failed and not priced, with the reason.
+            name = unique("Silent")
+            async with AsyncTallyClient(f"127.0.0.1:{server.port}") as client:
+                await client.create_experience_type(name, "Calls to a silent upstream")
+                run = await client.create_experience(name)
+                slow = {"x-fake-wait": "1", **create_headers(experience_id=run.experience_id)}
+                async with session.post(f"{base}/openai/v1/chat/completions", json=body, headers=slow) as answer:
+                    assert answer.status == 504
+                    assert "did not answer in time" in (await answer.json())["error"]["message"]
+                stats = (await client.get_experience(run.experience_id)).stats
+                assert (stats.event_count, stats.failed_event_count, stats.unpriced_event_count) == (1, 1, 1)
     finally:
         await server.stop()
 
@@ -454,34 +483,80 @@ async def test_a_database_that_does_not_answer_forwards_and_counts_or_fails_clos
     await closed_server.start()
     try:
         async with AsyncTallyClient(f"127.0.0.1:{open_server.port}") as client:
-            await client.create_limit(limit("roomy", 1000, everything=True))
+            await client.create_limit(limit("roomy", 1000, request_tag="metered"))
         unrecorded = metrics.PROXY_CALLS.labels("openai", "unrecorded")
         before = unrecorded._value.get()
         body = {"model": "gpt-4o", "messages": MESSAGES}
+        tagged = create_headers(request_tags=["metered"])
         locker = sqlite3.connect(tmp_path / "sick.db", isolation_level=None)  # as another process would
         locker.execute("BEGIN IMMEDIATE")
         try:
             forwarded = len(Provider.paths)
             async with aiohttp.ClientSession() as session:
                 base = f"http://127.0.0.1:{open_server.proxy.port}/openai/v1"
-                async with session.post(f"{base}/chat/completions", json=body) as answer:
-                    assert answer.status == 200
-                    answered = await answer.json()
-                assert answered["choices"][0]["message"]["content"] == "A summary."
-                result = answered["xproxy_result"]
-                assert result["recorded"] is False
-                assert any("limits were not checked" in w for w in result["warnings"])
-                assert any("not recorded" in w for w in result["warnings"])
-                assert len(Provider.paths) == forwarded + 1
+                results = []
+                for headers in ({}, tagged):  # no BLOCK limit applies; one does
+                    async with session.post(f"{base}/chat/completions", json=body, headers=headers) as answer:
+                        assert answer.status == 200
+                        answered = await answer.json()
+                    assert answered["choices"][0]["message"]["content"] == "A summary."
+                    results.append(answered["xproxy_result"])
+                assert all(result["recorded"] is False for result in results)
+                assert all(any("not recorded" in w for w in result["warnings"]) for result in results)
+                checked = [any("limits were not checked" in w for w in result["warnings"]) for result in results]
+                assert checked == [False, True], "a call no BLOCK limit applies to reserves nothing"
+                assert len(Provider.paths) == forwarded + 2
                 closed = f"http://127.0.0.1:{closed_server.proxy.port}/openai/v1"
-                async with session.post(f"{closed}/chat/completions", json=body) as answer:
+                async with session.post(f"{closed}/chat/completions", json=body, headers=tagged) as answer:
                     assert answer.status == 503
                     assert "limits cannot be checked" in (await answer.json())["error"]["message"]
-                assert len(Provider.paths) == forwarded + 1, "fail-closed: nothing forwarded"
+                assert len(Provider.paths) == forwarded + 2, "fail-closed: nothing forwarded"
         finally:
             locker.execute("ROLLBACK")
             locker.close()
-        assert unrecorded._value.get() == before + 1
+        assert unrecorded._value.get() == before + 2
     finally:
         await open_server.stop()
         await closed_server.stop()
+
+
+async def test_fail_closed_refuses_every_call_while_the_database_is_down(provider, tmp_path):
+    """PostgreSQL refusing connections: once health says so, --proxy-fail-closed refuses
+    calls no limit applies to as well (they could not be recorded), and serves again once
+    the database is back."""
+    from .test_sick_database import admin
+
+    url = await make_database_url("postgresql", tmp_path)
+    name = sa.make_url(url).database
+    settings = Settings(
+        listen="127.0.0.1:0",
+        database_url=url,
+        grace_seconds=1,
+        database_timeout_seconds=1,
+        proxy_listen="127.0.0.1:0",
+        proxy_upstreams=(f"openai={provider}/v1",),
+        proxy_fail_closed=True,
+    )
+    server = TallyServer(settings)
+    server.HEALTH_INTERVAL_SECONDS = 0.5
+    await server.start()
+    body = {"model": "gpt-4o", "messages": MESSAGES}
+    base = f"http://127.0.0.1:{server.proxy.port}/openai/v1"
+    try:
+        async with aiohttp.ClientSession() as session:
+            await admin(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
+            await admin(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'")
+            await until(lambda: not server.database_serving)
+            forwarded = len(Provider.paths)
+            async with session.post(f"{base}/chat/completions", json=body) as answer:
+                assert answer.status == 503
+                assert "calls are refused (--proxy-fail-closed)" in (await answer.json())["error"]["message"]
+            assert len(Provider.paths) == forwarded, "nothing forwarded"
+            await admin(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+            await until(lambda: server.database_serving)
+            async with session.post(f"{base}/chat/completions", json=body) as answer:
+                assert answer.status == 200 and (await answer.json())["xproxy_result"]["cost_state"]
+    finally:
+        await admin(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+        await server.stop()
+        await drop_database_url(url)

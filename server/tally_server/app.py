@@ -125,6 +125,7 @@ class TallyServer:
         self.dashboard: HttpSite | None = None
         self.web_port = 0
         self.sites: list[tuple[str, HttpSite, str]] = []
+        self.database_serving = True  # as the health watcher last saw it
         self.proxy: HttpSite | None = None
         self.certificates: CertificateFiles | None = None
         self._watcher: asyncio.Task[None] | None = None
@@ -272,7 +273,7 @@ class TallyServer:
                 fail_closed=settings.proxy_fail_closed,
                 read_timeout_seconds=settings.proxy_read_timeout_seconds,
             )
-            services_ = ProxyServices(self.ingestor, self.limits, keys)
+            services_ = ProxyServices(self.ingestor, self.limits, keys, lambda: self.database_serving)
             site = ProxySite(
                 services_,
                 configured,
@@ -313,6 +314,7 @@ class TallyServer:
                 answered = False
                 if serving:
                     log.warning("the database does not answer (%s): health is NOT_SERVING", error)
+            self.database_serving = answered
             if answered != serving:
                 serving = answered
                 if serving:

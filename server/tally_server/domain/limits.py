@@ -146,6 +146,26 @@ class LimitBook:
     def __bool__(self) -> bool:
         return bool(self.by_name)
 
+    def may_block(self, experience_id: str, experience_name: str, user_id: str, tags: Sequence[str]) -> bool:
+        """Whether a BLOCK limit may apply to a call of this context, from the context alone
+        (no lookup): an experience named by id only may be of any type, so a BLOCK limit on a
+        type may apply to it. `experience_id` is the id as a UUID string (derived if need be)."""
+
+        def blocking(limits: Iterable[Limit]) -> bool:
+            return any(limit.kind == LimitKind.BLOCK for limit in limits)
+
+        if blocking(self.everything):
+            return True
+        if experience_name and blocking(self.by_type.get(experience_name, ())):
+            return True
+        if experience_id and not experience_name and any(blocking(limits) for limits in self.by_type.values()):
+            return True
+        if experience_id and blocking(self.by_experience.get(experience_id, ())):
+            return True
+        if user_id and blocking(self.by_user.get(user_id, ())):
+            return True
+        return any(blocking(self.by_tag.get(tag, ())) for tag in tags)
+
     def applicable(self, subject: Subject) -> list[tuple[Limit, str]]:
         """The limits that apply to this context, each with its spend's subject."""
         found: list[tuple[Limit, str]] = [(limit, "") for limit in self.everything]

@@ -24,7 +24,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,6 +77,9 @@ _NOT_FORWARDED = frozenset(
         "accept-encoding",
     )
 )
+# The status an event gets when its caller went away before the upstream answered (nginx's
+# "client closed request"): a failed call.
+CALLER_GONE = 499
 # How ingest refuses an event for its context (rules 1 and 2 of resolution, a type not created).
 _CONTEXT_REFUSALS = frozenset(("NOT_FOUND", "FAILED_PRECONDITION"))
 _NOT_RETURNED = frozenset(
@@ -98,6 +101,8 @@ class ProxyServices:
     ingestor: Ingestor
     limits: Limits
     keys: ApiKeys | None  # None: API keys are off
+    # Whether the database answered the server's last health check (every 2 s).
+    database_answers: Callable[[], bool] = lambda: True
 
 
 class HeldBytes:
@@ -130,6 +135,7 @@ class Call:
     streamed: bool = False
     usage_asked: bool = True  # an OpenAI chat stream whose caller did not ask: the proxy asked
     reservation: str = ""
+    recorded: bool = False  # its event was made (and handed to the writer)
     started: float = 0.0
     warnings: tuple[str, ...] = ()
 
@@ -219,6 +225,14 @@ class Forwarder:
     async def _forward(self, request: web.Request, call: Call, body: bytes) -> web.StreamResponse:
         upstream = call.upstream
         call.metered = request.method == "POST" and call.rest in METERED[upstream.shape]
+        if call.metered and self.settings.fail_closed and not self.services.database_answers():
+            metrics.PROXY_CALLS.labels(upstream.name, "refused").inc()
+            return answers.error(
+                upstream.shape,
+                503,
+                "the database is unavailable: calls are refused (--proxy-fail-closed)",
+                retry_after=2,
+            )
         parsed: dict[str, Any] | None = None
         if call.metered:
             try:
@@ -245,6 +259,11 @@ class Forwarder:
                 return refused
         try:
             return await self._call_upstream(request, call, body)
+        except asyncio.CancelledError:
+            if call.metered and not call.recorded:  # the caller left before the upstream answered
+                said = "the caller went away before the upstream answered; what the call used is unknown"
+                self._detached(self._store(call, self._event(call, None, CALLER_GONE, said)))
+            raise
         finally:
             if call.reservation:  # still held: the call ended without an event to settle it
                 self._detached(self._release(call))
@@ -255,7 +274,7 @@ class Forwarder:
             return None
         limits = self.services.limits
         try:
-            if not await limits.may_block():
+            if not await limits.may_block(call.context):
                 return None
             units = estimate(request_body)
             granted = await limits.reserve(
@@ -304,6 +323,9 @@ class Forwarder:
                 return await _pass_through(request, answer)
         except TimeoutError:
             metrics.PROXY_CALLS.labels(call.upstream.name, "failed").inc()
+            if call.metered and not call.recorded:  # sent, so maybe billed: stored, not priced
+                said = f"the upstream was silent for {self.settings.read_timeout_seconds:g} s; what it used is unknown"
+                await self._record(call, None, 504, said)
             return answers.error(call.upstream.shape, 504, f"upstream {call.upstream.name} did not answer in time")
         except aiohttp.ClientError as error:
             metrics.PROXY_CALLS.labels(call.upstream.name, "failed").inc()
@@ -410,6 +432,7 @@ class Forwarder:
         """The call's event, which takes over its reservation (it settles it when stored)."""
         event = _event(call, reading, status, unread, first_ms)
         call.reservation = ""
+        call.recorded = True
         return event
 
     async def _record(

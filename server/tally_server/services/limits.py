@@ -17,6 +17,7 @@ from ..domain import limits as rules, paging
 from ..domain.errors import Violations, already_exists, failed_precondition, not_found
 from ..domain.events import quote
 from ..domain.models import EventContext, IngestResult, UsageEvent, now_us
+from ..domain.resolution import derive_experience_id
 from ..domain.validation import check_name, check_request_id, parse_uuid
 from ..storage import (
     idempotency as stored_idempotency,
@@ -173,16 +174,21 @@ class Limits:
         self._book_read = -BOOK_SECONDS
         self._book_reading: asyncio.Future[None] | None = None
 
-    async def may_block(self) -> bool:
-        """Whether any BLOCK limit exists, as this replica's book says: the book the writer
-        reloads in each commit, read again here when this replica changed a limit or the last
-        read is older than BOOK_SECONDS (calls meanwhile wait for that one read). The proxy
-        reserves before a call only then, so that calls under no BLOCK limit pay nothing."""
+    async def may_block(self, context: EventContext) -> bool:
+        """Whether a BLOCK limit may apply to a call of this context, as this replica's book
+        says: the book the writer reloads in each commit, read again here when this replica
+        changed a limit or the last read is older than BOOK_SECONDS (calls meanwhile wait for
+        that one read). The proxy reserves before a call only then, so that calls no BLOCK
+        limit applies to pay nothing for the limits of others."""
         if time.monotonic() - self._book_read >= BOOK_SECONDS:
             if self._book_reading is None:
                 self._book_reading = asyncio.ensure_future(self._read_book())
             await asyncio.shield(self._book_reading)
-        return any(limit.kind == rules.LimitKind.BLOCK for limit in self.live.book.by_name.values())
+        experience_id = ""
+        if context.experience_id:
+            parsed = parse_uuid(context.experience_id)
+            experience_id = str(parsed or derive_experience_id(context.experience_id))
+        return self.live.book.may_block(experience_id, context.experience_name, context.user_id, context.request_tags)
 
     async def _read_book(self) -> None:
         try:

@@ -143,6 +143,56 @@ class TallyServer:
             log.warning(warning)
         if auth and not (await self.keys.list(1, "")).items:
             log.warning("API keys are required but none exists: `tally keys create --name NAME --scope admin`")
+        server = self._grpc_server(auth)
+        try:
+            if self.certificates is None:
+                self.port = server.add_insecure_port(self.settings.listen)
+            else:
+                self.port = server.add_secure_port(self.settings.listen, self.certificates.credentials())
+        except RuntimeError as error:
+            raise SystemExit(f"tally: cannot listen on {self.settings.listen}: {error} (is the port in use?)") from None
+        if not self.port:
+            raise SystemExit(f"tally: cannot listen on {self.settings.listen} (is the port in use?)")
+        self.ingestor.start()
+        self.sites = self._http_sites(auth)
+        for what, site, _ in self.sites:
+            try:
+                await site.start()
+            except (OSError, ValueError) as error:
+                raise RefusedToStart(f"tally: cannot serve the {what} on {site.listen}: {error}") from None
+        self.dashboard = next((site for what, site, _ in self.sites if what == "dashboard"), None)
+        self.web_port = self.dashboard.port if self.dashboard is not None else 0
+        self.proxy = next((site for what, site, _ in self.sites if what == "proxy"), None)
+        await server.start()
+        self.server = server
+        tune_garbage_collector()
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        self._watcher = asyncio.create_task(self._watch_database(), name="tally-database-health")
+        self._trimmer = asyncio.create_task(self._give_back_memory(), name="tally-memory-trim")
+        if self.settings.metrics_listen:
+            self._gauges = asyncio.create_task(self._export_limit_gauges(), name="tally-limit-gauges")
+        host = self.settings.listen.rsplit(":", 1)[0]
+        security = "plaintext" if self.certificates is None else "TLS"
+        if self.certificates is not None and self.certificates.client_ca is not None:
+            security = "mTLS"
+        if self.settings.worker:  # the parent says "tally ready" once every worker is
+            log.info("tally worker %d ready: pid %d on %s:%d", self.settings.worker, os.getpid(), host, self.port)
+        else:
+            log.info(
+                "tally ready: serving on %s:%d (%s, API keys %s), database %s%s",
+                host,
+                self.port,
+                security,
+                "required" if auth else "off",
+                self.db.url.render_as_string(hide_password=True),
+                self._http_listeners(),
+            )
+        return self.port
+
+    HEALTH_INTERVAL_SECONDS = 2.0
+
+    def _grpc_server(self, auth: bool) -> aio.Server:
+        """The gRPC edge: every service, health and reflection behind the interceptor."""
         limit = self.settings.max_message_bytes
         server = aio.server(
             interceptors=[
@@ -207,52 +257,7 @@ class TallyServer:
             ),
             server,
         )
-        try:
-            if self.certificates is None:
-                self.port = server.add_insecure_port(self.settings.listen)
-            else:
-                self.port = server.add_secure_port(self.settings.listen, self.certificates.credentials())
-        except RuntimeError as error:
-            raise SystemExit(f"tally: cannot listen on {self.settings.listen}: {error} (is the port in use?)") from None
-        if not self.port:
-            raise SystemExit(f"tally: cannot listen on {self.settings.listen} (is the port in use?)")
-        self.ingestor.start()
-        self.sites = self._http_sites(auth)
-        for what, site, _ in self.sites:
-            try:
-                await site.start()
-            except (OSError, ValueError) as error:
-                raise RefusedToStart(f"tally: cannot serve the {what} on {site.listen}: {error}") from None
-        self.dashboard = next((site for what, site, _ in self.sites if what == "dashboard"), None)
-        self.web_port = self.dashboard.port if self.dashboard is not None else 0
-        self.proxy = next((site for what, site, _ in self.sites if what == "proxy"), None)
-        await server.start()
-        self.server = server
-        tune_garbage_collector()
-        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
-        self._watcher = asyncio.create_task(self._watch_database(), name="tally-database-health")
-        self._trimmer = asyncio.create_task(self._give_back_memory(), name="tally-memory-trim")
-        if self.settings.metrics_listen:
-            self._gauges = asyncio.create_task(self._export_limit_gauges(), name="tally-limit-gauges")
-        host = self.settings.listen.rsplit(":", 1)[0]
-        security = "plaintext" if self.certificates is None else "TLS"
-        if self.certificates is not None and self.certificates.client_ca is not None:
-            security = "mTLS"
-        if self.settings.worker:  # the parent says "tally ready" once every worker is
-            log.info("tally worker %d ready: pid %d on %s:%d", self.settings.worker, os.getpid(), host, self.port)
-        else:
-            log.info(
-                "tally ready: serving on %s:%d (%s, API keys %s), database %s%s",
-                host,
-                self.port,
-                security,
-                "required" if auth else "off",
-                self.db.url.render_as_string(hide_password=True),
-                self._http_listeners(),
-            )
-        return self.port
-
-    HEALTH_INTERVAL_SECONDS = 2.0
+        return server
 
     def _http_sites(self, auth: bool) -> list[tuple[str, HttpSite, str]]:
         """The HTTP edges these settings ask for, each with what it is and the path the ready

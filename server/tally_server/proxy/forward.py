@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import hashlib
 import json
 import logging
 import time
@@ -546,7 +545,6 @@ def _event(call: Call, reading: Reading | None, status: int, unread: str, first_
     if reading is not None:
         price_context.update(reading.price_context)
     latency = _ms_since(call.started)
-    content = f"{call.upstream.category}|{model}|{sorted(units.items())}|{response_id}|{status}|{call.request_id}"
     return UsageEvent(
         category=call.upstream.category,
         resource=_resource(model),
@@ -563,7 +561,8 @@ def _event(call: Call, reading: Reading | None, status: int, unread: str, first_
         context=dataclasses.replace(call.context, limit_reservation=call.reservation)
         if call.reservation
         else call.context,
-        content_hash=hashlib.sha256(content.encode()).hexdigest(),
+        # What tells a retry from a reuse of a key; the proxy's keys are never reused.
+        content_hash=call.request_id.hex,
         price_context=price_context,
         key_name=call.key_name,
         request_id=call.request_id,

@@ -82,6 +82,8 @@ class Provider(BaseHTTPRequestHandler):
 
     def _chat(self, body: dict[str, Any], number: int) -> None:
         usage = PLAIN_CHAT_USAGE if self.headers.get("x-fake-usage") == "plain" else CHAT_USAGE
+        if self.headers.get("x-fake-usage") == "huge":  # a count no real call has
+            usage = {"prompt_tokens": 10**13, "completion_tokens": 1, "total_tokens": 10**13 + 1}
         base = {
             "id": f"chatcmpl-{number}",
             "created": 1764300000,

@@ -328,10 +328,17 @@ async def test_upstream_errors_pass_through_and_are_recorded_as_failed(tally):
                 unread = (await answer.json())["xproxy_result"]
             assert unread["cost_state"] == "COST_STATE_UNPRICED"
             assert unread["unknown_units"][0]["reason"] == "the response reported no usage"
+            # A usage no event may hold (10^13 tokens): stored as not priced, saying why.
+            huge_headers = {**headers, "x-fake-usage": "huge"}
+            async with session.post(f"{proxy_url(tally)}/chat/completions", json=body, headers=huge_headers) as answer:
+                assert answer.status == 200
+                huge = (await answer.json())["xproxy_result"]
+            assert huge["cost_state"] == "COST_STATE_UNPRICED"
+            assert "the response's usage is not valid (units['text'].input" in huge["unknown_units"][0]["reason"]
         stats = (await client.get_experience(run.experience_id)).stats
         # The fake fails calls for models it names "bad-request" and "rate-limited", which no
         # price covers: those two are not priced either.
-        assert (stats.event_count, stats.failed_event_count, stats.unpriced_event_count) == (4, 2, 3)
+        assert (stats.event_count, stats.failed_event_count, stats.unpriced_event_count) == (5, 2, 4)
 
 
 async def test_an_unreachable_or_silent_upstream_is_502_or_504(database_url, provider):

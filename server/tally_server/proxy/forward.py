@@ -42,7 +42,7 @@ from ..domain.ids import uuid7
 from ..domain.keys import unauthenticated
 from ..domain.models import NO_CONTEXT, EventContext, IngestResult, UsageEvent, now_us
 from ..domain.resolution import derive_experience_id
-from ..domain.validation import parse_uuid
+from ..domain.validation import TEXT_MAX, parse_uuid
 from ..edges.context import call_context
 from ..logs import RepeatedLog
 from ..services.ingest import Ingestor
@@ -428,8 +428,15 @@ class Forwarder:
     # --- after the call: its event ------------------------------------------------------------
 
     def _event(self, call: Call, reading: Reading | None, status: int, unread: str, first_ms: int = 0) -> UsageEvent:
-        """The call's event, which takes over its reservation (it settles it when stored)."""
+        """The call's event, which takes over its reservation (it settles it when stored). A
+        provider's usage that is no valid event (a count past 10^12, a unit type of its own
+        spelling) leaves the event not priced, with the violations as its reason."""
         event = _event(call, reading, status, unread, first_ms)
+        v = Violations()
+        validate_event(event, None, v)
+        if v:
+            said = "; ".join(f"{item.field}: {item.description}" for item in v.items[:4])
+            event = dataclasses.replace(event, units={}, unread_usage=f"the response's usage is not valid ({said})")
         call.reservation = ""
         call.recorded = True
         return event
@@ -458,6 +465,10 @@ class Forwarder:
             except TallyError as refusal:
                 outcome = refusal
             except StorageUnavailable as failure:
+                error = failure
+                break
+            except Exception as failure:  # a bug: the caller still gets the provider's answer
+                log.exception("storing a proxied call's event failed")
                 error = failure
                 break
             if isinstance(outcome, IngestResult) or attempt or outcome.code.name not in _CONTEXT_REFUSALS:
@@ -553,7 +564,7 @@ def _event(call: Call, reading: Reading | None, status: int, unread: str, first_
         end_to_end_latency_ms=latency,
         time_to_first_token_ms=first_ms,
         http_status_code=status if 100 <= status <= 599 else 0,
-        provider_response_id=response_id[:1024],
+        provider_response_id=response_id if len(response_id.encode()) <= TEXT_MAX else "",
         # The proxy sees each call once: its own request id is the key. (The provider's
         # response id is kept, but some compatible servers repeat one for every answer.)
         idempotency_key=str(call.request_id),

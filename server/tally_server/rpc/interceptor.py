@@ -110,6 +110,9 @@ class Admission:
             self.streams -= stream
 
 
+DEADLINE_SLACK_SECONDS = 0.05
+
+
 class _Call:
     """Bookkeeping of one call: its request id, its key and the status it ended with."""
 
@@ -137,7 +140,11 @@ class _Call:
         """The caller went away: its deadline passed, or it cancelled. Logged and counted with
         the code the caller itself saw."""
         remaining = context.time_remaining()
-        expired = remaining is not None and remaining <= 0
+        # grpc-core's deadline timer can fire a few milliseconds before time_remaining()
+        # reaches 0 (a call counted CANCELLED whose caller saw DEADLINE_EXCEEDED, about one run
+        # in ten of test_metrics under two workers): a call gone this close to its deadline
+        # went for it.
+        expired = remaining is not None and remaining <= DEADLINE_SLACK_SECONDS
         self.code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
 
     def finish(self, context: Context) -> None:

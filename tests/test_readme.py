@@ -237,3 +237,11 @@ def test_readme_proxy_block(tmp_path):
             os.environ["OPENAI_API_KEY"] = saved
         server.terminate()
         provider.shutdown()
+
+
+@pytest.mark.slow
+def test_readme_outcomes_block(readme_server):
+    """The outcomes block as printed, twice (its type is get-or-create): each outcome a success."""
+    for _ in range(2):
+        printed = run_python_block('outcome("resolved", "boolean", equals=True)', readme_server.target)
+        assert printed.splitlines() == ["csat True", "resolved True", "turns True"]

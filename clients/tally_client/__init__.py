@@ -3,7 +3,7 @@
 from tally_client import TallyClient, create_headers, create_metadata
 """
 
-from ._calls import EventFilter, UnitCounts, Units, money, new_limit as limit, usage_event
+from ._calls import EventFilter, UnitCounts, Units, money, new_limit as limit, new_outcome as outcome, usage_event
 from .client import AsyncTallyClient, ExperienceScope, TallyClient
 from .errors import (
     AlreadyExists,
@@ -39,5 +39,6 @@ __all__ = [
     "dollars",
     "limit",
     "money",
+    "outcome",
     "usage_event",
 ]

@@ -102,10 +102,58 @@ def usage_event(
 # --- experience types ---------------------------------------------------------------
 
 
+def new_outcome(
+    name: str,
+    kind: str,
+    *,
+    equals: bool | None = None,
+    at_least: float | None = None,
+    at_most: float | None = None,
+    description: str = "",
+) -> et_pb.OutcomeDefinition:
+    """An outcome a type's runs are scored on: `kind` "boolean", "number", "percentage",
+    "likert_5", "likert_7" or "likert_10", and at most one goal (`equals` for a boolean,
+    `at_least` or `at_most` for the others)."""
+    definition = et_pb.OutcomeDefinition(
+        name=name, kind=et_pb.OutcomeKind.Value(f"OUTCOME_KIND_{kind.upper()}"), description=description
+    )
+    goals = [(field, value) for field, value in (("equals", equals), ("at_least", at_least), ("at_most", at_most))]
+    given = [(field, value) for field, value in goals if value is not None]
+    if len(given) > 1:
+        raise ValueError("an outcome has at most one goal: equals, at_least or at_most")
+    for field, value in given:
+        setattr(definition.goal, field, value)
+    return definition
+
+
+def outcome_values(values: Mapping[str, bool | float]) -> list[exp_pb.OutcomeValue]:
+    """{"resolved": True, "csat": 4} as OutcomeValues: a bool is a BOOLEAN's value, a number the others'."""
+    found = []
+    for name, value in values.items():
+        if isinstance(value, bool):
+            found.append(exp_pb.OutcomeValue(name=name, bool_value=value))
+        else:
+            found.append(exp_pb.OutcomeValue(name=name, number_value=float(value)))
+    return found
+
+
+def record_outcomes(
+    experience_id: str | UUID, values: Mapping[str, bool | float]
+) -> Call[list[exp_pb.RecordedOutcome]]:
+    request = exp_pb.RecordOutcomesRequest(experience_id=str(experience_id), values=outcome_values(values))
+    return Call("experiences", "RecordOutcomes", request, lambda r: list(r.outcomes))
+
+
 def create_experience_type(
-    name: str, description: str, settings: Mapping[str, str] | None, request_id: str
+    name: str,
+    description: str,
+    settings: Mapping[str, str] | None,
+    request_id: str,
+    outcomes: Iterable[et_pb.OutcomeDefinition] = (),
 ) -> Call[et_pb.ExperienceType]:
-    experience_type = et_pb.ExperienceType(name=name, description=description, settings=dict(settings or {}))
+    experience_type = et_pb.ExperienceType(
+        name=name, description=description, settings=dict(settings or {}), outcomes=list(outcomes)
+    )
     request = et_pb.CreateExperienceTypeRequest(experience_type=experience_type, request_id=request_id)
     return Call("types", "CreateExperienceType", request, lambda r: r.experience_type)
 
@@ -121,13 +169,19 @@ def list_experience_types(page_size: int, page_token: str) -> Call[et_pb.ListExp
 
 
 def update_experience_type(
-    name: str, description: str | None, settings: Mapping[str, str] | None
+    name: str,
+    description: str | None,
+    settings: Mapping[str, str] | None,
+    outcomes: Iterable[et_pb.OutcomeDefinition] | None = None,
 ) -> Call[et_pb.ExperienceType]:
-    paths = [path for path, value in (("description", description), ("settings", settings)) if value is not None]
+    given = (("description", description), ("settings", settings), ("outcomes", outcomes))
+    paths = [path for path, value in given if value is not None]
     if not paths:
-        raise ValueError("nothing to update: give a description, settings or both")
+        raise ValueError("nothing to update: give a description, settings or outcomes")
     request = et_pb.UpdateExperienceTypeRequest(
-        experience_type=et_pb.ExperienceType(name=name, description=description or "", settings=dict(settings or {})),
+        experience_type=et_pb.ExperienceType(
+            name=name, description=description or "", settings=dict(settings or {}), outcomes=list(outcomes or ())
+        ),
         update_mask=field_mask_pb2.FieldMask(paths=paths),
     )
     return Call("types", "UpdateExperienceType", request, lambda r: r.experience_type)

@@ -16,7 +16,6 @@ the two classes only run those descriptions, blocking or awaiting.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import contextvars
 import json
 import threading
@@ -114,6 +113,8 @@ class ExperienceScope:
         self.experience_version = version
         self.user_id = user_id
         self.request_tags = tuple(tags)
+        # Outcomes staged with outcome(), recorded when the block ends without an error.
+        self.outcomes: dict[str, bool | float] = {}
         self._thread_lock = threading.Lock()
         self._async_lock: asyncio.Lock | None = None
 
@@ -132,6 +133,11 @@ class ExperienceScope:
         if not self.experience_id:
             self.experience_id = str(uuid.uuid4())
         return self.experience_id
+
+    def outcome(self, name: str, value: bool | float) -> None:
+        """Scores the run: recorded (RecordOutcomes) when the `with` block ends without an
+        error, in one call with the others; a later value of the same outcome replaces it."""
+        self.outcomes[name] = value
 
     def learn(self, response: object) -> None:
         """Takes the experience id the server resolved, from the first ingest's response."""
@@ -198,7 +204,6 @@ class _ClientBase:
         """What a call sends: the API key, and the experience scope's keys (else `metadata`)."""
         return self._credentials + (scope.metadata() if scope else metadata)
 
-    @contextlib.contextmanager
     def experience(
         self,
         name: str,
@@ -207,19 +212,57 @@ class _ClientBase:
         version: int = 0,
         user_id: str = "",
         tags: Iterable[str] = (),
-    ) -> Iterator[ExperienceScope]:
-        """Attaches an experience context to every call made inside the block (a plain
-        `with`, for the async client too). Yields the scope; its `experience_id` is known
-        after the first ingest, or at once when given."""
-        scope = ExperienceScope(name, str(experience_id or ""), version, user_id, tags)
-        token = _scope.set(scope)
-        try:
-            yield scope
-        finally:
-            _scope.reset(token)
+    ) -> _RunBlock:
+        """Attaches an experience context to every call made inside the block. Yields the
+        scope; its `experience_id` is known after the first ingest, or at once when given.
+        Outcomes staged with `scope.outcome(name, value)` are recorded as the block ends
+        without an error: `with` for TallyClient, `async with` for AsyncTallyClient."""
+        return _RunBlock(self, ExperienceScope(name, str(experience_id or ""), version, user_id, tags))
 
     def _timeout(self, call: Call[Any]) -> float:
         return max(self.timeout, call.min_timeout)
+
+
+class _RunBlock:
+    """`client.experience(...)`: the scope set while the block runs; its staged outcomes
+    recorded when it ends without an error."""
+
+    def __init__(self, client: _ClientBase, scope: ExperienceScope) -> None:
+        self.client, self.scope = client, scope
+        self._token: contextvars.Token[ExperienceScope | None] | None = None
+
+    def __enter__(self) -> ExperienceScope:
+        self._token = _scope.set(self.scope)
+        return self.scope
+
+    def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
+        self._leave()
+        if kind is None and self.scope.outcomes:
+            if not isinstance(self.client, TallyClient):
+                raise RuntimeError(
+                    "an AsyncTallyClient run records its outcomes with `async with tally.experience(...)`"
+                )
+            self.client.record_outcomes(self._scored(), self.scope.outcomes)
+
+    async def __aenter__(self) -> ExperienceScope:
+        return self.__enter__()
+
+    async def __aexit__(self, kind: type[BaseException] | None, *_: object) -> None:
+        self._leave()
+        if kind is None and self.scope.outcomes:
+            if not isinstance(self.client, AsyncTallyClient):
+                raise RuntimeError("a TallyClient run records its outcomes with a plain `with`")
+            await self.client.record_outcomes(self._scored(), self.scope.outcomes)
+
+    def _leave(self) -> None:
+        if self._token is not None:
+            _scope.reset(self._token)
+            self._token = None
+
+    def _scored(self) -> str:
+        if not self.scope.experience_id:
+            raise ValueError("the run has no experience yet (nothing was ingested in it): nothing to score")
+        return self.scope.experience_id
 
 
 class TallyClient(_ClientBase):
@@ -296,13 +339,15 @@ class TallyClient(_ClientBase):
         description: str,
         *,
         settings: Mapping[str, str] | None = None,
+        outcomes: Iterable[et_pb.OutcomeDefinition] = (),
         request_id: str = "",
         exist_ok: bool = False,
     ) -> et_pb.ExperienceType:
-        """Creates a type at version 1. A `request_id` makes a retry return the first result;
+        """Creates a type at version 1, with the outcomes its runs are scored on
+        (`tally_client.outcome(...)`). A `request_id` makes a retry return the first result;
         `exist_ok` returns the type of that name if there is one, as it is (get or create)."""
         try:
-            return self._run(_calls.create_experience_type(name, description, settings, request_id))
+            return self._run(_calls.create_experience_type(name, description, settings, request_id, outcomes))
         except AlreadyExists:
             if not exist_ok:
                 raise
@@ -316,10 +361,16 @@ class TallyClient(_ClientBase):
         return self._run(_calls.list_experience_types(page_size, page_token))
 
     def update_experience_type(
-        self, name: str, *, description: str | None = None, settings: Mapping[str, str] | None = None
+        self,
+        name: str,
+        *,
+        description: str | None = None,
+        settings: Mapping[str, str] | None = None,
+        outcomes: Iterable[et_pb.OutcomeDefinition] | None = None,
     ) -> et_pb.ExperienceType:
-        """Changes what is given (the version does not move); ValueError if nothing is."""
-        return self._run(_calls.update_experience_type(name, description, settings))
+        """Changes what is given (settings and outcomes as a whole; the version does not
+        move); ValueError if nothing is."""
+        return self._run(_calls.update_experience_type(name, description, settings, outcomes))
 
     def delete_experience_type(self, name: str, *, force: bool = False) -> int:
         """Deletes the type; with `force`, its experiences too. Returns how many were deleted."""
@@ -409,6 +460,14 @@ class TallyClient(_ClientBase):
         remove_keys: Iterable[str] = (),
     ) -> exp_pb.Experience:
         return self._run(_calls.update_experience_properties(experience_id, set_properties, remove_keys))
+
+    def record_outcomes(
+        self, experience_id: str | UUID, values: Mapping[str, bool | float]
+    ) -> list[exp_pb.RecordedOutcome]:
+        """Scores a run: {"resolved": True, "csat": 4}, each an outcome its type declares (a
+        bool for a BOOLEAN, a number for the others). A value replaces the earlier one.
+        Returns the run's outcomes after the call."""
+        return self._run(_calls.record_outcomes(experience_id, values))
 
     # --- ingest -------------------------------------------------------------------
 
@@ -627,13 +686,13 @@ class AsyncTallyClient(_ClientBase):
         description: str,
         *,
         settings: Mapping[str, str] | None = None,
+        outcomes: Iterable[et_pb.OutcomeDefinition] = (),
         request_id: str = "",
         exist_ok: bool = False,
     ) -> et_pb.ExperienceType:
-        """Creates a type at version 1. A `request_id` makes a retry return the first result;
-        `exist_ok` returns the type of that name if there is one, as it is (get or create)."""
+        """As TallyClient.create_experience_type."""
         try:
-            return await self._run(_calls.create_experience_type(name, description, settings, request_id))
+            return await self._run(_calls.create_experience_type(name, description, settings, request_id, outcomes))
         except AlreadyExists:
             if not exist_ok:
                 raise
@@ -649,10 +708,15 @@ class AsyncTallyClient(_ClientBase):
         return await self._run(_calls.list_experience_types(page_size, page_token))
 
     async def update_experience_type(
-        self, name: str, *, description: str | None = None, settings: Mapping[str, str] | None = None
+        self,
+        name: str,
+        *,
+        description: str | None = None,
+        settings: Mapping[str, str] | None = None,
+        outcomes: Iterable[et_pb.OutcomeDefinition] | None = None,
     ) -> et_pb.ExperienceType:
-        """Changes what is given (the version does not move); ValueError if nothing is."""
-        return await self._run(_calls.update_experience_type(name, description, settings))
+        """As TallyClient.update_experience_type."""
+        return await self._run(_calls.update_experience_type(name, description, settings, outcomes))
 
     async def delete_experience_type(self, name: str, *, force: bool = False) -> int:
         """Deletes the type; with `force`, its experiences too. Returns how many were deleted."""
@@ -744,6 +808,12 @@ class AsyncTallyClient(_ClientBase):
         remove_keys: Iterable[str] = (),
     ) -> exp_pb.Experience:
         return await self._run(_calls.update_experience_properties(experience_id, set_properties, remove_keys))
+
+    async def record_outcomes(
+        self, experience_id: str | UUID, values: Mapping[str, bool | float]
+    ) -> list[exp_pb.RecordedOutcome]:
+        """As TallyClient.record_outcomes."""
+        return await self._run(_calls.record_outcomes(experience_id, values))
 
     # --- ingest -------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .limits import Applied
+from .outcomes import OutcomeDefinition, ScoredOutcome
 
 
 def now_us() -> int:
@@ -25,6 +26,7 @@ class ExperienceType:
     version: int
     create_time_us: int
     update_time_us: int
+    outcomes: tuple[OutcomeDefinition, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,7 @@ class Experience:
     create_time_us: int
     properties: dict[str, str]
     stats: ExperienceStats | None = None  # set where a read asked for them
+    outcomes: tuple[ScoredOutcome, ...] | None = None  # set where a read asked for them
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from tally.v1 import (
     report_service_pb2 as report_pb,
 )
 
-from ..domain import models as m
+from ..domain import models as m, outcomes
 from ..domain.errors import TallyError, Violation, invalid
 from ..domain.money import nanos_to_units_and_nanos
 
@@ -83,7 +83,66 @@ def experience_type(t: m.ExperienceType) -> et_pb.ExperienceType:
         version=t.version,
         create_time=timestamp(t.create_time_us),
         update_time=timestamp(t.update_time_us),
+        outcomes=[outcome_definition(d) for d in t.outcomes],
     )
+
+
+# --- outcomes ------------------------------------------------------------------------
+
+
+def outcome_definition(d: outcomes.OutcomeDefinition) -> et_pb.OutcomeDefinition:
+    message = et_pb.OutcomeDefinition(
+        name=d.name, kind=cast("et_pb.OutcomeKind.ValueType", int(d.kind)), description=d.description
+    )
+    if d.goal is not None:
+        if d.goal.comparison == outcomes.GoalComparison.EQUALS:
+            message.goal.equals = d.goal.value == 1.0
+        elif d.goal.comparison == outcomes.GoalComparison.AT_LEAST:
+            message.goal.at_least = d.goal.value
+        else:
+            message.goal.at_most = d.goal.value
+    return message
+
+
+def outcome_definitions(given: Iterable[et_pb.OutcomeDefinition]) -> list[outcomes.OutcomeDefinition]:
+    """The declarations as sent; the domain checks them (an unknown kind stays unknown)."""
+    found = []
+    for d in given:
+        goal = None
+        which = d.goal.WhichOneof("goal") if d.HasField("goal") else None
+        if which == "equals":
+            goal = outcomes.Goal(outcomes.GoalComparison.EQUALS, 1.0 if d.goal.equals else 0.0)
+        elif which in ("at_least", "at_most"):
+            goal = outcomes.Goal(outcomes.GoalComparison(which), getattr(d.goal, which))
+        known = int(d.kind) in {k.value for k in outcomes.OutcomeKind}
+        kind = outcomes.OutcomeKind(d.kind) if known else cast("outcomes.OutcomeKind", int(d.kind))
+        found.append(outcomes.OutcomeDefinition(d.name, kind, goal, d.description))
+    return found
+
+
+def outcome_values(given: Iterable[exp_pb.OutcomeValue]) -> list[outcomes.OutcomeValue]:
+    found = []
+    for value in given:
+        which = value.WhichOneof("value")
+        if which == "bool_value":
+            found.append(outcomes.OutcomeValue(value.name, 1.0 if value.bool_value else 0.0, True))
+        else:  # a number, or nothing: NaN, refused as not finite
+            number = value.number_value if which == "number_value" else float("nan")
+            found.append(outcomes.OutcomeValue(value.name, number, False))
+    return found
+
+
+def recorded_outcome(o: outcomes.ScoredOutcome) -> exp_pb.RecordedOutcome:
+    recorded = o.recorded
+    message = exp_pb.RecordedOutcome(record_time=timestamp(recorded.record_time_us), key_name=recorded.key_name)
+    message.value.name = recorded.name
+    if o.definition is not None and o.definition.kind == outcomes.OutcomeKind.BOOLEAN:
+        message.value.bool_value = recorded.value == 1.0
+    else:
+        message.value.number_value = recorded.value
+    if o.succeeded is not None:
+        message.succeeded = o.succeeded
+    return message
 
 
 def experience_type_version(v: m.ExperienceTypeVersion) -> et_pb.ExperienceTypeVersion:
@@ -131,6 +190,7 @@ def experience(e: m.Experience, stats: m.ExperienceStats | None = None) -> exp_p
         experience_version=e.experience_version,
         create_time=timestamp(e.create_time_us),
         properties=e.properties,
+        outcomes=[recorded_outcome(o) for o in e.outcomes or ()],
     )
     if stats is not None:
         message.stats.CopyFrom(experience_stats(stats))

@@ -68,7 +68,9 @@ class ExperienceTypeServicer(et_grpc.ExperienceTypeServiceServicer):
         self, request: et_pb.CreateExperienceTypeRequest, context: Context
     ) -> et_pb.CreateExperienceTypeResponse:
         t = request.experience_type
-        created = await self.types.create(t.name, t.description, dict(t.settings), request.request_id)
+        created = await self.types.create(
+            t.name, t.description, dict(t.settings), request.request_id, convert.outcome_definitions(t.outcomes)
+        )
         return et_pb.CreateExperienceTypeResponse(experience_type=convert.experience_type(created))
 
     async def GetExperienceType(
@@ -89,7 +91,13 @@ class ExperienceTypeServicer(et_grpc.ExperienceTypeServiceServicer):
         self, request: et_pb.UpdateExperienceTypeRequest, context: Context
     ) -> et_pb.UpdateExperienceTypeResponse:
         t = request.experience_type
-        updated = await self.types.update(t.name, t.description, dict(t.settings), list(request.update_mask.paths))
+        updated = await self.types.update(
+            t.name,
+            t.description,
+            dict(t.settings),
+            list(request.update_mask.paths),
+            convert.outcome_definitions(t.outcomes),
+        )
         return et_pb.UpdateExperienceTypeResponse(experience_type=convert.experience_type(updated))
 
     async def DeleteExperienceType(
@@ -176,6 +184,14 @@ class ExperienceServicer(exp_grpc.ExperienceServiceServicer):
             request.experience_id, dict(request.set_properties), list(request.remove_keys)
         )
         return exp_pb.UpdateExperiencePropertiesResponse(experience=convert.experience(updated))
+
+    async def RecordOutcomes(
+        self, request: exp_pb.RecordOutcomesRequest, context: Context
+    ) -> exp_pb.RecordOutcomesResponse:
+        recorded = await self.experiences.record_outcomes(
+            request.experience_id, convert.outcome_values(request.values), _key_name()
+        )
+        return exp_pb.RecordOutcomesResponse(outcomes=[convert.recorded_outcome(o) for o in recorded])
 
 
 class EventServicer(event_grpc.EventServiceServicer):

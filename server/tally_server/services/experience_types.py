@@ -9,7 +9,7 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from ..domain import paging
+from ..domain import outcomes, paging
 from ..domain.errors import Code, TallyError, Violations, already_exists, failed_precondition, not_found
 from ..domain.models import ExperienceType, ExperienceTypeVersion, Page, TypeStats, now_us
 from ..domain.validation import (
@@ -23,7 +23,8 @@ from ..storage import idempotency as stored_idempotency, types as stored_types
 from ..storage.db import Database
 from .type_stats import type_stats
 
-UPDATABLE_FIELDS = ("description", "settings")
+UPDATABLE_FIELDS = ("description", "settings", "outcomes")
+DEFAULT_UPDATE = ("description", "settings")  # an empty update_mask, as before outcomes
 
 
 def type_not_found(name: str) -> TallyError:
@@ -53,16 +54,25 @@ class ExperienceTypes:
         self.pages = pages or paging.PageTokens()
 
     async def create(
-        self, name: str, description: str, settings: dict[str, str], request_id: str = ""
+        self,
+        name: str,
+        description: str,
+        settings: dict[str, str],
+        request_id: str = "",
+        outcome_definitions: Sequence[outcomes.OutcomeDefinition] = (),
     ) -> ExperienceType:
         v = Violations()
         check_name(v, "experience_type.name", name)
         check_description(v, "experience_type.description", description)
         check_string_map(v, "experience_type.settings", settings, SETTINGS_MAX_ENTRIES)
+        outcomes.check_definitions(v, "experience_type.outcomes", outcome_definitions)
         check_request_id(v, "request_id", request_id)
         v.raise_if_any()
 
-        request_fingerprint = fingerprint(name, description, settings)
+        declared = tuple(outcome_definitions)
+        request_fingerprint = fingerprint(
+            name, description, settings, *([outcomes.to_json(declared)] if declared else [])
+        )
         now = now_us()
         async with self.db.write() as conn:
             if request_id:
@@ -74,7 +84,7 @@ class ExperienceTypes:
                     if found is None:
                         raise type_not_found(seen[1])
                     return found[1]
-            created = ExperienceType(name, description, dict(settings), 1, now, now)
+            created = ExperienceType(name, description, dict(settings), 1, now, now, declared)
             if await stored_types.insert_type(conn, created) is None:
                 raise already_exists(
                     "EXPERIENCE_TYPE_ALREADY_EXISTS",
@@ -110,18 +120,25 @@ class ExperienceTypes:
         return Page(items[:size], token)
 
     async def update(
-        self, name: str, description: str, settings: dict[str, str], update_mask: Sequence[str]
+        self,
+        name: str,
+        description: str,
+        settings: dict[str, str],
+        update_mask: Sequence[str],
+        outcome_definitions: Sequence[outcomes.OutcomeDefinition] = (),
     ) -> ExperienceType:
-        paths = list(update_mask) or list(UPDATABLE_FIELDS)
+        paths = list(update_mask) or list(DEFAULT_UPDATE)
         v = Violations()
         check_name(v, "experience_type.name", name)
         for path in paths:
             if path not in UPDATABLE_FIELDS:
-                v.add("update_mask", f"{path!r} cannot be updated; updatable fields: description, settings")
+                v.add("update_mask", f"{path!r} cannot be updated; updatable fields: description, settings, outcomes")
         if "description" in paths:
             check_description(v, "experience_type.description", description)
         if "settings" in paths:
             check_string_map(v, "experience_type.settings", settings, SETTINGS_MAX_ENTRIES)
+        if "outcomes" in paths:
+            outcomes.check_definitions(v, "experience_type.outcomes", outcome_definitions)
         v.raise_if_any()
 
         values: dict[str, Any] = {}
@@ -129,6 +146,8 @@ class ExperienceTypes:
             values["description"] = description
         if "settings" in paths:
             values["settings"] = dict(settings)
+        if "outcomes" in paths:
+            values["outcomes"] = tuple(outcome_definitions)
         async with self.db.write() as conn:
             type_id, current = await self._require(conn, name)
             await stored_types.update_type(conn, type_id, current.version, values, now_us())

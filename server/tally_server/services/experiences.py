@@ -6,12 +6,19 @@ import dataclasses
 import uuid
 from collections.abc import Sequence
 
-from ..domain import paging, stats
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from ..domain import outcomes, paging, stats
 from ..domain.errors import Violations, already_exists
 from ..domain.models import Experience, ExperienceStats, Page, now_us
 from ..domain.resolution import experience_not_found, new_experience_id
 from ..domain.validation import PROPERTIES_MAX_ENTRIES, check_name, check_request_id, check_string_map, parse_uuid
-from ..storage import experiences as stored_experiences, idempotency as stored_idempotency, types as stored_types
+from ..storage import (
+    experiences as stored_experiences,
+    idempotency as stored_idempotency,
+    outcomes as stored_outcomes,
+    types as stored_types,
+)
 from ..storage.db import Database
 from .experience_types import fingerprint, request_id_reused, type_not_found
 
@@ -115,10 +122,37 @@ class Experiences:
         assert parsed is not None  # raise_if_any refused a missing or bad id
         async with self.db.read() as conn:
             found = await stored_experiences.experience_with_rollup(conn, parsed)
-        if found is None:
-            raise experience_not_found(parsed)
-        experience, rollup = found
+            if found is None:
+                raise experience_not_found(parsed)
+            experience, rollup = found
+            recorded = (await stored_outcomes.latest(conn, [parsed])).get(parsed, [])
+            declared = await self._declared(conn, experience.experience_name) if recorded else {}
+        experience = dataclasses.replace(experience, outcomes=outcomes.scored(recorded, declared))
         return experience, stats.experience_stats(rollup)
+
+    async def _declared(self, conn: AsyncConnection, type_name: str) -> dict[str, outcomes.OutcomeDefinition]:
+        found = await stored_types.get_type(conn, type_name)
+        return {d.name: d for d in found[1].outcomes} if found else {}
+
+    async def record_outcomes(
+        self, experience_id: str, values: Sequence[outcomes.OutcomeValue], key_name: str
+    ) -> tuple[outcomes.ScoredOutcome, ...]:
+        """Sets outcome values of a run, each checked against its type's declarations; all
+        or nothing. Returns the run's outcomes after the call."""
+        v = Violations()
+        parsed = _require_uuid(v, "experience_id", experience_id)
+        v.raise_if_any()
+        assert parsed is not None  # raise_if_any refused a missing or bad id
+        async with self.db.write() as conn:
+            experience = await stored_experiences.get_experience(conn, parsed)
+            if experience is None:
+                raise experience_not_found(parsed)
+            declared = await self._declared(conn, experience.experience_name)
+            outcomes.check_values(v, "values", declared, values)
+            v.raise_if_any()
+            await stored_outcomes.record(conn, parsed, values, now_us(), key_name)
+            recorded = (await stored_outcomes.latest(conn, [parsed])).get(parsed, [])
+        return outcomes.scored(recorded, declared)
 
     async def list(
         self,

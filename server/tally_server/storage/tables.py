@@ -32,6 +32,8 @@ experience_types = sa.Table(
     sa.Column("version", sa.Integer, nullable=False),
     sa.Column("create_time_us", sa.BigInteger, nullable=False),
     sa.Column("update_time_us", sa.BigInteger, nullable=False),
+    # The outcomes its runs are scored on (domain.outcomes.to_json); NULL: none declared.
+    sa.Column("outcomes", sa.JSON, nullable=True),
 )
 
 experience_type_versions = sa.Table(
@@ -295,4 +297,27 @@ limit_holds = sa.Table(
     sa.Column("amount_nanos", sa.BigInteger, nullable=False),
     sa.Column("expire_time_us", sa.BigInteger, nullable=False),
     sa.Index(None, "limit_id", "subject", "expire_time_us"),
+)
+
+# The latest value of each outcome of a run, and every change of them (migration 0008).
+experience_outcomes = sa.Table(
+    "experience_outcomes",
+    metadata,
+    sa.Column("experience_id", sa.Uuid, sa.ForeignKey("experiences.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("value", sa.Float, nullable=False),
+    sa.Column("record_time_us", sa.BigInteger, nullable=False),
+    sa.Column("key_name", sa.String(64), nullable=False),
+)
+
+experience_outcome_changes = sa.Table(
+    "experience_outcome_changes",
+    metadata,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True, autoincrement=True),
+    sa.Column("experience_id", sa.Uuid, sa.ForeignKey("experiences.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("name", sa.String(64), nullable=False),
+    sa.Column("value", sa.Float, nullable=False),
+    sa.Column("record_time_us", sa.BigInteger, nullable=False),
+    sa.Column("key_name", sa.String(64), nullable=False),
+    sa.Index("ix_experience_outcome_changes_experience", "experience_id", "id"),
 )

@@ -8,7 +8,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from ..domain import models as m
+from ..domain import models as m, outcomes
 from . import rollups
 from .sql import insert_or_ignore
 from .tables import (
@@ -27,6 +27,7 @@ _type_columns = (
     experience_types.c.version,
     experience_types.c.create_time_us,
     experience_types.c.update_time_us,
+    experience_types.c.outcomes,
 )
 
 
@@ -38,6 +39,7 @@ def _type(row: Any) -> m.ExperienceType:
         version=row.version,
         create_time_us=row.create_time_us,
         update_time_us=row.update_time_us,
+        outcomes=outcomes.from_json(row.outcomes),
     )
 
 
@@ -62,6 +64,7 @@ async def insert_type(conn: AsyncConnection, t: m.ExperienceType) -> int | None:
             version=t.version,
             create_time_us=t.create_time_us,
             update_time_us=t.update_time_us,
+            outcomes=outcomes.to_json(t.outcomes) if t.outcomes else None,
         )
         .on_conflict_do_nothing(index_elements=["name"])
         .returning(experience_types.c.id)
@@ -90,15 +93,20 @@ async def list_types(conn: AsyncConnection, after_name: str | None, limit: int) 
 
 
 async def update_type(conn: AsyncConnection, type_id: int, version: int, values: dict[str, Any], now_us: int) -> None:
-    """Updates the type and the snapshot of its current version alike."""
+    """Updates the type and the snapshot of its current version alike (the snapshot keeps
+    description and settings; outcomes are the type's)."""
+    if "outcomes" in values:
+        values = {**values, "outcomes": outcomes.to_json(values["outcomes"]) or None}
     await conn.execute(
         sa.update(experience_types).where(experience_types.c.id == type_id).values(**values, update_time_us=now_us)
     )
-    await conn.execute(
-        sa.update(experience_type_versions)
-        .where(experience_type_versions.c.type_id == type_id, experience_type_versions.c.version == version)
-        .values(**values)
-    )
+    snapshot = {key: value for key, value in values.items() if key != "outcomes"}
+    if snapshot:
+        await conn.execute(
+            sa.update(experience_type_versions)
+            .where(experience_type_versions.c.type_id == type_id, experience_type_versions.c.version == version)
+            .values(**snapshot)
+        )
 
 
 async def increment_version(conn: AsyncConnection, type_id: int, now_us: int) -> int:

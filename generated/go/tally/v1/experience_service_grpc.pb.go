@@ -36,6 +36,14 @@ type ExperienceServiceClient interface {
 	DeleteExperience(ctx context.Context, in *DeleteExperienceRequest, opts ...grpc.CallOption) (*DeleteExperienceResponse, error)
 	// Sets and removes properties of an experience.
 	UpdateExperienceProperties(ctx context.Context, in *UpdateExperiencePropertiesRequest, opts ...grpc.CallOption) (*UpdateExperiencePropertiesResponse, error)
+	// Scores a run: sets values of the outcomes its type declares, at any time.
+	// A value replaces the outcome's earlier one; every change is kept with its
+	// time and the API key that made it. Sending the same values again changes
+	// nothing. INVALID_ARGUMENT naming the field for an outcome the type does not
+	// declare, a value of the wrong kind or out of its scale; NOT_FOUND (reason
+	// EXPERIENCE_NOT_FOUND) for an unknown experience. Nothing is changed when
+	// any value is refused.
+	RecordOutcomes(ctx context.Context, in *RecordOutcomesRequest, opts ...grpc.CallOption) (*RecordOutcomesResponse, error)
 }
 
 type experienceServiceClient struct {
@@ -91,6 +99,15 @@ func (c *experienceServiceClient) UpdateExperienceProperties(ctx context.Context
 	return out, nil
 }
 
+func (c *experienceServiceClient) RecordOutcomes(ctx context.Context, in *RecordOutcomesRequest, opts ...grpc.CallOption) (*RecordOutcomesResponse, error) {
+	out := new(RecordOutcomesResponse)
+	err := c.cc.Invoke(ctx, "/tally.v1.ExperienceService/RecordOutcomes", in, out, opts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // ExperienceServiceServer is the server API for ExperienceService service.
 // All implementations must embed UnimplementedExperienceServiceServer
 // for forward compatibility
@@ -114,6 +131,14 @@ type ExperienceServiceServer interface {
 	DeleteExperience(context.Context, *DeleteExperienceRequest) (*DeleteExperienceResponse, error)
 	// Sets and removes properties of an experience.
 	UpdateExperienceProperties(context.Context, *UpdateExperiencePropertiesRequest) (*UpdateExperiencePropertiesResponse, error)
+	// Scores a run: sets values of the outcomes its type declares, at any time.
+	// A value replaces the outcome's earlier one; every change is kept with its
+	// time and the API key that made it. Sending the same values again changes
+	// nothing. INVALID_ARGUMENT naming the field for an outcome the type does not
+	// declare, a value of the wrong kind or out of its scale; NOT_FOUND (reason
+	// EXPERIENCE_NOT_FOUND) for an unknown experience. Nothing is changed when
+	// any value is refused.
+	RecordOutcomes(context.Context, *RecordOutcomesRequest) (*RecordOutcomesResponse, error)
 	mustEmbedUnimplementedExperienceServiceServer()
 }
 
@@ -135,6 +160,9 @@ func (UnimplementedExperienceServiceServer) DeleteExperience(context.Context, *D
 }
 func (UnimplementedExperienceServiceServer) UpdateExperienceProperties(context.Context, *UpdateExperiencePropertiesRequest) (*UpdateExperiencePropertiesResponse, error) {
 	return nil, status.Errorf(codes.Unimplemented, "method UpdateExperienceProperties not implemented")
+}
+func (UnimplementedExperienceServiceServer) RecordOutcomes(context.Context, *RecordOutcomesRequest) (*RecordOutcomesResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method RecordOutcomes not implemented")
 }
 func (UnimplementedExperienceServiceServer) mustEmbedUnimplementedExperienceServiceServer() {}
 
@@ -239,6 +267,24 @@ func _ExperienceService_UpdateExperienceProperties_Handler(srv interface{}, ctx 
 	return interceptor(ctx, in, info, handler)
 }
 
+func _ExperienceService_RecordOutcomes_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(RecordOutcomesRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ExperienceServiceServer).RecordOutcomes(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: "/tally.v1.ExperienceService/RecordOutcomes",
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ExperienceServiceServer).RecordOutcomes(ctx, req.(*RecordOutcomesRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 var _ExperienceService_serviceDesc = grpc.ServiceDesc{
 	ServiceName: "tally.v1.ExperienceService",
 	HandlerType: (*ExperienceServiceServer)(nil),
@@ -262,6 +308,10 @@ var _ExperienceService_serviceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "UpdateExperienceProperties",
 			Handler:    _ExperienceService_UpdateExperienceProperties_Handler,
+		},
+		{
+			MethodName: "RecordOutcomes",
+			Handler:    _ExperienceService_RecordOutcomes_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},

@@ -26,7 +26,7 @@ type ExperienceTypeServiceClient interface {
 	GetExperienceType(ctx context.Context, in *GetExperienceTypeRequest, opts ...grpc.CallOption) (*GetExperienceTypeResponse, error)
 	// Lists experience types in ascending order of name, one page at a time.
 	ListExperienceTypes(ctx context.Context, in *ListExperienceTypesRequest, opts ...grpc.CallOption) (*ListExperienceTypesResponse, error)
-	// Updates the description and settings of the current version in place.
+	// Updates the description, settings and outcomes of the current version in place.
 	// The name never changes and the version does not move: snapshots of past
 	// versions stay as they were. Use IncrementExperienceTypeVersion to start a
 	// new version.
@@ -142,7 +142,7 @@ type ExperienceTypeServiceServer interface {
 	GetExperienceType(context.Context, *GetExperienceTypeRequest) (*GetExperienceTypeResponse, error)
 	// Lists experience types in ascending order of name, one page at a time.
 	ListExperienceTypes(context.Context, *ListExperienceTypesRequest) (*ListExperienceTypesResponse, error)
-	// Updates the description and settings of the current version in place.
+	// Updates the description, settings and outcomes of the current version in place.
 	// The name never changes and the version does not move: snapshots of past
 	// versions stay as they were. Use IncrementExperienceTypeVersion to start a
 	// new version.

@@ -52,6 +52,7 @@ class Experience(_message.Message):
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     PROPERTIES_FIELD_NUMBER: _builtins.int
     STATS_FIELD_NUMBER: _builtins.int
+    OUTCOMES_FIELD_NUMBER: _builtins.int
     experience_id: _builtins.str
     """The experience's UUID in canonical lower-case form."""
     experience_name: _builtins.str
@@ -74,6 +75,12 @@ class Experience(_message.Message):
     def stats(self) -> Global___ExperienceStats:
         """The experience's cost statistics. Set by GetExperience and ListExperiences."""
 
+    @_builtins.property
+    def outcomes(self) -> _containers.RepeatedCompositeFieldContainer[Global___RecordedOutcome]:
+        """The outcomes recorded for the run, one per outcome (its latest value), by
+        name. Set by GetExperience and RecordOutcomes.
+        """
+
     def __init__(
         self,
         *,
@@ -83,14 +90,142 @@ class Experience(_message.Message):
         create_time: _timestamp_pb2.Timestamp | None = ...,
         properties: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         stats: Global___ExperienceStats | None = ...,
+        outcomes: _abc.Iterable[Global___RecordedOutcome] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "stats", b"stats"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "experience_id", b"experience_id", "experience_name", b"experience_name", "experience_version", b"experience_version", "properties", b"properties", "stats", b"stats"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "experience_id", b"experience_id", "experience_name", b"experience_name", "experience_version", b"experience_version", "outcomes", b"outcomes", "properties", b"properties", "stats", b"stats"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Experience: _TypeAlias = Experience  # noqa: Y015
+
+@_typing.final
+class OutcomeValue(_message.Message):
+    """The value of one outcome."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    BOOL_VALUE_FIELD_NUMBER: _builtins.int
+    NUMBER_VALUE_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The outcome's name, as its type declares it."""
+    bool_value: _builtins.bool
+    """BOOLEAN outcomes."""
+    number_value: _builtins.float
+    """NUMBER, PERCENTAGE and LIKERT outcomes (LIKERT: a whole number)."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        bool_value: _builtins.bool = ...,
+        number_value: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["bool_value", b"bool_value", "number_value", b"number_value", "value", b"value"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bool_value", b"bool_value", "name", b"name", "number_value", b"number_value", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_value: _TypeAlias = _typing.Literal["bool_value", "number_value"]  # noqa: Y015
+    _WhichOneofArgType_value: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_value) -> _WhichOneofReturnType_value | None: ...
+
+Global___OutcomeValue: _TypeAlias = OutcomeValue  # noqa: Y015
+
+@_typing.final
+class RecordedOutcome(_message.Message):
+    """An outcome as recorded for a run."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VALUE_FIELD_NUMBER: _builtins.int
+    RECORD_TIME_FIELD_NUMBER: _builtins.int
+    KEY_NAME_FIELD_NUMBER: _builtins.int
+    SUCCEEDED_FIELD_NUMBER: _builtins.int
+    key_name: _builtins.str
+    """The name of the API key that recorded it ("" with keys off)."""
+    succeeded: _builtins.bool
+    """Whether the value meets the outcome's goal as the type declares it now
+    (a BOOLEAN without a goal: true is success); unset for an outcome without
+    a goal that is not BOOLEAN.
+    """
+    @_builtins.property
+    def value(self) -> Global___OutcomeValue:
+        """The outcome and its latest value."""
+
+    @_builtins.property
+    def record_time(self) -> _timestamp_pb2.Timestamp:
+        """When that value was recorded."""
+
+    def __init__(
+        self,
+        *,
+        value: Global___OutcomeValue | None = ...,
+        record_time: _timestamp_pb2.Timestamp | None = ...,
+        key_name: _builtins.str = ...,
+        succeeded: _builtins.bool | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_succeeded", b"_succeeded", "record_time", b"record_time", "succeeded", b"succeeded", "value", b"value"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_succeeded", b"_succeeded", "key_name", b"key_name", "record_time", b"record_time", "succeeded", b"succeeded", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__succeeded: _TypeAlias = _typing.Literal["succeeded"]  # noqa: Y015
+    _WhichOneofArgType__succeeded: _TypeAlias = _typing.Literal["_succeeded", b"_succeeded"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__succeeded) -> _WhichOneofReturnType__succeeded | None: ...
+
+Global___RecordedOutcome: _TypeAlias = RecordedOutcome  # noqa: Y015
+
+@_typing.final
+class RecordOutcomesRequest(_message.Message):
+    """Request of RecordOutcomes."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EXPERIENCE_ID_FIELD_NUMBER: _builtins.int
+    VALUES_FIELD_NUMBER: _builtins.int
+    experience_id: _builtins.str
+    """The experience (a UUID)."""
+    @_builtins.property
+    def values(self) -> _containers.RepeatedCompositeFieldContainer[Global___OutcomeValue]:
+        """1 to 32 values, at most one per outcome."""
+
+    def __init__(
+        self,
+        *,
+        experience_id: _builtins.str = ...,
+        values: _abc.Iterable[Global___OutcomeValue] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["experience_id", b"experience_id", "values", b"values"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RecordOutcomesRequest: _TypeAlias = RecordOutcomesRequest  # noqa: Y015
+
+@_typing.final
+class RecordOutcomesResponse(_message.Message):
+    """Response of RecordOutcomes."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OUTCOMES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def outcomes(self) -> _containers.RepeatedCompositeFieldContainer[Global___RecordedOutcome]:
+        """The experience's outcomes after the call, by name."""
+
+    def __init__(
+        self,
+        *,
+        outcomes: _abc.Iterable[Global___RecordedOutcome] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["outcomes", b"outcomes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RecordOutcomesResponse: _TypeAlias = RecordOutcomesResponse  # noqa: Y015
 
 @_typing.final
 class ExperienceStats(_message.Message):

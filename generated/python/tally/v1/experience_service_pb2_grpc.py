@@ -62,6 +62,11 @@ class ExperienceServiceStub:
                 request_serializer=tally_dot_v1_dot_experience__service__pb2.UpdateExperiencePropertiesRequest.SerializeToString,
                 response_deserializer=tally_dot_v1_dot_experience__service__pb2.UpdateExperiencePropertiesResponse.FromString,
                 _registered_method=True)
+        self.RecordOutcomes = channel.unary_unary(
+                '/tally.v1.ExperienceService/RecordOutcomes',
+                request_serializer=tally_dot_v1_dot_experience__service__pb2.RecordOutcomesRequest.SerializeToString,
+                response_deserializer=tally_dot_v1_dot_experience__service__pb2.RecordOutcomesResponse.FromString,
+                _registered_method=True)
 
 
 class ExperienceServiceServicer:
@@ -114,6 +119,19 @@ class ExperienceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RecordOutcomes(self, request, context):
+        """Scores a run: sets values of the outcomes its type declares, at any time.
+        A value replaces the outcome's earlier one; every change is kept with its
+        time and the API key that made it. Sending the same values again changes
+        nothing. INVALID_ARGUMENT naming the field for an outcome the type does not
+        declare, a value of the wrong kind or out of its scale; NOT_FOUND (reason
+        EXPERIENCE_NOT_FOUND) for an unknown experience. Nothing is changed when
+        any value is refused.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ExperienceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -141,6 +159,11 @@ def add_ExperienceServiceServicer_to_server(servicer, server):
                     servicer.UpdateExperienceProperties,
                     request_deserializer=tally_dot_v1_dot_experience__service__pb2.UpdateExperiencePropertiesRequest.FromString,
                     response_serializer=tally_dot_v1_dot_experience__service__pb2.UpdateExperiencePropertiesResponse.SerializeToString,
+            ),
+            'RecordOutcomes': grpc.unary_unary_rpc_method_handler(
+                    servicer.RecordOutcomes,
+                    request_deserializer=tally_dot_v1_dot_experience__service__pb2.RecordOutcomesRequest.FromString,
+                    response_serializer=tally_dot_v1_dot_experience__service__pb2.RecordOutcomesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -281,6 +304,33 @@ class ExperienceService:
             '/tally.v1.ExperienceService/UpdateExperienceProperties',
             tally_dot_v1_dot_experience__service__pb2.UpdateExperiencePropertiesRequest.SerializeToString,
             tally_dot_v1_dot_experience__service__pb2.UpdateExperiencePropertiesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RecordOutcomes(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tally.v1.ExperienceService/RecordOutcomes',
+            tally_dot_v1_dot_experience__service__pb2.RecordOutcomesRequest.SerializeToString,
+            tally_dot_v1_dot_experience__service__pb2.RecordOutcomesResponse.FromString,
             options,
             channel_credentials,
             insecure,

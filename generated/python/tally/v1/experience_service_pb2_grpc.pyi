@@ -59,6 +59,15 @@ class ExperienceServiceStub:
     """
     UpdateExperienceProperties: _grpc.UnaryUnaryMultiCallable[_experience_service_pb2.UpdateExperiencePropertiesRequest, _experience_service_pb2.UpdateExperiencePropertiesResponse]
     """Sets and removes properties of an experience."""
+    RecordOutcomes: _grpc.UnaryUnaryMultiCallable[_experience_service_pb2.RecordOutcomesRequest, _experience_service_pb2.RecordOutcomesResponse]
+    """Scores a run: sets values of the outcomes its type declares, at any time.
+    A value replaces the outcome's earlier one; every change is kept with its
+    time and the API key that made it. Sending the same values again changes
+    nothing. INVALID_ARGUMENT naming the field for an outcome the type does not
+    declare, a value of the wrong kind or out of its scale; NOT_FOUND (reason
+    EXPERIENCE_NOT_FOUND) for an unknown experience. Nothing is changed when
+    any value is refused.
+    """
 
 @_typing.type_check_only
 class ExperienceServiceAsyncStub(ExperienceServiceStub):
@@ -91,6 +100,15 @@ class ExperienceServiceAsyncStub(ExperienceServiceStub):
     """
     UpdateExperienceProperties: _aio.UnaryUnaryMultiCallable[_experience_service_pb2.UpdateExperiencePropertiesRequest, _experience_service_pb2.UpdateExperiencePropertiesResponse]  # type: ignore[assignment]
     """Sets and removes properties of an experience."""
+    RecordOutcomes: _aio.UnaryUnaryMultiCallable[_experience_service_pb2.RecordOutcomesRequest, _experience_service_pb2.RecordOutcomesResponse]  # type: ignore[assignment]
+    """Scores a run: sets values of the outcomes its type declares, at any time.
+    A value replaces the outcome's earlier one; every change is kept with its
+    time and the API key that made it. Sending the same values again changes
+    nothing. INVALID_ARGUMENT naming the field for an outcome the type does not
+    declare, a value of the wrong kind or out of its scale; NOT_FOUND (reason
+    EXPERIENCE_NOT_FOUND) for an unknown experience. Nothing is changed when
+    any value is refused.
+    """
 
 class ExperienceServiceServicer(metaclass=_abc_1.ABCMeta):
     """Manages experiences: single runs of an experience type, identified by a UUID.
@@ -150,5 +168,20 @@ class ExperienceServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_experience_service_pb2.UpdateExperiencePropertiesResponse, _abc.Awaitable[_experience_service_pb2.UpdateExperiencePropertiesResponse]]:
         """Sets and removes properties of an experience."""
+
+    @_abc_1.abstractmethod
+    def RecordOutcomes(
+        self,
+        request: _experience_service_pb2.RecordOutcomesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_experience_service_pb2.RecordOutcomesResponse, _abc.Awaitable[_experience_service_pb2.RecordOutcomesResponse]]:
+        """Scores a run: sets values of the outcomes its type declares, at any time.
+        A value replaces the outcome's earlier one; every change is kept with its
+        time and the API key that made it. Sending the same values again changes
+        nothing. INVALID_ARGUMENT naming the field for an outcome the type does not
+        declare, a value of the wrong kind or out of its scale; NOT_FOUND (reason
+        EXPERIENCE_NOT_FOUND) for an unknown experience. Nothing is changed when
+        any value is refused.
+        """
 
 def add_ExperienceServiceServicer_to_server(servicer: ExperienceServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -9,6 +9,7 @@ from google.protobuf import field_mask_pb2 as _field_mask_pb2
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from tally.v1 import common_pb2 as _common_pb2
 import builtins as _builtins
 import sys
@@ -20,6 +21,46 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _OutcomeKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _OutcomeKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_OutcomeKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    OUTCOME_KIND_UNSPECIFIED: _OutcomeKind.ValueType  # 0
+    """Not set: invalid."""
+    OUTCOME_KIND_BOOLEAN: _OutcomeKind.ValueType  # 1
+    """True or false (OutcomeValue.bool_value)."""
+    OUTCOME_KIND_NUMBER: _OutcomeKind.ValueType  # 2
+    """Any finite number (OutcomeValue.number_value)."""
+    OUTCOME_KIND_PERCENTAGE: _OutcomeKind.ValueType  # 3
+    """A number from 0 to 100."""
+    OUTCOME_KIND_LIKERT_5: _OutcomeKind.ValueType  # 4
+    """A whole number from 1 to 5."""
+    OUTCOME_KIND_LIKERT_7: _OutcomeKind.ValueType  # 5
+    """A whole number from 1 to 7."""
+    OUTCOME_KIND_LIKERT_10: _OutcomeKind.ValueType  # 6
+    """A whole number from 1 to 10."""
+
+class OutcomeKind(_OutcomeKind, metaclass=_OutcomeKindEnumTypeWrapper):
+    """The kind of an outcome's values."""
+
+OUTCOME_KIND_UNSPECIFIED: OutcomeKind.ValueType  # 0
+"""Not set: invalid."""
+OUTCOME_KIND_BOOLEAN: OutcomeKind.ValueType  # 1
+"""True or false (OutcomeValue.bool_value)."""
+OUTCOME_KIND_NUMBER: OutcomeKind.ValueType  # 2
+"""Any finite number (OutcomeValue.number_value)."""
+OUTCOME_KIND_PERCENTAGE: OutcomeKind.ValueType  # 3
+"""A number from 0 to 100."""
+OUTCOME_KIND_LIKERT_5: OutcomeKind.ValueType  # 4
+"""A whole number from 1 to 5."""
+OUTCOME_KIND_LIKERT_7: OutcomeKind.ValueType  # 5
+"""A whole number from 1 to 7."""
+OUTCOME_KIND_LIKERT_10: OutcomeKind.ValueType  # 6
+"""A whole number from 1 to 10."""
+Global___OutcomeKind: _TypeAlias = OutcomeKind  # noqa: Y015
 
 @_typing.final
 class ExperienceType(_message.Message):
@@ -53,6 +94,7 @@ class ExperienceType(_message.Message):
     VERSION_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    OUTCOMES_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Unique, immutable name matching `[A-Za-z0-9._-]{1,64}`, e.g. "Document_Summarization"."""
     description: _builtins.str
@@ -75,6 +117,14 @@ class ExperienceType(_message.Message):
     def update_time(self) -> _timestamp_pb2.Timestamp:
         """When the type was last updated or its version incremented. Output only."""
 
+    @_builtins.property
+    def outcomes(self) -> _containers.RepeatedCompositeFieldContainer[Global___OutcomeDefinition]:
+        """What a run of the type can achieve, scored per experience with
+        ExperienceService.RecordOutcomes: at most 32, names unique. Declared or
+        replaced as a whole with CreateExperienceType and UpdateExperienceType
+        (update_mask "outcomes"); the version does not move.
+        """
+
     def __init__(
         self,
         *,
@@ -84,14 +134,85 @@ class ExperienceType(_message.Message):
         version: _builtins.int = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
+        outcomes: _abc.Iterable[Global___OutcomeDefinition] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "description", b"description", "name", b"name", "settings", b"settings", "update_time", b"update_time", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "description", b"description", "name", b"name", "outcomes", b"outcomes", "settings", b"settings", "update_time", b"update_time", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ExperienceType: _TypeAlias = ExperienceType  # noqa: Y015
+
+@_typing.final
+class OutcomeDefinition(_message.Message):
+    """One outcome a type's runs are scored on, e.g. `resolved` (BOOLEAN, goal
+    true) or `csat` (LIKERT_5, goal at least 4).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    GOAL_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Matching `[A-Za-z0-9._-]{1,64}`, unique within the type."""
+    kind: Global___OutcomeKind.ValueType
+    """The kind of its values."""
+    description: _builtins.str
+    """For people: at most 1,024 characters."""
+    @_builtins.property
+    def goal(self) -> Global___OutcomeGoal:
+        """What counts as success; unset: the outcome has no goal (BOOLEAN: true)."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        kind: Global___OutcomeKind.ValueType = ...,
+        goal: Global___OutcomeGoal | None = ...,
+        description: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["goal", b"goal"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "goal", b"goal", "kind", b"kind", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OutcomeDefinition: _TypeAlias = OutcomeDefinition  # noqa: Y015
+
+@_typing.final
+class OutcomeGoal(_message.Message):
+    """What counts as a successful value of an outcome."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EQUALS_FIELD_NUMBER: _builtins.int
+    AT_LEAST_FIELD_NUMBER: _builtins.int
+    AT_MOST_FIELD_NUMBER: _builtins.int
+    equals: _builtins.bool
+    """BOOLEAN only: the value that is success."""
+    at_least: _builtins.float
+    """NUMBER, PERCENTAGE and LIKERT: success is a value at least this."""
+    at_most: _builtins.float
+    """NUMBER, PERCENTAGE and LIKERT: success is a value at most this."""
+    def __init__(
+        self,
+        *,
+        equals: _builtins.bool = ...,
+        at_least: _builtins.float = ...,
+        at_most: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["at_least", b"at_least", "at_most", b"at_most", "equals", b"equals", "goal", b"goal"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["at_least", b"at_least", "at_most", b"at_most", "equals", b"equals", "goal", b"goal"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_goal: _TypeAlias = _typing.Literal["equals", "at_least", "at_most"]  # noqa: Y015
+    _WhichOneofArgType_goal: _TypeAlias = _typing.Literal["goal", b"goal"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_goal) -> _WhichOneofReturnType_goal | None: ...
+
+Global___OutcomeGoal: _TypeAlias = OutcomeGoal  # noqa: Y015
 
 @_typing.final
 class ExperienceTypeVersion(_message.Message):
@@ -332,9 +453,10 @@ class UpdateExperienceTypeRequest(_message.Message):
 
     @_builtins.property
     def update_mask(self) -> _field_mask_pb2.FieldMask:
-        """The fields to update: "description" and/or "settings" (settings are
-        replaced as a whole). Empty means both. Any other path, including "name"
-        and "version", is INVALID_ARGUMENT.
+        """The fields to update: "description", "settings" and/or "outcomes"
+        (settings and outcomes are replaced as a whole). Empty means description
+        and settings. Any other path, including "name" and "version", is
+        INVALID_ARGUMENT.
         """
 
     def __init__(

@@ -108,7 +108,7 @@ class ExperienceTypeServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def UpdateExperienceType(self, request, context):
-        """Updates the description and settings of the current version in place.
+        """Updates the description, settings and outcomes of the current version in place.
         The name never changes and the version does not move: snapshots of past
         versions stay as they were. Use IncrementExperienceTypeVersion to start a
         new version.

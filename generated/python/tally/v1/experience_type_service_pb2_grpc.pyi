@@ -47,7 +47,7 @@ class ExperienceTypeServiceStub:
     ListExperienceTypes: _grpc.UnaryUnaryMultiCallable[_experience_type_service_pb2.ListExperienceTypesRequest, _experience_type_service_pb2.ListExperienceTypesResponse]
     """Lists experience types in ascending order of name, one page at a time."""
     UpdateExperienceType: _grpc.UnaryUnaryMultiCallable[_experience_type_service_pb2.UpdateExperienceTypeRequest, _experience_type_service_pb2.UpdateExperienceTypeResponse]
-    """Updates the description and settings of the current version in place.
+    """Updates the description, settings and outcomes of the current version in place.
     The name never changes and the version does not move: snapshots of past
     versions stay as they were. Use IncrementExperienceTypeVersion to start a
     new version.
@@ -91,7 +91,7 @@ class ExperienceTypeServiceAsyncStub(ExperienceTypeServiceStub):
     ListExperienceTypes: _aio.UnaryUnaryMultiCallable[_experience_type_service_pb2.ListExperienceTypesRequest, _experience_type_service_pb2.ListExperienceTypesResponse]  # type: ignore[assignment]
     """Lists experience types in ascending order of name, one page at a time."""
     UpdateExperienceType: _aio.UnaryUnaryMultiCallable[_experience_type_service_pb2.UpdateExperienceTypeRequest, _experience_type_service_pb2.UpdateExperienceTypeResponse]  # type: ignore[assignment]
-    """Updates the description and settings of the current version in place.
+    """Updates the description, settings and outcomes of the current version in place.
     The name never changes and the version does not move: snapshots of past
     versions stay as they were. Use IncrementExperienceTypeVersion to start a
     new version.
@@ -156,7 +156,7 @@ class ExperienceTypeServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _experience_type_service_pb2.UpdateExperienceTypeRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_experience_type_service_pb2.UpdateExperienceTypeResponse, _abc.Awaitable[_experience_type_service_pb2.UpdateExperienceTypeResponse]]:
-        """Updates the description and settings of the current version in place.
+        """Updates the description, settings and outcomes of the current version in place.
         The name never changes and the version does not move: snapshots of past
         versions stay as they were. Use IncrementExperienceTypeVersion to start a
         new version.

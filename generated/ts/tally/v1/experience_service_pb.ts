@@ -15,7 +15,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file tally/v1/experience_service.proto.
  */
 export const file_tally_v1_experience_service: GenFile = /*@__PURE__*/
-  fileDesc("CiF0YWxseS92MS9leHBlcmllbmNlX3NlcnZpY2UucHJvdG8SCHRhbGx5LnYxIqACCgpFeHBlcmllbmNlEhUKDWV4cGVyaWVuY2VfaWQYASABKAkSFwoPZXhwZXJpZW5jZV9uYW1lGAIgASgJEhoKEmV4cGVyaWVuY2VfdmVyc2lvbhgDIAEoBRIvCgtjcmVhdGVfdGltZRgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASOAoKcHJvcGVydGllcxgFIAMoCzIkLnRhbGx5LnYxLkV4cGVyaWVuY2UuUHJvcGVydGllc0VudHJ5EigKBXN0YXRzGAYgASgLMhkudGFsbHkudjEuRXhwZXJpZW5jZVN0YXRzGjEKD1Byb3BlcnRpZXNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIoQDCg9FeHBlcmllbmNlU3RhdHMSIwoKY29zdF9pbnB1dBgBIAEoCzIPLnRhbGx5LnYxLk1vbmV5EiQKC2Nvc3Rfb3V0cHV0GAIgASgLMg8udGFsbHkudjEuTW9uZXkSIwoKY29zdF90b3RhbBgDIAEoCzIPLnRhbGx5LnYxLk1vbmV5EhMKC2V2ZW50X2NvdW50GAQgASgDEhoKEmZhaWxlZF9ldmVudF9jb3VudBgFIAEoAxIcChR1bnByaWNlZF9ldmVudF9jb3VudBgGIAEoAxIXCg9sYXRlbmN5X21lYW5fbXMYByABKAESFgoObGF0ZW5jeV9wNTBfbXMYCCABKAESFgoObGF0ZW5jeV9wOTVfbXMYCSABKAESNAoQZmlyc3RfZXZlbnRfdGltZRgKIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASMwoPbGFzdF9ldmVudF90aW1lGAsgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCLzAQoXQ3JlYXRlRXhwZXJpZW5jZVJlcXVlc3QSFwoPZXhwZXJpZW5jZV9uYW1lGAEgASgJEhUKDWV4cGVyaWVuY2VfaWQYAiABKAkSGgoSZXhwZXJpZW5jZV92ZXJzaW9uGAMgASgFEkUKCnByb3BlcnRpZXMYBCADKAsyMS50YWxseS52MS5DcmVhdGVFeHBlcmllbmNlUmVxdWVzdC5Qcm9wZXJ0aWVzRW50cnkSEgoKcmVxdWVzdF9pZBgFIAEoCRoxCg9Qcm9wZXJ0aWVzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASJEChhDcmVhdGVFeHBlcmllbmNlUmVzcG9uc2USKAoKZXhwZXJpZW5jZRgBIAEoCzIULnRhbGx5LnYxLkV4cGVyaWVuY2UiLQoUR2V0RXhwZXJpZW5jZVJlcXVlc3QSFQoNZXhwZXJpZW5jZV9pZBgBIAEoCSJBChVHZXRFeHBlcmllbmNlUmVzcG9uc2USKAoKZXhwZXJpZW5jZRgBIAEoCzIULnRhbGx5LnYxLkV4cGVyaWVuY2Ui8gEKFkxpc3RFeHBlcmllbmNlc1JlcXVlc3QSFwoPZXhwZXJpZW5jZV9uYW1lGAEgASgJEhoKEmV4cGVyaWVuY2VfdmVyc2lvbhgCIAEoBRI1ChFjcmVhdGVfdGltZV9zdGFydBgDIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASMwoPY3JlYXRlX3RpbWVfZW5kGAQgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIRCglwYWdlX3NpemUYBSABKAUSEgoKcGFnZV90b2tlbhgGIAEoCRIQCghvcmRlcl9ieRgHIAEoCSJdChdMaXN0RXhwZXJpZW5jZXNSZXNwb25zZRIpCgtleHBlcmllbmNlcxgBIAMoCzIULnRhbGx5LnYxLkV4cGVyaWVuY2USFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIjAKF0RlbGV0ZUV4cGVyaWVuY2VSZXF1ZXN0EhUKDWV4cGVyaWVuY2VfaWQYASABKAkiPAoYRGVsZXRlRXhwZXJpZW5jZVJlc3BvbnNlEiAKGHVuYXR0cmlidXRlZF9ldmVudF9jb3VudBgBIAEoAyLdAQohVXBkYXRlRXhwZXJpZW5jZVByb3BlcnRpZXNSZXF1ZXN0EhUKDWV4cGVyaWVuY2VfaWQYASABKAkSVgoOc2V0X3Byb3BlcnRpZXMYAiADKAsyPi50YWxseS52MS5VcGRhdGVFeHBlcmllbmNlUHJvcGVydGllc1JlcXVlc3QuU2V0UHJvcGVydGllc0VudHJ5EhMKC3JlbW92ZV9rZXlzGAMgAygJGjQKElNldFByb3BlcnRpZXNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIk4KIlVwZGF0ZUV4cGVyaWVuY2VQcm9wZXJ0aWVzUmVzcG9uc2USKAoKZXhwZXJpZW5jZRgBIAEoCzIULnRhbGx5LnYxLkV4cGVyaWVuY2UyigQKEUV4cGVyaWVuY2VTZXJ2aWNlEl8KEENyZWF0ZUV4cGVyaWVuY2USIS50YWxseS52MS5DcmVhdGVFeHBlcmllbmNlUmVxdWVzdBoiLnRhbGx5LnYxLkNyZWF0ZUV4cGVyaWVuY2VSZXNwb25zZSIEiOcYARJWCg1HZXRFeHBlcmllbmNlEh4udGFsbHkudjEuR2V0RXhwZXJpZW5jZVJlcXVlc3QaHy50YWxseS52MS5HZXRFeHBlcmllbmNlUmVzcG9uc2UiBIjnGAISXAoPTGlzdEV4cGVyaWVuY2VzEiAudGFsbHkudjEuTGlzdEV4cGVyaWVuY2VzUmVxdWVzdBohLnRhbGx5LnYxLkxpc3RFeHBlcmllbmNlc1Jlc3BvbnNlIgSI5xgCEl8KEERlbGV0ZUV4cGVyaWVuY2USIS50YWxseS52MS5EZWxldGVFeHBlcmllbmNlUmVxdWVzdBoiLnRhbGx5LnYxLkRlbGV0ZUV4cGVyaWVuY2VSZXNwb25zZSIEiOcYAxJ9ChpVcGRhdGVFeHBlcmllbmNlUHJvcGVydGllcxIrLnRhbGx5LnYxLlVwZGF0ZUV4cGVyaWVuY2VQcm9wZXJ0aWVzUmVxdWVzdBosLnRhbGx5LnYxLlVwZGF0ZUV4cGVyaWVuY2VQcm9wZXJ0aWVzUmVzcG9uc2UiBIjnGAFiBnByb3RvMw", [file_google_protobuf_timestamp, file_tally_v1_access, file_tally_v1_common]);
+  fileDesc("CiF0YWxseS92MS9leHBlcmllbmNlX3NlcnZpY2UucHJvdG8SCHRhbGx5LnYxIs0CCgpFeHBlcmllbmNlEhUKDWV4cGVyaWVuY2VfaWQYASABKAkSFwoPZXhwZXJpZW5jZV9uYW1lGAIgASgJEhoKEmV4cGVyaWVuY2VfdmVyc2lvbhgDIAEoBRIvCgtjcmVhdGVfdGltZRgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASOAoKcHJvcGVydGllcxgFIAMoCzIkLnRhbGx5LnYxLkV4cGVyaWVuY2UuUHJvcGVydGllc0VudHJ5EigKBXN0YXRzGAYgASgLMhkudGFsbHkudjEuRXhwZXJpZW5jZVN0YXRzEisKCG91dGNvbWVzGAcgAygLMhkudGFsbHkudjEuUmVjb3JkZWRPdXRjb21lGjEKD1Byb3BlcnRpZXNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIlMKDE91dGNvbWVWYWx1ZRIMCgRuYW1lGAEgASgJEhQKCmJvb2xfdmFsdWUYAiABKAhIABIWCgxudW1iZXJfdmFsdWUYAyABKAFIAEIHCgV2YWx1ZSKhAQoPUmVjb3JkZWRPdXRjb21lEiUKBXZhbHVlGAEgASgLMhYudGFsbHkudjEuT3V0Y29tZVZhbHVlEi8KC3JlY29yZF90aW1lGAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIQCghrZXlfbmFtZRgDIAEoCRIWCglzdWNjZWVkZWQYBCABKAhIAIgBAUIMCgpfc3VjY2VlZGVkIlYKFVJlY29yZE91dGNvbWVzUmVxdWVzdBIVCg1leHBlcmllbmNlX2lkGAEgASgJEiYKBnZhbHVlcxgCIAMoCzIWLnRhbGx5LnYxLk91dGNvbWVWYWx1ZSJFChZSZWNvcmRPdXRjb21lc1Jlc3BvbnNlEisKCG91dGNvbWVzGAEgAygLMhkudGFsbHkudjEuUmVjb3JkZWRPdXRjb21lIoQDCg9FeHBlcmllbmNlU3RhdHMSIwoKY29zdF9pbnB1dBgBIAEoCzIPLnRhbGx5LnYxLk1vbmV5EiQKC2Nvc3Rfb3V0cHV0GAIgASgLMg8udGFsbHkudjEuTW9uZXkSIwoKY29zdF90b3RhbBgDIAEoCzIPLnRhbGx5LnYxLk1vbmV5EhMKC2V2ZW50X2NvdW50GAQgASgDEhoKEmZhaWxlZF9ldmVudF9jb3VudBgFIAEoAxIcChR1bnByaWNlZF9ldmVudF9jb3VudBgGIAEoAxIXCg9sYXRlbmN5X21lYW5fbXMYByABKAESFgoObGF0ZW5jeV9wNTBfbXMYCCABKAESFgoObGF0ZW5jeV9wOTVfbXMYCSABKAESNAoQZmlyc3RfZXZlbnRfdGltZRgKIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASMwoPbGFzdF9ldmVudF90aW1lGAsgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCLzAQoXQ3JlYXRlRXhwZXJpZW5jZVJlcXVlc3QSFwoPZXhwZXJpZW5jZV9uYW1lGAEgASgJEhUKDWV4cGVyaWVuY2VfaWQYAiABKAkSGgoSZXhwZXJpZW5jZV92ZXJzaW9uGAMgASgFEkUKCnByb3BlcnRpZXMYBCADKAsyMS50YWxseS52MS5DcmVhdGVFeHBlcmllbmNlUmVxdWVzdC5Qcm9wZXJ0aWVzRW50cnkSEgoKcmVxdWVzdF9pZBgFIAEoCRoxCg9Qcm9wZXJ0aWVzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASJEChhDcmVhdGVFeHBlcmllbmNlUmVzcG9uc2USKAoKZXhwZXJpZW5jZRgBIAEoCzIULnRhbGx5LnYxLkV4cGVyaWVuY2UiLQoUR2V0RXhwZXJpZW5jZVJlcXVlc3QSFQoNZXhwZXJpZW5jZV9pZBgBIAEoCSJBChVHZXRFeHBlcmllbmNlUmVzcG9uc2USKAoKZXhwZXJpZW5jZRgBIAEoCzIULnRhbGx5LnYxLkV4cGVyaWVuY2Ui8gEKFkxpc3RFeHBlcmllbmNlc1JlcXVlc3QSFwoPZXhwZXJpZW5jZV9uYW1lGAEgASgJEhoKEmV4cGVyaWVuY2VfdmVyc2lvbhgCIAEoBRI1ChFjcmVhdGVfdGltZV9zdGFydBgDIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASMwoPY3JlYXRlX3RpbWVfZW5kGAQgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIRCglwYWdlX3NpemUYBSABKAUSEgoKcGFnZV90b2tlbhgGIAEoCRIQCghvcmRlcl9ieRgHIAEoCSJdChdMaXN0RXhwZXJpZW5jZXNSZXNwb25zZRIpCgtleHBlcmllbmNlcxgBIAMoCzIULnRhbGx5LnYxLkV4cGVyaWVuY2USFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIjAKF0RlbGV0ZUV4cGVyaWVuY2VSZXF1ZXN0EhUKDWV4cGVyaWVuY2VfaWQYASABKAkiPAoYRGVsZXRlRXhwZXJpZW5jZVJlc3BvbnNlEiAKGHVuYXR0cmlidXRlZF9ldmVudF9jb3VudBgBIAEoAyLdAQohVXBkYXRlRXhwZXJpZW5jZVByb3BlcnRpZXNSZXF1ZXN0EhUKDWV4cGVyaWVuY2VfaWQYASABKAkSVgoOc2V0X3Byb3BlcnRpZXMYAiADKAsyPi50YWxseS52MS5VcGRhdGVFeHBlcmllbmNlUHJvcGVydGllc1JlcXVlc3QuU2V0UHJvcGVydGllc0VudHJ5EhMKC3JlbW92ZV9rZXlzGAMgAygJGjQKElNldFByb3BlcnRpZXNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIk4KIlVwZGF0ZUV4cGVyaWVuY2VQcm9wZXJ0aWVzUmVzcG9uc2USKAoKZXhwZXJpZW5jZRgBIAEoCzIULnRhbGx5LnYxLkV4cGVyaWVuY2Uy5QQKEUV4cGVyaWVuY2VTZXJ2aWNlEl8KEENyZWF0ZUV4cGVyaWVuY2USIS50YWxseS52MS5DcmVhdGVFeHBlcmllbmNlUmVxdWVzdBoiLnRhbGx5LnYxLkNyZWF0ZUV4cGVyaWVuY2VSZXNwb25zZSIEiOcYARJWCg1HZXRFeHBlcmllbmNlEh4udGFsbHkudjEuR2V0RXhwZXJpZW5jZVJlcXVlc3QaHy50YWxseS52MS5HZXRFeHBlcmllbmNlUmVzcG9uc2UiBIjnGAISXAoPTGlzdEV4cGVyaWVuY2VzEiAudGFsbHkudjEuTGlzdEV4cGVyaWVuY2VzUmVxdWVzdBohLnRhbGx5LnYxLkxpc3RFeHBlcmllbmNlc1Jlc3BvbnNlIgSI5xgCEl8KEERlbGV0ZUV4cGVyaWVuY2USIS50YWxseS52MS5EZWxldGVFeHBlcmllbmNlUmVxdWVzdBoiLnRhbGx5LnYxLkRlbGV0ZUV4cGVyaWVuY2VSZXNwb25zZSIEiOcYAxJ9ChpVcGRhdGVFeHBlcmllbmNlUHJvcGVydGllcxIrLnRhbGx5LnYxLlVwZGF0ZUV4cGVyaWVuY2VQcm9wZXJ0aWVzUmVxdWVzdBosLnRhbGx5LnYxLlVwZGF0ZUV4cGVyaWVuY2VQcm9wZXJ0aWVzUmVzcG9uc2UiBIjnGAESWQoOUmVjb3JkT3V0Y29tZXMSHy50YWxseS52MS5SZWNvcmRPdXRjb21lc1JlcXVlc3QaIC50YWxseS52MS5SZWNvcmRPdXRjb21lc1Jlc3BvbnNlIgSI5xgBYgZwcm90bzM", [file_google_protobuf_timestamp, file_tally_v1_access, file_tally_v1_common]);
 
 /**
  * One run of an experience type.
@@ -66,6 +66,14 @@ export type Experience = Message<"tally.v1.Experience"> & {
    * @generated from field: tally.v1.ExperienceStats stats = 6;
    */
   stats?: ExperienceStats | undefined;
+
+  /**
+   * The outcomes recorded for the run, one per outcome (its latest value), by
+   * name. Set by GetExperience and RecordOutcomes.
+   *
+   * @generated from field: repeated tally.v1.RecordedOutcome outcomes = 7;
+   */
+  outcomes: RecordedOutcome[];
 };
 
 /**
@@ -74,6 +82,143 @@ export type Experience = Message<"tally.v1.Experience"> & {
  */
 export const ExperienceSchema: GenMessage<Experience> = /*@__PURE__*/
   messageDesc(file_tally_v1_experience_service, 0);
+
+/**
+ * The value of one outcome.
+ *
+ * @generated from message tally.v1.OutcomeValue
+ */
+export type OutcomeValue = Message<"tally.v1.OutcomeValue"> & {
+  /**
+   * The outcome's name, as its type declares it.
+   *
+   * @generated from field: string name = 1;
+   */
+  name: string;
+
+  /**
+   * The value, of the outcome's kind.
+   *
+   * @generated from oneof tally.v1.OutcomeValue.value
+   */
+  value: {
+    /**
+     * BOOLEAN outcomes.
+     *
+     * @generated from field: bool bool_value = 2;
+     */
+    value: boolean;
+    case: "boolValue";
+  } | {
+    /**
+     * NUMBER, PERCENTAGE and LIKERT outcomes (LIKERT: a whole number).
+     *
+     * @generated from field: double number_value = 3;
+     */
+    value: number;
+    case: "numberValue";
+  } | { case: undefined; value?: undefined };
+};
+
+/**
+ * Describes the message tally.v1.OutcomeValue.
+ * Use `create(OutcomeValueSchema)` to create a new message.
+ */
+export const OutcomeValueSchema: GenMessage<OutcomeValue> = /*@__PURE__*/
+  messageDesc(file_tally_v1_experience_service, 1);
+
+/**
+ * An outcome as recorded for a run.
+ *
+ * @generated from message tally.v1.RecordedOutcome
+ */
+export type RecordedOutcome = Message<"tally.v1.RecordedOutcome"> & {
+  /**
+   * The outcome and its latest value.
+   *
+   * @generated from field: tally.v1.OutcomeValue value = 1;
+   */
+  value?: OutcomeValue | undefined;
+
+  /**
+   * When that value was recorded.
+   *
+   * @generated from field: google.protobuf.Timestamp record_time = 2;
+   */
+  recordTime?: Timestamp | undefined;
+
+  /**
+   * The name of the API key that recorded it ("" with keys off).
+   *
+   * @generated from field: string key_name = 3;
+   */
+  keyName: string;
+
+  /**
+   * Whether the value meets the outcome's goal as the type declares it now
+   * (a BOOLEAN without a goal: true is success); unset for an outcome without
+   * a goal that is not BOOLEAN.
+   *
+   * @generated from field: optional bool succeeded = 4;
+   */
+  succeeded?: boolean | undefined;
+};
+
+/**
+ * Describes the message tally.v1.RecordedOutcome.
+ * Use `create(RecordedOutcomeSchema)` to create a new message.
+ */
+export const RecordedOutcomeSchema: GenMessage<RecordedOutcome> = /*@__PURE__*/
+  messageDesc(file_tally_v1_experience_service, 2);
+
+/**
+ * Request of RecordOutcomes.
+ *
+ * @generated from message tally.v1.RecordOutcomesRequest
+ */
+export type RecordOutcomesRequest = Message<"tally.v1.RecordOutcomesRequest"> & {
+  /**
+   * The experience (a UUID).
+   *
+   * @generated from field: string experience_id = 1;
+   */
+  experienceId: string;
+
+  /**
+   * 1 to 32 values, at most one per outcome.
+   *
+   * @generated from field: repeated tally.v1.OutcomeValue values = 2;
+   */
+  values: OutcomeValue[];
+};
+
+/**
+ * Describes the message tally.v1.RecordOutcomesRequest.
+ * Use `create(RecordOutcomesRequestSchema)` to create a new message.
+ */
+export const RecordOutcomesRequestSchema: GenMessage<RecordOutcomesRequest> = /*@__PURE__*/
+  messageDesc(file_tally_v1_experience_service, 3);
+
+/**
+ * Response of RecordOutcomes.
+ *
+ * @generated from message tally.v1.RecordOutcomesResponse
+ */
+export type RecordOutcomesResponse = Message<"tally.v1.RecordOutcomesResponse"> & {
+  /**
+   * The experience's outcomes after the call, by name.
+   *
+   * @generated from field: repeated tally.v1.RecordedOutcome outcomes = 1;
+   */
+  outcomes: RecordedOutcome[];
+};
+
+/**
+ * Describes the message tally.v1.RecordOutcomesResponse.
+ * Use `create(RecordOutcomesResponseSchema)` to create a new message.
+ */
+export const RecordOutcomesResponseSchema: GenMessage<RecordOutcomesResponse> = /*@__PURE__*/
+  messageDesc(file_tally_v1_experience_service, 4);
 
 /**
  * Cost and usage statistics of one experience, over all its events, kept at
@@ -167,7 +312,7 @@ export type ExperienceStats = Message<"tally.v1.ExperienceStats"> & {
  * Use `create(ExperienceStatsSchema)` to create a new message.
  */
 export const ExperienceStatsSchema: GenMessage<ExperienceStats> = /*@__PURE__*/
-  messageDesc(file_tally_v1_experience_service, 1);
+  messageDesc(file_tally_v1_experience_service, 5);
 
 /**
  * Request of CreateExperience.
@@ -219,7 +364,7 @@ export type CreateExperienceRequest = Message<"tally.v1.CreateExperienceRequest"
  * Use `create(CreateExperienceRequestSchema)` to create a new message.
  */
 export const CreateExperienceRequestSchema: GenMessage<CreateExperienceRequest> = /*@__PURE__*/
-  messageDesc(file_tally_v1_experience_service, 2);
+  messageDesc(file_tally_v1_experience_service, 6);
 
 /**
  * Response of CreateExperience.
@@ -240,7 +385,7 @@ export type CreateExperienceResponse = Message<"tally.v1.CreateExperienceRespons
  * Use `create(CreateExperienceResponseSchema)` to create a new message.
  */
 export const CreateExperienceResponseSchema: GenMessage<CreateExperienceResponse> = /*@__PURE__*/
-  messageDesc(file_tally_v1_experience_service, 3);
+  messageDesc(file_tally_v1_experience_service, 7);
 
 /**
  * Request of GetExperience.
@@ -261,7 +406,7 @@ export type GetExperienceRequest = Message<"tally.v1.GetExperienceRequest"> & {
  * Use `create(GetExperienceRequestSchema)` to create a new message.
  */
 export const GetExperienceRequestSchema: GenMessage<GetExperienceRequest> = /*@__PURE__*/
-  messageDesc(file_tally_v1_experience_service, 4);
+  messageDesc(file_tally_v1_experience_service, 8);
 
 /**
  * Response of GetExperience.
@@ -282,7 +427,7 @@ export type GetExperienceResponse = Message<"tally.v1.GetExperienceResponse"> & 
  * Use `create(GetExperienceResponseSchema)` to create a new message.
  */
 export const GetExperienceResponseSchema: GenMessage<GetExperienceResponse> = /*@__PURE__*/
-  messageDesc(file_tally_v1_experience_service, 5);
+  messageDesc(file_tally_v1_experience_service, 9);
 
 /**
  * Request of ListExperiences.
@@ -350,7 +495,7 @@ export type ListExperiencesRequest = Message<"tally.v1.ListExperiencesRequest"> 
  * Use `create(ListExperiencesRequestSchema)` to create a new message.
  */
 export const ListExperiencesRequestSchema: GenMessage<ListExperiencesRequest> = /*@__PURE__*/
-  messageDesc(file_tally_v1_experience_service, 6);
+  messageDesc(file_tally_v1_experience_service, 10);
 
 /**
  * Response of ListExperiences.
@@ -378,7 +523,7 @@ export type ListExperiencesResponse = Message<"tally.v1.ListExperiencesResponse"
  * Use `create(ListExperiencesResponseSchema)` to create a new message.
  */
 export const ListExperiencesResponseSchema: GenMessage<ListExperiencesResponse> = /*@__PURE__*/
-  messageDesc(file_tally_v1_experience_service, 7);
+  messageDesc(file_tally_v1_experience_service, 11);
 
 /**
  * Request of DeleteExperience.
@@ -399,7 +544,7 @@ export type DeleteExperienceRequest = Message<"tally.v1.DeleteExperienceRequest"
  * Use `create(DeleteExperienceRequestSchema)` to create a new message.
  */
 export const DeleteExperienceRequestSchema: GenMessage<DeleteExperienceRequest> = /*@__PURE__*/
-  messageDesc(file_tally_v1_experience_service, 8);
+  messageDesc(file_tally_v1_experience_service, 12);
 
 /**
  * Response of DeleteExperience.
@@ -420,7 +565,7 @@ export type DeleteExperienceResponse = Message<"tally.v1.DeleteExperienceRespons
  * Use `create(DeleteExperienceResponseSchema)` to create a new message.
  */
 export const DeleteExperienceResponseSchema: GenMessage<DeleteExperienceResponse> = /*@__PURE__*/
-  messageDesc(file_tally_v1_experience_service, 9);
+  messageDesc(file_tally_v1_experience_service, 13);
 
 /**
  * Request of UpdateExperienceProperties.
@@ -456,7 +601,7 @@ export type UpdateExperiencePropertiesRequest = Message<"tally.v1.UpdateExperien
  * Use `create(UpdateExperiencePropertiesRequestSchema)` to create a new message.
  */
 export const UpdateExperiencePropertiesRequestSchema: GenMessage<UpdateExperiencePropertiesRequest> = /*@__PURE__*/
-  messageDesc(file_tally_v1_experience_service, 10);
+  messageDesc(file_tally_v1_experience_service, 14);
 
 /**
  * Response of UpdateExperienceProperties.
@@ -477,7 +622,7 @@ export type UpdateExperiencePropertiesResponse = Message<"tally.v1.UpdateExperie
  * Use `create(UpdateExperiencePropertiesResponseSchema)` to create a new message.
  */
 export const UpdateExperiencePropertiesResponseSchema: GenMessage<UpdateExperiencePropertiesResponse> = /*@__PURE__*/
-  messageDesc(file_tally_v1_experience_service, 11);
+  messageDesc(file_tally_v1_experience_service, 15);
 
 /**
  * Manages experiences: single runs of an experience type, identified by a UUID.
@@ -545,6 +690,22 @@ export const ExperienceService: GenService<{
     methodKind: "unary";
     input: typeof UpdateExperiencePropertiesRequestSchema;
     output: typeof UpdateExperiencePropertiesResponseSchema;
+  },
+  /**
+   * Scores a run: sets values of the outcomes its type declares, at any time.
+   * A value replaces the outcome's earlier one; every change is kept with its
+   * time and the API key that made it. Sending the same values again changes
+   * nothing. INVALID_ARGUMENT naming the field for an outcome the type does not
+   * declare, a value of the wrong kind or out of its scale; NOT_FOUND (reason
+   * EXPERIENCE_NOT_FOUND) for an unknown experience. Nothing is changed when
+   * any value is refused.
+   *
+   * @generated from rpc tally.v1.ExperienceService.RecordOutcomes
+   */
+  recordOutcomes: {
+    methodKind: "unary";
+    input: typeof RecordOutcomesRequestSchema;
+    output: typeof RecordOutcomesResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_tally_v1_experience_service, 0);

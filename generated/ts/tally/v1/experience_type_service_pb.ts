@@ -2,8 +2,8 @@
 // @generated from file tally/v1/experience_type_service.proto (package tally.v1, syntax proto3)
 /* eslint-disable */
 
-import type { GenFile, GenMessage, GenService } from "@bufbuild/protobuf/codegenv2";
-import { fileDesc, messageDesc, serviceDesc } from "@bufbuild/protobuf/codegenv2";
+import type { GenEnum, GenFile, GenMessage, GenService } from "@bufbuild/protobuf/codegenv2";
+import { enumDesc, fileDesc, messageDesc, serviceDesc } from "@bufbuild/protobuf/codegenv2";
 import type { FieldMask, Timestamp } from "@bufbuild/protobuf/wkt";
 import { file_google_protobuf_field_mask, file_google_protobuf_timestamp } from "@bufbuild/protobuf/wkt";
 import { file_tally_v1_access } from "./access_pb.js";
@@ -15,7 +15,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file tally/v1/experience_type_service.proto.
  */
 export const file_tally_v1_experience_type_service: GenFile = /*@__PURE__*/
-  fileDesc("CiZ0YWxseS92MS9leHBlcmllbmNlX3R5cGVfc2VydmljZS5wcm90bxIIdGFsbHkudjEikQIKDkV4cGVyaWVuY2VUeXBlEgwKBG5hbWUYASABKAkSEwoLZGVzY3JpcHRpb24YAiABKAkSOAoIc2V0dGluZ3MYAyADKAsyJi50YWxseS52MS5FeHBlcmllbmNlVHlwZS5TZXR0aW5nc0VudHJ5Eg8KB3ZlcnNpb24YBCABKAUSLwoLY3JlYXRlX3RpbWUYBSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KC3VwZGF0ZV90aW1lGAYgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBovCg1TZXR0aW5nc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEi7gEKFUV4cGVyaWVuY2VUeXBlVmVyc2lvbhIMCgRuYW1lGAEgASgJEg8KB3ZlcnNpb24YAiABKAUSEwoLZGVzY3JpcHRpb24YAyABKAkSPwoIc2V0dGluZ3MYBCADKAsyLS50YWxseS52MS5FeHBlcmllbmNlVHlwZVZlcnNpb24uU2V0dGluZ3NFbnRyeRIvCgtjcmVhdGVfdGltZRgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAaLwoNU2V0dGluZ3NFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBImQKG0NyZWF0ZUV4cGVyaWVuY2VUeXBlUmVxdWVzdBIxCg9leHBlcmllbmNlX3R5cGUYASABKAsyGC50YWxseS52MS5FeHBlcmllbmNlVHlwZRISCgpyZXF1ZXN0X2lkGAIgASgJIlEKHENyZWF0ZUV4cGVyaWVuY2VUeXBlUmVzcG9uc2USMQoPZXhwZXJpZW5jZV90eXBlGAEgASgLMhgudGFsbHkudjEuRXhwZXJpZW5jZVR5cGUiKAoYR2V0RXhwZXJpZW5jZVR5cGVSZXF1ZXN0EgwKBG5hbWUYASABKAkiTgoZR2V0RXhwZXJpZW5jZVR5cGVSZXNwb25zZRIxCg9leHBlcmllbmNlX3R5cGUYASABKAsyGC50YWxseS52MS5FeHBlcmllbmNlVHlwZSJDChpMaXN0RXhwZXJpZW5jZVR5cGVzUmVxdWVzdBIRCglwYWdlX3NpemUYASABKAUSEgoKcGFnZV90b2tlbhgCIAEoCSJqChtMaXN0RXhwZXJpZW5jZVR5cGVzUmVzcG9uc2USMgoQZXhwZXJpZW5jZV90eXBlcxgBIAMoCzIYLnRhbGx5LnYxLkV4cGVyaWVuY2VUeXBlEhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSKBAQobVXBkYXRlRXhwZXJpZW5jZVR5cGVSZXF1ZXN0EjEKD2V4cGVyaWVuY2VfdHlwZRgBIAEoCzIYLnRhbGx5LnYxLkV4cGVyaWVuY2VUeXBlEi8KC3VwZGF0ZV9tYXNrGAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLkZpZWxkTWFzayJRChxVcGRhdGVFeHBlcmllbmNlVHlwZVJlc3BvbnNlEjEKD2V4cGVyaWVuY2VfdHlwZRgBIAEoCzIYLnRhbGx5LnYxLkV4cGVyaWVuY2VUeXBlIjoKG0RlbGV0ZUV4cGVyaWVuY2VUeXBlUmVxdWVzdBIMCgRuYW1lGAEgASgJEg0KBWZvcmNlGAIgASgIIkAKHERlbGV0ZUV4cGVyaWVuY2VUeXBlUmVzcG9uc2USIAoYZGVsZXRlZF9leHBlcmllbmNlX2NvdW50GAEgASgDIkkKJUluY3JlbWVudEV4cGVyaWVuY2VUeXBlVmVyc2lvblJlcXVlc3QSDAoEbmFtZRgBIAEoCRISCgpyZXF1ZXN0X2lkGAIgASgJIp0BCiZJbmNyZW1lbnRFeHBlcmllbmNlVHlwZVZlcnNpb25SZXNwb25zZRIxCg9leHBlcmllbmNlX3R5cGUYASABKAsyGC50YWxseS52MS5FeHBlcmllbmNlVHlwZRJAChdleHBlcmllbmNlX3R5cGVfdmVyc2lvbhgCIAEoCzIfLnRhbGx5LnYxLkV4cGVyaWVuY2VUeXBlVmVyc2lvbiJYCiFMaXN0RXhwZXJpZW5jZVR5cGVWZXJzaW9uc1JlcXVlc3QSDAoEbmFtZRgBIAEoCRIRCglwYWdlX3NpemUYAiABKAUSEgoKcGFnZV90b2tlbhgDIAEoCSKAAQoiTGlzdEV4cGVyaWVuY2VUeXBlVmVyc2lvbnNSZXNwb25zZRJBChhleHBlcmllbmNlX3R5cGVfdmVyc2lvbnMYASADKAsyHy50YWxseS52MS5FeHBlcmllbmNlVHlwZVZlcnNpb24SFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIpwBCh1HZXRFeHBlcmllbmNlVHlwZVN0YXRzUmVxdWVzdBIMCgRuYW1lGAEgASgJEg8KB3ZlcnNpb24YAiABKAUSLgoKc3RhcnRfdGltZRgDIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLAoIZW5kX3RpbWUYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIo4BCh5HZXRFeHBlcmllbmNlVHlwZVN0YXRzUmVzcG9uc2USDAoEbmFtZRgBIAEoCRIpCgV0b3RhbBgCIAEoCzIaLnRhbGx5LnYxLkNvc3REaXN0cmlidXRpb24SMwoIdmVyc2lvbnMYAyADKAsyIS50YWxseS52MS5WZXJzaW9uQ29zdERpc3RyaWJ1dGlvbiLNAgoQQ29zdERpc3RyaWJ1dGlvbhIYChBleHBlcmllbmNlX2NvdW50GAEgASgDEhMKC2V2ZW50X2NvdW50GAIgASgDEhwKFHVucHJpY2VkX2V2ZW50X2NvdW50GAMgASgDEiMKCnRvdGFsX2Nvc3QYBCABKAsyDy50YWxseS52MS5Nb25leRIxChhtZWFuX2Nvc3RfcGVyX2V4cGVyaWVuY2UYBSABKAsyDy50YWxseS52MS5Nb25leRIwChdwNTBfY29zdF9wZXJfZXhwZXJpZW5jZRgGIAEoCzIPLnRhbGx5LnYxLk1vbmV5EjAKF3A5NV9jb3N0X3Blcl9leHBlcmllbmNlGAcgASgLMg8udGFsbHkudjEuTW9uZXkSMAoXbWF4X2Nvc3RfcGVyX2V4cGVyaWVuY2UYCCABKAsyDy50YWxseS52MS5Nb25leSJVChdWZXJzaW9uQ29zdERpc3RyaWJ1dGlvbhIPCgd2ZXJzaW9uGAEgASgFEikKBXN0YXRzGAIgASgLMhoudGFsbHkudjEuQ29zdERpc3RyaWJ1dGlvbjKqBwoVRXhwZXJpZW5jZVR5cGVTZXJ2aWNlEmsKFENyZWF0ZUV4cGVyaWVuY2VUeXBlEiUudGFsbHkudjEuQ3JlYXRlRXhwZXJpZW5jZVR5cGVSZXF1ZXN0GiYudGFsbHkudjEuQ3JlYXRlRXhwZXJpZW5jZVR5cGVSZXNwb25zZSIEiOcYAxJiChFHZXRFeHBlcmllbmNlVHlwZRIiLnRhbGx5LnYxLkdldEV4cGVyaWVuY2VUeXBlUmVxdWVzdBojLnRhbGx5LnYxLkdldEV4cGVyaWVuY2VUeXBlUmVzcG9uc2UiBIjnGAISaAoTTGlzdEV4cGVyaWVuY2VUeXBlcxIkLnRhbGx5LnYxLkxpc3RFeHBlcmllbmNlVHlwZXNSZXF1ZXN0GiUudGFsbHkudjEuTGlzdEV4cGVyaWVuY2VUeXBlc1Jlc3BvbnNlIgSI5xgCEmsKFFVwZGF0ZUV4cGVyaWVuY2VUeXBlEiUudGFsbHkudjEuVXBkYXRlRXhwZXJpZW5jZVR5cGVSZXF1ZXN0GiYudGFsbHkudjEuVXBkYXRlRXhwZXJpZW5jZVR5cGVSZXNwb25zZSIEiOcYAxJrChREZWxldGVFeHBlcmllbmNlVHlwZRIlLnRhbGx5LnYxLkRlbGV0ZUV4cGVyaWVuY2VUeXBlUmVxdWVzdBomLnRhbGx5LnYxLkRlbGV0ZUV4cGVyaWVuY2VUeXBlUmVzcG9uc2UiBIjnGAMSiQEKHkluY3JlbWVudEV4cGVyaWVuY2VUeXBlVmVyc2lvbhIvLnRhbGx5LnYxLkluY3JlbWVudEV4cGVyaWVuY2VUeXBlVmVyc2lvblJlcXVlc3QaMC50YWxseS52MS5JbmNyZW1lbnRFeHBlcmllbmNlVHlwZVZlcnNpb25SZXNwb25zZSIEiOcYAxJ9ChpMaXN0RXhwZXJpZW5jZVR5cGVWZXJzaW9ucxIrLnRhbGx5LnYxLkxpc3RFeHBlcmllbmNlVHlwZVZlcnNpb25zUmVxdWVzdBosLnRhbGx5LnYxLkxpc3RFeHBlcmllbmNlVHlwZVZlcnNpb25zUmVzcG9uc2UiBIjnGAIScQoWR2V0RXhwZXJpZW5jZVR5cGVTdGF0cxInLnRhbGx5LnYxLkdldEV4cGVyaWVuY2VUeXBlU3RhdHNSZXF1ZXN0GigudGFsbHkudjEuR2V0RXhwZXJpZW5jZVR5cGVTdGF0c1Jlc3BvbnNlIgSI5xgCYgZwcm90bzM", [file_google_protobuf_field_mask, file_google_protobuf_timestamp, file_tally_v1_access, file_tally_v1_common]);
+  fileDesc("CiZ0YWxseS92MS9leHBlcmllbmNlX3R5cGVfc2VydmljZS5wcm90bxIIdGFsbHkudjEiwAIKDkV4cGVyaWVuY2VUeXBlEgwKBG5hbWUYASABKAkSEwoLZGVzY3JpcHRpb24YAiABKAkSOAoIc2V0dGluZ3MYAyADKAsyJi50YWxseS52MS5FeHBlcmllbmNlVHlwZS5TZXR0aW5nc0VudHJ5Eg8KB3ZlcnNpb24YBCABKAUSLwoLY3JlYXRlX3RpbWUYBSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KC3VwZGF0ZV90aW1lGAYgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBItCghvdXRjb21lcxgHIAMoCzIbLnRhbGx5LnYxLk91dGNvbWVEZWZpbml0aW9uGi8KDVNldHRpbmdzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASKAAQoRT3V0Y29tZURlZmluaXRpb24SDAoEbmFtZRgBIAEoCRIjCgRraW5kGAIgASgOMhUudGFsbHkudjEuT3V0Y29tZUtpbmQSIwoEZ29hbBgDIAEoCzIVLnRhbGx5LnYxLk91dGNvbWVHb2FsEhMKC2Rlc2NyaXB0aW9uGAQgASgJIk4KC091dGNvbWVHb2FsEhAKBmVxdWFscxgBIAEoCEgAEhIKCGF0X2xlYXN0GAIgASgBSAASEQoHYXRfbW9zdBgDIAEoAUgAQgYKBGdvYWwi7gEKFUV4cGVyaWVuY2VUeXBlVmVyc2lvbhIMCgRuYW1lGAEgASgJEg8KB3ZlcnNpb24YAiABKAUSEwoLZGVzY3JpcHRpb24YAyABKAkSPwoIc2V0dGluZ3MYBCADKAsyLS50YWxseS52MS5FeHBlcmllbmNlVHlwZVZlcnNpb24uU2V0dGluZ3NFbnRyeRIvCgtjcmVhdGVfdGltZRgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAaLwoNU2V0dGluZ3NFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBImQKG0NyZWF0ZUV4cGVyaWVuY2VUeXBlUmVxdWVzdBIxCg9leHBlcmllbmNlX3R5cGUYASABKAsyGC50YWxseS52MS5FeHBlcmllbmNlVHlwZRISCgpyZXF1ZXN0X2lkGAIgASgJIlEKHENyZWF0ZUV4cGVyaWVuY2VUeXBlUmVzcG9uc2USMQoPZXhwZXJpZW5jZV90eXBlGAEgASgLMhgudGFsbHkudjEuRXhwZXJpZW5jZVR5cGUiKAoYR2V0RXhwZXJpZW5jZVR5cGVSZXF1ZXN0EgwKBG5hbWUYASABKAkiTgoZR2V0RXhwZXJpZW5jZVR5cGVSZXNwb25zZRIxCg9leHBlcmllbmNlX3R5cGUYASABKAsyGC50YWxseS52MS5FeHBlcmllbmNlVHlwZSJDChpMaXN0RXhwZXJpZW5jZVR5cGVzUmVxdWVzdBIRCglwYWdlX3NpemUYASABKAUSEgoKcGFnZV90b2tlbhgCIAEoCSJqChtMaXN0RXhwZXJpZW5jZVR5cGVzUmVzcG9uc2USMgoQZXhwZXJpZW5jZV90eXBlcxgBIAMoCzIYLnRhbGx5LnYxLkV4cGVyaWVuY2VUeXBlEhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSKBAQobVXBkYXRlRXhwZXJpZW5jZVR5cGVSZXF1ZXN0EjEKD2V4cGVyaWVuY2VfdHlwZRgBIAEoCzIYLnRhbGx5LnYxLkV4cGVyaWVuY2VUeXBlEi8KC3VwZGF0ZV9tYXNrGAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLkZpZWxkTWFzayJRChxVcGRhdGVFeHBlcmllbmNlVHlwZVJlc3BvbnNlEjEKD2V4cGVyaWVuY2VfdHlwZRgBIAEoCzIYLnRhbGx5LnYxLkV4cGVyaWVuY2VUeXBlIjoKG0RlbGV0ZUV4cGVyaWVuY2VUeXBlUmVxdWVzdBIMCgRuYW1lGAEgASgJEg0KBWZvcmNlGAIgASgIIkAKHERlbGV0ZUV4cGVyaWVuY2VUeXBlUmVzcG9uc2USIAoYZGVsZXRlZF9leHBlcmllbmNlX2NvdW50GAEgASgDIkkKJUluY3JlbWVudEV4cGVyaWVuY2VUeXBlVmVyc2lvblJlcXVlc3QSDAoEbmFtZRgBIAEoCRISCgpyZXF1ZXN0X2lkGAIgASgJIp0BCiZJbmNyZW1lbnRFeHBlcmllbmNlVHlwZVZlcnNpb25SZXNwb25zZRIxCg9leHBlcmllbmNlX3R5cGUYASABKAsyGC50YWxseS52MS5FeHBlcmllbmNlVHlwZRJAChdleHBlcmllbmNlX3R5cGVfdmVyc2lvbhgCIAEoCzIfLnRhbGx5LnYxLkV4cGVyaWVuY2VUeXBlVmVyc2lvbiJYCiFMaXN0RXhwZXJpZW5jZVR5cGVWZXJzaW9uc1JlcXVlc3QSDAoEbmFtZRgBIAEoCRIRCglwYWdlX3NpemUYAiABKAUSEgoKcGFnZV90b2tlbhgDIAEoCSKAAQoiTGlzdEV4cGVyaWVuY2VUeXBlVmVyc2lvbnNSZXNwb25zZRJBChhleHBlcmllbmNlX3R5cGVfdmVyc2lvbnMYASADKAsyHy50YWxseS52MS5FeHBlcmllbmNlVHlwZVZlcnNpb24SFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIpwBCh1HZXRFeHBlcmllbmNlVHlwZVN0YXRzUmVxdWVzdBIMCgRuYW1lGAEgASgJEg8KB3ZlcnNpb24YAiABKAUSLgoKc3RhcnRfdGltZRgDIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLAoIZW5kX3RpbWUYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIo4BCh5HZXRFeHBlcmllbmNlVHlwZVN0YXRzUmVzcG9uc2USDAoEbmFtZRgBIAEoCRIpCgV0b3RhbBgCIAEoCzIaLnRhbGx5LnYxLkNvc3REaXN0cmlidXRpb24SMwoIdmVyc2lvbnMYAyADKAsyIS50YWxseS52MS5WZXJzaW9uQ29zdERpc3RyaWJ1dGlvbiLNAgoQQ29zdERpc3RyaWJ1dGlvbhIYChBleHBlcmllbmNlX2NvdW50GAEgASgDEhMKC2V2ZW50X2NvdW50GAIgASgDEhwKFHVucHJpY2VkX2V2ZW50X2NvdW50GAMgASgDEiMKCnRvdGFsX2Nvc3QYBCABKAsyDy50YWxseS52MS5Nb25leRIxChhtZWFuX2Nvc3RfcGVyX2V4cGVyaWVuY2UYBSABKAsyDy50YWxseS52MS5Nb25leRIwChdwNTBfY29zdF9wZXJfZXhwZXJpZW5jZRgGIAEoCzIPLnRhbGx5LnYxLk1vbmV5EjAKF3A5NV9jb3N0X3Blcl9leHBlcmllbmNlGAcgASgLMg8udGFsbHkudjEuTW9uZXkSMAoXbWF4X2Nvc3RfcGVyX2V4cGVyaWVuY2UYCCABKAsyDy50YWxseS52MS5Nb25leSJVChdWZXJzaW9uQ29zdERpc3RyaWJ1dGlvbhIPCgd2ZXJzaW9uGAEgASgFEikKBXN0YXRzGAIgASgLMhoudGFsbHkudjEuQ29zdERpc3RyaWJ1dGlvbirNAQoLT3V0Y29tZUtpbmQSHAoYT1VUQ09NRV9LSU5EX1VOU1BFQ0lGSUVEEAASGAoUT1VUQ09NRV9LSU5EX0JPT0xFQU4QARIXChNPVVRDT01FX0tJTkRfTlVNQkVSEAISGwoXT1VUQ09NRV9LSU5EX1BFUkNFTlRBR0UQAxIZChVPVVRDT01FX0tJTkRfTElLRVJUXzUQBBIZChVPVVRDT01FX0tJTkRfTElLRVJUXzcQBRIaChZPVVRDT01FX0tJTkRfTElLRVJUXzEwEAYyqgcKFUV4cGVyaWVuY2VUeXBlU2VydmljZRJrChRDcmVhdGVFeHBlcmllbmNlVHlwZRIlLnRhbGx5LnYxLkNyZWF0ZUV4cGVyaWVuY2VUeXBlUmVxdWVzdBomLnRhbGx5LnYxLkNyZWF0ZUV4cGVyaWVuY2VUeXBlUmVzcG9uc2UiBIjnGAMSYgoRR2V0RXhwZXJpZW5jZVR5cGUSIi50YWxseS52MS5HZXRFeHBlcmllbmNlVHlwZVJlcXVlc3QaIy50YWxseS52MS5HZXRFeHBlcmllbmNlVHlwZVJlc3BvbnNlIgSI5xgCEmgKE0xpc3RFeHBlcmllbmNlVHlwZXMSJC50YWxseS52MS5MaXN0RXhwZXJpZW5jZVR5cGVzUmVxdWVzdBolLnRhbGx5LnYxLkxpc3RFeHBlcmllbmNlVHlwZXNSZXNwb25zZSIEiOcYAhJrChRVcGRhdGVFeHBlcmllbmNlVHlwZRIlLnRhbGx5LnYxLlVwZGF0ZUV4cGVyaWVuY2VUeXBlUmVxdWVzdBomLnRhbGx5LnYxLlVwZGF0ZUV4cGVyaWVuY2VUeXBlUmVzcG9uc2UiBIjnGAMSawoURGVsZXRlRXhwZXJpZW5jZVR5cGUSJS50YWxseS52MS5EZWxldGVFeHBlcmllbmNlVHlwZVJlcXVlc3QaJi50YWxseS52MS5EZWxldGVFeHBlcmllbmNlVHlwZVJlc3BvbnNlIgSI5xgDEokBCh5JbmNyZW1lbnRFeHBlcmllbmNlVHlwZVZlcnNpb24SLy50YWxseS52MS5JbmNyZW1lbnRFeHBlcmllbmNlVHlwZVZlcnNpb25SZXF1ZXN0GjAudGFsbHkudjEuSW5jcmVtZW50RXhwZXJpZW5jZVR5cGVWZXJzaW9uUmVzcG9uc2UiBIjnGAMSfQoaTGlzdEV4cGVyaWVuY2VUeXBlVmVyc2lvbnMSKy50YWxseS52MS5MaXN0RXhwZXJpZW5jZVR5cGVWZXJzaW9uc1JlcXVlc3QaLC50YWxseS52MS5MaXN0RXhwZXJpZW5jZVR5cGVWZXJzaW9uc1Jlc3BvbnNlIgSI5xgCEnEKFkdldEV4cGVyaWVuY2VUeXBlU3RhdHMSJy50YWxseS52MS5HZXRFeHBlcmllbmNlVHlwZVN0YXRzUmVxdWVzdBooLnRhbGx5LnYxLkdldEV4cGVyaWVuY2VUeXBlU3RhdHNSZXNwb25zZSIEiOcYAmIGcHJvdG8z", [file_google_protobuf_field_mask, file_google_protobuf_timestamp, file_tally_v1_access, file_tally_v1_common]);
 
 /**
  * A named end-to-end scenario of the caller's product.
@@ -66,6 +66,16 @@ export type ExperienceType = Message<"tally.v1.ExperienceType"> & {
    * @generated from field: google.protobuf.Timestamp update_time = 6;
    */
   updateTime?: Timestamp | undefined;
+
+  /**
+   * What a run of the type can achieve, scored per experience with
+   * ExperienceService.RecordOutcomes: at most 32, names unique. Declared or
+   * replaced as a whole with CreateExperienceType and UpdateExperienceType
+   * (update_mask "outcomes"); the version does not move.
+   *
+   * @generated from field: repeated tally.v1.OutcomeDefinition outcomes = 7;
+   */
+  outcomes: OutcomeDefinition[];
 };
 
 /**
@@ -74,6 +84,94 @@ export type ExperienceType = Message<"tally.v1.ExperienceType"> & {
  */
 export const ExperienceTypeSchema: GenMessage<ExperienceType> = /*@__PURE__*/
   messageDesc(file_tally_v1_experience_type_service, 0);
+
+/**
+ * One outcome a type's runs are scored on, e.g. `resolved` (BOOLEAN, goal
+ * true) or `csat` (LIKERT_5, goal at least 4).
+ *
+ * @generated from message tally.v1.OutcomeDefinition
+ */
+export type OutcomeDefinition = Message<"tally.v1.OutcomeDefinition"> & {
+  /**
+   * Matching `[A-Za-z0-9._-]{1,64}`, unique within the type.
+   *
+   * @generated from field: string name = 1;
+   */
+  name: string;
+
+  /**
+   * The kind of its values.
+   *
+   * @generated from field: tally.v1.OutcomeKind kind = 2;
+   */
+  kind: OutcomeKind;
+
+  /**
+   * What counts as success; unset: the outcome has no goal (BOOLEAN: true).
+   *
+   * @generated from field: tally.v1.OutcomeGoal goal = 3;
+   */
+  goal?: OutcomeGoal | undefined;
+
+  /**
+   * For people: at most 1,024 characters.
+   *
+   * @generated from field: string description = 4;
+   */
+  description: string;
+};
+
+/**
+ * Describes the message tally.v1.OutcomeDefinition.
+ * Use `create(OutcomeDefinitionSchema)` to create a new message.
+ */
+export const OutcomeDefinitionSchema: GenMessage<OutcomeDefinition> = /*@__PURE__*/
+  messageDesc(file_tally_v1_experience_type_service, 1);
+
+/**
+ * What counts as a successful value of an outcome.
+ *
+ * @generated from message tally.v1.OutcomeGoal
+ */
+export type OutcomeGoal = Message<"tally.v1.OutcomeGoal"> & {
+  /**
+   * One comparison.
+   *
+   * @generated from oneof tally.v1.OutcomeGoal.goal
+   */
+  goal: {
+    /**
+     * BOOLEAN only: the value that is success.
+     *
+     * @generated from field: bool equals = 1;
+     */
+    value: boolean;
+    case: "equals";
+  } | {
+    /**
+     * NUMBER, PERCENTAGE and LIKERT: success is a value at least this.
+     *
+     * @generated from field: double at_least = 2;
+     */
+    value: number;
+    case: "atLeast";
+  } | {
+    /**
+     * NUMBER, PERCENTAGE and LIKERT: success is a value at most this.
+     *
+     * @generated from field: double at_most = 3;
+     */
+    value: number;
+    case: "atMost";
+  } | { case: undefined; value?: undefined };
+};
+
+/**
+ * Describes the message tally.v1.OutcomeGoal.
+ * Use `create(OutcomeGoalSchema)` to create a new message.
+ */
+export const OutcomeGoalSchema: GenMessage<OutcomeGoal> = /*@__PURE__*/
+  messageDesc(file_tally_v1_experience_type_service, 2);
 
 /**
  * An immutable snapshot of one version of an experience type.
@@ -123,7 +221,7 @@ export type ExperienceTypeVersion = Message<"tally.v1.ExperienceTypeVersion"> & 
  * Use `create(ExperienceTypeVersionSchema)` to create a new message.
  */
 export const ExperienceTypeVersionSchema: GenMessage<ExperienceTypeVersion> = /*@__PURE__*/
-  messageDesc(file_tally_v1_experience_type_service, 1);
+  messageDesc(file_tally_v1_experience_type_service, 3);
 
 /**
  * Request of CreateExperienceType.
@@ -154,7 +252,7 @@ export type CreateExperienceTypeRequest = Message<"tally.v1.CreateExperienceType
  * Use `create(CreateExperienceTypeRequestSchema)` to create a new message.
  */
 export const CreateExperienceTypeRequestSchema: GenMessage<CreateExperienceTypeRequest> = /*@__PURE__*/
-  messageDesc(file_tally_v1_experience_type_service, 2);
+  messageDesc(file_tally_v1_experience_type_service, 4);
 
 /**
  * Response of CreateExperienceType.
@@ -175,7 +273,7 @@ export type CreateExperienceTypeResponse = Message<"tally.v1.CreateExperienceTyp
  * Use `create(CreateExperienceTypeResponseSchema)` to create a new message.
  */
 export const CreateExperienceTypeResponseSchema: GenMessage<CreateExperienceTypeResponse> = /*@__PURE__*/
-  messageDesc(file_tally_v1_experience_type_service, 3);
+  messageDesc(file_tally_v1_experience_type_service, 5);
 
 /**
  * Request of GetExperienceType.
@@ -196,7 +294,7 @@ export type GetExperienceTypeRequest = Message<"tally.v1.GetExperienceTypeReques
  * Use `create(GetExperienceTypeRequestSchema)` to create a new message.
  */
 export const GetExperienceTypeRequestSchema: GenMessage<GetExperienceTypeRequest> = /*@__PURE__*/
-  messageDesc(file_tally_v1_experience_type_service, 4);
+  messageDesc(file_tally_v1_experience_type_service, 6);
 
 /**
  * Response of GetExperienceType.
@@ -217,7 +315,7 @@ export type GetExperienceTypeResponse = Message<"tally.v1.GetExperienceTypeRespo
  * Use `create(GetExperienceTypeResponseSchema)` to create a new message.
  */
 export const GetExperienceTypeResponseSchema: GenMessage<GetExperienceTypeResponse> = /*@__PURE__*/
-  messageDesc(file_tally_v1_experience_type_service, 5);
+  messageDesc(file_tally_v1_experience_type_service, 7);
 
 /**
  * Request of ListExperienceTypes.
@@ -247,7 +345,7 @@ export type ListExperienceTypesRequest = Message<"tally.v1.ListExperienceTypesRe
  * Use `create(ListExperienceTypesRequestSchema)` to create a new message.
  */
 export const ListExperienceTypesRequestSchema: GenMessage<ListExperienceTypesRequest> = /*@__PURE__*/
-  messageDesc(file_tally_v1_experience_type_service, 6);
+  messageDesc(file_tally_v1_experience_type_service, 8);
 
 /**
  * Response of ListExperienceTypes.
@@ -275,7 +373,7 @@ export type ListExperienceTypesResponse = Message<"tally.v1.ListExperienceTypesR
  * Use `create(ListExperienceTypesResponseSchema)` to create a new message.
  */
 export const ListExperienceTypesResponseSchema: GenMessage<ListExperienceTypesResponse> = /*@__PURE__*/
-  messageDesc(file_tally_v1_experience_type_service, 7);
+  messageDesc(file_tally_v1_experience_type_service, 9);
 
 /**
  * Request of UpdateExperienceType.
@@ -291,9 +389,10 @@ export type UpdateExperienceTypeRequest = Message<"tally.v1.UpdateExperienceType
   experienceType?: ExperienceType | undefined;
 
   /**
-   * The fields to update: "description" and/or "settings" (settings are
-   * replaced as a whole). Empty means both. Any other path, including "name"
-   * and "version", is INVALID_ARGUMENT.
+   * The fields to update: "description", "settings" and/or "outcomes"
+   * (settings and outcomes are replaced as a whole). Empty means description
+   * and settings. Any other path, including "name" and "version", is
+   * INVALID_ARGUMENT.
    *
    * @generated from field: google.protobuf.FieldMask update_mask = 2;
    */
@@ -305,7 +404,7 @@ export type UpdateExperienceTypeRequest = Message<"tally.v1.UpdateExperienceType
  * Use `create(UpdateExperienceTypeRequestSchema)` to create a new message.
  */
 export const UpdateExperienceTypeRequestSchema: GenMessage<UpdateExperienceTypeRequest> = /*@__PURE__*/
-  messageDesc(file_tally_v1_experience_type_service, 8);
+  messageDesc(file_tally_v1_experience_type_service, 10);
 
 /**
  * Response of UpdateExperienceType.
@@ -326,7 +425,7 @@ export type UpdateExperienceTypeResponse = Message<"tally.v1.UpdateExperienceTyp
  * Use `create(UpdateExperienceTypeResponseSchema)` to create a new message.
  */
 export const UpdateExperienceTypeResponseSchema: GenMessage<UpdateExperienceTypeResponse> = /*@__PURE__*/
-  messageDesc(file_tally_v1_experience_type_service, 9);
+  messageDesc(file_tally_v1_experience_type_service, 11);
 
 /**
  * Request of DeleteExperienceType.
@@ -354,7 +453,7 @@ export type DeleteExperienceTypeRequest = Message<"tally.v1.DeleteExperienceType
  * Use `create(DeleteExperienceTypeRequestSchema)` to create a new message.
  */
 export const DeleteExperienceTypeRequestSchema: GenMessage<DeleteExperienceTypeRequest> = /*@__PURE__*/
-  messageDesc(file_tally_v1_experience_type_service, 10);
+  messageDesc(file_tally_v1_experience_type_service, 12);
 
 /**
  * Response of DeleteExperienceType.
@@ -375,7 +474,7 @@ export type DeleteExperienceTypeResponse = Message<"tally.v1.DeleteExperienceTyp
  * Use `create(DeleteExperienceTypeResponseSchema)` to create a new message.
  */
 export const DeleteExperienceTypeResponseSchema: GenMessage<DeleteExperienceTypeResponse> = /*@__PURE__*/
-  messageDesc(file_tally_v1_experience_type_service, 11);
+  messageDesc(file_tally_v1_experience_type_service, 13);
 
 /**
  * Request of IncrementExperienceTypeVersion.
@@ -404,7 +503,7 @@ export type IncrementExperienceTypeVersionRequest = Message<"tally.v1.IncrementE
  * Use `create(IncrementExperienceTypeVersionRequestSchema)` to create a new message.
  */
 export const IncrementExperienceTypeVersionRequestSchema: GenMessage<IncrementExperienceTypeVersionRequest> = /*@__PURE__*/
-  messageDesc(file_tally_v1_experience_type_service, 12);
+  messageDesc(file_tally_v1_experience_type_service, 14);
 
 /**
  * Response of IncrementExperienceTypeVersion.
@@ -432,7 +531,7 @@ export type IncrementExperienceTypeVersionResponse = Message<"tally.v1.Increment
  * Use `create(IncrementExperienceTypeVersionResponseSchema)` to create a new message.
  */
 export const IncrementExperienceTypeVersionResponseSchema: GenMessage<IncrementExperienceTypeVersionResponse> = /*@__PURE__*/
-  messageDesc(file_tally_v1_experience_type_service, 13);
+  messageDesc(file_tally_v1_experience_type_service, 15);
 
 /**
  * Request of ListExperienceTypeVersions.
@@ -468,7 +567,7 @@ export type ListExperienceTypeVersionsRequest = Message<"tally.v1.ListExperience
  * Use `create(ListExperienceTypeVersionsRequestSchema)` to create a new message.
  */
 export const ListExperienceTypeVersionsRequestSchema: GenMessage<ListExperienceTypeVersionsRequest> = /*@__PURE__*/
-  messageDesc(file_tally_v1_experience_type_service, 14);
+  messageDesc(file_tally_v1_experience_type_service, 16);
 
 /**
  * Response of ListExperienceTypeVersions.
@@ -496,7 +595,7 @@ export type ListExperienceTypeVersionsResponse = Message<"tally.v1.ListExperienc
  * Use `create(ListExperienceTypeVersionsResponseSchema)` to create a new message.
  */
 export const ListExperienceTypeVersionsResponseSchema: GenMessage<ListExperienceTypeVersionsResponse> = /*@__PURE__*/
-  messageDesc(file_tally_v1_experience_type_service, 15);
+  messageDesc(file_tally_v1_experience_type_service, 17);
 
 /**
  * Request of GetExperienceTypeStats.
@@ -541,7 +640,7 @@ export type GetExperienceTypeStatsRequest = Message<"tally.v1.GetExperienceTypeS
  * Use `create(GetExperienceTypeStatsRequestSchema)` to create a new message.
  */
 export const GetExperienceTypeStatsRequestSchema: GenMessage<GetExperienceTypeStatsRequest> = /*@__PURE__*/
-  messageDesc(file_tally_v1_experience_type_service, 16);
+  messageDesc(file_tally_v1_experience_type_service, 18);
 
 /**
  * Response of GetExperienceTypeStats.
@@ -576,7 +675,7 @@ export type GetExperienceTypeStatsResponse = Message<"tally.v1.GetExperienceType
  * Use `create(GetExperienceTypeStatsResponseSchema)` to create a new message.
  */
 export const GetExperienceTypeStatsResponseSchema: GenMessage<GetExperienceTypeStatsResponse> = /*@__PURE__*/
-  messageDesc(file_tally_v1_experience_type_service, 17);
+  messageDesc(file_tally_v1_experience_type_service, 19);
 
 /**
  * Cost statistics over a set of experiences. An experience counts when it has
@@ -647,7 +746,7 @@ export type CostDistribution = Message<"tally.v1.CostDistribution"> & {
  * Use `create(CostDistributionSchema)` to create a new message.
  */
 export const CostDistributionSchema: GenMessage<CostDistribution> = /*@__PURE__*/
-  messageDesc(file_tally_v1_experience_type_service, 18);
+  messageDesc(file_tally_v1_experience_type_service, 20);
 
 /**
  * Cost statistics of one version of a type.
@@ -675,7 +774,69 @@ export type VersionCostDistribution = Message<"tally.v1.VersionCostDistribution"
  * Use `create(VersionCostDistributionSchema)` to create a new message.
  */
 export const VersionCostDistributionSchema: GenMessage<VersionCostDistribution> = /*@__PURE__*/
-  messageDesc(file_tally_v1_experience_type_service, 19);
+  messageDesc(file_tally_v1_experience_type_service, 21);
+
+/**
+ * The kind of an outcome's values.
+ *
+ * @generated from enum tally.v1.OutcomeKind
+ */
+export enum OutcomeKind {
+  /**
+   * Not set: invalid.
+   *
+   * @generated from enum value: OUTCOME_KIND_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * True or false (OutcomeValue.bool_value).
+   *
+   * @generated from enum value: OUTCOME_KIND_BOOLEAN = 1;
+   */
+  BOOLEAN = 1,
+
+  /**
+   * Any finite number (OutcomeValue.number_value).
+   *
+   * @generated from enum value: OUTCOME_KIND_NUMBER = 2;
+   */
+  NUMBER = 2,
+
+  /**
+   * A number from 0 to 100.
+   *
+   * @generated from enum value: OUTCOME_KIND_PERCENTAGE = 3;
+   */
+  PERCENTAGE = 3,
+
+  /**
+   * A whole number from 1 to 5.
+   *
+   * @generated from enum value: OUTCOME_KIND_LIKERT_5 = 4;
+   */
+  LIKERT_5 = 4,
+
+  /**
+   * A whole number from 1 to 7.
+   *
+   * @generated from enum value: OUTCOME_KIND_LIKERT_7 = 5;
+   */
+  LIKERT_7 = 5,
+
+  /**
+   * A whole number from 1 to 10.
+   *
+   * @generated from enum value: OUTCOME_KIND_LIKERT_10 = 6;
+   */
+  LIKERT_10 = 6,
+}
+
+/**
+ * Describes the enum tally.v1.OutcomeKind.
+ */
+export const OutcomeKindSchema: GenEnum<OutcomeKind> = /*@__PURE__*/
+  enumDesc(file_tally_v1_experience_type_service, 0);
 
 /**
  * Manages experience types: the named end-to-end scenarios of a product
@@ -718,7 +879,7 @@ export const ExperienceTypeService: GenService<{
     output: typeof ListExperienceTypesResponseSchema;
   },
   /**
-   * Updates the description and settings of the current version in place.
+   * Updates the description, settings and outcomes of the current version in place.
    * The name never changes and the version does not move: snapshots of past
    * versions stay as they were. Use IncrementExperienceTypeVersion to start a
    * new version.

@@ -1,0 +1,66 @@
+"""Outcomes recorded for runs: the latest value of each outcome per experience, and every
+change of those values."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Sequence
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from ..domain.outcomes import OutcomeValue, RecordedOutcome
+from .sql import insert_or_ignore
+from .tables import experience_outcome_changes, experience_outcomes
+
+
+async def record(
+    conn: AsyncConnection, experience_id: uuid.UUID, values: Sequence[OutcomeValue], now_us: int, key_name: str
+) -> None:
+    """Sets each value as the outcome's latest and keeps the change; a value equal to the
+    latest one changes nothing (so a retry adds no change)."""
+    o = experience_outcomes
+    current = {
+        row.name: row.value
+        for row in await conn.execute(
+            sa.select(o.c.name, o.c.value).where(
+                o.c.experience_id == experience_id, o.c.name.in_([v.name for v in values])
+            )
+        )
+    }
+    changed = [v for v in values if current.get(v.name) != v.value]
+    if not changed:
+        return
+    rows = [
+        {
+            "experience_id": experience_id,
+            "name": v.name,
+            "value": v.value,
+            "record_time_us": now_us,
+            "key_name": key_name,
+        }
+        for v in changed
+    ]
+    for row in rows:
+        insert = insert_or_ignore(conn, o).values(**row)
+        await conn.execute(
+            insert.on_conflict_do_update(
+                index_elements=["experience_id", "name"],
+                set_={"value": insert.excluded.value, "record_time_us": now_us, "key_name": key_name},
+            )
+        )
+    await conn.execute(sa.insert(experience_outcome_changes), rows)
+
+
+async def latest(conn: AsyncConnection, experience_ids: Iterable[uuid.UUID]) -> dict[uuid.UUID, list[RecordedOutcome]]:
+    """The outcomes of each experience, by name."""
+    o = experience_outcomes
+    found: dict[uuid.UUID, list[RecordedOutcome]] = {}
+    rows = await conn.execute(
+        sa.select(o).where(o.c.experience_id.in_(list(experience_ids))).order_by(o.c.experience_id, o.c.name)
+    )
+    for row in rows:
+        found.setdefault(row.experience_id, []).append(
+            RecordedOutcome(row.name, float(row.value), int(row.record_time_us), row.key_name)
+        )
+    return found

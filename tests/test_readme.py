@@ -245,3 +245,16 @@ def test_readme_outcomes_block(readme_server):
     for _ in range(2):
         printed = run_python_block('outcome("resolved", "boolean", equals=True)', readme_server.target)
         assert printed.splitlines() == ["csat True", "resolved True", "turns True"]
+
+
+@pytest.mark.slow
+def test_readme_compare_gate(readme_server, tmp_path):
+    """The CI-gate example: its Python block seeds versions 2 and 3, then the two gates run
+    as printed: cost per success passes (exit 0), the p95 cost per run fails (exit 1)."""
+    run_python_block('"Ticket_Triage", "Route one support ticket"', readme_server.target)
+    ran = run_block(block("sh", "tally report compare Ticket_Triage"), readme_server.target, tmp_path)
+    assert [command.exit_code for command in ran] == [0, 1], [command.describe() for command in ran]
+    passed, failed = ran[0].output, ran[1].output
+    assert "cost_per_success > +10%: passes at -13.3%" in passed, passed
+    assert "cost_p95 > +10%: FAILS at +30.0%" in failed, failed
+    assert "success_rate:resolved" in passed and "40 and 40 runs" in passed

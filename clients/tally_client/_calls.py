@@ -324,6 +324,19 @@ def get_event(request_id: str | UUID, idempotency_key: str) -> Call[event_pb.Sto
     return Call("events", "GetEvent", request, lambda r: r.event)
 
 
+def compare_versions(
+    experience_name: str, baseline: int, candidate: int, start: datetime | None, end: datetime | None
+) -> Call[report_pb.CompareVersionsResponse]:
+    request = report_pb.CompareVersionsRequest(
+        experience_name=experience_name,
+        baseline_version=baseline,
+        candidate_version=candidate,
+        start_time=_timestamp(start),
+        end_time=_timestamp(end),
+    )
+    return Call("reports", "CompareVersions", request, _same)
+
+
 def break_down_cost(
     group_by: Iterable[str],
     start: datetime | None,

@@ -433,6 +433,20 @@ class TallyClient(_ClientBase):
         """A stored event by its request id, or by the idempotency key it was sent with."""
         return self._run(_calls.get_event(request_id, idempotency_key))
 
+    def compare_versions(
+        self,
+        experience_name: str,
+        *,
+        baseline: int,
+        candidate: int,
+        start: datetime | None = None,
+        end: datetime | None = None,
+    ) -> report_pb.CompareVersionsResponse:
+        """Two versions of a type side by side over their runs whose first event is in
+        [start, end): cost per run, failures, each outcome's success rate and cost per
+        success, with the differences and bootstrap intervals."""
+        return self._run(_calls.compare_versions(experience_name, baseline, candidate, start, end))
+
     def break_down_cost(
         self,
         group_by: Iterable[str],
@@ -780,6 +794,18 @@ class AsyncTallyClient(_ClientBase):
     async def get_event(self, request_id: str | UUID = "", *, idempotency_key: str = "") -> event_pb.StoredEvent:
         """A stored event by its request id, or by the idempotency key it was sent with."""
         return await self._run(_calls.get_event(request_id, idempotency_key))
+
+    async def compare_versions(
+        self,
+        experience_name: str,
+        *,
+        baseline: int,
+        candidate: int,
+        start: datetime | None = None,
+        end: datetime | None = None,
+    ) -> report_pb.CompareVersionsResponse:
+        """As TallyClient.compare_versions."""
+        return await self._run(_calls.compare_versions(experience_name, baseline, candidate, start, end))
 
     async def break_down_cost(
         self,

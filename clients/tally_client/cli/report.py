@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import re
+import sys
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -106,6 +108,79 @@ def report_breakdown(tally: TallyClient, args: argparse.Namespace) -> None:
     )
 
 
+# --fail-if METRIC OP CHANGE: CHANGE is a relative change (+10%), a change in percentage
+# points (-2pt, for rates) or a plain difference in the metric's unit (USD, events).
+_CONDITION = re.compile(r"^\s*([a-z0-9_]+(?::[A-Za-z0-9._-]+)?)\s*(>=|<=|>|<)\s*([+-]?\d+(?:\.\d+)?)(%|pt)?\s*$")
+_OUTCOME_METRICS = ("success_rate", "cost_per_success")
+
+
+def _condition_holds(text: str, differences: dict[str, Any], response: Any) -> tuple[bool, str]:
+    """Whether a --fail-if condition holds, and its one-line reason. ValueError for one that
+    does not parse or names no metric of the comparison."""
+    match = _CONDITION.match(text)
+    if match is None:
+        raise ValueError(
+            f"--fail-if takes METRIC OP CHANGE, e.g. 'cost_p95 > +10%' or 'success_rate < -2pt'; got {text!r}"
+        )
+    metric, op, number, unit = match.groups()
+    if metric in _OUTCOME_METRICS:  # the first outcome that has it
+        metric = next((name for name in differences if name.startswith(metric + ":")), metric)
+    difference = differences.get(metric)
+    if difference is None:
+        raise ValueError(f"--fail-if {text!r}: no metric {metric!r} here (there are: {', '.join(differences)})")
+    if not difference.enough_runs:
+        runs = f"baseline {response.baseline.runs}, candidate {response.candidate.runs}"
+        return False, f"{text.strip()}: not enough runs to tell ({runs}; each needs {response.min_runs})"
+    if unit == "%":
+        if not difference.HasField("relative"):
+            return False, f"{text.strip()}: the baseline is 0, a relative change is not defined"
+        value, shown = difference.relative * 100, f"{difference.relative * 100:+.1f}%"
+    elif unit == "pt":
+        value, shown = difference.delta * 100, f"{difference.delta * 100:+.1f}pt"
+    else:
+        value, shown = difference.delta, f"{difference.delta:+.6g}"
+    threshold = float(number)
+    holds = {">": value > threshold, "<": value < threshold, ">=": value >= threshold, "<=": value <= threshold}[op]
+    interval = ""
+    if difference.HasField("interval"):
+        low, high = difference.interval.low, difference.interval.high
+        interval = f", {response.confidence:.0%} interval of the difference {low:+.6g} to {high:+.6g}"
+    said = "FAILS" if holds else "passes"
+    return holds, (
+        f"{text.strip()}: {said} at {shown} (v{response.baseline.version} {difference.baseline:.6g}, "
+        f"v{response.candidate.version} {difference.candidate:.6g}{interval})"
+    )
+
+
+def report_compare(tally: TallyClient, args: argparse.Namespace) -> int:
+    response = tally.compare_versions(
+        args.name, baseline=args.baseline, candidate=args.candidate, start=_time(args.since), end=_time(args.until)
+    )
+    differences = {d.metric: d for d in response.differences}
+    verdicts = [_condition_holds(text, differences, response) for text in args.fail_if or ()]
+    rows = []
+    for d in response.differences:
+        relative = f"{d.relative * 100:+.1f}%" if d.HasField("relative") else "-"
+        interval = f"{d.interval.low:+.4g} to {d.interval.high:+.4g}" if d.HasField("interval") else "-"
+        if not d.enough_runs:
+            interval = "not enough runs"
+        rows.append([d.metric, f"{d.baseline:.6g}", f"{d.candidate:.6g}", f"{d.delta:+.6g}", relative, interval])
+    headers = [
+        "METRIC",
+        f"v{args.baseline}",
+        f"v{args.candidate}",
+        "DELTA",
+        "CHANGE",
+        f"{response.confidence:.0%} INTERVAL",
+    ]
+    runs = f"{response.baseline.runs:,} and {response.candidate.runs:,} runs"
+    human = f"{args.name}: v{args.candidate} against v{args.baseline} ({runs})\n" + table(headers, rows)
+    _emit(args, response, human)
+    for holds, reason in verdicts:
+        print(reason, file=sys.stderr if holds else sys.stdout)
+    return 1 if any(holds for holds, _ in verdicts) else 0
+
+
 def add_commands(commands: Commands, client: argparse.ArgumentParser) -> None:
     """`tally report ...`."""
     reports = commands.add_parser("report", help="cost reports").add_subparsers(
@@ -139,3 +214,22 @@ def add_commands(commands: Commands, client: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, default=50, help="at most this many groups (default 50)")
     p.add_argument("--page-token", default="", help="the page after the one that printed this token")
     p.set_defaults(remote=report_breakdown)
+    p = reports.add_parser(
+        "compare",
+        parents=[client],
+        help="two versions of a type side by side: cost per run, failures, outcomes; a CI gate with --fail-if",
+    )
+    p.add_argument("name", help="the experience type")
+    p.add_argument("--baseline", type=int, required=True, help="the version compared against")
+    p.add_argument("--candidate", type=int, required=True, help="the version under judgement")
+    p.add_argument("--since", help="only runs whose first event is at or after this ISO 8601 time")
+    p.add_argument("--until", help="only runs whose first event is before this ISO 8601 time")
+    p.add_argument(
+        "--fail-if",
+        action="append",
+        metavar="CONDITION",
+        help="exit 1 when it holds, e.g. 'cost_p95 > +10%%', 'success_rate < -2pt', 'cost_per_success > +10%%' "
+        "(metrics: cost_per_run, cost_p50, cost_p95, events_per_run, failure_rate, success_rate[:OUTCOME], "
+        "cost_per_success[:OUTCOME]); repeatable, one line of reason each",
+    )
+    p.set_defaults(remote=report_compare)

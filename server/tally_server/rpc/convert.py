@@ -22,7 +22,7 @@ from tally.v1 import (
     report_service_pb2 as report_pb,
 )
 
-from ..domain import models as m, outcomes
+from ..domain import compare, models as m, outcomes
 from ..domain.errors import TallyError, Violation, invalid
 from ..domain.money import nanos_to_units_and_nanos
 
@@ -524,3 +524,57 @@ def cost_group(g: m.CostGroup) -> report_pb.CostGroup:
         else:
             setattr(message, name, value)
     return message
+
+
+# --- comparing versions --------------------------------------------------------------
+
+
+def _version_summary(v: compare.VersionSummary) -> report_pb.VersionSummary:
+    message = report_pb.VersionSummary(
+        version=v.version,
+        runs=v.runs,
+        cost_total=money(v.cost_total_nanos),
+        cost_per_run_mean=money(v.mean_nanos),
+        cost_per_run_p50=money(v.p50_nanos),
+        cost_per_run_p95=money(v.p95_nanos),
+        events_per_run=v.events_per_run,
+        failure_rate=v.failure_rate,
+    )
+    for o in v.outcomes:
+        summary = message.outcomes.add(
+            name=o.name,
+            scored_runs=o.scored_runs,
+            successes=o.successes,
+            mean=o.mean,
+            succeeded_cost_p50=money(o.succeeded_p50_nanos),
+            succeeded_cost_p95=money(o.succeeded_p95_nanos),
+            failed_cost_p50=money(o.failed_p50_nanos),
+            failed_cost_p95=money(o.failed_p95_nanos),
+        )
+        if o.success_rate is not None:
+            summary.success_rate = o.success_rate
+        if o.cost_per_success_nanos is not None:
+            summary.cost_per_success.CopyFrom(money(o.cost_per_success_nanos))
+    return message
+
+
+def comparison(experience_name: str, c: compare.Comparison) -> report_pb.CompareVersionsResponse:
+    response = report_pb.CompareVersionsResponse(
+        experience_name=experience_name,
+        baseline=_version_summary(c.baseline),
+        candidate=_version_summary(c.candidate),
+        min_runs=compare.MIN_RUNS,
+        bootstrap_resamples=compare.RESAMPLES,
+        bootstrap_seed=compare.SEED,
+        confidence=compare.CONFIDENCE,
+        bootstrap_runs=compare.BOOTSTRAP_RUNS,
+    )
+    for d in c.differences:
+        item = response.differences.add(
+            metric=d.metric, baseline=d.baseline, candidate=d.candidate, delta=d.delta, enough_runs=d.enough_runs
+        )
+        if d.relative is not None:
+            item.relative = d.relative
+        if d.interval is not None:
+            item.interval.low, item.interval.high = d.interval
+    return response

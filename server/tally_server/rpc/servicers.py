@@ -243,6 +243,18 @@ class ReportServicer(report_grpc.ReportServiceServicer):
             total=convert.cost_group(total),
         )
 
+    async def CompareVersions(
+        self, request: report_pb.CompareVersionsRequest, context: Context
+    ) -> report_pb.CompareVersionsResponse:
+        compared = await self.reports.compare(
+            request.experience_name,
+            request.baseline_version,
+            request.candidate_version,
+            convert.micros(request, "start_time"),
+            convert.micros(request, "end_time"),
+        )
+        return convert.comparison(request.experience_name, compared)
+
 
 def _item_error(outcome: Exception) -> common_pb2.ItemError:
     """An event's refusal or failure as a batch or stream item's error, so that one

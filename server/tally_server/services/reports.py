@@ -7,12 +7,13 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
-from ..domain import paging
+from ..domain import compare, paging
 from ..domain.errors import Violations
 from ..domain.models import CostGroup, CostTotals, Page
 from ..domain.validation import check_name
-from ..storage import reports as stored_reports
+from ..storage import reports as stored_reports, statistics as stored_statistics, types as stored_types
 from ..storage.db import Database
+from .experience_types import type_not_found
 
 DIMENSIONS = (
     "experience_name",
@@ -33,6 +34,11 @@ class Reports:
     def __init__(self, db: Database, pages: paging.PageTokens | None = None) -> None:
         self.db = db
         self.pages = pages or paging.PageTokens()
+
+    async def compare(
+        self, experience_name: str, baseline: int, candidate: int, start_us: int | None, end_us: int | None
+    ) -> compare.Comparison:
+        return await compare_versions(self.db, experience_name, baseline, candidate, start_us, end_us)
 
     async def breakdown(
         self,
@@ -128,3 +134,31 @@ class TopSpend:
     other: list[CostGroup]  # per day, of every group not among them
     total: CostGroup
     other_groups: bool  # whether any group was left out of `groups`
+
+
+async def compare_versions(
+    db: Database, experience_name: str, baseline: int, candidate: int, start_us: int | None, end_us: int | None
+) -> compare.Comparison:
+    """Two versions of a type over their runs whose first event is in the window."""
+    v = Violations()
+    check_name(v, "experience_name", experience_name, what="experience type name")
+    for field_name, version in (("baseline_version", baseline), ("candidate_version", candidate)):
+        if version < 1:
+            v.add(field_name, f"must be a version number, from 1; got {version}")
+    if baseline == candidate and baseline >= 1:
+        v.add("candidate_version", f"is the baseline version ({baseline}): compare two versions")
+    if start_us is not None and end_us is not None and end_us <= start_us:
+        v.add("end_time", "must be after start_time")
+    v.raise_if_any()
+    async with db.read() as conn:
+        found = await stored_types.get_type(conn, experience_name)
+        if found is None:
+            raise type_not_found(experience_name)
+        type_id, experience_type = found
+        for field_name, version in (("baseline_version", baseline), ("candidate_version", candidate)):
+            if version > experience_type.version:
+                v.add(field_name, f"{experience_name!r} has versions 1 to {experience_type.version}; got {version}")
+        v.raise_if_any()
+        baseline_runs = await stored_statistics.version_runs(conn, type_id, baseline, start_us, end_us)
+        candidate_runs = await stored_statistics.version_runs(conn, type_id, candidate, start_us, end_us)
+    return compare.compare(baseline, baseline_runs, candidate, candidate_runs, experience_type.outcomes)

@@ -8,10 +8,12 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ..domain import models as m
+from ..domain.compare import Run
 from ..domain.rollups import ExperienceState
 from . import rollups
 from .experiences import experience_filters
 from .tables import (
+    experience_outcomes,
     experiences,
     type_cost_buckets,
     type_rollups,
@@ -123,3 +125,31 @@ async def max_experience_cost(
     )
     row = (await conn.execute(query)).first()
     return 0 if row is None else rollups.joined(*row)
+
+
+async def version_runs(
+    conn: AsyncConnection, type_id: int, version: int, start_us: int | None, end_us: int | None
+) -> list[Run]:
+    """Each run of one version with events, its first event in the window: its cost, events,
+    failed events (the experience's rollup) and latest outcome values. Two queries."""
+    e, o = experiences, experience_outcomes
+    where = _with_events(type_id, version, start_us, end_us)
+    costs = await conn.execute(
+        sa.select(e.c.id, e.c.cost_total_dollars, e.c.cost_total_nanos, e.c.event_count, e.c.failed_event_count)
+        .where(*where)
+        .order_by(e.c.id)
+    )
+    rows = {
+        row.id: (
+            rollups.joined(row.cost_total_dollars, row.cost_total_nanos),
+            int(row.event_count),
+            int(row.failed_event_count),
+        )
+        for row in costs
+    }
+    scored: dict[Any, dict[str, float]] = {}
+    for row in await conn.execute(
+        sa.select(o.c.experience_id, o.c.name, o.c.value).join(e, e.c.id == o.c.experience_id).where(*where)
+    ):
+        scored.setdefault(row.experience_id, {})[row.name] = float(row.value)
+    return [Run(cost, events, failed, scored.get(run_id, {})) for run_id, (cost, events, failed) in rows.items()]

@@ -23,6 +23,14 @@ type ReportServiceClient interface {
 	// (and the events of the window's partial hours at its edges); grouping by
 	// user id or request tag reads the window's events.
 	BreakDownCost(ctx context.Context, in *BreakDownCostRequest, opts ...grpc.CallOption) (*BreakDownCostResponse, error)
+	// Two versions of a type side by side, over their runs whose first event is
+	// in a window: cost per run, events per run, failure rate, and each declared
+	// outcome's success rate and cost per success, with the differences and, for
+	// the mean cost per run and each success rate, a bootstrap confidence
+	// interval of the difference (seeded; the answer states its parameters).
+	// INVALID_ARGUMENT for a version compared with itself or one the type has
+	// not reached; NOT_FOUND for an unknown type.
+	CompareVersions(ctx context.Context, in *CompareVersionsRequest, opts ...grpc.CallOption) (*CompareVersionsResponse, error)
 }
 
 type reportServiceClient struct {
@@ -42,6 +50,15 @@ func (c *reportServiceClient) BreakDownCost(ctx context.Context, in *BreakDownCo
 	return out, nil
 }
 
+func (c *reportServiceClient) CompareVersions(ctx context.Context, in *CompareVersionsRequest, opts ...grpc.CallOption) (*CompareVersionsResponse, error) {
+	out := new(CompareVersionsResponse)
+	err := c.cc.Invoke(ctx, "/tally.v1.ReportService/CompareVersions", in, out, opts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // ReportServiceServer is the server API for ReportService service.
 // All implementations must embed UnimplementedReportServiceServer
 // for forward compatibility
@@ -52,6 +69,14 @@ type ReportServiceServer interface {
 	// (and the events of the window's partial hours at its edges); grouping by
 	// user id or request tag reads the window's events.
 	BreakDownCost(context.Context, *BreakDownCostRequest) (*BreakDownCostResponse, error)
+	// Two versions of a type side by side, over their runs whose first event is
+	// in a window: cost per run, events per run, failure rate, and each declared
+	// outcome's success rate and cost per success, with the differences and, for
+	// the mean cost per run and each success rate, a bootstrap confidence
+	// interval of the difference (seeded; the answer states its parameters).
+	// INVALID_ARGUMENT for a version compared with itself or one the type has
+	// not reached; NOT_FOUND for an unknown type.
+	CompareVersions(context.Context, *CompareVersionsRequest) (*CompareVersionsResponse, error)
 	mustEmbedUnimplementedReportServiceServer()
 }
 
@@ -61,6 +86,9 @@ type UnimplementedReportServiceServer struct {
 
 func (UnimplementedReportServiceServer) BreakDownCost(context.Context, *BreakDownCostRequest) (*BreakDownCostResponse, error) {
 	return nil, status.Errorf(codes.Unimplemented, "method BreakDownCost not implemented")
+}
+func (UnimplementedReportServiceServer) CompareVersions(context.Context, *CompareVersionsRequest) (*CompareVersionsResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method CompareVersions not implemented")
 }
 func (UnimplementedReportServiceServer) mustEmbedUnimplementedReportServiceServer() {}
 
@@ -93,6 +121,24 @@ func _ReportService_BreakDownCost_Handler(srv interface{}, ctx context.Context, 
 	return interceptor(ctx, in, info, handler)
 }
 
+func _ReportService_CompareVersions_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(CompareVersionsRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ReportServiceServer).CompareVersions(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: "/tally.v1.ReportService/CompareVersions",
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ReportServiceServer).CompareVersions(ctx, req.(*CompareVersionsRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 var _ReportService_serviceDesc = grpc.ServiceDesc{
 	ServiceName: "tally.v1.ReportService",
 	HandlerType: (*ReportServiceServer)(nil),
@@ -100,6 +146,10 @@ var _ReportService_serviceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "BreakDownCost",
 			Handler:    _ReportService_BreakDownCost_Handler,
+		},
+		{
+			MethodName: "CompareVersions",
+			Handler:    _ReportService_CompareVersions_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},

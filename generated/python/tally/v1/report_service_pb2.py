@@ -27,7 +27,7 @@ from tally.v1 import access_pb2 as tally_dot_v1_dot_access__pb2
 from tally.v1 import common_pb2 as tally_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dtally/v1/report_service.proto\x12\x08tally.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x15tally/v1/access.proto\x1a\x15tally/v1/common.proto\"\xdf\x01\n\x14\x42reakDownCostRequest\x12.\n\nstart_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x08group_by\x18\x03 \x03(\x0e\x32\x17.tally.v1.CostDimension\x12\x17\n\x0f\x65xperience_name\x18\x04 \x01(\t\x12\x11\n\tpage_size\x18\x05 \x01(\x05\x12\x12\n\npage_token\x18\x06 \x01(\t\"\xee\x02\n\tCostGroup\x12\x17\n\x0f\x65xperience_name\x18\x01 \x01(\t\x12\x1a\n\x12\x65xperience_version\x18\x02 \x01(\x05\x12\x10\n\x08\x63\x61tegory\x18\x03 \x01(\t\x12\x10\n\x08resource\x18\x04 \x01(\t\x12\x0f\n\x07user_id\x18\x05 \x01(\t\x12\x13\n\x0brequest_tag\x18\x06 \x01(\t\x12\x30\n\x0cperiod_start\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12#\n\ncost_input\x18\x08 \x01(\x0b\x32\x0f.tally.v1.Money\x12$\n\x0b\x63ost_output\x18\t \x01(\x0b\x32\x0f.tally.v1.Money\x12#\n\ncost_total\x18\n \x01(\x0b\x32\x0f.tally.v1.Money\x12\x13\n\x0b\x65vent_count\x18\x0b \x01(\x03\x12\x1c\n\x14unpriced_event_count\x18\x0c \x01(\x03\x12\r\n\x05model\x18\r \x01(\t\"y\n\x15\x42reakDownCostResponse\x12#\n\x06groups\x18\x01 \x03(\x0b\x32\x13.tally.v1.CostGroup\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\"\n\x05total\x18\x03 \x01(\x0b\x32\x13.tally.v1.CostGroup*\xbb\x02\n\rCostDimension\x12\x1e\n\x1a\x43OST_DIMENSION_UNSPECIFIED\x10\x00\x12\"\n\x1e\x43OST_DIMENSION_EXPERIENCE_NAME\x10\x01\x12%\n!COST_DIMENSION_EXPERIENCE_VERSION\x10\x02\x12\x1b\n\x17\x43OST_DIMENSION_CATEGORY\x10\x03\x12\x1b\n\x17\x43OST_DIMENSION_RESOURCE\x10\x04\x12\x1a\n\x16\x43OST_DIMENSION_USER_ID\x10\x05\x12\x1e\n\x1a\x43OST_DIMENSION_REQUEST_TAG\x10\x06\x12\x16\n\x12\x43OST_DIMENSION_DAY\x10\x07\x12\x17\n\x13\x43OST_DIMENSION_HOUR\x10\x08\x12\x18\n\x14\x43OST_DIMENSION_MODEL\x10\t2g\n\rReportService\x12V\n\rBreakDownCost\x12\x1e.tally.v1.BreakDownCostRequest\x1a\x1f.tally.v1.BreakDownCostResponse\"\x04\x88\xe7\x18\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dtally/v1/report_service.proto\x12\x08tally.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x15tally/v1/access.proto\x1a\x15tally/v1/common.proto\"\xc4\x01\n\x16\x43ompareVersionsRequest\x12\x17\n\x0f\x65xperience_name\x18\x01 \x01(\t\x12\x18\n\x10\x62\x61seline_version\x18\x02 \x01(\x05\x12\x19\n\x11\x63\x61ndidate_version\x18\x03 \x01(\x05\x12.\n\nstart_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xb0\x02\n\x0eVersionSummary\x12\x0f\n\x07version\x18\x01 \x01(\x05\x12\x0c\n\x04runs\x18\x02 \x01(\x03\x12#\n\ncost_total\x18\x03 \x01(\x0b\x32\x0f.tally.v1.Money\x12*\n\x11\x63ost_per_run_mean\x18\x04 \x01(\x0b\x32\x0f.tally.v1.Money\x12)\n\x10\x63ost_per_run_p50\x18\x05 \x01(\x0b\x32\x0f.tally.v1.Money\x12)\n\x10\x63ost_per_run_p95\x18\x06 \x01(\x0b\x32\x0f.tally.v1.Money\x12\x16\n\x0e\x65vents_per_run\x18\x07 \x01(\x01\x12\x14\n\x0c\x66\x61ilure_rate\x18\x08 \x01(\x01\x12*\n\x08outcomes\x18\t \x03(\x0b\x32\x18.tally.v1.OutcomeSummary\"\xd9\x02\n\x0eOutcomeSummary\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0bscored_runs\x18\x02 \x01(\x03\x12\x11\n\tsuccesses\x18\x03 \x01(\x03\x12\x19\n\x0csuccess_rate\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12\x0c\n\x04mean\x18\x05 \x01(\x01\x12)\n\x10\x63ost_per_success\x18\x06 \x01(\x0b\x32\x0f.tally.v1.Money\x12+\n\x12succeeded_cost_p50\x18\x07 \x01(\x0b\x32\x0f.tally.v1.Money\x12+\n\x12succeeded_cost_p95\x18\x08 \x01(\x0b\x32\x0f.tally.v1.Money\x12(\n\x0f\x66\x61iled_cost_p50\x18\t \x01(\x0b\x32\x0f.tally.v1.Money\x12(\n\x0f\x66\x61iled_cost_p95\x18\n \x01(\x0b\x32\x0f.tally.v1.MoneyB\x0f\n\r_success_rate\"%\n\x08Interval\x12\x0b\n\x03low\x18\x01 \x01(\x01\x12\x0c\n\x04high\x18\x02 \x01(\x01\"\xb5\x01\n\x10MetricDifference\x12\x0e\n\x06metric\x18\x01 \x01(\t\x12\x10\n\x08\x62\x61seline\x18\x02 \x01(\x01\x12\x11\n\tcandidate\x18\x03 \x01(\x01\x12\r\n\x05\x64\x65lta\x18\x04 \x01(\x01\x12\x15\n\x08relative\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12$\n\x08interval\x18\x06 \x01(\x0b\x32\x12.tally.v1.Interval\x12\x13\n\x0b\x65nough_runs\x18\x07 \x01(\x08\x42\x0b\n\t_relative\"\xaf\x02\n\x17\x43ompareVersionsResponse\x12\x17\n\x0f\x65xperience_name\x18\x01 \x01(\t\x12*\n\x08\x62\x61seline\x18\x02 \x01(\x0b\x32\x18.tally.v1.VersionSummary\x12+\n\tcandidate\x18\x03 \x01(\x0b\x32\x18.tally.v1.VersionSummary\x12/\n\x0b\x64ifferences\x18\x04 \x03(\x0b\x32\x1a.tally.v1.MetricDifference\x12\x10\n\x08min_runs\x18\x05 \x01(\x05\x12\x1b\n\x13\x62ootstrap_resamples\x18\x06 \x01(\x05\x12\x16\n\x0e\x62ootstrap_seed\x18\x07 \x01(\x03\x12\x12\n\nconfidence\x18\x08 \x01(\x01\x12\x16\n\x0e\x62ootstrap_runs\x18\t \x01(\x05\"\xdf\x01\n\x14\x42reakDownCostRequest\x12.\n\nstart_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x08group_by\x18\x03 \x03(\x0e\x32\x17.tally.v1.CostDimension\x12\x17\n\x0f\x65xperience_name\x18\x04 \x01(\t\x12\x11\n\tpage_size\x18\x05 \x01(\x05\x12\x12\n\npage_token\x18\x06 \x01(\t\"\xee\x02\n\tCostGroup\x12\x17\n\x0f\x65xperience_name\x18\x01 \x01(\t\x12\x1a\n\x12\x65xperience_version\x18\x02 \x01(\x05\x12\x10\n\x08\x63\x61tegory\x18\x03 \x01(\t\x12\x10\n\x08resource\x18\x04 \x01(\t\x12\x0f\n\x07user_id\x18\x05 \x01(\t\x12\x13\n\x0brequest_tag\x18\x06 \x01(\t\x12\x30\n\x0cperiod_start\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12#\n\ncost_input\x18\x08 \x01(\x0b\x32\x0f.tally.v1.Money\x12$\n\x0b\x63ost_output\x18\t \x01(\x0b\x32\x0f.tally.v1.Money\x12#\n\ncost_total\x18\n \x01(\x0b\x32\x0f.tally.v1.Money\x12\x13\n\x0b\x65vent_count\x18\x0b \x01(\x03\x12\x1c\n\x14unpriced_event_count\x18\x0c \x01(\x03\x12\r\n\x05model\x18\r \x01(\t\"y\n\x15\x42reakDownCostResponse\x12#\n\x06groups\x18\x01 \x03(\x0b\x32\x13.tally.v1.CostGroup\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\"\n\x05total\x18\x03 \x01(\x0b\x32\x13.tally.v1.CostGroup*\xbb\x02\n\rCostDimension\x12\x1e\n\x1a\x43OST_DIMENSION_UNSPECIFIED\x10\x00\x12\"\n\x1e\x43OST_DIMENSION_EXPERIENCE_NAME\x10\x01\x12%\n!COST_DIMENSION_EXPERIENCE_VERSION\x10\x02\x12\x1b\n\x17\x43OST_DIMENSION_CATEGORY\x10\x03\x12\x1b\n\x17\x43OST_DIMENSION_RESOURCE\x10\x04\x12\x1a\n\x16\x43OST_DIMENSION_USER_ID\x10\x05\x12\x1e\n\x1a\x43OST_DIMENSION_REQUEST_TAG\x10\x06\x12\x16\n\x12\x43OST_DIMENSION_DAY\x10\x07\x12\x17\n\x13\x43OST_DIMENSION_HOUR\x10\x08\x12\x18\n\x14\x43OST_DIMENSION_MODEL\x10\t2\xc5\x01\n\rReportService\x12V\n\rBreakDownCost\x12\x1e.tally.v1.BreakDownCostRequest\x1a\x1f.tally.v1.BreakDownCostResponse\"\x04\x88\xe7\x18\x02\x12\\\n\x0f\x43ompareVersions\x12 .tally.v1.CompareVersionsRequest\x1a!.tally.v1.CompareVersionsResponse\"\x04\x88\xe7\x18\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,14 +36,28 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_REPORTSERVICE'].methods_by_name['BreakDownCost']._loaded_options = None
   _globals['_REPORTSERVICE'].methods_by_name['BreakDownCost']._serialized_options = b'\210\347\030\002'
-  _globals['_COSTDIMENSION']._serialized_start=841
-  _globals['_COSTDIMENSION']._serialized_end=1156
-  _globals['_BREAKDOWNCOSTREQUEST']._serialized_start=123
-  _globals['_BREAKDOWNCOSTREQUEST']._serialized_end=346
-  _globals['_COSTGROUP']._serialized_start=349
-  _globals['_COSTGROUP']._serialized_end=715
-  _globals['_BREAKDOWNCOSTRESPONSE']._serialized_start=717
-  _globals['_BREAKDOWNCOSTRESPONSE']._serialized_end=838
-  _globals['_REPORTSERVICE']._serialized_start=1158
-  _globals['_REPORTSERVICE']._serialized_end=1261
+  _globals['_REPORTSERVICE'].methods_by_name['CompareVersions']._loaded_options = None
+  _globals['_REPORTSERVICE'].methods_by_name['CompareVersions']._serialized_options = b'\210\347\030\002'
+  _globals['_COSTDIMENSION']._serialized_start=2224
+  _globals['_COSTDIMENSION']._serialized_end=2539
+  _globals['_COMPAREVERSIONSREQUEST']._serialized_start=123
+  _globals['_COMPAREVERSIONSREQUEST']._serialized_end=319
+  _globals['_VERSIONSUMMARY']._serialized_start=322
+  _globals['_VERSIONSUMMARY']._serialized_end=626
+  _globals['_OUTCOMESUMMARY']._serialized_start=629
+  _globals['_OUTCOMESUMMARY']._serialized_end=974
+  _globals['_INTERVAL']._serialized_start=976
+  _globals['_INTERVAL']._serialized_end=1013
+  _globals['_METRICDIFFERENCE']._serialized_start=1016
+  _globals['_METRICDIFFERENCE']._serialized_end=1197
+  _globals['_COMPAREVERSIONSRESPONSE']._serialized_start=1200
+  _globals['_COMPAREVERSIONSRESPONSE']._serialized_end=1503
+  _globals['_BREAKDOWNCOSTREQUEST']._serialized_start=1506
+  _globals['_BREAKDOWNCOSTREQUEST']._serialized_end=1729
+  _globals['_COSTGROUP']._serialized_start=1732
+  _globals['_COSTGROUP']._serialized_end=2098
+  _globals['_BREAKDOWNCOSTRESPONSE']._serialized_start=2100
+  _globals['_BREAKDOWNCOSTRESPONSE']._serialized_end=2221
+  _globals['_REPORTSERVICE']._serialized_start=2542
+  _globals['_REPORTSERVICE']._serialized_end=2739
 # @@protoc_insertion_point(module_scope)

@@ -84,6 +84,334 @@ resource as sent for an event no entry priced.
 Global___CostDimension: _TypeAlias = CostDimension  # noqa: Y015
 
 @_typing.final
+class CompareVersionsRequest(_message.Message):
+    """Request of CompareVersions."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EXPERIENCE_NAME_FIELD_NUMBER: _builtins.int
+    BASELINE_VERSION_FIELD_NUMBER: _builtins.int
+    CANDIDATE_VERSION_FIELD_NUMBER: _builtins.int
+    START_TIME_FIELD_NUMBER: _builtins.int
+    END_TIME_FIELD_NUMBER: _builtins.int
+    experience_name: _builtins.str
+    """The experience type."""
+    baseline_version: _builtins.int
+    """The version compared against, e.g. the one in production."""
+    candidate_version: _builtins.int
+    """The version under judgement."""
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """Only runs whose first event is at or after this time (default: all)."""
+
+    @_builtins.property
+    def end_time(self) -> _timestamp_pb2.Timestamp:
+        """Only runs whose first event is before this time (default: now)."""
+
+    def __init__(
+        self,
+        *,
+        experience_name: _builtins.str = ...,
+        baseline_version: _builtins.int = ...,
+        candidate_version: _builtins.int = ...,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
+        end_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["baseline_version", b"baseline_version", "candidate_version", b"candidate_version", "end_time", b"end_time", "experience_name", b"experience_name", "start_time", b"start_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CompareVersionsRequest: _TypeAlias = CompareVersionsRequest  # noqa: Y015
+
+@_typing.final
+class VersionSummary(_message.Message):
+    """One version's runs in the window."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSION_FIELD_NUMBER: _builtins.int
+    RUNS_FIELD_NUMBER: _builtins.int
+    COST_TOTAL_FIELD_NUMBER: _builtins.int
+    COST_PER_RUN_MEAN_FIELD_NUMBER: _builtins.int
+    COST_PER_RUN_P50_FIELD_NUMBER: _builtins.int
+    COST_PER_RUN_P95_FIELD_NUMBER: _builtins.int
+    EVENTS_PER_RUN_FIELD_NUMBER: _builtins.int
+    FAILURE_RATE_FIELD_NUMBER: _builtins.int
+    OUTCOMES_FIELD_NUMBER: _builtins.int
+    version: _builtins.int
+    """The version."""
+    runs: _builtins.int
+    """Runs with at least one event in the window."""
+    events_per_run: _builtins.float
+    """Events per run, on average."""
+    failure_rate: _builtins.float
+    """Failed events (HTTP status 400 or more) over all events, 0 to 1."""
+    @_builtins.property
+    def cost_total(self) -> _common_pb2.Money:
+        """Sum of their events' cost."""
+
+    @_builtins.property
+    def cost_per_run_mean(self) -> _common_pb2.Money:
+        """Mean cost per run (rounded half to even to the nano)."""
+
+    @_builtins.property
+    def cost_per_run_p50(self) -> _common_pb2.Money:
+        """Median cost per run (nearest rank)."""
+
+    @_builtins.property
+    def cost_per_run_p95(self) -> _common_pb2.Money:
+        """95th percentile of the cost per run (nearest rank)."""
+
+    @_builtins.property
+    def outcomes(self) -> _containers.RepeatedCompositeFieldContainer[Global___OutcomeSummary]:
+        """Each outcome the type declares, in its order."""
+
+    def __init__(
+        self,
+        *,
+        version: _builtins.int = ...,
+        runs: _builtins.int = ...,
+        cost_total: _common_pb2.Money | None = ...,
+        cost_per_run_mean: _common_pb2.Money | None = ...,
+        cost_per_run_p50: _common_pb2.Money | None = ...,
+        cost_per_run_p95: _common_pb2.Money | None = ...,
+        events_per_run: _builtins.float = ...,
+        failure_rate: _builtins.float = ...,
+        outcomes: _abc.Iterable[Global___OutcomeSummary] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cost_per_run_mean", b"cost_per_run_mean", "cost_per_run_p50", b"cost_per_run_p50", "cost_per_run_p95", b"cost_per_run_p95", "cost_total", b"cost_total"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cost_per_run_mean", b"cost_per_run_mean", "cost_per_run_p50", b"cost_per_run_p50", "cost_per_run_p95", b"cost_per_run_p95", "cost_total", b"cost_total", "events_per_run", b"events_per_run", "failure_rate", b"failure_rate", "outcomes", b"outcomes", "runs", b"runs", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VersionSummary: _TypeAlias = VersionSummary  # noqa: Y015
+
+@_typing.final
+class OutcomeSummary(_message.Message):
+    """One outcome over one version's runs."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    SCORED_RUNS_FIELD_NUMBER: _builtins.int
+    SUCCESSES_FIELD_NUMBER: _builtins.int
+    SUCCESS_RATE_FIELD_NUMBER: _builtins.int
+    MEAN_FIELD_NUMBER: _builtins.int
+    COST_PER_SUCCESS_FIELD_NUMBER: _builtins.int
+    SUCCEEDED_COST_P50_FIELD_NUMBER: _builtins.int
+    SUCCEEDED_COST_P95_FIELD_NUMBER: _builtins.int
+    FAILED_COST_P50_FIELD_NUMBER: _builtins.int
+    FAILED_COST_P95_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The outcome's name."""
+    scored_runs: _builtins.int
+    """Runs with a value of it."""
+    successes: _builtins.int
+    """Scored runs whose value meets the goal (a BOOLEAN without a goal: true)."""
+    success_rate: _builtins.float
+    """successes / scored_runs; unset for an outcome without a goal that is not
+    BOOLEAN, or without scored runs.
+    """
+    mean: _builtins.float
+    """Mean value over the scored runs (BOOLEAN: the share of true)."""
+    @_builtins.property
+    def cost_per_success(self) -> _common_pb2.Money:
+        """The cost of the scored runs over their successes: what one success costs.
+        Unset without successes.
+        """
+
+    @_builtins.property
+    def succeeded_cost_p50(self) -> _common_pb2.Money:
+        """Median and 95th percentile cost of the scored runs that succeeded, and of
+        those that did not.
+        """
+
+    @_builtins.property
+    def succeeded_cost_p95(self) -> _common_pb2.Money:
+        """See succeeded_cost_p50."""
+
+    @_builtins.property
+    def failed_cost_p50(self) -> _common_pb2.Money:
+        """See succeeded_cost_p50."""
+
+    @_builtins.property
+    def failed_cost_p95(self) -> _common_pb2.Money:
+        """See succeeded_cost_p50."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        scored_runs: _builtins.int = ...,
+        successes: _builtins.int = ...,
+        success_rate: _builtins.float | None = ...,
+        mean: _builtins.float = ...,
+        cost_per_success: _common_pb2.Money | None = ...,
+        succeeded_cost_p50: _common_pb2.Money | None = ...,
+        succeeded_cost_p95: _common_pb2.Money | None = ...,
+        failed_cost_p50: _common_pb2.Money | None = ...,
+        failed_cost_p95: _common_pb2.Money | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_success_rate", b"_success_rate", "cost_per_success", b"cost_per_success", "failed_cost_p50", b"failed_cost_p50", "failed_cost_p95", b"failed_cost_p95", "succeeded_cost_p50", b"succeeded_cost_p50", "succeeded_cost_p95", b"succeeded_cost_p95", "success_rate", b"success_rate"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_success_rate", b"_success_rate", "cost_per_success", b"cost_per_success", "failed_cost_p50", b"failed_cost_p50", "failed_cost_p95", b"failed_cost_p95", "mean", b"mean", "name", b"name", "scored_runs", b"scored_runs", "succeeded_cost_p50", b"succeeded_cost_p50", "succeeded_cost_p95", b"succeeded_cost_p95", "success_rate", b"success_rate", "successes", b"successes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__success_rate: _TypeAlias = _typing.Literal["success_rate"]  # noqa: Y015
+    _WhichOneofArgType__success_rate: _TypeAlias = _typing.Literal["_success_rate", b"_success_rate"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__success_rate) -> _WhichOneofReturnType__success_rate | None: ...
+
+Global___OutcomeSummary: _TypeAlias = OutcomeSummary  # noqa: Y015
+
+@_typing.final
+class Interval(_message.Message):
+    """A confidence interval of a difference (candidate minus baseline)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LOW_FIELD_NUMBER: _builtins.int
+    HIGH_FIELD_NUMBER: _builtins.int
+    low: _builtins.float
+    """Its lower end."""
+    high: _builtins.float
+    """Its upper end."""
+    def __init__(
+        self,
+        *,
+        low: _builtins.float = ...,
+        high: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["high", b"high", "low", b"low"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Interval: _TypeAlias = Interval  # noqa: Y015
+
+@_typing.final
+class MetricDifference(_message.Message):
+    """One metric of the two versions, and how it moved."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    METRIC_FIELD_NUMBER: _builtins.int
+    BASELINE_FIELD_NUMBER: _builtins.int
+    CANDIDATE_FIELD_NUMBER: _builtins.int
+    DELTA_FIELD_NUMBER: _builtins.int
+    RELATIVE_FIELD_NUMBER: _builtins.int
+    INTERVAL_FIELD_NUMBER: _builtins.int
+    ENOUGH_RUNS_FIELD_NUMBER: _builtins.int
+    metric: _builtins.str
+    """"cost_per_run", "cost_p50", "cost_p95", "events_per_run", "failure_rate",
+    and per outcome "success_rate:NAME" and "cost_per_success:NAME". Money in
+    USD, rates from 0 to 1.
+    """
+    baseline: _builtins.float
+    """The baseline's value."""
+    candidate: _builtins.float
+    """The candidate's value."""
+    delta: _builtins.float
+    """candidate - baseline."""
+    relative: _builtins.float
+    """delta / baseline; unset when the baseline is 0."""
+    enough_runs: _builtins.bool
+    """Whether both versions have at least min_runs runs (scored runs, for an
+    outcome's metrics): below it, a difference is no evidence.
+    """
+    @_builtins.property
+    def interval(self) -> Global___Interval:
+        """For cost_per_run and success rates: the bootstrap confidence interval of
+        delta; unset when either version has fewer runs (scored runs, for a
+        success rate) than min_runs.
+        """
+
+    def __init__(
+        self,
+        *,
+        metric: _builtins.str = ...,
+        baseline: _builtins.float = ...,
+        candidate: _builtins.float = ...,
+        delta: _builtins.float = ...,
+        relative: _builtins.float | None = ...,
+        interval: Global___Interval | None = ...,
+        enough_runs: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_relative", b"_relative", "interval", b"interval", "relative", b"relative"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_relative", b"_relative", "baseline", b"baseline", "candidate", b"candidate", "delta", b"delta", "enough_runs", b"enough_runs", "interval", b"interval", "metric", b"metric", "relative", b"relative"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__relative: _TypeAlias = _typing.Literal["relative"]  # noqa: Y015
+    _WhichOneofArgType__relative: _TypeAlias = _typing.Literal["_relative", b"_relative"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__relative) -> _WhichOneofReturnType__relative | None: ...
+
+Global___MetricDifference: _TypeAlias = MetricDifference  # noqa: Y015
+
+@_typing.final
+class CompareVersionsResponse(_message.Message):
+    """Response of CompareVersions."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EXPERIENCE_NAME_FIELD_NUMBER: _builtins.int
+    BASELINE_FIELD_NUMBER: _builtins.int
+    CANDIDATE_FIELD_NUMBER: _builtins.int
+    DIFFERENCES_FIELD_NUMBER: _builtins.int
+    MIN_RUNS_FIELD_NUMBER: _builtins.int
+    BOOTSTRAP_RESAMPLES_FIELD_NUMBER: _builtins.int
+    BOOTSTRAP_SEED_FIELD_NUMBER: _builtins.int
+    CONFIDENCE_FIELD_NUMBER: _builtins.int
+    BOOTSTRAP_RUNS_FIELD_NUMBER: _builtins.int
+    experience_name: _builtins.str
+    """The experience type."""
+    min_runs: _builtins.int
+    """The runs each version needs for its differences to count (30)."""
+    bootstrap_resamples: _builtins.int
+    """Bootstrap resamples of the runs (1,000)."""
+    bootstrap_seed: _builtins.int
+    """The seed of the resampling: the same runs give the same intervals."""
+    confidence: _builtins.float
+    """The intervals' confidence (0.95)."""
+    bootstrap_runs: _builtins.int
+    """Runs per version the bootstrap draws from at most (a seeded sample of
+    them beyond it).
+    """
+    @_builtins.property
+    def baseline(self) -> Global___VersionSummary:
+        """The baseline's runs."""
+
+    @_builtins.property
+    def candidate(self) -> Global___VersionSummary:
+        """The candidate's runs."""
+
+    @_builtins.property
+    def differences(self) -> _containers.RepeatedCompositeFieldContainer[Global___MetricDifference]:
+        """Each metric side by side."""
+
+    def __init__(
+        self,
+        *,
+        experience_name: _builtins.str = ...,
+        baseline: Global___VersionSummary | None = ...,
+        candidate: Global___VersionSummary | None = ...,
+        differences: _abc.Iterable[Global___MetricDifference] | None = ...,
+        min_runs: _builtins.int = ...,
+        bootstrap_resamples: _builtins.int = ...,
+        bootstrap_seed: _builtins.int = ...,
+        confidence: _builtins.float = ...,
+        bootstrap_runs: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["baseline", b"baseline", "candidate", b"candidate"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["baseline", b"baseline", "bootstrap_resamples", b"bootstrap_resamples", "bootstrap_runs", b"bootstrap_runs", "bootstrap_seed", b"bootstrap_seed", "candidate", b"candidate", "confidence", b"confidence", "differences", b"differences", "experience_name", b"experience_name", "min_runs", b"min_runs"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CompareVersionsResponse: _TypeAlias = CompareVersionsResponse  # noqa: Y015
+
+@_typing.final
 class BreakDownCostRequest(_message.Message):
     """Request of BreakDownCost."""
 

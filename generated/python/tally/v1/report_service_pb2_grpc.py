@@ -40,6 +40,11 @@ class ReportServiceStub:
                 request_serializer=tally_dot_v1_dot_report__service__pb2.BreakDownCostRequest.SerializeToString,
                 response_deserializer=tally_dot_v1_dot_report__service__pb2.BreakDownCostResponse.FromString,
                 _registered_method=True)
+        self.CompareVersions = channel.unary_unary(
+                '/tally.v1.ReportService/CompareVersions',
+                request_serializer=tally_dot_v1_dot_report__service__pb2.CompareVersionsRequest.SerializeToString,
+                response_deserializer=tally_dot_v1_dot_report__service__pb2.CompareVersionsResponse.FromString,
+                _registered_method=True)
 
 
 class ReportServiceServicer:
@@ -57,6 +62,19 @@ class ReportServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CompareVersions(self, request, context):
+        """Two versions of a type side by side, over their runs whose first event is
+        in a window: cost per run, events per run, failure rate, and each declared
+        outcome's success rate and cost per success, with the differences and, for
+        the mean cost per run and each success rate, a bootstrap confidence
+        interval of the difference (seeded; the answer states its parameters).
+        INVALID_ARGUMENT for a version compared with itself or one the type has
+        not reached; NOT_FOUND for an unknown type.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ReportServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -64,6 +82,11 @@ def add_ReportServiceServicer_to_server(servicer, server):
                     servicer.BreakDownCost,
                     request_deserializer=tally_dot_v1_dot_report__service__pb2.BreakDownCostRequest.FromString,
                     response_serializer=tally_dot_v1_dot_report__service__pb2.BreakDownCostResponse.SerializeToString,
+            ),
+            'CompareVersions': grpc.unary_unary_rpc_method_handler(
+                    servicer.CompareVersions,
+                    request_deserializer=tally_dot_v1_dot_report__service__pb2.CompareVersionsRequest.FromString,
+                    response_serializer=tally_dot_v1_dot_report__service__pb2.CompareVersionsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -94,6 +117,33 @@ class ReportService:
             '/tally.v1.ReportService/BreakDownCost',
             tally_dot_v1_dot_report__service__pb2.BreakDownCostRequest.SerializeToString,
             tally_dot_v1_dot_report__service__pb2.BreakDownCostResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CompareVersions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tally.v1.ReportService/CompareVersions',
+            tally_dot_v1_dot_report__service__pb2.CompareVersionsRequest.SerializeToString,
+            tally_dot_v1_dot_report__service__pb2.CompareVersionsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -40,6 +40,15 @@ class ReportServiceStub:
     (and the events of the window's partial hours at its edges); grouping by
     user id or request tag reads the window's events.
     """
+    CompareVersions: _grpc.UnaryUnaryMultiCallable[_report_service_pb2.CompareVersionsRequest, _report_service_pb2.CompareVersionsResponse]
+    """Two versions of a type side by side, over their runs whose first event is
+    in a window: cost per run, events per run, failure rate, and each declared
+    outcome's success rate and cost per success, with the differences and, for
+    the mean cost per run and each success rate, a bootstrap confidence
+    interval of the difference (seeded; the answer states its parameters).
+    INVALID_ARGUMENT for a version compared with itself or one the type has
+    not reached; NOT_FOUND for an unknown type.
+    """
 
 @_typing.type_check_only
 class ReportServiceAsyncStub(ReportServiceStub):
@@ -52,6 +61,15 @@ class ReportServiceAsyncStub(ReportServiceStub):
     category, resource, model, day or hour reads the hourly rollup kept at ingest
     (and the events of the window's partial hours at its edges); grouping by
     user id or request tag reads the window's events.
+    """
+    CompareVersions: _aio.UnaryUnaryMultiCallable[_report_service_pb2.CompareVersionsRequest, _report_service_pb2.CompareVersionsResponse]  # type: ignore[assignment]
+    """Two versions of a type side by side, over their runs whose first event is
+    in a window: cost per run, events per run, failure rate, and each declared
+    outcome's success rate and cost per success, with the differences and, for
+    the mean cost per run and each success rate, a bootstrap confidence
+    interval of the difference (seeded; the answer states its parameters).
+    INVALID_ARGUMENT for a version compared with itself or one the type has
+    not reached; NOT_FOUND for an unknown type.
     """
 
 class ReportServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -68,6 +86,21 @@ class ReportServiceServicer(metaclass=_abc_1.ABCMeta):
         category, resource, model, day or hour reads the hourly rollup kept at ingest
         (and the events of the window's partial hours at its edges); grouping by
         user id or request tag reads the window's events.
+        """
+
+    @_abc_1.abstractmethod
+    def CompareVersions(
+        self,
+        request: _report_service_pb2.CompareVersionsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_report_service_pb2.CompareVersionsResponse, _abc.Awaitable[_report_service_pb2.CompareVersionsResponse]]:
+        """Two versions of a type side by side, over their runs whose first event is
+        in a window: cost per run, events per run, failure rate, and each declared
+        outcome's success rate and cost per success, with the differences and, for
+        the mean cost per run and each success rate, a bootstrap confidence
+        interval of the difference (seeded; the answer states its parameters).
+        INVALID_ARGUMENT for a version compared with itself or one the type has
+        not reached; NOT_FOUND for an unknown type.
         """
 
 def add_ReportServiceServicer_to_server(servicer: ReportServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

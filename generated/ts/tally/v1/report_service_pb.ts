@@ -15,7 +15,394 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file tally/v1/report_service.proto.
  */
 export const file_tally_v1_report_service: GenFile = /*@__PURE__*/
-  fileDesc("Ch10YWxseS92MS9yZXBvcnRfc2VydmljZS5wcm90bxIIdGFsbHkudjEi3wEKFEJyZWFrRG93bkNvc3RSZXF1ZXN0Ei4KCnN0YXJ0X3RpbWUYASABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiwKCGVuZF90aW1lGAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIpCghncm91cF9ieRgDIAMoDjIXLnRhbGx5LnYxLkNvc3REaW1lbnNpb24SFwoPZXhwZXJpZW5jZV9uYW1lGAQgASgJEhEKCXBhZ2Vfc2l6ZRgFIAEoBRISCgpwYWdlX3Rva2VuGAYgASgJIu4CCglDb3N0R3JvdXASFwoPZXhwZXJpZW5jZV9uYW1lGAEgASgJEhoKEmV4cGVyaWVuY2VfdmVyc2lvbhgCIAEoBRIQCghjYXRlZ29yeRgDIAEoCRIQCghyZXNvdXJjZRgEIAEoCRIPCgd1c2VyX2lkGAUgASgJEhMKC3JlcXVlc3RfdGFnGAYgASgJEjAKDHBlcmlvZF9zdGFydBgHIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASIwoKY29zdF9pbnB1dBgIIAEoCzIPLnRhbGx5LnYxLk1vbmV5EiQKC2Nvc3Rfb3V0cHV0GAkgASgLMg8udGFsbHkudjEuTW9uZXkSIwoKY29zdF90b3RhbBgKIAEoCzIPLnRhbGx5LnYxLk1vbmV5EhMKC2V2ZW50X2NvdW50GAsgASgDEhwKFHVucHJpY2VkX2V2ZW50X2NvdW50GAwgASgDEg0KBW1vZGVsGA0gASgJInkKFUJyZWFrRG93bkNvc3RSZXNwb25zZRIjCgZncm91cHMYASADKAsyEy50YWxseS52MS5Db3N0R3JvdXASFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJEiIKBXRvdGFsGAMgASgLMhMudGFsbHkudjEuQ29zdEdyb3VwKrsCCg1Db3N0RGltZW5zaW9uEh4KGkNPU1RfRElNRU5TSU9OX1VOU1BFQ0lGSUVEEAASIgoeQ09TVF9ESU1FTlNJT05fRVhQRVJJRU5DRV9OQU1FEAESJQohQ09TVF9ESU1FTlNJT05fRVhQRVJJRU5DRV9WRVJTSU9OEAISGwoXQ09TVF9ESU1FTlNJT05fQ0FURUdPUlkQAxIbChdDT1NUX0RJTUVOU0lPTl9SRVNPVVJDRRAEEhoKFkNPU1RfRElNRU5TSU9OX1VTRVJfSUQQBRIeChpDT1NUX0RJTUVOU0lPTl9SRVFVRVNUX1RBRxAGEhYKEkNPU1RfRElNRU5TSU9OX0RBWRAHEhcKE0NPU1RfRElNRU5TSU9OX0hPVVIQCBIYChRDT1NUX0RJTUVOU0lPTl9NT0RFTBAJMmcKDVJlcG9ydFNlcnZpY2USVgoNQnJlYWtEb3duQ29zdBIeLnRhbGx5LnYxLkJyZWFrRG93bkNvc3RSZXF1ZXN0Gh8udGFsbHkudjEuQnJlYWtEb3duQ29zdFJlc3BvbnNlIgSI5xgCYgZwcm90bzM", [file_google_protobuf_timestamp, file_tally_v1_access, file_tally_v1_common]);
+  fileDesc("Ch10YWxseS92MS9yZXBvcnRfc2VydmljZS5wcm90bxIIdGFsbHkudjEixAEKFkNvbXBhcmVWZXJzaW9uc1JlcXVlc3QSFwoPZXhwZXJpZW5jZV9uYW1lGAEgASgJEhgKEGJhc2VsaW5lX3ZlcnNpb24YAiABKAUSGQoRY2FuZGlkYXRlX3ZlcnNpb24YAyABKAUSLgoKc3RhcnRfdGltZRgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLAoIZW5kX3RpbWUYBSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIrACCg5WZXJzaW9uU3VtbWFyeRIPCgd2ZXJzaW9uGAEgASgFEgwKBHJ1bnMYAiABKAMSIwoKY29zdF90b3RhbBgDIAEoCzIPLnRhbGx5LnYxLk1vbmV5EioKEWNvc3RfcGVyX3J1bl9tZWFuGAQgASgLMg8udGFsbHkudjEuTW9uZXkSKQoQY29zdF9wZXJfcnVuX3A1MBgFIAEoCzIPLnRhbGx5LnYxLk1vbmV5EikKEGNvc3RfcGVyX3J1bl9wOTUYBiABKAsyDy50YWxseS52MS5Nb25leRIWCg5ldmVudHNfcGVyX3J1bhgHIAEoARIUCgxmYWlsdXJlX3JhdGUYCCABKAESKgoIb3V0Y29tZXMYCSADKAsyGC50YWxseS52MS5PdXRjb21lU3VtbWFyeSLZAgoOT3V0Y29tZVN1bW1hcnkSDAoEbmFtZRgBIAEoCRITCgtzY29yZWRfcnVucxgCIAEoAxIRCglzdWNjZXNzZXMYAyABKAMSGQoMc3VjY2Vzc19yYXRlGAQgASgBSACIAQESDAoEbWVhbhgFIAEoARIpChBjb3N0X3Blcl9zdWNjZXNzGAYgASgLMg8udGFsbHkudjEuTW9uZXkSKwoSc3VjY2VlZGVkX2Nvc3RfcDUwGAcgASgLMg8udGFsbHkudjEuTW9uZXkSKwoSc3VjY2VlZGVkX2Nvc3RfcDk1GAggASgLMg8udGFsbHkudjEuTW9uZXkSKAoPZmFpbGVkX2Nvc3RfcDUwGAkgASgLMg8udGFsbHkudjEuTW9uZXkSKAoPZmFpbGVkX2Nvc3RfcDk1GAogASgLMg8udGFsbHkudjEuTW9uZXlCDwoNX3N1Y2Nlc3NfcmF0ZSIlCghJbnRlcnZhbBILCgNsb3cYASABKAESDAoEaGlnaBgCIAEoASK1AQoQTWV0cmljRGlmZmVyZW5jZRIOCgZtZXRyaWMYASABKAkSEAoIYmFzZWxpbmUYAiABKAESEQoJY2FuZGlkYXRlGAMgASgBEg0KBWRlbHRhGAQgASgBEhUKCHJlbGF0aXZlGAUgASgBSACIAQESJAoIaW50ZXJ2YWwYBiABKAsyEi50YWxseS52MS5JbnRlcnZhbBITCgtlbm91Z2hfcnVucxgHIAEoCEILCglfcmVsYXRpdmUirwIKF0NvbXBhcmVWZXJzaW9uc1Jlc3BvbnNlEhcKD2V4cGVyaWVuY2VfbmFtZRgBIAEoCRIqCghiYXNlbGluZRgCIAEoCzIYLnRhbGx5LnYxLlZlcnNpb25TdW1tYXJ5EisKCWNhbmRpZGF0ZRgDIAEoCzIYLnRhbGx5LnYxLlZlcnNpb25TdW1tYXJ5Ei8KC2RpZmZlcmVuY2VzGAQgAygLMhoudGFsbHkudjEuTWV0cmljRGlmZmVyZW5jZRIQCghtaW5fcnVucxgFIAEoBRIbChNib290c3RyYXBfcmVzYW1wbGVzGAYgASgFEhYKDmJvb3RzdHJhcF9zZWVkGAcgASgDEhIKCmNvbmZpZGVuY2UYCCABKAESFgoOYm9vdHN0cmFwX3J1bnMYCSABKAUi3wEKFEJyZWFrRG93bkNvc3RSZXF1ZXN0Ei4KCnN0YXJ0X3RpbWUYASABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiwKCGVuZF90aW1lGAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIpCghncm91cF9ieRgDIAMoDjIXLnRhbGx5LnYxLkNvc3REaW1lbnNpb24SFwoPZXhwZXJpZW5jZV9uYW1lGAQgASgJEhEKCXBhZ2Vfc2l6ZRgFIAEoBRISCgpwYWdlX3Rva2VuGAYgASgJIu4CCglDb3N0R3JvdXASFwoPZXhwZXJpZW5jZV9uYW1lGAEgASgJEhoKEmV4cGVyaWVuY2VfdmVyc2lvbhgCIAEoBRIQCghjYXRlZ29yeRgDIAEoCRIQCghyZXNvdXJjZRgEIAEoCRIPCgd1c2VyX2lkGAUgASgJEhMKC3JlcXVlc3RfdGFnGAYgASgJEjAKDHBlcmlvZF9zdGFydBgHIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASIwoKY29zdF9pbnB1dBgIIAEoCzIPLnRhbGx5LnYxLk1vbmV5EiQKC2Nvc3Rfb3V0cHV0GAkgASgLMg8udGFsbHkudjEuTW9uZXkSIwoKY29zdF90b3RhbBgKIAEoCzIPLnRhbGx5LnYxLk1vbmV5EhMKC2V2ZW50X2NvdW50GAsgASgDEhwKFHVucHJpY2VkX2V2ZW50X2NvdW50GAwgASgDEg0KBW1vZGVsGA0gASgJInkKFUJyZWFrRG93bkNvc3RSZXNwb25zZRIjCgZncm91cHMYASADKAsyEy50YWxseS52MS5Db3N0R3JvdXASFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJEiIKBXRvdGFsGAMgASgLMhMudGFsbHkudjEuQ29zdEdyb3VwKrsCCg1Db3N0RGltZW5zaW9uEh4KGkNPU1RfRElNRU5TSU9OX1VOU1BFQ0lGSUVEEAASIgoeQ09TVF9ESU1FTlNJT05fRVhQRVJJRU5DRV9OQU1FEAESJQohQ09TVF9ESU1FTlNJT05fRVhQRVJJRU5DRV9WRVJTSU9OEAISGwoXQ09TVF9ESU1FTlNJT05fQ0FURUdPUlkQAxIbChdDT1NUX0RJTUVOU0lPTl9SRVNPVVJDRRAEEhoKFkNPU1RfRElNRU5TSU9OX1VTRVJfSUQQBRIeChpDT1NUX0RJTUVOU0lPTl9SRVFVRVNUX1RBRxAGEhYKEkNPU1RfRElNRU5TSU9OX0RBWRAHEhcKE0NPU1RfRElNRU5TSU9OX0hPVVIQCBIYChRDT1NUX0RJTUVOU0lPTl9NT0RFTBAJMsUBCg1SZXBvcnRTZXJ2aWNlElYKDUJyZWFrRG93bkNvc3QSHi50YWxseS52MS5CcmVha0Rvd25Db3N0UmVxdWVzdBofLnRhbGx5LnYxLkJyZWFrRG93bkNvc3RSZXNwb25zZSIEiOcYAhJcCg9Db21wYXJlVmVyc2lvbnMSIC50YWxseS52MS5Db21wYXJlVmVyc2lvbnNSZXF1ZXN0GiEudGFsbHkudjEuQ29tcGFyZVZlcnNpb25zUmVzcG9uc2UiBIjnGAJiBnByb3RvMw", [file_google_protobuf_timestamp, file_tally_v1_access, file_tally_v1_common]);
+
+/**
+ * Request of CompareVersions.
+ *
+ * @generated from message tally.v1.CompareVersionsRequest
+ */
+export type CompareVersionsRequest = Message<"tally.v1.CompareVersionsRequest"> & {
+  /**
+   * The experience type.
+   *
+   * @generated from field: string experience_name = 1;
+   */
+  experienceName: string;
+
+  /**
+   * The version compared against, e.g. the one in production.
+   *
+   * @generated from field: int32 baseline_version = 2;
+   */
+  baselineVersion: number;
+
+  /**
+   * The version under judgement.
+   *
+   * @generated from field: int32 candidate_version = 3;
+   */
+  candidateVersion: number;
+
+  /**
+   * Only runs whose first event is at or after this time (default: all).
+   *
+   * @generated from field: google.protobuf.Timestamp start_time = 4;
+   */
+  startTime?: Timestamp | undefined;
+
+  /**
+   * Only runs whose first event is before this time (default: now).
+   *
+   * @generated from field: google.protobuf.Timestamp end_time = 5;
+   */
+  endTime?: Timestamp | undefined;
+};
+
+/**
+ * Describes the message tally.v1.CompareVersionsRequest.
+ * Use `create(CompareVersionsRequestSchema)` to create a new message.
+ */
+export const CompareVersionsRequestSchema: GenMessage<CompareVersionsRequest> = /*@__PURE__*/
+  messageDesc(file_tally_v1_report_service, 0);
+
+/**
+ * One version's runs in the window.
+ *
+ * @generated from message tally.v1.VersionSummary
+ */
+export type VersionSummary = Message<"tally.v1.VersionSummary"> & {
+  /**
+   * The version.
+   *
+   * @generated from field: int32 version = 1;
+   */
+  version: number;
+
+  /**
+   * Runs with at least one event in the window.
+   *
+   * @generated from field: int64 runs = 2;
+   */
+  runs: bigint;
+
+  /**
+   * Sum of their events' cost.
+   *
+   * @generated from field: tally.v1.Money cost_total = 3;
+   */
+  costTotal?: Money | undefined;
+
+  /**
+   * Mean cost per run (rounded half to even to the nano).
+   *
+   * @generated from field: tally.v1.Money cost_per_run_mean = 4;
+   */
+  costPerRunMean?: Money | undefined;
+
+  /**
+   * Median cost per run (nearest rank).
+   *
+   * @generated from field: tally.v1.Money cost_per_run_p50 = 5;
+   */
+  costPerRunP50?: Money | undefined;
+
+  /**
+   * 95th percentile of the cost per run (nearest rank).
+   *
+   * @generated from field: tally.v1.Money cost_per_run_p95 = 6;
+   */
+  costPerRunP95?: Money | undefined;
+
+  /**
+   * Events per run, on average.
+   *
+   * @generated from field: double events_per_run = 7;
+   */
+  eventsPerRun: number;
+
+  /**
+   * Failed events (HTTP status 400 or more) over all events, 0 to 1.
+   *
+   * @generated from field: double failure_rate = 8;
+   */
+  failureRate: number;
+
+  /**
+   * Each outcome the type declares, in its order.
+   *
+   * @generated from field: repeated tally.v1.OutcomeSummary outcomes = 9;
+   */
+  outcomes: OutcomeSummary[];
+};
+
+/**
+ * Describes the message tally.v1.VersionSummary.
+ * Use `create(VersionSummarySchema)` to create a new message.
+ */
+export const VersionSummarySchema: GenMessage<VersionSummary> = /*@__PURE__*/
+  messageDesc(file_tally_v1_report_service, 1);
+
+/**
+ * One outcome over one version's runs.
+ *
+ * @generated from message tally.v1.OutcomeSummary
+ */
+export type OutcomeSummary = Message<"tally.v1.OutcomeSummary"> & {
+  /**
+   * The outcome's name.
+   *
+   * @generated from field: string name = 1;
+   */
+  name: string;
+
+  /**
+   * Runs with a value of it.
+   *
+   * @generated from field: int64 scored_runs = 2;
+   */
+  scoredRuns: bigint;
+
+  /**
+   * Scored runs whose value meets the goal (a BOOLEAN without a goal: true).
+   *
+   * @generated from field: int64 successes = 3;
+   */
+  successes: bigint;
+
+  /**
+   * successes / scored_runs; unset for an outcome without a goal that is not
+   * BOOLEAN, or without scored runs.
+   *
+   * @generated from field: optional double success_rate = 4;
+   */
+  successRate?: number | undefined;
+
+  /**
+   * Mean value over the scored runs (BOOLEAN: the share of true).
+   *
+   * @generated from field: double mean = 5;
+   */
+  mean: number;
+
+  /**
+   * The cost of the scored runs over their successes: what one success costs.
+   * Unset without successes.
+   *
+   * @generated from field: tally.v1.Money cost_per_success = 6;
+   */
+  costPerSuccess?: Money | undefined;
+
+  /**
+   * Median and 95th percentile cost of the scored runs that succeeded, and of
+   * those that did not.
+   *
+   * @generated from field: tally.v1.Money succeeded_cost_p50 = 7;
+   */
+  succeededCostP50?: Money | undefined;
+
+  /**
+   * See succeeded_cost_p50.
+   *
+   * @generated from field: tally.v1.Money succeeded_cost_p95 = 8;
+   */
+  succeededCostP95?: Money | undefined;
+
+  /**
+   * See succeeded_cost_p50.
+   *
+   * @generated from field: tally.v1.Money failed_cost_p50 = 9;
+   */
+  failedCostP50?: Money | undefined;
+
+  /**
+   * See succeeded_cost_p50.
+   *
+   * @generated from field: tally.v1.Money failed_cost_p95 = 10;
+   */
+  failedCostP95?: Money | undefined;
+};
+
+/**
+ * Describes the message tally.v1.OutcomeSummary.
+ * Use `create(OutcomeSummarySchema)` to create a new message.
+ */
+export const OutcomeSummarySchema: GenMessage<OutcomeSummary> = /*@__PURE__*/
+  messageDesc(file_tally_v1_report_service, 2);
+
+/**
+ * A confidence interval of a difference (candidate minus baseline).
+ *
+ * @generated from message tally.v1.Interval
+ */
+export type Interval = Message<"tally.v1.Interval"> & {
+  /**
+   * Its lower end.
+   *
+   * @generated from field: double low = 1;
+   */
+  low: number;
+
+  /**
+   * Its upper end.
+   *
+   * @generated from field: double high = 2;
+   */
+  high: number;
+};
+
+/**
+ * Describes the message tally.v1.Interval.
+ * Use `create(IntervalSchema)` to create a new message.
+ */
+export const IntervalSchema: GenMessage<Interval> = /*@__PURE__*/
+  messageDesc(file_tally_v1_report_service, 3);
+
+/**
+ * One metric of the two versions, and how it moved.
+ *
+ * @generated from message tally.v1.MetricDifference
+ */
+export type MetricDifference = Message<"tally.v1.MetricDifference"> & {
+  /**
+   * "cost_per_run", "cost_p50", "cost_p95", "events_per_run", "failure_rate",
+   * and per outcome "success_rate:NAME" and "cost_per_success:NAME". Money in
+   * USD, rates from 0 to 1.
+   *
+   * @generated from field: string metric = 1;
+   */
+  metric: string;
+
+  /**
+   * The baseline's value.
+   *
+   * @generated from field: double baseline = 2;
+   */
+  baseline: number;
+
+  /**
+   * The candidate's value.
+   *
+   * @generated from field: double candidate = 3;
+   */
+  candidate: number;
+
+  /**
+   * candidate - baseline.
+   *
+   * @generated from field: double delta = 4;
+   */
+  delta: number;
+
+  /**
+   * delta / baseline; unset when the baseline is 0.
+   *
+   * @generated from field: optional double relative = 5;
+   */
+  relative?: number | undefined;
+
+  /**
+   * For cost_per_run and success rates: the bootstrap confidence interval of
+   * delta; unset when either version has fewer runs (scored runs, for a
+   * success rate) than min_runs.
+   *
+   * @generated from field: tally.v1.Interval interval = 6;
+   */
+  interval?: Interval | undefined;
+
+  /**
+   * Whether both versions have at least min_runs runs (scored runs, for an
+   * outcome's metrics): below it, a difference is no evidence.
+   *
+   * @generated from field: bool enough_runs = 7;
+   */
+  enoughRuns: boolean;
+};
+
+/**
+ * Describes the message tally.v1.MetricDifference.
+ * Use `create(MetricDifferenceSchema)` to create a new message.
+ */
+export const MetricDifferenceSchema: GenMessage<MetricDifference> = /*@__PURE__*/
+  messageDesc(file_tally_v1_report_service, 4);
+
+/**
+ * Response of CompareVersions.
+ *
+ * @generated from message tally.v1.CompareVersionsResponse
+ */
+export type CompareVersionsResponse = Message<"tally.v1.CompareVersionsResponse"> & {
+  /**
+   * The experience type.
+   *
+   * @generated from field: string experience_name = 1;
+   */
+  experienceName: string;
+
+  /**
+   * The baseline's runs.
+   *
+   * @generated from field: tally.v1.VersionSummary baseline = 2;
+   */
+  baseline?: VersionSummary | undefined;
+
+  /**
+   * The candidate's runs.
+   *
+   * @generated from field: tally.v1.VersionSummary candidate = 3;
+   */
+  candidate?: VersionSummary | undefined;
+
+  /**
+   * Each metric side by side.
+   *
+   * @generated from field: repeated tally.v1.MetricDifference differences = 4;
+   */
+  differences: MetricDifference[];
+
+  /**
+   * The runs each version needs for its differences to count (30).
+   *
+   * @generated from field: int32 min_runs = 5;
+   */
+  minRuns: number;
+
+  /**
+   * Bootstrap resamples of the runs (1,000).
+   *
+   * @generated from field: int32 bootstrap_resamples = 6;
+   */
+  bootstrapResamples: number;
+
+  /**
+   * The seed of the resampling: the same runs give the same intervals.
+   *
+   * @generated from field: int64 bootstrap_seed = 7;
+   */
+  bootstrapSeed: bigint;
+
+  /**
+   * The intervals' confidence (0.95).
+   *
+   * @generated from field: double confidence = 8;
+   */
+  confidence: number;
+
+  /**
+   * Runs per version the bootstrap draws from at most (a seeded sample of
+   * them beyond it).
+   *
+   * @generated from field: int32 bootstrap_runs = 9;
+   */
+  bootstrapRuns: number;
+};
+
+/**
+ * Describes the message tally.v1.CompareVersionsResponse.
+ * Use `create(CompareVersionsResponseSchema)` to create a new message.
+ */
+export const CompareVersionsResponseSchema: GenMessage<CompareVersionsResponse> = /*@__PURE__*/
+  messageDesc(file_tally_v1_report_service, 5);
 
 /**
  * Request of BreakDownCost.
@@ -74,7 +461,7 @@ export type BreakDownCostRequest = Message<"tally.v1.BreakDownCostRequest"> & {
  * Use `create(BreakDownCostRequestSchema)` to create a new message.
  */
 export const BreakDownCostRequestSchema: GenMessage<BreakDownCostRequest> = /*@__PURE__*/
-  messageDesc(file_tally_v1_report_service, 0);
+  messageDesc(file_tally_v1_report_service, 6);
 
 /**
  * The sums of one group of events. Only the fields of the dimensions grouped
@@ -180,7 +567,7 @@ export type CostGroup = Message<"tally.v1.CostGroup"> & {
  * Use `create(CostGroupSchema)` to create a new message.
  */
 export const CostGroupSchema: GenMessage<CostGroup> = /*@__PURE__*/
-  messageDesc(file_tally_v1_report_service, 1);
+  messageDesc(file_tally_v1_report_service, 7);
 
 /**
  * Response of BreakDownCost.
@@ -216,7 +603,7 @@ export type BreakDownCostResponse = Message<"tally.v1.BreakDownCostResponse"> & 
  * Use `create(BreakDownCostResponseSchema)` to create a new message.
  */
 export const BreakDownCostResponseSchema: GenMessage<BreakDownCostResponse> = /*@__PURE__*/
-  messageDesc(file_tally_v1_report_service, 2);
+  messageDesc(file_tally_v1_report_service, 8);
 
 /**
  * What cost can be grouped by.
@@ -323,6 +710,22 @@ export const ReportService: GenService<{
     methodKind: "unary";
     input: typeof BreakDownCostRequestSchema;
     output: typeof BreakDownCostResponseSchema;
+  },
+  /**
+   * Two versions of a type side by side, over their runs whose first event is
+   * in a window: cost per run, events per run, failure rate, and each declared
+   * outcome's success rate and cost per success, with the differences and, for
+   * the mean cost per run and each success rate, a bootstrap confidence
+   * interval of the difference (seeded; the answer states its parameters).
+   * INVALID_ARGUMENT for a version compared with itself or one the type has
+   * not reached; NOT_FOUND for an unknown type.
+   *
+   * @generated from rpc tally.v1.ReportService.CompareVersions
+   */
+  compareVersions: {
+    methodKind: "unary";
+    input: typeof CompareVersionsRequestSchema;
+    output: typeof CompareVersionsResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_tally_v1_report_service, 0);

@@ -1,0 +1,201 @@
+"""CompareVersions through the wire, on both engines, from a seeded random world: three
+versions of a type, runs with failed events, outcomes of every kind, runs never scored.
+Every figure of the answer equals what this test computes from the stored events (read
+back with ListEvents) and the outcomes it recorded, to the nano for money."""
+
+from __future__ import annotations
+
+import math
+import random
+from decimal import ROUND_HALF_EVEN, Decimal
+
+import pytest
+
+from tally_client import AsyncTallyClient, EventFilter, InvalidArgument, NotFound, dollars, outcome, usage_event
+from tally_server.domain.compare import MIN_RUNS
+
+from .conftest import unique
+
+OUTCOMES = [
+    outcome("resolved", "boolean"),  # no goal: true is success
+    outcome("csat", "likert_5", at_least=4),
+    outcome("accuracy", "percentage", at_most=50),  # an error rate: lower is better
+    outcome("words", "number"),  # no goal: a mean, no success rate
+]
+
+
+def nearest_rank(values: list[int], fraction: float) -> int:
+    ordered = sorted(values)
+    return ordered[max(1, math.ceil(fraction * len(ordered))) - 1] if ordered else 0
+
+
+def half_even(total: int, count: int) -> int:
+    return int((Decimal(total) / Decimal(count)).quantize(Decimal(1), rounding=ROUND_HALF_EVEN))
+
+
+def nanos(money) -> int:
+    return int(dollars(money) * 1_000_000_000)
+
+
+async def seed_world(tally: AsyncTallyClient, name: str, rng: random.Random) -> dict[int, list[dict]]:
+    """Runs of versions 1-3 with 1 to 4 events each (some failed), most of them scored."""
+    await tally.create_experience_type(name, "A seeded world", outcomes=OUTCOMES)
+    for _ in range(2):
+        await tally.increment_experience_type_version(name)
+    runs: dict[int, list[dict]] = {1: [], 2: [], 3: []}
+    for version, count in ((1, 12), (2, MIN_RUNS + 5), (3, MIN_RUNS + 8)):
+        for _ in range(count):
+            run = await tally.create_experience(name, version=version)
+            events = []
+            for _ in range(rng.randint(1, 4)):
+                event = usage_event(
+                    "system.openai",
+                    "gpt-4o",
+                    {"text": (rng.randint(100, 5000) * version, rng.randint(10, 800))},
+                    http_status_code=rng.choice([200, 200, 200, 500]),
+                )
+                event.context.experience_id = run.experience_id
+                events.append(event)
+            await tally.ingest_batch(events)
+            scored: dict[str, bool | float] = {}
+            if rng.random() < 0.85:
+                scored["resolved"] = rng.random() < 0.4 + 0.1 * version
+            if rng.random() < 0.7:
+                scored["csat"] = rng.randint(1, 5)
+            if rng.random() < 0.6:
+                scored["accuracy"] = round(rng.uniform(0, 100), 2)
+            if rng.random() < 0.5:
+                scored["words"] = rng.randint(50, 500)
+            if scored:
+                await tally.record_outcomes(run.experience_id, scored)
+            runs[version].append({"id": run.experience_id, "outcomes": scored})
+    return runs
+
+
+async def with_costs(tally: AsyncTallyClient, runs: list[dict]) -> list[dict]:
+    """Each run's cost, events and failed events, from its stored events."""
+    for run in runs:
+        stored = (await tally.list_events(EventFilter(experience_id=run["id"]), page_size=100)).events
+        run["cost"] = sum(nanos(e.xproxy_result.cost_total) for e in stored)
+        run["events"] = len(stored)
+        run["failed"] = sum(1 for e in stored if e.event.http_status_code >= 400)
+    return runs
+
+
+SUCCESS = {
+    "resolved": lambda value: value is True,
+    "csat": lambda value: value >= 4,
+    "accuracy": lambda value: value <= 50,
+}
+
+
+def expected_summary(runs: list[dict]) -> dict:
+    costs = [run["cost"] for run in runs]
+    events = sum(run["events"] for run in runs)
+    summary = {
+        "runs": len(runs),
+        "cost_total": sum(costs),
+        "mean": half_even(sum(costs), len(runs)),
+        "p50": nearest_rank(costs, 0.5),
+        "p95": nearest_rank(costs, 0.95),
+        "events_per_run": events / len(runs),
+        "failure_rate": sum(run["failed"] for run in runs) / events,
+        "outcomes": {},
+    }
+    for definition in OUTCOMES:
+        name = definition.name
+        scored = [run for run in runs if name in run["outcomes"]]
+        values = [float(run["outcomes"][name]) for run in scored]
+        entry = {"scored": len(scored), "mean": sum(values) / len(values) if values else 0.0}
+        if name in SUCCESS:
+            wins = [run["cost"] for run in scored if SUCCESS[name](run["outcomes"][name])]
+            losses = [run["cost"] for run in scored if not SUCCESS[name](run["outcomes"][name])]
+            scored_cost = sum(run["cost"] for run in scored)
+            entry.update(
+                successes=len(wins),
+                rate=len(wins) / len(scored) if scored else None,
+                per_success=half_even(scored_cost, len(wins)) if wins else None,
+                won=(nearest_rank(wins, 0.5), nearest_rank(wins, 0.95)),
+                lost=(nearest_rank(losses, 0.5), nearest_rank(losses, 0.95)),
+            )
+        summary["outcomes"][name] = entry
+    return summary
+
+
+def check_summary(answer, expected: dict) -> None:
+    assert answer.runs == expected["runs"]
+    assert nanos(answer.cost_total) == expected["cost_total"]
+    assert nanos(answer.cost_per_run_mean) == expected["mean"]
+    assert (nanos(answer.cost_per_run_p50), nanos(answer.cost_per_run_p95)) == (expected["p50"], expected["p95"])
+    assert answer.events_per_run == pytest.approx(expected["events_per_run"], rel=1e-12)
+    assert answer.failure_rate == pytest.approx(expected["failure_rate"], rel=1e-12)
+    assert [o.name for o in answer.outcomes] == [d.name for d in OUTCOMES]
+    for o in answer.outcomes:
+        wanted = expected["outcomes"][o.name]
+        assert o.scored_runs == wanted["scored"], o.name
+        assert o.mean == pytest.approx(wanted["mean"], rel=1e-12), o.name
+        if "successes" not in wanted:
+            assert not o.HasField("success_rate") and o.successes == 0, o.name
+            continue
+        assert o.successes == wanted["successes"], o.name
+        assert o.success_rate == pytest.approx(wanted["rate"], rel=1e-12), o.name
+        assert (nanos(o.cost_per_success) if o.HasField("cost_per_success") else None) == wanted["per_success"]
+        assert (nanos(o.succeeded_cost_p50), nanos(o.succeeded_cost_p95)) == wanted["won"], o.name
+        assert (nanos(o.failed_cost_p50), nanos(o.failed_cost_p95)) == wanted["lost"], o.name
+
+
+async def test_every_figure_of_a_comparison_is_what_the_stored_events_and_outcomes_say(stubs):
+    rng = random.Random(27)
+    name = unique("Compared")
+    async with AsyncTallyClient(stubs.target) as tally:
+        runs = await seed_world(tally, name, rng)
+        for version in runs:
+            await with_costs(tally, runs[version])
+        answer = await tally.compare_versions(name, baseline=2, candidate=3)
+        check_summary(answer.baseline, expected_summary(runs[2]))
+        check_summary(answer.candidate, expected_summary(runs[3]))
+        by_metric = {d.metric: d for d in answer.differences}
+        assert set(by_metric) == {
+            "cost_per_run",
+            "cost_p50",
+            "cost_p95",
+            "events_per_run",
+            "failure_rate",
+            "success_rate:resolved",
+            "cost_per_success:resolved",
+            "success_rate:csat",
+            "cost_per_success:csat",
+            "success_rate:accuracy",
+            "cost_per_success:accuracy",
+        }
+        cost = by_metric["cost_per_run"]
+        assert cost.delta == pytest.approx(cost.candidate - cost.baseline)
+        assert cost.enough_runs and cost.interval.low <= cost.delta <= cost.interval.high
+        assert (answer.min_runs, answer.bootstrap_resamples, answer.confidence) == (MIN_RUNS, 1000, 0.95)
+        again = await tally.compare_versions(name, baseline=2, candidate=3)
+        assert again.differences == answer.differences, "seeded: the same runs give the same intervals"
+        # Version 1 has 12 runs: a difference with it is no evidence.
+        small = await tally.compare_versions(name, baseline=1, candidate=3)
+        check_summary(small.baseline, expected_summary(runs[1]))
+        assert not any(d.enough_runs for d in small.differences)
+        assert not any(d.HasField("interval") for d in small.differences)
+
+
+async def test_bad_comparisons_are_refused(stubs):
+    name = unique("BadCompare")
+    async with AsyncTallyClient(stubs.target) as tally:
+        await tally.create_experience_type(name, "Two versions", outcomes=OUTCOMES[:1])
+        await tally.increment_experience_type_version(name)
+        for baseline, candidate, field, said in (
+            (2, 2, "candidate_version", "is the baseline version (2)"),
+            (1, 3, "candidate_version", "has versions 1 to 2; got 3"),
+            (0, 2, "baseline_version", "must be a version number"),
+        ):
+            with pytest.raises(InvalidArgument) as refused:
+                await tally.compare_versions(name, baseline=baseline, candidate=candidate)
+            assert said in refused.value.field_violations[field]
+        with pytest.raises(NotFound):
+            await tally.compare_versions(unique("Nowhere"), baseline=1, candidate=2)
+        empty = await tally.compare_versions(name, baseline=1, candidate=2)
+        assert (empty.baseline.runs, empty.candidate.runs) == (0, 0)
+        assert not any(d.enough_runs for d in empty.differences)

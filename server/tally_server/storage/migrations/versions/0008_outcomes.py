@@ -21,8 +21,9 @@ depends_on = None
 
 
 def upgrade() -> None:
-    with op.batch_alter_table("experience_types") as batch:
-        batch.add_column(sa.Column("outcomes", sa.JSON, nullable=True))
+    # A nullable column: ALTER TABLE ADD COLUMN on both engines (batch mode would rebuild the
+    # table on SQLite, which its experiences' foreign keys refuse once runs exist).
+    op.add_column("experience_types", sa.Column("outcomes", sa.JSON, nullable=True))
     op.create_table(
         "experience_outcomes",
         sa.Column("experience_id", sa.Uuid, nullable=False),
@@ -55,5 +56,4 @@ def downgrade() -> None:
     op.drop_index("ix_experience_outcome_changes_experience", "experience_outcome_changes")
     op.drop_table("experience_outcome_changes")
     op.drop_table("experience_outcomes")
-    with op.batch_alter_table("experience_types") as batch:
-        batch.drop_column("outcomes")
+    op.drop_column("experience_types", "outcomes")

@@ -278,6 +278,7 @@ COST_DIMENSIONS = {
     "tag": report_pb.COST_DIMENSION_REQUEST_TAG,
     "day": report_pb.COST_DIMENSION_DAY,
     "hour": report_pb.COST_DIMENSION_HOUR,
+    "step": report_pb.COST_DIMENSION_STEP,
 }
 
 

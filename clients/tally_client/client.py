@@ -16,6 +16,7 @@ the two classes only run those descriptions, blocking or awaiting.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import json
 import threading
@@ -50,7 +51,7 @@ from tally.v1 import (
 from . import _calls
 from ._calls import Call, EventFilter, Units, usage_event
 from .errors import AlreadyExists, TallyError, from_rpc_error
-from .metadata import Metadata, create_metadata
+from .metadata import EXPERIENCE_STEP, Metadata, create_metadata
 
 T = TypeVar("T")
 
@@ -152,6 +153,14 @@ class ExperienceScope:
 
 
 _scope: contextvars.ContextVar[ExperienceScope | None] = contextvars.ContextVar("tally_experience", default=None)
+# The step of its run the calls made inside `client.step(...)` belong to; nested blocks
+# inherit it until one names another.
+_step: contextvars.ContextVar[str] = contextvars.ContextVar("tally_step", default="")
+
+
+def current_step() -> str:
+    """The step the current code runs in ("" outside any `client.step(...)`)."""
+    return _step.get()
 
 
 def current_scope() -> ExperienceScope | None:
@@ -201,8 +210,22 @@ class _ClientBase:
         self._credentials = (("authorization", f"Bearer {api_key}"),) if api_key else ()
 
     def _metadata(self, scope: ExperienceScope | None, metadata: Metadata = ()) -> Metadata:
-        """What a call sends: the API key, and the experience scope's keys (else `metadata`)."""
-        return self._credentials + (scope.metadata() if scope else metadata)
+        """What a call sends: the API key, the experience scope's keys (else `metadata`) and
+        the current step."""
+        step = _step.get()
+        stepped = create_metadata(step=step) if step and not any(k == EXPERIENCE_STEP for k, _ in metadata) else ()
+        return self._credentials + (scope.metadata() if scope else metadata) + stepped
+
+    @contextlib.contextmanager
+    def step(self, name: str) -> Iterator[None]:
+        """Every call and recorded event inside the block belongs to this step of its run
+        (metadata xproxy-experience-step): cost is summed per step. A plain `with` for both
+        clients; a nested block names its own step, and the outer one resumes after it."""
+        token = _step.set(name)
+        try:
+            yield
+        finally:
+            _step.reset(token)
 
     def experience(
         self,

@@ -14,11 +14,19 @@ EXPERIENCE_NAME = "xproxy-experience-name"
 EXPERIENCE_VERSION = "xproxy-experience-version"
 USER_ID = "xproxy-user-id"
 REQUEST_TAGS = "xproxy-request-tags"
+# The step of its run an event belongs to (e.g. "retrieve", "summarize").
+EXPERIENCE_STEP = "xproxy-experience-step"
 # Pay-i has since renamed experiences to use cases: these mean the same as the three above.
 USECASE_ID = "xproxy-usecase-id"
 USECASE_NAME = "xproxy-usecase-name"
 USECASE_VERSION = "xproxy-usecase-version"
-USECASE_ALIASES = {USECASE_ID: EXPERIENCE_ID, USECASE_NAME: EXPERIENCE_NAME, USECASE_VERSION: EXPERIENCE_VERSION}
+USECASE_STEP = "xproxy-usecase-step"
+USECASE_ALIASES = {
+    USECASE_ID: EXPERIENCE_ID,
+    USECASE_NAME: EXPERIENCE_NAME,
+    USECASE_VERSION: EXPERIENCE_VERSION,
+    USECASE_STEP: EXPERIENCE_STEP,
+}
 # Comma-separated key=value pairs that select price variants, e.g. "processing=batch".
 PRICE_CONTEXT = "xproxy-price-context"
 # The limit reservation (from LimitService.Reserve) that the call's event settles.
@@ -31,6 +39,7 @@ KNOWN_KEYS = frozenset(
         EXPERIENCE_VERSION,
         USER_ID,
         REQUEST_TAGS,
+        EXPERIENCE_STEP,
         PRICE_CONTEXT,
         LIMIT_RESERVATION,
         API_KEY,
@@ -46,6 +55,7 @@ CONTEXT_KEYS = {
     "user_id": USER_ID,
     "request_tags": REQUEST_TAGS,
     "limit_reservation": LIMIT_RESERVATION,
+    "step": EXPERIENCE_STEP,
 }
 
 Metadata = tuple[tuple[str, str], ...]
@@ -60,6 +70,7 @@ def create_metadata(
     *,
     price_context: Mapping[str, str] | None = None,
     limit_reservation: str | None = None,
+    step: str | None = None,
     family: Literal["experience", "usecase"] = "experience",
 ) -> Metadata:
     """gRPC metadata for the given context, leaving out what is unset. `family="usecase"`
@@ -95,6 +106,8 @@ def create_metadata(
         pairs.append((PRICE_CONTEXT, ",".join(f"{key}={value}" for key, value in sorted(price_context.items()))))
     if limit_reservation:
         pairs.append((LIMIT_RESERVATION, str(limit_reservation)))
+    if step:
+        pairs.append((USECASE_STEP if family == "usecase" else EXPERIENCE_STEP, step))
     return tuple(pairs)
 
 
@@ -108,6 +121,8 @@ HEADER_NAMES = {
     USECASE_VERSION: "xProxy-UseCase-Version",
     USER_ID: "xProxy-User-Id",
     REQUEST_TAGS: "xProxy-Request-Tags",
+    EXPERIENCE_STEP: "xProxy-Experience-Step",
+    USECASE_STEP: "xProxy-UseCase-Step",
     PRICE_CONTEXT: "xProxy-Price-Context",
     LIMIT_RESERVATION: "xProxy-Limit-Reservation",
     API_KEY: "xProxy-Api-Key",
@@ -123,6 +138,7 @@ def create_headers(
     *,
     price_context: Mapping[str, str] | None = None,
     limit_reservation: str | None = None,
+    step: str | None = None,
     api_key: str | None = None,
     family: Literal["experience", "usecase"] = "experience",
 ) -> dict[str, str]:
@@ -143,6 +159,7 @@ def create_headers(
         request_tags,
         price_context=price_context,
         limit_reservation=limit_reservation,
+        step=step,
         family=family,
     )
     headers = {HEADER_NAMES[key]: value for key, value in pairs}

@@ -33,7 +33,7 @@ from google.rpc import code_pb2
 
 from tally.v1 import ingest_service_pb2 as ing_pb
 
-from .client import AsyncTallyClient, TallyClient, current_scope
+from .client import AsyncTallyClient, TallyClient, current_scope, current_step
 from .errors import TallyError
 
 log = logging.getLogger("tally_client.recorder")
@@ -78,6 +78,8 @@ def recordable(event: ing_pb.UsageEvent) -> ing_pb.UsageEvent:
             context.request_tags.extend(scope.request_tags)
         if scope.experience_version and not context.experience_version:
             context.experience_version = scope.experience_version
+    if not event.context.step and (step := current_step()):
+        event.context.step = step
     if not event.idempotency_key and not event.provider_response_id:
         event.idempotency_key = f"tally-recorder-{uuid.uuid4()}"
     return event

@@ -82,6 +82,8 @@ def validate_event(event: UsageEvent, now: int | None, v: Violations) -> None:
     if context.experience_version < 0:
         v.add("context.experience_version", "must be 0 (current) or a version number")
     check_text(v, "context.user_id", context.user_id)
+    if context.step and not NAME_PATTERN.fullmatch(context.step):
+        v.add("context.step", "a step name must match [A-Za-z0-9._-]{1,64}")
     if context.limit_reservation and parse_uuid(context.limit_reservation) is None:
         v.add("limit_reservation_id", f"not a UUID: {context.limit_reservation[:80]!r}")
     if event.price_context:

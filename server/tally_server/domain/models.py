@@ -47,6 +47,19 @@ class Experience:
     properties: dict[str, str]
     stats: ExperienceStats | None = None  # set where a read asked for them
     outcomes: tuple[ScoredOutcome, ...] | None = None  # set where a read asked for them
+    step_costs: tuple[StepCost, ...] = ()  # set where a read asked for them
+
+
+@dataclass(frozen=True)
+class StepCost:
+    """What the events of one step cost: of one run, or over a version's runs."""
+
+    step: str
+    event_count: int
+    cost_nanos: int
+    version: int = 0  # over a version's runs: the version, its runs with the step, and all its runs
+    experience_count: int = 0
+    version_experience_count: int = 0
 
 
 @dataclass(frozen=True)
@@ -81,6 +94,7 @@ class TypeStats:
     name: str
     total: CostDistribution
     by_version: dict[int, CostDistribution]
+    steps: tuple[StepCost, ...] = ()
 
 
 class CostState(enum.IntEnum):
@@ -184,6 +198,8 @@ class EventContext:
     price_context: tuple[tuple[str, str], ...] = ()
     # What the call's metadata said that Tally ignored (unknown xproxy-* keys).
     warnings: tuple[str, ...] = ()
+    # The step of its run the event belongs to ("" for none).
+    step: str = ""
 
 
 # The context of a call or event that names nothing: the event is unattributed.

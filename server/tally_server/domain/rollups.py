@@ -241,3 +241,15 @@ def rollups_of(
         },
         {CostRollupKey(*key): CostTotals(*sums) for key, sums in by_hour.items()},
     )
+
+
+def step_costs(stored: Iterable[tuple[UsageEvent, IngestResult]]) -> dict[tuple[uuid.UUID, str], tuple[int, int]]:
+    """What the stored events that name a step add to their run's step: (events, cost)."""
+    sums: dict[tuple[uuid.UUID, str], tuple[int, int]] = {}
+    for event, result in stored:
+        step = event.context.step
+        if step and result.experience_id is not None:
+            key = (result.experience_id, step)
+            count, nanos = sums.get(key, (0, 0))
+            sums[key] = (count + 1, nanos + result.cost.total_nanos)
+    return sums

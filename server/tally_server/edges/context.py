@@ -11,6 +11,7 @@ from tally_client.metadata import (
     CONTEXT_KEYS,
     EXPERIENCE_ID,
     EXPERIENCE_NAME,
+    EXPERIENCE_STEP,
     EXPERIENCE_VERSION,
     KNOWN_KEYS,
     LIMIT_RESERVATION,
@@ -71,6 +72,7 @@ def _context_of(pairs: tuple[tuple[str, str], ...]) -> EventContext:
         user_id=values.get(USER_ID, ""),
         request_tags=tags,
         limit_reservation=values.get(LIMIT_RESERVATION, ""),
+        step=values.get(EXPERIENCE_STEP, ""),
         price_context=tuple(sorted(price_context.items())),
         warnings=tuple(warnings),
     )

@@ -24,7 +24,7 @@ from tally.v1 import (
 
 from ..domain import compare, models as m, outcomes
 from ..domain.errors import TallyError, Violation, invalid
-from ..domain.money import nanos_to_units_and_nanos
+from ..domain.money import divide_half_even, nanos_to_units_and_nanos
 
 
 def set_timestamp(target: timestamp_pb2.Timestamp, time_us: int) -> None:
@@ -176,6 +176,19 @@ def type_stats(s: m.TypeStats) -> et_pb.GetExperienceTypeStatsResponse:
             et_pb.VersionCostDistribution(version=version, stats=cost_distribution(d))
             for version, d in s.by_version.items()
         ],
+        steps=[
+            et_pb.VersionStepCost(
+                version=c.version,
+                step=c.step,
+                experience_count=c.experience_count,
+                event_count=c.event_count,
+                cost_total=money(c.cost_nanos),
+                cost_per_experience=money(
+                    divide_half_even(c.cost_nanos, c.version_experience_count) if c.version_experience_count else 0
+                ),
+            )
+            for c in s.steps
+        ],
     )
 
 
@@ -191,6 +204,10 @@ def experience(e: m.Experience, stats: m.ExperienceStats | None = None) -> exp_p
         create_time=timestamp(e.create_time_us),
         properties=e.properties,
         outcomes=[recorded_outcome(o) for o in e.outcomes or ()],
+        step_costs=[
+            exp_pb.StepCost(step=c.step, event_count=c.event_count, cost_total=money(c.cost_nanos))
+            for c in e.step_costs
+        ],
     )
     if stats is not None:
         message.stats.CopyFrom(experience_stats(stats))
@@ -223,6 +240,7 @@ def event_context(c: ing_pb.EventContext) -> m.EventContext:
         experience_version=c.experience_version,
         user_id=c.user_id,
         request_tags=tuple(c.request_tags),
+        step=c.step,
     )
 
 
@@ -479,6 +497,7 @@ def stored_event(s: m.StoredEvent) -> event_pb.StoredEvent:
                 experience_version=c.experience_version,
                 user_id=c.user_id,
                 request_tags=c.request_tags,
+                step=c.step,
             ),
             price_context=e.price_context,
         ),
@@ -501,6 +520,7 @@ COST_DIMENSIONS = {
     report_pb.COST_DIMENSION_REQUEST_TAG: "request_tag",
     report_pb.COST_DIMENSION_DAY: "day",
     report_pb.COST_DIMENSION_HOUR: "hour",
+    report_pb.COST_DIMENSION_STEP: "step",
 }
 
 

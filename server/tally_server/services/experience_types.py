@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections.abc import Sequence
@@ -11,7 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ..domain import outcomes, paging
 from ..domain.errors import Code, TallyError, Violations, already_exists, failed_precondition, not_found
-from ..domain.models import ExperienceType, ExperienceTypeVersion, Page, TypeStats, now_us
+from ..domain.models import ExperienceType, ExperienceTypeVersion, Page, StepCost, TypeStats, now_us
 from ..domain.validation import (
     SETTINGS_MAX_ENTRIES,
     check_description,
@@ -19,7 +20,7 @@ from ..domain.validation import (
     check_request_id,
     check_string_map,
 )
-from ..storage import idempotency as stored_idempotency, types as stored_types
+from ..storage import idempotency as stored_idempotency, steps as stored_steps, types as stored_types
 from ..storage.db import Database
 from .type_stats import type_stats
 
@@ -211,4 +212,12 @@ class ExperienceTypes:
         v.raise_if_any()
         async with self.db.read() as conn:
             type_id, _ = await self._require(conn, name)
-            return await type_stats(conn, name, type_id, version, start_us, end_us)
+            found = await type_stats(conn, name, type_id, version, start_us, end_us)
+            steps = await stored_steps.of_type(conn, type_id, version, start_us, end_us)
+        runs = {v: d.experience_count for v, d in found.by_version.items()}
+        return dataclasses.replace(
+            found,
+            steps=tuple(
+                StepCost(step, events, nanos, v, count, runs.get(v, 0)) for v, step, count, events, nanos in steps
+            ),
+        )

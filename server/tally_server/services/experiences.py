@@ -10,13 +10,14 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ..domain import outcomes, paging, stats
 from ..domain.errors import Violations, already_exists
-from ..domain.models import Experience, ExperienceStats, Page, now_us
+from ..domain.models import Experience, ExperienceStats, Page, StepCost, now_us
 from ..domain.resolution import experience_not_found, new_experience_id
 from ..domain.validation import PROPERTIES_MAX_ENTRIES, check_name, check_request_id, check_string_map, parse_uuid
 from ..storage import (
     experiences as stored_experiences,
     idempotency as stored_idempotency,
     outcomes as stored_outcomes,
+    steps as stored_steps,
     types as stored_types,
 )
 from ..storage.db import Database
@@ -127,7 +128,8 @@ class Experiences:
             experience, rollup = found
             recorded = (await stored_outcomes.latest(conn, [parsed])).get(parsed, [])
             declared = await self._declared(conn, experience.experience_name) if recorded else {}
-        experience = dataclasses.replace(experience, outcomes=outcomes.scored(recorded, declared))
+            steps = tuple(StepCost(*step) for step in await stored_steps.of_experience(conn, parsed))
+        experience = dataclasses.replace(experience, outcomes=outcomes.scored(recorded, declared), step_costs=steps)
         return experience, stats.experience_stats(rollup)
 
     async def _declared(self, conn: AsyncConnection, type_name: str) -> dict[str, outcomes.OutcomeDefinition]:

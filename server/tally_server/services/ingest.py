@@ -28,9 +28,14 @@ from ..domain.models import (
     UsageEvent,
     now_us,
 )
-from ..domain.rollups import priced_model, rollups_of, type_deltas
+from ..domain.rollups import priced_model, rollups_of, step_costs, type_deltas
 from ..logs import RepeatedLog
-from ..storage import events as stored_events, experiences as stored_experiences, rollups as stored_rollups
+from ..storage import (
+    events as stored_events,
+    experiences as stored_experiences,
+    rollups as stored_rollups,
+    steps as stored_steps,
+)
 from ..storage.db import Database
 from .catalog import LiveCatalog
 from .limits import LiveLimits, count_against_limits, settle_named
@@ -304,6 +309,8 @@ class Ingestor:
             notes = await _release_for_repeats(conn, repeats, now)
             by_experience, by_hour = rollups_of(stored_pairs)
             await stored_rollups.add(conn, by_experience, by_hour, type_deltas(before, by_experience))
+            if steps := step_costs(stored_pairs):
+                await stored_steps.add(conn, steps)
             # Limits count in the same transaction: their spend is the sum of their events.
             book = await self.limits.refresh(conn)
             if book or any(event.context.limit_reservation for event, _ in stored_pairs):

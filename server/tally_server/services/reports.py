@@ -23,6 +23,7 @@ DIMENSIONS = (
     "model",
     "user_id",
     "request_tag",
+    "step",
     "day",
     "hour",
 )

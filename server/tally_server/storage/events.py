@@ -183,6 +183,7 @@ def stored_event(row: Any) -> m.StoredEvent:
             experience_version=row.experience_version or 0,
             user_id=row.user_id or "",
             request_tags=tuple(row.request_tags or ()),
+            step=row.step or "",
         ),
         content_hash=row.content_hash,
         price_context=dict(row.price_context or {}),

@@ -48,6 +48,7 @@ def _event_keys(dimension: str, tag: Any) -> list[sa.ColumnElement[Any]]:
         "resource": [ev.c.resource],
         "model": [rollups.MODEL_OF_EVENT],
         "user_id": [sa.func.coalesce(ev.c.user_id, "")],
+        "step": [sa.func.coalesce(ev.c.step, "")],
         "request_tag": [sa.func.coalesce(tag.c.value, "") if tag is not None else sa.literal("")],
         "day": [time - time % DAY_US],
         "hour": [time - time % HOUR_US],

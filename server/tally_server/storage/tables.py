@@ -158,6 +158,8 @@ events = sa.Table(
     # selected the price variant applied.
     sa.Column("price_context", sa.JSON(none_as_null=True), nullable=True),
     sa.Column("price_variant", sa.JSON(none_as_null=True), nullable=True),
+    # The step of its run the event named (migration 0009); NULL for none.
+    sa.Column("step", sa.String(64), nullable=True),
     # An experience's events in event-time order (ListEvents, deletions).
     sa.Index("ix_events_experience_time", "experience_id", "event_time_us", "id"),
     # The events not fully priced, of one state, newest first as ListEvents orders them (the
@@ -320,4 +322,15 @@ experience_outcome_changes = sa.Table(
     sa.Column("record_time_us", sa.BigInteger, nullable=False),
     sa.Column("key_name", sa.String(64), nullable=False),
     sa.Index("ix_experience_outcome_changes_experience", "experience_id", "id"),
+)
+
+# What each step of a run cost, kept by the ingest writer (migration 0009).
+experience_step_costs = sa.Table(
+    "experience_step_costs",
+    metadata,
+    sa.Column("experience_id", sa.Uuid, sa.ForeignKey("experiences.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("step", sa.String(64), primary_key=True),
+    sa.Column("event_count", sa.BigInteger, nullable=False),
+    sa.Column("cost_total_dollars", sa.BigInteger, nullable=False),
+    sa.Column("cost_total_nanos", sa.BigInteger, nullable=False),
 )

@@ -1340,6 +1340,9 @@ type GetExperienceTypeStatsResponse struct {
 	Total *CostDistribution `protobuf:"bytes,2,opt,name=total,proto3" json:"total,omitempty"`
 	// The same statistics for each version that has events, ascending by version.
 	Versions []*VersionCostDistribution `protobuf:"bytes,3,rep,name=versions,proto3" json:"versions,omitempty"`
+	// The cost of each step per version, over the same experiences: by version,
+	// then step.
+	Steps []*VersionStepCost `protobuf:"bytes,4,rep,name=steps,proto3" json:"steps,omitempty"`
 }
 
 func (x *GetExperienceTypeStatsResponse) Reset() {
@@ -1395,6 +1398,108 @@ func (x *GetExperienceTypeStatsResponse) GetVersions() []*VersionCostDistributio
 	return nil
 }
 
+func (x *GetExperienceTypeStatsResponse) GetSteps() []*VersionStepCost {
+	if x != nil {
+		return x.Steps
+	}
+	return nil
+}
+
+// What one step cost over one version's experiences.
+type VersionStepCost struct {
+	state         protoimpl.MessageState
+	sizeCache     protoimpl.SizeCache
+	unknownFields protoimpl.UnknownFields
+
+	// The version.
+	Version int32 `protobuf:"varint,1,opt,name=version,proto3" json:"version,omitempty"`
+	// The step.
+	Step string `protobuf:"bytes,2,opt,name=step,proto3" json:"step,omitempty"`
+	// Experiences with events in the step.
+	ExperienceCount int64 `protobuf:"varint,3,opt,name=experience_count,json=experienceCount,proto3" json:"experience_count,omitempty"`
+	// Events in the step.
+	EventCount int64 `protobuf:"varint,4,opt,name=event_count,json=eventCount,proto3" json:"event_count,omitempty"`
+	// Their total cost.
+	CostTotal *Money `protobuf:"bytes,5,opt,name=cost_total,json=costTotal,proto3" json:"cost_total,omitempty"`
+	// cost_total over the version's experiences (all of them, with the step or
+	// not: what the step adds to a run on average), rounded half to even.
+	CostPerExperience *Money `protobuf:"bytes,6,opt,name=cost_per_experience,json=costPerExperience,proto3" json:"cost_per_experience,omitempty"`
+}
+
+func (x *VersionStepCost) Reset() {
+	*x = VersionStepCost{}
+	if protoimpl.UnsafeEnabled {
+		mi := &file_tally_v1_experience_type_service_proto_msgTypes[20]
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		ms.StoreMessageInfo(mi)
+	}
+}
+
+func (x *VersionStepCost) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*VersionStepCost) ProtoMessage() {}
+
+func (x *VersionStepCost) ProtoReflect() protoreflect.Message {
+	mi := &file_tally_v1_experience_type_service_proto_msgTypes[20]
+	if protoimpl.UnsafeEnabled && x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use VersionStepCost.ProtoReflect.Descriptor instead.
+func (*VersionStepCost) Descriptor() ([]byte, []int) {
+	return file_tally_v1_experience_type_service_proto_rawDescGZIP(), []int{20}
+}
+
+func (x *VersionStepCost) GetVersion() int32 {
+	if x != nil {
+		return x.Version
+	}
+	return 0
+}
+
+func (x *VersionStepCost) GetStep() string {
+	if x != nil {
+		return x.Step
+	}
+	return ""
+}
+
+func (x *VersionStepCost) GetExperienceCount() int64 {
+	if x != nil {
+		return x.ExperienceCount
+	}
+	return 0
+}
+
+func (x *VersionStepCost) GetEventCount() int64 {
+	if x != nil {
+		return x.EventCount
+	}
+	return 0
+}
+
+func (x *VersionStepCost) GetCostTotal() *Money {
+	if x != nil {
+		return x.CostTotal
+	}
+	return nil
+}
+
+func (x *VersionStepCost) GetCostPerExperience() *Money {
+	if x != nil {
+		return x.CostPerExperience
+	}
+	return nil
+}
+
 // Cost statistics over a set of experiences. An experience counts when it has
 // at least one event and its first event is in the selected window.
 type CostDistribution struct {
@@ -1423,7 +1528,7 @@ type CostDistribution struct {
 func (x *CostDistribution) Reset() {
 	*x = CostDistribution{}
 	if protoimpl.UnsafeEnabled {
-		mi := &file_tally_v1_experience_type_service_proto_msgTypes[20]
+		mi := &file_tally_v1_experience_type_service_proto_msgTypes[21]
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		ms.StoreMessageInfo(mi)
 	}
@@ -1436,7 +1541,7 @@ func (x *CostDistribution) String() string {
 func (*CostDistribution) ProtoMessage() {}
 
 func (x *CostDistribution) ProtoReflect() protoreflect.Message {
-	mi := &file_tally_v1_experience_type_service_proto_msgTypes[20]
+	mi := &file_tally_v1_experience_type_service_proto_msgTypes[21]
 	if protoimpl.UnsafeEnabled && x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1449,7 +1554,7 @@ func (x *CostDistribution) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CostDistribution.ProtoReflect.Descriptor instead.
 func (*CostDistribution) Descriptor() ([]byte, []int) {
-	return file_tally_v1_experience_type_service_proto_rawDescGZIP(), []int{20}
+	return file_tally_v1_experience_type_service_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *CostDistribution) GetExperienceCount() int64 {
@@ -1523,7 +1628,7 @@ type VersionCostDistribution struct {
 func (x *VersionCostDistribution) Reset() {
 	*x = VersionCostDistribution{}
 	if protoimpl.UnsafeEnabled {
-		mi := &file_tally_v1_experience_type_service_proto_msgTypes[21]
+		mi := &file_tally_v1_experience_type_service_proto_msgTypes[22]
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		ms.StoreMessageInfo(mi)
 	}
@@ -1536,7 +1641,7 @@ func (x *VersionCostDistribution) String() string {
 func (*VersionCostDistribution) ProtoMessage() {}
 
 func (x *VersionCostDistribution) ProtoReflect() protoreflect.Message {
-	mi := &file_tally_v1_experience_type_service_proto_msgTypes[21]
+	mi := &file_tally_v1_experience_type_service_proto_msgTypes[22]
 	if protoimpl.UnsafeEnabled && x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1549,7 +1654,7 @@ func (x *VersionCostDistribution) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VersionCostDistribution.ProtoReflect.Descriptor instead.
 func (*VersionCostDistribution) Descriptor() ([]byte, []int) {
-	return file_tally_v1_experience_type_service_proto_rawDescGZIP(), []int{21}
+	return file_tally_v1_experience_type_service_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *VersionCostDistribution) GetVersion() int32 {
@@ -1752,7 +1857,7 @@ var file_tally_v1_experience_type_service_proto_rawDesc = []byte{
 	0x6d, 0x65, 0x12, 0x35, 0x0a, 0x08, 0x65, 0x6e, 0x64, 0x5f, 0x74, 0x69, 0x6d, 0x65, 0x18, 0x04,
 	0x20, 0x01, 0x28, 0x0b, 0x32, 0x1a, 0x2e, 0x67, 0x6f, 0x6f, 0x67, 0x6c, 0x65, 0x2e, 0x70, 0x72,
 	0x6f, 0x74, 0x6f, 0x62, 0x75, 0x66, 0x2e, 0x54, 0x69, 0x6d, 0x65, 0x73, 0x74, 0x61, 0x6d, 0x70,
-	0x52, 0x07, 0x65, 0x6e, 0x64, 0x54, 0x69, 0x6d, 0x65, 0x22, 0xa5, 0x01, 0x0a, 0x1e, 0x47, 0x65,
+	0x52, 0x07, 0x65, 0x6e, 0x64, 0x54, 0x69, 0x6d, 0x65, 0x22, 0xd6, 0x01, 0x0a, 0x1e, 0x47, 0x65,
 	0x74, 0x45, 0x78, 0x70, 0x65, 0x72, 0x69, 0x65, 0x6e, 0x63, 0x65, 0x54, 0x79, 0x70, 0x65, 0x53,
 	0x74, 0x61, 0x74, 0x73, 0x52, 0x65, 0x73, 0x70, 0x6f, 0x6e, 0x73, 0x65, 0x12, 0x12, 0x0a, 0x04,
 	0x6e, 0x61, 0x6d, 0x65, 0x18, 0x01, 0x20, 0x01, 0x28, 0x09, 0x52, 0x04, 0x6e, 0x61, 0x6d, 0x65,
@@ -1763,7 +1868,26 @@ var file_tally_v1_experience_type_service_proto_rawDesc = []byte{
 	0x20, 0x03, 0x28, 0x0b, 0x32, 0x21, 0x2e, 0x74, 0x61, 0x6c, 0x6c, 0x79, 0x2e, 0x76, 0x31, 0x2e,
 	0x56, 0x65, 0x72, 0x73, 0x69, 0x6f, 0x6e, 0x43, 0x6f, 0x73, 0x74, 0x44, 0x69, 0x73, 0x74, 0x72,
 	0x69, 0x62, 0x75, 0x74, 0x69, 0x6f, 0x6e, 0x52, 0x08, 0x76, 0x65, 0x72, 0x73, 0x69, 0x6f, 0x6e,
-	0x73, 0x22, 0xe2, 0x03, 0x0a, 0x10, 0x43, 0x6f, 0x73, 0x74, 0x44, 0x69, 0x73, 0x74, 0x72, 0x69,
+	0x73, 0x12, 0x2f, 0x0a, 0x05, 0x73, 0x74, 0x65, 0x70, 0x73, 0x18, 0x04, 0x20, 0x03, 0x28, 0x0b,
+	0x32, 0x19, 0x2e, 0x74, 0x61, 0x6c, 0x6c, 0x79, 0x2e, 0x76, 0x31, 0x2e, 0x56, 0x65, 0x72, 0x73,
+	0x69, 0x6f, 0x6e, 0x53, 0x74, 0x65, 0x70, 0x43, 0x6f, 0x73, 0x74, 0x52, 0x05, 0x73, 0x74, 0x65,
+	0x70, 0x73, 0x22, 0xfc, 0x01, 0x0a, 0x0f, 0x56, 0x65, 0x72, 0x73, 0x69, 0x6f, 0x6e, 0x53, 0x74,
+	0x65, 0x70, 0x43, 0x6f, 0x73, 0x74, 0x12, 0x18, 0x0a, 0x07, 0x76, 0x65, 0x72, 0x73, 0x69, 0x6f,
+	0x6e, 0x18, 0x01, 0x20, 0x01, 0x28, 0x05, 0x52, 0x07, 0x76, 0x65, 0x72, 0x73, 0x69, 0x6f, 0x6e,
+	0x12, 0x12, 0x0a, 0x04, 0x73, 0x74, 0x65, 0x70, 0x18, 0x02, 0x20, 0x01, 0x28, 0x09, 0x52, 0x04,
+	0x73, 0x74, 0x65, 0x70, 0x12, 0x29, 0x0a, 0x10, 0x65, 0x78, 0x70, 0x65, 0x72, 0x69, 0x65, 0x6e,
+	0x63, 0x65, 0x5f, 0x63, 0x6f, 0x75, 0x6e, 0x74, 0x18, 0x03, 0x20, 0x01, 0x28, 0x03, 0x52, 0x0f,
+	0x65, 0x78, 0x70, 0x65, 0x72, 0x69, 0x65, 0x6e, 0x63, 0x65, 0x43, 0x6f, 0x75, 0x6e, 0x74, 0x12,
+	0x1f, 0x0a, 0x0b, 0x65, 0x76, 0x65, 0x6e, 0x74, 0x5f, 0x63, 0x6f, 0x75, 0x6e, 0x74, 0x18, 0x04,
+	0x20, 0x01, 0x28, 0x03, 0x52, 0x0a, 0x65, 0x76, 0x65, 0x6e, 0x74, 0x43, 0x6f, 0x75, 0x6e, 0x74,
+	0x12, 0x2e, 0x0a, 0x0a, 0x63, 0x6f, 0x73, 0x74, 0x5f, 0x74, 0x6f, 0x74, 0x61, 0x6c, 0x18, 0x05,
+	0x20, 0x01, 0x28, 0x0b, 0x32, 0x0f, 0x2e, 0x74, 0x61, 0x6c, 0x6c, 0x79, 0x2e, 0x76, 0x31, 0x2e,
+	0x4d, 0x6f, 0x6e, 0x65, 0x79, 0x52, 0x09, 0x63, 0x6f, 0x73, 0x74, 0x54, 0x6f, 0x74, 0x61, 0x6c,
+	0x12, 0x3f, 0x0a, 0x13, 0x63, 0x6f, 0x73, 0x74, 0x5f, 0x70, 0x65, 0x72, 0x5f, 0x65, 0x78, 0x70,
+	0x65, 0x72, 0x69, 0x65, 0x6e, 0x63, 0x65, 0x18, 0x06, 0x20, 0x01, 0x28, 0x0b, 0x32, 0x0f, 0x2e,
+	0x74, 0x61, 0x6c, 0x6c, 0x79, 0x2e, 0x76, 0x31, 0x2e, 0x4d, 0x6f, 0x6e, 0x65, 0x79, 0x52, 0x11,
+	0x63, 0x6f, 0x73, 0x74, 0x50, 0x65, 0x72, 0x45, 0x78, 0x70, 0x65, 0x72, 0x69, 0x65, 0x6e, 0x63,
+	0x65, 0x22, 0xe2, 0x03, 0x0a, 0x10, 0x43, 0x6f, 0x73, 0x74, 0x44, 0x69, 0x73, 0x74, 0x72, 0x69,
 	0x62, 0x75, 0x74, 0x69, 0x6f, 0x6e, 0x12, 0x29, 0x0a, 0x10, 0x65, 0x78, 0x70, 0x65, 0x72, 0x69,
 	0x65, 0x6e, 0x63, 0x65, 0x5f, 0x63, 0x6f, 0x75, 0x6e, 0x74, 0x18, 0x01, 0x20, 0x01, 0x28, 0x03,
 	0x52, 0x0f, 0x65, 0x78, 0x70, 0x65, 0x72, 0x69, 0x65, 0x6e, 0x63, 0x65, 0x43, 0x6f, 0x75, 0x6e,
@@ -1888,7 +2012,7 @@ func file_tally_v1_experience_type_service_proto_rawDescGZIP() []byte {
 }
 
 var file_tally_v1_experience_type_service_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_tally_v1_experience_type_service_proto_msgTypes = make([]protoimpl.MessageInfo, 24)
+var file_tally_v1_experience_type_service_proto_msgTypes = make([]protoimpl.MessageInfo, 25)
 var file_tally_v1_experience_type_service_proto_goTypes = []interface{}{
 	(OutcomeKind)(0),                               // 0: tally.v1.OutcomeKind
 	(*ExperienceType)(nil),                         // 1: tally.v1.ExperienceType
@@ -1911,64 +2035,68 @@ var file_tally_v1_experience_type_service_proto_goTypes = []interface{}{
 	(*ListExperienceTypeVersionsResponse)(nil),     // 18: tally.v1.ListExperienceTypeVersionsResponse
 	(*GetExperienceTypeStatsRequest)(nil),          // 19: tally.v1.GetExperienceTypeStatsRequest
 	(*GetExperienceTypeStatsResponse)(nil),         // 20: tally.v1.GetExperienceTypeStatsResponse
-	(*CostDistribution)(nil),                       // 21: tally.v1.CostDistribution
-	(*VersionCostDistribution)(nil),                // 22: tally.v1.VersionCostDistribution
-	nil,                                            // 23: tally.v1.ExperienceType.SettingsEntry
-	nil,                                            // 24: tally.v1.ExperienceTypeVersion.SettingsEntry
-	(*timestamppb.Timestamp)(nil),                  // 25: google.protobuf.Timestamp
-	(*fieldmaskpb.FieldMask)(nil),                  // 26: google.protobuf.FieldMask
-	(*Money)(nil),                                  // 27: tally.v1.Money
+	(*VersionStepCost)(nil),                        // 21: tally.v1.VersionStepCost
+	(*CostDistribution)(nil),                       // 22: tally.v1.CostDistribution
+	(*VersionCostDistribution)(nil),                // 23: tally.v1.VersionCostDistribution
+	nil,                                            // 24: tally.v1.ExperienceType.SettingsEntry
+	nil,                                            // 25: tally.v1.ExperienceTypeVersion.SettingsEntry
+	(*timestamppb.Timestamp)(nil),                  // 26: google.protobuf.Timestamp
+	(*fieldmaskpb.FieldMask)(nil),                  // 27: google.protobuf.FieldMask
+	(*Money)(nil),                                  // 28: tally.v1.Money
 }
 var file_tally_v1_experience_type_service_proto_depIdxs = []int32{
-	23, // 0: tally.v1.ExperienceType.settings:type_name -> tally.v1.ExperienceType.SettingsEntry
-	25, // 1: tally.v1.ExperienceType.create_time:type_name -> google.protobuf.Timestamp
-	25, // 2: tally.v1.ExperienceType.update_time:type_name -> google.protobuf.Timestamp
+	24, // 0: tally.v1.ExperienceType.settings:type_name -> tally.v1.ExperienceType.SettingsEntry
+	26, // 1: tally.v1.ExperienceType.create_time:type_name -> google.protobuf.Timestamp
+	26, // 2: tally.v1.ExperienceType.update_time:type_name -> google.protobuf.Timestamp
 	2,  // 3: tally.v1.ExperienceType.outcomes:type_name -> tally.v1.OutcomeDefinition
 	0,  // 4: tally.v1.OutcomeDefinition.kind:type_name -> tally.v1.OutcomeKind
 	3,  // 5: tally.v1.OutcomeDefinition.goal:type_name -> tally.v1.OutcomeGoal
-	24, // 6: tally.v1.ExperienceTypeVersion.settings:type_name -> tally.v1.ExperienceTypeVersion.SettingsEntry
-	25, // 7: tally.v1.ExperienceTypeVersion.create_time:type_name -> google.protobuf.Timestamp
+	25, // 6: tally.v1.ExperienceTypeVersion.settings:type_name -> tally.v1.ExperienceTypeVersion.SettingsEntry
+	26, // 7: tally.v1.ExperienceTypeVersion.create_time:type_name -> google.protobuf.Timestamp
 	1,  // 8: tally.v1.CreateExperienceTypeRequest.experience_type:type_name -> tally.v1.ExperienceType
 	1,  // 9: tally.v1.CreateExperienceTypeResponse.experience_type:type_name -> tally.v1.ExperienceType
 	1,  // 10: tally.v1.GetExperienceTypeResponse.experience_type:type_name -> tally.v1.ExperienceType
 	1,  // 11: tally.v1.ListExperienceTypesResponse.experience_types:type_name -> tally.v1.ExperienceType
 	1,  // 12: tally.v1.UpdateExperienceTypeRequest.experience_type:type_name -> tally.v1.ExperienceType
-	26, // 13: tally.v1.UpdateExperienceTypeRequest.update_mask:type_name -> google.protobuf.FieldMask
+	27, // 13: tally.v1.UpdateExperienceTypeRequest.update_mask:type_name -> google.protobuf.FieldMask
 	1,  // 14: tally.v1.UpdateExperienceTypeResponse.experience_type:type_name -> tally.v1.ExperienceType
 	1,  // 15: tally.v1.IncrementExperienceTypeVersionResponse.experience_type:type_name -> tally.v1.ExperienceType
 	4,  // 16: tally.v1.IncrementExperienceTypeVersionResponse.experience_type_version:type_name -> tally.v1.ExperienceTypeVersion
 	4,  // 17: tally.v1.ListExperienceTypeVersionsResponse.experience_type_versions:type_name -> tally.v1.ExperienceTypeVersion
-	25, // 18: tally.v1.GetExperienceTypeStatsRequest.start_time:type_name -> google.protobuf.Timestamp
-	25, // 19: tally.v1.GetExperienceTypeStatsRequest.end_time:type_name -> google.protobuf.Timestamp
-	21, // 20: tally.v1.GetExperienceTypeStatsResponse.total:type_name -> tally.v1.CostDistribution
-	22, // 21: tally.v1.GetExperienceTypeStatsResponse.versions:type_name -> tally.v1.VersionCostDistribution
-	27, // 22: tally.v1.CostDistribution.total_cost:type_name -> tally.v1.Money
-	27, // 23: tally.v1.CostDistribution.mean_cost_per_experience:type_name -> tally.v1.Money
-	27, // 24: tally.v1.CostDistribution.p50_cost_per_experience:type_name -> tally.v1.Money
-	27, // 25: tally.v1.CostDistribution.p95_cost_per_experience:type_name -> tally.v1.Money
-	27, // 26: tally.v1.CostDistribution.max_cost_per_experience:type_name -> tally.v1.Money
-	21, // 27: tally.v1.VersionCostDistribution.stats:type_name -> tally.v1.CostDistribution
-	5,  // 28: tally.v1.ExperienceTypeService.CreateExperienceType:input_type -> tally.v1.CreateExperienceTypeRequest
-	7,  // 29: tally.v1.ExperienceTypeService.GetExperienceType:input_type -> tally.v1.GetExperienceTypeRequest
-	9,  // 30: tally.v1.ExperienceTypeService.ListExperienceTypes:input_type -> tally.v1.ListExperienceTypesRequest
-	11, // 31: tally.v1.ExperienceTypeService.UpdateExperienceType:input_type -> tally.v1.UpdateExperienceTypeRequest
-	13, // 32: tally.v1.ExperienceTypeService.DeleteExperienceType:input_type -> tally.v1.DeleteExperienceTypeRequest
-	15, // 33: tally.v1.ExperienceTypeService.IncrementExperienceTypeVersion:input_type -> tally.v1.IncrementExperienceTypeVersionRequest
-	17, // 34: tally.v1.ExperienceTypeService.ListExperienceTypeVersions:input_type -> tally.v1.ListExperienceTypeVersionsRequest
-	19, // 35: tally.v1.ExperienceTypeService.GetExperienceTypeStats:input_type -> tally.v1.GetExperienceTypeStatsRequest
-	6,  // 36: tally.v1.ExperienceTypeService.CreateExperienceType:output_type -> tally.v1.CreateExperienceTypeResponse
-	8,  // 37: tally.v1.ExperienceTypeService.GetExperienceType:output_type -> tally.v1.GetExperienceTypeResponse
-	10, // 38: tally.v1.ExperienceTypeService.ListExperienceTypes:output_type -> tally.v1.ListExperienceTypesResponse
-	12, // 39: tally.v1.ExperienceTypeService.UpdateExperienceType:output_type -> tally.v1.UpdateExperienceTypeResponse
-	14, // 40: tally.v1.ExperienceTypeService.DeleteExperienceType:output_type -> tally.v1.DeleteExperienceTypeResponse
-	16, // 41: tally.v1.ExperienceTypeService.IncrementExperienceTypeVersion:output_type -> tally.v1.IncrementExperienceTypeVersionResponse
-	18, // 42: tally.v1.ExperienceTypeService.ListExperienceTypeVersions:output_type -> tally.v1.ListExperienceTypeVersionsResponse
-	20, // 43: tally.v1.ExperienceTypeService.GetExperienceTypeStats:output_type -> tally.v1.GetExperienceTypeStatsResponse
-	36, // [36:44] is the sub-list for method output_type
-	28, // [28:36] is the sub-list for method input_type
-	28, // [28:28] is the sub-list for extension type_name
-	28, // [28:28] is the sub-list for extension extendee
-	0,  // [0:28] is the sub-list for field type_name
+	26, // 18: tally.v1.GetExperienceTypeStatsRequest.start_time:type_name -> google.protobuf.Timestamp
+	26, // 19: tally.v1.GetExperienceTypeStatsRequest.end_time:type_name -> google.protobuf.Timestamp
+	22, // 20: tally.v1.GetExperienceTypeStatsResponse.total:type_name -> tally.v1.CostDistribution
+	23, // 21: tally.v1.GetExperienceTypeStatsResponse.versions:type_name -> tally.v1.VersionCostDistribution
+	21, // 22: tally.v1.GetExperienceTypeStatsResponse.steps:type_name -> tally.v1.VersionStepCost
+	28, // 23: tally.v1.VersionStepCost.cost_total:type_name -> tally.v1.Money
+	28, // 24: tally.v1.VersionStepCost.cost_per_experience:type_name -> tally.v1.Money
+	28, // 25: tally.v1.CostDistribution.total_cost:type_name -> tally.v1.Money
+	28, // 26: tally.v1.CostDistribution.mean_cost_per_experience:type_name -> tally.v1.Money
+	28, // 27: tally.v1.CostDistribution.p50_cost_per_experience:type_name -> tally.v1.Money
+	28, // 28: tally.v1.CostDistribution.p95_cost_per_experience:type_name -> tally.v1.Money
+	28, // 29: tally.v1.CostDistribution.max_cost_per_experience:type_name -> tally.v1.Money
+	22, // 30: tally.v1.VersionCostDistribution.stats:type_name -> tally.v1.CostDistribution
+	5,  // 31: tally.v1.ExperienceTypeService.CreateExperienceType:input_type -> tally.v1.CreateExperienceTypeRequest
+	7,  // 32: tally.v1.ExperienceTypeService.GetExperienceType:input_type -> tally.v1.GetExperienceTypeRequest
+	9,  // 33: tally.v1.ExperienceTypeService.ListExperienceTypes:input_type -> tally.v1.ListExperienceTypesRequest
+	11, // 34: tally.v1.ExperienceTypeService.UpdateExperienceType:input_type -> tally.v1.UpdateExperienceTypeRequest
+	13, // 35: tally.v1.ExperienceTypeService.DeleteExperienceType:input_type -> tally.v1.DeleteExperienceTypeRequest
+	15, // 36: tally.v1.ExperienceTypeService.IncrementExperienceTypeVersion:input_type -> tally.v1.IncrementExperienceTypeVersionRequest
+	17, // 37: tally.v1.ExperienceTypeService.ListExperienceTypeVersions:input_type -> tally.v1.ListExperienceTypeVersionsRequest
+	19, // 38: tally.v1.ExperienceTypeService.GetExperienceTypeStats:input_type -> tally.v1.GetExperienceTypeStatsRequest
+	6,  // 39: tally.v1.ExperienceTypeService.CreateExperienceType:output_type -> tally.v1.CreateExperienceTypeResponse
+	8,  // 40: tally.v1.ExperienceTypeService.GetExperienceType:output_type -> tally.v1.GetExperienceTypeResponse
+	10, // 41: tally.v1.ExperienceTypeService.ListExperienceTypes:output_type -> tally.v1.ListExperienceTypesResponse
+	12, // 42: tally.v1.ExperienceTypeService.UpdateExperienceType:output_type -> tally.v1.UpdateExperienceTypeResponse
+	14, // 43: tally.v1.ExperienceTypeService.DeleteExperienceType:output_type -> tally.v1.DeleteExperienceTypeResponse
+	16, // 44: tally.v1.ExperienceTypeService.IncrementExperienceTypeVersion:output_type -> tally.v1.IncrementExperienceTypeVersionResponse
+	18, // 45: tally.v1.ExperienceTypeService.ListExperienceTypeVersions:output_type -> tally.v1.ListExperienceTypeVersionsResponse
+	20, // 46: tally.v1.ExperienceTypeService.GetExperienceTypeStats:output_type -> tally.v1.GetExperienceTypeStatsResponse
+	39, // [39:47] is the sub-list for method output_type
+	31, // [31:39] is the sub-list for method input_type
+	31, // [31:31] is the sub-list for extension type_name
+	31, // [31:31] is the sub-list for extension extendee
+	0,  // [0:31] is the sub-list for field type_name
 }
 
 func init() { file_tally_v1_experience_type_service_proto_init() }
@@ -2220,7 +2348,7 @@ func file_tally_v1_experience_type_service_proto_init() {
 			}
 		}
 		file_tally_v1_experience_type_service_proto_msgTypes[20].Exporter = func(v interface{}, i int) interface{} {
-			switch v := v.(*CostDistribution); i {
+			switch v := v.(*VersionStepCost); i {
 			case 0:
 				return &v.state
 			case 1:
@@ -2232,6 +2360,18 @@ func file_tally_v1_experience_type_service_proto_init() {
 			}
 		}
 		file_tally_v1_experience_type_service_proto_msgTypes[21].Exporter = func(v interface{}, i int) interface{} {
+			switch v := v.(*CostDistribution); i {
+			case 0:
+				return &v.state
+			case 1:
+				return &v.sizeCache
+			case 2:
+				return &v.unknownFields
+			default:
+				return nil
+			}
+		}
+		file_tally_v1_experience_type_service_proto_msgTypes[22].Exporter = func(v interface{}, i int) interface{} {
 			switch v := v.(*VersionCostDistribution); i {
 			case 0:
 				return &v.state
@@ -2255,7 +2395,7 @@ func file_tally_v1_experience_type_service_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: file_tally_v1_experience_type_service_proto_rawDesc,
 			NumEnums:      1,
-			NumMessages:   24,
+			NumMessages:   25,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -21,7 +21,7 @@ type ReportServiceClient interface {
 	// dimensions, the most expensive group first. Grouping by type, version,
 	// category, resource, model, day or hour reads the hourly rollup kept at ingest
 	// (and the events of the window's partial hours at its edges); grouping by
-	// user id or request tag reads the window's events.
+	// user id, request tag or step reads the window's events.
 	BreakDownCost(ctx context.Context, in *BreakDownCostRequest, opts ...grpc.CallOption) (*BreakDownCostResponse, error)
 	// Two versions of a type side by side, over their runs whose first event is
 	// in a window: cost per run, events per run, failure rate, and each declared
@@ -67,7 +67,7 @@ type ReportServiceServer interface {
 	// dimensions, the most expensive group first. Grouping by type, version,
 	// category, resource, model, day or hour reads the hourly rollup kept at ingest
 	// (and the events of the window's partial hours at its edges); grouping by
-	// user id or request tag reads the window's events.
+	// user id, request tag or step reads the window's events.
 	BreakDownCost(context.Context, *BreakDownCostRequest) (*BreakDownCostResponse, error)
 	// Two versions of a type side by side, over their runs whose first event is
 	// in a window: cost per run, events per run, failure rate, and each declared

@@ -53,6 +53,7 @@ class Experience(_message.Message):
     PROPERTIES_FIELD_NUMBER: _builtins.int
     STATS_FIELD_NUMBER: _builtins.int
     OUTCOMES_FIELD_NUMBER: _builtins.int
+    STEP_COSTS_FIELD_NUMBER: _builtins.int
     experience_id: _builtins.str
     """The experience's UUID in canonical lower-case form."""
     experience_name: _builtins.str
@@ -81,6 +82,12 @@ class Experience(_message.Message):
         name. Set by GetExperience and RecordOutcomes.
         """
 
+    @_builtins.property
+    def step_costs(self) -> _containers.RepeatedCompositeFieldContainer[Global___StepCost]:
+        """The cost of each step of the run (events that named one), by step. Set by
+        GetExperience.
+        """
+
     def __init__(
         self,
         *,
@@ -91,14 +98,47 @@ class Experience(_message.Message):
         properties: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         stats: Global___ExperienceStats | None = ...,
         outcomes: _abc.Iterable[Global___RecordedOutcome] | None = ...,
+        step_costs: _abc.Iterable[Global___StepCost] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "stats", b"stats"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "experience_id", b"experience_id", "experience_name", b"experience_name", "experience_version", b"experience_version", "outcomes", b"outcomes", "properties", b"properties", "stats", b"stats"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "experience_id", b"experience_id", "experience_name", b"experience_name", "experience_version", b"experience_version", "outcomes", b"outcomes", "properties", b"properties", "stats", b"stats", "step_costs", b"step_costs"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Experience: _TypeAlias = Experience  # noqa: Y015
+
+@_typing.final
+class StepCost(_message.Message):
+    """What the events of one step of a run cost."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STEP_FIELD_NUMBER: _builtins.int
+    EVENT_COUNT_FIELD_NUMBER: _builtins.int
+    COST_TOTAL_FIELD_NUMBER: _builtins.int
+    step: _builtins.str
+    """The step."""
+    event_count: _builtins.int
+    """Its events."""
+    @_builtins.property
+    def cost_total(self) -> _common_pb2.Money:
+        """Sum of their cost."""
+
+    def __init__(
+        self,
+        *,
+        step: _builtins.str = ...,
+        event_count: _builtins.int = ...,
+        cost_total: _common_pb2.Money | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cost_total", b"cost_total"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cost_total", b"cost_total", "event_count", b"event_count", "step", b"step"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StepCost: _TypeAlias = StepCost  # noqa: Y015
 
 @_typing.final
 class OutcomeValue(_message.Message):

@@ -715,6 +715,7 @@ class GetExperienceTypeStatsResponse(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     TOTAL_FIELD_NUMBER: _builtins.int
     VERSIONS_FIELD_NUMBER: _builtins.int
+    STEPS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The name of the type."""
     @_builtins.property
@@ -725,20 +726,75 @@ class GetExperienceTypeStatsResponse(_message.Message):
     def versions(self) -> _containers.RepeatedCompositeFieldContainer[Global___VersionCostDistribution]:
         """The same statistics for each version that has events, ascending by version."""
 
+    @_builtins.property
+    def steps(self) -> _containers.RepeatedCompositeFieldContainer[Global___VersionStepCost]:
+        """The cost of each step per version, over the same experiences: by version,
+        then step.
+        """
+
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
         total: Global___CostDistribution | None = ...,
         versions: _abc.Iterable[Global___VersionCostDistribution] | None = ...,
+        steps: _abc.Iterable[Global___VersionStepCost] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["total", b"total"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "total", b"total", "versions", b"versions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "steps", b"steps", "total", b"total", "versions", b"versions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetExperienceTypeStatsResponse: _TypeAlias = GetExperienceTypeStatsResponse  # noqa: Y015
+
+@_typing.final
+class VersionStepCost(_message.Message):
+    """What one step cost over one version's experiences."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSION_FIELD_NUMBER: _builtins.int
+    STEP_FIELD_NUMBER: _builtins.int
+    EXPERIENCE_COUNT_FIELD_NUMBER: _builtins.int
+    EVENT_COUNT_FIELD_NUMBER: _builtins.int
+    COST_TOTAL_FIELD_NUMBER: _builtins.int
+    COST_PER_EXPERIENCE_FIELD_NUMBER: _builtins.int
+    version: _builtins.int
+    """The version."""
+    step: _builtins.str
+    """The step."""
+    experience_count: _builtins.int
+    """Experiences with events in the step."""
+    event_count: _builtins.int
+    """Events in the step."""
+    @_builtins.property
+    def cost_total(self) -> _common_pb2.Money:
+        """Their total cost."""
+
+    @_builtins.property
+    def cost_per_experience(self) -> _common_pb2.Money:
+        """cost_total over the version's experiences (all of them, with the step or
+        not: what the step adds to a run on average), rounded half to even.
+        """
+
+    def __init__(
+        self,
+        *,
+        version: _builtins.int = ...,
+        step: _builtins.str = ...,
+        experience_count: _builtins.int = ...,
+        event_count: _builtins.int = ...,
+        cost_total: _common_pb2.Money | None = ...,
+        cost_per_experience: _common_pb2.Money | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cost_per_experience", b"cost_per_experience", "cost_total", b"cost_total"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cost_per_experience", b"cost_per_experience", "cost_total", b"cost_total", "event_count", b"event_count", "experience_count", b"experience_count", "step", b"step", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VersionStepCost: _TypeAlias = VersionStepCost  # noqa: Y015
 
 @_typing.final
 class CostDistribution(_message.Message):

@@ -27,7 +27,7 @@ from tally.v1 import access_pb2 as tally_dot_v1_dot_access__pb2
 from tally.v1 import common_pb2 as tally_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dtally/v1/ingest_service.proto\x12\x08tally.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x15tally/v1/access.proto\x1a\x15tally/v1/common.proto\"+\n\nUnitCounts\x12\r\n\x05input\x18\x01 \x01(\x03\x12\x0e\n\x06output\x18\x02 \x01(\x03\"\x81\x01\n\x0c\x45ventContext\x12\x15\n\rexperience_id\x18\x01 \x01(\t\x12\x17\n\x0f\x65xperience_name\x18\x02 \x01(\t\x12\x1a\n\x12\x65xperience_version\x18\x03 \x01(\x05\x12\x0f\n\x07user_id\x18\x04 \x01(\t\x12\x14\n\x0crequest_tags\x18\x05 \x03(\t\"\x91\x05\n\nUsageEvent\x12\x10\n\x08\x63\x61tegory\x18\x01 \x01(\t\x12\x10\n\x08resource\x18\x02 \x01(\t\x12.\n\x05units\x18\x03 \x03(\x0b\x32\x1f.tally.v1.UsageEvent.UnitsEntry\x12\x33\n\x0f\x65vent_timestamp\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1d\n\x15\x65nd_to_end_latency_ms\x18\x05 \x01(\x03\x12\x1e\n\x16time_to_first_token_ms\x18\x06 \x01(\x03\x12\x18\n\x10http_status_code\x18\x07 \x01(\x05\x12\x1c\n\x14provider_response_id\x18\x08 \x01(\t\x12\x17\n\x0fidempotency_key\x18\t \x01(\t\x12\x38\n\nproperties\x18\n \x03(\x0b\x32$.tally.v1.UsageEvent.PropertiesEntry\x12\'\n\x07\x63ontext\x18\x0b \x01(\x0b\x32\x16.tally.v1.EventContext\x12=\n\rprice_context\x18\x0c \x03(\x0b\x32&.tally.v1.UsageEvent.PriceContextEntry\x12\x1c\n\x14limit_reservation_id\x18\r \x01(\t\x1a\x42\n\nUnitsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12#\n\x05value\x18\x02 \x01(\x0b\x32\x14.tally.v1.UnitCounts:\x02\x38\x01\x1a\x31\n\x0fPropertiesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x33\n\x11PriceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x98\x02\n\x0ePriceReference\x12%\n\x06source\x18\x01 \x01(\x0e\x32\x15.tally.v1.PriceSource\x12\x10\n\x08\x63\x61tegory\x18\x02 \x01(\t\x12\x10\n\x08resource\x18\x03 \x01(\t\x12\x0f\n\x07version\x18\x04 \x01(\t\x12\x32\n\x0e\x65\x66\x66\x65\x63tive_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x41\n\rprice_context\x18\x06 \x03(\x0b\x32*.tally.v1.PriceReference.PriceContextEntry\x1a\x33\n\x11PriceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"O\n\x0bUnknownUnit\x12\x11\n\tunit_type\x18\x01 \x01(\t\x12\r\n\x05input\x18\x02 \x01(\x03\x12\x0e\n\x06output\x18\x03 \x01(\x03\x12\x0e\n\x06reason\x18\x04 \x01(\t\"\xf5\x03\n\x0cXProxyResult\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12#\n\ncost_input\x18\x02 \x01(\x0b\x32\x0f.tally.v1.Money\x12$\n\x0b\x63ost_output\x18\x03 \x01(\x0b\x32\x0f.tally.v1.Money\x12#\n\ncost_total\x18\x04 \x01(\x0b\x32\x0f.tally.v1.Money\x12\'\n\ncost_state\x18\x05 \x01(\x0e\x32\x13.tally.v1.CostState\x12\x15\n\rexperience_id\x18\x06 \x01(\t\x12\x17\n\x0f\x65xperience_name\x18\x07 \x01(\t\x12\x1a\n\x12\x65xperience_version\x18\x08 \x01(\x05\x12\'\n\x05price\x18\t \x01(\x0b\x32\x18.tally.v1.PriceReference\x12,\n\runknown_units\x18\n \x03(\x0b\x32\x15.tally.v1.UnknownUnit\x12\x19\n\x11\x64uplicate_request\x18\x0b \x01(\x08\x12\x10\n\x08warnings\x18\x0c \x03(\t\x12\x0f\n\x07user_id\x18\r \x01(\t\x12\x14\n\x0crequest_tags\x18\x0e \x03(\t\x12\x1a\n\x12\x65xperience_created\x18\x0f \x01(\x08\x12%\n\x06limits\x18\x10 \x03(\x0b\x32\x15.tally.v1.LimitStatus\"4\n\rIngestRequest\x12#\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x14.tally.v1.UsageEvent\"\xbe\x01\n\x0eIngestResponse\x12\x33\n\x0f\x65vent_timestamp\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x34\n\x10ingest_timestamp\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12-\n\rxproxy_result\x18\x04 \x01(\x0b\x32\x16.tally.v1.XProxyResult\":\n\x12IngestBatchRequest\x12$\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x14.tally.v1.UsageEvent\"}\n\x0fIngestBatchItem\x12\r\n\x05index\x18\x01 \x01(\x05\x12*\n\x06result\x18\x02 \x01(\x0b\x32\x18.tally.v1.IngestResponseH\x00\x12$\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x13.tally.v1.ItemErrorH\x00\x42\t\n\x07outcome\"\x88\x01\n\x13IngestBatchResponse\x12(\n\x05items\x18\x01 \x03(\x0b\x32\x19.tally.v1.IngestBatchItem\x12\x16\n\x0e\x61\x63\x63\x65pted_count\x18\x02 \x01(\x05\x12\x17\n\x0f\x64uplicate_count\x18\x03 \x01(\x05\x12\x16\n\x0erejected_count\x18\x04 \x01(\x05\":\n\x13IngestStreamRequest\x12#\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x14.tally.v1.UsageEvent\"\x9e\x01\n\x14IngestStreamResponse\x12\x10\n\x08position\x18\x01 \x01(\x03\x12\x17\n\x0fidempotency_key\x18\x02 \x01(\t\x12*\n\x06result\x18\x03 \x01(\x0b\x32\x18.tally.v1.IngestResponseH\x00\x12$\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x13.tally.v1.ItemErrorH\x00\x42\t\n\x07outcome*x\n\tCostState\x12\x1a\n\x16\x43OST_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11\x43OST_STATE_PRICED\x10\x01\x12\x1f\n\x1b\x43OST_STATE_PARTIALLY_PRICED\x10\x02\x12\x17\n\x13\x43OST_STATE_UNPRICED\x10\x03*]\n\x0bPriceSource\x12\x1c\n\x18PRICE_SOURCE_UNSPECIFIED\x10\x00\x12\x17\n\x13PRICE_SOURCE_SYSTEM\x10\x01\x12\x17\n\x13PRICE_SOURCE_CUSTOM\x10\x02\x32\xfd\x01\n\rIngestService\x12\x41\n\x06Ingest\x12\x17.tally.v1.IngestRequest\x1a\x18.tally.v1.IngestResponse\"\x04\x88\xe7\x18\x01\x12P\n\x0bIngestBatch\x12\x1c.tally.v1.IngestBatchRequest\x1a\x1d.tally.v1.IngestBatchResponse\"\x04\x88\xe7\x18\x01\x12W\n\x0cIngestStream\x12\x1d.tally.v1.IngestStreamRequest\x1a\x1e.tally.v1.IngestStreamResponse\"\x04\x88\xe7\x18\x01(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dtally/v1/ingest_service.proto\x12\x08tally.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x15tally/v1/access.proto\x1a\x15tally/v1/common.proto\"+\n\nUnitCounts\x12\r\n\x05input\x18\x01 \x01(\x03\x12\x0e\n\x06output\x18\x02 \x01(\x03\"\x8f\x01\n\x0c\x45ventContext\x12\x15\n\rexperience_id\x18\x01 \x01(\t\x12\x17\n\x0f\x65xperience_name\x18\x02 \x01(\t\x12\x1a\n\x12\x65xperience_version\x18\x03 \x01(\x05\x12\x0f\n\x07user_id\x18\x04 \x01(\t\x12\x14\n\x0crequest_tags\x18\x05 \x03(\t\x12\x0c\n\x04step\x18\x06 \x01(\t\"\x91\x05\n\nUsageEvent\x12\x10\n\x08\x63\x61tegory\x18\x01 \x01(\t\x12\x10\n\x08resource\x18\x02 \x01(\t\x12.\n\x05units\x18\x03 \x03(\x0b\x32\x1f.tally.v1.UsageEvent.UnitsEntry\x12\x33\n\x0f\x65vent_timestamp\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1d\n\x15\x65nd_to_end_latency_ms\x18\x05 \x01(\x03\x12\x1e\n\x16time_to_first_token_ms\x18\x06 \x01(\x03\x12\x18\n\x10http_status_code\x18\x07 \x01(\x05\x12\x1c\n\x14provider_response_id\x18\x08 \x01(\t\x12\x17\n\x0fidempotency_key\x18\t \x01(\t\x12\x38\n\nproperties\x18\n \x03(\x0b\x32$.tally.v1.UsageEvent.PropertiesEntry\x12\'\n\x07\x63ontext\x18\x0b \x01(\x0b\x32\x16.tally.v1.EventContext\x12=\n\rprice_context\x18\x0c \x03(\x0b\x32&.tally.v1.UsageEvent.PriceContextEntry\x12\x1c\n\x14limit_reservation_id\x18\r \x01(\t\x1a\x42\n\nUnitsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12#\n\x05value\x18\x02 \x01(\x0b\x32\x14.tally.v1.UnitCounts:\x02\x38\x01\x1a\x31\n\x0fPropertiesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x33\n\x11PriceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x98\x02\n\x0ePriceReference\x12%\n\x06source\x18\x01 \x01(\x0e\x32\x15.tally.v1.PriceSource\x12\x10\n\x08\x63\x61tegory\x18\x02 \x01(\t\x12\x10\n\x08resource\x18\x03 \x01(\t\x12\x0f\n\x07version\x18\x04 \x01(\t\x12\x32\n\x0e\x65\x66\x66\x65\x63tive_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x41\n\rprice_context\x18\x06 \x03(\x0b\x32*.tally.v1.PriceReference.PriceContextEntry\x1a\x33\n\x11PriceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"O\n\x0bUnknownUnit\x12\x11\n\tunit_type\x18\x01 \x01(\t\x12\r\n\x05input\x18\x02 \x01(\x03\x12\x0e\n\x06output\x18\x03 \x01(\x03\x12\x0e\n\x06reason\x18\x04 \x01(\t\"\xf5\x03\n\x0cXProxyResult\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12#\n\ncost_input\x18\x02 \x01(\x0b\x32\x0f.tally.v1.Money\x12$\n\x0b\x63ost_output\x18\x03 \x01(\x0b\x32\x0f.tally.v1.Money\x12#\n\ncost_total\x18\x04 \x01(\x0b\x32\x0f.tally.v1.Money\x12\'\n\ncost_state\x18\x05 \x01(\x0e\x32\x13.tally.v1.CostState\x12\x15\n\rexperience_id\x18\x06 \x01(\t\x12\x17\n\x0f\x65xperience_name\x18\x07 \x01(\t\x12\x1a\n\x12\x65xperience_version\x18\x08 \x01(\x05\x12\'\n\x05price\x18\t \x01(\x0b\x32\x18.tally.v1.PriceReference\x12,\n\runknown_units\x18\n \x03(\x0b\x32\x15.tally.v1.UnknownUnit\x12\x19\n\x11\x64uplicate_request\x18\x0b \x01(\x08\x12\x10\n\x08warnings\x18\x0c \x03(\t\x12\x0f\n\x07user_id\x18\r \x01(\t\x12\x14\n\x0crequest_tags\x18\x0e \x03(\t\x12\x1a\n\x12\x65xperience_created\x18\x0f \x01(\x08\x12%\n\x06limits\x18\x10 \x03(\x0b\x32\x15.tally.v1.LimitStatus\"4\n\rIngestRequest\x12#\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x14.tally.v1.UsageEvent\"\xbe\x01\n\x0eIngestResponse\x12\x33\n\x0f\x65vent_timestamp\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x34\n\x10ingest_timestamp\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12-\n\rxproxy_result\x18\x04 \x01(\x0b\x32\x16.tally.v1.XProxyResult\":\n\x12IngestBatchRequest\x12$\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x14.tally.v1.UsageEvent\"}\n\x0fIngestBatchItem\x12\r\n\x05index\x18\x01 \x01(\x05\x12*\n\x06result\x18\x02 \x01(\x0b\x32\x18.tally.v1.IngestResponseH\x00\x12$\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x13.tally.v1.ItemErrorH\x00\x42\t\n\x07outcome\"\x88\x01\n\x13IngestBatchResponse\x12(\n\x05items\x18\x01 \x03(\x0b\x32\x19.tally.v1.IngestBatchItem\x12\x16\n\x0e\x61\x63\x63\x65pted_count\x18\x02 \x01(\x05\x12\x17\n\x0f\x64uplicate_count\x18\x03 \x01(\x05\x12\x16\n\x0erejected_count\x18\x04 \x01(\x05\":\n\x13IngestStreamRequest\x12#\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x14.tally.v1.UsageEvent\"\x9e\x01\n\x14IngestStreamResponse\x12\x10\n\x08position\x18\x01 \x01(\x03\x12\x17\n\x0fidempotency_key\x18\x02 \x01(\t\x12*\n\x06result\x18\x03 \x01(\x0b\x32\x18.tally.v1.IngestResponseH\x00\x12$\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x13.tally.v1.ItemErrorH\x00\x42\t\n\x07outcome*x\n\tCostState\x12\x1a\n\x16\x43OST_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11\x43OST_STATE_PRICED\x10\x01\x12\x1f\n\x1b\x43OST_STATE_PARTIALLY_PRICED\x10\x02\x12\x17\n\x13\x43OST_STATE_UNPRICED\x10\x03*]\n\x0bPriceSource\x12\x1c\n\x18PRICE_SOURCE_UNSPECIFIED\x10\x00\x12\x17\n\x13PRICE_SOURCE_SYSTEM\x10\x01\x12\x17\n\x13PRICE_SOURCE_CUSTOM\x10\x02\x32\xfd\x01\n\rIngestService\x12\x41\n\x06Ingest\x12\x17.tally.v1.IngestRequest\x1a\x18.tally.v1.IngestResponse\"\x04\x88\xe7\x18\x01\x12P\n\x0bIngestBatch\x12\x1c.tally.v1.IngestBatchRequest\x1a\x1d.tally.v1.IngestBatchResponse\"\x04\x88\xe7\x18\x01\x12W\n\x0cIngestStream\x12\x1d.tally.v1.IngestStreamRequest\x1a\x1e.tally.v1.IngestStreamResponse\"\x04\x88\xe7\x18\x01(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -48,44 +48,44 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_INGESTSERVICE'].methods_by_name['IngestBatch']._serialized_options = b'\210\347\030\001'
   _globals['_INGESTSERVICE'].methods_by_name['IngestStream']._loaded_options = None
   _globals['_INGESTSERVICE'].methods_by_name['IngestStream']._serialized_options = b'\210\347\030\001'
-  _globals['_COSTSTATE']._serialized_start=2621
-  _globals['_COSTSTATE']._serialized_end=2741
-  _globals['_PRICESOURCE']._serialized_start=2743
-  _globals['_PRICESOURCE']._serialized_end=2836
+  _globals['_COSTSTATE']._serialized_start=2635
+  _globals['_COSTSTATE']._serialized_end=2755
+  _globals['_PRICESOURCE']._serialized_start=2757
+  _globals['_PRICESOURCE']._serialized_end=2850
   _globals['_UNITCOUNTS']._serialized_start=122
   _globals['_UNITCOUNTS']._serialized_end=165
   _globals['_EVENTCONTEXT']._serialized_start=168
-  _globals['_EVENTCONTEXT']._serialized_end=297
-  _globals['_USAGEEVENT']._serialized_start=300
-  _globals['_USAGEEVENT']._serialized_end=957
-  _globals['_USAGEEVENT_UNITSENTRY']._serialized_start=787
-  _globals['_USAGEEVENT_UNITSENTRY']._serialized_end=853
-  _globals['_USAGEEVENT_PROPERTIESENTRY']._serialized_start=855
-  _globals['_USAGEEVENT_PROPERTIESENTRY']._serialized_end=904
-  _globals['_USAGEEVENT_PRICECONTEXTENTRY']._serialized_start=906
-  _globals['_USAGEEVENT_PRICECONTEXTENTRY']._serialized_end=957
-  _globals['_PRICEREFERENCE']._serialized_start=960
-  _globals['_PRICEREFERENCE']._serialized_end=1240
-  _globals['_PRICEREFERENCE_PRICECONTEXTENTRY']._serialized_start=906
-  _globals['_PRICEREFERENCE_PRICECONTEXTENTRY']._serialized_end=957
-  _globals['_UNKNOWNUNIT']._serialized_start=1242
-  _globals['_UNKNOWNUNIT']._serialized_end=1321
-  _globals['_XPROXYRESULT']._serialized_start=1324
-  _globals['_XPROXYRESULT']._serialized_end=1825
-  _globals['_INGESTREQUEST']._serialized_start=1827
-  _globals['_INGESTREQUEST']._serialized_end=1879
-  _globals['_INGESTRESPONSE']._serialized_start=1882
-  _globals['_INGESTRESPONSE']._serialized_end=2072
-  _globals['_INGESTBATCHREQUEST']._serialized_start=2074
-  _globals['_INGESTBATCHREQUEST']._serialized_end=2132
-  _globals['_INGESTBATCHITEM']._serialized_start=2134
-  _globals['_INGESTBATCHITEM']._serialized_end=2259
-  _globals['_INGESTBATCHRESPONSE']._serialized_start=2262
-  _globals['_INGESTBATCHRESPONSE']._serialized_end=2398
-  _globals['_INGESTSTREAMREQUEST']._serialized_start=2400
-  _globals['_INGESTSTREAMREQUEST']._serialized_end=2458
-  _globals['_INGESTSTREAMRESPONSE']._serialized_start=2461
-  _globals['_INGESTSTREAMRESPONSE']._serialized_end=2619
-  _globals['_INGESTSERVICE']._serialized_start=2839
-  _globals['_INGESTSERVICE']._serialized_end=3092
+  _globals['_EVENTCONTEXT']._serialized_end=311
+  _globals['_USAGEEVENT']._serialized_start=314
+  _globals['_USAGEEVENT']._serialized_end=971
+  _globals['_USAGEEVENT_UNITSENTRY']._serialized_start=801
+  _globals['_USAGEEVENT_UNITSENTRY']._serialized_end=867
+  _globals['_USAGEEVENT_PROPERTIESENTRY']._serialized_start=869
+  _globals['_USAGEEVENT_PROPERTIESENTRY']._serialized_end=918
+  _globals['_USAGEEVENT_PRICECONTEXTENTRY']._serialized_start=920
+  _globals['_USAGEEVENT_PRICECONTEXTENTRY']._serialized_end=971
+  _globals['_PRICEREFERENCE']._serialized_start=974
+  _globals['_PRICEREFERENCE']._serialized_end=1254
+  _globals['_PRICEREFERENCE_PRICECONTEXTENTRY']._serialized_start=920
+  _globals['_PRICEREFERENCE_PRICECONTEXTENTRY']._serialized_end=971
+  _globals['_UNKNOWNUNIT']._serialized_start=1256
+  _globals['_UNKNOWNUNIT']._serialized_end=1335
+  _globals['_XPROXYRESULT']._serialized_start=1338
+  _globals['_XPROXYRESULT']._serialized_end=1839
+  _globals['_INGESTREQUEST']._serialized_start=1841
+  _globals['_INGESTREQUEST']._serialized_end=1893
+  _globals['_INGESTRESPONSE']._serialized_start=1896
+  _globals['_INGESTRESPONSE']._serialized_end=2086
+  _globals['_INGESTBATCHREQUEST']._serialized_start=2088
+  _globals['_INGESTBATCHREQUEST']._serialized_end=2146
+  _globals['_INGESTBATCHITEM']._serialized_start=2148
+  _globals['_INGESTBATCHITEM']._serialized_end=2273
+  _globals['_INGESTBATCHRESPONSE']._serialized_start=2276
+  _globals['_INGESTBATCHRESPONSE']._serialized_end=2412
+  _globals['_INGESTSTREAMREQUEST']._serialized_start=2414
+  _globals['_INGESTSTREAMREQUEST']._serialized_end=2472
+  _globals['_INGESTSTREAMRESPONSE']._serialized_start=2475
+  _globals['_INGESTSTREAMRESPONSE']._serialized_end=2633
+  _globals['_INGESTSERVICE']._serialized_start=2853
+  _globals['_INGESTSERVICE']._serialized_end=3106
 # @@protoc_insertion_point(module_scope)

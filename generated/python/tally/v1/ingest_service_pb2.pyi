@@ -114,6 +114,7 @@ class EventContext(_message.Message):
     EXPERIENCE_VERSION_FIELD_NUMBER: _builtins.int
     USER_ID_FIELD_NUMBER: _builtins.int
     REQUEST_TAGS_FIELD_NUMBER: _builtins.int
+    STEP_FIELD_NUMBER: _builtins.int
     experience_id: _builtins.str
     """The experience the event belongs to: a UUID, or any other string of at
     most 256 bytes of UTF-8 that is mapped to a derived UUID (see the service).
@@ -126,6 +127,11 @@ class EventContext(_message.Message):
     """
     user_id: _builtins.str
     """The end user the call was made for, at most 256 bytes of UTF-8."""
+    step: _builtins.str
+    """The step of its run the call belongs to (e.g. "retrieve", "summarize"),
+    matching `[A-Za-z0-9._-]{1,64}`; metadata `xproxy-experience-step` (or
+    `xproxy-usecase-step`). Costs are also summed per step.
+    """
     @_builtins.property
     def request_tags(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Tags of the call: at most 32, each 1 to 128 bytes of UTF-8 without commas."""
@@ -138,10 +144,11 @@ class EventContext(_message.Message):
         experience_version: _builtins.int = ...,
         user_id: _builtins.str = ...,
         request_tags: _abc.Iterable[_builtins.str] | None = ...,
+        step: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["experience_id", b"experience_id", "experience_name", b"experience_name", "experience_version", b"experience_version", "request_tags", b"request_tags", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["experience_id", b"experience_id", "experience_name", b"experience_name", "experience_version", b"experience_version", "request_tags", b"request_tags", "step", b"step", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -52,6 +52,8 @@ class _CostDimensionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_CostDim
     snapshot ("gpt-4o-2024-08-06") counts under its model ("gpt-4o"); the
     resource as sent for an event no entry priced.
     """
+    COST_DIMENSION_STEP: _CostDimension.ValueType  # 10
+    """The step of its run the event named; "" for none. Read from the events."""
 
 class CostDimension(_CostDimension, metaclass=_CostDimensionEnumTypeWrapper):
     """What cost can be grouped by."""
@@ -81,6 +83,8 @@ COST_DIMENSION_MODEL: CostDimension.ValueType  # 9
 snapshot ("gpt-4o-2024-08-06") counts under its model ("gpt-4o"); the
 resource as sent for an event no entry priced.
 """
+COST_DIMENSION_STEP: CostDimension.ValueType  # 10
+"""The step of its run the event named; "" for none. Read from the events."""
 Global___CostDimension: _TypeAlias = CostDimension  # noqa: Y015
 
 @_typing.final
@@ -485,6 +489,7 @@ class CostGroup(_message.Message):
     EVENT_COUNT_FIELD_NUMBER: _builtins.int
     UNPRICED_EVENT_COUNT_FIELD_NUMBER: _builtins.int
     MODEL_FIELD_NUMBER: _builtins.int
+    STEP_FIELD_NUMBER: _builtins.int
     experience_name: _builtins.str
     """The experience type ("" for unattributed events)."""
     experience_version: _builtins.int
@@ -503,6 +508,8 @@ class CostGroup(_message.Message):
     """Number of events not fully priced."""
     model: _builtins.str
     """The price entry's model (COST_DIMENSION_MODEL)."""
+    step: _builtins.str
+    """The step (COST_DIMENSION_STEP)."""
     @_builtins.property
     def period_start(self) -> _timestamp_pb2.Timestamp:
         """The start of the day or hour."""
@@ -535,10 +542,11 @@ class CostGroup(_message.Message):
         event_count: _builtins.int = ...,
         unpriced_event_count: _builtins.int = ...,
         model: _builtins.str = ...,
+        step: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["cost_input", b"cost_input", "cost_output", b"cost_output", "cost_total", b"cost_total", "period_start", b"period_start"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["category", b"category", "cost_input", b"cost_input", "cost_output", b"cost_output", "cost_total", b"cost_total", "event_count", b"event_count", "experience_name", b"experience_name", "experience_version", b"experience_version", "model", b"model", "period_start", b"period_start", "request_tag", b"request_tag", "resource", b"resource", "unpriced_event_count", b"unpriced_event_count", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["category", b"category", "cost_input", b"cost_input", "cost_output", b"cost_output", "cost_total", b"cost_total", "event_count", b"event_count", "experience_name", b"experience_name", "experience_version", b"experience_version", "model", b"model", "period_start", b"period_start", "request_tag", b"request_tag", "resource", b"resource", "step", b"step", "unpriced_event_count", b"unpriced_event_count", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -56,7 +56,7 @@ class ReportServiceServicer:
         dimensions, the most expensive group first. Grouping by type, version,
         category, resource, model, day or hour reads the hourly rollup kept at ingest
         (and the events of the window's partial hours at its edges); grouping by
-        user id or request tag reads the window's events.
+        user id, request tag or step reads the window's events.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

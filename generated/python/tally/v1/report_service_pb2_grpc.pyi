@@ -38,7 +38,7 @@ class ReportServiceStub:
     dimensions, the most expensive group first. Grouping by type, version,
     category, resource, model, day or hour reads the hourly rollup kept at ingest
     (and the events of the window's partial hours at its edges); grouping by
-    user id or request tag reads the window's events.
+    user id, request tag or step reads the window's events.
     """
     CompareVersions: _grpc.UnaryUnaryMultiCallable[_report_service_pb2.CompareVersionsRequest, _report_service_pb2.CompareVersionsResponse]
     """Two versions of a type side by side, over their runs whose first event is
@@ -60,7 +60,7 @@ class ReportServiceAsyncStub(ReportServiceStub):
     dimensions, the most expensive group first. Grouping by type, version,
     category, resource, model, day or hour reads the hourly rollup kept at ingest
     (and the events of the window's partial hours at its edges); grouping by
-    user id or request tag reads the window's events.
+    user id, request tag or step reads the window's events.
     """
     CompareVersions: _aio.UnaryUnaryMultiCallable[_report_service_pb2.CompareVersionsRequest, _report_service_pb2.CompareVersionsResponse]  # type: ignore[assignment]
     """Two versions of a type side by side, over their runs whose first event is
@@ -85,7 +85,7 @@ class ReportServiceServicer(metaclass=_abc_1.ABCMeta):
         dimensions, the most expensive group first. Grouping by type, version,
         category, resource, model, day or hour reads the hourly rollup kept at ingest
         (and the events of the window's partial hours at its edges); grouping by
-        user id or request tag reads the window's events.
+        user id, request tag or step reads the window's events.
         """
 
     @_abc_1.abstractmethod

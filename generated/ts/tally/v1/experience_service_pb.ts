@@ -15,7 +15,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file tally/v1/experience_service.proto.
  */
 export const file_tally_v1_experience_service: GenFile = /*@__PURE__*/
-  fileDesc("CiF0YWxseS92MS9leHBlcmllbmNlX3NlcnZpY2UucHJvdG8SCHRhbGx5LnYxIs0CCgpFeHBlcmllbmNlEhUKDWV4cGVyaWVuY2VfaWQYASABKAkSFwoPZXhwZXJpZW5jZV9uYW1lGAIgASgJEhoKEmV4cGVyaWVuY2VfdmVyc2lvbhgDIAEoBRIvCgtjcmVhdGVfdGltZRgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASOAoKcHJvcGVydGllcxgFIAMoCzIkLnRhbGx5LnYxLkV4cGVyaWVuY2UuUHJvcGVydGllc0VudHJ5EigKBXN0YXRzGAYgASgLMhkudGFsbHkudjEuRXhwZXJpZW5jZVN0YXRzEisKCG91dGNvbWVzGAcgAygLMhkudGFsbHkudjEuUmVjb3JkZWRPdXRjb21lGjEKD1Byb3BlcnRpZXNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIlMKDE91dGNvbWVWYWx1ZRIMCgRuYW1lGAEgASgJEhQKCmJvb2xfdmFsdWUYAiABKAhIABIWCgxudW1iZXJfdmFsdWUYAyABKAFIAEIHCgV2YWx1ZSKhAQoPUmVjb3JkZWRPdXRjb21lEiUKBXZhbHVlGAEgASgLMhYudGFsbHkudjEuT3V0Y29tZVZhbHVlEi8KC3JlY29yZF90aW1lGAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIQCghrZXlfbmFtZRgDIAEoCRIWCglzdWNjZWVkZWQYBCABKAhIAIgBAUIMCgpfc3VjY2VlZGVkIlYKFVJlY29yZE91dGNvbWVzUmVxdWVzdBIVCg1leHBlcmllbmNlX2lkGAEgASgJEiYKBnZhbHVlcxgCIAMoCzIWLnRhbGx5LnYxLk91dGNvbWVWYWx1ZSJFChZSZWNvcmRPdXRjb21lc1Jlc3BvbnNlEisKCG91dGNvbWVzGAEgAygLMhkudGFsbHkudjEuUmVjb3JkZWRPdXRjb21lIoQDCg9FeHBlcmllbmNlU3RhdHMSIwoKY29zdF9pbnB1dBgBIAEoCzIPLnRhbGx5LnYxLk1vbmV5EiQKC2Nvc3Rfb3V0cHV0GAIgASgLMg8udGFsbHkudjEuTW9uZXkSIwoKY29zdF90b3RhbBgDIAEoCzIPLnRhbGx5LnYxLk1vbmV5EhMKC2V2ZW50X2NvdW50GAQgASgDEhoKEmZhaWxlZF9ldmVudF9jb3VudBgFIAEoAxIcChR1bnByaWNlZF9ldmVudF9jb3VudBgGIAEoAxIXCg9sYXRlbmN5X21lYW5fbXMYByABKAESFgoObGF0ZW5jeV9wNTBfbXMYCCABKAESFgoObGF0ZW5jeV9wOTVfbXMYCSABKAESNAoQZmlyc3RfZXZlbnRfdGltZRgKIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASMwoPbGFzdF9ldmVudF90aW1lGAsgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCLzAQoXQ3JlYXRlRXhwZXJpZW5jZVJlcXVlc3QSFwoPZXhwZXJpZW5jZV9uYW1lGAEgASgJEhUKDWV4cGVyaWVuY2VfaWQYAiABKAkSGgoSZXhwZXJpZW5jZV92ZXJzaW9uGAMgASgFEkUKCnByb3BlcnRpZXMYBCADKAsyMS50YWxseS52MS5DcmVhdGVFeHBlcmllbmNlUmVxdWVzdC5Qcm9wZXJ0aWVzRW50cnkSEgoKcmVxdWVzdF9pZBgFIAEoCRoxCg9Qcm9wZXJ0aWVzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASJEChhDcmVhdGVFeHBlcmllbmNlUmVzcG9uc2USKAoKZXhwZXJpZW5jZRgBIAEoCzIULnRhbGx5LnYxLkV4cGVyaWVuY2UiLQoUR2V0RXhwZXJpZW5jZVJlcXVlc3QSFQoNZXhwZXJpZW5jZV9pZBgBIAEoCSJBChVHZXRFeHBlcmllbmNlUmVzcG9uc2USKAoKZXhwZXJpZW5jZRgBIAEoCzIULnRhbGx5LnYxLkV4cGVyaWVuY2Ui8gEKFkxpc3RFeHBlcmllbmNlc1JlcXVlc3QSFwoPZXhwZXJpZW5jZV9uYW1lGAEgASgJEhoKEmV4cGVyaWVuY2VfdmVyc2lvbhgCIAEoBRI1ChFjcmVhdGVfdGltZV9zdGFydBgDIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASMwoPY3JlYXRlX3RpbWVfZW5kGAQgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIRCglwYWdlX3NpemUYBSABKAUSEgoKcGFnZV90b2tlbhgGIAEoCRIQCghvcmRlcl9ieRgHIAEoCSJdChdMaXN0RXhwZXJpZW5jZXNSZXNwb25zZRIpCgtleHBlcmllbmNlcxgBIAMoCzIULnRhbGx5LnYxLkV4cGVyaWVuY2USFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIjAKF0RlbGV0ZUV4cGVyaWVuY2VSZXF1ZXN0EhUKDWV4cGVyaWVuY2VfaWQYASABKAkiPAoYRGVsZXRlRXhwZXJpZW5jZVJlc3BvbnNlEiAKGHVuYXR0cmlidXRlZF9ldmVudF9jb3VudBgBIAEoAyLdAQohVXBkYXRlRXhwZXJpZW5jZVByb3BlcnRpZXNSZXF1ZXN0EhUKDWV4cGVyaWVuY2VfaWQYASABKAkSVgoOc2V0X3Byb3BlcnRpZXMYAiADKAsyPi50YWxseS52MS5VcGRhdGVFeHBlcmllbmNlUHJvcGVydGllc1JlcXVlc3QuU2V0UHJvcGVydGllc0VudHJ5EhMKC3JlbW92ZV9rZXlzGAMgAygJGjQKElNldFByb3BlcnRpZXNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIk4KIlVwZGF0ZUV4cGVyaWVuY2VQcm9wZXJ0aWVzUmVzcG9uc2USKAoKZXhwZXJpZW5jZRgBIAEoCzIULnRhbGx5LnYxLkV4cGVyaWVuY2Uy5QQKEUV4cGVyaWVuY2VTZXJ2aWNlEl8KEENyZWF0ZUV4cGVyaWVuY2USIS50YWxseS52MS5DcmVhdGVFeHBlcmllbmNlUmVxdWVzdBoiLnRhbGx5LnYxLkNyZWF0ZUV4cGVyaWVuY2VSZXNwb25zZSIEiOcYARJWCg1HZXRFeHBlcmllbmNlEh4udGFsbHkudjEuR2V0RXhwZXJpZW5jZVJlcXVlc3QaHy50YWxseS52MS5HZXRFeHBlcmllbmNlUmVzcG9uc2UiBIjnGAISXAoPTGlzdEV4cGVyaWVuY2VzEiAudGFsbHkudjEuTGlzdEV4cGVyaWVuY2VzUmVxdWVzdBohLnRhbGx5LnYxLkxpc3RFeHBlcmllbmNlc1Jlc3BvbnNlIgSI5xgCEl8KEERlbGV0ZUV4cGVyaWVuY2USIS50YWxseS52MS5EZWxldGVFeHBlcmllbmNlUmVxdWVzdBoiLnRhbGx5LnYxLkRlbGV0ZUV4cGVyaWVuY2VSZXNwb25zZSIEiOcYAxJ9ChpVcGRhdGVFeHBlcmllbmNlUHJvcGVydGllcxIrLnRhbGx5LnYxLlVwZGF0ZUV4cGVyaWVuY2VQcm9wZXJ0aWVzUmVxdWVzdBosLnRhbGx5LnYxLlVwZGF0ZUV4cGVyaWVuY2VQcm9wZXJ0aWVzUmVzcG9uc2UiBIjnGAESWQoOUmVjb3JkT3V0Y29tZXMSHy50YWxseS52MS5SZWNvcmRPdXRjb21lc1JlcXVlc3QaIC50YWxseS52MS5SZWNvcmRPdXRjb21lc1Jlc3BvbnNlIgSI5xgBYgZwcm90bzM", [file_google_protobuf_timestamp, file_tally_v1_access, file_tally_v1_common]);
+  fileDesc("CiF0YWxseS92MS9leHBlcmllbmNlX3NlcnZpY2UucHJvdG8SCHRhbGx5LnYxIvUCCgpFeHBlcmllbmNlEhUKDWV4cGVyaWVuY2VfaWQYASABKAkSFwoPZXhwZXJpZW5jZV9uYW1lGAIgASgJEhoKEmV4cGVyaWVuY2VfdmVyc2lvbhgDIAEoBRIvCgtjcmVhdGVfdGltZRgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASOAoKcHJvcGVydGllcxgFIAMoCzIkLnRhbGx5LnYxLkV4cGVyaWVuY2UuUHJvcGVydGllc0VudHJ5EigKBXN0YXRzGAYgASgLMhkudGFsbHkudjEuRXhwZXJpZW5jZVN0YXRzEisKCG91dGNvbWVzGAcgAygLMhkudGFsbHkudjEuUmVjb3JkZWRPdXRjb21lEiYKCnN0ZXBfY29zdHMYCCADKAsyEi50YWxseS52MS5TdGVwQ29zdBoxCg9Qcm9wZXJ0aWVzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASJSCghTdGVwQ29zdBIMCgRzdGVwGAEgASgJEhMKC2V2ZW50X2NvdW50GAIgASgDEiMKCmNvc3RfdG90YWwYAyABKAsyDy50YWxseS52MS5Nb25leSJTCgxPdXRjb21lVmFsdWUSDAoEbmFtZRgBIAEoCRIUCgpib29sX3ZhbHVlGAIgASgISAASFgoMbnVtYmVyX3ZhbHVlGAMgASgBSABCBwoFdmFsdWUioQEKD1JlY29yZGVkT3V0Y29tZRIlCgV2YWx1ZRgBIAEoCzIWLnRhbGx5LnYxLk91dGNvbWVWYWx1ZRIvCgtyZWNvcmRfdGltZRgCIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEAoIa2V5X25hbWUYAyABKAkSFgoJc3VjY2VlZGVkGAQgASgISACIAQFCDAoKX3N1Y2NlZWRlZCJWChVSZWNvcmRPdXRjb21lc1JlcXVlc3QSFQoNZXhwZXJpZW5jZV9pZBgBIAEoCRImCgZ2YWx1ZXMYAiADKAsyFi50YWxseS52MS5PdXRjb21lVmFsdWUiRQoWUmVjb3JkT3V0Y29tZXNSZXNwb25zZRIrCghvdXRjb21lcxgBIAMoCzIZLnRhbGx5LnYxLlJlY29yZGVkT3V0Y29tZSKEAwoPRXhwZXJpZW5jZVN0YXRzEiMKCmNvc3RfaW5wdXQYASABKAsyDy50YWxseS52MS5Nb25leRIkCgtjb3N0X291dHB1dBgCIAEoCzIPLnRhbGx5LnYxLk1vbmV5EiMKCmNvc3RfdG90YWwYAyABKAsyDy50YWxseS52MS5Nb25leRITCgtldmVudF9jb3VudBgEIAEoAxIaChJmYWlsZWRfZXZlbnRfY291bnQYBSABKAMSHAoUdW5wcmljZWRfZXZlbnRfY291bnQYBiABKAMSFwoPbGF0ZW5jeV9tZWFuX21zGAcgASgBEhYKDmxhdGVuY3lfcDUwX21zGAggASgBEhYKDmxhdGVuY3lfcDk1X21zGAkgASgBEjQKEGZpcnN0X2V2ZW50X3RpbWUYCiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEjMKD2xhc3RfZXZlbnRfdGltZRgLIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAi8wEKF0NyZWF0ZUV4cGVyaWVuY2VSZXF1ZXN0EhcKD2V4cGVyaWVuY2VfbmFtZRgBIAEoCRIVCg1leHBlcmllbmNlX2lkGAIgASgJEhoKEmV4cGVyaWVuY2VfdmVyc2lvbhgDIAEoBRJFCgpwcm9wZXJ0aWVzGAQgAygLMjEudGFsbHkudjEuQ3JlYXRlRXhwZXJpZW5jZVJlcXVlc3QuUHJvcGVydGllc0VudHJ5EhIKCnJlcXVlc3RfaWQYBSABKAkaMQoPUHJvcGVydGllc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiRAoYQ3JlYXRlRXhwZXJpZW5jZVJlc3BvbnNlEigKCmV4cGVyaWVuY2UYASABKAsyFC50YWxseS52MS5FeHBlcmllbmNlIi0KFEdldEV4cGVyaWVuY2VSZXF1ZXN0EhUKDWV4cGVyaWVuY2VfaWQYASABKAkiQQoVR2V0RXhwZXJpZW5jZVJlc3BvbnNlEigKCmV4cGVyaWVuY2UYASABKAsyFC50YWxseS52MS5FeHBlcmllbmNlIvIBChZMaXN0RXhwZXJpZW5jZXNSZXF1ZXN0EhcKD2V4cGVyaWVuY2VfbmFtZRgBIAEoCRIaChJleHBlcmllbmNlX3ZlcnNpb24YAiABKAUSNQoRY3JlYXRlX3RpbWVfc3RhcnQYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEjMKD2NyZWF0ZV90aW1lX2VuZBgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEQoJcGFnZV9zaXplGAUgASgFEhIKCnBhZ2VfdG9rZW4YBiABKAkSEAoIb3JkZXJfYnkYByABKAkiXQoXTGlzdEV4cGVyaWVuY2VzUmVzcG9uc2USKQoLZXhwZXJpZW5jZXMYASADKAsyFC50YWxseS52MS5FeHBlcmllbmNlEhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSIwChdEZWxldGVFeHBlcmllbmNlUmVxdWVzdBIVCg1leHBlcmllbmNlX2lkGAEgASgJIjwKGERlbGV0ZUV4cGVyaWVuY2VSZXNwb25zZRIgChh1bmF0dHJpYnV0ZWRfZXZlbnRfY291bnQYASABKAMi3QEKIVVwZGF0ZUV4cGVyaWVuY2VQcm9wZXJ0aWVzUmVxdWVzdBIVCg1leHBlcmllbmNlX2lkGAEgASgJElYKDnNldF9wcm9wZXJ0aWVzGAIgAygLMj4udGFsbHkudjEuVXBkYXRlRXhwZXJpZW5jZVByb3BlcnRpZXNSZXF1ZXN0LlNldFByb3BlcnRpZXNFbnRyeRITCgtyZW1vdmVfa2V5cxgDIAMoCRo0ChJTZXRQcm9wZXJ0aWVzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASJOCiJVcGRhdGVFeHBlcmllbmNlUHJvcGVydGllc1Jlc3BvbnNlEigKCmV4cGVyaWVuY2UYASABKAsyFC50YWxseS52MS5FeHBlcmllbmNlMuUEChFFeHBlcmllbmNlU2VydmljZRJfChBDcmVhdGVFeHBlcmllbmNlEiEudGFsbHkudjEuQ3JlYXRlRXhwZXJpZW5jZVJlcXVlc3QaIi50YWxseS52MS5DcmVhdGVFeHBlcmllbmNlUmVzcG9uc2UiBIjnGAESVgoNR2V0RXhwZXJpZW5jZRIeLnRhbGx5LnYxLkdldEV4cGVyaWVuY2VSZXF1ZXN0Gh8udGFsbHkudjEuR2V0RXhwZXJpZW5jZVJlc3BvbnNlIgSI5xgCElwKD0xpc3RFeHBlcmllbmNlcxIgLnRhbGx5LnYxLkxpc3RFeHBlcmllbmNlc1JlcXVlc3QaIS50YWxseS52MS5MaXN0RXhwZXJpZW5jZXNSZXNwb25zZSIEiOcYAhJfChBEZWxldGVFeHBlcmllbmNlEiEudGFsbHkudjEuRGVsZXRlRXhwZXJpZW5jZVJlcXVlc3QaIi50YWxseS52MS5EZWxldGVFeHBlcmllbmNlUmVzcG9uc2UiBIjnGAMSfQoaVXBkYXRlRXhwZXJpZW5jZVByb3BlcnRpZXMSKy50YWxseS52MS5VcGRhdGVFeHBlcmllbmNlUHJvcGVydGllc1JlcXVlc3QaLC50YWxseS52MS5VcGRhdGVFeHBlcmllbmNlUHJvcGVydGllc1Jlc3BvbnNlIgSI5xgBElkKDlJlY29yZE91dGNvbWVzEh8udGFsbHkudjEuUmVjb3JkT3V0Y29tZXNSZXF1ZXN0GiAudGFsbHkudjEuUmVjb3JkT3V0Y29tZXNSZXNwb25zZSIEiOcYAWIGcHJvdG8z", [file_google_protobuf_timestamp, file_tally_v1_access, file_tally_v1_common]);
 
 /**
  * One run of an experience type.
@@ -74,6 +74,14 @@ export type Experience = Message<"tally.v1.Experience"> & {
    * @generated from field: repeated tally.v1.RecordedOutcome outcomes = 7;
    */
   outcomes: RecordedOutcome[];
+
+  /**
+   * The cost of each step of the run (events that named one), by step. Set by
+   * GetExperience.
+   *
+   * @generated from field: repeated tally.v1.StepCost step_costs = 8;
+   */
+  stepCosts: StepCost[];
 };
 
 /**
@@ -82,6 +90,41 @@ export type Experience = Message<"tally.v1.Experience"> & {
  */
 export const ExperienceSchema: GenMessage<Experience> = /*@__PURE__*/
   messageDesc(file_tally_v1_experience_service, 0);
+
+/**
+ * What the events of one step of a run cost.
+ *
+ * @generated from message tally.v1.StepCost
+ */
+export type StepCost = Message<"tally.v1.StepCost"> & {
+  /**
+   * The step.
+   *
+   * @generated from field: string step = 1;
+   */
+  step: string;
+
+  /**
+   * Its events.
+   *
+   * @generated from field: int64 event_count = 2;
+   */
+  eventCount: bigint;
+
+  /**
+   * Sum of their cost.
+   *
+   * @generated from field: tally.v1.Money cost_total = 3;
+   */
+  costTotal?: Money | undefined;
+};
+
+/**
+ * Describes the message tally.v1.StepCost.
+ * Use `create(StepCostSchema)` to create a new message.
+ */
+export const StepCostSchema: GenMessage<StepCost> = /*@__PURE__*/
+  messageDesc(file_tally_v1_experience_service, 1);
 
 /**
  * The value of one outcome.
@@ -125,7 +168,7 @@ export type OutcomeValue = Message<"tally.v1.OutcomeValue"> & {
  * Use `create(OutcomeValueSchema)` to create a new message.
  */
 export const OutcomeValueSchema: GenMessage<OutcomeValue> = /*@__PURE__*/
-  messageDesc(file_tally_v1_experience_service, 1);
+  messageDesc(file_tally_v1_experience_service, 2);
 
 /**
  * An outcome as recorded for a run.
@@ -169,7 +212,7 @@ export type RecordedOutcome = Message<"tally.v1.RecordedOutcome"> & {
  * Use `create(RecordedOutcomeSchema)` to create a new message.
  */
 export const RecordedOutcomeSchema: GenMessage<RecordedOutcome> = /*@__PURE__*/
-  messageDesc(file_tally_v1_experience_service, 2);
+  messageDesc(file_tally_v1_experience_service, 3);
 
 /**
  * Request of RecordOutcomes.
@@ -197,7 +240,7 @@ export type RecordOutcomesRequest = Message<"tally.v1.RecordOutcomesRequest"> & 
  * Use `create(RecordOutcomesRequestSchema)` to create a new message.
  */
 export const RecordOutcomesRequestSchema: GenMessage<RecordOutcomesRequest> = /*@__PURE__*/
-  messageDesc(file_tally_v1_experience_service, 3);
+  messageDesc(file_tally_v1_experience_service, 4);
 
 /**
  * Response of RecordOutcomes.
@@ -218,7 +261,7 @@ export type RecordOutcomesResponse = Message<"tally.v1.RecordOutcomesResponse"> 
  * Use `create(RecordOutcomesResponseSchema)` to create a new message.
  */
 export const RecordOutcomesResponseSchema: GenMessage<RecordOutcomesResponse> = /*@__PURE__*/
-  messageDesc(file_tally_v1_experience_service, 4);
+  messageDesc(file_tally_v1_experience_service, 5);
 
 /**
  * Cost and usage statistics of one experience, over all its events, kept at
@@ -312,7 +355,7 @@ export type ExperienceStats = Message<"tally.v1.ExperienceStats"> & {
  * Use `create(ExperienceStatsSchema)` to create a new message.
  */
 export const ExperienceStatsSchema: GenMessage<ExperienceStats> = /*@__PURE__*/
-  messageDesc(file_tally_v1_experience_service, 5);
+  messageDesc(file_tally_v1_experience_service, 6);
 
 /**
  * Request of CreateExperience.
@@ -364,7 +407,7 @@ export type CreateExperienceRequest = Message<"tally.v1.CreateExperienceRequest"
  * Use `create(CreateExperienceRequestSchema)` to create a new message.
  */
 export const CreateExperienceRequestSchema: GenMessage<CreateExperienceRequest> = /*@__PURE__*/
-  messageDesc(file_tally_v1_experience_service, 6);
+  messageDesc(file_tally_v1_experience_service, 7);
 
 /**
  * Response of CreateExperience.
@@ -385,7 +428,7 @@ export type CreateExperienceResponse = Message<"tally.v1.CreateExperienceRespons
  * Use `create(CreateExperienceResponseSchema)` to create a new message.
  */
 export const CreateExperienceResponseSchema: GenMessage<CreateExperienceResponse> = /*@__PURE__*/
-  messageDesc(file_tally_v1_experience_service, 7);
+  messageDesc(file_tally_v1_experience_service, 8);
 
 /**
  * Request of GetExperience.
@@ -406,7 +449,7 @@ export type GetExperienceRequest = Message<"tally.v1.GetExperienceRequest"> & {
  * Use `create(GetExperienceRequestSchema)` to create a new message.
  */
 export const GetExperienceRequestSchema: GenMessage<GetExperienceRequest> = /*@__PURE__*/
-  messageDesc(file_tally_v1_experience_service, 8);
+  messageDesc(file_tally_v1_experience_service, 9);
 
 /**
  * Response of GetExperience.
@@ -427,7 +470,7 @@ export type GetExperienceResponse = Message<"tally.v1.GetExperienceResponse"> & 
  * Use `create(GetExperienceResponseSchema)` to create a new message.
  */
 export const GetExperienceResponseSchema: GenMessage<GetExperienceResponse> = /*@__PURE__*/
-  messageDesc(file_tally_v1_experience_service, 9);
+  messageDesc(file_tally_v1_experience_service, 10);
 
 /**
  * Request of ListExperiences.
@@ -495,7 +538,7 @@ export type ListExperiencesRequest = Message<"tally.v1.ListExperiencesRequest"> 
  * Use `create(ListExperiencesRequestSchema)` to create a new message.
  */
 export const ListExperiencesRequestSchema: GenMessage<ListExperiencesRequest> = /*@__PURE__*/
-  messageDesc(file_tally_v1_experience_service, 10);
+  messageDesc(file_tally_v1_experience_service, 11);
 
 /**
  * Response of ListExperiences.
@@ -523,7 +566,7 @@ export type ListExperiencesResponse = Message<"tally.v1.ListExperiencesResponse"
  * Use `create(ListExperiencesResponseSchema)` to create a new message.
  */
 export const ListExperiencesResponseSchema: GenMessage<ListExperiencesResponse> = /*@__PURE__*/
-  messageDesc(file_tally_v1_experience_service, 11);
+  messageDesc(file_tally_v1_experience_service, 12);
 
 /**
  * Request of DeleteExperience.
@@ -544,7 +587,7 @@ export type DeleteExperienceRequest = Message<"tally.v1.DeleteExperienceRequest"
  * Use `create(DeleteExperienceRequestSchema)` to create a new message.
  */
 export const DeleteExperienceRequestSchema: GenMessage<DeleteExperienceRequest> = /*@__PURE__*/
-  messageDesc(file_tally_v1_experience_service, 12);
+  messageDesc(file_tally_v1_experience_service, 13);
 
 /**
  * Response of DeleteExperience.
@@ -565,7 +608,7 @@ export type DeleteExperienceResponse = Message<"tally.v1.DeleteExperienceRespons
  * Use `create(DeleteExperienceResponseSchema)` to create a new message.
  */
 export const DeleteExperienceResponseSchema: GenMessage<DeleteExperienceResponse> = /*@__PURE__*/
-  messageDesc(file_tally_v1_experience_service, 13);
+  messageDesc(file_tally_v1_experience_service, 14);
 
 /**
  * Request of UpdateExperienceProperties.
@@ -601,7 +644,7 @@ export type UpdateExperiencePropertiesRequest = Message<"tally.v1.UpdateExperien
  * Use `create(UpdateExperiencePropertiesRequestSchema)` to create a new message.
  */
 export const UpdateExperiencePropertiesRequestSchema: GenMessage<UpdateExperiencePropertiesRequest> = /*@__PURE__*/
-  messageDesc(file_tally_v1_experience_service, 14);
+  messageDesc(file_tally_v1_experience_service, 15);
 
 /**
  * Response of UpdateExperienceProperties.
@@ -622,7 +665,7 @@ export type UpdateExperiencePropertiesResponse = Message<"tally.v1.UpdateExperie
  * Use `create(UpdateExperiencePropertiesResponseSchema)` to create a new message.
  */
 export const UpdateExperiencePropertiesResponseSchema: GenMessage<UpdateExperiencePropertiesResponse> = /*@__PURE__*/
-  messageDesc(file_tally_v1_experience_service, 15);
+  messageDesc(file_tally_v1_experience_service, 16);
 
 /**
  * Manages experiences: single runs of an experience type, identified by a UUID.

@@ -55,6 +55,7 @@ async def seed_world(tally: AsyncTallyClient, name: str, rng: random.Random) -> 
                     http_status_code=rng.choice([200, 200, 200, 500]),
                 )
                 event.context.experience_id = run.experience_id
+                event.context.step = rng.choice(["", "draft", "review"])
                 events.append(event)
             await tally.ingest_batch(events)
             scored: dict[str, bool | float] = {}
@@ -79,6 +80,11 @@ async def with_costs(tally: AsyncTallyClient, runs: list[dict]) -> list[dict]:
         run["cost"] = sum(nanos(e.xproxy_result.cost_total) for e in stored)
         run["events"] = len(stored)
         run["failed"] = sum(1 for e in stored if e.event.http_status_code >= 400)
+        run["steps"] = {}
+        for e in stored:
+            if e.event.context.step:
+                step = e.event.context.step
+                run["steps"][step] = run["steps"].get(step, 0) + nanos(e.xproxy_result.cost_total)
     return runs
 
 
@@ -101,6 +107,13 @@ def expected_summary(runs: list[dict]) -> dict:
         "events_per_run": events / len(runs),
         "failure_rate": sum(run["failed"] for run in runs) / events,
         "outcomes": {},
+        "steps": {
+            step: (
+                sum(1 for run in runs if step in run["steps"]),
+                half_even(sum(run["steps"].get(step, 0) for run in runs), len(runs)),
+            )
+            for step in sorted({step for run in runs for step in run["steps"]})
+        },
     }
     for definition in OUTCOMES:
         name = definition.name
@@ -129,6 +142,7 @@ def check_summary(answer, expected: dict) -> None:
     assert (nanos(answer.cost_per_run_p50), nanos(answer.cost_per_run_p95)) == (expected["p50"], expected["p95"])
     assert answer.events_per_run == pytest.approx(expected["events_per_run"], rel=1e-12)
     assert answer.failure_rate == pytest.approx(expected["failure_rate"], rel=1e-12)
+    assert {s.step: (s.runs, nanos(s.cost_per_run)) for s in answer.steps} == expected["steps"]
     assert [o.name for o in answer.outcomes] == [d.name for d in OUTCOMES]
     for o in answer.outcomes:
         wanted = expected["outcomes"][o.name]
@@ -167,6 +181,8 @@ async def test_every_figure_of_a_comparison_is_what_the_stored_events_and_outcom
             "cost_per_success:csat",
             "success_rate:accuracy",
             "cost_per_success:accuracy",
+            "step_cost:draft",
+            "step_cost:review",
         }
         cost = by_metric["cost_per_run"]
         assert cost.delta == pytest.approx(cost.candidate - cost.baseline)

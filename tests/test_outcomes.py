@@ -152,3 +152,25 @@ async def test_bad_values_are_refused_naming_the_field_and_change_nothing(stubs)
         with pytest.raises(InvalidArgument) as refused:
             await tally.record_outcomes("not-a-uuid", {"csat": 4})
         assert "not a UUID" in refused.value.field_violations["experience_id"]
+
+
+async def test_every_change_is_listed_oldest_first_page_by_page(stubs):
+    name = unique("History")
+    async with AsyncTallyClient(stubs.target) as tally:
+        await tally.create_experience_type(name, "Scored again and again", outcomes=OUTCOMES[:2])
+        run = await tally.create_experience(name)
+        for value in (3, 4, 4, 5):  # the repeated 4 adds no change
+            await tally.record_outcomes(run.experience_id, {"csat": value})
+        await tally.record_outcomes(run.experience_id, {"resolved": False})
+        seen, token = [], ""
+        while True:
+            page = await tally.list_outcome_changes(run.experience_id, page_size=2, page_token=token)
+            seen += [(c.value.name, c.value.WhichOneof("value"), c.key_name) for c in page.changes]
+            values = [c.value.number_value or c.value.bool_value for c in page.changes]
+            assert all(not c.HasField("succeeded") for c in page.changes) and values
+            token = page.next_page_token
+            if not token:
+                break
+        assert seen == [("csat", "number_value", "")] * 3 + [("resolved", "bool_value", "")]
+        with pytest.raises(NotFound):
+            await tally.list_outcome_changes(uuid.uuid4())

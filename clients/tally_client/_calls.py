@@ -144,6 +144,15 @@ def record_outcomes(
     return Call("experiences", "RecordOutcomes", request, lambda r: list(r.outcomes))
 
 
+def list_outcome_changes(
+    experience_id: str | UUID, page_size: int, page_token: str
+) -> Call[exp_pb.ListOutcomeChangesResponse]:
+    request = exp_pb.ListOutcomeChangesRequest(
+        experience_id=str(experience_id), page_size=page_size, page_token=page_token
+    )
+    return Call("experiences", "ListOutcomeChanges", request, _same)
+
+
 def create_experience_type(
     name: str,
     description: str,

@@ -506,6 +506,12 @@ class TallyClient(_ClientBase):
         Returns the run's outcomes after the call."""
         return self._run(_calls.record_outcomes(experience_id, values))
 
+    def list_outcome_changes(
+        self, experience_id: str | UUID, *, page_size: int = 0, page_token: str = ""
+    ) -> exp_pb.ListOutcomeChangesResponse:
+        """Every change of the run's outcome values, the oldest first, with who and when."""
+        return self._run(_calls.list_outcome_changes(experience_id, page_size, page_token))
+
     # --- ingest -------------------------------------------------------------------
 
     @overload
@@ -863,6 +869,12 @@ class AsyncTallyClient(_ClientBase):
     ) -> list[exp_pb.RecordedOutcome]:
         """As TallyClient.record_outcomes."""
         return await self._run(_calls.record_outcomes(experience_id, values))
+
+    async def list_outcome_changes(
+        self, experience_id: str | UUID, *, page_size: int = 0, page_token: str = ""
+    ) -> exp_pb.ListOutcomeChangesResponse:
+        """As TallyClient.list_outcome_changes."""
+        return await self._run(_calls.list_outcome_changes(experience_id, page_size, page_token))
 
     # --- ingest -------------------------------------------------------------------
 

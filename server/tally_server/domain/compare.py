@@ -27,6 +27,14 @@ class Run:
     events: int
     failed_events: int
     outcomes: dict[str, float] = field(default_factory=dict)
+    steps: dict[str, int] = field(default_factory=dict)  # the cost of each step it has
+
+
+@dataclass(frozen=True)
+class StepSummary:
+    step: str
+    runs: int  # with the step
+    cost_per_run_nanos: int  # over all the version's runs
 
 
 @dataclass(frozen=True)
@@ -54,6 +62,7 @@ class VersionSummary:
     events_per_run: float
     failure_rate: float
     outcomes: tuple[OutcomeSummary, ...]
+    steps: tuple[StepSummary, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -116,6 +125,15 @@ def summarize(version: int, runs: Sequence[Run], definitions: Sequence[OutcomeDe
                 failed_p95_nanos=percentile(losses, 0.95),
             )
         )
+    step_sums: dict[str, list[int]] = {}
+    for run in runs:
+        for step, cost in run.steps.items():
+            sums = step_sums.setdefault(step, [0, 0])
+            sums[0] += 1
+            sums[1] += cost
+    steps = tuple(
+        StepSummary(step, count, divide_half_even(cost, len(runs))) for step, (count, cost) in sorted(step_sums.items())
+    )
     return VersionSummary(
         version=version,
         runs=len(runs),
@@ -126,6 +144,7 @@ def summarize(version: int, runs: Sequence[Run], definitions: Sequence[OutcomeDe
         events_per_run=events / len(runs) if runs else 0.0,
         failure_rate=sum(run.failed_events for run in runs) / events if events else 0.0,
         outcomes=tuple(summaries),
+        steps=steps,
     )
 
 
@@ -208,4 +227,10 @@ def compare(
                     scored_enough,
                 )
             )
+    base_steps = {step.step: step for step in base.steps}
+    cand_steps = {step.step: step for step in cand.steps}
+    for step in sorted(set(base_steps) | set(cand_steps)):
+        first_cost = base_steps[step].cost_per_run_nanos if step in base_steps else 0
+        second_cost = cand_steps[step].cost_per_run_nanos if step in cand_steps else 0
+        differences.append(Difference(f"step_cost:{step}", dollars(first_cost), dollars(second_cost), None, enough))
     return Comparison(base, cand, tuple(differences))

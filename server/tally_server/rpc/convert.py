@@ -575,6 +575,8 @@ def _version_summary(v: compare.VersionSummary) -> report_pb.VersionSummary:
             summary.success_rate = o.success_rate
         if o.cost_per_success_nanos is not None:
             summary.cost_per_success.CopyFrom(money(o.cost_per_success_nanos))
+    for step in v.steps:
+        message.steps.add(step=step.step, runs=step.runs, cost_per_run=money(step.cost_per_run_nanos))
     return message
 
 

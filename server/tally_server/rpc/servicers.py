@@ -193,6 +193,14 @@ class ExperienceServicer(exp_grpc.ExperienceServiceServicer):
         )
         return exp_pb.RecordOutcomesResponse(outcomes=[convert.recorded_outcome(o) for o in recorded])
 
+    async def ListOutcomeChanges(
+        self, request: exp_pb.ListOutcomeChangesRequest, context: Context
+    ) -> exp_pb.ListOutcomeChangesResponse:
+        page = await self.experiences.outcome_changes(request.experience_id, request.page_size, request.page_token)
+        return exp_pb.ListOutcomeChangesResponse(
+            changes=[convert.recorded_outcome(o) for o in page.items], next_page_token=page.next_page_token
+        )
+
 
 class EventServicer(event_grpc.EventServiceServicer):
     def __init__(self, events: Events, max_answer_bytes: int = 4 * 1024 * 1024) -> None:

@@ -136,6 +136,24 @@ class Experiences:
         found = await stored_types.get_type(conn, type_name)
         return {d.name: d for d in found[1].outcomes} if found else {}
 
+    async def outcome_changes(self, experience_id: str, page_size: int, page_token: str) -> Page:
+        """A page of the run's outcome changes (ScoredOutcome, without verdicts), the oldest first."""
+        v = Violations()
+        parsed = _require_uuid(v, "experience_id", experience_id)
+        v.raise_if_any()
+        assert parsed is not None  # raise_if_any refused a missing or bad id
+        size = paging.page_size(page_size)
+        after = self.pages.decode(page_token, "outcome_changes", str(parsed), lambda p: isinstance(p, int))
+        async with self.db.read() as conn:
+            experience = await stored_experiences.get_experience(conn, parsed)
+            if experience is None:
+                raise experience_not_found(parsed)
+            declared = await self._declared(conn, experience.experience_name)
+            found = await stored_outcomes.changes(conn, parsed, after, size + 1)
+        token = self.pages.encode("outcome_changes", str(parsed), found[size - 1][0]) if len(found) > size else ""
+        items = [outcomes.ScoredOutcome(change, declared.get(change.name), None) for _, change in found[:size]]
+        return Page(items, token)
+
     async def record_outcomes(
         self, experience_id: str, values: Sequence[outcomes.OutcomeValue], key_name: str
     ) -> tuple[outcomes.ScoredOutcome, ...]:

@@ -64,3 +64,18 @@ async def latest(conn: AsyncConnection, experience_ids: Iterable[uuid.UUID]) -> 
             RecordedOutcome(row.name, float(row.value), int(row.record_time_us), row.key_name)
         )
     return found
+
+
+async def changes(
+    conn: AsyncConnection, experience_id: uuid.UUID, after_id: int | None, count: int
+) -> list[tuple[int, RecordedOutcome]]:
+    """The run's changes after `after_id`, the oldest first: (their id, the value)."""
+    c = experience_outcome_changes
+    query = sa.select(c).where(c.c.experience_id == experience_id)
+    if after_id is not None:
+        query = query.where(c.c.id > after_id)
+    rows = await conn.execute(query.order_by(c.c.id).limit(count))
+    return [
+        (int(row.id), RecordedOutcome(row.name, float(row.value), int(row.record_time_us), row.key_name))
+        for row in rows
+    ]

@@ -14,6 +14,7 @@ from . import rollups
 from .experiences import experience_filters
 from .tables import (
     experience_outcomes,
+    experience_step_costs,
     experiences,
     type_cost_buckets,
     type_rollups,
@@ -131,7 +132,8 @@ async def version_runs(
     conn: AsyncConnection, type_id: int, version: int, start_us: int | None, end_us: int | None
 ) -> list[Run]:
     """Each run of one version with events, its first event in the window: its cost, events,
-    failed events (the experience's rollup) and latest outcome values. Two queries."""
+    failed events (the experience's rollup), latest outcome values and step costs. Three
+    queries."""
     e, o = experiences, experience_outcomes
     where = _with_events(type_id, version, start_us, end_us)
     costs = await conn.execute(
@@ -152,4 +154,17 @@ async def version_runs(
         sa.select(o.c.experience_id, o.c.name, o.c.value).join(e, e.c.id == o.c.experience_id).where(*where)
     ):
         scored.setdefault(row.experience_id, {})[row.name] = float(row.value)
-    return [Run(cost, events, failed, scored.get(run_id, {})) for run_id, (cost, events, failed) in rows.items()]
+    s = experience_step_costs
+    steps: dict[Any, dict[str, int]] = {}
+    step_rows = await conn.execute(
+        sa.select(s.c.experience_id, s.c.step, s.c.cost_total_dollars, s.c.cost_total_nanos)
+        .join(e, e.c.id == s.c.experience_id)
+        .where(*where)
+    )
+    for step_row in step_rows:
+        cost = rollups.joined(step_row.cost_total_dollars, step_row.cost_total_nanos)
+        steps.setdefault(step_row.experience_id, {})[step_row.step] = cost
+    return [
+        Run(cost, events, failed, scored.get(run_id, {}), steps.get(run_id, {}))
+        for run_id, (cost, events, failed) in rows.items()
+    ]

@@ -44,6 +44,9 @@ type ExperienceServiceClient interface {
 	// EXPERIENCE_NOT_FOUND) for an unknown experience. Nothing is changed when
 	// any value is refused.
 	RecordOutcomes(ctx context.Context, in *RecordOutcomesRequest, opts ...grpc.CallOption) (*RecordOutcomesResponse, error)
+	// Every change of a run's outcome values, the oldest first, one page at a
+	// time: each value as recorded, when, and by which API key.
+	ListOutcomeChanges(ctx context.Context, in *ListOutcomeChangesRequest, opts ...grpc.CallOption) (*ListOutcomeChangesResponse, error)
 }
 
 type experienceServiceClient struct {
@@ -108,6 +111,15 @@ func (c *experienceServiceClient) RecordOutcomes(ctx context.Context, in *Record
 	return out, nil
 }
 
+func (c *experienceServiceClient) ListOutcomeChanges(ctx context.Context, in *ListOutcomeChangesRequest, opts ...grpc.CallOption) (*ListOutcomeChangesResponse, error) {
+	out := new(ListOutcomeChangesResponse)
+	err := c.cc.Invoke(ctx, "/tally.v1.ExperienceService/ListOutcomeChanges", in, out, opts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // ExperienceServiceServer is the server API for ExperienceService service.
 // All implementations must embed UnimplementedExperienceServiceServer
 // for forward compatibility
@@ -139,6 +151,9 @@ type ExperienceServiceServer interface {
 	// EXPERIENCE_NOT_FOUND) for an unknown experience. Nothing is changed when
 	// any value is refused.
 	RecordOutcomes(context.Context, *RecordOutcomesRequest) (*RecordOutcomesResponse, error)
+	// Every change of a run's outcome values, the oldest first, one page at a
+	// time: each value as recorded, when, and by which API key.
+	ListOutcomeChanges(context.Context, *ListOutcomeChangesRequest) (*ListOutcomeChangesResponse, error)
 	mustEmbedUnimplementedExperienceServiceServer()
 }
 
@@ -163,6 +178,9 @@ func (UnimplementedExperienceServiceServer) UpdateExperienceProperties(context.C
 }
 func (UnimplementedExperienceServiceServer) RecordOutcomes(context.Context, *RecordOutcomesRequest) (*RecordOutcomesResponse, error) {
 	return nil, status.Errorf(codes.Unimplemented, "method RecordOutcomes not implemented")
+}
+func (UnimplementedExperienceServiceServer) ListOutcomeChanges(context.Context, *ListOutcomeChangesRequest) (*ListOutcomeChangesResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method ListOutcomeChanges not implemented")
 }
 func (UnimplementedExperienceServiceServer) mustEmbedUnimplementedExperienceServiceServer() {}
 
@@ -285,6 +303,24 @@ func _ExperienceService_RecordOutcomes_Handler(srv interface{}, ctx context.Cont
 	return interceptor(ctx, in, info, handler)
 }
 
+func _ExperienceService_ListOutcomeChanges_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ListOutcomeChangesRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ExperienceServiceServer).ListOutcomeChanges(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: "/tally.v1.ExperienceService/ListOutcomeChanges",
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ExperienceServiceServer).ListOutcomeChanges(ctx, req.(*ListOutcomeChangesRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 var _ExperienceService_serviceDesc = grpc.ServiceDesc{
 	ServiceName: "tally.v1.ExperienceService",
 	HandlerType: (*ExperienceServiceServer)(nil),
@@ -312,6 +348,10 @@ var _ExperienceService_serviceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "RecordOutcomes",
 			Handler:    _ExperienceService_RecordOutcomes_Handler,
+		},
+		{
+			MethodName: "ListOutcomeChanges",
+			Handler:    _ExperienceService_ListOutcomeChanges_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},

@@ -27,7 +27,7 @@ from tally.v1 import access_pb2 as tally_dot_v1_dot_access__pb2
 from tally.v1 import common_pb2 as tally_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!tally/v1/experience_service.proto\x12\x08tally.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x15tally/v1/access.proto\x1a\x15tally/v1/common.proto\"\xf5\x02\n\nExperience\x12\x15\n\rexperience_id\x18\x01 \x01(\t\x12\x17\n\x0f\x65xperience_name\x18\x02 \x01(\t\x12\x1a\n\x12\x65xperience_version\x18\x03 \x01(\x05\x12/\n\x0b\x63reate_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x38\n\nproperties\x18\x05 \x03(\x0b\x32$.tally.v1.Experience.PropertiesEntry\x12(\n\x05stats\x18\x06 \x01(\x0b\x32\x19.tally.v1.ExperienceStats\x12+\n\x08outcomes\x18\x07 \x03(\x0b\x32\x19.tally.v1.RecordedOutcome\x12&\n\nstep_costs\x18\x08 \x03(\x0b\x32\x12.tally.v1.StepCost\x1a\x31\n\x0fPropertiesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"R\n\x08StepCost\x12\x0c\n\x04step\x18\x01 \x01(\t\x12\x13\n\x0b\x65vent_count\x18\x02 \x01(\x03\x12#\n\ncost_total\x18\x03 \x01(\x0b\x32\x0f.tally.v1.Money\"S\n\x0cOutcomeValue\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\nbool_value\x18\x02 \x01(\x08H\x00\x12\x16\n\x0cnumber_value\x18\x03 \x01(\x01H\x00\x42\x07\n\x05value\"\xa1\x01\n\x0fRecordedOutcome\x12%\n\x05value\x18\x01 \x01(\x0b\x32\x16.tally.v1.OutcomeValue\x12/\n\x0brecord_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08key_name\x18\x03 \x01(\t\x12\x16\n\tsucceeded\x18\x04 \x01(\x08H\x00\x88\x01\x01\x42\x0c\n\n_succeeded\"V\n\x15RecordOutcomesRequest\x12\x15\n\rexperience_id\x18\x01 \x01(\t\x12&\n\x06values\x18\x02 \x03(\x0b\x32\x16.tally.v1.OutcomeValue\"E\n\x16RecordOutcomesResponse\x12+\n\x08outcomes\x18\x01 \x03(\x0b\x32\x19.tally.v1.RecordedOutcome\"\x84\x03\n\x0f\x45xperienceStats\x12#\n\ncost_input\x18\x01 \x01(\x0b\x32\x0f.tally.v1.Money\x12$\n\x0b\x63ost_output\x18\x02 \x01(\x0b\x32\x0f.tally.v1.Money\x12#\n\ncost_total\x18\x03 \x01(\x0b\x32\x0f.tally.v1.Money\x12\x13\n\x0b\x65vent_count\x18\x04 \x01(\x03\x12\x1a\n\x12\x66\x61iled_event_count\x18\x05 \x01(\x03\x12\x1c\n\x14unpriced_event_count\x18\x06 \x01(\x03\x12\x17\n\x0flatency_mean_ms\x18\x07 \x01(\x01\x12\x16\n\x0elatency_p50_ms\x18\x08 \x01(\x01\x12\x16\n\x0elatency_p95_ms\x18\t \x01(\x01\x12\x34\n\x10\x66irst_event_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x33\n\x0flast_event_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xf3\x01\n\x17\x43reateExperienceRequest\x12\x17\n\x0f\x65xperience_name\x18\x01 \x01(\t\x12\x15\n\rexperience_id\x18\x02 \x01(\t\x12\x1a\n\x12\x65xperience_version\x18\x03 \x01(\x05\x12\x45\n\nproperties\x18\x04 \x03(\x0b\x32\x31.tally.v1.CreateExperienceRequest.PropertiesEntry\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x1a\x31\n\x0fPropertiesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"D\n\x18\x43reateExperienceResponse\x12(\n\nexperience\x18\x01 \x01(\x0b\x32\x14.tally.v1.Experience\"-\n\x14GetExperienceRequest\x12\x15\n\rexperience_id\x18\x01 \x01(\t\"A\n\x15GetExperienceResponse\x12(\n\nexperience\x18\x01 \x01(\x0b\x32\x14.tally.v1.Experience\"\xf2\x01\n\x16ListExperiencesRequest\x12\x17\n\x0f\x65xperience_name\x18\x01 \x01(\t\x12\x1a\n\x12\x65xperience_version\x18\x02 \x01(\x05\x12\x35\n\x11\x63reate_time_start\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x33\n\x0f\x63reate_time_end\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tpage_size\x18\x05 \x01(\x05\x12\x12\n\npage_token\x18\x06 \x01(\t\x12\x10\n\x08order_by\x18\x07 \x01(\t\"]\n\x17ListExperiencesResponse\x12)\n\x0b\x65xperiences\x18\x01 \x03(\x0b\x32\x14.tally.v1.Experience\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"0\n\x17\x44\x65leteExperienceRequest\x12\x15\n\rexperience_id\x18\x01 \x01(\t\"<\n\x18\x44\x65leteExperienceResponse\x12 \n\x18unattributed_event_count\x18\x01 \x01(\x03\"\xdd\x01\n!UpdateExperiencePropertiesRequest\x12\x15\n\rexperience_id\x18\x01 \x01(\t\x12V\n\x0eset_properties\x18\x02 \x03(\x0b\x32>.tally.v1.UpdateExperiencePropertiesRequest.SetPropertiesEntry\x12\x13\n\x0bremove_keys\x18\x03 \x03(\t\x1a\x34\n\x12SetPropertiesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"N\n\"UpdateExperiencePropertiesResponse\x12(\n\nexperience\x18\x01 \x01(\x0b\x32\x14.tally.v1.Experience2\xe5\x04\n\x11\x45xperienceService\x12_\n\x10\x43reateExperience\x12!.tally.v1.CreateExperienceRequest\x1a\".tally.v1.CreateExperienceResponse\"\x04\x88\xe7\x18\x01\x12V\n\rGetExperience\x12\x1e.tally.v1.GetExperienceRequest\x1a\x1f.tally.v1.GetExperienceResponse\"\x04\x88\xe7\x18\x02\x12\\\n\x0fListExperiences\x12 .tally.v1.ListExperiencesRequest\x1a!.tally.v1.ListExperiencesResponse\"\x04\x88\xe7\x18\x02\x12_\n\x10\x44\x65leteExperience\x12!.tally.v1.DeleteExperienceRequest\x1a\".tally.v1.DeleteExperienceResponse\"\x04\x88\xe7\x18\x03\x12}\n\x1aUpdateExperienceProperties\x12+.tally.v1.UpdateExperiencePropertiesRequest\x1a,.tally.v1.UpdateExperiencePropertiesResponse\"\x04\x88\xe7\x18\x01\x12Y\n\x0eRecordOutcomes\x12\x1f.tally.v1.RecordOutcomesRequest\x1a .tally.v1.RecordOutcomesResponse\"\x04\x88\xe7\x18\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!tally/v1/experience_service.proto\x12\x08tally.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x15tally/v1/access.proto\x1a\x15tally/v1/common.proto\"\xf5\x02\n\nExperience\x12\x15\n\rexperience_id\x18\x01 \x01(\t\x12\x17\n\x0f\x65xperience_name\x18\x02 \x01(\t\x12\x1a\n\x12\x65xperience_version\x18\x03 \x01(\x05\x12/\n\x0b\x63reate_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x38\n\nproperties\x18\x05 \x03(\x0b\x32$.tally.v1.Experience.PropertiesEntry\x12(\n\x05stats\x18\x06 \x01(\x0b\x32\x19.tally.v1.ExperienceStats\x12+\n\x08outcomes\x18\x07 \x03(\x0b\x32\x19.tally.v1.RecordedOutcome\x12&\n\nstep_costs\x18\x08 \x03(\x0b\x32\x12.tally.v1.StepCost\x1a\x31\n\x0fPropertiesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"R\n\x08StepCost\x12\x0c\n\x04step\x18\x01 \x01(\t\x12\x13\n\x0b\x65vent_count\x18\x02 \x01(\x03\x12#\n\ncost_total\x18\x03 \x01(\x0b\x32\x0f.tally.v1.Money\"S\n\x0cOutcomeValue\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\nbool_value\x18\x02 \x01(\x08H\x00\x12\x16\n\x0cnumber_value\x18\x03 \x01(\x01H\x00\x42\x07\n\x05value\"\xa1\x01\n\x0fRecordedOutcome\x12%\n\x05value\x18\x01 \x01(\x0b\x32\x16.tally.v1.OutcomeValue\x12/\n\x0brecord_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08key_name\x18\x03 \x01(\t\x12\x16\n\tsucceeded\x18\x04 \x01(\x08H\x00\x88\x01\x01\x42\x0c\n\n_succeeded\"V\n\x15RecordOutcomesRequest\x12\x15\n\rexperience_id\x18\x01 \x01(\t\x12&\n\x06values\x18\x02 \x03(\x0b\x32\x16.tally.v1.OutcomeValue\"Y\n\x19ListOutcomeChangesRequest\x12\x15\n\rexperience_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"a\n\x1aListOutcomeChangesResponse\x12*\n\x07\x63hanges\x18\x01 \x03(\x0b\x32\x19.tally.v1.RecordedOutcome\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"E\n\x16RecordOutcomesResponse\x12+\n\x08outcomes\x18\x01 \x03(\x0b\x32\x19.tally.v1.RecordedOutcome\"\x84\x03\n\x0f\x45xperienceStats\x12#\n\ncost_input\x18\x01 \x01(\x0b\x32\x0f.tally.v1.Money\x12$\n\x0b\x63ost_output\x18\x02 \x01(\x0b\x32\x0f.tally.v1.Money\x12#\n\ncost_total\x18\x03 \x01(\x0b\x32\x0f.tally.v1.Money\x12\x13\n\x0b\x65vent_count\x18\x04 \x01(\x03\x12\x1a\n\x12\x66\x61iled_event_count\x18\x05 \x01(\x03\x12\x1c\n\x14unpriced_event_count\x18\x06 \x01(\x03\x12\x17\n\x0flatency_mean_ms\x18\x07 \x01(\x01\x12\x16\n\x0elatency_p50_ms\x18\x08 \x01(\x01\x12\x16\n\x0elatency_p95_ms\x18\t \x01(\x01\x12\x34\n\x10\x66irst_event_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x33\n\x0flast_event_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xf3\x01\n\x17\x43reateExperienceRequest\x12\x17\n\x0f\x65xperience_name\x18\x01 \x01(\t\x12\x15\n\rexperience_id\x18\x02 \x01(\t\x12\x1a\n\x12\x65xperience_version\x18\x03 \x01(\x05\x12\x45\n\nproperties\x18\x04 \x03(\x0b\x32\x31.tally.v1.CreateExperienceRequest.PropertiesEntry\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x1a\x31\n\x0fPropertiesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"D\n\x18\x43reateExperienceResponse\x12(\n\nexperience\x18\x01 \x01(\x0b\x32\x14.tally.v1.Experience\"-\n\x14GetExperienceRequest\x12\x15\n\rexperience_id\x18\x01 \x01(\t\"A\n\x15GetExperienceResponse\x12(\n\nexperience\x18\x01 \x01(\x0b\x32\x14.tally.v1.Experience\"\xf2\x01\n\x16ListExperiencesRequest\x12\x17\n\x0f\x65xperience_name\x18\x01 \x01(\t\x12\x1a\n\x12\x65xperience_version\x18\x02 \x01(\x05\x12\x35\n\x11\x63reate_time_start\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x33\n\x0f\x63reate_time_end\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tpage_size\x18\x05 \x01(\x05\x12\x12\n\npage_token\x18\x06 \x01(\t\x12\x10\n\x08order_by\x18\x07 \x01(\t\"]\n\x17ListExperiencesResponse\x12)\n\x0b\x65xperiences\x18\x01 \x03(\x0b\x32\x14.tally.v1.Experience\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"0\n\x17\x44\x65leteExperienceRequest\x12\x15\n\rexperience_id\x18\x01 \x01(\t\"<\n\x18\x44\x65leteExperienceResponse\x12 \n\x18unattributed_event_count\x18\x01 \x01(\x03\"\xdd\x01\n!UpdateExperiencePropertiesRequest\x12\x15\n\rexperience_id\x18\x01 \x01(\t\x12V\n\x0eset_properties\x18\x02 \x03(\x0b\x32>.tally.v1.UpdateExperiencePropertiesRequest.SetPropertiesEntry\x12\x13\n\x0bremove_keys\x18\x03 \x03(\t\x1a\x34\n\x12SetPropertiesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"N\n\"UpdateExperiencePropertiesResponse\x12(\n\nexperience\x18\x01 \x01(\x0b\x32\x14.tally.v1.Experience2\xcc\x05\n\x11\x45xperienceService\x12_\n\x10\x43reateExperience\x12!.tally.v1.CreateExperienceRequest\x1a\".tally.v1.CreateExperienceResponse\"\x04\x88\xe7\x18\x01\x12V\n\rGetExperience\x12\x1e.tally.v1.GetExperienceRequest\x1a\x1f.tally.v1.GetExperienceResponse\"\x04\x88\xe7\x18\x02\x12\\\n\x0fListExperiences\x12 .tally.v1.ListExperiencesRequest\x1a!.tally.v1.ListExperiencesResponse\"\x04\x88\xe7\x18\x02\x12_\n\x10\x44\x65leteExperience\x12!.tally.v1.DeleteExperienceRequest\x1a\".tally.v1.DeleteExperienceResponse\"\x04\x88\xe7\x18\x03\x12}\n\x1aUpdateExperienceProperties\x12+.tally.v1.UpdateExperiencePropertiesRequest\x1a,.tally.v1.UpdateExperiencePropertiesResponse\"\x04\x88\xe7\x18\x01\x12Y\n\x0eRecordOutcomes\x12\x1f.tally.v1.RecordOutcomesRequest\x1a .tally.v1.RecordOutcomesResponse\"\x04\x88\xe7\x18\x01\x12\x65\n\x12ListOutcomeChanges\x12#.tally.v1.ListOutcomeChangesRequest\x1a$.tally.v1.ListOutcomeChangesResponse\"\x04\x88\xe7\x18\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -52,6 +52,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EXPERIENCESERVICE'].methods_by_name['UpdateExperienceProperties']._serialized_options = b'\210\347\030\001'
   _globals['_EXPERIENCESERVICE'].methods_by_name['RecordOutcomes']._loaded_options = None
   _globals['_EXPERIENCESERVICE'].methods_by_name['RecordOutcomes']._serialized_options = b'\210\347\030\001'
+  _globals['_EXPERIENCESERVICE'].methods_by_name['ListOutcomeChanges']._loaded_options = None
+  _globals['_EXPERIENCESERVICE'].methods_by_name['ListOutcomeChanges']._serialized_options = b'\210\347\030\002'
   _globals['_EXPERIENCE']._serialized_start=127
   _globals['_EXPERIENCE']._serialized_end=500
   _globals['_EXPERIENCE_PROPERTIESENTRY']._serialized_start=451
@@ -64,34 +66,38 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RECORDEDOUTCOME']._serialized_end=833
   _globals['_RECORDOUTCOMESREQUEST']._serialized_start=835
   _globals['_RECORDOUTCOMESREQUEST']._serialized_end=921
-  _globals['_RECORDOUTCOMESRESPONSE']._serialized_start=923
-  _globals['_RECORDOUTCOMESRESPONSE']._serialized_end=992
-  _globals['_EXPERIENCESTATS']._serialized_start=995
-  _globals['_EXPERIENCESTATS']._serialized_end=1383
-  _globals['_CREATEEXPERIENCEREQUEST']._serialized_start=1386
-  _globals['_CREATEEXPERIENCEREQUEST']._serialized_end=1629
+  _globals['_LISTOUTCOMECHANGESREQUEST']._serialized_start=923
+  _globals['_LISTOUTCOMECHANGESREQUEST']._serialized_end=1012
+  _globals['_LISTOUTCOMECHANGESRESPONSE']._serialized_start=1014
+  _globals['_LISTOUTCOMECHANGESRESPONSE']._serialized_end=1111
+  _globals['_RECORDOUTCOMESRESPONSE']._serialized_start=1113
+  _globals['_RECORDOUTCOMESRESPONSE']._serialized_end=1182
+  _globals['_EXPERIENCESTATS']._serialized_start=1185
+  _globals['_EXPERIENCESTATS']._serialized_end=1573
+  _globals['_CREATEEXPERIENCEREQUEST']._serialized_start=1576
+  _globals['_CREATEEXPERIENCEREQUEST']._serialized_end=1819
   _globals['_CREATEEXPERIENCEREQUEST_PROPERTIESENTRY']._serialized_start=451
   _globals['_CREATEEXPERIENCEREQUEST_PROPERTIESENTRY']._serialized_end=500
-  _globals['_CREATEEXPERIENCERESPONSE']._serialized_start=1631
-  _globals['_CREATEEXPERIENCERESPONSE']._serialized_end=1699
-  _globals['_GETEXPERIENCEREQUEST']._serialized_start=1701
-  _globals['_GETEXPERIENCEREQUEST']._serialized_end=1746
-  _globals['_GETEXPERIENCERESPONSE']._serialized_start=1748
-  _globals['_GETEXPERIENCERESPONSE']._serialized_end=1813
-  _globals['_LISTEXPERIENCESREQUEST']._serialized_start=1816
-  _globals['_LISTEXPERIENCESREQUEST']._serialized_end=2058
-  _globals['_LISTEXPERIENCESRESPONSE']._serialized_start=2060
-  _globals['_LISTEXPERIENCESRESPONSE']._serialized_end=2153
-  _globals['_DELETEEXPERIENCEREQUEST']._serialized_start=2155
-  _globals['_DELETEEXPERIENCEREQUEST']._serialized_end=2203
-  _globals['_DELETEEXPERIENCERESPONSE']._serialized_start=2205
-  _globals['_DELETEEXPERIENCERESPONSE']._serialized_end=2265
-  _globals['_UPDATEEXPERIENCEPROPERTIESREQUEST']._serialized_start=2268
-  _globals['_UPDATEEXPERIENCEPROPERTIESREQUEST']._serialized_end=2489
-  _globals['_UPDATEEXPERIENCEPROPERTIESREQUEST_SETPROPERTIESENTRY']._serialized_start=2437
-  _globals['_UPDATEEXPERIENCEPROPERTIESREQUEST_SETPROPERTIESENTRY']._serialized_end=2489
-  _globals['_UPDATEEXPERIENCEPROPERTIESRESPONSE']._serialized_start=2491
-  _globals['_UPDATEEXPERIENCEPROPERTIESRESPONSE']._serialized_end=2569
-  _globals['_EXPERIENCESERVICE']._serialized_start=2572
-  _globals['_EXPERIENCESERVICE']._serialized_end=3185
+  _globals['_CREATEEXPERIENCERESPONSE']._serialized_start=1821
+  _globals['_CREATEEXPERIENCERESPONSE']._serialized_end=1889
+  _globals['_GETEXPERIENCEREQUEST']._serialized_start=1891
+  _globals['_GETEXPERIENCEREQUEST']._serialized_end=1936
+  _globals['_GETEXPERIENCERESPONSE']._serialized_start=1938
+  _globals['_GETEXPERIENCERESPONSE']._serialized_end=2003
+  _globals['_LISTEXPERIENCESREQUEST']._serialized_start=2006
+  _globals['_LISTEXPERIENCESREQUEST']._serialized_end=2248
+  _globals['_LISTEXPERIENCESRESPONSE']._serialized_start=2250
+  _globals['_LISTEXPERIENCESRESPONSE']._serialized_end=2343
+  _globals['_DELETEEXPERIENCEREQUEST']._serialized_start=2345
+  _globals['_DELETEEXPERIENCEREQUEST']._serialized_end=2393
+  _globals['_DELETEEXPERIENCERESPONSE']._serialized_start=2395
+  _globals['_DELETEEXPERIENCERESPONSE']._serialized_end=2455
+  _globals['_UPDATEEXPERIENCEPROPERTIESREQUEST']._serialized_start=2458
+  _globals['_UPDATEEXPERIENCEPROPERTIESREQUEST']._serialized_end=2679
+  _globals['_UPDATEEXPERIENCEPROPERTIESREQUEST_SETPROPERTIESENTRY']._serialized_start=2627
+  _globals['_UPDATEEXPERIENCEPROPERTIESREQUEST_SETPROPERTIESENTRY']._serialized_end=2679
+  _globals['_UPDATEEXPERIENCEPROPERTIESRESPONSE']._serialized_start=2681
+  _globals['_UPDATEEXPERIENCEPROPERTIESRESPONSE']._serialized_end=2759
+  _globals['_EXPERIENCESERVICE']._serialized_start=2762
+  _globals['_EXPERIENCESERVICE']._serialized_end=3478
 # @@protoc_insertion_point(module_scope)

@@ -244,6 +244,64 @@ class RecordOutcomesRequest(_message.Message):
 Global___RecordOutcomesRequest: _TypeAlias = RecordOutcomesRequest  # noqa: Y015
 
 @_typing.final
+class ListOutcomeChangesRequest(_message.Message):
+    """Request of ListOutcomeChanges."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EXPERIENCE_ID_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    experience_id: _builtins.str
+    """The experience (a UUID)."""
+    page_size: _builtins.int
+    """At most this many (default 100, at most 1,000)."""
+    page_token: _builtins.str
+    """From a previous response's next_page_token."""
+    def __init__(
+        self,
+        *,
+        experience_id: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["experience_id", b"experience_id", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListOutcomeChangesRequest: _TypeAlias = ListOutcomeChangesRequest  # noqa: Y015
+
+@_typing.final
+class ListOutcomeChangesResponse(_message.Message):
+    """Response of ListOutcomeChanges."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHANGES_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """The token of the next page, or empty when this is the last page."""
+    @_builtins.property
+    def changes(self) -> _containers.RepeatedCompositeFieldContainer[Global___RecordedOutcome]:
+        """The changes of this page, the oldest first (RecordedOutcome.succeeded unset)."""
+
+    def __init__(
+        self,
+        *,
+        changes: _abc.Iterable[Global___RecordedOutcome] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["changes", b"changes", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListOutcomeChangesResponse: _TypeAlias = ListOutcomeChangesResponse  # noqa: Y015
+
+@_typing.final
 class RecordOutcomesResponse(_message.Message):
     """Response of RecordOutcomes."""
 

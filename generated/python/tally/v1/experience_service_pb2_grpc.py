@@ -67,6 +67,11 @@ class ExperienceServiceStub:
                 request_serializer=tally_dot_v1_dot_experience__service__pb2.RecordOutcomesRequest.SerializeToString,
                 response_deserializer=tally_dot_v1_dot_experience__service__pb2.RecordOutcomesResponse.FromString,
                 _registered_method=True)
+        self.ListOutcomeChanges = channel.unary_unary(
+                '/tally.v1.ExperienceService/ListOutcomeChanges',
+                request_serializer=tally_dot_v1_dot_experience__service__pb2.ListOutcomeChangesRequest.SerializeToString,
+                response_deserializer=tally_dot_v1_dot_experience__service__pb2.ListOutcomeChangesResponse.FromString,
+                _registered_method=True)
 
 
 class ExperienceServiceServicer:
@@ -132,6 +137,14 @@ class ExperienceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListOutcomeChanges(self, request, context):
+        """Every change of a run's outcome values, the oldest first, one page at a
+        time: each value as recorded, when, and by which API key.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ExperienceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -164,6 +177,11 @@ def add_ExperienceServiceServicer_to_server(servicer, server):
                     servicer.RecordOutcomes,
                     request_deserializer=tally_dot_v1_dot_experience__service__pb2.RecordOutcomesRequest.FromString,
                     response_serializer=tally_dot_v1_dot_experience__service__pb2.RecordOutcomesResponse.SerializeToString,
+            ),
+            'ListOutcomeChanges': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListOutcomeChanges,
+                    request_deserializer=tally_dot_v1_dot_experience__service__pb2.ListOutcomeChangesRequest.FromString,
+                    response_serializer=tally_dot_v1_dot_experience__service__pb2.ListOutcomeChangesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -331,6 +349,33 @@ class ExperienceService:
             '/tally.v1.ExperienceService/RecordOutcomes',
             tally_dot_v1_dot_experience__service__pb2.RecordOutcomesRequest.SerializeToString,
             tally_dot_v1_dot_experience__service__pb2.RecordOutcomesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListOutcomeChanges(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tally.v1.ExperienceService/ListOutcomeChanges',
+            tally_dot_v1_dot_experience__service__pb2.ListOutcomeChangesRequest.SerializeToString,
+            tally_dot_v1_dot_experience__service__pb2.ListOutcomeChangesResponse.FromString,
             options,
             channel_credentials,
             insecure,

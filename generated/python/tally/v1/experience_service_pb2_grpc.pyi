@@ -68,6 +68,10 @@ class ExperienceServiceStub:
     EXPERIENCE_NOT_FOUND) for an unknown experience. Nothing is changed when
     any value is refused.
     """
+    ListOutcomeChanges: _grpc.UnaryUnaryMultiCallable[_experience_service_pb2.ListOutcomeChangesRequest, _experience_service_pb2.ListOutcomeChangesResponse]
+    """Every change of a run's outcome values, the oldest first, one page at a
+    time: each value as recorded, when, and by which API key.
+    """
 
 @_typing.type_check_only
 class ExperienceServiceAsyncStub(ExperienceServiceStub):
@@ -108,6 +112,10 @@ class ExperienceServiceAsyncStub(ExperienceServiceStub):
     declare, a value of the wrong kind or out of its scale; NOT_FOUND (reason
     EXPERIENCE_NOT_FOUND) for an unknown experience. Nothing is changed when
     any value is refused.
+    """
+    ListOutcomeChanges: _aio.UnaryUnaryMultiCallable[_experience_service_pb2.ListOutcomeChangesRequest, _experience_service_pb2.ListOutcomeChangesResponse]  # type: ignore[assignment]
+    """Every change of a run's outcome values, the oldest first, one page at a
+    time: each value as recorded, when, and by which API key.
     """
 
 class ExperienceServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -182,6 +190,16 @@ class ExperienceServiceServicer(metaclass=_abc_1.ABCMeta):
         declare, a value of the wrong kind or out of its scale; NOT_FOUND (reason
         EXPERIENCE_NOT_FOUND) for an unknown experience. Nothing is changed when
         any value is refused.
+        """
+
+    @_abc_1.abstractmethod
+    def ListOutcomeChanges(
+        self,
+        request: _experience_service_pb2.ListOutcomeChangesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_experience_service_pb2.ListOutcomeChangesResponse, _abc.Awaitable[_experience_service_pb2.ListOutcomeChangesResponse]]:
+        """Every change of a run's outcome values, the oldest first, one page at a
+        time: each value as recorded, when, and by which API key.
         """
 
 def add_ExperienceServiceServicer_to_server(servicer: ExperienceServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

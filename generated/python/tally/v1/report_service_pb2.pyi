@@ -144,6 +144,7 @@ class VersionSummary(_message.Message):
     EVENTS_PER_RUN_FIELD_NUMBER: _builtins.int
     FAILURE_RATE_FIELD_NUMBER: _builtins.int
     OUTCOMES_FIELD_NUMBER: _builtins.int
+    STEPS_FIELD_NUMBER: _builtins.int
     version: _builtins.int
     """The version."""
     runs: _builtins.int
@@ -172,6 +173,10 @@ class VersionSummary(_message.Message):
     def outcomes(self) -> _containers.RepeatedCompositeFieldContainer[Global___OutcomeSummary]:
         """Each outcome the type declares, in its order."""
 
+    @_builtins.property
+    def steps(self) -> _containers.RepeatedCompositeFieldContainer[Global___StepSummary]:
+        """Each step its runs' events named, by step."""
+
     def __init__(
         self,
         *,
@@ -184,14 +189,49 @@ class VersionSummary(_message.Message):
         events_per_run: _builtins.float = ...,
         failure_rate: _builtins.float = ...,
         outcomes: _abc.Iterable[Global___OutcomeSummary] | None = ...,
+        steps: _abc.Iterable[Global___StepSummary] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["cost_per_run_mean", b"cost_per_run_mean", "cost_per_run_p50", b"cost_per_run_p50", "cost_per_run_p95", b"cost_per_run_p95", "cost_total", b"cost_total"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cost_per_run_mean", b"cost_per_run_mean", "cost_per_run_p50", b"cost_per_run_p50", "cost_per_run_p95", b"cost_per_run_p95", "cost_total", b"cost_total", "events_per_run", b"events_per_run", "failure_rate", b"failure_rate", "outcomes", b"outcomes", "runs", b"runs", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cost_per_run_mean", b"cost_per_run_mean", "cost_per_run_p50", b"cost_per_run_p50", "cost_per_run_p95", b"cost_per_run_p95", "cost_total", b"cost_total", "events_per_run", b"events_per_run", "failure_rate", b"failure_rate", "outcomes", b"outcomes", "runs", b"runs", "steps", b"steps", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___VersionSummary: _TypeAlias = VersionSummary  # noqa: Y015
+
+@_typing.final
+class StepSummary(_message.Message):
+    """One step over one version's runs."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STEP_FIELD_NUMBER: _builtins.int
+    RUNS_FIELD_NUMBER: _builtins.int
+    COST_PER_RUN_FIELD_NUMBER: _builtins.int
+    step: _builtins.str
+    """The step."""
+    runs: _builtins.int
+    """Runs with events in the step."""
+    @_builtins.property
+    def cost_per_run(self) -> _common_pb2.Money:
+        """The step's cost over all the version's runs (with the step or not), rounded
+        half to even: what the step adds to a run on average.
+        """
+
+    def __init__(
+        self,
+        *,
+        step: _builtins.str = ...,
+        runs: _builtins.int = ...,
+        cost_per_run: _common_pb2.Money | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cost_per_run", b"cost_per_run"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cost_per_run", b"cost_per_run", "runs", b"runs", "step", b"step"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StepSummary: _TypeAlias = StepSummary  # noqa: Y015
 
 @_typing.final
 class OutcomeSummary(_message.Message):
@@ -310,8 +350,8 @@ class MetricDifference(_message.Message):
     ENOUGH_RUNS_FIELD_NUMBER: _builtins.int
     metric: _builtins.str
     """"cost_per_run", "cost_p50", "cost_p95", "events_per_run", "failure_rate",
-    and per outcome "success_rate:NAME" and "cost_per_success:NAME". Money in
-    USD, rates from 0 to 1.
+    per outcome "success_rate:NAME" and "cost_per_success:NAME", and per step
+    "step_cost:NAME" (its cost per run). Money in USD, rates from 0 to 1.
     """
     baseline: _builtins.float
     """The baseline's value."""

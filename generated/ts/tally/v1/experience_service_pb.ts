@@ -15,7 +15,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file tally/v1/experience_service.proto.
  */
 export const file_tally_v1_experience_service: GenFile = /*@__PURE__*/
-  fileDesc("CiF0YWxseS92MS9leHBlcmllbmNlX3NlcnZpY2UucHJvdG8SCHRhbGx5LnYxIvUCCgpFeHBlcmllbmNlEhUKDWV4cGVyaWVuY2VfaWQYASABKAkSFwoPZXhwZXJpZW5jZV9uYW1lGAIgASgJEhoKEmV4cGVyaWVuY2VfdmVyc2lvbhgDIAEoBRIvCgtjcmVhdGVfdGltZRgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASOAoKcHJvcGVydGllcxgFIAMoCzIkLnRhbGx5LnYxLkV4cGVyaWVuY2UuUHJvcGVydGllc0VudHJ5EigKBXN0YXRzGAYgASgLMhkudGFsbHkudjEuRXhwZXJpZW5jZVN0YXRzEisKCG91dGNvbWVzGAcgAygLMhkudGFsbHkudjEuUmVjb3JkZWRPdXRjb21lEiYKCnN0ZXBfY29zdHMYCCADKAsyEi50YWxseS52MS5TdGVwQ29zdBoxCg9Qcm9wZXJ0aWVzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASJSCghTdGVwQ29zdBIMCgRzdGVwGAEgASgJEhMKC2V2ZW50X2NvdW50GAIgASgDEiMKCmNvc3RfdG90YWwYAyABKAsyDy50YWxseS52MS5Nb25leSJTCgxPdXRjb21lVmFsdWUSDAoEbmFtZRgBIAEoCRIUCgpib29sX3ZhbHVlGAIgASgISAASFgoMbnVtYmVyX3ZhbHVlGAMgASgBSABCBwoFdmFsdWUioQEKD1JlY29yZGVkT3V0Y29tZRIlCgV2YWx1ZRgBIAEoCzIWLnRhbGx5LnYxLk91dGNvbWVWYWx1ZRIvCgtyZWNvcmRfdGltZRgCIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEAoIa2V5X25hbWUYAyABKAkSFgoJc3VjY2VlZGVkGAQgASgISACIAQFCDAoKX3N1Y2NlZWRlZCJWChVSZWNvcmRPdXRjb21lc1JlcXVlc3QSFQoNZXhwZXJpZW5jZV9pZBgBIAEoCRImCgZ2YWx1ZXMYAiADKAsyFi50YWxseS52MS5PdXRjb21lVmFsdWUiRQoWUmVjb3JkT3V0Y29tZXNSZXNwb25zZRIrCghvdXRjb21lcxgBIAMoCzIZLnRhbGx5LnYxLlJlY29yZGVkT3V0Y29tZSKEAwoPRXhwZXJpZW5jZVN0YXRzEiMKCmNvc3RfaW5wdXQYASABKAsyDy50YWxseS52MS5Nb25leRIkCgtjb3N0X291dHB1dBgCIAEoCzIPLnRhbGx5LnYxLk1vbmV5EiMKCmNvc3RfdG90YWwYAyABKAsyDy50YWxseS52MS5Nb25leRITCgtldmVudF9jb3VudBgEIAEoAxIaChJmYWlsZWRfZXZlbnRfY291bnQYBSABKAMSHAoUdW5wcmljZWRfZXZlbnRfY291bnQYBiABKAMSFwoPbGF0ZW5jeV9tZWFuX21zGAcgASgBEhYKDmxhdGVuY3lfcDUwX21zGAggASgBEhYKDmxhdGVuY3lfcDk1X21zGAkgASgBEjQKEGZpcnN0X2V2ZW50X3RpbWUYCiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEjMKD2xhc3RfZXZlbnRfdGltZRgLIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAi8wEKF0NyZWF0ZUV4cGVyaWVuY2VSZXF1ZXN0EhcKD2V4cGVyaWVuY2VfbmFtZRgBIAEoCRIVCg1leHBlcmllbmNlX2lkGAIgASgJEhoKEmV4cGVyaWVuY2VfdmVyc2lvbhgDIAEoBRJFCgpwcm9wZXJ0aWVzGAQgAygLMjEudGFsbHkudjEuQ3JlYXRlRXhwZXJpZW5jZVJlcXVlc3QuUHJvcGVydGllc0VudHJ5EhIKCnJlcXVlc3RfaWQYBSABKAkaMQoPUHJvcGVydGllc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiRAoYQ3JlYXRlRXhwZXJpZW5jZVJlc3BvbnNlEigKCmV4cGVyaWVuY2UYASABKAsyFC50YWxseS52MS5FeHBlcmllbmNlIi0KFEdldEV4cGVyaWVuY2VSZXF1ZXN0EhUKDWV4cGVyaWVuY2VfaWQYASABKAkiQQoVR2V0RXhwZXJpZW5jZVJlc3BvbnNlEigKCmV4cGVyaWVuY2UYASABKAsyFC50YWxseS52MS5FeHBlcmllbmNlIvIBChZMaXN0RXhwZXJpZW5jZXNSZXF1ZXN0EhcKD2V4cGVyaWVuY2VfbmFtZRgBIAEoCRIaChJleHBlcmllbmNlX3ZlcnNpb24YAiABKAUSNQoRY3JlYXRlX3RpbWVfc3RhcnQYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEjMKD2NyZWF0ZV90aW1lX2VuZBgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEQoJcGFnZV9zaXplGAUgASgFEhIKCnBhZ2VfdG9rZW4YBiABKAkSEAoIb3JkZXJfYnkYByABKAkiXQoXTGlzdEV4cGVyaWVuY2VzUmVzcG9uc2USKQoLZXhwZXJpZW5jZXMYASADKAsyFC50YWxseS52MS5FeHBlcmllbmNlEhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSIwChdEZWxldGVFeHBlcmllbmNlUmVxdWVzdBIVCg1leHBlcmllbmNlX2lkGAEgASgJIjwKGERlbGV0ZUV4cGVyaWVuY2VSZXNwb25zZRIgChh1bmF0dHJpYnV0ZWRfZXZlbnRfY291bnQYASABKAMi3QEKIVVwZGF0ZUV4cGVyaWVuY2VQcm9wZXJ0aWVzUmVxdWVzdBIVCg1leHBlcmllbmNlX2lkGAEgASgJElYKDnNldF9wcm9wZXJ0aWVzGAIgAygLMj4udGFsbHkudjEuVXBkYXRlRXhwZXJpZW5jZVByb3BlcnRpZXNSZXF1ZXN0LlNldFByb3BlcnRpZXNFbnRyeRITCgtyZW1vdmVfa2V5cxgDIAMoCRo0ChJTZXRQcm9wZXJ0aWVzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASJOCiJVcGRhdGVFeHBlcmllbmNlUHJvcGVydGllc1Jlc3BvbnNlEigKCmV4cGVyaWVuY2UYASABKAsyFC50YWxseS52MS5FeHBlcmllbmNlMuUEChFFeHBlcmllbmNlU2VydmljZRJfChBDcmVhdGVFeHBlcmllbmNlEiEudGFsbHkudjEuQ3JlYXRlRXhwZXJpZW5jZVJlcXVlc3QaIi50YWxseS52MS5DcmVhdGVFeHBlcmllbmNlUmVzcG9uc2UiBIjnGAESVgoNR2V0RXhwZXJpZW5jZRIeLnRhbGx5LnYxLkdldEV4cGVyaWVuY2VSZXF1ZXN0Gh8udGFsbHkudjEuR2V0RXhwZXJpZW5jZVJlc3BvbnNlIgSI5xgCElwKD0xpc3RFeHBlcmllbmNlcxIgLnRhbGx5LnYxLkxpc3RFeHBlcmllbmNlc1JlcXVlc3QaIS50YWxseS52MS5MaXN0RXhwZXJpZW5jZXNSZXNwb25zZSIEiOcYAhJfChBEZWxldGVFeHBlcmllbmNlEiEudGFsbHkudjEuRGVsZXRlRXhwZXJpZW5jZVJlcXVlc3QaIi50YWxseS52MS5EZWxldGVFeHBlcmllbmNlUmVzcG9uc2UiBIjnGAMSfQoaVXBkYXRlRXhwZXJpZW5jZVByb3BlcnRpZXMSKy50YWxseS52MS5VcGRhdGVFeHBlcmllbmNlUHJvcGVydGllc1JlcXVlc3QaLC50YWxseS52MS5VcGRhdGVFeHBlcmllbmNlUHJvcGVydGllc1Jlc3BvbnNlIgSI5xgBElkKDlJlY29yZE91dGNvbWVzEh8udGFsbHkudjEuUmVjb3JkT3V0Y29tZXNSZXF1ZXN0GiAudGFsbHkudjEuUmVjb3JkT3V0Y29tZXNSZXNwb25zZSIEiOcYAWIGcHJvdG8z", [file_google_protobuf_timestamp, file_tally_v1_access, file_tally_v1_common]);
+  fileDesc("CiF0YWxseS92MS9leHBlcmllbmNlX3NlcnZpY2UucHJvdG8SCHRhbGx5LnYxIvUCCgpFeHBlcmllbmNlEhUKDWV4cGVyaWVuY2VfaWQYASABKAkSFwoPZXhwZXJpZW5jZV9uYW1lGAIgASgJEhoKEmV4cGVyaWVuY2VfdmVyc2lvbhgDIAEoBRIvCgtjcmVhdGVfdGltZRgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASOAoKcHJvcGVydGllcxgFIAMoCzIkLnRhbGx5LnYxLkV4cGVyaWVuY2UuUHJvcGVydGllc0VudHJ5EigKBXN0YXRzGAYgASgLMhkudGFsbHkudjEuRXhwZXJpZW5jZVN0YXRzEisKCG91dGNvbWVzGAcgAygLMhkudGFsbHkudjEuUmVjb3JkZWRPdXRjb21lEiYKCnN0ZXBfY29zdHMYCCADKAsyEi50YWxseS52MS5TdGVwQ29zdBoxCg9Qcm9wZXJ0aWVzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASJSCghTdGVwQ29zdBIMCgRzdGVwGAEgASgJEhMKC2V2ZW50X2NvdW50GAIgASgDEiMKCmNvc3RfdG90YWwYAyABKAsyDy50YWxseS52MS5Nb25leSJTCgxPdXRjb21lVmFsdWUSDAoEbmFtZRgBIAEoCRIUCgpib29sX3ZhbHVlGAIgASgISAASFgoMbnVtYmVyX3ZhbHVlGAMgASgBSABCBwoFdmFsdWUioQEKD1JlY29yZGVkT3V0Y29tZRIlCgV2YWx1ZRgBIAEoCzIWLnRhbGx5LnYxLk91dGNvbWVWYWx1ZRIvCgtyZWNvcmRfdGltZRgCIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEAoIa2V5X25hbWUYAyABKAkSFgoJc3VjY2VlZGVkGAQgASgISACIAQFCDAoKX3N1Y2NlZWRlZCJWChVSZWNvcmRPdXRjb21lc1JlcXVlc3QSFQoNZXhwZXJpZW5jZV9pZBgBIAEoCRImCgZ2YWx1ZXMYAiADKAsyFi50YWxseS52MS5PdXRjb21lVmFsdWUiWQoZTGlzdE91dGNvbWVDaGFuZ2VzUmVxdWVzdBIVCg1leHBlcmllbmNlX2lkGAEgASgJEhEKCXBhZ2Vfc2l6ZRgCIAEoBRISCgpwYWdlX3Rva2VuGAMgASgJImEKGkxpc3RPdXRjb21lQ2hhbmdlc1Jlc3BvbnNlEioKB2NoYW5nZXMYASADKAsyGS50YWxseS52MS5SZWNvcmRlZE91dGNvbWUSFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIkUKFlJlY29yZE91dGNvbWVzUmVzcG9uc2USKwoIb3V0Y29tZXMYASADKAsyGS50YWxseS52MS5SZWNvcmRlZE91dGNvbWUihAMKD0V4cGVyaWVuY2VTdGF0cxIjCgpjb3N0X2lucHV0GAEgASgLMg8udGFsbHkudjEuTW9uZXkSJAoLY29zdF9vdXRwdXQYAiABKAsyDy50YWxseS52MS5Nb25leRIjCgpjb3N0X3RvdGFsGAMgASgLMg8udGFsbHkudjEuTW9uZXkSEwoLZXZlbnRfY291bnQYBCABKAMSGgoSZmFpbGVkX2V2ZW50X2NvdW50GAUgASgDEhwKFHVucHJpY2VkX2V2ZW50X2NvdW50GAYgASgDEhcKD2xhdGVuY3lfbWVhbl9tcxgHIAEoARIWCg5sYXRlbmN5X3A1MF9tcxgIIAEoARIWCg5sYXRlbmN5X3A5NV9tcxgJIAEoARI0ChBmaXJzdF9ldmVudF90aW1lGAogASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIzCg9sYXN0X2V2ZW50X3RpbWUYCyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIvMBChdDcmVhdGVFeHBlcmllbmNlUmVxdWVzdBIXCg9leHBlcmllbmNlX25hbWUYASABKAkSFQoNZXhwZXJpZW5jZV9pZBgCIAEoCRIaChJleHBlcmllbmNlX3ZlcnNpb24YAyABKAUSRQoKcHJvcGVydGllcxgEIAMoCzIxLnRhbGx5LnYxLkNyZWF0ZUV4cGVyaWVuY2VSZXF1ZXN0LlByb3BlcnRpZXNFbnRyeRISCgpyZXF1ZXN0X2lkGAUgASgJGjEKD1Byb3BlcnRpZXNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIkQKGENyZWF0ZUV4cGVyaWVuY2VSZXNwb25zZRIoCgpleHBlcmllbmNlGAEgASgLMhQudGFsbHkudjEuRXhwZXJpZW5jZSItChRHZXRFeHBlcmllbmNlUmVxdWVzdBIVCg1leHBlcmllbmNlX2lkGAEgASgJIkEKFUdldEV4cGVyaWVuY2VSZXNwb25zZRIoCgpleHBlcmllbmNlGAEgASgLMhQudGFsbHkudjEuRXhwZXJpZW5jZSLyAQoWTGlzdEV4cGVyaWVuY2VzUmVxdWVzdBIXCg9leHBlcmllbmNlX25hbWUYASABKAkSGgoSZXhwZXJpZW5jZV92ZXJzaW9uGAIgASgFEjUKEWNyZWF0ZV90aW1lX3N0YXJ0GAMgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIzCg9jcmVhdGVfdGltZV9lbmQYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhEKCXBhZ2Vfc2l6ZRgFIAEoBRISCgpwYWdlX3Rva2VuGAYgASgJEhAKCG9yZGVyX2J5GAcgASgJIl0KF0xpc3RFeHBlcmllbmNlc1Jlc3BvbnNlEikKC2V4cGVyaWVuY2VzGAEgAygLMhQudGFsbHkudjEuRXhwZXJpZW5jZRIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAkiMAoXRGVsZXRlRXhwZXJpZW5jZVJlcXVlc3QSFQoNZXhwZXJpZW5jZV9pZBgBIAEoCSI8ChhEZWxldGVFeHBlcmllbmNlUmVzcG9uc2USIAoYdW5hdHRyaWJ1dGVkX2V2ZW50X2NvdW50GAEgASgDIt0BCiFVcGRhdGVFeHBlcmllbmNlUHJvcGVydGllc1JlcXVlc3QSFQoNZXhwZXJpZW5jZV9pZBgBIAEoCRJWCg5zZXRfcHJvcGVydGllcxgCIAMoCzI+LnRhbGx5LnYxLlVwZGF0ZUV4cGVyaWVuY2VQcm9wZXJ0aWVzUmVxdWVzdC5TZXRQcm9wZXJ0aWVzRW50cnkSEwoLcmVtb3ZlX2tleXMYAyADKAkaNAoSU2V0UHJvcGVydGllc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiTgoiVXBkYXRlRXhwZXJpZW5jZVByb3BlcnRpZXNSZXNwb25zZRIoCgpleHBlcmllbmNlGAEgASgLMhQudGFsbHkudjEuRXhwZXJpZW5jZTLMBQoRRXhwZXJpZW5jZVNlcnZpY2USXwoQQ3JlYXRlRXhwZXJpZW5jZRIhLnRhbGx5LnYxLkNyZWF0ZUV4cGVyaWVuY2VSZXF1ZXN0GiIudGFsbHkudjEuQ3JlYXRlRXhwZXJpZW5jZVJlc3BvbnNlIgSI5xgBElYKDUdldEV4cGVyaWVuY2USHi50YWxseS52MS5HZXRFeHBlcmllbmNlUmVxdWVzdBofLnRhbGx5LnYxLkdldEV4cGVyaWVuY2VSZXNwb25zZSIEiOcYAhJcCg9MaXN0RXhwZXJpZW5jZXMSIC50YWxseS52MS5MaXN0RXhwZXJpZW5jZXNSZXF1ZXN0GiEudGFsbHkudjEuTGlzdEV4cGVyaWVuY2VzUmVzcG9uc2UiBIjnGAISXwoQRGVsZXRlRXhwZXJpZW5jZRIhLnRhbGx5LnYxLkRlbGV0ZUV4cGVyaWVuY2VSZXF1ZXN0GiIudGFsbHkudjEuRGVsZXRlRXhwZXJpZW5jZVJlc3BvbnNlIgSI5xgDEn0KGlVwZGF0ZUV4cGVyaWVuY2VQcm9wZXJ0aWVzEisudGFsbHkudjEuVXBkYXRlRXhwZXJpZW5jZVByb3BlcnRpZXNSZXF1ZXN0GiwudGFsbHkudjEuVXBkYXRlRXhwZXJpZW5jZVByb3BlcnRpZXNSZXNwb25zZSIEiOcYARJZCg5SZWNvcmRPdXRjb21lcxIfLnRhbGx5LnYxLlJlY29yZE91dGNvbWVzUmVxdWVzdBogLnRhbGx5LnYxLlJlY29yZE91dGNvbWVzUmVzcG9uc2UiBIjnGAESZQoSTGlzdE91dGNvbWVDaGFuZ2VzEiMudGFsbHkudjEuTGlzdE91dGNvbWVDaGFuZ2VzUmVxdWVzdBokLnRhbGx5LnYxLkxpc3RPdXRjb21lQ2hhbmdlc1Jlc3BvbnNlIgSI5xgCYgZwcm90bzM", [file_google_protobuf_timestamp, file_tally_v1_access, file_tally_v1_common]);
 
 /**
  * One run of an experience type.
@@ -243,6 +243,69 @@ export const RecordOutcomesRequestSchema: GenMessage<RecordOutcomesRequest> = /*
   messageDesc(file_tally_v1_experience_service, 4);
 
 /**
+ * Request of ListOutcomeChanges.
+ *
+ * @generated from message tally.v1.ListOutcomeChangesRequest
+ */
+export type ListOutcomeChangesRequest = Message<"tally.v1.ListOutcomeChangesRequest"> & {
+  /**
+   * The experience (a UUID).
+   *
+   * @generated from field: string experience_id = 1;
+   */
+  experienceId: string;
+
+  /**
+   * At most this many (default 100, at most 1,000).
+   *
+   * @generated from field: int32 page_size = 2;
+   */
+  pageSize: number;
+
+  /**
+   * From a previous response's next_page_token.
+   *
+   * @generated from field: string page_token = 3;
+   */
+  pageToken: string;
+};
+
+/**
+ * Describes the message tally.v1.ListOutcomeChangesRequest.
+ * Use `create(ListOutcomeChangesRequestSchema)` to create a new message.
+ */
+export const ListOutcomeChangesRequestSchema: GenMessage<ListOutcomeChangesRequest> = /*@__PURE__*/
+  messageDesc(file_tally_v1_experience_service, 5);
+
+/**
+ * Response of ListOutcomeChanges.
+ *
+ * @generated from message tally.v1.ListOutcomeChangesResponse
+ */
+export type ListOutcomeChangesResponse = Message<"tally.v1.ListOutcomeChangesResponse"> & {
+  /**
+   * The changes of this page, the oldest first (RecordedOutcome.succeeded unset).
+   *
+   * @generated from field: repeated tally.v1.RecordedOutcome changes = 1;
+   */
+  changes: RecordedOutcome[];
+
+  /**
+   * The token of the next page, or empty when this is the last page.
+   *
+   * @generated from field: string next_page_token = 2;
+   */
+  nextPageToken: string;
+};
+
+/**
+ * Describes the message tally.v1.ListOutcomeChangesResponse.
+ * Use `create(ListOutcomeChangesResponseSchema)` to create a new message.
+ */
+export const ListOutcomeChangesResponseSchema: GenMessage<ListOutcomeChangesResponse> = /*@__PURE__*/
+  messageDesc(file_tally_v1_experience_service, 6);
+
+/**
  * Response of RecordOutcomes.
  *
  * @generated from message tally.v1.RecordOutcomesResponse
@@ -261,7 +324,7 @@ export type RecordOutcomesResponse = Message<"tally.v1.RecordOutcomesResponse"> 
  * Use `create(RecordOutcomesResponseSchema)` to create a new message.
  */
 export const RecordOutcomesResponseSchema: GenMessage<RecordOutcomesResponse> = /*@__PURE__*/
-  messageDesc(file_tally_v1_experience_service, 5);
+  messageDesc(file_tally_v1_experience_service, 7);
 
 /**
  * Cost and usage statistics of one experience, over all its events, kept at
@@ -355,7 +418,7 @@ export type ExperienceStats = Message<"tally.v1.ExperienceStats"> & {
  * Use `create(ExperienceStatsSchema)` to create a new message.
  */
 export const ExperienceStatsSchema: GenMessage<ExperienceStats> = /*@__PURE__*/
-  messageDesc(file_tally_v1_experience_service, 6);
+  messageDesc(file_tally_v1_experience_service, 8);
 
 /**
  * Request of CreateExperience.
@@ -407,7 +470,7 @@ export type CreateExperienceRequest = Message<"tally.v1.CreateExperienceRequest"
  * Use `create(CreateExperienceRequestSchema)` to create a new message.
  */
 export const CreateExperienceRequestSchema: GenMessage<CreateExperienceRequest> = /*@__PURE__*/
-  messageDesc(file_tally_v1_experience_service, 7);
+  messageDesc(file_tally_v1_experience_service, 9);
 
 /**
  * Response of CreateExperience.
@@ -428,7 +491,7 @@ export type CreateExperienceResponse = Message<"tally.v1.CreateExperienceRespons
  * Use `create(CreateExperienceResponseSchema)` to create a new message.
  */
 export const CreateExperienceResponseSchema: GenMessage<CreateExperienceResponse> = /*@__PURE__*/
-  messageDesc(file_tally_v1_experience_service, 8);
+  messageDesc(file_tally_v1_experience_service, 10);
 
 /**
  * Request of GetExperience.
@@ -449,7 +512,7 @@ export type GetExperienceRequest = Message<"tally.v1.GetExperienceRequest"> & {
  * Use `create(GetExperienceRequestSchema)` to create a new message.
  */
 export const GetExperienceRequestSchema: GenMessage<GetExperienceRequest> = /*@__PURE__*/
-  messageDesc(file_tally_v1_experience_service, 9);
+  messageDesc(file_tally_v1_experience_service, 11);
 
 /**
  * Response of GetExperience.
@@ -470,7 +533,7 @@ export type GetExperienceResponse = Message<"tally.v1.GetExperienceResponse"> & 
  * Use `create(GetExperienceResponseSchema)` to create a new message.
  */
 export const GetExperienceResponseSchema: GenMessage<GetExperienceResponse> = /*@__PURE__*/
-  messageDesc(file_tally_v1_experience_service, 10);
+  messageDesc(file_tally_v1_experience_service, 12);
 
 /**
  * Request of ListExperiences.
@@ -538,7 +601,7 @@ export type ListExperiencesRequest = Message<"tally.v1.ListExperiencesRequest"> 
  * Use `create(ListExperiencesRequestSchema)` to create a new message.
  */
 export const ListExperiencesRequestSchema: GenMessage<ListExperiencesRequest> = /*@__PURE__*/
-  messageDesc(file_tally_v1_experience_service, 11);
+  messageDesc(file_tally_v1_experience_service, 13);
 
 /**
  * Response of ListExperiences.
@@ -566,7 +629,7 @@ export type ListExperiencesResponse = Message<"tally.v1.ListExperiencesResponse"
  * Use `create(ListExperiencesResponseSchema)` to create a new message.
  */
 export const ListExperiencesResponseSchema: GenMessage<ListExperiencesResponse> = /*@__PURE__*/
-  messageDesc(file_tally_v1_experience_service, 12);
+  messageDesc(file_tally_v1_experience_service, 14);
 
 /**
  * Request of DeleteExperience.
@@ -587,7 +650,7 @@ export type DeleteExperienceRequest = Message<"tally.v1.DeleteExperienceRequest"
  * Use `create(DeleteExperienceRequestSchema)` to create a new message.
  */
 export const DeleteExperienceRequestSchema: GenMessage<DeleteExperienceRequest> = /*@__PURE__*/
-  messageDesc(file_tally_v1_experience_service, 13);
+  messageDesc(file_tally_v1_experience_service, 15);
 
 /**
  * Response of DeleteExperience.
@@ -608,7 +671,7 @@ export type DeleteExperienceResponse = Message<"tally.v1.DeleteExperienceRespons
  * Use `create(DeleteExperienceResponseSchema)` to create a new message.
  */
 export const DeleteExperienceResponseSchema: GenMessage<DeleteExperienceResponse> = /*@__PURE__*/
-  messageDesc(file_tally_v1_experience_service, 14);
+  messageDesc(file_tally_v1_experience_service, 16);
 
 /**
  * Request of UpdateExperienceProperties.
@@ -644,7 +707,7 @@ export type UpdateExperiencePropertiesRequest = Message<"tally.v1.UpdateExperien
  * Use `create(UpdateExperiencePropertiesRequestSchema)` to create a new message.
  */
 export const UpdateExperiencePropertiesRequestSchema: GenMessage<UpdateExperiencePropertiesRequest> = /*@__PURE__*/
-  messageDesc(file_tally_v1_experience_service, 15);
+  messageDesc(file_tally_v1_experience_service, 17);
 
 /**
  * Response of UpdateExperienceProperties.
@@ -665,7 +728,7 @@ export type UpdateExperiencePropertiesResponse = Message<"tally.v1.UpdateExperie
  * Use `create(UpdateExperiencePropertiesResponseSchema)` to create a new message.
  */
 export const UpdateExperiencePropertiesResponseSchema: GenMessage<UpdateExperiencePropertiesResponse> = /*@__PURE__*/
-  messageDesc(file_tally_v1_experience_service, 16);
+  messageDesc(file_tally_v1_experience_service, 18);
 
 /**
  * Manages experiences: single runs of an experience type, identified by a UUID.
@@ -749,6 +812,17 @@ export const ExperienceService: GenService<{
     methodKind: "unary";
     input: typeof RecordOutcomesRequestSchema;
     output: typeof RecordOutcomesResponseSchema;
+  },
+  /**
+   * Every change of a run's outcome values, the oldest first, one page at a
+   * time: each value as recorded, when, and by which API key.
+   *
+   * @generated from rpc tally.v1.ExperienceService.ListOutcomeChanges
+   */
+  listOutcomeChanges: {
+    methodKind: "unary";
+    input: typeof ListOutcomeChangesRequestSchema;
+    output: typeof ListOutcomeChangesResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_tally_v1_experience_service, 0);

@@ -15,7 +15,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file tally/v1/report_service.proto.
  */
 export const file_tally_v1_report_service: GenFile = /*@__PURE__*/
-  fileDesc("Ch10YWxseS92MS9yZXBvcnRfc2VydmljZS5wcm90bxIIdGFsbHkudjEixAEKFkNvbXBhcmVWZXJzaW9uc1JlcXVlc3QSFwoPZXhwZXJpZW5jZV9uYW1lGAEgASgJEhgKEGJhc2VsaW5lX3ZlcnNpb24YAiABKAUSGQoRY2FuZGlkYXRlX3ZlcnNpb24YAyABKAUSLgoKc3RhcnRfdGltZRgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLAoIZW5kX3RpbWUYBSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIrACCg5WZXJzaW9uU3VtbWFyeRIPCgd2ZXJzaW9uGAEgASgFEgwKBHJ1bnMYAiABKAMSIwoKY29zdF90b3RhbBgDIAEoCzIPLnRhbGx5LnYxLk1vbmV5EioKEWNvc3RfcGVyX3J1bl9tZWFuGAQgASgLMg8udGFsbHkudjEuTW9uZXkSKQoQY29zdF9wZXJfcnVuX3A1MBgFIAEoCzIPLnRhbGx5LnYxLk1vbmV5EikKEGNvc3RfcGVyX3J1bl9wOTUYBiABKAsyDy50YWxseS52MS5Nb25leRIWCg5ldmVudHNfcGVyX3J1bhgHIAEoARIUCgxmYWlsdXJlX3JhdGUYCCABKAESKgoIb3V0Y29tZXMYCSADKAsyGC50YWxseS52MS5PdXRjb21lU3VtbWFyeSLZAgoOT3V0Y29tZVN1bW1hcnkSDAoEbmFtZRgBIAEoCRITCgtzY29yZWRfcnVucxgCIAEoAxIRCglzdWNjZXNzZXMYAyABKAMSGQoMc3VjY2Vzc19yYXRlGAQgASgBSACIAQESDAoEbWVhbhgFIAEoARIpChBjb3N0X3Blcl9zdWNjZXNzGAYgASgLMg8udGFsbHkudjEuTW9uZXkSKwoSc3VjY2VlZGVkX2Nvc3RfcDUwGAcgASgLMg8udGFsbHkudjEuTW9uZXkSKwoSc3VjY2VlZGVkX2Nvc3RfcDk1GAggASgLMg8udGFsbHkudjEuTW9uZXkSKAoPZmFpbGVkX2Nvc3RfcDUwGAkgASgLMg8udGFsbHkudjEuTW9uZXkSKAoPZmFpbGVkX2Nvc3RfcDk1GAogASgLMg8udGFsbHkudjEuTW9uZXlCDwoNX3N1Y2Nlc3NfcmF0ZSIlCghJbnRlcnZhbBILCgNsb3cYASABKAESDAoEaGlnaBgCIAEoASK1AQoQTWV0cmljRGlmZmVyZW5jZRIOCgZtZXRyaWMYASABKAkSEAoIYmFzZWxpbmUYAiABKAESEQoJY2FuZGlkYXRlGAMgASgBEg0KBWRlbHRhGAQgASgBEhUKCHJlbGF0aXZlGAUgASgBSACIAQESJAoIaW50ZXJ2YWwYBiABKAsyEi50YWxseS52MS5JbnRlcnZhbBITCgtlbm91Z2hfcnVucxgHIAEoCEILCglfcmVsYXRpdmUirwIKF0NvbXBhcmVWZXJzaW9uc1Jlc3BvbnNlEhcKD2V4cGVyaWVuY2VfbmFtZRgBIAEoCRIqCghiYXNlbGluZRgCIAEoCzIYLnRhbGx5LnYxLlZlcnNpb25TdW1tYXJ5EisKCWNhbmRpZGF0ZRgDIAEoCzIYLnRhbGx5LnYxLlZlcnNpb25TdW1tYXJ5Ei8KC2RpZmZlcmVuY2VzGAQgAygLMhoudGFsbHkudjEuTWV0cmljRGlmZmVyZW5jZRIQCghtaW5fcnVucxgFIAEoBRIbChNib290c3RyYXBfcmVzYW1wbGVzGAYgASgFEhYKDmJvb3RzdHJhcF9zZWVkGAcgASgDEhIKCmNvbmZpZGVuY2UYCCABKAESFgoOYm9vdHN0cmFwX3J1bnMYCSABKAUi3wEKFEJyZWFrRG93bkNvc3RSZXF1ZXN0Ei4KCnN0YXJ0X3RpbWUYASABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiwKCGVuZF90aW1lGAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIpCghncm91cF9ieRgDIAMoDjIXLnRhbGx5LnYxLkNvc3REaW1lbnNpb24SFwoPZXhwZXJpZW5jZV9uYW1lGAQgASgJEhEKCXBhZ2Vfc2l6ZRgFIAEoBRISCgpwYWdlX3Rva2VuGAYgASgJIvwCCglDb3N0R3JvdXASFwoPZXhwZXJpZW5jZV9uYW1lGAEgASgJEhoKEmV4cGVyaWVuY2VfdmVyc2lvbhgCIAEoBRIQCghjYXRlZ29yeRgDIAEoCRIQCghyZXNvdXJjZRgEIAEoCRIPCgd1c2VyX2lkGAUgASgJEhMKC3JlcXVlc3RfdGFnGAYgASgJEjAKDHBlcmlvZF9zdGFydBgHIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASIwoKY29zdF9pbnB1dBgIIAEoCzIPLnRhbGx5LnYxLk1vbmV5EiQKC2Nvc3Rfb3V0cHV0GAkgASgLMg8udGFsbHkudjEuTW9uZXkSIwoKY29zdF90b3RhbBgKIAEoCzIPLnRhbGx5LnYxLk1vbmV5EhMKC2V2ZW50X2NvdW50GAsgASgDEhwKFHVucHJpY2VkX2V2ZW50X2NvdW50GAwgASgDEg0KBW1vZGVsGA0gASgJEgwKBHN0ZXAYDiABKAkieQoVQnJlYWtEb3duQ29zdFJlc3BvbnNlEiMKBmdyb3VwcxgBIAMoCzITLnRhbGx5LnYxLkNvc3RHcm91cBIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAkSIgoFdG90YWwYAyABKAsyEy50YWxseS52MS5Db3N0R3JvdXAq1AIKDUNvc3REaW1lbnNpb24SHgoaQ09TVF9ESU1FTlNJT05fVU5TUEVDSUZJRUQQABIiCh5DT1NUX0RJTUVOU0lPTl9FWFBFUklFTkNFX05BTUUQARIlCiFDT1NUX0RJTUVOU0lPTl9FWFBFUklFTkNFX1ZFUlNJT04QAhIbChdDT1NUX0RJTUVOU0lPTl9DQVRFR09SWRADEhsKF0NPU1RfRElNRU5TSU9OX1JFU09VUkNFEAQSGgoWQ09TVF9ESU1FTlNJT05fVVNFUl9JRBAFEh4KGkNPU1RfRElNRU5TSU9OX1JFUVVFU1RfVEFHEAYSFgoSQ09TVF9ESU1FTlNJT05fREFZEAcSFwoTQ09TVF9ESU1FTlNJT05fSE9VUhAIEhgKFENPU1RfRElNRU5TSU9OX01PREVMEAkSFwoTQ09TVF9ESU1FTlNJT05fU1RFUBAKMsUBCg1SZXBvcnRTZXJ2aWNlElYKDUJyZWFrRG93bkNvc3QSHi50YWxseS52MS5CcmVha0Rvd25Db3N0UmVxdWVzdBofLnRhbGx5LnYxLkJyZWFrRG93bkNvc3RSZXNwb25zZSIEiOcYAhJcCg9Db21wYXJlVmVyc2lvbnMSIC50YWxseS52MS5Db21wYXJlVmVyc2lvbnNSZXF1ZXN0GiEudGFsbHkudjEuQ29tcGFyZVZlcnNpb25zUmVzcG9uc2UiBIjnGAJiBnByb3RvMw", [file_google_protobuf_timestamp, file_tally_v1_access, file_tally_v1_common]);
+  fileDesc("Ch10YWxseS92MS9yZXBvcnRfc2VydmljZS5wcm90bxIIdGFsbHkudjEixAEKFkNvbXBhcmVWZXJzaW9uc1JlcXVlc3QSFwoPZXhwZXJpZW5jZV9uYW1lGAEgASgJEhgKEGJhc2VsaW5lX3ZlcnNpb24YAiABKAUSGQoRY2FuZGlkYXRlX3ZlcnNpb24YAyABKAUSLgoKc3RhcnRfdGltZRgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLAoIZW5kX3RpbWUYBSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wItYCCg5WZXJzaW9uU3VtbWFyeRIPCgd2ZXJzaW9uGAEgASgFEgwKBHJ1bnMYAiABKAMSIwoKY29zdF90b3RhbBgDIAEoCzIPLnRhbGx5LnYxLk1vbmV5EioKEWNvc3RfcGVyX3J1bl9tZWFuGAQgASgLMg8udGFsbHkudjEuTW9uZXkSKQoQY29zdF9wZXJfcnVuX3A1MBgFIAEoCzIPLnRhbGx5LnYxLk1vbmV5EikKEGNvc3RfcGVyX3J1bl9wOTUYBiABKAsyDy50YWxseS52MS5Nb25leRIWCg5ldmVudHNfcGVyX3J1bhgHIAEoARIUCgxmYWlsdXJlX3JhdGUYCCABKAESKgoIb3V0Y29tZXMYCSADKAsyGC50YWxseS52MS5PdXRjb21lU3VtbWFyeRIkCgVzdGVwcxgKIAMoCzIVLnRhbGx5LnYxLlN0ZXBTdW1tYXJ5IlAKC1N0ZXBTdW1tYXJ5EgwKBHN0ZXAYASABKAkSDAoEcnVucxgCIAEoAxIlCgxjb3N0X3Blcl9ydW4YAyABKAsyDy50YWxseS52MS5Nb25leSLZAgoOT3V0Y29tZVN1bW1hcnkSDAoEbmFtZRgBIAEoCRITCgtzY29yZWRfcnVucxgCIAEoAxIRCglzdWNjZXNzZXMYAyABKAMSGQoMc3VjY2Vzc19yYXRlGAQgASgBSACIAQESDAoEbWVhbhgFIAEoARIpChBjb3N0X3Blcl9zdWNjZXNzGAYgASgLMg8udGFsbHkudjEuTW9uZXkSKwoSc3VjY2VlZGVkX2Nvc3RfcDUwGAcgASgLMg8udGFsbHkudjEuTW9uZXkSKwoSc3VjY2VlZGVkX2Nvc3RfcDk1GAggASgLMg8udGFsbHkudjEuTW9uZXkSKAoPZmFpbGVkX2Nvc3RfcDUwGAkgASgLMg8udGFsbHkudjEuTW9uZXkSKAoPZmFpbGVkX2Nvc3RfcDk1GAogASgLMg8udGFsbHkudjEuTW9uZXlCDwoNX3N1Y2Nlc3NfcmF0ZSIlCghJbnRlcnZhbBILCgNsb3cYASABKAESDAoEaGlnaBgCIAEoASK1AQoQTWV0cmljRGlmZmVyZW5jZRIOCgZtZXRyaWMYASABKAkSEAoIYmFzZWxpbmUYAiABKAESEQoJY2FuZGlkYXRlGAMgASgBEg0KBWRlbHRhGAQgASgBEhUKCHJlbGF0aXZlGAUgASgBSACIAQESJAoIaW50ZXJ2YWwYBiABKAsyEi50YWxseS52MS5JbnRlcnZhbBITCgtlbm91Z2hfcnVucxgHIAEoCEILCglfcmVsYXRpdmUirwIKF0NvbXBhcmVWZXJzaW9uc1Jlc3BvbnNlEhcKD2V4cGVyaWVuY2VfbmFtZRgBIAEoCRIqCghiYXNlbGluZRgCIAEoCzIYLnRhbGx5LnYxLlZlcnNpb25TdW1tYXJ5EisKCWNhbmRpZGF0ZRgDIAEoCzIYLnRhbGx5LnYxLlZlcnNpb25TdW1tYXJ5Ei8KC2RpZmZlcmVuY2VzGAQgAygLMhoudGFsbHkudjEuTWV0cmljRGlmZmVyZW5jZRIQCghtaW5fcnVucxgFIAEoBRIbChNib290c3RyYXBfcmVzYW1wbGVzGAYgASgFEhYKDmJvb3RzdHJhcF9zZWVkGAcgASgDEhIKCmNvbmZpZGVuY2UYCCABKAESFgoOYm9vdHN0cmFwX3J1bnMYCSABKAUi3wEKFEJyZWFrRG93bkNvc3RSZXF1ZXN0Ei4KCnN0YXJ0X3RpbWUYASABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiwKCGVuZF90aW1lGAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIpCghncm91cF9ieRgDIAMoDjIXLnRhbGx5LnYxLkNvc3REaW1lbnNpb24SFwoPZXhwZXJpZW5jZV9uYW1lGAQgASgJEhEKCXBhZ2Vfc2l6ZRgFIAEoBRISCgpwYWdlX3Rva2VuGAYgASgJIvwCCglDb3N0R3JvdXASFwoPZXhwZXJpZW5jZV9uYW1lGAEgASgJEhoKEmV4cGVyaWVuY2VfdmVyc2lvbhgCIAEoBRIQCghjYXRlZ29yeRgDIAEoCRIQCghyZXNvdXJjZRgEIAEoCRIPCgd1c2VyX2lkGAUgASgJEhMKC3JlcXVlc3RfdGFnGAYgASgJEjAKDHBlcmlvZF9zdGFydBgHIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASIwoKY29zdF9pbnB1dBgIIAEoCzIPLnRhbGx5LnYxLk1vbmV5EiQKC2Nvc3Rfb3V0cHV0GAkgASgLMg8udGFsbHkudjEuTW9uZXkSIwoKY29zdF90b3RhbBgKIAEoCzIPLnRhbGx5LnYxLk1vbmV5EhMKC2V2ZW50X2NvdW50GAsgASgDEhwKFHVucHJpY2VkX2V2ZW50X2NvdW50GAwgASgDEg0KBW1vZGVsGA0gASgJEgwKBHN0ZXAYDiABKAkieQoVQnJlYWtEb3duQ29zdFJlc3BvbnNlEiMKBmdyb3VwcxgBIAMoCzITLnRhbGx5LnYxLkNvc3RHcm91cBIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAkSIgoFdG90YWwYAyABKAsyEy50YWxseS52MS5Db3N0R3JvdXAq1AIKDUNvc3REaW1lbnNpb24SHgoaQ09TVF9ESU1FTlNJT05fVU5TUEVDSUZJRUQQABIiCh5DT1NUX0RJTUVOU0lPTl9FWFBFUklFTkNFX05BTUUQARIlCiFDT1NUX0RJTUVOU0lPTl9FWFBFUklFTkNFX1ZFUlNJT04QAhIbChdDT1NUX0RJTUVOU0lPTl9DQVRFR09SWRADEhsKF0NPU1RfRElNRU5TSU9OX1JFU09VUkNFEAQSGgoWQ09TVF9ESU1FTlNJT05fVVNFUl9JRBAFEh4KGkNPU1RfRElNRU5TSU9OX1JFUVVFU1RfVEFHEAYSFgoSQ09TVF9ESU1FTlNJT05fREFZEAcSFwoTQ09TVF9ESU1FTlNJT05fSE9VUhAIEhgKFENPU1RfRElNRU5TSU9OX01PREVMEAkSFwoTQ09TVF9ESU1FTlNJT05fU1RFUBAKMsUBCg1SZXBvcnRTZXJ2aWNlElYKDUJyZWFrRG93bkNvc3QSHi50YWxseS52MS5CcmVha0Rvd25Db3N0UmVxdWVzdBofLnRhbGx5LnYxLkJyZWFrRG93bkNvc3RSZXNwb25zZSIEiOcYAhJcCg9Db21wYXJlVmVyc2lvbnMSIC50YWxseS52MS5Db21wYXJlVmVyc2lvbnNSZXF1ZXN0GiEudGFsbHkudjEuQ29tcGFyZVZlcnNpb25zUmVzcG9uc2UiBIjnGAJiBnByb3RvMw", [file_google_protobuf_timestamp, file_tally_v1_access, file_tally_v1_common]);
 
 /**
  * Request of CompareVersions.
@@ -134,6 +134,13 @@ export type VersionSummary = Message<"tally.v1.VersionSummary"> & {
    * @generated from field: repeated tally.v1.OutcomeSummary outcomes = 9;
    */
   outcomes: OutcomeSummary[];
+
+  /**
+   * Each step its runs' events named, by step.
+   *
+   * @generated from field: repeated tally.v1.StepSummary steps = 10;
+   */
+  steps: StepSummary[];
 };
 
 /**
@@ -142,6 +149,42 @@ export type VersionSummary = Message<"tally.v1.VersionSummary"> & {
  */
 export const VersionSummarySchema: GenMessage<VersionSummary> = /*@__PURE__*/
   messageDesc(file_tally_v1_report_service, 1);
+
+/**
+ * One step over one version's runs.
+ *
+ * @generated from message tally.v1.StepSummary
+ */
+export type StepSummary = Message<"tally.v1.StepSummary"> & {
+  /**
+   * The step.
+   *
+   * @generated from field: string step = 1;
+   */
+  step: string;
+
+  /**
+   * Runs with events in the step.
+   *
+   * @generated from field: int64 runs = 2;
+   */
+  runs: bigint;
+
+  /**
+   * The step's cost over all the version's runs (with the step or not), rounded
+   * half to even: what the step adds to a run on average.
+   *
+   * @generated from field: tally.v1.Money cost_per_run = 3;
+   */
+  costPerRun?: Money | undefined;
+};
+
+/**
+ * Describes the message tally.v1.StepSummary.
+ * Use `create(StepSummarySchema)` to create a new message.
+ */
+export const StepSummarySchema: GenMessage<StepSummary> = /*@__PURE__*/
+  messageDesc(file_tally_v1_report_service, 2);
 
 /**
  * One outcome over one version's runs.
@@ -228,7 +271,7 @@ export type OutcomeSummary = Message<"tally.v1.OutcomeSummary"> & {
  * Use `create(OutcomeSummarySchema)` to create a new message.
  */
 export const OutcomeSummarySchema: GenMessage<OutcomeSummary> = /*@__PURE__*/
-  messageDesc(file_tally_v1_report_service, 2);
+  messageDesc(file_tally_v1_report_service, 3);
 
 /**
  * A confidence interval of a difference (candidate minus baseline).
@@ -256,7 +299,7 @@ export type Interval = Message<"tally.v1.Interval"> & {
  * Use `create(IntervalSchema)` to create a new message.
  */
 export const IntervalSchema: GenMessage<Interval> = /*@__PURE__*/
-  messageDesc(file_tally_v1_report_service, 3);
+  messageDesc(file_tally_v1_report_service, 4);
 
 /**
  * One metric of the two versions, and how it moved.
@@ -266,8 +309,8 @@ export const IntervalSchema: GenMessage<Interval> = /*@__PURE__*/
 export type MetricDifference = Message<"tally.v1.MetricDifference"> & {
   /**
    * "cost_per_run", "cost_p50", "cost_p95", "events_per_run", "failure_rate",
-   * and per outcome "success_rate:NAME" and "cost_per_success:NAME". Money in
-   * USD, rates from 0 to 1.
+   * per outcome "success_rate:NAME" and "cost_per_success:NAME", and per step
+   * "step_cost:NAME" (its cost per run). Money in USD, rates from 0 to 1.
    *
    * @generated from field: string metric = 1;
    */
@@ -324,7 +367,7 @@ export type MetricDifference = Message<"tally.v1.MetricDifference"> & {
  * Use `create(MetricDifferenceSchema)` to create a new message.
  */
 export const MetricDifferenceSchema: GenMessage<MetricDifference> = /*@__PURE__*/
-  messageDesc(file_tally_v1_report_service, 4);
+  messageDesc(file_tally_v1_report_service, 5);
 
 /**
  * Response of CompareVersions.
@@ -402,7 +445,7 @@ export type CompareVersionsResponse = Message<"tally.v1.CompareVersionsResponse"
  * Use `create(CompareVersionsResponseSchema)` to create a new message.
  */
 export const CompareVersionsResponseSchema: GenMessage<CompareVersionsResponse> = /*@__PURE__*/
-  messageDesc(file_tally_v1_report_service, 5);
+  messageDesc(file_tally_v1_report_service, 6);
 
 /**
  * Request of BreakDownCost.
@@ -461,7 +504,7 @@ export type BreakDownCostRequest = Message<"tally.v1.BreakDownCostRequest"> & {
  * Use `create(BreakDownCostRequestSchema)` to create a new message.
  */
 export const BreakDownCostRequestSchema: GenMessage<BreakDownCostRequest> = /*@__PURE__*/
-  messageDesc(file_tally_v1_report_service, 6);
+  messageDesc(file_tally_v1_report_service, 7);
 
 /**
  * The sums of one group of events. Only the fields of the dimensions grouped
@@ -574,7 +617,7 @@ export type CostGroup = Message<"tally.v1.CostGroup"> & {
  * Use `create(CostGroupSchema)` to create a new message.
  */
 export const CostGroupSchema: GenMessage<CostGroup> = /*@__PURE__*/
-  messageDesc(file_tally_v1_report_service, 7);
+  messageDesc(file_tally_v1_report_service, 8);
 
 /**
  * Response of BreakDownCost.
@@ -610,7 +653,7 @@ export type BreakDownCostResponse = Message<"tally.v1.BreakDownCostResponse"> & 
  * Use `create(BreakDownCostResponseSchema)` to create a new message.
  */
 export const BreakDownCostResponseSchema: GenMessage<BreakDownCostResponse> = /*@__PURE__*/
-  messageDesc(file_tally_v1_report_service, 8);
+  messageDesc(file_tally_v1_report_service, 9);
 
 /**
  * What cost can be grouped by.

@@ -274,6 +274,22 @@ def update_experience_properties(
     return Call("experiences", "UpdateExperienceProperties", request, lambda r: r.experience)
 
 
+def annotate_event(
+    request_id: str | UUID,
+    provider_response_id: str,
+    set_annotations: Mapping[str, str] | None,
+    remove_keys: Iterable[str],
+) -> Call[event_pb.StoredEvent]:
+    if bool(request_id) == bool(provider_response_id):
+        raise ValueError("give a request_id or a provider_response_id")
+    request = event_pb.AnnotateEventRequest(set_annotations=dict(set_annotations or {}), remove_keys=list(remove_keys))
+    if request_id:
+        request.request_id = str(request_id)
+    else:
+        request.provider_response_id = provider_response_id
+    return Call("events", "AnnotateEvent", request, lambda r: r.event)
+
+
 # --- events and reports -------------------------------------------------------------------
 
 # BreakDownCost's dimensions by the names the client takes.

@@ -456,6 +456,18 @@ class TallyClient(_ClientBase):
         """A stored event by its request id, or by the idempotency key it was sent with."""
         return self._run(_calls.get_event(request_id, idempotency_key))
 
+    def annotate_event(
+        self,
+        request_id: str | UUID = "",
+        *,
+        provider_response_id: str = "",
+        set_annotations: Mapping[str, str] | None = None,
+        remove_keys: Iterable[str] = (),
+    ) -> event_pb.StoredEvent:
+        """Annotates a stored event after the fact (found by request id or the provider's
+        response id); its content and cost never change. Returns it with its annotations."""
+        return self._run(_calls.annotate_event(request_id, provider_response_id, set_annotations, remove_keys))
+
     def compare_versions(
         self,
         experience_name: str,
@@ -823,6 +835,17 @@ class AsyncTallyClient(_ClientBase):
     async def get_event(self, request_id: str | UUID = "", *, idempotency_key: str = "") -> event_pb.StoredEvent:
         """A stored event by its request id, or by the idempotency key it was sent with."""
         return await self._run(_calls.get_event(request_id, idempotency_key))
+
+    async def annotate_event(
+        self,
+        request_id: str | UUID = "",
+        *,
+        provider_response_id: str = "",
+        set_annotations: Mapping[str, str] | None = None,
+        remove_keys: Iterable[str] = (),
+    ) -> event_pb.StoredEvent:
+        """As TallyClient.annotate_event."""
+        return await self._run(_calls.annotate_event(request_id, provider_response_id, set_annotations, remove_keys))
 
     async def compare_versions(
         self,

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from .annotations import Annotation
 from .limits import Applied
 from .outcomes import OutcomeDefinition, ScoredOutcome
 
@@ -356,6 +357,7 @@ class StoredEvent:
 
     event: UsageEvent
     result: IngestResult
+    annotations: tuple[Annotation, ...] = ()  # set where a read asked for them
 
 
 @dataclass(frozen=True)

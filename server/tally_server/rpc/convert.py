@@ -506,6 +506,10 @@ def stored_event(s: m.StoredEvent) -> event_pb.StoredEvent:
     response = ingest_response(s.result)
     message.ingest_timestamp.CopyFrom(response.ingest_timestamp)
     message.xproxy_result.CopyFrom(response.xproxy_result)
+    for note in s.annotations:
+        message.annotations.add(
+            key=note.key, value=note.value, update_time=timestamp(note.update_time_us), key_name=note.key_name
+        )
     return message
 
 

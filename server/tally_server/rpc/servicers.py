@@ -229,6 +229,18 @@ class EventServicer(event_grpc.EventServiceServicer):
         found = await self.events.get(request.request_id, request.idempotency_key)
         return event_pb.GetEventResponse(event=convert.stored_event(found))
 
+    async def AnnotateEvent(
+        self, request: event_pb.AnnotateEventRequest, context: Context
+    ) -> event_pb.AnnotateEventResponse:
+        annotated = await self.events.annotate(
+            request.request_id,
+            request.provider_response_id,
+            dict(request.set_annotations),
+            list(request.remove_keys),
+            _key_name(),
+        )
+        return event_pb.AnnotateEventResponse(event=convert.stored_event(annotated))
+
 
 class ReportServicer(report_grpc.ReportServiceServicer):
     def __init__(self, reports: Reports) -> None:

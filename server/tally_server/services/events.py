@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
+from collections.abc import Sequence
 
-from ..domain import paging
-from ..domain.errors import TallyError, Violations, not_found
-from ..domain.models import CostState, Page, StoredEvent
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from ..domain import annotations as notes_rules, paging
+from ..domain.errors import TallyError, Violations, failed_precondition, not_found
+from ..domain.models import CostState, Page, StoredEvent, now_us
 from ..domain.validation import check_name, check_text, parse_uuid
-from ..storage import events as stored_events, types as stored_types
+from ..storage import annotations as stored_annotations, events as stored_events, types as stored_types
 from ..storage.db import Database
 
 
@@ -35,9 +39,51 @@ class Events:
                 found = await stored_events.event_by_id(conn, parsed)
             else:
                 found = (await stored_events.events_by_key(conn, [idempotency_key])).get(idempotency_key)
-        if found is None:
-            raise event_not_found(*(("request id", request_id) if request_id else ("idempotency key", idempotency_key)))
-        return found
+            if found is None:
+                raise event_not_found(
+                    *(("request id", request_id) if request_id else ("idempotency key", idempotency_key))
+                )
+            return (await _annotated(conn, [found]))[0]
+
+    async def annotate(
+        self,
+        request_id: str,
+        provider_response_id: str,
+        set_annotations: dict[str, str],
+        remove_keys: Sequence[str],
+        key_name: str,
+    ) -> StoredEvent:
+        """Sets and removes annotations of a stored event; its content and cost never change."""
+        v = Violations()
+        if bool(request_id) == bool(provider_response_id):
+            v.add("lookup", "set exactly one of request_id and provider_response_id")
+        parsed = parse_uuid(request_id) if request_id else None
+        if request_id and parsed is None:
+            v.add("request_id", f"not a UUID: {request_id[:80]!r}")
+        check_text(v, "provider_response_id", provider_response_id, 256)
+        notes_rules.check_annotations(v, set_annotations, remove_keys)
+        v.raise_if_any()
+        async with self.db.write() as conn:
+            if parsed is not None:
+                found = await stored_events.event_by_id(conn, parsed)
+            else:
+                carrying = await stored_events.events_by_response_id(conn, provider_response_id, 2)
+                if len(carrying) > 1:
+                    raise failed_precondition(
+                        "EVENT_AMBIGUOUS",
+                        f"several events carry provider response id {provider_response_id[:80]!r}; use request_id",
+                    )
+                found = carrying[0] if carrying else None
+            if found is None:
+                how = ("request id", request_id) if request_id else ("provider response id", provider_response_id)
+                raise event_not_found(*how)
+            event_id = found.result.request_id
+            current = {a.key for a in (await stored_annotations.of_events(conn, [event_id])).get(event_id, ())}
+            if len((current - set(remove_keys)) | set(set_annotations)) > notes_rules.MAX_ANNOTATIONS:
+                v.add("set_annotations", f"an event holds at most {notes_rules.MAX_ANNOTATIONS} annotations")
+                v.raise_if_any()
+            await stored_annotations.change(conn, event_id, set_annotations, remove_keys, now_us(), key_name)
+            return (await _annotated(conn, [found]))[0]
 
     async def list(
         self,
@@ -106,10 +152,18 @@ class Events:
                 start_us,
                 end_us,
             )
-            found = await stored_events.list_events(conn, event_filter, before, size + 1)
+            found = await _annotated(conn, await stored_events.list_events(conn, event_filter, before, size + 1))
 
         def token_after(count: int) -> str:
             last = found[count - 1].result
             return self.pages.encode("events", filters, [last.event_time_us, str(last.request_id)])
 
         return Page(found[:size], token_after(size) if len(found) > size else "", token_after)
+
+
+async def _annotated(conn: AsyncConnection, found: Sequence[StoredEvent]) -> list[StoredEvent]:
+    """The events with their annotations: one query for all of them."""
+    notes = await stored_annotations.of_events(conn, [e.result.request_id for e in found])
+    if not notes:
+        return list(found)
+    return [dataclasses.replace(e, annotations=notes.get(e.result.request_id, ())) for e in found]

@@ -47,6 +47,17 @@ async def events_by_key(conn: AsyncConnection, keys: Iterable[str]) -> dict[str,
     return {row.idempotency_key: stored_event(row) for row in await conn.execute(query)}
 
 
+async def events_by_response_id(conn: AsyncConnection, response_id: str, limit: int) -> list[m.StoredEvent]:
+    """Stored events carrying a provider response id (ix_events_provider_response_id)."""
+    query = (
+        sa.select(*_EVENT_WITH_EXPERIENCE_COLUMNS)
+        .select_from(rollups.EVENTS_WITH_TYPE)
+        .where(events.c.provider_response_id == response_id)
+        .limit(limit)
+    )
+    return [stored_event(row) for row in await conn.execute(query)]
+
+
 async def event_by_id(conn: AsyncConnection, request_id: uuid.UUID) -> m.StoredEvent | None:
     query = (
         sa.select(*_EVENT_WITH_EXPERIENCE_COLUMNS)

@@ -160,6 +160,8 @@ events = sa.Table(
     sa.Column("price_variant", sa.JSON(none_as_null=True), nullable=True),
     # The step of its run the event named (migration 0009); NULL for none.
     sa.Column("step", sa.String(64), nullable=True),
+    # Annotations find an event by the provider's response id (migration 0010).
+    sa.Index("ix_events_provider_response_id", "provider_response_id"),
     # An experience's events in event-time order (ListEvents, deletions).
     sa.Index("ix_events_experience_time", "experience_id", "event_time_us", "id"),
     # The events not fully priced, of one state, newest first as ListEvents orders them (the
@@ -333,4 +335,15 @@ experience_step_costs = sa.Table(
     sa.Column("event_count", sa.BigInteger, nullable=False),
     sa.Column("cost_total_dollars", sa.BigInteger, nullable=False),
     sa.Column("cost_total_nanos", sa.BigInteger, nullable=False),
+)
+
+# Annotations of stored events, set after the fact (migration 0010); an event's own row never changes.
+event_annotations = sa.Table(
+    "event_annotations",
+    metadata,
+    sa.Column("event_id", sa.Uuid, primary_key=True),
+    sa.Column("key", sa.String(64), primary_key=True),
+    sa.Column("value", sa.Text, nullable=False),
+    sa.Column("update_time_us", sa.BigInteger, nullable=False),
+    sa.Column("key_name", sa.String(64), nullable=False),
 )

@@ -24,6 +24,14 @@ type EventServiceClient interface {
 	// Gets one stored event by its request id or by its idempotency key.
 	// NOT_FOUND (reason EVENT_NOT_FOUND) if there is none.
 	GetEvent(ctx context.Context, in *GetEventRequest, opts ...grpc.CallOption) (*GetEventResponse, error)
+	// Annotates a stored event after the fact, found by its request id or by the
+	// provider's response id: key-value annotations set or removed, each kept
+	// with when and by which API key. Annotations are never part of the event's
+	// content (its idempotency is unchanged) and never change its cost: a key
+	// naming a field that prices events is INVALID_ARGUMENT. NOT_FOUND (reason
+	// EVENT_NOT_FOUND) for no such event; FAILED_PRECONDITION (reason
+	// EVENT_AMBIGUOUS) when several events carry that response id.
+	AnnotateEvent(ctx context.Context, in *AnnotateEventRequest, opts ...grpc.CallOption) (*AnnotateEventResponse, error)
 }
 
 type eventServiceClient struct {
@@ -52,6 +60,15 @@ func (c *eventServiceClient) GetEvent(ctx context.Context, in *GetEventRequest, 
 	return out, nil
 }
 
+func (c *eventServiceClient) AnnotateEvent(ctx context.Context, in *AnnotateEventRequest, opts ...grpc.CallOption) (*AnnotateEventResponse, error) {
+	out := new(AnnotateEventResponse)
+	err := c.cc.Invoke(ctx, "/tally.v1.EventService/AnnotateEvent", in, out, opts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // EventServiceServer is the server API for EventService service.
 // All implementations must embed UnimplementedEventServiceServer
 // for forward compatibility
@@ -63,6 +80,14 @@ type EventServiceServer interface {
 	// Gets one stored event by its request id or by its idempotency key.
 	// NOT_FOUND (reason EVENT_NOT_FOUND) if there is none.
 	GetEvent(context.Context, *GetEventRequest) (*GetEventResponse, error)
+	// Annotates a stored event after the fact, found by its request id or by the
+	// provider's response id: key-value annotations set or removed, each kept
+	// with when and by which API key. Annotations are never part of the event's
+	// content (its idempotency is unchanged) and never change its cost: a key
+	// naming a field that prices events is INVALID_ARGUMENT. NOT_FOUND (reason
+	// EVENT_NOT_FOUND) for no such event; FAILED_PRECONDITION (reason
+	// EVENT_AMBIGUOUS) when several events carry that response id.
+	AnnotateEvent(context.Context, *AnnotateEventRequest) (*AnnotateEventResponse, error)
 	mustEmbedUnimplementedEventServiceServer()
 }
 
@@ -75,6 +100,9 @@ func (UnimplementedEventServiceServer) ListEvents(context.Context, *ListEventsRe
 }
 func (UnimplementedEventServiceServer) GetEvent(context.Context, *GetEventRequest) (*GetEventResponse, error) {
 	return nil, status.Errorf(codes.Unimplemented, "method GetEvent not implemented")
+}
+func (UnimplementedEventServiceServer) AnnotateEvent(context.Context, *AnnotateEventRequest) (*AnnotateEventResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method AnnotateEvent not implemented")
 }
 func (UnimplementedEventServiceServer) mustEmbedUnimplementedEventServiceServer() {}
 
@@ -125,6 +153,24 @@ func _EventService_GetEvent_Handler(srv interface{}, ctx context.Context, dec fu
 	return interceptor(ctx, in, info, handler)
 }
 
+func _EventService_AnnotateEvent_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(AnnotateEventRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(EventServiceServer).AnnotateEvent(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: "/tally.v1.EventService/AnnotateEvent",
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(EventServiceServer).AnnotateEvent(ctx, req.(*AnnotateEventRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 var _EventService_serviceDesc = grpc.ServiceDesc{
 	ServiceName: "tally.v1.EventService",
 	HandlerType: (*EventServiceServer)(nil),
@@ -136,6 +182,10 @@ var _EventService_serviceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "GetEvent",
 			Handler:    _EventService_GetEvent_Handler,
+		},
+		{
+			MethodName: "AnnotateEvent",
+			Handler:    _EventService_AnnotateEvent_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},

@@ -30,6 +30,7 @@ class StoredEvent(_message.Message):
     EVENT_FIELD_NUMBER: _builtins.int
     INGEST_TIMESTAMP_FIELD_NUMBER: _builtins.int
     XPROXY_RESULT_FIELD_NUMBER: _builtins.int
+    ANNOTATIONS_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """The request id Tally gave the event (a UUIDv7)."""
     @_builtins.property
@@ -47,6 +48,10 @@ class StoredEvent(_message.Message):
     def xproxy_result(self) -> _ingest_service_pb2.XProxyResult:
         """The result the event was acknowledged with (`duplicate_request` false)."""
 
+    @_builtins.property
+    def annotations(self) -> _containers.RepeatedCompositeFieldContainer[Global___Annotation]:
+        """Annotations added after the fact (AnnotateEvent), by key."""
+
     def __init__(
         self,
         *,
@@ -54,14 +59,135 @@ class StoredEvent(_message.Message):
         event: _ingest_service_pb2.UsageEvent | None = ...,
         ingest_timestamp: _timestamp_pb2.Timestamp | None = ...,
         xproxy_result: _ingest_service_pb2.XProxyResult | None = ...,
+        annotations: _abc.Iterable[Global___Annotation] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "ingest_timestamp", b"ingest_timestamp", "xproxy_result", b"xproxy_result"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "ingest_timestamp", b"ingest_timestamp", "request_id", b"request_id", "xproxy_result", b"xproxy_result"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["annotations", b"annotations", "event", b"event", "ingest_timestamp", b"ingest_timestamp", "request_id", b"request_id", "xproxy_result", b"xproxy_result"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StoredEvent: _TypeAlias = StoredEvent  # noqa: Y015
+
+@_typing.final
+class Annotation(_message.Message):
+    """One annotation of a stored event."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    KEY_NAME_FIELD_NUMBER: _builtins.int
+    key: _builtins.str
+    """Matching `[A-Za-z0-9._-]{1,64}`."""
+    value: _builtins.str
+    """At most 1,024 bytes of UTF-8."""
+    key_name: _builtins.str
+    """The name of the API key that set it ("" with keys off)."""
+    @_builtins.property
+    def update_time(self) -> _timestamp_pb2.Timestamp:
+        """When it was last set."""
+
+    def __init__(
+        self,
+        *,
+        key: _builtins.str = ...,
+        value: _builtins.str = ...,
+        update_time: _timestamp_pb2.Timestamp | None = ...,
+        key_name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["update_time", b"update_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "key_name", b"key_name", "update_time", b"update_time", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Annotation: _TypeAlias = Annotation  # noqa: Y015
+
+@_typing.final
+class AnnotateEventRequest(_message.Message):
+    """Request of AnnotateEvent."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class SetAnnotationsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    PROVIDER_RESPONSE_ID_FIELD_NUMBER: _builtins.int
+    SET_ANNOTATIONS_FIELD_NUMBER: _builtins.int
+    REMOVE_KEYS_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """The request id Tally returned when it stored the event."""
+    provider_response_id: _builtins.str
+    """The provider's response id the event carries (e.g. "chatcmpl-...")."""
+    @_builtins.property
+    def set_annotations(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Annotations to set (an event holds at most 64)."""
+
+    @_builtins.property
+    def remove_keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Keys of annotations to remove."""
+
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        provider_response_id: _builtins.str = ...,
+        set_annotations: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        remove_keys: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["lookup", b"lookup", "provider_response_id", b"provider_response_id", "request_id", b"request_id"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lookup", b"lookup", "provider_response_id", b"provider_response_id", "remove_keys", b"remove_keys", "request_id", b"request_id", "set_annotations", b"set_annotations"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_lookup: _TypeAlias = _typing.Literal["request_id", "provider_response_id"]  # noqa: Y015
+    _WhichOneofArgType_lookup: _TypeAlias = _typing.Literal["lookup", b"lookup"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_lookup) -> _WhichOneofReturnType_lookup | None: ...
+
+Global___AnnotateEventRequest: _TypeAlias = AnnotateEventRequest  # noqa: Y015
+
+@_typing.final
+class AnnotateEventResponse(_message.Message):
+    """Response of AnnotateEvent."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def event(self) -> Global___StoredEvent:
+        """The event after the call, with its annotations."""
+
+    def __init__(
+        self,
+        *,
+        event: Global___StoredEvent | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AnnotateEventResponse: _TypeAlias = AnnotateEventResponse  # noqa: Y015
 
 @_typing.final
 class ListEventsRequest(_message.Message):

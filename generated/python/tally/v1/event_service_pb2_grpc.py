@@ -46,6 +46,11 @@ class EventServiceStub:
                 request_serializer=tally_dot_v1_dot_event__service__pb2.GetEventRequest.SerializeToString,
                 response_deserializer=tally_dot_v1_dot_event__service__pb2.GetEventResponse.FromString,
                 _registered_method=True)
+        self.AnnotateEvent = channel.unary_unary(
+                '/tally.v1.EventService/AnnotateEvent',
+                request_serializer=tally_dot_v1_dot_event__service__pb2.AnnotateEventRequest.SerializeToString,
+                response_deserializer=tally_dot_v1_dot_event__service__pb2.AnnotateEventResponse.FromString,
+                _registered_method=True)
 
 
 class EventServiceServicer:
@@ -70,6 +75,19 @@ class EventServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AnnotateEvent(self, request, context):
+        """Annotates a stored event after the fact, found by its request id or by the
+        provider's response id: key-value annotations set or removed, each kept
+        with when and by which API key. Annotations are never part of the event's
+        content (its idempotency is unchanged) and never change its cost: a key
+        naming a field that prices events is INVALID_ARGUMENT. NOT_FOUND (reason
+        EVENT_NOT_FOUND) for no such event; FAILED_PRECONDITION (reason
+        EVENT_AMBIGUOUS) when several events carry that response id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EventServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -82,6 +100,11 @@ def add_EventServiceServicer_to_server(servicer, server):
                     servicer.GetEvent,
                     request_deserializer=tally_dot_v1_dot_event__service__pb2.GetEventRequest.FromString,
                     response_serializer=tally_dot_v1_dot_event__service__pb2.GetEventResponse.SerializeToString,
+            ),
+            'AnnotateEvent': grpc.unary_unary_rpc_method_handler(
+                    servicer.AnnotateEvent,
+                    request_deserializer=tally_dot_v1_dot_event__service__pb2.AnnotateEventRequest.FromString,
+                    response_serializer=tally_dot_v1_dot_event__service__pb2.AnnotateEventResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -140,6 +163,33 @@ class EventService:
             '/tally.v1.EventService/GetEvent',
             tally_dot_v1_dot_event__service__pb2.GetEventRequest.SerializeToString,
             tally_dot_v1_dot_event__service__pb2.GetEventResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AnnotateEvent(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tally.v1.EventService/AnnotateEvent',
+            tally_dot_v1_dot_event__service__pb2.AnnotateEventRequest.SerializeToString,
+            tally_dot_v1_dot_event__service__pb2.AnnotateEventResponse.FromString,
             options,
             channel_credentials,
             insecure,

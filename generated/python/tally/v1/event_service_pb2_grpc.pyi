@@ -44,6 +44,15 @@ class EventServiceStub:
     """Gets one stored event by its request id or by its idempotency key.
     NOT_FOUND (reason EVENT_NOT_FOUND) if there is none.
     """
+    AnnotateEvent: _grpc.UnaryUnaryMultiCallable[_event_service_pb2.AnnotateEventRequest, _event_service_pb2.AnnotateEventResponse]
+    """Annotates a stored event after the fact, found by its request id or by the
+    provider's response id: key-value annotations set or removed, each kept
+    with when and by which API key. Annotations are never part of the event's
+    content (its idempotency is unchanged) and never change its cost: a key
+    naming a field that prices events is INVALID_ARGUMENT. NOT_FOUND (reason
+    EVENT_NOT_FOUND) for no such event; FAILED_PRECONDITION (reason
+    EVENT_AMBIGUOUS) when several events carry that response id.
+    """
 
 @_typing.type_check_only
 class EventServiceAsyncStub(EventServiceStub):
@@ -60,6 +69,15 @@ class EventServiceAsyncStub(EventServiceStub):
     GetEvent: _aio.UnaryUnaryMultiCallable[_event_service_pb2.GetEventRequest, _event_service_pb2.GetEventResponse]  # type: ignore[assignment]
     """Gets one stored event by its request id or by its idempotency key.
     NOT_FOUND (reason EVENT_NOT_FOUND) if there is none.
+    """
+    AnnotateEvent: _aio.UnaryUnaryMultiCallable[_event_service_pb2.AnnotateEventRequest, _event_service_pb2.AnnotateEventResponse]  # type: ignore[assignment]
+    """Annotates a stored event after the fact, found by its request id or by the
+    provider's response id: key-value annotations set or removed, each kept
+    with when and by which API key. Annotations are never part of the event's
+    content (its idempotency is unchanged) and never change its cost: a key
+    naming a field that prices events is INVALID_ARGUMENT. NOT_FOUND (reason
+    EVENT_NOT_FOUND) for no such event; FAILED_PRECONDITION (reason
+    EVENT_AMBIGUOUS) when several events carry that response id.
     """
 
 class EventServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -86,6 +104,21 @@ class EventServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_event_service_pb2.GetEventResponse, _abc.Awaitable[_event_service_pb2.GetEventResponse]]:
         """Gets one stored event by its request id or by its idempotency key.
         NOT_FOUND (reason EVENT_NOT_FOUND) if there is none.
+        """
+
+    @_abc_1.abstractmethod
+    def AnnotateEvent(
+        self,
+        request: _event_service_pb2.AnnotateEventRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_event_service_pb2.AnnotateEventResponse, _abc.Awaitable[_event_service_pb2.AnnotateEventResponse]]:
+        """Annotates a stored event after the fact, found by its request id or by the
+        provider's response id: key-value annotations set or removed, each kept
+        with when and by which API key. Annotations are never part of the event's
+        content (its idempotency is unchanged) and never change its cost: a key
+        naming a field that prices events is INVALID_ARGUMENT. NOT_FOUND (reason
+        EVENT_NOT_FOUND) for no such event; FAILED_PRECONDITION (reason
+        EVENT_AMBIGUOUS) when several events carry that response id.
         """
 
 def add_EventServiceServicer_to_server(servicer: EventServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

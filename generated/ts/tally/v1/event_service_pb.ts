@@ -15,7 +15,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file tally/v1/event_service.proto.
  */
 export const file_tally_v1_event_service: GenFile = /*@__PURE__*/
-  fileDesc("Chx0YWxseS92MS9ldmVudF9zZXJ2aWNlLnByb3RvEgh0YWxseS52MSKrAQoLU3RvcmVkRXZlbnQSEgoKcmVxdWVzdF9pZBgBIAEoCRIjCgVldmVudBgCIAEoCzIULnRhbGx5LnYxLlVzYWdlRXZlbnQSNAoQaW5nZXN0X3RpbWVzdGFtcBgDIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLQoNeHByb3h5X3Jlc3VsdBgEIAEoCzIWLnRhbGx5LnYxLlhQcm94eVJlc3VsdCLXAgoRTGlzdEV2ZW50c1JlcXVlc3QSFQoNZXhwZXJpZW5jZV9pZBgBIAEoCRIXCg9leHBlcmllbmNlX25hbWUYAiABKAkSGgoSZXhwZXJpZW5jZV92ZXJzaW9uGAMgASgFEg8KB3VzZXJfaWQYBCABKAkSEwoLcmVxdWVzdF90YWcYBSABKAkSEAoIY2F0ZWdvcnkYBiABKAkSEAoIcmVzb3VyY2UYByABKAkSJwoKY29zdF9zdGF0ZRgIIAEoDjITLnRhbGx5LnYxLkNvc3RTdGF0ZRIuCgpzdGFydF90aW1lGAkgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIsCghlbmRfdGltZRgKIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEQoJcGFnZV9zaXplGAsgASgFEhIKCnBhZ2VfdG9rZW4YDCABKAkiVAoSTGlzdEV2ZW50c1Jlc3BvbnNlEiUKBmV2ZW50cxgBIAMoCzIVLnRhbGx5LnYxLlN0b3JlZEV2ZW50EhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSJMCg9HZXRFdmVudFJlcXVlc3QSFAoKcmVxdWVzdF9pZBgBIAEoCUgAEhkKD2lkZW1wb3RlbmN5X2tleRgCIAEoCUgAQggKBmxvb2t1cCI4ChBHZXRFdmVudFJlc3BvbnNlEiQKBWV2ZW50GAEgASgLMhUudGFsbHkudjEuU3RvcmVkRXZlbnQypgEKDEV2ZW50U2VydmljZRJNCgpMaXN0RXZlbnRzEhsudGFsbHkudjEuTGlzdEV2ZW50c1JlcXVlc3QaHC50YWxseS52MS5MaXN0RXZlbnRzUmVzcG9uc2UiBIjnGAISRwoIR2V0RXZlbnQSGS50YWxseS52MS5HZXRFdmVudFJlcXVlc3QaGi50YWxseS52MS5HZXRFdmVudFJlc3BvbnNlIgSI5xgCYgZwcm90bzM", [file_google_protobuf_timestamp, file_tally_v1_access, file_tally_v1_ingest_service]);
+  fileDesc("Chx0YWxseS92MS9ldmVudF9zZXJ2aWNlLnByb3RvEgh0YWxseS52MSLWAQoLU3RvcmVkRXZlbnQSEgoKcmVxdWVzdF9pZBgBIAEoCRIjCgVldmVudBgCIAEoCzIULnRhbGx5LnYxLlVzYWdlRXZlbnQSNAoQaW5nZXN0X3RpbWVzdGFtcBgDIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLQoNeHByb3h5X3Jlc3VsdBgEIAEoCzIWLnRhbGx5LnYxLlhQcm94eVJlc3VsdBIpCgthbm5vdGF0aW9ucxgFIAMoCzIULnRhbGx5LnYxLkFubm90YXRpb24iawoKQW5ub3RhdGlvbhILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAkSLwoLdXBkYXRlX3RpbWUYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhAKCGtleV9uYW1lGAQgASgJIu8BChRBbm5vdGF0ZUV2ZW50UmVxdWVzdBIUCgpyZXF1ZXN0X2lkGAEgASgJSAASHgoUcHJvdmlkZXJfcmVzcG9uc2VfaWQYAiABKAlIABJLCg9zZXRfYW5ub3RhdGlvbnMYAyADKAsyMi50YWxseS52MS5Bbm5vdGF0ZUV2ZW50UmVxdWVzdC5TZXRBbm5vdGF0aW9uc0VudHJ5EhMKC3JlbW92ZV9rZXlzGAQgAygJGjUKE1NldEFubm90YXRpb25zRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4AUIICgZsb29rdXAiPQoVQW5ub3RhdGVFdmVudFJlc3BvbnNlEiQKBWV2ZW50GAEgASgLMhUudGFsbHkudjEuU3RvcmVkRXZlbnQi1wIKEUxpc3RFdmVudHNSZXF1ZXN0EhUKDWV4cGVyaWVuY2VfaWQYASABKAkSFwoPZXhwZXJpZW5jZV9uYW1lGAIgASgJEhoKEmV4cGVyaWVuY2VfdmVyc2lvbhgDIAEoBRIPCgd1c2VyX2lkGAQgASgJEhMKC3JlcXVlc3RfdGFnGAUgASgJEhAKCGNhdGVnb3J5GAYgASgJEhAKCHJlc291cmNlGAcgASgJEicKCmNvc3Rfc3RhdGUYCCABKA4yEy50YWxseS52MS5Db3N0U3RhdGUSLgoKc3RhcnRfdGltZRgJIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLAoIZW5kX3RpbWUYCiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhEKCXBhZ2Vfc2l6ZRgLIAEoBRISCgpwYWdlX3Rva2VuGAwgASgJIlQKEkxpc3RFdmVudHNSZXNwb25zZRIlCgZldmVudHMYASADKAsyFS50YWxseS52MS5TdG9yZWRFdmVudBIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAkiTAoPR2V0RXZlbnRSZXF1ZXN0EhQKCnJlcXVlc3RfaWQYASABKAlIABIZCg9pZGVtcG90ZW5jeV9rZXkYAiABKAlIAEIICgZsb29rdXAiOAoQR2V0RXZlbnRSZXNwb25zZRIkCgVldmVudBgBIAEoCzIVLnRhbGx5LnYxLlN0b3JlZEV2ZW50Mv4BCgxFdmVudFNlcnZpY2USTQoKTGlzdEV2ZW50cxIbLnRhbGx5LnYxLkxpc3RFdmVudHNSZXF1ZXN0GhwudGFsbHkudjEuTGlzdEV2ZW50c1Jlc3BvbnNlIgSI5xgCEkcKCEdldEV2ZW50EhkudGFsbHkudjEuR2V0RXZlbnRSZXF1ZXN0GhoudGFsbHkudjEuR2V0RXZlbnRSZXNwb25zZSIEiOcYAhJWCg1Bbm5vdGF0ZUV2ZW50Eh4udGFsbHkudjEuQW5ub3RhdGVFdmVudFJlcXVlc3QaHy50YWxseS52MS5Bbm5vdGF0ZUV2ZW50UmVzcG9uc2UiBIjnGAFiBnByb3RvMw", [file_google_protobuf_timestamp, file_tally_v1_access, file_tally_v1_ingest_service]);
 
 /**
  * One stored event and its result.
@@ -52,6 +52,13 @@ export type StoredEvent = Message<"tally.v1.StoredEvent"> & {
    * @generated from field: tally.v1.XProxyResult xproxy_result = 4;
    */
   xproxyResult?: XProxyResult | undefined;
+
+  /**
+   * Annotations added after the fact (AnnotateEvent), by key.
+   *
+   * @generated from field: repeated tally.v1.Annotation annotations = 5;
+   */
+  annotations: Annotation[];
 };
 
 /**
@@ -60,6 +67,120 @@ export type StoredEvent = Message<"tally.v1.StoredEvent"> & {
  */
 export const StoredEventSchema: GenMessage<StoredEvent> = /*@__PURE__*/
   messageDesc(file_tally_v1_event_service, 0);
+
+/**
+ * One annotation of a stored event.
+ *
+ * @generated from message tally.v1.Annotation
+ */
+export type Annotation = Message<"tally.v1.Annotation"> & {
+  /**
+   * Matching `[A-Za-z0-9._-]{1,64}`.
+   *
+   * @generated from field: string key = 1;
+   */
+  key: string;
+
+  /**
+   * At most 1,024 bytes of UTF-8.
+   *
+   * @generated from field: string value = 2;
+   */
+  value: string;
+
+  /**
+   * When it was last set.
+   *
+   * @generated from field: google.protobuf.Timestamp update_time = 3;
+   */
+  updateTime?: Timestamp | undefined;
+
+  /**
+   * The name of the API key that set it ("" with keys off).
+   *
+   * @generated from field: string key_name = 4;
+   */
+  keyName: string;
+};
+
+/**
+ * Describes the message tally.v1.Annotation.
+ * Use `create(AnnotationSchema)` to create a new message.
+ */
+export const AnnotationSchema: GenMessage<Annotation> = /*@__PURE__*/
+  messageDesc(file_tally_v1_event_service, 1);
+
+/**
+ * Request of AnnotateEvent.
+ *
+ * @generated from message tally.v1.AnnotateEventRequest
+ */
+export type AnnotateEventRequest = Message<"tally.v1.AnnotateEventRequest"> & {
+  /**
+   * How to find the event.
+   *
+   * @generated from oneof tally.v1.AnnotateEventRequest.lookup
+   */
+  lookup: {
+    /**
+     * The request id Tally returned when it stored the event.
+     *
+     * @generated from field: string request_id = 1;
+     */
+    value: string;
+    case: "requestId";
+  } | {
+    /**
+     * The provider's response id the event carries (e.g. "chatcmpl-...").
+     *
+     * @generated from field: string provider_response_id = 2;
+     */
+    value: string;
+    case: "providerResponseId";
+  } | { case: undefined; value?: undefined };
+
+  /**
+   * Annotations to set (an event holds at most 64).
+   *
+   * @generated from field: map<string, string> set_annotations = 3;
+   */
+  setAnnotations: { [key: string]: string };
+
+  /**
+   * Keys of annotations to remove.
+   *
+   * @generated from field: repeated string remove_keys = 4;
+   */
+  removeKeys: string[];
+};
+
+/**
+ * Describes the message tally.v1.AnnotateEventRequest.
+ * Use `create(AnnotateEventRequestSchema)` to create a new message.
+ */
+export const AnnotateEventRequestSchema: GenMessage<AnnotateEventRequest> = /*@__PURE__*/
+  messageDesc(file_tally_v1_event_service, 2);
+
+/**
+ * Response of AnnotateEvent.
+ *
+ * @generated from message tally.v1.AnnotateEventResponse
+ */
+export type AnnotateEventResponse = Message<"tally.v1.AnnotateEventResponse"> & {
+  /**
+   * The event after the call, with its annotations.
+   *
+   * @generated from field: tally.v1.StoredEvent event = 1;
+   */
+  event?: StoredEvent | undefined;
+};
+
+/**
+ * Describes the message tally.v1.AnnotateEventResponse.
+ * Use `create(AnnotateEventResponseSchema)` to create a new message.
+ */
+export const AnnotateEventResponseSchema: GenMessage<AnnotateEventResponse> = /*@__PURE__*/
+  messageDesc(file_tally_v1_event_service, 3);
 
 /**
  * Request of ListEvents. Every filter is optional.
@@ -158,7 +279,7 @@ export type ListEventsRequest = Message<"tally.v1.ListEventsRequest"> & {
  * Use `create(ListEventsRequestSchema)` to create a new message.
  */
 export const ListEventsRequestSchema: GenMessage<ListEventsRequest> = /*@__PURE__*/
-  messageDesc(file_tally_v1_event_service, 1);
+  messageDesc(file_tally_v1_event_service, 4);
 
 /**
  * Response of ListEvents.
@@ -186,7 +307,7 @@ export type ListEventsResponse = Message<"tally.v1.ListEventsResponse"> & {
  * Use `create(ListEventsResponseSchema)` to create a new message.
  */
 export const ListEventsResponseSchema: GenMessage<ListEventsResponse> = /*@__PURE__*/
-  messageDesc(file_tally_v1_event_service, 2);
+  messageDesc(file_tally_v1_event_service, 5);
 
 /**
  * Request of GetEvent: exactly one of the two.
@@ -223,7 +344,7 @@ export type GetEventRequest = Message<"tally.v1.GetEventRequest"> & {
  * Use `create(GetEventRequestSchema)` to create a new message.
  */
 export const GetEventRequestSchema: GenMessage<GetEventRequest> = /*@__PURE__*/
-  messageDesc(file_tally_v1_event_service, 3);
+  messageDesc(file_tally_v1_event_service, 6);
 
 /**
  * Response of GetEvent.
@@ -244,7 +365,7 @@ export type GetEventResponse = Message<"tally.v1.GetEventResponse"> & {
  * Use `create(GetEventResponseSchema)` to create a new message.
  */
 export const GetEventResponseSchema: GenMessage<GetEventResponse> = /*@__PURE__*/
-  messageDesc(file_tally_v1_event_service, 4);
+  messageDesc(file_tally_v1_event_service, 7);
 
 /**
  * Reads stored events back, each with the result it was priced and
@@ -275,6 +396,22 @@ export const EventService: GenService<{
     methodKind: "unary";
     input: typeof GetEventRequestSchema;
     output: typeof GetEventResponseSchema;
+  },
+  /**
+   * Annotates a stored event after the fact, found by its request id or by the
+   * provider's response id: key-value annotations set or removed, each kept
+   * with when and by which API key. Annotations are never part of the event's
+   * content (its idempotency is unchanged) and never change its cost: a key
+   * naming a field that prices events is INVALID_ARGUMENT. NOT_FOUND (reason
+   * EVENT_NOT_FOUND) for no such event; FAILED_PRECONDITION (reason
+   * EVENT_AMBIGUOUS) when several events carry that response id.
+   *
+   * @generated from rpc tally.v1.EventService.AnnotateEvent
+   */
+  annotateEvent: {
+    methodKind: "unary";
+    input: typeof AnnotateEventRequestSchema;
+    output: typeof AnnotateEventResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_tally_v1_event_service, 0);

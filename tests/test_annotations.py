@@ -45,7 +45,8 @@ async def test_bad_annotations_change_nothing(stubs):
     name = unique("Noted")
     shared = f"resp-{uuid.uuid4().hex}"
     async with AsyncTallyClient(stubs.target) as tally:
-        first = await tally.ingest(usage_event("system.openai", "gpt-4o", {"text": (10, 1)}, provider_response_id=shared))
+        sent = usage_event("system.openai", "gpt-4o", {"text": (10, 1)}, provider_response_id=shared)
+        first = await tally.ingest(sent)
         await tally.annotate_event(first.request_id, set_annotations={"team": name})
         for kwargs, field, said in (
             ({"set_annotations": {"units": "0"}}, "set_annotations['units']", "never change a cost"),
@@ -69,5 +70,5 @@ async def test_bad_annotations_change_nothing(stubs):
         with pytest.raises(FailedPrecondition) as refused:
             await tally.annotate_event(provider_response_id=shared, set_annotations={"a": "1"})
         assert refused.value.reason == "EVENT_AMBIGUOUS"
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match="request_id or a provider_response_id"):
             await tally.annotate_event(set_annotations={"a": "1"})

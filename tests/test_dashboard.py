@@ -98,6 +98,18 @@ def seed(target: str, admin: str) -> None:
                     ("xproxy-experience-id", str(uuid.uuid4())),
                 )
                 ingest.IngestBatch(pb.IngestBatchRequest(events=events), metadata=run_metadata)
+        # A second version of one type, its runs dearer: the page compares the two.
+        types.IncrementExperienceTypeVersion(
+            et_pb.IncrementExperienceTypeVersionRequest(name="Document_Summarization"), metadata=metadata
+        )
+        dearer = pb.UsageEvent(category="system.openai", resource="gpt-4o", units={"text": pb.UnitCounts(input=90_000)})
+        for _ in range(2):
+            run_metadata = (
+                *metadata,
+                ("xproxy-experience-name", "Document_Summarization"),
+                ("xproxy-experience-id", str(uuid.uuid4())),
+            )
+            ingest.Ingest(pb.IngestRequest(event=dearer), metadata=run_metadata)
         misspelt = pb.UsageEvent(category="system.openai", resource="gtp-4o", units={"text": pb.UnitCounts(input=5)})
         ingest.Ingest(pb.IngestRequest(event=misspelt), metadata=metadata)
         # Names a caller chose, shown as text wherever they appear (models, reasons, steps).
@@ -157,9 +169,9 @@ def test_the_dashboard_needs_a_key_then_draws_spend_runs_versions_and_reasons(br
         )
         assert all(points > 0 for points in charts), charts
         runs = browser.find_elements(By.CSS_SELECTOR, "#runs tbody tr")
-        assert len(runs) == 9, [r.text for r in runs]  # 6 runs, and one per hostile event
+        assert len(runs) == 11, [r.text for r in runs]  # 8 runs, and one per hostile event
         assert "Chatbot" in runs[0].text or "Document_Summarization" in runs[0].text
-        runs[1].click()
+        next(run for run in runs if run.text.split()[2] == "2").click()  # a run of two events
         wait.until(lambda driver: len(driver.find_elements(By.CSS_SELECTOR, "#steps tbody tr")) == 2)
         unpriced = browser.find_element(By.ID, "unpriced").text
         assert "did you mean gpt-4o?" in unpriced, unpriced
@@ -171,6 +183,9 @@ def test_the_dashboard_needs_a_key_then_draws_spend_runs_versions_and_reasons(br
         assert "per-summary" in limits and "per experience" in limits and "eng-daily" in limits, limits
         versions = browser.find_element(By.ID, "versions").text
         assert "Chatbot" in versions and "Document_Summarization" in versions
+        compared = browser.find_elements(By.CSS_SELECTOR, "#compare tbody tr")
+        assert [row.text.split()[:4] for row in compared] == [["Document_Summarization", "v1", "\u2192", "v2"]]
+        assert "3 / 2" in compared[0].text and "not enough runs" in compared[0].text, compared[0].text
 
         browser.save_screenshot(str(tmp_path / "dashboard.png"))
         print(f"\nscreenshot: {tmp_path / 'dashboard.png'}")

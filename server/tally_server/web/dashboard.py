@@ -197,6 +197,52 @@ async def _versions(services: Services, request: web.Request) -> web.Response:
     return web.json_response({"versions": rows})
 
 
+# Types whose two latest versions the page compares, at most: each costs a comparison (a read
+# of those versions' runs), so a house of many types is not read whole on every load.
+COMPARED_TYPES = 20
+
+
+async def _compare(services: Services, request: web.Request) -> web.Response:
+    """Each type's two latest versions with runs, side by side (CompareVersions): cost per
+    run and, for its first outcome with a goal, success rate and cost per success."""
+    rows: list[dict[str, Any]] = []
+    token = ""
+    while len(rows) < COMPARED_TYPES:
+        page = await services.types.list(100, token)
+        for experience_type in page.items:
+            if experience_type.version < 2 or len(rows) >= COMPARED_TYPES:
+                continue
+            stats = await services.types.stats(experience_type.name, 0, None, None)
+            latest = sorted(stats.by_version)[-2:]
+            if len(latest) < 2:
+                continue
+            compared = await services.reports.compare(experience_type.name, latest[0], latest[1], None, None)
+            by_metric = {d.metric: d for d in compared.differences}
+            cost = by_metric["cost_per_run"]
+            row: dict[str, Any] = {
+                "type": experience_type.name,
+                "baseline": latest[0],
+                "candidate": latest[1],
+                "runs": [compared.baseline.runs, compared.candidate.runs],
+                "cost": [cost.baseline, cost.candidate],
+                "cost_change": cost.relative,
+                "enough_runs": cost.enough_runs,
+            }
+            success = next((d for d in compared.differences if d.metric.startswith("success_rate:")), None)
+            if success is not None:
+                name = success.metric.split(":", 1)[1]
+                per_success = by_metric.get(f"cost_per_success:{name}")
+                row.update(
+                    outcome=name,
+                    success=[success.baseline, success.candidate],
+                    cost_per_success_change=per_success.relative if per_success else None,
+                )
+            rows.append(row)
+        if not (token := page.next_page_token):
+            break
+    return web.json_response({"comparisons": rows, "at_most": COMPARED_TYPES})
+
+
 # The newest events of each state whose reasons the page counts, the reasons it shows (the
 # rest counted as one), and the characters of each: caller-chosen names stay bounded.
 UNPRICED_SAMPLE = 1000
@@ -294,6 +340,7 @@ def application(services: Services, loopback_bind: bool = True) -> web.Applicati
         ("/api/runs", _top_runs),
         ("/api/runs/{experience_id}", _run),
         ("/api/versions", _versions),
+        ("/api/compare", _compare),
         ("/api/unpriced", _unpriced),
         ("/api/limits", _limits),
     ):

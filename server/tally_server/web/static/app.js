@@ -94,6 +94,22 @@ async function loadVersions() {
   });
 }
 
+const percent = (value) => (value === null || value === undefined ? "-" : (value >= 0 ? "+" : "") + (value * 100).toFixed(1) + "%");
+
+async function loadCompare() {
+  const data = await api("/api/compare");
+  rows("#compare", data.comparisons, (c) => [
+    [c.type],
+    ["v" + c.baseline + " \u2192 v" + c.candidate],
+    [c.runs[0] + " / " + c.runs[1], true],
+    [usd(c.cost[0]) + " \u2192 " + usd(c.cost[1]), true],
+    [c.enough_runs ? percent(c.cost_change) : "not enough runs", true],
+    [c.outcome || "-"],
+    [c.success ? (c.success[0] * 100).toFixed(0) + "% \u2192 " + (c.success[1] * 100).toFixed(0) + "%" : "-", true],
+    [c.outcome ? percent(c.cost_per_success_change) : "-", true],
+  ]);
+}
+
 async function loadUnpriced() {
   const data = await api("/api/unpriced?days=30");
   const sampled = data.sampled < data.events ? " (reasons of the newest " + data.sampled + ")" : "";
@@ -118,7 +134,7 @@ async function loadAll() {
     return;
   }
   form.classList.remove("shown");
-  await Promise.all([loadSpend(), loadRuns(), loadVersions(), loadUnpriced(), loadLimits()]);
+  await Promise.all([loadSpend(), loadRuns(), loadVersions(), loadCompare(), loadUnpriced(), loadLimits()]);
   document.body.dataset.loaded = "true";
 }
 

@@ -143,8 +143,12 @@ def check_summary(answer, expected: dict) -> None:
     assert answer.events_per_run == pytest.approx(expected["events_per_run"], rel=1e-12)
     assert answer.failure_rate == pytest.approx(expected["failure_rate"], rel=1e-12)
     assert {s.step: (s.runs, nanos(s.cost_per_run)) for s in answer.steps} == expected["steps"]
-    assert [o.name for o in answer.outcomes] == [d.name for d in OUTCOMES]
-    for o in answer.outcomes:
+    check_outcomes(answer.outcomes, expected)
+
+
+def check_outcomes(outcomes, expected: dict) -> None:
+    assert [o.name for o in outcomes] == [d.name for d in OUTCOMES]
+    for o in outcomes:
         wanted = expected["outcomes"][o.name]
         assert o.scored_runs == wanted["scored"], o.name
         assert o.mean == pytest.approx(wanted["mean"], rel=1e-12), o.name
@@ -190,6 +194,11 @@ async def test_every_figure_of_a_comparison_is_what_the_stored_events_and_outcom
         assert (answer.min_runs, answer.bootstrap_resamples, answer.confidence) == (MIN_RUNS, 1000, 0.95)
         again = await tally.compare_versions(name, baseline=2, candidate=3)
         assert again.differences == answer.differences, "seeded: the same runs give the same intervals"
+        # The type's statistics give the same outcome figures per version, over all its runs.
+        stats = await tally.get_experience_type_stats(name)
+        assert [v.version for v in stats.versions] == [1, 2, 3]
+        for version in stats.versions:
+            check_outcomes(version.outcomes, expected_summary(runs[version.version]))
         # Version 1 has 12 runs: a difference with it is no evidence.
         small = await tally.compare_versions(name, baseline=1, candidate=3)
         check_summary(small.baseline, expected_summary(runs[1]))

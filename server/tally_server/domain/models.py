@@ -8,11 +8,14 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .annotations import Annotation
 from .limits import Applied
 from .outcomes import OutcomeDefinition, ScoredOutcome
+
+if TYPE_CHECKING:  # compare reads stats, which reads these records
+    from .compare import OutcomeSummary
 
 
 def now_us() -> int:
@@ -96,6 +99,8 @@ class TypeStats:
     total: CostDistribution
     by_version: dict[int, CostDistribution]
     steps: tuple[StepCost, ...] = ()
+    # Per version, each declared outcome over the same experiences (types with outcomes only).
+    outcomes: dict[int, tuple[OutcomeSummary, ...]] = field(default_factory=dict)
 
 
 class CostState(enum.IntEnum):

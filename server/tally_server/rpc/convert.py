@@ -173,7 +173,11 @@ def type_stats(s: m.TypeStats) -> et_pb.GetExperienceTypeStatsResponse:
         name=s.name,
         total=cost_distribution(s.total),
         versions=[
-            et_pb.VersionCostDistribution(version=version, stats=cost_distribution(d))
+            et_pb.VersionCostDistribution(
+                version=version,
+                stats=cost_distribution(d),
+                outcomes=[outcome_summary(o) for o in s.outcomes.get(version, ())],
+            )
             for version, d in s.by_version.items()
         ],
         steps=[
@@ -553,6 +557,24 @@ def cost_group(g: m.CostGroup) -> report_pb.CostGroup:
 # --- comparing versions --------------------------------------------------------------
 
 
+def outcome_summary(o: compare.OutcomeSummary) -> report_pb.OutcomeSummary:
+    summary = report_pb.OutcomeSummary(
+        name=o.name,
+        scored_runs=o.scored_runs,
+        successes=o.successes,
+        mean=o.mean,
+        succeeded_cost_p50=money(o.succeeded_p50_nanos),
+        succeeded_cost_p95=money(o.succeeded_p95_nanos),
+        failed_cost_p50=money(o.failed_p50_nanos),
+        failed_cost_p95=money(o.failed_p95_nanos),
+    )
+    if o.success_rate is not None:
+        summary.success_rate = o.success_rate
+    if o.cost_per_success_nanos is not None:
+        summary.cost_per_success.CopyFrom(money(o.cost_per_success_nanos))
+    return summary
+
+
 def _version_summary(v: compare.VersionSummary) -> report_pb.VersionSummary:
     message = report_pb.VersionSummary(
         version=v.version,
@@ -564,21 +586,7 @@ def _version_summary(v: compare.VersionSummary) -> report_pb.VersionSummary:
         events_per_run=v.events_per_run,
         failure_rate=v.failure_rate,
     )
-    for o in v.outcomes:
-        summary = message.outcomes.add(
-            name=o.name,
-            scored_runs=o.scored_runs,
-            successes=o.successes,
-            mean=o.mean,
-            succeeded_cost_p50=money(o.succeeded_p50_nanos),
-            succeeded_cost_p95=money(o.succeeded_p95_nanos),
-            failed_cost_p50=money(o.failed_p50_nanos),
-            failed_cost_p95=money(o.failed_p95_nanos),
-        )
-        if o.success_rate is not None:
-            summary.success_rate = o.success_rate
-        if o.cost_per_success_nanos is not None:
-            summary.cost_per_success.CopyFrom(money(o.cost_per_success_nanos))
+    message.outcomes.extend(outcome_summary(o) for o in v.outcomes)
     for step in v.steps:
         message.steps.add(step=step.step, runs=step.runs, cost_per_run=money(step.cost_per_run_nanos))
     return message

@@ -10,7 +10,7 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from ..domain import outcomes, paging
+from ..domain import compare, outcomes, paging
 from ..domain.errors import Code, TallyError, Violations, already_exists, failed_precondition, not_found
 from ..domain.models import ExperienceType, ExperienceTypeVersion, Page, StepCost, TypeStats, now_us
 from ..domain.validation import (
@@ -20,7 +20,12 @@ from ..domain.validation import (
     check_request_id,
     check_string_map,
 )
-from ..storage import idempotency as stored_idempotency, steps as stored_steps, types as stored_types
+from ..storage import (
+    idempotency as stored_idempotency,
+    statistics as stored_statistics,
+    steps as stored_steps,
+    types as stored_types,
+)
 from ..storage.db import Database
 from .type_stats import type_stats
 
@@ -211,12 +216,18 @@ class ExperienceTypes:
             v.add("end_time", "must be after start_time")
         v.raise_if_any()
         async with self.db.read() as conn:
-            type_id, _ = await self._require(conn, name)
+            type_id, experience_type = await self._require(conn, name)
             found = await type_stats(conn, name, type_id, version, start_us, end_us)
             steps = await stored_steps.of_type(conn, type_id, version, start_us, end_us)
+            # Outcomes are read per run (not yet a rollup): only for a type that declares some.
+            scored = {}
+            for each in found.by_version if experience_type.outcomes else ():
+                version_runs = await stored_statistics.version_runs(conn, type_id, each, start_us, end_us)
+                scored[each] = compare.summarize(each, version_runs, experience_type.outcomes).outcomes
         runs = {v: d.experience_count for v, d in found.by_version.items()}
         return dataclasses.replace(
             found,
+            outcomes=scored,
             steps=tuple(
                 StepCost(step, events, nanos, v, count, runs.get(v, 0)) for v, step, count, events, nanos in steps
             ),

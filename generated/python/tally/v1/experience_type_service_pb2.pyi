@@ -11,6 +11,7 @@ from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from tally.v1 import common_pb2 as _common_pb2
+from tally.v1 import report_service_pb2 as _report_service_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -866,21 +867,30 @@ class VersionCostDistribution(_message.Message):
 
     VERSION_FIELD_NUMBER: _builtins.int
     STATS_FIELD_NUMBER: _builtins.int
+    OUTCOMES_FIELD_NUMBER: _builtins.int
     version: _builtins.int
     """The version."""
     @_builtins.property
     def stats(self) -> Global___CostDistribution:
         """The statistics of that version's experiences."""
 
+    @_builtins.property
+    def outcomes(self) -> _containers.RepeatedCompositeFieldContainer[_report_service_pb2.OutcomeSummary]:
+        """Each outcome the type declares, over the same experiences: runs scored,
+        success rate, mean, cost per success, and the cost of succeeded and failed
+        runs (as in CompareVersions).
+        """
+
     def __init__(
         self,
         *,
         version: _builtins.int = ...,
         stats: Global___CostDistribution | None = ...,
+        outcomes: _abc.Iterable[_report_service_pb2.OutcomeSummary] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["stats", b"stats"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["stats", b"stats", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["outcomes", b"outcomes", "stats", b"stats", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

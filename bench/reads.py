@@ -1,7 +1,8 @@
 """Read benchmark: how the reads hold up as events pile up.
 
 Ingests through the wire (IngestBatch, 1,000 events per call) into a fresh database:
-one experience per ten events, plus one heavy experience that gets one event in
+one experience per ten events (of versions 1 and 2 of a type that declares one outcome,
+300 runs scored after each load), plus one heavy experience that gets one event in
 twenty, spread over the last 60 days, five models, 200 users and a few request tags.
 At each size it times every read (the median of --calls calls), and prints the
 growth from the first size to the last beside the targets:
@@ -67,7 +68,11 @@ TARGETS = {
     "dashboard /api/runs/<heavy run>": None,
     "dashboard /api/versions": 100.0,
     "dashboard /api/unpriced": None,
+    "CompareVersions v1, v2": 200.0,
+    "dashboard /api/compare": 200.0,
 }
+# Runs scored (RecordOutcomes) after each load, at most: the type declares one outcome.
+SCORED_PER_LOAD = 300
 
 
 class Loader:
@@ -81,6 +86,8 @@ class Loader:
         self.typical = ""
         self.sent = 0
         self.now = int(time.time())
+        self.new_runs: list[str] = []  # created since the last scoring
+        self.experiences = experience_service_pb2_grpc.ExperienceServiceStub(channel)
 
     def _event(self, experience_id: str) -> pb.UsageEvent:
         rng = self.rng
@@ -94,6 +101,8 @@ class Loader:
             context=pb.EventContext(
                 experience_id=experience_id,
                 experience_name=self.name,
+                # Runs of versions 1 and 2 alike (pinned as each run is created), to compare.
+                experience_version=1 + int(experience_id[-1], 16) % 2,
                 user_id=f"user-{rng.randint(1, 200)}",
                 request_tags=rng.sample(TAGS, rng.randint(0, 2)),
             ),
@@ -108,6 +117,7 @@ class Loader:
             for start in range(0, size, 10):
                 experience_id = str(uuid.uuid4())
                 self.typical = self.typical or experience_id
+                self.new_runs.append(experience_id)
                 events.extend(self._event(experience_id) for _ in range(min(10, size - start)))
             for i in range(0, size, 20):  # one event in twenty goes to the heavy run
                 events[i] = self._event(self.heavy)
@@ -126,6 +136,16 @@ class Loader:
             if self.sent % 100_000 < sum(sizes):
                 print(f"   {self.sent:,} events stored", flush=True)
         return count / (time.perf_counter() - started)
+
+    async def score(self) -> None:
+        """Scores a sample of the runs created since the last call (resolved or not)."""
+        sample = self.rng.sample(self.new_runs, min(SCORED_PER_LOAD, len(self.new_runs)))
+        for experience_id in sample:
+            value = exp_pb.OutcomeValue(name="resolved", bool_value=self.rng.random() < 0.6)
+            await self.experiences.RecordOutcomes(
+                exp_pb.RecordOutcomesRequest(experience_id=experience_id, values=[value])
+            )
+        self.new_runs.clear()
 
 
 async def timed(call: Callable[[], Awaitable[Any]], calls: int) -> float:
@@ -186,6 +206,10 @@ async def measure(channel: aio.Channel, loader: Loader, calls: int, web_port: in
         "dashboard /api/runs/<heavy run>": dashboard_get(web_port, f"/api/runs/{loader.heavy}"),
         "dashboard /api/versions": dashboard_get(web_port, "/api/versions"),
         "dashboard /api/unpriced": dashboard_get(web_port, "/api/unpriced"),
+        "CompareVersions v1, v2": lambda: reports.CompareVersions(
+            rep_pb.CompareVersionsRequest(experience_name=loader.name, baseline_version=1, candidate_version=2)
+        ),
+        "dashboard /api/compare": dashboard_get(web_port, "/api/compare"),
     }
     figures = {}
     for label, call in reads.items():
@@ -201,12 +225,18 @@ async def run_engine(label: str, database_url: str, sizes: list[int], calls: int
     try:
         async with aio.insecure_channel(f"127.0.0.1:{port}", options=CHANNEL_OPTIONS) as channel:
             name = f"Reads_{uuid.uuid4().hex[:8]}"
-            await experience_type_service_pb2_grpc.ExperienceTypeServiceStub(channel).CreateExperienceType(
-                et_pb.CreateExperienceTypeRequest(experience_type=et_pb.ExperienceType(name=name, description="reads"))
+            types = experience_type_service_pb2_grpc.ExperienceTypeServiceStub(channel)
+            resolved = et_pb.OutcomeDefinition(name="resolved", kind=et_pb.OUTCOME_KIND_BOOLEAN)
+            await types.CreateExperienceType(
+                et_pb.CreateExperienceTypeRequest(
+                    experience_type=et_pb.ExperienceType(name=name, description="reads", outcomes=[resolved])
+                )
             )
+            await types.IncrementExperienceTypeVersion(et_pb.IncrementExperienceTypeVersionRequest(name=name))
             loader = Loader(channel, name)
             for size in sizes:
                 rate = await loader.load_to(size)
+                await loader.score()
                 print(f"   ingested to {size:,} events at {rate:,.0f} events/s; timing the reads", flush=True)
                 results[size] = await measure(channel, loader, calls, web_port)
     finally:

@@ -16,7 +16,7 @@ from .stats import nearest_rank
 NANOS_PER_DOLLAR = 1_000_000_000
 MIN_RUNS = 30  # fewer runs on either side: a difference is no evidence
 RESAMPLES = 1000
-BOOTSTRAP_RUNS = 1000  # runs per version the resampling draws from at most
+BOOTSTRAP_RUNS = 400  # runs per version the resampling draws from at most (measured: 1,000 took 0.4 s a call)
 CONFIDENCE = 0.95
 SEED = 20261206  # fixed: the same runs give the same intervals
 

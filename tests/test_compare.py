@@ -195,7 +195,8 @@ async def test_every_figure_of_a_comparison_is_what_the_stored_events_and_outcom
         again = await tally.compare_versions(name, baseline=2, candidate=3)
         assert again.differences == answer.differences, "seeded: the same runs give the same intervals"
         # The type's statistics give the same outcome figures per version, over all its runs.
-        stats = await tally.get_experience_type_stats(name)
+        assert not any(v.outcomes for v in (await tally.get_experience_type_stats(name)).versions), "when asked"
+        stats = await tally.get_experience_type_stats(name, include_outcomes=True)
         assert [v.version for v in stats.versions] == [1, 2, 3]
         for version in stats.versions:
             check_outcomes(version.outcomes, expected_summary(runs[version.version]))

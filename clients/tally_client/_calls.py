@@ -214,10 +214,14 @@ def list_experience_type_versions(
 
 
 def get_experience_type_stats(
-    name: str, version: int, start: datetime | None, end: datetime | None
+    name: str, version: int, start: datetime | None, end: datetime | None, include_outcomes: bool = False
 ) -> Call[et_pb.GetExperienceTypeStatsResponse]:
     request = et_pb.GetExperienceTypeStatsRequest(
-        name=name, version=version, start_time=_timestamp(start), end_time=_timestamp(end)
+        name=name,
+        version=version,
+        start_time=_timestamp(start),
+        end_time=_timestamp(end),
+        include_outcomes=include_outcomes,
     )
     return Call("types", "GetExperienceTypeStats", request, _same)
 

@@ -410,10 +410,17 @@ class TallyClient(_ClientBase):
         return self._run(_calls.list_experience_type_versions(name, page_size, page_token))
 
     def get_experience_type_stats(
-        self, name: str, *, version: int = 0, start: datetime | None = None, end: datetime | None = None
+        self,
+        name: str,
+        *,
+        version: int = 0,
+        start: datetime | None = None,
+        end: datetime | None = None,
+        include_outcomes: bool = False,
     ) -> et_pb.GetExperienceTypeStatsResponse:
-        """Cost per experience of the type (all versions, or `version`), over events in [start, end)."""
-        return self._run(_calls.get_experience_type_stats(name, version, start, end))
+        """Cost per experience of the type (all versions, or `version`), over events in [start, end);
+        with `include_outcomes`, each declared outcome per version (read run by run)."""
+        return self._run(_calls.get_experience_type_stats(name, version, start, end, include_outcomes))
 
     # --- experiences --------------------------------------------------------------
 
@@ -788,10 +795,17 @@ class AsyncTallyClient(_ClientBase):
         return await self._run(_calls.list_experience_type_versions(name, page_size, page_token))
 
     async def get_experience_type_stats(
-        self, name: str, *, version: int = 0, start: datetime | None = None, end: datetime | None = None
+        self,
+        name: str,
+        *,
+        version: int = 0,
+        start: datetime | None = None,
+        end: datetime | None = None,
+        include_outcomes: bool = False,
     ) -> et_pb.GetExperienceTypeStatsResponse:
-        """Cost per experience of the type (all versions, or `version`), over events in [start, end)."""
-        return await self._run(_calls.get_experience_type_stats(name, version, start, end))
+        """Cost per experience of the type (all versions, or `version`), over events in [start, end);
+        with `include_outcomes`, each declared outcome per version (read run by run)."""
+        return await self._run(_calls.get_experience_type_stats(name, version, start, end, include_outcomes))
 
     # --- experiences --------------------------------------------------------------
 

@@ -128,7 +128,11 @@ class ExperienceTypeServicer(et_grpc.ExperienceTypeServiceServicer):
         self, request: et_pb.GetExperienceTypeStatsRequest, context: Context
     ) -> et_pb.GetExperienceTypeStatsResponse:
         stats = await self.types.stats(
-            request.name, request.version, convert.micros(request, "start_time"), convert.micros(request, "end_time")
+            request.name,
+            request.version,
+            convert.micros(request, "start_time"),
+            convert.micros(request, "end_time"),
+            request.include_outcomes,
         )
         return convert.type_stats(stats)
 

@@ -208,7 +208,9 @@ class ExperienceTypes:
             token = self.pages.encode("experience_type_versions", name, items[size - 1].version)
         return Page(items[:size], token)
 
-    async def stats(self, name: str, version: int, start_us: int | None, end_us: int | None) -> TypeStats:
+    async def stats(
+        self, name: str, version: int, start_us: int | None, end_us: int | None, include_outcomes: bool = False
+    ) -> TypeStats:
         v = Violations()
         if version < 0:
             v.add("version", "must be 0 (all versions) or a version number")
@@ -219,9 +221,9 @@ class ExperienceTypes:
             type_id, experience_type = await self._require(conn, name)
             found = await type_stats(conn, name, type_id, version, start_us, end_us)
             steps = await stored_steps.of_type(conn, type_id, version, start_us, end_us)
-            # Outcomes are read per run (not yet a rollup): only for a type that declares some.
+            # Outcomes are read run by run (not yet a rollup): only when asked for.
             scored = {}
-            for each in found.by_version if experience_type.outcomes else ():
+            for each in found.by_version if include_outcomes and experience_type.outcomes else ():
                 version_runs = await stored_statistics.version_runs(conn, type_id, each, start_us, end_us)
                 scored[each] = compare.summarize(each, version_runs, experience_type.outcomes).outcomes
         runs = {v: d.experience_count for v, d in found.by_version.items()}

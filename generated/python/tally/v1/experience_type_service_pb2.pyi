@@ -674,10 +674,16 @@ class GetExperienceTypeStatsRequest(_message.Message):
     VERSION_FIELD_NUMBER: _builtins.int
     START_TIME_FIELD_NUMBER: _builtins.int
     END_TIME_FIELD_NUMBER: _builtins.int
+    INCLUDE_OUTCOMES_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The name of the type."""
     version: _builtins.int
     """Only experiences of this version; 0 means all versions."""
+    include_outcomes: _builtins.bool
+    """Also each declared outcome per version (VersionCostDistribution.outcomes).
+    They are read run by run, not from a rollup: the call then takes time in
+    proportion to the runs (1.4 s at 100,000 runs on a 2-core machine).
+    """
     @_builtins.property
     def start_time(self) -> _timestamp_pb2.Timestamp:
         """Only experiences whose first event has an event time at or after this
@@ -698,10 +704,11 @@ class GetExperienceTypeStatsRequest(_message.Message):
         version: _builtins.int = ...,
         start_time: _timestamp_pb2.Timestamp | None = ...,
         end_time: _timestamp_pb2.Timestamp | None = ...,
+        include_outcomes: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "name", b"name", "start_time", b"start_time", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "include_outcomes", b"include_outcomes", "name", b"name", "start_time", b"start_time", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -876,9 +883,9 @@ class VersionCostDistribution(_message.Message):
 
     @_builtins.property
     def outcomes(self) -> _containers.RepeatedCompositeFieldContainer[_report_service_pb2.OutcomeSummary]:
-        """Each outcome the type declares, over the same experiences: runs scored,
-        success rate, mean, cost per success, and the cost of succeeded and failed
-        runs (as in CompareVersions).
+        """With include_outcomes: each outcome the type declares, over the same
+        experiences: runs scored, success rate, mean, cost per success, and the cost
+        of succeeded and failed runs (as in CompareVersions).
         """
 
     def __init__(

@@ -220,7 +220,9 @@ class ExperienceTypes:
         async with self.db.read() as conn:
             type_id, experience_type = await self._require(conn, name)
             found = await type_stats(conn, name, type_id, version, start_us, end_us)
-            steps = await stored_steps.of_type(conn, type_id, version, start_us, end_us)
+            steps = []
+            if await stored_steps.any_recorded(conn):  # read run by run (not yet a rollup)
+                steps = await stored_steps.of_type(conn, type_id, version, start_us, end_us)
             # Outcomes are read run by run (not yet a rollup): only when asked for.
             scored = {}
             for each in found.by_version if include_outcomes and experience_type.outcomes else ():

@@ -49,6 +49,14 @@ async def of_experience(conn: AsyncConnection, experience_id: uuid.UUID) -> list
     ]
 
 
+async def any_recorded(conn: AsyncConnection) -> bool:
+    """Whether any run has a step: the per-version sums (of_type) read every run of the type,
+    so a house that names no steps does not pay for them."""
+    return (
+        await conn.execute(sa.select(sa.literal(1)).select_from(experience_step_costs).limit(1))
+    ).first() is not None
+
+
 async def of_type(
     conn: AsyncConnection, type_id: int, version: int, start_us: int | None, end_us: int | None
 ) -> list[tuple[int, str, int, int, int]]:

@@ -78,7 +78,8 @@ SCORED_PER_LOAD = 300
 class Loader:
     """Ingests events in batches; remembers the experiences and the heavy one."""
 
-    def __init__(self, channel: aio.Channel, name: str, seed: int = 7) -> None:
+    def __init__(self, channel: aio.Channel, name: str, seed: int = 7, versions: int = 1) -> None:
+        """`versions`: the type's versions the runs are spread over (it must have them)."""
         self.ingest = ingest_service_pb2_grpc.IngestServiceStub(channel)
         self.name = name
         self.rng = random.Random(seed)
@@ -86,6 +87,7 @@ class Loader:
         self.typical = ""
         self.sent = 0
         self.now = int(time.time())
+        self.versions = versions
         self.new_runs: list[str] = []  # created since the last scoring
         self.experiences = experience_service_pb2_grpc.ExperienceServiceStub(channel)
 
@@ -101,8 +103,8 @@ class Loader:
             context=pb.EventContext(
                 experience_id=experience_id,
                 experience_name=self.name,
-                # Runs of versions 1 and 2 alike (pinned as each run is created), to compare.
-                experience_version=1 + int(experience_id[-1], 16) % 2,
+                # Runs of each version alike (pinned as each run is created), to compare.
+                experience_version=1 + int(experience_id[-1], 16) % self.versions,
                 user_id=f"user-{rng.randint(1, 200)}",
                 request_tags=rng.sample(TAGS, rng.randint(0, 2)),
             ),
@@ -233,7 +235,7 @@ async def run_engine(label: str, database_url: str, sizes: list[int], calls: int
                 )
             )
             await types.IncrementExperienceTypeVersion(et_pb.IncrementExperienceTypeVersionRequest(name=name))
-            loader = Loader(channel, name)
+            loader = Loader(channel, name, versions=2)
             for size in sizes:
                 rate = await loader.load_to(size)
                 await loader.score()

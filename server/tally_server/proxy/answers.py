@@ -166,7 +166,7 @@ def from_tally_error(shape: str, refusal: TallyError, warnings: Sequence[str] = 
             "warnings": list(warnings),
         }
     return error(
-        "" if shape != ANTHROPIC else ANTHROPIC,
+        shape,
         status,
         message,
         code=refusal.reason.lower(),

@@ -319,7 +319,7 @@ class Forwarder:
                     return await self._stream(request, call, answer)
                 if call.metered:
                     return await self._whole(request, call, answer)
-                return await _pass_through(request, answer)
+                return await _pass_through(request, answer, call)
         except TimeoutError:
             metrics.PROXY_CALLS.labels(call.upstream.name, "failed").inc()
             if call.metered and not call.recorded:  # sent, so maybe billed: stored, not priced
@@ -618,18 +618,14 @@ async def _start(request: web.Request, answer: aiohttp.ClientResponse, call: Cal
     return response
 
 
-async def _pass_through(request: web.Request, answer: aiohttp.ClientResponse) -> web.StreamResponse:
+async def _pass_through(request: web.Request, answer: aiohttp.ClientResponse, call: Call) -> web.StreamResponse:
     """Any other route of the provider's API: its answer as it comes, unread."""
-    response = web.StreamResponse(status=answer.status, headers=_returned_headers_plain(answer))
+    response = web.StreamResponse(status=answer.status, headers=_returned_headers(answer, call))
     await response.prepare(request)
     async for chunk in answer.content.iter_any():
         await response.write(chunk)
     await response.write_eof()
     return response
-
-
-def _returned_headers_plain(answer: aiohttp.ClientResponse) -> CIMultiDict[str]:
-    return CIMultiDict((name, value) for name, value in answer.headers.items() if name.lower() not in _NOT_RETURNED)
 
 
 def _too_large(upstream: Upstream, limit: int) -> web.Response:

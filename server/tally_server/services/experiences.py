@@ -34,6 +34,15 @@ def _require_uuid(v: Violations, field_path: str, text: str) -> uuid.UUID | None
     return parsed
 
 
+def _experience_id(text: str) -> uuid.UUID:
+    """The experience id of a request; INVALID_ARGUMENT when missing or not a UUID."""
+    v = Violations()
+    parsed = _require_uuid(v, "experience_id", text)
+    v.raise_if_any()
+    assert parsed is not None  # raise_if_any refused a missing or bad id
+    return parsed
+
+
 ORDER_FIELDS = ("create_time", "cost_total", "event_count")
 
 
@@ -117,10 +126,7 @@ class Experiences:
         return experience
 
     async def get(self, experience_id: str) -> tuple[Experience, ExperienceStats]:
-        v = Violations()
-        parsed = _require_uuid(v, "experience_id", experience_id)
-        v.raise_if_any()
-        assert parsed is not None  # raise_if_any refused a missing or bad id
+        parsed = _experience_id(experience_id)
         async with self.db.read() as conn:
             found = await stored_experiences.experience_with_rollup(conn, parsed)
             if found is None:
@@ -138,10 +144,7 @@ class Experiences:
 
     async def outcome_changes(self, experience_id: str, page_size: int, page_token: str) -> Page:
         """A page of the run's outcome changes (ScoredOutcome, without verdicts), the oldest first."""
-        v = Violations()
-        parsed = _require_uuid(v, "experience_id", experience_id)
-        v.raise_if_any()
-        assert parsed is not None  # raise_if_any refused a missing or bad id
+        parsed = _experience_id(experience_id)
         size = paging.page_size(page_size)
         after = self.pages.decode(page_token, "outcome_changes", str(parsed), lambda p: isinstance(p, int))
         async with self.db.read() as conn:
@@ -159,15 +162,13 @@ class Experiences:
     ) -> tuple[outcomes.ScoredOutcome, ...]:
         """Sets outcome values of a run, each checked against its type's declarations; all
         or nothing. Returns the run's outcomes after the call."""
-        v = Violations()
-        parsed = _require_uuid(v, "experience_id", experience_id)
-        v.raise_if_any()
-        assert parsed is not None  # raise_if_any refused a missing or bad id
+        parsed = _experience_id(experience_id)
         async with self.db.write() as conn:
             experience = await stored_experiences.get_experience(conn, parsed)
             if experience is None:
                 raise experience_not_found(parsed)
             declared = await self._declared(conn, experience.experience_name)
+            v = Violations()
             outcomes.check_values(v, "values", declared, values)
             v.raise_if_any()
             await stored_outcomes.record(conn, parsed, values, now_us(), key_name)
@@ -223,10 +224,7 @@ class Experiences:
         return Page(items, token)
 
     async def delete(self, experience_id: str) -> int:
-        v = Violations()
-        parsed = _require_uuid(v, "experience_id", experience_id)
-        v.raise_if_any()
-        assert parsed is not None  # raise_if_any refused a missing or bad id
+        parsed = _experience_id(experience_id)
         async with self.db.write() as conn:
             unattributed = await stored_experiences.delete_experience(conn, parsed)
         if unattributed is None:

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import math
 import uuid
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 
 from .models import Cost, CostRollupKey, CostState, CostTotals, ExperienceAddition, IngestResult, UsageEvent
+from .outcomes import OutcomeDefinition, succeeded
 
 HOUR_US = 3600 * 1_000_000
 DAY_US = 24 * HOUR_US
@@ -101,9 +102,25 @@ def bucket_bounds(bucket: int) -> tuple[int, int]:
     return _first_in_or_after(bucket), _first_in_or_after(bucket + 1) - 1
 
 
+# An outcome's verdict as the type rollups count a scored run (whether it meets the goal
+# the type declares now; a goal changed later recounts the type's runs).
+SUCCEEDED, FAILED, NO_GOAL = 1, 0, -1
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    name: str
+    verdict: int  # SUCCEEDED, FAILED or NO_GOAL
+    value: float
+
+
+StepSums = Mapping[str, tuple[int, int]]  # step -> (events, cost in nanos)
+
+
 @dataclass(frozen=True, slots=True)
 class ExperienceState:
-    """What the type's rollups count of one experience (read, locked, before a commit adds to it)."""
+    """What the type's rollups count of one experience (read, locked, before a commit adds
+    to it): its sums, its declared outcomes' verdicts and, when read, its step costs."""
 
     type_id: int
     version: int
@@ -111,6 +128,9 @@ class ExperienceState:
     unpriced_event_count: int
     cost_total_nanos: int
     first_event_time_us: int | None
+    failed_event_count: int = 0
+    verdicts: tuple[Verdict, ...] = ()
+    steps: StepSums | None = None  # None: not read (a change that leaves its steps as they were)
 
 
 @dataclass(slots=True)
@@ -119,58 +139,167 @@ class TypeTotals:
 
     experience_count: int = 0
     event_count: int = 0
+    failed_event_count: int = 0
     unpriced_event_count: int = 0
     cost_total_nanos: int = 0
 
 
+@dataclass(slots=True)
+class OutcomeTotals:
+    """A change to one row of type_outcome_rollups (signed): runs with the verdict, the sum
+    of their values and of their costs."""
+
+    run_count: int = 0
+    value_sum: float = 0.0
+    cost_total_nanos: int = 0
+
+
+@dataclass(slots=True)
+class StepTotals:
+    """A change to one row of type_step_rollups (signed): runs with the step, its events and cost."""
+
+    run_count: int = 0
+    event_count: int = 0
+    cost_total_nanos: int = 0
+
+
 TypeKey = tuple[int, int, int]  # type_id, version, day of the first event
-TypeDeltas = tuple[dict[TypeKey, TypeTotals], dict[tuple[int, int, int, int], int]]
+OutcomeKey = tuple[int, int, int, str, int]  # TypeKey, outcome name, verdict
+StepKey = tuple[int, int, int, str]  # TypeKey, step
 
 
-def _count(deltas: TypeDeltas, state: ExperienceState, sign: int) -> None:
+@dataclass
+class TypeDeltas:
+    """Changes to the type rollups: sums and cost histogram per version and day, the same
+    per outcome verdict, and step sums. Reads fill the same shape from the stored rows."""
+
+    totals: dict[TypeKey, TypeTotals] = field(default_factory=dict)
+    buckets: dict[tuple[int, int, int, int], int] = field(default_factory=dict)
+    outcomes: dict[OutcomeKey, OutcomeTotals] = field(default_factory=dict)
+    outcome_buckets: dict[tuple[int, int, int, str, int, int], int] = field(default_factory=dict)
+    steps: dict[StepKey, StepTotals] = field(default_factory=dict)
+
+
+def count(deltas: TypeDeltas, state: ExperienceState, sign: int) -> None:
     """Adds (sign 1) or takes away (sign -1) an experience's whole contribution."""
     if not state.event_count or state.first_event_time_us is None:
         return
     key = (state.type_id, state.version, day_of(state.first_event_time_us))
-    totals = deltas[0].setdefault(key, TypeTotals())
+    cost = state.cost_total_nanos
+    totals = deltas.totals.get(key)
+    if totals is None:
+        totals = deltas.totals[key] = TypeTotals()
     totals.experience_count += sign
     totals.event_count += sign * state.event_count
+    totals.failed_event_count += sign * state.failed_event_count
     totals.unpriced_event_count += sign * state.unpriced_event_count
-    totals.cost_total_nanos += sign * state.cost_total_nanos
-    bucket_key = (*key, cost_bucket(state.cost_total_nanos))
-    deltas[1][bucket_key] = deltas[1].get(bucket_key, 0) + sign
+    totals.cost_total_nanos += sign * cost
+    bucket = cost_bucket(cost)
+    bucket_key = (*key, bucket)
+    deltas.buckets[bucket_key] = deltas.buckets.get(bucket_key, 0) + sign
+    for verdict in state.verdicts:
+        outcome_key = (*key, verdict.name, verdict.verdict)
+        outcome = deltas.outcomes.setdefault(outcome_key, OutcomeTotals())
+        outcome.run_count += sign
+        outcome.value_sum += sign * verdict.value
+        outcome.cost_total_nanos += sign * cost
+        outcome_bucket = (*outcome_key, bucket)
+        deltas.outcome_buckets[outcome_bucket] = deltas.outcome_buckets.get(outcome_bucket, 0) + sign
+    for step, (events, step_cost) in (state.steps or {}).items():
+        step_totals = deltas.steps.setdefault((*key, step), StepTotals())
+        step_totals.run_count += sign
+        step_totals.event_count += sign * events
+        step_totals.cost_total_nanos += sign * step_cost
+
+
+def _grown(
+    old: ExperienceState, rollup: ExperienceAddition, step_sums: Mapping[str, tuple[int, int]]
+) -> ExperienceState:
+    """The experience once a commit's events are added."""
+    first = rollup.first_event_time_us
+    if old.first_event_time_us is not None:
+        first = min(first, old.first_event_time_us)
+    steps = old.steps
+    if step_sums:
+        merged = dict(steps or {})
+        for step, (events, cost) in step_sums.items():
+            before_events, before_cost = merged.get(step, (0, 0))
+            merged[step] = (before_events + events, before_cost + cost)
+        steps = merged
+    return replace(
+        old,
+        event_count=old.event_count + rollup.totals.event_count,
+        unpriced_event_count=old.unpriced_event_count + rollup.totals.unpriced_event_count,
+        failed_event_count=old.failed_event_count + rollup.totals.failed_event_count,
+        cost_total_nanos=old.cost_total_nanos + rollup.totals.cost_total_nanos,
+        first_event_time_us=first,
+        steps=steps,
+    )
+
+
+def steps_to_read(
+    before: Mapping[uuid.UUID, ExperienceState],
+    added: Mapping[uuid.UUID, ExperienceAddition],
+    step_sums: Mapping[tuple[uuid.UUID, str], tuple[int, int]],
+) -> set[uuid.UUID]:
+    """The experiences whose step costs a commit must read before type_deltas: those it adds
+    to a step of, and those whose first event moves to another day (their steps move with it)."""
+    wanted = {experience_id for experience_id, _ in step_sums}
+    for experience_id, rollup in added.items():
+        old = before.get(experience_id)
+        if old is None or old.first_event_time_us is None or not old.event_count:
+            continue  # not counted yet: it has no steps to move
+        if day_of(min(old.first_event_time_us, rollup.first_event_time_us)) != day_of(old.first_event_time_us):
+            wanted.add(experience_id)
+    return wanted
 
 
 def type_deltas(
-    before: Mapping[uuid.UUID, ExperienceState], added: Mapping[uuid.UUID, ExperienceAddition]
+    before: Mapping[uuid.UUID, ExperienceState],
+    added: Mapping[uuid.UUID, ExperienceAddition],
+    step_sums: Mapping[tuple[uuid.UUID, str], tuple[int, int]] | None = None,
 ) -> TypeDeltas:
     """How a commit's events change their types' rollups: each experience they touch leaves
-    its old day and cost bucket and enters its new ones (zero-sum rows drop out later)."""
-    deltas: TypeDeltas = ({}, {})
+    its old day and cost bucket and enters its new ones (zero-sum rows drop out later).
+    The states of steps_to_read's experiences must carry their steps."""
+    by_experience: dict[uuid.UUID, dict[str, tuple[int, int]]] = {}
+    for (experience_id, step), sums in (step_sums or {}).items():
+        by_experience.setdefault(experience_id, {})[step] = sums
+    deltas = TypeDeltas()
     for experience_id, rollup in added.items():
         old = before.get(experience_id)
         if old is None:  # deleted meanwhile: nothing counts it
             continue
-        first = rollup.first_event_time_us
-        if old.first_event_time_us is not None:
-            first = min(first, old.first_event_time_us)
-        new = ExperienceState(
-            old.type_id,
-            old.version,
-            old.event_count + rollup.totals.event_count,
-            old.unpriced_event_count + rollup.totals.unpriced_event_count,
-            old.cost_total_nanos + rollup.totals.cost_total_nanos,
-            first,
-        )
-        _count(deltas, old, -1)
-        _count(deltas, new, 1)
+        count(deltas, old, -1)
+        count(deltas, _grown(old, rollup, by_experience.get(experience_id, {})), 1)
     return deltas
 
 
+def verdicts_of(values: Mapping[str, float], definitions: Sequence[OutcomeDefinition]) -> tuple[Verdict, ...]:
+    """A run's verdicts on the outcomes its type declares (values of outcomes no longer
+    declared count nowhere)."""
+    found = []
+    for definition in definitions:
+        if definition.name in values:
+            value = values[definition.name]
+            ok = succeeded(definition, value)
+            found.append(Verdict(definition.name, NO_GOAL if ok is None else SUCCEEDED if ok else FAILED, value))
+    return tuple(found)
+
+
 def removal(state: ExperienceState) -> TypeDeltas:
-    """How deleting an experience changes its type's rollups."""
-    deltas: TypeDeltas = ({}, {})
-    _count(deltas, state, -1)
+    """How deleting an experience changes its type's rollups (its state read with its steps)."""
+    deltas = TypeDeltas()
+    count(deltas, state, -1)
+    return deltas
+
+
+def rescored(before: ExperienceState, verdicts: tuple[Verdict, ...], into: TypeDeltas | None = None) -> TypeDeltas:
+    """How new outcome values (or goals) of a run change its type's rollups (only their
+    outcome rows: the rest cancels out)."""
+    deltas = TypeDeltas() if into is None else into
+    count(deltas, replace(before, steps=None), -1)
+    count(deltas, replace(before, verdicts=verdicts, steps=None), 1)
     return deltas
 
 

@@ -10,7 +10,7 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from ..domain import compare, outcomes, paging
+from ..domain import outcomes, paging
 from ..domain.errors import Code, TallyError, Violations, already_exists, failed_precondition, not_found
 from ..domain.models import ExperienceType, ExperienceTypeVersion, Page, StepCost, TypeStats, now_us
 from ..domain.validation import (
@@ -22,12 +22,16 @@ from ..domain.validation import (
 )
 from ..storage import (
     idempotency as stored_idempotency,
-    statistics as stored_statistics,
-    steps as stored_steps,
+    rollups as stored_rollups,
     types as stored_types,
 )
 from ..storage.db import Database
-from .type_stats import type_stats
+from .type_stats import summaries, type_stats, window_sums
+
+
+def _verdict_rules(definitions: Sequence[outcomes.OutcomeDefinition]) -> set[tuple[Any, ...]]:
+    return {(d.name, d.kind, d.goal) for d in definitions}
+
 
 UPDATABLE_FIELDS = ("description", "settings", "outcomes")
 DEFAULT_UPDATE = ("description", "settings")  # an empty update_mask, as before outcomes
@@ -156,7 +160,13 @@ class ExperienceTypes:
             values["outcomes"] = tuple(outcome_definitions)
         async with self.db.write() as conn:
             type_id, current = await self._require(conn, name)
+            # New goals (or outcomes gone) change the verdicts the type's runs are counted by.
+            recount = "outcomes" in paths and _verdict_rules(current.outcomes) != _verdict_rules(outcome_definitions)
+            if recount:
+                await stored_types.lock_type(conn, type_id)
             await stored_types.update_type(conn, type_id, current.version, values, now_us())
+            if recount:
+                await stored_rollups.recount_outcomes(conn, type_id)
             return (await self._require(conn, name))[1]
 
     async def delete(self, name: str, force: bool) -> int:
@@ -220,19 +230,15 @@ class ExperienceTypes:
         async with self.db.read() as conn:
             type_id, experience_type = await self._require(conn, name)
             found = await type_stats(conn, name, type_id, version, start_us, end_us)
-            steps = []
-            if await stored_steps.any_recorded(conn):  # read run by run (not yet a rollup)
-                steps = await stored_steps.of_type(conn, type_id, version, start_us, end_us)
-            # Outcomes are read run by run (not yet a rollup): only when asked for.
+            sums = await window_sums(conn, type_id, version, start_us, end_us)
             scored = {}
-            for each in found.by_version if include_outcomes and experience_type.outcomes else ():
-                version_runs = await stored_statistics.version_runs(conn, type_id, each, start_us, end_us)
-                scored[each] = compare.summarize(each, version_runs, experience_type.outcomes).outcomes
-        runs = {v: d.experience_count for v, d in found.by_version.items()}
-        return dataclasses.replace(
-            found,
-            outcomes=scored,
-            steps=tuple(
-                StepCost(step, events, nanos, v, count, runs.get(v, 0)) for v, step, count, events, nanos in steps
-            ),
-        )
+            if include_outcomes and experience_type.outcomes:
+                summarized = await summaries(conn, type_id, start_us, end_us, sums, experience_type.outcomes)
+                scored = {v: summary.outcomes for v, summary in summarized.items()}
+        steps = [
+            StepCost(step, st.event_count, st.cost_total_nanos, v, st.run_count, of_version.totals.experience_count)
+            for v, of_version in sorted(sums.items())
+            for step, st in sorted(of_version.steps.items())
+            if st.run_count
+        ]
+        return dataclasses.replace(found, outcomes=scored, steps=tuple(steps))

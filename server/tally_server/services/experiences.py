@@ -12,11 +12,13 @@ from ..domain import outcomes, paging, stats
 from ..domain.errors import Violations, already_exists
 from ..domain.models import Experience, ExperienceStats, Page, StepCost, now_us
 from ..domain.resolution import experience_not_found, new_experience_id
+from ..domain.rollups import rescored
 from ..domain.validation import PROPERTIES_MAX_ENTRIES, check_name, check_request_id, check_string_map, parse_uuid
 from ..storage import (
     experiences as stored_experiences,
     idempotency as stored_idempotency,
     outcomes as stored_outcomes,
+    rollups as stored_rollups,
     steps as stored_steps,
     types as stored_types,
 )
@@ -171,7 +173,13 @@ class Experiences:
             v = Violations()
             outcomes.check_values(v, "values", declared, values)
             v.raise_if_any()
+            # The run locked, as the writer locks it: its outcome rollups move in turn.
+            states = await stored_experiences.experience_states(conn, [parsed])
+            before = await stored_experiences.counted(conn, states)
             await stored_outcomes.record(conn, parsed, values, now_us(), key_name)
+            after = await stored_experiences.counted(conn, states)
+            if parsed in before:
+                await stored_rollups.add_type_deltas(conn, rescored(before[parsed], after[parsed].verdicts))
             recorded = (await stored_outcomes.latest(conn, [parsed])).get(parsed, [])
         return outcomes.scored(recorded, declared)
 

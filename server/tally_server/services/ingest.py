@@ -28,7 +28,7 @@ from ..domain.models import (
     UsageEvent,
     now_us,
 )
-from ..domain.rollups import priced_model, rollups_of, step_costs, type_deltas
+from ..domain.rollups import priced_model, rollups_of, step_costs, steps_to_read, type_deltas
 from ..logs import RepeatedLog
 from ..storage import (
     events as stored_events,
@@ -308,8 +308,10 @@ class Ingestor:
             repeats += [item for item, result in results if skipped and result.request_id in skipped]
             notes = await _release_for_repeats(conn, repeats, now)
             by_experience, by_hour = rollups_of(stored_pairs)
-            await stored_rollups.add(conn, by_experience, by_hour, type_deltas(before, by_experience))
-            if steps := step_costs(stored_pairs):
+            steps = step_costs(stored_pairs)
+            before = await stored_experiences.counted(conn, before, steps_to_read(before, by_experience, steps))
+            await stored_rollups.add(conn, by_experience, by_hour, type_deltas(before, by_experience, steps))
+            if steps:
                 await stored_steps.add(conn, steps)
             # Limits count in the same transaction: their spend is the sum of their events.
             book = await self.limits.refresh(conn)

@@ -8,12 +8,14 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..domain import compare, paging
+from ..domain.compare import VersionSums
 from ..domain.errors import Violations
 from ..domain.models import CostGroup, CostTotals, Page
 from ..domain.validation import check_name
-from ..storage import reports as stored_reports, statistics as stored_statistics, types as stored_types
+from ..storage import reports as stored_reports, types as stored_types
 from ..storage.db import Database
 from .experience_types import type_not_found
+from .type_stats import summaries, window_sums
 
 DIMENSIONS = (
     "experience_name",
@@ -160,6 +162,9 @@ async def compare_versions(
             if version > experience_type.version:
                 v.add(field_name, f"{experience_name!r} has versions 1 to {experience_type.version}; got {version}")
         v.raise_if_any()
-        baseline_runs = await stored_statistics.version_runs(conn, type_id, baseline, start_us, end_us)
-        candidate_runs = await stored_statistics.version_runs(conn, type_id, candidate, start_us, end_us)
-    return compare.compare(baseline, baseline_runs, candidate, candidate_runs, experience_type.outcomes)
+        sums = await window_sums(conn, type_id, 0, start_us, end_us)
+        chosen = {v: sums.get(v, VersionSums(v)) for v in (baseline, candidate)}
+        summarized = await summaries(conn, type_id, start_us, end_us, chosen, experience_type.outcomes)
+    return compare.compare(
+        chosen[baseline], summarized[baseline], chosen[candidate], summarized[candidate], experience_type.outcomes
+    )

@@ -1,13 +1,19 @@
-"""GetExperienceTypeStats: the cost distribution of a type's experiences, read from the
-type rollups (whole days) and the experiences at the window's edges."""
+"""GetExperienceTypeStats and CompareVersions: the cost distribution of a type's
+experiences, their outcomes and steps, read from the type rollups (whole days) and the
+experiences at the window's edges."""
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Awaitable, Callable, Sequence
+
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from ..domain.compare import PercentileKey, VersionSummary, VersionSums, percentiles_needed, summarize, version_sums
 from ..domain.models import CostDistribution, TypeStats, VersionCosts
 from ..domain.money import divide_half_even
-from ..domain.rollups import bucket_bounds, bucket_nanos, histogram_rank
+from ..domain.outcomes import OutcomeDefinition
+from ..domain.rollups import TypeDeltas, bucket_bounds, bucket_nanos, count, histogram_rank
 from ..domain.stats import add_experience, merged_buckets, nearest_rank, split_window
 from ..storage import statistics as stored_statistics
 
@@ -71,3 +77,72 @@ async def type_stats(
     else:
         total = await distribution(ordered, 0)
     return TypeStats(name=name, total=total, by_version=versions)
+
+
+async def window_sums(
+    conn: AsyncConnection, type_id: int, version: int, start_us: int | None, end_us: int | None
+) -> dict[int, VersionSums]:
+    """Per version, the type rollups' sums (with outcomes and steps) over the runs whose first
+    event is in the window: whole days from the rollups, a partial day at either edge from
+    its runs themselves, counted as the writer counts them."""
+    days, edges = split_window(start_us, end_us)
+    sums = TypeDeltas() if days is None else await stored_statistics.type_sums(conn, type_id, version, *days)
+    for edge_start, edge_end in edges:
+        for state in await stored_statistics.edge_states(conn, type_id, version, edge_start, edge_end):
+            count(sums, state, 1)
+    return version_sums(sums)
+
+
+async def _exact_percentile(
+    buckets: dict[int, int], fraction: float, walk: Callable[[int, int, int], Awaitable[int | None]]
+) -> int:
+    """The nearest-rank percentile of the runs a histogram counts, exact: the histogram names
+    the bucket of the rank, `walk(low, high, offset)` finds the run within that bucket's
+    range (its representative value if the rollup and the runs moved apart meanwhile)."""
+    total = sum(buckets.values())
+    if not total:
+        return 0
+    rank = nearest_rank(total, fraction)
+    bucket, below = histogram_rank(buckets, rank)
+    low, high = bucket_bounds(bucket)
+    exact = await walk(low, high, rank - below)
+    return exact if exact is not None else bucket_nanos(bucket)
+
+
+async def summaries(
+    conn: AsyncConnection,
+    type_id: int,
+    start_us: int | None,
+    end_us: int | None,
+    sums: dict[int, VersionSums],
+    definitions: Sequence[OutcomeDefinition],
+) -> dict[int, VersionSummary]:
+    """Each version's summary: its sums, and the percentiles of its runs' costs (of all of
+    them, and of those that met and missed each outcome's goal), exact."""
+    declared = {d.name: d for d in definitions}
+    found = {}
+    for version, of_version in sorted(sums.items()):
+        percentiles: dict[PercentileKey, int] = {}
+        for key in percentiles_needed(of_version, definitions):
+            name, verdict, fraction = key
+            walk: Callable[[int, int, int], Awaitable[int | None]]
+            if verdict is None:
+                buckets = of_version.buckets
+                walk = functools.partial(
+                    stored_statistics.experience_cost_in_range, conn, type_id, version, start_us, end_us
+                )
+            else:
+                buckets = of_version.outcome_buckets.get((name, verdict), {})
+                walk = functools.partial(
+                    stored_statistics.scored_cost_in_range,
+                    conn,
+                    type_id,
+                    version,
+                    start_us,
+                    end_us,
+                    declared[name],
+                    verdict,
+                )
+            percentiles[key] = await _exact_percentile(buckets, fraction, walk)
+        found[version] = summarize(of_version, definitions, percentiles)
+    return found

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from typing import Any
 
 import sqlalchemy as sa
@@ -58,7 +58,7 @@ async def delete_experience(conn: AsyncConnection, experience_id: uuid.UUID) -> 
     ).scalar()
     if name is None:
         return None
-    states = await rollups.experience_states(conn, [experience_id], lock=True)
+    states = await counted(conn, await rollups.experience_states(conn, [experience_id], lock=True), [experience_id])
     if experience_id in states:
         await rollups.add_type_deltas(conn, removal(states[experience_id]))
     await conn.execute(sa.delete(experiences).where(experiences.c.id == experience_id))
@@ -188,6 +188,14 @@ async def list_experiences(
 async def experience_states(conn: AsyncConnection, ids: Iterable[uuid.UUID]) -> dict[uuid.UUID, ExperienceState]:
     """What the type rollups count of these experiences, their rows locked for this transaction."""
     return await rollups.experience_states(conn, list(ids), lock=True)
+
+
+async def counted(
+    conn: AsyncConnection, states: dict[uuid.UUID, ExperienceState], step_ids: Collection[uuid.UUID] = ()
+) -> dict[uuid.UUID, ExperienceState]:
+    """The states as the type rollups count them: with their outcomes' verdicts, and those of
+    `step_ids` with their step costs."""
+    return await rollups.with_steps(conn, await rollups.with_verdicts(conn, states), step_ids)
 
 
 async def delete_experiences(conn: AsyncConnection, ids: Iterable[uuid.UUID]) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import uuid
 from collections.abc import Collection, Iterable, Mapping
+from dataclasses import replace
 from typing import Any
 
 import sqlalchemy as sa
@@ -18,7 +19,8 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ..domain import models as m
-from ..domain.rollups import HOUR_US, ExperienceState, TypeDeltas
+from ..domain.outcomes import OutcomeDefinition, from_json as outcomes_from_json
+from ..domain.rollups import HOUR_US, ExperienceState, TypeDeltas, rescored, verdicts_of
 from . import hot_path
 from .tables import (
     ROLLUP_COUNT_COLUMNS,
@@ -27,10 +29,15 @@ from .tables import (
     cost_rollups,
     events,
     experience_latencies,
+    experience_outcomes,
+    experience_step_costs,
     experience_types,
     experiences,
     type_cost_buckets,
+    type_outcome_cost_buckets,
+    type_outcome_rollups,
     type_rollups,
+    type_step_rollups,
 )
 
 NANOS_PER_DOLLAR = 1_000_000_000
@@ -88,15 +95,30 @@ def _added(
 def _upsert(dialect: str, table_name: str) -> postgresql.Insert | sqlite.Insert:
     """The INSERT ... ON CONFLICT DO UPDATE that adds a row to a rollup table, built once per
     engine: building it per commit cost 0.7 ms of SQLAlchemy's time each (measured)."""
-    table = {t.name: t for t in (cost_rollups, type_rollups, type_cost_buckets, experience_latencies)}[table_name]
+    tables = (
+        cost_rollups,
+        type_rollups,
+        type_cost_buckets,
+        experience_latencies,
+        type_outcome_rollups,
+        type_outcome_cost_buckets,
+        type_step_rollups,
+    )
+    table = {t.name: t for t in tables}[table_name]
     insert = postgresql.insert(table) if dialect == "postgresql" else sqlite.insert(table)
     key = [c.name for c in table.primary_key.columns]
     if table is cost_rollups:
         added = _added(table, insert.excluded)
     elif table is type_rollups:
         added = _added(table, insert.excluded, _TYPE_COUNTS, ("cost_total",))
+    elif table is type_outcome_rollups:
+        added = _added(table, insert.excluded, ("run_count", "value_sum"), ("cost_total",))
+    elif table is type_step_rollups:
+        added = _added(table, insert.excluded, ("run_count", "event_count"), ("cost_total",))
     else:  # a histogram: its count
-        count = "event_count" if table is experience_latencies else "experience_count"
+        count = {"experience_latencies": "event_count", "type_cost_buckets": "experience_count"}.get(
+            table.name, "run_count"
+        )
         added = {count: table.c[count] + insert.excluded[count]}
     return insert.on_conflict_do_update(index_elements=key, set_=added)
 
@@ -177,7 +199,7 @@ def _sort_key(key: m.CostRollupKey) -> tuple[Any, ...]:
 
 # --- the type rollups ------------------------------------------------------------------------
 
-_TYPE_COUNTS = ("experience_count", "event_count", "unpriced_event_count")
+_TYPE_COUNTS = ("experience_count", "event_count", "failed_event_count", "unpriced_event_count")
 STATE_COLUMNS = (
     experiences.c.id,
     experiences.c.type_id,
@@ -187,6 +209,7 @@ STATE_COLUMNS = (
     experiences.c.cost_total_dollars,
     experiences.c.cost_total_nanos,
     experiences.c.first_event_time_us,
+    experiences.c.failed_event_count,
 )
 
 
@@ -207,6 +230,7 @@ def state(row: Any) -> ExperienceState:
         int(row.unpriced_event_count),
         joined(row.cost_total_dollars, row.cost_total_nanos),
         row.first_event_time_us,
+        int(row.failed_event_count),
     )
 
 
@@ -219,53 +243,169 @@ async def experience_states(
         return {}
     query = _STATES_LOCKED if lock and conn.dialect.name == "postgresql" else _STATES
     rows = await hot_path.fetch_in(conn, query, "ids", sorted(ids))
-    return {_as_uuid(row[0]): _state_of(row) for row in rows}
+    return {as_uuid(row[0]): _state_of(row) for row in rows}
 
 
-def _as_uuid(value: Any) -> uuid.UUID:
+def as_uuid(value: Any) -> uuid.UUID:
     return value if isinstance(value, uuid.UUID) else uuid.UUID(hex=value)
 
 
 def _state_of(row: tuple[Any, ...]) -> ExperienceState:
     """An experience_states row (STATE_COLUMNS, in order)."""
-    _, type_id, version, events, unpriced, dollars, nanos, first = row
-    return ExperienceState(int(type_id), int(version), int(events), int(unpriced), joined(dollars, nanos), first)
+    _, type_id, version, events, unpriced, dollars, nanos, first, failed = row
+    return ExperienceState(
+        int(type_id), int(version), int(events), int(unpriced), joined(dollars, nanos), first, int(failed)
+    )
+
+
+# Built once: with_verdicts runs in every commit (a lookup by primary key that finds nothing
+# until runs are scored).
+_OUTCOMES = sa.select(
+    experience_outcomes.c.experience_id, experience_outcomes.c.name, experience_outcomes.c.value
+).where(experience_outcomes.c.experience_id.in_(sa.bindparam("ids", expanding=True)))
+_STEPS = sa.select(
+    experience_step_costs.c.experience_id,
+    experience_step_costs.c.step,
+    experience_step_costs.c.event_count,
+    experience_step_costs.c.cost_total_dollars,
+    experience_step_costs.c.cost_total_nanos,
+).where(experience_step_costs.c.experience_id.in_(sa.bindparam("ids", expanding=True)))
+
+
+async def declared_outcomes(
+    conn: AsyncConnection, type_ids: Collection[int]
+) -> dict[int, tuple[OutcomeDefinition, ...]]:
+    t = experience_types
+    rows = await conn.execute(sa.select(t.c.id, t.c.outcomes).where(t.c.id.in_(sorted(type_ids))))
+    return {int(row.id): outcomes_from_json(row.outcomes) for row in rows}
+
+
+async def with_verdicts(
+    conn: AsyncConnection, states: dict[uuid.UUID, ExperienceState]
+) -> dict[uuid.UUID, ExperienceState]:
+    """The states with the verdicts of their runs' outcomes, by their types' goals now."""
+    if not states:
+        return states
+    values: dict[uuid.UUID, dict[str, float]] = {}
+    for experience_id, name, value in await hot_path.fetch_in(conn, _OUTCOMES, "ids", sorted(states)):
+        values.setdefault(as_uuid(experience_id), {})[name] = float(value)
+    if not values:
+        return states
+    declared = await declared_outcomes(conn, {states[experience_id].type_id for experience_id in values})
+    found = dict(states)
+    for experience_id, scored in values.items():
+        state = states[experience_id]
+        found[experience_id] = replace(state, verdicts=verdicts_of(scored, declared.get(state.type_id, ())))
+    return found
+
+
+async def with_steps(
+    conn: AsyncConnection, states: dict[uuid.UUID, ExperienceState], ids: Collection[uuid.UUID]
+) -> dict[uuid.UUID, ExperienceState]:
+    """The states, those of `ids` with their step costs."""
+    wanted = sorted(i for i in ids if i in states)
+    if not wanted:
+        return states
+    steps: dict[uuid.UUID, dict[str, tuple[int, int]]] = {i: {} for i in wanted}
+    for experience_id, step, event_count, dollars, nanos in await hot_path.fetch_in(conn, _STEPS, "ids", wanted):
+        steps[as_uuid(experience_id)][step] = (int(event_count), joined(dollars, nanos))
+    found = dict(states)
+    for experience_id, of_run in steps.items():
+        found[experience_id] = replace(states[experience_id], steps=of_run)
+    return found
 
 
 async def add_type_deltas(conn: AsyncConnection, deltas: TypeDeltas) -> None:
-    by_key, buckets = deltas
-    rows = []
-    for key in sorted(by_key):
-        t = by_key[key]
-        if not (t.experience_count or t.event_count or t.unpriced_event_count or t.cost_total_nanos):
-            continue
-        dollars, nanos = split(t.cost_total_nanos)
-        rows.append(
-            {
-                "type_id": key[0],
-                "version": key[1],
-                "day_us": key[2],
-                "experience_count": t.experience_count,
-                "event_count": t.event_count,
-                "unpriced_event_count": t.unpriced_event_count,
-                "cost_total_dollars": dollars,
-                "cost_total_nanos": nanos,
-            }
-        )
-    if rows:
-        await hot_path.execute_many(conn, _upsert(conn.dialect.name, "type_rollups"), rows)
+    """Adds the changes to the type rollups, each table's rows in key order (as every writer
+    does, so that concurrent writers never deadlock); rows whose change is zero are skipped."""
+    dialect = conn.dialect.name
+    rows = [
+        {
+            "type_id": key[0],
+            "version": key[1],
+            "day_us": key[2],
+            "experience_count": t.experience_count,
+            "event_count": t.event_count,
+            "failed_event_count": t.failed_event_count,
+            "unpriced_event_count": t.unpriced_event_count,
+            **_money(t.cost_total_nanos),
+        }
+        for key, t in sorted(deltas.totals.items())
+        if t.experience_count or t.event_count or t.failed_event_count or t.unpriced_event_count or t.cost_total_nanos
+    ]
+    await hot_path.execute_many(conn, _upsert(dialect, "type_rollups"), rows)
     bucket_rows = [
         {"type_id": k[0], "version": k[1], "day_us": k[2], "bucket": k[3], "experience_count": n}
-        for k, n in sorted(buckets.items())
+        for k, n in sorted(deltas.buckets.items())
         if n
     ]
-    if bucket_rows:
-        await hot_path.execute_many(conn, _upsert(conn.dialect.name, "type_cost_buckets"), bucket_rows)
+    await hot_path.execute_many(conn, _upsert(dialect, "type_cost_buckets"), bucket_rows)
+    outcome_rows = [
+        {
+            "type_id": k[0],
+            "version": k[1],
+            "day_us": k[2],
+            "name": k[3],
+            "verdict": k[4],
+            "run_count": o.run_count,
+            "value_sum": o.value_sum,
+            **_money(o.cost_total_nanos),
+        }
+        for k, o in sorted(deltas.outcomes.items())
+        if o.run_count or o.value_sum or o.cost_total_nanos
+    ]
+    await hot_path.execute_many(conn, _upsert(dialect, "type_outcome_rollups"), outcome_rows)
+    outcome_buckets = [
+        {"type_id": k[0], "version": k[1], "day_us": k[2], "name": k[3], "verdict": k[4], "bucket": k[5]}
+        | {"run_count": n}
+        for k, n in sorted(deltas.outcome_buckets.items())
+        if n
+    ]
+    await hot_path.execute_many(conn, _upsert(dialect, "type_outcome_cost_buckets"), outcome_buckets)
+    step_rows = [
+        {
+            "type_id": k[0],
+            "version": k[1],
+            "day_us": k[2],
+            "step": k[3],
+            "run_count": t.run_count,
+            "event_count": t.event_count,
+            **_money(t.cost_total_nanos),
+        }
+        for k, t in sorted(deltas.steps.items())
+        if t.run_count or t.event_count or t.cost_total_nanos
+    ]
+    await hot_path.execute_many(conn, _upsert(dialect, "type_step_rollups"), step_rows)
+
+
+def _money(nanos: int) -> dict[str, int]:
+    dollars, rest = split(nanos)
+    return {"cost_total_dollars": dollars, "cost_total_nanos": rest}
+
+
+async def recount_outcomes(conn: AsyncConnection, type_id: int) -> None:
+    """Counts the type's scored runs into its outcome rollups again, under the goals it
+    declares now (its experiences locked by the caller: storage.types.lock_type)."""
+    for table in (type_outcome_rollups, type_outcome_cost_buckets):
+        await conn.execute(sa.delete(table).where(table.c.type_id == type_id))
+    e, o = experiences, experience_outcomes
+    scored = (
+        sa.select(e.c.id)
+        .where(e.c.type_id == type_id, e.c.event_count > 0, sa.exists().where(o.c.experience_id == e.c.id))
+        .order_by(e.c.id)
+    )
+    ids = [as_uuid(row[0]) for row in await conn.execute(scored)]
+    deltas = TypeDeltas()
+    for start in range(0, len(ids), 1000):
+        states = await with_verdicts(conn, await experience_states(conn, ids[start : start + 1000], lock=False))
+        for state in states.values():
+            rescored(replace(state, verdicts=()), state.verdicts, into=deltas)
+    await add_type_deltas(conn, deltas)
 
 
 async def drop_type(conn: AsyncConnection, type_id: int) -> None:
-    await conn.execute(sa.delete(type_rollups).where(type_rollups.c.type_id == type_id))
-    await conn.execute(sa.delete(type_cost_buckets).where(type_cost_buckets.c.type_id == type_id))
+    for table in (type_rollups, type_cost_buckets, type_outcome_rollups, type_outcome_cost_buckets, type_step_rollups):
+        await conn.execute(sa.delete(table).where(table.c.type_id == type_id))
 
 
 def _key_values(key: m.CostRollupKey) -> dict[str, Any]:

@@ -8,16 +8,19 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ..domain import models as m
-from ..domain.compare import Run
-from ..domain.rollups import ExperienceState
+from ..domain.outcomes import GoalComparison, OutcomeDefinition
+from ..domain.rollups import SUCCEEDED, ExperienceState, OutcomeTotals, StepTotals, TypeDeltas, TypeTotals
 from . import rollups
 from .experiences import experience_filters
+from .rollups import joined
 from .tables import (
     experience_outcomes,
-    experience_step_costs,
     experiences,
     type_cost_buckets,
+    type_outcome_cost_buckets,
+    type_outcome_rollups,
     type_rollups,
+    type_step_rollups,
 )
 
 
@@ -128,43 +131,129 @@ async def max_experience_cost(
     return 0 if row is None else rollups.joined(*row)
 
 
-async def version_runs(
-    conn: AsyncConnection, type_id: int, version: int, start_us: int | None, end_us: int | None
-) -> list[Run]:
-    """Each run of one version with events, its first event in the window: its cost, events,
-    failed events (the experience's rollup), latest outcome values and step costs. Three
-    queries."""
-    e, o = experiences, experience_outcomes
-    where = _with_events(type_id, version, start_us, end_us)
-    costs = await conn.execute(
-        sa.select(e.c.id, e.c.cost_total_dollars, e.c.cost_total_nanos, e.c.event_count, e.c.failed_event_count)
-        .where(*where)
-        .order_by(e.c.id)
-    )
-    rows = {
-        row.id: (
-            rollups.joined(row.cost_total_dollars, row.cost_total_nanos),
-            int(row.event_count),
-            int(row.failed_event_count),
-        )
-        for row in costs
-    }
-    scored: dict[Any, dict[str, float]] = {}
+async def type_sums(
+    conn: AsyncConnection, type_id: int, version: int, start_day: int | None, end_day: int | None
+) -> TypeDeltas:
+    """The type rollups' rows of the days of first events in [start_day, end_day), summed
+    per version (day 0 in the keys): a few rows per day, whatever the number of runs."""
+    sums = TypeDeltas()
+    t = type_rollups
+
+    def where(table: sa.Table) -> list[sa.ColumnElement[bool]]:
+        conditions = [table.c.type_id == type_id]
+        if version:
+            conditions.append(table.c.version == version)
+        if start_day is not None:
+            conditions.append(table.c.day_us >= start_day)
+        if end_day is not None:
+            conditions.append(table.c.day_us < end_day)
+        return conditions
+
+    def summed(table: sa.Table, *names: str) -> list[sa.Label[Any]]:
+        return [sa.func.sum(table.c[name]).label(name) for name in names]
+
+    counts = ("experience_count", "event_count", "failed_event_count", "unpriced_event_count")
+    money = ("cost_total_dollars", "cost_total_nanos")
     for row in await conn.execute(
-        sa.select(o.c.experience_id, o.c.name, o.c.value).join(e, e.c.id == o.c.experience_id).where(*where)
+        sa.select(t.c.version, *summed(t, *counts, *money)).where(*where(t)).group_by(t.c.version)
     ):
-        scored.setdefault(row.experience_id, {})[row.name] = float(row.value)
-    s = experience_step_costs
-    steps: dict[Any, dict[str, int]] = {}
-    step_rows = await conn.execute(
-        sa.select(s.c.experience_id, s.c.step, s.c.cost_total_dollars, s.c.cost_total_nanos)
-        .join(e, e.c.id == s.c.experience_id)
-        .where(*where)
+        sums.totals[(type_id, int(row.version), 0)] = TypeTotals(
+            experience_count=int(row.experience_count or 0),
+            event_count=int(row.event_count or 0),
+            failed_event_count=int(row.failed_event_count or 0),
+            unpriced_event_count=int(row.unpriced_event_count or 0),
+            cost_total_nanos=joined(row.cost_total_dollars, row.cost_total_nanos),
+        )
+    b = type_cost_buckets
+    for row in await conn.execute(
+        sa.select(b.c.version, b.c.bucket, *summed(b, "experience_count"))
+        .where(*where(b))
+        .group_by(b.c.version, b.c.bucket)
+    ):
+        sums.buckets[(type_id, int(row.version), 0, int(row.bucket))] = int(row.experience_count)
+    o = type_outcome_rollups
+    for row in await conn.execute(
+        sa.select(o.c.version, o.c.name, o.c.verdict, *summed(o, "run_count", "value_sum", *money))
+        .where(*where(o))
+        .group_by(o.c.version, o.c.name, o.c.verdict)
+    ):
+        sums.outcomes[(type_id, int(row.version), 0, row.name, int(row.verdict))] = OutcomeTotals(
+            int(row.run_count), float(row.value_sum), joined(row.cost_total_dollars, row.cost_total_nanos)
+        )
+    ob = type_outcome_cost_buckets
+    for row in await conn.execute(
+        sa.select(ob.c.version, ob.c.name, ob.c.verdict, ob.c.bucket, *summed(ob, "run_count"))
+        .where(*where(ob))
+        .group_by(ob.c.version, ob.c.name, ob.c.verdict, ob.c.bucket)
+    ):
+        key = (type_id, int(row.version), 0, row.name, int(row.verdict), int(row.bucket))
+        sums.outcome_buckets[key] = int(row.run_count)
+    st = type_step_rollups
+    for row in await conn.execute(
+        sa.select(st.c.version, st.c.step, *summed(st, "run_count", "event_count", *money))
+        .where(*where(st))
+        .group_by(st.c.version, st.c.step)
+    ):
+        sums.steps[(type_id, int(row.version), 0, row.step)] = StepTotals(
+            int(row.run_count), int(row.event_count), joined(row.cost_total_dollars, row.cost_total_nanos)
+        )
+    return sums
+
+
+async def edge_states(
+    conn: AsyncConnection, type_id: int, version: int, start_us: int, end_us: int
+) -> list[ExperienceState]:
+    """The experiences whose first event is in [start_us, end_us) (a window's partial day),
+    as the type rollups count them: with their outcomes' verdicts and their steps."""
+    query = sa.select(*rollups.STATE_COLUMNS).where(*_with_events(type_id, version, start_us, end_us))
+    states = {rollups.as_uuid(row.id): rollups.state(row) for row in await conn.execute(query)}
+    counted = await rollups.with_steps(conn, await rollups.with_verdicts(conn, states), list(states))
+    return list(counted.values())
+
+
+def verdict_condition(definition: OutcomeDefinition, verdict: int) -> sa.ColumnElement[bool]:
+    """Which of an outcome's recorded values have the verdict (domain.outcomes.succeeded, in SQL)."""
+    value = experience_outcomes.c.value
+    goal = definition.goal
+    if goal is None:  # a BOOLEAN: true is success (outcomes without goals have no verdict)
+        met = value == 1.0
+    elif goal.comparison == GoalComparison.EQUALS:
+        met = value == goal.value
+    elif goal.comparison == GoalComparison.AT_LEAST:
+        met = value >= goal.value
+    else:
+        met = value <= goal.value
+    return met if verdict == SUCCEEDED else sa.not_(met)
+
+
+async def scored_cost_in_range(
+    conn: AsyncConnection,
+    type_id: int,
+    version: int,
+    start_us: int | None,
+    end_us: int | None,
+    definition: OutcomeDefinition,
+    verdict: int,
+    low_nanos: int,
+    high_nanos: int,
+    rank: int,
+) -> int | None:
+    """experience_cost_in_range among the runs whose value of an outcome has the verdict."""
+    e, o = experiences, experience_outcomes
+    low, high = rollups.split(low_nanos), rollups.split(high_nanos)
+    cost = sa.tuple_(e.c.cost_total_dollars, e.c.cost_total_nanos)
+    query = (
+        sa.select(e.c.cost_total_dollars, e.c.cost_total_nanos)
+        .join(o, sa.and_(o.c.experience_id == e.c.id, o.c.name == definition.name))
+        .where(
+            *_with_events(type_id, version, start_us, end_us),
+            cost >= sa.tuple_(*low),
+            cost <= sa.tuple_(*high),
+            verdict_condition(definition, verdict),
+        )
+        .order_by(e.c.cost_total_dollars, e.c.cost_total_nanos)
+        .offset(rank - 1)
+        .limit(1)
     )
-    for step_row in step_rows:
-        cost = rollups.joined(step_row.cost_total_dollars, step_row.cost_total_nanos)
-        steps.setdefault(step_row.experience_id, {})[step_row.step] = cost
-    return [
-        Run(cost, events, failed, scored.get(run_id, {}), steps.get(run_id, {}))
-        for run_id, (cost, events, failed) in rows.items()
-    ]
+    row = (await conn.execute(query)).first()
+    return None if row is None else rollups.joined(*row)

@@ -10,9 +10,8 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from . import rollups
-from .experiences import experience_filters
 from .sql import insert_or_ignore
-from .tables import experience_step_costs, experiences
+from .tables import experience_step_costs
 
 
 async def add(conn: AsyncConnection, sums: Mapping[tuple[uuid.UUID, str], tuple[int, int]]) -> None:
@@ -46,38 +45,4 @@ async def of_experience(conn: AsyncConnection, experience_id: uuid.UUID) -> list
     rows = await conn.execute(sa.select(s).where(s.c.experience_id == experience_id).order_by(s.c.step))
     return [
         (row.step, int(row.event_count), rollups.joined(row.cost_total_dollars, row.cost_total_nanos)) for row in rows
-    ]
-
-
-async def any_recorded(conn: AsyncConnection) -> bool:
-    """Whether any run has a step: the per-version sums (of_type) read every run of the type,
-    so a house that names no steps does not pay for them."""
-    return (
-        await conn.execute(sa.select(sa.literal(1)).select_from(experience_step_costs).limit(1))
-    ).first() is not None
-
-
-async def of_type(
-    conn: AsyncConnection, type_id: int, version: int, start_us: int | None, end_us: int | None
-) -> list[tuple[int, str, int, int, int]]:
-    """Per version and step, over the type's experiences with events (the first in the
-    window): (version, step, experiences, events, cost in nanos)."""
-    s, e = experience_step_costs, experiences
-    query = (
-        sa.select(
-            e.c.version,
-            s.c.step,
-            sa.func.count().label("runs"),
-            sa.func.sum(s.c.event_count).label("events"),
-            sa.func.sum(s.c.cost_total_dollars).label("dollars"),
-            sa.func.sum(s.c.cost_total_nanos).label("nanos"),
-        )
-        .join(e, e.c.id == s.c.experience_id)
-        .where(*experience_filters(type_id, version, start_us, end_us, e.c.first_event_time_us), e.c.event_count > 0)
-        .group_by(e.c.version, s.c.step)
-        .order_by(e.c.version, s.c.step)
-    )
-    return [
-        (int(row.version), row.step, int(row.runs), int(row.events), rollups.joined(row.dollars, row.nanos))
-        for row in await conn.execute(query)
     ]

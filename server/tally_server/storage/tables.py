@@ -93,6 +93,7 @@ type_rollups = sa.Table(
     sa.Column("unpriced_event_count", sa.BigInteger, nullable=False),
     sa.Column("cost_total_dollars", sa.BigInteger, nullable=False),
     sa.Column("cost_total_nanos", sa.BigInteger, nullable=False),
+    sa.Column("failed_event_count", sa.BigInteger, nullable=False, server_default="0"),  # migration 0011
 )
 type_cost_buckets = sa.Table(
     "type_cost_buckets",
@@ -102,6 +103,48 @@ type_cost_buckets = sa.Table(
     sa.Column("day_us", sa.BigInteger, primary_key=True),
     sa.Column("bucket", sa.SmallInteger, primary_key=True),
     sa.Column("experience_count", sa.BigInteger, nullable=False),
+)
+
+# The same experiences once scored (migration 0011): per version, day of the first event,
+# declared outcome and verdict (domain.rollups: SUCCEEDED, FAILED, NO_GOAL), the runs, the
+# sum of their values and of their costs, and their cost histogram; and per step, the runs
+# with it and its events and cost. GetExperienceTypeStats' outcomes and steps, and
+# CompareVersions, read these.
+type_outcome_rollups = sa.Table(
+    "type_outcome_rollups",
+    metadata,
+    sa.Column("type_id", sa.Integer, primary_key=True),
+    sa.Column("version", sa.Integer, primary_key=True),
+    sa.Column("day_us", sa.BigInteger, primary_key=True),
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("verdict", sa.SmallInteger, primary_key=True),
+    sa.Column("run_count", sa.BigInteger, nullable=False),
+    sa.Column("value_sum", sa.Float, nullable=False),
+    sa.Column("cost_total_dollars", sa.BigInteger, nullable=False),
+    sa.Column("cost_total_nanos", sa.BigInteger, nullable=False),
+)
+type_outcome_cost_buckets = sa.Table(
+    "type_outcome_cost_buckets",
+    metadata,
+    sa.Column("type_id", sa.Integer, primary_key=True),
+    sa.Column("version", sa.Integer, primary_key=True),
+    sa.Column("day_us", sa.BigInteger, primary_key=True),
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("verdict", sa.SmallInteger, primary_key=True),
+    sa.Column("bucket", sa.SmallInteger, primary_key=True),
+    sa.Column("run_count", sa.BigInteger, nullable=False),
+)
+type_step_rollups = sa.Table(
+    "type_step_rollups",
+    metadata,
+    sa.Column("type_id", sa.Integer, primary_key=True),
+    sa.Column("version", sa.Integer, primary_key=True),
+    sa.Column("day_us", sa.BigInteger, primary_key=True),
+    sa.Column("step", sa.String(64), primary_key=True),
+    sa.Column("run_count", sa.BigInteger, nullable=False),
+    sa.Column("event_count", sa.BigInteger, nullable=False),
+    sa.Column("cost_total_dollars", sa.BigInteger, nullable=False),
+    sa.Column("cost_total_nanos", sa.BigInteger, nullable=False),
 )
 
 # Events summed per hour of event time, type version (experience_name "" and version 0

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import random
+from datetime import UTC, datetime, timedelta
 from decimal import ROUND_HALF_EVEN, Decimal
 
 import pytest
@@ -37,8 +38,11 @@ def nanos(money) -> int:
     return int(dollars(money) * 1_000_000_000)
 
 
-async def seed_world(tally: AsyncTallyClient, name: str, rng: random.Random) -> dict[int, list[dict]]:
-    """Runs of versions 1-3 with 1 to 4 events each (some failed), most of them scored."""
+async def seed_world(
+    tally: AsyncTallyClient, name: str, rng: random.Random, since: datetime | None = None
+) -> dict[int, list[dict]]:
+    """Runs of versions 1-3 with 1 to 4 events each (some failed), most of them scored;
+    with `since`, each run starts at a random time in the three days after it."""
     await tally.create_experience_type(name, "A seeded world", outcomes=OUTCOMES)
     for _ in range(2):
         await tally.increment_experience_type_version(name)
@@ -47,12 +51,14 @@ async def seed_world(tally: AsyncTallyClient, name: str, rng: random.Random) -> 
         for _ in range(count):
             run = await tally.create_experience(name, version=version)
             events = []
-            for _ in range(rng.randint(1, 4)):
+            began = since + timedelta(seconds=rng.randrange(3 * 86_400)) if since else None
+            for index in range(rng.randint(1, 4)):
                 event = usage_event(
                     "system.openai",
                     "gpt-4o",
                     {"text": (rng.randint(100, 5000) * version, rng.randint(10, 800))},
                     http_status_code=rng.choice([200, 200, 200, 500]),
+                    event_time=began + timedelta(minutes=index) if began else None,
                 )
                 event.context.experience_id = run.experience_id
                 event.context.step = rng.choice(["", "draft", "review"])
@@ -81,6 +87,7 @@ async def with_costs(tally: AsyncTallyClient, runs: list[dict]) -> list[dict]:
         run["events"] = len(stored)
         run["failed"] = sum(1 for e in stored if e.event.http_status_code >= 400)
         run["steps"] = {}
+        run["first"] = min(e.event.event_timestamp.ToDatetime(tzinfo=UTC) for e in stored)
         for e in stored:
             if e.event.context.step:
                 step = e.event.context.step
@@ -95,7 +102,7 @@ SUCCESS = {
 }
 
 
-def expected_summary(runs: list[dict]) -> dict:
+def expected_summary(runs: list[dict], success: dict = SUCCESS) -> dict:
     costs = [run["cost"] for run in runs]
     events = sum(run["events"] for run in runs)
     summary = {
@@ -120,9 +127,9 @@ def expected_summary(runs: list[dict]) -> dict:
         scored = [run for run in runs if name in run["outcomes"]]
         values = [float(run["outcomes"][name]) for run in scored]
         entry = {"scored": len(scored), "mean": sum(values) / len(values) if values else 0.0}
-        if name in SUCCESS:
-            wins = [run["cost"] for run in scored if SUCCESS[name](run["outcomes"][name])]
-            losses = [run["cost"] for run in scored if not SUCCESS[name](run["outcomes"][name])]
+        if name in success:
+            wins = [run["cost"] for run in scored if success[name](run["outcomes"][name])]
+            losses = [run["cost"] for run in scored if not success[name](run["outcomes"][name])]
             scored_cost = sum(run["cost"] for run in scored)
             entry.update(
                 successes=len(wins),
@@ -205,6 +212,71 @@ async def test_every_figure_of_a_comparison_is_what_the_stored_events_and_outcom
         check_summary(small.baseline, expected_summary(runs[1]))
         assert not any(d.enough_runs for d in small.differences)
         assert not any(d.HasField("interval") for d in small.differences)
+
+
+async def test_the_figures_follow_late_events_new_scores_new_goals_and_deletions_in_any_window(stubs):
+    """The rollups move as runs do: events arriving after a run was scored (some a day
+    before its first event, moving it to another day, steps and all), values replaced, a
+    goal changed (every run's verdict recounted), runs deleted. Whole days come from the
+    rollups, a window's partial days from the runs themselves: both agree with the events."""
+    rng = random.Random(2727)
+    name = unique("Moving")
+    today = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    since = today - timedelta(days=4)
+    async with AsyncTallyClient(stubs.target) as tally:
+        runs = await seed_world(tally, name, rng, since)
+        for version in (2, 3):
+            await with_costs(tally, runs[version])
+            for run in rng.sample(runs[version], 12):
+                earlier = rng.random() < 0.5
+                late = usage_event(
+                    "system.openai",
+                    "gpt-4o",
+                    {"text": (rng.randint(100, 3000), rng.randint(10, 300))},
+                    http_status_code=rng.choice([200, 500]),
+                    event_time=run["first"] - timedelta(days=1 if earlier else -1, minutes=1),
+                )
+                late.context.experience_id = run["id"]
+                # One a day earlier names no step: the run's steps move to that day all the same.
+                late.context.step = "" if earlier else rng.choice(["", "draft", "late"])
+                await tally.ingest(late)
+            for run in rng.sample(runs[version], 10):
+                run["outcomes"]["csat"] = rng.randint(1, 5)
+                run["outcomes"]["resolved"] = rng.random() < 0.5
+                await tally.record_outcomes(
+                    run["id"], {"csat": run["outcomes"]["csat"], "resolved": run["outcomes"]["resolved"]}
+                )
+            for run in runs[version][:3]:
+                await tally.delete_experience(run["id"])
+            runs[version] = runs[version][3:]
+        # csat now succeeds from 3: every scored run's verdict is counted again.
+        await tally.update_experience_type(
+            name, outcomes=[OUTCOMES[0], outcome("csat", "likert_5", at_least=3), *OUTCOMES[2:]]
+        )
+        success = {**SUCCESS, "csat": lambda value: value >= 3}
+        for version in (2, 3):
+            await with_costs(tally, runs[version])
+        answer = await tally.compare_versions(name, baseline=2, candidate=3)
+        check_summary(answer.baseline, expected_summary(runs[2], success))
+        check_summary(answer.candidate, expected_summary(runs[3], success))
+        # Partial days at both ends (from the runs), then whole days only (from the rollups).
+        for start, end in (
+            (since + timedelta(hours=30), since + timedelta(days=3, hours=7)),
+            (since + timedelta(days=1), since + timedelta(days=3)),
+        ):
+            inside = {version: [run for run in runs[version] if start <= run["first"] < end] for version in (2, 3)}
+            windowed = await tally.compare_versions(name, baseline=2, candidate=3, start=start, end=end)
+            assert 0 < windowed.baseline.runs < answer.baseline.runs
+            check_summary(windowed.baseline, expected_summary(inside[2], success))
+            check_summary(windowed.candidate, expected_summary(inside[3], success))
+            stats = await tally.get_experience_type_stats(name, start=start, end=end, include_outcomes=True)
+            for version in (2, 3):
+                (of_version,) = [v for v in stats.versions if v.version == version]
+                wanted = expected_summary(inside[version], success)
+                check_outcomes(of_version.outcomes, wanted)
+                steps = {s.step: (s.experience_count, nanos(s.cost_total)) for s in stats.steps if s.version == version}
+                costs = {step: sum(run["steps"].get(step, 0) for run in inside[version]) for step in wanted["steps"]}
+                assert steps == {step: (runs_with, costs[step]) for step, (runs_with, _) in wanted["steps"].items()}
 
 
 async def test_bad_comparisons_are_refused(stubs):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import random
 import uuid
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -17,12 +19,14 @@ from tally.v1 import (
     report_service_pb2 as report_pb,
     report_service_pb2_grpc as report_grpc,
 )
+from tally_client import AsyncTallyClient
 from tally_server.app import TallyServer
 from tally_server.config import Settings
 from tally_server.storage.db import Database, alembic_config
 from tally_server.storage.tables import metadata
 
 from .conftest import drop_database_url, make_database_url, stubs_for
+from .test_compare import seed_world
 
 
 async def test_migrations_match_the_table_definitions(server):
@@ -188,4 +192,45 @@ async def test_a_database_upgrades_from_the_first_migration_to_head(backend, tmp
             assert {g.resource: g.event_count for g in breakdown.groups} == {"gpt-4o": 2, "gpt-4o-2024-08-06": 1}
     finally:
         await tally.stop()
+        await drop_database_url(url)
+
+
+async def test_0011_builds_the_outcome_and_step_rollups_the_writer_keeps(backend, tmp_path):
+    """A world of scored runs with steps and failed events, kept by the writer; taken back to
+    0010 (the outcome and step rollups and the failed-event sums gone) and upgraded again:
+    the backfill answers every comparison and statistic as the writer's rollups did."""
+    url = await make_database_url(backend, tmp_path)
+
+    async def answers() -> tuple[Any, ...]:
+        tally = TallyServer(Settings(listen="127.0.0.1:0", database_url=url, grace_seconds=1))
+        await tally.start()
+        try:
+            async with AsyncTallyClient(f"127.0.0.1:{tally.port}") as client:
+                if not seeded.get("done"):
+                    await seed_world(client, "Backfilled", random.Random(11))
+                    seeded["done"] = True
+                compared = await client.compare_versions("Backfilled", baseline=2, candidate=3)
+                stats = await client.get_experience_type_stats("Backfilled", include_outcomes=True)
+                return compared, stats
+        finally:
+            await tally.stop()
+
+    seeded: dict[str, bool] = {}
+    try:
+        kept = await answers()
+        database = Database(url)
+        try:
+            async with database.write() as conn:
+                await conn.run_sync(lambda c: command.downgrade(alembic_config(c), "0010"))
+                tables = await conn.run_sync(lambda c: sa.inspect(c).get_table_names())
+                assert "type_outcome_rollups" not in tables and "type_step_rollups" not in tables
+            await database.migrate()
+        finally:
+            await database.dispose()
+        backfilled = await answers()
+        assert backfilled == kept
+        compared, stats = backfilled
+        assert compared.baseline.failure_rate > 0 and compared.baseline.steps and compared.baseline.outcomes
+        assert all(v.outcomes for v in stats.versions) and stats.steps
+    finally:
         await drop_database_url(url)

@@ -419,7 +419,7 @@ class TallyClient(_ClientBase):
         include_outcomes: bool = False,
     ) -> et_pb.GetExperienceTypeStatsResponse:
         """Cost per experience of the type (all versions, or `version`), over events in [start, end);
-        with `include_outcomes`, each declared outcome per version (read run by run)."""
+        with `include_outcomes`, each declared outcome per version."""
         return self._run(_calls.get_experience_type_stats(name, version, start, end, include_outcomes))
 
     # --- experiences --------------------------------------------------------------
@@ -804,7 +804,7 @@ class AsyncTallyClient(_ClientBase):
         include_outcomes: bool = False,
     ) -> et_pb.GetExperienceTypeStatsResponse:
         """Cost per experience of the type (all versions, or `version`), over events in [start, end);
-        with `include_outcomes`, each declared outcome per version (read run by run)."""
+        with `include_outcomes`, each declared outcome per version."""
         return await self._run(_calls.get_experience_type_stats(name, version, start, end, include_outcomes))
 
     # --- experiences --------------------------------------------------------------

@@ -52,6 +52,16 @@ class Experience:
     stats: ExperienceStats | None = None  # set where a read asked for them
     outcomes: tuple[ScoredOutcome, ...] | None = None  # set where a read asked for them
     step_costs: tuple[StepCost, ...] = ()  # set where a read asked for them
+    property_updates: tuple[PropertyUpdate, ...] = ()  # set where a read asked for them
+
+
+@dataclass(frozen=True)
+class PropertyUpdate:
+    """Who last set a property of an experience, and when."""
+
+    key: str
+    update_time_us: int
+    key_name: str
 
 
 @dataclass(frozen=True)

@@ -212,6 +212,10 @@ def experience(e: m.Experience, stats: m.ExperienceStats | None = None) -> exp_p
             exp_pb.StepCost(step=c.step, event_count=c.event_count, cost_total=money(c.cost_nanos))
             for c in e.step_costs
         ],
+        property_updates=[
+            exp_pb.PropertyUpdate(key=u.key, update_time=timestamp(u.update_time_us), key_name=u.key_name)
+            for u in e.property_updates
+        ],
     )
     if stats is not None:
         message.stats.CopyFrom(experience_stats(stats))

@@ -150,6 +150,7 @@ class ExperienceServicer(exp_grpc.ExperienceServiceServicer):
             request.experience_version,
             dict(request.properties),
             request.request_id,
+            _key_name(),
         )
         return exp_pb.CreateExperienceResponse(experience=convert.experience(created))
 
@@ -185,7 +186,7 @@ class ExperienceServicer(exp_grpc.ExperienceServiceServicer):
         self, request: exp_pb.UpdateExperiencePropertiesRequest, context: Context
     ) -> exp_pb.UpdateExperiencePropertiesResponse:
         updated = await self.experiences.update_properties(
-            request.experience_id, dict(request.set_properties), list(request.remove_keys)
+            request.experience_id, dict(request.set_properties), list(request.remove_keys), _key_name()
         )
         return exp_pb.UpdateExperiencePropertiesResponse(experience=convert.experience(updated))
 

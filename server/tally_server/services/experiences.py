@@ -10,7 +10,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ..domain import outcomes, paging, stats
 from ..domain.errors import Violations, already_exists
-from ..domain.models import Experience, ExperienceStats, Page, StepCost, now_us
+from ..domain.models import Experience, ExperienceStats, Page, PropertyUpdate, StepCost, now_us
 from ..domain.resolution import experience_not_found, new_experience_id
 from ..domain.rollups import rescored
 from ..domain.validation import PROPERTIES_MAX_ENTRIES, check_name, check_request_id, check_string_map, parse_uuid
@@ -72,6 +72,7 @@ class Experiences:
         version: int = 0,
         properties: dict[str, str] | None = None,
         request_id: str = "",
+        key_name: str = "",
     ) -> Experience:
         properties = dict(properties or {})
         v = Violations()
@@ -94,7 +95,8 @@ class Experiences:
                     found = await stored_experiences.get_experience(conn, uuid.UUID(seen[1]))
                     if found is None:
                         raise experience_not_found(seen[1])
-                    return found
+                    updates = await stored_experiences.property_updates(conn, found.experience_id)
+                    return dataclasses.replace(found, property_updates=updates)
             type_row = await stored_types.get_type(conn, experience_name)
             if type_row is None:
                 raise type_not_found(experience_name)
@@ -106,7 +108,14 @@ class Experiences:
                 )
                 v.raise_if_any()
             new_id = own_id or new_experience_id()
-            experience = Experience(new_id, experience_name, version or experience_type.version, now, properties)
+            experience = Experience(
+                new_id,
+                experience_name,
+                version or experience_type.version,
+                now,
+                properties,
+                property_updates=tuple(PropertyUpdate(key, now, key_name) for key in sorted(properties)),
+            )
             row = {
                 "id": new_id,
                 "type_id": type_id,
@@ -121,6 +130,7 @@ class Experiences:
                     str(new_id),
                     f"experience {new_id} already exists",
                 )
+            await stored_experiences.note_property_updates(conn, new_id, properties, (), now, key_name)
             if request_id:
                 await stored_idempotency.put_idempotent_request(
                     conn, "CreateExperience", request_id, request_fingerprint, str(new_id), now
@@ -137,7 +147,10 @@ class Experiences:
             recorded = (await stored_outcomes.latest(conn, [parsed])).get(parsed, [])
             declared = await self._declared(conn, experience.experience_name) if recorded else {}
             steps = tuple(StepCost(*step) for step in await stored_steps.of_experience(conn, parsed))
-        experience = dataclasses.replace(experience, outcomes=outcomes.scored(recorded, declared), step_costs=steps)
+            updates = await stored_experiences.property_updates(conn, parsed)
+        experience = dataclasses.replace(
+            experience, outcomes=outcomes.scored(recorded, declared), step_costs=steps, property_updates=updates
+        )
         return experience, stats.experience_stats(rollup)
 
     async def _declared(self, conn: AsyncConnection, type_name: str) -> dict[str, outcomes.OutcomeDefinition]:
@@ -240,7 +253,7 @@ class Experiences:
         return unattributed
 
     async def update_properties(
-        self, experience_id: str, set_properties: dict[str, str], remove_keys: Sequence[str]
+        self, experience_id: str, set_properties: dict[str, str], remove_keys: Sequence[str], key_name: str = ""
     ) -> Experience:
         v = Violations()
         parsed = _require_uuid(v, "experience_id", experience_id)
@@ -259,10 +272,15 @@ class Experiences:
                 v.add("set_properties", f"an experience has at most {PROPERTIES_MAX_ENTRIES} properties")
                 v.raise_if_any()
             await stored_experiences.set_properties(conn, parsed, properties)
+            await stored_experiences.note_property_updates(
+                conn, parsed, set_properties, set(remove_keys) - set(set_properties), now_us(), key_name
+            )
+            updates = await stored_experiences.property_updates(conn, parsed)
         return Experience(
             experience.experience_id,
             experience.experience_name,
             experience.experience_version,
             experience.create_time_us,
             properties,
+            property_updates=updates,
         )

@@ -18,6 +18,7 @@ from .tables import (
     ROLLUP_MONEY_COLUMNS,
     events,
     experience_latencies,
+    experience_property_updates,
     experience_types,
     experiences,
 )
@@ -73,6 +74,36 @@ async def delete_experience(conn: AsyncConnection, experience_id: uuid.UUID) -> 
 
 async def set_properties(conn: AsyncConnection, experience_id: uuid.UUID, properties: dict[str, str]) -> None:
     await conn.execute(sa.update(experiences).where(experiences.c.id == experience_id).values(properties=properties))
+
+
+async def note_property_updates(
+    conn: AsyncConnection,
+    experience_id: uuid.UUID,
+    set_keys: Iterable[str],
+    remove_keys: Iterable[str],
+    now_us: int,
+    key_name: str,
+) -> None:
+    """Keeps who set these properties and when; forgets it for those removed."""
+    u = experience_property_updates
+    removed = list(remove_keys)
+    if removed:
+        await conn.execute(sa.delete(u).where(u.c.experience_id == experience_id, u.c.key.in_(removed)))
+    for key in sorted(set_keys):
+        insert = insert_or_ignore(conn, u).values(
+            experience_id=experience_id, key=key, update_time_us=now_us, key_name=key_name
+        )
+        await conn.execute(
+            insert.on_conflict_do_update(
+                index_elements=["experience_id", "key"], set_={"update_time_us": now_us, "key_name": key_name}
+            )
+        )
+
+
+async def property_updates(conn: AsyncConnection, experience_id: uuid.UUID) -> tuple[m.PropertyUpdate, ...]:
+    u = experience_property_updates
+    rows = await conn.execute(sa.select(u).where(u.c.experience_id == experience_id).order_by(u.c.key))
+    return tuple(m.PropertyUpdate(row.key, int(row.update_time_us), row.key_name) for row in rows)
 
 
 _ROLLUP_COLUMNS = (

@@ -380,6 +380,16 @@ experience_step_costs = sa.Table(
     sa.Column("cost_total_nanos", sa.BigInteger, nullable=False),
 )
 
+# Who last set each property of an experience and when (migration 0012).
+experience_property_updates = sa.Table(
+    "experience_property_updates",
+    metadata,
+    sa.Column("experience_id", sa.Uuid, sa.ForeignKey("experiences.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("key", sa.String(64), primary_key=True),
+    sa.Column("update_time_us", sa.BigInteger, nullable=False),
+    sa.Column("key_name", sa.String(64), nullable=False),
+)
+
 # Annotations of stored events, set after the fact (migration 0010); an event's own row never changes.
 event_annotations = sa.Table(
     "event_annotations",

@@ -34,7 +34,9 @@ type ExperienceServiceClient interface {
 	// count as unattributed from then on: nothing ingested is deleted. An event
 	// ingested for it while it is deleted is stored unattributed as well.
 	DeleteExperience(ctx context.Context, in *DeleteExperienceRequest, opts ...grpc.CallOption) (*DeleteExperienceResponse, error)
-	// Sets and removes properties of an experience.
+	// Sets and removes properties of an experience (annotations of the run after
+	// the fact: never part of an event, never a cost), each set one kept with
+	// when and by which API key (Experience.property_updates).
 	UpdateExperienceProperties(ctx context.Context, in *UpdateExperiencePropertiesRequest, opts ...grpc.CallOption) (*UpdateExperiencePropertiesResponse, error)
 	// Scores a run: sets values of the outcomes its type declares, at any time.
 	// A value replaces the outcome's earlier one; every change is kept with its
@@ -141,7 +143,9 @@ type ExperienceServiceServer interface {
 	// count as unattributed from then on: nothing ingested is deleted. An event
 	// ingested for it while it is deleted is stored unattributed as well.
 	DeleteExperience(context.Context, *DeleteExperienceRequest) (*DeleteExperienceResponse, error)
-	// Sets and removes properties of an experience.
+	// Sets and removes properties of an experience (annotations of the run after
+	// the fact: never part of an event, never a cost), each set one kept with
+	// when and by which API key (Experience.property_updates).
 	UpdateExperienceProperties(context.Context, *UpdateExperiencePropertiesRequest) (*UpdateExperiencePropertiesResponse, error)
 	// Scores a run: sets values of the outcomes its type declares, at any time.
 	// A value replaces the outcome's earlier one; every change is kept with its

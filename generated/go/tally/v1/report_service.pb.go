@@ -713,8 +713,9 @@ type CompareVersionsResponse struct {
 	BootstrapSeed int64 `protobuf:"varint,7,opt,name=bootstrap_seed,json=bootstrapSeed,proto3" json:"bootstrap_seed,omitempty"`
 	// The intervals' confidence (0.95).
 	Confidence float64 `protobuf:"fixed64,8,opt,name=confidence,proto3" json:"confidence,omitempty"`
-	// Runs per version the bootstrap draws from at most (a seeded sample of
-	// them beyond it).
+	// Runs each resample draws per version at most (from the version's cost
+	// histogram, or its successes and failures); beyond it, the resampled
+	// spread is scaled to the version's run count.
 	BootstrapRuns int32 `protobuf:"varint,9,opt,name=bootstrap_runs,json=bootstrapRuns,proto3" json:"bootstrap_runs,omitempty"`
 }
 

@@ -54,6 +54,7 @@ class Experience(_message.Message):
     STATS_FIELD_NUMBER: _builtins.int
     OUTCOMES_FIELD_NUMBER: _builtins.int
     STEP_COSTS_FIELD_NUMBER: _builtins.int
+    PROPERTY_UPDATES_FIELD_NUMBER: _builtins.int
     experience_id: _builtins.str
     """The experience's UUID in canonical lower-case form."""
     experience_name: _builtins.str
@@ -88,6 +89,13 @@ class Experience(_message.Message):
         GetExperience.
         """
 
+    @_builtins.property
+    def property_updates(self) -> _containers.RepeatedCompositeFieldContainer[Global___PropertyUpdate]:
+        """Who last set each property and when (CreateExperience,
+        UpdateExperienceProperties), by key. Properties set before Tally kept this
+        have none. Set by GetExperience and UpdateExperienceProperties.
+        """
+
     def __init__(
         self,
         *,
@@ -99,14 +107,47 @@ class Experience(_message.Message):
         stats: Global___ExperienceStats | None = ...,
         outcomes: _abc.Iterable[Global___RecordedOutcome] | None = ...,
         step_costs: _abc.Iterable[Global___StepCost] | None = ...,
+        property_updates: _abc.Iterable[Global___PropertyUpdate] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "stats", b"stats"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "experience_id", b"experience_id", "experience_name", b"experience_name", "experience_version", b"experience_version", "outcomes", b"outcomes", "properties", b"properties", "stats", b"stats", "step_costs", b"step_costs"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "experience_id", b"experience_id", "experience_name", b"experience_name", "experience_version", b"experience_version", "outcomes", b"outcomes", "properties", b"properties", "property_updates", b"property_updates", "stats", b"stats", "step_costs", b"step_costs"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Experience: _TypeAlias = Experience  # noqa: Y015
+
+@_typing.final
+class PropertyUpdate(_message.Message):
+    """When a property of an experience was last set, and by which API key."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    KEY_NAME_FIELD_NUMBER: _builtins.int
+    key: _builtins.str
+    """The property's key."""
+    key_name: _builtins.str
+    """The name of the API key that set it ("" with keys off)."""
+    @_builtins.property
+    def update_time(self) -> _timestamp_pb2.Timestamp:
+        """When it was last set."""
+
+    def __init__(
+        self,
+        *,
+        key: _builtins.str = ...,
+        update_time: _timestamp_pb2.Timestamp | None = ...,
+        key_name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["update_time", b"update_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "key_name", b"key_name", "update_time", b"update_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PropertyUpdate: _TypeAlias = PropertyUpdate  # noqa: Y015
 
 @_typing.final
 class StepCost(_message.Message):

@@ -118,7 +118,9 @@ class ExperienceServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def UpdateExperienceProperties(self, request, context):
-        """Sets and removes properties of an experience.
+        """Sets and removes properties of an experience (annotations of the run after
+        the fact: never part of an event, never a cost), each set one kept with
+        when and by which API key (Experience.property_updates).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

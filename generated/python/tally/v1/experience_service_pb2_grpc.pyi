@@ -58,7 +58,10 @@ class ExperienceServiceStub:
     ingested for it while it is deleted is stored unattributed as well.
     """
     UpdateExperienceProperties: _grpc.UnaryUnaryMultiCallable[_experience_service_pb2.UpdateExperiencePropertiesRequest, _experience_service_pb2.UpdateExperiencePropertiesResponse]
-    """Sets and removes properties of an experience."""
+    """Sets and removes properties of an experience (annotations of the run after
+    the fact: never part of an event, never a cost), each set one kept with
+    when and by which API key (Experience.property_updates).
+    """
     RecordOutcomes: _grpc.UnaryUnaryMultiCallable[_experience_service_pb2.RecordOutcomesRequest, _experience_service_pb2.RecordOutcomesResponse]
     """Scores a run: sets values of the outcomes its type declares, at any time.
     A value replaces the outcome's earlier one; every change is kept with its
@@ -103,7 +106,10 @@ class ExperienceServiceAsyncStub(ExperienceServiceStub):
     ingested for it while it is deleted is stored unattributed as well.
     """
     UpdateExperienceProperties: _aio.UnaryUnaryMultiCallable[_experience_service_pb2.UpdateExperiencePropertiesRequest, _experience_service_pb2.UpdateExperiencePropertiesResponse]  # type: ignore[assignment]
-    """Sets and removes properties of an experience."""
+    """Sets and removes properties of an experience (annotations of the run after
+    the fact: never part of an event, never a cost), each set one kept with
+    when and by which API key (Experience.property_updates).
+    """
     RecordOutcomes: _aio.UnaryUnaryMultiCallable[_experience_service_pb2.RecordOutcomesRequest, _experience_service_pb2.RecordOutcomesResponse]  # type: ignore[assignment]
     """Scores a run: sets values of the outcomes its type declares, at any time.
     A value replaces the outcome's earlier one; every change is kept with its
@@ -175,7 +181,10 @@ class ExperienceServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _experience_service_pb2.UpdateExperiencePropertiesRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_experience_service_pb2.UpdateExperiencePropertiesResponse, _abc.Awaitable[_experience_service_pb2.UpdateExperiencePropertiesResponse]]:
-        """Sets and removes properties of an experience."""
+        """Sets and removes properties of an experience (annotations of the run after
+        the fact: never part of an event, never a cost), each set one kept with
+        when and by which API key (Experience.property_updates).
+        """
 
     @_abc_1.abstractmethod
     def RecordOutcomes(

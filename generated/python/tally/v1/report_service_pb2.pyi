@@ -419,8 +419,9 @@ class CompareVersionsResponse(_message.Message):
     confidence: _builtins.float
     """The intervals' confidence (0.95)."""
     bootstrap_runs: _builtins.int
-    """Runs per version the bootstrap draws from at most (a seeded sample of
-    them beyond it).
+    """Runs each resample draws per version at most (from the version's cost
+    histogram, or its successes and failures); beyond it, the resampled
+    spread is scaled to the version's run count.
     """
     @_builtins.property
     def baseline(self) -> Global___VersionSummary:

@@ -15,7 +15,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file tally/v1/experience_service.proto.
  */
 export const file_tally_v1_experience_service: GenFile = /*@__PURE__*/
-  fileDesc("CiF0YWxseS92MS9leHBlcmllbmNlX3NlcnZpY2UucHJvdG8SCHRhbGx5LnYxIvUCCgpFeHBlcmllbmNlEhUKDWV4cGVyaWVuY2VfaWQYASABKAkSFwoPZXhwZXJpZW5jZV9uYW1lGAIgASgJEhoKEmV4cGVyaWVuY2VfdmVyc2lvbhgDIAEoBRIvCgtjcmVhdGVfdGltZRgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASOAoKcHJvcGVydGllcxgFIAMoCzIkLnRhbGx5LnYxLkV4cGVyaWVuY2UuUHJvcGVydGllc0VudHJ5EigKBXN0YXRzGAYgASgLMhkudGFsbHkudjEuRXhwZXJpZW5jZVN0YXRzEisKCG91dGNvbWVzGAcgAygLMhkudGFsbHkudjEuUmVjb3JkZWRPdXRjb21lEiYKCnN0ZXBfY29zdHMYCCADKAsyEi50YWxseS52MS5TdGVwQ29zdBoxCg9Qcm9wZXJ0aWVzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASJSCghTdGVwQ29zdBIMCgRzdGVwGAEgASgJEhMKC2V2ZW50X2NvdW50GAIgASgDEiMKCmNvc3RfdG90YWwYAyABKAsyDy50YWxseS52MS5Nb25leSJTCgxPdXRjb21lVmFsdWUSDAoEbmFtZRgBIAEoCRIUCgpib29sX3ZhbHVlGAIgASgISAASFgoMbnVtYmVyX3ZhbHVlGAMgASgBSABCBwoFdmFsdWUioQEKD1JlY29yZGVkT3V0Y29tZRIlCgV2YWx1ZRgBIAEoCzIWLnRhbGx5LnYxLk91dGNvbWVWYWx1ZRIvCgtyZWNvcmRfdGltZRgCIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEAoIa2V5X25hbWUYAyABKAkSFgoJc3VjY2VlZGVkGAQgASgISACIAQFCDAoKX3N1Y2NlZWRlZCJWChVSZWNvcmRPdXRjb21lc1JlcXVlc3QSFQoNZXhwZXJpZW5jZV9pZBgBIAEoCRImCgZ2YWx1ZXMYAiADKAsyFi50YWxseS52MS5PdXRjb21lVmFsdWUiWQoZTGlzdE91dGNvbWVDaGFuZ2VzUmVxdWVzdBIVCg1leHBlcmllbmNlX2lkGAEgASgJEhEKCXBhZ2Vfc2l6ZRgCIAEoBRISCgpwYWdlX3Rva2VuGAMgASgJImEKGkxpc3RPdXRjb21lQ2hhbmdlc1Jlc3BvbnNlEioKB2NoYW5nZXMYASADKAsyGS50YWxseS52MS5SZWNvcmRlZE91dGNvbWUSFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIkUKFlJlY29yZE91dGNvbWVzUmVzcG9uc2USKwoIb3V0Y29tZXMYASADKAsyGS50YWxseS52MS5SZWNvcmRlZE91dGNvbWUihAMKD0V4cGVyaWVuY2VTdGF0cxIjCgpjb3N0X2lucHV0GAEgASgLMg8udGFsbHkudjEuTW9uZXkSJAoLY29zdF9vdXRwdXQYAiABKAsyDy50YWxseS52MS5Nb25leRIjCgpjb3N0X3RvdGFsGAMgASgLMg8udGFsbHkudjEuTW9uZXkSEwoLZXZlbnRfY291bnQYBCABKAMSGgoSZmFpbGVkX2V2ZW50X2NvdW50GAUgASgDEhwKFHVucHJpY2VkX2V2ZW50X2NvdW50GAYgASgDEhcKD2xhdGVuY3lfbWVhbl9tcxgHIAEoARIWCg5sYXRlbmN5X3A1MF9tcxgIIAEoARIWCg5sYXRlbmN5X3A5NV9tcxgJIAEoARI0ChBmaXJzdF9ldmVudF90aW1lGAogASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIzCg9sYXN0X2V2ZW50X3RpbWUYCyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIvMBChdDcmVhdGVFeHBlcmllbmNlUmVxdWVzdBIXCg9leHBlcmllbmNlX25hbWUYASABKAkSFQoNZXhwZXJpZW5jZV9pZBgCIAEoCRIaChJleHBlcmllbmNlX3ZlcnNpb24YAyABKAUSRQoKcHJvcGVydGllcxgEIAMoCzIxLnRhbGx5LnYxLkNyZWF0ZUV4cGVyaWVuY2VSZXF1ZXN0LlByb3BlcnRpZXNFbnRyeRISCgpyZXF1ZXN0X2lkGAUgASgJGjEKD1Byb3BlcnRpZXNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIkQKGENyZWF0ZUV4cGVyaWVuY2VSZXNwb25zZRIoCgpleHBlcmllbmNlGAEgASgLMhQudGFsbHkudjEuRXhwZXJpZW5jZSItChRHZXRFeHBlcmllbmNlUmVxdWVzdBIVCg1leHBlcmllbmNlX2lkGAEgASgJIkEKFUdldEV4cGVyaWVuY2VSZXNwb25zZRIoCgpleHBlcmllbmNlGAEgASgLMhQudGFsbHkudjEuRXhwZXJpZW5jZSLyAQoWTGlzdEV4cGVyaWVuY2VzUmVxdWVzdBIXCg9leHBlcmllbmNlX25hbWUYASABKAkSGgoSZXhwZXJpZW5jZV92ZXJzaW9uGAIgASgFEjUKEWNyZWF0ZV90aW1lX3N0YXJ0GAMgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIzCg9jcmVhdGVfdGltZV9lbmQYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhEKCXBhZ2Vfc2l6ZRgFIAEoBRISCgpwYWdlX3Rva2VuGAYgASgJEhAKCG9yZGVyX2J5GAcgASgJIl0KF0xpc3RFeHBlcmllbmNlc1Jlc3BvbnNlEikKC2V4cGVyaWVuY2VzGAEgAygLMhQudGFsbHkudjEuRXhwZXJpZW5jZRIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAkiMAoXRGVsZXRlRXhwZXJpZW5jZVJlcXVlc3QSFQoNZXhwZXJpZW5jZV9pZBgBIAEoCSI8ChhEZWxldGVFeHBlcmllbmNlUmVzcG9uc2USIAoYdW5hdHRyaWJ1dGVkX2V2ZW50X2NvdW50GAEgASgDIt0BCiFVcGRhdGVFeHBlcmllbmNlUHJvcGVydGllc1JlcXVlc3QSFQoNZXhwZXJpZW5jZV9pZBgBIAEoCRJWCg5zZXRfcHJvcGVydGllcxgCIAMoCzI+LnRhbGx5LnYxLlVwZGF0ZUV4cGVyaWVuY2VQcm9wZXJ0aWVzUmVxdWVzdC5TZXRQcm9wZXJ0aWVzRW50cnkSEwoLcmVtb3ZlX2tleXMYAyADKAkaNAoSU2V0UHJvcGVydGllc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiTgoiVXBkYXRlRXhwZXJpZW5jZVByb3BlcnRpZXNSZXNwb25zZRIoCgpleHBlcmllbmNlGAEgASgLMhQudGFsbHkudjEuRXhwZXJpZW5jZTLMBQoRRXhwZXJpZW5jZVNlcnZpY2USXwoQQ3JlYXRlRXhwZXJpZW5jZRIhLnRhbGx5LnYxLkNyZWF0ZUV4cGVyaWVuY2VSZXF1ZXN0GiIudGFsbHkudjEuQ3JlYXRlRXhwZXJpZW5jZVJlc3BvbnNlIgSI5xgBElYKDUdldEV4cGVyaWVuY2USHi50YWxseS52MS5HZXRFeHBlcmllbmNlUmVxdWVzdBofLnRhbGx5LnYxLkdldEV4cGVyaWVuY2VSZXNwb25zZSIEiOcYAhJcCg9MaXN0RXhwZXJpZW5jZXMSIC50YWxseS52MS5MaXN0RXhwZXJpZW5jZXNSZXF1ZXN0GiEudGFsbHkudjEuTGlzdEV4cGVyaWVuY2VzUmVzcG9uc2UiBIjnGAISXwoQRGVsZXRlRXhwZXJpZW5jZRIhLnRhbGx5LnYxLkRlbGV0ZUV4cGVyaWVuY2VSZXF1ZXN0GiIudGFsbHkudjEuRGVsZXRlRXhwZXJpZW5jZVJlc3BvbnNlIgSI5xgDEn0KGlVwZGF0ZUV4cGVyaWVuY2VQcm9wZXJ0aWVzEisudGFsbHkudjEuVXBkYXRlRXhwZXJpZW5jZVByb3BlcnRpZXNSZXF1ZXN0GiwudGFsbHkudjEuVXBkYXRlRXhwZXJpZW5jZVByb3BlcnRpZXNSZXNwb25zZSIEiOcYARJZCg5SZWNvcmRPdXRjb21lcxIfLnRhbGx5LnYxLlJlY29yZE91dGNvbWVzUmVxdWVzdBogLnRhbGx5LnYxLlJlY29yZE91dGNvbWVzUmVzcG9uc2UiBIjnGAESZQoSTGlzdE91dGNvbWVDaGFuZ2VzEiMudGFsbHkudjEuTGlzdE91dGNvbWVDaGFuZ2VzUmVxdWVzdBokLnRhbGx5LnYxLkxpc3RPdXRjb21lQ2hhbmdlc1Jlc3BvbnNlIgSI5xgCYgZwcm90bzM", [file_google_protobuf_timestamp, file_tally_v1_access, file_tally_v1_common]);
+  fileDesc("CiF0YWxseS92MS9leHBlcmllbmNlX3NlcnZpY2UucHJvdG8SCHRhbGx5LnYxIqkDCgpFeHBlcmllbmNlEhUKDWV4cGVyaWVuY2VfaWQYASABKAkSFwoPZXhwZXJpZW5jZV9uYW1lGAIgASgJEhoKEmV4cGVyaWVuY2VfdmVyc2lvbhgDIAEoBRIvCgtjcmVhdGVfdGltZRgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASOAoKcHJvcGVydGllcxgFIAMoCzIkLnRhbGx5LnYxLkV4cGVyaWVuY2UuUHJvcGVydGllc0VudHJ5EigKBXN0YXRzGAYgASgLMhkudGFsbHkudjEuRXhwZXJpZW5jZVN0YXRzEisKCG91dGNvbWVzGAcgAygLMhkudGFsbHkudjEuUmVjb3JkZWRPdXRjb21lEiYKCnN0ZXBfY29zdHMYCCADKAsyEi50YWxseS52MS5TdGVwQ29zdBIyChBwcm9wZXJ0eV91cGRhdGVzGAkgAygLMhgudGFsbHkudjEuUHJvcGVydHlVcGRhdGUaMQoPUHJvcGVydGllc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiYAoOUHJvcGVydHlVcGRhdGUSCwoDa2V5GAEgASgJEi8KC3VwZGF0ZV90aW1lGAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIQCghrZXlfbmFtZRgDIAEoCSJSCghTdGVwQ29zdBIMCgRzdGVwGAEgASgJEhMKC2V2ZW50X2NvdW50GAIgASgDEiMKCmNvc3RfdG90YWwYAyABKAsyDy50YWxseS52MS5Nb25leSJTCgxPdXRjb21lVmFsdWUSDAoEbmFtZRgBIAEoCRIUCgpib29sX3ZhbHVlGAIgASgISAASFgoMbnVtYmVyX3ZhbHVlGAMgASgBSABCBwoFdmFsdWUioQEKD1JlY29yZGVkT3V0Y29tZRIlCgV2YWx1ZRgBIAEoCzIWLnRhbGx5LnYxLk91dGNvbWVWYWx1ZRIvCgtyZWNvcmRfdGltZRgCIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEAoIa2V5X25hbWUYAyABKAkSFgoJc3VjY2VlZGVkGAQgASgISACIAQFCDAoKX3N1Y2NlZWRlZCJWChVSZWNvcmRPdXRjb21lc1JlcXVlc3QSFQoNZXhwZXJpZW5jZV9pZBgBIAEoCRImCgZ2YWx1ZXMYAiADKAsyFi50YWxseS52MS5PdXRjb21lVmFsdWUiWQoZTGlzdE91dGNvbWVDaGFuZ2VzUmVxdWVzdBIVCg1leHBlcmllbmNlX2lkGAEgASgJEhEKCXBhZ2Vfc2l6ZRgCIAEoBRISCgpwYWdlX3Rva2VuGAMgASgJImEKGkxpc3RPdXRjb21lQ2hhbmdlc1Jlc3BvbnNlEioKB2NoYW5nZXMYASADKAsyGS50YWxseS52MS5SZWNvcmRlZE91dGNvbWUSFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIkUKFlJlY29yZE91dGNvbWVzUmVzcG9uc2USKwoIb3V0Y29tZXMYASADKAsyGS50YWxseS52MS5SZWNvcmRlZE91dGNvbWUihAMKD0V4cGVyaWVuY2VTdGF0cxIjCgpjb3N0X2lucHV0GAEgASgLMg8udGFsbHkudjEuTW9uZXkSJAoLY29zdF9vdXRwdXQYAiABKAsyDy50YWxseS52MS5Nb25leRIjCgpjb3N0X3RvdGFsGAMgASgLMg8udGFsbHkudjEuTW9uZXkSEwoLZXZlbnRfY291bnQYBCABKAMSGgoSZmFpbGVkX2V2ZW50X2NvdW50GAUgASgDEhwKFHVucHJpY2VkX2V2ZW50X2NvdW50GAYgASgDEhcKD2xhdGVuY3lfbWVhbl9tcxgHIAEoARIWCg5sYXRlbmN5X3A1MF9tcxgIIAEoARIWCg5sYXRlbmN5X3A5NV9tcxgJIAEoARI0ChBmaXJzdF9ldmVudF90aW1lGAogASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIzCg9sYXN0X2V2ZW50X3RpbWUYCyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIvMBChdDcmVhdGVFeHBlcmllbmNlUmVxdWVzdBIXCg9leHBlcmllbmNlX25hbWUYASABKAkSFQoNZXhwZXJpZW5jZV9pZBgCIAEoCRIaChJleHBlcmllbmNlX3ZlcnNpb24YAyABKAUSRQoKcHJvcGVydGllcxgEIAMoCzIxLnRhbGx5LnYxLkNyZWF0ZUV4cGVyaWVuY2VSZXF1ZXN0LlByb3BlcnRpZXNFbnRyeRISCgpyZXF1ZXN0X2lkGAUgASgJGjEKD1Byb3BlcnRpZXNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIkQKGENyZWF0ZUV4cGVyaWVuY2VSZXNwb25zZRIoCgpleHBlcmllbmNlGAEgASgLMhQudGFsbHkudjEuRXhwZXJpZW5jZSItChRHZXRFeHBlcmllbmNlUmVxdWVzdBIVCg1leHBlcmllbmNlX2lkGAEgASgJIkEKFUdldEV4cGVyaWVuY2VSZXNwb25zZRIoCgpleHBlcmllbmNlGAEgASgLMhQudGFsbHkudjEuRXhwZXJpZW5jZSLyAQoWTGlzdEV4cGVyaWVuY2VzUmVxdWVzdBIXCg9leHBlcmllbmNlX25hbWUYASABKAkSGgoSZXhwZXJpZW5jZV92ZXJzaW9uGAIgASgFEjUKEWNyZWF0ZV90aW1lX3N0YXJ0GAMgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIzCg9jcmVhdGVfdGltZV9lbmQYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhEKCXBhZ2Vfc2l6ZRgFIAEoBRISCgpwYWdlX3Rva2VuGAYgASgJEhAKCG9yZGVyX2J5GAcgASgJIl0KF0xpc3RFeHBlcmllbmNlc1Jlc3BvbnNlEikKC2V4cGVyaWVuY2VzGAEgAygLMhQudGFsbHkudjEuRXhwZXJpZW5jZRIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAkiMAoXRGVsZXRlRXhwZXJpZW5jZVJlcXVlc3QSFQoNZXhwZXJpZW5jZV9pZBgBIAEoCSI8ChhEZWxldGVFeHBlcmllbmNlUmVzcG9uc2USIAoYdW5hdHRyaWJ1dGVkX2V2ZW50X2NvdW50GAEgASgDIt0BCiFVcGRhdGVFeHBlcmllbmNlUHJvcGVydGllc1JlcXVlc3QSFQoNZXhwZXJpZW5jZV9pZBgBIAEoCRJWCg5zZXRfcHJvcGVydGllcxgCIAMoCzI+LnRhbGx5LnYxLlVwZGF0ZUV4cGVyaWVuY2VQcm9wZXJ0aWVzUmVxdWVzdC5TZXRQcm9wZXJ0aWVzRW50cnkSEwoLcmVtb3ZlX2tleXMYAyADKAkaNAoSU2V0UHJvcGVydGllc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiTgoiVXBkYXRlRXhwZXJpZW5jZVByb3BlcnRpZXNSZXNwb25zZRIoCgpleHBlcmllbmNlGAEgASgLMhQudGFsbHkudjEuRXhwZXJpZW5jZTLMBQoRRXhwZXJpZW5jZVNlcnZpY2USXwoQQ3JlYXRlRXhwZXJpZW5jZRIhLnRhbGx5LnYxLkNyZWF0ZUV4cGVyaWVuY2VSZXF1ZXN0GiIudGFsbHkudjEuQ3JlYXRlRXhwZXJpZW5jZVJlc3BvbnNlIgSI5xgBElYKDUdldEV4cGVyaWVuY2USHi50YWxseS52MS5HZXRFeHBlcmllbmNlUmVxdWVzdBofLnRhbGx5LnYxLkdldEV4cGVyaWVuY2VSZXNwb25zZSIEiOcYAhJcCg9MaXN0RXhwZXJpZW5jZXMSIC50YWxseS52MS5MaXN0RXhwZXJpZW5jZXNSZXF1ZXN0GiEudGFsbHkudjEuTGlzdEV4cGVyaWVuY2VzUmVzcG9uc2UiBIjnGAISXwoQRGVsZXRlRXhwZXJpZW5jZRIhLnRhbGx5LnYxLkRlbGV0ZUV4cGVyaWVuY2VSZXF1ZXN0GiIudGFsbHkudjEuRGVsZXRlRXhwZXJpZW5jZVJlc3BvbnNlIgSI5xgDEn0KGlVwZGF0ZUV4cGVyaWVuY2VQcm9wZXJ0aWVzEisudGFsbHkudjEuVXBkYXRlRXhwZXJpZW5jZVByb3BlcnRpZXNSZXF1ZXN0GiwudGFsbHkudjEuVXBkYXRlRXhwZXJpZW5jZVByb3BlcnRpZXNSZXNwb25zZSIEiOcYARJZCg5SZWNvcmRPdXRjb21lcxIfLnRhbGx5LnYxLlJlY29yZE91dGNvbWVzUmVxdWVzdBogLnRhbGx5LnYxLlJlY29yZE91dGNvbWVzUmVzcG9uc2UiBIjnGAESZQoSTGlzdE91dGNvbWVDaGFuZ2VzEiMudGFsbHkudjEuTGlzdE91dGNvbWVDaGFuZ2VzUmVxdWVzdBokLnRhbGx5LnYxLkxpc3RPdXRjb21lQ2hhbmdlc1Jlc3BvbnNlIgSI5xgCYgZwcm90bzM", [file_google_protobuf_timestamp, file_tally_v1_access, file_tally_v1_common]);
 
 /**
  * One run of an experience type.
@@ -82,6 +82,15 @@ export type Experience = Message<"tally.v1.Experience"> & {
    * @generated from field: repeated tally.v1.StepCost step_costs = 8;
    */
   stepCosts: StepCost[];
+
+  /**
+   * Who last set each property and when (CreateExperience,
+   * UpdateExperienceProperties), by key. Properties set before Tally kept this
+   * have none. Set by GetExperience and UpdateExperienceProperties.
+   *
+   * @generated from field: repeated tally.v1.PropertyUpdate property_updates = 9;
+   */
+  propertyUpdates: PropertyUpdate[];
 };
 
 /**
@@ -90,6 +99,41 @@ export type Experience = Message<"tally.v1.Experience"> & {
  */
 export const ExperienceSchema: GenMessage<Experience> = /*@__PURE__*/
   messageDesc(file_tally_v1_experience_service, 0);
+
+/**
+ * When a property of an experience was last set, and by which API key.
+ *
+ * @generated from message tally.v1.PropertyUpdate
+ */
+export type PropertyUpdate = Message<"tally.v1.PropertyUpdate"> & {
+  /**
+   * The property's key.
+   *
+   * @generated from field: string key = 1;
+   */
+  key: string;
+
+  /**
+   * When it was last set.
+   *
+   * @generated from field: google.protobuf.Timestamp update_time = 2;
+   */
+  updateTime?: Timestamp | undefined;
+
+  /**
+   * The name of the API key that set it ("" with keys off).
+   *
+   * @generated from field: string key_name = 3;
+   */
+  keyName: string;
+};
+
+/**
+ * Describes the message tally.v1.PropertyUpdate.
+ * Use `create(PropertyUpdateSchema)` to create a new message.
+ */
+export const PropertyUpdateSchema: GenMessage<PropertyUpdate> = /*@__PURE__*/
+  messageDesc(file_tally_v1_experience_service, 1);
 
 /**
  * What the events of one step of a run cost.
@@ -124,7 +168,7 @@ export type StepCost = Message<"tally.v1.StepCost"> & {
  * Use `create(StepCostSchema)` to create a new message.
  */
 export const StepCostSchema: GenMessage<StepCost> = /*@__PURE__*/
-  messageDesc(file_tally_v1_experience_service, 1);
+  messageDesc(file_tally_v1_experience_service, 2);
 
 /**
  * The value of one outcome.
@@ -168,7 +212,7 @@ export type OutcomeValue = Message<"tally.v1.OutcomeValue"> & {
  * Use `create(OutcomeValueSchema)` to create a new message.
  */
 export const OutcomeValueSchema: GenMessage<OutcomeValue> = /*@__PURE__*/
-  messageDesc(file_tally_v1_experience_service, 2);
+  messageDesc(file_tally_v1_experience_service, 3);
 
 /**
  * An outcome as recorded for a run.
@@ -212,7 +256,7 @@ export type RecordedOutcome = Message<"tally.v1.RecordedOutcome"> & {
  * Use `create(RecordedOutcomeSchema)` to create a new message.
  */
 export const RecordedOutcomeSchema: GenMessage<RecordedOutcome> = /*@__PURE__*/
-  messageDesc(file_tally_v1_experience_service, 3);
+  messageDesc(file_tally_v1_experience_service, 4);
 
 /**
  * Request of RecordOutcomes.
@@ -240,7 +284,7 @@ export type RecordOutcomesRequest = Message<"tally.v1.RecordOutcomesRequest"> & 
  * Use `create(RecordOutcomesRequestSchema)` to create a new message.
  */
 export const RecordOutcomesRequestSchema: GenMessage<RecordOutcomesRequest> = /*@__PURE__*/
-  messageDesc(file_tally_v1_experience_service, 4);
+  messageDesc(file_tally_v1_experience_service, 5);
 
 /**
  * Request of ListOutcomeChanges.
@@ -275,7 +319,7 @@ export type ListOutcomeChangesRequest = Message<"tally.v1.ListOutcomeChangesRequ
  * Use `create(ListOutcomeChangesRequestSchema)` to create a new message.
  */
 export const ListOutcomeChangesRequestSchema: GenMessage<ListOutcomeChangesRequest> = /*@__PURE__*/
-  messageDesc(file_tally_v1_experience_service, 5);
+  messageDesc(file_tally_v1_experience_service, 6);
 
 /**
  * Response of ListOutcomeChanges.
@@ -303,7 +347,7 @@ export type ListOutcomeChangesResponse = Message<"tally.v1.ListOutcomeChangesRes
  * Use `create(ListOutcomeChangesResponseSchema)` to create a new message.
  */
 export const ListOutcomeChangesResponseSchema: GenMessage<ListOutcomeChangesResponse> = /*@__PURE__*/
-  messageDesc(file_tally_v1_experience_service, 6);
+  messageDesc(file_tally_v1_experience_service, 7);
 
 /**
  * Response of RecordOutcomes.
@@ -324,7 +368,7 @@ export type RecordOutcomesResponse = Message<"tally.v1.RecordOutcomesResponse"> 
  * Use `create(RecordOutcomesResponseSchema)` to create a new message.
  */
 export const RecordOutcomesResponseSchema: GenMessage<RecordOutcomesResponse> = /*@__PURE__*/
-  messageDesc(file_tally_v1_experience_service, 7);
+  messageDesc(file_tally_v1_experience_service, 8);
 
 /**
  * Cost and usage statistics of one experience, over all its events, kept at
@@ -418,7 +462,7 @@ export type ExperienceStats = Message<"tally.v1.ExperienceStats"> & {
  * Use `create(ExperienceStatsSchema)` to create a new message.
  */
 export const ExperienceStatsSchema: GenMessage<ExperienceStats> = /*@__PURE__*/
-  messageDesc(file_tally_v1_experience_service, 8);
+  messageDesc(file_tally_v1_experience_service, 9);
 
 /**
  * Request of CreateExperience.
@@ -470,7 +514,7 @@ export type CreateExperienceRequest = Message<"tally.v1.CreateExperienceRequest"
  * Use `create(CreateExperienceRequestSchema)` to create a new message.
  */
 export const CreateExperienceRequestSchema: GenMessage<CreateExperienceRequest> = /*@__PURE__*/
-  messageDesc(file_tally_v1_experience_service, 9);
+  messageDesc(file_tally_v1_experience_service, 10);
 
 /**
  * Response of CreateExperience.
@@ -491,7 +535,7 @@ export type CreateExperienceResponse = Message<"tally.v1.CreateExperienceRespons
  * Use `create(CreateExperienceResponseSchema)` to create a new message.
  */
 export const CreateExperienceResponseSchema: GenMessage<CreateExperienceResponse> = /*@__PURE__*/
-  messageDesc(file_tally_v1_experience_service, 10);
+  messageDesc(file_tally_v1_experience_service, 11);
 
 /**
  * Request of GetExperience.
@@ -512,7 +556,7 @@ export type GetExperienceRequest = Message<"tally.v1.GetExperienceRequest"> & {
  * Use `create(GetExperienceRequestSchema)` to create a new message.
  */
 export const GetExperienceRequestSchema: GenMessage<GetExperienceRequest> = /*@__PURE__*/
-  messageDesc(file_tally_v1_experience_service, 11);
+  messageDesc(file_tally_v1_experience_service, 12);
 
 /**
  * Response of GetExperience.
@@ -533,7 +577,7 @@ export type GetExperienceResponse = Message<"tally.v1.GetExperienceResponse"> & 
  * Use `create(GetExperienceResponseSchema)` to create a new message.
  */
 export const GetExperienceResponseSchema: GenMessage<GetExperienceResponse> = /*@__PURE__*/
-  messageDesc(file_tally_v1_experience_service, 12);
+  messageDesc(file_tally_v1_experience_service, 13);
 
 /**
  * Request of ListExperiences.
@@ -601,7 +645,7 @@ export type ListExperiencesRequest = Message<"tally.v1.ListExperiencesRequest"> 
  * Use `create(ListExperiencesRequestSchema)` to create a new message.
  */
 export const ListExperiencesRequestSchema: GenMessage<ListExperiencesRequest> = /*@__PURE__*/
-  messageDesc(file_tally_v1_experience_service, 13);
+  messageDesc(file_tally_v1_experience_service, 14);
 
 /**
  * Response of ListExperiences.
@@ -629,7 +673,7 @@ export type ListExperiencesResponse = Message<"tally.v1.ListExperiencesResponse"
  * Use `create(ListExperiencesResponseSchema)` to create a new message.
  */
 export const ListExperiencesResponseSchema: GenMessage<ListExperiencesResponse> = /*@__PURE__*/
-  messageDesc(file_tally_v1_experience_service, 14);
+  messageDesc(file_tally_v1_experience_service, 15);
 
 /**
  * Request of DeleteExperience.
@@ -650,7 +694,7 @@ export type DeleteExperienceRequest = Message<"tally.v1.DeleteExperienceRequest"
  * Use `create(DeleteExperienceRequestSchema)` to create a new message.
  */
 export const DeleteExperienceRequestSchema: GenMessage<DeleteExperienceRequest> = /*@__PURE__*/
-  messageDesc(file_tally_v1_experience_service, 15);
+  messageDesc(file_tally_v1_experience_service, 16);
 
 /**
  * Response of DeleteExperience.
@@ -671,7 +715,7 @@ export type DeleteExperienceResponse = Message<"tally.v1.DeleteExperienceRespons
  * Use `create(DeleteExperienceResponseSchema)` to create a new message.
  */
 export const DeleteExperienceResponseSchema: GenMessage<DeleteExperienceResponse> = /*@__PURE__*/
-  messageDesc(file_tally_v1_experience_service, 16);
+  messageDesc(file_tally_v1_experience_service, 17);
 
 /**
  * Request of UpdateExperienceProperties.
@@ -707,7 +751,7 @@ export type UpdateExperiencePropertiesRequest = Message<"tally.v1.UpdateExperien
  * Use `create(UpdateExperiencePropertiesRequestSchema)` to create a new message.
  */
 export const UpdateExperiencePropertiesRequestSchema: GenMessage<UpdateExperiencePropertiesRequest> = /*@__PURE__*/
-  messageDesc(file_tally_v1_experience_service, 17);
+  messageDesc(file_tally_v1_experience_service, 18);
 
 /**
  * Response of UpdateExperienceProperties.
@@ -728,7 +772,7 @@ export type UpdateExperiencePropertiesResponse = Message<"tally.v1.UpdateExperie
  * Use `create(UpdateExperiencePropertiesResponseSchema)` to create a new message.
  */
 export const UpdateExperiencePropertiesResponseSchema: GenMessage<UpdateExperiencePropertiesResponse> = /*@__PURE__*/
-  messageDesc(file_tally_v1_experience_service, 18);
+  messageDesc(file_tally_v1_experience_service, 19);
 
 /**
  * Manages experiences: single runs of an experience type, identified by a UUID.
@@ -788,7 +832,9 @@ export const ExperienceService: GenService<{
     output: typeof DeleteExperienceResponseSchema;
   },
   /**
-   * Sets and removes properties of an experience.
+   * Sets and removes properties of an experience (annotations of the run after
+   * the fact: never part of an event, never a cost), each set one kept with
+   * when and by which API key (Experience.property_updates).
    *
    * @generated from rpc tally.v1.ExperienceService.UpdateExperienceProperties
    */

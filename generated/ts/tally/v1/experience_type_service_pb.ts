@@ -637,9 +637,8 @@ export type GetExperienceTypeStatsRequest = Message<"tally.v1.GetExperienceTypeS
   endTime?: Timestamp | undefined;
 
   /**
-   * Also each declared outcome per version (VersionCostDistribution.outcomes).
-   * They are read run by run, not from a rollup: the call then takes time in
-   * proportion to the runs (1.4 s at 100,000 runs on a 2-core machine).
+   * Also each declared outcome per version (VersionCostDistribution.outcomes),
+   * from the outcome rollups kept at ingest and at scoring.
    *
    * @generated from field: bool include_outcomes = 5;
    */

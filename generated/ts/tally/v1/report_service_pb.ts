@@ -432,8 +432,9 @@ export type CompareVersionsResponse = Message<"tally.v1.CompareVersionsResponse"
   confidence: number;
 
   /**
-   * Runs per version the bootstrap draws from at most (a seeded sample of
-   * them beyond it).
+   * Runs each resample draws per version at most (from the version's cost
+   * histogram, or its successes and failures); beyond it, the resampled
+   * spread is scaled to the version's run count.
    *
    * @generated from field: int32 bootstrap_runs = 9;
    */

@@ -24,7 +24,7 @@ import sqlalchemy as sa
 from grpc import aio
 
 from tally.v1 import event_service_pb2 as event_pb, event_service_pb2_grpc, ingest_service_pb2 as ing_pb
-from tally_client import AsyncTallyClient, EventFilter, create_headers, dollars, limit
+from tally_client import AsyncTallyClient, EventFilter, create_headers, dollars, limit, outcome
 from tally_client.usage import anthropic_units, openai_units
 from tally_server.app import TallyServer
 from tally_server.config import Settings
@@ -567,3 +567,47 @@ async def test_fail_closed_refuses_every_call_while_the_database_is_down(provide
         await admin(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
         await server.stop()
         await drop_database_url(url)
+
+
+async def test_a_call_carries_its_runs_outcomes_checked_before_it_is_forwarded(tally):
+    """xProxy-Experience-Outcomes: the run's outcome values, checked against the type's
+    declarations before the call goes out (a bad one: 400, nothing forwarded, nothing
+    stored) and recorded once its event is."""
+    name = unique("Proxied_Outcomes")
+    async with AsyncTallyClient(f"127.0.0.1:{tally.port}") as client:
+        await client.create_experience_type(
+            name, "Scored through the proxy", outcomes=[outcome("resolved", "boolean"), outcome("csat", "likert_5")]
+        )
+        body = {"model": "gpt-4o", "messages": MESSAGES}
+        url = f"{proxy_url(tally)}/chat/completions"
+        async with aiohttp.ClientSession() as session:
+            forwarded = len(Provider.paths)
+            for header, said in (
+                ("not json", "must be a JSON object"),
+                ('{"resolved": "yes"}', "must be true, false or a number"),
+                ('{"unknown": 1}', "declares no outcome 'unknown'"),
+                ('{"csat": 9}', "a whole number from 1 to 5"),
+                ('{"resolved": 1}', "give bool_value"),
+            ):
+                headers = {"xProxy-Experience-Name": name, "xProxy-Experience-Outcomes": header}
+                async with session.post(url, json=body, headers=headers) as answer:
+                    assert answer.status == 400, header
+                    message = (await answer.json())["error"]["message"]
+                    assert said in message and "xproxy-experience-outcomes" in message, message
+            headers = {"xProxy-Experience-Outcomes": '{"resolved": true}'}  # no run named
+            async with session.post(url, json=body, headers=headers) as answer:
+                assert answer.status == 400
+                assert "outcomes need the run" in (await answer.json())["error"]["message"]
+            assert len(Provider.paths) == forwarded, "nothing was forwarded"
+            assert not (await client.list_experiences(name)).experiences, "nothing was stored"
+            headers = {"xProxy-Experience-Name": name, "xProxy-Experience-Outcomes": '{"resolved": true, "csat": 4}'}
+            async with session.post(url, json=body, headers=headers) as answer:
+                assert answer.status == 200
+                run = answer.headers["xproxy-experience-id"]
+                assert not (await answer.json())["xproxy_result"]["warnings"]
+        got = await client.get_experience(run)
+        assert {o.value.name: (o.value.bool_value or o.value.number_value) for o in got.outcomes} == {
+            "resolved": True,
+            "csat": 4,
+        }
+        assert got.stats.event_count == 1

@@ -27,6 +27,10 @@ USECASE_ALIASES = {
     USECASE_VERSION: EXPERIENCE_VERSION,
     USECASE_STEP: EXPERIENCE_STEP,
 }
+# The proxy only: the run's outcome values as a JSON object ({"resolved": true, "csat": 4}),
+# checked before the call is forwarded and recorded once its event is stored.
+EXPERIENCE_OUTCOMES = "xproxy-experience-outcomes"
+USECASE_OUTCOMES = "xproxy-usecase-outcomes"
 # Comma-separated key=value pairs that select price variants, e.g. "processing=batch".
 PRICE_CONTEXT = "xproxy-price-context"
 # The limit reservation (from LimitService.Reserve) that the call's event settles.

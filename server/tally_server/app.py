@@ -278,7 +278,7 @@ class TallyServer:
                 fail_closed=settings.proxy_fail_closed,
                 read_timeout_seconds=settings.proxy_read_timeout_seconds,
             )
-            services_ = ProxyServices(self.ingestor, self.limits, keys, lambda: self.database_serving)
+            services_ = ProxyServices(self.ingestor, self.limits, keys, self.experiences, lambda: self.database_serving)
             site = ProxySite(
                 services_,
                 configured,

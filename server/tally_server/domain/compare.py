@@ -5,6 +5,7 @@ exact percentiles the caller found) come in, the verdict goes out."""
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 from collections.abc import Mapping, Sequence
@@ -201,11 +202,14 @@ def _resampled_means(rng: random.Random, buckets: Mapping[int, int], mean: float
     runs = sum(buckets.values())
     ordered = sorted(b for b in buckets if buckets[b] > 0)
     values = [bucket_value(b) / NANOS_PER_DOLLAR for b in ordered]
-    weights = [buckets[b] for b in ordered]
-    centre = sum(v * w for v, w in zip(values, weights, strict=True)) / runs
+    centre = sum(v * buckets[b] for v, b in zip(values, ordered, strict=True)) / runs
+    cumulative = list(itertools.accumulate(buckets[b] for b in ordered))
     draws = min(runs, BOOTSTRAP_RUNS)
     scale = math.sqrt(draws / runs)
-    return [mean + (sum(rng.choices(values, weights, k=draws)) / draws - centre) * scale for _ in range(RESAMPLES)]
+    return [
+        mean + (sum(rng.choices(values, cum_weights=cumulative, k=draws)) / draws - centre) * scale
+        for _ in range(RESAMPLES)
+    ]
 
 
 def _resampled_rates(rng: random.Random, successes: int, scored: int) -> list[float]:

@@ -4,6 +4,7 @@ context merged with each event's own."""
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Iterable
 from typing import Any
 
@@ -11,6 +12,7 @@ from tally_client.metadata import (
     CONTEXT_KEYS,
     EXPERIENCE_ID,
     EXPERIENCE_NAME,
+    EXPERIENCE_OUTCOMES,
     EXPERIENCE_STEP,
     EXPERIENCE_VERSION,
     KNOWN_KEYS,
@@ -18,11 +20,13 @@ from tally_client.metadata import (
     PRICE_CONTEXT,
     REQUEST_TAGS,
     USECASE_ALIASES,
+    USECASE_OUTCOMES,
     USER_ID,
 )
 
 from ..domain.errors import Violations
 from ..domain.models import NO_CONTEXT, EventContext, UsageEvent
+from ..domain.outcomes import OutcomeValue
 
 __all__ = ["EXPERIENCE_ID", "call_context"]
 
@@ -41,6 +45,12 @@ def _context_of(pairs: tuple[tuple[str, str], ...]) -> EventContext:
     warnings: list[str] = []
     for key, raw in pairs:
         value = raw.strip()
+        if key in (EXPERIENCE_OUTCOMES, USECASE_OUTCOMES):
+            warnings.append(
+                f"metadata key {key!r} is read by the proxy only; it was ignored: record outcomes with "
+                "ExperienceService/RecordOutcomes"
+            )
+            continue
         if key not in KNOWN_KEYS:
             warnings.append(f"metadata key {key[:64]!r} is not one Tally reads; it was ignored")
             continue
@@ -76,6 +86,35 @@ def _context_of(pairs: tuple[tuple[str, str], ...]) -> EventContext:
         price_context=tuple(sorted(price_context.items())),
         warnings=tuple(warnings),
     )
+
+
+def outcome_values(pairs: Iterable[tuple[str, str]]) -> tuple[OutcomeValue, ...]:
+    """The outcome values of a proxied call's xProxy-Experience-Outcomes header (a JSON
+    object of true/false and numbers), () without one; INVALID_ARGUMENT naming the header."""
+    given = [(key, value) for key, value in pairs if key in (EXPERIENCE_OUTCOMES, USECASE_OUTCOMES)]
+    if not given:
+        return ()
+    v = Violations()
+    if len({value.strip() for _, value in given}) > 1:
+        v.add(EXPERIENCE_OUTCOMES, f"{USECASE_OUTCOMES} contradicts {EXPERIENCE_OUTCOMES}")
+        v.raise_if_any()
+    try:
+        parsed = json.loads(given[0][1])
+    except ValueError:
+        parsed = None
+    if not isinstance(parsed, dict) or not parsed:
+        v.add(EXPERIENCE_OUTCOMES, 'must be a JSON object of outcome values, e.g. {"resolved": true, "csat": 4}')
+        v.raise_if_any()
+    found = []
+    for name, value in parsed.items():
+        if isinstance(value, bool):
+            found.append(OutcomeValue(name, 1.0 if value else 0.0, True))
+        elif isinstance(value, int | float):
+            found.append(OutcomeValue(name, float(value), False))
+        else:
+            v.add(f"{EXPERIENCE_OUTCOMES}[{name[:64]!r}]", "must be true, false or a number")
+    v.raise_if_any()
+    return tuple(found)
 
 
 def merge_context(call: EventContext, event: EventContext, v: Violations) -> EventContext:

@@ -32,7 +32,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
-from tally_client.metadata import API_KEY
+from tally_client.metadata import API_KEY, EXPERIENCE_OUTCOMES, USECASE_OUTCOMES
 from tally_client.usage import Reading, StreamUsage, estimate, read_response
 
 from .. import metrics
@@ -41,16 +41,19 @@ from ..domain.events import validate_event
 from ..domain.ids import uuid7
 from ..domain.keys import unauthenticated
 from ..domain.models import NO_CONTEXT, EventContext, IngestResult, UsageEvent, now_us
+from ..domain.outcomes import OutcomeValue
 from ..domain.resolution import derive_experience_id
 from ..domain.validation import TEXT_MAX, parse_uuid
-from ..edges.context import call_context
+from ..edges.context import call_context, outcome_values
 from ..logs import RepeatedLog
+from ..services.experiences import Experiences
 from ..services.ingest import Ingestor
 from ..services.keys import ApiKeys
 from ..services.limits import Limits
 from . import answers, sse
 from .upstreams import ANTHROPIC, Upstream, safe_rest
 
+OUTCOME_KEYS = (EXPERIENCE_OUTCOMES, USECASE_OUTCOMES)
 log = logging.getLogger("tally.proxy")
 repeated = RepeatedLog(log)
 
@@ -100,6 +103,7 @@ class ProxyServices:
     ingestor: Ingestor
     limits: Limits
     keys: ApiKeys | None  # None: API keys are off
+    experiences: Experiences
     # Whether the database answered the server's last health check (every 2 s).
     database_answers: Callable[[], bool] = lambda: True
 
@@ -137,6 +141,7 @@ class Call:
     recorded: bool = False  # its event was made (and handed to the writer)
     started: float = 0.0
     warnings: tuple[str, ...] = ()
+    outcomes: tuple[OutcomeValue, ...] = ()  # xProxy-Experience-Outcomes: recorded once the event is stored
 
 
 class Forwarder:
@@ -187,13 +192,17 @@ class Forwarder:
             )
         try:
             key_name = await self._key_name(request)
-            context = _context(request)
+            context, outcomes = _context(request)
+            if outcomes:
+                await self.services.experiences.check_outcomes(
+                    context.experience_id, context.experience_name, outcomes, EXPERIENCE_OUTCOMES
+                )
         except StorageUnavailable:
             return answers.error(upstream.shape, 503, "the database is unavailable; retry", retry_after=1)
         except TallyError as refusal:
             metrics.PROXY_CALLS.labels(upstream.name, "refused").inc()
             return answers.from_tally_error(upstream.shape, refusal)
-        call = Call(upstream, rest, context, key_name, uuid7(), started=time.perf_counter())
+        call = Call(upstream, rest, context, key_name, uuid7(), started=time.perf_counter(), outcomes=outcomes)
         size = request.content_length if request.content_length is not None else self.settings.max_body_bytes
         if size > self.settings.max_body_bytes:
             return _too_large(upstream, self.settings.max_body_bytes)
@@ -481,6 +490,8 @@ class Forwarder:
             reservation = event.context.limit_reservation
             event = dataclasses.replace(event, context=dataclasses.replace(NO_CONTEXT, limit_reservation=reservation))
         if isinstance(outcome, IngestResult):
+            if call.outcomes:
+                await self._score(call, outcome)
             metrics.PROXY_CALLS.labels(call.upstream.name, "recorded").inc()
             log.debug("proxied %s/%s: request %s", call.upstream.name, call.rest, outcome.request_id)
             result = answers.xproxy_result(outcome)
@@ -496,23 +507,36 @@ class Forwarder:
         said = [*call.warnings, f"the call was not recorded: {reason}"]
         return answers.not_recorded(said, _experience_header(call), str(call.request_id))
 
+    async def _score(self, call: Call, stored: IngestResult) -> None:
+        """Records the call's outcome values on its run (checked before the call was made:
+        only a type changed meanwhile refuses them, and the answer then says so)."""
+        if stored.experience_id is None:
+            call.warnings += ("the outcomes were not recorded: the call's event is not attributed to a run",)
+            return
+        try:
+            await self.services.experiences.record_outcomes(str(stored.experience_id), call.outcomes, call.key_name)
+        except (TallyError, StorageUnavailable) as refusal:
+            call.warnings += (f"the outcomes were not recorded: {refusal}",)
+
 
 # --- helpers ---------------------------------------------------------------------------------
 
 
-def _context(request: web.Request) -> EventContext:
-    """The call's context from its xproxy headers; INVALID_ARGUMENT for a malformed one. A
-    type named without an experience id gets a new id now, so that the answer's headers can
-    name the experience before its body (the event then creates it with that id)."""
+def _context(request: web.Request) -> tuple[EventContext, tuple[OutcomeValue, ...]]:
+    """The call's context and outcome values from its xproxy headers; INVALID_ARGUMENT for a
+    malformed one. A type named without an experience id gets a new id now, so that the
+    answer's headers can name the experience before its body (the event then creates it
+    with that id)."""
     pairs = [(name.lower(), value) for name, value in request.headers.items() if name.lower().startswith("xproxy-")]
-    context = call_context(pairs)
+    outcomes = outcome_values(pairs)
+    context = call_context([(key, value) for key, value in pairs if key not in OUTCOME_KEYS])
     v = Violations()
     probe = UsageEvent("proxy", "probe", {}, 0, 0, 0, 0, "", "", {}, context, "")
     validate_event(probe, None, v)
     v.raise_if_any()
     if context.experience_name and not context.experience_id:
         context = dataclasses.replace(context, experience_id=str(uuid7()))
-    return context
+    return context, outcomes
 
 
 def _experience_header(call: Call) -> str:

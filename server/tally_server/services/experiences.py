@@ -172,6 +172,23 @@ class Experiences:
         items = [outcomes.ScoredOutcome(change, declared.get(change.name), None) for _, change in found[:size]]
         return Page(items, token)
 
+    async def check_outcomes(
+        self, experience_id: str, experience_name: str, values: Sequence[outcomes.OutcomeValue], field: str
+    ) -> None:
+        """Refuses, before a call that carries them, values its run could not record: the run
+        is the experience if it exists, else a new one of the type named."""
+        v = Violations()
+        parsed = parse_uuid(experience_id) if experience_id else None
+        async with self.db.read() as conn:
+            experience = await stored_experiences.get_experience(conn, parsed) if parsed else None
+            name = experience.experience_name if experience else experience_name
+            if not name:
+                v.add(field, "outcomes need the run: name its experience (id, or type for a new one)")
+                v.raise_if_any()
+            declared = await self._declared(conn, name)
+        outcomes.check_values(v, field, declared, values)
+        v.raise_if_any()
+
     async def record_outcomes(
         self, experience_id: str, values: Sequence[outcomes.OutcomeValue], key_name: str
     ) -> tuple[outcomes.ScoredOutcome, ...]:

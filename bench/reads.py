@@ -2,8 +2,9 @@
 
 Ingests through the wire (IngestBatch, 1,000 events per call) into a fresh database:
 one experience per ten events (of versions 1 and 2 of a type that declares one outcome,
-300 runs scored after each load), plus one heavy experience that gets one event in
-twenty, spread over the last 60 days, five models, 200 users and a few request tags.
+a tenth of each load's runs scored after it), each event naming one of three steps or
+none, plus one heavy experience that gets one event in twenty, spread over the last 60
+days, five models, 200 users and a few request tags.
 At each size it times every read (the median of --calls calls), and prints the
 growth from the first size to the last beside the targets:
 
@@ -53,9 +54,11 @@ from .__main__ import CHANNEL_OPTIONS, create_postgres_database, drop_postgres_d
 DAY = 86_400
 RESOURCES = ["gpt-4o", "gpt-4o-mini", "claude-3-5-sonnet-latest", "o3-mini", "gpt-4.1"]
 TAGS = ["checkout", "search", "support", "batch"]
+STEPS = ["", "retrieve", "summarize", "review"]  # the step each event names ("" none)
 # (read, target ms at the largest size)
 TARGETS = {
     "GetExperienceTypeStats": 100.0,
+    "GetExperienceTypeStats with outcomes": 100.0,
     "GetExperience (heavy)": 5.0,
     "GetExperience (typical)": 5.0,
     "ListExperiences top 20 by cost": 50.0,
@@ -71,8 +74,8 @@ TARGETS = {
     "CompareVersions v1, v2": 200.0,
     "dashboard /api/compare": 200.0,
 }
-# Runs scored (RecordOutcomes) after each load, at most: the type declares one outcome.
-SCORED_PER_LOAD = 300
+# The share of each load's runs scored (RecordOutcomes) after it: the type declares one outcome.
+SCORED_FRACTION = 0.1
 
 
 class Loader:
@@ -107,6 +110,7 @@ class Loader:
                 experience_version=1 + int(experience_id[-1], 16) % self.versions,
                 user_id=f"user-{rng.randint(1, 200)}",
                 request_tags=rng.sample(TAGS, rng.randint(0, 2)),
+                step=rng.choice(STEPS),
             ),
         )
 
@@ -140,13 +144,18 @@ class Loader:
         return count / (time.perf_counter() - started)
 
     async def score(self) -> None:
-        """Scores a sample of the runs created since the last call (resolved or not)."""
-        sample = self.rng.sample(self.new_runs, min(SCORED_PER_LOAD, len(self.new_runs)))
-        for experience_id in sample:
-            value = exp_pb.OutcomeValue(name="resolved", bool_value=self.rng.random() < 0.6)
+        """Scores a tenth of the runs created since the last call (resolved or not), 16 at a time."""
+        sample = self.rng.sample(self.new_runs, int(len(self.new_runs) * SCORED_FRACTION))
+        values = [exp_pb.OutcomeValue(name="resolved", bool_value=self.rng.random() < 0.6) for _ in sample]
+
+        async def one(experience_id: str, value: exp_pb.OutcomeValue) -> None:
             await self.experiences.RecordOutcomes(
                 exp_pb.RecordOutcomesRequest(experience_id=experience_id, values=[value])
             )
+
+        pairs = list(zip(sample, values, strict=True))
+        for start in range(0, len(pairs), 16):
+            await asyncio.gather(*(one(*pair) for pair in pairs[start : start + 16]))
         self.new_runs.clear()
 
 
@@ -187,6 +196,9 @@ async def measure(channel: aio.Channel, loader: Loader, calls: int, web_port: in
     reads: dict[str, Callable[[], Awaitable[Any]]] = {
         "GetExperienceTypeStats": lambda: types.GetExperienceTypeStats(
             et_pb.GetExperienceTypeStatsRequest(name=loader.name)
+        ),
+        "GetExperienceTypeStats with outcomes": lambda: types.GetExperienceTypeStats(
+            et_pb.GetExperienceTypeStatsRequest(name=loader.name, include_outcomes=True)
         ),
         "GetExperience (heavy)": lambda: experiences.GetExperience(
             exp_pb.GetExperienceRequest(experience_id=loader.heavy)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import uuid
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -103,6 +103,7 @@ def _upsert(dialect: str, table_name: str) -> postgresql.Insert | sqlite.Insert:
         type_outcome_rollups,
         type_outcome_cost_buckets,
         type_step_rollups,
+        experience_step_costs,
     )
     table = {t.name: t for t in tables}[table_name]
     insert = postgresql.insert(table) if dialect == "postgresql" else sqlite.insert(table)
@@ -115,6 +116,8 @@ def _upsert(dialect: str, table_name: str) -> postgresql.Insert | sqlite.Insert:
         added = _added(table, insert.excluded, ("run_count", "value_sum"), ("cost_total",))
     elif table is type_step_rollups:
         added = _added(table, insert.excluded, ("run_count", "event_count"), ("cost_total",))
+    elif table is experience_step_costs:
+        added = _added(table, insert.excluded, ("event_count",), ("cost_total",))
     else:  # a histogram: its count
         count = {"experience_latencies": "event_count", "type_cost_buckets": "experience_count"}.get(
             table.name, "run_count"
@@ -376,6 +379,11 @@ async def add_type_deltas(conn: AsyncConnection, deltas: TypeDeltas) -> None:
         if t.run_count or t.event_count or t.cost_total_nanos
     ]
     await hot_path.execute_many(conn, _upsert(dialect, "type_step_rollups"), step_rows)
+
+
+async def add_rows(conn: AsyncConnection, table_name: str, rows: Sequence[dict[str, Any]]) -> None:
+    """Adds rows (in the order given) to a table of sums, in one executemany."""
+    await hot_path.execute_many(conn, _upsert(conn.dialect.name, table_name), rows)
 
 
 def _money(nanos: int) -> dict[str, int]:

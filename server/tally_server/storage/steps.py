@@ -10,33 +10,25 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from . import rollups
-from .sql import insert_or_ignore
 from .tables import experience_step_costs
 
 
 async def add(conn: AsyncConnection, sums: Mapping[tuple[uuid.UUID, str], tuple[int, int]]) -> None:
     """Adds (events, cost in nanos) to each run's step, in key order (rows are locked in one
-    order by every writer)."""
-    s = experience_step_costs
+    order by every writer), in one executemany."""
+    rows = []
     for (experience_id, step), (count, nanos) in sorted(sums.items(), key=lambda item: (str(item[0][0]), item[0][1])):
         dollars, leftover = rollups.split(nanos)
-        insert = insert_or_ignore(conn, s).values(
-            experience_id=experience_id,
-            step=step,
-            event_count=count,
-            cost_total_dollars=dollars,
-            cost_total_nanos=leftover,
+        rows.append(
+            {
+                "experience_id": experience_id,
+                "step": step,
+                "event_count": count,
+                "cost_total_dollars": dollars,
+                "cost_total_nanos": leftover,
+            }
         )
-        await conn.execute(
-            insert.on_conflict_do_update(
-                index_elements=["experience_id", "step"],
-                set_={
-                    "event_count": s.c.event_count + insert.excluded.event_count,
-                    "cost_total_dollars": s.c.cost_total_dollars + insert.excluded.cost_total_dollars,
-                    "cost_total_nanos": s.c.cost_total_nanos + insert.excluded.cost_total_nanos,
-                },
-            )
-        )
+    await rollups.add_rows(conn, "experience_step_costs", rows)
 
 
 async def of_experience(conn: AsyncConnection, experience_id: uuid.UUID) -> list[tuple[str, int, int]]:

@@ -5,6 +5,7 @@ back with ListEvents) and the outcomes it recorded, to the nano for money."""
 
 from __future__ import annotations
 
+import asyncio
 import math
 import random
 from datetime import UTC, datetime, timedelta
@@ -297,3 +298,41 @@ async def test_bad_comparisons_are_refused(stubs):
         empty = await tally.compare_versions(name, baseline=1, candidate=2)
         assert (empty.baseline.runs, empty.candidate.runs) == (0, 0)
         assert not any(d.enough_runs for d in empty.differences)
+
+
+async def test_scoring_and_ingest_at_once_leave_the_outcome_rollups_exact(stubs):
+    """Runs re-scored while their events arrive, from many calls at once: each commit moves
+    a run's whole contribution under its lock, so the outcome figures end exact."""
+    rng = random.Random(99)
+    name = unique("Concurrent")
+    async with AsyncTallyClient(stubs.target) as tally:
+        await tally.create_experience_type(name, "Scored while it runs", outcomes=OUTCOMES[:2])
+        runs = [{"id": (await tally.create_experience(name)).experience_id, "outcomes": {}} for _ in range(12)]
+        plan = [(rng.choice(runs), rng.random() < 0.5, rng.randint(1, 5)) for _ in range(120)]
+
+        async def act(run: dict, resolved: bool, csat: int) -> None:
+            event = usage_event("system.openai", "gpt-4o", {"text": (rng.randint(100, 900), 50)})
+            event.context.experience_id = run["id"]
+            await asyncio.gather(
+                tally.ingest(event), tally.record_outcomes(run["id"], {"resolved": resolved, "csat": csat})
+            )
+
+        for start in range(0, len(plan), 12):
+            await asyncio.gather(*(act(*step) for step in plan[start : start + 12]))
+        for run in runs:
+            scored = await tally.get_experience(run["id"])
+            run["outcomes"] = {
+                o.value.name: o.value.bool_value if o.value.name == "resolved" else o.value.number_value
+                for o in scored.outcomes
+            }
+        runs = [run for run in await with_costs(tally, runs) if run["events"]]
+        stats = await tally.get_experience_type_stats(name, include_outcomes=True)
+        (version,) = stats.versions
+        wanted = expected_summary(runs)
+        assert [o.name for o in version.outcomes] == ["resolved", "csat"]
+        for o in version.outcomes:
+            expected = wanted["outcomes"][o.name]
+            assert (o.scored_runs, o.successes) == (expected["scored"], expected["successes"]), o.name
+            assert (nanos(o.cost_per_success) if o.HasField("cost_per_success") else None) == expected["per_success"]
+            assert (nanos(o.succeeded_cost_p50), nanos(o.succeeded_cost_p95)) == expected["won"], o.name
+            assert (nanos(o.failed_cost_p50), nanos(o.failed_cost_p95)) == expected["lost"], o.name

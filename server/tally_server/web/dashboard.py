@@ -198,9 +198,9 @@ async def _versions(services: Services, request: web.Request) -> web.Response:
     return web.json_response({"versions": rows})
 
 
-# Types whose two latest versions the page compares, at most: each costs a comparison (a read
-# of those versions' runs: 1.5 s at 100,000 runs), so a house of many types is not read whole
-# on every load; and the answer is reused for COMPARE_SECONDS.
+# Types whose two latest versions the page compares, at most: each costs a comparison (about
+# 0.3 s, most of it the bootstrap's resampling, at any size), so a house of many types is not
+# read whole on every load; and the answer is reused for COMPARE_SECONDS.
 COMPARED_TYPES = 20
 COMPARE_SECONDS = 60.0
 # The last answer and when it was made, kept in the application (one per server).

@@ -256,7 +256,13 @@ async def test_cli_breakdown_by_day_is_in_time_order_with_empty_days(stubs):
         stamp.FromDatetime(now - dt.timedelta(days=days_ago))
         units = {"text": ing_pb.UnitCounts(input=tokens)}
         event = ing_pb.UsageEvent(category="system.openai", resource="gpt-4o", units=units, event_timestamp=stamp)
-        await stubs.ingest.Ingest(ing_pb.IngestRequest(event=event), metadata=(("xproxy-experience-name", name),))
+        user = "early" if days_ago else "late"
+        metadata = (("xproxy-experience-name", name), ("xproxy-user-id", user))
+        await stubs.ingest.Ingest(ing_pb.IngestRequest(event=event), metadata=metadata)
+    # Filtered by user: only that user's events (read from the events).
+    code, out, err = await tally(stubs.target, "report", "breakdown", "--by", "user", "--type", name, "--user", "late")
+    assert code == 0, err
+    assert re.search(r"^late\s+1\s+0\s+\$", out, re.M) and "early" not in out, out
     code, out, err = await tally(stubs.target, "report", "breakdown", "--by", "day", "--days", "4", "--type", name)
     assert code == 0, err
     days = re.findall(r"^(\d{4}-\d{2}-\d{2})\s+(\S+)\s+(\S+)\s+(\S+)", out, re.M)

@@ -357,9 +357,29 @@ DIMENSION_VALUES = {
 }
 
 
-async def check_breakdown(reports, world: World, dimensions: tuple[str, ...], start: int, end: int) -> None:
+def _selected(s: Sent, filters: dict) -> bool:
+    """Whether a BreakDownCost filter selects the event (every event here is system.openai)."""
+    checks = {
+        "experience_version": lambda v: s.version == v,
+        "category": lambda v: v == "system.openai",
+        "model": lambda v: s.model == v,
+        "user_id": lambda v: s.user == v,
+        "request_tag": lambda v: v in s.tags,
+    }
+    return all(checks[name](value) for name, value in filters.items())
+
+
+async def check_breakdown(
+    reports, world: World, dimensions: tuple[str, ...], start: int, end: int, **filters: str | int
+) -> None:
     want: dict[tuple, list[int]] = defaultdict(lambda: [0, 0, 0, 0, 0])
-    in_window = [s for s in world.sent if start <= s.time < end and s.experience_id in world.experiences]
+    in_window = [
+        s
+        for s in world.sent
+        if start <= s.time < end and s.experience_id in world.experiences and _selected(s, filters)
+    ]
+    if filters and filters.get("category") != "system.anthropic":
+        assert in_window, f"the filter {filters} selects events"
     for s in in_window:
         keys = [[]]
         for dimension in dimensions:
@@ -371,7 +391,7 @@ async def check_breakdown(reports, world: World, dimensions: tuple[str, ...], st
     got: dict[tuple, list[int]] = {}
     token, pages = "", 0
     request = rep_pb.BreakDownCostRequest(
-        group_by=[DIMENSION_VALUES[d] for d in dimensions], experience_name=world.name, page_size=5
+        group_by=[DIMENSION_VALUES[d] for d in dimensions], experience_name=world.name, page_size=5, **filters
     )
     request.start_time.seconds, request.end_time.seconds = start, end
     costs_in_order = []
@@ -495,6 +515,19 @@ async def test_rollups_equal_the_events_through_duplicates_and_deletions(stubs):
     ]:
         await check_breakdown(reports, world, dimensions, start, end)
     await check_breakdown(reports, world, ("resource",), BASE + 60, BASE + 600)  # within one hour
+    # Filtered: on the rollup's keys (version, category, model) from the rollup and the
+    # partial hours' events; on user or tag from the events alone; combined.
+    for dimensions, filters in [
+        (("resource", "day"), {"experience_version": 2}),
+        (("user_id",), {"model": "gpt-4o"}),
+        (("model",), {"category": "system.openai", "experience_version": 1}),
+        (("model",), {"category": "system.anthropic"}),
+        (("resource", "day"), {"user_id": USERS[2]}),
+        (("model",), {"request_tag": TAGS[0]}),
+        (("day",), {"user_id": USERS[1], "request_tag": TAGS[1], "experience_version": 1}),
+        (("request_tag",), {"model": "gpt-4o-mini", "request_tag": TAGS[0]}),
+    ]:
+        await check_breakdown(reports, world, dimensions, start, end, **filters)
 
     # Deleting an experience takes its events out of the type's statistics and breakdown.
     heaviest = max(world.experiences, key=lambda e: len(world.of(e)))
@@ -611,6 +644,10 @@ async def test_breakdown_refuses_bad_requests(stubs):
         (rep_pb.BreakDownCostRequest(group_by=[99]), "group_by[0]"),
         (rep_pb.BreakDownCostRequest(group_by=[4], page_size=-1), "page_size"),
         (rep_pb.BreakDownCostRequest(group_by=[4], page_token="forged"), "page_token"),
+        (rep_pb.BreakDownCostRequest(group_by=[4], experience_version=2), "experience_version"),
+        (rep_pb.BreakDownCostRequest(group_by=[4], experience_name="T", experience_version=-1), "experience_version"),
+        (rep_pb.BreakDownCostRequest(group_by=[4], user_id="u" * 257), "user_id"),
+        (rep_pb.BreakDownCostRequest(group_by=[4], request_tag="t" * 257), "request_tag"),
     ]
     for request, field_path in bad:
         async with raises(grpc.StatusCode.INVALID_ARGUMENT) as error:

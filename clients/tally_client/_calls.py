@@ -367,11 +367,23 @@ def compare_versions(
     return Call("reports", "CompareVersions", request, _same)
 
 
+@dataclass(frozen=True)
+class CostSlice:
+    """Which events a breakdown sums ("" and 0: any)."""
+
+    experience_name: str = ""
+    experience_version: int = 0
+    category: str = ""
+    model: str = ""
+    user_id: str = ""
+    request_tag: str = ""
+
+
 def break_down_cost(
     group_by: Iterable[str],
     start: datetime | None,
     end: datetime | None,
-    experience_name: str,
+    only: CostSlice,
     page_size: int,
     page_token: str,
 ) -> Call[report_pb.BreakDownCostResponse]:
@@ -384,7 +396,12 @@ def break_down_cost(
         group_by=dimensions,
         start_time=_timestamp(start),
         end_time=_timestamp(end),
-        experience_name=experience_name,
+        experience_name=only.experience_name,
+        experience_version=only.experience_version,
+        category=only.category,
+        model=only.model,
+        user_id=only.user_id,
+        request_tag=only.request_tag,
         page_size=page_size,
         page_token=page_token,
     )

@@ -496,13 +496,28 @@ class TallyClient(_ClientBase):
         start: datetime | None = None,
         end: datetime | None = None,
         experience_name: str = "",
+        experience_version: int = 0,
+        category: str = "",
+        model: str = "",
+        user_id: str = "",
+        request_tag: str = "",
         page_size: int = 0,
         page_token: str = "",
     ) -> report_pb.BreakDownCostResponse:
         """Cost over [start, end) grouped by one or two of type, version, category, model
         (the price entry's), resource (as sent), user, tag, day, hour; the most expensive
-        group first."""
-        return self._run(_calls.break_down_cost(group_by, start, end, experience_name, page_size, page_token))
+        group first. Only the events of the type (and version), category, model, user and
+        tag given, where given."""
+        return self._run(
+            _calls.break_down_cost(
+                group_by,
+                start,
+                end,
+                _calls.CostSlice(experience_name, experience_version, category, model, user_id, request_tag),
+                page_size,
+                page_token,
+            )
+        )
 
     def delete_experience(self, experience_id: str | UUID) -> int:
         """Deletes it; returns how many of its events were kept as unattributed."""
@@ -880,13 +895,28 @@ class AsyncTallyClient(_ClientBase):
         start: datetime | None = None,
         end: datetime | None = None,
         experience_name: str = "",
+        experience_version: int = 0,
+        category: str = "",
+        model: str = "",
+        user_id: str = "",
+        request_tag: str = "",
         page_size: int = 0,
         page_token: str = "",
     ) -> report_pb.BreakDownCostResponse:
         """Cost over [start, end) grouped by one or two of type, version, category, model
         (the price entry's), resource (as sent), user, tag, day, hour; the most expensive
-        group first."""
-        return await self._run(_calls.break_down_cost(group_by, start, end, experience_name, page_size, page_token))
+        group first. Only the events of the type (and version), category, model, user and
+        tag given, where given."""
+        return await self._run(
+            _calls.break_down_cost(
+                group_by,
+                start,
+                end,
+                _calls.CostSlice(experience_name, experience_version, category, model, user_id, request_tag),
+                page_size,
+                page_token,
+            )
+        )
 
     async def delete_experience(self, experience_id: str | UUID) -> int:
         """Deletes it; returns how many of its events were kept as unattributed."""

@@ -71,7 +71,17 @@ def report_breakdown(tally: TallyClient, args: argparse.Namespace) -> None:
     end = _time(args.until) or datetime.now().astimezone()
     start = _time(args.since) or end - timedelta(days=args.days)
     response = tally.break_down_cost(
-        by, start=start, end=end, experience_name=args.type or "", page_size=args.limit, page_token=args.page_token
+        by,
+        start=start,
+        end=end,
+        experience_name=args.type or "",
+        experience_version=args.version,
+        category=args.provider or "",
+        model=args.model or "",
+        user_id=args.user or "",
+        request_tag=args.tag or "",
+        page_size=args.limit,
+        page_token=args.page_token,
     )
     columns: dict[str, tuple[str, Callable[[Any], str]]] = {
         "type": ("TYPE", lambda g: g.experience_name or "(unattributed)"),
@@ -212,6 +222,11 @@ def add_commands(commands: Commands, client: argparse.ArgumentParser) -> None:
     p.add_argument("--since", help="from this ISO 8601 time")
     p.add_argument("--until", help="to this ISO 8601 time (default now)")
     p.add_argument("--type", help="only events of this experience type")
+    p.add_argument("--version", type=int, default=0, help="with --type: only events of this version")
+    p.add_argument("--provider", help="only events of this category, e.g. system.openai")
+    p.add_argument("--model", help="only events this model's price entry priced")
+    p.add_argument("--user", help="only events of this user id (reads the window's events)")
+    p.add_argument("--tag", help="only events carrying this request tag (reads the window's events)")
     p.add_argument("--limit", type=int, default=50, help="at most this many groups (default 50)")
     p.add_argument("--page-token", default="", help="the page after the one that printed this token")
     p.set_defaults(remote=report_breakdown)

@@ -376,6 +376,26 @@ class StoredEvent:
 
 
 @dataclass(frozen=True)
+class CostFilter:
+    """Which events a cost breakdown sums ("" and 0: any)."""
+
+    experience_name: str = ""
+    experience_version: int = 0
+    category: str = ""
+    model: str = ""
+    user_id: str = ""
+    request_tag: str = ""
+
+    @property
+    def of_events_only(self) -> bool:
+        """Whether only the events know it (the hourly rollup keeps no user or tag)."""
+        return bool(self.user_id or self.request_tag)
+
+
+ALL_EVENTS = CostFilter()
+
+
+@dataclass(frozen=True)
 class CostGroup:
     """One group of a cost breakdown: its keys by dimension name, and its sums."""
 

@@ -34,7 +34,7 @@ from tally.v1 import (
 
 from ..domain import events as event_rules
 from ..domain.errors import TallyError, Violation, Violations, invalid
-from ..domain.models import EventContext, IngestResult, Page, UnitPrice, UsageEvent, now_us
+from ..domain.models import CostFilter, EventContext, IngestResult, Page, UnitPrice, UsageEvent, now_us
 from ..edges import context as metadata
 from ..services.events import Events
 from ..services.experience_types import ExperienceTypes
@@ -258,7 +258,14 @@ class ReportServicer(report_grpc.ReportServiceServicer):
             convert.cost_dimensions(request.group_by),
             convert.micros(request, "start_time"),
             convert.micros(request, "end_time"),
-            request.experience_name,
+            CostFilter(
+                request.experience_name,
+                request.experience_version,
+                request.category,
+                request.model,
+                request.user_id,
+                request.request_tag,
+            ),
             request.page_size,
             request.page_token,
         )

@@ -10,8 +10,8 @@ from typing import Any
 from ..domain import compare, paging
 from ..domain.compare import VersionSums
 from ..domain.errors import Violations
-from ..domain.models import CostGroup, CostTotals, Page
-from ..domain.validation import check_name
+from ..domain.models import ALL_EVENTS, CostFilter, CostGroup, CostTotals, Page
+from ..domain.validation import TEXT_MAX, check_name, utf8_length
 from ..storage import reports as stored_reports, types as stored_types
 from ..storage.db import Database
 from .experience_types import type_not_found
@@ -48,11 +48,11 @@ class Reports:
         group_by: Sequence[str],
         start_us: int | None,
         end_us: int | None,
-        experience_name: str = "",
+        f: CostFilter = ALL_EVENTS,
         page_size: int = 0,
         page_token: str = "",
     ) -> tuple[Page, CostGroup]:
-        """A page of groups (CostGroup) and the total over the whole window."""
+        """A page of groups (CostGroup) of the filter's events and their total over the window."""
         v = Violations()
         if not 1 <= len(group_by) <= 2:
             v.add("group_by", f"one or two dimensions, got {len(group_by)}")
@@ -63,21 +63,20 @@ class Reports:
         for i, dimension in enumerate(group_by):
             if dimension not in DIMENSIONS:
                 v.add(f"group_by[{i}]", f"not a dimension: {dimension!r}")
-        if experience_name:
-            check_name(v, "experience_name", experience_name, what="experience type name")
+        check_filter(v, f)
         if start_us is not None and end_us is not None and end_us <= start_us:
             v.add("end_time", "must be after start_time")
         v.raise_if_any()
         size = paging.page_size(page_size)
-        filters = [list(group_by), start_us, end_us, experience_name]
+        filters = [list(group_by), start_us, end_us, *dataclasses.astuple(f)]
         offset = self.pages.decode(
             page_token, "cost_breakdown", filters, lambda p: isinstance(p, int) and not isinstance(p, bool) and p >= 0
         )
         offset = offset or 0
         async with self.db.read() as conn:
-            groups = await stored_reports.cost_breakdown(conn, group_by, start_us, end_us, experience_name)
+            groups = await stored_reports.cost_breakdown(conn, group_by, start_us, end_us, f)
             if "request_tag" in group_by:
-                whole = await stored_reports.cost_breakdown(conn, (), start_us, end_us, experience_name)
+                whole = await stored_reports.cost_breakdown(conn, (), start_us, end_us, f)
                 total = whole.get((), CostTotals())
             else:
                 total = _sum(groups.values())
@@ -89,16 +88,21 @@ class Reports:
         token = self.pages.encode("cost_breakdown", filters, offset + size) if len(ordered) > offset + size else ""
         return Page(page, token), CostGroup({}, total)
 
-    async def top_spend_by_day(self, dimension: str, start_us: int, end_us: int, top: int) -> TopSpend:
+    async def top_spend_by_day(
+        self, dimension: str, start_us: int, end_us: int, top: int, f: CostFilter = ALL_EVENTS
+    ) -> TopSpend:
         """The `top` costliest groups of a rollup dimension (ranked over the window's whole
-        hours, in the database), their spend per day, and the others' per day: three reads
-        whose answers are bounded by `top` and the window's days."""
+        hours, in the database), their spend per day, and the others' per day, of the
+        filter's events: three reads whose answers are bounded by `top` and the window's days."""
         names = list(_KEY_NAMES.get(dimension, (dimension,)))
+        v = Violations()
+        check_filter(v, f)
+        v.raise_if_any()
         async with self.db.read() as conn:
-            chosen = await stored_reports.costliest_groups(conn, dimension, start_us, end_us, top + 1)
+            chosen = await stored_reports.costliest_groups(conn, dimension, start_us, end_us, top + 1, f)
             kept = chosen[:top]
-            by_day = await stored_reports.cost_breakdown(conn, [dimension, "day"], start_us, end_us, "", kept)
-            days = await stored_reports.cost_breakdown(conn, ["day"], start_us, end_us, "")
+            by_day = await stored_reports.cost_breakdown(conn, [dimension, "day"], start_us, end_us, f, kept)
+            days = await stored_reports.cost_breakdown(conn, ["day"], start_us, end_us, f)
         width = len(names)
         groups = [
             CostGroup({**dict(zip(names, key[:width], strict=True)), "day": key[width]}, totals)
@@ -114,6 +118,19 @@ class Reports:
             if rest.event_count:
                 other.append(CostGroup({"day": day}, rest))
         return TopSpend(groups, other, CostGroup({}, _sum(days.values())), len(chosen) > top)
+
+
+def check_filter(v: Violations, f: CostFilter) -> None:
+    """Adds a violation for each filter field a breakdown refuses (named as the request's)."""
+    if f.experience_name:
+        check_name(v, "experience_name", f.experience_name, what="experience type name")
+    if f.experience_version < 0:
+        v.add("experience_version", "must be 0 (all versions) or a version number")
+    elif f.experience_version and not f.experience_name:
+        v.add("experience_version", "a version is of a type: give experience_name too")
+    for name in ("category", "model", "user_id", "request_tag"):
+        if utf8_length(getattr(f, name)) > TEXT_MAX:
+            v.add(name, f"at most {TEXT_MAX} bytes")
 
 
 def _sum(all_totals: Any) -> CostTotals:

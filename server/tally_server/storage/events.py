@@ -68,7 +68,7 @@ async def event_by_id(conn: AsyncConnection, request_id: uuid.UUID) -> m.StoredE
     return None if row is None else stored_event(row)
 
 
-def _has_tag(conn: AsyncConnection, tag: str) -> sa.ColumnElement[bool]:
+def has_tag(conn: AsyncConnection, tag: str) -> sa.ColumnElement[bool]:
     """The event's request_tags (a JSON array) hold `tag`."""
     elements = "json_array_elements_text" if conn.dialect.name == "postgresql" else "json_each"
     values = getattr(sa.func, elements)(events.c.request_tags).table_valued("value").alias("tag")
@@ -110,7 +110,7 @@ def _event_conditions(conn: AsyncConnection, f: EventFilter) -> list[sa.ColumnEl
     if f.end_us is not None:
         where.append(ev.c.event_time_us < f.end_us)
     if f.request_tag:
-        where.append(_has_tag(conn, f.request_tag))
+        where.append(has_tag(conn, f.request_tag))
     return where
 
 

@@ -11,6 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from ..domain import models as m
 from ..domain.rollups import DAY_US, HOUR_US
 from . import rollups
+from .events import has_tag
 from .tables import (
     ROLLUP_COUNT_COLUMNS,
     ROLLUP_MONEY_COLUMNS,
@@ -67,18 +68,47 @@ def _rollup_sums() -> list[sa.Label[Any]]:
 Only = Sequence[tuple[Any, ...]] | None
 
 
+def _rollup_filter(f: m.CostFilter) -> list[sa.ColumnElement[bool]]:
+    """The filter on the hourly rollup's keys (it has no user or tag: see of_events_only)."""
+    r = cost_rollups
+    where = []
+    for column, value in ((r.c.experience_name, f.experience_name), (r.c.category, f.category), (r.c.model, f.model)):
+        if value:
+            where.append(column == value)
+    if f.experience_version:
+        where.append(r.c.experience_version == f.experience_version)
+    return where
+
+
+def _event_filter(conn: AsyncConnection, f: m.CostFilter) -> list[sa.ColumnElement[bool]]:
+    ev = events
+    where = []
+    for column, value in (
+        (experience_types.c.name, f.experience_name),
+        (ev.c.category, f.category),
+        (rollups.MODEL_OF_EVENT, f.model),
+        (ev.c.user_id, f.user_id),
+    ):
+        if value:
+            where.append(column == value)
+    if f.experience_version:
+        where.append(experiences.c.version == f.experience_version)
+    if f.request_tag:
+        where.append(has_tag(conn, f.request_tag))
+    return where
+
+
 def _grouped(
     query: sa.Select[Any],
     keys: list[sa.ColumnElement[Any]],
     time: sa.ColumnElement[int],
     start_us: int | None,
     end_us: int | None,
-    type_name: sa.ColumnElement[str],
-    only_type: str,
+    where: list[sa.ColumnElement[bool]],
     only: tuple[list[sa.ColumnElement[Any]], Only] = ([], None),
 ) -> sa.Select[Any]:
-    """The breakdown's query grouped by `keys`, over [start_us, end_us) of `time`, only of
-    the type `only_type` when one is given, and only of the groups `only` names."""
+    """The breakdown's query grouped by `keys`, over [start_us, end_us) of `time`, with the
+    filter's conditions, and only of the groups `only` names."""
     columns, values = only
     if values is not None:
         query = query.where(sa.tuple_(*columns).in_([tuple(v) for v in values]) if values else sa.false())
@@ -88,8 +118,8 @@ def _grouped(
         query = query.where(time >= start_us)
     if end_us is not None:
         query = query.where(time < end_us)
-    if only_type:
-        query = query.where(type_name == only_type)
+    if where:
+        query = query.where(*where)
     return query
 
 
@@ -113,7 +143,7 @@ async def _breakdown_from_rollup(
     dimensions: Sequence[str],
     start_us: int | None,
     end_us: int | None,
-    type_name: str,
+    f: m.CostFilter,
     only: Only = None,
 ) -> Groups:
     r = cost_rollups
@@ -125,8 +155,7 @@ async def _breakdown_from_rollup(
         r.c.hour_us,
         start_us,
         end_us,
-        r.c.experience_name,
-        type_name,
+        _rollup_filter(f),
         (first, only),
     )
     groups: Groups = {}
@@ -139,13 +168,15 @@ async def _breakdown_from_events(
     dimensions: Sequence[str],
     start_us: int | None,
     end_us: int | None,
-    type_name: str,
+    f: m.CostFilter,
     into: Groups,
     only: Only = None,
 ) -> None:
     ev = events
     # The experience and its type are joined only where a dimension or the filter needs them.
-    needs_type = bool(type_name) or {"experience_name", "experience_version"} & set(dimensions)
+    needs_type = bool(f.experience_name or f.experience_version) or {"experience_name", "experience_version"} & set(
+        dimensions
+    )
     source: Any = rollups.EVENTS_WITH_TYPE if needs_type else events
     tag = None
     if "request_tag" in dimensions:
@@ -162,8 +193,7 @@ async def _breakdown_from_events(
         ev.c.event_time_us,
         start_us,
         end_us,
-        experience_types.c.name,
-        type_name,
+        _event_filter(conn, f),
         (first, only),
     )
     _merge(into, await conn.execute(query), len(keys))
@@ -174,42 +204,60 @@ async def cost_breakdown(
     dimensions: Sequence[str],
     start_us: int | None,
     end_us: int | None,
-    type_name: str,
+    f: m.CostFilter,
     only: Only = None,
 ) -> Groups:
-    """Sums of the events in [start_us, end_us) per group of the dimensions (none: one
-    group, the total), kept to the groups of the first dimension that `only` names when
-    given. From the hourly rollup for the window's whole hours and the events of its partial
-    hours; from the events alone for user id and request tag."""
-    if not set(dimensions) <= ROLLUP_DIMENSIONS:
+    """Sums of the events in [start_us, end_us) that the filter selects, per group of the
+    dimensions (none: one group, the total), kept to the groups of the first dimension that
+    `only` names when given. From the hourly rollup for the window's whole hours and the
+    events of its partial hours; from the events alone for user id and request tag."""
+    if not set(dimensions) <= ROLLUP_DIMENSIONS or f.of_events_only:
         groups: Groups = {}
-        await _breakdown_from_events(conn, dimensions, start_us, end_us, type_name, groups, only)
+        await _breakdown_from_events(conn, dimensions, start_us, end_us, f, groups, only)
         return groups
     first_hour = None if start_us is None else -(-start_us // HOUR_US) * HOUR_US
     end_hour = None if end_us is None else end_us - end_us % HOUR_US
     if first_hour is not None and end_hour is not None and end_hour <= first_hour:
         groups = {}
-        await _breakdown_from_events(conn, dimensions, start_us, end_us, type_name, groups, only)
+        await _breakdown_from_events(conn, dimensions, start_us, end_us, f, groups, only)
         return groups
-    groups = await _breakdown_from_rollup(conn, dimensions, first_hour, end_hour, type_name, only)
+    groups = await _breakdown_from_rollup(conn, dimensions, first_hour, end_hour, f, only)
     if start_us is not None and first_hour is not None and start_us < first_hour:
-        await _breakdown_from_events(conn, dimensions, start_us, first_hour, type_name, groups, only)
+        await _breakdown_from_events(conn, dimensions, start_us, first_hour, f, groups, only)
     if end_us is not None and end_hour is not None and end_hour < end_us:
-        await _breakdown_from_events(conn, dimensions, end_hour, end_us, type_name, groups, only)
+        await _breakdown_from_events(conn, dimensions, end_hour, end_us, f, groups, only)
     return groups
 
 
 async def costliest_groups(
-    conn: AsyncConnection, dimension: str, start_us: int, end_us: int, count: int
+    conn: AsyncConnection, dimension: str, start_us: int, end_us: int, count: int, f: m.CostFilter = m.ALL_EVENTS
 ) -> list[tuple[Any, ...]]:
     """The `count` groups of a rollup dimension that cost the most over the window's whole
-    hours, ranked in the database: however many groups there are, `count` rows come back."""
+    hours (of the filter's events; a filter of user or tag ranks its events), ranked in the
+    database: however many groups there are, `count` rows come back."""
+    if f.of_events_only:
+        ev = events
+        keys = _event_keys(dimension, None)
+        cost = sa.func.sum(ev.c.cost_total_nanos)
+        query = (
+            _grouped(
+                sa.select(*keys).select_from(rollups.EVENTS_WITH_TYPE),
+                keys,
+                ev.c.event_time_us,
+                start_us,
+                end_us,
+                _event_filter(conn, f),
+            )
+            .order_by(cost.desc(), sa.func.count().desc(), *keys)
+            .limit(count)
+        )
+        return [tuple(row) for row in await conn.execute(query)]
     r = cost_rollups
     keys = _rollup_keys(dimension)
     first_hour = -(-start_us // HOUR_US) * HOUR_US
     cost = sa.func.sum(r.c.cost_total_dollars * 1_000_000_000 + r.c.cost_total_nanos)
     query = (
-        _grouped(sa.select(*keys), keys, r.c.hour_us, first_hour, end_us, r.c.experience_name, "")
+        _grouped(sa.select(*keys), keys, r.c.hour_us, first_hour, end_us, _rollup_filter(f))
         .order_by(cost.desc(), sa.func.sum(r.c.event_count).desc(), *keys)
         .limit(count)
     )

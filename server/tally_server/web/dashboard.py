@@ -266,7 +266,7 @@ async def _unpriced(services: Services, request: web.Request) -> web.Response:
     days = _days(request)
     end = now_us()
     since = end - days * DAY_US
-    _, total = await services.reports.breakdown(["category"], since, end, "", 1, "")
+    _, total = await services.reports.breakdown(["category"], since, end, page_size=1)
     reasons: dict[str, int] = {}
     sampled = 0
     for state in (CostState.UNPRICED, CostState.PARTIALLY_PRICED):

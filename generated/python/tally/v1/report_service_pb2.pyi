@@ -468,6 +468,11 @@ class BreakDownCostRequest(_message.Message):
     EXPERIENCE_NAME_FIELD_NUMBER: _builtins.int
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    EXPERIENCE_VERSION_FIELD_NUMBER: _builtins.int
+    CATEGORY_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    USER_ID_FIELD_NUMBER: _builtins.int
+    REQUEST_TAG_FIELD_NUMBER: _builtins.int
     experience_name: _builtins.str
     """Only events of experiences of this type."""
     page_size: _builtins.int
@@ -478,6 +483,24 @@ class BreakDownCostRequest(_message.Message):
     """The `next_page_token` of a previous call with the same request, or empty.
     Pages are positions in the groups as each call computes them: while
     events still arrive in the window, a group may move between pages.
+    """
+    experience_version: _builtins.int
+    """With experience_name: only events of experiences of this version; 0 means
+    all.
+    """
+    category: _builtins.str
+    """Only events of this category, e.g. "system.openai"."""
+    model: _builtins.str
+    """Only events the price entry of this model priced (the MODEL dimension's
+    value: the resource as sent when no entry priced it).
+    """
+    user_id: _builtins.str
+    """Only events with this user id. Like a grouping by user id, this reads the
+    window's events rather than the hourly rollup.
+    """
+    request_tag: _builtins.str
+    """Only events carrying this request tag. Like a grouping by request tag,
+    this reads the window's events rather than the hourly rollup.
     """
     @_builtins.property
     def start_time(self) -> _timestamp_pb2.Timestamp:
@@ -500,10 +523,15 @@ class BreakDownCostRequest(_message.Message):
         experience_name: _builtins.str = ...,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
+        experience_version: _builtins.int = ...,
+        category: _builtins.str = ...,
+        model: _builtins.str = ...,
+        user_id: _builtins.str = ...,
+        request_tag: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "experience_name", b"experience_name", "group_by", b"group_by", "page_size", b"page_size", "page_token", b"page_token", "start_time", b"start_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["category", b"category", "end_time", b"end_time", "experience_name", b"experience_name", "experience_version", b"experience_version", "group_by", b"group_by", "model", b"model", "page_size", b"page_size", "page_token", b"page_token", "request_tag", b"request_tag", "start_time", b"start_time", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

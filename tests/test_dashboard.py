@@ -7,7 +7,9 @@ without them, failed under CI=true."""
 
 from __future__ import annotations
 
+import datetime
 import json
+import re
 import shutil
 import subprocess
 import urllib.error
@@ -25,7 +27,10 @@ from tally.v1 import (
     ingest_service_pb2_grpc as ing_grpc,
     limit_service_pb2 as lim_pb,
     limit_service_pb2_grpc as lim_grpc,
+    report_service_pb2 as rep_pb,
+    report_service_pb2_grpc as rep_grpc,
 )
+from tally_client.output import format_nanos
 
 from .conftest import IN_CI
 from .readme import BIN
@@ -127,6 +132,35 @@ def seed(target: str, admin: str) -> None:
             limits.CreateLimit(lim_pb.CreateLimitRequest(limit=limit), metadata=metadata)
 
 
+def tile(browser, label: str) -> str:
+    """The figure of the summary tile named `label`."""
+    from selenium.webdriver.common.by import By
+
+    for each in browser.find_elements(By.CSS_SELECTOR, "#tiles .tile"):
+        name, figure, _ = each.find_elements(By.TAG_NAME, "div")
+        if name.text == label:
+            return figure.text
+    raise AssertionError(f"no tile {label!r}")
+
+
+def _breakdown(target: str, admin: str, window: tuple, **only: str) -> rep_pb.BreakDownCostResponse:
+    request = rep_pb.BreakDownCostRequest(group_by=[rep_pb.COST_DIMENSION_CATEGORY], **only)
+    request.start_time.FromDatetime(window[0])
+    request.end_time.FromDatetime(window[1])
+    with grpc.insecure_channel(target) as channel:
+        reports = rep_grpc.ReportServiceStub(channel)
+        return reports.BreakDownCost(request, metadata=(("authorization", f"Bearer {admin}"),))
+
+
+def total_nanos(target: str, admin: str, window: tuple, **only: str) -> int:
+    total = _breakdown(target, admin, window, **only).total.cost_total
+    return total.units * 1_000_000_000 + total.nanos
+
+
+def total_events(target: str, admin: str, window: tuple, **only: str) -> int:
+    return _breakdown(target, admin, window, **only).total.event_count
+
+
 # Each would run script if the page put it in as HTML or a link.
 HOSTILE = (
     '<img src=x onerror="window.__pwned=1">',
@@ -170,15 +204,19 @@ def test_the_dashboard_needs_a_key_then_draws_spend_runs_versions_and_reasons(br
         assert all(points > 0 for points in charts), charts
         runs = browser.find_elements(By.CSS_SELECTOR, "#runs tbody tr")
         assert len(runs) == 11, [r.text for r in runs]  # 8 runs, and one per hostile event
-        assert "Chatbot" in runs[0].text or "Document_Summarization" in runs[0].text
-        next(run for run in runs if run.text.split()[2] == "2").click()  # a run of two events
+        ids = [r.find_element(By.CSS_SELECTOR, "td.id").text for r in runs]
+        assert len(set(ids)) == 11 and all(uuid.UUID(i) for i in ids), "each run told apart by its id"
+        two = next(r for r, cells in ((r, r.find_elements(By.TAG_NAME, "td")) for r in runs) if cells[4].text == "2")
+        two.click()  # a run of two events
         wait.until(lambda driver: len(driver.find_elements(By.CSS_SELECTOR, "#steps tbody tr")) == 2)
+        assert "chosen" in two.get_attribute("class"), "the chosen run is highlighted"
+        assert browser.find_element(By.ID, "run-id").text == two.find_element(By.CSS_SELECTOR, "td.id").text
+        steps = browser.find_element(By.ID, "steps").text
+        assert "not reported" in steps and re.search(r"text [\d,]+ in / 2,000 out", steps), steps
         unpriced = browser.find_element(By.ID, "unpriced").text
         assert "did you mean gpt-4o?" in unpriced, unpriced
         for hostile in HOSTILE:  # shown as the text it is
             assert hostile in unpriced, unpriced
-        assert browser.execute_script("return window.__pwned") is None, "a name ran as script"
-        assert browser.execute_script("return document.querySelectorAll('img[src=x], a[href^=javascript]').length") == 0
         limits = browser.find_element(By.ID, "limits").text
         assert "per-summary" in limits and "per experience" in limits and "eng-daily" in limits, limits
         versions = browser.find_element(By.ID, "versions").text
@@ -186,6 +224,52 @@ def test_the_dashboard_needs_a_key_then_draws_spend_runs_versions_and_reasons(br
         compared = browser.find_elements(By.CSS_SELECTOR, "#compare tbody tr")
         assert [row.text.split()[:4] for row in compared] == [["Document_Summarization", "v1", "\u2192", "v2"]]
         assert "3 / 2" in compared[0].text and "not enough runs" in compared[0].text, compared[0].text
+
+        browser.save_screenshot(str(tmp_path / "overview.png"))
+        # The tiles are the gRPC reports' figures for the same window, in the one money format.
+        today = datetime.datetime.now(datetime.UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+        window = (today - datetime.timedelta(days=29), today + datetime.timedelta(days=1))
+        assert tile(browser, "Spend") == format_nanos(total_nanos(server.target, admin, window))
+        assert tile(browser, "Events") == f"{total_events(server.target, admin, window):,}"
+
+        # A reason opens the request log kept to its events.
+        reason = next(
+            r for r in browser.find_elements(By.CSS_SELECTOR, "#unpriced tbody tr") if "did you mean" in r.text
+        )
+        reason.click()
+        wait.until(lambda driver: "not priced: " in driver.find_element(By.ID, "log-about").text)
+        logged = browser.find_elements(By.CSS_SELECTOR, "#log tbody tr")
+        assert len(logged) == 1 and "gtp-4o" in logged[0].text, [r.text for r in logged]
+
+        # A filter changes every panel, lives in the URL, and survives a reload.
+        browser.find_element(By.ID, "f-type").send_keys("Chatbot")
+        browser.find_element(By.ID, "apply").click()
+        wait.until(lambda driver: "type=Chatbot" in driver.current_url)
+        wait.until(lambda driver: driver.execute_script("return document.body.dataset.loaded") == "true")
+        chatbot = total_nanos(server.target, admin, window, experience_name="Chatbot")
+        assert tile(browser, "Spend") == format_nanos(chatbot)
+        assert {
+            r.find_elements(By.TAG_NAME, "td")[1].text.split()[0]
+            for r in browser.find_elements(By.CSS_SELECTOR, "#runs tbody tr")
+        } == {"Chatbot"}
+        assert "Document_Summarization" not in browser.find_element(By.ID, "versions").text
+        browser.refresh()
+        wait.until(lambda driver: driver.execute_script("return document.body.dataset.loaded") == "true")
+        assert browser.find_element(By.ID, "f-type").get_attribute("value") == "Chatbot"
+        assert tile(browser, "Spend") == format_nanos(chatbot)
+        browser.save_screenshot(str(tmp_path / "filtered.png"))
+        # A custom range before any event: nothing in it, and it says so.
+        browser.get(page + "?from=2020-01-01&to=2020-01-31")
+        wait.until(lambda driver: driver.execute_script("return document.body.dataset.loaded") == "true")
+        assert tile(browser, "Spend") == "$0.00" and tile(browser, "Events") == "0"
+        assert browser.find_elements(By.CSS_SELECTOR, "#log tbody tr") == []
+        assert browser.execute_script("return window.__pwned") is None, "a name ran as script"
+        assert (
+            browser.execute_script(
+                "return document.querySelectorAll('img[src=x], a[href^=javascript], script:not([src])').length"
+            )
+            == 0
+        )
 
         browser.save_screenshot(str(tmp_path / "dashboard.png"))
         print(f"\nscreenshot: {tmp_path / 'dashboard.png'}")

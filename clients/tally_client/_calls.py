@@ -325,6 +325,8 @@ class EventFilter:
     cost_state: ing_pb.CostState.ValueType = ing_pb.COST_STATE_UNSPECIFIED
     start: datetime | None = None
     end: datetime | None = None
+    model: str = ""  # the price entry's model (the resource as sent when unpriced)
+    provider_response_id: str = ""
 
 
 def list_events(filters: EventFilter, page_size: int, page_token: str) -> Call[event_pb.ListEventsResponse]:
@@ -341,6 +343,8 @@ def list_events(filters: EventFilter, page_size: int, page_token: str) -> Call[e
         end_time=_timestamp(filters.end),
         page_size=page_size,
         page_token=page_token,
+        model=filters.model,
+        provider_response_id=filters.provider_response_id,
     )
     return Call("events", "ListEvents", request, _same)
 

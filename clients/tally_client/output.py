@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from decimal import Decimal
+from decimal import ROUND_HALF_EVEN, Decimal
 from typing import Any
 
 from google.protobuf import json_format, timestamp_pb2
@@ -18,10 +18,24 @@ def dollars(m: common_pb2.Money) -> Decimal:
 
 
 def money(m: common_pb2.Money) -> str:
-    """$0.0035, $12.50: exact, with at least cents and no trailing zeros beyond them."""
-    text = f"{dollars(m):.9f}".rstrip("0")
+    """Money as every table shows it (the dashboard too): from $1, to the cent with thousands
+    separators ($1,234.57); below, four significant digits without trailing zeros but with
+    at least cents ($0.4228, $0.0575, $0.00048, $0.50); rounded half to even. (JSON output,
+    `--json`, is exact.)"""
+    return format_nanos(m.units * 1_000_000_000 + m.nanos)
+
+
+def format_nanos(nanos: int) -> str:
+    """`money` of an amount in nano-dollars."""
+    sign, value = ("-" if nanos < 0 else ""), Decimal(abs(nanos)).scaleb(-9)
+    if value >= 1 or value == 0:
+        return f"{sign}${value.quantize(Decimal('0.01'), ROUND_HALF_EVEN):,}"
+    rounded = value.quantize(Decimal(1).scaleb(value.adjusted() - 3), ROUND_HALF_EVEN)
+    if rounded >= 1:  # $0.99995 and up: a dollar, to the cent
+        return f"{sign}${rounded.quantize(Decimal('0.01'), ROUND_HALF_EVEN):,}"
+    text = f"{rounded:f}".rstrip("0")
     whole, _, fraction = text.partition(".")
-    return f"${whole}.{fraction.ljust(2, '0')}"
+    return f"{sign}${whole}.{fraction.ljust(2, '0')}"
 
 
 def when(timestamp: timestamp_pb2.Timestamp) -> str:

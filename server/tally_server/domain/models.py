@@ -96,6 +96,7 @@ class CostDistribution:
     experience_count: int = 0
     event_count: int = 0
     unpriced_event_count: int = 0
+    failed_event_count: int = 0
     total_nanos: int = 0
     mean_nanos: int = 0
     p50_nanos: int = 0
@@ -351,6 +352,7 @@ class VersionCosts:
     unpriced_event_count: int = 0
     total_nanos: int = 0
     buckets: dict[int, int] = field(default_factory=dict)
+    failed_event_count: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -64,6 +64,7 @@ def add_experience(costs: dict[int, VersionCosts], state: ExperienceState) -> No
     entry.experience_count += 1
     entry.event_count += state.event_count
     entry.unpriced_event_count += state.unpriced_event_count
+    entry.failed_event_count += state.failed_event_count
     entry.total_nanos += state.cost_total_nanos
     bucket = cost_bucket(state.cost_total_nanos)
     entry.buckets[bucket] = entry.buckets.get(bucket, 0) + 1

@@ -226,6 +226,8 @@ class EventServicer(event_grpc.EventServiceServicer):
             end_us=convert.micros(request, "end_time"),
             page_size=request.page_size,
             page_token=request.page_token,
+            model=request.model,
+            provider_response_id=request.provider_response_id,
         )
         events = [convert.stored_event(e) for e in page.items]
         return fitted(event_pb.ListEventsResponse(), "events", events, page, self.max_answer_bytes)

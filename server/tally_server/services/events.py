@@ -100,6 +100,8 @@ class Events:
         end_us: int | None = None,
         page_size: int = 0,
         page_token: str = "",
+        model: str = "",
+        provider_response_id: str = "",
     ) -> Page:
         v = Violations()
         parsed = parse_uuid(experience_id) if experience_id else None
@@ -120,12 +122,14 @@ class Events:
             ("request_tag", request_tag),
             ("category", category),
             ("resource", resource),
+            ("model", model),
+            ("provider_response_id", provider_response_id),
         ):
             check_text(v, field, value, 256)
         v.raise_if_any()
         size = paging.page_size(page_size)
         filters = [experience_id, experience_name, experience_version, user_id, request_tag, category, resource]
-        filters += [cost_state, start_us, end_us]
+        filters += [cost_state, start_us, end_us, model, provider_response_id]
         position = self.pages.decode(
             page_token,
             "events",
@@ -141,16 +145,18 @@ class Events:
                     return Page([], "")
                 type_id = type_row[0]
             event_filter = stored_events.EventFilter(
-                parsed,
-                type_id,
-                experience_version,
-                user_id,
-                request_tag,
-                category,
-                resource,
-                cost_state,
-                start_us,
-                end_us,
+                experience_id=parsed,
+                type_id=type_id,
+                version=experience_version,
+                user_id=user_id,
+                request_tag=request_tag,
+                category=category,
+                resource=resource,
+                model=model,
+                provider_response_id=provider_response_id,
+                cost_state=cost_state,
+                start_us=start_us,
+                end_us=end_us,
             )
             found = await _annotated(conn, await stored_events.list_events(conn, event_filter, before, size + 1))
 

@@ -11,6 +11,7 @@ from ..domain import compare, paging
 from ..domain.compare import VersionSums
 from ..domain.errors import Violations
 from ..domain.models import ALL_EVENTS, CostFilter, CostGroup, CostTotals, Page
+from ..domain.rollups import DAY_US
 from ..domain.validation import TEXT_MAX, check_name, utf8_length
 from ..storage import reports as stored_reports, types as stored_types
 from ..storage.db import Database
@@ -118,6 +119,32 @@ class Reports:
             if rest.event_count:
                 other.append(CostGroup({"day": day}, rest))
         return TopSpend(groups, other, CostGroup({}, _sum(days.values())), len(chosen) > top)
+
+    async def window_summary(self, start_us: int, end_us: int, f: CostFilter) -> WindowSummary:
+        """The filter's events in [start_us, end_us) summed, and its runs: those whose first
+        event is in the window (whole UTC days, no filter but type and version: from the type
+        rollup), else those with one of the filter's events in it (read from the events)."""
+        v = Violations()
+        check_filter(v, f)
+        v.raise_if_any()
+        async with self.db.read() as conn:
+            totals = _sum((await stored_reports.cost_breakdown(conn, (), start_us, end_us, f)).values())
+            by_rollup = not (f.category or f.model or f.of_events_only)
+            if by_rollup and start_us % DAY_US == 0 and end_us % DAY_US == 0:
+                runs, cost = await stored_reports.runs_started(conn, start_us, end_us, f)
+                return WindowSummary(totals, runs, cost, True)
+            runs = await stored_reports.runs_touched(conn, start_us, end_us, f)
+        return WindowSummary(totals, runs, totals.cost_total_nanos, False)
+
+
+@dataclasses.dataclass(frozen=True)
+class WindowSummary:
+    """What the dashboard's tiles show of a window: the filter's events, and its runs."""
+
+    totals: CostTotals
+    runs: int
+    run_cost_nanos: int  # what those runs cost in all: the cost per run's numerator
+    runs_started: bool  # runs counted by their first event (else: runs with an event in the window)
 
 
 def check_filter(v: Violations, f: CostFilter) -> None:

@@ -63,6 +63,7 @@ async def type_stats(
             experience_count=count,
             event_count=sum(v.event_count for v in selected),
             unpriced_event_count=sum(v.unpriced_event_count for v in selected),
+            failed_event_count=sum(v.failed_event_count for v in selected),
             total_nanos=total,
             mean_nanos=divide_half_even(total, count),
             p50_nanos=await at(0.50),

@@ -84,6 +84,8 @@ class EventFilter:
     request_tag: str = ""
     category: str = ""
     resource: str = ""
+    model: str = ""
+    provider_response_id: str = ""
     cost_state: int = 0
     start_us: int | None = None
     end_us: int | None = None
@@ -98,7 +100,13 @@ def _event_conditions(conn: AsyncConnection, f: EventFilter) -> list[sa.ColumnEl
         where.append(experiences.c.type_id == f.type_id)
         if f.version:
             where.append(experiences.c.version == f.version)
-    for column, value in ((ev.c.user_id, f.user_id), (ev.c.category, f.category), (ev.c.resource, f.resource)):
+    for column, value in (
+        (ev.c.user_id, f.user_id),
+        (ev.c.category, f.category),
+        (ev.c.resource, f.resource),
+        (rollups.MODEL_OF_EVENT, f.model),
+        (ev.c.provider_response_id, f.provider_response_id),
+    ):
         if value:
             where.append(column == value)
     if f.cost_state:

@@ -19,6 +19,7 @@ from .tables import (
     events,
     experience_types,
     experiences,
+    type_rollups,
 )
 
 # Dimensions the hourly rollup keeps; the others (user id, request tag) are read from events.
@@ -262,3 +263,34 @@ async def costliest_groups(
         .limit(count)
     )
     return [tuple(row) for row in await conn.execute(query)]
+
+
+async def runs_started(conn: AsyncConnection, start_day: int, end_day: int, f: m.CostFilter) -> tuple[int, int]:
+    """Runs whose first event falls in the whole UTC days [start_day, end_day), of the
+    filter's type and version (it names no other key), and what they cost in all: from the
+    type rollup, a few rows per day."""
+    t = type_rollups
+    query = sa.select(
+        sa.func.sum(t.c.experience_count), sa.func.sum(t.c.cost_total_dollars), sa.func.sum(t.c.cost_total_nanos)
+    ).where(t.c.day_us >= start_day, t.c.day_us < end_day)
+    if f.experience_name:
+        query = query.join(experience_types, experience_types.c.id == t.c.type_id).where(
+            experience_types.c.name == f.experience_name
+        )
+    if f.experience_version:
+        query = query.where(t.c.version == f.experience_version)
+    runs, dollars, nanos = (await conn.execute(query)).one()
+    return int(runs or 0), rollups.joined(dollars, nanos)
+
+
+async def runs_touched(conn: AsyncConnection, start_us: int, end_us: int, f: m.CostFilter) -> int:
+    """Runs with at least one of the filter's events in [start_us, end_us): read from the
+    window's events (a filter on model, category, user or tag)."""
+    ev = events
+    query = (
+        sa.select(sa.func.count(sa.distinct(ev.c.experience_id)))
+        .select_from(rollups.EVENTS_WITH_TYPE)
+        .where(ev.c.event_time_us >= start_us, ev.c.event_time_us < end_us, ev.c.experience_id.is_not(None))
+        .where(*_event_filter(conn, f))
+    )
+    return int((await conn.execute(query)).scalar_one() or 0)

@@ -45,7 +45,7 @@ async def type_costs(
             t.c.version,
             *(
                 sa.func.sum(t.c[name]).label(name)
-                for name in ("experience_count", "event_count", "unpriced_event_count")
+                for name in ("experience_count", "event_count", "unpriced_event_count", "failed_event_count")
             ),
             sa.func.sum(t.c.cost_total_dollars).label("dollars"),
             sa.func.sum(t.c.cost_total_nanos).label("nanos"),
@@ -61,6 +61,7 @@ async def type_costs(
                 int(row.event_count),
                 int(row.unpriced_event_count),
                 rollups.joined(row.dollars, row.nanos),
+                failed_event_count=int(row.failed_event_count or 0),
             )
     histogram = (
         sa.select(b.c.version, b.c.bucket, sa.func.sum(b.c.experience_count).label("n"))

@@ -4,6 +4,9 @@ rpc: it calls services only."""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import datetime
 import logging
 import ssl
 import time
@@ -15,14 +18,24 @@ from typing import Any
 from aiohttp import web
 
 from ..domain.errors import StorageUnavailable, TallyError
-from ..domain.models import CostGroup, CostState, now_us
+from ..domain.models import (
+    CostFilter,
+    CostGroup,
+    CostState,
+    Experience,
+    ExperienceStats,
+    StoredEvent,
+    now_us,
+)
+from ..domain.money import divide_half_even
+from ..domain.validation import parse_uuid
 from ..edges.http import Admission, Handler, HttpSite, check_key, host_guard, loopback_bind
 from ..services.events import Events
 from ..services.experience_types import ExperienceTypes
 from ..services.experiences import Experiences
 from ..services.keys import ApiKeys
 from ..services.limits import Limits
-from ..services.reports import Reports
+from ..services.reports import Reports, WindowSummary
 
 log = logging.getLogger("tally.web")
 DAY_US = 86_400 * 1_000_000
@@ -43,8 +56,11 @@ class Services:
     keys: ApiKeys | None  # None: API keys are off
 
 
-def _dollars(nanos: int) -> float:
-    return nanos / 1e9
+def _dollars(nanos: int) -> str:
+    """Money in the JSON: exact, as a decimal string of dollars with nine places (the page
+    formats it by one rule: static/app.js, `usd`)."""
+    whole, part = divmod(abs(nanos), 1_000_000_000)
+    return f"{'-' if nanos < 0 else ''}{whole}.{part:09d}"
 
 
 def _whole_number(request: web.Request, name: str, default: int, low: int, high: int) -> int:
@@ -57,6 +73,56 @@ def _whole_number(request: web.Request, name: str, default: int, low: int, high:
 
 def _days(request: web.Request) -> int:
     return _whole_number(request, "days", 30, 1, MAX_DAYS)
+
+
+@dataclass(frozen=True)
+class View:
+    """The window and filters every panel shares (the page keeps them in its URL): whole UTC
+    days from `from` to `to` (inclusive; the last 30 days by default, or the last `days`),
+    and the events of a type (and version), provider, model, user and tag."""
+
+    start_us: int
+    end_us: int
+    only: CostFilter
+
+    @property
+    def days(self) -> int:
+        return (self.end_us - self.start_us) // DAY_US
+
+    def before(self) -> View:
+        """The window of the same length just before this one."""
+        length = self.end_us - self.start_us
+        return View(self.start_us - length, self.start_us, self.only)
+
+
+def _date(request: web.Request, name: str) -> int | None:
+    text = request.query.get(name, "")
+    if not text:
+        return None
+    try:
+        day = datetime.date.fromisoformat(text)
+    except ValueError:
+        raise web.HTTPBadRequest(text=f"{name} must be a date, YYYY-MM-DD (UTC), got {text[:40]!r}") from None
+    return int(datetime.datetime.combine(day, datetime.time(), datetime.UTC).timestamp()) * 1_000_000
+
+
+def _view(request: web.Request) -> View:
+    today = now_us() // DAY_US * DAY_US
+    last = _date(request, "to")
+    last = today if last is None else last
+    first = _date(request, "from")
+    if first is None:
+        first = last - (_days(request) - 1) * DAY_US
+    if first > last:
+        raise web.HTTPBadRequest(text="from must not be after to")
+    if (last - first) // DAY_US + 1 > MAX_DAYS:
+        raise web.HTTPBadRequest(text=f"a window is at most {MAX_DAYS} days")
+    version = _whole_number(request, "version", 0, 0, 2**31 - 1)
+    q = request.query
+    only = CostFilter(
+        q.get("type", ""), version, q.get("provider", ""), q.get("model", ""), q.get("user", ""), q.get("tag", "")
+    )
+    return View(first, last + DAY_US, only)
 
 
 def _guarded(services: Services) -> Any:
@@ -99,14 +165,12 @@ async def _spend(services: Services, request: web.Request) -> web.Response:
     by = request.query.get("by", "experience_name")
     if by not in ("experience_name", "experience_version", "model", "resource", "category"):
         raise web.HTTPBadRequest(text="by is experience_name, experience_version, model, resource or category")
-    days = _days(request)
-    end = now_us()
-    start = (end // DAY_US - days + 1) * DAY_US
-    top = await services.reports.top_spend_by_day(by, start, end, SPEND_GROUPS)
+    view = _view(request)
+    top = await services.reports.top_spend_by_day(by, view.start_us, view.end_us, SPEND_GROUPS, view.only)
     return web.json_response(
         {
-            "start_us": start,
-            "days": days,
+            "start_us": view.start_us,
+            "days": view.days,
             "groups": [_group_json(g) for g in top.groups],
             "other": [_group_json(g) for g in top.other],
             "other_groups": top.other_groups,
@@ -115,86 +179,234 @@ async def _spend(services: Services, request: web.Request) -> web.Response:
     )
 
 
+def _tiles(summary: WindowSummary) -> dict[str, Any]:
+    t = summary.totals
+    return {
+        "spend": _dollars(t.cost_total_nanos),
+        "events": t.event_count,
+        "failed": t.failed_event_count,
+        "unpriced": t.unpriced_event_count,
+        "runs": summary.runs,
+        "cost_per_run": _dollars(divide_half_even(summary.run_cost_nanos, summary.runs)) if summary.runs else None,
+        "runs_started": summary.runs_started,
+    }
+
+
+async def _summary(services: Services, request: web.Request) -> web.Response:
+    """The tiles: spend, events, unpriced events, runs and cost per run over the window and
+    filters, each beside the window of the same length before it."""
+    view = _view(request)
+    now = await services.reports.window_summary(view.start_us, view.end_us, view.only)
+    before = view.before()
+    then = await services.reports.window_summary(before.start_us, before.end_us, before.only)
+    return web.json_response(
+        {"start_us": view.start_us, "days": view.days, "current": _tiles(now), "previous": _tiles(then)}
+    )
+
+
+# Events a page of the request log shows, and the characters of a caller-chosen text it shows.
+LOG_PAGE = 50
+
+
+def _event_json(stored: StoredEvent) -> dict[str, Any]:
+    result, event = stored.result, stored.event
+    return {
+        "request_id": str(result.request_id),
+        "time_us": result.event_time_us,
+        "experience_id": str(result.experience_id) if result.experience_id else "",
+        "type": result.experience_name,
+        "version": result.experience_version,
+        "user": event.context.user_id,
+        "tags": list(event.context.request_tags),
+        "category": event.category,
+        "resource": event.resource,
+        "units": {unit: list(counts) for unit, counts in sorted(event.units.items())},
+        "latency_ms": event.end_to_end_latency_ms or None,  # 0: not reported
+        "status": event.http_status_code,
+        "state": result.cost.state.name.lower(),
+        "price": result.cost.price.resource if result.cost.price is not None else "",
+        "why_not_priced": sorted({u.reason for u in result.cost.unknown_units}),
+        "cost": _dollars(result.cost.total_nanos),
+        "idempotency_key": event.idempotency_key,
+        "provider_response_id": event.provider_response_id,
+        "properties": dict(event.properties),
+    }
+
+
+async def _events(services: Services, request: web.Request) -> web.Response:
+    """The request log: the window's events of the filters, newest first, a page at a time;
+    `q` finds one by request id, idempotency key or provider response id instead, and
+    `state=unpriced` keeps the events not (fully) priced."""
+    view = _view(request)
+    query = request.query.get("q", "").strip()[:300]
+    if query:
+        found: list[StoredEvent] = []
+        if parse_uuid(query) is not None:
+            with contextlib.suppress(TallyError):
+                found.append(await services.events.get(request_id=query))
+        if not found:
+            with contextlib.suppress(TallyError):
+                found.append(await services.events.get(idempotency_key=query))
+        if not found:
+            page = await services.events.list(provider_response_id=query, page_size=LOG_PAGE)
+            found = list(page.items)
+        return web.json_response({"events": [_event_json(e) for e in found], "next": "", "searched": query})
+    state = request.query.get("state", "")
+    if state not in ("", "unpriced", "partially_priced"):
+        raise web.HTTPBadRequest(text="state is unpriced or partially_priced")
+    cost_state = {"": 0, "unpriced": int(CostState.UNPRICED), "partially_priced": int(CostState.PARTIALLY_PRICED)}
+    only = view.only
+    reason = request.query.get("reason", "")
+    if reason:  # the events of one unpriced reason: among the newest the reasons panel counts
+        found = []
+        for each in (CostState.UNPRICED, CostState.PARTIALLY_PRICED):
+            page = await services.events.list(
+                experience_name=only.experience_name,
+                experience_version=only.experience_version,
+                user_id=only.user_id,
+                request_tag=only.request_tag,
+                category=only.category,
+                model=only.model,
+                cost_state=int(each),
+                start_us=view.start_us,
+                end_us=view.end_us,
+                page_size=UNPRICED_SAMPLE,
+            )
+            found += [
+                e for e in page.items if any(u.reason[:REASON_CHARS] == reason for u in e.result.cost.unknown_units)
+            ]
+        found.sort(key=lambda e: (-e.result.event_time_us, str(e.result.request_id)))
+        return web.json_response({"events": [_event_json(e) for e in found[:LOG_PAGE]], "next": "", "searched": ""})
+    page = await services.events.list(
+        experience_name=only.experience_name,
+        experience_version=only.experience_version,
+        user_id=only.user_id,
+        request_tag=only.request_tag,
+        category=only.category,
+        model=only.model,
+        cost_state=cost_state[state],
+        start_us=view.start_us,
+        end_us=view.end_us,
+        page_size=LOG_PAGE,
+        page_token=request.query.get("page", ""),
+    )
+    return web.json_response(
+        {"events": [_event_json(e) for e in page.items], "next": page.next_page_token, "searched": ""}
+    )
+
+
+# How the runs panel may sort: ListExperiences' orders.
+RUN_ORDERS = {"cost": "cost_total desc", "events": "event_count desc", "time": "create_time desc"}
+
+
+def _run_json(experience: Experience) -> dict[str, Any]:
+    stats = experience.stats or ExperienceStats()
+    return {
+        "experience_id": str(experience.experience_id),
+        "type": experience.experience_name,
+        "version": experience.experience_version,
+        "created_us": experience.create_time_us,
+        "first_us": stats.first_event_time_us,
+        "last_us": stats.last_event_time_us,
+        "events": stats.event_count,
+        "failed": stats.failed_event_count,
+        "unpriced": stats.unpriced_event_count,
+        "cost": _dollars(stats.cost_total_nanos),
+        "cost_nanos": stats.cost_total_nanos,
+    }
+
+
 async def _top_runs(services: Services, request: web.Request) -> web.Response:
-    """The most expensive experiences: the costliest of each type, merged."""
+    """Runs created in the window, of the type (and version) chosen or of every type (the
+    first of each type's, merged: bounded however many types), sorted by cost, events or
+    time, most first."""
     limit = _whole_number(request, "limit", 20, 1, 100)
-    runs: list[dict[str, Any]] = []
+    sort = request.query.get("sort", "cost")
+    if sort not in RUN_ORDERS:
+        raise web.HTTPBadRequest(text="sort is cost, events or time")
+    view = _view(request)
+    names = [view.only.experience_name] if view.only.experience_name else []
     token = ""
-    while True:
+    while not view.only.experience_name:
         page = await services.types.list(1000, token)
-        for experience_type in page.items:
-            found = await services.experiences.list(experience_type.name, 0, None, None, limit, "", "cost_total desc")
-            for experience in found.items:
-                stats = experience.stats
-                runs.append(
-                    {
-                        "experience_id": str(experience.experience_id),
-                        "type": experience.experience_name,
-                        "version": experience.experience_version,
-                        "cost": _dollars(stats.cost_total_nanos) if stats else 0.0,
-                        "events": stats.event_count if stats else 0,
-                        "unpriced": stats.unpriced_event_count if stats else 0,
-                    }
-                )
-        if not (token := page.next_page_token) or len(runs) > 10_000:
+        names += [t.name for t in page.items]
+        if not (token := page.next_page_token) or len(names) >= 500:
             break
-    runs.sort(key=lambda run: -run["cost"])
-    return web.json_response({"runs": runs[:limit]})
+    runs: list[dict[str, Any]] = []
+    for name in names:
+        found = await services.experiences.list(
+            name, view.only.experience_version, view.start_us, view.end_us, limit, "", RUN_ORDERS[sort]
+        )
+        runs += [_run_json(experience) for experience in found.items]
+    key = {"cost": "cost_nanos", "events": "events", "time": "created_us"}[sort]
+    runs.sort(key=lambda run: (-run[key], run["experience_id"]))
+    return web.json_response({"runs": runs[:limit], "sort": sort})
 
 
 async def _run(services: Services, request: web.Request) -> web.Response:
-    """One run: its statistics and its events, newest first (at most 500)."""
+    """One run: its statistics, its steps' costs and its events (each with its model, tokens
+    by unit, latency or none reported, price entry, state, reason and properties), newest
+    first (at most 500)."""
     experience, stats = await services.experiences.get(request.match_info["experience_id"])
     page = await services.events.list(experience_id=str(experience.experience_id), page_size=500)
-    events = [
-        {
-            "request_id": str(stored.result.request_id),
-            "time_us": stored.result.event_time_us,
-            "model": stored.event.resource,
-            "category": stored.event.category,
-            "cost": _dollars(stored.result.cost.total_nanos),
-            "state": stored.result.cost.state.name.lower(),
-            "latency_ms": stored.event.end_to_end_latency_ms,
-            "why_not_priced": sorted({u.reason for u in stored.result.cost.unknown_units}),
-        }
-        for stored in page.items
-    ]
+    reported = stats.latency_p50_ms > 0 or stats.latency_p95_ms > 0
     return web.json_response(
         {
-            "experience_id": str(experience.experience_id),
-            "type": experience.experience_name,
-            "version": experience.experience_version,
-            "cost": _dollars(stats.cost_total_nanos),
-            "events": stats.event_count,
-            "latency_p50_ms": stats.latency_p50_ms,
-            "latency_p95_ms": stats.latency_p95_ms,
-            "steps": events,
+            **_run_json(dataclasses.replace(experience, stats=stats)),
+            "user_ids": sorted({e.event.context.user_id for e in page.items if e.event.context.user_id}),
+            "latency_p50_ms": stats.latency_p50_ms if reported else None,
+            "latency_p95_ms": stats.latency_p95_ms if reported else None,
+            "step_costs": [
+                {"step": c.step, "events": c.event_count, "cost": _dollars(c.cost_nanos)} for c in experience.step_costs
+            ],
+            "events_shown": len(page.items),
+            "steps": [_event_json(e) for e in page.items],
         }
     )
 
 
 async def _versions(services: Services, request: web.Request) -> web.Response:
-    """Cost per run of each version of each type, side by side."""
-    rows: list[dict[str, Any]] = []
+    """Each version of each type (or of the type chosen) side by side, over its runs whose
+    first event is in the window: runs, cost per run (mean, p50, p95), failure rate, events
+    not priced (a run of them counts $0 for them: said, not hidden), and for the type's
+    first outcome with a goal, its success rate and cost per success."""
+    view = _view(request)
+    names = [view.only.experience_name] if view.only.experience_name else []
     token = ""
-    while True:
+    while not view.only.experience_name:
         page = await services.types.list(1000, token)
-        for experience_type in page.items:
-            stats = await services.types.stats(experience_type.name, 0, None, None)
-            for version, d in sorted(stats.by_version.items()):
-                rows.append(
-                    {
-                        "type": experience_type.name,
-                        "version": version,
-                        "runs": d.experience_count,
-                        "mean": _dollars(d.mean_nanos),
-                        "p50": _dollars(d.p50_nanos),
-                        "p95": _dollars(d.p95_nanos),
-                        "total": _dollars(d.total_nanos),
-                    }
-                )
-        if not (token := page.next_page_token):
+        names += [t.name for t in page.items]
+        if not (token := page.next_page_token) or len(names) >= 500:
             break
+    rows: list[dict[str, Any]] = []
+    for name in names:
+        stats = await services.types.stats(
+            name, view.only.experience_version, view.start_us, view.end_us, include_outcomes=True
+        )
+        for version, d in sorted(stats.by_version.items()):
+            row: dict[str, Any] = {
+                "type": name,
+                "version": version,
+                "runs": d.experience_count,
+                "events": d.event_count,
+                "mean": _dollars(d.mean_nanos),
+                "p50": _dollars(d.p50_nanos),
+                "p95": _dollars(d.p95_nanos),
+                "total": _dollars(d.total_nanos),
+                "failure_rate": d.failed_event_count / d.event_count if d.event_count else None,
+                "unpriced_events": d.unpriced_event_count,
+            }
+            gated = [o for o in stats.outcomes.get(version, ()) if o.success_rate is not None]
+            if gated:
+                first = gated[0]
+                row.update(
+                    outcome=first.name,
+                    success_rate=first.success_rate,
+                    cost_per_success=_dollars(first.cost_per_success_nanos)
+                    if first.cost_per_success_nanos is not None
+                    else None,
+                )
+            rows.append(row)
     return web.json_response({"versions": rows})
 
 
@@ -232,7 +444,7 @@ async def _compare(services: Services, request: web.Request) -> web.Response:
                 "baseline": latest[0],
                 "candidate": latest[1],
                 "runs": [compared.baseline.runs, compared.candidate.runs],
-                "cost": [cost.baseline, cost.candidate],
+                "cost": [_dollars(compared.baseline.mean_nanos), _dollars(compared.candidate.mean_nanos)],
                 "cost_change": cost.relative,
                 "enough_runs": cost.enough_runs,
             }
@@ -263,14 +475,24 @@ REASON_CHARS = 300
 async def _unpriced(services: Services, request: web.Request) -> web.Response:
     """Events not (fully) priced over the last `days`: their count from the hourly rollup,
     their reasons from the newest of them (an index holds only those): what to fix."""
-    days = _days(request)
-    end = now_us()
-    since = end - days * DAY_US
-    _, total = await services.reports.breakdown(["category"], since, end, page_size=1)
+    view = _view(request)
+    only = view.only
+    _, total = await services.reports.breakdown(["category"], view.start_us, view.end_us, only, page_size=1)
     reasons: dict[str, int] = {}
     sampled = 0
     for state in (CostState.UNPRICED, CostState.PARTIALLY_PRICED):
-        page = await services.events.list(cost_state=int(state), start_us=since, page_size=UNPRICED_SAMPLE)
+        page = await services.events.list(
+            experience_name=only.experience_name,
+            experience_version=only.experience_version,
+            user_id=only.user_id,
+            request_tag=only.request_tag,
+            category=only.category,
+            model=only.model,
+            cost_state=int(state),
+            start_us=view.start_us,
+            end_us=view.end_us,
+            page_size=UNPRICED_SAMPLE,
+        )
         for stored in page.items:
             sampled += 1
             for reason in {u.reason for u in stored.result.cost.unknown_units}:
@@ -348,6 +570,8 @@ def application(services: Services, loopback_bind: bool = True) -> web.Applicati
     for path, handler in (
         ("/api/whoami", _whoami),
         ("/api/spend", _spend),
+        ("/api/summary", _summary),
+        ("/api/events", _events),
         ("/api/runs", _top_runs),
         ("/api/runs/{experience_id}", _run),
         ("/api/versions", _versions),

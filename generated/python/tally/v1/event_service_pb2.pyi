@@ -207,6 +207,8 @@ class ListEventsRequest(_message.Message):
     END_TIME_FIELD_NUMBER: _builtins.int
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    PROVIDER_RESPONSE_ID_FIELD_NUMBER: _builtins.int
     experience_id: _builtins.str
     """Only events of this experience (a UUID)."""
     experience_name: _builtins.str
@@ -229,6 +231,12 @@ class ListEventsRequest(_message.Message):
     """
     page_token: _builtins.str
     """The `next_page_token` of a previous call with the same filters, or empty."""
+    model: _builtins.str
+    """Only events the price entry of this model priced (BreakDownCost's MODEL:
+    the resource as sent when no entry priced it).
+    """
+    provider_response_id: _builtins.str
+    """Only events carrying this provider response id (e.g. "chatcmpl-...")."""
     @_builtins.property
     def start_time(self) -> _timestamp_pb2.Timestamp:
         """Only events with an event time at or after this."""
@@ -252,10 +260,12 @@ class ListEventsRequest(_message.Message):
         end_time: _timestamp_pb2.Timestamp | None = ...,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
+        model: _builtins.str = ...,
+        provider_response_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["category", b"category", "cost_state", b"cost_state", "end_time", b"end_time", "experience_id", b"experience_id", "experience_name", b"experience_name", "experience_version", b"experience_version", "page_size", b"page_size", "page_token", b"page_token", "request_tag", b"request_tag", "resource", b"resource", "start_time", b"start_time", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["category", b"category", "cost_state", b"cost_state", "end_time", b"end_time", "experience_id", b"experience_id", "experience_name", b"experience_name", "experience_version", b"experience_version", "model", b"model", "page_size", b"page_size", "page_token", b"page_token", "provider_response_id", b"provider_response_id", "request_tag", b"request_tag", "resource", b"resource", "start_time", b"start_time", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,11 +1,58 @@
-// Tally's dashboard: reads /api/* with the key kept in this tab, draws with Chart.js.
+// Tally's dashboard: reads /api/* with the key kept in this tab, draws with Chart.js. The
+// window and filters live in the URL (so a view can be linked and survives a reload) and
+// every panel reads them. Caller-chosen names only ever go in as text (textContent).
 "use strict";
 
-const state = { charts: {} };
-const usd = (value) =>
-  value === null || value === undefined
-    ? "-"
-    : "$" + (value < 0.01 && value > 0 ? value.toPrecision(3) : value.toLocaleString("en-US", { minimumFractionDigits: 2, maximumFractionDigits: 4 }));
+const state = { charts: {}, run: null, logNext: "", logPages: [] };
+const FILTERS = ["from", "to", "type", "version", "provider", "model", "user", "tag"];
+
+// Money, one rule everywhere (the CLI's tables too): from $1, to the cent with thousands
+// separators; below, four significant digits without trailing zeros but with at least
+// cents; rounded half to even. The JSON carries exact decimal strings.
+function usd(text) {
+  if (text === null || text === undefined) return "-";
+  const negative = String(text).startsWith("-");
+  const [whole, fraction = ""] = String(text).replace("-", "").split(".");
+  let nanos = BigInt(whole) * 1000000000n + BigInt((fraction + "000000000").slice(0, 9));
+  const sign = negative && nanos > 0n ? "-" : "";
+  const halfEven = (value, unit) => {
+    let q = value / unit;
+    const r = value % unit;
+    if (r * 2n > unit || (r * 2n === unit && q % 2n === 1n)) q += 1n;
+    return q;
+  };
+  const cents = (value) => {
+    const q = halfEven(value, 10000000n);
+    return sign + "$" + (q / 100n).toLocaleString("en-US") + "." + (q % 100n).toString().padStart(2, "0");
+  };
+  if (nanos === 0n || nanos >= 1000000000n) return cents(nanos);
+  const digits = nanos.toString().length;
+  if (digits > 4) {
+    const unit = 10n ** BigInt(digits - 4);
+    nanos = halfEven(nanos, unit) * unit;
+    if (nanos >= 1000000000n) return cents(nanos);
+  }
+  return sign + "$0." + nanos.toString().padStart(9, "0").replace(/0+$/, "").padEnd(2, "0");
+}
+const number = (value) => (value === null || value === undefined ? "-" : Number(value).toLocaleString("en-US"));
+const percent = (value) => (value === null || value === undefined ? "-" : (value * 100).toFixed(1) + "%");
+const change = (value) => (value === null || value === undefined ? "-" : (value >= 0 ? "+" : "") + (value * 100).toFixed(1) + "%");
+const utc = (us) => (us ? new Date(us / 1000).toISOString().replace("T", " ").slice(0, 19) : "-");
+const latency = (ms) => (ms ? Number(ms).toLocaleString("en-US", { maximumFractionDigits: 0 }) + " ms" : "not reported");
+
+function view() {
+  const params = new URLSearchParams(location.search);
+  const picked = new URLSearchParams();
+  for (const name of FILTERS) if (params.get(name)) picked.set(name, params.get(name));
+  return picked;
+}
+
+function withView(path, extra = {}) {
+  const params = view();
+  for (const [name, value] of Object.entries(extra)) if (value !== "" && value !== undefined) params.set(name, value);
+  const query = params.toString();
+  return path + (query ? (path.includes("?") ? "&" : "?") + query : "");
+}
 
 async function api(path) {
   const secret = sessionStorage.getItem("tally-key");
@@ -14,7 +61,7 @@ async function api(path) {
     const body = await response.json();
     throw Object.assign(new Error(body.error), { auth: true });
   }
-  if (!response.ok) throw new Error(path + ": HTTP " + response.status);
+  if (!response.ok) throw new Error(path + ": HTTP " + response.status + " " + (await response.text()));
   return response.json();
 }
 
@@ -23,19 +70,25 @@ function rows(table, items, cells, pick) {
   body.replaceChildren();
   for (const item of items) {
     const tr = document.createElement("tr");
-    for (const [text, numeric, className] of cells(item)) {
+    for (const [text, numeric, className, title] of cells(item)) {
       const td = document.createElement("td");
       td.textContent = text;
       if (numeric) td.className = "n";
       if (className) td.classList.add(className);
+      if (title) td.title = title;
       tr.appendChild(td);
     }
     if (pick) {
-      tr.className = "pick";
-      tr.addEventListener("click", () => pick(item));
+      tr.classList.add("pick");
+      tr.addEventListener("click", () => {
+        for (const other of body.querySelectorAll("tr.chosen")) other.classList.remove("chosen");
+        tr.classList.add("chosen");
+        pick(item);
+      });
     }
     body.appendChild(tr);
   }
+  return body;
 }
 
 function draw(id, config) {
@@ -43,9 +96,42 @@ function draw(id, config) {
   state.charts[id] = new Chart(document.getElementById(id), config);
 }
 
+async function loadSummary() {
+  const data = await api(withView("/api/summary"));
+  const body = document.getElementById("tiles");
+  body.replaceChildren();
+  const delta = (now, then) => (then ? (now - then) / then : null);
+  const tiles = [
+    ["Spend", usd(data.current.spend), delta(Number(data.current.spend), Number(data.previous.spend))],
+    ["Runs", number(data.current.runs), delta(data.current.runs, data.previous.runs)],
+    ["Cost per run", usd(data.current.cost_per_run), delta(Number(data.current.cost_per_run), Number(data.previous.cost_per_run))],
+    ["Events", number(data.current.events), delta(data.current.events, data.previous.events)],
+    ["Failed events", number(data.current.failed), delta(data.current.failed, data.previous.failed)],
+    ["Not priced", number(data.current.unpriced), delta(data.current.unpriced, data.previous.unpriced)],
+  ];
+  for (const [label, value, moved] of tiles) {
+    const tile = document.createElement("div");
+    tile.className = "tile";
+    const name = document.createElement("div");
+    name.className = "muted";
+    name.textContent = label;
+    const figure = document.createElement("div");
+    figure.className = "figure";
+    figure.textContent = value;
+    const before = document.createElement("div");
+    before.className = "muted";
+    before.textContent = moved === null ? "none in the " + data.days + " days before" : change(moved) + " against the " + data.days + " days before";
+    tile.append(name, figure, before);
+    body.appendChild(tile);
+  }
+  document.getElementById("runs-meaning").textContent = data.current.runs_started
+    ? "runs: those whose first event is in the window"
+    : "runs: those with one of these events in the window";
+}
+
 async function loadSpend() {
   const by = document.getElementById("by").value;
-  const data = await api("/api/spend?days=30&by=" + by);
+  const data = await api(withView("/api/spend", { by }));
   const days = [];
   for (let i = 0; i < data.days; i++) days.push(new Date(data.start_us / 1000 + i * 86400000).toISOString().slice(0, 10));
   const label = (g) => (by === "experience_version" ? (g.experience_name || "(unattributed)") + " v" + g.experience_version : g[by] || "(unattributed)");
@@ -53,7 +139,7 @@ async function loadSpend() {
   const add = (name, g) => {
     if (!series.has(name)) series.set(name, new Array(days.length).fill(0));
     const index = Math.round((g.day / 1000 - data.start_us / 1000) / 86400000);
-    if (index >= 0 && index < days.length) series.get(name)[index] += g.cost;
+    if (index >= 0 && index < days.length) series.get(name)[index] += Number(g.cost);
   };
   for (const g of data.groups) add(label(g), g);
   // Past the costliest groups, the rest are one series: the answer stays small whatever names callers send.
@@ -61,40 +147,85 @@ async function loadSpend() {
   draw("spend-chart", {
     type: "bar",
     data: { labels: days, datasets: [...series].map(([name, values]) => ({ label: name, data: values })) },
-    options: { animation: false, responsive: true, scales: { x: { stacked: true }, y: { stacked: true, ticks: { callback: (v) => "$" + v } } } },
+    options: { animation: false, responsive: true, scales: { x: { stacked: true }, y: { stacked: true, ticks: { callback: (v) => usd(String(v)) } } } },
   });
-  document.getElementById("spend-total").textContent = "total " + usd(data.total.cost) + " over " + data.total.events.toLocaleString() + " events";
+  document.getElementById("spend-total").textContent = "total " + usd(data.total.cost) + " over " + number(data.total.events) + " events";
 }
 
 async function loadRun(run) {
-  const data = await api("/api/runs/" + run.experience_id);
-  document.getElementById("run-title").textContent = data.type + " v" + data.version + ", " + usd(data.cost) + ", " + data.events + " events";
-  rows("#steps", data.steps, (s) => [
-    [new Date(s.time_us / 1000).toISOString().replace("T", " ").slice(0, 19)],
-    [s.model],
-    [s.latency_ms ? s.latency_ms + " ms" : "not reported", true],
-    [s.state + (s.why_not_priced.length ? ": " + s.why_not_priced.join("; ") : "")],
-    [usd(s.cost), true],
-  ]);
+  const data = await api("/api/runs/" + encodeURIComponent(run.experience_id));
+  state.run = data.experience_id;
+  document.getElementById("run-id").textContent = data.experience_id;
+  document.getElementById("run-title").textContent =
+    data.type + " v" + data.version + ", " + usd(data.cost) + ", " + number(data.events) + " events, " +
+    utc(data.first_us) + " to " + utc(data.last_us) + (data.user_ids.length ? ", users " + data.user_ids.join(", ") : "") +
+    ", latency p50 " + latency(data.latency_p50_ms) + ", p95 " + latency(data.latency_p95_ms);
+  rows("#run-steps", data.step_costs, (s) => [[s.step], [number(s.events), true], [usd(s.cost), true]]);
+  document.getElementById("run-steps").hidden = !data.step_costs.length;
+  rows("#steps", data.steps, eventCells);
+}
+
+function tokens(units) {
+  return Object.entries(units).map(([unit, [input, output]]) => unit + " " + number(input) + " in / " + number(output) + " out").join("; ") || "-";
+}
+
+function eventCells(e) {
+  return [
+    [utc(e.time_us)],
+    [e.request_id, false, "id"],
+    [e.type ? e.type + " v" + e.version : "(unattributed)"],
+    [e.resource, false, "", e.price ? "priced as " + e.price : "no price entry"],
+    [tokens(e.units)],
+    [latency(e.latency_ms), true],
+    [e.state + (e.why_not_priced.length ? ": " + e.why_not_priced.join("; ") : "")],
+    [Object.entries(e.properties).map(([k, v]) => k + "=" + v).join(", ")],
+    [usd(e.cost), true],
+  ];
 }
 
 async function loadRuns() {
-  const data = await api("/api/runs?limit=20");
-  rows("#runs", data.runs, (r) => [[r.type], [r.version, true], [r.events, true], [usd(r.cost), true]], loadRun);
-  if (data.runs.length) await loadRun(data.runs[0]);
+  const sort = document.getElementById("sort").value;
+  const data = await api(withView("/api/runs", { limit: 20, sort }));
+  rows(
+    "#runs",
+    data.runs,
+    (r) => [
+      [r.experience_id, false, "id", "click to open; select to copy"],
+      [r.type + " v" + r.version],
+      [utc(r.first_us)],
+      [utc(r.last_us)],
+      [number(r.events), true],
+      [usd(r.cost), true],
+    ],
+    loadRun,
+  );
+  const first = document.querySelector("#runs tbody tr");
+  if (first) first.click();
 }
 
 async function loadVersions() {
-  const data = await api("/api/versions");
-  rows("#versions", data.versions, (v) => [[v.type], [v.version, true], [v.runs, true], [usd(v.mean), true], [usd(v.p95), true], [usd(v.total), true]]);
+  const data = await api(withView("/api/versions"));
+  rows("#versions", data.versions, (v) => [
+    [v.type],
+    [v.version, true],
+    [number(v.runs), true],
+    [usd(v.mean), true],
+    [usd(v.p50), true],
+    [usd(v.p95), true],
+    [percent(v.failure_rate), true],
+    [v.unpriced_events ? number(v.unpriced_events) + " ($0 each)" : "0", true],
+    [v.outcome ? v.outcome + " " + percent(v.success_rate) : "-", true],
+    [v.outcome ? usd(v.cost_per_success) : "-", true],
+  ]);
   draw("versions-chart", {
     type: "bar",
-    data: { labels: data.versions.map((v) => v.type + " v" + v.version), datasets: [{ label: "mean cost per run", data: data.versions.map((v) => v.mean) }] },
-    options: { animation: false, responsive: true, plugins: { legend: { display: false } } },
+    data: {
+      labels: data.versions.map((v) => v.type + " v" + v.version),
+      datasets: ["mean", "p50", "p95"].map((name) => ({ label: name + " cost per run", data: data.versions.map((v) => Number(v[name])) })),
+    },
+    options: { indexAxis: "y", animation: false, responsive: true, scales: { x: { ticks: { callback: (v) => usd(String(v)) } } } },
   });
 }
-
-const percent = (value) => (value === null || value === undefined ? "-" : (value >= 0 ? "+" : "") + (value * 100).toFixed(1) + "%");
 
 async function loadCompare() {
   const data = await api("/api/compare");
@@ -103,26 +234,72 @@ async function loadCompare() {
     ["v" + c.baseline + " \u2192 v" + c.candidate],
     [c.runs[0] + " / " + c.runs[1], true],
     [usd(c.cost[0]) + " \u2192 " + usd(c.cost[1]), true],
-    [c.enough_runs ? percent(c.cost_change) : "not enough runs", true],
+    [c.enough_runs ? change(c.cost_change) : "not enough runs", true],
     [c.outcome || "-"],
     [c.success ? (c.success[0] * 100).toFixed(0) + "% \u2192 " + (c.success[1] * 100).toFixed(0) + "%" : "-", true],
-    [c.outcome ? percent(c.cost_per_success_change) : "-", true],
+    [c.outcome ? change(c.cost_per_success_change) : "-", true],
   ]);
 }
 
 async function loadUnpriced() {
-  const data = await api("/api/unpriced?days=30");
+  const data = await api(withView("/api/unpriced"));
   const sampled = data.sampled < data.events ? " (reasons of the newest " + data.sampled + ")" : "";
-  document.getElementById("unpriced-count").textContent = data.events + " events in 30 days" + sampled;
+  document.getElementById("unpriced-count").textContent = number(data.events) + " events in the window" + sampled;
   const reasons = data.other_reasons ? [...data.reasons, { reason: "(other reasons)", events: data.other_reasons }] : data.reasons;
-  rows("#unpriced", reasons, (r) => [[r.reason], [r.events, true]]);
+  // A reason opens the request log kept to its events.
+  rows("#unpriced", reasons, (r) => [[r.reason], [number(r.events), true]], (r) => openLog({ state: "unpriced", reason: r.reason === "(other reasons)" ? "" : r.reason }));
 }
 
 async function loadLimits() {
   const data = await api("/api/limits");
   // A per-experience limit has no one period: its state reads "per experience", styled as none.
   const known = new Set(["ok", "threshold", "exceeded"]);
-  rows("#limits", data.limits, (l) => [[l.name], [l.kind], [l.period], [usd(l.spend), true], [usd(l.max), true], [l.state, false, known.has(l.state) ? "state-" + l.state : ""]]);
+  rows("#limits", data.limits, (l) => [[l.name], [l.kind], [l.period], [usd(l.spend), true], [usd(l.reserved), true], [usd(l.max), true], [l.state, false, known.has(l.state) ? "state-" + l.state : ""]]);
+}
+
+async function loadLog(page = "") {
+  const log = state.log || {};
+  const q = document.getElementById("search").value.trim();
+  const data = await api(withView("/api/events", { state: log.state || "", reason: log.reason || "", q, page }));
+  state.logNext = data.next;
+  document.getElementById("log-next").disabled = !data.next;
+  document.getElementById("log-about").textContent =
+    (data.searched ? "found by " + data.searched : log.reason ? "not priced: " + log.reason : log.state ? "not priced" : "every event") +
+    ", newest first";
+  rows("#log", data.events, eventCells);
+}
+
+function openLog(filter) {
+  state.log = filter;
+  document.getElementById("search").value = "";
+  loadLog().then(() => document.getElementById("log-section").scrollIntoView());
+}
+
+function fillFilters() {
+  const params = view();
+  for (const name of FILTERS) document.getElementById("f-" + name).value = params.get(name) || "";
+  document.getElementById("window").textContent = params.get("from") || params.get("to")
+    ? (params.get("from") || "30 days before") + " to " + (params.get("to") || "today") + " (UTC)"
+    : "the last 30 days (UTC)";
+}
+
+function applyFilters(event) {
+  if (event) event.preventDefault();
+  const params = new URLSearchParams();
+  for (const name of FILTERS) {
+    const value = document.getElementById("f-" + name).value.trim();
+    if (value) params.set(name, value);
+  }
+  history.pushState(null, "", location.pathname + (params.toString() ? "?" + params : ""));
+  loadAll();
+}
+
+function preset(days) {
+  const today = new Date(Date.now()).toISOString().slice(0, 10);
+  const from = new Date(Date.now() - (days - 1) * 86400000).toISOString().slice(0, 10);
+  document.getElementById("f-from").value = from;
+  document.getElementById("f-to").value = today;
+  applyFilters();
 }
 
 async function loadAll() {
@@ -134,7 +311,14 @@ async function loadAll() {
     return;
   }
   form.classList.remove("shown");
-  await Promise.all([loadSpend(), loadRuns(), loadVersions(), loadCompare(), loadUnpriced(), loadLimits()]);
+  fillFilters();
+  document.body.dataset.loaded = "false";
+  try {
+    await Promise.all([loadSummary(), loadSpend(), loadRuns(), loadVersions(), loadCompare(), loadUnpriced(), loadLimits(), loadLog()]);
+    document.getElementById("error").textContent = "";
+  } catch (error) {
+    document.getElementById("error").textContent = error.message;
+  }
   document.body.dataset.loaded = "true";
 }
 
@@ -143,5 +327,16 @@ document.getElementById("key").addEventListener("submit", (event) => {
   sessionStorage.setItem("tally-key", document.getElementById("secret").value.trim());
   loadAll();
 });
+document.getElementById("filters").addEventListener("submit", applyFilters);
+for (const days of [1, 7, 30, 90]) document.getElementById("last-" + days).addEventListener("click", () => preset(days));
 document.getElementById("by").addEventListener("change", loadSpend);
+document.getElementById("sort").addEventListener("change", loadRuns);
+document.getElementById("log-form").addEventListener("submit", (event) => {
+  event.preventDefault();
+  state.log = {};
+  loadLog();
+});
+document.getElementById("log-all").addEventListener("click", () => openLog({}));
+document.getElementById("log-next").addEventListener("click", () => loadLog(state.logNext));
+window.addEventListener("popstate", loadAll);
 loadAll();

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import random
 import re
 import shutil
 import subprocess
@@ -226,6 +227,12 @@ def test_the_dashboard_needs_a_key_then_draws_spend_runs_versions_and_reasons(br
         assert "3 / 2" in compared[0].text and "not enough runs" in compared[0].text, compared[0].text
 
         browser.save_screenshot(str(tmp_path / "overview.png"))
+        # One money rule: the page's usd() writes what the CLI's tables write, for the same amount.
+        rng = random.Random(28)
+        amounts = [0, 1, 480, 999_950_000, 999_949_999, 422_850_000, 57_500_000, 10**9, 1_234_567_890_123, -57_500_000]
+        amounts += [rng.randint(1, 10 ** rng.randint(1, 14)) for _ in range(300)]
+        exact = [f"{'-' if n < 0 else ''}{abs(n) // 10**9}.{abs(n) % 10**9:09d}" for n in amounts]
+        assert browser.execute_script("return arguments[0].map(usd)", exact) == [format_nanos(n) for n in amounts]
         # The tiles are the gRPC reports' figures for the same window, in the one money format.
         today = datetime.datetime.now(datetime.UTC).replace(hour=0, minute=0, second=0, microsecond=0)
         window = (today - datetime.timedelta(days=29), today + datetime.timedelta(days=1))

@@ -25,6 +25,14 @@ def money(m: common_pb2.Money) -> str:
     return format_nanos(m.units * 1_000_000_000 + m.nanos)
 
 
+def exact_money(nanos: int) -> str:
+    """$0.0031875, $12.50: exact, with at least cents and no trailing zeros beyond them (for
+    JSON output, where amounts are never rounded)."""
+    text = f"{Decimal(nanos).scaleb(-9):.9f}".rstrip("0")
+    whole, _, fraction = text.partition(".")
+    return f"${whole}.{fraction.ljust(2, '0')}"
+
+
 def format_nanos(nanos: int) -> str:
     """`money` of an amount in nano-dollars."""
     sign, value = ("-" if nanos < 0 else ""), Decimal(abs(nanos)).scaleb(-9)

@@ -14,14 +14,13 @@ from typing import TextIO
 from google.protobuf import json_format
 
 from tally.v1 import (
-    common_pb2,
     ingest_service_pb2 as ing_pb,
 )
 
 from ..client import TallyClient
 from ..errors import TallyError
 from ..metadata import create_metadata
-from ..output import money
+from ..output import exact_money, format_nanos
 from .common import Commands, _pairs
 
 
@@ -149,7 +148,7 @@ def ingest(tally: TallyClient, args: argparse.Namespace) -> int:
         "accepted": accepted,
         "duplicates": duplicates,
         "rejected": len(rejected),
-        "cost_of_accepted": money(common_pb2.Money(units=costs // 1_000_000_000, nanos=costs % 1_000_000_000)),
+        "cost_of_accepted": exact_money(costs),  # JSON: exact
         "rejections": [{"line": line, "reason": reason} for line, reason in sorted(rejected)],
         "unpriced": not_priced_events["unpriced"],
         "partially_priced": not_priced_events["partially priced"],
@@ -164,7 +163,7 @@ def ingest(tally: TallyClient, args: argparse.Namespace) -> int:
     else:
         print(
             f"accepted {accepted:,}, duplicates {duplicates:,}, rejected {len(rejected):,}; "
-            f"cost of accepted events {summary['cost_of_accepted']}"
+            f"cost of accepted events {format_nanos(costs)}"
         )
         for state, count in not_priced_events.items():
             if count:

@@ -123,7 +123,9 @@ class Reports:
     async def window_summary(self, start_us: int, end_us: int, f: CostFilter) -> WindowSummary:
         """The filter's events in [start_us, end_us) summed, and its runs: those whose first
         event is in the window (whole UTC days, no filter but type and version: from the type
-        rollup), else those with one of the filter's events in it (read from the events)."""
+        rollup); with a user or tag filter (read from the events anyway), those with one of
+        its events in the window; with a provider or model filter, not counted (no rollup
+        knows the runs of a model: counting them would read every event of the window)."""
         v = Violations()
         check_filter(v, f)
         v.raise_if_any()
@@ -133,8 +135,10 @@ class Reports:
             if by_rollup and start_us % DAY_US == 0 and end_us % DAY_US == 0:
                 runs, cost = await stored_reports.runs_started(conn, start_us, end_us, f)
                 return WindowSummary(totals, runs, cost, True)
-            runs = await stored_reports.runs_touched(conn, start_us, end_us, f)
-        return WindowSummary(totals, runs, totals.cost_total_nanos, False)
+            if not f.of_events_only:
+                return WindowSummary(totals, None, 0, False)
+            touched = await stored_reports.runs_touched(conn, start_us, end_us, f)
+        return WindowSummary(totals, touched, totals.cost_total_nanos, False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,7 +146,7 @@ class WindowSummary:
     """What the dashboard's tiles show of a window: the filter's events, and its runs."""
 
     totals: CostTotals
-    runs: int
+    runs: int | None  # None: not counted (a provider or model filter)
     run_cost_nanos: int  # what those runs cost in all: the cost per run's numerator
     runs_started: bool  # runs counted by their first event (else: runs with an event in the window)
 

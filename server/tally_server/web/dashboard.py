@@ -17,7 +17,7 @@ from typing import Any
 
 from aiohttp import web
 
-from ..domain.errors import StorageUnavailable, TallyError
+from ..domain.errors import StorageUnavailable, TallyError, Violations
 from ..domain.models import (
     CostFilter,
     CostGroup,
@@ -35,7 +35,7 @@ from ..services.experience_types import ExperienceTypes
 from ..services.experiences import Experiences
 from ..services.keys import ApiKeys
 from ..services.limits import Limits
-from ..services.reports import Reports, WindowSummary
+from ..services.reports import Reports, WindowSummary, check_filter
 
 log = logging.getLogger("tally.web")
 DAY_US = 86_400 * 1_000_000
@@ -119,9 +119,14 @@ def _view(request: web.Request) -> View:
         raise web.HTTPBadRequest(text=f"a window is at most {MAX_DAYS} days")
     version = _whole_number(request, "version", 0, 0, 2**31 - 1)
     q = request.query
+    if version and not q.get("type"):
+        raise web.HTTPBadRequest(text="version is of a type: give experience_name too (type=...)")
     only = CostFilter(
         q.get("type", ""), version, q.get("provider", ""), q.get("model", ""), q.get("user", ""), q.get("tag", "")
     )
+    v = Violations()
+    check_filter(v, only)
+    v.raise_if_any()  # a 400 naming each field (the middleware)
     return View(first, last + DAY_US, only)
 
 
@@ -188,6 +193,7 @@ def _tiles(summary: WindowSummary) -> dict[str, Any]:
         "unpriced": t.unpriced_event_count,
         "runs": summary.runs,
         "cost_per_run": _dollars(divide_half_even(summary.run_cost_nanos, summary.runs)) if summary.runs else None,
+        "runs_counted": summary.runs is not None,
         "runs_started": summary.runs_started,
     }
 
@@ -295,6 +301,10 @@ async def _events(services: Services, request: web.Request) -> web.Response:
     )
 
 
+# With a provider, model, user or tag filter, the runs panel shows the runs of the newest
+# RUNS_FROM_EVENTS matching events, at most RUNS_READ of them read.
+RUNS_FROM_EVENTS = 1000
+RUNS_READ = 100
 # How the runs panel may sort: ListExperiences' orders.
 RUN_ORDERS = {"cost": "cost_total desc", "events": "event_count desc", "time": "create_time desc"}
 
@@ -325,12 +335,34 @@ async def _top_runs(services: Services, request: web.Request) -> web.Response:
     if sort not in RUN_ORDERS:
         raise web.HTTPBadRequest(text="sort is cost, events or time")
     view = _view(request)
+    key = {"cost": "cost_nanos", "events": "events", "time": "created_us"}[sort]
+    only = view.only
+    if only.category or only.model or only.user_id or only.request_tag:
+        # Runs with one of the filter's events: those of its newest RUNS_FROM_EVENTS events.
+        page = await services.events.list(
+            experience_name=only.experience_name,
+            experience_version=only.experience_version,
+            user_id=only.user_id,
+            request_tag=only.request_tag,
+            category=only.category,
+            model=only.model,
+            start_us=view.start_us,
+            end_us=view.end_us,
+            page_size=RUNS_FROM_EVENTS,
+        )
+        ids = list(dict.fromkeys(str(e.result.experience_id) for e in page.items if e.result.experience_id))
+        found_runs = []
+        for experience_id in ids[:RUNS_READ]:
+            experience, stats = await services.experiences.get(experience_id)
+            found_runs.append(_run_json(dataclasses.replace(experience, stats=stats)))
+        found_runs.sort(key=lambda run: (-run[key], run["experience_id"]))
+        return web.json_response({"runs": found_runs[:limit], "sort": sort, "from_events": len(page.items)})
     names = [view.only.experience_name] if view.only.experience_name else []
     token = ""
     while not view.only.experience_name:
-        page = await services.types.list(1000, token)
-        names += [t.name for t in page.items]
-        if not (token := page.next_page_token) or len(names) >= 500:
+        page_of_types = await services.types.list(1000, token)
+        names += [t.name for t in page_of_types.items]
+        if not (token := page_of_types.next_page_token) or len(names) >= 500:
             break
     runs: list[dict[str, Any]] = []
     for name in names:
@@ -338,7 +370,6 @@ async def _top_runs(services: Services, request: web.Request) -> web.Response:
             name, view.only.experience_version, view.start_us, view.end_us, limit, "", RUN_ORDERS[sort]
         )
         runs += [_run_json(experience) for experience in found.items]
-    key = {"cost": "cost_nanos", "events": "events", "time": "created_us"}[sort]
     runs.sort(key=lambda run: (-run[key], run["experience_id"]))
     return web.json_response({"runs": runs[:limit], "sort": sort})
 

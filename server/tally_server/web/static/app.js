@@ -124,9 +124,11 @@ async function loadSummary() {
     tile.append(name, figure, before);
     body.appendChild(tile);
   }
-  document.getElementById("runs-meaning").textContent = data.current.runs_started
-    ? "runs: those whose first event is in the window"
-    : "runs: those with one of these events in the window";
+  document.getElementById("runs-meaning").textContent = !data.current.runs_counted
+    ? "runs are not counted with a provider or model filter (no rollup knows them)"
+    : data.current.runs_started
+      ? "runs: those whose first event is in the window"
+      : "runs: those with one of these events in the window";
 }
 
 async function loadSpend() {

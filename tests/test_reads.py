@@ -145,7 +145,7 @@ async def build_world(stubs, seed: int, experiences: int = 14, events: int = 90)
 
 
 def expected_experience(sent: list[Sent]) -> dict:
-    latencies = sorted(s.latency for s in sent)
+    latencies = sorted(s.latency for s in sent if s.latency)  # 0: not reported, not counted
     return {
         "cost_input": sum(s.cost[0] for s in sent),
         "cost_output": sum(s.cost[1] for s in sent),
@@ -168,13 +168,17 @@ def check_experience_stats(stats, sent: list[Sent]) -> None:
     assert stats.failed_event_count == want["failed_event_count"]
     assert stats.unpriced_event_count == want["unpriced_event_count"]
     latencies = want["latencies"]
+    assert stats.latency_reported_event_count == len(latencies)
     if latencies:
         assert stats.latency_mean_ms == pytest.approx(sum(latencies) / len(latencies), abs=1e-9)
         for got, fraction in ((stats.latency_p50_ms, 0.5), (stats.latency_p95_ms, 0.95)):
             assert got == pytest.approx(nearest_rank(latencies, fraction), rel=0.01)
+    else:  # none reported: not "0 ms"
+        assert stats.latency_p50_ms == stats.latency_mean_ms == 0
+    if sent:
         assert stats.first_event_time.seconds == want["first"] and stats.last_event_time.seconds == want["last"]
     else:
-        assert not stats.HasField("first_event_time") and stats.latency_p50_ms == 0
+        assert not stats.HasField("first_event_time")
 
 
 def expected_distribution(world: World, version: int = 0, start: int | None = None, end: int | None = None) -> dict:

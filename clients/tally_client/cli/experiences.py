@@ -58,10 +58,13 @@ def experiences_delete(tally: TallyClient, args: argparse.Namespace) -> None:
 
 
 def _latencies(s: Any) -> str:
-    """A run's latencies, or that none of its events reported one (0 ms would read as instant)."""
-    if not s.latency_mean_ms and not s.latency_p95_ms:
+    """A run's latencies, of the events that reported one, or that none did (0 ms would read
+    as instant)."""
+    reported = s.latency_reported_event_count
+    if not reported:
         return "not reported"
-    return f"mean {s.latency_mean_ms:,.0f} ms, p50 {s.latency_p50_ms:,.0f} ms, p95 {s.latency_p95_ms:,.0f} ms"
+    of = f" (of the {reported:,} events that reported one)" if reported < s.event_count else ""
+    return f"mean {s.latency_mean_ms:,.0f} ms, p50 {s.latency_p50_ms:,.0f} ms, p95 {s.latency_p95_ms:,.0f} ms{of}"
 
 
 def experience_report(e: Any) -> str:

@@ -89,6 +89,7 @@ class ExperienceStats:
     latency_p95_ms: float = 0.0
     first_event_time_us: int | None = None
     last_event_time_us: int | None = None
+    latency_reported_event_count: int = 0
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,9 @@ def experience_stats(rollup: ExperienceRollup) -> ExperienceStats:
     histogram's relative error (domain.rollups.RELATIVE_ERROR)."""
     totals = rollup.totals
     count = totals.event_count
+    # A latency of 0 is one never reported: the latency figures are over the others only.
+    reported = count - rollup.latency_buckets.get(0, 0)
+    timed = {bucket: n for bucket, n in rollup.latency_buckets.items() if bucket}
     return ExperienceStats(
         cost_input_nanos=totals.cost_input_nanos,
         cost_output_nanos=totals.cost_output_nanos,
@@ -26,9 +29,10 @@ def experience_stats(rollup: ExperienceRollup) -> ExperienceStats:
         event_count=count,
         failed_event_count=totals.failed_event_count,
         unpriced_event_count=totals.unpriced_event_count,
-        latency_mean_ms=rollup.latency_sum_ms / count if count else 0.0,
-        latency_p50_ms=histogram_percentile(rollup.latency_buckets, 0.50),
-        latency_p95_ms=histogram_percentile(rollup.latency_buckets, 0.95),
+        latency_mean_ms=rollup.latency_sum_ms / reported if reported else 0.0,
+        latency_p50_ms=histogram_percentile(timed, 0.50),
+        latency_p95_ms=histogram_percentile(timed, 0.95),
+        latency_reported_event_count=reported,
         first_event_time_us=rollup.first_event_time_us,
         last_event_time_us=rollup.last_event_time_us,
     )

@@ -235,6 +235,7 @@ def experience_stats(s: m.ExperienceStats) -> exp_pb.ExperienceStats:
         latency_p95_ms=s.latency_p95_ms,
         first_event_time=timestamp(s.first_event_time_us),
         last_event_time=timestamp(s.last_event_time_us),
+        latency_reported_event_count=s.latency_reported_event_count,
     )
 
 

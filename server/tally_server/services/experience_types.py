@@ -26,7 +26,7 @@ from ..storage import (
     types as stored_types,
 )
 from ..storage.db import Database
-from .type_stats import summaries, type_stats, window_sums
+from .type_stats import summaries, type_stats, unbounded_if_whole, window_sums
 
 
 def _verdict_rules(definitions: Sequence[outcomes.OutcomeDefinition]) -> set[tuple[Any, ...]]:
@@ -229,6 +229,7 @@ class ExperienceTypes:
         v.raise_if_any()
         async with self.db.read() as conn:
             type_id, experience_type = await self._require(conn, name)
+            start_us, end_us = await unbounded_if_whole(conn, type_id, version, start_us, end_us)
             found = await type_stats(conn, name, type_id, version, start_us, end_us)
             sums = await window_sums(conn, type_id, version, start_us, end_us)
             scored = {}

@@ -16,7 +16,7 @@ from ..domain.validation import TEXT_MAX, check_name, utf8_length
 from ..storage import reports as stored_reports, types as stored_types
 from ..storage.db import Database
 from .experience_types import type_not_found
-from .type_stats import summaries, window_sums
+from .type_stats import summaries, unbounded_if_whole, window_sums
 
 DIMENSIONS = (
     "experience_name",
@@ -210,6 +210,7 @@ async def compare_versions(
             if version > experience_type.version:
                 v.add(field_name, f"{experience_name!r} has versions 1 to {experience_type.version}; got {version}")
         v.raise_if_any()
+        start_us, end_us = await unbounded_if_whole(conn, type_id, 0, start_us, end_us)
         sums = await window_sums(conn, type_id, 0, start_us, end_us)
         chosen = {v: sums.get(v, VersionSums(v)) for v in (baseline, candidate)}
         summarized = await summaries(conn, type_id, start_us, end_us, chosen, experience_type.outcomes)

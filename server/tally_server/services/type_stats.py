@@ -13,7 +13,7 @@ from ..domain.compare import PercentileKey, VersionSummary, VersionSums, percent
 from ..domain.models import CostDistribution, TypeStats, VersionCosts
 from ..domain.money import divide_half_even
 from ..domain.outcomes import OutcomeDefinition
-from ..domain.rollups import TypeDeltas, bucket_bounds, bucket_nanos, count, histogram_rank
+from ..domain.rollups import DAY_US, TypeDeltas, bucket_bounds, bucket_nanos, count, histogram_rank
 from ..domain.stats import add_experience, merged_buckets, nearest_rank, split_window
 from ..storage import statistics as stored_statistics
 
@@ -30,6 +30,24 @@ async def _costs(
         for state in await stored_statistics.experience_costs(conn, type_id, version, edge_start, edge_end):
             add_experience(costs, state)
     return costs
+
+
+async def unbounded_if_whole(
+    conn: AsyncConnection, type_id: int, version: int, start_us: int | None, end_us: int | None
+) -> tuple[int | None, int | None]:
+    """The window, or no window when it holds every day the type's runs started on: the
+    same runs, read without a bound that keeps the cost index from answering directly
+    (measured: GetExperienceTypeStats with outcomes over a 90-day window at 1,000,000
+    events, 363 ms with the bound against 35 ms without)."""
+    if start_us is None and end_us is None:
+        return None, None
+    extent = await stored_statistics.day_extent(conn, type_id, version)
+    if extent is None:
+        return start_us, end_us
+    first, last = extent
+    if (start_us is None or start_us <= first) and (end_us is None or end_us >= last + DAY_US):
+        return None, None
+    return start_us, end_us
 
 
 async def type_stats(

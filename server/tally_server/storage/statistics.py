@@ -74,6 +74,18 @@ async def type_costs(
     return by_version
 
 
+async def day_extent(conn: AsyncConnection, type_id: int, version: int) -> tuple[int, int] | None:
+    """The first and last UTC day of the type's runs' first events (None: no run has events)."""
+    t = type_rollups
+    query = sa.select(sa.func.min(t.c.day_us), sa.func.max(t.c.day_us)).where(
+        t.c.type_id == type_id, t.c.experience_count > 0
+    )
+    if version:
+        query = query.where(t.c.version == version)
+    first, last = (await conn.execute(query)).one()
+    return None if first is None else (int(first), int(last))
+
+
 def _with_events(type_id: int, version: int, start_us: int | None, end_us: int | None) -> list[Any]:
     """GetExperienceTypeStats' experiences: with events, the first of them in the window."""
     e = experiences

@@ -380,7 +380,7 @@ async def _run(services: Services, request: web.Request) -> web.Response:
     first (at most 500)."""
     experience, stats = await services.experiences.get(request.match_info["experience_id"])
     page = await services.events.list(experience_id=str(experience.experience_id), page_size=500)
-    reported = stats.latency_p50_ms > 0 or stats.latency_p95_ms > 0
+    reported = stats.latency_reported_event_count > 0
     return web.json_response(
         {
             **_run_json(dataclasses.replace(experience, stats=stats)),

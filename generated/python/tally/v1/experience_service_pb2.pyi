@@ -387,6 +387,7 @@ class ExperienceStats(_message.Message):
     LATENCY_P95_MS_FIELD_NUMBER: _builtins.int
     FIRST_EVENT_TIME_FIELD_NUMBER: _builtins.int
     LAST_EVENT_TIME_FIELD_NUMBER: _builtins.int
+    LATENCY_REPORTED_EVENT_COUNT_FIELD_NUMBER: _builtins.int
     event_count: _builtins.int
     """Number of events."""
     failed_event_count: _builtins.int
@@ -394,11 +395,21 @@ class ExperienceStats(_message.Message):
     unpriced_event_count: _builtins.int
     """Number of events that were not fully priced (partly priced or unpriced)."""
     latency_mean_ms: _builtins.float
-    """Mean end-to-end latency of the events, in milliseconds."""
+    """Mean end-to-end latency of the events that reported one (an event's 0 is
+    "not reported"), in milliseconds; 0 when none did.
+    """
     latency_p50_ms: _builtins.float
-    """Median end-to-end latency, in milliseconds (nearest rank, within 1%)."""
+    """Median end-to-end latency of those events, in milliseconds (nearest rank,
+    within 1%).
+    """
     latency_p95_ms: _builtins.float
-    """95th percentile of the end-to-end latency, in milliseconds (nearest rank, within 1%)."""
+    """95th percentile of the end-to-end latency of those events, in milliseconds
+    (nearest rank, within 1%).
+    """
+    latency_reported_event_count: _builtins.int
+    """The events that reported a latency: the latency figures are theirs. 0:
+    none did, and the latency is "not reported" (never "0 ms").
+    """
     @_builtins.property
     def cost_input(self) -> _common_pb2.Money:
         """Sum of the input cost of the events."""
@@ -433,10 +444,11 @@ class ExperienceStats(_message.Message):
         latency_p95_ms: _builtins.float = ...,
         first_event_time: _timestamp_pb2.Timestamp | None = ...,
         last_event_time: _timestamp_pb2.Timestamp | None = ...,
+        latency_reported_event_count: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["cost_input", b"cost_input", "cost_output", b"cost_output", "cost_total", b"cost_total", "first_event_time", b"first_event_time", "last_event_time", b"last_event_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cost_input", b"cost_input", "cost_output", b"cost_output", "cost_total", b"cost_total", "event_count", b"event_count", "failed_event_count", b"failed_event_count", "first_event_time", b"first_event_time", "last_event_time", b"last_event_time", "latency_mean_ms", b"latency_mean_ms", "latency_p50_ms", b"latency_p50_ms", "latency_p95_ms", b"latency_p95_ms", "unpriced_event_count", b"unpriced_event_count"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cost_input", b"cost_input", "cost_output", b"cost_output", "cost_total", b"cost_total", "event_count", b"event_count", "failed_event_count", b"failed_event_count", "first_event_time", b"first_event_time", "last_event_time", b"last_event_time", "latency_mean_ms", b"latency_mean_ms", "latency_p50_ms", b"latency_p50_ms", "latency_p95_ms", b"latency_p95_ms", "latency_reported_event_count", b"latency_reported_event_count", "unpriced_event_count", b"unpriced_event_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -137,6 +137,12 @@ class Experiences:
                 )
         return experience
 
+    async def get_many(self, experience_ids: Sequence[uuid.UUID]) -> list[Experience]:
+        """Several experiences with their statistics, in two reads (those that exist)."""
+        async with self.db.read() as conn:
+            found = await stored_experiences.experiences_with_rollups(conn, experience_ids)
+        return [dataclasses.replace(e, stats=stats.experience_stats(rollup)) for e, rollup in found]
+
     async def get(self, experience_id: str) -> tuple[Experience, ExperienceStats]:
         parsed = _experience_id(experience_id)
         async with self.db.read() as conn:

@@ -157,6 +157,22 @@ async def experience_with_rollup(
     return hot_path.experience_from_row(row), _rollup(row, buckets[experience_id])
 
 
+async def experiences_with_rollups(
+    conn: AsyncConnection, experience_ids: Sequence[uuid.UUID]
+) -> list[tuple[m.Experience, m.ExperienceRollup]]:
+    """Several experiences with their rollups, in two reads (those that exist, in no order)."""
+    if not experience_ids:
+        return []
+    query = (
+        sa.select(*hot_path.EXPERIENCE_COLUMNS, *_ROLLUP_COLUMNS[1:])
+        .select_from(hot_path.EXPERIENCES_JOIN)
+        .where(experiences.c.id.in_(list(experience_ids)))
+    )
+    rows = list(await conn.execute(query))
+    buckets = await _latency_histograms(conn, [row.id for row in rows])
+    return [(hot_path.experience_from_row(row), _rollup(row, buckets[row.id])) for row in rows]
+
+
 # ListExperiences orderings: the sort key of each, ascending; the id breaks ties.
 EXPERIENCE_ORDERS: dict[str, tuple[sa.Column[Any], ...]] = {
     "create_time": (experiences.c.create_time_us,),

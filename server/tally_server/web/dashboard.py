@@ -350,11 +350,8 @@ async def _top_runs(services: Services, request: web.Request) -> web.Response:
             end_us=view.end_us,
             page_size=RUNS_FROM_EVENTS,
         )
-        ids = list(dict.fromkeys(str(e.result.experience_id) for e in page.items if e.result.experience_id))
-        found_runs = []
-        for experience_id in ids[:RUNS_READ]:
-            experience, stats = await services.experiences.get(experience_id)
-            found_runs.append(_run_json(dataclasses.replace(experience, stats=stats)))
+        ids = list(dict.fromkeys(e.result.experience_id for e in page.items if e.result.experience_id))
+        found_runs = [_run_json(e) for e in await services.experiences.get_many(ids[:RUNS_READ])]
         found_runs.sort(key=lambda run: (-run[key], run["experience_id"]))
         return web.json_response({"runs": found_runs[:limit], "sort": sort, "from_events": len(page.items)})
     names = [view.only.experience_name] if view.only.experience_name else []

@@ -108,9 +108,10 @@ def test_readme_blocks_run_in_order_and_twice(readme_server, tmp_path):
             printed = run_python_block("enforce_limits=True", target)
             assert "over budget" not in printed, printed
 
-        # The limits block, its watch ended as a reader ends it (Ctrl-C) once it has printed.
+        # The limits block, its watch ended as a reader ends it (Ctrl-C) once it has printed;
+        # one that does not end on Ctrl-C is killed 10 s later (exit 137) and fails here.
         limits = block("sh", "tally limits create eng-daily").replace(
-            "tally limits watch", "timeout -s INT 2 tally limits watch"
+            "tally limits watch", "timeout -s INT -k 10 2 tally limits watch"
         )
         ran = run_block(limits, target, tmp_path)
         watched = ran.pop()

@@ -590,10 +590,13 @@ class TallyClient(_ClientBase):
         (from create_metadata) applies to every event; inside `experience(...)` its context does."""
         scope = _scope.get()
         requests = (ing_pb.IngestStreamRequest(event=event) for event in events)
+        call = self._stubs["ingest"].IngestStream(requests, metadata=self._metadata(scope, metadata))
         try:
-            yield from self._stubs["ingest"].IngestStream(requests, metadata=self._metadata(scope, metadata))
+            yield from call
         except grpc.RpcError as error:
             raise from_rpc_error(error) from None
+        finally:
+            call.cancel()  # left early (Ctrl-C, a break): see watch_limits
 
     # --- prices -------------------------------------------------------------------
 
@@ -684,12 +687,18 @@ class TallyClient(_ClientBase):
 
     def watch_limits(self, names: Iterable[str] = ()) -> Iterator[limit_pb.WatchLimitsResponse]:
         """Each limit's state now, then each time one crosses its threshold or maximum, or is reset."""
+        call = self._stubs["limits"].WatchLimits(
+            limit_pb.WatchLimitsRequest(names=list(names)), metadata=self._metadata(None)
+        )
         try:
-            yield from self._stubs["limits"].WatchLimits(
-                limit_pb.WatchLimitsRequest(names=list(names)), metadata=self._metadata(None)
-            )
+            yield from call
         except grpc.RpcError as error:
             raise from_rpc_error(error) from None
+        finally:
+            # Left early (Ctrl-C, a break): cancelled now, before the channel closes. Left to
+            # the garbage collector, the call's state waited forever at interpreter exit
+            # (`tally limits watch` hung after SIGINT, once in CI: grpc's _ChannelCallState.__del__).
+            call.cancel()
 
 
 class AsyncTallyClient(_ClientBase):

@@ -24,6 +24,7 @@ from ..domain.models import (
     CostState,
     Experience,
     ExperienceStats,
+    Page,
     StoredEvent,
     now_us,
 )
@@ -119,8 +120,6 @@ def _view(request: web.Request) -> View:
         raise web.HTTPBadRequest(text=f"a window is at most {MAX_DAYS} days")
     version = _whole_number(request, "version", 0, 0, 2**31 - 1)
     q = request.query
-    if version and not q.get("type"):
-        raise web.HTTPBadRequest(text="version is of a type: give experience_name too (type=...)")
     only = CostFilter(
         q.get("type", ""), version, q.get("provider", ""), q.get("model", ""), q.get("user", ""), q.get("tag", "")
     )
@@ -128,6 +127,52 @@ def _view(request: web.Request) -> View:
     check_filter(v, only)
     v.raise_if_any()  # a 400 naming each field (the middleware)
     return View(first, last + DAY_US, only)
+
+
+async def _events_of(services: Services, view: View, page_size: int, cost_state: int = 0, page_token: str = "") -> Page:
+    """A page of the window's events of the view's filters, newest first (ListEvents)."""
+    only = view.only
+    return await services.events.list(
+        experience_name=only.experience_name,
+        experience_version=only.experience_version,
+        user_id=only.user_id,
+        request_tag=only.request_tag,
+        category=only.category,
+        model=only.model,
+        cost_state=cost_state,
+        start_us=view.start_us,
+        end_us=view.end_us,
+        page_size=page_size,
+        page_token=page_token,
+    )
+
+
+async def _unpriced_sample(services: Services, view: View) -> list[StoredEvent]:
+    """The newest UNPRICED_SAMPLE events of each not-priced state: what the reasons panel
+    counts, and what a reason's request log is found among."""
+    found: list[StoredEvent] = []
+    for state in (CostState.UNPRICED, CostState.PARTIALLY_PRICED):
+        found += (await _events_of(services, view, UNPRICED_SAMPLE, int(state))).items
+    return found
+
+
+def _reasons(stored: StoredEvent) -> set[str]:
+    """Why an event was not (fully) priced, each reason cut to REASON_CHARS."""
+    return {u.reason[:REASON_CHARS] for u in stored.result.cost.unknown_units}
+
+
+async def _type_names(services: Services, only: CostFilter) -> list[str]:
+    """The type the filter names, else every type (the first 500: bounded however many)."""
+    if only.experience_name:
+        return [only.experience_name]
+    names: list[str] = []
+    token = ""
+    while len(names) < 500:
+        page = await services.types.list(1000, token)
+        names += [t.name for t in page.items]
+        if not (token := page.next_page_token):
+            break
+    return names
 
 
 def _guarded(services: Services) -> Any:
@@ -261,41 +306,12 @@ async def _events(services: Services, request: web.Request) -> web.Response:
     if state not in ("", "unpriced", "partially_priced"):
         raise web.HTTPBadRequest(text="state is unpriced or partially_priced")
     cost_state = {"": 0, "unpriced": int(CostState.UNPRICED), "partially_priced": int(CostState.PARTIALLY_PRICED)}
-    only = view.only
     reason = request.query.get("reason", "")
     if reason:  # the events of one unpriced reason: among the newest the reasons panel counts
-        found = []
-        for each in (CostState.UNPRICED, CostState.PARTIALLY_PRICED):
-            page = await services.events.list(
-                experience_name=only.experience_name,
-                experience_version=only.experience_version,
-                user_id=only.user_id,
-                request_tag=only.request_tag,
-                category=only.category,
-                model=only.model,
-                cost_state=int(each),
-                start_us=view.start_us,
-                end_us=view.end_us,
-                page_size=UNPRICED_SAMPLE,
-            )
-            found += [
-                e for e in page.items if any(u.reason[:REASON_CHARS] == reason for u in e.result.cost.unknown_units)
-            ]
+        found = [e for e in await _unpriced_sample(services, view) if reason in _reasons(e)]
         found.sort(key=lambda e: (-e.result.event_time_us, str(e.result.request_id)))
         return web.json_response({"events": [_event_json(e) for e in found[:LOG_PAGE]], "next": "", "searched": ""})
-    page = await services.events.list(
-        experience_name=only.experience_name,
-        experience_version=only.experience_version,
-        user_id=only.user_id,
-        request_tag=only.request_tag,
-        category=only.category,
-        model=only.model,
-        cost_state=cost_state[state],
-        start_us=view.start_us,
-        end_us=view.end_us,
-        page_size=LOG_PAGE,
-        page_token=request.query.get("page", ""),
-    )
+    page = await _events_of(services, view, LOG_PAGE, cost_state[state], request.query.get("page", ""))
     return web.json_response(
         {"events": [_event_json(e) for e in page.items], "next": page.next_page_token, "searched": ""}
     )
@@ -339,30 +355,13 @@ async def _top_runs(services: Services, request: web.Request) -> web.Response:
     only = view.only
     if only.category or only.model or only.user_id or only.request_tag:
         # Runs with one of the filter's events: those of its newest RUNS_FROM_EVENTS events.
-        page = await services.events.list(
-            experience_name=only.experience_name,
-            experience_version=only.experience_version,
-            user_id=only.user_id,
-            request_tag=only.request_tag,
-            category=only.category,
-            model=only.model,
-            start_us=view.start_us,
-            end_us=view.end_us,
-            page_size=RUNS_FROM_EVENTS,
-        )
+        page = await _events_of(services, view, RUNS_FROM_EVENTS)
         ids = list(dict.fromkeys(e.result.experience_id for e in page.items if e.result.experience_id))
         found_runs = [_run_json(e) for e in await services.experiences.get_many(ids[:RUNS_READ])]
         found_runs.sort(key=lambda run: (-run[key], run["experience_id"]))
         return web.json_response({"runs": found_runs[:limit], "sort": sort, "from_events": len(page.items)})
-    names = [view.only.experience_name] if view.only.experience_name else []
-    token = ""
-    while not view.only.experience_name:
-        page_of_types = await services.types.list(1000, token)
-        names += [t.name for t in page_of_types.items]
-        if not (token := page_of_types.next_page_token) or len(names) >= 500:
-            break
     runs: list[dict[str, Any]] = []
-    for name in names:
+    for name in await _type_names(services, only):
         found = await services.experiences.list(
             name, view.only.experience_version, view.start_us, view.end_us, limit, "", RUN_ORDERS[sort]
         )
@@ -387,7 +386,6 @@ async def _run(services: Services, request: web.Request) -> web.Response:
             "step_costs": [
                 {"step": c.step, "events": c.event_count, "cost": _dollars(c.cost_nanos)} for c in experience.step_costs
             ],
-            "events_shown": len(page.items),
             "steps": [_event_json(e) for e in page.items],
         }
     )
@@ -399,15 +397,8 @@ async def _versions(services: Services, request: web.Request) -> web.Response:
     not priced (a run of them counts $0 for them: said, not hidden), and for the type's
     first outcome with a goal, its success rate and cost per success."""
     view = _view(request)
-    names = [view.only.experience_name] if view.only.experience_name else []
-    token = ""
-    while not view.only.experience_name:
-        page = await services.types.list(1000, token)
-        names += [t.name for t in page.items]
-        if not (token := page.next_page_token) or len(names) >= 500:
-            break
     rows: list[dict[str, Any]] = []
-    for name in names:
+    for name in await _type_names(services, view.only):
         stats = await services.types.stats(
             name, view.only.experience_version, view.start_us, view.end_us, include_outcomes=True
         )
@@ -504,33 +495,18 @@ async def _unpriced(services: Services, request: web.Request) -> web.Response:
     """Events not (fully) priced over the last `days`: their count from the hourly rollup,
     their reasons from the newest of them (an index holds only those): what to fix."""
     view = _view(request)
-    only = view.only
-    _, total = await services.reports.breakdown(["category"], view.start_us, view.end_us, only, page_size=1)
+    _, total = await services.reports.breakdown(["category"], view.start_us, view.end_us, view.only, page_size=1)
+    sample = await _unpriced_sample(services, view)
     reasons: dict[str, int] = {}
-    sampled = 0
-    for state in (CostState.UNPRICED, CostState.PARTIALLY_PRICED):
-        page = await services.events.list(
-            experience_name=only.experience_name,
-            experience_version=only.experience_version,
-            user_id=only.user_id,
-            request_tag=only.request_tag,
-            category=only.category,
-            model=only.model,
-            cost_state=int(state),
-            start_us=view.start_us,
-            end_us=view.end_us,
-            page_size=UNPRICED_SAMPLE,
-        )
-        for stored in page.items:
-            sampled += 1
-            for reason in {u.reason for u in stored.result.cost.unknown_units}:
-                reasons[reason] = reasons.get(reason, 0) + 1
+    for stored in sample:
+        for reason in _reasons(stored):
+            reasons[reason] = reasons.get(reason, 0) + 1
     ordered = sorted(reasons.items(), key=lambda item: -item[1])
     return web.json_response(
         {
             "events": total.totals.unpriced_event_count,
-            "sampled": sampled,
-            "reasons": [{"reason": r[:REASON_CHARS], "events": n} for r, n in ordered[:UNPRICED_REASONS]],
+            "sampled": len(sample),
+            "reasons": [{"reason": r, "events": n} for r, n in ordered[:UNPRICED_REASONS]],
             "other_reasons": sum(n for _, n in ordered[UNPRICED_REASONS:]),
         }
     )

@@ -343,19 +343,6 @@ class ExperienceRollup:
     latency_buckets: dict[int, int]
 
 
-@dataclass
-class VersionCosts:
-    """GetExperienceTypeStats' sums over one version's experiences, and their cost histogram."""
-
-    version: int
-    experience_count: int = 0
-    event_count: int = 0
-    unpriced_event_count: int = 0
-    total_nanos: int = 0
-    buckets: dict[int, int] = field(default_factory=dict)
-    failed_event_count: int = 0
-
-
 @dataclass(frozen=True, slots=True)
 class CostRollupKey:
     """One row of the hourly cost rollup: events of one hour, type version and model.

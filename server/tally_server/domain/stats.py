@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 
-from .models import ExperienceRollup, ExperienceStats, VersionCosts
-from .rollups import DAY_US, ExperienceState, cost_bucket, histogram_percentile
+from .models import ExperienceRollup, ExperienceStats
+from .rollups import DAY_US, histogram_percentile
 
 
 def nearest_rank(count: int, fraction: float) -> int:
@@ -60,24 +59,3 @@ def split_window(
         if end_us is not None and end_day is not None:
             edges.append((end_day, end_us))
     return (start_day, end_day), [(low, high) for low, high in edges if low < high]
-
-
-def add_experience(costs: dict[int, VersionCosts], state: ExperienceState) -> None:
-    """Counts one experience (at a window's edge) into its version's sums and histogram."""
-    entry = costs.setdefault(state.version, VersionCosts(state.version))
-    entry.experience_count += 1
-    entry.event_count += state.event_count
-    entry.unpriced_event_count += state.unpriced_event_count
-    entry.failed_event_count += state.failed_event_count
-    entry.total_nanos += state.cost_total_nanos
-    bucket = cost_bucket(state.cost_total_nanos)
-    entry.buckets[bucket] = entry.buckets.get(bucket, 0) + 1
-
-
-def merged_buckets(selected: Iterable[VersionCosts]) -> dict[int, int]:
-    """The cost histograms of several versions as one."""
-    buckets: dict[int, int] = {}
-    for v in selected:
-        for bucket, n in v.buckets.items():
-            buckets[bucket] = buckets.get(bucket, 0) + n
-    return buckets

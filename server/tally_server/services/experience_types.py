@@ -230,8 +230,8 @@ class ExperienceTypes:
         async with self.db.read() as conn:
             type_id, experience_type = await self._require(conn, name)
             start_us, end_us = await unbounded_if_whole(conn, type_id, version, start_us, end_us)
-            found = await type_stats(conn, name, type_id, version, start_us, end_us)
             sums = await window_sums(conn, type_id, version, start_us, end_us)
+            found = await type_stats(conn, name, type_id, version, start_us, end_us, sums)
             scored = {}
             if include_outcomes and experience_type.outcomes:
                 summarized = await summaries(conn, type_id, start_us, end_us, sums, experience_type.outcomes)

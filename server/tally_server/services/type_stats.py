@@ -10,26 +10,12 @@ from collections.abc import Awaitable, Callable, Sequence
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ..domain.compare import PercentileKey, VersionSummary, VersionSums, percentiles_needed, summarize, version_sums
-from ..domain.models import CostDistribution, TypeStats, VersionCosts
+from ..domain.models import CostDistribution, TypeStats
 from ..domain.money import divide_half_even
 from ..domain.outcomes import OutcomeDefinition
 from ..domain.rollups import DAY_US, TypeDeltas, bucket_bounds, bucket_nanos, count, histogram_rank
-from ..domain.stats import add_experience, merged_buckets, nearest_rank, split_window
+from ..domain.stats import nearest_rank, split_window
 from ..storage import statistics as stored_statistics
-
-
-async def _costs(
-    conn: AsyncConnection, type_id: int, version: int, start_us: int | None, end_us: int | None
-) -> dict[int, VersionCosts]:
-    """Per version, the sums and cost histogram of the experiences whose first event is in
-    the window: whole days from the type rollup, a partial day at either edge from its
-    experiences themselves."""
-    days, edges = split_window(start_us, end_us)
-    costs = {} if days is None else await stored_statistics.type_costs(conn, type_id, version, *days)
-    for edge_start, edge_end in edges:
-        for state in await stored_statistics.experience_costs(conn, type_id, version, edge_start, edge_end):
-            add_experience(costs, state)
-    return costs
 
 
 async def unbounded_if_whole(
@@ -51,45 +37,44 @@ async def unbounded_if_whole(
 
 
 async def type_stats(
-    conn: AsyncConnection, name: str, type_id: int, version: int, start_us: int | None, end_us: int | None
+    conn: AsyncConnection,
+    name: str,
+    type_id: int,
+    version: int,
+    start_us: int | None,
+    end_us: int | None,
+    sums: dict[int, VersionSums],
 ) -> TypeStats:
-    """The cost distribution of a type's experiences, in total and per version, from the type
-    rollup: money, counts, mean, max and the nearest-rank percentiles all exact."""
-    by_version = await _costs(conn, type_id, version, start_us, end_us)
+    """The cost distribution of a type's experiences, in total and per version, from the
+    window's sums (window_sums): money, counts, mean, max and the nearest-rank percentiles
+    all exact."""
 
-    async def distribution(selected: list[VersionCosts], only_version: int) -> CostDistribution:
-        count = sum(v.experience_count for v in selected)
+    async def distribution(selected: list[VersionSums], only_version: int) -> CostDistribution:
+        count = sum(v.totals.experience_count for v in selected)
         if not count:
             return CostDistribution()
-        total = sum(v.total_nanos for v in selected)
-        buckets = merged_buckets(selected)
+        total = sum(v.totals.cost_total_nanos for v in selected)
+        buckets: dict[int, int] = {}
+        for v in selected:
+            for bucket, n in v.buckets.items():
+                buckets[bucket] = buckets.get(bucket, 0) + n
         highest = await stored_statistics.max_experience_cost(conn, type_id, only_version, start_us, end_us)
-
-        async def at(fraction: float) -> int:
-            """Exact: the histogram names the bucket of the rank, the cost index is walked
-            within that bucket's range only (its representative value if the rollup and the
-            experiences moved apart meanwhile)."""
-            rank = nearest_rank(count, fraction)
-            bucket, below = histogram_rank(buckets, rank)
-            low, high = bucket_bounds(bucket)
-            exact = await stored_statistics.experience_cost_in_range(
-                conn, type_id, only_version, start_us, end_us, low, high, rank - below
-            )
-            return exact if exact is not None else min(highest, bucket_nanos(bucket))
-
+        walk = functools.partial(
+            stored_statistics.experience_cost_in_range, conn, type_id, only_version, start_us, end_us
+        )
         return CostDistribution(
             experience_count=count,
-            event_count=sum(v.event_count for v in selected),
-            unpriced_event_count=sum(v.unpriced_event_count for v in selected),
-            failed_event_count=sum(v.failed_event_count for v in selected),
+            event_count=sum(v.totals.event_count for v in selected),
+            unpriced_event_count=sum(v.totals.unpriced_event_count for v in selected),
+            failed_event_count=sum(v.totals.failed_event_count for v in selected),
             total_nanos=total,
             mean_nanos=divide_half_even(total, count),
-            p50_nanos=await at(0.50),
-            p95_nanos=await at(0.95),
+            p50_nanos=await _exact_percentile(buckets, 0.50, walk, highest),
+            p95_nanos=await _exact_percentile(buckets, 0.95, walk, highest),
             max_nanos=highest,
         )
 
-    ordered = [by_version[v] for v in sorted(by_version)]
+    ordered = [sums[v] for v in sorted(sums)]
     versions = {v.version: await distribution([v], v.version) for v in ordered}
     if version or len(versions) == 1:
         total = next(iter(versions.values()), CostDistribution())
@@ -113,11 +98,15 @@ async def window_sums(
 
 
 async def _exact_percentile(
-    buckets: dict[int, int], fraction: float, walk: Callable[[int, int, int], Awaitable[int | None]]
+    buckets: dict[int, int],
+    fraction: float,
+    walk: Callable[[int, int, int], Awaitable[int | None]],
+    highest: int | None = None,
 ) -> int:
     """The nearest-rank percentile of the runs a histogram counts, exact: the histogram names
     the bucket of the rank, `walk(low, high, offset)` finds the run within that bucket's
-    range (its representative value if the rollup and the runs moved apart meanwhile)."""
+    range (its representative value, at most `highest`, if the rollup and the runs moved
+    apart meanwhile)."""
     total = sum(buckets.values())
     if not total:
         return 0
@@ -125,7 +114,9 @@ async def _exact_percentile(
     bucket, below = histogram_rank(buckets, rank)
     low, high = bucket_bounds(bucket)
     exact = await walk(low, high, rank - below)
-    return exact if exact is not None else bucket_nanos(bucket)
+    if exact is not None:
+        return exact
+    return bucket_nanos(bucket) if highest is None else min(highest, bucket_nanos(bucket))
 
 
 async def summaries(

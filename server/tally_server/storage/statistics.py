@@ -1,4 +1,6 @@
-"""GetExperienceTypeStats' reads: the type rollups by day, and the experiences at a window's edges."""
+"""GetExperienceTypeStats' and CompareVersions' reads: the type rollups by day (sums,
+outcomes, steps), the experiences at a window's edges, and the walks of the cost index
+that make percentiles exact."""
 
 from __future__ import annotations
 
@@ -7,7 +9,6 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from ..domain import models as m
 from ..domain.outcomes import GoalComparison, OutcomeDefinition
 from ..domain.rollups import SUCCEEDED, ExperienceState, OutcomeTotals, StepTotals, TypeDeltas, TypeTotals
 from . import rollups
@@ -22,56 +23,6 @@ from .tables import (
     type_rollups,
     type_step_rollups,
 )
-
-
-async def type_costs(
-    conn: AsyncConnection, type_id: int, version: int, start_day: int | None, end_day: int | None
-) -> dict[int, m.VersionCosts]:
-    """Per version: the type rollup's sums and cost histogram over the days of first events
-    in [start_day, end_day): a few rows per day, whatever the number of experiences."""
-    t, b = type_rollups, type_cost_buckets
-    by_version: dict[int, m.VersionCosts] = {}
-    where = [t.c.type_id == type_id]
-    bucket_where = [b.c.type_id == type_id]
-    for table, conditions in ((t, where), (b, bucket_where)):
-        if version:
-            conditions.append(table.c.version == version)
-        if start_day is not None:
-            conditions.append(table.c.day_us >= start_day)
-        if end_day is not None:
-            conditions.append(table.c.day_us < end_day)
-    sums = (
-        sa.select(
-            t.c.version,
-            *(
-                sa.func.sum(t.c[name]).label(name)
-                for name in ("experience_count", "event_count", "unpriced_event_count", "failed_event_count")
-            ),
-            sa.func.sum(t.c.cost_total_dollars).label("dollars"),
-            sa.func.sum(t.c.cost_total_nanos).label("nanos"),
-        )
-        .where(*where)
-        .group_by(t.c.version)
-    )
-    for row in await conn.execute(sums):
-        if row.experience_count:
-            by_version[int(row.version)] = m.VersionCosts(
-                int(row.version),
-                int(row.experience_count),
-                int(row.event_count),
-                int(row.unpriced_event_count),
-                rollups.joined(row.dollars, row.nanos),
-                failed_event_count=int(row.failed_event_count or 0),
-            )
-    histogram = (
-        sa.select(b.c.version, b.c.bucket, sa.func.sum(b.c.experience_count).label("n"))
-        .where(*bucket_where)
-        .group_by(b.c.version, b.c.bucket)
-    )
-    for entry in await conn.execute(histogram):
-        if entry.n and int(entry.version) in by_version:
-            by_version[int(entry.version)].buckets[int(entry.bucket)] = int(entry.n)
-    return by_version
 
 
 async def day_extent(conn: AsyncConnection, type_id: int, version: int) -> tuple[int, int] | None:
@@ -92,12 +43,20 @@ def _with_events(type_id: int, version: int, start_us: int | None, end_us: int |
     return [*experience_filters(type_id, version, start_us, end_us, e.c.first_event_time_us), e.c.event_count > 0]
 
 
-async def experience_costs(
-    conn: AsyncConnection, type_id: int, version: int, start_us: int, end_us: int
-) -> list[ExperienceState]:
-    """The experiences whose first event is in [start_us, end_us) (a window's partial day)."""
-    query = sa.select(*rollups.STATE_COLUMNS).where(*_with_events(type_id, version, start_us, end_us))
-    return [rollups.state(row) for row in await conn.execute(query)]
+def _cost_in_range(
+    query: sa.Select[Any], where: list[Any], low_nanos: int, high_nanos: int, rank: int
+) -> sa.Select[Any]:
+    """The rank-th cheapest (from 1) of the experiences the query selects whose cost is in
+    [low_nanos, high_nanos]: a walk of the cost index within that range only."""
+    e = experiences
+    cost = sa.tuple_(e.c.cost_total_dollars, e.c.cost_total_nanos)
+    low, high = rollups.split(low_nanos), rollups.split(high_nanos)
+    return (
+        query.where(*where, cost >= sa.tuple_(*low), cost <= sa.tuple_(*high))
+        .order_by(e.c.cost_total_dollars, e.c.cost_total_nanos)
+        .offset(rank - 1)
+        .limit(1)
+    )
 
 
 async def experience_cost_in_range(
@@ -111,16 +70,14 @@ async def experience_cost_in_range(
     rank: int,
 ) -> int | None:
     """The total cost of the rank-th cheapest (from 1) of the experiences stats select whose
-    cost is in [low_nanos, high_nanos]: a walk of the cost index within that range only."""
+    cost is in [low_nanos, high_nanos]."""
     e = experiences
-    low, high = rollups.split(low_nanos), rollups.split(high_nanos)
-    cost = sa.tuple_(e.c.cost_total_dollars, e.c.cost_total_nanos)
-    query = (
-        sa.select(e.c.cost_total_dollars, e.c.cost_total_nanos)
-        .where(*_with_events(type_id, version, start_us, end_us), cost >= sa.tuple_(*low), cost <= sa.tuple_(*high))
-        .order_by(e.c.cost_total_dollars, e.c.cost_total_nanos)
-        .offset(rank - 1)
-        .limit(1)
+    query = _cost_in_range(
+        sa.select(e.c.cost_total_dollars, e.c.cost_total_nanos),
+        _with_events(type_id, version, start_us, end_us),
+        low_nanos,
+        high_nanos,
+        rank,
     )
     row = (await conn.execute(query)).first()
     return None if row is None else rollups.joined(*row)
@@ -253,20 +210,14 @@ async def scored_cost_in_range(
 ) -> int | None:
     """experience_cost_in_range among the runs whose value of an outcome has the verdict."""
     e, o = experiences, experience_outcomes
-    low, high = rollups.split(low_nanos), rollups.split(high_nanos)
-    cost = sa.tuple_(e.c.cost_total_dollars, e.c.cost_total_nanos)
-    query = (
-        sa.select(e.c.cost_total_dollars, e.c.cost_total_nanos)
-        .join(o, sa.and_(o.c.experience_id == e.c.id, o.c.name == definition.name))
-        .where(
-            *_with_events(type_id, version, start_us, end_us),
-            cost >= sa.tuple_(*low),
-            cost <= sa.tuple_(*high),
-            verdict_condition(definition, verdict),
-        )
-        .order_by(e.c.cost_total_dollars, e.c.cost_total_nanos)
-        .offset(rank - 1)
-        .limit(1)
+    query = _cost_in_range(
+        sa.select(e.c.cost_total_dollars, e.c.cost_total_nanos).join(
+            o, sa.and_(o.c.experience_id == e.c.id, o.c.name == definition.name)
+        ),
+        [*_with_events(type_id, version, start_us, end_us), verdict_condition(definition, verdict)],
+        low_nanos,
+        high_nanos,
+        rank,
     )
     row = (await conn.execute(query)).first()
     return None if row is None else rollups.joined(*row)

@@ -379,6 +379,6 @@ def step_costs(stored: Iterable[tuple[UsageEvent, IngestResult]]) -> dict[tuple[
         step = event.context.step
         if step and result.experience_id is not None:
             key = (result.experience_id, step)
-            count, nanos = sums.get(key, (0, 0))
-            sums[key] = (count + 1, nanos + result.cost.total_nanos)
+            events, nanos = sums.get(key, (0, 0))
+            sums[key] = (events + 1, nanos + result.cost.total_nanos)
     return sums

@@ -12,7 +12,7 @@ from ..domain import outcomes, paging, stats
 from ..domain.errors import Violations, already_exists
 from ..domain.models import Experience, ExperienceStats, Page, PropertyUpdate, StepCost, now_us
 from ..domain.resolution import experience_not_found, new_experience_id
-from ..domain.rollups import rescored
+from ..domain.rollups import rescored, verdicts_of
 from ..domain.validation import PROPERTIES_MAX_ENTRIES, check_name, check_request_id, check_string_map, parse_uuid
 from ..storage import (
     experiences as stored_experiences,
@@ -211,11 +211,13 @@ class Experiences:
             v.raise_if_any()
             # The run locked, as the writer locks it: its outcome rollups move in turn.
             states = await stored_experiences.experience_states(conn, [parsed])
-            before = await stored_experiences.counted(conn, states)
-            await stored_outcomes.record(conn, parsed, values, now_us(), key_name)
-            after = await stored_experiences.counted(conn, states)
-            if parsed in before:
-                await stored_rollups.add_type_deltas(conn, rescored(before[parsed], after[parsed].verdicts))
+            before = {o.name: o.value for o in (await stored_outcomes.latest(conn, [parsed])).get(parsed, [])}
+            await stored_outcomes.record(conn, parsed, values, now_us(), key_name, before)
+            if parsed in states:  # (deleted meanwhile: nothing counts it)
+                after = {**before, **{value.name: value.value for value in values}}
+                definitions = tuple(declared.values())
+                counted = dataclasses.replace(states[parsed], verdicts=verdicts_of(before, definitions))
+                await stored_rollups.add_type_deltas(conn, rescored(counted, verdicts_of(after, definitions)))
             recorded = (await stored_outcomes.latest(conn, [parsed])).get(parsed, [])
         return outcomes.scored(recorded, declared)
 

@@ -4,7 +4,7 @@ change of those values."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -15,19 +15,17 @@ from .tables import experience_outcome_changes, experience_outcomes
 
 
 async def record(
-    conn: AsyncConnection, experience_id: uuid.UUID, values: Sequence[OutcomeValue], now_us: int, key_name: str
+    conn: AsyncConnection,
+    experience_id: uuid.UUID,
+    values: Sequence[OutcomeValue],
+    now_us: int,
+    key_name: str,
+    current: Mapping[str, float],
 ) -> None:
     """Sets each value as the outcome's latest and keeps the change; a value equal to the
-    latest one changes nothing (so a retry adds no change)."""
+    latest one (`current`: the run's latest values, read in this transaction) changes
+    nothing, so a retry adds no change."""
     o = experience_outcomes
-    current = {
-        row.name: row.value
-        for row in await conn.execute(
-            sa.select(o.c.name, o.c.value).where(
-                o.c.experience_id == experience_id, o.c.name.in_([v.name for v in values])
-            )
-        )
-    }
     changed = [v for v in values if current.get(v.name) != v.value]
     if not changed:
         return

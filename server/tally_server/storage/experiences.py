@@ -140,23 +140,6 @@ def _rollup(row: Any, buckets: dict[int, int]) -> m.ExperienceRollup:
     )
 
 
-async def experience_with_rollup(
-    conn: AsyncConnection, experience_id: uuid.UUID
-) -> tuple[m.Experience, m.ExperienceRollup] | None:
-    """One experience with its rollup (GetExperience): two indexed reads, its row and its
-    latency histogram, whatever its event count."""
-    query = (
-        sa.select(*hot_path.EXPERIENCE_COLUMNS, *_ROLLUP_COLUMNS[1:])  # the id is in both
-        .select_from(hot_path.EXPERIENCES_JOIN)
-        .where(experiences.c.id == experience_id)
-    )
-    row = (await conn.execute(query)).first()
-    if row is None:
-        return None
-    buckets = await _latency_histograms(conn, [experience_id])
-    return hot_path.experience_from_row(row), _rollup(row, buckets[experience_id])
-
-
 async def experiences_with_rollups(
     conn: AsyncConnection, experience_ids: Sequence[uuid.UUID]
 ) -> list[tuple[m.Experience, m.ExperienceRollup]]:
@@ -169,8 +152,19 @@ async def experiences_with_rollups(
         .where(experiences.c.id.in_(list(experience_ids)))
     )
     rows = list(await conn.execute(query))
+    if not rows:
+        return []
     buckets = await _latency_histograms(conn, [row.id for row in rows])
     return [(hot_path.experience_from_row(row), _rollup(row, buckets[row.id])) for row in rows]
+
+
+async def experience_with_rollup(
+    conn: AsyncConnection, experience_id: uuid.UUID
+) -> tuple[m.Experience, m.ExperienceRollup] | None:
+    """One experience with its rollup (GetExperience): two indexed reads, its row and its
+    latency histogram, whatever its event count."""
+    found = await experiences_with_rollups(conn, [experience_id])
+    return found[0] if found else None
 
 
 # ListExperiences orderings: the sort key of each, ascending; the id breaks ties.
@@ -221,6 +215,8 @@ async def list_experiences(
         position = sa.tuple_(*after[:-1], uuid.UUID(after[-1]))
         query = query.where(sa.tuple_(*key) < position if descending else sa.tuple_(*key) > position)
     rows = list(await conn.execute(query))
+    if not rows:
+        return []
     buckets = await _latency_histograms(conn, [row.id for row in rows]) if rows else {}
     return [
         (

@@ -31,6 +31,7 @@ USECASE_ALIASES = {
 # checked before the call is forwarded and recorded once its event is stored.
 EXPERIENCE_OUTCOMES = "xproxy-experience-outcomes"
 USECASE_OUTCOMES = "xproxy-usecase-outcomes"
+OUTCOME_KEYS = (EXPERIENCE_OUTCOMES, USECASE_OUTCOMES)
 # Comma-separated key=value pairs that select price variants, e.g. "processing=batch".
 PRICE_CONTEXT = "xproxy-price-context"
 # The limit reservation (from LimitService.Reserve) that the call's event settles.

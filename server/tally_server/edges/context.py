@@ -17,6 +17,7 @@ from tally_client.metadata import (
     EXPERIENCE_VERSION,
     KNOWN_KEYS,
     LIMIT_RESERVATION,
+    OUTCOME_KEYS,
     PRICE_CONTEXT,
     REQUEST_TAGS,
     USECASE_ALIASES,
@@ -45,7 +46,7 @@ def _context_of(pairs: tuple[tuple[str, str], ...]) -> EventContext:
     warnings: list[str] = []
     for key, raw in pairs:
         value = raw.strip()
-        if key in (EXPERIENCE_OUTCOMES, USECASE_OUTCOMES):
+        if key in OUTCOME_KEYS:
             warnings.append(
                 f"metadata key {key!r} is read by the proxy only; it was ignored: record outcomes with "
                 "ExperienceService/RecordOutcomes"
@@ -91,7 +92,7 @@ def _context_of(pairs: tuple[tuple[str, str], ...]) -> EventContext:
 def outcome_values(pairs: Iterable[tuple[str, str]]) -> tuple[OutcomeValue, ...]:
     """The outcome values of a proxied call's xProxy-Experience-Outcomes header (a JSON
     object of true/false and numbers), () without one; INVALID_ARGUMENT naming the header."""
-    given = [(key, value) for key, value in pairs if key in (EXPERIENCE_OUTCOMES, USECASE_OUTCOMES)]
+    given = [(key, value) for key, value in pairs if key in OUTCOME_KEYS]
     if not given:
         return ()
     v = Violations()

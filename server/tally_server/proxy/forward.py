@@ -32,7 +32,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
-from tally_client.metadata import API_KEY, EXPERIENCE_OUTCOMES, USECASE_OUTCOMES
+from tally_client.metadata import API_KEY, EXPERIENCE_OUTCOMES, OUTCOME_KEYS
 from tally_client.usage import Reading, StreamUsage, estimate, read_response
 
 from .. import metrics
@@ -53,7 +53,6 @@ from ..services.limits import Limits
 from . import answers, sse
 from .upstreams import ANTHROPIC, Upstream, safe_rest
 
-OUTCOME_KEYS = (EXPERIENCE_OUTCOMES, USECASE_OUTCOMES)
 log = logging.getLogger("tally.proxy")
 repeated = RepeatedLog(log)
 

@@ -117,7 +117,7 @@ def new_outcome(
     definition = et_pb.OutcomeDefinition(
         name=name, kind=et_pb.OutcomeKind.Value(f"OUTCOME_KIND_{kind.upper()}"), description=description
     )
-    goals = [(field, value) for field, value in (("equals", equals), ("at_least", at_least), ("at_most", at_most))]
+    goals = (("equals", equals), ("at_least", at_least), ("at_most", at_most))
     given = [(field, value) for field, value in goals if value is not None]
     if len(given) > 1:
         raise ValueError("an outcome has at most one goal: equals, at_least or at_most")

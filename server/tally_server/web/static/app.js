@@ -3,7 +3,7 @@
 // every panel reads them. Caller-chosen names only ever go in as text (textContent).
 "use strict";
 
-const state = { charts: {}, run: null, logNext: "", logPages: [] };
+const state = { charts: {}, log: {}, logNext: "" };
 const FILTERS = ["from", "to", "type", "version", "provider", "model", "user", "tag"];
 
 // Money, one rule everywhere (the CLI's tables too): from $1, to the cent with thousands
@@ -156,7 +156,6 @@ async function loadSpend() {
 
 async function loadRun(run) {
   const data = await api("/api/runs/" + encodeURIComponent(run.experience_id));
-  state.run = data.experience_id;
   document.getElementById("run-id").textContent = data.experience_id;
   document.getElementById("run-title").textContent =
     data.type + " v" + data.version + ", " + usd(data.cost) + ", " + number(data.events) + " events, " +
@@ -260,7 +259,7 @@ async function loadLimits() {
 }
 
 async function loadLog(page = "") {
-  const log = state.log || {};
+  const log = state.log;
   const q = document.getElementById("search").value.trim();
   const data = await api(withView("/api/events", { state: log.state || "", reason: log.reason || "", q, page }));
   state.logNext = data.next;

@@ -39,10 +39,13 @@ def alive(pid: int) -> bool:
 
 
 def ingest_on_new_connections(target: str, name: str, connections: int, per_connection: int) -> set[str]:
-    """Each connection is a new TCP connection: the kernel spreads them over the workers."""
+    """Each connection is a new TCP connection: the kernel spreads them over the workers.
+    (Each channel with a subchannel pool of its own: from gRPC's global pool, a channel
+    opened as the last one closes may take over its connection, and with it its worker:
+    once in CI, all 16 reached one worker.)"""
     keys = set()
     for _ in range(connections):
-        with grpc.insecure_channel(target) as channel:
+        with grpc.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
             stub = ingest_service_pb2_grpc.IngestServiceStub(channel)
             events = []
             for _ in range(per_connection):

@@ -262,7 +262,7 @@ async def test_cli_breakdown_by_day_is_in_time_order_with_empty_days(stubs):
     # Filtered by user: only that user's events (read from the events).
     code, out, err = await tally(stubs.target, "report", "breakdown", "--by", "user", "--type", name, "--user", "late")
     assert code == 0, err
-    assert re.search(r"^late\s+1\s+0\s+\$", out, re.M) and "early" not in out, out
+    assert re.search(r"^late\s+1\s+0\s+2,000\s+0\s+\$", out, re.M) and "early" not in out, out
     code, out, err = await tally(stubs.target, "report", "breakdown", "--by", "day", "--days", "4", "--type", name)
     assert code == 0, err
     days = re.findall(r"^(\d{4}-\d{2}-\d{2})\s+(\S+)\s+(\S+)\s+(\S+)", out, re.M)

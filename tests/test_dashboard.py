@@ -207,7 +207,7 @@ def test_the_dashboard_needs_a_key_then_draws_spend_runs_versions_and_reasons(br
         assert len(runs) == 11, [r.text for r in runs]  # 8 runs, and one per hostile event
         ids = [r.find_element(By.CSS_SELECTOR, "td.id").text for r in runs]
         assert len(set(ids)) == 11 and all(uuid.UUID(i) for i in ids), "each run told apart by its id"
-        two = next(r for r, cells in ((r, r.find_elements(By.TAG_NAME, "td")) for r in runs) if cells[4].text == "2")
+        two = next(r for r, cells in ((r, r.find_elements(By.TAG_NAME, "td")) for r in runs) if cells[5].text == "2")
         two.click()  # a run of two events
         wait.until(lambda driver: len(driver.find_elements(By.CSS_SELECTOR, "#steps tbody tr")) == 2)
         assert "chosen" in two.get_attribute("class"), "the chosen run is highlighted"
@@ -238,6 +238,9 @@ def test_the_dashboard_needs_a_key_then_draws_spend_runs_versions_and_reasons(br
         window = (today - datetime.timedelta(days=29), today + datetime.timedelta(days=1))
         assert tile(browser, "Spend") == format_nanos(total_nanos(server.target, admin, window))
         assert tile(browser, "Events") == f"{total_events(server.target, admin, window):,}"
+        whole = _breakdown(server.target, admin, window).total
+        assert whole.input_tokens > 0 and tile(browser, "Tokens in") == f"{whole.input_tokens:,}"
+        assert tile(browser, "Tokens out") == f"{whole.output_tokens:,}"
 
         # A reason opens the request log kept to its events.
         reason = next(

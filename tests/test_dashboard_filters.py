@@ -17,6 +17,7 @@ from grpc import aio
 from tally.v1 import (
     event_service_pb2 as ev_pb,
     event_service_pb2_grpc as event_grpc,
+    experience_service_pb2 as exp_pb,
     experience_type_service_pb2 as et_pb,
     ingest_service_pb2 as pb,
     report_service_pb2 as rep_pb,
@@ -158,6 +159,11 @@ async def test_every_panel_equals_the_grpc_reports_for_its_window_and_filter(wor
                 break
         assert log == [e.request_id for e in stored], query
         assert len(log) == total.event_count, query
+        # Tokens: the tiles are BreakDownCost's, which are the events' units summed.
+        tokens = (current["tokens_in"], current["tokens_out"])
+        assert tokens == (total.input_tokens, total.output_tokens), query
+        units = [u for e in stored for u in e.event.units.values()]
+        assert tokens == (sum(u.input for u in units), sum(u.output for u in units)) != (0, 0), query
         # Runs: those whose first event is in the window, by type and version (the type rollup).
         if set(only) <= {"experience_name", "experience_version"}:
             runs = 0
@@ -178,6 +184,22 @@ async def test_every_panel_equals_the_grpc_reports_for_its_window_and_filter(wor
             assert [r["cost"] for r in shown["runs"]] == sorted(
                 (r["cost"] for r in shown["runs"]), key=nanos_of, reverse=True
             )
+        # Each run shown: its tokens are GetExperience's, its user its first event's.
+        shown = await get(web, f"/api/runs?limit=100&{window}{query}")
+        assert shown["runs"], query
+        for run in shown["runs"]:
+            got = await stubs.experiences.GetExperience(exp_pb.GetExperienceRequest(experience_id=run["experience_id"]))
+            assert (run["tokens_in"], run["tokens_out"]) == (
+                got.experience.stats.input_tokens,
+                got.experience.stats.output_tokens,
+            )
+            assert got.experience.stats.input_tokens > 0
+            its = ev_pb.ListEventsRequest(experience_id=run["experience_id"], page_size=1000)
+            first = min(
+                (await events.ListEvents(its)).events,
+                key=lambda e: (e.event.event_timestamp.ToNanoseconds(), e.request_id),
+            )
+            assert run["user"] == first.event.context.user_id, run
 
 
 async def test_bad_windows_and_filters_are_a_400_naming_them(world):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import random
 import uuid
 from typing import Any
@@ -19,7 +20,7 @@ from tally.v1 import (
     report_service_pb2 as report_pb,
     report_service_pb2_grpc as report_grpc,
 )
-from tally_client import AsyncTallyClient
+from tally_client import AsyncTallyClient, usage_event
 from tally_server.app import TallyServer
 from tally_server.config import Settings
 from tally_server.storage.db import Database, alembic_config
@@ -36,7 +37,7 @@ async def test_migrations_match_the_table_definitions(server):
     async with server.db.read() as conn:
         assert await conn.run_sync(differences) == []
         version = await conn.exec_driver_sql("SELECT version_num FROM alembic_version")
-        assert [row[0] for row in version] == ["0012"]
+        assert [row[0] for row in version] == ["0013"]
 
 
 async def test_an_upgrade_that_fails_changes_nothing(backend, tmp_path):
@@ -157,7 +158,7 @@ async def test_a_database_upgrades_from_the_first_migration_to_head(backend, tmp
         await database.migrate()
         async with database.read() as conn:
             version = (await conn.exec_driver_sql("SELECT version_num FROM alembic_version")).scalar_one()
-            assert version == "0012"
+            assert version == "0013"
             assert await conn.run_sync(lambda c: compare_metadata(MigrationContext.configure(c), metadata)) == []
     finally:
         await database.dispose()
@@ -175,6 +176,7 @@ async def test_a_database_upgrades_from_the_first_migration_to_head(backend, tmp
             assert (stats.event_count, stats.failed_event_count) == (2, 1)
             assert (stats.cost_total.units, stats.cost_total.nanos) == (3, 500_000_001)
             assert stats.latency_mean_ms == 50
+            assert (stats.input_tokens, stats.output_tokens) == (20, 10)  # 0013 counted the stored units
             type_stats = await stubs.types.GetExperienceTypeStats(types_pb.GetExperienceTypeStatsRequest(name="Old"))
             assert type_stats.total.experience_count == 1
             highest = type_stats.total.max_cost_per_experience
@@ -187,6 +189,7 @@ async def test_a_database_upgrades_from_the_first_migration_to_head(backend, tmp
             by_model = report_pb.BreakDownCostRequest(group_by=[report_pb.COST_DIMENSION_MODEL])
             breakdown = await reports.BreakDownCost(by_model)
             assert [(g.model, g.event_count) for g in breakdown.groups] == [("gpt-4o", 3)]
+            assert (breakdown.total.input_tokens, breakdown.total.output_tokens) == (30, 15)
             by_resource = report_pb.BreakDownCostRequest(group_by=[report_pb.COST_DIMENSION_RESOURCE])
             breakdown = await reports.BreakDownCost(by_resource)
             assert {g.resource: g.event_count for g in breakdown.groups} == {"gpt-4o": 2, "gpt-4o-2024-08-06": 1}
@@ -232,5 +235,73 @@ async def test_0011_builds_the_outcome_and_step_rollups_the_writer_keeps(backend
         compared, stats = backfilled
         assert compared.baseline.failure_rate > 0 and compared.baseline.steps and compared.baseline.outcomes
         assert all(v.outcomes for v in stats.versions) and stats.steps
+    finally:
+        await drop_database_url(url)
+
+
+async def test_0013_counts_the_tokens_of_the_events_stored_before_it(backend, tmp_path):
+    """Events of many unit types, attributed and not, over several hours, counted by the
+    writer; taken back to 0012 (the token sums gone) and upgraded again: every experience
+    and every hourly group answers the tokens the writer counted, and the counts past a
+    billion carry."""
+    url = await make_database_url(backend, tmp_path)
+    base = 1_750_000_000
+
+    async def answers() -> tuple[Any, ...]:
+        tally = TallyServer(Settings(listen="127.0.0.1:0", database_url=url, grace_seconds=1))
+        await tally.start()
+        try:
+            async with AsyncTallyClient(f"127.0.0.1:{tally.port}") as client:
+                if not seeded:
+                    for name in ("Tokens0", "Tokens1"):
+                        await client.create_experience_type(name, "tokens")
+                    for i in range(40):
+                        units = {"text": (1_000 + i, 7 * i), "text_cache_read": (3 * i, 0), "reasoning": (0, 11)}
+                        if i == 5:
+                            units["text"] = (2_999_999_999, 1_500_000_001)
+                        event = usage_event(
+                            "system.openai",
+                            "gpt-4o" if i % 3 else "claude-sonnet-4-0",
+                            units,
+                            event_time=datetime.datetime.fromtimestamp(base + i * 1_800, datetime.UTC),
+                        )
+                        if i % 5:  # every fifth unattributed
+                            event.context.experience_name = f"Tokens{i % 2}"
+                        await client.ingest(event)
+                    seeded.append(True)
+                start = datetime.datetime.fromtimestamp(base, datetime.UTC)
+                by_type = await client.break_down_cost(["type", "hour"], start=start)
+                by_model = await client.break_down_cost(["model", "hour"], start=start)
+                runs = []
+                for name in ("Tokens0", "Tokens1"):
+                    for run in (await client.list_experiences(name, page_size=100)).experiences:
+                        runs.append((run.experience_id, run.stats.input_tokens, run.stats.output_tokens))
+                groups = sorted(
+                    (g.experience_name, g.model, g.period_start.seconds, g.input_tokens, g.output_tokens)
+                    for g in [*by_type.groups, *by_model.groups]
+                )
+                return groups, (by_type.total.input_tokens, by_type.total.output_tokens), sorted(runs)
+        finally:
+            await tally.stop()
+
+    seeded: list[bool] = []
+    try:
+        kept = await answers()
+        total_in = sum(1_000 + i + 3 * i for i in range(40)) - 1_005 + 2_999_999_999
+        total_out = sum(7 * i + 11 for i in range(40)) - 35 + 1_500_000_001
+        assert kept[1] == (total_in, total_out)
+        assert sum(g[3] for g in kept[0]) == 2 * total_in and len(kept[2]) > 2
+        database = Database(url)
+        try:
+            async with database.write() as conn:
+                await conn.run_sync(lambda c: command.downgrade(alembic_config(c), "0012"))
+                columns = await conn.run_sync(
+                    lambda c: [col["name"] for col in sa.inspect(c).get_columns("experiences")]
+                )
+                assert "input_tokens_billions" not in columns
+            await database.migrate()
+        finally:
+            await database.dispose()
+        assert await answers() == kept
     finally:
         await drop_database_url(url)

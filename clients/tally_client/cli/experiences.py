@@ -77,6 +77,7 @@ def experience_report(e: Any) -> str:
             "events",
             f"{s.event_count:,}  ({s.failed_event_count:,} failed, {s.unpriced_event_count:,} not fully priced)",
         ],
+        ["tokens", f"{s.input_tokens:,} in, {s.output_tokens:,} out"],
         ["latency", _latencies(s)],
         ["first event", when(s.first_event_time)],
         ["last event", when(s.last_event_time)],

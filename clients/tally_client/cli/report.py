@@ -95,10 +95,11 @@ def report_breakdown(tally: TallyClient, args: argparse.Namespace) -> None:
         "day": ("DAY", lambda g: g.period_start.ToDatetime().strftime("%Y-%m-%d")),
         "hour": ("HOUR", lambda g: g.period_start.ToDatetime().strftime("%Y-%m-%d %H:00")),
     }
-    headers = [columns[name][0] for name in by] + ["EVENTS", "NOT PRICED", "COST"]
+    headers = [columns[name][0] for name in by] + ["EVENTS", "NOT PRICED", "TOKENS IN", "TOKENS OUT", "COST"]
 
     def row(g: Any, keys: list[str]) -> list[object]:
-        return [*keys, f"{g.event_count:,}", f"{g.unpriced_event_count:,}", money(g.cost_total)]
+        counts = (g.event_count, g.unpriced_event_count, g.input_tokens, g.output_tokens)
+        return [*keys, *(f"{n:,}" for n in counts), money(g.cost_total)]
 
     groups = list(response.groups)
     timed = next((name for name in by if name in ("day", "hour")), None)

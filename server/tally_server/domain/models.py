@@ -90,6 +90,8 @@ class ExperienceStats:
     first_event_time_us: int | None = None
     last_event_time_us: int | None = None
     latency_reported_event_count: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -303,6 +305,9 @@ class CostTotals:
     cost_input_nanos: int = 0
     cost_output_nanos: int = 0
     cost_total_nanos: int = 0
+    # The units' input and output counts summed over every unit type (tokens_of).
+    input_tokens: int = 0
+    output_tokens: int = 0
 
     def add(self, other: CostTotals) -> None:
         self.event_count += other.event_count
@@ -311,6 +316,8 @@ class CostTotals:
         self.cost_input_nanos += other.cost_input_nanos
         self.cost_output_nanos += other.cost_output_nanos
         self.cost_total_nanos += other.cost_total_nanos
+        self.input_tokens += other.input_tokens
+        self.output_tokens += other.output_tokens
 
     def subtract(self, other: CostTotals) -> None:
         self.event_count -= other.event_count
@@ -319,6 +326,8 @@ class CostTotals:
         self.cost_input_nanos -= other.cost_input_nanos
         self.cost_output_nanos -= other.cost_output_nanos
         self.cost_total_nanos -= other.cost_total_nanos
+        self.input_tokens -= other.input_tokens
+        self.output_tokens -= other.output_tokens
 
 
 @dataclass(slots=True)

@@ -309,14 +309,31 @@ def priced_model(event: UsageEvent, cost: Cost) -> str:
     return cost.price.resource if cost.price is not None else event.resource
 
 
-def _add(sums: list[int], failed: int, unpriced: int, cost: Cost) -> None:
-    """One event into a group's sums: events, failed, unpriced, input, output, total."""
+def tokens_of(event: UsageEvent) -> tuple[int, int]:
+    """An event's tokens in and out: its units' input and output counts over every unit type
+    (units are disjoint buckets, so the sum counts each token once)."""
+    tokens_in = tokens_out = 0
+    for input_count, output_count in event.units.values():
+        tokens_in += input_count
+        tokens_out += output_count
+    return tokens_in, tokens_out
+
+
+# A group's sums as rollups_of keeps them in a list: CostTotals' fields in order.
+_SUMS = 8
+
+
+def _add(sums: list[int], failed: int, unpriced: int, cost: Cost, tokens: tuple[int, int]) -> None:
+    """One event into a group's sums: events, failed, unpriced, input, output, total cost,
+    tokens in and out."""
     sums[0] += 1
     sums[1] += failed
     sums[2] += unpriced
     sums[3] += cost.input_nanos
     sums[4] += cost.output_nanos
     sums[5] += cost.total_nanos
+    sums[6] += tokens[0]
+    sums[7] += tokens[1]
 
 
 def rollups_of(
@@ -325,7 +342,8 @@ def rollups_of(
     """What the stored events add to their experiences and to the hourly cost rollup.
     (Summed in plain lists, objects made once per group: this runs once per event.)"""
     # Per group, the sums of _add; per experience also the first and last event time and
-    # the latency sum.
+    # the latency sum, after them.
+    first, last, latency_sum = _SUMS, _SUMS + 1, _SUMS + 2
     by_hour: dict[tuple[int, str, int, str, str, str], list[int]] = {}
     by_experience: dict[uuid.UUID, list[int]] = {}
     latencies: dict[uuid.UUID, dict[int, int]] = {}
@@ -334,6 +352,7 @@ def rollups_of(
         cost, time_us = result.cost, event.event_time_us
         failed = 1 if event.http_status_code >= 400 else 0
         unpriced = 0 if cost.state == priced else 1
+        tokens = tokens_of(event)
         key = (
             time_us - time_us % HOUR_US,
             result.experience_name,
@@ -344,27 +363,27 @@ def rollups_of(
         )
         hourly = by_hour.get(key)
         if hourly is None:
-            hourly = by_hour[key] = [0] * 6
-        _add(hourly, failed, unpriced, cost)
+            hourly = by_hour[key] = [0] * _SUMS
+        _add(hourly, failed, unpriced, cost, tokens)
         experience_id = result.experience_id
         if experience_id is None:
             continue
         sums = by_experience.get(experience_id)
         if sums is None:
-            sums = by_experience[experience_id] = [0, 0, 0, 0, 0, 0, time_us, time_us, 0]
+            sums = by_experience[experience_id] = [0] * _SUMS + [time_us, time_us, 0]
             latencies[experience_id] = {}
-        _add(sums, failed, unpriced, cost)
-        sums[6] = min(sums[6], time_us)
-        sums[7] = max(sums[7], time_us)
+        _add(sums, failed, unpriced, cost, tokens)
+        sums[first] = min(sums[first], time_us)
+        sums[last] = max(sums[last], time_us)
         latency = event.end_to_end_latency_ms
-        sums[8] += latency
+        sums[latency_sum] += latency
         buckets = latencies[experience_id]
         bucket = latency_bucket(latency)
         buckets[bucket] = buckets.get(bucket, 0) + 1
     return (
         {
             experience_id: ExperienceAddition(
-                CostTotals(*sums[:6]), sums[6], sums[7], sums[8], latencies[experience_id]
+                CostTotals(*sums[:_SUMS]), sums[first], sums[last], sums[latency_sum], latencies[experience_id]
             )
             for experience_id, sums in by_experience.items()
         },

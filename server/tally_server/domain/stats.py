@@ -34,6 +34,8 @@ def experience_stats(rollup: ExperienceRollup) -> ExperienceStats:
         latency_reported_event_count=reported,
         first_event_time_us=rollup.first_event_time_us,
         last_event_time_us=rollup.last_event_time_us,
+        input_tokens=totals.input_tokens,
+        output_tokens=totals.output_tokens,
     )
 
 

@@ -236,6 +236,8 @@ def experience_stats(s: m.ExperienceStats) -> exp_pb.ExperienceStats:
         first_event_time=timestamp(s.first_event_time_us),
         last_event_time=timestamp(s.last_event_time_us),
         latency_reported_event_count=s.latency_reported_event_count,
+        input_tokens=s.input_tokens,
+        output_tokens=s.output_tokens,
     )
 
 
@@ -550,6 +552,8 @@ def cost_group(g: m.CostGroup) -> report_pb.CostGroup:
         cost_total=money(t.cost_total_nanos),
         event_count=t.event_count,
         unpriced_event_count=t.unpriced_event_count,
+        input_tokens=t.input_tokens,
+        output_tokens=t.output_tokens,
     )
     for name, value in g.keys.items():
         if name in ("day", "hour"):

@@ -15,6 +15,7 @@ from ..domain.resolution import experience_not_found, new_experience_id
 from ..domain.rollups import rescored, verdicts_of
 from ..domain.validation import PROPERTIES_MAX_ENTRIES, check_name, check_request_id, check_string_map, parse_uuid
 from ..storage import (
+    events as stored_events,
     experiences as stored_experiences,
     idempotency as stored_idempotency,
     outcomes as stored_outcomes,
@@ -142,6 +143,11 @@ class Experiences:
         async with self.db.read() as conn:
             found = await stored_experiences.experiences_with_rollups(conn, experience_ids)
         return [dataclasses.replace(e, stats=stats.experience_stats(rollup)) for e, rollup in found]
+
+    async def first_users(self, experience_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, str]:
+        """The user id of each experience's first event ("" for none)."""
+        async with self.db.read() as conn:
+            return await stored_events.first_users(conn, experience_ids)
 
     async def get(self, experience_id: str) -> tuple[Experience, ExperienceStats]:
         parsed = _experience_id(experience_id)

@@ -139,6 +139,20 @@ async def list_events(
     return [stored_event(row) for row in await conn.execute(query)]
 
 
+async def first_users(conn: AsyncConnection, experience_ids: Iterable[uuid.UUID]) -> dict[uuid.UUID, str]:
+    """The user id of each experience's first event ("" for none): one index lookup each."""
+    ev = events
+    first_user = (
+        sa.select(ev.c.user_id)
+        .where(ev.c.experience_id == experiences.c.id)
+        .order_by(ev.c.event_time_us, ev.c.id)
+        .limit(1)
+        .scalar_subquery()
+    )
+    rows = await conn.execute(sa.select(experiences.c.id, first_user).where(experiences.c.id.in_(list(experience_ids))))
+    return {row[0]: row[1] or "" for row in rows}
+
+
 # --- rows as domain records -----------------------------------------------------------
 
 

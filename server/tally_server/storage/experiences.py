@@ -15,7 +15,7 @@ from . import hot_path, rollups
 from .sql import insert_or_ignore
 from .tables import (
     ROLLUP_COUNT_COLUMNS,
-    ROLLUP_MONEY_COLUMNS,
+    ROLLUP_SPLIT_COLUMNS,
     events,
     experience_latencies,
     experience_property_updates,
@@ -108,7 +108,7 @@ async def property_updates(conn: AsyncConnection, experience_id: uuid.UUID) -> t
 
 _ROLLUP_COLUMNS = (
     experiences.c.id,  # first, as list_experiences relies on
-    *(experiences.c[name] for name in (*ROLLUP_COUNT_COLUMNS, *ROLLUP_MONEY_COLUMNS)),
+    *(experiences.c[name] for name in (*ROLLUP_COUNT_COLUMNS, *ROLLUP_SPLIT_COLUMNS)),
     experiences.c.latency_sum_ms,
     experiences.c.first_event_time_us,
     experiences.c.last_event_time_us,

@@ -14,7 +14,7 @@ from . import rollups
 from .events import has_tag
 from .tables import (
     ROLLUP_COUNT_COLUMNS,
-    ROLLUP_MONEY_COLUMNS,
+    ROLLUP_SPLIT_COLUMNS,
     cost_rollups,
     events,
     experience_types,
@@ -62,7 +62,7 @@ def _rollup_sums() -> list[sa.Label[Any]]:
     """The sums of cost_rollups rows, labelled as their columns (as rollups.event_sums does
     for events)."""
     r = cost_rollups
-    return [sa.func.sum(r.c[name]).label(name) for name in (*ROLLUP_COUNT_COLUMNS, *ROLLUP_MONEY_COLUMNS)]
+    return [sa.func.sum(r.c[name]).label(name) for name in (*ROLLUP_COUNT_COLUMNS, *ROLLUP_SPLIT_COLUMNS)]
 
 
 # Groups the breakdown is kept to: the values of the first dimension's key columns.

@@ -22,10 +22,12 @@ from ..domain import models as m
 from ..domain.outcomes import OutcomeDefinition, from_json as outcomes_from_json
 from ..domain.rollups import HOUR_US, ExperienceState, TypeDeltas, rescored, verdicts_of
 from . import hot_path
+from .sql import unit_tokens
 from .tables import (
     ROLLUP_COUNT_COLUMNS,
     ROLLUP_MONEY,
-    ROLLUP_MONEY_COLUMNS,
+    ROLLUP_SPLIT,
+    ROLLUP_SPLIT_COLUMNS,
     cost_rollups,
     events,
     experience_latencies,
@@ -52,13 +54,26 @@ def joined(dollars: Any, nanos: Any) -> int:
     return int(dollars or 0) * NANOS_PER_DOLLAR + int(nanos or 0)
 
 
+# The CostTotals field of each sum kept split in two columns (tables.ROLLUP_SPLIT).
+_SPLIT_FIELDS = {
+    "cost_input": "cost_input_nanos",
+    "cost_output": "cost_output_nanos",
+    "cost_total": "cost_total_nanos",
+    "input_tokens": "input_tokens",
+    "output_tokens": "output_tokens",
+}
+
+
 def totals_from_row(row: Any) -> m.CostTotals:
     """CostTotals of a row with the rollup columns (or labels) by name."""
     return m.CostTotals(
         int(row.event_count or 0),
         int(row.failed_event_count or 0),
         int(row.unpriced_event_count or 0),
-        *(joined(getattr(row, f"{money}_dollars"), getattr(row, f"{money}_nanos")) for money in ROLLUP_MONEY),
+        **{
+            _SPLIT_FIELDS[name]: joined(getattr(row, high), getattr(row, low))
+            for name, (high, low) in ROLLUP_SPLIT.items()
+        },
     )
 
 
@@ -68,26 +83,27 @@ def _totals_values(totals: m.CostTotals) -> dict[str, int]:
         "failed_event_count": totals.failed_event_count,
         "unpriced_event_count": totals.unpriced_event_count,
     }
-    for money, nanos in zip(
-        ROLLUP_MONEY, (totals.cost_input_nanos, totals.cost_output_nanos, totals.cost_total_nanos), strict=True
-    ):
-        values[f"{money}_dollars"], values[f"{money}_nanos"] = split(nanos)
+    for name, (high, low) in ROLLUP_SPLIT.items():
+        values[high], values[low] = split(getattr(totals, _SPLIT_FIELDS[name]))
     return values
 
 
 def _added(
-    table: sa.Table, new: Any, counts: Iterable[str] = ROLLUP_COUNT_COLUMNS, money: Iterable[str] = ROLLUP_MONEY
+    table: sa.Table,
+    new: Any,
+    counts: Iterable[str] = ROLLUP_COUNT_COLUMNS,
+    sums: Iterable[str] = tuple(ROLLUP_SPLIT),
 ) -> dict[str, Any]:
     """SET clauses that add `new` (a namespace of the same columns) to a row's sums. The
-    nanos added are in 0..999,999,999 (dollars may be negative, for a change that takes
-    away), so the carry is 0 or 1 and integer division means the same on both engines."""
+    low part added is in 0..999,999,999 (the high part may be negative, for a change that
+    takes away), so the carry is 0 or 1 and integer division means the same on both engines."""
     c = table.c
     values: dict[str, Any] = {name: c[name] + new[name] for name in counts}
-    for name in money:
-        dollars, nanos = c[f"{name}_dollars"], c[f"{name}_nanos"]
-        carried = nanos + new[f"{name}_nanos"]
-        values[dollars.name] = dollars + new[f"{name}_dollars"] + sa.cast(carried // NANOS_PER_DOLLAR, sa.BigInteger)
-        values[nanos.name] = carried % NANOS_PER_DOLLAR
+    for name in sums:
+        high, low = (c[column] for column in ROLLUP_SPLIT[name])
+        carried = low + new[low.name]
+        values[high.name] = high + new[high.name] + sa.cast(carried // NANOS_PER_DOLLAR, sa.BigInteger)
+        values[low.name] = carried % NANOS_PER_DOLLAR
     return values
 
 
@@ -132,7 +148,7 @@ def _upsert(dialect: str, table_name: str) -> postgresql.Insert | sqlite.Insert:
 def _experience_update() -> sa.Update:
     e = experiences
     params = {
-        name: sa.bindparam(f"p_{name}", type_=sa.BigInteger) for name in (*ROLLUP_COUNT_COLUMNS, *ROLLUP_MONEY_COLUMNS)
+        name: sa.bindparam(f"p_{name}", type_=sa.BigInteger) for name in (*ROLLUP_COUNT_COLUMNS, *ROLLUP_SPLIT_COLUMNS)
     }
     first, last = sa.bindparam("p_first", type_=sa.BigInteger), sa.bindparam("p_last", type_=sa.BigInteger)
     return (
@@ -436,17 +452,19 @@ async def _add_cost_rows(conn: AsyncConnection, rows: list[dict[str, Any]]) -> N
 
 def event_sums() -> list[sa.Label[Any]]:
     """The rollup sums of a group of events, labelled as the rollup columns; money as the sum
-    of whole dollars and the sum of leftover nanos (normalized by `_normalized`)."""
+    of whole dollars and the sum of leftover nanos, tokens alike in billions and ones
+    (normalized by `_normalized`)."""
     ev = events
     sums = [
         sa.func.count().label("event_count"),
         sa.func.count().filter(ev.c.http_status_code >= 400).label("failed_event_count"),
         sa.func.count().filter(ev.c.cost_state != int(m.CostState.PRICED)).label("unpriced_event_count"),
     ]
-    for money in ROLLUP_MONEY:
-        column = ev.c[f"{money}_nanos"]
-        sums.append(sa.func.sum(column // NANOS_PER_DOLLAR).label(f"{money}_dollars"))
-        sums.append(sa.func.sum(column % NANOS_PER_DOLLAR).label(f"{money}_nanos"))
+    each: dict[str, sa.ColumnElement[int]] = {money: ev.c[f"{money}_nanos"] for money in ROLLUP_MONEY}
+    each.update(input_tokens=unit_tokens(ev.c.units, 0), output_tokens=unit_tokens(ev.c.units, 1))
+    for name, (high, low) in ROLLUP_SPLIT.items():
+        sums.append(sa.func.sum(each[name] // NANOS_PER_DOLLAR).label(high))
+        sums.append(sa.func.sum(each[name] % NANOS_PER_DOLLAR).label(low))
     return sums
 
 

@@ -8,10 +8,18 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 
-# The sums a rollup row keeps (experiences and cost_rollups alike).
+# The sums a rollup row keeps (experiences and cost_rollups alike): counts, and sums kept
+# as two BIGINT columns each, whole billions and the rest in 0..999,999,999, so that no
+# column overflows however many of the largest events a caller may send (money as dollars
+# and nanos; tokens, migration 0013, as billions and ones).
 ROLLUP_COUNT_COLUMNS = ("event_count", "failed_event_count", "unpriced_event_count")
 ROLLUP_MONEY = ("cost_input", "cost_output", "cost_total")
-ROLLUP_MONEY_COLUMNS = tuple(f"{money}_{part}" for money in ROLLUP_MONEY for part in ("dollars", "nanos"))
+ROLLUP_TOKENS = ("input_tokens", "output_tokens")
+ROLLUP_SPLIT: dict[str, tuple[str, str]] = {
+    **{money: (f"{money}_dollars", f"{money}_nanos") for money in ROLLUP_MONEY},
+    **{tokens: (f"{tokens}_billions", f"{tokens}_ones") for tokens in ROLLUP_TOKENS},
+}
+ROLLUP_SPLIT_COLUMNS = tuple(column for pair in ROLLUP_SPLIT.values() for column in pair)
 
 metadata = sa.MetaData(
     naming_convention={
@@ -58,7 +66,7 @@ experiences = sa.Table(
     # that stores them. Money is whole dollars plus nanos in 0..999,999,999: exact, and no
     # 64-bit column overflows below 9 trillion events of the largest cost an event may have.
     *(sa.Column(name, sa.BigInteger, nullable=False, server_default="0") for name in ROLLUP_COUNT_COLUMNS),
-    *(sa.Column(name, sa.BigInteger, nullable=False, server_default="0") for name in ROLLUP_MONEY_COLUMNS),
+    *(sa.Column(name, sa.BigInteger, nullable=False, server_default="0") for name in ROLLUP_SPLIT_COLUMNS),
     sa.Column("latency_sum_ms", sa.BigInteger, nullable=False, server_default="0"),
     sa.Column("first_event_time_us", sa.BigInteger, nullable=True),
     sa.Column("last_event_time_us", sa.BigInteger, nullable=True),
@@ -161,7 +169,13 @@ cost_rollups = sa.Table(
     # The model of the price entry that priced the events; the resource for unpriced ones.
     sa.Column("model", sa.String(256), primary_key=True),
     *(sa.Column(name, sa.BigInteger, nullable=False) for name in ROLLUP_COUNT_COLUMNS),
-    *(sa.Column(name, sa.BigInteger, nullable=False) for name in ROLLUP_MONEY_COLUMNS),
+    *(sa.Column(name, sa.BigInteger, nullable=False) for money in ROLLUP_MONEY for name in ROLLUP_SPLIT[money]),
+    # migration 0013
+    *(
+        sa.Column(name, sa.BigInteger, nullable=False, server_default="0")
+        for t in ROLLUP_TOKENS
+        for name in ROLLUP_SPLIT[t]
+    ),
 )
 
 # One row per stored event. experience_id has no foreign key on purpose: deleting

@@ -10,6 +10,7 @@ import datetime
 import logging
 import ssl
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from importlib import resources
@@ -236,6 +237,8 @@ def _tiles(summary: WindowSummary) -> dict[str, Any]:
         "events": t.event_count,
         "failed": t.failed_event_count,
         "unpriced": t.unpriced_event_count,
+        "tokens_in": t.input_tokens,
+        "tokens_out": t.output_tokens,
         "runs": summary.runs,
         "cost_per_run": _dollars(divide_half_even(summary.run_cost_nanos, summary.runs)) if summary.runs else None,
         "runs_counted": summary.runs is not None,
@@ -331,6 +334,9 @@ def _run_json(experience: Experience) -> dict[str, Any]:
         "experience_id": str(experience.experience_id),
         "type": experience.experience_name,
         "version": experience.experience_version,
+        "user": "",  # its first event's (_with_users)
+        "tokens_in": stats.input_tokens,
+        "tokens_out": stats.output_tokens,
         "created_us": experience.create_time_us,
         "first_us": stats.first_event_time_us,
         "last_us": stats.last_event_time_us,
@@ -357,17 +363,25 @@ async def _top_runs(services: Services, request: web.Request) -> web.Response:
         # Runs with one of the filter's events: those of its newest RUNS_FROM_EVENTS events.
         page = await _events_of(services, view, RUNS_FROM_EVENTS)
         ids = list(dict.fromkeys(e.result.experience_id for e in page.items if e.result.experience_id))
-        found_runs = [_run_json(e) for e in await services.experiences.get_many(ids[:RUNS_READ])]
-        found_runs.sort(key=lambda run: (-run[key], run["experience_id"]))
-        return web.json_response({"runs": found_runs[:limit], "sort": sort, "from_events": len(page.items)})
-    runs: list[dict[str, Any]] = []
+        found_runs = await services.experiences.get_many(ids[:RUNS_READ])
+        answer = await _with_users(services, found_runs, key, limit)
+        return web.json_response({"runs": answer, "sort": sort, "from_events": len(page.items)})
+    runs: list[Experience] = []
     for name in await _type_names(services, only):
         found = await services.experiences.list(
             name, view.only.experience_version, view.start_us, view.end_us, limit, "", RUN_ORDERS[sort]
         )
-        runs += [_run_json(experience) for experience in found.items]
-    runs.sort(key=lambda run: (-run[key], run["experience_id"]))
-    return web.json_response({"runs": runs[:limit], "sort": sort})
+        runs += found.items
+    return web.json_response({"runs": await _with_users(services, runs, key, limit), "sort": sort})
+
+
+async def _with_users(services: Services, runs: list[Experience], key: str, limit: int) -> list[dict[str, Any]]:
+    """The first `limit` runs by `key` (most first), each with the user of its first event."""
+    rows = sorted((_run_json(run) for run in runs), key=lambda run: (-run[key], run["experience_id"]))[:limit]
+    users = await services.experiences.first_users([uuid.UUID(row["experience_id"]) for row in rows])
+    for row in rows:
+        row["user"] = users.get(uuid.UUID(row["experience_id"]), "")
+    return rows
 
 
 async def _run(services: Services, request: web.Request) -> web.Response:
@@ -379,7 +393,7 @@ async def _run(services: Services, request: web.Request) -> web.Response:
     reported = stats.latency_reported_event_count > 0
     return web.json_response(
         {
-            **_run_json(dataclasses.replace(experience, stats=stats)),
+            **(await _with_users(services, [dataclasses.replace(experience, stats=stats)], "events", 1))[0],
             "user_ids": sorted({e.event.context.user_id for e in page.items if e.event.context.user_id}),
             "latency_p50_ms": stats.latency_p50_ms if reported else None,
             "latency_p95_ms": stats.latency_p95_ms if reported else None,

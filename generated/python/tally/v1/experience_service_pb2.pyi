@@ -388,6 +388,8 @@ class ExperienceStats(_message.Message):
     FIRST_EVENT_TIME_FIELD_NUMBER: _builtins.int
     LAST_EVENT_TIME_FIELD_NUMBER: _builtins.int
     LATENCY_REPORTED_EVENT_COUNT_FIELD_NUMBER: _builtins.int
+    INPUT_TOKENS_FIELD_NUMBER: _builtins.int
+    OUTPUT_TOKENS_FIELD_NUMBER: _builtins.int
     event_count: _builtins.int
     """Number of events."""
     failed_event_count: _builtins.int
@@ -409,6 +411,14 @@ class ExperienceStats(_message.Message):
     latency_reported_event_count: _builtins.int
     """The events that reported a latency: the latency figures are theirs. 0:
     none did, and the latency is "not reported" (never "0 ms").
+    """
+    input_tokens: _builtins.int
+    """Tokens in: the input counts of the events' units, summed over every unit
+    type (unit types are disjoint, so each token counts once).
+    """
+    output_tokens: _builtins.int
+    """Tokens out: the output counts of the events' units, summed over every unit
+    type.
     """
     @_builtins.property
     def cost_input(self) -> _common_pb2.Money:
@@ -445,10 +455,12 @@ class ExperienceStats(_message.Message):
         first_event_time: _timestamp_pb2.Timestamp | None = ...,
         last_event_time: _timestamp_pb2.Timestamp | None = ...,
         latency_reported_event_count: _builtins.int = ...,
+        input_tokens: _builtins.int = ...,
+        output_tokens: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["cost_input", b"cost_input", "cost_output", b"cost_output", "cost_total", b"cost_total", "first_event_time", b"first_event_time", "last_event_time", b"last_event_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cost_input", b"cost_input", "cost_output", b"cost_output", "cost_total", b"cost_total", "event_count", b"event_count", "failed_event_count", b"failed_event_count", "first_event_time", b"first_event_time", "last_event_time", b"last_event_time", "latency_mean_ms", b"latency_mean_ms", "latency_p50_ms", b"latency_p50_ms", "latency_p95_ms", b"latency_p95_ms", "latency_reported_event_count", b"latency_reported_event_count", "unpriced_event_count", b"unpriced_event_count"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cost_input", b"cost_input", "cost_output", b"cost_output", "cost_total", b"cost_total", "event_count", b"event_count", "failed_event_count", b"failed_event_count", "first_event_time", b"first_event_time", "input_tokens", b"input_tokens", "last_event_time", b"last_event_time", "latency_mean_ms", b"latency_mean_ms", "latency_p50_ms", b"latency_p50_ms", "latency_p95_ms", b"latency_p95_ms", "latency_reported_event_count", b"latency_reported_event_count", "output_tokens", b"output_tokens", "unpriced_event_count", b"unpriced_event_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -559,6 +559,8 @@ class CostGroup(_message.Message):
     UNPRICED_EVENT_COUNT_FIELD_NUMBER: _builtins.int
     MODEL_FIELD_NUMBER: _builtins.int
     STEP_FIELD_NUMBER: _builtins.int
+    INPUT_TOKENS_FIELD_NUMBER: _builtins.int
+    OUTPUT_TOKENS_FIELD_NUMBER: _builtins.int
     experience_name: _builtins.str
     """The experience type ("" for unattributed events)."""
     experience_version: _builtins.int
@@ -579,6 +581,10 @@ class CostGroup(_message.Message):
     """The price entry's model (COST_DIMENSION_MODEL)."""
     step: _builtins.str
     """The step (COST_DIMENSION_STEP)."""
+    input_tokens: _builtins.int
+    """Tokens in: the input counts of the events' units over every unit type."""
+    output_tokens: _builtins.int
+    """Tokens out: the output counts of the events' units over every unit type."""
     @_builtins.property
     def period_start(self) -> _timestamp_pb2.Timestamp:
         """The start of the day or hour."""
@@ -612,10 +618,12 @@ class CostGroup(_message.Message):
         unpriced_event_count: _builtins.int = ...,
         model: _builtins.str = ...,
         step: _builtins.str = ...,
+        input_tokens: _builtins.int = ...,
+        output_tokens: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["cost_input", b"cost_input", "cost_output", b"cost_output", "cost_total", b"cost_total", "period_start", b"period_start"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["category", b"category", "cost_input", b"cost_input", "cost_output", b"cost_output", "cost_total", b"cost_total", "event_count", b"event_count", "experience_name", b"experience_name", "experience_version", b"experience_version", "model", b"model", "period_start", b"period_start", "request_tag", b"request_tag", "resource", b"resource", "step", b"step", "unpriced_event_count", b"unpriced_event_count", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["category", b"category", "cost_input", b"cost_input", "cost_output", b"cost_output", "cost_total", b"cost_total", "event_count", b"event_count", "experience_name", b"experience_name", "experience_version", b"experience_version", "input_tokens", b"input_tokens", "model", b"model", "output_tokens", b"output_tokens", "period_start", b"period_start", "request_tag", b"request_tag", "resource", b"resource", "step", b"step", "unpriced_event_count", b"unpriced_event_count", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -108,6 +108,8 @@ async function loadSummary() {
     ["Events", number(data.current.events), delta(data.current.events, data.previous.events)],
     ["Failed events", number(data.current.failed), delta(data.current.failed, data.previous.failed)],
     ["Not priced", number(data.current.unpriced), delta(data.current.unpriced, data.previous.unpriced)],
+    ["Tokens in", number(data.current.tokens_in), delta(data.current.tokens_in, data.previous.tokens_in)],
+    ["Tokens out", number(data.current.tokens_out), delta(data.current.tokens_out, data.previous.tokens_out)],
   ];
   for (const [label, value, moved] of tiles) {
     const tile = document.createElement("div");
@@ -193,9 +195,11 @@ async function loadRuns() {
     (r) => [
       [r.experience_id, false, "id", "click to open; select to copy"],
       [r.type + " v" + r.version],
+      [r.user || "-"],
       [utc(r.first_us)],
       [utc(r.last_us)],
       [number(r.events), true],
+      [number(r.tokens_in) + " / " + number(r.tokens_out), true],
       [usd(r.cost), true],
     ],
     loadRun,

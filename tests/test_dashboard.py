@@ -86,6 +86,16 @@ def seed(target: str, admin: str) -> None:
     with grpc.insecure_channel(target) as channel:
         types = et_grpc.ExperienceTypeServiceStub(channel)
         ingest = ing_grpc.IngestServiceStub(channel)
+        # The README's limits, before the events they count: one per experience of a type (the
+        # panel once broke on it; it shows its busiest runs), one per tag.
+        limits = lim_grpc.LimitServiceStub(channel)
+        one_dollar = common_pb2.Money(currency_code="USD", units=1)
+        for limit_name, scope in (
+            ("per-summary", lim_pb.LimitScope(experience_type="Document_Summarization", per_experience=True)),
+            ("eng-daily", lim_pb.LimitScope(request_tag="team-eng")),
+        ):
+            limit = lim_pb.Limit(name=limit_name, max=one_dollar, kind=1, period=2, scope=scope)
+            limits.CreateLimit(lim_pb.CreateLimitRequest(limit=limit), metadata=metadata)
         for name in ("Document_Summarization", "Chatbot"):
             new = et_pb.ExperienceType(name=name, description=name)
             types.CreateExperienceType(et_pb.CreateExperienceTypeRequest(experience_type=new), metadata=metadata)
@@ -102,6 +112,7 @@ def seed(target: str, admin: str) -> None:
                     *metadata,
                     ("xproxy-experience-name", name),
                     ("xproxy-experience-id", str(uuid.uuid4())),
+                    *((("xproxy-request-tags", "team-eng"),) if name == "Chatbot" and run else ()),
                 )
                 ingest.IngestBatch(pb.IngestBatchRequest(events=events), metadata=run_metadata)
         # A second version of one type, its runs dearer: the page compares the two.
@@ -122,15 +133,6 @@ def seed(target: str, admin: str) -> None:
         for hostile in HOSTILE:
             event = pb.UsageEvent(category="system.openai", resource=hostile, units={"text": pb.UnitCounts(input=5)})
             ingest.Ingest(pb.IngestRequest(event=event), metadata=(*metadata, ("xproxy-experience-name", "Chatbot")))
-        # The README's limits: one per experience of a type (the panel once broke on it), one per tag.
-        limits = lim_grpc.LimitServiceStub(channel)
-        one_dollar = common_pb2.Money(currency_code="USD", units=1)
-        for name, scope in (
-            ("per-summary", lim_pb.LimitScope(experience_type="Document_Summarization", per_experience=True)),
-            ("eng-daily", lim_pb.LimitScope(request_tag="team-eng")),
-        ):
-            limit = lim_pb.Limit(name=name, max=one_dollar, kind=1, period=2, scope=scope)
-            limits.CreateLimit(lim_pb.CreateLimitRequest(limit=limit), metadata=metadata)
 
 
 def tile(browser, label: str) -> str:
@@ -250,6 +252,38 @@ def test_the_dashboard_needs_a_key_then_draws_spend_runs_versions_and_reasons(br
         wait.until(lambda driver: "not priced: " in driver.find_element(By.ID, "log-about").text)
         logged = browser.find_elements(By.CSS_SELECTOR, "#log tbody tr")
         assert len(logged) == 1 and "gtp-4o" in logged[0].text, [r.text for r in logged]
+
+        # The limits: each with its period; the per-experience limit's busiest runs are
+        # ListLimitPeriods' (spend desc), and one opens its run.
+        with grpc.insecure_channel(server.target) as channel:
+            asked = lim_pb.ListLimitPeriodsRequest(name="per-summary", order_by="spend desc", page_size=3)
+            busiest = lim_grpc.LimitServiceStub(channel).ListLimitPeriods(
+                asked, metadata=(("authorization", f"Bearer {admin}"),)
+            )
+        runs_shown = browser.find_elements(By.CSS_SELECTOR, "#busiest tbody tr")
+        assert [r.find_elements(By.TAG_NAME, "td")[1].text for r in runs_shown] == [
+            p.experience_id for p in busiest.periods
+        ] and len(runs_shown) == 3
+        assert [r.find_elements(By.TAG_NAME, "td")[2].text for r in runs_shown] == [
+            format_nanos(p.spend.units * 10**9 + p.spend.nanos) for p in busiest.periods
+        ]
+        runs_shown[0].click()
+        wait.until(lambda driver: driver.find_element(By.ID, "run-id").text == busiest.periods[0].experience_id)
+        midnight = today.strftime("%Y-%m-%d 00:00:00")
+        limit_rows = browser.find_elements(By.CSS_SELECTOR, "#limits tbody tr")
+        assert all(f"day: {midnight} to " in r.text for r in limit_rows), [r.text for r in limit_rows]
+        # A limit opens the log of its events this period: its scope and period become the view.
+        next(r for r in limit_rows if r.text.startswith("eng-daily")).click()
+        wait.until(lambda driver: "tag=team-eng" in driver.current_url)
+        wait.until(lambda driver: driver.execute_script("return document.body.dataset.loaded") == "true")
+        this_day = (today, today + datetime.timedelta(days=1))
+        assert tile(browser, "Spend") == format_nanos(
+            total_nanos(server.target, admin, this_day, request_tag="team-eng")
+        )
+        tagged = browser.find_elements(By.CSS_SELECTOR, "#log tbody tr")
+        assert len(tagged) == total_events(server.target, admin, this_day, request_tag="team-eng") == 4
+        browser.get(page)
+        wait.until(lambda driver: driver.execute_script("return document.body.dataset.loaded") == "true")
 
         # A filter changes every panel, lives in the URL, and survives a reload.
         browser.find_element(By.ID, "f-type").send_keys("Chatbot")

@@ -232,6 +232,56 @@ async def test_a_per_experience_limit_gives_each_experience_its_own_maximum(repl
     assert list(second.reservation.limits) == ["per-run"]
 
 
+async def test_a_per_experience_limits_busiest_runs_are_its_current_periods_most_spent_first(replicas):
+    """ListLimitPeriods with order_by "spend desc": the periods current now, the most spent
+    first and then by experience id, paged without a gap or a repeat; yesterday's periods
+    are not among them; any other order is INVALID_ARGUMENT naming order_by."""
+    stubs = replicas[0]
+    await price_model(stubs)
+    type_name = await new_type(stubs)
+    limits = lim_grpc.LimitServiceStub(stubs.channel)
+    template = type_limit(
+        unique("busiest"), type_name, common_pb2.Money(currency_code="USD", units=5), per_experience=True
+    )
+    template.period = lim_pb.LIMIT_PERIOD_DAY
+    await limits.CreateLimit(lim_pb.CreateLimitRequest(limit=template))
+    yesterday = timestamp_pb2.Timestamp()
+    yesterday.FromDatetime(datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=1))
+    spent: dict[str, int] = {}
+    for index, cents in enumerate([3, 1, 4, 1, 5, 9, 2, 6]):
+        run = str(uuid.uuid4())
+        context = pb.EventContext(experience_id=run, experience_name=type_name)
+        events = [usage(1000, context=context) for _ in range(cents)]
+        events.append(usage(1000 * (index + 1), context=context, event_timestamp=yesterday))  # another period
+        await stubs.ingest.IngestBatch(pb.IngestBatchRequest(events=events))
+        spent[run] = cents * 10_000_000
+    expected = sorted(spent.items(), key=lambda item: (-item[1], _reversed(item[0])))
+    got, token = [], ""
+    while True:
+        request = lim_pb.ListLimitPeriodsRequest(
+            name=template.name, order_by="spend desc", page_size=3, page_token=token
+        )
+        page = await limits.ListLimitPeriods(request)
+        got += [(p.experience_id, nanos(p.spend)) for p in page.periods]
+        if not (token := page.next_page_token):
+            break
+    assert got == expected
+    today = datetime.datetime.now(datetime.UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    newest = await limits.ListLimitPeriods(lim_pb.ListLimitPeriodsRequest(name=template.name, page_size=100))
+    assert len(newest.periods) == 16 and {p.start_time.ToDatetime(datetime.UTC) for p in newest.periods} == {
+        today,
+        today - datetime.timedelta(days=1),
+    }
+    async with raises(grpc.StatusCode.INVALID_ARGUMENT) as refused:
+        await limits.ListLimitPeriods(lim_pb.ListLimitPeriodsRequest(name=template.name, order_by="spend"))
+    assert "order_by" in refused.fields, refused.fields
+
+
+def _reversed(subject: str) -> tuple[int, ...]:
+    """A key that sorts experience ids descending (ties of spend come in that order)."""
+    return tuple(-ord(c) for c in subject)
+
+
 async def test_spend_is_the_sum_of_its_events_across_a_period_boundary_and_a_reset(replicas):
     stubs = replicas[0]
     await price_model(stubs)

@@ -505,10 +505,10 @@ def list_limits(page_size: int, page_token: str) -> Call[limit_pb.ListLimitsResp
 
 
 def list_limit_periods(
-    name: str, experience_id: str, page_size: int, page_token: str
+    name: str, experience_id: str, page_size: int, page_token: str, order_by: str = ""
 ) -> Call[limit_pb.ListLimitPeriodsResponse]:
     request = limit_pb.ListLimitPeriodsRequest(
-        name=name, experience_id=experience_id, page_size=page_size, page_token=page_token
+        name=name, experience_id=experience_id, page_size=page_size, page_token=page_token, order_by=order_by
     )
     return Call("limits", "ListLimitPeriods", request, _same)
 

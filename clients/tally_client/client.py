@@ -655,9 +655,17 @@ class TallyClient(_ClientBase):
         return self._run(_calls.list_limits(page_size, page_token))
 
     def list_limit_periods(
-        self, name: str, *, experience_id: str | UUID = "", page_size: int = 0, page_token: str = ""
+        self,
+        name: str,
+        *,
+        experience_id: str | UUID = "",
+        page_size: int = 0,
+        page_token: str = "",
+        order_by: str = "",
     ) -> limit_pb.ListLimitPeriodsResponse:
-        return self._run(_calls.list_limit_periods(name, str(experience_id), page_size, page_token))
+        """A limit's periods, the newest first; `order_by="spend desc"`: its periods current
+        now, the most spent first (a per-experience limit's busiest runs)."""
+        return self._run(_calls.list_limit_periods(name, str(experience_id), page_size, page_token, order_by))
 
     def reset_limit(self, name: str) -> limit_pb.ResetLimitResponse:
         return self._run(_calls.reset_limit(name))

@@ -76,7 +76,10 @@ def limits_list(tally: TallyClient, args: argparse.Namespace) -> None:
 
 
 def limits_periods(tally: TallyClient, args: argparse.Namespace) -> None:
-    page = tally.list_limit_periods(args.name, experience_id=args.experience or "", page_size=args.limit)
+    order = "spend desc" if args.busiest else ""
+    page = tally.list_limit_periods(
+        args.name, experience_id=args.experience or "", page_size=args.limit, order_by=order
+    )
     rows = [
         [
             when(p.start_time),
@@ -139,6 +142,11 @@ def add_commands(commands: Commands, client: argparse.ArgumentParser) -> None:
     p = limits.add_parser("periods", parents=[client], help="a limit's periods, the newest first")
     p.add_argument("name")
     p.add_argument("--experience", help="for a per-experience limit: this experience's periods")
+    p.add_argument(
+        "--busiest",
+        action="store_true",
+        help="the periods current now, the most spent first (a per-experience limit's busiest runs)",
+    )
     p.add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
     p.set_defaults(remote=limits_periods)
     p = limits.add_parser("reset", parents=[client], help="start a new period now (admin)")

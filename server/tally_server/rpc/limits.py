@@ -172,7 +172,7 @@ class LimitServicer(limit_grpc.LimitServiceServicer):
         self, request: pb.ListLimitPeriodsRequest, context: Context
     ) -> pb.ListLimitPeriodsResponse:
         views, token = await self.limits.periods(
-            request.name, request.experience_id, request.page_size, request.page_token
+            request.name, request.experience_id, request.page_size, request.page_token, request.order_by
         )
         return pb.ListLimitPeriodsResponse(periods=[period_message(view) for view in views], next_page_token=token)
 

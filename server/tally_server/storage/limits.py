@@ -309,6 +309,29 @@ async def periods(
     ]
 
 
+async def busiest(
+    conn: AsyncConnection,
+    limit_id: int,
+    start_us: int,
+    subject: str | None,
+    after: tuple[int, int, str] | None,
+    count: int,
+) -> list[rules.PeriodSpend]:
+    """A limit's periods that start at `start_us` (the current one of each subject), the most
+    spent first, then by subject: an index range read (ix_limit_spend_busiest)."""
+    s = limit_spend
+    query = sa.select(s).where(s.c.limit_id == limit_id, s.c.start_us == start_us)
+    if subject is not None:
+        query = query.where(s.c.subject == subject)
+    if after is not None:
+        query = query.where(sa.tuple_(s.c.spend_dollars, s.c.spend_nanos, s.c.subject) < sa.tuple_(*after))
+    query = query.order_by(s.c.spend_dollars.desc(), s.c.spend_nanos.desc(), s.c.subject.desc()).limit(count)
+    return [
+        rules.PeriodSpend(rules.PeriodKey(limit_id, row.subject, int(row.start_us)), _spend(row), int(row.event_count))
+        for row in await conn.execute(query)
+    ]
+
+
 # --- reservations --------------------------------------------------------------------------
 
 

@@ -335,6 +335,9 @@ limit_spend = sa.Table(
     sa.Column("spend_dollars", sa.BigInteger, nullable=False),
     sa.Column("spend_nanos", sa.BigInteger, nullable=False),
     sa.Column("event_count", sa.BigInteger, nullable=False),
+    # A limit's current periods, the most spent first: a per-experience limit's busiest runs
+    # (ListLimitPeriods, order_by "spend desc"; migration 0013).
+    sa.Index("ix_limit_spend_busiest", "limit_id", "start_us", "spend_dollars", "spend_nanos", "subject"),
 )
 
 limit_reservations = sa.Table(

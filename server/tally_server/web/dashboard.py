@@ -18,6 +18,7 @@ from typing import Any
 
 from aiohttp import web
 
+from ..domain import limits as rules
 from ..domain.errors import StorageUnavailable, TallyError, Violations
 from ..domain.models import (
     CostFilter,
@@ -36,7 +37,7 @@ from ..services.events import Events
 from ..services.experience_types import ExperienceTypes
 from ..services.experiences import Experiences
 from ..services.keys import ApiKeys
-from ..services.limits import Limits
+from ..services.limits import PERIODS_BY_SPEND, Limits
 from ..services.reports import Reports, WindowSummary, check_filter
 
 log = logging.getLogger("tally.web")
@@ -526,22 +527,69 @@ async def _unpriced(services: Services, request: web.Request) -> web.Response:
     )
 
 
+# Per-experience limits whose busiest runs the limits panel reads (one read each), and the
+# runs it shows of each: bounded however many limits and runs there are.
+BUSIEST_LIMITS = 20
+BUSIEST_RUNS = 3
+
+
+def _limit_view(limit: rules.Limit, start_us: int, now: int) -> dict[str, str]:
+    """The dashboard's view of a limit's events this period: its scope as filters, and the
+    whole UTC days from its period's start (or its creation, at most MAX_DAYS back) to today."""
+    today = now // DAY_US * DAY_US
+    first = max(start_us, limit.create_time_us, today - (MAX_DAYS - 1) * DAY_US) // DAY_US * DAY_US
+    day = lambda us: datetime.datetime.fromtimestamp(us / 1_000_000, datetime.UTC).date().isoformat()  # noqa: E731
+    scope = limit.scope
+    picked = {"from": day(first), "to": day(today)}
+    if scope.experience_type:
+        picked["type"] = scope.experience_type
+        if scope.experience_version:
+            picked["version"] = str(scope.experience_version)
+    if scope.kind == rules.ScopeKind.USER:
+        picked["user"] = scope.value
+    elif scope.kind == rules.ScopeKind.REQUEST_TAG:
+        picked["tag"] = scope.value
+    return picked
+
+
 async def _limits(services: Services, request: web.Request) -> web.Response:
-    items, _ = await services.limits.list(1000, "")
+    """Every limit (the first 1,000) with its current period, spend, reservations, max and
+    state; a per-experience limit, whose runs each have a period, with its busiest runs this
+    period (of the first BUSIEST_LIMITS such limits); and each with the view of its events."""
+    items, more = await services.limits.list(1000, "")
+    now = now_us()
     rows = []
-    for limit, view in items:
-        rows.append(
-            {
-                "name": limit.name,
-                "kind": limit.kind.name.lower(),
-                "period": limit.period.name.lower(),
-                "max": _dollars(limit.max_nanos),
-                "spend": _dollars(view.spend.spend_nanos) if view else None,
-                "reserved": _dollars(view.spend.reserved_nanos) if view else None,
-                "state": view.state.name.lower() if view else "per experience",
-            }
-        )
-    return web.json_response({"limits": rows})
+    busiest_read = 0
+    for limit, current in items:
+        start, end = (current.spend.key.start_us, current.end_us) if current else rules.period_of(limit, now)
+        row: dict[str, Any] = {
+            "name": limit.name,
+            "kind": limit.kind.name.lower(),
+            "period": limit.period.name.lower(),
+            "start_us": start,
+            "end_us": end,
+            "max": _dollars(limit.max_nanos),
+            "spend": _dollars(current.spend.spend_nanos) if current else None,
+            "reserved": _dollars(current.spend.reserved_nanos) if current else None,
+            "state": current.state.name.lower() if current else "per experience",
+            "view": _limit_view(limit, start, now),
+        }
+        if limit.scope.per_experience:
+            row["busiest"] = None  # past BUSIEST_LIMITS: not read
+            if busiest_read < BUSIEST_LIMITS:
+                busiest_read += 1
+                periods, _ = await services.limits.periods(limit.name, "", BUSIEST_RUNS, "", PERIODS_BY_SPEND)
+                row["busiest"] = [
+                    {
+                        "experience_id": p.spend.key.subject,
+                        "spend": _dollars(p.spend.spend_nanos),
+                        "events": p.spend.event_count,
+                        "state": p.state.name.lower(),
+                    }
+                    for p in periods
+                ]
+        rows.append(row)
+    return web.json_response({"limits": rows, "more": bool(more), "busiest_limits": BUSIEST_LIMITS})
 
 
 async def _whoami(services: Services, request: web.Request) -> web.Response:

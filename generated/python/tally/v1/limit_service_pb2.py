@@ -28,7 +28,7 @@ from tally.v1 import common_pb2 as tally_dot_v1_dot_common__pb2
 from tally.v1 import ingest_service_pb2 as tally_dot_v1_dot_ingest__service__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ctally/v1/limit_service.proto\x12\x08tally.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x15tally/v1/access.proto\x1a\x15tally/v1/common.proto\x1a\x1dtally/v1/ingest_service.proto\"\xaa\x01\n\nLimitScope\x12\x12\n\neverything\x18\x01 \x01(\x08\x12\x17\n\x0f\x65xperience_type\x18\x02 \x01(\t\x12\x1a\n\x12\x65xperience_version\x18\x03 \x01(\x05\x12\x16\n\x0eper_experience\x18\x04 \x01(\x08\x12\x15\n\rexperience_id\x18\x05 \x01(\t\x12\x0f\n\x07user_id\x18\x06 \x01(\t\x12\x13\n\x0brequest_tag\x18\x07 \x01(\t\"\xee\x01\n\x05Limit\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1c\n\x03max\x18\x02 \x01(\x0b\x32\x0f.tally.v1.Money\x12!\n\x04kind\x18\x03 \x01(\x0e\x32\x13.tally.v1.LimitKind\x12\x19\n\x11threshold_percent\x18\x04 \x01(\x05\x12#\n\x05scope\x18\x05 \x01(\x0b\x32\x14.tally.v1.LimitScope\x12%\n\x06period\x18\x06 \x01(\x0e\x32\x15.tally.v1.LimitPeriod\x12/\n\x0b\x63reate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xb1\x02\n\x10LimitPeriodState\x12\r\n\x05limit\x18\x01 \x01(\t\x12\x15\n\rexperience_id\x18\x02 \x01(\t\x12.\n\nstart_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1e\n\x05spend\x18\x05 \x01(\x0b\x32\x0f.tally.v1.Money\x12!\n\x08reserved\x18\x06 \x01(\x0b\x32\x0f.tally.v1.Money\x12\x1c\n\x03max\x18\x07 \x01(\x0b\x32\x0f.tally.v1.Money\x12#\n\x05state\x18\x08 \x01(\x0e\x32\x14.tally.v1.LimitState\x12\x13\n\x0b\x65vent_count\x18\t \x01(\x03\"4\n\x12\x43reateLimitRequest\x12\x1e\n\x05limit\x18\x01 \x01(\x0b\x32\x0f.tally.v1.Limit\"5\n\x13\x43reateLimitResponse\x12\x1e\n\x05limit\x18\x01 \x01(\x0b\x32\x0f.tally.v1.Limit\"6\n\x0fGetLimitRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x15\n\rexperience_id\x18\x02 \x01(\t\"_\n\x10GetLimitResponse\x12\x1e\n\x05limit\x18\x01 \x01(\x0b\x32\x0f.tally.v1.Limit\x12+\n\x07\x63urrent\x18\x02 \x01(\x0b\x32\x1a.tally.v1.LimitPeriodState\":\n\x11ListLimitsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"{\n\x12ListLimitsResponse\x12\x1f\n\x06limits\x18\x01 \x03(\x0b\x32\x0f.tally.v1.Limit\x12+\n\x07\x63urrent\x18\x02 \x03(\x0b\x32\x1a.tally.v1.LimitPeriodState\x12\x17\n\x0fnext_page_token\x18\x03 \x01(\t\"e\n\x17ListLimitPeriodsRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x15\n\rexperience_id\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"`\n\x18ListLimitPeriodsResponse\x12+\n\x07periods\x18\x01 \x03(\x0b\x32\x1a.tally.v1.LimitPeriodState\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"!\n\x11ResetLimitRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"a\n\x12ResetLimitResponse\x12\x1e\n\x05limit\x18\x01 \x01(\x0b\x32\x0f.tally.v1.Limit\x12+\n\x07\x63urrent\x18\x02 \x01(\x0b\x32\x1a.tally.v1.LimitPeriodState\"\"\n\x12\x44\x65leteLimitRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x15\n\x13\x44\x65leteLimitResponse\"\xc9\x01\n\x0c\x43ostEstimate\x12\x1f\n\x06\x61mount\x18\x01 \x01(\x0b\x32\x0f.tally.v1.Money\x12\x10\n\x08\x63\x61tegory\x18\x02 \x01(\t\x12\x10\n\x08resource\x18\x03 \x01(\t\x12\x30\n\x05units\x18\x04 \x03(\x0b\x32!.tally.v1.CostEstimate.UnitsEntry\x1a\x42\n\nUnitsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12#\n\x05value\x18\x02 \x01(\x0b\x32\x14.tally.v1.UnitCounts:\x02\x38\x01\"\x8c\x01\n\x0eReserveRequest\x12\'\n\x07\x63ontext\x18\x01 \x01(\x0b\x32\x16.tally.v1.EventContext\x12(\n\x08\x65stimate\x18\x02 \x01(\x0b\x32\x16.tally.v1.CostEstimate\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x13\n\x0bttl_seconds\x18\x04 \x01(\x05\"\x87\x01\n\x0bReservation\x12\x16\n\x0ereservation_id\x18\x01 \x01(\t\x12\x1f\n\x06\x61mount\x18\x02 \x01(\x0b\x32\x0f.tally.v1.Money\x12/\n\x0b\x65xpire_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06limits\x18\x04 \x03(\t\"=\n\x0fReserveResponse\x12*\n\x0breservation\x18\x01 \x01(\x0b\x32\x15.tally.v1.Reservation\"(\n\x0eReleaseRequest\x12\x16\n\x0ereservation_id\x18\x01 \x01(\t\"\x11\n\x0fReleaseResponse\"#\n\x12WatchLimitsRequest\x12\r\n\x05names\x18\x01 \x03(\t\"Q\n\x13WatchLimitsResponse\x12*\n\x06period\x18\x01 \x01(\x0b\x32\x1a.tally.v1.LimitPeriodState\x12\x0e\n\x06reason\x18\x02 \x01(\t*S\n\tLimitKind\x12\x1a\n\x16LIMIT_KIND_UNSPECIFIED\x10\x00\x12\x14\n\x10LIMIT_KIND_BLOCK\x10\x01\x12\x14\n\x10LIMIT_KIND_ALLOW\x10\x02*\x8b\x01\n\x0bLimitPeriod\x12\x1c\n\x18LIMIT_PERIOD_UNSPECIFIED\x10\x00\x12\x19\n\x15LIMIT_PERIOD_LIFETIME\x10\x01\x12\x14\n\x10LIMIT_PERIOD_DAY\x10\x02\x12\x15\n\x11LIMIT_PERIOD_WEEK\x10\x03\x12\x16\n\x12LIMIT_PERIOD_MONTH\x10\x04\x32\xda\x05\n\x0cLimitService\x12P\n\x0b\x43reateLimit\x12\x1c.tally.v1.CreateLimitRequest\x1a\x1d.tally.v1.CreateLimitResponse\"\x04\x88\xe7\x18\x03\x12G\n\x08GetLimit\x12\x19.tally.v1.GetLimitRequest\x1a\x1a.tally.v1.GetLimitResponse\"\x04\x88\xe7\x18\x02\x12M\n\nListLimits\x12\x1b.tally.v1.ListLimitsRequest\x1a\x1c.tally.v1.ListLimitsResponse\"\x04\x88\xe7\x18\x02\x12_\n\x10ListLimitPeriods\x12!.tally.v1.ListLimitPeriodsRequest\x1a\".tally.v1.ListLimitPeriodsResponse\"\x04\x88\xe7\x18\x02\x12M\n\nResetLimit\x12\x1b.tally.v1.ResetLimitRequest\x1a\x1c.tally.v1.ResetLimitResponse\"\x04\x88\xe7\x18\x03\x12P\n\x0b\x44\x65leteLimit\x12\x1c.tally.v1.DeleteLimitRequest\x1a\x1d.tally.v1.DeleteLimitResponse\"\x04\x88\xe7\x18\x03\x12\x44\n\x07Reserve\x12\x18.tally.v1.ReserveRequest\x1a\x19.tally.v1.ReserveResponse\"\x04\x88\xe7\x18\x01\x12\x44\n\x07Release\x12\x18.tally.v1.ReleaseRequest\x1a\x19.tally.v1.ReleaseResponse\"\x04\x88\xe7\x18\x01\x12R\n\x0bWatchLimits\x12\x1c.tally.v1.WatchLimitsRequest\x1a\x1d.tally.v1.WatchLimitsResponse\"\x04\x88\xe7\x18\x02\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ctally/v1/limit_service.proto\x12\x08tally.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x15tally/v1/access.proto\x1a\x15tally/v1/common.proto\x1a\x1dtally/v1/ingest_service.proto\"\xaa\x01\n\nLimitScope\x12\x12\n\neverything\x18\x01 \x01(\x08\x12\x17\n\x0f\x65xperience_type\x18\x02 \x01(\t\x12\x1a\n\x12\x65xperience_version\x18\x03 \x01(\x05\x12\x16\n\x0eper_experience\x18\x04 \x01(\x08\x12\x15\n\rexperience_id\x18\x05 \x01(\t\x12\x0f\n\x07user_id\x18\x06 \x01(\t\x12\x13\n\x0brequest_tag\x18\x07 \x01(\t\"\xee\x01\n\x05Limit\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1c\n\x03max\x18\x02 \x01(\x0b\x32\x0f.tally.v1.Money\x12!\n\x04kind\x18\x03 \x01(\x0e\x32\x13.tally.v1.LimitKind\x12\x19\n\x11threshold_percent\x18\x04 \x01(\x05\x12#\n\x05scope\x18\x05 \x01(\x0b\x32\x14.tally.v1.LimitScope\x12%\n\x06period\x18\x06 \x01(\x0e\x32\x15.tally.v1.LimitPeriod\x12/\n\x0b\x63reate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xb1\x02\n\x10LimitPeriodState\x12\r\n\x05limit\x18\x01 \x01(\t\x12\x15\n\rexperience_id\x18\x02 \x01(\t\x12.\n\nstart_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1e\n\x05spend\x18\x05 \x01(\x0b\x32\x0f.tally.v1.Money\x12!\n\x08reserved\x18\x06 \x01(\x0b\x32\x0f.tally.v1.Money\x12\x1c\n\x03max\x18\x07 \x01(\x0b\x32\x0f.tally.v1.Money\x12#\n\x05state\x18\x08 \x01(\x0e\x32\x14.tally.v1.LimitState\x12\x13\n\x0b\x65vent_count\x18\t \x01(\x03\"4\n\x12\x43reateLimitRequest\x12\x1e\n\x05limit\x18\x01 \x01(\x0b\x32\x0f.tally.v1.Limit\"5\n\x13\x43reateLimitResponse\x12\x1e\n\x05limit\x18\x01 \x01(\x0b\x32\x0f.tally.v1.Limit\"6\n\x0fGetLimitRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x15\n\rexperience_id\x18\x02 \x01(\t\"_\n\x10GetLimitResponse\x12\x1e\n\x05limit\x18\x01 \x01(\x0b\x32\x0f.tally.v1.Limit\x12+\n\x07\x63urrent\x18\x02 \x01(\x0b\x32\x1a.tally.v1.LimitPeriodState\":\n\x11ListLimitsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"{\n\x12ListLimitsResponse\x12\x1f\n\x06limits\x18\x01 \x03(\x0b\x32\x0f.tally.v1.Limit\x12+\n\x07\x63urrent\x18\x02 \x03(\x0b\x32\x1a.tally.v1.LimitPeriodState\x12\x17\n\x0fnext_page_token\x18\x03 \x01(\t\"w\n\x17ListLimitPeriodsRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x15\n\rexperience_id\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\x12\x10\n\x08order_by\x18\x05 \x01(\t\"`\n\x18ListLimitPeriodsResponse\x12+\n\x07periods\x18\x01 \x03(\x0b\x32\x1a.tally.v1.LimitPeriodState\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"!\n\x11ResetLimitRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"a\n\x12ResetLimitResponse\x12\x1e\n\x05limit\x18\x01 \x01(\x0b\x32\x0f.tally.v1.Limit\x12+\n\x07\x63urrent\x18\x02 \x01(\x0b\x32\x1a.tally.v1.LimitPeriodState\"\"\n\x12\x44\x65leteLimitRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x15\n\x13\x44\x65leteLimitResponse\"\xc9\x01\n\x0c\x43ostEstimate\x12\x1f\n\x06\x61mount\x18\x01 \x01(\x0b\x32\x0f.tally.v1.Money\x12\x10\n\x08\x63\x61tegory\x18\x02 \x01(\t\x12\x10\n\x08resource\x18\x03 \x01(\t\x12\x30\n\x05units\x18\x04 \x03(\x0b\x32!.tally.v1.CostEstimate.UnitsEntry\x1a\x42\n\nUnitsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12#\n\x05value\x18\x02 \x01(\x0b\x32\x14.tally.v1.UnitCounts:\x02\x38\x01\"\x8c\x01\n\x0eReserveRequest\x12\'\n\x07\x63ontext\x18\x01 \x01(\x0b\x32\x16.tally.v1.EventContext\x12(\n\x08\x65stimate\x18\x02 \x01(\x0b\x32\x16.tally.v1.CostEstimate\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x13\n\x0bttl_seconds\x18\x04 \x01(\x05\"\x87\x01\n\x0bReservation\x12\x16\n\x0ereservation_id\x18\x01 \x01(\t\x12\x1f\n\x06\x61mount\x18\x02 \x01(\x0b\x32\x0f.tally.v1.Money\x12/\n\x0b\x65xpire_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06limits\x18\x04 \x03(\t\"=\n\x0fReserveResponse\x12*\n\x0breservation\x18\x01 \x01(\x0b\x32\x15.tally.v1.Reservation\"(\n\x0eReleaseRequest\x12\x16\n\x0ereservation_id\x18\x01 \x01(\t\"\x11\n\x0fReleaseResponse\"#\n\x12WatchLimitsRequest\x12\r\n\x05names\x18\x01 \x03(\t\"Q\n\x13WatchLimitsResponse\x12*\n\x06period\x18\x01 \x01(\x0b\x32\x1a.tally.v1.LimitPeriodState\x12\x0e\n\x06reason\x18\x02 \x01(\t*S\n\tLimitKind\x12\x1a\n\x16LIMIT_KIND_UNSPECIFIED\x10\x00\x12\x14\n\x10LIMIT_KIND_BLOCK\x10\x01\x12\x14\n\x10LIMIT_KIND_ALLOW\x10\x02*\x8b\x01\n\x0bLimitPeriod\x12\x1c\n\x18LIMIT_PERIOD_UNSPECIFIED\x10\x00\x12\x19\n\x15LIMIT_PERIOD_LIFETIME\x10\x01\x12\x14\n\x10LIMIT_PERIOD_DAY\x10\x02\x12\x15\n\x11LIMIT_PERIOD_WEEK\x10\x03\x12\x16\n\x12LIMIT_PERIOD_MONTH\x10\x04\x32\xda\x05\n\x0cLimitService\x12P\n\x0b\x43reateLimit\x12\x1c.tally.v1.CreateLimitRequest\x1a\x1d.tally.v1.CreateLimitResponse\"\x04\x88\xe7\x18\x03\x12G\n\x08GetLimit\x12\x19.tally.v1.GetLimitRequest\x1a\x1a.tally.v1.GetLimitResponse\"\x04\x88\xe7\x18\x02\x12M\n\nListLimits\x12\x1b.tally.v1.ListLimitsRequest\x1a\x1c.tally.v1.ListLimitsResponse\"\x04\x88\xe7\x18\x02\x12_\n\x10ListLimitPeriods\x12!.tally.v1.ListLimitPeriodsRequest\x1a\".tally.v1.ListLimitPeriodsResponse\"\x04\x88\xe7\x18\x02\x12M\n\nResetLimit\x12\x1b.tally.v1.ResetLimitRequest\x1a\x1c.tally.v1.ResetLimitResponse\"\x04\x88\xe7\x18\x03\x12P\n\x0b\x44\x65leteLimit\x12\x1c.tally.v1.DeleteLimitRequest\x1a\x1d.tally.v1.DeleteLimitResponse\"\x04\x88\xe7\x18\x03\x12\x44\n\x07Reserve\x12\x18.tally.v1.ReserveRequest\x1a\x19.tally.v1.ReserveResponse\"\x04\x88\xe7\x18\x01\x12\x44\n\x07Release\x12\x18.tally.v1.ReleaseRequest\x1a\x19.tally.v1.ReleaseResponse\"\x04\x88\xe7\x18\x01\x12R\n\x0bWatchLimits\x12\x1c.tally.v1.WatchLimitsRequest\x1a\x1d.tally.v1.WatchLimitsResponse\"\x04\x88\xe7\x18\x02\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -55,10 +55,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LIMITSERVICE'].methods_by_name['Release']._serialized_options = b'\210\347\030\001'
   _globals['_LIMITSERVICE'].methods_by_name['WatchLimits']._loaded_options = None
   _globals['_LIMITSERVICE'].methods_by_name['WatchLimits']._serialized_options = b'\210\347\030\002'
-  _globals['_LIMITKIND']._serialized_start=2444
-  _globals['_LIMITKIND']._serialized_end=2527
-  _globals['_LIMITPERIOD']._serialized_start=2530
-  _globals['_LIMITPERIOD']._serialized_end=2669
+  _globals['_LIMITKIND']._serialized_start=2462
+  _globals['_LIMITKIND']._serialized_end=2545
+  _globals['_LIMITPERIOD']._serialized_start=2548
+  _globals['_LIMITPERIOD']._serialized_end=2687
   _globals['_LIMITSCOPE']._serialized_start=153
   _globals['_LIMITSCOPE']._serialized_end=323
   _globals['_LIMIT']._serialized_start=326
@@ -78,35 +78,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTLIMITSRESPONSE']._serialized_start=1196
   _globals['_LISTLIMITSRESPONSE']._serialized_end=1319
   _globals['_LISTLIMITPERIODSREQUEST']._serialized_start=1321
-  _globals['_LISTLIMITPERIODSREQUEST']._serialized_end=1422
-  _globals['_LISTLIMITPERIODSRESPONSE']._serialized_start=1424
-  _globals['_LISTLIMITPERIODSRESPONSE']._serialized_end=1520
-  _globals['_RESETLIMITREQUEST']._serialized_start=1522
-  _globals['_RESETLIMITREQUEST']._serialized_end=1555
-  _globals['_RESETLIMITRESPONSE']._serialized_start=1557
-  _globals['_RESETLIMITRESPONSE']._serialized_end=1654
-  _globals['_DELETELIMITREQUEST']._serialized_start=1656
-  _globals['_DELETELIMITREQUEST']._serialized_end=1690
-  _globals['_DELETELIMITRESPONSE']._serialized_start=1692
-  _globals['_DELETELIMITRESPONSE']._serialized_end=1713
-  _globals['_COSTESTIMATE']._serialized_start=1716
-  _globals['_COSTESTIMATE']._serialized_end=1917
-  _globals['_COSTESTIMATE_UNITSENTRY']._serialized_start=1851
-  _globals['_COSTESTIMATE_UNITSENTRY']._serialized_end=1917
-  _globals['_RESERVEREQUEST']._serialized_start=1920
-  _globals['_RESERVEREQUEST']._serialized_end=2060
-  _globals['_RESERVATION']._serialized_start=2063
-  _globals['_RESERVATION']._serialized_end=2198
-  _globals['_RESERVERESPONSE']._serialized_start=2200
-  _globals['_RESERVERESPONSE']._serialized_end=2261
-  _globals['_RELEASEREQUEST']._serialized_start=2263
-  _globals['_RELEASEREQUEST']._serialized_end=2303
-  _globals['_RELEASERESPONSE']._serialized_start=2305
-  _globals['_RELEASERESPONSE']._serialized_end=2322
-  _globals['_WATCHLIMITSREQUEST']._serialized_start=2324
-  _globals['_WATCHLIMITSREQUEST']._serialized_end=2359
-  _globals['_WATCHLIMITSRESPONSE']._serialized_start=2361
-  _globals['_WATCHLIMITSRESPONSE']._serialized_end=2442
-  _globals['_LIMITSERVICE']._serialized_start=2672
-  _globals['_LIMITSERVICE']._serialized_end=3402
+  _globals['_LISTLIMITPERIODSREQUEST']._serialized_end=1440
+  _globals['_LISTLIMITPERIODSRESPONSE']._serialized_start=1442
+  _globals['_LISTLIMITPERIODSRESPONSE']._serialized_end=1538
+  _globals['_RESETLIMITREQUEST']._serialized_start=1540
+  _globals['_RESETLIMITREQUEST']._serialized_end=1573
+  _globals['_RESETLIMITRESPONSE']._serialized_start=1575
+  _globals['_RESETLIMITRESPONSE']._serialized_end=1672
+  _globals['_DELETELIMITREQUEST']._serialized_start=1674
+  _globals['_DELETELIMITREQUEST']._serialized_end=1708
+  _globals['_DELETELIMITRESPONSE']._serialized_start=1710
+  _globals['_DELETELIMITRESPONSE']._serialized_end=1731
+  _globals['_COSTESTIMATE']._serialized_start=1734
+  _globals['_COSTESTIMATE']._serialized_end=1935
+  _globals['_COSTESTIMATE_UNITSENTRY']._serialized_start=1869
+  _globals['_COSTESTIMATE_UNITSENTRY']._serialized_end=1935
+  _globals['_RESERVEREQUEST']._serialized_start=1938
+  _globals['_RESERVEREQUEST']._serialized_end=2078
+  _globals['_RESERVATION']._serialized_start=2081
+  _globals['_RESERVATION']._serialized_end=2216
+  _globals['_RESERVERESPONSE']._serialized_start=2218
+  _globals['_RESERVERESPONSE']._serialized_end=2279
+  _globals['_RELEASEREQUEST']._serialized_start=2281
+  _globals['_RELEASEREQUEST']._serialized_end=2321
+  _globals['_RELEASERESPONSE']._serialized_start=2323
+  _globals['_RELEASERESPONSE']._serialized_end=2340
+  _globals['_WATCHLIMITSREQUEST']._serialized_start=2342
+  _globals['_WATCHLIMITSREQUEST']._serialized_end=2377
+  _globals['_WATCHLIMITSRESPONSE']._serialized_start=2379
+  _globals['_WATCHLIMITSRESPONSE']._serialized_end=2460
+  _globals['_LIMITSERVICE']._serialized_start=2690
+  _globals['_LIMITSERVICE']._serialized_end=3420
 # @@protoc_insertion_point(module_scope)

@@ -422,6 +422,7 @@ class ListLimitPeriodsRequest(_message.Message):
     EXPERIENCE_ID_FIELD_NUMBER: _builtins.int
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    ORDER_BY_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The limit's name."""
     experience_id: _builtins.str
@@ -430,6 +431,12 @@ class ListLimitPeriodsRequest(_message.Message):
     """At most this many (default 100, at most 1,000)."""
     page_token: _builtins.str
     """From a previous response's next_page_token."""
+    order_by: _builtins.str
+    """The order (AIP-132): empty for every period, the newest first; "spend desc"
+    for the periods current now only, the most spent first (then by
+    experience id): a per-experience limit's busiest runs in this period.
+    Anything else is INVALID_ARGUMENT.
+    """
     def __init__(
         self,
         *,
@@ -437,10 +444,11 @@ class ListLimitPeriodsRequest(_message.Message):
         experience_id: _builtins.str = ...,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
+        order_by: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["experience_id", b"experience_id", "name", b"name", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["experience_id", b"experience_id", "name", b"name", "order_by", b"order_by", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -458,7 +466,7 @@ class ListLimitPeriodsResponse(_message.Message):
     """The token of the next page; empty at the end."""
     @_builtins.property
     def periods(self) -> _containers.RepeatedCompositeFieldContainer[Global___LimitPeriodState]:
-        """The periods, the newest first."""
+        """The periods, in the order asked."""
 
     def __init__(
         self,

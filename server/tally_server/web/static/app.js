@@ -259,7 +259,28 @@ async function loadLimits() {
   const data = await api("/api/limits");
   // A per-experience limit has no one period: its state reads "per experience", styled as none.
   const known = new Set(["ok", "threshold", "exceeded"]);
-  rows("#limits", data.limits, (l) => [[l.name], [l.kind], [l.period], [usd(l.spend), true], [usd(l.reserved), true], [usd(l.max), true], [l.state, false, known.has(l.state) ? "state-" + l.state : ""]]);
+  const period = (l) => l.period + ": " + (l.start_us ? utc(l.start_us) : "since created") + " to " + (l.end_us ? utc(l.end_us) : "no end");
+  rows(
+    "#limits",
+    data.limits,
+    (l) => [[l.name], [l.kind], [period(l)], [usd(l.spend), true], [usd(l.reserved), true], [usd(l.max), true], [l.state, false, known.has(l.state) ? "state-" + l.state : ""]],
+    openLimit,
+  );
+  const busiest = data.limits.flatMap((l) => (l.busiest || []).map((run) => ({ ...run, limit: l.name })));
+  rows(
+    "#busiest",
+    busiest,
+    (r) => [[r.limit], [r.experience_id, false, "id"], [usd(r.spend), true], [number(r.events), true], [r.state, false, "state-" + r.state]],
+    (r) => loadRun(r).then(() => document.getElementById("run-id").scrollIntoView()),
+  );
+}
+
+// A limit's events this period: its scope and period become the page's view, and the log opens.
+function openLimit(limit) {
+  const params = new URLSearchParams(limit.view);
+  history.pushState(null, "", location.pathname + "?" + params);
+  state.log = {};
+  loadAll().then(() => document.getElementById("log-section").scrollIntoView());
 }
 
 async function loadLog(page = "") {

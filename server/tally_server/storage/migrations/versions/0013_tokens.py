@@ -1,7 +1,8 @@
 """Tokens in and out: experiences and the hourly cost rollup gain the sums of their events'
 units, input and output counts over every unit type, each kept as whole billions and the
 rest (no column overflows however many of the largest events a caller may send), counted
-here from the events stored so far and kept by the writer from here on.
+here from the events stored so far and kept by the writer from here on. And an index that
+reads a limit's current periods, the most spent first (a per-experience limit's busiest runs).
 
 Frozen: this file carries the statements it ran when it was written and imports nothing of
 the server.
@@ -87,9 +88,13 @@ def upgrade() -> None:
         for column in COLUMNS:
             op.add_column(table, sa.Column(column, sa.BigInteger, nullable=False, server_default="0"))
     _backfill(op.get_bind())
+    op.create_index(
+        "ix_limit_spend_busiest", "limit_spend", ["limit_id", "start_us", "spend_dollars", "spend_nanos", "subject"]
+    )
 
 
 def downgrade() -> None:
+    op.drop_index("ix_limit_spend_busiest", "limit_spend")
     for table in ("experiences", "cost_rollups"):
         for column in reversed(COLUMNS):
             op.drop_column(table, column)

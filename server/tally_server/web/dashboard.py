@@ -533,14 +533,17 @@ BUSIEST_LIMITS = 20
 BUSIEST_RUNS = 3
 
 
+def _iso_day(time_us: int) -> str:
+    return datetime.datetime.fromtimestamp(time_us / 1_000_000, datetime.UTC).date().isoformat()
+
+
 def _limit_view(limit: rules.Limit, start_us: int, now: int) -> dict[str, str]:
     """The dashboard's view of a limit's events this period: its scope as filters, and the
     whole UTC days from its period's start (or its creation, at most MAX_DAYS back) to today."""
     today = now // DAY_US * DAY_US
     first = max(start_us, limit.create_time_us, today - (MAX_DAYS - 1) * DAY_US) // DAY_US * DAY_US
-    day = lambda us: datetime.datetime.fromtimestamp(us / 1_000_000, datetime.UTC).date().isoformat()  # noqa: E731
     scope = limit.scope
-    picked = {"from": day(first), "to": day(today)}
+    picked = {"from": _iso_day(first), "to": _iso_day(today)}
     if scope.experience_type:
         picked["type"] = scope.experience_type
         if scope.experience_version:

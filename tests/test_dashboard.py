@@ -176,7 +176,7 @@ HOSTILE = (
 def test_the_dashboard_needs_a_key_then_draws_spend_runs_versions_and_reasons(browser, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as shown
-    from selenium.webdriver.support.ui import WebDriverWait
+    from selenium.webdriver.support.ui import Select, WebDriverWait
 
     url = f"sqlite+aiosqlite:///{tmp_path / 'dashboard.db'}"
     admin, reader = keys(url, "admin", "admin"), keys(url, "reader", "read")
@@ -252,6 +252,21 @@ def test_the_dashboard_needs_a_key_then_draws_spend_runs_versions_and_reasons(br
         wait.until(lambda driver: "not priced: " in driver.find_element(By.ID, "log-about").text)
         logged = browser.find_elements(By.CSS_SELECTOR, "#log tbody tr")
         assert len(logged) == 1 and "gtp-4o" in logged[0].text, [r.text for r in logged]
+
+        # Spend by tag: BreakDownCost's groups; a tag opens the view of its events.
+        Select(browser.find_element(By.ID, "spend-by")).select_by_value("tag")
+        wait.until(lambda driver: driver.find_element(By.ID, "spend-by-name").text == "Tag")
+        by_tag = {
+            r.find_elements(By.TAG_NAME, "td")[0].text: r.find_elements(By.TAG_NAME, "td")[3].text
+            for r in browser.find_elements(By.CSS_SELECTOR, "#spend-by-table tbody tr")
+        }
+        assert by_tag == {
+            "team-eng": format_nanos(total_nanos(server.target, admin, window, request_tag="team-eng")),
+            "(no tag)": format_nanos(
+                total_nanos(server.target, admin, window)
+                - total_nanos(server.target, admin, window, request_tag="team-eng")
+            ),
+        }, by_tag
 
         # The limits: each with its period; the per-experience limit's busiest runs are
         # ListLimitPeriods' (spend desc), and one opens its run.

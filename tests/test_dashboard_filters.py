@@ -159,6 +159,21 @@ async def test_every_panel_equals_the_grpc_reports_for_its_window_and_filter(wor
                 break
         assert log == [e.request_id for e in stored], query
         assert len(log) == total.event_count, query
+        # Spend by user, tag and API key: BreakDownCost's first page by that dimension.
+        for by, dimension, field in (
+            ("user", rep_pb.COST_DIMENSION_USER_ID, "user_id"),
+            ("tag", rep_pb.COST_DIMENSION_REQUEST_TAG, "request_tag"),
+            ("key", rep_pb.COST_DIMENSION_API_KEY, "api_key_name"),
+        ):
+            asked = rep_pb.BreakDownCostRequest(group_by=[dimension], page_size=12, **only)
+            asked.start_time.FromDatetime(start)
+            asked.end_time.FromDatetime(end)
+            grouped = await reports.BreakDownCost(asked)
+            shown = await get(web, f"/api/spend_by?by={by}&{window}{query}")
+            assert [(g["name"], nanos_of(g["cost"]), g["events"], g["tokens_in"]) for g in shown["groups"]] == [
+                (getattr(g, field), money_nanos(g.cost_total), g.event_count, g.input_tokens) for g in grouped.groups
+            ], (by, query)
+            assert nanos_of(shown["total"]["cost"]) == money_nanos(grouped.total.cost_total), (by, query)
         # Tokens: the tiles are BreakDownCost's, which are the events' units summed.
         tokens = (current["tokens_in"], current["tokens_out"])
         assert tokens == (total.input_tokens, total.output_tokens), query
@@ -215,7 +230,15 @@ async def test_bad_windows_and_filters_are_a_400_naming_them(world):
             ("type=" + "x" * 80, "experience_name"),
             ("user=" + "u" * 300, "user_id"),
         ):
-            for panel in ("/api/summary", "/api/spend", "/api/events", "/api/unpriced", "/api/runs", "/api/versions"):
+            for panel in (
+                "/api/summary",
+                "/api/spend",
+                "/api/spend_by",
+                "/api/events",
+                "/api/unpriced",
+                "/api/runs",
+                "/api/versions",
+            ):
                 async with session.get(f"{web}{panel}?{query}") as answer:
                     assert answer.status == 400, (panel, query, answer.status)
                     body = await answer.text()

@@ -4,6 +4,7 @@ set them, and when; a key that only reads can set none of them."""
 
 from __future__ import annotations
 
+import aiohttp
 import grpc
 import pytest
 
@@ -66,6 +67,51 @@ async def test_each_change_after_the_fact_names_its_key(backend, tmp_path):
             ]
             (annotated,) = (await viewer.get_event(stored.request_id)).annotations
             assert (annotated.key, annotated.value, annotated.key_name) == ("ticket", "T-42", "support-desk")
+    finally:
+        await server.stop()
+        await drop_database_url(url)
+
+
+async def test_spend_by_api_key_names_the_key_that_sent_each_event(backend, tmp_path):
+    """BreakDownCost by API key and the dashboard's spend by key: each event under the key
+    that ingested it, with its events, tokens and cost; both answers the same."""
+    url = await make_database_url(backend, tmp_path)
+    settings = Settings(
+        listen="127.0.0.1:0", database_url=url, grace_seconds=1, auth="required", web_listen="127.0.0.1:0"
+    )
+    server = TallyServer(settings)
+    await server.start()
+    target = f"127.0.0.1:{server.port}"
+    try:
+        secrets = {}
+        for name, scopes in (("batch-jobs", ["ingest"]), ("chat-frontend", ["ingest"]), ("viewer", ["read"])):
+            _, secrets[name] = await server.keys.create(name, scopes)
+        sent = {"batch-jobs": [(1_000, 100)] * 3, "chat-frontend": [(50_000, 2_000), (7, 0)]}
+        for name, usages in sent.items():
+            async with AsyncTallyClient(target, api_key=secrets[name]) as sender:
+                for tokens in usages:
+                    await sender.ingest(usage_event("system.openai", "gpt-4o", {"text": tokens}))
+        async with AsyncTallyClient(target, api_key=secrets["viewer"]) as viewer:
+            by_key = await viewer.break_down_cost(["key"])
+        got = {g.api_key_name: (g.event_count, g.input_tokens, g.output_tokens) for g in by_key.groups}
+        assert got == {
+            name: (len(usages), sum(t[0] for t in usages), sum(t[1] for t in usages)) for name, usages in sent.items()
+        }
+        costs = {g.api_key_name: g.cost_total.units * 10**9 + g.cost_total.nanos for g in by_key.groups}
+        assert costs["chat-frontend"] > costs["batch-jobs"] > 0
+        headers = {"Authorization": f"Bearer {secrets['viewer']}"}
+        async with (
+            aiohttp.ClientSession(headers=headers) as session,
+            session.get(f"http://127.0.0.1:{server.web_port}/api/spend_by?by=key&days=1") as answer,
+        ):
+            assert answer.status == 200, await answer.text()
+            shown = await answer.json()
+        assert [(g["name"], g["events"], g["tokens_in"]) for g in shown["groups"]] == [
+            (g.api_key_name, g.event_count, g.input_tokens) for g in by_key.groups
+        ]
+        assert [g["cost"] for g in shown["groups"]] == [
+            f"{costs[g.api_key_name] // 10**9}.{costs[g.api_key_name] % 10**9:09d}" for g in by_key.groups
+        ]
     finally:
         await server.stop()
         await drop_database_url(url)

@@ -308,6 +308,7 @@ COST_DIMENSIONS = {
     "day": report_pb.COST_DIMENSION_DAY,
     "hour": report_pb.COST_DIMENSION_HOUR,
     "step": report_pb.COST_DIMENSION_STEP,
+    "key": report_pb.COST_DIMENSION_API_KEY,
 }
 
 

@@ -92,6 +92,7 @@ def report_breakdown(tally: TallyClient, args: argparse.Namespace) -> None:
         "user": ("USER", lambda g: g.user_id or "-"),
         "tag": ("TAG", lambda g: g.request_tag or "-"),
         "step": ("STEP", lambda g: g.step or "-"),
+        "key": ("API KEY", lambda g: g.api_key_name or "(no key)"),
         "day": ("DAY", lambda g: g.period_start.ToDatetime().strftime("%Y-%m-%d")),
         "hour": ("HOUR", lambda g: g.period_start.ToDatetime().strftime("%Y-%m-%d %H:00")),
     }
@@ -215,7 +216,7 @@ def add_commands(commands: Commands, client: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--by",
         action="append",
-        choices=["type", "version", "category", "model", "resource", "user", "tag", "step", "day", "hour"],
+        choices=["type", "version", "category", "model", "resource", "user", "tag", "step", "key", "day", "hour"],
         help="a dimension; give it once or twice (default: model, the price entry's, so that "
         "dated snapshots count under their model; resource: the name as sent)",
     )

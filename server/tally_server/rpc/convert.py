@@ -536,6 +536,7 @@ COST_DIMENSIONS = {
     report_pb.COST_DIMENSION_DAY: "day",
     report_pb.COST_DIMENSION_HOUR: "hour",
     report_pb.COST_DIMENSION_STEP: "step",
+    report_pb.COST_DIMENSION_API_KEY: "api_key_name",
 }
 
 

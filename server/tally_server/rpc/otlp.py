@@ -27,6 +27,7 @@ from ..domain.errors import Code, TallyError
 from ..domain.events import MAX_BATCH_EVENTS
 from ..domain.models import IngestResult, UsageEvent, now_us
 from ..services.ingest import Ingestor
+from .access import current_key
 from .interceptor import Undecodable
 from .status import as_tally_error, current_call
 
@@ -73,6 +74,8 @@ class TraceServicer(trace_service_pb2_grpc.TraceServiceServicer):
                     if isinstance(event, TallyError):
                         reasons.append(_reason(span, event))
                     else:
+                        key = current_key.get()
+                        event.key_name = key.name if key else ""
                         events.append(event)
         stored = duplicates = 0
         for start in range(0, len(events), MAX_BATCH_EVENTS):

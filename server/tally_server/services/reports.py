@@ -27,6 +27,7 @@ DIMENSIONS = (
     "user_id",
     "request_tag",
     "step",
+    "api_key_name",
     "day",
     "hour",
 )

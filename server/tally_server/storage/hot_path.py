@@ -94,6 +94,7 @@ def event_row(event: m.UsageEvent, result: m.IngestResult) -> dict[str, Any]:
         "user_id": context.user_id or None,
         "request_tags": _json_or_null(list(context.request_tags)),
         "step": context.step or None,
+        "key_name": event.key_name or None,
         "properties": _json_or_null(event.properties),
         "cost_input_nanos": cost.input_nanos,
         "cost_output_nanos": cost.output_nanos,

@@ -22,7 +22,8 @@ from .tables import (
     type_rollups,
 )
 
-# Dimensions the hourly rollup keeps; the others (user id, request tag) are read from events.
+# Dimensions the hourly rollup keeps; the others (user id, request tag, step, API key) are
+# read from events.
 ROLLUP_DIMENSIONS = frozenset({"experience_name", "experience_version", "category", "resource", "model", "day", "hour"})
 
 
@@ -50,6 +51,7 @@ def _event_keys(dimension: str, tag: Any) -> list[sa.ColumnElement[Any]]:
         "resource": [ev.c.resource],
         "model": [rollups.MODEL_OF_EVENT],
         "user_id": [sa.func.coalesce(ev.c.user_id, "")],
+        "api_key_name": [sa.func.coalesce(ev.c.key_name, "")],
         "step": [sa.func.coalesce(ev.c.step, "")],
         "request_tag": [sa.func.coalesce(tag.c.value, "") if tag is not None else sa.literal("")],
         "day": [time - time % DAY_US],

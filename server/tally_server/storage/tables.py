@@ -217,6 +217,9 @@ events = sa.Table(
     sa.Column("price_variant", sa.JSON(none_as_null=True), nullable=True),
     # The step of its run the event named (migration 0009); NULL for none.
     sa.Column("step", sa.String(64), nullable=True),
+    # The name of the API key that sent it (migration 0013); NULL with keys off, and for
+    # the events stored before.
+    sa.Column("key_name", sa.String(64), nullable=True),
     # Annotations find an event by the provider's response id (migration 0010).
     sa.Index("ix_events_provider_response_id", "provider_response_id"),
     # An experience's events in event-time order (ListEvents, deletions).

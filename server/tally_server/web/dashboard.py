@@ -231,6 +231,51 @@ async def _spend(services: Services, request: web.Request) -> web.Response:
     )
 
 
+# What /api/spend_by groups by: read from the events of the window (the lean-storage work
+# makes these reads flat); the answer is the SPEND_GROUPS costliest and the rest as one.
+SPEND_BY = {"user": "user_id", "tag": "request_tag", "key": "api_key_name"}
+
+
+async def _spend_by(services: Services, request: web.Request) -> web.Response:
+    """Spend over the window and filters by user, request tag or API key name: the costliest
+    SPEND_GROUPS groups (BreakDownCost's first page), their events and tokens, and the rest
+    summed (by tag an event counts once per tag, so the groups may sum past the total)."""
+    by = request.query.get("by", "user")
+    if by not in SPEND_BY:
+        raise web.HTTPBadRequest(text="by is user, tag or key")
+    view = _view(request)
+    page, total = await services.reports.breakdown(
+        [SPEND_BY[by]], view.start_us, view.end_us, view.only, page_size=SPEND_GROUPS
+    )
+    groups = [
+        {
+            **_group_json(g),
+            "name": g.keys[SPEND_BY[by]],
+            "tokens_in": g.totals.input_tokens,
+            "tokens_out": g.totals.output_tokens,
+        }
+        for g in page.items
+    ]
+    rest = dataclasses.replace(total.totals)
+    for g in page.items:
+        rest.subtract(g.totals)
+    return web.json_response(
+        {
+            "by": by,
+            "groups": groups,
+            "more": bool(page.next_page_token),
+            "rest": None
+            if by == "tag" or not page.next_page_token
+            else {"cost": _dollars(rest.cost_total_nanos), "events": rest.event_count},
+            "total": {
+                **_group_json(total),
+                "tokens_in": total.totals.input_tokens,
+                "tokens_out": total.totals.output_tokens,
+            },
+        }
+    )
+
+
 def _tiles(summary: WindowSummary) -> dict[str, Any]:
     t = summary.totals
     return {
@@ -639,6 +684,7 @@ def application(services: Services, loopback_bind: bool = True) -> web.Applicati
     for path, handler in (
         ("/api/whoami", _whoami),
         ("/api/spend", _spend),
+        ("/api/spend_by", _spend_by),
         ("/api/summary", _summary),
         ("/api/events", _events),
         ("/api/runs", _top_runs),

@@ -54,6 +54,11 @@ class _CostDimensionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_CostDim
     """
     COST_DIMENSION_STEP: _CostDimension.ValueType  # 10
     """The step of its run the event named; "" for none. Read from the events."""
+    COST_DIMENSION_API_KEY: _CostDimension.ValueType  # 11
+    """The name of the API key that sent the event; "" with keys off, and for
+    events stored before the server recorded keys (migration 0013).
+    Read from the events.
+    """
 
 class CostDimension(_CostDimension, metaclass=_CostDimensionEnumTypeWrapper):
     """What cost can be grouped by."""
@@ -85,6 +90,11 @@ resource as sent for an event no entry priced.
 """
 COST_DIMENSION_STEP: CostDimension.ValueType  # 10
 """The step of its run the event named; "" for none. Read from the events."""
+COST_DIMENSION_API_KEY: CostDimension.ValueType  # 11
+"""The name of the API key that sent the event; "" with keys off, and for
+events stored before the server recorded keys (migration 0013).
+Read from the events.
+"""
 Global___CostDimension: _TypeAlias = CostDimension  # noqa: Y015
 
 @_typing.final
@@ -561,6 +571,7 @@ class CostGroup(_message.Message):
     STEP_FIELD_NUMBER: _builtins.int
     INPUT_TOKENS_FIELD_NUMBER: _builtins.int
     OUTPUT_TOKENS_FIELD_NUMBER: _builtins.int
+    API_KEY_NAME_FIELD_NUMBER: _builtins.int
     experience_name: _builtins.str
     """The experience type ("" for unattributed events)."""
     experience_version: _builtins.int
@@ -585,6 +596,8 @@ class CostGroup(_message.Message):
     """Tokens in: the input counts of the events' units over every unit type."""
     output_tokens: _builtins.int
     """Tokens out: the output counts of the events' units over every unit type."""
+    api_key_name: _builtins.str
+    """The API key's name (COST_DIMENSION_API_KEY)."""
     @_builtins.property
     def period_start(self) -> _timestamp_pb2.Timestamp:
         """The start of the day or hour."""
@@ -620,10 +633,11 @@ class CostGroup(_message.Message):
         step: _builtins.str = ...,
         input_tokens: _builtins.int = ...,
         output_tokens: _builtins.int = ...,
+        api_key_name: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["cost_input", b"cost_input", "cost_output", b"cost_output", "cost_total", b"cost_total", "period_start", b"period_start"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["category", b"category", "cost_input", b"cost_input", "cost_output", b"cost_output", "cost_total", b"cost_total", "event_count", b"event_count", "experience_name", b"experience_name", "experience_version", b"experience_version", "input_tokens", b"input_tokens", "model", b"model", "output_tokens", b"output_tokens", "period_start", b"period_start", "request_tag", b"request_tag", "resource", b"resource", "step", b"step", "unpriced_event_count", b"unpriced_event_count", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_key_name", b"api_key_name", "category", b"category", "cost_input", b"cost_input", "cost_output", b"cost_output", "cost_total", b"cost_total", "event_count", b"event_count", "experience_name", b"experience_name", "experience_version", b"experience_version", "input_tokens", b"input_tokens", "model", b"model", "output_tokens", b"output_tokens", "period_start", b"period_start", "request_tag", b"request_tag", "resource", b"resource", "step", b"step", "unpriced_event_count", b"unpriced_event_count", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -156,6 +156,31 @@ async function loadSpend() {
   document.getElementById("spend-total").textContent = "total " + usd(data.total.cost) + " over " + number(data.total.events) + " events";
 }
 
+// Spend by user, tag or API key over the view: a user or tag row becomes the view's filter.
+async function loadSpendBy() {
+  const by = document.getElementById("spend-by").value;
+  const data = await api(withView("/api/spend_by", { by }));
+  const names = { user: ["User", "(no user)"], tag: ["Tag", "(no tag)"], key: ["API key", "(no key)"] };
+  document.getElementById("spend-by-name").textContent = names[by][0];
+  const shown = data.groups.map((g) => ({ ...g, label: g.name || names[by][1] }));
+  if (data.rest) shown.push({ ...data.rest, label: "(all others)", tokens_in: null, tokens_out: null });
+  rows(
+    "#spend-by-table",
+    shown,
+    (g) => [[g.label], [number(g.events), true], [g.tokens_in === null ? "-" : number(g.tokens_in) + " / " + number(g.tokens_out), true], [usd(g.cost), true]],
+    by === "key" ? undefined : (g) => g.name && filterBy(by, g.name),
+  );
+  document.getElementById("spend-by-about").textContent =
+    "total " + usd(data.total.cost) + (by === "tag" ? " (an event counts once per tag)" : "") + (by === "key" ? " (events stored before keys were recorded: no key)" : "");
+}
+
+function filterBy(name, value) {
+  const params = view();
+  params.set(name, value);
+  history.pushState(null, "", location.pathname + "?" + params);
+  loadAll();
+}
+
 async function loadRun(run) {
   const data = await api("/api/runs/" + encodeURIComponent(run.experience_id));
   document.getElementById("run-id").textContent = data.experience_id;
@@ -340,7 +365,7 @@ async function loadAll() {
   fillFilters();
   document.body.dataset.loaded = "false";
   try {
-    await Promise.all([loadSummary(), loadSpend(), loadRuns(), loadVersions(), loadCompare(), loadUnpriced(), loadLimits(), loadLog()]);
+    await Promise.all([loadSummary(), loadSpend(), loadRuns(), loadVersions(), loadCompare(), loadUnpriced(), loadSpendBy(), loadLimits(), loadLog()]);
     document.getElementById("error").textContent = "";
   } catch (error) {
     document.getElementById("error").textContent = error.message;
@@ -357,6 +382,7 @@ document.getElementById("filters").addEventListener("submit", applyFilters);
 for (const days of [1, 7, 30, 90]) document.getElementById("last-" + days).addEventListener("click", () => preset(days));
 document.getElementById("by").addEventListener("change", loadSpend);
 document.getElementById("sort").addEventListener("change", loadRuns);
+document.getElementById("spend-by").addEventListener("change", loadSpendBy);
 document.getElementById("log-form").addEventListener("submit", (event) => {
   event.preventDefault();
   state.log = {};

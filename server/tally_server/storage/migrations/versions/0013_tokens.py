@@ -2,7 +2,8 @@
 units, input and output counts over every unit type, each kept as whole billions and the
 rest (no column overflows however many of the largest events a caller may send), counted
 here from the events stored so far and kept by the writer from here on. And an index that
-reads a limit's current periods, the most spent first (a per-experience limit's busiest runs).
+reads a limit's current periods, the most spent first (a per-experience limit's busiest runs),
+and the name of the API key that sent each event from here on (the cost breakdown by key).
 
 Frozen: this file carries the statements it ran when it was written and imports nothing of
 the server.
@@ -49,19 +50,20 @@ def _backfill(connection: sa.Connection) -> None:
         ),
         execution_options={"stream_results": True, "yield_per": BATCH},
     )
-    for experience_id, time_us, name, version, category, resource, model, units in rows:
-        counts = json.loads(units) if isinstance(units, str) else units
-        tokens_in = sum(int(pair[0]) for pair in counts.values())
-        tokens_out = sum(int(pair[1]) for pair in counts.values())
-        if not tokens_in and not tokens_out:
-            continue
-        hour = (time_us - time_us % HOUR_US, name, version, category, resource, model)
-        for sums in (
-            by_hour.setdefault(hour, [0, 0]),
-            *([by_experience.setdefault(experience_id, [0, 0])] if experience_id else []),
-        ):
-            sums[0] += tokens_in
-            sums[1] += tokens_out
+    with rows:  # a server-side cursor on PostgreSQL: closed before the tables change
+        for experience_id, time_us, name, version, category, resource, model, units in rows:
+            counts = json.loads(units) if isinstance(units, str) else units
+            tokens_in = sum(int(pair[0]) for pair in counts.values())
+            tokens_out = sum(int(pair[1]) for pair in counts.values())
+            if not tokens_in and not tokens_out:
+                continue
+            hour = (time_us - time_us % HOUR_US, name, version, category, resource, model)
+            for sums in (
+                by_hour.setdefault(hour, [0, 0]),
+                *([by_experience.setdefault(experience_id, [0, 0])] if experience_id else []),
+            ):
+                sums[0] += tokens_in
+                sums[1] += tokens_out
     setting = ", ".join(f"{column} = :{column}" for column in COLUMNS)
     if by_experience:
         connection.execute(
@@ -87,6 +89,7 @@ def upgrade() -> None:
     for table in ("experiences", "cost_rollups"):
         for column in COLUMNS:
             op.add_column(table, sa.Column(column, sa.BigInteger, nullable=False, server_default="0"))
+    op.add_column("events", sa.Column("key_name", sa.String(64), nullable=True))
     _backfill(op.get_bind())
     op.create_index(
         "ix_limit_spend_busiest", "limit_spend", ["limit_id", "start_us", "spend_dollars", "spend_nanos", "subject"]
@@ -95,6 +98,7 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.drop_index("ix_limit_spend_busiest", "limit_spend")
+    op.drop_column("events", "key_name")
     for table in ("experiences", "cost_rollups"):
         for column in reversed(COLUMNS):
             op.drop_column(table, column)

@@ -244,3 +244,27 @@ async def test_bad_windows_and_filters_are_a_400_naming_them(world):
                     body = await answer.text()
                     if panel in ("/api/summary", "/api/spend"):
                         assert said in body, (panel, query, body)
+
+
+async def test_the_request_log_finds_events_by_a_property_value(world):
+    """A search that is no id finds the view's events with a property of that value, or with
+    "key=value" that property, newest first; the view's filters still apply."""
+    _, _, web, names, stubs = world
+    sent = []
+    for index in range(6):
+        event = pb.UsageEvent(
+            category="system.openai",
+            resource="gpt-4o",
+            units={"text": pb.UnitCounts(input=10, output=1)},
+            properties={"ticket": f"T-{index % 3}", "queue": "billing" if index % 2 else "T-1"},
+            context=pb.EventContext(experience_name=names[index % 2]),
+        )
+        sent.append((await stubs.ingest.Ingest(pb.IngestRequest(event=event))).xproxy_result.request_id)
+    keyed = await get(web, "/api/events?q=ticket%3DT-1")
+    assert [e["request_id"] for e in keyed["events"]] == [sent[4], sent[1]]
+    assert keyed["scanned"] > 0 and all(e["properties"]["ticket"] == "T-1" for e in keyed["events"])
+    anywhere = await get(web, "/api/events?q=T-1")  # ticket T-1, or queue T-1 (the even ones)
+    assert [e["request_id"] for e in anywhere["events"]] == [sent[4], sent[2], sent[1], sent[0]]
+    of_type = await get(web, f"/api/events?q=T-1&type={names[1]}")
+    assert [e["request_id"] for e in of_type["events"]] == [sent[1]]
+    assert (await get(web, "/api/events?q=T-9"))["events"] == []

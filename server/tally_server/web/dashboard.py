@@ -333,9 +333,38 @@ def _event_json(stored: StoredEvent) -> dict[str, Any]:
     }
 
 
+# The newest events of the view a property search reads, at most: a property has no index.
+PROPERTY_SCAN = 5000
+
+
+async def _with_property(services: Services, view: View, query: str) -> tuple[list[StoredEvent], int]:
+    """The view's events (among its newest PROPERTY_SCAN) with a property whose value is
+    `query`, or, for "key=value", whose property `key` is `value`; at most LOG_PAGE, newest
+    first; and how many events were read."""
+    key, _, value = query.partition("=")
+    keyed = bool(value) and key.strip() != ""
+
+    def matches(stored: StoredEvent) -> bool:
+        properties = stored.event.properties
+        if keyed and properties.get(key.strip()) == value.strip():
+            return True
+        return query in properties.values()
+
+    found: list[StoredEvent] = []
+    scanned, token = 0, ""
+    while scanned < PROPERTY_SCAN and len(found) < LOG_PAGE:
+        page = await _events_of(services, view, 1000, page_token=token)
+        scanned += len(page.items)
+        found += [e for e in page.items if matches(e)]
+        if not (token := page.next_page_token):
+            break
+    return found[:LOG_PAGE], scanned
+
+
 async def _events(services: Services, request: web.Request) -> web.Response:
     """The request log: the window's events of the filters, newest first, a page at a time;
-    `q` finds one by request id, idempotency key or provider response id instead, and
+    `q` finds one by request id, idempotency key or provider response id instead (else
+    those with a property of that value, or "key=value", among the newest PROPERTY_SCAN), and
     `state=unpriced` keeps the events not (fully) priced."""
     view = _view(request)
     query = request.query.get("q", "").strip()[:300]
@@ -350,7 +379,11 @@ async def _events(services: Services, request: web.Request) -> web.Response:
         if not found:
             page = await services.events.list(provider_response_id=query, page_size=LOG_PAGE)
             found = list(page.items)
-        return web.json_response({"events": [_event_json(e) for e in found], "next": "", "searched": query})
+        scanned = 0
+        if not found:
+            found, scanned = await _with_property(services, view, query)
+        answer = {"events": [_event_json(e) for e in found], "next": "", "searched": query, "scanned": scanned}
+        return web.json_response(answer)
     state = request.query.get("state", "")
     if state not in ("", "unpriced", "partially_priced"):
         raise web.HTTPBadRequest(text="state is unpriced or partially_priced")

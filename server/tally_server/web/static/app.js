@@ -315,7 +315,7 @@ async function loadLog(page = "") {
   state.logNext = data.next;
   document.getElementById("log-next").disabled = !data.next;
   document.getElementById("log-about").textContent =
-    (data.searched ? "found by " + data.searched : log.reason ? "not priced: " + log.reason : log.state ? "not priced" : "every event") +
+    (data.searched ? "found by " + data.searched + (data.scanned ? " as a property value, among the newest " + number(data.scanned) + " events of the view" : "") : log.reason ? "not priced: " + log.reason : log.state ? "not priced" : "every event") +
     ", newest first";
   rows("#log", data.events, eventCells);
 }

@@ -73,6 +73,8 @@ TARGETS = {
     "dashboard /api/unpriced": None,
     "CompareVersions v1, v2": 200.0,
     "dashboard /api/compare": 200.0,
+    "dashboard /api/spend_by key (90 days)": 100.0,
+    "dashboard /api/events property search (90 days)": 100.0,
 }
 # The share of each load's runs scored (RecordOutcomes) after it: the type declares one outcome.
 SCORED_FRACTION = 0.1
@@ -167,6 +169,7 @@ DASHBOARD_PANELS = (
     ("/api/versions", "/api/versions"),
     ("/api/unpriced", "/api/unpriced"),
     ("/api/events", "/api/events"),
+    ("/api/spend_by user", "/api/spend_by?by=user"),
 )
 
 
@@ -258,6 +261,8 @@ async def measure(channel: aio.Channel, loader: Loader, calls: int, web_port: in
             rep_pb.CompareVersionsRequest(experience_name=loader.name, baseline_version=1, candidate_version=2)
         ),
         "dashboard /api/compare": dashboard_get(web_port, "/api/compare"),
+        "dashboard /api/spend_by key (90 days)": dashboard_get(web_port, "/api/spend_by?by=key&days=90"),
+        "dashboard /api/events property search (90 days)": dashboard_get(web_port, "/api/events?q=tier%3Dgold&days=90"),
         # The investigating page: every panel over 90 days, plain and with each filter.
         **{
             f"dashboard 90 days {name}{' ' + label if label else ''}": dashboard_get(

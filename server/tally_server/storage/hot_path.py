@@ -40,6 +40,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ..domain import models as m
+from ..domain.rollups import tokens_of
 from .tables import events, experience_types, experiences
 
 EVENT_COLUMNS = tuple(column.name for column in events.columns)
@@ -76,6 +77,7 @@ def event_row(event: m.UsageEvent, result: m.IngestResult) -> dict[str, Any]:
     """The events row of a priced, attributed event, by column name, with JSON columns as
     text (what SQLAlchemy's JSON type would bind, without its per-value overhead)."""
     cost, price, context = result.cost, result.cost.price, event.context
+    tokens = tokens_of(event)
     return {
         "id": result.request_id,
         "idempotency_key": result.idempotency_key or None,
@@ -85,6 +87,8 @@ def event_row(event: m.UsageEvent, result: m.IngestResult) -> dict[str, Any]:
         "category": event.category,
         "resource": event.resource,
         "units": _units_json(event.units),
+        "input_tokens": tokens[0],
+        "output_tokens": tokens[1],
         "event_time_us": event.event_time_us,
         "ingest_time_us": result.ingest_time_us,
         "end_to_end_latency_ms": event.end_to_end_latency_ms,

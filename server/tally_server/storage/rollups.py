@@ -22,7 +22,6 @@ from ..domain import models as m
 from ..domain.outcomes import OutcomeDefinition, from_json as outcomes_from_json
 from ..domain.rollups import HOUR_US, ExperienceState, TypeDeltas, rescored, verdicts_of
 from . import hot_path
-from .sql import unit_tokens
 from .tables import (
     ROLLUP_COUNT_COLUMNS,
     ROLLUP_MONEY,
@@ -461,7 +460,7 @@ def event_sums() -> list[sa.Label[Any]]:
         sa.func.count().filter(ev.c.cost_state != int(m.CostState.PRICED)).label("unpriced_event_count"),
     ]
     each: dict[str, sa.ColumnElement[int]] = {money: ev.c[f"{money}_nanos"] for money in ROLLUP_MONEY}
-    each.update(input_tokens=unit_tokens(ev.c.units, 0), output_tokens=unit_tokens(ev.c.units, 1))
+    each.update(input_tokens=ev.c.input_tokens, output_tokens=ev.c.output_tokens)
     for name, (high, low) in ROLLUP_SPLIT.items():
         sums.append(sa.func.sum(each[name] // NANOS_PER_DOLLAR).label(high))
         sums.append(sa.func.sum(each[name] % NANOS_PER_DOLLAR).label(low))

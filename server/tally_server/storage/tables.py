@@ -191,6 +191,10 @@ events = sa.Table(
     sa.Column("category", sa.String(128), nullable=False),
     sa.Column("resource", sa.String(256), nullable=False),
     sa.Column("units", sa.JSON, nullable=False),
+    # The units' input and output counts summed (domain.rollups.tokens_of; migration 0013):
+    # reads that sum events' tokens add two columns instead of parsing every event's units.
+    sa.Column("input_tokens", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("output_tokens", sa.BigInteger, nullable=False, server_default="0"),
     sa.Column("event_time_us", sa.BigInteger, nullable=False, index=True),
     sa.Column("ingest_time_us", sa.BigInteger, nullable=False),
     sa.Column("end_to_end_latency_ms", sa.BigInteger, nullable=False),

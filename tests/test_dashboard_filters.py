@@ -268,3 +268,5 @@ async def test_the_request_log_finds_events_by_a_property_value(world):
     of_type = await get(web, f"/api/events?q=T-1&type={names[1]}")
     assert [e["request_id"] for e in of_type["events"]] == [sent[1]]
     assert (await get(web, "/api/events?q=T-9"))["events"] == []
+    for hostile in ("%00", "a%22b%3Dc", "%27%3B--%3DT-1", "x" * 2000, "%E2%80%AE%3D%00"):  # an answer, never an error
+        assert (await get(web, f"/api/events?q={hostile}"))["events"] == []

@@ -75,6 +75,14 @@ def has_tag(conn: AsyncConnection, tag: str) -> sa.ColumnElement[bool]:
     return sa.exists(sa.select(sa.literal(1)).select_from(values).where(values.c.value == tag))
 
 
+def has_property(conn: AsyncConnection, key: str, value: str) -> sa.ColumnElement[bool]:
+    """The event's properties hold `value` under `key`, or under any key when `key` is ""."""
+    elements = "json_each_text" if conn.dialect.name == "postgresql" else "json_each"
+    pairs = getattr(sa.func, elements)(events.c.properties).table_valued("key", "value").alias("property")
+    match = pairs.c.value == value if not key else sa.and_(pairs.c.key == key, pairs.c.value == value)
+    return sa.exists(sa.select(sa.literal(1)).select_from(pairs).where(match))
+
+
 @dataclasses.dataclass(frozen=True)
 class EventFilter:
     experience_id: uuid.UUID | None = None
@@ -137,6 +145,32 @@ async def list_events(
     if before is not None:
         query = query.where(sa.tuple_(ev.c.event_time_us, ev.c.id) < sa.tuple_(*before))
     return [stored_event(row) for row in await conn.execute(query)]
+
+
+async def events_with_property(
+    conn: AsyncConnection, f: EventFilter, key: str, value: str, among: int, limit: int
+) -> tuple[list[m.StoredEvent], int]:
+    """The filter's events, among its newest `among`, whose property `key` (any, for "") is
+    `value`, newest first, at most `limit`; and how many events were searched. Properties
+    have no index: the newest `among` bound the search."""
+    ev = events
+    newest = (
+        sa.select(ev.c.id, ev.c.event_time_us)
+        .select_from(rollups.EVENTS_WITH_TYPE)
+        .where(*_event_conditions(conn, f))
+        .order_by(ev.c.event_time_us.desc(), ev.c.id.desc())
+        .limit(among)
+        .subquery("newest")
+    )
+    searched = int((await conn.execute(sa.select(sa.func.count()).select_from(newest))).scalar_one())
+    query = (
+        sa.select(*_EVENT_WITH_EXPERIENCE_COLUMNS)
+        .select_from(rollups.EVENTS_WITH_TYPE.join(newest, newest.c.id == ev.c.id))
+        .where(has_property(conn, key, value))
+        .order_by(ev.c.event_time_us.desc(), ev.c.id.desc())
+        .limit(limit)
+    )
+    return [stored_event(row) for row in await conn.execute(query)], searched
 
 
 async def first_users(conn: AsyncConnection, experience_ids: Iterable[uuid.UUID]) -> dict[uuid.UUID, str]:

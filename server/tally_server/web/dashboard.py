@@ -31,7 +31,7 @@ from ..domain.models import (
     now_us,
 )
 from ..domain.money import divide_half_even
-from ..domain.validation import parse_uuid
+from ..domain.validation import MAP_VALUE_MAX, NAME_PATTERN, parse_uuid, utf8_length
 from ..edges.http import Admission, Handler, HttpSite, check_key, host_guard, loopback_bind
 from ..services.events import Events
 from ..services.experience_types import ExperienceTypes
@@ -339,26 +339,29 @@ PROPERTY_SCAN = 5000
 
 async def _with_property(services: Services, view: View, query: str) -> tuple[list[StoredEvent], int]:
     """The view's events (among its newest PROPERTY_SCAN) with a property whose value is
-    `query`, or, for "key=value", whose property `key` is `value`; at most LOG_PAGE, newest
-    first; and how many events were read."""
-    key, _, value = query.partition("=")
-    keyed = bool(value) and key.strip() != ""
-
-    def matches(stored: StoredEvent) -> bool:
-        properties = stored.event.properties
-        if keyed and properties.get(key.strip()) == value.strip():
-            return True
-        return query in properties.values()
-
-    found: list[StoredEvent] = []
-    scanned, token = 0, ""
-    while scanned < PROPERTY_SCAN and len(found) < LOG_PAGE:
-        page = await _events_of(services, view, 1000, page_token=token)
-        scanned += len(page.items)
-        found += [e for e in page.items if matches(e)]
-        if not (token := page.next_page_token):
-            break
-    return found[:LOG_PAGE], scanned
+    `query`, or for "key=value" whose property `key` is `value`: at most LOG_PAGE, newest
+    first; and how many events were searched."""
+    key, equals, value = query.partition("=")
+    if not equals or not NAME_PATTERN.fullmatch(key.strip()):
+        key, value = "", query
+    if "\x00" in value or utf8_length(value) > MAP_VALUE_MAX:
+        return [], 0  # no property holds it
+    only = view.only
+    found, searched = await services.events.with_property(
+        key.strip(),
+        value.strip() if key else value,
+        among=PROPERTY_SCAN,
+        limit=LOG_PAGE,
+        experience_name=only.experience_name,
+        experience_version=only.experience_version,
+        user_id=only.user_id,
+        request_tag=only.request_tag,
+        category=only.category,
+        model=only.model,
+        start_us=view.start_us,
+        end_us=view.end_us,
+    )
+    return list(found), searched
 
 
 async def _events(services: Services, request: web.Request) -> web.Response:
@@ -370,13 +373,15 @@ async def _events(services: Services, request: web.Request) -> web.Response:
     query = request.query.get("q", "").strip()[:300]
     if query:
         found: list[StoredEvent] = []
+        if "\x00" in query:  # in no id, key or property: nothing to find
+            return web.json_response({"events": [], "next": "", "searched": query.replace("\x00", ""), "scanned": 0})
         if parse_uuid(query) is not None:
             with contextlib.suppress(TallyError):
                 found.append(await services.events.get(request_id=query))
         if not found:
             with contextlib.suppress(TallyError):
                 found.append(await services.events.get(idempotency_key=query))
-        if not found:
+        if not found and utf8_length(query) <= 256:  # the longest response id an event holds
             page = await services.events.list(provider_response_id=query, page_size=LOG_PAGE)
             found = list(page.items)
         scanned = 0

@@ -130,10 +130,22 @@ def _event_conditions(conn: AsyncConnection, f: EventFilter) -> list[sa.ColumnEl
     return where
 
 
+# A type's (or a version's) newest events are first looked for among the newest TYPE_SCAN
+# events of the rest of the filter, in time order: events have no type column, and without
+# it both engines read every event of the type in the window, then sorted them (190-380 ms
+# at 1,000,000 events for a type holding most of them). A rare type, of which the scan finds
+# too few, is read the type's way: through its experiences.
+TYPE_SCAN = 2000
+
+
 async def list_events(
     conn: AsyncConnection, f: EventFilter, before: tuple[int, uuid.UUID] | None, limit: int
 ) -> list[m.StoredEvent]:
     """Stored events matching the filter, newest first (event time, then id)."""
+    if f.type_id is not None and f.experience_id is None:
+        found = await _of_type_in_time_order(conn, f, before, limit)
+        if found is not None:
+            return found
     ev = events
     query = (
         sa.select(*_EVENT_WITH_EXPERIENCE_COLUMNS)
@@ -145,6 +157,40 @@ async def list_events(
     if before is not None:
         query = query.where(sa.tuple_(ev.c.event_time_us, ev.c.id) < sa.tuple_(*before))
     return [stored_event(row) for row in await conn.execute(query)]
+
+
+async def _of_type_in_time_order(
+    conn: AsyncConnection, f: EventFilter, before: tuple[int, uuid.UUID] | None, limit: int
+) -> list[m.StoredEvent] | None:
+    """The filter's newest `limit` events if they are among the newest TYPE_SCAN events of
+    the filter without its type (or those are every such event); None if not."""
+    ev = events
+    newest = sa.select(ev.c.id).where(*_event_conditions(conn, dataclasses.replace(f, type_id=None, version=0)))
+    if before is not None:
+        newest = newest.where(sa.tuple_(ev.c.event_time_us, ev.c.id) < sa.tuple_(*before))
+    scan = newest.order_by(ev.c.event_time_us.desc(), ev.c.id.desc()).limit(TYPE_SCAN).subquery("newest")
+    # "+ 0": no index answers the type, so that SQLite starts from the scan, not from the
+    # type's experiences (which is reading every event of the type again).
+    of_type = [experiences.c.type_id + 0 == f.type_id]
+    if f.version:
+        of_type.append(experiences.c.version == f.version)
+    source = (
+        scan.join(ev, ev.c.id == scan.c.id)
+        .join(experiences, ev.c.experience_id == experiences.c.id)
+        .outerjoin(experience_types, experiences.c.type_id == experience_types.c.id)
+    )
+    query = (
+        sa.select(*_EVENT_WITH_EXPERIENCE_COLUMNS)
+        .select_from(source)
+        .where(*of_type)
+        .order_by(ev.c.event_time_us.desc(), ev.c.id.desc())
+        .limit(limit)
+    )
+    found = [stored_event(row) for row in await conn.execute(query)]
+    if len(found) == limit:
+        return found
+    scanned = int((await conn.execute(sa.select(sa.func.count()).select_from(scan))).scalar_one())
+    return found if scanned < TYPE_SCAN else None
 
 
 async def events_with_property(

@@ -1,7 +1,7 @@
-"""ListEvents of a type, newest first, on both databases: a type that holds most events is
-found by a bounded scan of the newest events (storage.events.TYPE_SCAN), a rare one through
-its experiences; either way, and across pages that cross from one way to the other, the
-answer is every event of the type (and version) exactly once, newest first."""
+"""ListEvents of a type, newest first, on both databases: on SQLite a type that holds most
+events is found by a bounded scan of the newest events (storage.events.TYPE_SCAN), a rare
+one through its experiences; either way, and across pages that cross from one way to the
+other, the answer is every event of the type (and version) exactly once, newest first."""
 
 from __future__ import annotations
 

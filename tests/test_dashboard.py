@@ -90,9 +90,14 @@ def seed(target: str, admin: str) -> None:
         # panel once broke on it; it shows its busiest runs), one per tag.
         limits = lim_grpc.LimitServiceStub(channel)
         one_dollar = common_pb2.Money(currency_code="USD", units=1)
-        for limit_name, scope in (
+        for limit_name, scope in (  # every scope
             ("per-summary", lim_pb.LimitScope(experience_type="Document_Summarization", per_experience=True)),
             ("eng-daily", lim_pb.LimitScope(request_tag="team-eng")),
+            ("house", lim_pb.LimitScope(everything=True)),
+            ("chatbot", lim_pb.LimitScope(experience_type="Chatbot")),
+            ("summary-v2", lim_pb.LimitScope(experience_type="Document_Summarization", experience_version=2)),
+            ("one-run", lim_pb.LimitScope(experience_id=str(ONE_RUN))),
+            ("ann", lim_pb.LimitScope(user_id="ann")),
         ):
             limit = lim_pb.Limit(name=limit_name, max=one_dollar, kind=1, period=2, scope=scope)
             limits.CreateLimit(lim_pb.CreateLimitRequest(limit=limit), metadata=metadata)
@@ -108,11 +113,13 @@ def seed(target: str, admin: str) -> None:
                     )
                     for model in ("gpt-4o", "gpt-4o-mini")
                 ]
+                first = name == "Document_Summarization" and not run
                 run_metadata = (
                     *metadata,
                     ("xproxy-experience-name", name),
-                    ("xproxy-experience-id", str(uuid.uuid4())),
+                    ("xproxy-experience-id", str(ONE_RUN if first else uuid.uuid4())),
                     *((("xproxy-request-tags", "team-eng"),) if name == "Chatbot" and run else ()),
+                    *((("xproxy-user-id", "ann"),) if first else ()),
                 )
                 ingest.IngestBatch(pb.IngestBatchRequest(events=events), metadata=run_metadata)
         # A second version of one type, its runs dearer: the page compares the two.
@@ -158,6 +165,9 @@ def _breakdown(target: str, admin: str, window: tuple, **only: str) -> rep_pb.Br
 def total_nanos(target: str, admin: str, window: tuple, **only: str) -> int:
     total = _breakdown(target, admin, window, **only).total.cost_total
     return total.units * 1_000_000_000 + total.nanos
+
+
+ONE_RUN = uuid.UUID("0190b5a8-0000-7000-8000-0000000000aa")  # the limit "one-run"'s experience
 
 
 def total_events(target: str, admin: str, window: tuple, **only: str) -> int:
@@ -286,6 +296,18 @@ def test_the_dashboard_needs_a_key_then_draws_spend_runs_versions_and_reasons(br
         wait.until(lambda driver: driver.find_element(By.ID, "run-id").text == busiest.periods[0].experience_id)
         midnight = today.strftime("%Y-%m-%d 00:00:00")
         limit_rows = browser.find_elements(By.CSS_SELECTOR, "#limits tbody tr")
+        with grpc.insecure_channel(server.target) as channel:
+            limits_api = lim_grpc.LimitServiceStub(channel)
+            auth = (("authorization", f"Bearer {admin}"),)
+            for row in limit_rows:  # each limit's spend this period is GetLimit's
+                cells = [cell.text for cell in row.find_elements(By.TAG_NAME, "td")]
+                got = limits_api.GetLimit(lim_pb.GetLimitRequest(name=cells[0]), metadata=auth)
+                if cells[0] == "per-summary":
+                    assert cells[3] == "-" and cells[6] == "per experience", cells
+                    continue
+                spent = got.current.spend.units * 10**9 + got.current.spend.nanos
+                assert cells[3] == format_nanos(spent), (cells, got.current)
+                assert spent > 0 or cells[0] == "summary-v2", cells
         assert all(f"day: {midnight} to " in r.text for r in limit_rows), [r.text for r in limit_rows]
         # A limit opens the log of its events this period: its scope and period become the view.
         next(r for r in limit_rows if r.text.startswith("eng-daily")).click()

@@ -137,9 +137,15 @@ def seed(target: str, admin: str) -> None:
         misspelt = pb.UsageEvent(category="system.openai", resource="gtp-4o", units={"text": pb.UnitCounts(input=5)})
         ingest.Ingest(pb.IngestRequest(event=misspelt), metadata=metadata)
         # Names a caller chose, shown as text wherever they appear (models, reasons, steps).
-        for hostile in HOSTILE:
-            event = pb.UsageEvent(category="system.openai", resource=hostile, units={"text": pb.UnitCounts(input=5)})
-            ingest.Ingest(pb.IngestRequest(event=event), metadata=(*metadata, ("xproxy-experience-name", "Chatbot")))
+        for hostile in HOSTILE:  # as a model, a user, a tag and a property value
+            event = pb.UsageEvent(
+                category="system.openai",
+                resource=hostile,
+                units={"text": pb.UnitCounts(input=5)},
+                properties={"note": hostile},
+                context=pb.EventContext(experience_name="Chatbot", user_id=hostile, request_tags=[hostile]),
+            )
+            ingest.Ingest(pb.IngestRequest(event=event), metadata=metadata)
 
 
 def tile(browser, label: str) -> str:
@@ -271,12 +277,26 @@ def test_the_dashboard_needs_a_key_then_draws_spend_runs_versions_and_reasons(br
             for r in browser.find_elements(By.CSS_SELECTOR, "#spend-by-table tbody tr")
         }
         assert by_tag == {
+            **dict.fromkeys(HOSTILE, "$0.00"),  # unpriced: $0, shown as the text it is
             "team-eng": format_nanos(total_nanos(server.target, admin, window, request_tag="team-eng")),
             "(no tag)": format_nanos(
                 total_nanos(server.target, admin, window)
                 - total_nanos(server.target, admin, window, request_tag="team-eng")
             ),
         }, by_tag
+        Select(browser.find_element(By.ID, "spend-by")).select_by_value("user")
+        wait.until(lambda driver: driver.find_element(By.ID, "spend-by-name").text == "User")
+        by_user = browser.find_element(By.ID, "spend-by-table").text
+        for hostile in HOSTILE:
+            assert hostile in by_user, by_user
+            # The request log finds it by its property, and shows the value as text.
+            search = browser.find_element(By.ID, "search")
+            search.clear()
+            search.send_keys(f"note={hostile}")
+            browser.find_element(By.CSS_SELECTOR, "#log-form button[type=submit]").click()
+            wait.until(lambda driver, h=hostile: f"found by note={h}" in driver.find_element(By.ID, "log-about").text)
+            logged = browser.find_elements(By.CSS_SELECTOR, "#log tbody tr")
+            assert len(logged) == 1 and f"note={hostile}" in logged[0].text, [r.text for r in logged]
 
         # The limits: each with its period; the per-experience limit's busiest runs are
         # ListLimitPeriods' (spend desc), and one opens its run.

@@ -305,6 +305,7 @@ function openLimit(limit) {
   const params = new URLSearchParams(limit.view);
   history.pushState(null, "", location.pathname + "?" + params);
   state.log = {};
+  document.getElementById("search").value = ""; // its events, not an earlier search
   loadAll().then(() => document.getElementById("log-section").scrollIntoView());
 }
 

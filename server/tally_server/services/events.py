@@ -10,10 +10,11 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ..domain import annotations as notes_rules, paging
 from ..domain.errors import TallyError, Violations, failed_precondition, not_found
-from ..domain.models import CostState, Page, StoredEvent, now_us
+from ..domain.models import CostFilter, CostState, Page, StoredEvent, now_us
 from ..domain.validation import MAP_VALUE_MAX, NAME_PATTERN, check_name, check_text, parse_uuid, utf8_length
 from ..storage import annotations as stored_annotations, events as stored_events, types as stored_types
 from ..storage.db import Database
+from .reports import check_filter
 
 
 def event_not_found(how: str, value: str) -> TallyError:
@@ -138,15 +139,9 @@ class Events:
         )
         before = None if position is None else (position[0], uuid.UUID(position[1]))
         async with self.db.read() as conn:
-            type_id = None
-            if experience_name:
-                type_row = await stored_types.get_type(conn, experience_name)
-                if type_row is None:
-                    return Page([], "")
-                type_id = type_row[0]
             event_filter = stored_events.EventFilter(
                 experience_id=parsed,
-                type_id=type_id,
+                type_id=await _type_id(conn, experience_name),
                 version=experience_version,
                 user_id=user_id,
                 request_tag=request_tag,
@@ -167,51 +162,40 @@ class Events:
         return Page(found[:size], token_after(size) if len(found) > size else "", token_after)
 
     async def with_property(
-        self,
-        key: str,
-        value: str,
-        *,
-        among: int,
-        limit: int,
-        experience_name: str = "",
-        experience_version: int = 0,
-        user_id: str = "",
-        request_tag: str = "",
-        category: str = "",
-        model: str = "",
-        start_us: int | None = None,
-        end_us: int | None = None,
+        self, key: str, value: str, only: CostFilter, start_us: int, end_us: int, *, among: int, limit: int
     ) -> tuple[Sequence[StoredEvent], int]:
-        """The events of these filters, among their newest `among`, with the property `key`
-        (any key, for "") of this value, newest first (at most `limit`); and how many events
-        were searched."""
+        """The events of the filter in [start_us, end_us), among their newest `among`, with the
+        property `key` (any key, for "") of this value, newest first (at most `limit`); and
+        how many events were searched."""
         v = Violations()
         if key and not NAME_PATTERN.fullmatch(key):
             v.add("key", "a property key matches [A-Za-z0-9._-]{1,64}")
         if utf8_length(value) > MAP_VALUE_MAX or "\x00" in value:
             v.add("value", f"a property value is at most {MAP_VALUE_MAX} bytes of UTF-8, without NUL")
-        if experience_name:
-            check_name(v, "experience_name", experience_name, what="experience type name")
+        check_filter(v, only)
         v.raise_if_any()
         async with self.db.read() as conn:
-            type_id = None
-            if experience_name:
-                type_row = await stored_types.get_type(conn, experience_name)
-                if type_row is None:
-                    return [], 0
-                type_id = type_row[0]
             event_filter = stored_events.EventFilter(
-                type_id=type_id,
-                version=experience_version,
-                user_id=user_id,
-                request_tag=request_tag,
-                category=category,
-                model=model,
+                type_id=await _type_id(conn, only.experience_name),
+                version=only.experience_version,
+                user_id=only.user_id,
+                request_tag=only.request_tag,
+                category=only.category,
+                model=only.model,
                 start_us=start_us,
                 end_us=end_us,
             )
             found, searched = await stored_events.events_with_property(conn, event_filter, key, value, among, limit)
             return await _annotated(conn, found), searched
+
+
+async def _type_id(conn: AsyncConnection, experience_name: str) -> int | None:
+    """The id of the type named, None when none is; a type that does not exist is id 0, which
+    no experience has, so that the filter finds no event."""
+    if not experience_name:
+        return None
+    found = await stored_types.get_type(conn, experience_name)
+    return 0 if found is None else int(found[0])
 
 
 async def _annotated(conn: AsyncConnection, found: Sequence[StoredEvent]) -> list[StoredEvent]:

@@ -260,52 +260,37 @@ class Limits:
     ) -> tuple[Sequence[PeriodView], str]:
         """A limit's periods, the newest first; or with order_by "spend desc" its periods
         current now, the most spent first (a per-experience limit's busiest runs)."""
-        if order_by.strip().lower() not in ("", PERIODS_BY_SPEND):
+        by_spend = order_by.strip().lower() == PERIODS_BY_SPEND
+        if order_by.strip() and not by_spend:
             v = Violations()
             v.add("order_by", f'must be empty (newest first) or "{PERIODS_BY_SPEND}", got {order_by[:40]!r}')
             v.raise_if_any()
-        if order_by:
-            return await self._busiest(name, experience_id, page_size, page_token)
         subject = _subject(experience_id) if experience_id else None
         size = paging.page_size(page_size)
+        # A page's position: (start, subject) newest first; (dollars, nanos, subject) by spend.
+        kind, width = ("limit_periods_by_spend", 3) if by_spend else ("limit_periods", 2)
         position = self.pages.decode(
             page_token,
-            "limit_periods",
+            kind,
             [name, experience_id],
-            lambda p: isinstance(p, list) and len(p) == 2 and isinstance(p[0], int) and isinstance(p[1], str),
+            lambda p: isinstance(p, list) and len(p) == width and isinstance(p[0], int) and isinstance(p[-1], str),
         )
+        after = None if position is None else tuple(position)
         async with self.db.read() as conn:
             limit = await self._require(conn, name)
-            found = await stored_limits.periods(
-                conn, limit.limit_id, subject, None if position is None else (position[0], position[1]), size + 1
-            )
-        token = ""
-        if len(found) > size:
-            last = found[size - 1].key
-            token = self.pages.encode("limit_periods", [name, experience_id], [last.start_us, last.subject])
-        return [_view(limit, spend) for spend in found[:size]], token
-
-    async def _busiest(
-        self, name: str, experience_id: str, page_size: int, page_token: str
-    ) -> tuple[Sequence[PeriodView], str]:
-        subject = _subject(experience_id) if experience_id else None
-        size = paging.page_size(page_size)
-        position = self.pages.decode(
-            page_token,
-            "limit_periods_by_spend",
-            [name, experience_id],
-            lambda p: isinstance(p, list) and len(p) == 3 and isinstance(p[0], int) and isinstance(p[2], str),
-        )
-        async with self.db.read() as conn:
-            limit = await self._require(conn, name)
-            start = rules.period_start(limit, await stored_limits.clock_us(conn))
-            after = None if position is None else (position[0], position[1], position[2])
-            found = await stored_limits.busiest(conn, limit.limit_id, start, subject, after, size + 1)
+            if by_spend:
+                start = rules.period_start(limit, await stored_limits.clock_us(conn))
+                found = await stored_limits.busiest(conn, limit.limit_id, start, subject, after, size + 1)
+            else:
+                found = await stored_limits.periods(conn, limit.limit_id, subject, after, size + 1)
         token = ""
         if len(found) > size:
             last = found[size - 1]
-            position = [*divmod(last.spend_nanos, 1_000_000_000), last.key.subject]
-            token = self.pages.encode("limit_periods_by_spend", [name, experience_id], position)
+            if by_spend:
+                position = [*divmod(last.spend_nanos, 1_000_000_000), last.key.subject]
+            else:
+                position = [last.key.start_us, last.key.subject]
+            token = self.pages.encode(kind, [name, experience_id], position)
         return [_view(limit, spend) for spend in found[:size]], token
 
     async def reset(self, name: str) -> tuple[rules.Limit, PeriodView | None]:

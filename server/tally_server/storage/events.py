@@ -99,7 +99,7 @@ class EventFilter:
     end_us: int | None = None
 
 
-def _event_conditions(conn: AsyncConnection, f: EventFilter) -> list[sa.ColumnElement[bool]]:
+def event_conditions(conn: AsyncConnection, f: EventFilter) -> list[sa.ColumnElement[bool]]:
     ev = events
     where: list[sa.ColumnElement[bool]] = []
     if f.experience_id is not None:
@@ -151,7 +151,7 @@ async def list_events(
     query = (
         sa.select(*_EVENT_WITH_EXPERIENCE_COLUMNS)
         .select_from(rollups.EVENTS_WITH_TYPE)
-        .where(*_event_conditions(conn, f))
+        .where(*event_conditions(conn, f))
         .order_by(ev.c.event_time_us.desc(), ev.c.id.desc())
         .limit(limit)
     )
@@ -166,10 +166,7 @@ async def _of_type_in_time_order(
     """The filter's newest `limit` events if they are among the newest TYPE_SCAN events of
     the filter without its type (or those are every such event); None if not."""
     ev = events
-    newest = sa.select(ev.c.id).where(*_event_conditions(conn, dataclasses.replace(f, type_id=None, version=0)))
-    if before is not None:
-        newest = newest.where(sa.tuple_(ev.c.event_time_us, ev.c.id) < sa.tuple_(*before))
-    scan = newest.order_by(ev.c.event_time_us.desc(), ev.c.id.desc()).limit(TYPE_SCAN).subquery("newest")
+    scan = _newest(conn, dataclasses.replace(f, type_id=None, version=0), TYPE_SCAN, before)
     # "+ 0": no index answers the type, so that SQLite starts from the scan, not from the
     # type's experiences (which is reading every event of the type again).
     of_type = [experiences.c.type_id + 0 == f.type_id]
@@ -190,8 +187,23 @@ async def _of_type_in_time_order(
     found = [stored_event(row) for row in await conn.execute(query)]
     if len(found) == limit:
         return found
-    scanned = int((await conn.execute(sa.select(sa.func.count()).select_from(scan))).scalar_one())
-    return found if scanned < TYPE_SCAN else None
+    return found if await _count(conn, scan) < TYPE_SCAN else None
+
+
+def _newest(
+    conn: AsyncConnection, f: EventFilter, count: int, before: tuple[int, uuid.UUID] | None = None
+) -> sa.Subquery:
+    """The ids of the filter's newest `count` events (before `before`), in time order."""
+    ev = events
+    source = rollups.EVENTS_WITH_TYPE if f.type_id is not None else events
+    query = sa.select(ev.c.id).select_from(source).where(*event_conditions(conn, f))
+    if before is not None:
+        query = query.where(sa.tuple_(ev.c.event_time_us, ev.c.id) < sa.tuple_(*before))
+    return query.order_by(ev.c.event_time_us.desc(), ev.c.id.desc()).limit(count).subquery("newest")
+
+
+async def _count(conn: AsyncConnection, rows: sa.Subquery) -> int:
+    return int((await conn.execute(sa.select(sa.func.count()).select_from(rows))).scalar_one())
 
 
 async def events_with_property(
@@ -201,15 +213,8 @@ async def events_with_property(
     `value`, newest first, at most `limit`; and how many events were searched. Properties
     have no index: the newest `among` bound the search."""
     ev = events
-    newest = (
-        sa.select(ev.c.id, ev.c.event_time_us)
-        .select_from(rollups.EVENTS_WITH_TYPE)
-        .where(*_event_conditions(conn, f))
-        .order_by(ev.c.event_time_us.desc(), ev.c.id.desc())
-        .limit(among)
-        .subquery("newest")
-    )
-    searched = int((await conn.execute(sa.select(sa.func.count()).select_from(newest))).scalar_one())
+    newest = _newest(conn, f, among)
+    searched = await _count(conn, newest)
     query = (
         sa.select(*_EVENT_WITH_EXPERIENCE_COLUMNS)
         .select_from(rollups.EVENTS_WITH_TYPE.join(newest, newest.c.id == ev.c.id))

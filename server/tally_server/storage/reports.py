@@ -11,7 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from ..domain import models as m
 from ..domain.rollups import DAY_US, HOUR_US
 from . import rollups
-from .events import has_tag
+from .events import EventFilter, event_conditions
 from .tables import (
     ROLLUP_COUNT_COLUMNS,
     ROLLUP_SPLIT_COLUMNS,
@@ -84,20 +84,13 @@ def _rollup_filter(f: m.CostFilter) -> list[sa.ColumnElement[bool]]:
 
 
 def _event_filter(conn: AsyncConnection, f: m.CostFilter) -> list[sa.ColumnElement[bool]]:
-    ev = events
-    where = []
-    for column, value in (
-        (experience_types.c.name, f.experience_name),
-        (ev.c.category, f.category),
-        (rollups.MODEL_OF_EVENT, f.model),
-        (ev.c.user_id, f.user_id),
-    ):
-        if value:
-            where.append(column == value)
+    """The filter on events (joined with their experience and type: EVENTS_WITH_TYPE)."""
+    fields = EventFilter(user_id=f.user_id, request_tag=f.request_tag, category=f.category, model=f.model)
+    where = event_conditions(conn, fields)
+    if f.experience_name:
+        where.append(experience_types.c.name == f.experience_name)
     if f.experience_version:
         where.append(experiences.c.version == f.experience_version)
-    if f.request_tag:
-        where.append(has_tag(conn, f.request_tag))
     return where
 
 

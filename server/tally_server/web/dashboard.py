@@ -202,6 +202,8 @@ def _group_json(group: CostGroup) -> dict[str, Any]:
         "cost": _dollars(group.totals.cost_total_nanos),
         "events": group.totals.event_count,
         "unpriced": group.totals.unpriced_event_count,
+        "tokens_in": group.totals.input_tokens,
+        "tokens_out": group.totals.output_tokens,
     }
 
 
@@ -247,31 +249,17 @@ async def _spend_by(services: Services, request: web.Request) -> web.Response:
     page, total = await services.reports.breakdown(
         [SPEND_BY[by]], view.start_us, view.end_us, view.only, page_size=SPEND_GROUPS
     )
-    groups = [
-        {
-            **_group_json(g),
-            "name": g.keys[SPEND_BY[by]],
-            "tokens_in": g.totals.input_tokens,
-            "tokens_out": g.totals.output_tokens,
-        }
-        for g in page.items
-    ]
     rest = dataclasses.replace(total.totals)
     for g in page.items:
         rest.subtract(g.totals)
+    shown_rest = by != "tag" and bool(page.next_page_token)  # by tag, the groups overlap
     return web.json_response(
         {
             "by": by,
-            "groups": groups,
+            "groups": [{**_group_json(g), "name": g.keys[SPEND_BY[by]]} for g in page.items],
             "more": bool(page.next_page_token),
-            "rest": None
-            if by == "tag" or not page.next_page_token
-            else {"cost": _dollars(rest.cost_total_nanos), "events": rest.event_count},
-            "total": {
-                **_group_json(total),
-                "tokens_in": total.totals.input_tokens,
-                "tokens_out": total.totals.output_tokens,
-            },
+            "rest": {"cost": _dollars(rest.cost_total_nanos), "events": rest.event_count} if shown_rest else None,
+            "total": _group_json(total),
         }
     )
 
@@ -341,25 +329,13 @@ async def _with_property(services: Services, view: View, query: str) -> tuple[li
     """The view's events (among its newest PROPERTY_SCAN) with a property whose value is
     `query`, or for "key=value" whose property `key` is `value`: at most LOG_PAGE, newest
     first; and how many events were searched."""
-    key, equals, value = query.partition("=")
-    if not equals or not NAME_PATTERN.fullmatch(key.strip()):
+    key, equals, value = (part.strip() for part in query.partition("="))
+    if not equals or not NAME_PATTERN.fullmatch(key):
         key, value = "", query
-    if "\x00" in value or utf8_length(value) > MAP_VALUE_MAX:
+    if utf8_length(value) > MAP_VALUE_MAX:
         return [], 0  # no property holds it
-    only = view.only
     found, searched = await services.events.with_property(
-        key.strip(),
-        value.strip() if key else value,
-        among=PROPERTY_SCAN,
-        limit=LOG_PAGE,
-        experience_name=only.experience_name,
-        experience_version=only.experience_version,
-        user_id=only.user_id,
-        request_tag=only.request_tag,
-        category=only.category,
-        model=only.model,
-        start_us=view.start_us,
-        end_us=view.end_us,
+        key, value, view.only, view.start_us, view.end_us, among=PROPERTY_SCAN, limit=LOG_PAGE
     )
     return list(found), searched
 

@@ -505,9 +505,9 @@ class TallyClient(_ClientBase):
         page_token: str = "",
     ) -> report_pb.BreakDownCostResponse:
         """Cost over [start, end) grouped by one or two of type, version, category, model
-        (the price entry's), resource (as sent), user, tag, day, hour; the most expensive
-        group first. Only the events of the type (and version), category, model, user and
-        tag given, where given."""
+        (the price entry's), resource (as sent), user, tag, step, key (the API key that sent
+        the events), day, hour; the most expensive group first. Only the events of the type
+        (and version), category, model, user and tag given, where given."""
         return self._run(
             _calls.break_down_cost(
                 group_by,
@@ -921,9 +921,9 @@ class AsyncTallyClient(_ClientBase):
         page_token: str = "",
     ) -> report_pb.BreakDownCostResponse:
         """Cost over [start, end) grouped by one or two of type, version, category, model
-        (the price entry's), resource (as sent), user, tag, day, hour; the most expensive
-        group first. Only the events of the type (and version), category, model, user and
-        tag given, where given."""
+        (the price entry's), resource (as sent), user, tag, step, key (the API key that sent
+        the events), day, hour; the most expensive group first. Only the events of the type
+        (and version), category, model, user and tag given, where given."""
         return await self._run(
             _calls.break_down_cost(
                 group_by,

@@ -24,7 +24,6 @@ from ..domain.rollups import HOUR_US, ExperienceState, TypeDeltas, rescored, ver
 from . import hot_path
 from .tables import (
     ROLLUP_COUNT_COLUMNS,
-    ROLLUP_MONEY,
     ROLLUP_SPLIT,
     ROLLUP_SPLIT_COLUMNS,
     cost_rollups,
@@ -459,11 +458,10 @@ def event_sums() -> list[sa.Label[Any]]:
         sa.func.count().filter(ev.c.http_status_code >= 400).label("failed_event_count"),
         sa.func.count().filter(ev.c.cost_state != int(m.CostState.PRICED)).label("unpriced_event_count"),
     ]
-    each: dict[str, sa.ColumnElement[int]] = {money: ev.c[f"{money}_nanos"] for money in ROLLUP_MONEY}
-    each.update(input_tokens=ev.c.input_tokens, output_tokens=ev.c.output_tokens)
     for name, (high, low) in ROLLUP_SPLIT.items():
-        sums.append(sa.func.sum(each[name] // NANOS_PER_DOLLAR).label(high))
-        sums.append(sa.func.sum(each[name] % NANOS_PER_DOLLAR).label(low))
+        column = ev.c[_SPLIT_FIELDS[name]]  # an event's column is named as the CostTotals field
+        sums.append(sa.func.sum(column // NANOS_PER_DOLLAR).label(high))
+        sums.append(sa.func.sum(column % NANOS_PER_DOLLAR).label(low))
     return sums
 
 

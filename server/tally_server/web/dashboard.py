@@ -257,7 +257,6 @@ async def _spend_by(services: Services, request: web.Request) -> web.Response:
         {
             "by": by,
             "groups": [{**_group_json(g), "name": g.keys[SPEND_BY[by]]} for g in page.items],
-            "more": bool(page.next_page_token),
             "rest": {"cost": _dollars(rest.cost_total_nanos), "events": rest.event_count} if shown_rest else None,
             "total": _group_json(total),
         }
@@ -651,7 +650,7 @@ async def _limits(services: Services, request: web.Request) -> web.Response:
                     for p in periods
                 ]
         rows.append(row)
-    return web.json_response({"limits": rows, "more": bool(more), "busiest_limits": BUSIEST_LIMITS})
+    return web.json_response({"limits": rows, "more": bool(more)})
 
 
 async def _whoami(services: Services, request: web.Request) -> web.Response:

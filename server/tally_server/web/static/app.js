@@ -291,6 +291,7 @@ async function loadLimits() {
     (l) => [[l.name], [l.kind], [period(l)], [usd(l.spend), true], [usd(l.reserved), true], [usd(l.max), true], [l.state, false, known.has(l.state) ? "state-" + l.state : ""]],
     openLimit,
   );
+  document.getElementById("limits-more").textContent = data.more ? "(the first 1,000 limits)" : "";
   const busiest = data.limits.flatMap((l) => (l.busiest || []).map((run) => ({ ...run, limit: l.name })));
   rows(
     "#busiest",

@@ -1,9 +1,10 @@
 """Tokens in and out: each event, the experiences and the hourly cost rollup gain the sums
 of the events' units, input and output counts over every unit type (the sums kept as whole
 billions and the rest: no column overflows however many of the largest events a caller may
-send), counted here from the events stored so far and kept by the writer from here on. And an index that
-reads a limit's current periods, the most spent first (a per-experience limit's busiest runs),
-and the name of the API key that sent each event from here on (the cost breakdown by key).
+send), counted here from the events stored so far and kept by the writer from here on.
+Also an index that reads a limit's current periods, the most spent first (a per-experience
+limit's busiest runs), and the name of the API key that sent each event from here on (the
+cost breakdown by key).
 
 Frozen: this file carries the statements it ran when it was written and imports nothing of
 the server.

@@ -38,7 +38,7 @@ async def test_migrations_match_the_table_definitions(server):
     async with server.db.read() as conn:
         assert await conn.run_sync(differences) == []
         version = await conn.exec_driver_sql("SELECT version_num FROM alembic_version")
-        assert [row[0] for row in version] == ["0013"]
+        assert [row[0] for row in version] == ["0014"]
 
 
 async def test_an_upgrade_that_fails_changes_nothing(backend, tmp_path):

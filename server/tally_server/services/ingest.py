@@ -28,7 +28,7 @@ from ..domain.models import (
     UsageEvent,
     now_us,
 )
-from ..domain.rollups import priced_model, rollups_of, step_costs, steps_to_read, type_deltas
+from ..domain.rollups import attribute_rollups_of, priced_model, rollups_of, step_costs, steps_to_read, type_deltas
 from ..logs import RepeatedLog
 from ..storage import (
     events as stored_events,
@@ -310,7 +310,13 @@ class Ingestor:
             by_experience, by_hour = rollups_of(stored_pairs)
             steps = step_costs(stored_pairs)
             before = await stored_experiences.counted(conn, before, steps_to_read(before, by_experience, steps))
-            await stored_rollups.add(conn, by_experience, by_hour, type_deltas(before, by_experience, steps))
+            await stored_rollups.add(
+                conn,
+                by_experience,
+                by_hour,
+                type_deltas(before, by_experience, steps),
+                attribute_rollups_of(stored_pairs),
+            )
             if steps:
                 await stored_steps.add(conn, steps)
             # Limits count in the same transaction: their spend is the sum of their events.

@@ -49,7 +49,7 @@ async def insert_experiences(conn: AsyncConnection, rows: Sequence[dict[str, Any
 
 async def delete_experience(conn: AsyncConnection, experience_id: uuid.UUID) -> int | None:
     """Deletes it and unattributes its events (moving them to the unattributed rows of the
-    hourly cost rollup); None if it did not exist, else the event count."""
+    hourly rollups); None if it did not exist, else the event count."""
     name = (
         await conn.execute(
             sa.select(experience_types.c.name)
@@ -62,13 +62,12 @@ async def delete_experience(conn: AsyncConnection, experience_id: uuid.UUID) -> 
     states = await counted(conn, await rollups.experience_states(conn, [experience_id], lock=True), [experience_id])
     if experience_id in states:
         await rollups.add_type_deltas(conn, removal(states[experience_id]))
+    await rollups.unattribute(conn, events.c.experience_id == experience_id)  # while it is there to join
     await conn.execute(sa.delete(experiences).where(experiences.c.id == experience_id))
     await conn.execute(sa.delete(experience_latencies).where(experience_latencies.c.experience_id == experience_id))
-    hours = await rollups.hours_of_events(conn, events.c.experience_id == experience_id)
     result = await conn.execute(
         sa.update(events).where(events.c.experience_id == experience_id).values(experience_id=None)
     )
-    await rollups.rebuild_cost_rollups(conn, hours, {name, ""})
     return result.rowcount
 
 

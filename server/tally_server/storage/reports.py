@@ -1,4 +1,5 @@
-"""The cost breakdown: whole hours from the hourly cost rollup, the rest from the events."""
+"""The cost breakdown: whole hours from the hourly rollups (by type version and model, or
+by user or request tag), the rest from the events."""
 
 from __future__ import annotations
 
@@ -9,12 +10,13 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ..domain import models as m
-from ..domain.rollups import DAY_US, HOUR_US
+from ..domain.rollups import DAY_US, HOUR_US, TAG_DIMENSION, USER_DIMENSION
 from . import rollups
 from .events import EventFilter, event_conditions
 from .tables import (
     ROLLUP_COUNT_COLUMNS,
     ROLLUP_SPLIT_COLUMNS,
+    attribute_rollups,
     cost_rollups,
     events,
     experience_types,
@@ -22,22 +24,35 @@ from .tables import (
     type_rollups,
 )
 
-# Dimensions the hourly rollup keeps; the others (user id, request tag, step, API key) are
-# read from events.
+# Dimensions the hourly cost rollup keeps; those of the rollup by user or request tag (with
+# one of them, as a dimension or a filter, and no other); the others (step, API key, or user
+# and tag together, or either with a category or model) are read from events.
 ROLLUP_DIMENSIONS = frozenset({"experience_name", "experience_version", "category", "resource", "model", "day", "hour"})
+_ATTRIBUTES = {"user_id": USER_DIMENSION, "request_tag": TAG_DIMENSION}
+_WITH_ATTRIBUTE = frozenset({"experience_name", "experience_version", "day", "hour"})
 
 
-def _rollup_keys(dimension: str) -> list[sa.ColumnElement[Any]]:
-    r = cost_rollups
+def _attribute_of(dimensions: Sequence[str], f: m.CostFilter) -> int | None:
+    """The attribute rollup's dimension that answers this breakdown, if one does."""
+    named = {d for d in dimensions if d in _ATTRIBUTES}
+    named |= {name for name, value in (("user_id", f.user_id), ("request_tag", f.request_tag)) if value}
+    if len(named) != 1 or f.category or f.model or not set(dimensions) <= _WITH_ATTRIBUTE | named:
+        return None
+    return _ATTRIBUTES[named.pop()]
+
+
+def _rollup_keys(dimension: str, table: sa.Table = cost_rollups) -> list[sa.ColumnElement[Any]]:
+    r = table
+    if dimension in _ATTRIBUTES:
+        return [r.c.value]
     keys: dict[str, list[sa.ColumnElement[Any]]] = {
         "experience_name": [r.c.experience_name],
         "experience_version": [r.c.experience_name, r.c.experience_version],
-        "category": [r.c.category],
-        "resource": [r.c.resource],
-        "model": [r.c.model],
         "day": [r.c.hour_us - r.c.hour_us % DAY_US],
         "hour": [r.c.hour_us],
     }
+    if table is cost_rollups:
+        keys |= {"category": [r.c.category], "resource": [r.c.resource], "model": [r.c.model]}
     return keys[dimension]
 
 
@@ -60,10 +75,9 @@ def _event_keys(dimension: str, tag: Any) -> list[sa.ColumnElement[Any]]:
     return keys[dimension]
 
 
-def _rollup_sums() -> list[sa.Label[Any]]:
-    """The sums of cost_rollups rows, labelled as their columns (as rollups.event_sums does
+def _rollup_sums(r: sa.Table) -> list[sa.Label[Any]]:
+    """The sums of a rollup's rows, labelled as their columns (as rollups.event_sums does
     for events)."""
-    r = cost_rollups
     return [sa.func.sum(r.c[name]).label(name) for name in (*ROLLUP_COUNT_COLUMNS, *ROLLUP_SPLIT_COLUMNS)]
 
 
@@ -71,13 +85,19 @@ def _rollup_sums() -> list[sa.Label[Any]]:
 Only = Sequence[tuple[Any, ...]] | None
 
 
-def _rollup_filter(f: m.CostFilter) -> list[sa.ColumnElement[bool]]:
-    """The filter on the hourly rollup's keys (it has no user or tag: see of_events_only)."""
-    r = cost_rollups
-    where = []
-    for column, value in ((r.c.experience_name, f.experience_name), (r.c.category, f.category), (r.c.model, f.model)):
-        if value:
-            where.append(column == value)
+def _rollup_filter(f: m.CostFilter, attribute: int | None = None) -> list[sa.ColumnElement[bool]]:
+    """The filter on an hourly rollup's keys: the cost rollup's, or with `attribute` the
+    rollup by user or tag (of that dimension; the filter names no category or model)."""
+    if attribute is None:
+        r = cost_rollups
+        pairs = [(r.c.experience_name, f.experience_name), (r.c.category, f.category), (r.c.model, f.model)]
+        where = []
+    else:
+        r = attribute_rollups
+        value = f.user_id if attribute == USER_DIMENSION else f.request_tag
+        pairs = [(r.c.experience_name, f.experience_name), (r.c.value, value)]
+        where = [r.c.dimension == attribute]
+    where += [column == wanted for column, wanted in pairs if wanted]
     if f.experience_version:
         where.append(r.c.experience_version == f.experience_version)
     return where
@@ -141,17 +161,18 @@ async def _breakdown_from_rollup(
     end_us: int | None,
     f: m.CostFilter,
     only: Only = None,
+    attribute: int | None = None,
 ) -> Groups:
-    r = cost_rollups
-    keys = [key for d in dimensions for key in _rollup_keys(d)]
-    first = _rollup_keys(dimensions[0]) if dimensions else []
+    r = cost_rollups if attribute is None else attribute_rollups
+    keys = [key for d in dimensions for key in _rollup_keys(d, r)]
+    first = _rollup_keys(dimensions[0], r) if dimensions else []
     query = _grouped(
-        sa.select(*keys, *_rollup_sums()),
+        sa.select(*keys, *_rollup_sums(r)),
         keys,
         r.c.hour_us,
         start_us,
         end_us,
-        _rollup_filter(f),
+        _rollup_filter(f, attribute),
         (first, only),
     )
     groups: Groups = {}
@@ -205,9 +226,10 @@ async def cost_breakdown(
 ) -> Groups:
     """Sums of the events in [start_us, end_us) that the filter selects, per group of the
     dimensions (none: one group, the total), kept to the groups of the first dimension that
-    `only` names when given. From the hourly rollup for the window's whole hours and the
-    events of its partial hours; from the events alone for user id and request tag."""
-    if not set(dimensions) <= ROLLUP_DIMENSIONS or f.of_events_only:
+    `only` names when given. From an hourly rollup for the window's whole hours and the
+    events of its partial hours; from the events alone where no rollup keeps the groups."""
+    attribute = _attribute_of(dimensions, f)
+    if attribute is None and (not set(dimensions) <= ROLLUP_DIMENSIONS or f.of_events_only):
         groups: Groups = {}
         await _breakdown_from_events(conn, dimensions, start_us, end_us, f, groups, only)
         return groups
@@ -217,7 +239,7 @@ async def cost_breakdown(
         groups = {}
         await _breakdown_from_events(conn, dimensions, start_us, end_us, f, groups, only)
         return groups
-    groups = await _breakdown_from_rollup(conn, dimensions, first_hour, end_hour, f, only)
+    groups = await _breakdown_from_rollup(conn, dimensions, first_hour, end_hour, f, only, attribute)
     if start_us is not None and first_hour is not None and start_us < first_hour:
         await _breakdown_from_events(conn, dimensions, start_us, first_hour, f, groups, only)
     if end_us is not None and end_hour is not None and end_hour < end_us:
@@ -229,9 +251,10 @@ async def costliest_groups(
     conn: AsyncConnection, dimension: str, start_us: int, end_us: int, count: int, f: m.CostFilter = m.ALL_EVENTS
 ) -> list[tuple[Any, ...]]:
     """The `count` groups of a rollup dimension that cost the most over the window's whole
-    hours (of the filter's events; a filter of user or tag ranks its events), ranked in the
-    database: however many groups there are, `count` rows come back."""
-    if f.of_events_only:
+    hours (of the filter's events; a filter of user or tag with a category or model ranks its
+    events), ranked in the database: however many groups there are, `count` rows come back."""
+    attribute = _attribute_of([dimension], f)
+    if f.of_events_only and attribute is None:
         ev = events
         keys = _event_keys(dimension, None)
         cost = sa.func.sum(ev.c.cost_total_nanos)
@@ -248,12 +271,12 @@ async def costliest_groups(
             .limit(count)
         )
         return [tuple(row) for row in await conn.execute(query)]
-    r = cost_rollups
-    keys = _rollup_keys(dimension)
+    r = cost_rollups if attribute is None else attribute_rollups
+    keys = _rollup_keys(dimension, r)
     first_hour = -(-start_us // HOUR_US) * HOUR_US
     cost = sa.func.sum(r.c.cost_total_dollars * 1_000_000_000 + r.c.cost_total_nanos)
     query = (
-        _grouped(sa.select(*keys), keys, r.c.hour_us, first_hour, end_us, _rollup_filter(f))
+        _grouped(sa.select(*keys), keys, r.c.hour_us, first_hour, end_us, _rollup_filter(f, attribute))
         .order_by(cost.desc(), sa.func.sum(r.c.event_count).desc(), *keys)
         .limit(count)
     )

@@ -20,12 +20,22 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ..domain import models as m
 from ..domain.outcomes import OutcomeDefinition, from_json as outcomes_from_json
-from ..domain.rollups import HOUR_US, ExperienceState, TypeDeltas, rescored, verdicts_of
+from ..domain.rollups import (
+    HOUR_US,
+    TAG_DIMENSION,
+    USER_DIMENSION,
+    AttributeKey,
+    ExperienceState,
+    TypeDeltas,
+    rescored,
+    verdicts_of,
+)
 from . import hot_path
 from .tables import (
     ROLLUP_COUNT_COLUMNS,
     ROLLUP_SPLIT,
     ROLLUP_SPLIT_COLUMNS,
+    attribute_rollups,
     cost_rollups,
     events,
     experience_latencies,
@@ -111,6 +121,7 @@ def _upsert(dialect: str, table_name: str) -> postgresql.Insert | sqlite.Insert:
     engine: building it per commit cost 0.7 ms of SQLAlchemy's time each (measured)."""
     tables = (
         cost_rollups,
+        attribute_rollups,
         type_rollups,
         type_cost_buckets,
         experience_latencies,
@@ -122,7 +133,7 @@ def _upsert(dialect: str, table_name: str) -> postgresql.Insert | sqlite.Insert:
     table = {t.name: t for t in tables}[table_name]
     insert = postgresql.insert(table) if dialect == "postgresql" else sqlite.insert(table)
     key = [c.name for c in table.primary_key.columns]
-    if table is cost_rollups:
+    if table is cost_rollups or table is attribute_rollups:
         added = _added(table, insert.excluded)
     elif table is type_rollups:
         added = _added(table, insert.excluded, _TYPE_COUNTS, ("cost_total",))
@@ -175,6 +186,7 @@ async def add(
     by_experience: Mapping[uuid.UUID, m.ExperienceAddition],
     by_hour: Mapping[m.CostRollupKey, m.CostTotals],
     by_type: TypeDeltas,
+    by_attribute: Mapping[AttributeKey, m.CostTotals],
 ) -> None:
     """Adds a commit's events to the rollups, in the commit's transaction (the experiences
     were locked by experience_states)."""
@@ -207,7 +219,20 @@ async def add(
         # In key order, as every writer does, so that concurrent writers never deadlock.
         rows = [{**_key_values(key), **_totals_values(by_hour[key])} for key in sorted(by_hour, key=_sort_key)]
         await _add_cost_rows(conn, rows)
+    await add_attribute_rows(conn, by_attribute)
     await add_type_deltas(conn, by_type)
+
+
+async def add_attribute_rows(conn: AsyncConnection, by_attribute: Mapping[AttributeKey, m.CostTotals]) -> None:
+    """Adds to the rollup by user and request tag, in key order (no deadlock, as above)."""
+    rows = [
+        {**dict(zip(_ATTRIBUTE_KEY, key, strict=True)), **_totals_values(by_attribute[key])}
+        for key in sorted(by_attribute)
+    ]
+    await hot_path.execute_many(conn, _upsert(conn.dialect.name, "attribute_rollups"), rows)
+
+
+_ATTRIBUTE_KEY = ("dimension", "hour_us", "value", "experience_name", "experience_version")
 
 
 def _sort_key(key: m.CostRollupKey) -> tuple[Any, ...]:
@@ -496,25 +521,53 @@ def _cost_rollup_select(where: Iterable[sa.ColumnElement[bool]]) -> sa.Select[An
     )
 
 
-async def rebuild_cost_rollups(conn: AsyncConnection, hours: Collection[int], type_names: Collection[str]) -> None:
-    """Recomputes the hourly cost rollup of these types in these hours from the events, as
-    they are attributed now. Run after events moved out of a type (a deletion)."""
-    if not hours:
-        return
-    if conn.dialect.name == "postgresql":
-        # Writers add to these rows concurrently: hold them off until this commits, so
-        # that no event is counted twice or missed (deletions are rare).
-        await conn.execute(sa.text("LOCK TABLE cost_rollups IN SHARE ROW EXCLUSIVE MODE"))
-    names = list(type_names)
-    for chunk in _chunks(sorted(hours), 500):
-        await conn.execute(
-            sa.delete(cost_rollups).where(cost_rollups.c.hour_us.in_(chunk), cost_rollups.c.experience_name.in_(names))
-        )
-        in_hours = sa.or_(*(events.c.event_time_us.between(h, h + HOUR_US - 1) for h in chunk))
-        select = _cost_rollup_select([in_hours, sa.func.coalesce(experience_types.c.name, "").in_(names)])
-        rows = [{**_key_values_of(row), **_normalized(row)} for row in await conn.execute(select)]
-        if rows:
-            await _add_cost_rows(conn, rows)
+async def unattribute(conn: AsyncConnection, where: sa.ColumnElement[bool]) -> None:
+    """Moves the sums of the events `where` selects, as they are attributed now, from their
+    type version's rows of the hourly rollups to the unattributed ones ("" and version 0).
+    Run before a deletion unattributes them. It adds, as the writer does (the same tables,
+    each in key order), so it takes no lock, and what events pruned before added stays."""
+    moved: dict[m.CostRollupKey, m.CostTotals] = {}
+    for row in await conn.execute(_cost_rollup_select([where, experiences.c.id.is_not(None)])):
+        totals = totals_from_row(row)
+        key = m.CostRollupKey(**_key_values_of(row))
+        _move(moved, key, replace(key, experience_name="", experience_version=0), totals)
+    rows = [{**_key_values(key), **_totals_values(moved[key])} for key in sorted(moved, key=_sort_key)]
+    await _add_cost_rows(conn, rows)
+    by_attribute: dict[AttributeKey, m.CostTotals] = {}
+    for dimension in (USER_DIMENSION, TAG_DIMENSION):
+        for row in await conn.execute(_attribute_select(conn, dimension, [where, experiences.c.id.is_not(None)])):
+            hour, value = int(row.hour_us), row.value
+            named: AttributeKey = (dimension, hour, value, row.experience_name, int(row.experience_version))
+            _move(by_attribute, named, (dimension, hour, value, "", 0), totals_from_row(row))
+    await add_attribute_rows(conn, by_attribute)
+
+
+def _move(into: dict[Any, m.CostTotals], source: Any, target: Any, totals: m.CostTotals) -> None:
+    into.setdefault(source, m.CostTotals()).subtract(totals)
+    into.setdefault(target, m.CostTotals()).add(totals)
+
+
+def _attribute_select(conn: AsyncConnection, dimension: int, where: Iterable[sa.ColumnElement[bool]]) -> sa.Select[Any]:
+    """The events' sums per row of the rollup by user (or tag), as the writer keys them."""
+    hour = hour_expression(events.c.event_time_us).label("hour_us")
+    name = sa.func.coalesce(experience_types.c.name, "").label("experience_name")
+    version = sa.func.coalesce(experiences.c.version, 0).label("experience_version")
+    source: Any = EVENTS_WITH_TYPE
+    if dimension == USER_DIMENSION:
+        value = sa.func.coalesce(events.c.user_id, "").label("value")
+    else:
+        if conn.dialect.name == "postgresql":
+            tag = sa.func.json_array_elements_text(events.c.request_tags).table_valued("value").lateral("tag")
+        else:  # SQLite's table-valued functions see the columns to their left without LATERAL
+            tag = sa.func.json_each(events.c.request_tags).table_valued("value").alias("tag")
+        source = source.outerjoin(tag, sa.true())
+        value = sa.func.coalesce(tag.c.value, "").label("value")
+    return (
+        sa.select(hour, value, name, version, *event_sums())
+        .select_from(source)
+        .where(*where)
+        .group_by(hour, value, name, version)
+    )
 
 
 def _key_values_of(row: Any) -> dict[str, Any]:
@@ -526,13 +579,3 @@ def _key_values_of(row: Any) -> dict[str, Any]:
         "resource": row.resource,
         "model": row.model,
     }
-
-
-def _chunks(values: list[int], size: int) -> Iterable[list[int]]:
-    for start in range(0, len(values), size):
-        yield values[start : start + size]
-
-
-async def hours_of_events(conn: AsyncConnection, where: sa.ColumnElement[bool]) -> set[int]:
-    hour = hour_expression(events.c.event_time_us)
-    return {int(row[0]) for row in await conn.execute(sa.select(hour).where(where).distinct())}

@@ -178,6 +178,23 @@ cost_rollups = sa.Table(
     ),
 )
 
+# Events summed per hour, user (dimension 1) or request tag (dimension 2), and type version
+# (migration 0014): an event counts once under its user and once under each of its tags,
+# under "" for none. The cost breakdown by user or tag reads these, as it reads cost_rollups.
+attribute_rollups = sa.Table(
+    "attribute_rollups",
+    metadata,
+    sa.Column("dimension", sa.SmallInteger, primary_key=True),
+    sa.Column("hour_us", sa.BigInteger, primary_key=True),
+    sa.Column("value", sa.String(256), primary_key=True),
+    sa.Column("experience_name", sa.String(64), primary_key=True),
+    sa.Column("experience_version", sa.Integer, primary_key=True),
+    *(sa.Column(name, sa.BigInteger, nullable=False) for name in ROLLUP_COUNT_COLUMNS),
+    *(sa.Column(name, sa.BigInteger, nullable=False) for name in ROLLUP_SPLIT_COLUMNS),
+    # A user's rows, for erasure (tally events erase --user).
+    sa.Index("ix_attribute_rollups_value", "dimension", "value"),
+)
+
 # One row per stored event. experience_id has no foreign key on purpose: deleting
 # an experience leaves its events stored, unattributed (experience_id set to NULL).
 events = sa.Table(

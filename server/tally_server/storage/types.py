@@ -144,11 +144,6 @@ async def count_experiences_of_type(conn: AsyncConnection, type_id: int) -> int:
     return (await conn.execute(stmt)).scalar_one()
 
 
-async def _type_name(conn: AsyncConnection, type_id: int) -> str:
-    query = sa.select(experience_types.c.name).where(experience_types.c.id == type_id)
-    return str((await conn.execute(query)).scalar_one())
-
-
 async def lock_type(conn: AsyncConnection, type_id: int) -> None:
     """Locks the type's row and its experiences' rows for this transaction (PostgreSQL; a
     SQLite writer holds the whole file), so that a writer adding an experience or events to
@@ -163,11 +158,9 @@ async def delete_type(conn: AsyncConnection, type_id: int) -> int:
     """Deletes the type, its versions and its experiences; their events become unattributed
     (and move to the unattributed rows of the hourly cost rollup). Call lock_type first."""
     of_type = sa.select(experiences.c.id).where(experiences.c.type_id == type_id)
-    hours = await rollups.hours_of_events(conn, events.c.experience_id.in_(of_type))
-    name = await _type_name(conn, type_id)
+    await rollups.unattribute(conn, events.c.experience_id.in_(of_type))
     await conn.execute(sa.update(events).where(events.c.experience_id.in_(of_type)).values(experience_id=None))
     await conn.execute(sa.delete(experience_latencies).where(experience_latencies.c.experience_id.in_(of_type)))
-    await rollups.rebuild_cost_rollups(conn, hours, {name, ""})
     await rollups.drop_type(conn, type_id)
     deleted = (await conn.execute(sa.delete(experiences).where(experiences.c.type_id == type_id))).rowcount
     await conn.execute(sa.delete(experience_type_versions).where(experience_type_versions.c.type_id == type_id))

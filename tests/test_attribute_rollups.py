@@ -1,0 +1,144 @@
+"""The hourly rollup by user and by request tag (migration 0014): the cost breakdown by user
+or tag reads it instead of the events, and answers what the events answer, as the writer
+keeps it, as 0014 builds it from events stored before it, and after deletions move events
+out of their type. Both engines, through the wire."""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Iterable
+from typing import Any
+
+import sqlalchemy as sa
+from alembic import command
+
+from tally_client import AsyncTallyClient, usage_event
+from tally_server.app import TallyServer
+from tally_server.config import Settings
+from tally_server.storage.db import Database, alembic_config
+
+from .conftest import drop_database_url, make_database_url
+
+BASE = 1_750_000_000  # an hour's start (UTC)
+MODELS = ("gpt-4o", "claude-sonnet-4-0", "made-up-model")  # the last is never priced
+USERS = ("", "ann", "bob", "carl")
+TAGS: tuple[tuple[str, ...], ...] = ((), ("red",), ("red", "blue"), ("blue",), ("green", "red", "green"))
+
+
+def _seed_events() -> list[Any]:
+    events = []
+    for i in range(60):
+        units = {"text": (1_000 + 37 * i, 5 * i)}
+        if i == 11:  # a costly one: its cost's nanos carry over in the sums
+            units["text"] = (2_999_999_999, 1_500_000_001)
+        event = usage_event(
+            "system.openai" if i % 3 != 1 else "system.anthropic",
+            MODELS[i % 3],
+            units,
+            event_time=datetime.datetime.fromtimestamp(BASE + i * 1_200 + 7, datetime.UTC),
+            http_status_code=500 if i % 13 == 0 else 200,
+        )
+        if i % 4:  # every fourth unattributed
+            event.context.experience_name = f"Attr{i % 2}"
+        event.context.user_id = USERS[i % 4]
+        event.context.request_tags.extend(TAGS[i % 5])
+        event.context.step = ("", "plan", "write")[i % 3]
+        events.append(event)
+    return events
+
+
+def _groups(groups: Iterable[Any], *names: str) -> dict[tuple[Any, ...], tuple[int, ...]]:
+    """Each group's sums by the fields named, summed over any other field (in Python)."""
+    found: dict[tuple[Any, ...], list[int]] = {}
+    for g in groups:
+        key = tuple(getattr(g, name) for name in names)
+        key = tuple(k.seconds if hasattr(k, "seconds") else k for k in key)
+        sums = found.setdefault(key, [0] * 6)
+        for i, value in enumerate(
+            (
+                g.event_count,
+                g.unpriced_event_count,
+                g.cost_total.units * 1_000_000_000 + g.cost_total.nanos,
+                g.cost_input.units * 1_000_000_000 + g.cost_input.nanos,
+                g.input_tokens,
+                g.output_tokens,
+            )
+        ):
+            sums[i] += value
+    return {key: tuple(sums) for key, sums in found.items() if sums[0]}
+
+
+async def _answers(client: AsyncTallyClient) -> dict[str, Any]:
+    """The breakdowns the rollup answers, and the same sums read from events (a second
+    dimension or a filter that no rollup keeps makes the breakdown read events)."""
+    start = datetime.datetime.fromtimestamp(BASE, datetime.UTC)
+    mid = datetime.datetime.fromtimestamp(BASE + 9_000 + 600, datetime.UTC)  # partial hours at both ends
+    end = datetime.datetime.fromtimestamp(BASE + 60 * 1_200 + 3_600, datetime.UTC)
+
+    async def both(rollup: list[str], names: tuple[str, ...], **kw: Any) -> tuple[Any, Any]:
+        from_rollup = _groups((await client.break_down_cost(rollup, page_size=1000, **kw)).groups, *names)
+        from_events: list[Any] = []
+        for model in MODELS:  # a model filter: read from events
+            answer = await client.break_down_cost(rollup, page_size=1000, model=model, **kw)
+            from_events.extend(answer.groups)
+        return from_rollup, _groups(from_events, *names)
+
+    answers = {}
+    for label, rollup, names, kw in (
+        ("by user", ["user"], ("user_id",), {"start": start}),
+        ("by tag", ["tag"], ("request_tag",), {"start": start}),
+        ("by user, hour", ["user", "hour"], ("user_id", "period_start"), {"start": start}),
+        ("by tag, type", ["tag", "type"], ("request_tag", "experience_name"), {"start": start}),
+        ("by user, version", ["user", "version"], ("user_id", "experience_name", "experience_version"), {}),
+        ("by user, partial hours", ["user"], ("user_id",), {"start": mid, "end": end}),
+        ("by day, of one user", ["day"], ("period_start",), {"start": start, "user_id": "ann"}),
+        ("by type, of one tag", ["type"], ("experience_name",), {"start": start, "request_tag": "red"}),
+        ("by tag, of one type", ["tag"], ("request_tag",), {"experience_name": "Attr1"}),
+    ):
+        from_rollup, from_events = await both(rollup, names, **kw)
+        assert from_rollup == from_events, label
+        assert from_rollup, label
+        answers[label] = from_rollup
+    return answers
+
+
+async def test_the_breakdown_by_user_and_tag_reads_a_rollup_equal_to_the_events(backend, tmp_path):
+    url = await make_database_url(backend, tmp_path)
+
+    async def answers(seed: bool = False, delete: bool = False) -> dict[str, Any]:
+        tally = TallyServer(Settings(listen="127.0.0.1:0", database_url=url, grace_seconds=1))
+        await tally.start()
+        try:
+            async with AsyncTallyClient(f"127.0.0.1:{tally.port}") as client:
+                if seed:
+                    for name in ("Attr0", "Attr1"):
+                        await client.create_experience_type(name, "attributes")
+                    for event in _seed_events():
+                        await client.ingest(event)
+                if delete:  # its events move to the unattributed rows
+                    await client.delete_experience_type("Attr0", force=True)
+                    runs = (await client.list_experiences("Attr1", page_size=10)).experiences
+                    await client.delete_experience(runs[0].experience_id)
+                return await _answers(client)
+        finally:
+            await tally.stop()
+
+    try:
+        kept = await answers(seed=True)
+        # The tags count as the events do: once per tag each (an event's repeated tag twice).
+        assert kept["by tag"][("green",)][0] == 2 * len(range(4, 60, 5))
+        assert kept["by tag"][("",)][0] == len(range(0, 60, 5))
+        database = Database(url)
+        try:  # back to 0013, the rollup gone; 0014 builds it from the events
+            async with database.write() as conn:
+                await conn.run_sync(lambda c: command.downgrade(alembic_config(c), "0013"))
+                assert "attribute_rollups" not in await conn.run_sync(lambda c: sa.inspect(c).get_table_names())
+            await database.migrate()
+        finally:
+            await database.dispose()
+        assert await answers() == kept
+        moved = await answers(delete=True)
+        assert ("Attr0",) not in {key[1:] for key in moved["by tag, type"]}
+        assert moved["by user"] == kept["by user"]
+    finally:
+        await drop_database_url(url)

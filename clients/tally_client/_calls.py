@@ -294,6 +294,16 @@ def annotate_event(
     return Call("events", "AnnotateEvent", request, lambda r: r.event)
 
 
+def prune_events(before: datetime, max_events: int) -> Call[event_pb.PruneEventsResponse]:
+    request = event_pb.PruneEventsRequest(before_time=_timestamp(before), max_events=max_events)
+    return Call("events", "PruneEvents", request, lambda r: r, min_timeout=60.0)
+
+
+def erase_user(user_id: str, max_events: int) -> Call[event_pb.EraseUserResponse]:
+    request = event_pb.EraseUserRequest(user_id=user_id, max_events=max_events)
+    return Call("events", "EraseUser", request, lambda r: r, min_timeout=60.0)
+
+
 # --- events and reports -------------------------------------------------------------------
 
 # BreakDownCost's dimensions by the names the client takes.

@@ -475,6 +475,18 @@ class TallyClient(_ClientBase):
         response id); its content and cost never change. Returns it with its annotations."""
         return self._run(_calls.annotate_event(request_id, provider_response_id, set_annotations, remove_keys))
 
+    def prune_events(self, before: datetime, *, max_events: int = 0) -> event_pb.PruneEventsResponse:
+        """Deletes up to `max_events` (0: 10,000) stored events before `before` (taken down to
+        a whole hour), the oldest first; call again while the answer's `more` is true. Every
+        statistic, rollup and limit figure stays as it was. Needs an admin key."""
+        return self._run(_calls.prune_events(before, max_events))
+
+    def erase_user(self, user_id: str, *, max_events: int = 0) -> event_pb.EraseUserResponse:
+        """Erases one end user: deletes up to `max_events` (0: 10,000) of their events; once
+        none is left, moves their rows of the rollup by user to no user's (totals stay) and
+        deletes the limits scoped to them. Call again while `more` is true. Needs an admin key."""
+        return self._run(_calls.erase_user(user_id, max_events))
+
     def compare_versions(
         self,
         experience_name: str,
@@ -892,6 +904,14 @@ class AsyncTallyClient(_ClientBase):
     ) -> event_pb.StoredEvent:
         """As TallyClient.annotate_event."""
         return await self._run(_calls.annotate_event(request_id, provider_response_id, set_annotations, remove_keys))
+
+    async def prune_events(self, before: datetime, *, max_events: int = 0) -> event_pb.PruneEventsResponse:
+        """As TallyClient.prune_events."""
+        return await self._run(_calls.prune_events(before, max_events))
+
+    async def erase_user(self, user_id: str, *, max_events: int = 0) -> event_pb.EraseUserResponse:
+        """As TallyClient.erase_user."""
+        return await self._run(_calls.erase_user(user_id, max_events))
 
     async def compare_versions(
         self,

@@ -39,7 +39,7 @@ from tally.v1 import (
 
 from . import memory, metrics
 from .config import RefusedToStart, Settings, auth_required
-from .domain.errors import StorageUnavailable
+from .domain.errors import StorageUnavailable, TallyError
 from .domain.paging import PageTokens
 from .edges.http import HttpSite, loopback_bind
 from .proxy import ProxyServices, ProxySettings, ProxySite, upstreams
@@ -65,6 +65,7 @@ from .services.keys import ApiKeys
 from .services.limits import Limits, LiveLimits
 from .services.prices import Prices
 from .services.reports import Reports
+from .services.retention import Retention
 from .storage.db import Database
 from .tls import CertificateFiles, certificate_files
 from .web.dashboard import Services, dashboard
@@ -119,6 +120,7 @@ class TallyServer:
         self.keys = ApiKeys(self.db, self.pages)
         self.events = Events(self.db, self.pages)
         self.reports = Reports(self.db, self.pages)
+        self.retention = Retention(self.db)
         self.limits = Limits(self.db, self.catalog, self.pages, settings.reservation_seconds, self.live_limits)
         self.server: aio.Server | None = None
         self.port = 0
@@ -131,6 +133,7 @@ class TallyServer:
         self._watcher: asyncio.Task[None] | None = None
         self._trimmer: asyncio.Task[None] | None = None
         self._gauges: asyncio.Task[None] | None = None
+        self._pruner: asyncio.Task[None] | None = None
 
     async def start(self) -> int:
         """Migrates the database, binds and starts serving; returns the bound port.
@@ -171,6 +174,8 @@ class TallyServer:
         self._trimmer = asyncio.create_task(self._give_back_memory(), name="tally-memory-trim")
         if self.settings.metrics_listen:
             self._gauges = asyncio.create_task(self._export_limit_gauges(), name="tally-limit-gauges")
+        if self.settings.retention_days:
+            self._pruner = asyncio.create_task(self._keep_retention(), name="tally-retention")
         host = self.settings.listen.rsplit(":", 1)[0]
         security = "plaintext" if self.certificates is None else "TLS"
         if self.certificates is not None and self.certificates.client_ca is not None:
@@ -238,7 +243,7 @@ class TallyServer:
         )
         api_key_service_pb2_grpc.add_ApiKeyServiceServicer_to_server(ApiKeyServicer(self.keys), server)
         event_service_pb2_grpc.add_EventServiceServicer_to_server(
-            EventServicer(self.events, self.settings.max_message_bytes), server
+            EventServicer(self.events, self.retention, self.settings.max_message_bytes), server
         )
         report_service_pb2_grpc.add_ReportServiceServicer_to_server(ReportServicer(self.reports), server)
         limit_service_pb2_grpc.add_LimitServiceServicer_to_server(LimitServicer(self.limits), server)
@@ -353,10 +358,25 @@ class TallyServer:
             await asyncio.sleep(memory.TRIM_SECONDS)
             trimmer.tick()
 
+    RETENTION_INTERVAL_SECONDS = 3600.0
+
+    async def _keep_retention(self) -> None:
+        """--retention-days: prunes at start and every hour after (each replica alike: a
+        second prune of the same hour finds nothing to delete)."""
+        days = self.settings.retention_days
+        while True:
+            try:
+                deleted = await self.retention.prune_older_than(days)
+                if deleted:
+                    log.info("retention: deleted %d events older than %d days", deleted, days)
+            except TallyError as error:  # the database is unwell: the next hour tries again
+                log.warning("retention: could not prune events: %s", error)
+            await asyncio.sleep(self.RETENTION_INTERVAL_SECONDS)
+
     async def stop(self, grace: float | None = None) -> None:
         """NOT_SERVING first, then in-flight calls get `grace` seconds, then the writer and database close."""
         grace = self.settings.grace_seconds if grace is None else grace
-        for task in (self._watcher, self._trimmer, self._gauges):
+        for task in (self._watcher, self._trimmer, self._gauges, self._pruner):
             if task is not None:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)

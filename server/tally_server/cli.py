@@ -34,6 +34,8 @@ def serve_command(args: argparse.Namespace) -> int:
     settings = from_arguments(args)
     if settings.workers < 1:
         raise SystemExit(f"tally: --workers must be 1 or more, got {settings.workers}")
+    if settings.retention_days < 0:
+        raise SystemExit(f"tally: --retention-days must be 0 (keep every event) or more, got {settings.retention_days}")
     if settings.database_connections < 2:
         # One for the group-commit writer, one at least for everything else.
         raise SystemExit(f"tally: --database-connections must be 2 or more, got {settings.database_connections}")

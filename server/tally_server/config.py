@@ -54,6 +54,9 @@ class Settings:
     proxy_max_body_bytes: int = 16 * 1024 * 1024
     proxy_fail_closed: bool = False
     proxy_read_timeout_seconds: float = 600.0
+    # Raw events older than this many days (from the start of today, UTC) are deleted every
+    # hour; 0 keeps them. Statistics, rollups and limit figures stay whatever the retention.
+    retention_days: int = 0
 
 
 class RefusedToStart(Exception):
@@ -133,6 +136,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=_env("TALLY_LOG_LEVEL", _DEFAULTS.log_level),
         choices=LOG_LEVELS,
         help=f"log level (env TALLY_LOG_LEVEL, default {_DEFAULTS.log_level})",
+    )
+    parser.add_argument(
+        "--retention-days",
+        type=int,
+        default=int(_env("TALLY_RETENTION_DAYS", "0")),
+        help="delete raw events older than this many days (from the start of today, UTC), every hour, in "
+        "batches that ingest never waits long for; statistics, rollups and limit figures stay as they were "
+        "(env TALLY_RETENTION_DAYS, default 0: keep every event)",
     )
     parser.add_argument(
         "--grace",
@@ -306,4 +317,5 @@ def from_arguments(args: argparse.Namespace) -> Settings:
         proxy_max_body_bytes=args.proxy_max_body_bytes,
         proxy_read_timeout_seconds=args.proxy_read_timeout,
         proxy_fail_closed=args.proxy_fail_closed,
+        retention_days=args.retention_days,
     )

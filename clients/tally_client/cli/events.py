@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from tally.v1 import (
     ingest_service_pb2 as ing_pb,
@@ -105,6 +106,36 @@ def events_get(tally: TallyClient, args: argparse.Namespace) -> None:
     print("\n".join(f"{label.ljust(width)}  {value}" for label, value in rows))
 
 
+def events_prune(tally: TallyClient, args: argparse.Namespace) -> None:
+    before = _time(args.before)
+    if before is None:
+        raise SystemExit("tally: --before needs an ISO 8601 date or time")
+    deleted = 0
+    while True:
+        answer = tally.prune_events(before, max_events=args.batch)
+        deleted += answer.deleted_event_count
+        if not answer.more:
+            break
+        print(f"deleted {deleted:,} events so far", file=sys.stderr, flush=True)
+    print(f"deleted {deleted:,} events before {when(answer.before_time)}; statistics and limits are unchanged")
+
+
+def events_erase(tally: TallyClient, args: argparse.Namespace) -> None:
+    deleted = 0
+    while True:
+        answer = tally.erase_user(args.user, max_events=args.batch)
+        deleted += answer.deleted_event_count
+        if not answer.more:
+            break
+        print(f"deleted {deleted:,} events of the user so far", file=sys.stderr, flush=True)
+    limits = ", ".join(answer.deleted_limit_names)
+    print(
+        f"erased user {args.user!r}: {deleted:,} events deleted, {answer.moved_rollup_row_count:,} rows of spend by "
+        f"user moved to no user (totals unchanged), "
+        + (f"limits deleted: {limits}" if limits else "no limit was scoped to the user")
+    )
+
+
 def add_commands(commands: Commands, client: argparse.ArgumentParser) -> None:
     """`tally events ...`."""
     events = commands.add_parser("events", help="stored events, read back").add_subparsers(
@@ -128,3 +159,17 @@ def add_commands(commands: Commands, client: argparse.ArgumentParser) -> None:
     p.add_argument("request_id", nargs="?", help="the request id Tally returned")
     p.add_argument("--key", help="find it by the idempotency key it was sent with instead")
     p.set_defaults(remote=events_get)
+    p = events.add_parser(
+        "prune",
+        parents=[client],
+        help="delete stored events before a time, in batches (admin); statistics and limits stay as they were",
+    )
+    p.add_argument("--before", required=True, help="ISO 8601 date or time (taken down to a whole hour)")
+    p.add_argument("--batch", type=int, default=0, help="events per call, 1 to 100,000 (default 10,000)")
+    p.set_defaults(remote=events_prune)
+    p = events.add_parser(
+        "erase", parents=[client], help="erase one end user's events (admin): an erasure request; totals stay"
+    )
+    p.add_argument("--user", required=True, help="the user id as events carry it")
+    p.add_argument("--batch", type=int, default=0, help="events per call, 1 to 100,000 (default 10,000)")
+    p.set_defaults(remote=events_erase)

@@ -43,6 +43,7 @@ from ..services.ingest import Ingestor
 from ..services.keys import ApiKeys
 from ..services.prices import Prices
 from ..services.reports import Reports
+from ..services.retention import Retention
 from . import convert
 from .access import current_key
 from .interceptor import Undecodable, message_too_large
@@ -208,8 +209,9 @@ class ExperienceServicer(exp_grpc.ExperienceServiceServicer):
 
 
 class EventServicer(event_grpc.EventServiceServicer):
-    def __init__(self, events: Events, max_answer_bytes: int = 4 * 1024 * 1024) -> None:
+    def __init__(self, events: Events, retention: Retention, max_answer_bytes: int = 4 * 1024 * 1024) -> None:
         self.events = events
+        self.retention = retention
         self.max_answer_bytes = max_answer_bytes  # --max-message-bytes: a page shrinks to fit
 
     async def ListEvents(self, request: event_pb.ListEventsRequest, context: Context) -> event_pb.ListEventsResponse:
@@ -247,6 +249,21 @@ class EventServicer(event_grpc.EventServiceServicer):
             _key_name(),
         )
         return event_pb.AnnotateEventResponse(event=convert.stored_event(annotated))
+
+    async def PruneEvents(self, request: event_pb.PruneEventsRequest, context: Context) -> event_pb.PruneEventsResponse:
+        pruned = await self.retention.prune(convert.micros(request, "before_time"), request.max_events)
+        return event_pb.PruneEventsResponse(
+            deleted_event_count=pruned.deleted, more=pruned.more, before_time=convert.timestamp(pruned.before_us)
+        )
+
+    async def EraseUser(self, request: event_pb.EraseUserRequest, context: Context) -> event_pb.EraseUserResponse:
+        erased = await self.retention.erase_user(request.user_id, request.max_events)
+        return event_pb.EraseUserResponse(
+            deleted_event_count=erased.deleted,
+            more=erased.more,
+            moved_rollup_row_count=erased.moved_rows,
+            deleted_limit_names=erased.deleted_limits,
+        )
 
 
 class ReportServicer(report_grpc.ReportServiceServicer):

@@ -14,6 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from ..domain import models as m
 from . import hot_path, rollups
 from .tables import (
+    event_annotations,
     events,
     experience_types,
     experiences,
@@ -240,6 +241,41 @@ async def first_users(conn: AsyncConnection, experience_ids: Iterable[uuid.UUID]
 
 
 # --- rows as domain records -----------------------------------------------------------
+
+
+# --- retention and erasure -------------------------------------------------------------------
+
+
+async def oldest_before(conn: AsyncConnection, before_us: int, count: int) -> list[uuid.UUID]:
+    """The ids of up to `count` events before `before_us`, the oldest first (the event time index)."""
+    query = (
+        sa.select(events.c.id)
+        .where(events.c.event_time_us < before_us)
+        .order_by(events.c.event_time_us, events.c.id)
+        .limit(count)
+    )
+    return [rollups.as_uuid(row[0]) for row in await conn.execute(query)]
+
+
+async def of_user(conn: AsyncConnection, user_id: str, count: int) -> list[uuid.UUID]:
+    """The ids of up to `count` events of the user. No index names users (it would cost
+    every event's bytes for a rare erasure): one scan of the events per call."""
+    query = sa.select(events.c.id).where(events.c.user_id == user_id).limit(count)
+    return [rollups.as_uuid(row[0]) for row in await conn.execute(query)]
+
+
+# Ids per DELETE statement: below SQLite's limit of bound parameters.
+_DELETE_CHUNK = 500
+
+
+async def delete_events(conn: AsyncConnection, ids: list[uuid.UUID]) -> int:
+    """Deletes these events and their annotations; the rollups keep what they added."""
+    deleted = 0
+    for start in range(0, len(ids), _DELETE_CHUNK):
+        chunk = ids[start : start + _DELETE_CHUNK]
+        await conn.execute(sa.delete(event_annotations).where(event_annotations.c.event_id.in_(chunk)))
+        deleted += (await conn.execute(sa.delete(events).where(events.c.id.in_(chunk)))).rowcount
+    return deleted
 
 
 def _price_reference(row: Any) -> m.PriceReference | None:

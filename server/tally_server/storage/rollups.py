@@ -542,6 +542,21 @@ async def unattribute(conn: AsyncConnection, where: sa.ColumnElement[bool]) -> N
     await add_attribute_rows(conn, by_attribute)
 
 
+async def anonymize_user(conn: AsyncConnection, user_id: str) -> int:
+    """Moves the user's rows of the rollup by user to the rows of no user (""), so that no
+    row names the user and every total stays; returns how many rows moved."""
+    a = attribute_rollups
+    named = await conn.execute(sa.select(a).where(a.c.dimension == USER_DIMENSION, a.c.value == user_id))
+    moved: dict[AttributeKey, m.CostTotals] = {}
+    for row in named:
+        totals = totals_from_row(row)
+        key: AttributeKey = (USER_DIMENSION, int(row.hour_us), "", row.experience_name, int(row.experience_version))
+        moved.setdefault(key, m.CostTotals()).add(totals)
+    await add_attribute_rows(conn, moved)
+    deleted = await conn.execute(sa.delete(a).where(a.c.dimension == USER_DIMENSION, a.c.value == user_id))
+    return deleted.rowcount
+
+
 def _move(into: dict[Any, m.CostTotals], source: Any, target: Any, totals: m.CostTotals) -> None:
     into.setdefault(source, m.CostTotals()).subtract(totals)
     into.setdefault(target, m.CostTotals()).add(totals)

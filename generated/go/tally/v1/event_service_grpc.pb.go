@@ -32,6 +32,23 @@ type EventServiceClient interface {
 	// EVENT_NOT_FOUND) for no such event; FAILED_PRECONDITION (reason
 	// EVENT_AMBIGUOUS) when several events carry that response id.
 	AnnotateEvent(ctx context.Context, in *AnnotateEventRequest, opts ...grpc.CallOption) (*AnnotateEventResponse, error)
+	// Deletes the stored events whose event time is before `before_time` (taken
+	// down to a whole hour), the oldest first, at most `max_events` of them per
+	// call: call again while `more` is true (`tally events prune` does). Each
+	// batch of 2,000 events is its own short transaction, so ingest keeps
+	// answering while a prune runs. What ingest keeps stays as it was: every
+	// statistic, rollup, experience total and limit figure. The events
+	// themselves are gone (ListEvents, GetEvent, the request log), with their
+	// annotations and their idempotency keys: an event sent again with the key
+	// of a pruned one is stored anew.
+	PruneEvents(ctx context.Context, in *PruneEventsRequest, opts ...grpc.CallOption) (*PruneEventsResponse, error)
+	// Erases one end user (an erasure request): deletes the events that name the
+	// user, at most `max_events` per call (call again while `more` is true;
+	// `tally events erase` does); then moves the user's rows of the rollup by
+	// user to the rows of no user, so that every total stays as it was, and
+	// deletes the limits scoped to the user. Events sent naming the user after
+	// the last call are stored as any others.
+	EraseUser(ctx context.Context, in *EraseUserRequest, opts ...grpc.CallOption) (*EraseUserResponse, error)
 }
 
 type eventServiceClient struct {
@@ -69,6 +86,24 @@ func (c *eventServiceClient) AnnotateEvent(ctx context.Context, in *AnnotateEven
 	return out, nil
 }
 
+func (c *eventServiceClient) PruneEvents(ctx context.Context, in *PruneEventsRequest, opts ...grpc.CallOption) (*PruneEventsResponse, error) {
+	out := new(PruneEventsResponse)
+	err := c.cc.Invoke(ctx, "/tally.v1.EventService/PruneEvents", in, out, opts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *eventServiceClient) EraseUser(ctx context.Context, in *EraseUserRequest, opts ...grpc.CallOption) (*EraseUserResponse, error) {
+	out := new(EraseUserResponse)
+	err := c.cc.Invoke(ctx, "/tally.v1.EventService/EraseUser", in, out, opts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // EventServiceServer is the server API for EventService service.
 // All implementations must embed UnimplementedEventServiceServer
 // for forward compatibility
@@ -88,6 +123,23 @@ type EventServiceServer interface {
 	// EVENT_NOT_FOUND) for no such event; FAILED_PRECONDITION (reason
 	// EVENT_AMBIGUOUS) when several events carry that response id.
 	AnnotateEvent(context.Context, *AnnotateEventRequest) (*AnnotateEventResponse, error)
+	// Deletes the stored events whose event time is before `before_time` (taken
+	// down to a whole hour), the oldest first, at most `max_events` of them per
+	// call: call again while `more` is true (`tally events prune` does). Each
+	// batch of 2,000 events is its own short transaction, so ingest keeps
+	// answering while a prune runs. What ingest keeps stays as it was: every
+	// statistic, rollup, experience total and limit figure. The events
+	// themselves are gone (ListEvents, GetEvent, the request log), with their
+	// annotations and their idempotency keys: an event sent again with the key
+	// of a pruned one is stored anew.
+	PruneEvents(context.Context, *PruneEventsRequest) (*PruneEventsResponse, error)
+	// Erases one end user (an erasure request): deletes the events that name the
+	// user, at most `max_events` per call (call again while `more` is true;
+	// `tally events erase` does); then moves the user's rows of the rollup by
+	// user to the rows of no user, so that every total stays as it was, and
+	// deletes the limits scoped to the user. Events sent naming the user after
+	// the last call are stored as any others.
+	EraseUser(context.Context, *EraseUserRequest) (*EraseUserResponse, error)
 	mustEmbedUnimplementedEventServiceServer()
 }
 
@@ -103,6 +155,12 @@ func (UnimplementedEventServiceServer) GetEvent(context.Context, *GetEventReques
 }
 func (UnimplementedEventServiceServer) AnnotateEvent(context.Context, *AnnotateEventRequest) (*AnnotateEventResponse, error) {
 	return nil, status.Errorf(codes.Unimplemented, "method AnnotateEvent not implemented")
+}
+func (UnimplementedEventServiceServer) PruneEvents(context.Context, *PruneEventsRequest) (*PruneEventsResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method PruneEvents not implemented")
+}
+func (UnimplementedEventServiceServer) EraseUser(context.Context, *EraseUserRequest) (*EraseUserResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method EraseUser not implemented")
 }
 func (UnimplementedEventServiceServer) mustEmbedUnimplementedEventServiceServer() {}
 
@@ -171,6 +229,42 @@ func _EventService_AnnotateEvent_Handler(srv interface{}, ctx context.Context, d
 	return interceptor(ctx, in, info, handler)
 }
 
+func _EventService_PruneEvents_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(PruneEventsRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(EventServiceServer).PruneEvents(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: "/tally.v1.EventService/PruneEvents",
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(EventServiceServer).PruneEvents(ctx, req.(*PruneEventsRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _EventService_EraseUser_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(EraseUserRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(EventServiceServer).EraseUser(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: "/tally.v1.EventService/EraseUser",
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(EventServiceServer).EraseUser(ctx, req.(*EraseUserRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 var _EventService_serviceDesc = grpc.ServiceDesc{
 	ServiceName: "tally.v1.EventService",
 	HandlerType: (*EventServiceServer)(nil),
@@ -186,6 +280,14 @@ var _EventService_serviceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "AnnotateEvent",
 			Handler:    _EventService_AnnotateEvent_Handler,
+		},
+		{
+			MethodName: "PruneEvents",
+			Handler:    _EventService_PruneEvents_Handler,
+		},
+		{
+			MethodName: "EraseUser",
+			Handler:    _EventService_EraseUser_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},

@@ -27,7 +27,7 @@ from tally.v1 import access_pb2 as tally_dot_v1_dot_access__pb2
 from tally.v1 import ingest_service_pb2 as tally_dot_v1_dot_ingest__service__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ctally/v1/event_service.proto\x12\x08tally.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x15tally/v1/access.proto\x1a\x1dtally/v1/ingest_service.proto\"\xd6\x01\n\x0bStoredEvent\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12#\n\x05\x65vent\x18\x02 \x01(\x0b\x32\x14.tally.v1.UsageEvent\x12\x34\n\x10ingest_timestamp\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\rxproxy_result\x18\x04 \x01(\x0b\x32\x16.tally.v1.XProxyResult\x12)\n\x0b\x61nnotations\x18\x05 \x03(\x0b\x32\x14.tally.v1.Annotation\"k\n\nAnnotation\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\x12/\n\x0bupdate_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08key_name\x18\x04 \x01(\t\"\xef\x01\n\x14\x41nnotateEventRequest\x12\x14\n\nrequest_id\x18\x01 \x01(\tH\x00\x12\x1e\n\x14provider_response_id\x18\x02 \x01(\tH\x00\x12K\n\x0fset_annotations\x18\x03 \x03(\x0b\x32\x32.tally.v1.AnnotateEventRequest.SetAnnotationsEntry\x12\x13\n\x0bremove_keys\x18\x04 \x03(\t\x1a\x35\n\x13SetAnnotationsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x08\n\x06lookup\"=\n\x15\x41nnotateEventResponse\x12$\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x15.tally.v1.StoredEvent\"\x84\x03\n\x11ListEventsRequest\x12\x15\n\rexperience_id\x18\x01 \x01(\t\x12\x17\n\x0f\x65xperience_name\x18\x02 \x01(\t\x12\x1a\n\x12\x65xperience_version\x18\x03 \x01(\x05\x12\x0f\n\x07user_id\x18\x04 \x01(\t\x12\x13\n\x0brequest_tag\x18\x05 \x01(\t\x12\x10\n\x08\x63\x61tegory\x18\x06 \x01(\t\x12\x10\n\x08resource\x18\x07 \x01(\t\x12\'\n\ncost_state\x18\x08 \x01(\x0e\x32\x13.tally.v1.CostState\x12.\n\nstart_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tpage_size\x18\x0b \x01(\x05\x12\x12\n\npage_token\x18\x0c \x01(\t\x12\r\n\x05model\x18\r \x01(\t\x12\x1c\n\x14provider_response_id\x18\x0e \x01(\t\"T\n\x12ListEventsResponse\x12%\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x15.tally.v1.StoredEvent\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"L\n\x0fGetEventRequest\x12\x14\n\nrequest_id\x18\x01 \x01(\tH\x00\x12\x19\n\x0fidempotency_key\x18\x02 \x01(\tH\x00\x42\x08\n\x06lookup\"8\n\x10GetEventResponse\x12$\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x15.tally.v1.StoredEvent2\xfe\x01\n\x0c\x45ventService\x12M\n\nListEvents\x12\x1b.tally.v1.ListEventsRequest\x1a\x1c.tally.v1.ListEventsResponse\"\x04\x88\xe7\x18\x02\x12G\n\x08GetEvent\x12\x19.tally.v1.GetEventRequest\x1a\x1a.tally.v1.GetEventResponse\"\x04\x88\xe7\x18\x02\x12V\n\rAnnotateEvent\x12\x1e.tally.v1.AnnotateEventRequest\x1a\x1f.tally.v1.AnnotateEventResponse\"\x04\x88\xe7\x18\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ctally/v1/event_service.proto\x12\x08tally.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x15tally/v1/access.proto\x1a\x1dtally/v1/ingest_service.proto\"Y\n\x12PruneEventsRequest\x12/\n\x0b\x62\x65\x66ore_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nmax_events\x18\x02 \x01(\x05\"q\n\x13PruneEventsResponse\x12\x1b\n\x13\x64\x65leted_event_count\x18\x01 \x01(\x03\x12\x0c\n\x04more\x18\x02 \x01(\x08\x12/\n\x0b\x62\x65\x66ore_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"7\n\x10\x45raseUserRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x12\n\nmax_events\x18\x02 \x01(\x05\"{\n\x11\x45raseUserResponse\x12\x1b\n\x13\x64\x65leted_event_count\x18\x01 \x01(\x03\x12\x0c\n\x04more\x18\x02 \x01(\x08\x12\x1e\n\x16moved_rollup_row_count\x18\x03 \x01(\x03\x12\x1b\n\x13\x64\x65leted_limit_names\x18\x04 \x03(\t\"\xd6\x01\n\x0bStoredEvent\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12#\n\x05\x65vent\x18\x02 \x01(\x0b\x32\x14.tally.v1.UsageEvent\x12\x34\n\x10ingest_timestamp\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\rxproxy_result\x18\x04 \x01(\x0b\x32\x16.tally.v1.XProxyResult\x12)\n\x0b\x61nnotations\x18\x05 \x03(\x0b\x32\x14.tally.v1.Annotation\"k\n\nAnnotation\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\x12/\n\x0bupdate_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08key_name\x18\x04 \x01(\t\"\xef\x01\n\x14\x41nnotateEventRequest\x12\x14\n\nrequest_id\x18\x01 \x01(\tH\x00\x12\x1e\n\x14provider_response_id\x18\x02 \x01(\tH\x00\x12K\n\x0fset_annotations\x18\x03 \x03(\x0b\x32\x32.tally.v1.AnnotateEventRequest.SetAnnotationsEntry\x12\x13\n\x0bremove_keys\x18\x04 \x03(\t\x1a\x35\n\x13SetAnnotationsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x08\n\x06lookup\"=\n\x15\x41nnotateEventResponse\x12$\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x15.tally.v1.StoredEvent\"\x84\x03\n\x11ListEventsRequest\x12\x15\n\rexperience_id\x18\x01 \x01(\t\x12\x17\n\x0f\x65xperience_name\x18\x02 \x01(\t\x12\x1a\n\x12\x65xperience_version\x18\x03 \x01(\x05\x12\x0f\n\x07user_id\x18\x04 \x01(\t\x12\x13\n\x0brequest_tag\x18\x05 \x01(\t\x12\x10\n\x08\x63\x61tegory\x18\x06 \x01(\t\x12\x10\n\x08resource\x18\x07 \x01(\t\x12\'\n\ncost_state\x18\x08 \x01(\x0e\x32\x13.tally.v1.CostState\x12.\n\nstart_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tpage_size\x18\x0b \x01(\x05\x12\x12\n\npage_token\x18\x0c \x01(\t\x12\r\n\x05model\x18\r \x01(\t\x12\x1c\n\x14provider_response_id\x18\x0e \x01(\t\"T\n\x12ListEventsResponse\x12%\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x15.tally.v1.StoredEvent\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"L\n\x0fGetEventRequest\x12\x14\n\nrequest_id\x18\x01 \x01(\tH\x00\x12\x19\n\x0fidempotency_key\x18\x02 \x01(\tH\x00\x42\x08\n\x06lookup\"8\n\x10GetEventResponse\x12$\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x15.tally.v1.StoredEvent2\x9c\x03\n\x0c\x45ventService\x12M\n\nListEvents\x12\x1b.tally.v1.ListEventsRequest\x1a\x1c.tally.v1.ListEventsResponse\"\x04\x88\xe7\x18\x02\x12G\n\x08GetEvent\x12\x19.tally.v1.GetEventRequest\x1a\x1a.tally.v1.GetEventResponse\"\x04\x88\xe7\x18\x02\x12V\n\rAnnotateEvent\x12\x1e.tally.v1.AnnotateEventRequest\x1a\x1f.tally.v1.AnnotateEventResponse\"\x04\x88\xe7\x18\x01\x12P\n\x0bPruneEvents\x12\x1c.tally.v1.PruneEventsRequest\x1a\x1d.tally.v1.PruneEventsResponse\"\x04\x88\xe7\x18\x03\x12J\n\tEraseUser\x12\x1a.tally.v1.EraseUserRequest\x1a\x1b.tally.v1.EraseUserResponse\"\x04\x88\xe7\x18\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,24 +42,36 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EVENTSERVICE'].methods_by_name['GetEvent']._serialized_options = b'\210\347\030\002'
   _globals['_EVENTSERVICE'].methods_by_name['AnnotateEvent']._loaded_options = None
   _globals['_EVENTSERVICE'].methods_by_name['AnnotateEvent']._serialized_options = b'\210\347\030\001'
-  _globals['_STOREDEVENT']._serialized_start=130
-  _globals['_STOREDEVENT']._serialized_end=344
-  _globals['_ANNOTATION']._serialized_start=346
-  _globals['_ANNOTATION']._serialized_end=453
-  _globals['_ANNOTATEEVENTREQUEST']._serialized_start=456
-  _globals['_ANNOTATEEVENTREQUEST']._serialized_end=695
-  _globals['_ANNOTATEEVENTREQUEST_SETANNOTATIONSENTRY']._serialized_start=632
-  _globals['_ANNOTATEEVENTREQUEST_SETANNOTATIONSENTRY']._serialized_end=685
-  _globals['_ANNOTATEEVENTRESPONSE']._serialized_start=697
-  _globals['_ANNOTATEEVENTRESPONSE']._serialized_end=758
-  _globals['_LISTEVENTSREQUEST']._serialized_start=761
-  _globals['_LISTEVENTSREQUEST']._serialized_end=1149
-  _globals['_LISTEVENTSRESPONSE']._serialized_start=1151
-  _globals['_LISTEVENTSRESPONSE']._serialized_end=1235
-  _globals['_GETEVENTREQUEST']._serialized_start=1237
-  _globals['_GETEVENTREQUEST']._serialized_end=1313
-  _globals['_GETEVENTRESPONSE']._serialized_start=1315
-  _globals['_GETEVENTRESPONSE']._serialized_end=1371
-  _globals['_EVENTSERVICE']._serialized_start=1374
-  _globals['_EVENTSERVICE']._serialized_end=1628
+  _globals['_EVENTSERVICE'].methods_by_name['PruneEvents']._loaded_options = None
+  _globals['_EVENTSERVICE'].methods_by_name['PruneEvents']._serialized_options = b'\210\347\030\003'
+  _globals['_EVENTSERVICE'].methods_by_name['EraseUser']._loaded_options = None
+  _globals['_EVENTSERVICE'].methods_by_name['EraseUser']._serialized_options = b'\210\347\030\003'
+  _globals['_PRUNEEVENTSREQUEST']._serialized_start=129
+  _globals['_PRUNEEVENTSREQUEST']._serialized_end=218
+  _globals['_PRUNEEVENTSRESPONSE']._serialized_start=220
+  _globals['_PRUNEEVENTSRESPONSE']._serialized_end=333
+  _globals['_ERASEUSERREQUEST']._serialized_start=335
+  _globals['_ERASEUSERREQUEST']._serialized_end=390
+  _globals['_ERASEUSERRESPONSE']._serialized_start=392
+  _globals['_ERASEUSERRESPONSE']._serialized_end=515
+  _globals['_STOREDEVENT']._serialized_start=518
+  _globals['_STOREDEVENT']._serialized_end=732
+  _globals['_ANNOTATION']._serialized_start=734
+  _globals['_ANNOTATION']._serialized_end=841
+  _globals['_ANNOTATEEVENTREQUEST']._serialized_start=844
+  _globals['_ANNOTATEEVENTREQUEST']._serialized_end=1083
+  _globals['_ANNOTATEEVENTREQUEST_SETANNOTATIONSENTRY']._serialized_start=1020
+  _globals['_ANNOTATEEVENTREQUEST_SETANNOTATIONSENTRY']._serialized_end=1073
+  _globals['_ANNOTATEEVENTRESPONSE']._serialized_start=1085
+  _globals['_ANNOTATEEVENTRESPONSE']._serialized_end=1146
+  _globals['_LISTEVENTSREQUEST']._serialized_start=1149
+  _globals['_LISTEVENTSREQUEST']._serialized_end=1537
+  _globals['_LISTEVENTSRESPONSE']._serialized_start=1539
+  _globals['_LISTEVENTSRESPONSE']._serialized_end=1623
+  _globals['_GETEVENTREQUEST']._serialized_start=1625
+  _globals['_GETEVENTREQUEST']._serialized_end=1701
+  _globals['_GETEVENTRESPONSE']._serialized_start=1703
+  _globals['_GETEVENTRESPONSE']._serialized_end=1759
+  _globals['_EVENTSERVICE']._serialized_start=1762
+  _globals['_EVENTSERVICE']._serialized_end=2174
 # @@protoc_insertion_point(module_scope)

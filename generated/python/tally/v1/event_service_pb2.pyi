@@ -21,6 +21,130 @@ else:
 DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
+class PruneEventsRequest(_message.Message):
+    """Which events PruneEvents deletes, and how many at most this call."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BEFORE_TIME_FIELD_NUMBER: _builtins.int
+    MAX_EVENTS_FIELD_NUMBER: _builtins.int
+    max_events: _builtins.int
+    """At most this many events this call: 1 to 100,000; 0 for 10,000."""
+    @_builtins.property
+    def before_time(self) -> _timestamp_pb2.Timestamp:
+        """Required: the events before it are deleted (taken down to a whole hour)."""
+
+    def __init__(
+        self,
+        *,
+        before_time: _timestamp_pb2.Timestamp | None = ...,
+        max_events: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["before_time", b"before_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["before_time", b"before_time", "max_events", b"max_events"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PruneEventsRequest: _TypeAlias = PruneEventsRequest  # noqa: Y015
+
+@_typing.final
+class PruneEventsResponse(_message.Message):
+    """What one PruneEvents call deleted."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DELETED_EVENT_COUNT_FIELD_NUMBER: _builtins.int
+    MORE_FIELD_NUMBER: _builtins.int
+    BEFORE_TIME_FIELD_NUMBER: _builtins.int
+    deleted_event_count: _builtins.int
+    """The events this call deleted."""
+    more: _builtins.bool
+    """Whether events before `before_time` remain: call again."""
+    @_builtins.property
+    def before_time(self) -> _timestamp_pb2.Timestamp:
+        """The cutoff applied: the request's `before_time` taken down to a whole hour."""
+
+    def __init__(
+        self,
+        *,
+        deleted_event_count: _builtins.int = ...,
+        more: _builtins.bool = ...,
+        before_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["before_time", b"before_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["before_time", b"before_time", "deleted_event_count", b"deleted_event_count", "more", b"more"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PruneEventsResponse: _TypeAlias = PruneEventsResponse  # noqa: Y015
+
+@_typing.final
+class EraseUserRequest(_message.Message):
+    """Whose events EraseUser deletes, and how many at most this call."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_ID_FIELD_NUMBER: _builtins.int
+    MAX_EVENTS_FIELD_NUMBER: _builtins.int
+    user_id: _builtins.str
+    """Required: the user id as events carry it (`context.user_id`)."""
+    max_events: _builtins.int
+    """At most this many events this call: 1 to 100,000; 0 for 10,000."""
+    def __init__(
+        self,
+        *,
+        user_id: _builtins.str = ...,
+        max_events: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_events", b"max_events", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EraseUserRequest: _TypeAlias = EraseUserRequest  # noqa: Y015
+
+@_typing.final
+class EraseUserResponse(_message.Message):
+    """What one EraseUser call deleted and moved."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DELETED_EVENT_COUNT_FIELD_NUMBER: _builtins.int
+    MORE_FIELD_NUMBER: _builtins.int
+    MOVED_ROLLUP_ROW_COUNT_FIELD_NUMBER: _builtins.int
+    DELETED_LIMIT_NAMES_FIELD_NUMBER: _builtins.int
+    deleted_event_count: _builtins.int
+    """The user's events this call deleted."""
+    more: _builtins.bool
+    """Whether events of the user remain: call again."""
+    moved_rollup_row_count: _builtins.int
+    """The user's rows of the rollup by user this call moved to the rows of no
+    user (0 while `more` is true: they move once the events are gone).
+    """
+    @_builtins.property
+    def deleted_limit_names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The names of the limits scoped to the user that this call deleted."""
+
+    def __init__(
+        self,
+        *,
+        deleted_event_count: _builtins.int = ...,
+        more: _builtins.bool = ...,
+        moved_rollup_row_count: _builtins.int = ...,
+        deleted_limit_names: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deleted_event_count", b"deleted_event_count", "deleted_limit_names", b"deleted_limit_names", "more", b"more", "moved_rollup_row_count", b"moved_rollup_row_count"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EraseUserResponse: _TypeAlias = EraseUserResponse  # noqa: Y015
+
+@_typing.final
 class StoredEvent(_message.Message):
     """One stored event and its result."""
 

@@ -51,6 +51,16 @@ class EventServiceStub:
                 request_serializer=tally_dot_v1_dot_event__service__pb2.AnnotateEventRequest.SerializeToString,
                 response_deserializer=tally_dot_v1_dot_event__service__pb2.AnnotateEventResponse.FromString,
                 _registered_method=True)
+        self.PruneEvents = channel.unary_unary(
+                '/tally.v1.EventService/PruneEvents',
+                request_serializer=tally_dot_v1_dot_event__service__pb2.PruneEventsRequest.SerializeToString,
+                response_deserializer=tally_dot_v1_dot_event__service__pb2.PruneEventsResponse.FromString,
+                _registered_method=True)
+        self.EraseUser = channel.unary_unary(
+                '/tally.v1.EventService/EraseUser',
+                request_serializer=tally_dot_v1_dot_event__service__pb2.EraseUserRequest.SerializeToString,
+                response_deserializer=tally_dot_v1_dot_event__service__pb2.EraseUserResponse.FromString,
+                _registered_method=True)
 
 
 class EventServiceServicer:
@@ -88,6 +98,33 @@ class EventServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PruneEvents(self, request, context):
+        """Deletes the stored events whose event time is before `before_time` (taken
+        down to a whole hour), the oldest first, at most `max_events` of them per
+        call: call again while `more` is true (`tally events prune` does). Each
+        batch of 2,000 events is its own short transaction, so ingest keeps
+        answering while a prune runs. What ingest keeps stays as it was: every
+        statistic, rollup, experience total and limit figure. The events
+        themselves are gone (ListEvents, GetEvent, the request log), with their
+        annotations and their idempotency keys: an event sent again with the key
+        of a pruned one is stored anew.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def EraseUser(self, request, context):
+        """Erases one end user (an erasure request): deletes the events that name the
+        user, at most `max_events` per call (call again while `more` is true;
+        `tally events erase` does); then moves the user's rows of the rollup by
+        user to the rows of no user, so that every total stays as it was, and
+        deletes the limits scoped to the user. Events sent naming the user after
+        the last call are stored as any others.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EventServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -105,6 +142,16 @@ def add_EventServiceServicer_to_server(servicer, server):
                     servicer.AnnotateEvent,
                     request_deserializer=tally_dot_v1_dot_event__service__pb2.AnnotateEventRequest.FromString,
                     response_serializer=tally_dot_v1_dot_event__service__pb2.AnnotateEventResponse.SerializeToString,
+            ),
+            'PruneEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.PruneEvents,
+                    request_deserializer=tally_dot_v1_dot_event__service__pb2.PruneEventsRequest.FromString,
+                    response_serializer=tally_dot_v1_dot_event__service__pb2.PruneEventsResponse.SerializeToString,
+            ),
+            'EraseUser': grpc.unary_unary_rpc_method_handler(
+                    servicer.EraseUser,
+                    request_deserializer=tally_dot_v1_dot_event__service__pb2.EraseUserRequest.FromString,
+                    response_serializer=tally_dot_v1_dot_event__service__pb2.EraseUserResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -190,6 +237,60 @@ class EventService:
             '/tally.v1.EventService/AnnotateEvent',
             tally_dot_v1_dot_event__service__pb2.AnnotateEventRequest.SerializeToString,
             tally_dot_v1_dot_event__service__pb2.AnnotateEventResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PruneEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tally.v1.EventService/PruneEvents',
+            tally_dot_v1_dot_event__service__pb2.PruneEventsRequest.SerializeToString,
+            tally_dot_v1_dot_event__service__pb2.PruneEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EraseUser(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tally.v1.EventService/EraseUser',
+            tally_dot_v1_dot_event__service__pb2.EraseUserRequest.SerializeToString,
+            tally_dot_v1_dot_event__service__pb2.EraseUserResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -53,6 +53,25 @@ class EventServiceStub:
     EVENT_NOT_FOUND) for no such event; FAILED_PRECONDITION (reason
     EVENT_AMBIGUOUS) when several events carry that response id.
     """
+    PruneEvents: _grpc.UnaryUnaryMultiCallable[_event_service_pb2.PruneEventsRequest, _event_service_pb2.PruneEventsResponse]
+    """Deletes the stored events whose event time is before `before_time` (taken
+    down to a whole hour), the oldest first, at most `max_events` of them per
+    call: call again while `more` is true (`tally events prune` does). Each
+    batch of 2,000 events is its own short transaction, so ingest keeps
+    answering while a prune runs. What ingest keeps stays as it was: every
+    statistic, rollup, experience total and limit figure. The events
+    themselves are gone (ListEvents, GetEvent, the request log), with their
+    annotations and their idempotency keys: an event sent again with the key
+    of a pruned one is stored anew.
+    """
+    EraseUser: _grpc.UnaryUnaryMultiCallable[_event_service_pb2.EraseUserRequest, _event_service_pb2.EraseUserResponse]
+    """Erases one end user (an erasure request): deletes the events that name the
+    user, at most `max_events` per call (call again while `more` is true;
+    `tally events erase` does); then moves the user's rows of the rollup by
+    user to the rows of no user, so that every total stays as it was, and
+    deletes the limits scoped to the user. Events sent naming the user after
+    the last call are stored as any others.
+    """
 
 @_typing.type_check_only
 class EventServiceAsyncStub(EventServiceStub):
@@ -78,6 +97,25 @@ class EventServiceAsyncStub(EventServiceStub):
     naming a field that prices events is INVALID_ARGUMENT. NOT_FOUND (reason
     EVENT_NOT_FOUND) for no such event; FAILED_PRECONDITION (reason
     EVENT_AMBIGUOUS) when several events carry that response id.
+    """
+    PruneEvents: _aio.UnaryUnaryMultiCallable[_event_service_pb2.PruneEventsRequest, _event_service_pb2.PruneEventsResponse]  # type: ignore[assignment]
+    """Deletes the stored events whose event time is before `before_time` (taken
+    down to a whole hour), the oldest first, at most `max_events` of them per
+    call: call again while `more` is true (`tally events prune` does). Each
+    batch of 2,000 events is its own short transaction, so ingest keeps
+    answering while a prune runs. What ingest keeps stays as it was: every
+    statistic, rollup, experience total and limit figure. The events
+    themselves are gone (ListEvents, GetEvent, the request log), with their
+    annotations and their idempotency keys: an event sent again with the key
+    of a pruned one is stored anew.
+    """
+    EraseUser: _aio.UnaryUnaryMultiCallable[_event_service_pb2.EraseUserRequest, _event_service_pb2.EraseUserResponse]  # type: ignore[assignment]
+    """Erases one end user (an erasure request): deletes the events that name the
+    user, at most `max_events` per call (call again while `more` is true;
+    `tally events erase` does); then moves the user's rows of the rollup by
+    user to the rows of no user, so that every total stays as it was, and
+    deletes the limits scoped to the user. Events sent naming the user after
+    the last call are stored as any others.
     """
 
 class EventServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -119,6 +157,37 @@ class EventServiceServicer(metaclass=_abc_1.ABCMeta):
         naming a field that prices events is INVALID_ARGUMENT. NOT_FOUND (reason
         EVENT_NOT_FOUND) for no such event; FAILED_PRECONDITION (reason
         EVENT_AMBIGUOUS) when several events carry that response id.
+        """
+
+    @_abc_1.abstractmethod
+    def PruneEvents(
+        self,
+        request: _event_service_pb2.PruneEventsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_event_service_pb2.PruneEventsResponse, _abc.Awaitable[_event_service_pb2.PruneEventsResponse]]:
+        """Deletes the stored events whose event time is before `before_time` (taken
+        down to a whole hour), the oldest first, at most `max_events` of them per
+        call: call again while `more` is true (`tally events prune` does). Each
+        batch of 2,000 events is its own short transaction, so ingest keeps
+        answering while a prune runs. What ingest keeps stays as it was: every
+        statistic, rollup, experience total and limit figure. The events
+        themselves are gone (ListEvents, GetEvent, the request log), with their
+        annotations and their idempotency keys: an event sent again with the key
+        of a pruned one is stored anew.
+        """
+
+    @_abc_1.abstractmethod
+    def EraseUser(
+        self,
+        request: _event_service_pb2.EraseUserRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_event_service_pb2.EraseUserResponse, _abc.Awaitable[_event_service_pb2.EraseUserResponse]]:
+        """Erases one end user (an erasure request): deletes the events that name the
+        user, at most `max_events` per call (call again while `more` is true;
+        `tally events erase` does); then moves the user's rows of the rollup by
+        user to the rows of no user, so that every total stays as it was, and
+        deletes the limits scoped to the user. Events sent naming the user after
+        the last call are stored as any others.
         """
 
 def add_EventServiceServicer_to_server(servicer: EventServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

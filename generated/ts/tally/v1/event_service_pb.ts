@@ -15,7 +15,141 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file tally/v1/event_service.proto.
  */
 export const file_tally_v1_event_service: GenFile = /*@__PURE__*/
-  fileDesc("Chx0YWxseS92MS9ldmVudF9zZXJ2aWNlLnByb3RvEgh0YWxseS52MSLWAQoLU3RvcmVkRXZlbnQSEgoKcmVxdWVzdF9pZBgBIAEoCRIjCgVldmVudBgCIAEoCzIULnRhbGx5LnYxLlVzYWdlRXZlbnQSNAoQaW5nZXN0X3RpbWVzdGFtcBgDIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLQoNeHByb3h5X3Jlc3VsdBgEIAEoCzIWLnRhbGx5LnYxLlhQcm94eVJlc3VsdBIpCgthbm5vdGF0aW9ucxgFIAMoCzIULnRhbGx5LnYxLkFubm90YXRpb24iawoKQW5ub3RhdGlvbhILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAkSLwoLdXBkYXRlX3RpbWUYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhAKCGtleV9uYW1lGAQgASgJIu8BChRBbm5vdGF0ZUV2ZW50UmVxdWVzdBIUCgpyZXF1ZXN0X2lkGAEgASgJSAASHgoUcHJvdmlkZXJfcmVzcG9uc2VfaWQYAiABKAlIABJLCg9zZXRfYW5ub3RhdGlvbnMYAyADKAsyMi50YWxseS52MS5Bbm5vdGF0ZUV2ZW50UmVxdWVzdC5TZXRBbm5vdGF0aW9uc0VudHJ5EhMKC3JlbW92ZV9rZXlzGAQgAygJGjUKE1NldEFubm90YXRpb25zRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4AUIICgZsb29rdXAiPQoVQW5ub3RhdGVFdmVudFJlc3BvbnNlEiQKBWV2ZW50GAEgASgLMhUudGFsbHkudjEuU3RvcmVkRXZlbnQihAMKEUxpc3RFdmVudHNSZXF1ZXN0EhUKDWV4cGVyaWVuY2VfaWQYASABKAkSFwoPZXhwZXJpZW5jZV9uYW1lGAIgASgJEhoKEmV4cGVyaWVuY2VfdmVyc2lvbhgDIAEoBRIPCgd1c2VyX2lkGAQgASgJEhMKC3JlcXVlc3RfdGFnGAUgASgJEhAKCGNhdGVnb3J5GAYgASgJEhAKCHJlc291cmNlGAcgASgJEicKCmNvc3Rfc3RhdGUYCCABKA4yEy50YWxseS52MS5Db3N0U3RhdGUSLgoKc3RhcnRfdGltZRgJIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLAoIZW5kX3RpbWUYCiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhEKCXBhZ2Vfc2l6ZRgLIAEoBRISCgpwYWdlX3Rva2VuGAwgASgJEg0KBW1vZGVsGA0gASgJEhwKFHByb3ZpZGVyX3Jlc3BvbnNlX2lkGA4gASgJIlQKEkxpc3RFdmVudHNSZXNwb25zZRIlCgZldmVudHMYASADKAsyFS50YWxseS52MS5TdG9yZWRFdmVudBIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAkiTAoPR2V0RXZlbnRSZXF1ZXN0EhQKCnJlcXVlc3RfaWQYASABKAlIABIZCg9pZGVtcG90ZW5jeV9rZXkYAiABKAlIAEIICgZsb29rdXAiOAoQR2V0RXZlbnRSZXNwb25zZRIkCgVldmVudBgBIAEoCzIVLnRhbGx5LnYxLlN0b3JlZEV2ZW50Mv4BCgxFdmVudFNlcnZpY2USTQoKTGlzdEV2ZW50cxIbLnRhbGx5LnYxLkxpc3RFdmVudHNSZXF1ZXN0GhwudGFsbHkudjEuTGlzdEV2ZW50c1Jlc3BvbnNlIgSI5xgCEkcKCEdldEV2ZW50EhkudGFsbHkudjEuR2V0RXZlbnRSZXF1ZXN0GhoudGFsbHkudjEuR2V0RXZlbnRSZXNwb25zZSIEiOcYAhJWCg1Bbm5vdGF0ZUV2ZW50Eh4udGFsbHkudjEuQW5ub3RhdGVFdmVudFJlcXVlc3QaHy50YWxseS52MS5Bbm5vdGF0ZUV2ZW50UmVzcG9uc2UiBIjnGAFiBnByb3RvMw", [file_google_protobuf_timestamp, file_tally_v1_access, file_tally_v1_ingest_service]);
+  fileDesc("Chx0YWxseS92MS9ldmVudF9zZXJ2aWNlLnByb3RvEgh0YWxseS52MSJZChJQcnVuZUV2ZW50c1JlcXVlc3QSLwoLYmVmb3JlX3RpbWUYASABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhIKCm1heF9ldmVudHMYAiABKAUicQoTUHJ1bmVFdmVudHNSZXNwb25zZRIbChNkZWxldGVkX2V2ZW50X2NvdW50GAEgASgDEgwKBG1vcmUYAiABKAgSLwoLYmVmb3JlX3RpbWUYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIjcKEEVyYXNlVXNlclJlcXVlc3QSDwoHdXNlcl9pZBgBIAEoCRISCgptYXhfZXZlbnRzGAIgASgFInsKEUVyYXNlVXNlclJlc3BvbnNlEhsKE2RlbGV0ZWRfZXZlbnRfY291bnQYASABKAMSDAoEbW9yZRgCIAEoCBIeChZtb3ZlZF9yb2xsdXBfcm93X2NvdW50GAMgASgDEhsKE2RlbGV0ZWRfbGltaXRfbmFtZXMYBCADKAki1gEKC1N0b3JlZEV2ZW50EhIKCnJlcXVlc3RfaWQYASABKAkSIwoFZXZlbnQYAiABKAsyFC50YWxseS52MS5Vc2FnZUV2ZW50EjQKEGluZ2VzdF90aW1lc3RhbXAYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi0KDXhwcm94eV9yZXN1bHQYBCABKAsyFi50YWxseS52MS5YUHJveHlSZXN1bHQSKQoLYW5ub3RhdGlvbnMYBSADKAsyFC50YWxseS52MS5Bbm5vdGF0aW9uImsKCkFubm90YXRpb24SCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJEi8KC3VwZGF0ZV90aW1lGAMgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIQCghrZXlfbmFtZRgEIAEoCSLvAQoUQW5ub3RhdGVFdmVudFJlcXVlc3QSFAoKcmVxdWVzdF9pZBgBIAEoCUgAEh4KFHByb3ZpZGVyX3Jlc3BvbnNlX2lkGAIgASgJSAASSwoPc2V0X2Fubm90YXRpb25zGAMgAygLMjIudGFsbHkudjEuQW5ub3RhdGVFdmVudFJlcXVlc3QuU2V0QW5ub3RhdGlvbnNFbnRyeRITCgtyZW1vdmVfa2V5cxgEIAMoCRo1ChNTZXRBbm5vdGF0aW9uc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAFCCAoGbG9va3VwIj0KFUFubm90YXRlRXZlbnRSZXNwb25zZRIkCgVldmVudBgBIAEoCzIVLnRhbGx5LnYxLlN0b3JlZEV2ZW50IoQDChFMaXN0RXZlbnRzUmVxdWVzdBIVCg1leHBlcmllbmNlX2lkGAEgASgJEhcKD2V4cGVyaWVuY2VfbmFtZRgCIAEoCRIaChJleHBlcmllbmNlX3ZlcnNpb24YAyABKAUSDwoHdXNlcl9pZBgEIAEoCRITCgtyZXF1ZXN0X3RhZxgFIAEoCRIQCghjYXRlZ29yeRgGIAEoCRIQCghyZXNvdXJjZRgHIAEoCRInCgpjb3N0X3N0YXRlGAggASgOMhMudGFsbHkudjEuQ29zdFN0YXRlEi4KCnN0YXJ0X3RpbWUYCSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiwKCGVuZF90aW1lGAogASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIRCglwYWdlX3NpemUYCyABKAUSEgoKcGFnZV90b2tlbhgMIAEoCRINCgVtb2RlbBgNIAEoCRIcChRwcm92aWRlcl9yZXNwb25zZV9pZBgOIAEoCSJUChJMaXN0RXZlbnRzUmVzcG9uc2USJQoGZXZlbnRzGAEgAygLMhUudGFsbHkudjEuU3RvcmVkRXZlbnQSFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIkwKD0dldEV2ZW50UmVxdWVzdBIUCgpyZXF1ZXN0X2lkGAEgASgJSAASGQoPaWRlbXBvdGVuY3lfa2V5GAIgASgJSABCCAoGbG9va3VwIjgKEEdldEV2ZW50UmVzcG9uc2USJAoFZXZlbnQYASABKAsyFS50YWxseS52MS5TdG9yZWRFdmVudDKcAwoMRXZlbnRTZXJ2aWNlEk0KCkxpc3RFdmVudHMSGy50YWxseS52MS5MaXN0RXZlbnRzUmVxdWVzdBocLnRhbGx5LnYxLkxpc3RFdmVudHNSZXNwb25zZSIEiOcYAhJHCghHZXRFdmVudBIZLnRhbGx5LnYxLkdldEV2ZW50UmVxdWVzdBoaLnRhbGx5LnYxLkdldEV2ZW50UmVzcG9uc2UiBIjnGAISVgoNQW5ub3RhdGVFdmVudBIeLnRhbGx5LnYxLkFubm90YXRlRXZlbnRSZXF1ZXN0Gh8udGFsbHkudjEuQW5ub3RhdGVFdmVudFJlc3BvbnNlIgSI5xgBElAKC1BydW5lRXZlbnRzEhwudGFsbHkudjEuUHJ1bmVFdmVudHNSZXF1ZXN0Gh0udGFsbHkudjEuUHJ1bmVFdmVudHNSZXNwb25zZSIEiOcYAxJKCglFcmFzZVVzZXISGi50YWxseS52MS5FcmFzZVVzZXJSZXF1ZXN0GhsudGFsbHkudjEuRXJhc2VVc2VyUmVzcG9uc2UiBIjnGANiBnByb3RvMw", [file_google_protobuf_timestamp, file_tally_v1_access, file_tally_v1_ingest_service]);
+
+/**
+ * Which events PruneEvents deletes, and how many at most this call.
+ *
+ * @generated from message tally.v1.PruneEventsRequest
+ */
+export type PruneEventsRequest = Message<"tally.v1.PruneEventsRequest"> & {
+  /**
+   * Required: the events before it are deleted (taken down to a whole hour).
+   *
+   * @generated from field: google.protobuf.Timestamp before_time = 1;
+   */
+  beforeTime?: Timestamp | undefined;
+
+  /**
+   * At most this many events this call: 1 to 100,000; 0 for 10,000.
+   *
+   * @generated from field: int32 max_events = 2;
+   */
+  maxEvents: number;
+};
+
+/**
+ * Describes the message tally.v1.PruneEventsRequest.
+ * Use `create(PruneEventsRequestSchema)` to create a new message.
+ */
+export const PruneEventsRequestSchema: GenMessage<PruneEventsRequest> = /*@__PURE__*/
+  messageDesc(file_tally_v1_event_service, 0);
+
+/**
+ * What one PruneEvents call deleted.
+ *
+ * @generated from message tally.v1.PruneEventsResponse
+ */
+export type PruneEventsResponse = Message<"tally.v1.PruneEventsResponse"> & {
+  /**
+   * The events this call deleted.
+   *
+   * @generated from field: int64 deleted_event_count = 1;
+   */
+  deletedEventCount: bigint;
+
+  /**
+   * Whether events before `before_time` remain: call again.
+   *
+   * @generated from field: bool more = 2;
+   */
+  more: boolean;
+
+  /**
+   * The cutoff applied: the request's `before_time` taken down to a whole hour.
+   *
+   * @generated from field: google.protobuf.Timestamp before_time = 3;
+   */
+  beforeTime?: Timestamp | undefined;
+};
+
+/**
+ * Describes the message tally.v1.PruneEventsResponse.
+ * Use `create(PruneEventsResponseSchema)` to create a new message.
+ */
+export const PruneEventsResponseSchema: GenMessage<PruneEventsResponse> = /*@__PURE__*/
+  messageDesc(file_tally_v1_event_service, 1);
+
+/**
+ * Whose events EraseUser deletes, and how many at most this call.
+ *
+ * @generated from message tally.v1.EraseUserRequest
+ */
+export type EraseUserRequest = Message<"tally.v1.EraseUserRequest"> & {
+  /**
+   * Required: the user id as events carry it (`context.user_id`).
+   *
+   * @generated from field: string user_id = 1;
+   */
+  userId: string;
+
+  /**
+   * At most this many events this call: 1 to 100,000; 0 for 10,000.
+   *
+   * @generated from field: int32 max_events = 2;
+   */
+  maxEvents: number;
+};
+
+/**
+ * Describes the message tally.v1.EraseUserRequest.
+ * Use `create(EraseUserRequestSchema)` to create a new message.
+ */
+export const EraseUserRequestSchema: GenMessage<EraseUserRequest> = /*@__PURE__*/
+  messageDesc(file_tally_v1_event_service, 2);
+
+/**
+ * What one EraseUser call deleted and moved.
+ *
+ * @generated from message tally.v1.EraseUserResponse
+ */
+export type EraseUserResponse = Message<"tally.v1.EraseUserResponse"> & {
+  /**
+   * The user's events this call deleted.
+   *
+   * @generated from field: int64 deleted_event_count = 1;
+   */
+  deletedEventCount: bigint;
+
+  /**
+   * Whether events of the user remain: call again.
+   *
+   * @generated from field: bool more = 2;
+   */
+  more: boolean;
+
+  /**
+   * The user's rows of the rollup by user this call moved to the rows of no
+   * user (0 while `more` is true: they move once the events are gone).
+   *
+   * @generated from field: int64 moved_rollup_row_count = 3;
+   */
+  movedRollupRowCount: bigint;
+
+  /**
+   * The names of the limits scoped to the user that this call deleted.
+   *
+   * @generated from field: repeated string deleted_limit_names = 4;
+   */
+  deletedLimitNames: string[];
+};
+
+/**
+ * Describes the message tally.v1.EraseUserResponse.
+ * Use `create(EraseUserResponseSchema)` to create a new message.
+ */
+export const EraseUserResponseSchema: GenMessage<EraseUserResponse> = /*@__PURE__*/
+  messageDesc(file_tally_v1_event_service, 3);
 
 /**
  * One stored event and its result.
@@ -66,7 +200,7 @@ export type StoredEvent = Message<"tally.v1.StoredEvent"> & {
  * Use `create(StoredEventSchema)` to create a new message.
  */
 export const StoredEventSchema: GenMessage<StoredEvent> = /*@__PURE__*/
-  messageDesc(file_tally_v1_event_service, 0);
+  messageDesc(file_tally_v1_event_service, 4);
 
 /**
  * One annotation of a stored event.
@@ -108,7 +242,7 @@ export type Annotation = Message<"tally.v1.Annotation"> & {
  * Use `create(AnnotationSchema)` to create a new message.
  */
 export const AnnotationSchema: GenMessage<Annotation> = /*@__PURE__*/
-  messageDesc(file_tally_v1_event_service, 1);
+  messageDesc(file_tally_v1_event_service, 5);
 
 /**
  * Request of AnnotateEvent.
@@ -159,7 +293,7 @@ export type AnnotateEventRequest = Message<"tally.v1.AnnotateEventRequest"> & {
  * Use `create(AnnotateEventRequestSchema)` to create a new message.
  */
 export const AnnotateEventRequestSchema: GenMessage<AnnotateEventRequest> = /*@__PURE__*/
-  messageDesc(file_tally_v1_event_service, 2);
+  messageDesc(file_tally_v1_event_service, 6);
 
 /**
  * Response of AnnotateEvent.
@@ -180,7 +314,7 @@ export type AnnotateEventResponse = Message<"tally.v1.AnnotateEventResponse"> & 
  * Use `create(AnnotateEventResponseSchema)` to create a new message.
  */
 export const AnnotateEventResponseSchema: GenMessage<AnnotateEventResponse> = /*@__PURE__*/
-  messageDesc(file_tally_v1_event_service, 3);
+  messageDesc(file_tally_v1_event_service, 7);
 
 /**
  * Request of ListEvents. Every filter is optional.
@@ -294,7 +428,7 @@ export type ListEventsRequest = Message<"tally.v1.ListEventsRequest"> & {
  * Use `create(ListEventsRequestSchema)` to create a new message.
  */
 export const ListEventsRequestSchema: GenMessage<ListEventsRequest> = /*@__PURE__*/
-  messageDesc(file_tally_v1_event_service, 4);
+  messageDesc(file_tally_v1_event_service, 8);
 
 /**
  * Response of ListEvents.
@@ -322,7 +456,7 @@ export type ListEventsResponse = Message<"tally.v1.ListEventsResponse"> & {
  * Use `create(ListEventsResponseSchema)` to create a new message.
  */
 export const ListEventsResponseSchema: GenMessage<ListEventsResponse> = /*@__PURE__*/
-  messageDesc(file_tally_v1_event_service, 5);
+  messageDesc(file_tally_v1_event_service, 9);
 
 /**
  * Request of GetEvent: exactly one of the two.
@@ -359,7 +493,7 @@ export type GetEventRequest = Message<"tally.v1.GetEventRequest"> & {
  * Use `create(GetEventRequestSchema)` to create a new message.
  */
 export const GetEventRequestSchema: GenMessage<GetEventRequest> = /*@__PURE__*/
-  messageDesc(file_tally_v1_event_service, 6);
+  messageDesc(file_tally_v1_event_service, 10);
 
 /**
  * Response of GetEvent.
@@ -380,7 +514,7 @@ export type GetEventResponse = Message<"tally.v1.GetEventResponse"> & {
  * Use `create(GetEventResponseSchema)` to create a new message.
  */
 export const GetEventResponseSchema: GenMessage<GetEventResponse> = /*@__PURE__*/
-  messageDesc(file_tally_v1_event_service, 7);
+  messageDesc(file_tally_v1_event_service, 11);
 
 /**
  * Reads stored events back, each with the result it was priced and
@@ -427,6 +561,39 @@ export const EventService: GenService<{
     methodKind: "unary";
     input: typeof AnnotateEventRequestSchema;
     output: typeof AnnotateEventResponseSchema;
+  },
+  /**
+   * Deletes the stored events whose event time is before `before_time` (taken
+   * down to a whole hour), the oldest first, at most `max_events` of them per
+   * call: call again while `more` is true (`tally events prune` does). Each
+   * batch of 2,000 events is its own short transaction, so ingest keeps
+   * answering while a prune runs. What ingest keeps stays as it was: every
+   * statistic, rollup, experience total and limit figure. The events
+   * themselves are gone (ListEvents, GetEvent, the request log), with their
+   * annotations and their idempotency keys: an event sent again with the key
+   * of a pruned one is stored anew.
+   *
+   * @generated from rpc tally.v1.EventService.PruneEvents
+   */
+  pruneEvents: {
+    methodKind: "unary";
+    input: typeof PruneEventsRequestSchema;
+    output: typeof PruneEventsResponseSchema;
+  },
+  /**
+   * Erases one end user (an erasure request): deletes the events that name the
+   * user, at most `max_events` per call (call again while `more` is true;
+   * `tally events erase` does); then moves the user's rows of the rollup by
+   * user to the rows of no user, so that every total stays as it was, and
+   * deletes the limits scoped to the user. Events sent naming the user after
+   * the last call are stored as any others.
+   *
+   * @generated from rpc tally.v1.EventService.EraseUser
+   */
+  eraseUser: {
+    methodKind: "unary";
+    input: typeof EraseUserRequestSchema;
+    output: typeof EraseUserResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_tally_v1_event_service, 0);

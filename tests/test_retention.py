@@ -1,0 +1,270 @@
+"""Retention and erasure through the wire, on both engines: pruned events are gone while
+every statistic, rollup and limit figure stays as it was, ingest keeps answering while a
+prune runs, and an erased user is named by no row of any table."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import statistics
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import pytest
+import sqlalchemy as sa
+from google.protobuf.json_format import MessageToDict
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from tally.v1 import common_pb2, limit_service_pb2 as lim_pb
+from tally_client import AsyncTallyClient, EventFilter, TallyError, usage_event
+from tally_server.app import TallyServer
+from tally_server.config import Settings
+
+from .conftest import drop_database_url, make_database_url
+from .test_cli import tally as tally_cli
+
+HOUR = 3_600
+NOW = int(time.time())
+OLD_START = NOW - 10 * 86_400  # the old events: ten to five days ago
+CUTOFF = (NOW - 3 * 86_400) // HOUR * HOUR  # a whole hour between the old and the new
+TYPE = "Retained"
+ERASED = "erase-me-5c2e9"  # found in no row once erased
+
+
+def _event(at: int, user: str, tags: tuple[str, ...], typed: bool = True, **kw: Any) -> Any:
+    event = usage_event(
+        "system.openai",
+        "gpt-4o" if at % 2 else "gpt-4o-mini",
+        {"text": (1_000 + at % 977, 200 + at % 101)},
+        event_time=datetime.datetime.fromtimestamp(at, datetime.UTC),
+        **kw,
+    )
+    if typed:
+        event.context.experience_name = TYPE
+    event.context.user_id = user
+    event.context.request_tags.extend(tags)
+    return event
+
+
+def _limit(name: str, **scope: Any) -> lim_pb.Limit:
+    return lim_pb.Limit(
+        name=name,
+        max=common_pb2.Money(currency_code="USD", units=1_000),
+        kind=lim_pb.LIMIT_KIND_ALLOW,
+        period=lim_pb.LIMIT_PERIOD_LIFETIME,
+        scope=lim_pb.LimitScope(**scope),
+    )
+
+
+@pytest.fixture
+async def served(backend: str, tmp_path: Any) -> AsyncIterator[tuple[AsyncTallyClient, str, str]]:
+    url = await make_database_url(backend, tmp_path)
+    tally = TallyServer(Settings(listen="127.0.0.1:0", database_url=url, grace_seconds=1))
+    await tally.start()
+    try:
+        async with AsyncTallyClient(f"127.0.0.1:{tally.port}") as client:
+            await client.create_experience_type(TYPE, "kept and pruned")
+            for limit in (
+                _limit("everything", everything=True),
+                _limit("of-type", experience_type=TYPE),
+                _limit("of-tag", request_tag="red"),
+                _limit("of-ann", user_id="ann"),
+            ):
+                await client.create_limit(limit)
+            yield client, f"127.0.0.1:{tally.port}", url
+    finally:
+        await tally.stop()
+        await drop_database_url(url)
+
+
+async def _figures(client: AsyncTallyClient) -> dict[str, Any]:
+    """What ingest keeps: type statistics, runs' totals, breakdowns over all time (read
+    from the rollups), and the limits' spend."""
+    figures: dict[str, Any] = {
+        "type": MessageToDict(await client.get_experience_type_stats(TYPE)),
+        "runs": sorted(
+            str(MessageToDict(run.stats)) for run in (await client.list_experiences(TYPE, page_size=1000)).experiences
+        ),
+    }
+    for group_by in (["type", "day"], ["model", "hour"], ["user"], ["tag"], ["user", "day"], ["tag", "version"]):
+        answer = await client.break_down_cost(group_by, page_size=1000)
+        figures[" ".join(group_by)] = (MessageToDict(answer.total), sorted(map(str, map(MessageToDict, answer.groups))))
+    for name in ("everything", "of-type", "of-tag"):
+        figures[name] = MessageToDict((await client.get_limit(name)).current)
+    return figures
+
+
+async def _events_between(client: AsyncTallyClient, start: int, end: int) -> int:
+    filters = EventFilter(
+        start=datetime.datetime.fromtimestamp(start, datetime.UTC),
+        end=datetime.datetime.fromtimestamp(end, datetime.UTC),
+    )
+    count, token = 0, ""
+    while True:
+        page = await client.list_events(filters, page_size=1000, page_token=token)
+        count += len(page.events)
+        if not (token := page.next_page_token):
+            return count
+
+
+async def test_a_prune_deletes_old_events_and_changes_no_figure(served):
+    client, target, _ = served
+    users, tags = ("ann", "bob", ""), (("red",), ("red", "blue"), ())
+    old = [_event(OLD_START + i * 83, users[i % 3], tags[i % 3], typed=i % 4 != 0) for i in range(5_000)]
+    new = [_event(CUTOFF + 600 + i * 60, users[i % 3], tags[i % 3], idempotency_key=f"new-{i}") for i in range(300)]
+    for start in range(0, len(old), 1_000):
+        await client.ingest_batch(old[start : start + 1_000])
+    await client.ingest_batch(new)
+    cutoff = datetime.datetime.fromtimestamp(CUTOFF, datetime.UTC)
+    pruned_id = (await client.list_events(EventFilter(end=cutoff), page_size=1)).events[0].request_id
+    before = await _figures(client)
+
+    answer = await client.prune_events(cutoff + datetime.timedelta(seconds=59), max_events=3_000)
+    assert (answer.deleted_event_count, answer.more) == (3_000, True)  # at most max_events a call
+    assert answer.before_time.seconds == CUTOFF  # taken down to the hour
+    answer = await client.prune_events(cutoff, max_events=3_000)
+    assert (answer.deleted_event_count, answer.more) == (2_000, False)
+
+    assert await _events_between(client, 0, CUTOFF) == 0
+    assert await _events_between(client, CUTOFF, NOW + 86_400) == len(new)
+    with pytest.raises(TallyError) as error:
+        await client.get_event(pruned_id)
+    assert error.value.code == grpc.StatusCode.NOT_FOUND
+    assert await _figures(client) == before
+
+    # Again through the CLI, with a date: nothing more is older.
+    code, out, err = await tally_cli(target, "events", "prune", "--before", cutoff.date().isoformat() + "T00:00Z")
+    assert code == 0, err
+    assert out.startswith("deleted 0 events before ") and "statistics and limits are unchanged" in out
+    for bad, field in (({"max_events": -1}, "max_events"), ({"max_events": 100_001}, "max_events")):
+        with pytest.raises(TallyError) as error:
+            await client.prune_events(cutoff, **bad)
+        assert error.value.code == grpc.StatusCode.INVALID_ARGUMENT and field in str(error.value)
+
+
+async def test_ingest_keeps_answering_while_a_prune_runs(served, capsys):
+    client, _, _ = served
+    old = [_event(OLD_START + i * 21, "ann", ("red",)) for i in range(20_000)]
+    for start in range(0, len(old), 1_000):
+        await client.ingest_batch(old[start : start + 1_000])
+    cutoff = datetime.datetime.fromtimestamp(CUTOFF, datetime.UTC)
+    pruning = asyncio.create_task(client.prune_events(cutoff, max_events=100_000))
+    latencies, during = [], 0
+    while not pruning.done():  # one event at a time, each timed
+        started = time.perf_counter()
+        await client.ingest(_event(NOW - 60, "carol", ("late",), idempotency_key=f"during-{during}"))
+        latencies.append((time.perf_counter() - started) * 1e3)
+        during += 1
+    answer = await pruning
+    with capsys.disabled():
+        print(
+            f"\n  prune of 20,000 events: {during} ingests meanwhile, median {statistics.median(latencies):.1f} ms,"
+            f" max {max(latencies):.1f} ms"
+        )
+    assert during >= 3, "the prune ran too fast to show ingest answering meanwhile"
+    assert (answer.deleted_event_count, answer.more) == (20_000, False)
+    assert await _events_between(client, 0, CUTOFF) == 0
+    assert await _events_between(client, CUTOFF, NOW + 86_400) == during
+    assert (await client.get_limit("of-ann")).current.event_count == 20_000  # the limit's figure stays
+
+
+async def _rows_naming(url: str, text: str) -> list[str]:
+    """Every row of every table whose values, as text, contain `text`."""
+    engine = create_async_engine(url)
+    found = []
+    try:
+        async with engine.connect() as conn:
+            names = await conn.run_sync(lambda c: sa.inspect(c).get_table_names())
+            assert "events" in names and "attribute_rollups" in names
+            for name in names:
+                for row in await conn.execute(sa.text(f'SELECT * FROM "{name}"')):
+                    if any(text in str(value) for value in row):
+                        found.append(f"{name}: {tuple(row)}")
+    finally:
+        await engine.dispose()
+    return found
+
+
+async def test_an_erased_user_is_named_by_no_row_and_every_total_stays(served):
+    client, target, url = served
+    await client.create_limit(_limit("of-erased", user_id=ERASED))
+    users, tags = (ERASED, "ann", ERASED, ""), (("red",), ("blue",), (), ("red", "green"))
+    sent = [_event(OLD_START + i * 97, users[i % 4], tags[i % 4], typed=i % 3 != 0) for i in range(5_000)]
+    for start in range(0, len(sent), 1_000):
+        await client.ingest_batch(sent[start : start + 1_000])
+    theirs = (await client.list_events(EventFilter(user_id=ERASED), page_size=1)).events[0].request_id
+    await client.annotate_event(theirs, set_annotations={"reviewed": "yes"})
+    assert await _rows_naming(url, ERASED)  # the check finds the user where they are
+
+    async def totals() -> dict[str, Any]:
+        found: dict[str, Any] = {}
+        for group_by in (["type", "day"], ["tag", "version"], ["model"]):
+            answer = await client.break_down_cost(group_by, page_size=1000)
+            found[" ".join(group_by)] = (
+                MessageToDict(answer.total),
+                sorted(map(str, map(MessageToDict, answer.groups))),
+            )
+        by_user = await client.break_down_cost(["user"], page_size=1000)
+        found["users"] = {g.user_id: (g.event_count, g.cost_total.units, g.cost_total.nanos) for g in by_user.groups}
+        for name in ("everything", "of-type", "of-tag", "of-ann"):
+            found[name] = MessageToDict((await client.get_limit(name)).current)
+        return found
+
+    before = await totals()
+    code, out, err = await tally_cli(target, "events", "erase", "--user", ERASED, "--batch", "1000")
+    assert code == 0, err
+    assert "deleted 2,000 events of the user so far" in err
+    assert out.startswith(f"erased user {ERASED!r}: 2,500 events deleted, ") and "limits deleted: of-erased" in out
+    assert await _rows_naming(url, ERASED) == []
+    with pytest.raises(TallyError) as error:
+        await client.get_event(theirs)
+    assert error.value.code == grpc.StatusCode.NOT_FOUND
+
+    after = await totals()
+    users_before, users_after = before.pop("users"), after.pop("users")
+    assert after == before
+    erased = users_before.pop(ERASED)
+    assert ERASED not in users_after and users_after["ann"] == users_before["ann"]
+    anonymous, now_anonymous = users_before[""], users_after[""]
+    nanos = lambda t: t[1] * 10**9 + t[2]  # noqa: E731
+    assert now_anonymous[0] == anonymous[0] + erased[0] and nanos(now_anonymous) == nanos(anonymous) + nanos(erased)
+    for bad in ("", "x\x00y"):
+        with pytest.raises(TallyError) as error:
+            await client.erase_user(bad)
+        assert error.value.code == grpc.StatusCode.INVALID_ARGUMENT and "user_id" in str(error.value)
+
+
+async def test_retention_days_prunes_at_start_and_keeps_the_figures(backend, tmp_path):
+    url = await make_database_url(backend, tmp_path)
+    today = NOW // 86_400 * 86_400
+    times = [today - 9 * 86_400 + i * 600 for i in range(600)] + [today - 2 * 86_400 + i * 60 for i in range(100)]
+    try:
+        kept: dict[str, Any] = {}
+        for days in (0, 4):  # first without retention, then with it
+            tally = TallyServer(Settings(listen="127.0.0.1:0", database_url=url, grace_seconds=1, retention_days=days))
+            await tally.start()
+            try:
+                async with AsyncTallyClient(f"127.0.0.1:{tally.port}") as client:
+                    if not days:
+                        await client.create_experience_type(TYPE, "kept and pruned")
+                        await client.ingest_batch([_event(at, "ann", ("red",)) for at in times])
+                    else:
+                        for _ in range(100):  # the server prunes at start, in the background
+                            if not await _events_between(client, 0, today - days * 86_400):
+                                break
+                            await asyncio.sleep(0.1)
+                    remaining = await _events_between(client, 0, NOW + 86_400)
+                    stats = MessageToDict(await client.get_experience_type_stats(TYPE))
+                    by_user = MessageToDict(await client.break_down_cost(["user"]))
+                    if not days:
+                        kept = {"stats": stats, "by user": by_user}
+                        assert remaining == 700
+                    else:
+                        assert remaining == 100  # the events of the last four days
+                        assert {"stats": stats, "by user": by_user} == kept
+            finally:
+                await tally.stop()
+    finally:
+        await drop_database_url(url)

@@ -297,6 +297,44 @@ async def planner_statistics(database_url: str) -> None:
         await engine.dispose()
 
 
+async def table_bytes(database_url: str) -> dict[str, int]:
+    """Bytes on disk per table, its indexes included: SQLite's dbstat pages (after a WAL
+    checkpoint), PostgreSQL's pg_total_relation_size (table, indexes and TOAST)."""
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    engine = create_async_engine(database_url, isolation_level="AUTOCOMMIT")
+    try:
+        async with engine.connect() as conn:
+            if database_url.startswith("postgresql"):
+                rows = await conn.execute(
+                    sa.text("SELECT relname, pg_total_relation_size(relid) FROM pg_stat_user_tables")
+                )
+                return {name: int(size) for name, size in rows}
+            await conn.execute(sa.text("PRAGMA wal_checkpoint(TRUNCATE)"))
+            rows = await conn.execute(
+                sa.text(
+                    "SELECT COALESCE(m.tbl_name, d.name), SUM(d.pgsize) FROM dbstat d"
+                    " LEFT JOIN sqlite_master m ON m.name = d.name GROUP BY 1"
+                )
+            )
+            return {name: int(size) for name, size in rows}
+    finally:
+        await engine.dispose()
+
+
+BYTES_TARGET = 150  # per event, indexes and rollups included (issue 29)
+
+
+def print_bytes(label: str, size: int, tables: dict[str, int]) -> None:
+    total = sum(tables.values())
+    print(
+        f"   {label} at {size:,} events: {total / 1e6:,.1f} MB, {total / size:,.0f} bytes per event "
+        f"(target <= {BYTES_TARGET}); the largest tables, with their indexes:"
+    )
+    for name, table_size in sorted(tables.items(), key=lambda item: -item[1])[:8]:
+        print(f"      {name:<32}{table_size / 1e6:>10,.1f} MB{table_size / size:>8,.0f} B/event")
+
+
 async def run_engine(label: str, database_url: str, sizes: list[int], calls: int) -> dict[int, dict[str, float]]:
     print(f"\n== {label}: starting the server", flush=True)
     process, port, web_port = start_server(database_url)
@@ -319,6 +357,9 @@ async def run_engine(label: str, database_url: str, sizes: list[int], calls: int
                 await planner_statistics(database_url)
                 print(f"   ingested to {size:,} events at {rate:,.0f} events/s; timing the reads", flush=True)
                 results[size] = await measure(channel, loader, calls, web_port)
+                tables = await table_bytes(database_url)
+                print_bytes(label, size, tables)
+                results[size]["bytes per event"] = sum(tables.values()) / size
     finally:
         process.terminate()
         process.wait(60)
@@ -331,6 +372,9 @@ def print_table(label: str, results: dict[int, dict[str, float]]) -> None:
     print(f"\n{label}: median ms per read")
     header = "".join(f"{size:>12,}" for size in sizes)
     print(f"{'read':<42}{header}   growth   target at {last:,}")
+    row = "".join(f"{results[size]['bytes per event']:>12,.0f}" for size in sizes)
+    verdict = "meets" if results[last]["bytes per event"] <= BYTES_TARGET else "MISSES"
+    print(f"{'bytes per event (indexes, rollups)':<42}{row}            {BYTES_TARGET:>6} B: {verdict}")
     for read, target in TARGETS.items():
         row = "".join(f"{results[size][read]:>12.2f}" for size in sizes)
         growth = results[last][read] / results[first][read]

@@ -159,7 +159,7 @@ async def test_a_database_upgrades_from_the_first_migration_to_head(backend, tmp
         await database.migrate()
         async with database.read() as conn:
             version = (await conn.exec_driver_sql("SELECT version_num FROM alembic_version")).scalar_one()
-            assert version == "0013"
+            assert version == "0014"
             assert await conn.run_sync(lambda c: compare_metadata(MigrationContext.configure(c), metadata)) == []
     finally:
         await database.dispose()

@@ -19,7 +19,7 @@ from tally_server.storage.db import Database, alembic_config
 
 from .conftest import drop_database_url, make_database_url
 
-BASE = 1_750_000_000  # an hour's start (UTC)
+BASE = 1_749_945_600  # a UTC day's start
 MODELS = ("gpt-4o", "claude-sonnet-4-0", "made-up-model")  # the last is never priced
 USERS = ("", "ann", "bob", "carl")
 TAGS: tuple[tuple[str, ...], ...] = ((), ("red",), ("red", "blue"), ("blue",), ("green", "red", "green"))
@@ -35,7 +35,7 @@ def _seed_events() -> list[Any]:
             "system.openai" if i % 3 != 1 else "system.anthropic",
             MODELS[i % 3],
             units,
-            event_time=datetime.datetime.fromtimestamp(BASE + i * 1_200 + 7, datetime.UTC),
+            event_time=datetime.datetime.fromtimestamp(BASE + i * 4_000 + 7, datetime.UTC),  # 2.8 days
             http_status_code=500 if i % 13 == 0 else 200,
         )
         if i % 4:  # every fourth unattributed
@@ -68,12 +68,23 @@ def _groups(groups: Iterable[Any], *names: str) -> dict[tuple[Any, ...], tuple[i
     return {key: tuple(sums) for key, sums in found.items() if sums[0]}
 
 
+def _window(start: int, end: int) -> dict[str, datetime.datetime]:
+    return {
+        "start": datetime.datetime.fromtimestamp(start, datetime.UTC),
+        "end": datetime.datetime.fromtimestamp(end, datetime.UTC),
+    }
+
+
 async def _answers(client: AsyncTallyClient) -> dict[str, Any]:
     """The breakdowns the rollup answers, and the same sums read from events (a second
     dimension or a filter that no rollup keeps makes the breakdown read events)."""
     start = datetime.datetime.fromtimestamp(BASE, datetime.UTC)
     mid = datetime.datetime.fromtimestamp(BASE + 9_000 + 600, datetime.UTC)  # partial hours at both ends
-    end = datetime.datetime.fromtimestamp(BASE + 60 * 1_200 + 3_600, datetime.UTC)
+    end = datetime.datetime.fromtimestamp(BASE + 60 * 4_000 - 3 * 3_600 - 600, datetime.UTC)
+    # Partial days at both ends, their hours whole: days from the rows per day, the hours
+    # at the edges from the rows per hour.
+    day_edges = (BASE + 5 * 3_600, BASE + 2 * 86_400 + 7 * 3_600)
+    hours_only = (BASE + 86_400 + 3_600, BASE + 86_400 + 9 * 3_600)  # within one day
 
     async def both(rollup: list[str], names: tuple[str, ...], **kw: Any) -> tuple[Any, Any]:
         from_rollup = _groups((await client.break_down_cost(rollup, page_size=1000, **kw)).groups, *names)
@@ -91,6 +102,10 @@ async def _answers(client: AsyncTallyClient) -> dict[str, Any]:
         ("by tag, type", ["tag", "type"], ("request_tag", "experience_name"), {"start": start}),
         ("by user, version", ["user", "version"], ("user_id", "experience_name", "experience_version"), {}),
         ("by user, partial hours", ["user"], ("user_id",), {"start": mid, "end": end}),
+        ("by tag, partial days", ["tag"], ("request_tag",), _window(*day_edges)),
+        ("by user, type, partial days", ["user", "type"], ("user_id", "experience_name"), _window(*day_edges)),
+        ("by user, within a day", ["user"], ("user_id",), _window(*hours_only)),
+        ("by day, of one tag, partial days", ["day"], ("period_start",), {**_window(*day_edges), "request_tag": "red"}),
         ("by day, of one user", ["day"], ("period_start",), {"start": start, "user_id": "ann"}),
         ("by type, of one tag", ["type"], ("experience_name",), {"start": start, "request_tag": "red"}),
         ("by tag, of one type", ["tag"], ("request_tag",), {"experience_name": "Attr1"}),

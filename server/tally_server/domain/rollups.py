@@ -391,33 +391,36 @@ def rollups_of(
     )
 
 
-# The dimensions of the user and request-tag rollup (storage: attribute_rollups).
+# The dimensions of the user and request-tag rollup (storage: attribute_rollups), each
+# kept per hour and, as dimension + DAYS, per UTC day: a long window reads days, its edges
+# hours (and the events of its partial first and last hours).
 USER_DIMENSION, TAG_DIMENSION = 1, 2
-# One of its rows: dimension, hour, value ("" for none: an event without a user, or
-# without tags), experience name and version ("" and 0: unattributed).
+DAYS = 2
+# One of its rows: dimension, hour (or day), value ("" for none: an event without a user,
+# or without tags), experience name and version ("" and 0: unattributed).
 AttributeKey = tuple[int, int, str, str, int]
 
 
 def attribute_rollups_of(stored: Iterable[tuple[UsageEvent, IngestResult]]) -> dict[AttributeKey, CostTotals]:
-    """What the stored events add to the hourly rollup by user and by request tag: each
-    event counts once under its user and once under each of its tags (under "" for none),
-    as a breakdown of the events by user or by tag groups them."""
+    """What the stored events add to the rollup by user and by request tag: each event
+    counts once under its user and once under each of its tags (under "" for none), as a
+    breakdown of the events by user or by tag groups them, in its hour and its day."""
     by_key: dict[AttributeKey, list[int]] = {}
     priced = CostState.PRICED
     for event, result in stored:
         cost, time_us, context = result.cost, event.event_time_us, event.context
-        hour = time_us - time_us % HOUR_US
+        hour, day = time_us - time_us % HOUR_US, time_us - time_us % DAY_US
         failed = 1 if event.http_status_code >= 400 else 0
         unpriced = 0 if cost.state == priced else 1
         tokens = tokens_of(event)
         name, version = result.experience_name, result.experience_version
         values = ((USER_DIMENSION, context.user_id), *((TAG_DIMENSION, tag) for tag in context.request_tags or ("",)))
         for dimension, value in values:
-            key = (dimension, hour, value, name, version)
-            sums = by_key.get(key)
-            if sums is None:
-                sums = by_key[key] = [0] * _SUMS
-            _add(sums, failed, unpriced, cost, tokens)
+            for key in ((dimension, hour, value, name, version), (dimension + DAYS, day, value, name, version)):
+                sums = by_key.get(key)
+                if sums is None:
+                    sums = by_key[key] = [0] * _SUMS
+                _add(sums, failed, unpriced, cost, tokens)
     return {key: CostTotals(*sums) for key, sums in by_key.items()}
 
 

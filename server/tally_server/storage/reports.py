@@ -10,7 +10,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ..domain import models as m
-from ..domain.rollups import DAY_US, HOUR_US, TAG_DIMENSION, USER_DIMENSION
+from ..domain.rollups import DAY_US, DAYS, HOUR_US, TAG_DIMENSION, USER_DIMENSION
 from . import rollups
 from .events import EventFilter, event_conditions
 from .tables import (
@@ -87,14 +87,15 @@ Only = Sequence[tuple[Any, ...]] | None
 
 def _rollup_filter(f: m.CostFilter, attribute: int | None = None) -> list[sa.ColumnElement[bool]]:
     """The filter on an hourly rollup's keys: the cost rollup's, or with `attribute` the
-    rollup by user or tag (of that dimension; the filter names no category or model)."""
+    rollup by user or tag (rows of that dimension, hours or days; the filter names no
+    category or model)."""
     if attribute is None:
         r = cost_rollups
         pairs = [(r.c.experience_name, f.experience_name), (r.c.category, f.category), (r.c.model, f.model)]
         where = []
     else:
         r = attribute_rollups
-        value = f.user_id if attribute == USER_DIMENSION else f.request_tag
+        value = f.user_id if attribute in (USER_DIMENSION, USER_DIMENSION + DAYS) else f.request_tag
         pairs = [(r.c.experience_name, f.experience_name), (r.c.value, value)]
         where = [r.c.dimension == attribute]
     where += [column == wanted for column, wanted in pairs if wanted]
@@ -160,9 +161,10 @@ async def _breakdown_from_rollup(
     start_us: int | None,
     end_us: int | None,
     f: m.CostFilter,
+    into: Groups,
     only: Only = None,
     attribute: int | None = None,
-) -> Groups:
+) -> None:
     r = cost_rollups if attribute is None else attribute_rollups
     keys = [key for d in dimensions for key in _rollup_keys(d, r)]
     first = _rollup_keys(dimensions[0], r) if dimensions else []
@@ -175,9 +177,31 @@ async def _breakdown_from_rollup(
         _rollup_filter(f, attribute),
         (first, only),
     )
-    groups: Groups = {}
-    _merge(groups, await conn.execute(query), len(keys))
-    return groups
+    _merge(into, await conn.execute(query), len(keys))
+
+
+async def _from_days_and_hours(
+    conn: AsyncConnection,
+    dimensions: Sequence[str],
+    first_hour: int | None,
+    end_hour: int | None,
+    f: m.CostFilter,
+    into: Groups,
+    only: Only,
+    attribute: int,
+) -> None:
+    """The whole hours [first_hour, end_hour) of the rollup by user or tag: its whole UTC
+    days from the rows per day, the hours at either edge from the rows per hour, so that a
+    month reads a row per day and user, not per hour."""
+    first_day = None if first_hour is None else -(-first_hour // DAY_US) * DAY_US
+    end_day = None if end_hour is None else end_hour - end_hour % DAY_US
+    if first_day is not None and end_day is not None and end_day <= first_day:
+        await _breakdown_from_rollup(conn, dimensions, first_hour, end_hour, f, into, only, attribute)
+        return
+    await _breakdown_from_rollup(conn, dimensions, first_day, end_day, f, into, only, attribute + DAYS)
+    for start, end in ((first_hour, first_day), (end_day, end_hour)):
+        if start is not None and end is not None and start < end:
+            await _breakdown_from_rollup(conn, dimensions, start, end, f, into, only, attribute)
 
 
 async def _breakdown_from_events(
@@ -226,8 +250,9 @@ async def cost_breakdown(
 ) -> Groups:
     """Sums of the events in [start_us, end_us) that the filter selects, per group of the
     dimensions (none: one group, the total), kept to the groups of the first dimension that
-    `only` names when given. From an hourly rollup for the window's whole hours and the
-    events of its partial hours; from the events alone where no rollup keeps the groups."""
+    `only` names when given. From a rollup for the window's whole hours (by user or tag, its
+    whole days from the rows per day) and the events of its partial hours; from the events
+    alone where no rollup keeps the groups."""
     attribute = _attribute_of(dimensions, f)
     if attribute is None and (not set(dimensions) <= ROLLUP_DIMENSIONS or f.of_events_only):
         groups: Groups = {}
@@ -239,7 +264,11 @@ async def cost_breakdown(
         groups = {}
         await _breakdown_from_events(conn, dimensions, start_us, end_us, f, groups, only)
         return groups
-    groups = await _breakdown_from_rollup(conn, dimensions, first_hour, end_hour, f, only, attribute)
+    groups = {}
+    if attribute is not None and "hour" not in dimensions:
+        await _from_days_and_hours(conn, dimensions, first_hour, end_hour, f, groups, only, attribute)
+    else:
+        await _breakdown_from_rollup(conn, dimensions, first_hour, end_hour, f, groups, only, attribute)
     if start_us is not None and first_hour is not None and start_us < first_hour:
         await _breakdown_from_events(conn, dimensions, start_us, first_hour, f, groups, only)
     if end_us is not None and end_hour is not None and end_hour < end_us:

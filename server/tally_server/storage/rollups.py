@@ -21,6 +21,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from ..domain import models as m
 from ..domain.outcomes import OutcomeDefinition, from_json as outcomes_from_json
 from ..domain.rollups import (
+    DAY_US,
+    DAYS,
     HOUR_US,
     TAG_DIMENSION,
     USER_DIMENSION,
@@ -534,7 +536,7 @@ async def unattribute(conn: AsyncConnection, where: sa.ColumnElement[bool]) -> N
     rows = [{**_key_values(key), **_totals_values(moved[key])} for key in sorted(moved, key=_sort_key)]
     await _add_cost_rows(conn, rows)
     by_attribute: dict[AttributeKey, m.CostTotals] = {}
-    for dimension in (USER_DIMENSION, TAG_DIMENSION):
+    for dimension in (USER_DIMENSION, TAG_DIMENSION, USER_DIMENSION + DAYS, TAG_DIMENSION + DAYS):
         for row in await conn.execute(_attribute_select(conn, dimension, [where, experiences.c.id.is_not(None)])):
             hour, value = int(row.hour_us), row.value
             named: AttributeKey = (dimension, hour, value, row.experience_name, int(row.experience_version))
@@ -546,15 +548,13 @@ async def anonymize_user(conn: AsyncConnection, user_id: str) -> int:
     """Moves the user's rows of the rollup by user to the rows of no user (""), so that no
     row names the user and every total stays; returns how many rows moved."""
     a = attribute_rollups
-    named = await conn.execute(sa.select(a).where(a.c.dimension == USER_DIMENSION, a.c.value == user_id))
+    of_user = (a.c.dimension.in_([USER_DIMENSION, USER_DIMENSION + DAYS]), a.c.value == user_id)
     moved: dict[AttributeKey, m.CostTotals] = {}
-    for row in named:
-        totals = totals_from_row(row)
-        key: AttributeKey = (USER_DIMENSION, int(row.hour_us), "", row.experience_name, int(row.experience_version))
-        moved.setdefault(key, m.CostTotals()).add(totals)
+    for row in await conn.execute(sa.select(a).where(*of_user)):
+        key: AttributeKey = (int(row.dimension), int(row.hour_us), "", row.experience_name, int(row.experience_version))
+        moved.setdefault(key, m.CostTotals()).add(totals_from_row(row))
     await add_attribute_rows(conn, moved)
-    deleted = await conn.execute(sa.delete(a).where(a.c.dimension == USER_DIMENSION, a.c.value == user_id))
-    return deleted.rowcount
+    return (await conn.execute(sa.delete(a).where(*of_user))).rowcount
 
 
 def _move(into: dict[Any, m.CostTotals], source: Any, target: Any, totals: m.CostTotals) -> None:
@@ -563,12 +563,14 @@ def _move(into: dict[Any, m.CostTotals], source: Any, target: Any, totals: m.Cos
 
 
 def _attribute_select(conn: AsyncConnection, dimension: int, where: Iterable[sa.ColumnElement[bool]]) -> sa.Select[Any]:
-    """The events' sums per row of the rollup by user (or tag), as the writer keys them."""
-    hour = hour_expression(events.c.event_time_us).label("hour_us")
+    """The events' sums per row of the rollup by user (or tag, per hour or day), as the
+    writer keys them."""
+    time = events.c.event_time_us
+    hour = (time - time % (DAY_US if dimension > DAYS else HOUR_US)).label("hour_us")
     name = sa.func.coalesce(experience_types.c.name, "").label("experience_name")
     version = sa.func.coalesce(experiences.c.version, 0).label("experience_version")
     source: Any = EVENTS_WITH_TYPE
-    if dimension == USER_DIMENSION:
+    if dimension in (USER_DIMENSION, USER_DIMENSION + DAYS):
         value = sa.func.coalesce(events.c.user_id, "").label("value")
     else:
         if conn.dialect.name == "postgresql":

@@ -178,9 +178,10 @@ cost_rollups = sa.Table(
     ),
 )
 
-# Events summed per hour, user (dimension 1) or request tag (dimension 2), and type version
-# (migration 0014): an event counts once under its user and once under each of its tags,
-# under "" for none. The cost breakdown by user or tag reads these, as it reads cost_rollups.
+# Events summed per hour, user (dimension 1) or request tag (dimension 2), and type version,
+# and the same per UTC day (dimensions 3 and 4, hour_us the day's start; migration 0014): an
+# event counts once under its user and once under each of its tags, under "" for none. The
+# cost breakdown by user or tag reads these, as it reads cost_rollups.
 attribute_rollups = sa.Table(
     "attribute_rollups",
     metadata,
@@ -191,8 +192,9 @@ attribute_rollups = sa.Table(
     sa.Column("experience_version", sa.Integer, primary_key=True),
     *(sa.Column(name, sa.BigInteger, nullable=False) for name in ROLLUP_COUNT_COLUMNS),
     *(sa.Column(name, sa.BigInteger, nullable=False) for name in ROLLUP_SPLIT_COLUMNS),
-    # A user's rows, for erasure (tally events erase --user).
-    sa.Index("ix_attribute_rollups_value", "dimension", "value"),
+    # SQLite: the rows kept once, in key order, instead of a table and an index of its key.
+    # No other index: an erasure, which finds a user's rows, is rare enough to scan.
+    sqlite_with_rowid=False,
 )
 
 # One row per stored event. experience_id has no foreign key on purpose: deleting
@@ -202,7 +204,7 @@ events = sa.Table(
     metadata,
     sa.Column("id", sa.Uuid, primary_key=True),
     sa.Column("idempotency_key", sa.String(300), nullable=True, unique=True),
-    sa.Column("content_hash", sa.String(64), nullable=False),
+    sa.Column("content_hash", sa.String(64), nullable=False),  # "" for an event without a key
     sa.Column("experience_id", sa.Uuid, nullable=True),
     sa.Column("experience_created", sa.Boolean, nullable=False),
     sa.Column("category", sa.String(128), nullable=False),

@@ -1,7 +1,7 @@
-"""The hourly rollup by user and by request tag: events summed per hour, user (dimension 1)
-or request tag (dimension 2) and type version, counted here from the events stored so far
-(two INSERT ... SELECT statements) and kept by the writer from here on. The cost breakdown
-by user or tag reads it instead of the events.
+"""The rollup by user and by request tag: events summed per hour, user (dimension 1) or
+request tag (dimension 2) and type version, and per UTC day (dimensions 3 and 4), counted
+here from the events stored so far (four INSERT ... SELECT statements) and kept by the
+writer from here on. The cost breakdown by user or tag reads it instead of the events.
 
 Frozen: this file carries the statements it ran when it was written and imports nothing of
 the server.
@@ -55,7 +55,6 @@ def _sums() -> str:
 def _backfill(connection: sa.Connection) -> None:
     split = [column for pair in HIGH_LOW.values() for column in pair]
     columns = ", ".join(["dimension", "hour_us", "value", "experience_name", "experience_version", *COUNTS, *split])
-    hour = "ev.event_time_us - ev.event_time_us % 3600000000"
     attributed = " LEFT JOIN experiences x ON x.id = ev.experience_id LEFT JOIN experience_types t ON t.id = x.type_id"
     name, version = "COALESCE(t.name, '')", "COALESCE(x.version, 0)"
     if connection.dialect.name == "postgresql":
@@ -63,14 +62,16 @@ def _backfill(connection: sa.Connection) -> None:
     else:
         tags = " LEFT JOIN json_each(ev.request_tags) AS tag ON 1"
     for dimension, value, joins in ((1, "COALESCE(ev.user_id, '')", ""), (2, "COALESCE(tag.value, '')", tags)):
-        connection.execute(
-            sa.text(
-                f"INSERT INTO attribute_rollups ({columns})"
-                f" SELECT {dimension}, {hour}, {value}, {name}, {version}, {_sums()}"
-                f" FROM events ev{attributed}{joins}"
-                f" GROUP BY {hour}, {value}, {name}, {version}"
+        for offset, width in ((0, 3_600_000_000), (2, 86_400_000_000)):  # hours, then UTC days
+            start = f"ev.event_time_us - ev.event_time_us % {width}"
+            connection.execute(
+                sa.text(
+                    f"INSERT INTO attribute_rollups ({columns})"
+                    f" SELECT {dimension + offset}, {start}, {value}, {name}, {version}, {_sums()}"
+                    f" FROM events ev{attributed}{joins}"
+                    f" GROUP BY {start}, {value}, {name}, {version}"
+                )
             )
-        )
 
 
 def upgrade() -> None:
@@ -86,11 +87,10 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint(
             "dimension", "hour_us", "value", "experience_name", "experience_version", name="pk_attribute_rollups"
         ),
+        sqlite_with_rowid=False,  # SQLite keeps the rows once, in key order
     )
-    op.create_index("ix_attribute_rollups_value", "attribute_rollups", ["dimension", "value"])
     _backfill(op.get_bind())
 
 
 def downgrade() -> None:
-    op.drop_index("ix_attribute_rollups_value", "attribute_rollups")
     op.drop_table("attribute_rollups")

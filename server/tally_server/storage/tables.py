@@ -85,6 +85,7 @@ experience_latencies = sa.Table(
     sa.Column("experience_id", sa.Uuid, primary_key=True),
     sa.Column("bucket", sa.SmallInteger, primary_key=True),
     sa.Column("event_count", sa.BigInteger, nullable=False),
+    sqlite_with_rowid=False,  # migration 0015, as the other rollups read by their key alone
 )
 
 # The experiences of a type that have events, summed per version and UTC day of their first
@@ -176,6 +177,7 @@ cost_rollups = sa.Table(
         for t in ROLLUP_TOKENS
         for name in ROLLUP_SPLIT[t]
     ),
+    sqlite_with_rowid=False,  # migration 0015
 )
 
 # Events summed per hour, user (dimension 1) or request tag (dimension 2), and type version,
@@ -421,6 +423,7 @@ experience_step_costs = sa.Table(
     sa.Column("event_count", sa.BigInteger, nullable=False),
     sa.Column("cost_total_dollars", sa.BigInteger, nullable=False),
     sa.Column("cost_total_nanos", sa.BigInteger, nullable=False),
+    sqlite_with_rowid=False,  # migration 0015
 )
 
 # Who last set each property of an experience and when (migration 0012).

@@ -59,12 +59,13 @@ async def seed(stubs, rng: random.Random) -> list[str]:
             et_pb.CreateExperienceTypeRequest(experience_type=et_pb.ExperienceType(name=name, description=name))
         )
     await stubs.types.IncrementExperienceTypeVersion(et_pb.IncrementExperienceTypeVersionRequest(name=names[0]))
-    today = int(datetime.datetime.now(datetime.UTC).timestamp()) // DAY * DAY
+    now = int(datetime.datetime.now(datetime.UTC).timestamp())
     for _ in range(30):
         name = rng.choice(names)
         version = rng.choice([1, 2]) if name == names[0] else 1
         run = str(uuid.uuid4())
-        started = today - rng.randint(0, 9) * DAY + rng.randint(0, DAY - 600)
+        # In the last ten days, and never in the future whatever the time of day.
+        started = now - rng.randint(0, 9) * DAY - rng.randint(600, DAY - 600)
         events = []
         for index in range(rng.randint(1, 4)):
             category, resource = rng.choice(

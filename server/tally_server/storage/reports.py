@@ -221,10 +221,7 @@ async def _breakdown_from_events(
     source: Any = rollups.EVENTS_WITH_TYPE if needs_type else events
     tag = None
     if "request_tag" in dimensions:
-        if conn.dialect.name == "postgresql":
-            tag = sa.func.json_array_elements_text(ev.c.request_tags).table_valued("value").lateral("tag")
-        else:  # SQLite's table-valued functions see the columns to their left without LATERAL
-            tag = sa.func.json_each(ev.c.request_tags).table_valued("value").alias("tag")
+        tag = rollups.event_tags(conn)
         source = source.outerjoin(tag, sa.true())
     keys = [key for d in dimensions for key in _event_keys(d, tag)]
     first = _event_keys(dimensions[0], tag) if dimensions else []

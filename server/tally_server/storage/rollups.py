@@ -562,6 +562,14 @@ def _move(into: dict[Any, m.CostTotals], source: Any, target: Any, totals: m.Cos
     into.setdefault(target, m.CostTotals()).add(totals)
 
 
+def event_tags(conn: AsyncConnection) -> Any:
+    """Each event's request tags as rows (column `value`), to join to the events beside it."""
+    if conn.dialect.name == "postgresql":
+        return sa.func.json_array_elements_text(events.c.request_tags).table_valued("value").lateral("tag")
+    # SQLite's table-valued functions see the columns to their left without LATERAL.
+    return sa.func.json_each(events.c.request_tags).table_valued("value").alias("tag")
+
+
 def _attribute_select(conn: AsyncConnection, dimension: int, where: Iterable[sa.ColumnElement[bool]]) -> sa.Select[Any]:
     """The events' sums per row of the rollup by user (or tag, per hour or day), as the
     writer keys them."""
@@ -573,10 +581,7 @@ def _attribute_select(conn: AsyncConnection, dimension: int, where: Iterable[sa.
     if dimension in (USER_DIMENSION, USER_DIMENSION + DAYS):
         value = sa.func.coalesce(events.c.user_id, "").label("value")
     else:
-        if conn.dialect.name == "postgresql":
-            tag = sa.func.json_array_elements_text(events.c.request_tags).table_valued("value").lateral("tag")
-        else:  # SQLite's table-valued functions see the columns to their left without LATERAL
-            tag = sa.func.json_each(events.c.request_tags).table_valued("value").alias("tag")
+        tag = event_tags(conn)
         source = source.outerjoin(tag, sa.true())
         value = sa.func.coalesce(tag.c.value, "").label("value")
     return (

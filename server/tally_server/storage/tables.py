@@ -247,8 +247,9 @@ events = sa.Table(
     sa.Column("key_name", sa.String(64), nullable=True),
     # Annotations find an event by the provider's response id (migration 0010).
     sa.Index("ix_events_provider_response_id", "provider_response_id"),
-    # An experience's events in event-time order (ListEvents, deletions).
-    sa.Index("ix_events_experience_time", "experience_id", "event_time_us", "id"),
+    # An experience's events in event-time order (ListEvents, deletions); ties of time are
+    # put in id order by a sort after the index (migration 0016: the id was a second copy).
+    sa.Index("ix_events_experience_time", "experience_id", "event_time_us"),
     # The events not fully priced, of one state, newest first as ListEvents orders them (the
     # dashboard's reasons): without it, their newest thousand were sorted out of the whole
     # window; without the state first, a state with none scanned all the others.

@@ -20,8 +20,11 @@ type ReportServiceClient interface {
 	// Sums cost and events over a window of event time, grouped by one or two
 	// dimensions, the most expensive group first. Grouping by type, version,
 	// category, resource, model, day or hour reads the hourly rollup kept at ingest
-	// (and the events of the window's partial hours at its edges); grouping by
-	// user id, request tag or step reads the window's events.
+	// (and the events of the window's partial hours at its edges); grouping by, or
+	// keeping to, one of user id and request tag (beside type, version, day or hour
+	// only) reads the rollup by user and tag kept at ingest, per day and per hour;
+	// anything else (step, API key, user and tag together, either with a category,
+	// model or resource) reads the window's events.
 	BreakDownCost(ctx context.Context, in *BreakDownCostRequest, opts ...grpc.CallOption) (*BreakDownCostResponse, error)
 	// Two versions of a type side by side, over their runs whose first event is
 	// in a window: cost per run, events per run, failure rate, and each declared
@@ -66,8 +69,11 @@ type ReportServiceServer interface {
 	// Sums cost and events over a window of event time, grouped by one or two
 	// dimensions, the most expensive group first. Grouping by type, version,
 	// category, resource, model, day or hour reads the hourly rollup kept at ingest
-	// (and the events of the window's partial hours at its edges); grouping by
-	// user id, request tag or step reads the window's events.
+	// (and the events of the window's partial hours at its edges); grouping by, or
+	// keeping to, one of user id and request tag (beside type, version, day or hour
+	// only) reads the rollup by user and tag kept at ingest, per day and per hour;
+	// anything else (step, API key, user and tag together, either with a category,
+	// model or resource) reads the window's events.
 	BreakDownCost(context.Context, *BreakDownCostRequest) (*BreakDownCostResponse, error)
 	// Two versions of a type side by side, over their runs whose first event is
 	// in a window: cost per run, events per run, failure rate, and each declared

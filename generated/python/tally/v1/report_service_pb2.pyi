@@ -506,11 +506,12 @@ class BreakDownCostRequest(_message.Message):
     """
     user_id: _builtins.str
     """Only events with this user id. Like a grouping by user id, this reads the
-    window's events rather than the hourly rollup.
+    rollup by user (with a category, model or resource, the window's events).
     """
     request_tag: _builtins.str
-    """Only events carrying this request tag. Like a grouping by request tag,
-    this reads the window's events rather than the hourly rollup.
+    """Only events carrying this request tag. Like a grouping by request tag, this
+    reads the rollup by tag (with a category, model or resource, the window's
+    events).
     """
     @_builtins.property
     def start_time(self) -> _timestamp_pb2.Timestamp:

@@ -55,8 +55,11 @@ class ReportServiceServicer:
         """Sums cost and events over a window of event time, grouped by one or two
         dimensions, the most expensive group first. Grouping by type, version,
         category, resource, model, day or hour reads the hourly rollup kept at ingest
-        (and the events of the window's partial hours at its edges); grouping by
-        user id, request tag or step reads the window's events.
+        (and the events of the window's partial hours at its edges); grouping by, or
+        keeping to, one of user id and request tag (beside type, version, day or hour
+        only) reads the rollup by user and tag kept at ingest, per day and per hour;
+        anything else (step, API key, user and tag together, either with a category,
+        model or resource) reads the window's events.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -37,8 +37,11 @@ class ReportServiceStub:
     """Sums cost and events over a window of event time, grouped by one or two
     dimensions, the most expensive group first. Grouping by type, version,
     category, resource, model, day or hour reads the hourly rollup kept at ingest
-    (and the events of the window's partial hours at its edges); grouping by
-    user id, request tag or step reads the window's events.
+    (and the events of the window's partial hours at its edges); grouping by, or
+    keeping to, one of user id and request tag (beside type, version, day or hour
+    only) reads the rollup by user and tag kept at ingest, per day and per hour;
+    anything else (step, API key, user and tag together, either with a category,
+    model or resource) reads the window's events.
     """
     CompareVersions: _grpc.UnaryUnaryMultiCallable[_report_service_pb2.CompareVersionsRequest, _report_service_pb2.CompareVersionsResponse]
     """Two versions of a type side by side, over their runs whose first event is
@@ -59,8 +62,11 @@ class ReportServiceAsyncStub(ReportServiceStub):
     """Sums cost and events over a window of event time, grouped by one or two
     dimensions, the most expensive group first. Grouping by type, version,
     category, resource, model, day or hour reads the hourly rollup kept at ingest
-    (and the events of the window's partial hours at its edges); grouping by
-    user id, request tag or step reads the window's events.
+    (and the events of the window's partial hours at its edges); grouping by, or
+    keeping to, one of user id and request tag (beside type, version, day or hour
+    only) reads the rollup by user and tag kept at ingest, per day and per hour;
+    anything else (step, API key, user and tag together, either with a category,
+    model or resource) reads the window's events.
     """
     CompareVersions: _aio.UnaryUnaryMultiCallable[_report_service_pb2.CompareVersionsRequest, _report_service_pb2.CompareVersionsResponse]  # type: ignore[assignment]
     """Two versions of a type side by side, over their runs whose first event is
@@ -84,8 +90,11 @@ class ReportServiceServicer(metaclass=_abc_1.ABCMeta):
         """Sums cost and events over a window of event time, grouped by one or two
         dimensions, the most expensive group first. Grouping by type, version,
         category, resource, model, day or hour reads the hourly rollup kept at ingest
-        (and the events of the window's partial hours at its edges); grouping by
-        user id, request tag or step reads the window's events.
+        (and the events of the window's partial hours at its edges); grouping by, or
+        keeping to, one of user id and request tag (beside type, version, day or hour
+        only) reads the rollup by user and tag kept at ingest, per day and per hour;
+        anything else (step, API key, user and tag together, either with a category,
+        model or resource) reads the window's events.
         """
 
     @_abc_1.abstractmethod

@@ -524,15 +524,16 @@ export type BreakDownCostRequest = Message<"tally.v1.BreakDownCostRequest"> & {
 
   /**
    * Only events with this user id. Like a grouping by user id, this reads the
-   * window's events rather than the hourly rollup.
+   * rollup by user (with a category, model or resource, the window's events).
    *
    * @generated from field: string user_id = 10;
    */
   userId: string;
 
   /**
-   * Only events carrying this request tag. Like a grouping by request tag,
-   * this reads the window's events rather than the hourly rollup.
+   * Only events carrying this request tag. Like a grouping by request tag, this
+   * reads the rollup by tag (with a category, model or resource, the window's
+   * events).
    *
    * @generated from field: string request_tag = 11;
    */
@@ -828,8 +829,11 @@ export const ReportService: GenService<{
    * Sums cost and events over a window of event time, grouped by one or two
    * dimensions, the most expensive group first. Grouping by type, version,
    * category, resource, model, day or hour reads the hourly rollup kept at ingest
-   * (and the events of the window's partial hours at its edges); grouping by
-   * user id, request tag or step reads the window's events.
+   * (and the events of the window's partial hours at its edges); grouping by, or
+   * keeping to, one of user id and request tag (beside type, version, day or hour
+   * only) reads the rollup by user and tag kept at ingest, per day and per hour;
+   * anything else (step, API key, user and tag together, either with a category,
+   * model or resource) reads the window's events.
    *
    * @generated from rpc tally.v1.ReportService.BreakDownCost
    */

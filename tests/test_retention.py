@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import json
 import statistics
 import time
 from collections.abc import AsyncIterator
@@ -138,6 +139,9 @@ async def test_a_prune_deletes_old_events_and_changes_no_figure(served):
     code, out, err = await tally_cli(target, "events", "prune", "--before", cutoff.date().isoformat() + "T00:00Z")
     assert code == 0, err
     assert out.startswith("deleted 0 events before ") and "statistics and limits are unchanged" in out
+    code, out, err = await tally_cli(target, "events", "prune", "--before", cutoff.isoformat(), "--json")
+    assert code == 0, err
+    assert json.loads(out) == {"deletedEventCount": 0, "beforeTime": cutoff.strftime("%Y-%m-%dT%H:%M:%SZ")}
     for bad, field in (({"max_events": -1}, "max_events"), ({"max_events": 100_001}, "max_events")):
         with pytest.raises(TallyError) as error:
             await client.prune_events(cutoff, **bad)
@@ -218,6 +222,9 @@ async def test_an_erased_user_is_named_by_no_row_and_every_total_stays(served):
     assert "deleted 2,000 events of the user so far" in err
     assert out.startswith(f"erased user {ERASED!r}: 2,500 events deleted, ") and "limits deleted: of-erased" in out
     assert await _rows_naming(url, ERASED) == []
+    code, out, err = await tally_cli(target, "events", "erase", "--user", ERASED, "--json")  # again: nothing left
+    assert code == 0, err
+    assert json.loads(out) == {"deletedEventCount": 0, "movedRollupRowCount": 0, "deletedLimitNames": []}
     with pytest.raises(TallyError) as error:
         await client.get_event(theirs)
     assert error.value.code == grpc.StatusCode.NOT_FOUND

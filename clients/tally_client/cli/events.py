@@ -117,6 +117,9 @@ def events_prune(tally: TallyClient, args: argparse.Namespace) -> None:
         if not answer.more:
             break
         print(f"deleted {deleted:,} events so far", file=sys.stderr, flush=True)
+    if args.json:
+        print(json.dumps({"deletedEventCount": deleted, "beforeTime": answer.before_time.ToJsonString()}))
+        return
     print(f"deleted {deleted:,} events before {when(answer.before_time)}; statistics and limits are unchanged")
 
 
@@ -128,6 +131,11 @@ def events_erase(tally: TallyClient, args: argparse.Namespace) -> None:
         if not answer.more:
             break
         print(f"deleted {deleted:,} events of the user so far", file=sys.stderr, flush=True)
+    if args.json:
+        names = list(answer.deleted_limit_names)
+        moved = answer.moved_rollup_row_count
+        print(json.dumps({"deletedEventCount": deleted, "movedRollupRowCount": moved, "deletedLimitNames": names}))
+        return
     limits = ", ".join(answer.deleted_limit_names)
     print(
         f"erased user {args.user!r}: {deleted:,} events deleted, {answer.moved_rollup_row_count:,} rows of spend by "

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from ..domain.errors import Violations
 from ..domain.limits import ScopeKind
 from ..domain.models import now_us
-from ..domain.rollups import HOUR_US
+from ..domain.rollups import DAY_US, HOUR_US
 from ..domain.validation import check_text
 from ..storage import events as stored_events, limits as stored_limits, rollups as stored_rollups
 from ..storage.db import Database
@@ -77,8 +77,8 @@ class Retention:
     async def prune_older_than(self, days: int) -> int:
         """Deletes every event before the start of the UTC day `days` days ago, in calls of
         DEFAULT_MAX_EVENTS; returns how many. The server's --retention-days runs this."""
-        today = now_us() - now_us() % (24 * HOUR_US)
-        before = today - days * 24 * HOUR_US
+        now = now_us()
+        before = now - now % DAY_US - days * DAY_US
         deleted = 0
         while True:
             pruned = await self.prune(before)

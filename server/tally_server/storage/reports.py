@@ -180,28 +180,40 @@ async def _breakdown_from_rollup(
     _merge(into, await conn.execute(query), len(keys))
 
 
+Span = tuple[int | None, int | None]  # [start, end) in µs; None: unbounded
+
+
+def _whole(start_us: int | None, end_us: int | None, unit: int) -> tuple[Span, list[tuple[int, int]]] | None:
+    """[start_us, end_us) as its whole units (hours, days) and the spans left at either edge;
+    None when no whole unit fits in it."""
+    first = None if start_us is None else -(-start_us // unit) * unit
+    end = None if end_us is None else end_us - end_us % unit
+    if first is not None and end is not None and end <= first:
+        return None
+    edges = [(s, e) for s, e in ((start_us, first), (end, end_us)) if s is not None and e is not None and s < e]
+    return (first, end), edges
+
+
 async def _from_days_and_hours(
     conn: AsyncConnection,
     dimensions: Sequence[str],
-    first_hour: int | None,
-    end_hour: int | None,
+    hours: Span,
     f: m.CostFilter,
     into: Groups,
     only: Only,
     attribute: int,
 ) -> None:
-    """The whole hours [first_hour, end_hour) of the rollup by user or tag: its whole UTC
-    days from the rows per day, the hours at either edge from the rows per hour, so that a
-    month reads a row per day and user, not per hour."""
-    first_day = None if first_hour is None else -(-first_hour // DAY_US) * DAY_US
-    end_day = None if end_hour is None else end_hour - end_hour % DAY_US
-    if first_day is not None and end_day is not None and end_day <= first_day:
-        await _breakdown_from_rollup(conn, dimensions, first_hour, end_hour, f, into, only, attribute)
+    """The whole hours of the rollup by user or tag: their whole UTC days from the rows per
+    day, the hours at either edge from the rows per hour, so that a month reads a row per day
+    and user, not per hour."""
+    days = _whole(*hours, DAY_US)
+    if days is None:
+        await _breakdown_from_rollup(conn, dimensions, *hours, f, into, only, attribute)
         return
-    await _breakdown_from_rollup(conn, dimensions, first_day, end_day, f, into, only, attribute + DAYS)
-    for start, end in ((first_hour, first_day), (end_day, end_hour)):
-        if start is not None and end is not None and start < end:
-            await _breakdown_from_rollup(conn, dimensions, start, end, f, into, only, attribute)
+    whole_days, edges = days
+    await _breakdown_from_rollup(conn, dimensions, *whole_days, f, into, only, attribute + DAYS)
+    for start, end in edges:
+        await _breakdown_from_rollup(conn, dimensions, start, end, f, into, only, attribute)
 
 
 async def _breakdown_from_events(
@@ -255,21 +267,18 @@ async def cost_breakdown(
         groups: Groups = {}
         await _breakdown_from_events(conn, dimensions, start_us, end_us, f, groups, only)
         return groups
-    first_hour = None if start_us is None else -(-start_us // HOUR_US) * HOUR_US
-    end_hour = None if end_us is None else end_us - end_us % HOUR_US
-    if first_hour is not None and end_hour is not None and end_hour <= first_hour:
-        groups = {}
+    hours = _whole(start_us, end_us, HOUR_US)
+    groups = {}
+    if hours is None:
         await _breakdown_from_events(conn, dimensions, start_us, end_us, f, groups, only)
         return groups
-    groups = {}
+    whole_hours, edges = hours
     if attribute is not None and "hour" not in dimensions:
-        await _from_days_and_hours(conn, dimensions, first_hour, end_hour, f, groups, only, attribute)
+        await _from_days_and_hours(conn, dimensions, whole_hours, f, groups, only, attribute)
     else:
-        await _breakdown_from_rollup(conn, dimensions, first_hour, end_hour, f, groups, only, attribute)
-    if start_us is not None and first_hour is not None and start_us < first_hour:
-        await _breakdown_from_events(conn, dimensions, start_us, first_hour, f, groups, only)
-    if end_us is not None and end_hour is not None and end_hour < end_us:
-        await _breakdown_from_events(conn, dimensions, end_hour, end_us, f, groups, only)
+        await _breakdown_from_rollup(conn, dimensions, *whole_hours, f, groups, only, attribute)
+    for start, end in edges:
+        await _breakdown_from_events(conn, dimensions, start, end, f, groups, only)
     return groups
 
 

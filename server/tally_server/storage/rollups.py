@@ -536,11 +536,13 @@ async def unattribute(conn: AsyncConnection, where: sa.ColumnElement[bool]) -> N
     rows = [{**_key_values(key), **_totals_values(moved[key])} for key in sorted(moved, key=_sort_key)]
     await _add_cost_rows(conn, rows)
     by_attribute: dict[AttributeKey, m.CostTotals] = {}
-    for dimension in (USER_DIMENSION, TAG_DIMENSION, USER_DIMENSION + DAYS, TAG_DIMENSION + DAYS):
+    for dimension in (USER_DIMENSION, TAG_DIMENSION):
         for row in await conn.execute(_attribute_select(conn, dimension, [where, experiences.c.id.is_not(None)])):
-            hour, value = int(row.hour_us), row.value
-            named: AttributeKey = (dimension, hour, value, row.experience_name, int(row.experience_version))
-            _move(by_attribute, named, (dimension, hour, value, "", 0), totals_from_row(row))
+            hour, value, totals = int(row.hour_us), row.value, totals_from_row(row)
+            # Each hour's sums move in its hour's rows and in its day's.
+            for kept, start in ((dimension, hour), (dimension + DAYS, hour - hour % DAY_US)):
+                named: AttributeKey = (kept, start, value, row.experience_name, int(row.experience_version))
+                _move(by_attribute, named, (kept, start, value, "", 0), totals)
     await add_attribute_rows(conn, by_attribute)
 
 
@@ -571,14 +573,12 @@ def event_tags(conn: AsyncConnection) -> Any:
 
 
 def _attribute_select(conn: AsyncConnection, dimension: int, where: Iterable[sa.ColumnElement[bool]]) -> sa.Select[Any]:
-    """The events' sums per row of the rollup by user (or tag, per hour or day), as the
-    writer keys them."""
-    time = events.c.event_time_us
-    hour = (time - time % (DAY_US if dimension > DAYS else HOUR_US)).label("hour_us")
+    """The events' sums per hour row of the rollup by user (or tag), as the writer keys them."""
+    hour = hour_expression(events.c.event_time_us).label("hour_us")
     name = sa.func.coalesce(experience_types.c.name, "").label("experience_name")
     version = sa.func.coalesce(experiences.c.version, 0).label("experience_version")
     source: Any = EVENTS_WITH_TYPE
-    if dimension in (USER_DIMENSION, USER_DIMENSION + DAYS):
+    if dimension == USER_DIMENSION:
         value = sa.func.coalesce(events.c.user_id, "").label("value")
     else:
         tag = event_tags(conn)

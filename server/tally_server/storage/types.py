@@ -156,7 +156,7 @@ async def lock_type(conn: AsyncConnection, type_id: int) -> None:
 
 async def delete_type(conn: AsyncConnection, type_id: int) -> int:
     """Deletes the type, its versions and its experiences; their events become unattributed
-    (and move to the unattributed rows of the hourly cost rollup). Call lock_type first."""
+    (and move to the unattributed rows of the hourly rollups). Call lock_type first."""
     of_type = sa.select(experiences.c.id).where(experiences.c.type_id == type_id)
     await rollups.unattribute(conn, events.c.experience_id.in_(of_type))
     await conn.execute(sa.update(events).where(events.c.experience_id.in_(of_type)).values(experience_id=None))

@@ -219,18 +219,19 @@ async def batch_load(channel, metadata, seconds: float, batch_size: int, concurr
     return await request_load(send, make, batch_size, seconds, concurrency, name)
 
 
-def storage_rows(count: int, experience_id: uuid.UUID, as_text: bool) -> list[tuple]:
-    """The rows Tally stores for the benchmark's events, as the raw baseline inserts them."""
+def storage_rows(count: int, experience_id: uuid.UUID, as_bytes: bool) -> list[tuple]:
+    """The rows Tally stores for the benchmark's events, as the raw baseline inserts them
+    (UUIDs as their 16 bytes on SQLite, as Tally stores them there)."""
     rows = []
     for _ in range(count):
         event_id = uuid7()
         now = time.time_ns() // 1000
         rows.append(
             (
-                event_id.hex if as_text else event_id,
+                event_id.bytes if as_bytes else event_id,
                 f"raw-{event_id.hex}",
                 "ab" * 32,
-                experience_id.hex if as_text else experience_id,
+                experience_id.bytes if as_bytes else experience_id,
                 False,
                 "system.openai",
                 "gpt-4o",
@@ -278,7 +279,7 @@ def raw_sqlite(path: str, seconds: float, experience_id: uuid.UUID) -> Result:
     sql = f"INSERT INTO events ({COLUMNS}) VALUES ({', '.join('?' * 28)})"
     latencies: list[float] = []
     while sum(latencies) < seconds:
-        rows = storage_rows(1000, experience_id, as_text=True)
+        rows = storage_rows(1000, experience_id, as_bytes=True)
         sent = time.perf_counter()
         db.execute("BEGIN IMMEDIATE")
         db.executemany(sql, rows)
@@ -296,7 +297,7 @@ async def raw_postgres(url: str, seconds: float, experience_id: uuid.UUID) -> Re
     sql = f"INSERT INTO events ({COLUMNS}) VALUES ({', '.join(f'${i}' for i in range(1, 29))})"
     latencies: list[float] = []
     while sum(latencies) < seconds:
-        rows = storage_rows(1000, experience_id, as_text=False)
+        rows = storage_rows(1000, experience_id, as_bytes=False)
         sent = time.perf_counter()
         async with conn.transaction():
             await conn.executemany(sql, rows)

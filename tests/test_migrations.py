@@ -18,6 +18,7 @@ from grpc import aio
 from tally.v1 import (
     experience_service_pb2 as exp_pb,
     experience_type_service_pb2 as types_pb,
+    limit_service_pb2 as lim_pb,
     report_service_pb2 as report_pb,
     report_service_pb2_grpc as report_grpc,
 )
@@ -38,7 +39,7 @@ async def test_migrations_match_the_table_definitions(server):
     async with server.db.read() as conn:
         assert await conn.run_sync(differences) == []
         version = await conn.exec_driver_sql("SELECT version_num FROM alembic_version")
-        assert [row[0] for row in version] == ["0016"]
+        assert [row[0] for row in version] == ["0017"]
 
 
 async def test_an_upgrade_that_fails_changes_nothing(backend, tmp_path):
@@ -159,7 +160,7 @@ async def test_a_database_upgrades_from_the_first_migration_to_head(backend, tmp
         await database.migrate()
         async with database.read() as conn:
             version = (await conn.exec_driver_sql("SELECT version_num FROM alembic_version")).scalar_one()
-            assert version == "0016"
+            assert version == "0017"
             assert await conn.run_sync(lambda c: compare_metadata(MigrationContext.configure(c), metadata)) == []
     finally:
         await database.dispose()
@@ -316,5 +317,117 @@ async def test_0013_counts_the_tokens_of_the_events_stored_before_it(backend, tm
         finally:
             await database.dispose()
         assert await answers() == kept
+    finally:
+        await drop_database_url(url)
+
+
+# Every table that holds UUIDs and its UUID columns, as 0017 converts them.
+UUID_COLUMNS = {
+    "experiences": ("id",),
+    "experience_latencies": ("experience_id",),
+    "experience_outcomes": ("experience_id",),
+    "experience_outcome_changes": ("experience_id",),
+    "experience_step_costs": ("experience_id",),
+    "experience_property_updates": ("experience_id",),
+    "events": ("id", "experience_id"),
+    "event_annotations": ("event_id",),
+    "custom_prices": ("id",),
+    "limit_reservations": ("id",),
+    "limit_holds": ("reservation_id",),
+}
+
+
+async def test_0017_stores_every_uuid_in_16_bytes_on_sqlite(backend, tmp_path):
+    """A world that puts a row in every table holding UUIDs (runs with outcomes, steps and
+    properties, events with an annotation, a custom price, a reservation held by a block
+    limit), taken back to 0016 (ids as hex text on SQLite) and upgraded again: every read
+    answers as before, the ids are blobs of 16 bytes on SQLite, and the runs, the events,
+    the reservation and the writer's lookups work on the converted ids."""
+    url = await make_database_url(backend, tmp_path)
+    world: dict[str, Any] = {}
+
+    async def answers() -> tuple[Any, ...]:
+        tally = TallyServer(Settings(listen="127.0.0.1:0", database_url=url, grace_seconds=1))
+        await tally.start()
+        try:
+            async with AsyncTallyClient(f"127.0.0.1:{tally.port}") as client:
+                if not world:
+                    await seed_world(client, "Packed", random.Random(17))
+                    runs = (await client.list_experiences("Packed", version=3, page_size=5)).experiences
+                    world["run"] = runs[0].experience_id
+                    await client.update_experience_properties(world["run"], set_properties={"ticket": "T-1"})
+                    listed = await client.list_events(page_size=3)
+                    world["event"] = listed.events[0].request_id
+                    await client.annotate_event(world["event"], set_annotations={"reviewed": "yes"})
+                    await client.create_custom_price("packed", "model-p", {"text": ("0.000001", "0.000002")})
+                    everything = lim_pb.LimitScope(everything=True)
+                    limit = lim_pb.Limit(name="packed", max={"units": 100}, kind=1, period=1, scope=everything)
+                    await client.create_limit(limit)
+                    world["reservation"] = (await client.reserve("0.25", ttl_seconds=3600)).reservation_id
+                events, token = [], ""
+                while True:
+                    page = await client.list_events(page_size=100, page_token=token)
+                    events += [MessageToDict(e) for e in page.events]
+                    if not (token := page.next_page_token):
+                        break
+                runs = await client.list_experiences("Packed", order_by="cost_total desc", page_size=100)
+                return (
+                    events,
+                    MessageToDict(await client.get_event(world["event"])),
+                    MessageToDict(await client.get_experience(world["run"])),
+                    MessageToDict(await client.list_outcome_changes(world["run"])),
+                    MessageToDict(runs),
+                    MessageToDict(await client.get_experience_type_stats("Packed", include_outcomes=True)),
+                    [MessageToDict(p) for p in (await client.list_custom_prices(category="packed")).prices],
+                    MessageToDict(await client.get_limit("packed")),
+                )
+        finally:
+            await tally.stop()
+
+    async def stored_as() -> dict[str, set[str]]:
+        """Each table's UUID storage classes (SQLite's typeof) over its rows."""
+        found: dict[str, set[str]] = {}
+        async with database.read() as conn:
+            for table, columns in UUID_COLUMNS.items():
+                for column in columns:
+                    rows = await conn.exec_driver_sql(
+                        f"SELECT DISTINCT typeof({column}), length({column}) FROM {table} WHERE {column} IS NOT NULL"
+                    )
+                    found[f"{table}.{column}"] = {f"{kind}/{length}" for kind, length in rows}
+        return found
+
+    try:
+        kept = await answers()
+        database = Database(url)
+        try:
+            if backend == "sqlite":
+                assert set(map(frozenset, (await stored_as()).values())) == {frozenset({"blob/16"})}
+            async with database.write() as conn:
+                await conn.run_sync(lambda c: command.downgrade(alembic_config(c), "0016"))
+            if backend == "sqlite":
+                assert set(map(frozenset, (await stored_as()).values())) == {frozenset({"text/32"})}
+            await database.migrate()
+            if backend == "sqlite":
+                assert set(map(frozenset, (await stored_as()).values())) == {frozenset({"blob/16"})}
+        finally:
+            await database.dispose()
+        assert await answers() == kept
+        tally = TallyServer(Settings(listen="127.0.0.1:0", database_url=url, grace_seconds=1))
+        await tally.start()
+        try:
+            async with AsyncTallyClient(f"127.0.0.1:{tally.port}") as client:
+                before = await client.get_experience(world["run"])
+                event = usage_event("system.openai", "gpt-4o", {"text": (100, 10)})
+                event.context.experience_id = world["run"]
+                await client.ingest(event)
+                after = await client.get_experience(world["run"])
+                assert after.stats.event_count == before.stats.event_count + 1
+                held = (await client.get_limit("packed")).current.reserved
+                assert (held.units, held.nanos) == (0, 250_000_000)
+                await client.release(world["reservation"])
+                held = (await client.get_limit("packed")).current.reserved
+                assert (held.units, held.nanos) == (0, 0)
+        finally:
+            await tally.stop()
     finally:
         await drop_database_url(url)

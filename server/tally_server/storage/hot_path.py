@@ -41,7 +41,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ..domain import models as m
 from ..domain.rollups import tokens_of
-from .tables import events, experience_types, experiences
+from .tables import Uuid, events, experience_types, experiences
 
 EVENT_COLUMNS = tuple(column.name for column in events.columns)
 # A row by name as values in column order, in C: the driver statements bind positionally.
@@ -147,11 +147,11 @@ def _sqlite_chunks(count: int) -> list[int]:
 
 
 def _sqlite_values(row: dict[str, Any]) -> tuple[Any, ...]:
-    """A row in column order, UUIDs as hex as sa.Uuid stores them on SQLite (the row is
-    changed so: it is made for this insert alone)."""
-    row["id"] = row["id"].hex
+    """A row in column order, UUIDs as their 16 bytes as tables.Uuid stores them on SQLite
+    (the row is changed so: it is made for this insert alone)."""
+    row["id"] = row["id"].bytes
     if row["experience_id"] is not None:
-        row["experience_id"] = row["experience_id"].hex
+        row["experience_id"] = row["experience_id"].bytes
     return tuple(_in_column_order(row))
 
 
@@ -197,10 +197,11 @@ def _sqlite_experiences_by_id(count: int) -> str:
 
 
 async def _sqlite_get_experiences(conn: AsyncConnection, ids: list[uuid.UUID]) -> dict[uuid.UUID, m.Experience]:
-    # Ids are stored as hex and properties as JSON text, as sa.Uuid and sa.JSON do on SQLite.
+    # Ids are stored as 16 bytes and properties as JSON text, as tables.Uuid and sa.JSON do
+    # on SQLite.
     driver = await sqlite_driver(conn)
-    rows = await driver.execute_fetchall(_sqlite_experiences_by_id(len(ids)), [i.hex for i in ids])
-    found = (m.Experience(uuid.UUID(hex=r[0]), r[1], r[2], r[3], json.loads(r[4])) for r in rows)
+    rows = await driver.execute_fetchall(_sqlite_experiences_by_id(len(ids)), [i.bytes for i in ids])
+    found = (m.Experience(uuid.UUID(bytes=r[0]), r[1], r[2], r[3], json.loads(r[4])) for r in rows)
     return {experience.experience_id: experience for experience in found}
 
 
@@ -208,7 +209,7 @@ async def _sqlite_get_experiences(conn: AsyncConnection, ids: list[uuid.UUID]) -
 
 
 def _postgres_array_type(column: sa.Column[Any]) -> str:
-    if isinstance(column.type, sa.Uuid):
+    if isinstance(column.type, Uuid | sa.Uuid):
         return "uuid"
     if isinstance(column.type, sa.JSON):
         return "json"
@@ -259,13 +260,13 @@ def _positional(
     dialect: Any, statement: sa.ClauseElement, rows: Sequence[dict[str, Any]]
 ) -> tuple[str, list[tuple[Any, ...]]]:
     sql, names, constants = _compiled(dialect, statement)
-    sqlite_uuids = dialect.name == "sqlite"  # sa.Uuid stores hex text on SQLite
+    sqlite_uuids = dialect.name == "sqlite"  # tables.Uuid stores 16 bytes on SQLite
     values = []
     for row in rows:
         bound = []
         for name in names:
             value = row[name] if name in row else constants[name]
-            bound.append(value.hex if sqlite_uuids and isinstance(value, uuid.UUID) else value)
+            bound.append(value.bytes if sqlite_uuids and isinstance(value, uuid.UUID) else value)
         values.append(tuple(bound))
     return sql, values
 
@@ -285,7 +286,7 @@ async def fetch_in(
     conn: AsyncConnection, statement: sa.Select[Any], name: str, values: Sequence[uuid.UUID]
 ) -> list[tuple[Any, ...]]:
     """The rows of a query whose one expanding IN parameter `name` takes these UUIDs, as
-    tuples in column order (UUIDs as the driver returns them: hex text on SQLite)."""
+    tuples in column order (UUIDs as the driver returns them: 16 bytes on SQLite)."""
     sized = _with_length(statement, name, len(values))
     sql, bound = _positional(conn.dialect, sized, [{f"{name}_{i}": v for i, v in enumerate(values, 1)}])
     if conn.dialect.name == "sqlite":

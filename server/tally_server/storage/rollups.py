@@ -37,6 +37,7 @@ from .tables import (
     ROLLUP_COUNT_COLUMNS,
     ROLLUP_SPLIT,
     ROLLUP_SPLIT_COLUMNS,
+    Uuid,
     attribute_rollups,
     cost_rollups,
     events,
@@ -164,7 +165,7 @@ def _experience_update() -> sa.Update:
     first, last = sa.bindparam("p_first", type_=sa.BigInteger), sa.bindparam("p_last", type_=sa.BigInteger)
     return (
         sa.update(e)
-        .where(e.c.id == sa.bindparam("p_id", type_=sa.Uuid))
+        .where(e.c.id == sa.bindparam("p_id", type_=Uuid))
         .values(
             **_added(e, params),
             latency_sum_ms=e.c.latency_sum_ms + sa.bindparam("p_latency", type_=sa.BigInteger),
@@ -291,7 +292,8 @@ async def experience_states(
 
 
 def as_uuid(value: Any) -> uuid.UUID:
-    return value if isinstance(value, uuid.UUID) else uuid.UUID(hex=value)
+    """A UUID as a query returns it: a uuid.UUID, or on SQLite through the driver its 16 bytes."""
+    return value if isinstance(value, uuid.UUID) else uuid.UUID(bytes=bytes(value))
 
 
 def _state_of(row: tuple[Any, ...]) -> ExperienceState:

@@ -6,6 +6,9 @@ both exact and cheap to aggregate on either engine.
 
 from __future__ import annotations
 
+import uuid
+from typing import Any
+
 import sqlalchemy as sa
 
 # The sums a rollup row keeps (experiences and cost_rollups alike): counts, and sums kept
@@ -20,6 +23,35 @@ ROLLUP_SPLIT: dict[str, tuple[str, str]] = {
     **{tokens: (f"{tokens}_billions", f"{tokens}_ones") for tokens in ROLLUP_TOKENS},
 }
 ROLLUP_SPLIT_COLUMNS = tuple(column for pair in ROLLUP_SPLIT.values() for column in pair)
+
+
+class Uuid(sa.types.TypeDecorator[uuid.UUID]):
+    """A UUID: PostgreSQL's uuid; on SQLite its 16 bytes, as a BLOB (migration 0017), where
+    sa.Uuid stores 32 hex characters: the ids were a fifth of an event's bytes, counted
+    twice more in the indexes that carry them.
+
+    The SQLite columns keep the CHAR(32) type migrations 0001-0016 declared: SQLite stores a
+    blob as it is given whatever a column's declared type, and renaming the type would mean
+    copying every table, and dropping `experiences` cascades to their outcomes and steps."""
+
+    impl = sa.Uuid
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: sa.Dialect) -> sa.types.TypeEngine[Any]:
+        if dialect.name == "sqlite":
+            return dialect.type_descriptor(sa.CHAR(32))
+        return dialect.type_descriptor(sa.Uuid())
+
+    def process_bind_param(self, value: Any, dialect: sa.Dialect) -> Any:
+        if value is None or dialect.name != "sqlite":
+            return value
+        return (value if isinstance(value, uuid.UUID) else uuid.UUID(str(value))).bytes
+
+    def process_result_value(self, value: Any, dialect: sa.Dialect) -> uuid.UUID | None:
+        if value is None or dialect.name != "sqlite":
+            return value  # type: ignore[no-any-return]
+        return uuid.UUID(bytes=bytes(value))
+
 
 metadata = sa.MetaData(
     naming_convention={
@@ -57,7 +89,7 @@ experience_type_versions = sa.Table(
 experiences = sa.Table(
     "experiences",
     metadata,
-    sa.Column("id", sa.Uuid, primary_key=True),
+    sa.Column("id", Uuid, primary_key=True),
     sa.Column("type_id", sa.Integer, sa.ForeignKey("experience_types.id"), nullable=False),
     sa.Column("version", sa.Integer, nullable=False),
     sa.Column("create_time_us", sa.BigInteger, nullable=False),
@@ -82,7 +114,7 @@ experiences = sa.Table(
 experience_latencies = sa.Table(
     "experience_latencies",
     metadata,
-    sa.Column("experience_id", sa.Uuid, primary_key=True),
+    sa.Column("experience_id", Uuid, primary_key=True),
     sa.Column("bucket", sa.SmallInteger, primary_key=True),
     sa.Column("event_count", sa.BigInteger, nullable=False),
     sqlite_with_rowid=False,  # migration 0015, as the other rollups read by their key alone
@@ -204,10 +236,10 @@ attribute_rollups = sa.Table(
 events = sa.Table(
     "events",
     metadata,
-    sa.Column("id", sa.Uuid, primary_key=True),
+    sa.Column("id", Uuid, primary_key=True),
     sa.Column("idempotency_key", sa.String(300), nullable=True, unique=True),
     sa.Column("content_hash", sa.String(64), nullable=False),  # "" for an event without a key
-    sa.Column("experience_id", sa.Uuid, nullable=True),
+    sa.Column("experience_id", Uuid, nullable=True),
     sa.Column("experience_created", sa.Boolean, nullable=False),
     sa.Column("category", sa.String(128), nullable=False),
     sa.Column("resource", sa.String(256), nullable=False),
@@ -277,7 +309,7 @@ idempotent_requests = sa.Table(
 custom_prices = sa.Table(
     "custom_prices",
     metadata,
-    sa.Column("id", sa.Uuid, primary_key=True),
+    sa.Column("id", Uuid, primary_key=True),
     sa.Column("category", sa.String(128), nullable=False),
     sa.Column("resource", sa.String(256), nullable=False),
     sa.Column("effective_time_us", sa.BigInteger, nullable=False),
@@ -372,7 +404,7 @@ limit_spend = sa.Table(
 limit_reservations = sa.Table(
     "limit_reservations",
     metadata,
-    sa.Column("id", sa.Uuid, primary_key=True),
+    sa.Column("id", Uuid, primary_key=True),
     sa.Column("amount_nanos", sa.BigInteger, nullable=False),
     sa.Column("create_time_us", sa.BigInteger, nullable=False),
     sa.Column("expire_time_us", sa.BigInteger, nullable=False),
@@ -384,7 +416,7 @@ limit_reservations = sa.Table(
 limit_holds = sa.Table(
     "limit_holds",
     metadata,
-    sa.Column("reservation_id", sa.Uuid, primary_key=True),
+    sa.Column("reservation_id", Uuid, primary_key=True),
     sa.Column("limit_id", sa.Integer, primary_key=True),
     sa.Column("subject", sa.String(36), primary_key=True),
     sa.Column("amount_nanos", sa.BigInteger, nullable=False),
@@ -396,7 +428,7 @@ limit_holds = sa.Table(
 experience_outcomes = sa.Table(
     "experience_outcomes",
     metadata,
-    sa.Column("experience_id", sa.Uuid, sa.ForeignKey("experiences.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("experience_id", Uuid, sa.ForeignKey("experiences.id", ondelete="CASCADE"), primary_key=True),
     sa.Column("name", sa.String(64), primary_key=True),
     sa.Column("value", sa.Float, nullable=False),
     sa.Column("record_time_us", sa.BigInteger, nullable=False),
@@ -407,7 +439,7 @@ experience_outcome_changes = sa.Table(
     "experience_outcome_changes",
     metadata,
     sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True, autoincrement=True),
-    sa.Column("experience_id", sa.Uuid, sa.ForeignKey("experiences.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("experience_id", Uuid, sa.ForeignKey("experiences.id", ondelete="CASCADE"), nullable=False),
     sa.Column("name", sa.String(64), nullable=False),
     sa.Column("value", sa.Float, nullable=False),
     sa.Column("record_time_us", sa.BigInteger, nullable=False),
@@ -419,7 +451,7 @@ experience_outcome_changes = sa.Table(
 experience_step_costs = sa.Table(
     "experience_step_costs",
     metadata,
-    sa.Column("experience_id", sa.Uuid, sa.ForeignKey("experiences.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("experience_id", Uuid, sa.ForeignKey("experiences.id", ondelete="CASCADE"), primary_key=True),
     sa.Column("step", sa.String(64), primary_key=True),
     sa.Column("event_count", sa.BigInteger, nullable=False),
     sa.Column("cost_total_dollars", sa.BigInteger, nullable=False),
@@ -431,7 +463,7 @@ experience_step_costs = sa.Table(
 experience_property_updates = sa.Table(
     "experience_property_updates",
     metadata,
-    sa.Column("experience_id", sa.Uuid, sa.ForeignKey("experiences.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("experience_id", Uuid, sa.ForeignKey("experiences.id", ondelete="CASCADE"), primary_key=True),
     sa.Column("key", sa.String(64), primary_key=True),
     sa.Column("update_time_us", sa.BigInteger, nullable=False),
     sa.Column("key_name", sa.String(64), nullable=False),
@@ -441,7 +473,7 @@ experience_property_updates = sa.Table(
 event_annotations = sa.Table(
     "event_annotations",
     metadata,
-    sa.Column("event_id", sa.Uuid, primary_key=True),
+    sa.Column("event_id", Uuid, primary_key=True),
     sa.Column("key", sa.String(64), primary_key=True),
     sa.Column("value", sa.Text, nullable=False),
     sa.Column("update_time_us", sa.BigInteger, nullable=False),

@@ -157,7 +157,7 @@ async def list_events(
         .limit(limit)
     )
     if before is not None:
-        query = query.where(sa.tuple_(ev.c.event_time_us, ev.c.id) < sa.tuple_(*before))
+        query = query.where(sa.tuple_(ev.c.event_time_us, ev.c.id) < _position(before))
     return [stored_event(row) for row in await conn.execute(query)]
 
 
@@ -199,8 +199,14 @@ def _newest(
     source = rollups.EVENTS_WITH_TYPE if f.type_id is not None else events
     query = sa.select(ev.c.id).select_from(source).where(*event_conditions(conn, f))
     if before is not None:
-        query = query.where(sa.tuple_(ev.c.event_time_us, ev.c.id) < sa.tuple_(*before))
+        query = query.where(sa.tuple_(ev.c.event_time_us, ev.c.id) < _position(before))
     return query.order_by(ev.c.event_time_us.desc(), ev.c.id.desc()).limit(count).subquery("newest")
+
+
+def _position(before: tuple[int, uuid.UUID]) -> sa.Tuple:
+    """A page's (event time, id) position, typed as the columns (an untyped UUID would bind
+    as sa.Uuid's hex text, not as tables.Uuid's bytes on SQLite)."""
+    return sa.tuple_(*before, types=[events.c.event_time_us.type, events.c.id.type])
 
 
 async def _count(conn: AsyncConnection, rows: sa.Subquery) -> int:

@@ -211,7 +211,8 @@ async def list_experiences(
         .limit(limit)
     )
     if after is not None:
-        position = sa.tuple_(*after[:-1], uuid.UUID(after[-1]))
+        # Typed as the columns: an untyped UUID would bind as sa.Uuid's hex, not as tables.Uuid.
+        position = sa.tuple_(*after[:-1], uuid.UUID(after[-1]), types=[column.type for column in key])
         query = query.where(sa.tuple_(*key) < position if descending else sa.tuple_(*key) > position)
     rows = list(await conn.execute(query))
     if not rows:

@@ -249,13 +249,9 @@ def storage_rows(count: int, experience_id: uuid.UUID, as_bytes: bool) -> list[t
                 3_500_000,
                 8_000_000,
                 1,
+                None,
+                None,
                 1,
-                "system.openai",
-                "gpt-4o",
-                "genai-prices 0.2.3",
-                None,
-                None,
-                None,
             )
         )
     return rows
@@ -265,8 +261,7 @@ COLUMNS = (
     "id, idempotency_key, content_hash, experience_id, experience_created, category, resource, units, "
     "event_time_us, ingest_time_us, end_to_end_latency_ms, time_to_first_token_ms, http_status_code, "
     "provider_response_id, user_id, request_tags, properties, cost_input_nanos, cost_output_nanos, "
-    "cost_total_nanos, cost_state, price_source, price_category, price_resource, price_version, "
-    "price_effective_time_us, unknown_units, warnings"
+    "cost_total_nanos, cost_state, unknown_units, warnings, price_id"
 )
 
 
@@ -276,7 +271,7 @@ def raw_sqlite(path: str, seconds: float, experience_id: uuid.UUID) -> Result:
     db = sqlite3.connect(path, isolation_level=None)
     db.execute("PRAGMA journal_mode=WAL")
     db.execute("PRAGMA synchronous=FULL")
-    sql = f"INSERT INTO events ({COLUMNS}) VALUES ({', '.join('?' * 28)})"
+    sql = f"INSERT INTO events ({COLUMNS}) VALUES ({', '.join('?' * 24)})"
     latencies: list[float] = []
     while sum(latencies) < seconds:
         rows = storage_rows(1000, experience_id, as_bytes=True)
@@ -294,7 +289,7 @@ async def raw_postgres(url: str, seconds: float, experience_id: uuid.UUID) -> Re
 
     plain = sa.make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
     conn = await asyncpg.connect(plain)
-    sql = f"INSERT INTO events ({COLUMNS}) VALUES ({', '.join(f'${i}' for i in range(1, 29))})"
+    sql = f"INSERT INTO events ({COLUMNS}) VALUES ({', '.join(f'${i}' for i in range(1, 25))})"
     latencies: list[float] = []
     while sum(latencies) < seconds:
         rows = storage_rows(1000, experience_id, as_bytes=False)

@@ -39,7 +39,7 @@ async def test_migrations_match_the_table_definitions(server):
     async with server.db.read() as conn:
         assert await conn.run_sync(differences) == []
         version = await conn.exec_driver_sql("SELECT version_num FROM alembic_version")
-        assert [row[0] for row in version] == ["0017"]
+        assert [row[0] for row in version] == ["0018"]
 
 
 async def test_an_upgrade_that_fails_changes_nothing(backend, tmp_path):
@@ -160,7 +160,7 @@ async def test_a_database_upgrades_from_the_first_migration_to_head(backend, tmp
         await database.migrate()
         async with database.read() as conn:
             version = (await conn.exec_driver_sql("SELECT version_num FROM alembic_version")).scalar_one()
-            assert version == "0017"
+            assert version == "0018"
             assert await conn.run_sync(lambda c: compare_metadata(MigrationContext.configure(c), metadata)) == []
     finally:
         await database.dispose()
@@ -337,12 +337,14 @@ UUID_COLUMNS = {
 }
 
 
-async def test_0017_stores_every_uuid_in_16_bytes_on_sqlite(backend, tmp_path):
+async def test_0017_and_0018_keep_every_answer_in_the_compact_rows(backend, tmp_path):
     """A world that puts a row in every table holding UUIDs (runs with outcomes, steps and
-    properties, events with an annotation, a custom price, a reservation held by a block
-    limit), taken back to 0016 (ids as hex text on SQLite) and upgraded again: every read
-    answers as before, the ids are blobs of 16 bytes on SQLite, and the runs, the events,
-    the reservation and the writer's lookups work on the converted ids."""
+    properties, events with an annotation, custom prices, a reservation held by a block
+    limit) and events priced by genai-prices and by a custom price and its variant, taken
+    back to 0016 (ids as hex text on SQLite, each event's price as six columns of its own)
+    and upgraded again: every read answers as before, the ids are blobs of 16 bytes on
+    SQLite, each priced event names one applied price, and the runs, the events, the
+    reservation and the writer's lookups work on the converted rows."""
     url = await make_database_url(backend, tmp_path)
     world: dict[str, Any] = {}
 
@@ -359,7 +361,28 @@ async def test_0017_stores_every_uuid_in_16_bytes_on_sqlite(backend, tmp_path):
                     listed = await client.list_events(page_size=3)
                     world["event"] = listed.events[0].request_id
                     await client.annotate_event(world["event"], set_annotations={"reviewed": "yes"})
-                    await client.create_custom_price("packed", "model-p", {"text": ("0.000001", "0.000002")})
+                    start = datetime.datetime.now(datetime.UTC) - datetime.timedelta(hours=1)
+                    await client.create_custom_price(
+                        "packed", "model-p", {"text": ("0.000001", "0.000002")}, effective_time=start
+                    )
+                    await client.create_custom_price(
+                        "packed",
+                        "model-p",
+                        {"text": ("0.000003", "0.000004")},
+                        effective_time=start,
+                        price_context={"region": "eu"},
+                    )
+                    # Events priced by a custom price and by genai-prices, each standard and variant.
+                    for category, model, context in (
+                        ("packed", "model-p", {}),
+                        ("packed", "model-p", {"region": "eu"}),
+                        ("system.anthropic", "claude-haiku-4-5", {}),
+                        ("system.anthropic", "claude-haiku-4-5", {"processing": "batch"}),
+                    ):
+                        event = usage_event(category, model, {"text": (1_000, 100)})
+                        event.context.experience_id = world["run"]
+                        event.price_context.update(context)
+                        await client.ingest(event)
                     everything = lim_pb.LimitScope(everything=True)
                     limit = lim_pb.Limit(name="packed", max={"units": 100}, kind=1, period=1, scope=everything)
                     await client.create_limit(limit)
@@ -409,19 +432,52 @@ async def test_0017_stores_every_uuid_in_16_bytes_on_sqlite(backend, tmp_path):
             await database.migrate()
             if backend == "sqlite":
                 assert set(map(frozenset, (await stored_as()).values())) == {frozenset({"blob/16"})}
+            async with database.read() as conn:
+                applied = await conn.exec_driver_sql("SELECT source, version FROM applied_prices")
+                sources = sorted(source for source, _ in applied)
+                unnamed = await conn.exec_driver_sql(
+                    "SELECT COUNT(*) FROM events WHERE price_id IS NULL AND cost_state = 1"
+                )
+                assert unnamed.scalar_one() == 0
         finally:
             await database.dispose()
+        # gpt-4o's and claude-haiku-4-5's genai-prices entries, the latter's batch variant;
+        # the custom price and its variant.
+        assert sources == [1, 1, 1, 2, 2], sources
         assert await answers() == kept
+        prices = [e["xproxyResult"]["price"] for e in kept[0] if "price" in e["xproxyResult"]]
+        named = {
+            (p["source"], p["resource"], p["version"].split()[0], tuple(p.get("priceContext", {}).items()))
+            for p in prices
+        }
+        standard, variant = kept[6][0]["priceId"], kept[6][1]["priceId"]
+        assert named == {
+            ("PRICE_SOURCE_SYSTEM", "gpt-4o", "genai-prices", ()),
+            ("PRICE_SOURCE_SYSTEM", "claude-haiku-4-5", "genai-prices", ()),
+            ("PRICE_SOURCE_SYSTEM", "claude-haiku-4-5", "genai-prices", (("processing", "batch"),)),
+            ("PRICE_SOURCE_CUSTOM", "model-p", standard, ()),
+            ("PRICE_SOURCE_CUSTOM", "model-p", variant, (("region", "eu"),)),
+        }
         tally = TallyServer(Settings(listen="127.0.0.1:0", database_url=url, grace_seconds=1))
         await tally.start()
         try:
             async with AsyncTallyClient(f"127.0.0.1:{tally.port}") as client:
                 before = await client.get_experience(world["run"])
-                event = usage_event("system.openai", "gpt-4o", {"text": (100, 10)})
-                event.context.experience_id = world["run"]
-                await client.ingest(event)
+                for category, model, context in (
+                    ("system.openai", "gpt-4o", {}),
+                    ("system.anthropic", "claude-haiku-4-5", {"processing": "batch"}),
+                ):
+                    event = usage_event(category, model, {"text": (100, 10)})
+                    event.context.experience_id = world["run"]
+                    event.price_context.update(context)
+                    await client.ingest(event)
                 after = await client.get_experience(world["run"])
-                assert after.stats.event_count == before.stats.event_count + 1
+                assert after.stats.event_count == before.stats.event_count + 2
+            async with tally.db.read() as conn:  # the writer found the prices 0018 made: none made again
+                count = await conn.exec_driver_sql("SELECT COUNT(*) FROM applied_prices")
+                rows = list(await conn.exec_driver_sql("SELECT * FROM applied_prices"))
+                assert len(rows) == 5, "\n".join(map(str, rows))
+            async with AsyncTallyClient(f"127.0.0.1:{tally.port}") as client:
                 held = (await client.get_limit("packed")).current.reserved
                 assert (held.units, held.nanos) == (0, 250_000_000)
                 await client.release(world["reservation"])

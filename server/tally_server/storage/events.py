@@ -12,7 +12,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ..domain import models as m
-from . import hot_path, rollups
+from . import applied_prices, hot_path, rollups, tables
 from .tables import (
     event_annotations,
     events,
@@ -25,13 +25,23 @@ async def insert_events(conn: AsyncConnection, stored: hot_path.Stored) -> set[u
     """Inserts (event, result) pairs in one transaction; returns the ids NOT inserted
     (usually none): events whose idempotency key another transaction committed
     first are skipped, not failed."""
-    return await hot_path.insert_events(conn, stored) if stored else set()
+    if not stored:
+        return set()
+    price_ids = await applied_prices.ids_of(conn, {result.cost.price for _, result in stored if result.cost.price})
+    return await hot_path.insert_events(conn, stored, price_ids)
 
 
-_EVENT_WITH_EXPERIENCE_COLUMNS = (
+# An event with its experience's name and version and its applied price's columns (as
+# price_source, price_category, ...: _price_reference reads them so).
+_EVENT_WITH_EXPERIENCE_COLUMNS: tuple[Any, ...] = (
     events,
     experience_types.c.name.label("experience_name"),
     experiences.c.version.label("experience_version"),
+    *(
+        applied.label(f"price_{applied.name}")
+        for applied in tables.applied_prices.c
+        if applied.name not in ("id", "price_key")
+    ),
 )
 
 
@@ -175,6 +185,7 @@ async def _of_type_in_time_order(
         of_type.append(experiences.c.version == f.version)
     source = (
         scan.join(ev, ev.c.id == scan.c.id)
+        .outerjoin(tables.applied_prices, ev.c.price_id == tables.applied_prices.c.id)
         .join(experiences, ev.c.experience_id == experiences.c.id)
         .outerjoin(experience_types, experiences.c.type_id == experience_types.c.id)
     )
@@ -196,7 +207,7 @@ def _newest(
 ) -> sa.Subquery:
     """The ids of the filter's newest `count` events (before `before`), in time order."""
     ev = events
-    source = rollups.EVENTS_WITH_TYPE if f.type_id is not None else events
+    source = rollups.EVENTS_WITH_TYPE if f.type_id is not None else rollups.EVENTS_WITH_PRICE
     query = sa.select(ev.c.id).select_from(source).where(*event_conditions(conn, f))
     if before is not None:
         query = query.where(sa.tuple_(ev.c.event_time_us, ev.c.id) < _position(before))

@@ -32,7 +32,7 @@ import json
 import operator
 import sqlite3
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, cast
 
 import sqlalchemy as sa
@@ -44,6 +44,9 @@ from ..domain.rollups import tokens_of
 from .tables import Uuid, events, experience_types, experiences
 
 EVENT_COLUMNS = tuple(column.name for column in events.columns)
+Stored = Sequence[tuple[m.UsageEvent, m.IngestResult]]
+# The id of each price's applied_prices row (storage.applied_prices.ids_of).
+PriceIds = Mapping[m.PriceReference, int]
 # A row by name as values in column order, in C: the driver statements bind positionally.
 _in_column_order = operator.itemgetter(*EVENT_COLUMNS)
 
@@ -73,9 +76,10 @@ def _json_or_null(value: Any) -> str | None:
     return _compact_json(value) if value else None
 
 
-def event_row(event: m.UsageEvent, result: m.IngestResult) -> dict[str, Any]:
+def event_row(event: m.UsageEvent, result: m.IngestResult, price_ids: PriceIds) -> dict[str, Any]:
     """The events row of a priced, attributed event, by column name, with JSON columns as
-    text (what SQLAlchemy's JSON type would bind, without its per-value overhead)."""
+    text (what SQLAlchemy's JSON type would bind, without its per-value overhead), and its
+    price as the id of its applied_prices row."""
     cost, price, context = result.cost, result.cost.price, event.context
     tokens = tokens_of(event)
     return {
@@ -106,15 +110,10 @@ def event_row(event: m.UsageEvent, result: m.IngestResult) -> dict[str, Any]:
         "cost_output_nanos": cost.output_nanos,
         "cost_total_nanos": cost.total_nanos,
         "cost_state": int(cost.state),
-        "price_source": int(price.source) if price else 0,
-        "price_category": price.category if price else None,
-        "price_resource": price.resource if price else None,
-        "price_version": price.version if price else None,
-        "price_effective_time_us": price.effective_time_us if price else None,
+        "price_id": price_ids[price] if price else None,
         "unknown_units": _json_or_null([[u.unit_type, u.input, u.output, u.reason] for u in cost.unknown_units]),
         "warnings": _json_or_null(list(result.warnings)),
         "price_context": _json_or_null(event.price_context),
-        "price_variant": _json_or_null(dict(price.price_context)) if price and price.price_context else None,
     }
 
 
@@ -303,13 +302,10 @@ def _with_length(statement: sa.Select[Any], name: str, length: int) -> sa.Select
 # --- what the repository calls ------------------------------------------------------------
 
 
-Stored = Sequence[tuple[m.UsageEvent, m.IngestResult]]
-
-
-async def insert_events(conn: AsyncConnection, stored: Stored) -> set[uuid.UUID]:
+async def insert_events(conn: AsyncConnection, stored: Stored, price_ids: PriceIds) -> set[uuid.UUID]:
     """Inserts (event, result) pairs; returns the ids NOT inserted because their
     idempotency key was committed first by another transaction."""
-    rows = [event_row(event, result) for event, result in stored]
+    rows = [event_row(event, result, price_ids) for event, result in stored]
     if conn.dialect.name == "sqlite":
         return await _sqlite_insert(conn, rows)
     return await _postgres_insert(conn, rows)
@@ -348,9 +344,9 @@ def _events_as_text(json_text: Any) -> sa.Table:
 _EVENTS_AS_TEXT = {"sqlite": _events_as_text(sa.Text), "postgresql": _events_as_text(_JsonTextForPostgres)}
 
 
-async def plain_insert_events(conn: AsyncConnection, stored: Stored) -> set[uuid.UUID]:
+async def plain_insert_events(conn: AsyncConnection, stored: Stored, price_ids: PriceIds) -> set[uuid.UUID]:
     """SQLAlchemy's own bulk insert (insertmanyvalues, with RETURNING) of the same rows."""
-    rows = [event_row(event, result) for event, result in stored]
+    rows = [event_row(event, result, price_ids) for event, result in stored]
     dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
     table = _EVENTS_AS_TEXT[conn.dialect.name]
     statement = dialect.insert(table).on_conflict_do_nothing(index_elements=["idempotency_key"]).returning(table.c.id)

@@ -230,7 +230,7 @@ async def _breakdown_from_events(
     needs_type = bool(f.experience_name or f.experience_version) or {"experience_name", "experience_version"} & set(
         dimensions
     )
-    source: Any = rollups.EVENTS_WITH_TYPE if needs_type else events
+    source: Any = rollups.EVENTS_WITH_TYPE if needs_type else rollups.EVENTS_WITH_PRICE
     tag = None
     if "request_tag" in dimensions:
         tag = rollups.event_tags(conn)

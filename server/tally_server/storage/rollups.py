@@ -38,6 +38,7 @@ from .tables import (
     ROLLUP_SPLIT,
     ROLLUP_SPLIT_COLUMNS,
     Uuid,
+    applied_prices,
     attribute_rollups,
     cost_rollups,
     events,
@@ -502,14 +503,17 @@ def hour_expression(time_us: sa.ColumnElement[int]) -> sa.ColumnElement[int]:
     return time_us - time_us % HOUR_US
 
 
-# An event with its experience and that experience's type (none for unattributed events).
-EVENTS_WITH_TYPE = events.outerjoin(experiences, events.c.experience_id == experiences.c.id).outerjoin(
+# An event with the price that priced it (none for an unpriced event): the engines leave the
+# join out of a query that reads nothing of the price.
+EVENTS_WITH_PRICE = events.outerjoin(applied_prices, events.c.price_id == applied_prices.c.id)
+# ... and with its experience and that experience's type (none for unattributed events).
+EVENTS_WITH_TYPE = EVENTS_WITH_PRICE.outerjoin(experiences, events.c.experience_id == experiences.c.id).outerjoin(
     experience_types, experiences.c.type_id == experience_types.c.id
 )
 
 
-# The model an event counts under (domain.rollups.priced_model, in SQL).
-MODEL_OF_EVENT = sa.func.coalesce(events.c.price_resource, events.c.resource)
+# The model an event counts under (domain.rollups.priced_model, in SQL), of EVENTS_WITH_PRICE.
+MODEL_OF_EVENT = sa.func.coalesce(applied_prices.c.resource, events.c.resource)
 
 
 def _cost_rollup_select(where: Iterable[sa.ColumnElement[bool]]) -> sa.Select[Any]:

@@ -231,6 +231,23 @@ attribute_rollups = sa.Table(
     sqlite_with_rowid=False,
 )
 
+# The prices events were priced with, one row each, named by the events' price_id (migration
+# 0018): a price's source, category, resource, version (a custom price's id), effective time
+# and variant (the pairs of the price context that selected it) were text in every event.
+applied_prices = sa.Table(
+    "applied_prices",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    # What a price is unique by: storage.applied_prices.key_of.
+    sa.Column("price_key", sa.Text, nullable=False, unique=True),
+    sa.Column("source", sa.SmallInteger, nullable=False),
+    sa.Column("category", sa.String(128), nullable=False),
+    sa.Column("resource", sa.String(256), nullable=False),
+    sa.Column("version", sa.String(128), nullable=False),
+    sa.Column("effective_time_us", sa.BigInteger, nullable=True),
+    sa.Column("variant", sa.JSON(none_as_null=True), nullable=True),
+)
+
 # One row per stored event. experience_id has no foreign key on purpose: deleting
 # an experience leaves its events stored, unattributed (experience_id set to NULL).
 events = sa.Table(
@@ -261,22 +278,17 @@ events = sa.Table(
     sa.Column("cost_output_nanos", sa.BigInteger, nullable=False),
     sa.Column("cost_total_nanos", sa.BigInteger, nullable=False),
     sa.Column("cost_state", sa.SmallInteger, nullable=False),
-    sa.Column("price_source", sa.SmallInteger, nullable=False),
-    sa.Column("price_category", sa.String(128), nullable=True),
-    sa.Column("price_resource", sa.String(256), nullable=True),
-    sa.Column("price_version", sa.String(128), nullable=True),
-    sa.Column("price_effective_time_us", sa.BigInteger, nullable=True),
     sa.Column("unknown_units", sa.JSON(none_as_null=True), nullable=True),
     sa.Column("warnings", sa.JSON(none_as_null=True), nullable=True),
-    # The event's price context as sent and merged ({key: value}), and the pairs of it that
-    # selected the price variant applied.
+    # The event's price context as sent and merged ({key: value}).
     sa.Column("price_context", sa.JSON(none_as_null=True), nullable=True),
-    sa.Column("price_variant", sa.JSON(none_as_null=True), nullable=True),
     # The step of its run the event named (migration 0009); NULL for none.
     sa.Column("step", sa.String(64), nullable=True),
     # The name of the API key that sent it (migration 0013); NULL with keys off, and for
     # the events stored before.
     sa.Column("key_name", sa.String(64), nullable=True),
+    # The price that priced it, a row of applied_prices (migration 0018); NULL for none.
+    sa.Column("price_id", sa.Integer, nullable=True),
     # Annotations find an event by the provider's response id (migration 0010).
     sa.Index("ix_events_provider_response_id", "provider_response_id"),
     # An experience's events in event-time order (ListEvents, deletions); ties of time are

@@ -44,6 +44,8 @@ from ..domain.rollups import tokens_of
 from .tables import Uuid, events, experience_types, experiences
 
 EVENT_COLUMNS = tuple(column.name for column in events.columns)
+# The conflict an insert skips: a key another event holds (ix_events_idempotency_key, partial).
+_ON_KEY = "(idempotency_key) WHERE idempotency_key IS NOT NULL"
 Stored = Sequence[tuple[m.UsageEvent, m.IngestResult]]
 # The id of each price's applied_prices row (storage.applied_prices.ids_of).
 PriceIds = Mapping[m.PriceReference, int]
@@ -131,7 +133,7 @@ def _sqlite_insert_events(rows: int) -> str:
     placeholders = "(" + ", ".join("?" * len(EVENT_COLUMNS)) + ")"
     return (
         f"INSERT INTO events ({', '.join(EVENT_COLUMNS)}) VALUES {', '.join([placeholders] * rows)} "
-        "ON CONFLICT (idempotency_key) DO NOTHING"
+        f"ON CONFLICT {_ON_KEY} DO NOTHING"
     )
 
 
@@ -227,7 +229,7 @@ _POSTGRES_INSERT_EVENTS = (
         f"${i}::{'text' if _postgres_array_type(c) == 'json' else _postgres_array_type(c)}[]"
         for i, c in enumerate(events.columns, 1)
     )
-    + f") AS batch ({', '.join(EVENT_COLUMNS)}) ON CONFLICT (idempotency_key) DO NOTHING RETURNING id"
+    + f") AS batch ({', '.join(EVENT_COLUMNS)}) ON CONFLICT {_ON_KEY} DO NOTHING RETURNING id"
 )
 
 
@@ -349,7 +351,12 @@ async def plain_insert_events(conn: AsyncConnection, stored: Stored, price_ids: 
     rows = [event_row(event, result, price_ids) for event, result in stored]
     dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
     table = _EVENTS_AS_TEXT[conn.dialect.name]
-    statement = dialect.insert(table).on_conflict_do_nothing(index_elements=["idempotency_key"]).returning(table.c.id)
+    keyed = table.c.idempotency_key.isnot(None)
+    statement = (
+        dialect.insert(table)
+        .on_conflict_do_nothing(index_elements=["idempotency_key"], index_where=keyed)
+        .returning(table.c.id)
+    )
     inserted = {row.id for row in await conn.execute(statement, rows)}
     return {row["id"] for row in rows} - inserted
 

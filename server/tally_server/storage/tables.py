@@ -254,7 +254,7 @@ events = sa.Table(
     "events",
     metadata,
     sa.Column("id", Uuid, primary_key=True),
-    sa.Column("idempotency_key", sa.String(300), nullable=True, unique=True),
+    sa.Column("idempotency_key", sa.String(300), nullable=True),
     sa.Column("content_hash", sa.String(64), nullable=False),  # "" for an event without a key
     sa.Column("experience_id", Uuid, nullable=True),
     sa.Column("experience_created", sa.Boolean, nullable=False),
@@ -289,8 +289,23 @@ events = sa.Table(
     sa.Column("key_name", sa.String(64), nullable=True),
     # The price that priced it, a row of applied_prices (migration 0018); NULL for none.
     sa.Column("price_id", sa.Integer, nullable=True),
-    # Annotations find an event by the provider's response id (migration 0010).
-    sa.Index("ix_events_provider_response_id", "provider_response_id"),
+    # One event per idempotency key, of the events that have one (migration 0018: a unique
+    # constraint kept an entry for every event without a key too).
+    sa.Index(
+        "ix_events_idempotency_key",
+        "idempotency_key",
+        unique=True,
+        sqlite_where=sa.text("idempotency_key IS NOT NULL"),
+        postgresql_where=sa.text("idempotency_key IS NOT NULL"),
+    ),
+    # Annotations find an event by the provider's response id (migration 0010), of the
+    # events that have one (migration 0018).
+    sa.Index(
+        "ix_events_provider_response_id",
+        "provider_response_id",
+        sqlite_where=sa.text("provider_response_id IS NOT NULL"),
+        postgresql_where=sa.text("provider_response_id IS NOT NULL"),
+    ),
     # An experience's events in event-time order (ListEvents, deletions); ties of time are
     # put in id order by a sort after the index (migration 0016: the id was a second copy).
     sa.Index("ix_events_experience_time", "experience_id", "event_time_us"),

@@ -6,6 +6,10 @@ in the log), then the six columns go: on SQLite by copying the events table once
 cannot drop several columns without rewriting the table for each), on PostgreSQL in place
 (the space comes back as rows are rewritten, or at a VACUUM FULL).
 
+The same copy replaces the idempotency keys' unique constraint by a unique index of the
+events that have a key: the constraint's index held an entry for every event without one.
+The index of provider response ids likewise keeps the events that have one.
+
 Frozen: this file carries the statements it ran when it was written and imports nothing of
 the server.
 
@@ -39,6 +43,8 @@ MOVED = {
     "price_effective_time_us": "effective_time_us",
     "price_variant": "variant",
 }
+KEYED = {f"{engine}_where": sa.text("idempotency_key IS NOT NULL") for engine in ("sqlite", "postgresql")}
+RESPONDED = {f"{engine}_where": sa.text("provider_response_id IS NOT NULL") for engine in ("sqlite", "postgresql")}
 # Rows changed per statement on SQLite.
 BATCH = 100_000
 
@@ -122,11 +128,21 @@ def upgrade() -> None:
     with op.batch_alter_table("events") as batch:  # SQLite: one copy of the table; PostgreSQL: in place
         for column in MOVED:
             batch.drop_column(column)
+        batch.drop_constraint("uq_events_idempotency_key", type_="unique")
+    # The idempotency keys' unique index holds the events that have one: the constraint's
+    # index held an entry for each event without a key too (most events).
+    op.create_index("ix_events_idempotency_key", "events", ["idempotency_key"], unique=True, **KEYED)
+    # Likewise the provider's response ids (annotations find events by them).
+    op.drop_index("ix_events_provider_response_id", "events")
+    op.create_index("ix_events_provider_response_id", "events", ["provider_response_id"], **RESPONDED)
     _log.info("events named their %s applied prices in %.1f s", len(ids), time.monotonic() - started)
 
 
 def downgrade() -> None:
     connection = op.get_bind()
+    op.drop_index("ix_events_idempotency_key", "events", **KEYED)
+    op.drop_index("ix_events_provider_response_id", "events", **RESPONDED)
+    op.create_index("ix_events_provider_response_id", "events", ["provider_response_id"])
     with op.batch_alter_table("events") as batch:
         batch.add_column(sa.Column("price_source", sa.SmallInteger, nullable=False, server_default="0"))
         batch.add_column(sa.Column("price_category", sa.String(128), nullable=True))
@@ -140,4 +156,5 @@ def downgrade() -> None:
     connection.exec_driver_sql(f"UPDATE events SET {setting} WHERE price_id IS NOT NULL")
     with op.batch_alter_table("events") as batch:
         batch.drop_column("price_id")
+        batch.create_unique_constraint("uq_events_idempotency_key", ["idempotency_key"])
     op.drop_table("applied_prices")

@@ -474,7 +474,6 @@ async def test_0017_and_0018_keep_every_answer_in_the_compact_rows(backend, tmp_
                 after = await client.get_experience(world["run"])
                 assert after.stats.event_count == before.stats.event_count + 2
             async with tally.db.read() as conn:  # the writer found the prices 0018 made: none made again
-                count = await conn.exec_driver_sql("SELECT COUNT(*) FROM applied_prices")
                 rows = list(await conn.exec_driver_sql("SELECT * FROM applied_prices"))
                 assert len(rows) == 5, "\n".join(map(str, rows))
             async with AsyncTallyClient(f"127.0.0.1:{tally.port}") as client:

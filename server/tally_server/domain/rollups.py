@@ -391,10 +391,10 @@ def rollups_of(
     )
 
 
-# The dimensions of the user and request-tag rollup (storage: attribute_rollups), each
-# kept per hour and, as dimension + DAYS, per UTC day: a long window reads days, its edges
-# hours (and the events of its partial first and last hours).
-USER_DIMENSION, TAG_DIMENSION = 1, 2
+# The dimensions of the user, request-tag and API-key rollup (storage: attribute_rollups),
+# each kept per hour and, as dimension + DAYS, per UTC day: a long window reads days, its
+# edges hours (and the events of its partial first and last hours). Keys since 0019.
+USER_DIMENSION, TAG_DIMENSION, KEY_DIMENSION = 1, 2, 5
 DAYS = 2
 # One of its rows: dimension, hour (or day), value ("" for none: an event without a user,
 # or without tags), experience name and version ("" and 0: unattributed).
@@ -402,9 +402,10 @@ AttributeKey = tuple[int, int, str, str, int]
 
 
 def attribute_rollups_of(stored: Iterable[tuple[UsageEvent, IngestResult]]) -> dict[AttributeKey, CostTotals]:
-    """What the stored events add to the rollup by user and by request tag: each event
-    counts once under its user and once under each of its tags (under "" for none), as a
-    breakdown of the events by user or by tag groups them, in its hour and its day."""
+    """What the stored events add to the rollup by user, request tag and API key: each event
+    counts once under its user, once under each of its tags (under "" for none) and once
+    under its key's name, as a breakdown of the events by each groups them, in its hour and
+    its day."""
     by_key: dict[AttributeKey, list[int]] = {}
     priced = CostState.PRICED
     for event, result in stored:
@@ -414,7 +415,11 @@ def attribute_rollups_of(stored: Iterable[tuple[UsageEvent, IngestResult]]) -> d
         unpriced = 0 if cost.state == priced else 1
         tokens = tokens_of(event)
         name, version = result.experience_name, result.experience_version
-        values = ((USER_DIMENSION, context.user_id), *((TAG_DIMENSION, tag) for tag in context.request_tags or ("",)))
+        values = (
+            (USER_DIMENSION, context.user_id),
+            *((TAG_DIMENSION, tag) for tag in context.request_tags or ("",)),
+            (KEY_DIMENSION, event.key_name),
+        )
         for dimension, value in values:
             for key in ((dimension, hour, value, name, version), (dimension + DAYS, day, value, name, version)):
                 sums = by_key.get(key)

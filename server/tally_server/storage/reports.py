@@ -10,7 +10,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ..domain import models as m
-from ..domain.rollups import DAY_US, DAYS, HOUR_US, TAG_DIMENSION, USER_DIMENSION
+from ..domain.rollups import DAY_US, DAYS, HOUR_US, KEY_DIMENSION, TAG_DIMENSION, USER_DIMENSION
 from . import rollups
 from .events import EventFilter, event_conditions
 from .tables import (
@@ -28,7 +28,7 @@ from .tables import (
 # one of them, as a dimension or a filter, and no other); the others (step, API key, or user
 # and tag together, or either with a category or model) are read from events.
 ROLLUP_DIMENSIONS = frozenset({"experience_name", "experience_version", "category", "resource", "model", "day", "hour"})
-_ATTRIBUTES = {"user_id": USER_DIMENSION, "request_tag": TAG_DIMENSION}
+_ATTRIBUTES = {"user_id": USER_DIMENSION, "request_tag": TAG_DIMENSION, "api_key_name": KEY_DIMENSION}
 _WITH_ATTRIBUTE = frozenset({"experience_name", "experience_version", "day", "hour"})
 
 
@@ -95,7 +95,9 @@ def _rollup_filter(f: m.CostFilter, attribute: int | None = None) -> list[sa.Col
         where = []
     else:
         r = attribute_rollups
-        value = f.user_id if attribute in (USER_DIMENSION, USER_DIMENSION + DAYS) else f.request_tag
+        # The filter's value of the dimension (no filter names an API key).
+        values = {USER_DIMENSION: f.user_id, TAG_DIMENSION: f.request_tag}
+        value = values.get(attribute, values.get(attribute - DAYS, ""))
         pairs = [(r.c.experience_name, f.experience_name), (r.c.value, value)]
         where = [r.c.dimension == attribute]
     where += [column == wanted for column, wanted in pairs if wanted]

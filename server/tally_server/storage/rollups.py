@@ -24,6 +24,7 @@ from ..domain.rollups import (
     DAY_US,
     DAYS,
     HOUR_US,
+    KEY_DIMENSION,
     TAG_DIMENSION,
     USER_DIMENSION,
     AttributeKey,
@@ -542,7 +543,7 @@ async def unattribute(conn: AsyncConnection, where: sa.ColumnElement[bool]) -> N
     rows = [{**_key_values(key), **_totals_values(moved[key])} for key in sorted(moved, key=_sort_key)]
     await _add_cost_rows(conn, rows)
     by_attribute: dict[AttributeKey, m.CostTotals] = {}
-    for dimension in (USER_DIMENSION, TAG_DIMENSION):
+    for dimension in (USER_DIMENSION, TAG_DIMENSION, KEY_DIMENSION):
         for row in await conn.execute(_attribute_select(conn, dimension, [where, experiences.c.id.is_not(None)])):
             hour, value, totals = int(row.hour_us), row.value, totals_from_row(row)
             # Each hour's sums move in its hour's rows and in its day's.
@@ -579,13 +580,14 @@ def event_tags(conn: AsyncConnection) -> Any:
 
 
 def _attribute_select(conn: AsyncConnection, dimension: int, where: Iterable[sa.ColumnElement[bool]]) -> sa.Select[Any]:
-    """The events' sums per hour row of the rollup by user (or tag), as the writer keys them."""
+    """The events' sums per hour row of the rollup by user (or tag, or key), as the writer keys them."""
     hour = hour_expression(events.c.event_time_us).label("hour_us")
     name = sa.func.coalesce(experience_types.c.name, "").label("experience_name")
     version = sa.func.coalesce(experiences.c.version, 0).label("experience_version")
     source: Any = EVENTS_WITH_TYPE
-    if dimension == USER_DIMENSION:
-        value = sa.func.coalesce(events.c.user_id, "").label("value")
+    if dimension in (USER_DIMENSION, KEY_DIMENSION):
+        column = events.c.user_id if dimension == USER_DIMENSION else events.c.key_name
+        value = sa.func.coalesce(column, "").label("value")
     else:
         tag = event_tags(conn)
         source = source.outerjoin(tag, sa.true())

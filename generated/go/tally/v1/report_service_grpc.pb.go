@@ -21,10 +21,10 @@ type ReportServiceClient interface {
 	// dimensions, the most expensive group first. Grouping by type, version,
 	// category, resource, model, day or hour reads the hourly rollup kept at ingest
 	// (and the events of the window's partial hours at its edges); grouping by, or
-	// keeping to, one of user id and request tag (beside type, version, day or hour
-	// only) reads the rollup by user and tag kept at ingest, per day and per hour;
-	// anything else (step, API key, user and tag together, either with a category,
-	// model or resource) reads the window's events.
+	// keeping to, one of user id and request tag, or grouping by API key (beside
+	// type, version, day or hour only) reads the rollup by user, tag and key kept at
+	// ingest, per day and per hour; anything else (step, two of user, tag and key,
+	// any of them with a category, model or resource) reads the window's events.
 	BreakDownCost(ctx context.Context, in *BreakDownCostRequest, opts ...grpc.CallOption) (*BreakDownCostResponse, error)
 	// Two versions of a type side by side, over their runs whose first event is
 	// in a window: cost per run, events per run, failure rate, and each declared
@@ -70,10 +70,10 @@ type ReportServiceServer interface {
 	// dimensions, the most expensive group first. Grouping by type, version,
 	// category, resource, model, day or hour reads the hourly rollup kept at ingest
 	// (and the events of the window's partial hours at its edges); grouping by, or
-	// keeping to, one of user id and request tag (beside type, version, day or hour
-	// only) reads the rollup by user and tag kept at ingest, per day and per hour;
-	// anything else (step, API key, user and tag together, either with a category,
-	// model or resource) reads the window's events.
+	// keeping to, one of user id and request tag, or grouping by API key (beside
+	// type, version, day or hour only) reads the rollup by user, tag and key kept at
+	// ingest, per day and per hour; anything else (step, two of user, tag and key,
+	// any of them with a category, model or resource) reads the window's events.
 	BreakDownCost(context.Context, *BreakDownCostRequest) (*BreakDownCostResponse, error)
 	// Two versions of a type side by side, over their runs whose first event is
 	// in a window: cost per run, events per run, failure rate, and each declared

@@ -38,10 +38,10 @@ class ReportServiceStub:
     dimensions, the most expensive group first. Grouping by type, version,
     category, resource, model, day or hour reads the hourly rollup kept at ingest
     (and the events of the window's partial hours at its edges); grouping by, or
-    keeping to, one of user id and request tag (beside type, version, day or hour
-    only) reads the rollup by user and tag kept at ingest, per day and per hour;
-    anything else (step, API key, user and tag together, either with a category,
-    model or resource) reads the window's events.
+    keeping to, one of user id and request tag, or grouping by API key (beside
+    type, version, day or hour only) reads the rollup by user, tag and key kept at
+    ingest, per day and per hour; anything else (step, two of user, tag and key,
+    any of them with a category, model or resource) reads the window's events.
     """
     CompareVersions: _grpc.UnaryUnaryMultiCallable[_report_service_pb2.CompareVersionsRequest, _report_service_pb2.CompareVersionsResponse]
     """Two versions of a type side by side, over their runs whose first event is
@@ -63,10 +63,10 @@ class ReportServiceAsyncStub(ReportServiceStub):
     dimensions, the most expensive group first. Grouping by type, version,
     category, resource, model, day or hour reads the hourly rollup kept at ingest
     (and the events of the window's partial hours at its edges); grouping by, or
-    keeping to, one of user id and request tag (beside type, version, day or hour
-    only) reads the rollup by user and tag kept at ingest, per day and per hour;
-    anything else (step, API key, user and tag together, either with a category,
-    model or resource) reads the window's events.
+    keeping to, one of user id and request tag, or grouping by API key (beside
+    type, version, day or hour only) reads the rollup by user, tag and key kept at
+    ingest, per day and per hour; anything else (step, two of user, tag and key,
+    any of them with a category, model or resource) reads the window's events.
     """
     CompareVersions: _aio.UnaryUnaryMultiCallable[_report_service_pb2.CompareVersionsRequest, _report_service_pb2.CompareVersionsResponse]  # type: ignore[assignment]
     """Two versions of a type side by side, over their runs whose first event is
@@ -91,10 +91,10 @@ class ReportServiceServicer(metaclass=_abc_1.ABCMeta):
         dimensions, the most expensive group first. Grouping by type, version,
         category, resource, model, day or hour reads the hourly rollup kept at ingest
         (and the events of the window's partial hours at its edges); grouping by, or
-        keeping to, one of user id and request tag (beside type, version, day or hour
-        only) reads the rollup by user and tag kept at ingest, per day and per hour;
-        anything else (step, API key, user and tag together, either with a category,
-        model or resource) reads the window's events.
+        keeping to, one of user id and request tag, or grouping by API key (beside
+        type, version, day or hour only) reads the rollup by user, tag and key kept at
+        ingest, per day and per hour; anything else (step, two of user, tag and key,
+        any of them with a category, model or resource) reads the window's events.
         """
 
     @_abc_1.abstractmethod

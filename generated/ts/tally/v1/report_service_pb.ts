@@ -830,10 +830,10 @@ export const ReportService: GenService<{
    * dimensions, the most expensive group first. Grouping by type, version,
    * category, resource, model, day or hour reads the hourly rollup kept at ingest
    * (and the events of the window's partial hours at its edges); grouping by, or
-   * keeping to, one of user id and request tag (beside type, version, day or hour
-   * only) reads the rollup by user and tag kept at ingest, per day and per hour;
-   * anything else (step, API key, user and tag together, either with a category,
-   * model or resource) reads the window's events.
+   * keeping to, one of user id and request tag, or grouping by API key (beside
+   * type, version, day or hour only) reads the rollup by user, tag and key kept at
+   * ingest, per day and per hour; anything else (step, two of user, tag and key,
+   * any of them with a category, model or resource) reads the window's events.
    *
    * @generated from rpc tally.v1.ReportService.BreakDownCost
    */

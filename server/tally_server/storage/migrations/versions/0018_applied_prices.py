@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from typing import Any
 
 import sqlalchemy as sa
 from alembic import op
@@ -43,8 +44,12 @@ MOVED = {
     "price_effective_time_us": "effective_time_us",
     "price_variant": "variant",
 }
-KEYED = {f"{engine}_where": sa.text("idempotency_key IS NOT NULL") for engine in ("sqlite", "postgresql")}
-RESPONDED = {f"{engine}_where": sa.text("provider_response_id IS NOT NULL") for engine in ("sqlite", "postgresql")}
+KEYED: dict[str, Any] = {
+    f"{engine}_where": sa.text("idempotency_key IS NOT NULL") for engine in ("sqlite", "postgresql")
+}
+RESPONDED: dict[str, Any] = {
+    f"{engine}_where": sa.text("provider_response_id IS NOT NULL") for engine in ("sqlite", "postgresql")
+}
 # Rows changed per statement on SQLite.
 BATCH = 100_000
 
@@ -140,8 +145,8 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     connection = op.get_bind()
-    op.drop_index("ix_events_idempotency_key", "events", **KEYED)
-    op.drop_index("ix_events_provider_response_id", "events", **RESPONDED)
+    op.drop_index("ix_events_idempotency_key", "events")
+    op.drop_index("ix_events_provider_response_id", "events")
     op.create_index("ix_events_provider_response_id", "events", ["provider_response_id"])
     with op.batch_alter_table("events") as batch:
         batch.add_column(sa.Column("price_source", sa.SmallInteger, nullable=False, server_default="0"))

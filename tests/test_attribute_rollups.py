@@ -162,8 +162,9 @@ async def test_the_breakdown_by_user_and_tag_reads_a_rollup_equal_to_the_events(
 async def test_the_breakdown_by_api_key_reads_the_rollup_and_keeps_it_past_a_prune(backend, tmp_path):
     """Events sent by two API keys (and the breakdown by key, alone and with the type or the
     day, over whole and partial windows) answer what the same events answer; 0019 builds the
-    key rows from events stored before it; after every event is pruned the breakdown by key
-    answers the same (it reads the rollup, not the events)."""
+    key rows from events stored before it; deleting a type moves its sums to the
+    unattributed rows; after every event is pruned the breakdown by key answers the same (it
+    reads the rollup, not the events)."""
     url = await make_database_url(backend, tmp_path)
     start = datetime.datetime.fromtimestamp(BASE, datetime.UTC)
     day_edges = _window(BASE + 5 * 3_600, BASE + 2 * 86_400 + 7 * 3_600)
@@ -175,7 +176,7 @@ async def test_the_breakdown_by_api_key_reads_the_rollup_and_keeps_it_past_a_pru
     )
     secrets: dict[str, str] = {}
 
-    async def answers(seed: bool = False, prune: bool = False) -> dict[str, Any]:
+    async def answers(seed: bool = False, delete: bool = False, prune: bool = False) -> dict[str, Any]:
         settings = Settings(listen="127.0.0.1:0", database_url=url, grace_seconds=1, auth="required")
         tally = TallyServer(settings)
         await tally.start()
@@ -194,6 +195,8 @@ async def test_the_breakdown_by_api_key_reads_the_rollup_and_keeps_it_past_a_pru
                     ):
                         for i, event in enumerate(_seed_events()):
                             await (a if i % 3 else b).ingest(event)
+                if delete:  # its events move to the unattributed rows, by key as by type
+                    await admin.delete_experience_type("Attr0", force=True)
                 if prune:
                     pruned = await admin.prune_events(datetime.datetime.now(datetime.UTC), max_events=1_000)
                     assert pruned.deleted_event_count == 60 and (await admin.list_events(page_size=10)).events == []
@@ -226,6 +229,9 @@ async def test_the_breakdown_by_api_key_reads_the_rollup_and_keeps_it_past_a_pru
         finally:
             await database.dispose()
         assert await answers() == kept
-        assert await answers(prune=True) == kept
+        moved = await answers(delete=True)
+        assert ("svc-a", "Attr0") in kept["by key, type"] and ("svc-a", "Attr0") not in moved["by key, type"]
+        assert moved["by key"] == kept["by key"]
+        assert await answers(prune=True) == moved
     finally:
         await drop_database_url(url)

@@ -22,7 +22,7 @@ _CACHE = "tally.applied_prices"
 _CACHE_SIZE = 10_000
 
 
-def variant_json(price: m.PriceReference) -> str | None:
+def _variant_json(price: m.PriceReference) -> str | None:
     """A price's variant as stored: compact JSON of its sorted pairs, None for the standard rate."""
     return json.dumps(dict(price.price_context), separators=(",", ":")) if price.price_context else None
 
@@ -30,7 +30,7 @@ def variant_json(price: m.PriceReference) -> str | None:
 def key_of(price: m.PriceReference) -> str:
     """The text a price is unique by (as migration 0018 builds it from the events' columns)."""
     effective = "" if price.effective_time_us is None else str(price.effective_time_us)
-    variant = variant_json(price) or ""
+    variant = _variant_json(price) or ""
     return f"{int(price.source)}|{price.category}|{price.resource}|{price.version}|{effective}|{variant}"
 
 

@@ -25,8 +25,8 @@ from .tables import (
 )
 
 # Dimensions the hourly cost rollup keeps; those of the rollup by user or request tag (with
-# one of them, as a dimension or a filter, and no other); the others (step, API key, or user
-# and tag together, or either with a category or model) are read from events.
+# one of them, as a dimension or a filter, or the API key as a dimension, and no other); the
+# others (step, two of user, tag and key, or any with a category or model) are read from events.
 ROLLUP_DIMENSIONS = frozenset({"experience_name", "experience_version", "category", "resource", "model", "day", "hour"})
 _ATTRIBUTES = {"user_id": USER_DIMENSION, "request_tag": TAG_DIMENSION, "api_key_name": KEY_DIMENSION}
 _WITH_ATTRIBUTE = frozenset({"experience_name", "experience_version", "day", "hour"})

@@ -383,6 +383,7 @@ async def test_0017_and_0018_keep_every_answer_in_the_compact_rows(backend, tmp_
                         event.context.experience_id = world["run"]
                         event.price_context.update(context)
                         await client.ingest(event)
+                    await client.ingest("system.openai", "gpt-4o", {"text": (10, 1)})  # of no run: NULL stays NULL
                     everything = lim_pb.LimitScope(everything=True)
                     limit = lim_pb.Limit(name="packed", max={"units": 100}, kind=1, period=1, scope=everything)
                     await client.create_limit(limit)

@@ -61,7 +61,11 @@ def _convert(connection: sa.Connection, to_bytes: bool) -> None:
     connection.exec_driver_sql("PRAGMA defer_foreign_keys = ON")
     source, target = ("text", "tally_unhex({})") if to_bytes else ("blob", "lower(hex({}))")
     for table, columns in UUID_COLUMNS.items():
-        setting = ", ".join(f"{c} = {target.format(c)}" for c in columns)
+        # Each column only where it holds the old form: hex(NULL) is '', not NULL, and a row
+        # may hold an id to change beside a NULL (an event of no run).
+        setting = ", ".join(
+            f"{c} = CASE WHEN typeof({c}) = '{source}' THEN {target.format(c)} ELSE {c} END" for c in columns
+        )
         pending = " OR ".join(f"typeof({c}) = '{source}'" for c in columns)
         if table in WITHOUT_ROWID:
             connection.exec_driver_sql(f"UPDATE {table} SET {setting} WHERE {pending}")

@@ -26,7 +26,7 @@ from tally_client import AsyncTallyClient, usage_event
 from tally_server.app import TallyServer
 from tally_server.config import Settings
 from tally_server.storage.db import Database, alembic_config
-from tally_server.storage.tables import metadata
+from tally_server.storage.tables import Uuid, metadata
 
 from .conftest import drop_database_url, make_database_url, stubs_for
 from .test_compare import seed_world
@@ -321,20 +321,22 @@ async def test_0013_counts_the_tokens_of_the_events_stored_before_it(backend, tm
         await drop_database_url(url)
 
 
-# Every table that holds UUIDs and its UUID columns, as 0017 converts them.
+# Every UUID column of the schema, by table: what 0017 must convert (read from the table
+# definitions, so that a table added later is checked too).
 UUID_COLUMNS = {
-    "experiences": ("id",),
-    "experience_latencies": ("experience_id",),
-    "experience_outcomes": ("experience_id",),
-    "experience_outcome_changes": ("experience_id",),
-    "experience_step_costs": ("experience_id",),
-    "experience_property_updates": ("experience_id",),
-    "events": ("id", "experience_id"),
-    "event_annotations": ("event_id",),
-    "custom_prices": ("id",),
-    "limit_reservations": ("id",),
-    "limit_holds": ("reservation_id",),
+    table.name: [column.name for column in table.columns if isinstance(column.type, Uuid)]
+    for table in metadata.sorted_tables
+    if any(isinstance(column.type, Uuid) for column in table.columns)
 }
+
+
+async def ingest_into(client: AsyncTallyClient, run: str, *priced: tuple[str, str, dict[str, str]]) -> None:
+    """One event of the run per (category, model, price context)."""
+    for category, model, context in priced:
+        event = usage_event(category, model, {"text": (1_000, 100)})
+        event.context.experience_id = run
+        event.price_context.update(context)
+        await client.ingest(event)
 
 
 async def test_0017_and_0018_keep_every_answer_in_the_compact_rows(backend, tmp_path):
@@ -373,16 +375,14 @@ async def test_0017_and_0018_keep_every_answer_in_the_compact_rows(backend, tmp_
                         price_context={"region": "eu"},
                     )
                     # Events priced by a custom price and by genai-prices, each standard and variant.
-                    for category, model, context in (
+                    await ingest_into(
+                        client,
+                        world["run"],
                         ("packed", "model-p", {}),
                         ("packed", "model-p", {"region": "eu"}),
                         ("system.anthropic", "claude-haiku-4-5", {}),
                         ("system.anthropic", "claude-haiku-4-5", {"processing": "batch"}),
-                    ):
-                        event = usage_event(category, model, {"text": (1_000, 100)})
-                        event.context.experience_id = world["run"]
-                        event.price_context.update(context)
-                        await client.ingest(event)
+                    )
                     await client.ingest("system.openai", "gpt-4o", {"text": (10, 1)})  # of no run: NULL stays NULL
                     everything = lim_pb.LimitScope(everything=True)
                     limit = lim_pb.Limit(name="packed", max={"units": 100}, kind=1, period=1, scope=everything)
@@ -464,20 +464,17 @@ async def test_0017_and_0018_keep_every_answer_in_the_compact_rows(backend, tmp_
         try:
             async with AsyncTallyClient(f"127.0.0.1:{tally.port}") as client:
                 before = await client.get_experience(world["run"])
-                for category, model, context in (
+                await ingest_into(
+                    client,
+                    world["run"],
                     ("system.openai", "gpt-4o", {}),
                     ("system.anthropic", "claude-haiku-4-5", {"processing": "batch"}),
-                ):
-                    event = usage_event(category, model, {"text": (100, 10)})
-                    event.context.experience_id = world["run"]
-                    event.price_context.update(context)
-                    await client.ingest(event)
+                )
                 after = await client.get_experience(world["run"])
                 assert after.stats.event_count == before.stats.event_count + 2
-            async with tally.db.read() as conn:  # the writer found the prices 0018 made: none made again
-                rows = list(await conn.exec_driver_sql("SELECT * FROM applied_prices"))
-                assert len(rows) == 5, "\n".join(map(str, rows))
-            async with AsyncTallyClient(f"127.0.0.1:{tally.port}") as client:
+                async with tally.db.read() as conn:  # the writer found the prices 0018 made: none made again
+                    rows = list(await conn.exec_driver_sql("SELECT * FROM applied_prices"))
+                    assert len(rows) == 5, "\n".join(map(str, rows))
                 held = (await client.get_limit("packed")).current.reserved
                 assert (held.units, held.nanos) == (0, 250_000_000)
                 await client.release(world["reservation"])

@@ -95,9 +95,9 @@ def _rollup_filter(f: m.CostFilter, attribute: int | None = None) -> list[sa.Col
         where = []
     else:
         r = attribute_rollups
+        hourly = attribute if attribute in _ATTRIBUTES.values() else attribute - DAYS
         # The filter's value of the dimension (no filter names an API key).
-        values = {USER_DIMENSION: f.user_id, TAG_DIMENSION: f.request_tag}
-        value = values.get(attribute, values.get(attribute - DAYS, ""))
+        value = {USER_DIMENSION: f.user_id, TAG_DIMENSION: f.request_tag}.get(hourly, "")
         pairs = [(r.c.experience_name, f.experience_name), (r.c.value, value)]
         where = [r.c.dimension == attribute]
     where += [column == wanted for column, wanted in pairs if wanted]

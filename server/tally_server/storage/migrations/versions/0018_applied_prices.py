@@ -91,7 +91,6 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id", name="pk_applied_prices"),
         sa.UniqueConstraint("price_key", name="uq_applied_prices_price_key"),
     )
-    assert applied is not None
     started = time.monotonic()
     # The events' distinct prices (a few hundred at most), each made a row once however its
     # variant was spaced, and each one's text as stored mapped to its row for the UPDATE.

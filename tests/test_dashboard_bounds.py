@@ -1,7 +1,8 @@
 """The dashboard's reads are bounded whatever names callers send, on both databases: 20,000
 unpriced events with distinct model names make /api/spend answer the costliest groups and
-"(all others)", not one series per name; the gRPC callers are served meanwhile; a query
-parameter that is not a number is a 400, not a 500."""
+"(all others)", not one series per name; the gRPC callers are served meanwhile; a filter no
+index answers reads a bounded scan and says so; a query parameter that is not a number is a
+400, not a 500."""
 
 from __future__ import annotations
 
@@ -15,10 +16,11 @@ import aiohttp
 import pytest
 from grpc import aio
 
-from tally.v1 import ingest_service_pb2 as pb
+from tally.v1 import experience_type_service_pb2 as et_pb, ingest_service_pb2 as pb
 from tally_server.app import TallyServer
 from tally_server.config import Settings
-from tally_server.web.dashboard import MAX_API_REQUESTS, SPEND_GROUPS, UNPRICED_REASONS
+from tally_server.services.reports import RUNS_COUNTED_EVENTS
+from tally_server.web.dashboard import MAX_API_REQUESTS, RUNS_SCAN, SPEND_GROUPS, UNPRICED_REASONS, UNPRICED_SCAN
 
 from .conftest import drop_database_url, make_database_url, stubs_for
 
@@ -104,3 +106,65 @@ async def test_a_query_parameter_that_is_not_a_number_is_a_400(dashboard_server)
             async with http.get(web + path) as response:
                 assert response.status == 400, (path, response.status)
                 assert "whole number" in await response.text()
+
+
+async def test_reads_of_a_filter_no_index_answers_are_bounded_and_say_so(dashboard_server):
+    """Three old unpriced events of a rare user, tag and model, then RUNS_COUNTED_EVENTS + 1
+    newer unpriced events of a busy user: the runs and unpriced reasons of the rare tag or
+    model are looked for among the window's newest RUNS_SCAN / UNPRICED_SCAN events (none
+    found there, and the answer says it looked only there); the rare user's are read whole
+    (an index holds a user's events); the busy user's runs are not counted, which the answer
+    says; the counts of events come from the rollups either way."""
+    stubs, web = dashboard_server
+    name = f"Bounded_{uuid.uuid4().hex[:8]}"
+    await stubs.types.CreateExperienceType(
+        et_pb.CreateExperienceTypeRequest(experience_type=et_pb.ExperienceType(name=name, description="bounded reads"))
+    )
+    now = int(time.time())
+    rare_run = str(uuid.uuid4())
+    rare = pb.UsageEvent(
+        category="custom.rare",
+        resource="rare-model",
+        units={"text": pb.UnitCounts(input=10)},
+        context=pb.EventContext(
+            experience_id=rare_run, experience_name=name, user_id="rare-user", request_tags=["rare-tag"]
+        ),
+    )
+    rare.event_timestamp.seconds = now - 2 * 86_400
+    answer = await stubs.ingest.IngestBatch(pb.IngestBatchRequest(events=[rare] * 3))
+    assert answer.accepted_count == 3
+    busy = pb.UsageEvent(
+        category="custom.busy",
+        resource="busy-model",
+        units={"text": pb.UnitCounts(input=1)},
+        context=pb.EventContext(user_id="busy-user", request_tags=["busy-tag"]),
+    )
+    busy.event_timestamp.seconds = now - 3600
+    for first in range(0, RUNS_COUNTED_EVENTS + 1, 1000):
+        size = min(1000, RUNS_COUNTED_EVENTS + 1 - first)
+        answer = await stubs.ingest.IngestBatch(pb.IngestBatchRequest(events=[busy] * size), timeout=120)
+        assert answer.accepted_count == size
+    assert max(UNPRICED_SCAN, RUNS_SCAN) < RUNS_COUNTED_EVENTS + 1
+    async with aiohttp.ClientSession() as http:
+
+        async def get(path: str) -> dict:
+            async with http.get(web + path) as response:
+                assert response.status == 200, (path, await response.text())
+                return await response.json()
+
+        for query in ("tag=rare-tag", "model=rare-model"):
+            unpriced = await get(f"/api/unpriced?{query}")
+            assert (unpriced["events"], unpriced["sampled"], unpriced["among"]) == (3, 0, UNPRICED_SCAN), query
+            runs = await get(f"/api/runs?{query}")
+            assert (runs["runs"], runs["among"]) == ([], RUNS_SCAN), query
+        unpriced = await get("/api/unpriced?user=rare-user")
+        assert (unpriced["events"], unpriced["sampled"], unpriced["among"]) == (3, 3, None)
+        assert unpriced["reasons"][0]["events"] == 3
+        runs = await get("/api/runs?user=rare-user")
+        assert ([r["experience_id"] for r in runs["runs"]], runs["among"]) == ([rare_run], None)
+        assert runs["runs"][0]["user"] == "rare-user"
+        summary = (await get("/api/summary?user=rare-user"))["current"]
+        assert (summary["events"], summary["runs"], summary["runs_counted"]) == (3, 1, True)
+        summary = (await get("/api/summary?user=busy-user"))["current"]
+        assert (summary["events"], summary["runs"]) == (RUNS_COUNTED_EVENTS + 1, None)
+        assert f"more than {RUNS_COUNTED_EVENTS:,} events" in summary["runs_not_counted"]

@@ -188,6 +188,32 @@ class Events:
             found, searched = await stored_events.events_with_property(conn, event_filter, key, value, among, limit)
             return await _annotated(conn, found), searched
 
+    async def newest_among(
+        self, only: CostFilter, start_us: int, end_us: int, cost_state: int, *, among: int, limit: int
+    ) -> tuple[Sequence[StoredEvent], bool]:
+        """The newest `limit` events of the filter and cost state (0: any) in [start_us,
+        end_us), looked for among the newest `among` events of the window and state (those of
+        a user: all of them); and whether that bound applied."""
+        v = Violations()
+        check_filter(v, only)
+        if cost_state and cost_state not in {int(state) for state in CostState}:
+            v.add("cost_state", f"not a cost state: {cost_state}")
+        v.raise_if_any()
+        async with self.db.read() as conn:
+            event_filter = stored_events.EventFilter(
+                type_id=await _type_id(conn, only.experience_name),
+                version=only.experience_version,
+                user_id=only.user_id,
+                request_tag=only.request_tag,
+                category=only.category,
+                model=only.model,
+                cost_state=cost_state,
+                start_us=start_us,
+                end_us=end_us,
+            )
+            found, bounded = await stored_events.newest_among(conn, event_filter, among, limit)
+            return await _annotated(conn, found), bounded
+
 
 async def _type_id(conn: AsyncConnection, experience_name: str) -> int | None:
     """The id of the type named, None when none is; a type that does not exist is id 0, which

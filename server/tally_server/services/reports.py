@@ -124,9 +124,10 @@ class Reports:
     async def window_summary(self, start_us: int, end_us: int, f: CostFilter) -> WindowSummary:
         """The filter's events in [start_us, end_us) summed, and its runs: those whose first
         event is in the window (whole UTC days, no filter but type and version: from the type
-        rollup); with a user or tag filter (read from the events anyway), those with one of
-        its events in the window; with a provider or model filter, not counted (no rollup
-        knows the runs of a model: counting them would read every event of the window)."""
+        rollup); with a user filter, those with one of its events in the window, read from the
+        user's events (ix_events_user_time) when they are at most RUNS_COUNTED_EVENTS; else not
+        counted (no rollup knows the runs of a model or a tag: counting them would read every
+        event of the window)."""
         v = Violations()
         check_filter(v, f)
         v.raise_if_any()
@@ -136,10 +137,18 @@ class Reports:
             if by_rollup and start_us % DAY_US == 0 and end_us % DAY_US == 0:
                 runs, cost = await stored_reports.runs_started(conn, start_us, end_us, f)
                 return WindowSummary(totals, runs, cost, True)
-            if not f.of_events_only:
-                return WindowSummary(totals, None, 0, False)
+            if not f.user_id:
+                why = "no rollup knows the runs of a provider, model or tag"
+                return WindowSummary(totals, None, 0, False, why)
+            if totals.event_count > RUNS_COUNTED_EVENTS:
+                why = f"the user has more than {RUNS_COUNTED_EVENTS:,} events in the window"
+                return WindowSummary(totals, None, 0, False, why)
             touched = await stored_reports.runs_touched(conn, start_us, end_us, f)
         return WindowSummary(totals, touched, totals.cost_total_nanos, False)
+
+
+# The summary counts a user's runs from the user's events in the window up to this many.
+RUNS_COUNTED_EVENTS = 20_000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,6 +159,7 @@ class WindowSummary:
     runs: int | None  # None: not counted (a provider or model filter)
     run_cost_nanos: int  # what those runs cost in all: the cost per run's numerator
     runs_started: bool  # runs counted by their first event (else: runs with an event in the window)
+    why_not_counted: str = ""  # when runs is None
 
 
 def check_filter(v: Violations, f: CostFilter) -> None:

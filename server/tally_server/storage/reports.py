@@ -340,7 +340,7 @@ async def runs_started(conn: AsyncConnection, start_day: int, end_day: int, f: m
 
 async def runs_touched(conn: AsyncConnection, start_us: int, end_us: int, f: m.CostFilter) -> int:
     """Runs with at least one of the filter's events in [start_us, end_us): read from the
-    window's events (a filter on model, category, user or tag)."""
+    window's events of the filter (a user's through ix_events_user_time)."""
     ev = events
     query = (
         sa.select(sa.func.count(sa.distinct(ev.c.experience_id)))

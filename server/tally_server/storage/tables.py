@@ -306,6 +306,15 @@ events = sa.Table(
         sqlite_where=sa.text("provider_response_id IS NOT NULL"),
         postgresql_where=sa.text("provider_response_id IS NOT NULL"),
     ),
+    # A user's events in event-time order, of the events that name one (migration 0020): the
+    # reads of one user (request log, runs, unpriced reasons, runs counted) and erasures.
+    sa.Index(
+        "ix_events_user_time",
+        "user_id",
+        "event_time_us",
+        sqlite_where=sa.text("user_id IS NOT NULL"),
+        postgresql_where=sa.text("user_id IS NOT NULL"),
+    ),
     # An experience's events in event-time order (ListEvents, deletions); ties of time are
     # put in id order by a sort after the index (migration 0016: the id was a second copy).
     sa.Index("ix_events_experience_time", "experience_id", "event_time_us"),

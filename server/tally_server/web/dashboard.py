@@ -149,13 +149,18 @@ async def _events_of(services: Services, view: View, page_size: int, cost_state:
     )
 
 
-async def _unpriced_sample(services: Services, view: View) -> list[StoredEvent]:
-    """The newest UNPRICED_SAMPLE events of each not-priced state: what the reasons panel
-    counts, and what a reason's request log is found among."""
+async def _unpriced_sample(services: Services, view: View) -> tuple[list[StoredEvent], bool]:
+    """The newest UNPRICED_SAMPLE events of the view in each not-priced state, looked for among
+    the newest UNPRICED_SCAN of the window in that state: what the reasons panel counts, and
+    what a reason's request log is found among; and whether the scan's bound applied."""
     found: list[StoredEvent] = []
+    bounded = False
     for state in (CostState.UNPRICED, CostState.PARTIALLY_PRICED):
-        found += (await _events_of(services, view, UNPRICED_SAMPLE, int(state))).items
-    return found
+        some, bounded = await services.events.newest_among(
+            view.only, view.start_us, view.end_us, int(state), among=UNPRICED_SCAN, limit=UNPRICED_SAMPLE
+        )
+        found += some
+    return found, bounded
 
 
 def _reasons(stored: StoredEvent) -> set[str]:
@@ -276,6 +281,7 @@ def _tiles(summary: WindowSummary) -> dict[str, Any]:
         "cost_per_run": _dollars(divide_half_even(summary.run_cost_nanos, summary.runs)) if summary.runs else None,
         "runs_counted": summary.runs is not None,
         "runs_started": summary.runs_started,
+        "runs_not_counted": summary.why_not_counted,
     }
 
 
@@ -370,7 +376,7 @@ async def _events(services: Services, request: web.Request) -> web.Response:
     cost_state = {"": 0, "unpriced": int(CostState.UNPRICED), "partially_priced": int(CostState.PARTIALLY_PRICED)}
     reason = request.query.get("reason", "")
     if reason:  # the events of one unpriced reason: among the newest the reasons panel counts
-        found = [e for e in await _unpriced_sample(services, view) if reason in _reasons(e)]
+        found = [e for e in (await _unpriced_sample(services, view))[0] if reason in _reasons(e)]
         found.sort(key=lambda e: (-e.result.event_time_us, str(e.result.request_id)))
         return web.json_response({"events": [_event_json(e) for e in found[:LOG_PAGE]], "next": "", "searched": ""})
     page = await _events_of(services, view, LOG_PAGE, cost_state[state], request.query.get("page", ""))
@@ -380,8 +386,10 @@ async def _events(services: Services, request: web.Request) -> web.Response:
 
 
 # With a provider, model, user or tag filter, the runs panel shows the runs of the newest
-# RUNS_FROM_EVENTS matching events, at most RUNS_READ of them read.
+# RUNS_FROM_EVENTS matching events, looked for among the window's newest RUNS_SCAN events (a
+# user's: all of the user's, an index holds them), at most RUNS_READ runs read.
 RUNS_FROM_EVENTS = 1000
+RUNS_SCAN = 10_000
 RUNS_READ = 100
 # How the runs panel may sort: ListExperiences' orders.
 RUN_ORDERS = {"cost": "cost_total desc", "events": "event_count desc", "time": "create_time desc"}
@@ -420,11 +428,14 @@ async def _top_runs(services: Services, request: web.Request) -> web.Response:
     only = view.only
     if only.category or only.model or only.user_id or only.request_tag:
         # Runs with one of the filter's events: those of its newest RUNS_FROM_EVENTS events.
-        page = await _events_of(services, view, RUNS_FROM_EVENTS)
-        ids = list(dict.fromkeys(e.result.experience_id for e in page.items if e.result.experience_id))
+        matching, bounded = await services.events.newest_among(
+            only, view.start_us, view.end_us, 0, among=RUNS_SCAN, limit=RUNS_FROM_EVENTS
+        )
+        ids = list(dict.fromkeys(e.result.experience_id for e in matching if e.result.experience_id))
         found_runs = await services.experiences.get_many(ids[:RUNS_READ])
         answer = await _with_users(services, found_runs, key, limit)
-        return web.json_response({"runs": answer, "sort": sort, "from_events": len(page.items)})
+        among = RUNS_SCAN if bounded else None
+        return web.json_response({"runs": answer, "sort": sort, "from_events": len(matching), "among": among})
     runs: list[Experience] = []
     for name in await _type_names(services, only):
         found = await services.experiences.list(
@@ -557,19 +568,22 @@ async def _compare(services: Services, request: web.Request) -> web.Response:
     return web.json_response(answer)
 
 
-# The newest events of each state whose reasons the page counts, the reasons it shows (the
-# rest counted as one), and the characters of each: caller-chosen names stay bounded.
+# The newest events of each state whose reasons the page counts, the newest of the window in
+# that state they are looked for among (a user's: all of the user's), the reasons it shows
+# (the rest counted as one), and the characters of each: what is read stays bounded.
 UNPRICED_SAMPLE = 1000
+UNPRICED_SCAN = 10_000
 UNPRICED_REASONS = 20
 REASON_CHARS = 300
 
 
 async def _unpriced(services: Services, request: web.Request) -> web.Response:
-    """Events not (fully) priced over the last `days`: their count from the hourly rollup,
-    their reasons from the newest of them (an index holds only those): what to fix."""
+    """Events not (fully) priced over the window and filters: their count from the hourly
+    rollups, their reasons from the newest of them (an index holds only those): what to fix."""
     view = _view(request)
-    _, total = await services.reports.breakdown(["category"], view.start_us, view.end_us, view.only, page_size=1)
-    sample = await _unpriced_sample(services, view)
+    # By type: a dimension both rollups keep (by model, and by user or tag).
+    _, total = await services.reports.breakdown(["experience_name"], view.start_us, view.end_us, view.only, page_size=1)
+    sample, bounded = await _unpriced_sample(services, view)
     reasons: dict[str, int] = {}
     for stored in sample:
         for reason in _reasons(stored):
@@ -579,6 +593,7 @@ async def _unpriced(services: Services, request: web.Request) -> web.Response:
         {
             "events": total.totals.unpriced_event_count,
             "sampled": len(sample),
+            "among": UNPRICED_SCAN if bounded else None,
             "reasons": [{"reason": r, "events": n} for r, n in ordered[:UNPRICED_REASONS]],
             "other_reasons": sum(n for _, n in ordered[UNPRICED_REASONS:]),
         }

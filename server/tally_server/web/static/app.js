@@ -127,7 +127,7 @@ async function loadSummary() {
     body.appendChild(tile);
   }
   document.getElementById("runs-meaning").textContent = !data.current.runs_counted
-    ? "runs are not counted with a provider or model filter (no rollup knows them)"
+    ? "runs are not counted: " + data.current.runs_not_counted
     : data.current.runs_started
       ? "runs: those whose first event is in the window"
       : "runs: those with one of these events in the window";
@@ -229,6 +229,10 @@ async function loadRuns() {
     ],
     loadRun,
   );
+  document.getElementById("runs-found").textContent =
+    data.from_events === undefined
+      ? ""
+      : "(of the filter's newest " + number(data.from_events) + " events" + (data.among ? ", looked for among the window's newest " + number(data.among) : "") + ")";
   const first = document.querySelector("#runs tbody tr");
   if (first) first.click();
 }
@@ -273,7 +277,8 @@ async function loadCompare() {
 
 async function loadUnpriced() {
   const data = await api(withView("/api/unpriced"));
-  const sampled = data.sampled < data.events ? " (reasons of the newest " + data.sampled + ")" : "";
+  const among = data.among ? ", looked for among the window's newest " + number(data.among) + " not priced of each state" : "";
+  const sampled = data.sampled < data.events ? " (reasons of the newest " + number(data.sampled) + among + ")" : "";
   document.getElementById("unpriced-count").textContent = number(data.events) + " events in the window" + sampled;
   const reasons = data.other_reasons ? [...data.reasons, { reason: "(other reasons)", events: data.other_reasons }] : data.reasons;
   // A reason opens the request log kept to its events.

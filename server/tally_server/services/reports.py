@@ -156,7 +156,7 @@ class WindowSummary:
     """What the dashboard's tiles show of a window: the filter's events, and its runs."""
 
     totals: CostTotals
-    runs: int | None  # None: not counted (a provider or model filter)
+    runs: int | None  # None: not counted (why_not_counted says why)
     run_cost_nanos: int  # what those runs cost in all: the cost per run's numerator
     runs_started: bool  # runs counted by their first event (else: runs with an event in the window)
     why_not_counted: str = ""  # when runs is None

@@ -386,10 +386,9 @@ async def _events(services: Services, request: web.Request) -> web.Response:
 
 
 # With a provider, model, user or tag filter, the runs panel shows the runs of the newest
-# RUNS_FROM_EVENTS matching events, looked for among the window's newest RUNS_SCAN events (a
-# user's: all of the user's, an index holds them), at most RUNS_READ runs read.
+# RUNS_FROM_EVENTS matching events (a user's through the index of the events by user), at
+# most RUNS_READ of them read.
 RUNS_FROM_EVENTS = 1000
-RUNS_SCAN = 10_000
 RUNS_READ = 100
 # How the runs panel may sort: ListExperiences' orders.
 RUN_ORDERS = {"cost": "cost_total desc", "events": "event_count desc", "time": "create_time desc"}
@@ -428,14 +427,11 @@ async def _top_runs(services: Services, request: web.Request) -> web.Response:
     only = view.only
     if only.category or only.model or only.user_id or only.request_tag:
         # Runs with one of the filter's events: those of its newest RUNS_FROM_EVENTS events.
-        matching, bounded = await services.events.newest_among(
-            only, view.start_us, view.end_us, 0, among=RUNS_SCAN, limit=RUNS_FROM_EVENTS
-        )
-        ids = list(dict.fromkeys(e.result.experience_id for e in matching if e.result.experience_id))
+        page = await _events_of(services, view, RUNS_FROM_EVENTS)
+        ids = list(dict.fromkeys(e.result.experience_id for e in page.items if e.result.experience_id))
         found_runs = await services.experiences.get_many(ids[:RUNS_READ])
         answer = await _with_users(services, found_runs, key, limit)
-        among = RUNS_SCAN if bounded else None
-        return web.json_response({"runs": answer, "sort": sort, "from_events": len(matching), "among": among})
+        return web.json_response({"runs": answer, "sort": sort, "from_events": len(page.items)})
     runs: list[Experience] = []
     for name in await _type_names(services, only):
         found = await services.experiences.list(
@@ -569,7 +565,7 @@ async def _compare(services: Services, request: web.Request) -> web.Response:
 
 
 # The newest events of each state whose reasons the page counts, the newest of the window in
-# that state they are looked for among (a user's: all of the user's), the reasons it shows
+# that state those of a tag, model or provider are looked for among, the reasons it shows
 # (the rest counted as one), and the characters of each: what is read stays bounded.
 UNPRICED_SAMPLE = 1000
 UNPRICED_SCAN = 10_000

@@ -232,7 +232,7 @@ async function loadRuns() {
   document.getElementById("runs-found").textContent =
     data.from_events === undefined
       ? ""
-      : "(of the filter's newest " + number(data.from_events) + " events" + (data.among ? ", looked for among the window's newest " + number(data.among) : "") + ")";
+      : "(of the filter's newest " + number(data.from_events) + " events)";
   const first = document.querySelector("#runs tbody tr");
   if (first) first.click();
 }

@@ -192,27 +192,44 @@ class Events:
         self, only: CostFilter, start_us: int, end_us: int, cost_state: int, *, among: int, limit: int
     ) -> tuple[Sequence[StoredEvent], bool]:
         """The newest `limit` events of the filter and cost state (0: any) in [start_us,
-        end_us), looked for among the newest `among` events of the window and state (those of
-        a user: all of them); and whether that bound applied."""
+        end_us), those of a tag, model or provider looked for among the newest `among` events
+        of the window and state; and whether that bound applied."""
+        async with self.db.read() as conn:
+            event_filter = await self._window_filter(conn, only, start_us, end_us, cost_state)
+            found, bounded = await stored_events.newest_among(conn, event_filter, among, limit)
+            return await _annotated(conn, found), bounded
+
+    async def unpriced_reasons(
+        self, only: CostFilter, start_us: int, end_us: int, cost_state: int, *, among: int, limit: int
+    ) -> tuple[Sequence[tuple[str, ...]], bool]:
+        """The reasons of each of the events newest_among finds (a state not priced): only
+        those are read."""
+        async with self.db.read() as conn:
+            event_filter = await self._window_filter(conn, only, start_us, end_us, cost_state)
+            return await stored_events.reasons_among(conn, event_filter, among, limit)
+
+    @staticmethod
+    async def _window_filter(
+        conn: AsyncConnection, only: CostFilter, start_us: int, end_us: int, cost_state: int
+    ) -> stored_events.EventFilter:
+        """The events filter of a dashboard view and a cost state (INVALID_ARGUMENT naming a
+        field it refuses)."""
         v = Violations()
         check_filter(v, only)
         if cost_state and cost_state not in {int(state) for state in CostState}:
             v.add("cost_state", f"not a cost state: {cost_state}")
         v.raise_if_any()
-        async with self.db.read() as conn:
-            event_filter = stored_events.EventFilter(
-                type_id=await _type_id(conn, only.experience_name),
-                version=only.experience_version,
-                user_id=only.user_id,
-                request_tag=only.request_tag,
-                category=only.category,
-                model=only.model,
-                cost_state=cost_state,
-                start_us=start_us,
-                end_us=end_us,
-            )
-            found, bounded = await stored_events.newest_among(conn, event_filter, among, limit)
-            return await _annotated(conn, found), bounded
+        return stored_events.EventFilter(
+            type_id=await _type_id(conn, only.experience_name),
+            version=only.experience_version,
+            user_id=only.user_id,
+            request_tag=only.request_tag,
+            category=only.category,
+            model=only.model,
+            cost_state=cost_state,
+            start_us=start_us,
+            end_us=end_us,
+        )
 
 
 async def _type_id(conn: AsyncConnection, experience_name: str) -> int | None:

@@ -159,13 +159,25 @@ async def list_events(
 ) -> list[m.StoredEvent]:
     """Stored events matching the filter (and the conditions `also`), newest first (event
     time, then id)."""
+    return [stored_event(row) for row in await _listed_rows(conn, f, before, limit, also)]
+
+
+async def _listed_rows(
+    conn: AsyncConnection,
+    f: EventFilter,
+    before: tuple[int, uuid.UUID] | None,
+    limit: int,
+    also: Sequence[sa.ColumnElement[bool]] = (),
+    columns: Sequence[Any] = _EVENT_WITH_EXPERIENCE_COLUMNS,
+) -> list[Any]:
+    """list_events' rows, of these columns."""
     if f.type_id is not None and f.experience_id is None and conn.dialect.name == "sqlite" and not also:
-        found = await _of_type_in_time_order(conn, f, before, limit)
+        found = await _of_type_in_time_order(conn, f, before, limit, columns)
         if found is not None:
             return found
     ev = events
     query = (
-        sa.select(*_EVENT_WITH_EXPERIENCE_COLUMNS)
+        sa.select(*columns)
         .select_from(rollups.EVENTS_WITH_TYPE)
         .where(*event_conditions(conn, f), *also)
         .order_by(ev.c.event_time_us.desc(), ev.c.id.desc())
@@ -173,23 +185,29 @@ async def list_events(
     )
     if before is not None:
         query = query.where(sa.tuple_(ev.c.event_time_us, ev.c.id) < _position(before))
-    return [stored_event(row) for row in await conn.execute(query)]
+    return list(await conn.execute(query))
 
 
 async def _of_type_in_time_order(
-    conn: AsyncConnection, f: EventFilter, before: tuple[int, uuid.UUID] | None, limit: int
-) -> list[m.StoredEvent] | None:
-    """The filter's newest `limit` events if they are among the newest TYPE_SCAN events of
-    the filter without its type (or those are every such event); None if not."""
+    conn: AsyncConnection,
+    f: EventFilter,
+    before: tuple[int, uuid.UUID] | None,
+    limit: int,
+    columns: Sequence[Any],
+) -> list[Any] | None:
+    """The rows of the filter's newest `limit` events if they are among the newest TYPE_SCAN
+    events of the filter without its type (or those are every such event); None if not."""
     scan = _newest(conn, dataclasses.replace(f, type_id=None, version=0), TYPE_SCAN, before)
     of_type = EventFilter(type_id=f.type_id, version=f.version)  # the rest, the scan applied
-    found = [stored_event(row) for row in await conn.execute(_of_scan(conn, scan, of_type, limit))]
+    found = list(await conn.execute(_of_scan(conn, scan, of_type, limit, columns)))
     if len(found) == limit:
         return found
     return found if await _count(conn, scan) < TYPE_SCAN else None
 
 
-def _of_scan(conn: AsyncConnection, scan: sa.Subquery, f: EventFilter, limit: int) -> sa.Select[Any]:
+def _of_scan(
+    conn: AsyncConnection, scan: sa.Subquery, f: EventFilter, limit: int, columns: Sequence[Any]
+) -> sa.Select[Any]:
     """The events of `scan` (a subquery of ids, of the filter's window and cost state) that
     the rest of the filter selects, newest first, at most `limit`. No condition here may be
     answered by an index, so that both planners start from the scan and find its events by
@@ -205,7 +223,7 @@ def _of_scan(conn: AsyncConnection, scan: sa.Subquery, f: EventFilter, limit: in
         if f.version:
             where.append(experiences.c.version == f.version)
     return (
-        sa.select(*_EVENT_WITH_EXPERIENCE_COLUMNS)
+        sa.select(*columns)
         .select_from(
             scan.join(ev, ev.c.id == scan.c.id)
             .outerjoin(tables.applied_prices, ev.c.price_id == tables.applied_prices.c.id)
@@ -221,9 +239,27 @@ def _of_scan(conn: AsyncConnection, scan: sa.Subquery, f: EventFilter, limit: in
 async def newest_among(
     conn: AsyncConnection, f: EventFilter, among: int, limit: int
 ) -> tuple[list[m.StoredEvent], bool]:
-    """The filter's newest `limit` events and whether a bound applied: a filter with a tag,
-    model or provider (which no index answers: a rare one read every event of the window) is
-    looked for among the newest `among` events of its window and cost state
+    """The filter's newest `limit` events and whether a bound applied (_newest_rows)."""
+    rows, bounded = await _newest_rows(conn, f, among, limit, _EVENT_WITH_EXPERIENCE_COLUMNS)
+    return [stored_event(row) for row in rows], bounded
+
+
+async def reasons_among(
+    conn: AsyncConnection, f: EventFilter, among: int, limit: int
+) -> tuple[list[tuple[str, ...]], bool]:
+    """Why each of the filter's newest `limit` events was not (fully) priced, and whether a
+    bound applied (_newest_rows): one column read and decoded, not the whole event (the
+    reasons panel reads 2,000 of them)."""
+    rows, bounded = await _newest_rows(conn, f, among, limit, (events.c.unknown_units,))
+    return [tuple(m.UnknownUnit(*u).reason for u in row.unknown_units or ()) for row in rows], bounded
+
+
+async def _newest_rows(
+    conn: AsyncConnection, f: EventFilter, among: int, limit: int, columns: Sequence[Any]
+) -> tuple[list[Any], bool]:
+    """The rows of the filter's newest `limit` events and whether a bound applied: a filter
+    with a tag, model or provider (which no index answers: a rare one read every event of
+    the window) is looked for among the newest `among` events of its window and cost state
     (ix_events_event_time_us, or ix_events_not_priced for a state not priced). A filter
     naming a user reads the user's events (ix_events_user_time); any other, as ListEvents."""
     if f.user_id:
@@ -232,12 +268,13 @@ async def newest_among(
         # 1,000,000 events).
         if f.cost_state and conn.dialect.name == "sqlite":
             state = events.c.cost_state + 0 == f.cost_state
-            return await list_events(conn, dataclasses.replace(f, cost_state=0), None, limit, [state]), False
-        return await list_events(conn, f, None, limit), False
+            unstated = dataclasses.replace(f, cost_state=0)
+            return await _listed_rows(conn, unstated, None, limit, [state], columns), False
+        return await _listed_rows(conn, f, None, limit, (), columns), False
     if not (f.request_tag or f.model or f.category) or f.experience_id is not None:
-        return await list_events(conn, f, None, limit), False
+        return await _listed_rows(conn, f, None, limit, (), columns), False
     scan = _newest(conn, EventFilter(cost_state=f.cost_state, start_us=f.start_us, end_us=f.end_us), among)
-    return [stored_event(row) for row in await conn.execute(_of_scan(conn, scan, f, limit))], True
+    return list(await conn.execute(_of_scan(conn, scan, f, limit, columns))), True
 
 
 def _newest(

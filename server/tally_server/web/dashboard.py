@@ -149,18 +149,17 @@ async def _events_of(services: Services, view: View, page_size: int, cost_state:
     )
 
 
-async def _unpriced_sample(services: Services, view: View) -> tuple[list[StoredEvent], bool]:
-    """The newest UNPRICED_SAMPLE events of the view in each not-priced state, looked for among
-    the newest UNPRICED_SCAN of the window in that state: what the reasons panel counts, and
-    what a reason's request log is found among; and whether the scan's bound applied."""
+async def _unpriced_sample(services: Services, view: View) -> list[StoredEvent]:
+    """The events whose reasons the reasons panel counts (the newest UNPRICED_SAMPLE of the
+    view in each not-priced state, as /api/unpriced finds them): what a reason's request log
+    is found among."""
     found: list[StoredEvent] = []
-    bounded = False
     for state in (CostState.UNPRICED, CostState.PARTIALLY_PRICED):
-        some, bounded = await services.events.newest_among(
+        some, _ = await services.events.newest_among(
             view.only, view.start_us, view.end_us, int(state), among=UNPRICED_SCAN, limit=UNPRICED_SAMPLE
         )
         found += some
-    return found, bounded
+    return found
 
 
 def _reasons(stored: StoredEvent) -> set[str]:
@@ -376,7 +375,7 @@ async def _events(services: Services, request: web.Request) -> web.Response:
     cost_state = {"": 0, "unpriced": int(CostState.UNPRICED), "partially_priced": int(CostState.PARTIALLY_PRICED)}
     reason = request.query.get("reason", "")
     if reason:  # the events of one unpriced reason: among the newest the reasons panel counts
-        found = [e for e in (await _unpriced_sample(services, view))[0] if reason in _reasons(e)]
+        found = [e for e in await _unpriced_sample(services, view) if reason in _reasons(e)]
         found.sort(key=lambda e: (-e.result.event_time_us, str(e.result.request_id)))
         return web.json_response({"events": [_event_json(e) for e in found[:LOG_PAGE]], "next": "", "searched": ""})
     page = await _events_of(services, view, LOG_PAGE, cost_state[state], request.query.get("page", ""))
@@ -579,16 +578,21 @@ async def _unpriced(services: Services, request: web.Request) -> web.Response:
     view = _view(request)
     # By type: a dimension both rollups keep (by model, and by user or tag).
     _, total = await services.reports.breakdown(["experience_name"], view.start_us, view.end_us, view.only, page_size=1)
-    sample, bounded = await _unpriced_sample(services, view)
     reasons: dict[str, int] = {}
-    for stored in sample:
-        for reason in _reasons(stored):
-            reasons[reason] = reasons.get(reason, 0) + 1
+    sampled = 0
+    for state in (CostState.UNPRICED, CostState.PARTIALLY_PRICED):
+        of_events, bounded = await services.events.unpriced_reasons(
+            view.only, view.start_us, view.end_us, int(state), among=UNPRICED_SCAN, limit=UNPRICED_SAMPLE
+        )
+        sampled += len(of_events)
+        for event_reasons in of_events:
+            for reason in {r[:REASON_CHARS] for r in event_reasons}:  # an event counts once per reason
+                reasons[reason] = reasons.get(reason, 0) + 1
     ordered = sorted(reasons.items(), key=lambda item: -item[1])
     return web.json_response(
         {
             "events": total.totals.unpriced_event_count,
-            "sampled": len(sample),
+            "sampled": sampled,
             "among": UNPRICED_SCAN if bounded else None,
             "reasons": [{"reason": r, "events": n} for r, n in ordered[:UNPRICED_REASONS]],
             "other_reasons": sum(n for _, n in ordered[UNPRICED_REASONS:]),

@@ -116,6 +116,16 @@ async def test_list_pages_newest_first_with_filters(stubs):
         pb.ListExperiencesRequest(experience_name=name, create_time_end=middle)
     )
     assert {e.experience_id for e in before.experiences} == {e.experience_id for e in created[:3]}
+    # A window holding every run is read as none (storage.experiences._created_within): its
+    # edges are exact, the end exclusive.
+    first, last = created[0].create_time, created[-1].create_time
+    just_after = timestamp_pb2.Timestamp()
+    just_after.FromMicroseconds(last.ToMicroseconds() + 1)
+    for end, expected in ((last, created[:-1]), (just_after, created)):
+        held = await stubs.experiences.ListExperiences(
+            pb.ListExperiencesRequest(experience_name=name, create_time_start=first, create_time_end=end)
+        )
+        assert [e.experience_id for e in held.experiences] == [e.experience_id for e in reversed(expected)]
 
     first_page = await stubs.experiences.ListExperiences(pb.ListExperiencesRequest(experience_name=name, page_size=3))
     async with raises(grpc.StatusCode.INVALID_ARGUMENT) as error:

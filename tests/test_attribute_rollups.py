@@ -75,6 +75,24 @@ def _window(start: int, end: int) -> dict[str, datetime.datetime]:
     }
 
 
+async def _from_events(client: Any, dimensions: list[str], **kw: Any) -> list[Any]:
+    """The groups of a breakdown with a provider or model (a dimension or a filter) as the
+    events answer them: its window (the seed's days when unbounded) cut at each UTC noon, so
+    that no piece holds a whole day, which is all the rollup per day and model answers (the
+    hourly rollups keep no user, tag or key with a provider or model)."""
+    start = kw.pop("start", None)
+    end = kw.pop("end", None)
+    first = int(start.timestamp()) if start else BASE - 86_400
+    last = int(end.timestamp()) if end else BASE + 4 * 86_400
+    cuts = [first, *range(first - first % 86_400 + 43_200, last, 86_400), last]
+    groups: list[Any] = []
+    for low, high in zip(cuts, cuts[1:], strict=False):
+        if low < high:
+            piece = await client.break_down_cost(dimensions, page_size=1000, **_window(low, high), **kw)
+            groups.extend(piece.groups)
+    return groups
+
+
 async def _answers(client: AsyncTallyClient) -> dict[str, Any]:
     """The breakdowns the rollup answers, and the same sums read from events (a second
     dimension or a filter that no rollup keeps makes the breakdown read events)."""
@@ -89,9 +107,8 @@ async def _answers(client: AsyncTallyClient) -> dict[str, Any]:
     async def both(rollup: list[str], names: tuple[str, ...], **kw: Any) -> tuple[Any, Any]:
         from_rollup = _groups((await client.break_down_cost(rollup, page_size=1000, **kw)).groups, *names)
         from_events: list[Any] = []
-        for model in MODELS:  # a model filter: read from events
-            answer = await client.break_down_cost(rollup, page_size=1000, model=model, **kw)
-            from_events.extend(answer.groups)
+        for model in MODELS:  # a model filter, and no whole day: read from events
+            from_events += await _from_events(client, rollup, model=model, **kw)
         return from_rollup, _groups(from_events, *names)
 
     answers = {}
@@ -112,6 +129,36 @@ async def _answers(client: AsyncTallyClient) -> dict[str, Any]:
     ):
         from_rollup, from_events = await both(rollup, names, **kw)
         assert from_rollup == from_events, label
+        assert from_rollup, label
+        answers[label] = from_rollup
+    # One of user, tag and key beside a provider or model: the rollup per day and model
+    # (migration 0021) for whole days, the events for the rest.
+    for label, dimensions, names, kw in (
+        ("by user, of one model", ["user"], ("user_id",), {"start": start, "model": "gpt-4o"}),
+        ("by tag, model", ["tag", "model"], ("request_tag", "model"), {}),
+        ("by user, provider, partial days", ["user", "category"], ("user_id", "category"), _window(*day_edges)),
+        (
+            "by day, of one user and provider",
+            ["day"],
+            ("period_start",),
+            {"user_id": "ann", "category": "system.openai"},
+        ),
+        ("by model, of one tag", ["model"], ("model",), {"start": start, "request_tag": "red"}),
+        (
+            "by version, of one user and model",
+            ["version"],
+            ("experience_name", "experience_version"),
+            {"user_id": "bob", "model": "made-up-model"},
+        ),
+        (
+            "by type, of one tag and model, in a day",
+            ["type"],
+            ("experience_name",),
+            {**_window(*hours_only), "request_tag": "red", "model": "gpt-4o"},
+        ),
+    ):
+        from_rollup = _groups((await client.break_down_cost(dimensions, page_size=1000, **kw)).groups, *names)
+        assert from_rollup == _groups(await _from_events(client, dimensions, **kw), *names), label
         assert from_rollup, label
         answers[label] = from_rollup
     return answers
@@ -173,6 +220,8 @@ async def test_the_breakdown_by_api_key_reads_the_rollup_and_keeps_it_past_a_pru
         ("by key, type", ["key", "type"], ("api_key_name", "experience_name"), {"start": start}),
         ("by key, day, partial days", ["key", "day"], ("api_key_name", "period_start"), day_edges),
         ("by key, of one type", ["key"], ("api_key_name",), {"start": start, "experience_name": "Attr1"}),
+        ("by key, model", ["key", "model"], ("api_key_name", "model"), {"start": start}),
+        ("by key, of one provider", ["key"], ("api_key_name",), {"start": start, "category": "system.anthropic"}),
     )
     secrets: dict[str, str] = {}
 
@@ -204,11 +253,10 @@ async def test_the_breakdown_by_api_key_reads_the_rollup_and_keeps_it_past_a_pru
                 for label, dimensions, names, kw in cases:
                     rollup = (await admin.break_down_cost(dimensions, page_size=1000, **kw)).groups
                     found[label] = _groups(rollup, *names)
-                    if not prune:  # the same sums read from events (a model filter reads them)
+                    if not prune:  # the same sums read from events (a model filter, no whole day)
                         from_events: list[Any] = []
                         for model in MODELS:
-                            answer = await admin.break_down_cost(dimensions, page_size=1000, model=model, **kw)
-                            from_events.extend(answer.groups)
+                            from_events += await _from_events(admin, dimensions, model=model, **kw)
                         assert found[label] == _groups(from_events, *names), label
                     assert found[label], label
                 return found

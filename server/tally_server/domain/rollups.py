@@ -401,12 +401,21 @@ DAYS = 2
 AttributeKey = tuple[int, int, str, str, int]
 
 
-def attribute_rollups_of(stored: Iterable[tuple[UsageEvent, IngestResult]]) -> dict[AttributeKey, CostTotals]:
+# One row of the rollup per UTC day, user, tag or key, and provider and model (storage:
+# attribute_model_days): dimension (USER_DIMENSION, TAG_DIMENSION or KEY_DIMENSION), day,
+# value, experience name and version, category, and the model that priced the events.
+ModelDayKey = tuple[int, int, str, str, int, str, str]
+
+
+def attribute_rollups_of(
+    stored: Iterable[tuple[UsageEvent, IngestResult]],
+) -> tuple[dict[AttributeKey, CostTotals], dict[ModelDayKey, CostTotals]]:
     """What the stored events add to the rollup by user, request tag and API key: each event
     counts once under its user, once under each of its tags (under "" for none) and once
     under its key's name, as a breakdown of the events by each groups them, in its hour and
-    its day."""
+    its day; and the same per day, provider and model."""
     by_key: dict[AttributeKey, list[int]] = {}
+    by_model: dict[ModelDayKey, list[int]] = {}
     priced = CostState.PRICED
     for event, result in stored:
         cost, time_us, context = result.cost, event.event_time_us, event.context
@@ -415,6 +424,7 @@ def attribute_rollups_of(stored: Iterable[tuple[UsageEvent, IngestResult]]) -> d
         unpriced = 0 if cost.state == priced else 1
         tokens = tokens_of(event)
         name, version = result.experience_name, result.experience_version
+        category, model = event.category, priced_model(event, cost)
         values = (
             (USER_DIMENSION, context.user_id),
             *((TAG_DIMENSION, tag) for tag in context.request_tags or ("",)),
@@ -426,7 +436,15 @@ def attribute_rollups_of(stored: Iterable[tuple[UsageEvent, IngestResult]]) -> d
                 if sums is None:
                     sums = by_key[key] = [0] * _SUMS
                 _add(sums, failed, unpriced, cost, tokens)
-    return {key: CostTotals(*sums) for key, sums in by_key.items()}
+            model_key = (dimension, day, value, name, version, category, model)
+            sums = by_model.get(model_key)
+            if sums is None:
+                sums = by_model[model_key] = [0] * _SUMS
+            _add(sums, failed, unpriced, cost, tokens)
+    return (
+        {key: CostTotals(*sums) for key, sums in by_key.items()},
+        {key: CostTotals(*sums) for key, sums in by_model.items()},
+    )
 
 
 def step_costs(stored: Iterable[tuple[UsageEvent, IngestResult]]) -> dict[tuple[uuid.UUID, str], tuple[int, int]]:

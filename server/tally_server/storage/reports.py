@@ -16,6 +16,7 @@ from .events import EventFilter, event_conditions
 from .tables import (
     ROLLUP_COUNT_COLUMNS,
     ROLLUP_SPLIT_COLUMNS,
+    attribute_model_days,
     attribute_rollups,
     cost_rollups,
     events,
@@ -34,11 +35,30 @@ _WITH_ATTRIBUTE = frozenset({"experience_name", "experience_version", "day", "ho
 
 def _attribute_of(dimensions: Sequence[str], f: m.CostFilter) -> int | None:
     """The attribute rollup's dimension that answers this breakdown, if one does."""
-    named = {d for d in dimensions if d in _ATTRIBUTES}
-    named |= {name for name, value in (("user_id", f.user_id), ("request_tag", f.request_tag)) if value}
+    named = _attributes_named(dimensions, f)
     if len(named) != 1 or f.category or f.model or not set(dimensions) <= _WITH_ATTRIBUTE | named:
         return None
     return _ATTRIBUTES[named.pop()]
+
+
+# What the rollup per day and model keeps beside its user, tag or key.
+_WITH_MODEL_DAYS = frozenset({"experience_name", "experience_version", "day", "category", "model"})
+
+
+def _model_days_of(dimensions: Sequence[str], f: m.CostFilter) -> int | None:
+    """The dimension of the rollup per day and model (attribute_model_days) that answers
+    this breakdown's whole days, if one does: one of user, tag and key beside a provider or
+    model, as dimensions or filters (the attribute rollup answers those without)."""
+    named = _attributes_named(dimensions, f)
+    with_model = bool(f.category or f.model or {"category", "model"} & set(dimensions))
+    if len(named) != 1 or not with_model or not set(dimensions) <= _WITH_MODEL_DAYS | named:
+        return None
+    return _ATTRIBUTES[named.pop()]
+
+
+def _attributes_named(dimensions: Sequence[str], f: m.CostFilter) -> set[str]:
+    named = {d for d in dimensions if d in _ATTRIBUTES}
+    return named | {name for name, value in (("user_id", f.user_id), ("request_tag", f.request_tag)) if value}
 
 
 def _rollup_keys(dimension: str, table: sa.Table = cost_rollups) -> list[sa.ColumnElement[Any]]:
@@ -48,9 +68,11 @@ def _rollup_keys(dimension: str, table: sa.Table = cost_rollups) -> list[sa.Colu
     keys: dict[str, list[sa.ColumnElement[Any]]] = {
         "experience_name": [r.c.experience_name],
         "experience_version": [r.c.experience_name, r.c.experience_version],
-        "day": [r.c.hour_us - r.c.hour_us % DAY_US],
-        "hour": [r.c.hour_us],
     }
+    if table is attribute_model_days:
+        keys |= {"day": [r.c.day_us], "category": [r.c.category], "model": [r.c.model]}
+        return keys[dimension]
+    keys |= {"day": [r.c.hour_us - r.c.hour_us % DAY_US], "hour": [r.c.hour_us]}
     if table is cost_rollups:
         keys |= {"category": [r.c.category], "resource": [r.c.resource], "model": [r.c.model]}
     return keys[dimension]
@@ -85,25 +107,35 @@ def _rollup_sums(r: sa.Table) -> list[sa.Label[Any]]:
 Only = Sequence[tuple[Any, ...]] | None
 
 
-def _rollup_filter(f: m.CostFilter, attribute: int | None = None) -> list[sa.ColumnElement[bool]]:
-    """The filter on an hourly rollup's keys: the cost rollup's, or with `attribute` the
-    rollup by user or tag (rows of that dimension, hours or days; the filter names no
-    category or model)."""
-    if attribute is None:
-        r = cost_rollups
-        pairs = [(r.c.experience_name, f.experience_name), (r.c.category, f.category), (r.c.model, f.model)]
-        where = []
-    else:
-        r = attribute_rollups
+def _rollup_filter(
+    f: m.CostFilter, attribute: int | None = None, table: sa.Table | None = None
+) -> list[sa.ColumnElement[bool]]:
+    """The filter on a rollup's keys: the cost rollup's, or with `attribute` the rollup by
+    user or tag (rows of that dimension, hours or days; the filter names no category or
+    model) or, as `table`, the one per day and model."""
+    r = _table_of(attribute, table)
+    pairs = [(r.c.experience_name, f.experience_name)]
+    if r is not attribute_rollups:
+        pairs += [(r.c.category, f.category), (r.c.model, f.model)]
+    where = []
+    if attribute is not None:
         hourly = attribute if attribute in _ATTRIBUTES.values() else attribute - DAYS
         # The filter's value of the dimension (no filter names an API key).
         value = {USER_DIMENSION: f.user_id, TAG_DIMENSION: f.request_tag}.get(hourly, "")
-        pairs = [(r.c.experience_name, f.experience_name), (r.c.value, value)]
-        where = [r.c.dimension == attribute]
+        pairs.append((r.c.value, value))
+        where.append(r.c.dimension == attribute)
     where += [column == wanted for column, wanted in pairs if wanted]
     if f.experience_version:
         where.append(r.c.experience_version == f.experience_version)
     return where
+
+
+def _table_of(attribute: int | None, table: sa.Table | None) -> sa.Table:
+    """The rollup a breakdown reads: `table` when named, else the cost rollup, or with an
+    attribute the rollup by user, tag and key."""
+    if table is not None:
+        return table
+    return cost_rollups if attribute is None else attribute_rollups
 
 
 def _event_filter(conn: AsyncConnection, f: m.CostFilter) -> list[sa.ColumnElement[bool]]:
@@ -166,17 +198,18 @@ async def _breakdown_from_rollup(
     into: Groups,
     only: Only = None,
     attribute: int | None = None,
+    table: sa.Table | None = None,
 ) -> None:
-    r = cost_rollups if attribute is None else attribute_rollups
+    r = _table_of(attribute, table)
     keys = [key for d in dimensions for key in _rollup_keys(d, r)]
     first = _rollup_keys(dimensions[0], r) if dimensions else []
     query = _grouped(
         sa.select(*keys, *_rollup_sums(r)),
         keys,
-        r.c.hour_us,
+        r.c.day_us if r is attribute_model_days else r.c.hour_us,
         start_us,
         end_us,
-        _rollup_filter(f, attribute),
+        _rollup_filter(f, attribute, r),
         (first, only),
     )
     _merge(into, await conn.execute(query), len(keys))
@@ -263,10 +296,23 @@ async def cost_breakdown(
     dimensions (none: one group, the total), kept to the groups of the first dimension that
     `only` names when given. From a rollup for the window's whole hours (by user or tag, its
     whole days from the rows per day) and the events of its partial hours; from the events
-    alone where no rollup keeps the groups."""
+    alone where no rollup keeps the groups. One of user, tag and key beside a provider or
+    model: the window's whole days from the rollup per day and model, the rest from the
+    events."""
     attribute = _attribute_of(dimensions, f)
-    if attribute is None and (not set(dimensions) <= ROLLUP_DIMENSIONS or f.of_events_only):
+    by_model = _model_days_of(dimensions, f)
+    days = _whole(start_us, end_us, DAY_US)
+    if by_model is not None and days is not None:
+        # The whole days from the rollup per day and model, the rest (at most a day at
+        # either edge) from the events.
         groups: Groups = {}
+        whole_days, edges = days
+        await _breakdown_from_rollup(conn, dimensions, *whole_days, f, groups, only, by_model, attribute_model_days)
+        for start, end in edges:
+            await _breakdown_from_events(conn, dimensions, start, end, f, groups, only)
+        return groups
+    if attribute is None and (not set(dimensions) <= ROLLUP_DIMENSIONS or f.of_events_only):
+        groups = {}
         await _breakdown_from_events(conn, dimensions, start_us, end_us, f, groups, only)
         return groups
     hours = _whole(start_us, end_us, HOUR_US)
@@ -288,9 +334,21 @@ async def costliest_groups(
     conn: AsyncConnection, dimension: str, start_us: int, end_us: int, count: int, f: m.CostFilter = m.ALL_EVENTS
 ) -> list[tuple[Any, ...]]:
     """The `count` groups of a rollup dimension that cost the most over the window's whole
-    hours (of the filter's events; a filter of user or tag with a category or model ranks its
-    events), ranked in the database: however many groups there are, `count` rows come back."""
+    hours (of the filter's events; a filter of user or tag with a category or model ranks
+    the rollup per day and model over a window of whole days, else its events), ranked in
+    the database: however many groups there are, `count` rows come back."""
     attribute = _attribute_of([dimension], f)
+    by_model = _model_days_of([dimension], f)
+    if by_model is not None and start_us % DAY_US == 0 and end_us % DAY_US == 0:
+        d = attribute_model_days
+        keys = _rollup_keys(dimension, d)
+        cost = sa.func.sum(d.c.cost_total_dollars * 1_000_000_000 + d.c.cost_total_nanos)
+        query = (
+            _grouped(sa.select(*keys), keys, d.c.day_us, start_us, end_us, _rollup_filter(f, by_model, d))
+            .order_by(cost.desc(), sa.func.sum(d.c.event_count).desc(), *keys)
+            .limit(count)
+        )
+        return [tuple(row) for row in await conn.execute(query)]
     if f.of_events_only and attribute is None:
         ev = events
         keys = _event_keys(dimension, None)

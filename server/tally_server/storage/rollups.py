@@ -29,6 +29,7 @@ from ..domain.rollups import (
     USER_DIMENSION,
     AttributeKey,
     ExperienceState,
+    ModelDayKey,
     TypeDeltas,
     rescored,
     verdicts_of,
@@ -40,6 +41,7 @@ from .tables import (
     ROLLUP_SPLIT_COLUMNS,
     Uuid,
     applied_prices,
+    attribute_model_days,
     attribute_rollups,
     cost_rollups,
     events,
@@ -127,6 +129,7 @@ def _upsert(dialect: str, table_name: str) -> postgresql.Insert | sqlite.Insert:
     tables = (
         cost_rollups,
         attribute_rollups,
+        attribute_model_days,
         type_rollups,
         type_cost_buckets,
         experience_latencies,
@@ -138,7 +141,7 @@ def _upsert(dialect: str, table_name: str) -> postgresql.Insert | sqlite.Insert:
     table = {t.name: t for t in tables}[table_name]
     insert = postgresql.insert(table) if dialect == "postgresql" else sqlite.insert(table)
     key = [c.name for c in table.primary_key.columns]
-    if table is cost_rollups or table is attribute_rollups:
+    if table in (cost_rollups, attribute_rollups, attribute_model_days):
         added = _added(table, insert.excluded)
     elif table is type_rollups:
         added = _added(table, insert.excluded, _TYPE_COUNTS, ("cost_total",))
@@ -192,6 +195,7 @@ async def add(
     by_hour: Mapping[m.CostRollupKey, m.CostTotals],
     by_type: TypeDeltas,
     by_attribute: Mapping[AttributeKey, m.CostTotals],
+    by_model_day: Mapping[ModelDayKey, m.CostTotals],
 ) -> None:
     """Adds a commit's events to the rollups, in the commit's transaction (the experiences
     were locked by experience_states)."""
@@ -225,19 +229,25 @@ async def add(
         rows = [{**_key_values(key), **_totals_values(by_hour[key])} for key in sorted(by_hour, key=_sort_key)]
         await _add_cost_rows(conn, rows)
     await add_attribute_rows(conn, by_attribute)
+    await add_model_day_rows(conn, by_model_day)
     await add_type_deltas(conn, by_type)
 
 
 async def add_attribute_rows(conn: AsyncConnection, by_attribute: Mapping[AttributeKey, m.CostTotals]) -> None:
     """Adds to the rollup by user and request tag, in key order (no deadlock, as above)."""
-    rows = [
-        {**dict(zip(_ATTRIBUTE_KEY, key, strict=True)), **_totals_values(by_attribute[key])}
-        for key in sorted(by_attribute)
-    ]
-    await hot_path.execute_many(conn, _upsert(conn.dialect.name, "attribute_rollups"), rows)
+    await _add_keyed(conn, attribute_rollups, by_attribute)
 
 
-_ATTRIBUTE_KEY = ("dimension", "hour_us", "value", "experience_name", "experience_version")
+async def add_model_day_rows(conn: AsyncConnection, by_model_day: Mapping[ModelDayKey, m.CostTotals]) -> None:
+    """Adds to the rollup by user, tag and key per day and model, in key order (as above)."""
+    await _add_keyed(conn, attribute_model_days, by_model_day)
+
+
+async def _add_keyed(conn: AsyncConnection, table: sa.Table, sums: Mapping[tuple[Any, ...], m.CostTotals]) -> None:
+    """Upserts `sums` into a rollup whose keys are its primary key's columns, in key order."""
+    key_columns = [column.name for column in table.primary_key.columns]
+    rows = [{**dict(zip(key_columns, key, strict=True)), **_totals_values(sums[key])} for key in sorted(sums)]
+    await hot_path.execute_many(conn, _upsert(conn.dialect.name, table.name), rows)
 
 
 def _sort_key(key: m.CostRollupKey) -> tuple[Any, ...]:
@@ -543,27 +553,46 @@ async def unattribute(conn: AsyncConnection, where: sa.ColumnElement[bool]) -> N
     rows = [{**_key_values(key), **_totals_values(moved[key])} for key in sorted(moved, key=_sort_key)]
     await _add_cost_rows(conn, rows)
     by_attribute: dict[AttributeKey, m.CostTotals] = {}
+    by_model_day: dict[ModelDayKey, m.CostTotals] = {}
     for dimension in (USER_DIMENSION, TAG_DIMENSION, KEY_DIMENSION):
         for row in await conn.execute(_attribute_select(conn, dimension, [where, experiences.c.id.is_not(None)])):
             hour, value, totals = int(row.hour_us), row.value, totals_from_row(row)
-            # Each hour's sums move in its hour's rows and in its day's.
-            for kept, start in ((dimension, hour), (dimension + DAYS, hour - hour % DAY_US)):
-                named: AttributeKey = (kept, start, value, row.experience_name, int(row.experience_version))
-                _move(by_attribute, named, (kept, start, value, "", 0), totals)
+            day, name, version = hour - hour % DAY_US, row.experience_name, int(row.experience_version)
+            # Each hour's sums move in its hour's rows and in its day's, and in its day's by model.
+            for kept, start in ((dimension, hour), (dimension + DAYS, day)):
+                _move(by_attribute, (kept, start, value, name, version), (kept, start, value, "", 0), totals)
+            source: ModelDayKey = (dimension, day, value, name, version, row.category, row.model)
+            _move(by_model_day, source, (dimension, day, value, "", 0, row.category, row.model), totals)
     await add_attribute_rows(conn, by_attribute)
+    await add_model_day_rows(conn, by_model_day)
 
 
 async def anonymize_user(conn: AsyncConnection, user_id: str) -> int:
-    """Moves the user's rows of the rollup by user to the rows of no user (""), so that no
+    """Moves the user's rows of the rollups by user to the rows of no user (""), so that no
     row names the user and every total stays; returns how many rows moved."""
-    a = attribute_rollups
+    a, d = attribute_rollups, attribute_model_days
     of_user = (a.c.dimension.in_([USER_DIMENSION, USER_DIMENSION + DAYS]), a.c.value == user_id)
     moved: dict[AttributeKey, m.CostTotals] = {}
     for row in await conn.execute(sa.select(a).where(*of_user)):
         key: AttributeKey = (int(row.dimension), int(row.hour_us), "", row.experience_name, int(row.experience_version))
         moved.setdefault(key, m.CostTotals()).add(totals_from_row(row))
     await add_attribute_rows(conn, moved)
-    return (await conn.execute(sa.delete(a).where(*of_user))).rowcount
+    of_user_by_model = (d.c.dimension == USER_DIMENSION, d.c.value == user_id)
+    by_model: dict[ModelDayKey, m.CostTotals] = {}
+    for row in await conn.execute(sa.select(d).where(*of_user_by_model)):
+        anonymous: ModelDayKey = (
+            USER_DIMENSION,
+            int(row.day_us),
+            "",
+            row.experience_name,
+            int(row.experience_version),
+            row.category,
+            row.model,
+        )
+        by_model.setdefault(anonymous, m.CostTotals()).add(totals_from_row(row))
+    await add_model_day_rows(conn, by_model)
+    removed = (await conn.execute(sa.delete(d).where(*of_user_by_model))).rowcount
+    return removed + (await conn.execute(sa.delete(a).where(*of_user))).rowcount
 
 
 def _move(into: dict[Any, m.CostTotals], source: Any, target: Any, totals: m.CostTotals) -> None:
@@ -580,7 +609,8 @@ def event_tags(conn: AsyncConnection) -> Any:
 
 
 def _attribute_select(conn: AsyncConnection, dimension: int, where: Iterable[sa.ColumnElement[bool]]) -> sa.Select[Any]:
-    """The events' sums per hour row of the rollup by user (or tag, or key), as the writer keys them."""
+    """The events' sums per hour row of the rollup by user (or tag, or key), and per provider
+    and model (so that each also keys a row by day and model), as the writer keys them."""
     hour = hour_expression(events.c.event_time_us).label("hour_us")
     name = sa.func.coalesce(experience_types.c.name, "").label("experience_name")
     version = sa.func.coalesce(experiences.c.version, 0).label("experience_version")
@@ -592,11 +622,12 @@ def _attribute_select(conn: AsyncConnection, dimension: int, where: Iterable[sa.
         tag = event_tags(conn)
         source = source.outerjoin(tag, sa.true())
         value = sa.func.coalesce(tag.c.value, "").label("value")
+    category, model = events.c.category.label("category"), MODEL_OF_EVENT.label("model")
     return (
-        sa.select(hour, value, name, version, *event_sums())
+        sa.select(hour, value, name, version, category, model, *event_sums())
         .select_from(source)
         .where(*where)
-        .group_by(hour, value, name, version)
+        .group_by(hour, value, name, version, category, model)
     )
 
 

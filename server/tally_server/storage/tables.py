@@ -231,6 +231,26 @@ attribute_rollups = sa.Table(
     sqlite_with_rowid=False,
 )
 
+# Events summed per UTC day, user (dimension 1), request tag (2) or API key name (5), type
+# version, category and the model that priced them (migration 0021): the cost breakdown of
+# one of user, tag and key beside a provider or model (grouped by or kept to) reads these
+# for a window's whole days. Counted as attribute_rollups counts (an event once under each
+# tag), per day only: a day holds users times models rows, not events.
+attribute_model_days = sa.Table(
+    "attribute_model_days",
+    metadata,
+    sa.Column("dimension", sa.SmallInteger, primary_key=True),
+    sa.Column("day_us", sa.BigInteger, primary_key=True),
+    sa.Column("value", sa.String(256), primary_key=True),
+    sa.Column("experience_name", sa.String(64), primary_key=True),
+    sa.Column("experience_version", sa.Integer, primary_key=True),
+    sa.Column("category", sa.String(128), primary_key=True),
+    sa.Column("model", sa.String(256), primary_key=True),
+    *(sa.Column(name, sa.BigInteger, nullable=False) for name in ROLLUP_COUNT_COLUMNS),
+    *(sa.Column(name, sa.BigInteger, nullable=False) for name in ROLLUP_SPLIT_COLUMNS),
+    sqlite_with_rowid=False,  # as attribute_rollups
+)
+
 # The prices events were priced with, one row each, named by the events' price_id (migration
 # 0018): a price's source, category, resource, version (a custom price's id), effective time
 # and variant (the pairs of the price context that selected it) were text in every event.

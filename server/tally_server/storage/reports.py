@@ -1,5 +1,6 @@
 """The cost breakdown: whole hours from the hourly rollups (by type version and model, or
-by user or request tag), the rest from the events."""
+by user, request tag or API key), or whole days from the rollup of those per day and model,
+the rest from the events."""
 
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ from .tables import (
 
 # Dimensions the hourly cost rollup keeps; those of the rollup by user or request tag (with
 # one of them, as a dimension or a filter, or the API key as a dimension, and no other); the
-# others (step, two of user, tag and key, or any with a category or model) are read from events.
+# others (step, two of user, tag and key, or any with a resource) are read from events, as
+# are the partial days of one of user, tag and key with a category or model.
 ROLLUP_DIMENSIONS = frozenset({"experience_name", "experience_version", "category", "resource", "model", "day", "hour"})
 _ATTRIBUTES = {"user_id": USER_DIMENSION, "request_tag": TAG_DIMENSION, "api_key_name": KEY_DIMENSION}
 _WITH_ATTRIBUTE = frozenset({"experience_name", "experience_version", "day", "hour"})

@@ -567,7 +567,7 @@ async def _compare(services: Services, request: web.Request) -> web.Response:
 # that state those of a tag, model or provider are looked for among, the reasons it shows
 # (the rest counted as one), and the characters of each: what is read stays bounded.
 UNPRICED_SAMPLE = 1000
-UNPRICED_SCAN = 10_000
+UNPRICED_SCAN = 5_000
 UNPRICED_REASONS = 20
 REASON_CHARS = 300
 

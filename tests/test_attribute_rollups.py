@@ -6,6 +6,7 @@ out of their type. Both engines, through the wire."""
 from __future__ import annotations
 
 import datetime
+import itertools
 from collections.abc import Iterable
 from typing import Any
 
@@ -86,7 +87,7 @@ async def _from_events(client: Any, dimensions: list[str], **kw: Any) -> list[An
     last = int(end.timestamp()) if end else BASE + 4 * 86_400
     cuts = [first, *range(first - first % 86_400 + 43_200, last, 86_400), last]
     groups: list[Any] = []
-    for low, high in zip(cuts, cuts[1:], strict=False):
+    for low, high in itertools.pairwise(cuts):
         if low < high:
             piece = await client.break_down_cost(dimensions, page_size=1000, **_window(low, high), **kw)
             groups.extend(piece.groups)

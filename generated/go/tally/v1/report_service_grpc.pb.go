@@ -23,8 +23,11 @@ type ReportServiceClient interface {
 	// (and the events of the window's partial hours at its edges); grouping by, or
 	// keeping to, one of user id and request tag, or grouping by API key (beside
 	// type, version, day or hour only) reads the rollup by user, tag and key kept at
-	// ingest, per day and per hour; anything else (step, two of user, tag and key,
-	// any of them with a category, model or resource) reads the window's events.
+	// ingest, per day and per hour; one of them beside a category or model (and
+	// type, version or day) reads the rollup of those per day and model for the
+	// window's whole UTC days and the events of the rest; anything else (step, two
+	// of user, tag and key, any of them with a resource or by hour with a category
+	// or model) reads the window's events.
 	BreakDownCost(ctx context.Context, in *BreakDownCostRequest, opts ...grpc.CallOption) (*BreakDownCostResponse, error)
 	// Two versions of a type side by side, over their runs whose first event is
 	// in a window: cost per run, events per run, failure rate, and each declared
@@ -72,8 +75,11 @@ type ReportServiceServer interface {
 	// (and the events of the window's partial hours at its edges); grouping by, or
 	// keeping to, one of user id and request tag, or grouping by API key (beside
 	// type, version, day or hour only) reads the rollup by user, tag and key kept at
-	// ingest, per day and per hour; anything else (step, two of user, tag and key,
-	// any of them with a category, model or resource) reads the window's events.
+	// ingest, per day and per hour; one of them beside a category or model (and
+	// type, version or day) reads the rollup of those per day and model for the
+	// window's whole UTC days and the events of the rest; anything else (step, two
+	// of user, tag and key, any of them with a resource or by hour with a category
+	// or model) reads the window's events.
 	BreakDownCost(context.Context, *BreakDownCostRequest) (*BreakDownCostResponse, error)
 	// Two versions of a type side by side, over their runs whose first event is
 	// in a window: cost per run, events per run, failure rate, and each declared

@@ -506,12 +506,12 @@ class BreakDownCostRequest(_message.Message):
     """
     user_id: _builtins.str
     """Only events with this user id. Like a grouping by user id, this reads the
-    rollup by user (with a category, model or resource, the window's events).
+    rollup by user (with a category or model, the one per day and model).
     """
     request_tag: _builtins.str
     """Only events carrying this request tag. Like a grouping by request tag, this
-    reads the rollup by tag (with a category, model or resource, the window's
-    events).
+    reads the rollup by tag (with a category or model, the one per day and
+    model).
     """
     @_builtins.property
     def start_time(self) -> _timestamp_pb2.Timestamp:

@@ -40,8 +40,11 @@ class ReportServiceStub:
     (and the events of the window's partial hours at its edges); grouping by, or
     keeping to, one of user id and request tag, or grouping by API key (beside
     type, version, day or hour only) reads the rollup by user, tag and key kept at
-    ingest, per day and per hour; anything else (step, two of user, tag and key,
-    any of them with a category, model or resource) reads the window's events.
+    ingest, per day and per hour; one of them beside a category or model (and
+    type, version or day) reads the rollup of those per day and model for the
+    window's whole UTC days and the events of the rest; anything else (step, two
+    of user, tag and key, any of them with a resource or by hour with a category
+    or model) reads the window's events.
     """
     CompareVersions: _grpc.UnaryUnaryMultiCallable[_report_service_pb2.CompareVersionsRequest, _report_service_pb2.CompareVersionsResponse]
     """Two versions of a type side by side, over their runs whose first event is
@@ -65,8 +68,11 @@ class ReportServiceAsyncStub(ReportServiceStub):
     (and the events of the window's partial hours at its edges); grouping by, or
     keeping to, one of user id and request tag, or grouping by API key (beside
     type, version, day or hour only) reads the rollup by user, tag and key kept at
-    ingest, per day and per hour; anything else (step, two of user, tag and key,
-    any of them with a category, model or resource) reads the window's events.
+    ingest, per day and per hour; one of them beside a category or model (and
+    type, version or day) reads the rollup of those per day and model for the
+    window's whole UTC days and the events of the rest; anything else (step, two
+    of user, tag and key, any of them with a resource or by hour with a category
+    or model) reads the window's events.
     """
     CompareVersions: _aio.UnaryUnaryMultiCallable[_report_service_pb2.CompareVersionsRequest, _report_service_pb2.CompareVersionsResponse]  # type: ignore[assignment]
     """Two versions of a type side by side, over their runs whose first event is
@@ -93,8 +99,11 @@ class ReportServiceServicer(metaclass=_abc_1.ABCMeta):
         (and the events of the window's partial hours at its edges); grouping by, or
         keeping to, one of user id and request tag, or grouping by API key (beside
         type, version, day or hour only) reads the rollup by user, tag and key kept at
-        ingest, per day and per hour; anything else (step, two of user, tag and key,
-        any of them with a category, model or resource) reads the window's events.
+        ingest, per day and per hour; one of them beside a category or model (and
+        type, version or day) reads the rollup of those per day and model for the
+        window's whole UTC days and the events of the rest; anything else (step, two
+        of user, tag and key, any of them with a resource or by hour with a category
+        or model) reads the window's events.
         """
 
     @_abc_1.abstractmethod

@@ -524,7 +524,7 @@ export type BreakDownCostRequest = Message<"tally.v1.BreakDownCostRequest"> & {
 
   /**
    * Only events with this user id. Like a grouping by user id, this reads the
-   * rollup by user (with a category, model or resource, the window's events).
+   * rollup by user (with a category or model, the one per day and model).
    *
    * @generated from field: string user_id = 10;
    */
@@ -532,8 +532,8 @@ export type BreakDownCostRequest = Message<"tally.v1.BreakDownCostRequest"> & {
 
   /**
    * Only events carrying this request tag. Like a grouping by request tag, this
-   * reads the rollup by tag (with a category, model or resource, the window's
-   * events).
+   * reads the rollup by tag (with a category or model, the one per day and
+   * model).
    *
    * @generated from field: string request_tag = 11;
    */
@@ -832,8 +832,11 @@ export const ReportService: GenService<{
    * (and the events of the window's partial hours at its edges); grouping by, or
    * keeping to, one of user id and request tag, or grouping by API key (beside
    * type, version, day or hour only) reads the rollup by user, tag and key kept at
-   * ingest, per day and per hour; anything else (step, two of user, tag and key,
-   * any of them with a category, model or resource) reads the window's events.
+   * ingest, per day and per hour; one of them beside a category or model (and
+   * type, version or day) reads the rollup of those per day and model for the
+   * window's whole UTC days and the events of the rest; anything else (step, two
+   * of user, tag and key, any of them with a resource or by hour with a category
+   * or model) reads the window's events.
    *
    * @generated from rpc tally.v1.ReportService.BreakDownCost
    */

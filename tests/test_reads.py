@@ -530,6 +530,7 @@ async def test_rollups_equal_the_events_through_duplicates_and_deletions(stubs):
         (("model",), {"request_tag": TAGS[0]}),
         (("day",), {"user_id": USERS[1], "request_tag": TAGS[1], "experience_version": 1}),
         (("request_tag",), {"model": "gpt-4o-mini", "request_tag": TAGS[0]}),
+        (("request_tag",), {"request_tag": TAGS[0]}),  # its events' other tags too
     ]:
         await check_breakdown(reports, world, dimensions, start, end, **filters)
 

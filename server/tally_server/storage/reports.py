@@ -38,7 +38,7 @@ _WITH_ATTRIBUTE = frozenset({"experience_name", "experience_version", "day", "ho
 def _attribute_of(dimensions: Sequence[str], f: m.CostFilter) -> int | None:
     """The attribute rollup's dimension that answers this breakdown, if one does."""
     named = _attributes_named(dimensions, f)
-    if len(named) != 1 or f.category or f.model or not set(dimensions) <= _WITH_ATTRIBUTE | named:
+    if named is None or len(named) != 1 or f.category or f.model or not set(dimensions) <= _WITH_ATTRIBUTE | named:
         return None
     return _ATTRIBUTES[named.pop()]
 
@@ -53,12 +53,16 @@ def _model_days_of(dimensions: Sequence[str], f: m.CostFilter) -> int | None:
     model, as dimensions or filters (the attribute rollup answers those without)."""
     named = _attributes_named(dimensions, f)
     with_model = bool(f.category or f.model or {"category", "model"} & set(dimensions))
-    if len(named) != 1 or not with_model or not set(dimensions) <= _WITH_MODEL_DAYS | named:
+    if named is None or len(named) != 1 or not with_model or not set(dimensions) <= _WITH_MODEL_DAYS | named:
         return None
     return _ATTRIBUTES[named.pop()]
 
 
-def _attributes_named(dimensions: Sequence[str], f: m.CostFilter) -> set[str]:
+def _attributes_named(dimensions: Sequence[str], f: m.CostFilter) -> set[str] | None:
+    """The attributes the breakdown groups by or keeps to; None when grouped by tag and kept
+    to one: an event of the tag counts under each of its tags, which no rollup row knows."""
+    if "request_tag" in dimensions and f.request_tag:
+        return None
     named = {d for d in dimensions if d in _ATTRIBUTES}
     return named | {name for name, value in (("user_id", f.user_id), ("request_tag", f.request_tag)) if value}
 

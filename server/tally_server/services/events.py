@@ -172,19 +172,10 @@ class Events:
             v.add("key", "a property key matches [A-Za-z0-9._-]{1,64}")
         if utf8_length(value) > MAP_VALUE_MAX or "\x00" in value:
             v.add("value", f"a property value is at most {MAP_VALUE_MAX} bytes of UTF-8, without NUL")
-        check_filter(v, only)
+        _check_view(v, only, 0)
         v.raise_if_any()
         async with self.db.read() as conn:
-            event_filter = stored_events.EventFilter(
-                type_id=await _type_id(conn, only.experience_name),
-                version=only.experience_version,
-                user_id=only.user_id,
-                request_tag=only.request_tag,
-                category=only.category,
-                model=only.model,
-                start_us=start_us,
-                end_us=end_us,
-            )
+            event_filter = await _view_filter(conn, only, start_us, end_us, 0)
             found, searched = await stored_events.events_with_property(conn, event_filter, key, value, among, limit)
             return await _annotated(conn, found), searched
 
@@ -194,8 +185,11 @@ class Events:
         """The newest `limit` events of the filter and cost state (0: any) in [start_us,
         end_us), those of a tag, model or provider looked for among the newest `among` events
         of the window and state; and whether that bound applied."""
+        v = Violations()
+        _check_view(v, only, cost_state)
+        v.raise_if_any()
         async with self.db.read() as conn:
-            event_filter = await self._window_filter(conn, only, start_us, end_us, cost_state)
+            event_filter = await _view_filter(conn, only, start_us, end_us, cost_state)
             found, bounded = await stored_events.newest_among(conn, event_filter, among, limit)
             return await _annotated(conn, found), bounded
 
@@ -204,32 +198,36 @@ class Events:
     ) -> tuple[Sequence[tuple[str, ...]], bool]:
         """The reasons of each of the events newest_among finds (a state not priced): only
         those are read."""
+        v = Violations()
+        _check_view(v, only, cost_state)
+        v.raise_if_any()
         async with self.db.read() as conn:
-            event_filter = await self._window_filter(conn, only, start_us, end_us, cost_state)
+            event_filter = await _view_filter(conn, only, start_us, end_us, cost_state)
             return await stored_events.reasons_among(conn, event_filter, among, limit)
 
-    @staticmethod
-    async def _window_filter(
-        conn: AsyncConnection, only: CostFilter, start_us: int, end_us: int, cost_state: int
-    ) -> stored_events.EventFilter:
-        """The events filter of a dashboard view and a cost state (INVALID_ARGUMENT naming a
-        field it refuses)."""
-        v = Violations()
-        check_filter(v, only)
-        if cost_state and cost_state not in {int(state) for state in CostState}:
-            v.add("cost_state", f"not a cost state: {cost_state}")
-        v.raise_if_any()
-        return stored_events.EventFilter(
-            type_id=await _type_id(conn, only.experience_name),
-            version=only.experience_version,
-            user_id=only.user_id,
-            request_tag=only.request_tag,
-            category=only.category,
-            model=only.model,
-            cost_state=cost_state,
-            start_us=start_us,
-            end_us=end_us,
-        )
+
+def _check_view(v: Violations, only: CostFilter, cost_state: int) -> None:
+    """Adds a violation for each field of a dashboard view's filter and cost state refused."""
+    check_filter(v, only)
+    if cost_state and cost_state not in {int(state) for state in CostState}:
+        v.add("cost_state", f"not a cost state: {cost_state}")
+
+
+async def _view_filter(
+    conn: AsyncConnection, only: CostFilter, start_us: int, end_us: int, cost_state: int
+) -> stored_events.EventFilter:
+    """The events filter of a dashboard view (checked by _check_view) and a cost state."""
+    return stored_events.EventFilter(
+        type_id=await _type_id(conn, only.experience_name),
+        version=only.experience_version,
+        user_id=only.user_id,
+        request_tag=only.request_tag,
+        category=only.category,
+        model=only.model,
+        cost_state=cost_state,
+        start_us=start_us,
+        end_us=end_us,
+    )
 
 
 async def _type_id(conn: AsyncConnection, experience_name: str) -> int | None:

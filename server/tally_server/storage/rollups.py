@@ -571,28 +571,20 @@ async def anonymize_user(conn: AsyncConnection, user_id: str) -> int:
     """Moves the user's rows of the rollups by user to the rows of no user (""), so that no
     row names the user and every total stays; returns how many rows moved."""
     a, d = attribute_rollups, attribute_model_days
-    of_user = (a.c.dimension.in_([USER_DIMENSION, USER_DIMENSION + DAYS]), a.c.value == user_id)
-    moved: dict[AttributeKey, m.CostTotals] = {}
-    for row in await conn.execute(sa.select(a).where(*of_user)):
-        key: AttributeKey = (int(row.dimension), int(row.hour_us), "", row.experience_name, int(row.experience_version))
+    moved = await _anonymized(conn, a, a.c.dimension.in_([USER_DIMENSION, USER_DIMENSION + DAYS]), a.c.value == user_id)
+    return moved + await _anonymized(conn, d, d.c.dimension == USER_DIMENSION, d.c.value == user_id)
+
+
+async def _anonymized(conn: AsyncConnection, table: sa.Table, *where: sa.ColumnElement[bool]) -> int:
+    """Adds the rows `where` selects of a rollup keyed by its primary key to the same keys
+    with value "", then deletes them; returns how many."""
+    key_columns = [column.name for column in table.primary_key.columns]
+    moved: dict[tuple[Any, ...], m.CostTotals] = {}
+    for row in await conn.execute(sa.select(table).where(*where)):
+        key = tuple("" if name == "value" else row._mapping[name] for name in key_columns)
         moved.setdefault(key, m.CostTotals()).add(totals_from_row(row))
-    await add_attribute_rows(conn, moved)
-    of_user_by_model = (d.c.dimension == USER_DIMENSION, d.c.value == user_id)
-    by_model: dict[ModelDayKey, m.CostTotals] = {}
-    for row in await conn.execute(sa.select(d).where(*of_user_by_model)):
-        anonymous: ModelDayKey = (
-            USER_DIMENSION,
-            int(row.day_us),
-            "",
-            row.experience_name,
-            int(row.experience_version),
-            row.category,
-            row.model,
-        )
-        by_model.setdefault(anonymous, m.CostTotals()).add(totals_from_row(row))
-    await add_model_day_rows(conn, by_model)
-    removed = (await conn.execute(sa.delete(d).where(*of_user_by_model))).rowcount
-    return removed + (await conn.execute(sa.delete(a).where(*of_user))).rowcount
+    await _add_keyed(conn, table, moved)
+    return int((await conn.execute(sa.delete(table).where(*where))).rowcount)
 
 
 def _move(into: dict[Any, m.CostTotals], source: Any, target: Any, totals: m.CostTotals) -> None:

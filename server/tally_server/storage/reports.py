@@ -144,6 +144,11 @@ def _table_of(attribute: int | None, table: sa.Table | None) -> sa.Table:
     return cost_rollups if attribute is None else attribute_rollups
 
 
+def _time_of(r: sa.Table) -> sa.ColumnElement[int]:
+    """A rollup's time column: the start of its row's hour, or of its day."""
+    return r.c.day_us if r is attribute_model_days else r.c.hour_us
+
+
 def _event_filter(conn: AsyncConnection, f: m.CostFilter) -> list[sa.ColumnElement[bool]]:
     """The filter on events (joined with their experience and type: EVENTS_WITH_TYPE)."""
     fields = EventFilter(user_id=f.user_id, request_tag=f.request_tag, category=f.category, model=f.model)
@@ -212,7 +217,7 @@ async def _breakdown_from_rollup(
     query = _grouped(
         sa.select(*keys, *_rollup_sums(r)),
         keys,
-        r.c.day_us if r is attribute_model_days else r.c.hour_us,
+        _time_of(r),
         start_us,
         end_us,
         _rollup_filter(f, attribute, r),
@@ -346,16 +351,8 @@ async def costliest_groups(
     attribute = _attribute_of([dimension], f)
     by_model = _model_days_of([dimension], f)
     if by_model is not None and start_us % DAY_US == 0 and end_us % DAY_US == 0:
-        d = attribute_model_days
-        keys = _rollup_keys(dimension, d)
-        cost = sa.func.sum(d.c.cost_total_dollars * 1_000_000_000 + d.c.cost_total_nanos)
-        query = (
-            _grouped(sa.select(*keys), keys, d.c.day_us, start_us, end_us, _rollup_filter(f, by_model, d))
-            .order_by(cost.desc(), sa.func.sum(d.c.event_count).desc(), *keys)
-            .limit(count)
-        )
-        return [tuple(row) for row in await conn.execute(query)]
-    if f.of_events_only and attribute is None:
+        r, attribute, first = attribute_model_days, by_model, start_us
+    elif f.of_events_only and attribute is None:
         ev = events
         keys = _event_keys(dimension, None)
         cost = sa.func.sum(ev.c.cost_total_nanos)
@@ -372,12 +369,12 @@ async def costliest_groups(
             .limit(count)
         )
         return [tuple(row) for row in await conn.execute(query)]
-    r = cost_rollups if attribute is None else attribute_rollups
+    else:
+        r, first = _table_of(attribute, None), -(-start_us // HOUR_US) * HOUR_US
     keys = _rollup_keys(dimension, r)
-    first_hour = -(-start_us // HOUR_US) * HOUR_US
     cost = sa.func.sum(r.c.cost_total_dollars * 1_000_000_000 + r.c.cost_total_nanos)
     query = (
-        _grouped(sa.select(*keys), keys, r.c.hour_us, first_hour, end_us, _rollup_filter(f, attribute))
+        _grouped(sa.select(*keys), keys, _time_of(r), first, end_us, _rollup_filter(f, attribute, r))
         .order_by(cost.desc(), sa.func.sum(r.c.event_count).desc(), *keys)
         .limit(count)
     )

@@ -127,6 +127,28 @@ async def _answers(client: AsyncTallyClient) -> dict[str, Any]:
         ("by day, of one user", ["day"], ("period_start",), {"start": start, "user_id": "ann"}),
         ("by type, of one tag", ["type"], ("experience_name",), {"start": start, "request_tag": "red"}),
         ("by tag, of one type", ["tag"], ("request_tag",), {"experience_name": "Attr1"}),
+        # A tag's events by user, or one user's of a tag: the rollup of each tag's events
+        # per day (migration 0022) for whole days, the events for the rest.
+        ("by user, of one tag", ["user"], ("user_id",), {"start": start, "request_tag": "red"}),
+        (
+            "by user, version, of one tag, partial days",
+            ["user", "version"],
+            ("user_id", "experience_name", "experience_version"),
+            {**_window(*day_edges), "request_tag": "green"},
+        ),
+        ("by day, of one user and tag", ["day"], ("period_start",), {"user_id": "ann", "request_tag": "red"}),
+        (
+            "by version, of one user and tag",
+            ["version"],
+            ("experience_name", "experience_version"),
+            {"user_id": "carl", "request_tag": "blue"},
+        ),
+        (
+            "by type, of one user and tag, in a day",
+            ["type"],
+            ("experience_name",),
+            {**_window(*hours_only), "user_id": "bob", "request_tag": "red"},
+        ),
     ):
         from_rollup, from_events = await both(rollup, names, **kw)
         assert from_rollup == from_events, label
@@ -223,6 +245,13 @@ async def test_the_breakdown_by_api_key_reads_the_rollup_and_keeps_it_past_a_pru
         ("by key, of one type", ["key"], ("api_key_name",), {"start": start, "experience_name": "Attr1"}),
         ("by key, model", ["key", "model"], ("api_key_name", "model"), {"start": start}),
         ("by key, of one provider", ["key"], ("api_key_name",), {"start": start, "category": "system.anthropic"}),
+        ("by key, type, of one tag", ["key", "type"], ("api_key_name", "experience_name"), {"request_tag": "red"}),
+        (
+            "by key, day, of one tag",  # whole days: the partial ones read events, gone once pruned
+            ["key", "day"],
+            ("api_key_name", "period_start"),
+            {**_window(BASE, BASE + 3 * 86_400), "request_tag": "blue"},
+        ),
     )
     secrets: dict[str, str] = {}
 

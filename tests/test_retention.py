@@ -92,6 +92,9 @@ async def _figures(client: AsyncTallyClient) -> dict[str, Any]:
     for group_by in (["type", "day"], ["model", "hour"], ["user"], ["tag"], ["user", "day"], ["tag", "version"]):
         answer = await client.break_down_cost(group_by, page_size=1000)
         figures[" ".join(group_by)] = (MessageToDict(answer.total), sorted(map(str, map(MessageToDict, answer.groups))))
+    for group_by in (["user"], ["version"]):  # of one tag: the rollup of each tag's events
+        answer = await client.break_down_cost(group_by, page_size=1000, request_tag="red")
+        figures[f"{' '.join(group_by)} of red"] = sorted(map(str, map(MessageToDict, answer.groups)))
     for name in ("everything", "of-type", "of-tag"):
         figures[name] = MessageToDict((await client.get_limit(name)).current)
     return figures
@@ -210,8 +213,9 @@ async def test_an_erased_user_is_named_by_no_row_and_every_total_stays(served):
                 MessageToDict(answer.total),
                 sorted(map(str, map(MessageToDict, answer.groups))),
             )
-        by_user = await client.break_down_cost(["user"], page_size=1000)
-        found["users"] = {g.user_id: (g.event_count, g.cost_total.units, g.cost_total.nanos) for g in by_user.groups}
+        for label, kw in (("users", {}), ("users of red", {"request_tag": "red"})):
+            by_user = await client.break_down_cost(["user"], page_size=1000, **kw)
+            found[label] = {g.user_id: (g.event_count, g.cost_total.units, g.cost_total.nanos) for g in by_user.groups}
         for name in ("everything", "of-type", "of-tag", "of-ann"):
             found[name] = MessageToDict((await client.get_limit(name)).current)
         return found
@@ -230,13 +234,15 @@ async def test_an_erased_user_is_named_by_no_row_and_every_total_stays(served):
     assert error.value.code == grpc.StatusCode.NOT_FOUND
 
     after = await totals()
-    users_before, users_after = before.pop("users"), after.pop("users")
-    assert after == before
-    erased = users_before.pop(ERASED)
-    assert ERASED not in users_after and users_after["ann"] == users_before["ann"]
-    anonymous, now_anonymous = users_before[""], users_after[""]
     nanos = lambda t: t[1] * 10**9 + t[2]  # noqa: E731
-    assert now_anonymous[0] == anonymous[0] + erased[0] and nanos(now_anonymous) == nanos(anonymous) + nanos(erased)
+    for label in ("users", "users of red"):  # the user's sums now under no user
+        users_before, users_after = before.pop(label), after.pop(label)
+        erased = users_before.pop(ERASED)
+        assert ERASED not in users_after and users_after.get("ann") == users_before.get("ann"), label
+        anonymous, now_anonymous = users_before.get("", (0, 0, 0)), users_after[""]
+        assert now_anonymous[0] == anonymous[0] + erased[0], label
+        assert nanos(now_anonymous) == nanos(anonymous) + nanos(erased), label
+    assert after == before
     for bad in ("", "x\x00y"):
         with pytest.raises(TallyError) as error:
             await client.erase_user(bad)

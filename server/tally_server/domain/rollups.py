@@ -406,16 +406,25 @@ AttributeKey = tuple[int, int, str, str, int]
 # value, experience name and version, category, and the model that priced the events.
 ModelDayKey = tuple[int, int, str, str, int, str, str]
 
+# One row of the rollup of each request tag's events per UTC day by user or API key (storage:
+# tag_attribute_days): tag, dimension (USER_DIMENSION or KEY_DIMENSION), day, value ("" for
+# none), experience name and version. Not by tag: pairs of an event's tags would grow with the
+# square of its tags (up to 32), and a row per tag is what a tag's events by user need.
+TagDayKey = tuple[str, int, int, str, str, int]
+
 
 def attribute_rollups_of(
     stored: Iterable[tuple[UsageEvent, IngestResult]],
-) -> tuple[dict[AttributeKey, CostTotals], dict[ModelDayKey, CostTotals]]:
+) -> tuple[dict[AttributeKey, CostTotals], dict[ModelDayKey, CostTotals], dict[TagDayKey, CostTotals]]:
     """What the stored events add to the rollup by user, request tag and API key: each event
     counts once under its user, once under each of its tags (under "" for none) and once
     under its key's name, as a breakdown of the events by each groups them, in its hour and
-    its day; and the same per day, provider and model."""
+    its day; the same per day, provider and model; and, under each of its tags, once under
+    its user and once under its key per day (once under a tag it repeats, as the events of a
+    tag count it)."""
     by_key: dict[AttributeKey, list[int]] = {}
     by_model: dict[ModelDayKey, list[int]] = {}
+    by_tag: dict[TagDayKey, list[int]] = {}
     priced = CostState.PRICED
     for event, result in stored:
         cost, time_us, context = result.cost, event.event_time_us, event.context
@@ -441,9 +450,17 @@ def attribute_rollups_of(
             if sums is None:
                 sums = by_model[model_key] = [0] * _SUMS
             _add(sums, failed, unpriced, cost, tokens)
+        for tag in dict.fromkeys(context.request_tags):  # a tag repeated in an event once
+            for dimension, value in ((USER_DIMENSION, context.user_id), (KEY_DIMENSION, event.key_name)):
+                tag_key = (tag, dimension, day, value, name, version)
+                sums = by_tag.get(tag_key)
+                if sums is None:
+                    sums = by_tag[tag_key] = [0] * _SUMS
+                _add(sums, failed, unpriced, cost, tokens)
     return (
         {key: CostTotals(*sums) for key, sums in by_key.items()},
         {key: CostTotals(*sums) for key, sums in by_model.items()},
+        {key: CostTotals(*sums) for key, sums in by_tag.items()},
     )
 
 

@@ -1,6 +1,6 @@
 """The cost breakdown: whole hours from the hourly rollups (by type version and model, or
-by user, request tag or API key), or whole days from the rollup of those per day and model,
-the rest from the events."""
+by user, request tag or API key), or whole days from the rollup of those per day and model
+or from the rollup of each tag's events by user or key, the rest from the events."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from .tables import (
     events,
     experience_types,
     experiences,
+    tag_attribute_days,
     type_rollups,
 )
 
@@ -58,6 +59,35 @@ def _model_days_of(dimensions: Sequence[str], f: m.CostFilter) -> int | None:
     return _ATTRIBUTES[named.pop()]
 
 
+def _days_rollup_of(dimensions: Sequence[str], f: m.CostFilter) -> tuple[int, sa.Table] | None:
+    """The rollup per day that answers this breakdown's whole days, and its dimension: the
+    one per day and model, or the one of each tag's events."""
+    by_model = _model_days_of(dimensions, f)
+    if by_model is not None:
+        return by_model, attribute_model_days
+    of_tag = _tag_days_of(dimensions, f)
+    return None if of_tag is None else (of_tag, tag_attribute_days)
+
+
+# What the rollup of each tag's events per day keeps beside its user or key.
+_WITH_TAG_DAYS = frozenset({"experience_name", "experience_version", "day"})
+
+
+def _tag_days_of(dimensions: Sequence[str], f: m.CostFilter) -> int | None:
+    """The dimension of the rollup of each tag's events per day (tag_attribute_days) that
+    answers this breakdown's whole days, if one does: kept to a tag, by user or key, or kept
+    to a user too (the attribute rollup answers a tag alone)."""
+    if not f.request_tag or f.category or f.model:
+        return None
+    named = [d for d in dimensions if d in _ATTRIBUTES]
+    attribute = named[0] if len(named) == 1 else "user_id" if not named and f.user_id else None
+    if attribute not in ("user_id", "api_key_name") or (f.user_id and attribute != "user_id"):
+        return None
+    if not set(dimensions) <= _WITH_TAG_DAYS | {attribute}:
+        return None
+    return _ATTRIBUTES[attribute]
+
+
 def _attributes_named(dimensions: Sequence[str], f: m.CostFilter) -> set[str] | None:
     """The attributes the breakdown groups by or keeps to; None when grouped by tag and kept
     to one: an event of the tag counts under each of its tags, which no rollup row knows."""
@@ -77,6 +107,9 @@ def _rollup_keys(dimension: str, table: sa.Table = cost_rollups) -> list[sa.Colu
     }
     if table is attribute_model_days:
         keys |= {"day": [r.c.day_us], "category": [r.c.category], "model": [r.c.model]}
+        return keys[dimension]
+    if table is tag_attribute_days:
+        keys["day"] = [r.c.day_us]
         return keys[dimension]
     keys |= {"day": [r.c.hour_us - r.c.hour_us % DAY_US], "hour": [r.c.hour_us]}
     if table is cost_rollups:
@@ -121,7 +154,9 @@ def _rollup_filter(
     model) or, as `table`, the one per day and model."""
     r = _table_of(attribute, table)
     pairs = [(r.c.experience_name, f.experience_name)]
-    if r is not attribute_rollups:
+    if r is tag_attribute_days:
+        pairs.append((r.c.tag, f.request_tag))
+    elif r is not attribute_rollups:
         pairs += [(r.c.category, f.category), (r.c.model, f.model)]
     where = []
     if attribute is not None:
@@ -146,7 +181,7 @@ def _table_of(attribute: int | None, table: sa.Table | None) -> sa.Table:
 
 def _time_of(r: sa.Table) -> sa.ColumnElement[int]:
     """A rollup's time column: the start of its row's hour, or of its day."""
-    return r.c.day_us if r is attribute_model_days else r.c.hour_us
+    return r.c.day_us if r in (attribute_model_days, tag_attribute_days) else r.c.hour_us
 
 
 def _event_filter(conn: AsyncConnection, f: m.CostFilter) -> list[sa.ColumnElement[bool]]:
@@ -308,17 +343,17 @@ async def cost_breakdown(
     `only` names when given. From a rollup for the window's whole hours (by user or tag, its
     whole days from the rows per day) and the events of its partial hours; from the events
     alone where no rollup keeps the groups. One of user, tag and key beside a provider or
-    model: the window's whole days from the rollup per day and model, the rest from the
-    events."""
+    model, or a tag's events by user or key (or of one user): the window's whole days from
+    a rollup per day, the rest from the events."""
     attribute = _attribute_of(dimensions, f)
-    by_model = _model_days_of(dimensions, f)
+    by_days = _days_rollup_of(dimensions, f)
     days = _whole(start_us, end_us, DAY_US)
-    if by_model is not None and days is not None:
-        # The whole days from the rollup per day and model, the rest (at most a day at
-        # either edge) from the events.
+    if by_days is not None and days is not None:
+        # The whole days from a rollup per day, the rest (at most a day at either edge) from
+        # the events.
         groups: Groups = {}
         whole_days, edges = days
-        await _breakdown_from_rollup(conn, dimensions, *whole_days, f, groups, only, by_model, attribute_model_days)
+        await _breakdown_from_rollup(conn, dimensions, *whole_days, f, groups, only, *by_days)
         for start, end in edges:
             await _breakdown_from_events(conn, dimensions, start, end, f, groups, only)
         return groups
@@ -349,9 +384,9 @@ async def costliest_groups(
     the rollup per day and model over a window of whole days, else its events), ranked in
     the database: however many groups there are, `count` rows come back."""
     attribute = _attribute_of([dimension], f)
-    by_model = _model_days_of([dimension], f)
-    if by_model is not None and start_us % DAY_US == 0 and end_us % DAY_US == 0:
-        r, attribute, first = attribute_model_days, by_model, start_us
+    by_days = _days_rollup_of([dimension], f)
+    if by_days is not None and start_us % DAY_US == 0 and end_us % DAY_US == 0:
+        (attribute, r), first = by_days, start_us
     elif f.of_events_only and attribute is None:
         ev = events
         keys = _event_keys(dimension, None)

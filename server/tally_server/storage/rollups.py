@@ -30,6 +30,7 @@ from ..domain.rollups import (
     AttributeKey,
     ExperienceState,
     ModelDayKey,
+    TagDayKey,
     TypeDeltas,
     rescored,
     verdicts_of,
@@ -50,6 +51,7 @@ from .tables import (
     experience_step_costs,
     experience_types,
     experiences,
+    tag_attribute_days,
     type_cost_buckets,
     type_outcome_cost_buckets,
     type_outcome_rollups,
@@ -130,6 +132,7 @@ def _upsert(dialect: str, table_name: str) -> postgresql.Insert | sqlite.Insert:
         cost_rollups,
         attribute_rollups,
         attribute_model_days,
+        tag_attribute_days,
         type_rollups,
         type_cost_buckets,
         experience_latencies,
@@ -141,7 +144,7 @@ def _upsert(dialect: str, table_name: str) -> postgresql.Insert | sqlite.Insert:
     table = {t.name: t for t in tables}[table_name]
     insert = postgresql.insert(table) if dialect == "postgresql" else sqlite.insert(table)
     key = [c.name for c in table.primary_key.columns]
-    if table in (cost_rollups, attribute_rollups, attribute_model_days):
+    if table in (cost_rollups, attribute_rollups, attribute_model_days, tag_attribute_days):
         added = _added(table, insert.excluded)
     elif table is type_rollups:
         added = _added(table, insert.excluded, _TYPE_COUNTS, ("cost_total",))
@@ -196,6 +199,7 @@ async def add(
     by_type: TypeDeltas,
     by_attribute: Mapping[AttributeKey, m.CostTotals],
     by_model_day: Mapping[ModelDayKey, m.CostTotals],
+    by_tag_day: Mapping[TagDayKey, m.CostTotals],
 ) -> None:
     """Adds a commit's events to the rollups, in the commit's transaction (the experiences
     were locked by experience_states)."""
@@ -230,6 +234,7 @@ async def add(
         await _add_cost_rows(conn, rows)
     await add_attribute_rows(conn, by_attribute)
     await add_model_day_rows(conn, by_model_day)
+    await _add_keyed(conn, tag_attribute_days, by_tag_day)
     await add_type_deltas(conn, by_type)
 
 
@@ -565,14 +570,22 @@ async def unattribute(conn: AsyncConnection, where: sa.ColumnElement[bool]) -> N
             _move(by_model_day, source, (dimension, day, value, "", 0, row.category, row.model), totals)
     await add_attribute_rows(conn, by_attribute)
     await add_model_day_rows(conn, by_model_day)
+    by_tag_day: dict[TagDayKey, m.CostTotals] = {}
+    for dimension in (USER_DIMENSION, KEY_DIMENSION):
+        for row in await conn.execute(_tag_attribute_select(conn, dimension, [where, experiences.c.id.is_not(None)])):
+            tag, day, value = row.tag, int(row.day_us), row.value
+            of_tag: TagDayKey = (tag, dimension, day, value, row.experience_name, int(row.experience_version))
+            _move(by_tag_day, of_tag, (tag, dimension, day, value, "", 0), totals_from_row(row))
+    await _add_keyed(conn, tag_attribute_days, by_tag_day)
 
 
 async def anonymize_user(conn: AsyncConnection, user_id: str) -> int:
     """Moves the user's rows of the rollups by user to the rows of no user (""), so that no
     row names the user and every total stays; returns how many rows moved."""
-    a, d = attribute_rollups, attribute_model_days
+    a, d, t = attribute_rollups, attribute_model_days, tag_attribute_days
     moved = await _anonymized(conn, a, a.c.dimension.in_([USER_DIMENSION, USER_DIMENSION + DAYS]), a.c.value == user_id)
-    return moved + await _anonymized(conn, d, d.c.dimension == USER_DIMENSION, d.c.value == user_id)
+    moved += await _anonymized(conn, d, d.c.dimension == USER_DIMENSION, d.c.value == user_id)
+    return moved + await _anonymized(conn, t, t.c.dimension == USER_DIMENSION, t.c.value == user_id)
 
 
 async def _anonymized(conn: AsyncConnection, table: sa.Table, *where: sa.ColumnElement[bool]) -> int:
@@ -592,12 +605,22 @@ def _move(into: dict[Any, m.CostTotals], source: Any, target: Any, totals: m.Cos
     into.setdefault(target, m.CostTotals()).add(totals)
 
 
-def event_tags(conn: AsyncConnection) -> Any:
-    """Each event's request tags as rows (column `value`), to join to the events beside it."""
+def event_tags(conn: AsyncConnection, name: str = "tag") -> Any:
+    """Each event's request tags as rows (columns `value`, and `key`: its place in the event's
+    tags), to join to the events beside it."""
     if conn.dialect.name == "postgresql":
-        return sa.func.json_array_elements_text(events.c.request_tags).table_valued("value").lateral("tag")
+        tags = sa.func.json_array_elements_text(events.c.request_tags).table_valued("value", with_ordinality="key")
+        # A function in FROM sees the items to its left (LATERAL is implied); the columns named.
+        return tags.render_derived(name=name)
     # SQLite's table-valued functions see the columns to their left without LATERAL.
-    return sa.func.json_each(events.c.request_tags).table_valued("value").alias("tag")
+    return sa.func.json_each(events.c.request_tags).table_valued("value", "key").alias(name)
+
+
+def first_of_its_tag(conn: AsyncConnection, tag: Any) -> sa.ColumnElement[bool]:
+    """Whether a row of event_tags is the first of its value in its event's tags: an event
+    whose tags repeat one counts once among the events of that tag."""
+    earlier = event_tags(conn, "earlier")
+    return ~sa.exists().select_from(earlier).where(earlier.c.value == tag.c.value, earlier.c.key < tag.c.key)
 
 
 def _attribute_select(conn: AsyncConnection, dimension: int, where: Iterable[sa.ColumnElement[bool]]) -> sa.Select[Any]:
@@ -620,6 +643,25 @@ def _attribute_select(conn: AsyncConnection, dimension: int, where: Iterable[sa.
         .select_from(source)
         .where(*where)
         .group_by(hour, value, name, version, category, model)
+    )
+
+
+def _tag_attribute_select(
+    conn: AsyncConnection, dimension: int, where: Iterable[sa.ColumnElement[bool]]
+) -> sa.Select[Any]:
+    """The events' sums per row of the rollup of each tag's events per day by user (or key),
+    as the writer keys them: an event without tags has none, one that repeats a tag one row."""
+    day = (events.c.event_time_us - events.c.event_time_us % DAY_US).label("day_us")
+    name = sa.func.coalesce(experience_types.c.name, "").label("experience_name")
+    version = sa.func.coalesce(experiences.c.version, 0).label("experience_version")
+    column = events.c.user_id if dimension == USER_DIMENSION else events.c.key_name
+    value = sa.func.coalesce(column, "").label("value")
+    tag = event_tags(conn)
+    return (
+        sa.select(tag.c.value.label("tag"), day, value, name, version, *event_sums())
+        .select_from(EVENTS_WITH_TYPE.join(tag, sa.true()))
+        .where(*where, first_of_its_tag(conn, tag))
+        .group_by(tag.c.value, day, value, name, version)
     )
 
 

@@ -251,6 +251,24 @@ attribute_model_days = sa.Table(
     sqlite_with_rowid=False,  # as attribute_rollups
 )
 
+# Each request tag's events summed per UTC day by user (dimension 1) or API key name (5) and
+# type version (migration 0022): an event counts once under each of its tags (once under a
+# tag it repeats; none without tags). The cost breakdown of a tag's events by user or key, or of one user's events of a
+# tag, reads it for a window's whole days; without it, that read took every event of the tag.
+tag_attribute_days = sa.Table(
+    "tag_attribute_days",
+    metadata,
+    sa.Column("tag", sa.String(128), primary_key=True),
+    sa.Column("dimension", sa.SmallInteger, primary_key=True),
+    sa.Column("day_us", sa.BigInteger, primary_key=True),
+    sa.Column("value", sa.String(256), primary_key=True),
+    sa.Column("experience_name", sa.String(64), primary_key=True),
+    sa.Column("experience_version", sa.Integer, primary_key=True),
+    *(sa.Column(name, sa.BigInteger, nullable=False) for name in ROLLUP_COUNT_COLUMNS),
+    *(sa.Column(name, sa.BigInteger, nullable=False) for name in ROLLUP_SPLIT_COLUMNS),
+    sqlite_with_rowid=False,  # as attribute_rollups
+)
+
 # The prices events were priced with, one row each, named by the events' price_id (migration
 # 0018): a price's source, category, resource, version (a custom price's id), effective time
 # and variant (the pairs of the price context that selected it) were text in every event.

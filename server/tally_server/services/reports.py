@@ -121,6 +121,15 @@ class Reports:
                 other.append(CostGroup({"day": day}, rest))
         return TopSpend(groups, other, CostGroup({}, _sum(days.values())), len(chosen) > top)
 
+    async def window_total(self, start_us: int, end_us: int, f: CostFilter) -> CostTotals:
+        """The filter's events in [start_us, end_us) summed (from the rollups where one
+        keeps the filter, as the breakdown reads them)."""
+        v = Violations()
+        check_filter(v, f)
+        v.raise_if_any()
+        async with self.db.read() as conn:
+            return _sum((await stored_reports.cost_breakdown(conn, (), start_us, end_us, f)).values())
+
     async def window_summary(self, start_us: int, end_us: int, f: CostFilter) -> WindowSummary:
         """The filter's events in [start_us, end_us) summed, and its runs: those whose first
         event is in the window (whole UTC days, no filter but type and version: from the type

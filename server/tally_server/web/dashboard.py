@@ -237,19 +237,36 @@ async def _spend(services: Services, request: web.Request) -> web.Response:
     )
 
 
-# What /api/spend_by groups by: read from the events of the window (the lean-storage work
-# makes these reads flat); the answer is the SPEND_GROUPS costliest and the rest as one.
+# What /api/spend_by groups by (read from the rollups kept at ingest: by user, tag or key, of
+# a user or a tag, of a provider or model); the answer is the SPEND_GROUPS costliest and the
+# rest as one.
 SPEND_BY = {"user": "user_id", "tag": "request_tag", "key": "api_key_name"}
 
 
 async def _spend_by(services: Services, request: web.Request) -> web.Response:
     """Spend over the window and filters by user, request tag or API key name: the costliest
     SPEND_GROUPS groups (BreakDownCost's first page), their events and tokens, and the rest
-    summed (by tag an event counts once per tag, so the groups may sum past the total)."""
+    summed (by tag an event counts once per tag, so the groups may sum past the total; kept
+    to a tag, by tag is that tag alone, and the answer's note says so)."""
     by = request.query.get("by", "user")
     if by not in SPEND_BY:
         raise web.HTTPBadRequest(text="by is user, tag or key")
     view = _view(request)
+    tag = view.only.request_tag
+    if by == "tag" and tag:
+        # Kept to a tag: the tag itself. Its events' other tags would be read from every event
+        # of the tag (no rollup keeps pairs of tags: they grow with the square of an event's
+        # up to 32 tags), seconds at a million events.
+        total = CostGroup({}, await services.reports.window_total(view.start_us, view.end_us, view.only))
+        return web.json_response(
+            {
+                "by": by,
+                "groups": [{**_group_json(total), "name": tag}] if total.totals.event_count else [],
+                "rest": None,
+                "total": _group_json(total),
+                "note": "kept to one tag: its events' other tags are not broken down",
+            }
+        )
     page, total = await services.reports.breakdown(
         [SPEND_BY[by]], view.start_us, view.end_us, view.only, page_size=SPEND_GROUPS
     )
@@ -263,6 +280,7 @@ async def _spend_by(services: Services, request: web.Request) -> web.Response:
             "groups": [{**_group_json(g), "name": g.keys[SPEND_BY[by]]} for g in page.items],
             "rest": {"cost": _dollars(rest.cost_total_nanos), "events": rest.event_count} if shown_rest else None,
             "total": _group_json(total),
+            "note": None,
         }
     )
 

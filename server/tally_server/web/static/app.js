@@ -171,7 +171,8 @@ async function loadSpendBy() {
     by === "key" ? undefined : (g) => g.name && filterBy(by, g.name),
   );
   document.getElementById("spend-by-about").textContent =
-    "total " + usd(data.total.cost) + (by === "tag" ? " (an event counts once per tag)" : "") + (by === "key" ? " (events stored before keys were recorded: no key)" : "");
+    "total " + usd(data.total.cost) + (by === "tag" ? " (an event counts once per tag)" : "") + (by === "key" ? " (events stored before keys were recorded: no key)" : "") +
+    (data.note ? "; " + data.note : "");
 }
 
 function filterBy(name, value) {

@@ -197,6 +197,32 @@ async def test_every_panel_equals_the_grpc_reports_for_its_window_and_filter(wor
                 stats.end_time.FromDatetime(end)
                 runs += (await stubs.types.GetExperienceTypeStats(stats)).total.experience_count
             assert current["runs"] == runs and current["runs_counted"], query
+            # Versions side by side: GetExperienceTypeStats' versions of each type.
+            expected_versions = []
+            for name in [only["experience_name"]] if "experience_name" in only else names:
+                stats = et_pb.GetExperienceTypeStatsRequest(
+                    name=name, version=only.get("experience_version", 0), include_outcomes=True
+                )
+                stats.start_time.FromDatetime(start)
+                stats.end_time.FromDatetime(end)
+                for v in (await stubs.types.GetExperienceTypeStats(stats)).versions:
+                    d = v.stats
+                    money = (d.mean_cost_per_experience, d.p50_cost_per_experience, d.p95_cost_per_experience)
+                    counts = (d.experience_count, d.event_count, d.unpriced_event_count)
+                    expected_versions.append((name, v.version, *counts, *map(money_nanos, money)))
+            shown = (await get(web, f"/api/versions?{window}{query}"))["versions"]
+            assert [
+                (
+                    r["type"],
+                    r["version"],
+                    r["runs"],
+                    r["events"],
+                    r["unpriced_events"],
+                    *map(nanos_of, (r["mean"], r["p50"], r["p95"])),
+                )
+                for r in shown
+            ] == expected_versions, query
+            assert expected_versions, query
         elif "user_id" in only:  # counted from the user's events (ix_events_user_time)
             assert current["runs"] == len({e.xproxy_result.experience_id for e in stored}), query
         else:  # a provider, model or tag: no rollup knows their runs

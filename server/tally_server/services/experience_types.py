@@ -219,8 +219,19 @@ class ExperienceTypes:
         return Page(items[:size], token)
 
     async def stats(
-        self, name: str, version: int, start_us: int | None, end_us: int | None, include_outcomes: bool = False
+        self,
+        name: str,
+        version: int,
+        start_us: int | None,
+        end_us: int | None,
+        include_outcomes: bool = False,
+        versions_only: bool = False,
     ) -> TypeStats:
+        """The type's cost distribution, in total and per version, over the runs whose first
+        event is in the window, with its steps and, if asked, its outcomes. `versions_only`
+        (the dashboard's versions side by side): no total of several versions, and of the
+        outcomes their rates and costs, not the percentiles of their runs' costs (each
+        percentile is a walk of the cost index, and these are most of a read's time)."""
         v = Violations()
         if version < 0:
             v.add("version", "must be 0 (all versions) or a version number")
@@ -231,10 +242,12 @@ class ExperienceTypes:
             type_id, experience_type = await self._require(conn, name)
             start_us, end_us = await unbounded_if_whole(conn, type_id, version, start_us, end_us)
             sums = await window_sums(conn, type_id, version, start_us, end_us)
-            found = await type_stats(conn, name, type_id, version, start_us, end_us, sums)
+            found = await type_stats(conn, name, type_id, version, start_us, end_us, sums, not versions_only)
             scored = {}
             if include_outcomes and experience_type.outcomes:
-                summarized = await summaries(conn, type_id, start_us, end_us, sums, experience_type.outcomes)
+                summarized = await summaries(
+                    conn, type_id, start_us, end_us, sums, experience_type.outcomes, found.by_version, not versions_only
+                )
                 scored = {v: summary.outcomes for v, summary in summarized.items()}
         steps = [
             StepCost(step, st.event_count, st.cost_total_nanos, v, st.run_count, of_version.totals.experience_count)

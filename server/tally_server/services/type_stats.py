@@ -5,7 +5,7 @@ experiences at the window's edges."""
 from __future__ import annotations
 
 import functools
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -44,10 +44,11 @@ async def type_stats(
     start_us: int | None,
     end_us: int | None,
     sums: dict[int, VersionSums],
+    with_total: bool = True,
 ) -> TypeStats:
-    """The cost distribution of a type's experiences, in total and per version, from the
-    window's sums (window_sums): money, counts, mean, max and the nearest-rank percentiles
-    all exact."""
+    """The cost distribution of a type's experiences, in total (unless not `with_total`,
+    when it is read only for a single version) and per version, from the window's sums
+    (window_sums): money, counts, mean, max and the nearest-rank percentiles all exact."""
 
     async def distribution(selected: list[VersionSums], only_version: int) -> CostDistribution:
         count = sum(v.totals.experience_count for v in selected)
@@ -79,7 +80,7 @@ async def type_stats(
     if version or len(versions) == 1:
         total = next(iter(versions.values()), CostDistribution())
     else:
-        total = await distribution(ordered, 0)
+        total = await distribution(ordered, 0) if with_total else CostDistribution()
     return TypeStats(name=name, total=total, by_version=versions)
 
 
@@ -126,9 +127,12 @@ async def summaries(
     end_us: int | None,
     sums: dict[int, VersionSums],
     definitions: Sequence[OutcomeDefinition],
+    known: Mapping[int, CostDistribution] | None = None,
+    of_outcomes: bool = True,
 ) -> dict[int, VersionSummary]:
     """Each version's summary: its sums, and the percentiles of its runs' costs (of all of
-    them, and of those that met and missed each outcome's goal), exact."""
+    them, taken from `known` where it has the version, and unless not `of_outcomes`, of
+    those that met and missed each outcome's goal), exact."""
     declared = {d.name: d for d in definitions}
     found = {}
     for version, of_version in sorted(sums.items()):
@@ -136,6 +140,12 @@ async def summaries(
         for key in percentiles_needed(of_version, definitions):
             name, verdict, fraction = key
             walk: Callable[[int, int, int], Awaitable[int | None]]
+            if verdict is None and known and version in known:  # read already: no second walk
+                of_runs = known[version]
+                percentiles[key] = of_runs.p50_nanos if fraction == 0.50 else of_runs.p95_nanos
+                continue
+            if verdict is not None and not of_outcomes:
+                continue
             if verdict is None:
                 buckets = of_version.buckets
                 walk = functools.partial(

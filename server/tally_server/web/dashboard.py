@@ -497,7 +497,7 @@ async def _versions(services: Services, request: web.Request) -> web.Response:
     rows: list[dict[str, Any]] = []
     for name in await _type_names(services, view.only):
         stats = await services.types.stats(
-            name, view.only.experience_version, view.start_us, view.end_us, include_outcomes=True
+            name, view.only.experience_version, view.start_us, view.end_us, include_outcomes=True, versions_only=True
         )
         for version, d in sorted(stats.by_version.items()):
             row: dict[str, Any] = {

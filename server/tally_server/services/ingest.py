@@ -315,7 +315,7 @@ class Ingestor:
                 by_experience,
                 by_hour,
                 type_deltas(before, by_experience, steps),
-                *attribute_rollups_of(stored_pairs),
+                attribute_rollups_of(stored_pairs),
             )
             if steps:
                 await stored_steps.add(conn, steps)

@@ -18,6 +18,7 @@ from .tables import (
     ROLLUP_COUNT_COLUMNS,
     ROLLUP_SPLIT_COLUMNS,
     attribute_model_days,
+    attribute_provider_days,
     attribute_rollups,
     cost_rollups,
     events,
@@ -44,14 +45,16 @@ def _attribute_of(dimensions: Sequence[str], f: m.CostFilter) -> int | None:
     return _ATTRIBUTES[named.pop()]
 
 
-# What the rollup per day and model keeps beside its user, tag or key.
+# What the rollup per day and model keeps beside its user, tag or key (per day and provider:
+# all but the model).
 _WITH_MODEL_DAYS = frozenset({"experience_name", "experience_version", "day", "category", "model"})
 
 
 def _model_days_of(dimensions: Sequence[str], f: m.CostFilter) -> int | None:
-    """The dimension of the rollup per day and model (attribute_model_days) that answers
-    this breakdown's whole days, if one does: one of user, tag and key beside a provider or
-    model, as dimensions or filters (the attribute rollup answers those without)."""
+    """The dimension of the rollups per day and provider or model (attribute_provider_days,
+    attribute_model_days) that answers this breakdown's whole days, if one does: one of
+    user, tag and key beside a provider or model, as dimensions or filters (the attribute
+    rollup answers those without)."""
     named = _attributes_named(dimensions, f)
     with_model = bool(f.category or f.model or {"category", "model"} & set(dimensions))
     if named is None or len(named) != 1 or not with_model or not set(dimensions) <= _WITH_MODEL_DAYS | named:
@@ -61,10 +64,11 @@ def _model_days_of(dimensions: Sequence[str], f: m.CostFilter) -> int | None:
 
 def _days_rollup_of(dimensions: Sequence[str], f: m.CostFilter) -> tuple[int, sa.Table] | None:
     """The rollup per day that answers this breakdown's whole days, and its dimension: the
-    one per day and model, or the one of each tag's events."""
+    one per day and provider (no model named), per day and model, or of each tag's events."""
     by_model = _model_days_of(dimensions, f)
     if by_model is not None:
-        return by_model, attribute_model_days
+        with_model = f.model or "model" in dimensions
+        return by_model, attribute_model_days if with_model else attribute_provider_days
     of_tag = _tag_days_of(dimensions, f)
     return None if of_tag is None else (of_tag, tag_attribute_days)
 
@@ -107,6 +111,9 @@ def _rollup_keys(dimension: str, table: sa.Table = cost_rollups) -> list[sa.Colu
     }
     if table is attribute_model_days:
         keys |= {"day": [r.c.day_us], "category": [r.c.category], "model": [r.c.model]}
+        return keys[dimension]
+    if table is attribute_provider_days:
+        keys |= {"day": [r.c.day_us], "category": [r.c.category]}
         return keys[dimension]
     if table is tag_attribute_days:
         keys["day"] = [r.c.day_us]
@@ -156,6 +163,8 @@ def _rollup_filter(
     pairs = [(r.c.experience_name, f.experience_name)]
     if r is tag_attribute_days:
         pairs.append((r.c.tag, f.request_tag))
+    elif r is attribute_provider_days:
+        pairs.append((r.c.category, f.category))
     elif r is not attribute_rollups:
         pairs += [(r.c.category, f.category), (r.c.model, f.model)]
     where = []
@@ -181,7 +190,7 @@ def _table_of(attribute: int | None, table: sa.Table | None) -> sa.Table:
 
 def _time_of(r: sa.Table) -> sa.ColumnElement[int]:
     """A rollup's time column: the start of its row's hour, or of its day."""
-    return r.c.day_us if r in (attribute_model_days, tag_attribute_days) else r.c.hour_us
+    return r.c.hour_us if r in (cost_rollups, attribute_rollups) else r.c.day_us
 
 
 def _event_filter(conn: AsyncConnection, f: m.CostFilter) -> list[sa.ColumnElement[bool]]:

@@ -12,7 +12,7 @@ import functools
 import uuid
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import replace
-from typing import Any
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
@@ -28,11 +28,15 @@ from ..domain.rollups import (
     TAG_DIMENSION,
     USER_DIMENSION,
     AttributeKey,
+    AttributeRollups,
     ExperienceState,
     ModelDayKey,
+    ProviderDayKey,
+    Sums,
     TagDayKey,
     TypeDeltas,
     rescored,
+    sums_of,
     verdicts_of,
 )
 from . import hot_path
@@ -43,6 +47,7 @@ from .tables import (
     Uuid,
     applied_prices,
     attribute_model_days,
+    attribute_provider_days,
     attribute_rollups,
     cost_rollups,
     events,
@@ -95,13 +100,15 @@ def totals_from_row(row: Any) -> m.CostTotals:
 
 
 def _totals_values(totals: m.CostTotals) -> dict[str, int]:
-    values = {
-        "event_count": totals.event_count,
-        "failed_event_count": totals.failed_event_count,
-        "unpriced_event_count": totals.unpriced_event_count,
-    }
-    for name, (high, low) in ROLLUP_SPLIT.items():
-        values[high], values[low] = split(getattr(totals, _SPLIT_FIELDS[name]))
+    return _sums_values(sums_of(totals))
+
+
+def _sums_values(sums: Sums) -> dict[str, int]:
+    """A rollup row's columns of sums in CostTotals' order (domain.rollups.Sums)."""
+    events, failed, unpriced, *to_split = sums
+    values = {"event_count": events, "failed_event_count": failed, "unpriced_event_count": unpriced}
+    for (high, low), value in zip(ROLLUP_SPLIT.values(), to_split, strict=True):
+        values[high], values[low] = split(value)
     return values
 
 
@@ -132,6 +139,7 @@ def _upsert(dialect: str, table_name: str) -> postgresql.Insert | sqlite.Insert:
         cost_rollups,
         attribute_rollups,
         attribute_model_days,
+        attribute_provider_days,
         tag_attribute_days,
         type_rollups,
         type_cost_buckets,
@@ -144,7 +152,7 @@ def _upsert(dialect: str, table_name: str) -> postgresql.Insert | sqlite.Insert:
     table = {t.name: t for t in tables}[table_name]
     insert = postgresql.insert(table) if dialect == "postgresql" else sqlite.insert(table)
     key = [c.name for c in table.primary_key.columns]
-    if table in (cost_rollups, attribute_rollups, attribute_model_days, tag_attribute_days):
+    if table in (cost_rollups, attribute_rollups, attribute_model_days, attribute_provider_days, tag_attribute_days):
         added = _added(table, insert.excluded)
     elif table is type_rollups:
         added = _added(table, insert.excluded, _TYPE_COUNTS, ("cost_total",))
@@ -197,9 +205,7 @@ async def add(
     by_experience: Mapping[uuid.UUID, m.ExperienceAddition],
     by_hour: Mapping[m.CostRollupKey, m.CostTotals],
     by_type: TypeDeltas,
-    by_attribute: Mapping[AttributeKey, m.CostTotals],
-    by_model_day: Mapping[ModelDayKey, m.CostTotals],
-    by_tag_day: Mapping[TagDayKey, m.CostTotals],
+    by_attribute: AttributeRollups,
 ) -> None:
     """Adds a commit's events to the rollups, in the commit's transaction (the experiences
     were locked by experience_states)."""
@@ -233,25 +239,22 @@ async def add(
         rows = [{**_key_values(key), **_totals_values(by_hour[key])} for key in sorted(by_hour, key=_sort_key)]
         await _add_cost_rows(conn, rows)
     await add_attribute_rows(conn, by_attribute)
-    await add_model_day_rows(conn, by_model_day)
-    await _add_keyed(conn, tag_attribute_days, by_tag_day)
     await add_type_deltas(conn, by_type)
 
 
-async def add_attribute_rows(conn: AsyncConnection, by_attribute: Mapping[AttributeKey, m.CostTotals]) -> None:
-    """Adds to the rollup by user and request tag, in key order (no deadlock, as above)."""
-    await _add_keyed(conn, attribute_rollups, by_attribute)
+async def add_attribute_rows(conn: AsyncConnection, sums: AttributeRollups) -> None:
+    """Adds to the rollups by user, request tag and API key, each in key order (no deadlock,
+    as above)."""
+    await _add_keyed(conn, attribute_rollups, sums.by_hour_and_day)
+    await _add_keyed(conn, attribute_model_days, sums.by_model_day)
+    await _add_keyed(conn, attribute_provider_days, sums.by_provider_day)
+    await _add_keyed(conn, tag_attribute_days, sums.by_tag_day)
 
 
-async def add_model_day_rows(conn: AsyncConnection, by_model_day: Mapping[ModelDayKey, m.CostTotals]) -> None:
-    """Adds to the rollup by user, tag and key per day and model, in key order (as above)."""
-    await _add_keyed(conn, attribute_model_days, by_model_day)
-
-
-async def _add_keyed(conn: AsyncConnection, table: sa.Table, sums: Mapping[tuple[Any, ...], m.CostTotals]) -> None:
+async def _add_keyed(conn: AsyncConnection, table: sa.Table, sums: Mapping[tuple[Any, ...], Sums]) -> None:
     """Upserts `sums` into a rollup whose keys are its primary key's columns, in key order."""
     key_columns = [column.name for column in table.primary_key.columns]
-    rows = [{**dict(zip(key_columns, key, strict=True)), **_totals_values(sums[key])} for key in sorted(sums)]
+    rows = [{**dict(zip(key_columns, key, strict=True)), **_sums_values(sums[key])} for key in sorted(sums)]
     await hot_path.execute_many(conn, _upsert(conn.dialect.name, table.name), rows)
 
 
@@ -557,35 +560,39 @@ async def unattribute(conn: AsyncConnection, where: sa.ColumnElement[bool]) -> N
         _move(moved, key, replace(key, experience_name="", experience_version=0), totals)
     rows = [{**_key_values(key), **_totals_values(moved[key])} for key in sorted(moved, key=_sort_key)]
     await _add_cost_rows(conn, rows)
-    by_attribute: dict[AttributeKey, m.CostTotals] = {}
-    by_model_day: dict[ModelDayKey, m.CostTotals] = {}
+    by_hour: dict[AttributeKey, m.CostTotals] = {}
+    by_model: dict[ModelDayKey, m.CostTotals] = {}
+    by_provider: dict[ProviderDayKey, m.CostTotals] = {}
+    by_tag: dict[TagDayKey, m.CostTotals] = {}
     for dimension in (USER_DIMENSION, TAG_DIMENSION, KEY_DIMENSION):
         for row in await conn.execute(_attribute_select(conn, dimension, [where, experiences.c.id.is_not(None)])):
             hour, value, totals = int(row.hour_us), row.value, totals_from_row(row)
             day, name, version = hour - hour % DAY_US, row.experience_name, int(row.experience_version)
-            # Each hour's sums move in its hour's rows and in its day's, and in its day's by model.
+            # Each hour's sums move in its hour's rows and in its day's, and in its day's by
+            # provider and by model.
             for kept, start in ((dimension, hour), (dimension + DAYS, day)):
-                _move(by_attribute, (kept, start, value, name, version), (kept, start, value, "", 0), totals)
-            source: ModelDayKey = (dimension, day, value, name, version, row.category, row.model)
-            _move(by_model_day, source, (dimension, day, value, "", 0, row.category, row.model), totals)
-    await add_attribute_rows(conn, by_attribute)
-    await add_model_day_rows(conn, by_model_day)
-    by_tag_day: dict[TagDayKey, m.CostTotals] = {}
+                _move(by_hour, (kept, start, value, name, version), (kept, start, value, "", 0), totals)
+            of_provider: ProviderDayKey = (dimension, day, value, name, version, row.category)
+            _move(by_provider, of_provider, (dimension, day, value, "", 0, row.category), totals)
+            of_model: ModelDayKey = (*of_provider, row.model)
+            _move(by_model, of_model, (dimension, day, value, "", 0, row.category, row.model), totals)
     for dimension in (USER_DIMENSION, KEY_DIMENSION):
         for row in await conn.execute(_tag_attribute_select(conn, dimension, [where, experiences.c.id.is_not(None)])):
             tag, day, value = row.tag, int(row.day_us), row.value
             of_tag: TagDayKey = (tag, dimension, day, value, row.experience_name, int(row.experience_version))
-            _move(by_tag_day, of_tag, (tag, dimension, day, value, "", 0), totals_from_row(row))
-    await _add_keyed(conn, tag_attribute_days, by_tag_day)
+            _move(by_tag, of_tag, (tag, dimension, day, value, "", 0), totals_from_row(row))
+    attributes = AttributeRollups(_as_sums(by_hour), _as_sums(by_model), _as_sums(by_provider), _as_sums(by_tag))
+    await add_attribute_rows(conn, attributes)
 
 
 async def anonymize_user(conn: AsyncConnection, user_id: str) -> int:
     """Moves the user's rows of the rollups by user to the rows of no user (""), so that no
     row names the user and every total stays; returns how many rows moved."""
-    a, d, t = attribute_rollups, attribute_model_days, tag_attribute_days
+    a = attribute_rollups
     moved = await _anonymized(conn, a, a.c.dimension.in_([USER_DIMENSION, USER_DIMENSION + DAYS]), a.c.value == user_id)
-    moved += await _anonymized(conn, d, d.c.dimension == USER_DIMENSION, d.c.value == user_id)
-    return moved + await _anonymized(conn, t, t.c.dimension == USER_DIMENSION, t.c.value == user_id)
+    for t in (attribute_model_days, attribute_provider_days, tag_attribute_days):
+        moved += await _anonymized(conn, t, t.c.dimension == USER_DIMENSION, t.c.value == user_id)
+    return moved
 
 
 async def _anonymized(conn: AsyncConnection, table: sa.Table, *where: sa.ColumnElement[bool]) -> int:
@@ -596,8 +603,15 @@ async def _anonymized(conn: AsyncConnection, table: sa.Table, *where: sa.ColumnE
     for row in await conn.execute(sa.select(table).where(*where)):
         key = tuple("" if name == "value" else row._mapping[name] for name in key_columns)
         moved.setdefault(key, m.CostTotals()).add(totals_from_row(row))
-    await _add_keyed(conn, table, moved)
+    await _add_keyed(conn, table, _as_sums(moved))
     return int((await conn.execute(sa.delete(table).where(*where))).rowcount)
+
+
+_K = TypeVar("_K")
+
+
+def _as_sums(groups: Mapping[_K, m.CostTotals]) -> dict[_K, Sums]:
+    return {key: sums_of(totals) for key, totals in groups.items()}
 
 
 def _move(into: dict[Any, m.CostTotals], source: Any, target: Any, totals: m.CostTotals) -> None:

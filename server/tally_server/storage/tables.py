@@ -251,6 +251,24 @@ attribute_model_days = sa.Table(
     sqlite_with_rowid=False,  # as attribute_rollups
 )
 
+# Events summed per UTC day, user (dimension 1), request tag (2) or API key name (5), type
+# version and category (migration 0022): attribute_model_days without the model. The cost
+# breakdown of one of user, tag and key beside a provider (and no model) reads it for a
+# window's whole days: a provider of five models has a fifth of their rows.
+attribute_provider_days = sa.Table(
+    "attribute_provider_days",
+    metadata,
+    sa.Column("dimension", sa.SmallInteger, primary_key=True),
+    sa.Column("day_us", sa.BigInteger, primary_key=True),
+    sa.Column("value", sa.String(256), primary_key=True),
+    sa.Column("experience_name", sa.String(64), primary_key=True),
+    sa.Column("experience_version", sa.Integer, primary_key=True),
+    sa.Column("category", sa.String(128), primary_key=True),
+    *(sa.Column(name, sa.BigInteger, nullable=False) for name in ROLLUP_COUNT_COLUMNS),
+    *(sa.Column(name, sa.BigInteger, nullable=False) for name in ROLLUP_SPLIT_COLUMNS),
+    sqlite_with_rowid=False,  # as attribute_rollups
+)
+
 # Each request tag's events summed per UTC day by user (dimension 1) or API key name (5) and
 # type version (migration 0022): an event counts once under each of its tags (once under a
 # tag it repeats; none without tags). The cost breakdown of a tag's events by user or key, or of one user's events of a

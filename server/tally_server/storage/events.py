@@ -79,6 +79,12 @@ async def event_by_id(conn: AsyncConnection, request_id: uuid.UUID) -> m.StoredE
     return None if row is None else stored_event(row)
 
 
+async def oldest_event_time(conn: AsyncConnection) -> int | None:
+    """The event time of the oldest stored event (ix_events_event_time_us), None for none."""
+    found = (await conn.execute(sa.select(sa.func.min(events.c.event_time_us)))).scalar()
+    return None if found is None else int(found)
+
+
 def has_tag(conn: AsyncConnection, tag: str) -> sa.ColumnElement[bool]:
     """The event's request_tags (a JSON array) hold `tag`."""
     elements = "json_array_elements_text" if conn.dialect.name == "postgresql" else "json_each"
@@ -108,6 +114,9 @@ class EventFilter:
     cost_state: int = 0
     start_us: int | None = None
     end_us: int | None = None
+    # The spans of event time [start, end) that hold the events wanted (reports.spans_holding):
+    # the rest of the window is not read. None: the whole window.
+    spans: tuple[tuple[int, int], ...] | None = None
 
 
 def event_conditions(conn: AsyncConnection, f: EventFilter) -> list[sa.ColumnElement[bool]]:
@@ -143,6 +152,9 @@ def event_conditions(conn: AsyncConnection, f: EventFilter) -> list[sa.ColumnEle
         where.append(ev.c.event_time_us < f.end_us)
     if f.request_tag:
         where.append(has_tag(conn, f.request_tag))
+    if f.spans is not None:
+        time = ev.c.event_time_us
+        where.append(sa.or_(sa.false(), *(sa.and_(time >= start, time < end) for start, end in f.spans)))
     return where
 
 

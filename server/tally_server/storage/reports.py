@@ -385,6 +385,78 @@ async def cost_breakdown(
     return groups
 
 
+def _answered_by_rollup(dimensions: Sequence[str], f: m.CostFilter) -> bool:
+    """Whether cost_breakdown reads these groups of the filter's events from a rollup (for
+    the window's whole hours or days), not from every event of the window."""
+    if _days_rollup_of(dimensions, f) is not None or _attribute_of(dimensions, f) is not None:
+        return True
+    return set(dimensions) <= ROLLUP_DIMENSIONS and not f.of_events_only
+
+
+# Spans spans_holding names at most: past it, one span from the oldest to the window's end.
+MAX_SPANS = 64
+
+
+def _back_from(start_us: int | None, end_us: int | None, unit: int) -> list[tuple[int | None, int | None]]:
+    """[start_us, end_us) in parts from its end back: a day, a week, eight weeks, the rest
+    (cut at whole units), so that a common filter's newest events are counted from a day's
+    rows, not from the whole window's (unbounded at the end: one part)."""
+    if end_us is None:
+        return [(start_us, end_us)]
+    parts: list[tuple[int | None, int | None]] = []
+    end = end_us
+    for days in (1, 7, 56):
+        cut = end_us - days * DAY_US
+        cut -= cut % unit
+        if start_us is not None and cut <= start_us:
+            break
+        parts.append((cut, end))
+        end = cut
+    parts.append((start_us, end))
+    return parts
+
+
+async def spans_holding(
+    conn: AsyncConnection, f: m.CostFilter, start_us: int | None, end_us: int | None, count: int, unpriced: bool
+) -> tuple[list[tuple[int, int]], bool] | None:
+    """The newest hours (or days) of [start_us, end_us) that hold, by the rollups, `count` of
+    the filter's events (only those not priced, if `unpriced`), or all of them, as spans of
+    event time newest first (adjacent ones merged; at most MAX_SPANS, else one from the
+    oldest to the end), and whether they hold all of them; None when no rollup counts the
+    filter's events by hour or day. The rollups count every stored event (and pruned or
+    erased ones, so that the spans may hold fewer than they count)."""
+    dimension = next((d for d in ("hour", "day") if _answered_by_rollup([d], f)), None)
+    if dimension is None:
+        return None
+    unit = HOUR_US if dimension == "hour" else DAY_US
+    spans: list[tuple[int, int]] = []
+    held = 0
+    for part_start, part_end in _back_from(start_us, end_us, unit):
+        groups = await cost_breakdown(conn, [dimension], part_start, part_end, f)
+        for (first,), totals in sorted(groups.items(), reverse=True):
+            found = totals.unpriced_event_count if unpriced else totals.event_count
+            if not found:
+                continue
+            first = int(first)
+            span = (
+                first if part_start is None else max(first, part_start),
+                first + unit if part_end is None else min(first + unit, part_end),
+            )
+            if spans and spans[-1][0] == span[1]:
+                spans[-1] = (span[0], spans[-1][1])
+            else:
+                spans.append(span)
+            held += found
+            if held >= count:
+                break
+        if held >= count:
+            break
+    every = held < count
+    if len(spans) > MAX_SPANS:
+        return [(spans[-1][0], spans[0][1])], every
+    return spans, every
+
+
 async def costliest_groups(
     conn: AsyncConnection, dimension: str, start_us: int, end_us: int, count: int, f: m.CostFilter = m.ALL_EVENTS
 ) -> list[tuple[Any, ...]]:

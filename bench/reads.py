@@ -4,7 +4,7 @@ Ingests through the wire (IngestBatch, 1,000 events per call) into a fresh datab
 one experience per ten events (of versions 1 and 2 of a type that declares one outcome,
 a tenth of each load's runs scored after it), each event naming one of three steps or
 none, plus one heavy experience that gets one event in twenty, spread over the last 60
-days, five models, 200 users and a few request tags.
+days, five models (and a misspelt one in 10,000 events), 200 users and a few request tags.
 At each size it times every read (the median of --calls calls), and prints the
 growth from the first size to the last beside the targets:
 
@@ -55,6 +55,8 @@ from .__main__ import CHANNEL_OPTIONS, create_postgres_database, drop_postgres_d
 DAY = 86_400
 RESOURCES = ["gpt-4o", "gpt-4o-mini", "claude-3-5-sonnet-latest", "o3-mini", "gpt-4.1"]
 TAGS = ["checkout", "search", "support", "batch"]
+# One event in RARE_EVERY names a misspelt model: the filter of a rare model.
+RARE_MODEL, RARE_EVERY = "gtp-4o", 10_000
 STEPS = ["", "retrieve", "summarize", "review"]  # the step each event names ("" none)
 # (read, target ms at the largest size)
 TARGETS = {
@@ -92,6 +94,7 @@ class Loader:
         self.heavy = str(uuid.uuid4())
         self.typical = ""
         self.sent = 0
+        self.made = 0  # events made, sent or not
         self.now = int(time.time())
         self.versions = versions
         self.new_runs: list[str] = []  # created since the last scoring
@@ -99,9 +102,13 @@ class Loader:
 
     def _event(self, experience_id: str) -> pb.UsageEvent:
         rng = self.rng
+        self.made += 1
+        resource = rng.choice(RESOURCES)
+        if self.made % RARE_EVERY == 0:  # misspelt, never priced: what a filter finds few of
+            resource = RARE_MODEL
         return pb.UsageEvent(
             category="system.openai",
-            resource=rng.choice(RESOURCES),
+            resource=resource,
             units={"text": pb.UnitCounts(input=rng.randint(100, 20_000), output=rng.randint(10, 2_000))},
             event_timestamp=timestamp_pb2.Timestamp(seconds=self.now - rng.randint(60, 60 * DAY)),
             end_to_end_latency_ms=rng.randint(50, 20_000),
@@ -171,10 +178,11 @@ DASHBOARD_PANELS = (
     ("/api/unpriced", "/api/unpriced"),
     ("/api/events", "/api/events"),
     ("/api/spend_by user", "/api/spend_by?by=user"),
+    ("/api/spend_by tag", "/api/spend_by?by=tag"),
 )
 
 
-FILTER_LABELS = ("", "type", "version", "model", "provider", "user", "tag")
+FILTER_LABELS = ("", "type", "version", "model", "provider", "user", "tag", "rare model")
 # The target for each: 100 ms at 1,000,000 events, growth within 2x.
 TARGETS.update(
     {
@@ -194,6 +202,7 @@ def _filters(loader: Loader) -> list[tuple[str, str]]:
         ("provider", "&provider=system.openai"),
         ("user", "&user=user-7"),
         ("tag", "&tag=search"),
+        ("rare model", f"&model={RARE_MODEL}"),
     ]
 
 

@@ -850,11 +850,12 @@ type BreakDownCostRequest struct {
 	// value: the resource as sent when no entry priced it).
 	Model string `protobuf:"bytes,9,opt,name=model,proto3" json:"model,omitempty"`
 	// Only events with this user id. Like a grouping by user id, this reads the
-	// rollup by user (with a category or model, the one per day and model).
+	// rollup by user (with a category or model, the one per day and provider or
+	// model; with a request tag, the one of each tag's events by user).
 	UserId string `protobuf:"bytes,10,opt,name=user_id,json=userId,proto3" json:"user_id,omitempty"`
 	// Only events carrying this request tag. Like a grouping by request tag, this
 	// reads the rollup by tag (with a category or model, the one per day and
-	// model).
+	// provider or model; by user or key, the one of each tag's events).
 	RequestTag string `protobuf:"bytes,11,opt,name=request_tag,json=requestTag,proto3" json:"request_tag,omitempty"`
 }
 

@@ -24,10 +24,14 @@ type ReportServiceClient interface {
 	// keeping to, one of user id and request tag, or grouping by API key (beside
 	// type, version, day or hour only) reads the rollup by user, tag and key kept at
 	// ingest, per day and per hour; one of them beside a category or model (and
-	// type, version or day) reads the rollup of those per day and model for the
-	// window's whole UTC days and the events of the rest; anything else (step, two
-	// of user, tag and key, any of them with a resource or by hour with a category
-	// or model) reads the window's events.
+	// type, version or day) reads the rollup of those per day and provider (or per
+	// day and model, with a model) for the window's whole UTC days and the events
+	// of the rest; kept to a request tag, grouping by or keeping to user id, or
+	// grouping by API key (and type, version or day), reads the rollup of each
+	// tag's events per day by user and key likewise; anything else (step, user
+	// and key together, a tag with a user and a category or model, any of them
+	// with a resource or by hour with a category or model) reads the window's
+	// events.
 	BreakDownCost(ctx context.Context, in *BreakDownCostRequest, opts ...grpc.CallOption) (*BreakDownCostResponse, error)
 	// Two versions of a type side by side, over their runs whose first event is
 	// in a window: cost per run, events per run, failure rate, and each declared
@@ -76,10 +80,14 @@ type ReportServiceServer interface {
 	// keeping to, one of user id and request tag, or grouping by API key (beside
 	// type, version, day or hour only) reads the rollup by user, tag and key kept at
 	// ingest, per day and per hour; one of them beside a category or model (and
-	// type, version or day) reads the rollup of those per day and model for the
-	// window's whole UTC days and the events of the rest; anything else (step, two
-	// of user, tag and key, any of them with a resource or by hour with a category
-	// or model) reads the window's events.
+	// type, version or day) reads the rollup of those per day and provider (or per
+	// day and model, with a model) for the window's whole UTC days and the events
+	// of the rest; kept to a request tag, grouping by or keeping to user id, or
+	// grouping by API key (and type, version or day), reads the rollup of each
+	// tag's events per day by user and key likewise; anything else (step, user
+	// and key together, a tag with a user and a category or model, any of them
+	// with a resource or by hour with a category or model) reads the window's
+	// events.
 	BreakDownCost(context.Context, *BreakDownCostRequest) (*BreakDownCostResponse, error)
 	// Two versions of a type side by side, over their runs whose first event is
 	// in a window: cost per run, events per run, failure rate, and each declared

@@ -506,12 +506,13 @@ class BreakDownCostRequest(_message.Message):
     """
     user_id: _builtins.str
     """Only events with this user id. Like a grouping by user id, this reads the
-    rollup by user (with a category or model, the one per day and model).
+    rollup by user (with a category or model, the one per day and provider or
+    model; with a request tag, the one of each tag's events by user).
     """
     request_tag: _builtins.str
     """Only events carrying this request tag. Like a grouping by request tag, this
     reads the rollup by tag (with a category or model, the one per day and
-    model).
+    provider or model; by user or key, the one of each tag's events).
     """
     @_builtins.property
     def start_time(self) -> _timestamp_pb2.Timestamp:

@@ -59,10 +59,14 @@ class ReportServiceServicer:
         keeping to, one of user id and request tag, or grouping by API key (beside
         type, version, day or hour only) reads the rollup by user, tag and key kept at
         ingest, per day and per hour; one of them beside a category or model (and
-        type, version or day) reads the rollup of those per day and model for the
-        window's whole UTC days and the events of the rest; anything else (step, two
-        of user, tag and key, any of them with a resource or by hour with a category
-        or model) reads the window's events.
+        type, version or day) reads the rollup of those per day and provider (or per
+        day and model, with a model) for the window's whole UTC days and the events
+        of the rest; kept to a request tag, grouping by or keeping to user id, or
+        grouping by API key (and type, version or day), reads the rollup of each
+        tag's events per day by user and key likewise; anything else (step, user
+        and key together, a tag with a user and a category or model, any of them
+        with a resource or by hour with a category or model) reads the window's
+        events.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -41,10 +41,14 @@ class ReportServiceStub:
     keeping to, one of user id and request tag, or grouping by API key (beside
     type, version, day or hour only) reads the rollup by user, tag and key kept at
     ingest, per day and per hour; one of them beside a category or model (and
-    type, version or day) reads the rollup of those per day and model for the
-    window's whole UTC days and the events of the rest; anything else (step, two
-    of user, tag and key, any of them with a resource or by hour with a category
-    or model) reads the window's events.
+    type, version or day) reads the rollup of those per day and provider (or per
+    day and model, with a model) for the window's whole UTC days and the events
+    of the rest; kept to a request tag, grouping by or keeping to user id, or
+    grouping by API key (and type, version or day), reads the rollup of each
+    tag's events per day by user and key likewise; anything else (step, user
+    and key together, a tag with a user and a category or model, any of them
+    with a resource or by hour with a category or model) reads the window's
+    events.
     """
     CompareVersions: _grpc.UnaryUnaryMultiCallable[_report_service_pb2.CompareVersionsRequest, _report_service_pb2.CompareVersionsResponse]
     """Two versions of a type side by side, over their runs whose first event is
@@ -69,10 +73,14 @@ class ReportServiceAsyncStub(ReportServiceStub):
     keeping to, one of user id and request tag, or grouping by API key (beside
     type, version, day or hour only) reads the rollup by user, tag and key kept at
     ingest, per day and per hour; one of them beside a category or model (and
-    type, version or day) reads the rollup of those per day and model for the
-    window's whole UTC days and the events of the rest; anything else (step, two
-    of user, tag and key, any of them with a resource or by hour with a category
-    or model) reads the window's events.
+    type, version or day) reads the rollup of those per day and provider (or per
+    day and model, with a model) for the window's whole UTC days and the events
+    of the rest; kept to a request tag, grouping by or keeping to user id, or
+    grouping by API key (and type, version or day), reads the rollup of each
+    tag's events per day by user and key likewise; anything else (step, user
+    and key together, a tag with a user and a category or model, any of them
+    with a resource or by hour with a category or model) reads the window's
+    events.
     """
     CompareVersions: _aio.UnaryUnaryMultiCallable[_report_service_pb2.CompareVersionsRequest, _report_service_pb2.CompareVersionsResponse]  # type: ignore[assignment]
     """Two versions of a type side by side, over their runs whose first event is
@@ -100,10 +108,14 @@ class ReportServiceServicer(metaclass=_abc_1.ABCMeta):
         keeping to, one of user id and request tag, or grouping by API key (beside
         type, version, day or hour only) reads the rollup by user, tag and key kept at
         ingest, per day and per hour; one of them beside a category or model (and
-        type, version or day) reads the rollup of those per day and model for the
-        window's whole UTC days and the events of the rest; anything else (step, two
-        of user, tag and key, any of them with a resource or by hour with a category
-        or model) reads the window's events.
+        type, version or day) reads the rollup of those per day and provider (or per
+        day and model, with a model) for the window's whole UTC days and the events
+        of the rest; kept to a request tag, grouping by or keeping to user id, or
+        grouping by API key (and type, version or day), reads the rollup of each
+        tag's events per day by user and key likewise; anything else (step, user
+        and key together, a tag with a user and a category or model, any of them
+        with a resource or by hour with a category or model) reads the window's
+        events.
         """
 
     @_abc_1.abstractmethod

@@ -524,7 +524,8 @@ export type BreakDownCostRequest = Message<"tally.v1.BreakDownCostRequest"> & {
 
   /**
    * Only events with this user id. Like a grouping by user id, this reads the
-   * rollup by user (with a category or model, the one per day and model).
+   * rollup by user (with a category or model, the one per day and provider or
+   * model; with a request tag, the one of each tag's events by user).
    *
    * @generated from field: string user_id = 10;
    */
@@ -533,7 +534,7 @@ export type BreakDownCostRequest = Message<"tally.v1.BreakDownCostRequest"> & {
   /**
    * Only events carrying this request tag. Like a grouping by request tag, this
    * reads the rollup by tag (with a category or model, the one per day and
-   * model).
+   * provider or model; by user or key, the one of each tag's events).
    *
    * @generated from field: string request_tag = 11;
    */
@@ -833,10 +834,14 @@ export const ReportService: GenService<{
    * keeping to, one of user id and request tag, or grouping by API key (beside
    * type, version, day or hour only) reads the rollup by user, tag and key kept at
    * ingest, per day and per hour; one of them beside a category or model (and
-   * type, version or day) reads the rollup of those per day and model for the
-   * window's whole UTC days and the events of the rest; anything else (step, two
-   * of user, tag and key, any of them with a resource or by hour with a category
-   * or model) reads the window's events.
+   * type, version or day) reads the rollup of those per day and provider (or per
+   * day and model, with a model) for the window's whole UTC days and the events
+   * of the rest; kept to a request tag, grouping by or keeping to user id, or
+   * grouping by API key (and type, version or day), reads the rollup of each
+   * tag's events per day by user and key likewise; anything else (step, user
+   * and key together, a tag with a user and a category or model, any of them
+   * with a resource or by hour with a category or model) reads the window's
+   * events.
    *
    * @generated from rpc tally.v1.ReportService.BreakDownCost
    */

@@ -212,6 +212,10 @@ class Events:
             return await stored_events.reasons_among(conn, event_filter, among, limit)
 
 
+# Times _newest narrows a page to the hours the rollups name before reading the rest.
+NARROWED_TRIES = 4
+
+
 async def _newest(
     conn: AsyncConnection,
     f: stored_events.EventFilter,
@@ -248,10 +252,6 @@ async def _newest(
         end = spans[-1][0]
     rest = dataclasses.replace(f, end_us=end)
     return found + await stored_events.list_events(conn, rest, before, limit - len(found))
-
-
-# Times _newest narrows a page to the hours the rollups name before reading the rest.
-NARROWED_TRIES = 4
 
 
 def _check_view(v: Violations, only: CostFilter, cost_state: int) -> None:

@@ -1,6 +1,7 @@
 """The cost breakdown: whole hours from the hourly rollups (by type version and model, or
-by user, request tag or API key), or whole days from the rollup of those per day and model
-or from the rollup of each tag's events by user or key, the rest from the events."""
+by user, request tag or API key), or whole days from the rollups of those per day and
+provider or model or from the rollup of each tag's events by user or key, the rest from
+the events; and, from the same rollups, the hours that hold a filter's newest events."""
 
 from __future__ import annotations
 

@@ -14,6 +14,7 @@ from ..domain.models import CostFilter, CostState, Page, StoredEvent, now_us
 from ..domain.validation import MAP_VALUE_MAX, NAME_PATTERN, check_name, check_text, parse_uuid, utf8_length
 from ..storage import (
     annotations as stored_annotations,
+    applied_prices as stored_applied_prices,
     events as stored_events,
     reports as stored_reports,
     types as stored_types,
@@ -153,6 +154,7 @@ class Events:
                 category=category,
                 resource=resource,
                 model=model,
+                model_never_priced=bool(model) and not await stored_applied_prices.priced_as(conn, model),
                 provider_response_id=provider_response_id,
                 cost_state=cost_state,
                 start_us=start_us,
@@ -212,8 +214,10 @@ class Events:
             return await stored_events.reasons_among(conn, event_filter, among, limit)
 
 
-# Times _newest narrows a page to the hours the rollups name before reading the rest.
+# Times _newest narrows a page to the hours the rollups name before reading the rest; and
+# the spans of those hours it reads one by one at most, before one read of what is left.
 NARROWED_TRIES = 4
+SPAN_READS = 128
 
 
 async def _newest(
@@ -223,14 +227,16 @@ async def _newest(
     before: tuple[int, uuid.UUID] | None,
     limit: int,
 ) -> list[StoredEvent]:
-    """list_events. With a model, provider or tag (which no index finds) and nothing an index
-    finds, only the newest hours the rollups say hold `limit` of the filter's events are read
-    (reports.spans_holding): a page of a rare model read every event of the window (2.2 s at
-    1,000,000 events), and PostgreSQL, misjudging a common one as rare, sorted the window's.
-    Where those hours hold fewer (the event the page starts after, events pruned or erased
-    since counted), the hours before them are looked for the same way, NARROWED_TRIES times,
+    """list_events. With a model, provider or tag (which no index finds; a model that no
+    price has is its unpriced events of its resource: ix_events_unpriced_resource) and
+    nothing an index finds, only the newest hours the rollups say hold `limit` of the
+    filter's events are read (reports.spans_holding), span by span, newest first (past
+    SPAN_READS spans, the rest as one). A page of a rare model read every event of the window (2.2 s at 1,000,000
+    events), and PostgreSQL, misjudging a common one as rare, sorted the window's. Where
+    those hours hold fewer (the event the page starts after, events pruned or erased since
+    counted), the hours before them are looked for the same way, NARROWED_TRIES times,
     then the rest of the window is read."""
-    indexed = f.experience_id or f.user_id or f.provider_response_id
+    indexed = f.experience_id or f.user_id or f.provider_response_id or f.model_never_priced
     if indexed or not (f.model or f.category or f.request_tag):
         return await stored_events.list_events(conn, f, before, limit)
     end = f.end_us if before is None else before[0] + 1 if f.end_us is None else min(f.end_us, before[0] + 1)
@@ -243,13 +249,19 @@ async def _newest(
         held = await stored_reports.spans_holding(conn, only, start, end, limit - len(found) + 1, unpriced)
         if held is None:
             break
-        spans, every = held
-        if spans:
-            narrowed = dataclasses.replace(f, spans=tuple(spans))
+        # Each span a read of its own: a time range the planners read in order (an OR of
+        # ranges, SQLite read the time index from the window's end in order instead).
+        spans = held.spans[:SPAN_READS]
+        if len(held.spans) > SPAN_READS:
+            spans.append((held.spans[-1][0], held.spans[SPAN_READS][1]))
+        for span_start, span_end in spans:
+            narrowed = dataclasses.replace(f, start_us=span_start, end_us=span_end)
             found += await stored_events.list_events(conn, narrowed, before, limit - len(found))
-        if every or len(found) >= limit:
+            if len(found) >= limit:
+                return found
+        if held.every or not held.spans:
             return found
-        end = spans[-1][0]
+        end = held.spans[-1][0]
     rest = dataclasses.replace(f, end_us=end)
     return found + await stored_events.list_events(conn, rest, before, limit - len(found))
 
@@ -272,6 +284,7 @@ async def _view_filter(
         request_tag=only.request_tag,
         category=only.category,
         model=only.model,
+        model_never_priced=bool(only.model) and not await stored_applied_prices.priced_as(conn, only.model),
         cost_state=cost_state,
         start_us=start_us,
         end_us=end_us,

@@ -73,3 +73,9 @@ def _row(key: str, price: m.PriceReference) -> dict[str, Any]:
         "effective_time_us": price.effective_time_us,
         "variant": dict(price.price_context) or None,
     }
+
+
+async def priced_as(conn: AsyncConnection, model: str) -> bool:
+    """Whether some price applied to an event is of this model (its resource)."""
+    p = applied_prices
+    return (await conn.execute(sa.select(p.c.id).where(p.c.resource == model).limit(1))).first() is not None

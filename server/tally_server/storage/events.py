@@ -114,9 +114,9 @@ class EventFilter:
     cost_state: int = 0
     start_us: int | None = None
     end_us: int | None = None
-    # The spans of event time [start, end) that hold the events wanted (reports.spans_holding):
-    # the rest of the window is not read. None: the whole window.
-    spans: tuple[tuple[int, int], ...] | None = None
+    # No price has the model: its events are those of its resource that no price priced
+    # (ix_events_unpriced_resource), newest first, however few (applied_prices.priced_as).
+    model_never_priced: bool = False
 
 
 def event_conditions(conn: AsyncConnection, f: EventFilter) -> list[sa.ColumnElement[bool]]:
@@ -132,11 +132,15 @@ def event_conditions(conn: AsyncConnection, f: EventFilter) -> list[sa.ColumnEle
         (ev.c.user_id, f.user_id),
         (ev.c.category, f.category),
         (ev.c.resource, f.resource),
-        (rollups.MODEL_OF_EVENT, f.model),
         (ev.c.provider_response_id, f.provider_response_id),
     ):
         if value:
             where.append(column == value)
+    if f.model and f.model_never_priced:
+        where += [ev.c.resource == f.model, ev.c.price_id.is_(None)]
+    elif f.model:
+        model = rollups.MODEL_OF_EVENT
+        where.append(model == f.model)
     if f.cost_state and f.user_id and conn.dialect.name == "sqlite":
         # "+ 0": the user's events answer (ix_events_user_time). With the state as the index
         # of not-priced events says it, SQLite took that index and read every not-priced
@@ -152,9 +156,6 @@ def event_conditions(conn: AsyncConnection, f: EventFilter) -> list[sa.ColumnEle
         where.append(ev.c.event_time_us < f.end_us)
     if f.request_tag:
         where.append(has_tag(conn, f.request_tag))
-    if f.spans is not None:
-        time = ev.c.event_time_us
-        where.append(sa.or_(sa.false(), *(sa.and_(time >= start, time < end) for start, end in f.spans)))
     return where
 
 

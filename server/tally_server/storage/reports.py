@@ -6,7 +6,7 @@ the events; and, from the same rollups, the hours that hold a filter's newest ev
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -394,10 +394,6 @@ def _answered_by_rollup(dimensions: Sequence[str], f: m.CostFilter) -> bool:
     return set(dimensions) <= ROLLUP_DIMENSIONS and not f.of_events_only
 
 
-# Spans spans_holding names at most: past it, one span from the oldest to the window's end.
-MAX_SPANS = 64
-
-
 def _back_from(start_us: int | None, end_us: int | None, unit: int) -> list[tuple[int | None, int | None]]:
     """[start_us, end_us) in parts from its end back: a day, a week, eight weeks, the rest
     (cut at whole units), so that a common filter's newest events are counted from a day's
@@ -417,15 +413,21 @@ def _back_from(start_us: int | None, end_us: int | None, unit: int) -> list[tupl
     return parts
 
 
+class Held(NamedTuple):
+    """Where the rollups say a filter's newest events are (spans_holding)."""
+
+    spans: list[tuple[int, int]]  # [start, end) of event time, newest first
+    every: bool  # they hold every event of the filter in the window
+
+
 async def spans_holding(
     conn: AsyncConnection, f: m.CostFilter, start_us: int | None, end_us: int | None, count: int, unpriced: bool
-) -> tuple[list[tuple[int, int]], bool] | None:
+) -> Held | None:
     """The newest hours (or days) of [start_us, end_us) that hold, by the rollups, `count` of
     the filter's events (only those not priced, if `unpriced`), or all of them, as spans of
-    event time newest first (adjacent ones merged; at most MAX_SPANS, else one from the
-    oldest to the end), and whether they hold all of them; None when no rollup counts the
-    filter's events by hour or day. The rollups count every stored event (and pruned or
-    erased ones, so that the spans may hold fewer than they count)."""
+    event time newest first (adjacent ones merged); None when no rollup counts the filter's
+    events by hour or day. The rollups count every stored event (and pruned or erased ones,
+    so that the spans may hold fewer than they count)."""
     dimension = next((d for d in ("hour", "day") if _answered_by_rollup([d], f)), None)
     if dimension is None:
         return None
@@ -452,10 +454,7 @@ async def spans_holding(
                 break
         if held >= count:
             break
-    every = held < count
-    if len(spans) > MAX_SPANS:
-        return [(spans[-1][0], spans[0][1])], every
-    return spans, every
+    return Held(spans, held < count)
 
 
 async def costliest_groups(

@@ -377,6 +377,15 @@ events = sa.Table(
     # The events not fully priced, of one state, newest first as ListEvents orders them (the
     # dashboard's reasons): without it, their newest thousand were sorted out of the whole
     # window; without the state first, a state with none scanned all the others.
+    # The events no price priced, by the resource sent and time (migration 0022): the events
+    # of a model no price has (a misspelt one), which is their resource, newest first.
+    sa.Index(
+        "ix_events_unpriced_resource",
+        "resource",
+        "event_time_us",
+        sqlite_where=sa.text("price_id IS NULL"),
+        postgresql_where=sa.text("price_id IS NULL"),
+    ),
     sa.Index(
         "ix_events_not_priced",
         "cost_state",

@@ -1,4 +1,4 @@
-"""Two rollups by user, request tag and API key, per UTC day:
+"""Two rollups by user, request tag and API key, per UTC day, and an index:
 
 - attribute_provider_days: events summed per day, user (dimension 1), tag (2) or key name (5),
   type version and category; attribute_model_days (0021) without the model, and summed from
@@ -12,7 +12,9 @@
   user's events of a tag, reads it for a window's whole days instead of every event of the
   tag.
 
-The writer keeps both from here on.
+The writer keeps both from here on. And an index of the events no price priced, by resource
+and time (ix_events_unpriced_resource): the events of a model that no price has (a misspelt
+one) are read from it, newest first, instead of from every event of the window.
 
 Frozen: this file carries the statements it ran when it was written and imports nothing of
 the server.
@@ -138,7 +140,19 @@ def upgrade() -> None:
         )
         _log.info("tag_attribute_days: dimension %d counted in %.1f s", dimension, time.monotonic() - started)
 
+    # The events no price priced, by resource and time: a model no price has is read from it.
+    started = time.monotonic()
+    op.create_index(
+        "ix_events_unpriced_resource",
+        "events",
+        ["resource", "event_time_us"],
+        sqlite_where=sa.text("price_id IS NULL"),
+        postgresql_where=sa.text("price_id IS NULL"),
+    )
+    _log.info("ix_events_unpriced_resource: built in %.1f s", time.monotonic() - started)
+
 
 def downgrade() -> None:
+    op.drop_index("ix_events_unpriced_resource", table_name="events")
     op.drop_table("tag_attribute_days")
     op.drop_table("attribute_provider_days")

@@ -339,6 +339,15 @@ def test_the_dashboard_needs_a_key_then_draws_spend_runs_versions_and_reasons(br
         )
         tagged = browser.find_elements(By.CSS_SELECTOR, "#log tbody tr")
         assert len(tagged) == total_events(server.target, admin, this_day, request_tag="team-eng") == 4
+        # Spend by tag, kept to a tag: that tag alone, and the page says why.
+        Select(browser.find_element(By.ID, "spend-by")).select_by_value("tag")
+        wait.until(lambda driver: "not broken down" in driver.find_element(By.ID, "spend-by-about").text)
+        shown_tags = [
+            [cell.text for cell in r.find_elements(By.TAG_NAME, "td")]
+            for r in browser.find_elements(By.CSS_SELECTOR, "#spend-by-table tbody tr")
+        ]
+        eng_today = format_nanos(total_nanos(server.target, admin, this_day, request_tag="team-eng"))
+        assert [(r[0], r[3]) for r in shown_tags] == [("team-eng", eng_today)], shown_tags
         browser.get(page)
         wait.until(lambda driver: driver.execute_script("return document.body.dataset.loaded") == "true")
 

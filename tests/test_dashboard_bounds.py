@@ -16,7 +16,12 @@ import aiohttp
 import pytest
 from grpc import aio
 
-from tally.v1 import experience_type_service_pb2 as et_pb, ingest_service_pb2 as pb
+from tally.v1 import (
+    experience_type_service_pb2 as et_pb,
+    ingest_service_pb2 as pb,
+    report_service_pb2 as rep_pb,
+    report_service_pb2_grpc,
+)
 from tally_server.app import TallyServer
 from tally_server.config import Settings
 from tally_server.services.reports import RUNS_COUNTED_EVENTS
@@ -166,3 +171,37 @@ async def test_reads_of_a_filter_no_index_answers_are_bounded_and_say_so(dashboa
         summary = (await get("/api/summary?user=busy-user"))["current"]
         assert (summary["events"], summary["runs"]) == (RUNS_COUNTED_EVENTS + 1, None)
         assert f"more than {RUNS_COUNTED_EVENTS:,} events" in summary["runs_not_counted"]
+
+
+async def test_spend_per_day_of_one_user_ranks_the_users_costliest_types(dashboard_server):
+    """Spend per day by type, kept to a user over whole days, ranks the user's rows per day:
+    the SPEND_GROUPS types shown are the user's costliest (BreakDownCost by type of the user),
+    not the house's, the rest "(all others)", and the day's sums are the user's."""
+    stubs, web = dashboard_server
+    reports = report_service_pb2_grpc.ReportServiceStub(stubs.channel)
+    names = [f"Ranked{n:02d}" for n in range(SPEND_GROUPS + 3)]
+    events = []
+    for n, name in enumerate(names):
+        await stubs.types.CreateExperienceType(
+            et_pb.CreateExperienceTypeRequest(experience_type=et_pb.ExperienceType(name=name, description="ranked"))
+        )
+        for user, tokens in (("ranked-user", 1_000 * (n + 1)), ("someone-else", 1_000 * (len(names) - n) * 10)):
+            events.append(
+                pb.UsageEvent(
+                    category="system.openai",
+                    resource="gpt-4o",
+                    units={"text": pb.UnitCounts(input=tokens)},
+                    context=pb.EventContext(experience_name=name, user_id=user),
+                )
+            )
+    assert (await stubs.ingest.IngestBatch(pb.IngestBatchRequest(events=events))).accepted_count == len(events)
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(f"{web}/api/spend?by=experience_name&days=1&user=ranked-user") as got,
+    ):
+        assert got.status == 200
+        spend = await got.json()
+    asked = rep_pb.BreakDownCostRequest(group_by=[rep_pb.COST_DIMENSION_EXPERIENCE_NAME], user_id="ranked-user")
+    ranked = (await reports.BreakDownCost(asked)).groups
+    assert {g["experience_name"] for g in spend["groups"]} == {g.experience_name for g in ranked[:SPEND_GROUPS]}
+    assert spend["other_groups"] is True and spend["total"]["events"] == len(names)

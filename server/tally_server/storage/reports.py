@@ -487,6 +487,10 @@ async def costliest_groups(
         return [tuple(row) for row in await conn.execute(query)]
     else:
         r, first = _table_of(attribute, None), -(-start_us // HOUR_US) * HOUR_US
+        if attribute is not None and start_us % DAY_US == 0 and end_us % DAY_US == 0:
+            # Whole days: the rows per day of the user (tag, key), not its hours (a busy
+            # user's 90 days were 5,000 hourly rows at 1,000,000 events, and grew with them).
+            attribute += DAYS
     keys = _rollup_keys(dimension, r)
     cost = sa.func.sum(r.c.cost_total_dollars * 1_000_000_000 + r.c.cost_total_nanos)
     query = (

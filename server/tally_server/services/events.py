@@ -144,23 +144,14 @@ class Events:
             lambda p: isinstance(p, list) and len(p) == 2 and isinstance(p[0], int) and parse_uuid(p[1]) is not None,
         )
         before = None if position is None else (position[0], uuid.UUID(position[1]))
+        only = CostFilter(experience_name, experience_version, category, model, user_id, request_tag)
         async with self.db.read() as conn:
-            event_filter = stored_events.EventFilter(
+            event_filter = dataclasses.replace(
+                await _view_filter(conn, only, start_us, end_us, cost_state),
                 experience_id=parsed,
-                type_id=await _type_id(conn, experience_name),
-                version=experience_version,
-                user_id=user_id,
-                request_tag=request_tag,
-                category=category,
                 resource=resource,
-                model=model,
-                model_never_priced=bool(model) and not await stored_applied_prices.priced_as(conn, model),
                 provider_response_id=provider_response_id,
-                cost_state=cost_state,
-                start_us=start_us,
-                end_us=end_us,
             )
-            only = CostFilter(experience_name, experience_version, category, model, user_id, request_tag)
             found = await _annotated(conn, await _newest(conn, event_filter, only, before, size + 1))
 
         def token_after(count: int) -> str:
@@ -231,11 +222,11 @@ async def _newest(
     price has is its unpriced events of its resource: ix_events_unpriced_resource) and
     nothing an index finds, only the newest hours the rollups say hold `limit` of the
     filter's events are read (reports.spans_holding), span by span, newest first (past
-    SPAN_READS spans, the rest as one). A page of a rare model read every event of the window (2.2 s at 1,000,000
-    events), and PostgreSQL, misjudging a common one as rare, sorted the window's. Where
-    those hours hold fewer (the event the page starts after, events pruned or erased since
-    counted), the hours before them are looked for the same way, NARROWED_TRIES times,
-    then the rest of the window is read."""
+    SPAN_READS spans, the rest as one). A page of a rare model read every event of the
+    window (2.2 s at 1,000,000 events), and PostgreSQL, misjudging a common one as rare,
+    sorted the window's. Where those hours hold fewer (the event the page starts after,
+    events pruned or erased since counted), the hours before them are looked for the same
+    way, NARROWED_TRIES times, then the rest of the window is read."""
     indexed = f.experience_id or f.user_id or f.provider_response_id or f.model_never_priced
     if indexed or not (f.model or f.category or f.request_tag):
         return await stored_events.list_events(conn, f, before, limit)
@@ -274,9 +265,10 @@ def _check_view(v: Violations, only: CostFilter, cost_state: int) -> None:
 
 
 async def _view_filter(
-    conn: AsyncConnection, only: CostFilter, start_us: int, end_us: int, cost_state: int
+    conn: AsyncConnection, only: CostFilter, start_us: int | None, end_us: int | None, cost_state: int
 ) -> stored_events.EventFilter:
-    """The events filter of a dashboard view (checked by _check_view) and a cost state."""
+    """The events filter of a view (checked by _check_view, or by ListEvents' checks) and a
+    cost state, with what the database says of its type and model."""
     return stored_events.EventFilter(
         type_id=await _type_id(conn, only.experience_name),
         version=only.experience_version,

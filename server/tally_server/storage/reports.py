@@ -159,7 +159,7 @@ def _rollup_filter(
 ) -> list[sa.ColumnElement[bool]]:
     """The filter on a rollup's keys: the cost rollup's, or with `attribute` the rollup by
     user or tag (rows of that dimension, hours or days; the filter names no category or
-    model) or, as `table`, the one per day and model."""
+    model) or, as `table`, the one per day and provider or model, or of each tag's events."""
     r = _table_of(attribute, table)
     pairs = [(r.c.experience_name, f.experience_name)]
     if r is tag_attribute_days:
@@ -367,7 +367,7 @@ async def cost_breakdown(
         for start, end in edges:
             await _breakdown_from_events(conn, dimensions, start, end, f, groups, only)
         return groups
-    if attribute is None and (not set(dimensions) <= ROLLUP_DIMENSIONS or f.of_events_only):
+    if not _from_hourly_rollup(dimensions, f):
         groups = {}
         await _breakdown_from_events(conn, dimensions, start_us, end_us, f, groups, only)
         return groups
@@ -386,12 +386,18 @@ async def cost_breakdown(
     return groups
 
 
+def _from_hourly_rollup(dimensions: Sequence[str], f: m.CostFilter) -> bool:
+    """Whether an hourly rollup (the cost rollup, or the one by user, tag or key) keeps these
+    groups of the filter's events."""
+    if _attribute_of(dimensions, f) is not None:
+        return True
+    return set(dimensions) <= ROLLUP_DIMENSIONS and not f.of_events_only
+
+
 def _answered_by_rollup(dimensions: Sequence[str], f: m.CostFilter) -> bool:
     """Whether cost_breakdown reads these groups of the filter's events from a rollup (for
     the window's whole hours or days), not from every event of the window."""
-    if _days_rollup_of(dimensions, f) is not None or _attribute_of(dimensions, f) is not None:
-        return True
-    return set(dimensions) <= ROLLUP_DIMENSIONS and not f.of_events_only
+    return _days_rollup_of(dimensions, f) is not None or _from_hourly_rollup(dimensions, f)
 
 
 def _back_from(start_us: int | None, end_us: int | None, unit: int) -> list[tuple[int | None, int | None]]:

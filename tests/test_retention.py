@@ -95,6 +95,9 @@ async def _figures(client: AsyncTallyClient) -> dict[str, Any]:
     for group_by in (["user"], ["version"]):  # of one tag: the rollup of each tag's events
         answer = await client.break_down_cost(group_by, page_size=1000, request_tag="red")
         figures[f"{' '.join(group_by)} of red"] = sorted(map(str, map(MessageToDict, answer.groups)))
+    for group_by in (["tag"], ["tag", "version"]):  # of one user (untagged events under ""): the same rollup
+        answer = await client.break_down_cost(group_by, page_size=1000, user_id="ann")
+        figures[f"{' '.join(group_by)} of ann"] = sorted(map(str, map(MessageToDict, answer.groups)))
     for name in ("everything", "of-type", "of-tag"):
         figures[name] = MessageToDict((await client.get_limit(name)).current)
     return figures

@@ -413,9 +413,10 @@ ModelDayKey = tuple[int, int, str, str, int, str, str]
 ProviderDayKey = tuple[int, int, str, str, int, str]
 
 # One row of the rollup of each request tag's events per UTC day by user or API key (storage:
-# tag_attribute_days): tag, dimension (USER_DIMENSION or KEY_DIMENSION), day, value ("" for
-# none), experience name and version. Not by tag: pairs of an event's tags would grow with the
-# square of its tags (up to 32), and a row per tag is what a tag's events by user need.
+# tag_attribute_days): tag ("" for none, since 0023), dimension (USER_DIMENSION or
+# KEY_DIMENSION), day, value ("" for none), experience name and version. Not by tag: pairs
+# of an event's tags would grow with the square of its tags (up to 32), and a row per tag is
+# what a tag's events by user, and a user's events by tag, need.
 TagDayKey = tuple[str, int, int, str, str, int]
 
 
@@ -450,11 +451,11 @@ class AttributeRollups(NamedTuple):
 
 def attribute_rollups_of(stored: Iterable[tuple[UsageEvent, IngestResult]]) -> AttributeRollups:
     """What the stored events add to the rollup by user, request tag and API key: each event
-    counts once under its user, once under each of its tags (under "" for none) and once
-    under its key's name, as a breakdown of the events by each groups them, in its hour and
-    its day; the same per day and provider, and per day, provider and model; and, under each
-    of its tags, once under its user and once under its key per day (once under a tag it
-    repeats, as the events of a tag count it)."""
+    counts once under its user, once under each of its tags (once under a tag it repeats;
+    under "" for none) and once under its key's name, as a breakdown of the events by each
+    groups them, in its hour and its day; the same per day and provider, and per day,
+    provider and model; and, under each of its tags (or ""), once under its user and once
+    under its key per day."""
     by_key: dict[AttributeKey, Sums] = {}
     by_model: dict[ModelDayKey, Sums] = {}
     by_provider: dict[ProviderDayKey, Sums] = {}
@@ -477,9 +478,12 @@ def attribute_rollups_of(stored: Iterable[tuple[UsageEvent, IngestResult]]) -> A
         )
         name, version = result.experience_name, result.experience_version
         category, model = event.category, priced_model(event, cost)
+        # Each tag once, however often the event repeats it (as its limits and the events of
+        # a tag count it); "" for none.
+        tags = tuple(dict.fromkeys(context.request_tags)) or ("",)
         values = (
             (USER_DIMENSION, context.user_id),
-            *((TAG_DIMENSION, tag) for tag in context.request_tags or ("",)),
+            *((TAG_DIMENSION, tag) for tag in tags),
             (KEY_DIMENSION, event.key_name),
         )
         for dimension, value in values:
@@ -487,7 +491,7 @@ def attribute_rollups_of(stored: Iterable[tuple[UsageEvent, IngestResult]]) -> A
             _add_to(by_key, (dimension + DAYS, day, value, name, version), sums)
             _add_to(by_provider, (dimension, day, value, name, version, category), sums)
             _add_to(by_model, (dimension, day, value, name, version, category, model), sums)
-        for tag in dict.fromkeys(context.request_tags):  # a tag repeated in an event once
+        for tag in tags:
             _add_to(by_tag, (tag, USER_DIMENSION, day, context.user_id, name, version), sums)
             _add_to(by_tag, (tag, KEY_DIMENSION, day, event.key_name, name, version), sums)
     return AttributeRollups(by_key, by_model, by_provider, by_tag)

@@ -80,15 +80,16 @@ _WITH_TAG_DAYS = frozenset({"experience_name", "experience_version", "day"})
 
 def _tag_days_of(dimensions: Sequence[str], f: m.CostFilter) -> int | None:
     """The dimension of the rollup of each tag's events per day (tag_attribute_days) that
-    answers this breakdown's whole days, if one does: kept to a tag, by user or key, or kept
-    to a user too (the attribute rollup answers a tag alone)."""
-    if not f.request_tag or f.category or f.model:
+    answers this breakdown's whole days, if one does: kept to a tag or grouped by tag, and
+    by user or key, or kept to a user (the attribute rollup answers a tag alone)."""
+    by_tag = "request_tag" in dimensions
+    if by_tag == bool(f.request_tag) or f.category or f.model:
         return None
-    named = [d for d in dimensions if d in _ATTRIBUTES]
+    named = [d for d in dimensions if d in ("user_id", "api_key_name")]
     attribute = named[0] if len(named) == 1 else "user_id" if not named and f.user_id else None
-    if attribute not in ("user_id", "api_key_name") or (f.user_id and attribute != "user_id"):
+    if attribute is None or (f.user_id and attribute != "user_id"):
         return None
-    if not set(dimensions) <= _WITH_TAG_DAYS | {attribute}:
+    if not set(dimensions) <= _WITH_TAG_DAYS | {attribute, "request_tag"}:
         return None
     return _ATTRIBUTES[attribute]
 
@@ -104,6 +105,8 @@ def _attributes_named(dimensions: Sequence[str], f: m.CostFilter) -> set[str] | 
 
 def _rollup_keys(dimension: str, table: sa.Table = cost_rollups) -> list[sa.ColumnElement[Any]]:
     r = table
+    if table is tag_attribute_days and dimension == "request_tag":
+        return [r.c.tag]
     if dimension in _ATTRIBUTES:
         return [r.c.value]
     keys: dict[str, list[sa.ColumnElement[Any]]] = {
@@ -323,9 +326,11 @@ async def _breakdown_from_events(
     )
     source: Any = rollups.EVENTS_WITH_TYPE if needs_type else rollups.EVENTS_WITH_PRICE
     tag = None
+    where = _event_filter(conn, f)
     if "request_tag" in dimensions:
         tag = rollups.event_tags(conn)
         source = source.outerjoin(tag, sa.true())
+        where.append(rollups.first_of_its_tag(conn, tag))  # a tag it repeats, once
     keys = [key for d in dimensions for key in _event_keys(d, tag)]
     first = _event_keys(dimensions[0], tag) if dimensions else []
     query = _grouped(
@@ -334,7 +339,7 @@ async def _breakdown_from_events(
         ev.c.event_time_us,
         start_us,
         end_us,
-        _event_filter(conn, f),
+        where,
         (first, only),
     )
     _merge(into, await conn.execute(query), len(keys))

@@ -644,6 +644,7 @@ def _attribute_select(conn: AsyncConnection, dimension: int, where: Iterable[sa.
     name = sa.func.coalesce(experience_types.c.name, "").label("experience_name")
     version = sa.func.coalesce(experiences.c.version, 0).label("experience_version")
     source: Any = EVENTS_WITH_TYPE
+    where = list(where)
     if dimension in (USER_DIMENSION, KEY_DIMENSION):
         column = events.c.user_id if dimension == USER_DIMENSION else events.c.key_name
         value = sa.func.coalesce(column, "").label("value")
@@ -651,6 +652,7 @@ def _attribute_select(conn: AsyncConnection, dimension: int, where: Iterable[sa.
         tag = event_tags(conn)
         source = source.outerjoin(tag, sa.true())
         value = sa.func.coalesce(tag.c.value, "").label("value")
+        where.append(first_of_its_tag(conn, tag))
     category, model = events.c.category.label("category"), MODEL_OF_EVENT.label("model")
     return (
         sa.select(hour, value, name, version, category, model, *event_sums())
@@ -664,18 +666,19 @@ def _tag_attribute_select(
     conn: AsyncConnection, dimension: int, where: Iterable[sa.ColumnElement[bool]]
 ) -> sa.Select[Any]:
     """The events' sums per row of the rollup of each tag's events per day by user (or key),
-    as the writer keys them: an event without tags has none, one that repeats a tag one row."""
+    as the writer keys them: an event without tags under "", one that repeats a tag one row."""
     day = (events.c.event_time_us - events.c.event_time_us % DAY_US).label("day_us")
     name = sa.func.coalesce(experience_types.c.name, "").label("experience_name")
     version = sa.func.coalesce(experiences.c.version, 0).label("experience_version")
     column = events.c.user_id if dimension == USER_DIMENSION else events.c.key_name
     value = sa.func.coalesce(column, "").label("value")
     tag = event_tags(conn)
+    of_tag = sa.func.coalesce(tag.c.value, "")
     return (
-        sa.select(tag.c.value.label("tag"), day, value, name, version, *event_sums())
-        .select_from(EVENTS_WITH_TYPE.join(tag, sa.true()))
+        sa.select(of_tag.label("tag"), day, value, name, version, *event_sums())
+        .select_from(EVENTS_WITH_TYPE.outerjoin(tag, sa.true()))
         .where(*where, first_of_its_tag(conn, tag))
-        .group_by(tag.c.value, day, value, name, version)
+        .group_by(of_tag, day, value, name, version)
     )
 
 

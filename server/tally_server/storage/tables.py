@@ -214,8 +214,9 @@ cost_rollups = sa.Table(
 
 # Events summed per hour, user (dimension 1) or request tag (dimension 2), and type version,
 # and the same per UTC day (dimensions 3 and 4, hour_us the day's start; migration 0014): an
-# event counts once under its user and once under each of its tags, under "" for none. The
-# cost breakdown by user or tag reads these, as it reads cost_rollups.
+# event counts once under its user and once under each of its tags (once under a tag it
+# repeats, since 0023), under "" for none. The cost breakdown by user or tag reads these, as
+# it reads cost_rollups.
 attribute_rollups = sa.Table(
     "attribute_rollups",
     metadata,
@@ -271,8 +272,9 @@ attribute_provider_days = sa.Table(
 
 # Each request tag's events summed per UTC day by user (dimension 1) or API key name (5) and
 # type version (migration 0022): an event counts once under each of its tags (once under a
-# tag it repeats; none without tags). The cost breakdown of a tag's events by user or key, or of one user's events of a
-# tag, reads it for a window's whole days; without it, that read took every event of the tag.
+# tag it repeats; under "" without tags, since 0023). The cost breakdown of a tag's events by
+# user or key, of one user's events of a tag, or of one user's (or by key) by tag, reads it
+# for a window's whole days; without it, those reads took every event of the tag, or user.
 tag_attribute_days = sa.Table(
     "tag_attribute_days",
     metadata,

@@ -37,8 +37,8 @@ const (
 	CostDimension_COST_DIMENSION_RESOURCE CostDimension = 4
 	// The event's user id; "" for none.
 	CostDimension_COST_DIMENSION_USER_ID CostDimension = 5
-	// Each request tag of the event: an event with two tags counts in both
-	// groups, one without tags under "".
+	// Each request tag of the event, once however often the event repeats it: an
+	// event with two tags counts in both groups, one without tags under "".
 	CostDimension_COST_DIMENSION_REQUEST_TAG CostDimension = 6
 	// The UTC day of the event time.
 	CostDimension_COST_DIMENSION_DAY CostDimension = 7

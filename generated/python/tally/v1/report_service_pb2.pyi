@@ -40,8 +40,8 @@ class _CostDimensionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_CostDim
     COST_DIMENSION_USER_ID: _CostDimension.ValueType  # 5
     """The event's user id; "" for none."""
     COST_DIMENSION_REQUEST_TAG: _CostDimension.ValueType  # 6
-    """Each request tag of the event: an event with two tags counts in both
-    groups, one without tags under "".
+    """Each request tag of the event, once however often the event repeats it: an
+    event with two tags counts in both groups, one without tags under "".
     """
     COST_DIMENSION_DAY: _CostDimension.ValueType  # 7
     """The UTC day of the event time."""
@@ -76,8 +76,8 @@ COST_DIMENSION_RESOURCE: CostDimension.ValueType  # 4
 COST_DIMENSION_USER_ID: CostDimension.ValueType  # 5
 """The event's user id; "" for none."""
 COST_DIMENSION_REQUEST_TAG: CostDimension.ValueType  # 6
-"""Each request tag of the event: an event with two tags counts in both
-groups, one without tags under "".
+"""Each request tag of the event, once however often the event repeats it: an
+event with two tags counts in both groups, one without tags under "".
 """
 COST_DIMENSION_DAY: CostDimension.ValueType  # 7
 """The UTC day of the event time."""

@@ -61,9 +61,10 @@ class ReportServiceServicer:
         ingest, per day and per hour; one of them beside a category or model (and
         type, version or day) reads the rollup of those per day and provider (or per
         day and model, with a model) for the window's whole UTC days and the events
-        of the rest; kept to a request tag, grouping by or keeping to user id, or
-        grouping by API key (and type, version or day), reads the rollup of each
-        tag's events per day by user and key likewise; anything else (step, user
+        of the rest; kept to or grouped by a request tag, and grouping by or keeping
+        to user id, or grouping by API key (and type, version or day), reads the
+        rollup of each tag's events per day by user and key likewise (so one user's
+        spend by tag reads no event of a whole day); anything else (step, user
         and key together, a tag with a user and a category or model, any of them
         with a resource or by hour with a category or model) reads the window's
         events.

@@ -286,6 +286,9 @@ tag_attribute_days = sa.Table(
     sa.Column("experience_version", sa.Integer, primary_key=True),
     *(sa.Column(name, sa.BigInteger, nullable=False) for name in ROLLUP_COUNT_COLUMNS),
     *(sa.Column(name, sa.BigInteger, nullable=False) for name in ROLLUP_SPLIT_COLUMNS),
+    # One user's (or key's) rows (0023): by its key, a user's tags read every user's rows of
+    # the window's days (122,579 rows for 610 at 1,000,000 events).
+    sa.Index("ix_tag_attribute_days_value", "dimension", "value", "tag", "day_us"),
     sqlite_with_rowid=False,  # as attribute_rollups
 )
 

@@ -4,7 +4,8 @@ of no tag:
 - tag_attribute_days gets rows of tag "" (events without tags) per day by user (dimension 1)
   and API key name (5), counted from the events stored so far (one INSERT ... SELECT per
   dimension; events pruned before it count there nowhere). With them, one user's events by
-  tag (and the events by tag and key) read that rollup for a window's whole days.
+  tag (and the events by tag and key) read that rollup for a window's whole days, through a
+  new index of its rows by dimension, value (user or key), tag and day.
 - An event that repeats a tag now counts once under it in the breakdown by tag (as the filter
   of a tag, a limit of a tag and tag_attribute_days count it; it counted once per place):
   its repeats are taken out of the rollups by tag (attribute_rollups' dimensions 2 and 4,
@@ -90,6 +91,9 @@ def upgrade() -> None:
             "tag_attribute_days: events without tags, dimension %d, in %.1f s", dimension, time.monotonic() - started
         )
 
+    # One user's (or key's) rows of the rollup: its tags were read from every user's rows.
+    op.create_index("ix_tag_attribute_days_value", "tag_attribute_days", ["dimension", "value", "tag", "day_us"])
+
     # Each place an event repeats a tag (not the first): what the rollups by tag counted again.
     started = time.monotonic()
     if postgres:
@@ -161,4 +165,5 @@ def upgrade() -> None:
 def downgrade() -> None:
     # The rows of no tag go; the repeated tags stay counted once (what they counted again is
     # not kept).
+    op.drop_index("ix_tag_attribute_days_value", table_name="tag_attribute_days")
     op.execute("DELETE FROM tag_attribute_days WHERE tag = ''")

@@ -138,10 +138,11 @@ class Experiences:
                 )
         return experience
 
-    async def get_many(self, experience_ids: Sequence[uuid.UUID]) -> list[Experience]:
-        """Several experiences with their statistics, in two reads (those that exist)."""
+    async def get_many(self, experience_ids: Sequence[uuid.UUID], *, latencies: bool = True) -> list[Experience]:
+        """Several experiences with their statistics, in two reads (those that exist); without
+        `latencies`, in one, their latency percentiles left unknown."""
         async with self.db.read() as conn:
-            found = await stored_experiences.experiences_with_rollups(conn, experience_ids)
+            found = await stored_experiences.experiences_with_rollups(conn, experience_ids, latencies=latencies)
         return [dataclasses.replace(e, stats=stats.experience_stats(rollup)) for e, rollup in found]
 
     async def first_users(self, experience_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, str]:

@@ -175,6 +175,13 @@ async def list_events(
     return [stored_event(row) for row in await _listed_rows(conn, f, before, limit)]
 
 
+async def run_ids(
+    conn: AsyncConnection, f: EventFilter, before: tuple[int, uuid.UUID] | None, limit: int
+) -> list[uuid.UUID | None]:
+    """The experience id of each of the events list_events finds (None: unattributed)."""
+    return [row[0] for row in await _listed_rows(conn, f, before, limit, (events.c.experience_id,))]
+
+
 async def _listed_rows(
     conn: AsyncConnection,
     f: EventFilter,

@@ -444,11 +444,10 @@ async def _top_runs(services: Services, request: web.Request) -> web.Response:
     only = view.only
     if only.category or only.model or only.user_id or only.request_tag:
         # Runs with one of the filter's events: those of its newest RUNS_FROM_EVENTS events.
-        page = await _events_of(services, view, RUNS_FROM_EVENTS)
-        ids = list(dict.fromkeys(e.result.experience_id for e in page.items if e.result.experience_id))
-        found_runs = await services.experiences.get_many(ids[:RUNS_READ])
+        ids, events = await services.events.newest_runs(only, view.start_us, view.end_us, among=RUNS_FROM_EVENTS)
+        found_runs = await services.experiences.get_many(ids[:RUNS_READ], latencies=False)
         answer = await _with_users(services, found_runs, key, limit)
-        return web.json_response({"runs": answer, "sort": sort, "from_events": len(page.items)})
+        return web.json_response({"runs": answer, "sort": sort, "from_events": events})
     runs: list[Experience] = []
     for name in await _type_names(services, only):
         found = await services.experiences.list(

@@ -532,11 +532,17 @@ async def runs_started(conn: AsyncConnection, start_day: int, end_day: int, f: m
 
 async def runs_touched(conn: AsyncConnection, start_us: int, end_us: int, f: m.CostFilter) -> int:
     """Runs with at least one of the filter's events in [start_us, end_us): read from the
-    window's events of the filter (a user's through ix_events_user_time)."""
+    window's events of the filter (a user's from ix_events_user_time alone, which holds each
+    event's run, when nothing else is asked of them)."""
     ev = events
+    source: Any = ev
+    if f.experience_name or f.experience_version:
+        source = rollups.EVENTS_WITH_TYPE
+    elif f.model:
+        source = rollups.EVENTS_WITH_PRICE
     query = (
         sa.select(sa.func.count(sa.distinct(ev.c.experience_id)))
-        .select_from(rollups.EVENTS_WITH_TYPE)
+        .select_from(source)
         .where(ev.c.event_time_us >= start_us, ev.c.event_time_us < end_us, ev.c.experience_id.is_not(None))
         .where(*_event_filter(conn, f))
     )

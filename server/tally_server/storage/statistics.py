@@ -43,6 +43,15 @@ def _with_events(type_id: int, version: int, start_us: int | None, end_us: int |
     return [*experience_filters(type_id, version, start_us, end_us, e.c.first_event_time_us), e.c.event_count > 0]
 
 
+def _walked(type_id: int, version: int, start_us: int | None, end_us: int | None) -> list[Any]:
+    """_with_events' experiences as a walk of the cost index within a range selects them:
+    without `event_count > 0`, which is not in the index (SQLite read each row walked past:
+    4.9 ms against 0.26 ms for a walk of 2,000 runs). A run without events costs 0, outside
+    every range but bucket 0's, where every run walked past costs 0 too: the answer is the
+    same."""
+    return experience_filters(type_id, version, start_us, end_us, experiences.c.first_event_time_us)
+
+
 def _cost_in_range(
     query: sa.Select[Any], where: list[Any], low_nanos: int, high_nanos: int, rank: int
 ) -> sa.Select[Any]:
@@ -74,7 +83,7 @@ async def experience_cost_in_range(
     e = experiences
     query = _cost_in_range(
         sa.select(e.c.cost_total_dollars, e.c.cost_total_nanos),
-        _with_events(type_id, version, start_us, end_us),
+        _walked(type_id, version, start_us, end_us),
         low_nanos,
         high_nanos,
         rank,
@@ -214,7 +223,7 @@ async def scored_cost_in_range(
         sa.select(e.c.cost_total_dollars, e.c.cost_total_nanos).join(
             o, sa.and_(o.c.experience_id == e.c.id, o.c.name == definition.name)
         ),
-        [*_with_events(type_id, version, start_us, end_us), verdict_condition(definition, verdict)],
+        [*_walked(type_id, version, start_us, end_us), verdict_condition(definition, verdict)],
         low_nanos,
         high_nanos,
         rank,

@@ -368,11 +368,16 @@ events = sa.Table(
         postgresql_where=sa.text("provider_response_id IS NOT NULL"),
     ),
     # A user's events in event-time order, of the events that name one (migration 0020): the
-    # reads of one user (request log, runs, unpriced reasons, runs counted) and erasures.
+    # reads of one user (request log, runs, unpriced reasons, runs counted) and erasures. With
+    # each event's run and cost state (0023), the user's runs are counted, and its events of
+    # a state found, from the index alone: 16 bytes more an event, and at 1,000,000 events
+    # 11.8 -> 2.5 ms to count a user's runs, 9 -> 0.5 ms to find its partially priced events.
     sa.Index(
         "ix_events_user_time",
         "user_id",
         "event_time_us",
+        "experience_id",
+        "cost_state",
         sqlite_where=sa.text("user_id IS NOT NULL"),
         postgresql_where=sa.text("user_id IS NOT NULL"),
     ),

@@ -6,6 +6,8 @@ of no tag:
   dimension; events pruned before it count there nowhere). With them, one user's events by
   tag (and the events by tag and key) read that rollup for a window's whole days, through a
   new index of its rows by dimension, value (user or key), tag and day.
+- ix_events_user_time (0020) is rebuilt with each event's run and cost state after its user
+  and time: a user's runs are counted, and its events of a cost state found, from the index.
 - An event that repeats a tag now counts once under it in the breakdown by tag (as the filter
   of a tag, a limit of a tag and tag_attribute_days count it; it counted once per place):
   its repeats are taken out of the rollups by tag (attribute_rollups' dimensions 2 and 4,
@@ -94,6 +96,19 @@ def upgrade() -> None:
     # One user's (or key's) rows of the rollup: its tags were read from every user's rows.
     op.create_index("ix_tag_attribute_days_value", "tag_attribute_days", ["dimension", "value", "tag", "day_us"])
 
+    # The events by user carry their run and cost state: a user's runs are counted, and its
+    # events of a state found, from the index alone.
+    started = time.monotonic()
+    op.drop_index("ix_events_user_time", table_name="events")
+    op.create_index(
+        "ix_events_user_time",
+        "events",
+        ["user_id", "event_time_us", "experience_id", "cost_state"],
+        sqlite_where=sa.text("user_id IS NOT NULL"),
+        postgresql_where=sa.text("user_id IS NOT NULL"),
+    )
+    _log.info("ix_events_user_time: rebuilt with the run and cost state in %.1f s", time.monotonic() - started)
+
     # Each place an event repeats a tag (not the first): what the rollups by tag counted again.
     started = time.monotonic()
     if postgres:
@@ -163,6 +178,14 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    op.drop_index("ix_events_user_time", table_name="events")
+    op.create_index(
+        "ix_events_user_time",
+        "events",
+        ["user_id", "event_time_us"],
+        sqlite_where=sa.text("user_id IS NOT NULL"),
+        postgresql_where=sa.text("user_id IS NOT NULL"),
+    )
     # The rows of no tag go; the repeated tags stay counted once (what they counted again is
     # not kept).
     op.drop_index("ix_tag_attribute_days_value", table_name="tag_attribute_days")

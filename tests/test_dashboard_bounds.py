@@ -205,3 +205,43 @@ async def test_spend_per_day_of_one_user_ranks_the_users_costliest_types(dashboa
     ranked = (await reports.BreakDownCost(asked)).groups
     assert {g["experience_name"] for g in spend["groups"]} == {g.experience_name for g in ranked[:SPEND_GROUPS]}
     assert spend["other_groups"] is True and spend["total"]["events"] == len(names)
+
+
+async def test_the_unpriced_reasons_count_each_event_once_per_reason(dashboard_server):
+    """The reasons panel of a user: each reason with the events that have it, an event with
+    several units not priced once per reason (two units of one reason: once), whatever its
+    units' counts; the same reasons the events' own answers give (the database takes them out
+    of the stored units: this is the check that it reads them as the events say)."""
+    stubs, web = dashboard_server
+
+    def event(resource: str, units: dict[str, int]) -> pb.UsageEvent:
+        return pb.UsageEvent(
+            category="system.openai",
+            resource=resource,
+            units={unit: pb.UnitCounts(input=count, output=count // 3) for unit, count in units.items()},
+            context=pb.EventContext(user_id="reasons-user"),
+        )
+
+    events = [
+        event("gtp-4o", {"text": 100 + n}) for n in range(3)  # one reason, counts differing
+    ] + [
+        event("gpt-4o", {"text": 50, "made_up_unit": 7}),  # partly priced: one unit's reason
+        event("gpt-4o", {"text": 51, "made_up_unit": 8, "other_unit": 9}),  # two units' reasons
+        event("no-such-model", {"text": 10, "audio": 20}),  # two units, not priced
+        event("gpt-4o", {"text": 52}),  # priced: no reason
+    ]
+    answer = await stubs.ingest.IngestBatch(pb.IngestBatchRequest(events=events))
+    assert answer.accepted_count == len(events)
+    expected: dict[str, int] = {}
+    not_priced = 0
+    for item in answer.items:
+        reasons = {u.reason for u in item.result.xproxy_result.unknown_units}
+        not_priced += bool(reasons)
+        for reason in reasons:
+            expected[reason] = expected.get(reason, 0) + 1
+    assert len(expected) >= 3 and max(expected.values()) >= 3, expected
+    async with aiohttp.ClientSession() as http, http.get(f"{web}/api/unpriced?user=reasons-user") as response:
+        assert response.status == 200
+        unpriced = await response.json()
+    assert (unpriced["events"], unpriced["sampled"]) == (not_priced, not_priced)
+    assert {r["reason"]: r["events"] for r in unpriced["reasons"]} == expected

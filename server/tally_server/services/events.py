@@ -209,9 +209,9 @@ class Events:
 
     async def unpriced_reasons(
         self, only: CostFilter, start_us: int, end_us: int, cost_state: int, *, among: int, limit: int
-    ) -> tuple[Sequence[tuple[str, ...]], bool]:
-        """The reasons of each of the events newest_among finds (a state not priced): only
-        those are read."""
+    ) -> tuple[Sequence[tuple[tuple[str, ...], int]], bool]:
+        """The reasons of the events newest_among finds (a state not priced), each distinct
+        list of them with how many of those events have it: only the reasons are read."""
         v = Violations()
         _check_view(v, only, cost_state)
         v.raise_if_any()

@@ -601,10 +601,10 @@ async def _unpriced(services: Services, request: web.Request) -> web.Response:
         of_events, bounded = await services.events.unpriced_reasons(
             view.only, view.start_us, view.end_us, int(state), among=UNPRICED_SCAN, limit=UNPRICED_SAMPLE
         )
-        sampled += len(of_events)
-        for event_reasons in of_events:
+        for event_reasons, events in of_events:
+            sampled += events
             for reason in {r[:REASON_CHARS] for r in event_reasons}:  # an event counts once per reason
-                reasons[reason] = reasons.get(reason, 0) + 1
+                reasons[reason] = reasons.get(reason, 0) + events
     ordered = sorted(reasons.items(), key=lambda item: -item[1])
     return web.json_response(
         {

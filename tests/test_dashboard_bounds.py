@@ -223,7 +223,8 @@ async def test_the_unpriced_reasons_count_each_event_once_per_reason(dashboard_s
         )
 
     events = [
-        event("gtp-4o", {"text": 100 + n}) for n in range(3)  # one reason, counts differing
+        event("gtp-4o", {"text": 100 + n})
+        for n in range(3)  # one reason, counts differing
     ] + [
         event("gpt-4o", {"text": 50, "made_up_unit": 7}),  # partly priced: one unit's reason
         event("gpt-4o", {"text": 51, "made_up_unit": 8, "other_unit": 9}),  # two units' reasons

@@ -153,7 +153,9 @@ class Events:
                 resource=resource,
                 provider_response_id=provider_response_id,
             )
-            found = await _annotated(conn, await _newest(conn, event_filter, only, before, size + 1))
+            found = await _annotated(
+                conn, await _newest(conn, event_filter, only, before, size + 1, stored_events.list_events)
+            )
 
         def token_after(count: int) -> str:
             last = found[count - 1].result
@@ -239,14 +241,14 @@ async def _newest(
     only: CostFilter,
     before: tuple[int, uuid.UUID] | None,
     limit: int,
-    read: Reader[_Row] = stored_events.list_events,  # type: ignore[assignment]
+    read: Reader[_Row],
 ) -> list[_Row]:
     """The filter's newest `limit` events, as `read` reads them (list_events, run_ids). With
     a model, provider or tag (which no index finds; a model that no price has is its
-    unpriced events of its resource: ix_events_unpriced_resource) and
-    nothing an index finds, only the newest hours the rollups say hold `limit` of the
-    filter's events are read (reports.spans_holding), span by span, newest first (past
-    SPAN_READS spans, the rest as one). A page of a rare model read every event of the
+    unpriced events of its resource: ix_events_unpriced_resource) and nothing an index
+    finds, only the newest hours the rollups say hold `limit` of the filter's events are
+    read (reports.spans_holding), span by span, newest first (past SPAN_READS spans, the
+    rest as one). A page of a rare model read every event of the
     window (2.2 s at 1,000,000 events), and PostgreSQL, misjudging a common one as rare,
     sorted the window's. Where those hours hold fewer (the event the page starts after,
     events pruned or erased since counted), the hours before them are looked for the same

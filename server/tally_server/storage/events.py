@@ -289,10 +289,10 @@ async def reasons_among(
     (_newest_rows). One column is read, not the whole event. On SQLite the database takes
     each event's reasons out of its units (a JSON array of them, as text) and each distinct
     array is decoded once: decoding 1,000 events' units, whose counts differ where their
-    reasons do not, was most of the call. On PostgreSQL the same subquery made some calls
-    take 1.8 s (the sixth of a connection, where it plans the statement anew; 2.5 s the
-    median of bench.reads' unpriced panel at 1,000,000 events): there the units are read
-    and their reasons taken out here."""
+    reasons do not, was most of the call. On PostgreSQL the same subquery made a call take
+    1.8 s (the sixth of the statement on a connection, where it plans it anew; measured
+    in-process at 1,000,000 events): there the units are read and their reasons taken out
+    here."""
     if conn.dialect.name == "postgresql":
         rows, bounded = await _newest_rows(conn, f, among, limit, (events.c.unknown_units,), _joined_for(f))
         of_events = collections.Counter(tuple(m.UnknownUnit(*u).reason for u in row[0] or ()) for row in rows)

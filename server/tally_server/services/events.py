@@ -248,11 +248,11 @@ async def _newest(
     unpriced events of its resource: ix_events_unpriced_resource) and nothing an index
     finds, only the newest hours the rollups say hold `limit` of the filter's events are
     read (reports.spans_holding), span by span, newest first (past SPAN_READS spans, the
-    rest as one). A page of a rare model read every event of the
-    window (2.2 s at 1,000,000 events), and PostgreSQL, misjudging a common one as rare,
-    sorted the window's. Where those hours hold fewer (the event the page starts after,
-    events pruned or erased since counted), the hours before them are looked for the same
-    way, NARROWED_TRIES times, then the rest of the window is read."""
+    rest as one). A page of a rare model read every event of the window (2.2 s at 1,000,000
+    events), and PostgreSQL, misjudging a common one as rare, sorted the window's. Where
+    those hours hold fewer (the event the page starts after, events pruned or erased since
+    counted), the hours before them are looked for the same way, NARROWED_TRIES times, then
+    the rest of the window is read."""
     indexed = f.experience_id or f.user_id or f.provider_response_id or f.model_never_priced
     if indexed or not (f.model or f.category or f.request_tag):
         return await read(conn, f, before, limit)

@@ -190,11 +190,8 @@ async def run_ids(
 
 
 def _joined_for(f: EventFilter) -> Any:
-    """The events with only the joins the filter's conditions need, for columns of the events
-    alone: SQLite made three lookups an event for joins nothing read."""
-    if f.type_id is not None:
-        return rollups.EVENTS_WITH_TYPE
-    return rollups.EVENTS_WITH_PRICE if f.model and not f.model_never_priced else events
+    """The events with the joins the filter's conditions need (rollups.events_joined)."""
+    return rollups.events_joined(f.type_id is not None, bool(f.model) and not f.model_never_priced)
 
 
 async def _listed_rows(

@@ -535,11 +535,7 @@ async def runs_touched(conn: AsyncConnection, start_us: int, end_us: int, f: m.C
     window's events of the filter (a user's from ix_events_user_time alone, which holds each
     event's run, when nothing else is asked of them)."""
     ev = events
-    source: Any = ev
-    if f.experience_name or f.experience_version:
-        source = rollups.EVENTS_WITH_TYPE
-    elif f.model:
-        source = rollups.EVENTS_WITH_PRICE
+    source = rollups.events_joined(bool(f.experience_name or f.experience_version), bool(f.model))
     query = (
         sa.select(sa.func.count(sa.distinct(ev.c.experience_id)))
         .select_from(source)

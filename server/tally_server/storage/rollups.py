@@ -531,6 +531,14 @@ EVENTS_WITH_TYPE = EVENTS_WITH_PRICE.outerjoin(experiences, events.c.experience_
 )
 
 
+def events_joined(needs_type: bool, needs_price: bool) -> Any:
+    """The events with only the joins a query's conditions need, for columns of the events
+    alone: SQLite made three lookups an event for joins nothing read."""
+    if needs_type:
+        return EVENTS_WITH_TYPE
+    return EVENTS_WITH_PRICE if needs_price else events
+
+
 # The model an event counts under (domain.rollups.priced_model, in SQL), of EVENTS_WITH_PRICE.
 MODEL_OF_EVENT = sa.func.coalesce(applied_prices.c.resource, events.c.resource)
 

@@ -169,6 +169,21 @@ async def _answers(client: AsyncTallyClient) -> dict[str, Any]:
     # (migration 0021) for whole days, the events for the rest.
     for label, dimensions, names, kw in (
         ("by user, of one model", ["user"], ("user_id",), {"start": start, "model": "gpt-4o"}),
+        # Bounded windows of whole days kept to a model: their days read one by one (at most
+        # SEEKED_DAYS of them; past that, as a range).
+        (
+            "by user, of one model, whole days",
+            ["user"],
+            ("user_id",),
+            {**_window(BASE, BASE + 3 * 86_400), "model": "gpt-4o"},
+        ),
+        ("by tag, of one model, partial days", ["tag"], ("request_tag",), {**_window(*day_edges), "model": "gpt-4o"}),
+        (
+            "by key, version, of one model, 400 days",
+            ["key", "version"],
+            ("api_key_name", "experience_name", "experience_version"),
+            {**_window(BASE - 397 * 86_400, BASE + 3 * 86_400), "model": "claude-sonnet-4-0"},
+        ),
         ("by tag, model", ["tag", "model"], ("request_tag", "model"), {}),
         ("by user, provider, partial days", ["user", "category"], ("user_id", "category"), _window(*day_edges)),
         (
@@ -225,6 +240,14 @@ async def test_the_breakdown_by_user_and_tag_reads_a_rollup_equal_to_the_events(
         # filter of a tag counts it).
         assert kept["by tag"][("green",)][0] == len(range(4, 60, 5))
         assert kept["by tag"][("",)][0] == len(range(0, 60, 5))
+        database = Database(url)
+        try:  # back to 0023 (the rollup per day and model keyed by user before model) and up
+            async with database.write() as conn:
+                await conn.run_sync(lambda c: command.downgrade(alembic_config(c), "0023"))
+            await database.migrate()
+        finally:
+            await database.dispose()
+        assert await answers() == kept
         database = Database(url)
         try:  # back to 0013, the rollup gone; 0014 builds it from the events
             async with database.write() as conn:

@@ -39,7 +39,7 @@ async def test_migrations_match_the_table_definitions(server):
     async with server.db.read() as conn:
         assert await conn.run_sync(differences) == []
         version = await conn.exec_driver_sql("SELECT version_num FROM alembic_version")
-        assert [row[0] for row in version] == ["0023"]
+        assert [row[0] for row in version] == ["0024"]
 
 
 async def test_an_upgrade_that_fails_changes_nothing(backend, tmp_path):
@@ -160,7 +160,7 @@ async def test_a_database_upgrades_from_the_first_migration_to_head(backend, tmp
         await database.migrate()
         async with database.read() as conn:
             version = (await conn.exec_driver_sql("SELECT version_num FROM alembic_version")).scalar_one()
-            assert version == "0023"
+            assert version == "0024"
             assert await conn.run_sync(lambda c: compare_metadata(MigrationContext.configure(c), metadata)) == []
     finally:
         await database.dispose()

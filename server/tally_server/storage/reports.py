@@ -208,6 +208,22 @@ def _event_filter(conn: AsyncConnection, f: m.CostFilter) -> list[sa.ColumnEleme
     return where
 
 
+# A window of at most SEEKED_DAYS whole days of the rollup per day and model, kept to a
+# model, is read as the list of its days: its key has the model after the day (0024), so
+# each day is one seek to the model's rows, where a range of days reads every model's rows
+# (SQLite at 100,000 events, a model's 200 users over 90 days: 4.7 ms against 10.2).
+SEEKED_DAYS = 366
+
+
+def _days_listed(r: sa.Table, start_us: int | None, end_us: int | None, f: m.CostFilter) -> list[int] | None:
+    """The days of [start_us, end_us) to read one by one (_grouped), if they are to be."""
+    if r is not attribute_model_days or not f.model or start_us is None or end_us is None:
+        return None
+    if start_us % DAY_US or end_us % DAY_US or (end_us - start_us) // DAY_US > SEEKED_DAYS:
+        return None
+    return list(range(start_us, end_us, DAY_US))
+
+
 def _grouped(
     query: sa.Select[Any],
     keys: list[sa.ColumnElement[Any]],
@@ -216,18 +232,22 @@ def _grouped(
     end_us: int | None,
     where: list[sa.ColumnElement[bool]],
     only: tuple[list[sa.ColumnElement[Any]], Only] = ([], None),
+    days: list[int] | None = None,
 ) -> sa.Select[Any]:
-    """The breakdown's query grouped by `keys`, over [start_us, end_us) of `time`, with the
-    filter's conditions, and only of the groups `only` names."""
+    """The breakdown's query grouped by `keys`, over [start_us, end_us) of `time` (or its
+    `days` listed), with the filter's conditions, and only of the groups `only` names."""
     columns, values = only
     if values is not None:
         query = query.where(sa.tuple_(*columns).in_([tuple(v) for v in values]) if values else sa.false())
     if keys:
         query = query.group_by(*keys)
-    if start_us is not None:
-        query = query.where(time >= start_us)
-    if end_us is not None:
-        query = query.where(time < end_us)
+    if days is not None:
+        query = query.where(time.in_(days))
+    else:
+        if start_us is not None:
+            query = query.where(time >= start_us)
+        if end_us is not None:
+            query = query.where(time < end_us)
     if where:
         query = query.where(*where)
     return query
@@ -270,6 +290,7 @@ async def _breakdown_from_rollup(
         end_us,
         _rollup_filter(f, attribute, r),
         (first, only),
+        _days_listed(r, start_us, end_us, f),
     )
     _merge(into, await conn.execute(query), len(keys))
 
@@ -505,7 +526,15 @@ async def costliest_groups(
     keys = _rollup_keys(dimension, r)
     cost = sa.func.sum(r.c.cost_total_dollars * 1_000_000_000 + r.c.cost_total_nanos)
     query = (
-        _grouped(sa.select(*keys), keys, _time_of(r), first, end_us, _rollup_filter(f, attribute, r))
+        _grouped(
+            sa.select(*keys),
+            keys,
+            _time_of(r),
+            first,
+            end_us,
+            _rollup_filter(f, attribute, r),
+            days=_days_listed(r, first, end_us, f),
+        )
         .order_by(cost.desc(), sa.func.sum(r.c.event_count).desc(), *keys)
         .limit(count)
     )

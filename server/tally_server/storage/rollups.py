@@ -251,9 +251,22 @@ async def add_attribute_rows(conn: AsyncConnection, sums: AttributeRollups) -> N
     await _add_keyed(conn, tag_attribute_days, sums.by_tag_day)
 
 
+# The columns of the rollup per day and model in its domain key's order (ModelDayKey: the
+# model last; the table's primary key has it after the day since 0024).
+_MODEL_DAY_KEY = ("dimension", "day_us", "value", "experience_name", "experience_version", "category", "model")
+
+
+def _key_columns(table: sa.Table) -> Sequence[str]:
+    """The columns of a rollup keyed by its primary key, in its domain key's order."""
+    if table is attribute_model_days:
+        return _MODEL_DAY_KEY
+    return [column.name for column in table.primary_key.columns]
+
+
 async def _add_keyed(conn: AsyncConnection, table: sa.Table, sums: Mapping[tuple[Any, ...], Sums]) -> None:
-    """Upserts `sums` into a rollup whose keys are its primary key's columns, in key order."""
-    key_columns = [column.name for column in table.primary_key.columns]
+    """Upserts `sums` into a rollup whose keys are its primary key's columns, in key order
+    (the domain key's: every writer of a table adds in the same order)."""
+    key_columns = _key_columns(table)
     rows = [{**dict(zip(key_columns, key, strict=True)), **_sums_values(sums[key])} for key in sorted(sums)]
     await hot_path.execute_many(conn, _upsert(conn.dialect.name, table.name), rows)
 
@@ -606,7 +619,7 @@ async def anonymize_user(conn: AsyncConnection, user_id: str) -> int:
 async def _anonymized(conn: AsyncConnection, table: sa.Table, *where: sa.ColumnElement[bool]) -> int:
     """Adds the rows `where` selects of a rollup keyed by its primary key to the same keys
     with value "", then deletes them; returns how many."""
-    key_columns = [column.name for column in table.primary_key.columns]
+    key_columns = _key_columns(table)
     moved: dict[tuple[Any, ...], m.CostTotals] = {}
     for row in await conn.execute(sa.select(table).where(*where)):
         key = tuple("" if name == "value" else row._mapping[name] for name in key_columns)

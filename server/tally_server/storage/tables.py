@@ -236,19 +236,23 @@ attribute_rollups = sa.Table(
 # version, category and the model that priced them (migration 0021): the cost breakdown of
 # one of user, tag and key beside a provider or model (grouped by or kept to) reads these
 # for a window's whole days. Counted as attribute_rollups counts (an event once under each
-# tag), per day only: a day holds users times models rows, not events.
+# tag), per day only: a day holds users times models rows, not events. Keyed by model before
+# user (0024): one model's rows of a day lie together (reports._day_conditions).
 attribute_model_days = sa.Table(
     "attribute_model_days",
     metadata,
-    sa.Column("dimension", sa.SmallInteger, primary_key=True),
-    sa.Column("day_us", sa.BigInteger, primary_key=True),
-    sa.Column("value", sa.String(256), primary_key=True),
-    sa.Column("experience_name", sa.String(64), primary_key=True),
-    sa.Column("experience_version", sa.Integer, primary_key=True),
-    sa.Column("category", sa.String(128), primary_key=True),
-    sa.Column("model", sa.String(256), primary_key=True),
+    sa.Column("dimension", sa.SmallInteger, nullable=False),
+    sa.Column("day_us", sa.BigInteger, nullable=False),
+    sa.Column("value", sa.String(256), nullable=False),
+    sa.Column("experience_name", sa.String(64), nullable=False),
+    sa.Column("experience_version", sa.Integer, nullable=False),
+    sa.Column("category", sa.String(128), nullable=False),
+    sa.Column("model", sa.String(256), nullable=False),
     *(sa.Column(name, sa.BigInteger, nullable=False) for name in ROLLUP_COUNT_COLUMNS),
     *(sa.Column(name, sa.BigInteger, nullable=False) for name in ROLLUP_SPLIT_COLUMNS),
+    sa.PrimaryKeyConstraint(
+        "dimension", "day_us", "model", "value", "experience_name", "experience_version", "category"
+    ),
     sqlite_with_rowid=False,  # as attribute_rollups
 )
 

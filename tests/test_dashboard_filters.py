@@ -119,6 +119,7 @@ async def test_every_panel_equals_the_grpc_reports_for_its_window_and_filter(wor
     start = datetime.datetime.combine(first, datetime.time(), datetime.UTC)
     end = datetime.datetime.combine(today + datetime.timedelta(days=1), datetime.time(), datetime.UTC)
     window = f"from={first.isoformat()}&to={today.isoformat()}"
+    ranked_among = 0  # filters whose runs panel ranked more runs than it kept
     for query, only in (
         ("", {}),
         (f"&type={names[0]}", {"experience_name": names[0]}),
@@ -235,6 +236,13 @@ async def test_every_panel_equals_the_grpc_reports_for_its_window_and_filter(wor
             assert [r["cost"] for r in shown["runs"]] == sorted(
                 (r["cost"] for r in shown["runs"]), key=nanos_of, reverse=True
             )
+            # Ranked in the database: the first of all those runs by cost, and by events.
+            kept = max(1, len(shown["runs"]) - 1)
+            ranked_among += kept < len(shown["runs"])
+            for sort, key in (("cost", "cost_nanos"), ("events", "events")):
+                top = await get(web, f"/api/runs?limit={kept}&sort={sort}&{window}{query}")
+                ranked = sorted(shown["runs"], key=lambda r: (-r[key], r["experience_id"]))
+                assert [r["experience_id"] for r in top["runs"]] == [r["experience_id"] for r in ranked[:kept]], query
         # Each run shown: its tokens are GetExperience's, its user its first event's.
         shown = await get(web, f"/api/runs?limit=100&{window}{query}")
         assert shown["runs"], query
@@ -251,6 +259,7 @@ async def test_every_panel_equals_the_grpc_reports_for_its_window_and_filter(wor
                 key=lambda e: (e.event.event_timestamp.ToNanoseconds(), e.request_id),
             )
             assert run["user"] == first.event.context.user_id, run
+    assert ranked_among >= 3
 
 
 async def test_bad_windows_and_filters_are_a_400_naming_them(world):

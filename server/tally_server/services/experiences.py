@@ -145,6 +145,12 @@ class Experiences:
             found = await stored_experiences.experiences_with_rollups(conn, experience_ids, latencies=latencies)
         return [dataclasses.replace(e, stats=stats.experience_stats(rollup)) for e, rollup in found]
 
+    async def ranked(self, experience_ids: Sequence[uuid.UUID], order: str, limit: int) -> list[uuid.UUID]:
+        """The first `limit` of these experiences by `order` (create_time, cost_total or
+        event_count), most first, in one read of their ids."""
+        async with self.db.read() as conn:
+            return await stored_experiences.ranked(conn, experience_ids, order, limit)
+
     async def first_users(self, experience_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, str]:
         """The user id of each experience's first event ("" for none)."""
         async with self.db.read() as conn:

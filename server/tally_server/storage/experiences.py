@@ -175,6 +175,21 @@ EXPERIENCE_ORDERS: dict[str, tuple[sa.Column[Any], ...]] = {
 }
 
 
+async def ranked(conn: AsyncConnection, ids: Sequence[uuid.UUID], order: str, limit: int) -> list[uuid.UUID]:
+    """The first `limit` of these experiences in the order named (a key of EXPERIENCE_ORDERS),
+    most first, the id breaking ties: one read of their ids, however many are ranked."""
+    if not ids:
+        return []
+    e = experiences
+    query = (
+        sa.select(e.c.id)
+        .where(e.c.id.in_(ids))
+        .order_by(*(column.desc() for column in EXPERIENCE_ORDERS[order]), e.c.id)
+        .limit(limit)
+    )
+    return [row.id for row in await conn.execute(query)]
+
+
 def experience_filters(
     type_id: int, version: int, start_us: int | None, end_us: int | None, column: sa.Column[Any]
 ) -> list[sa.ColumnElement[bool]]:

@@ -403,12 +403,11 @@ async def _events(services: Services, request: web.Request) -> web.Response:
 
 
 # With a provider, model, user or tag filter, the runs panel shows the runs of the newest
-# RUNS_FROM_EVENTS matching events (a user's through the index of the events by user), at
-# most RUNS_READ of them read.
+# RUNS_FROM_EVENTS matching events (a user's through the index of the events by user),
+# ranked in the database, the first `limit` read.
 RUNS_FROM_EVENTS = 1000
-RUNS_READ = 100
 # How the runs panel may sort: ListExperiences' orders.
-RUN_ORDERS = {"cost": "cost_total desc", "events": "event_count desc", "time": "create_time desc"}
+RUN_ORDERS = {"cost": "cost_total", "events": "event_count", "time": "create_time"}
 
 
 def _run_json(experience: Experience) -> dict[str, Any]:
@@ -445,13 +444,14 @@ async def _top_runs(services: Services, request: web.Request) -> web.Response:
     if only.category or only.model or only.user_id or only.request_tag:
         # Runs with one of the filter's events: those of its newest RUNS_FROM_EVENTS events.
         ids, events = await services.events.newest_runs(only, view.start_us, view.end_us, among=RUNS_FROM_EVENTS)
-        found_runs = await services.experiences.get_many(ids[:RUNS_READ], latencies=False)
+        chosen = await services.experiences.ranked(ids, RUN_ORDERS[sort], limit)
+        found_runs = await services.experiences.get_many(chosen, latencies=False)
         answer = await _with_users(services, found_runs, key, limit)
         return web.json_response({"runs": answer, "sort": sort, "from_events": events})
     runs: list[Experience] = []
     for name in await _type_names(services, only):
         found = await services.experiences.list(
-            name, view.only.experience_version, view.start_us, view.end_us, limit, "", RUN_ORDERS[sort]
+            name, view.only.experience_version, view.start_us, view.end_us, limit, "", f"{RUN_ORDERS[sort]} desc"
         )
         runs += found.items
     return web.json_response({"runs": await _with_users(services, runs, key, limit), "sort": sort})

@@ -39,7 +39,7 @@ async def test_migrations_match_the_table_definitions(server):
     async with server.db.read() as conn:
         assert await conn.run_sync(differences) == []
         version = await conn.exec_driver_sql("SELECT version_num FROM alembic_version")
-        assert [row[0] for row in version] == ["0024"]
+        assert [row[0] for row in version] == ["0025"]
 
 
 async def test_an_upgrade_that_fails_changes_nothing(backend, tmp_path):
@@ -160,7 +160,7 @@ async def test_a_database_upgrades_from_the_first_migration_to_head(backend, tmp
         await database.migrate()
         async with database.read() as conn:
             version = (await conn.exec_driver_sql("SELECT version_num FROM alembic_version")).scalar_one()
-            assert version == "0024"
+            assert version == "0025"
             assert await conn.run_sync(lambda c: compare_metadata(MigrationContext.configure(c), metadata)) == []
     finally:
         await database.dispose()
@@ -482,5 +482,77 @@ async def test_0017_and_0018_keep_every_answer_in_the_compact_rows(backend, tmp_
                 assert (held.units, held.nanos) == (0, 0)
         finally:
             await tally.stop()
+    finally:
+        await drop_database_url(url)
+
+
+async def test_0025_packs_each_runs_latency_histogram_and_unpacks_it_back(backend, tmp_path):
+    """Runs whose latencies fill many buckets (some more than 127 apart, some with more than
+    127 events, some not reported) and a run of one event: GetExperience and ListExperiences
+    answer the same after a downgrade to 0024 (a row per bucket, counting every event of
+    the runs) and an upgrade again, whose rows the writer then adds to."""
+    url = await make_database_url(backend, tmp_path)
+    runs: list[str] = []
+    # 1 ms to an hour: buckets 1 to over 750; 0 (not reported) counts in bucket 0.
+    latencies = [0] * 3 + [1] * 130 + [2, 3, 50, 51, 52, 999, 20_000, 3_600_000] + list(range(100, 6_100, 20))
+
+    async def answers(more: bool = False) -> tuple[Any, ...]:
+        tally = TallyServer(Settings(listen="127.0.0.1:0", database_url=url, grace_seconds=1))
+        await tally.start()
+        try:
+            async with AsyncTallyClient(f"127.0.0.1:{tally.port}") as client:
+                if not runs:
+                    await client.create_experience_type("Latent", "latencies")
+                    for latencies_of_run in (latencies, [42]):
+                        first = usage_event(
+                            "system.openai", "gpt-4o", {"text": (10, 1)}, latency_ms=latencies_of_run[0]
+                        )
+                        first.context.experience_name = "Latent"
+                        run = (await client.ingest(first)).xproxy_result.experience_id
+                        runs.append(run)
+                        rest = []
+                        for latency in latencies_of_run[1:]:
+                            event = usage_event("system.openai", "gpt-4o", {"text": (10, 1)}, latency_ms=latency)
+                            event.context.experience_id = run
+                            rest.append(event)
+                        if rest:
+                            await client.ingest_batch(rest)
+                if more:  # the writer adds to the packed histogram
+                    event = usage_event("system.openai", "gpt-4o", {"text": (10, 1)}, latency_ms=7_000)
+                    event.context.experience_id = runs[1]
+                    await client.ingest(event)
+                listed = await client.list_experiences("Latent", order_by="event_count desc", page_size=10)
+                return (
+                    MessageToDict(listed),
+                    *[MessageToDict(await client.get_experience(run)) for run in runs],
+                )
+        finally:
+            await tally.stop()
+
+    try:
+        kept = await answers()
+        heavy = kept[1]["stats"]
+        assert heavy["eventCount"] == str(len(latencies))
+        assert heavy["latencyReportedEventCount"] == str(len(latencies) - 3)
+        database = Database(url)
+        try:
+            async with database.write() as conn:
+                await conn.run_sync(lambda c: command.downgrade(alembic_config(c), "0024"))
+            async with database.read() as conn:
+                rows = list(await conn.exec_driver_sql("SELECT bucket, event_count FROM experience_latencies"))
+            assert sum(count for _, count in rows) == len(latencies) + 1
+            assert max(count for _, count in rows) == 130 and max(bucket for bucket, _ in rows) > 700
+            assert len(rows) > 100
+            await database.migrate()
+            async with database.read() as conn:
+                packed = list(await conn.exec_driver_sql("SELECT latency_buckets FROM experiences"))
+                tables = await conn.run_sync(lambda c: sa.inspect(c).get_table_names())
+            assert len(packed) == 2 and all(row[0] for row in packed) and "experience_latencies" not in tables
+        finally:
+            await database.dispose()
+        assert await answers() == kept
+        added = await answers(more=True)
+        assert added[2]["stats"]["eventCount"] == "2"
+        assert added[2]["stats"]["latencyP95Ms"] != kept[2]["stats"]["latencyP95Ms"]
     finally:
         await drop_database_url(url)

@@ -61,6 +61,65 @@ def histogram_percentile(buckets: Mapping[int, int], fraction: float) -> float:
     raise AssertionError("unreachable: rank <= count")
 
 
+def packed_histogram(buckets: Mapping[int, int]) -> bytes:
+    """A histogram's buckets (bucket: count, both at least 0; empty ones left out) as bytes:
+    in bucket order, each bucket's distance from the one before (from 0 for the first) and
+    its count, as unsigned LEB128 varints. An experience keeps its latencies so, on its own
+    row (migration 0025): a few bytes a bucket, where a row per bucket took 26."""
+    out = bytearray()
+    previous = 0
+    for bucket in sorted(buckets):
+        count = buckets[bucket]
+        if count:
+            _put_varint(out, bucket - previous)
+            _put_varint(out, count)
+            previous = bucket
+    return bytes(out)
+
+
+def unpacked_histogram(packed: bytes | None) -> dict[int, int]:
+    """The buckets packed_histogram packed (None or b"": none)."""
+    buckets: dict[int, int] = {}
+    if not packed:
+        return buckets
+    position, bucket = 0, 0
+    while position < len(packed):
+        distance, position = _varint_at(packed, position)
+        count, position = _varint_at(packed, position)
+        bucket += distance
+        buckets[bucket] = count
+    return buckets
+
+
+def merged_histogram(packed: bytes | None, added: Mapping[int, int]) -> bytes:
+    """A packed histogram with `added`'s counts added to its buckets."""
+    buckets = unpacked_histogram(packed)
+    for bucket, count in added.items():
+        buckets[bucket] = buckets.get(bucket, 0) + count
+    return packed_histogram(buckets)
+
+
+def _put_varint(out: bytearray, value: int) -> None:
+    if value < 0:
+        raise ValueError(f"a histogram holds buckets and counts of at least 0, not {value}")
+    while value >= 0x80:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+
+
+def _varint_at(data: bytes, position: int) -> tuple[int, int]:
+    """The varint at `position` and the position after it."""
+    value, shift = 0, 0
+    while True:
+        byte = data[position]
+        position += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, position
+        shift += 7
+
+
 def day_of(time_us: int) -> int:
     return time_us - time_us % DAY_US
 

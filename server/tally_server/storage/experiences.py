@@ -1,4 +1,4 @@
-"""Experiences, with the rollup columns kept on their rows, and their latency histograms."""
+"""Experiences, with the rollup columns kept on their rows, their latency histograms among them."""
 
 from __future__ import annotations
 
@@ -10,14 +10,13 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ..domain import models as m
-from ..domain.rollups import ExperienceState, removal
+from ..domain.rollups import ExperienceState, removal, unpacked_histogram
 from . import hot_path, rollups
 from .sql import insert_or_ignore
 from .tables import (
     ROLLUP_COUNT_COLUMNS,
     ROLLUP_SPLIT_COLUMNS,
     events,
-    experience_latencies,
     experience_property_updates,
     experience_types,
     experiences,
@@ -64,7 +63,6 @@ async def delete_experience(conn: AsyncConnection, experience_id: uuid.UUID) -> 
         await rollups.add_type_deltas(conn, removal(states[experience_id]))
     await rollups.unattribute(conn, events.c.experience_id == experience_id)  # while it is there to join
     await conn.execute(sa.delete(experiences).where(experiences.c.id == experience_id))
-    await conn.execute(sa.delete(experience_latencies).where(experience_latencies.c.experience_id == experience_id))
     result = await conn.execute(
         sa.update(events).where(events.c.experience_id == experience_id).values(experience_id=None)
     )
@@ -114,55 +112,39 @@ _ROLLUP_COLUMNS = (
 )
 
 
-async def _latency_histograms(conn: AsyncConnection, ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, dict[int, int]]:
-    lat = experience_latencies
-    if len(ids) == 1:
-        # One experience (GetExperience): its id is not read back, as making a UUID of each
-        # of a heavy run's ~300 rows took a fifth of the call.
-        one = sa.select(lat.c.bucket, lat.c.event_count).where(lat.c.experience_id == ids[0])
-        return {ids[0]: {int(bucket): int(count) for bucket, count in (await conn.execute(one)).all()}}
-    buckets: dict[uuid.UUID, dict[int, int]] = {experience_id: {} for experience_id in ids}
-    query = sa.select(lat.c.experience_id, lat.c.bucket, lat.c.event_count).where(lat.c.experience_id.in_(ids))
-    for experience_id, bucket, count in await conn.execute(query):
-        buckets[experience_id][int(bucket)] = int(count)
-    return buckets
-
-
-def _rollup(row: Any, buckets: dict[int, int]) -> m.ExperienceRollup:
-    """An experience's rollup from its row (the _ROLLUP_COLUMNS) and its latency histogram."""
+def _rollup(row: Any, latencies: bool = True) -> m.ExperienceRollup:
+    """An experience's rollup from its row (the _ROLLUP_COLUMNS, and with `latencies` its
+    latency histogram; else left empty)."""
     return m.ExperienceRollup(
         rollups.totals_from_row(row),
         int(row.latency_sum_ms),
         row.first_event_time_us,
         row.last_event_time_us,
-        buckets,
+        unpacked_histogram(row.latency_buckets) if latencies else {},
     )
 
 
 async def experiences_with_rollups(
     conn: AsyncConnection, experience_ids: Sequence[uuid.UUID], *, latencies: bool = True
 ) -> list[tuple[m.Experience, m.ExperienceRollup]]:
-    """Several experiences with their rollups, in two reads (those that exist, in no order);
-    without `latencies`, one: their latency histograms left empty."""
+    """Several experiences with their rollups, in one read (those that exist, in no order);
+    without `latencies`, their latency histograms left empty (not read)."""
     if not experience_ids:
         return []
+    packed = [experiences.c.latency_buckets] if latencies else []
     query = (
-        sa.select(*hot_path.EXPERIENCE_COLUMNS, *_ROLLUP_COLUMNS[1:])
+        sa.select(*hot_path.EXPERIENCE_COLUMNS, *_ROLLUP_COLUMNS[1:], *packed)
         .select_from(hot_path.EXPERIENCES_JOIN)
         .where(experiences.c.id.in_(list(experience_ids)))
     )
-    rows = list(await conn.execute(query))
-    if not rows:
-        return []
-    buckets = await _latency_histograms(conn, [row.id for row in rows]) if latencies else {}
-    return [(hot_path.experience_from_row(row), _rollup(row, buckets.get(row.id, {}))) for row in rows]
+    return [(hot_path.experience_from_row(row), _rollup(row, latencies)) for row in await conn.execute(query)]
 
 
 async def experience_with_rollup(
     conn: AsyncConnection, experience_id: uuid.UUID
 ) -> tuple[m.Experience, m.ExperienceRollup] | None:
-    """One experience with its rollup (GetExperience): two indexed reads, its row and its
-    latency histogram, whatever its event count."""
+    """One experience with its rollup (GetExperience): one read of its row, its latency
+    histogram packed in it, whatever its event count."""
     found = await experiences_with_rollups(conn, [experience_id])
     return found[0] if found else None
 
@@ -225,7 +207,7 @@ async def list_experiences(
     key = (*EXPERIENCE_ORDERS[order], e.c.id)
     # Every sort key is among these columns: create time, or a rollup column.
     query = (
-        sa.select(*hot_path.EXPERIENCE_COLUMNS, *_ROLLUP_COLUMNS[1:])
+        sa.select(*hot_path.EXPERIENCE_COLUMNS, *_ROLLUP_COLUMNS[1:], e.c.latency_buckets)
         .select_from(hot_path.EXPERIENCES_JOIN)
         .where(*experience_filters(type_id, version, start_us, end_us, e.c.create_time_us))
         .order_by(*(column.desc() if descending else column for column in key))
@@ -235,17 +217,13 @@ async def list_experiences(
         # Typed as the columns: an untyped UUID would bind as sa.Uuid's hex, not as tables.Uuid.
         position = sa.tuple_(*after[:-1], uuid.UUID(after[-1]), types=[column.type for column in key])
         query = query.where(sa.tuple_(*key) < position if descending else sa.tuple_(*key) > position)
-    rows = list(await conn.execute(query))
-    if not rows:
-        return []
-    buckets = await _latency_histograms(conn, [row.id for row in rows]) if rows else {}
     return [
         (
             hot_path.experience_from_row(row),
-            _rollup(row, buckets[row.id]),
+            _rollup(row),
             [*(row._mapping[c] for c in key[:-1]), str(row.id)],
         )
-        for row in rows
+        for row in await conn.execute(query)
     ]
 
 

@@ -35,6 +35,7 @@ from ..domain.rollups import (
     Sums,
     TagDayKey,
     TypeDeltas,
+    merged_histogram,
     rescored,
     sums_of,
     verdicts_of,
@@ -51,7 +52,6 @@ from .tables import (
     attribute_rollups,
     cost_rollups,
     events,
-    experience_latencies,
     experience_outcomes,
     experience_step_costs,
     experience_types,
@@ -143,7 +143,6 @@ def _upsert(dialect: str, table_name: str) -> postgresql.Insert | sqlite.Insert:
         tag_attribute_days,
         type_rollups,
         type_cost_buckets,
-        experience_latencies,
         type_outcome_rollups,
         type_outcome_cost_buckets,
         type_step_rollups,
@@ -163,9 +162,7 @@ def _upsert(dialect: str, table_name: str) -> postgresql.Insert | sqlite.Insert:
     elif table is experience_step_costs:
         added = _added(table, insert.excluded, ("event_count",), ("cost_total",))
     else:  # a histogram: its count
-        count = {"experience_latencies": "event_count", "type_cost_buckets": "experience_count"}.get(
-            table.name, "run_count"
-        )
+        count = {"type_cost_buckets": "experience_count"}.get(table.name, "run_count")
         added = {count: table.c[count] + insert.excluded[count]}
     return insert.on_conflict_do_update(index_elements=key, set_=added)
 
@@ -185,6 +182,7 @@ def _experience_update() -> sa.Update:
         .values(
             **_added(e, params),
             latency_sum_ms=e.c.latency_sum_ms + sa.bindparam("p_latency", type_=sa.BigInteger),
+            latency_buckets=sa.bindparam("p_latency_buckets", type_=sa.LargeBinary),
             first_event_time_us=sa.case(
                 (sa.or_(e.c.first_event_time_us.is_(None), e.c.first_event_time_us > first), first),
                 else_=e.c.first_event_time_us,
@@ -198,6 +196,10 @@ def _experience_update() -> sa.Update:
 
 
 _EXPERIENCE_UPDATE = _experience_update()
+# The experiences' packed latency histograms, which a commit adds to (rows it has locked).
+_LATENCY_BUCKETS = sa.select(experiences.c.id, experiences.c.latency_buckets).where(
+    experiences.c.id.in_(sa.bindparam("ids", expanding=True))
+)
 
 
 async def add(
@@ -210,30 +212,24 @@ async def add(
     """Adds a commit's events to the rollups, in the commit's transaction (the experiences
     were locked by experience_states)."""
     if by_experience:
-        await hot_path.execute_many(
-            conn,
-            _EXPERIENCE_UPDATE,
-            [
+        ids = sorted(by_experience)
+        # Read, added to and written back: the rows are this transaction's (locked by
+        # experience_states on PostgreSQL; SQLite has one writer at a time).
+        stored = {as_uuid(row[0]): row[1] for row in await hot_path.fetch_in(conn, _LATENCY_BUCKETS, "ids", ids)}
+        rows = []
+        for experience_id in ids:
+            rollup = by_experience[experience_id]
+            rows.append(
                 {
                     "p_id": experience_id,
                     **{f"p_{name}": value for name, value in _totals_values(rollup.totals).items()},
                     "p_latency": rollup.latency_sum_ms,
+                    "p_latency_buckets": merged_histogram(stored.get(experience_id), rollup.latency_buckets),
                     "p_first": rollup.first_event_time_us,
                     "p_last": rollup.last_event_time_us,
                 }
-                for experience_id, rollup in sorted(by_experience.items())
-            ],
-        )
-        # Sorted, as every writer does, so that concurrent writers never deadlock.
-        await hot_path.execute_many(
-            conn,
-            _upsert(conn.dialect.name, "experience_latencies"),
-            [
-                {"experience_id": experience_id, "bucket": bucket, "event_count": count}
-                for experience_id, rollup in sorted(by_experience.items())
-                for bucket, count in sorted(rollup.latency_buckets.items())
-            ],
-        )
+            )
+        await hot_path.execute_many(conn, _EXPERIENCE_UPDATE, rows)
     if by_hour:
         # In key order, as every writer does, so that concurrent writers never deadlock.
         rows = [{**_key_values(key), **_totals_values(by_hour[key])} for key in sorted(by_hour, key=_sort_key)]

@@ -13,7 +13,6 @@ from . import rollups
 from .sql import insert_or_ignore
 from .tables import (
     events,
-    experience_latencies,
     experience_type_versions,
     experience_types,
     experiences,
@@ -160,7 +159,6 @@ async def delete_type(conn: AsyncConnection, type_id: int) -> int:
     of_type = sa.select(experiences.c.id).where(experiences.c.type_id == type_id)
     await rollups.unattribute(conn, events.c.experience_id.in_(of_type))
     await conn.execute(sa.update(events).where(events.c.experience_id.in_(of_type)).values(experience_id=None))
-    await conn.execute(sa.delete(experience_latencies).where(experience_latencies.c.experience_id.in_(of_type)))
     await rollups.drop_type(conn, type_id)
     deleted = (await conn.execute(sa.delete(experiences).where(experiences.c.type_id == type_id))).rowcount
     await conn.execute(sa.delete(experience_type_versions).where(experience_type_versions.c.type_id == type_id))

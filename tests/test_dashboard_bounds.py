@@ -208,18 +208,22 @@ async def test_spend_per_day_of_one_user_ranks_the_users_costliest_types(dashboa
 
 
 async def test_the_unpriced_reasons_count_each_event_once_per_reason(dashboard_server):
-    """The reasons panel of a user: each reason with the events that have it, an event with
-    several units not priced once per reason (two units of one reason: once), whatever its
-    units' counts; the same reasons the events' own answers give (the database takes them out
-    of the stored units: this is the check that it reads them as the events say)."""
+    """The reasons panel of a user, of a type and of a tag (each a different way to the newest
+    events): each reason with the events that have it, an event with several units not
+    priced once per reason (two units of one reason: once), whatever its units' counts; the
+    same reasons the events' own answers give (the database takes them out of the stored
+    units and counts them: this is the check that it reads them as the events say)."""
     stubs, web = dashboard_server
+    await stubs.types.CreateExperienceType(
+        et_pb.CreateExperienceTypeRequest(experience_type=et_pb.ExperienceType(name="Reasons_T", description="why"))
+    )
 
     def event(resource: str, units: dict[str, int]) -> pb.UsageEvent:
         return pb.UsageEvent(
             category="system.openai",
             resource=resource,
             units={unit: pb.UnitCounts(input=count, output=count // 3) for unit, count in units.items()},
-            context=pb.EventContext(user_id="reasons-user"),
+            context=pb.EventContext(user_id="reasons-user", experience_name="Reasons_T", request_tags=["why-tag"]),
         )
 
     events = [
@@ -241,8 +245,9 @@ async def test_the_unpriced_reasons_count_each_event_once_per_reason(dashboard_s
         for reason in reasons:
             expected[reason] = expected.get(reason, 0) + 1
     assert len(expected) >= 3 and max(expected.values()) >= 3, expected
-    async with aiohttp.ClientSession() as http, http.get(f"{web}/api/unpriced?user=reasons-user") as response:
-        assert response.status == 200
-        unpriced = await response.json()
-    assert (unpriced["events"], unpriced["sampled"]) == (not_priced, not_priced)
-    assert {r["reason"]: r["events"] for r in unpriced["reasons"]} == expected
+    for query in ("user=reasons-user", "type=Reasons_T", "tag=why-tag"):
+        async with aiohttp.ClientSession() as http, http.get(f"{web}/api/unpriced?{query}") as response:
+            assert response.status == 200
+            unpriced = await response.json()
+        assert (unpriced["events"], unpriced["sampled"]) == (not_priced, not_priced), query
+        assert {r["reason"]: r["events"] for r in unpriced["reasons"]} == expected, query

@@ -10,7 +10,6 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects.postgresql import aggregate_order_by
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ..domain import models as m
@@ -203,15 +202,13 @@ async def _listed_rows(
     columns: Sequence[Any] = _EVENT_WITH_EXPERIENCE_COLUMNS,
     source: Any = rollups.EVENTS_WITH_TYPE,
     ties_by_id: bool = True,
-    counted: bool = False,
 ) -> list[Any]:
     """list_events' rows, of these columns (from `source`: the events and what they join),
-    events of the same time by id (or, not `ties_by_id` and before no position, in any
-    order); `counted`: the distinct values of their one column, each with its count."""
+    events of the same time by id (or, not `ties_by_id` and before no position, in any order)."""
     if f.type_id is not None and f.experience_id is None and conn.dialect.name == "sqlite":
         found = await _of_type_in_time_order(conn, f, before, limit, columns)
         if found is not None:
-            return list(collections.Counter(row[0] for row in found).items()) if counted else found
+            return found
     ev = events
     query = (
         sa.select(*columns)
@@ -222,7 +219,7 @@ async def _listed_rows(
     )
     if before is not None:
         query = query.where(sa.tuple_(ev.c.event_time_us, ev.c.id) < _position(before))
-    return list(await conn.execute(_counted(query) if counted else query))
+    return list(await conn.execute(query))
 
 
 async def _of_type_in_time_order(
@@ -286,15 +283,20 @@ async def reasons_among(
 ) -> tuple[list[tuple[tuple[str, ...], int]], bool]:
     """Why the filter's newest `limit` events were not (fully) priced: each distinct list of
     reasons, with how many of those events have it; and whether a bound applied
-    (_newest_rows). The database takes each event's reasons out of its units and counts the
-    events of each list: a row per list comes back, not one per event (reading and decoding
-    1,000 events' units was most of the call; on PostgreSQL 6.9 → 3.9 ms in process at
-    1,000,000 events, a user's newest 1,000 not priced)."""
+    (_newest_rows). One column is read, not the whole event. On SQLite the database takes
+    each event's reasons out of its units (a JSON array of them, as text) and each distinct
+    array is decoded once: decoding 1,000 events' units, whose counts differ where their
+    reasons do not, was most of the call. On PostgreSQL the same subquery made a call take
+    1.8 s (the sixth of the statement on a connection, where it plans it anew; measured
+    in-process at 1,000,000 events): there the units are read and their reasons taken out
+    here."""
     if conn.dialect.name == "postgresql":
-        rows, bounded = await _newest_rows(conn, f, among, limit, (_pg_reasons_of_event(),), _joined_for(f), True)
-        return [(tuple(reasons or ()), int(count)) for reasons, count in rows], bounded
-    rows, bounded = await _newest_rows(conn, f, among, limit, (_reasons_of_event(),), _joined_for(f), True)
-    return [(tuple(json.loads(text)) if text else (), int(count)) for text, count in rows], bounded
+        rows, bounded = await _newest_rows(conn, f, among, limit, (events.c.unknown_units,), _joined_for(f))
+        of_events = collections.Counter(tuple(m.UnknownUnit(*u).reason for u in row[0] or ()) for row in rows)
+        return list(of_events.items()), bounded
+    rows, bounded = await _newest_rows(conn, f, among, limit, (_reasons_of_event(),), _joined_for(f))
+    counted = collections.Counter(row[0] for row in rows)
+    return [(tuple(json.loads(text)) if text else (), count) for text, count in counted.items()], bounded
 
 
 def _reasons_of_event() -> sa.ScalarSelect[str]:
@@ -305,22 +307,6 @@ def _reasons_of_event() -> sa.ScalarSelect[str]:
     return sa.select(sa.func.json_group_array(of_unit)).select_from(each).scalar_subquery()
 
 
-def _pg_reasons_of_event() -> sa.ScalarSelect[Any]:
-    """PostgreSQL: the same as an array of text (NULL for none), in the units' order."""
-    each = (
-        sa.func.json_array_elements(events.c.unknown_units).table_valued("value", with_ordinality="n").render_derived()
-    )
-    of_unit = each.c.value.op("->>")(3)
-    return sa.select(sa.func.array_agg(aggregate_order_by(of_unit, each.c.n))).select_from(each).scalar_subquery()
-
-
-def _counted(query: sa.Select[Any]) -> sa.Select[Any]:
-    """The distinct values of a query's one column, each with how many of its rows have it."""
-    rows = query.subquery("counted")
-    value = next(iter(rows.c))
-    return sa.select(value, sa.func.count()).select_from(rows).group_by(value)
-
-
 async def _newest_rows(
     conn: AsyncConnection,
     f: EventFilter,
@@ -328,19 +314,16 @@ async def _newest_rows(
     limit: int,
     columns: Sequence[Any],
     source: Any = rollups.EVENTS_WITH_TYPE,
-    counted: bool = False,
 ) -> tuple[list[Any], bool]:
-    """The rows of the filter's newest `limit` events (`counted`: the distinct values of their
-    one column, each with its count) and whether a bound applied: a filter with a tag, model
-    or provider (which no index answers: a rare one read every event of the window) is
-    looked for among the newest `among` events of its window and cost state
+    """The rows of the filter's newest `limit` events and whether a bound applied: a filter
+    with a tag, model or provider (which no index answers: a rare one read every event of
+    the window) is looked for among the newest `among` events of its window and cost state
     (ix_events_event_time_us, or ix_events_not_priced for a state not priced). A filter
     naming a user reads the user's events (ix_events_user_time); any other, as ListEvents."""
     if f.user_id or f.experience_id is not None or not (f.request_tag or f.model or f.category):
-        return await _listed_rows(conn, f, None, limit, columns, source, counted=counted), False
+        return await _listed_rows(conn, f, None, limit, columns, source), False
     scan = _newest(conn, EventFilter(cost_state=f.cost_state, start_us=f.start_us, end_us=f.end_us), among)
-    query = _of_scan(conn, scan, f, limit, columns)
-    return list(await conn.execute(_counted(query) if counted else query)), True
+    return list(await conn.execute(_of_scan(conn, scan, f, limit, columns))), True
 
 
 def _newest(

@@ -138,18 +138,15 @@ class Experiences:
                 )
         return experience
 
-    async def get_many(self, experience_ids: Sequence[uuid.UUID], *, latencies: bool = True) -> list[Experience]:
-        """Several experiences with their statistics, in two reads (those that exist); without
-        `latencies`, in one, their latency percentiles left unknown."""
-        async with self.db.read() as conn:
-            found = await stored_experiences.experiences_with_rollups(conn, experience_ids, latencies=latencies)
-        return [dataclasses.replace(e, stats=stats.experience_stats(rollup)) for e, rollup in found]
-
-    async def ranked(self, experience_ids: Sequence[uuid.UUID], order: str, limit: int) -> list[uuid.UUID]:
+    async def ranked(self, experience_ids: Sequence[uuid.UUID], order: str, limit: int) -> list[Experience]:
         """The first `limit` of these experiences by `order` (create_time, cost_total or
-        event_count), most first, in one read of their ids."""
+        event_count), most first, with their statistics but for the latency percentiles
+        (left unknown: not read), in one read."""
         async with self.db.read() as conn:
-            return await stored_experiences.ranked(conn, experience_ids, order, limit)
+            found = await stored_experiences.experiences_with_rollups(
+                conn, experience_ids, latencies=False, ranked=(order, limit)
+            )
+        return [dataclasses.replace(e, stats=stats.experience_stats(rollup)) for e, rollup in found]
 
     async def first_users(self, experience_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, str]:
         """The user id of each experience's first event ("" for none)."""

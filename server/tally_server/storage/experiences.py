@@ -125,18 +125,28 @@ def _rollup(row: Any, latencies: bool = True) -> m.ExperienceRollup:
 
 
 async def experiences_with_rollups(
-    conn: AsyncConnection, experience_ids: Sequence[uuid.UUID], *, latencies: bool = True
+    conn: AsyncConnection,
+    experience_ids: Sequence[uuid.UUID],
+    *,
+    latencies: bool = True,
+    ranked: tuple[str, int] | None = None,
 ) -> list[tuple[m.Experience, m.ExperienceRollup]]:
-    """Several experiences with their rollups, in one read (those that exist, in no order);
-    without `latencies`, their latency histograms left empty (not read)."""
+    """Several experiences with their rollups, in one read: those that exist, in no order,
+    or `ranked` (an order, a key of EXPERIENCE_ORDERS, and a limit) the first of them, most
+    first, the id breaking ties. Without `latencies`, their latency histograms are left
+    empty (not read)."""
     if not experience_ids:
         return []
-    packed = [experiences.c.latency_buckets] if latencies else []
+    e = experiences
+    packed = [e.c.latency_buckets] if latencies else []
     query = (
         sa.select(*hot_path.EXPERIENCE_COLUMNS, *_ROLLUP_COLUMNS[1:], *packed)
         .select_from(hot_path.EXPERIENCES_JOIN)
-        .where(experiences.c.id.in_(list(experience_ids)))
+        .where(e.c.id.in_(list(experience_ids)))
     )
+    if ranked is not None:
+        order, limit = ranked
+        query = query.order_by(*(column.desc() for column in EXPERIENCE_ORDERS[order]), e.c.id).limit(limit)
     return [(hot_path.experience_from_row(row), _rollup(row, latencies)) for row in await conn.execute(query)]
 
 
@@ -155,21 +165,6 @@ EXPERIENCE_ORDERS: dict[str, tuple[sa.Column[Any], ...]] = {
     "cost_total": (experiences.c.cost_total_dollars, experiences.c.cost_total_nanos),
     "event_count": (experiences.c.event_count,),
 }
-
-
-async def ranked(conn: AsyncConnection, ids: Sequence[uuid.UUID], order: str, limit: int) -> list[uuid.UUID]:
-    """The first `limit` of these experiences in the order named (a key of EXPERIENCE_ORDERS),
-    most first, the id breaking ties: one read of their ids, however many are ranked."""
-    if not ids:
-        return []
-    e = experiences
-    query = (
-        sa.select(e.c.id)
-        .where(e.c.id.in_(ids))
-        .order_by(*(column.desc() for column in EXPERIENCE_ORDERS[order]), e.c.id)
-        .limit(limit)
-    )
-    return [row.id for row in await conn.execute(query)]
 
 
 def experience_filters(

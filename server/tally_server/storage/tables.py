@@ -231,7 +231,7 @@ attribute_rollups = sa.Table(
 # one of user, tag and key beside a provider or model (grouped by or kept to) reads these
 # for a window's whole days. Counted as attribute_rollups counts (an event once under each
 # tag), per day only: a day holds users times models rows, not events. Keyed by model before
-# user (0024): one model's rows of a day lie together (reports._day_conditions).
+# user (0024): one model's rows of a day lie together (reports._days_listed).
 attribute_model_days = sa.Table(
     "attribute_model_days",
     metadata,

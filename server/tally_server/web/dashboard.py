@@ -444,8 +444,7 @@ async def _top_runs(services: Services, request: web.Request) -> web.Response:
     if only.category or only.model or only.user_id or only.request_tag:
         # Runs with one of the filter's events: those of its newest RUNS_FROM_EVENTS events.
         ids, events = await services.events.newest_runs(only, view.start_us, view.end_us, among=RUNS_FROM_EVENTS)
-        chosen = await services.experiences.ranked(ids, RUN_ORDERS[sort], limit)
-        found_runs = await services.experiences.get_many(chosen, latencies=False)
+        found_runs = await services.experiences.ranked(ids, RUN_ORDERS[sort], limit)
         answer = await _with_users(services, found_runs, key, limit)
         return web.json_response({"runs": answer, "sort": sort, "from_events": events})
     runs: list[Experience] = []

@@ -39,7 +39,7 @@ async def test_migrations_match_the_table_definitions(server):
     async with server.db.read() as conn:
         assert await conn.run_sync(differences) == []
         version = await conn.exec_driver_sql("SELECT version_num FROM alembic_version")
-        assert [row[0] for row in version] == ["0025"]
+        assert [row[0] for row in version] == ["0026"]
 
 
 async def test_an_upgrade_that_fails_changes_nothing(backend, tmp_path):
@@ -160,7 +160,7 @@ async def test_a_database_upgrades_from_the_first_migration_to_head(backend, tmp
         await database.migrate()
         async with database.read() as conn:
             version = (await conn.exec_driver_sql("SELECT version_num FROM alembic_version")).scalar_one()
-            assert version == "0025"
+            assert version == "0026"
             assert await conn.run_sync(lambda c: compare_metadata(MigrationContext.configure(c), metadata)) == []
     finally:
         await database.dispose()
@@ -554,5 +554,61 @@ async def test_0025_packs_each_runs_latency_histogram_and_unpacks_it_back(backen
         added = await answers(more=True)
         assert added[2]["stats"]["eventCount"] == "2"
         assert added[2]["stats"]["latencyP95Ms"] != kept[2]["stats"]["latencyP95Ms"]
+    finally:
+        await drop_database_url(url)
+
+
+async def test_0026_counts_the_reasons_of_the_events_stored_before_it(backend, tmp_path):
+    """Over 10,000 events not (fully) priced (more than one of the upgrade's batches, many at
+    the same time) by users, repeated tags and none, of misspelt and partly priced models:
+    after a downgrade to 0025 (the rollup of reasons gone) and an upgrade, it holds the rows
+    the writer kept, and the writer adds to them."""
+    url = await make_database_url(backend, tmp_path)
+    day = datetime.datetime(2026, 11, 2, tzinfo=datetime.UTC)
+    sent = []
+    for n in range(10_500):
+        resource, units = [("gtp-4o", {"text": (10, 1)}), ("gpt-4o", {"text": (10, 1), "made_up": (3, 0)})][n % 2]
+        event = usage_event("system.openai", resource, units, event_time=day + datetime.timedelta(hours=n % 50))
+        event.context.user_id = ("ann", "bob", "")[n % 3]
+        event.context.request_tags.extend((("red", "red", "blue"), (), ("green",))[n % 3 - 1 if n % 7 else 1])
+        sent.append(event)
+
+    async def ingest(events: list[Any]) -> None:
+        tally = TallyServer(Settings(listen="127.0.0.1:0", database_url=url, grace_seconds=1))
+        await tally.start()
+        try:
+            async with AsyncTallyClient(f"127.0.0.1:{tally.port}") as client:
+                for start in range(0, len(events), 1_000):
+                    await client.ingest_batch(events[start : start + 1_000])
+        finally:
+            await tally.stop()
+
+    async def reasons() -> list[tuple[Any, ...]]:
+        database = Database(url)
+        try:
+            async with database.read() as conn:
+                return sorted(tuple(row) for row in await conn.exec_driver_sql("SELECT * FROM unpriced_reason_days"))
+        finally:
+            await database.dispose()
+
+    try:
+        await ingest(sent)
+        kept = await reasons()
+        assert sum(row[-1] for row in kept if row[0] == 5) == len(sent)  # every event once under its key
+        assert {row[1] for row in kept if row[0] == 2} == {"red", "blue", "green", ""}
+        database = Database(url)
+        try:
+            async with database.write() as conn:
+                await conn.run_sync(lambda c: command.downgrade(alembic_config(c), "0025"))
+                tables = await conn.run_sync(lambda c: sa.inspect(c).get_table_names())
+            assert "unpriced_reason_days" not in tables
+            await database.migrate()
+        finally:
+            await database.dispose()
+        assert await reasons() == kept
+        await ingest(sent[:2])
+        added = {row[:-1]: row[-1] for row in await reasons()}
+        # Under a user and a key each, and under "" (no tags) or each of "red" and "blue".
+        assert sum(added.values()) == sum(row[-1] for row in kept) + 3 + 4
     finally:
         await drop_database_url(url)

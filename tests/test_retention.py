@@ -197,16 +197,31 @@ async def _rows_naming(url: str, text: str) -> list[str]:
     return found
 
 
+async def _reasons_per_dimension(url: str) -> dict[tuple[int, str], int]:
+    """The rollup of reasons' events per dimension and reason."""
+    engine = create_async_engine(url)
+    try:
+        async with engine.connect() as conn:
+            query = "SELECT dimension, reason, SUM(event_count) FROM unpriced_reason_days GROUP BY dimension, reason"
+            return {(int(d), r): int(n) for d, r, n in await conn.execute(sa.text(query))}
+    finally:
+        await engine.dispose()
+
+
 async def test_an_erased_user_is_named_by_no_row_and_every_total_stays(served):
     client, target, url = served
     await client.create_limit(_limit("of-erased", user_id=ERASED))
     users, tags = (ERASED, "ann", ERASED, ""), (("red",), ("blue",), (), ("red", "green"))
     sent = [_event(OLD_START + i * 97, users[i % 4], tags[i % 4], typed=i % 3 != 0) for i in range(5_000)]
+    for misspelt in sent[::7]:  # not priced: counted in the rollup of reasons too
+        misspelt.resource = "gtp-4o"
     for start in range(0, len(sent), 1_000):
         await client.ingest_batch(sent[start : start + 1_000])
     theirs = (await client.list_events(EventFilter(user_id=ERASED), page_size=1)).events[0].request_id
     await client.annotate_event(theirs, set_annotations={"reviewed": "yes"})
-    assert await _rows_naming(url, ERASED)  # the check finds the user where they are
+    named = await _rows_naming(url, ERASED)  # the check finds the user where they are
+    assert any(row.startswith("unpriced_reason_days:") for row in named), named
+    reasons_before = await _reasons_per_dimension(url)
 
     async def totals() -> dict[str, Any]:
         found: dict[str, Any] = {}
@@ -229,6 +244,7 @@ async def test_an_erased_user_is_named_by_no_row_and_every_total_stays(served):
     assert "deleted 2,000 events of the user so far" in err
     assert out.startswith(f"erased user {ERASED!r}: 2,500 events deleted, ") and "limits deleted: of-erased" in out
     assert await _rows_naming(url, ERASED) == []
+    assert await _reasons_per_dimension(url) == reasons_before  # the user's now under no user
     code, out, err = await tally_cli(target, "events", "erase", "--user", ERASED, "--json")  # again: nothing left
     assert code == 0, err
     assert json.loads(out) == {"deletedEventCount": 0, "movedRollupRowCount": 0, "deletedLimitNames": []}

@@ -478,6 +478,16 @@ ProviderDayKey = tuple[int, int, str, str, int, str]
 # what a tag's events by user, and a user's events by tag, need.
 TagDayKey = tuple[str, int, int, str, str, int]
 
+# One row of the rollup of why events were not (fully) priced (storage: unpriced_reason_days,
+# migration 0026): dimension (USER_DIMENSION, TAG_DIMENSION or KEY_DIMENSION), value ("" for
+# none), UTC day, category, the model that priced them (else the resource sent), cost state
+# and reason (cut to REASON_CHARS). Each such event counts once per distinct reason under its
+# user, each of its tags and its key, as attribute_rollups counts it: a user's or a tag's
+# reasons are a read of its rows, not of its newest events, and every key's rows are all the
+# events' reasons.
+ReasonDayKey = tuple[int, str, int, str, str, int, str]
+REASON_CHARS = 300
+
 
 # A group's sums in CostTotals' field order: events, failed, unpriced, input, output and
 # total cost, tokens in and out. The rollups by user, tag and key hold these lists, not
@@ -506,6 +516,7 @@ class AttributeRollups(NamedTuple):
     by_model_day: dict[ModelDayKey, Sums]
     by_provider_day: dict[ProviderDayKey, Sums]
     by_tag_day: dict[TagDayKey, Sums]
+    by_reason_day: dict[ReasonDayKey, int]
 
 
 def attribute_rollups_of(stored: Iterable[tuple[UsageEvent, IngestResult]]) -> AttributeRollups:
@@ -519,6 +530,7 @@ def attribute_rollups_of(stored: Iterable[tuple[UsageEvent, IngestResult]]) -> A
     by_model: dict[ModelDayKey, Sums] = {}
     by_provider: dict[ProviderDayKey, Sums] = {}
     by_tag: dict[TagDayKey, Sums] = {}
+    by_reason: dict[ReasonDayKey, int] = {}
     priced = CostState.PRICED
     for event, result in stored:
         cost, time_us, context = result.cost, event.event_time_us, event.context
@@ -553,7 +565,19 @@ def attribute_rollups_of(stored: Iterable[tuple[UsageEvent, IngestResult]]) -> A
         for tag in tags:
             _add_to(by_tag, (tag, USER_DIMENSION, day, context.user_id, name, version), sums)
             _add_to(by_tag, (tag, KEY_DIMENSION, day, event.key_name, name, version), sums)
-    return AttributeRollups(by_key, by_model, by_provider, by_tag)
+        if cost.state != priced:
+            state = int(cost.state)
+            for reason in reasons_of(cost):
+                for dimension, value in values:
+                    key = (dimension, value, day, category, model, state, reason)
+                    by_reason[key] = by_reason.get(key, 0) + 1
+    return AttributeRollups(by_key, by_model, by_provider, by_tag, by_reason)
+
+
+def reasons_of(cost: Cost) -> list[str]:
+    """Why an event was not (fully) priced: its units' distinct reasons, each cut to
+    REASON_CHARS, in their order (an event counts once per reason)."""
+    return list(dict.fromkeys(unit.reason[:REASON_CHARS] for unit in cost.unknown_units))
 
 
 _K = TypeVar("_K")

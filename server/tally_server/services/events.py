@@ -12,6 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from ..domain import annotations as notes_rules, paging
 from ..domain.errors import TallyError, Violations, failed_precondition, not_found
 from ..domain.models import CostFilter, CostState, Page, StoredEvent, now_us
+from ..domain.rollups import DAY_US
 from ..domain.validation import MAP_VALUE_MAX, NAME_PATTERN, check_name, check_text, parse_uuid, utf8_length
 from ..storage import (
     annotations as stored_annotations,
@@ -220,6 +221,21 @@ class Events:
         async with self.db.read() as conn:
             event_filter = await _view_filter(conn, only, start_us, end_us, cost_state)
             return await stored_events.reasons_among(conn, event_filter, among, limit)
+
+    async def reasons_counted(
+        self, only: CostFilter, start_day: int, end_day: int, *, max_rows: int
+    ) -> Sequence[tuple[str, int]] | None:
+        """Why the filter's events of the whole UTC days [start_day, end_day) were not (fully)
+        priced, each reason with how many of them have it, counted at ingest (every such
+        event, not the newest); None where the rollup does not answer the filter, or holds
+        them in more than `max_rows` rows."""
+        v = Violations()
+        _check_view(v, only, 0)
+        if start_day % DAY_US or end_day % DAY_US:
+            v.add("start_day", "whole UTC days are counted")
+        v.raise_if_any()
+        async with self.db.read() as conn:
+            return await stored_reports.reasons_counted(conn, start_day, end_day, only, max_rows)
 
 
 # Times _newest narrows a page to the hours the rollups name before reading the rest; and

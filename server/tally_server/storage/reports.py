@@ -27,6 +27,7 @@ from .tables import (
     experiences,
     tag_attribute_days,
     type_rollups,
+    unpriced_reason_days,
 )
 
 # Dimensions the hourly cost rollup keeps; those of the rollup by user or request tag (with
@@ -572,3 +573,29 @@ async def runs_touched(conn: AsyncConnection, start_us: int, end_us: int, f: m.C
         .where(*_event_filter(conn, f))
     )
     return int((await conn.execute(query)).scalar_one() or 0)
+
+
+async def reasons_counted(
+    conn: AsyncConnection, start_day: int, end_day: int, f: m.CostFilter, max_rows: int
+) -> list[tuple[str, int]] | None:
+    """Why the filter's events of the whole UTC days [start_day, end_day) were not (fully)
+    priced: each reason with how many of them have it, from the rollup of reasons (the rows of
+    the filter's user or tag, else every key's). None when the filter names a type, a version,
+    or both a user and a tag (which the rollup does not keep together), or when more than
+    `max_rows` rows hold them: at most that many rows are read."""
+    if f.experience_name or f.experience_version or (f.user_id and f.request_tag):
+        return None
+    r = unpriced_reason_days
+    where = [r.c.day_us >= start_day, r.c.day_us < end_day]
+    if f.user_id or f.request_tag:
+        dimension, value = (USER_DIMENSION, f.user_id) if f.user_id else (TAG_DIMENSION, f.request_tag)
+        where += [r.c.dimension == dimension, r.c.value == value]
+    else:  # every event counts once under its key ("" for none)
+        where.append(r.c.dimension == KEY_DIMENSION)
+    where += [column == wanted for column, wanted in ((r.c.category, f.category), (r.c.model, f.model)) if wanted]
+    rows = sa.select(r.c.reason, r.c.event_count).where(*where).limit(max_rows + 1).subquery("held")
+    query = sa.select(rows.c.reason, sa.func.sum(rows.c.event_count), sa.func.count()).group_by(rows.c.reason)
+    counted = [(str(reason), int(events_of), int(held)) for reason, events_of, held in await conn.execute(query)]
+    if sum(held for _, _, held in counted) > max_rows:
+        return None
+    return [(reason, events_of) for reason, events_of, _ in counted]

@@ -32,6 +32,7 @@ from ..domain.rollups import (
     ExperienceState,
     ModelDayKey,
     ProviderDayKey,
+    ReasonDayKey,
     Sums,
     TagDayKey,
     TypeDeltas,
@@ -62,6 +63,7 @@ from .tables import (
     type_outcome_rollups,
     type_rollups,
     type_step_rollups,
+    unpriced_reason_days,
 )
 
 NANOS_PER_DOLLAR = 1_000_000_000
@@ -147,6 +149,7 @@ def _upsert(dialect: str, table_name: str) -> postgresql.Insert | sqlite.Insert:
         type_outcome_cost_buckets,
         type_step_rollups,
         experience_step_costs,
+        unpriced_reason_days,
     )
     table = {t.name: t for t in tables}[table_name]
     insert = postgresql.insert(table) if dialect == "postgresql" else sqlite.insert(table)
@@ -161,6 +164,8 @@ def _upsert(dialect: str, table_name: str) -> postgresql.Insert | sqlite.Insert:
         added = _added(table, insert.excluded, ("run_count", "event_count"), ("cost_total",))
     elif table is experience_step_costs:
         added = _added(table, insert.excluded, ("event_count",), ("cost_total",))
+    elif table is unpriced_reason_days:
+        added = _added(table, insert.excluded, ("event_count",), ())
     else:  # a histogram: its count
         count = {"type_cost_buckets": "experience_count"}.get(table.name, "run_count")
         added = {count: table.c[count] + insert.excluded[count]}
@@ -245,6 +250,15 @@ async def add_attribute_rows(conn: AsyncConnection, sums: AttributeRollups) -> N
     await _add_keyed(conn, attribute_model_days, sums.by_model_day)
     await _add_keyed(conn, attribute_provider_days, sums.by_provider_day)
     await _add_keyed(conn, tag_attribute_days, sums.by_tag_day)
+    await _add_reasons(conn, sums.by_reason_day)
+
+
+async def _add_reasons(conn: AsyncConnection, counts: Mapping[ReasonDayKey, int]) -> None:
+    """Adds to the rollup of why events were not priced, in key order (as above)."""
+    if counts:
+        key_columns = [column.name for column in unpriced_reason_days.primary_key.columns]
+        rows = [{**dict(zip(key_columns, key, strict=True)), "event_count": counts[key]} for key in sorted(counts)]
+        await hot_path.execute_many(conn, _upsert(conn.dialect.name, unpriced_reason_days.name), rows)
 
 
 # The columns of the rollup per day and model in its domain key's order (ModelDayKey: the
@@ -598,7 +612,8 @@ async def unattribute(conn: AsyncConnection, where: sa.ColumnElement[bool]) -> N
             tag, day, value = row.tag, int(row.day_us), row.value
             of_tag: TagDayKey = (tag, dimension, day, value, row.experience_name, int(row.experience_version))
             _move(by_tag, of_tag, (tag, dimension, day, value, "", 0), totals_from_row(row))
-    attributes = AttributeRollups(_as_sums(by_hour), _as_sums(by_model), _as_sums(by_provider), _as_sums(by_tag))
+    # The rollup of reasons keeps no type: nothing of it moves.
+    attributes = AttributeRollups(_as_sums(by_hour), _as_sums(by_model), _as_sums(by_provider), _as_sums(by_tag), {})
     await add_attribute_rows(conn, attributes)
 
 
@@ -609,7 +624,14 @@ async def anonymize_user(conn: AsyncConnection, user_id: str) -> int:
     moved = await _anonymized(conn, a, a.c.dimension.in_([USER_DIMENSION, USER_DIMENSION + DAYS]), a.c.value == user_id)
     for t in (attribute_model_days, attribute_provider_days, tag_attribute_days):
         moved += await _anonymized(conn, t, t.c.dimension == USER_DIMENSION, t.c.value == user_id)
-    return moved
+    r = unpriced_reason_days
+    of_user = (r.c.dimension == USER_DIMENSION, r.c.value == user_id)
+    counts: dict[ReasonDayKey, int] = {}
+    for row in await conn.execute(sa.select(r).where(*of_user)):
+        key = (USER_DIMENSION, "", int(row.day_us), row.category, row.model, int(row.cost_state), row.reason)
+        counts[key] = counts.get(key, 0) + int(row.event_count)
+    await _add_reasons(conn, counts)
+    return moved + int((await conn.execute(sa.delete(r).where(*of_user))).rowcount)
 
 
 async def _anonymized(conn: AsyncConnection, table: sa.Table, *where: sa.ColumnElement[bool]) -> int:

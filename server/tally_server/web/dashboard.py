@@ -31,6 +31,7 @@ from ..domain.models import (
     now_us,
 )
 from ..domain.money import divide_half_even
+from ..domain.rollups import REASON_CHARS
 from ..domain.validation import MAP_VALUE_MAX, NAME_PATTERN, parse_uuid, utf8_length
 from ..edges.http import Admission, Handler, HttpSite, check_key, host_guard, loopback_bind
 from ..services.events import Events
@@ -579,35 +580,48 @@ async def _compare(services: Services, request: web.Request) -> web.Response:
     return web.json_response(answer)
 
 
-# The newest events of each state whose reasons the page counts, the newest of the window in
-# that state those of a tag, model or provider are looked for among, the reasons it shows
-# (the rest counted as one), and the characters of each: what is read stays bounded.
+# Where the rollup of reasons does not answer: the newest events of each state whose reasons
+# the page counts, and the newest of the window in that state those of a tag, model or
+# provider are looked for among; the reasons it shows (the rest counted as one): what is read
+# stays bounded.
 UNPRICED_SAMPLE = 1000
 UNPRICED_SCAN = 5_000
 UNPRICED_REASONS = 20
-REASON_CHARS = 300
+# The rows of the rollup of reasons the panel reads at most (a window's days times the
+# models and reasons of its user, tag or keys); past them, it counts the newest events.
+REASON_ROWS = 5_000
 
 
 async def _unpriced(services: Services, request: web.Request) -> web.Response:
     """Events not (fully) priced over the window and filters: their count from the hourly
-    rollups, their reasons from the newest of them (an index holds only those): what to fix."""
+    rollups; their reasons from the rollup of reasons (all of them), else, for a type or
+    version, or a user and a tag together, from the newest of them (an index holds only
+    those): what to fix."""
     view = _view(request)
     # By type: a dimension both rollups keep (by model, and by user or tag).
     _, total = await services.reports.breakdown(["experience_name"], view.start_us, view.end_us, view.only, page_size=1)
+    events = total.totals.unpriced_event_count
+    counted = await services.events.reasons_counted(view.only, view.start_us, view.end_us, max_rows=REASON_ROWS)
     reasons: dict[str, int] = {}
-    sampled = 0
-    for state in (CostState.UNPRICED, CostState.PARTIALLY_PRICED):
-        of_events, bounded = await services.events.unpriced_reasons(
-            view.only, view.start_us, view.end_us, int(state), among=UNPRICED_SCAN, limit=UNPRICED_SAMPLE
-        )
-        for event_reasons, events in of_events:
-            sampled += events
-            for reason in {r[:REASON_CHARS] for r in event_reasons}:  # an event counts once per reason
-                reasons[reason] = reasons.get(reason, 0) + events
+    sampled, bounded = events, False
+    if counted is not None:
+        for reason, of_reason in counted:
+            reasons[reason] = reasons.get(reason, 0) + of_reason
+    else:
+        sampled = 0
+        for state in (CostState.UNPRICED, CostState.PARTIALLY_PRICED):
+            of_events, scanned = await services.events.unpriced_reasons(
+                view.only, view.start_us, view.end_us, int(state), among=UNPRICED_SCAN, limit=UNPRICED_SAMPLE
+            )
+            bounded = bounded or scanned
+            for event_reasons, of_reasons in of_events:
+                sampled += of_reasons
+                for reason in {r[:REASON_CHARS] for r in event_reasons}:  # an event counts once per reason
+                    reasons[reason] = reasons.get(reason, 0) + of_reasons
     ordered = sorted(reasons.items(), key=lambda item: -item[1])
     return web.json_response(
         {
-            "events": total.totals.unpriced_event_count,
+            "events": events,
             "sampled": sampled,
             "among": UNPRICED_SCAN if bounded else None,
             "reasons": [{"reason": r, "events": n} for r, n in ordered[:UNPRICED_REASONS]],

@@ -39,7 +39,7 @@ async def test_migrations_match_the_table_definitions(server):
     async with server.db.read() as conn:
         assert await conn.run_sync(differences) == []
         version = await conn.exec_driver_sql("SELECT version_num FROM alembic_version")
-        assert [row[0] for row in version] == ["0026"]
+        assert [row[0] for row in version] == ["0027"]
 
 
 async def test_an_upgrade_that_fails_changes_nothing(backend, tmp_path):
@@ -160,7 +160,7 @@ async def test_a_database_upgrades_from_the_first_migration_to_head(backend, tmp
         await database.migrate()
         async with database.read() as conn:
             version = (await conn.exec_driver_sql("SELECT version_num FROM alembic_version")).scalar_one()
-            assert version == "0026"
+            assert version == "0027"
             assert await conn.run_sync(lambda c: compare_metadata(MigrationContext.configure(c), metadata)) == []
     finally:
         await database.dispose()
@@ -610,5 +610,65 @@ async def test_0026_counts_the_reasons_of_the_events_stored_before_it(backend, t
         added = {row[:-1]: row[-1] for row in await reasons()}
         # Under a user and a key each, and under "" (no tags) or each of "red" and "blue".
         assert sum(added.values()) == sum(row[-1] for row in kept) + 3 + 4
+    finally:
+        await drop_database_url(url)
+
+
+async def test_0027_keeps_units_of_text_alone_as_the_tokens_and_writes_them_back(backend, tmp_path):
+    """Events of text alone, of text with other units, of other units alone and of none:
+    ListEvents and GetEvent answer the same units at head, after a downgrade to 0026 (every
+    row's units written out again) and after the upgrade; only the rows of text alone hold
+    JSON null."""
+    url = await make_database_url(backend, tmp_path)
+    kinds = [
+        {"text": (1_200, 80)},
+        {"text": (0, 0)},
+        {"text": (10, 1), "text_cache_read": (500, 0)},
+        {"audio": (7, 3)},
+        {},
+    ]
+
+    async def answers() -> list[Any]:
+        tally = TallyServer(Settings(listen="127.0.0.1:0", database_url=url, grace_seconds=1))
+        await tally.start()
+        try:
+            async with AsyncTallyClient(f"127.0.0.1:{tally.port}") as client:
+                if not sent:
+                    for n, units in enumerate(kinds * 3):
+                        event = usage_event("system.openai", "gpt-4o", units, idempotency_key=f"units-{n}")
+                        sent.append((await client.ingest(event)).request_id)
+                listed = await client.list_events(page_size=100)
+                return [MessageToDict(listed)] + [MessageToDict(await client.get_event(r)) for r in sent]
+        finally:
+            await tally.stop()
+
+    async def raw_units() -> list[str]:
+        database = Database(url)
+        try:
+            async with database.read() as conn:
+                cast = "units::text" if backend == "postgresql" else "units"
+                return sorted(row[0] for row in await conn.exec_driver_sql(f"SELECT {cast} FROM events"))
+        finally:
+            await database.dispose()
+
+    sent: list[str] = []
+    try:
+        kept = await answers()
+        listed_units = [e["event"].get("units", {}) for e in kept[0]["events"]]
+        assert {unit for units in listed_units for unit in units} == {"text", "text_cache_read", "audio"}
+        assert {"input": "1200", "output": "80"} in [units.get("text") for units in listed_units]
+        assert (await raw_units()).count("null") == 2 * 3
+        database = Database(url)
+        try:
+            async with database.write() as conn:
+                await conn.run_sync(lambda c: command.downgrade(alembic_config(c), "0026"))
+        finally:
+            await database.dispose()
+        written = await raw_units()
+        assert "null" not in written and written.count('{"text":[1200,80]}') == 3 and written.count("{}") == 3
+        assert await answers() == kept
+        await Database(url).migrate()
+        assert (await raw_units()).count("null") == 2 * 3
+        assert await answers() == kept
     finally:
         await drop_database_url(url)

@@ -457,14 +457,22 @@ def _result(row: Any) -> m.IngestResult:
     )
 
 
+def units_of(row: Any) -> dict[str, tuple[int, int]]:
+    """An events row's units: JSON null for text alone, whose counts are the row's input and
+    output tokens (migration 0027), else {type: [input, output]}."""
+    # The JSON column comes back decoded through SQLAlchemy, as text from a raw SQLite read.
+    units = json.loads(row.units) if isinstance(row.units, str) else row.units
+    if units is None:
+        return {"text": (int(row.input_tokens), int(row.output_tokens))}
+    return {unit: (int(counts[0]), int(counts[1])) for unit, counts in units.items()}
+
+
 def stored_event(row: Any) -> m.StoredEvent:
     """An events row (with its experience's name and version) as the event and its result."""
-    # The JSON column comes back decoded through SQLAlchemy, as text from a raw SQLite read.
-    units = row.units if isinstance(row.units, dict) else json.loads(row.units)
     event = m.UsageEvent(
         category=row.category,
         resource=row.resource,
-        units={unit: (int(counts[0]), int(counts[1])) for unit, counts in units.items()},
+        units=units_of(row),
         event_time_us=row.event_time_us,
         end_to_end_latency_ms=row.end_to_end_latency_ms,
         time_to_first_token_ms=row.time_to_first_token_ms,

@@ -68,7 +68,10 @@ def _compact_json(value: Any) -> str:
 def _units_json(units: dict[str, tuple[int, int]]) -> str:
     """json.dumps of an event's units as {type: [input, output]}, written out directly
     (this runs once per event): unit types are validated as [a-z0-9_]+, so they
-    need no escaping."""
+    need no escaping. Units of text alone are JSON null (migration 0027): they are the
+    row's input and output tokens (storage.events.units_of), and most events have no other."""
+    if len(units) == 1 and "text" in units:
+        return "null"
     if any(not unit.isascii() or not unit.replace("_", "").isalnum() for unit in units):
         return _compact_json({unit: list(counts) for unit, counts in units.items()})
     return "{" + ",".join(f'"{unit}":[{i},{o}]' for unit, (i, o) in units.items()) + "}"

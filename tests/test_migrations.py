@@ -616,9 +616,10 @@ async def test_0026_counts_the_reasons_of_the_events_stored_before_it(backend, t
 
 async def test_0027_keeps_units_of_text_alone_as_the_tokens_and_writes_them_back(backend, tmp_path):
     """Events of text alone, of text with other units, of other units alone and of none:
-    ListEvents and GetEvent answer the same units at head, after a downgrade to 0026 (every
-    row's units written out again) and after the upgrade; only the rows of text alone hold
-    JSON null."""
+    ListEvents and GetEvent answer the same units at head (the rows of text alone hold JSON
+    null), after a downgrade to 0026 (every row's units written out again) and after the
+    upgrade, which rewrites no row (those stored before keep their units as text); the
+    events stored after it hold JSON null again."""
     url = await make_database_url(backend, tmp_path)
     kinds = [
         {"text": (1_200, 80)},
@@ -628,15 +629,14 @@ async def test_0027_keeps_units_of_text_alone_as_the_tokens_and_writes_them_back
         {},
     ]
 
-    async def answers() -> list[Any]:
+    async def answers(more: int = 0) -> list[Any]:
         tally = TallyServer(Settings(listen="127.0.0.1:0", database_url=url, grace_seconds=1))
         await tally.start()
         try:
             async with AsyncTallyClient(f"127.0.0.1:{tally.port}") as client:
-                if not sent:
-                    for n, units in enumerate(kinds * 3):
-                        event = usage_event("system.openai", "gpt-4o", units, idempotency_key=f"units-{n}")
-                        sent.append((await client.ingest(event)).request_id)
+                for n, units in enumerate(kinds * 3 if not sent else kinds[:more]):
+                    event = usage_event("system.openai", "gpt-4o", units, idempotency_key=f"units-{len(sent)}-{n}")
+                    sent.append((await client.ingest(event)).request_id)
                 listed = await client.list_events(page_size=100)
                 return [MessageToDict(listed)] + [MessageToDict(await client.get_event(r)) for r in sent]
         finally:
@@ -667,8 +667,15 @@ async def test_0027_keeps_units_of_text_alone_as_the_tokens_and_writes_them_back
         written = await raw_units()
         assert "null" not in written and written.count('{"text":[1200,80]}') == 3 and written.count("{}") == 3
         assert await answers() == kept
-        await Database(url).migrate()
-        assert (await raw_units()).count("null") == 2 * 3
+        database = Database(url)
+        try:
+            await database.migrate()
+        finally:
+            await database.dispose()
+        assert await raw_units() == written
         assert await answers() == kept
+        added = await answers(more=2)  # text alone, stored after the upgrade
+        assert added[: len(kept)][1:] == kept[1:]
+        assert (await raw_units()).count("null") == 2
     finally:
         await drop_database_url(url)

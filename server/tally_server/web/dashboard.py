@@ -31,7 +31,7 @@ from ..domain.models import (
     now_us,
 )
 from ..domain.money import divide_half_even
-from ..domain.rollups import REASON_CHARS
+from ..domain.rollups import REASON_CHARS, reasons_of
 from ..domain.validation import MAP_VALUE_MAX, NAME_PATTERN, parse_uuid, utf8_length
 from ..edges.http import Admission, Handler, HttpSite, check_key, host_guard, loopback_bind
 from ..services.events import Events
@@ -151,9 +151,9 @@ async def _events_of(services: Services, view: View, page_size: int, cost_state:
 
 
 async def _unpriced_sample(services: Services, view: View) -> list[StoredEvent]:
-    """The events whose reasons the reasons panel counts (the newest UNPRICED_SAMPLE of the
-    view in each not-priced state, as /api/unpriced finds them): what a reason's request log
-    is found among."""
+    """The newest UNPRICED_SAMPLE events of the view in each not-priced state (those whose
+    reasons /api/unpriced counts where the rollup of reasons does not answer): what a
+    reason's request log is found among."""
     found: list[StoredEvent] = []
     for state in (CostState.UNPRICED, CostState.PARTIALLY_PRICED):
         some, _ = await services.events.newest_among(
@@ -164,8 +164,8 @@ async def _unpriced_sample(services: Services, view: View) -> list[StoredEvent]:
 
 
 def _reasons(stored: StoredEvent) -> set[str]:
-    """Why an event was not (fully) priced, each reason cut to REASON_CHARS."""
-    return {u.reason[:REASON_CHARS] for u in stored.result.cost.unknown_units}
+    """Why an event was not (fully) priced, each reason cut as the rollup of reasons keeps it."""
+    return set(reasons_of(stored.result.cost))
 
 
 async def _type_names(services: Services, only: CostFilter) -> list[str]:

@@ -265,6 +265,11 @@ COLUMNS = (
 )
 
 
+# Each event's idempotency key is claimed in its own table before the event is stored
+# (migration 0028): the baselines store both, as the server does.
+KEYS_SQL = "INSERT INTO event_keys (idempotency_key, event_id, event_time_us) VALUES (?, ?, ?)"
+
+
 def raw_sqlite(path: str, seconds: float, experience_id: uuid.UUID) -> Result:
     """sqlite3 executemany into the same schema and settings, 1,000 rows per transaction.
     Only the inserts are timed (rows are built outside the clock): the storage's own rate."""
@@ -277,6 +282,7 @@ def raw_sqlite(path: str, seconds: float, experience_id: uuid.UUID) -> Result:
         rows = storage_rows(1000, experience_id, as_bytes=True)
         sent = time.perf_counter()
         db.execute("BEGIN IMMEDIATE")
+        db.executemany(KEYS_SQL, [(row[1], row[0], row[8]) for row in rows])
         db.executemany(sql, rows)
         db.execute("COMMIT")
         latencies.append(time.perf_counter() - sent)
@@ -295,6 +301,9 @@ async def raw_postgres(url: str, seconds: float, experience_id: uuid.UUID) -> Re
         rows = storage_rows(1000, experience_id, as_bytes=False)
         sent = time.perf_counter()
         async with conn.transaction():
+            await conn.executemany(
+                KEYS_SQL.replace("?, ?, ?", "$1, $2, $3"), [(row[1], row[0], row[8]) for row in rows]
+            )
             await conn.executemany(sql, rows)
         latencies.append(time.perf_counter() - sent)
     await conn.close()

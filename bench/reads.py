@@ -310,15 +310,21 @@ async def planner_statistics(database_url: str) -> None:
 
 async def table_bytes(database_url: str) -> dict[str, int]:
     """Bytes on disk per table, its indexes included: SQLite's dbstat pages (after a WAL
-    checkpoint), PostgreSQL's pg_total_relation_size (table, indexes and TOAST)."""
+    checkpoint), PostgreSQL's pg_total_relation_size (table, indexes and TOAST; a
+    partitioned table's partitions summed under its name)."""
     from sqlalchemy.ext.asyncio import create_async_engine
 
     engine = create_async_engine(database_url, isolation_level="AUTOCOMMIT")
     try:
         async with engine.connect() as conn:
             if database_url.startswith("postgresql"):
+                # The weekly partitions of events (migration 0028) count as events.
                 rows = await conn.execute(
-                    sa.text("SELECT relname, pg_total_relation_size(relid) FROM pg_stat_user_tables")
+                    sa.text(
+                        "SELECT COALESCE(p.relname, s.relname), SUM(pg_total_relation_size(s.relid))"
+                        " FROM pg_stat_user_tables s LEFT JOIN pg_inherits i ON i.inhrelid = s.relid"
+                        " LEFT JOIN pg_class p ON p.oid = i.inhparent GROUP BY 1"
+                    )
                 )
                 return {name: int(size) for name, size in rows}
             await conn.execute(sa.text("PRAGMA wal_checkpoint(TRUNCATE)"))

@@ -22,6 +22,9 @@ from tally.v1 import common_pb2, limit_service_pb2 as lim_pb
 from tally_client import AsyncTallyClient, EventFilter, TallyError, usage_event
 from tally_server.app import TallyServer
 from tally_server.config import Settings
+from tally_server.services.retention import Retention
+from tally_server.storage.db import Database
+from tally_server.storage.partitions import week_of
 
 from .conftest import drop_database_url, make_database_url
 from .test_cli import tally as tally_cli
@@ -299,4 +302,116 @@ async def test_retention_days_prunes_at_start_and_keeps_the_figures(backend, tmp
             finally:
                 await tally.stop()
     finally:
+        await drop_database_url(url)
+
+
+async def _weeks(url: str) -> dict[str, tuple[int, int] | None]:
+    """PostgreSQL's partitions of events: name -> (start, end) in microseconds, None for the default."""
+    engine = create_async_engine(url)
+    try:
+        async with engine.connect() as conn:
+            rows = await conn.execute(
+                sa.text(
+                    "SELECT c.relname, pg_get_expr(c.relpartbound, c.oid) FROM pg_inherits i"
+                    " JOIN pg_class c ON c.oid = i.inhrelid WHERE i.inhparent = 'events'::regclass"
+                )
+            )
+            found: dict[str, tuple[int, int] | None] = {}
+            for name, bound in rows:
+                numbers = [
+                    int(n) for n in bound.replace("'", " ").replace("(", " ").replace(")", " ").split() if n.isdigit()
+                ]
+                found[name] = (numbers[0], numbers[1]) if numbers else None
+            return found
+    finally:
+        await engine.dispose()
+
+
+async def _scalar(url: str, sql: str) -> int:
+    engine = create_async_engine(url)
+    try:
+        async with engine.connect() as conn:
+            return int((await conn.execute(sa.text(sql))).scalar_one())
+    finally:
+        await engine.dispose()
+
+
+async def test_a_prune_on_postgresql_drops_whole_weeks(tmp_path, monkeypatch):
+    """A database made five weeks ago (its migration's clock set back): the server makes a
+    partition for every week since and two ahead, moving the events the default partition
+    took meanwhile into them. A prune drops the weeks wholly before its cutoff, with their
+    idempotency keys and annotations, deletes the rest before it row by row (the cutoff's
+    own week, and the default's events older than every week), and changes no figure."""
+    url = await make_database_url("postgresql", tmp_path)
+    made_at = NOW - 35 * 86_400
+    monkeypatch.setattr(time, "time", lambda: made_at)
+    database = Database(url)
+    await database.migrate()
+    await database.dispose()
+    monkeypatch.undo()
+    week_us = 7 * 86_400_000_000
+    assert sorted(bounds for bounds in (await _weeks(url)).values() if bounds) == [
+        (week_of(made_at * 1_000_000) + i * week_us, week_of(made_at * 1_000_000) + (i + 1) * week_us) for i in range(2)
+    ]
+
+    make_weeks_ahead = Retention.make_weeks_ahead
+    monkeypatch.setattr(Retention, "make_weeks_ahead", lambda self: asyncio.sleep(0, []))
+    tally = TallyServer(Settings(listen="127.0.0.1:0", database_url=url, grace_seconds=1))
+    await tally.start()
+    try:
+        async with AsyncTallyClient(f"127.0.0.1:{tally.port}") as client:
+            await client.create_experience_type(TYPE, "kept and pruned")
+            for limit in (_limit("everything", everything=True), _limit("of-type", experience_type=TYPE)):
+                await client.create_limit(limit)
+            await client.create_limit(_limit("of-tag", request_tag="red"))
+            users, tags = ("ann", "bob", ""), (("red",), ("red", "blue"), ())
+            # One event every 50 minutes over 34 days, every other one with a key; and ten
+            # from 60 days ago, older than every week.
+            spread = [
+                _event(
+                    NOW - 34 * 86_400 + i * 3_000, users[i % 3], tags[i % 3], idempotency_key=f"k-{i}" if i % 2 else ""
+                )
+                for i in range(34 * 86_400 // 3_000)
+            ]
+            ancient = [_event(NOW - 60 * 86_400 + i, "ann", ("red",), idempotency_key=f"old-{i}") for i in range(10)]
+            for start in range(0, len(spread), 500):
+                await client.ingest_batch(spread[start : start + 500])
+            await client.ingest_batch(ancient)
+            in_default = await _scalar(url, "SELECT COUNT(*) FROM events_default")
+            assert in_default > len(ancient)  # the weeks after the first two were not made yet
+
+            made = await make_weeks_ahead(tally.retention)
+            weeks = await _weeks(url)
+            this_week = week_of(NOW * 1_000_000)
+            assert set(made) <= set(weeks) and max(b[1] for b in weeks.values() if b) == this_week + 3 * week_us
+            assert await _scalar(url, "SELECT COUNT(*) FROM events_default") == len(ancient)  # the rest moved
+            assert await make_weeks_ahead(tally.retention) == []  # made once
+
+            annotated = (await client.ingest(_event(NOW - 30 * 86_400, "bob", ()))).request_id
+            await client.annotate_event(annotated, set_annotations={"rating": "5"})
+            before = await _figures(client)
+            total = await _events_between(client, 0, NOW + 86_400)
+
+            cutoff = this_week // 1_000_000 - 5 * 86_400  # the Wednesday of last week
+            gone_weeks = {name for name, bounds in weeks.items() if bounds and bounds[1] <= cutoff * 1_000_000}
+            assert len(gone_weeks) >= 4
+            older = await _events_between(client, 0, cutoff)
+            answer = await client.prune_events(datetime.datetime.fromtimestamp(cutoff, datetime.UTC), max_events=1_000)
+            assert (answer.deleted_event_count, answer.more) == (older, False)
+            assert set(await _weeks(url)) == set(weeks) - gone_weeks
+            assert await _events_between(client, 0, cutoff) == 0
+            assert await _events_between(client, cutoff, NOW + 86_400) == total - older
+            assert (
+                await _scalar(url, f"SELECT COUNT(*) FROM event_keys WHERE event_time_us < {cutoff * 1_000_000}") == 0
+            )
+            kept_keys = sum(1 for e in spread if e.idempotency_key and e.event_timestamp.seconds >= cutoff)
+            assert await _scalar(url, "SELECT COUNT(*) FROM event_keys") == kept_keys
+            assert await _scalar(url, "SELECT COUNT(*) FROM event_annotations") == 0
+            assert await _figures(client) == before
+            # A pruned event's key is free again; a kept one is still a repeat.
+            assert not (await client.ingest(spread[1])).xproxy_result.duplicate_request
+            kept = next(e for e in spread if e.idempotency_key and e.event_timestamp.seconds >= cutoff)
+            assert (await client.ingest(kept)).xproxy_result.duplicate_request
+    finally:
+        await tally.stop()
         await drop_database_url(url)

@@ -134,6 +134,7 @@ class TallyServer:
         self._trimmer: asyncio.Task[None] | None = None
         self._gauges: asyncio.Task[None] | None = None
         self._pruner: asyncio.Task[None] | None = None
+        self._weeks: asyncio.Task[None] | None = None
 
     async def start(self) -> int:
         """Migrates the database, binds and starts serving; returns the bound port.
@@ -176,6 +177,8 @@ class TallyServer:
             self._gauges = asyncio.create_task(self._export_limit_gauges(), name="tally-limit-gauges")
         if self.settings.retention_days:
             self._pruner = asyncio.create_task(self._keep_retention(), name="tally-retention")
+        if not self.db.is_sqlite:
+            self._weeks = asyncio.create_task(self._make_weeks_ahead(), name="tally-event-weeks")
         host = self.settings.listen.rsplit(":", 1)[0]
         security = "plaintext" if self.certificates is None else "TLS"
         if self.certificates is not None and self.certificates.client_ca is not None:
@@ -373,10 +376,24 @@ class TallyServer:
                 log.warning("retention: could not prune events: %s", error)
             await asyncio.sleep(self.RETENTION_INTERVAL_SECONDS)
 
+    WEEKS_INTERVAL_SECONDS = 3600.0
+
+    async def _make_weeks_ahead(self) -> None:
+        """PostgreSQL: makes the coming weeks' partitions of events, at start and every hour
+        after (replicas take turns; a week already made is left as it is)."""
+        while True:
+            try:
+                made = await self.retention.make_weeks_ahead()
+                if made:
+                    log.info("events: made the partitions %s", ", ".join(made))
+            except TallyError as error:  # the events arrive in the default partition meanwhile
+                log.warning("events: could not make the coming weeks' partitions: %s", error)
+            await asyncio.sleep(self.WEEKS_INTERVAL_SECONDS)
+
     async def stop(self, grace: float | None = None) -> None:
         """NOT_SERVING first, then in-flight calls get `grace` seconds, then the writer and database close."""
         grace = self.settings.grace_seconds if grace is None else grace
-        for task in (self._watcher, self._trimmer, self._gauges, self._pruner):
+        for task in (self._watcher, self._trimmer, self._gauges, self._pruner, self._weeks):
             if task is not None:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)

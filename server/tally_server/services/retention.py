@@ -4,6 +4,10 @@ Every statistic, rollup, experience total and limit figure is kept at ingest, in
 transaction that stores the events, so deleting events changes none of them. Deletions
 run in batches of BATCH events, each its own short write transaction: on SQLite the
 writer waits for one batch at most, never for the whole prune.
+
+On PostgreSQL the events are partitioned by week (migration 0028, storage.partitions): a
+prune drops every week wholly before its cutoff first, at once whatever it holds, and then
+deletes the rest before the cutoff row by row. The server makes the coming weeks ahead.
 """
 
 from __future__ import annotations
@@ -12,12 +16,17 @@ import asyncio
 import logging
 from dataclasses import dataclass
 
-from ..domain.errors import Violations
+from ..domain.errors import StorageUnavailable, Violations
 from ..domain.limits import ScopeKind
 from ..domain.models import now_us
 from ..domain.rollups import DAY_US, HOUR_US
 from ..domain.validation import check_text
-from ..storage import events as stored_events, limits as stored_limits, rollups as stored_rollups
+from ..storage import (
+    events as stored_events,
+    limits as stored_limits,
+    partitions,
+    rollups as stored_rollups,
+)
 from ..storage.db import Database
 
 log = logging.getLogger("tally.retention")
@@ -27,11 +36,15 @@ DEFAULT_MAX_EVENTS = 10_000  # events per call, when the caller names none
 MAX_EVENTS = 100_000
 
 
+DROP_ATTEMPTS = 3  # a week's drop waits partitions.LOCK_TIMEOUT for the table, this many times
+
+
 @dataclass(frozen=True)
 class Pruned:
-    deleted: int
+    deleted: int  # whole weeks' events and those deleted row by row
     more: bool  # events before the cutoff remain
     before_us: int  # the cutoff applied (a whole hour)
+    weeks_dropped: tuple[str, ...] = ()  # PostgreSQL's partitions dropped whole
 
 
 @dataclass(frozen=True)
@@ -53,8 +66,9 @@ class Retention:
         self.db = db
 
     async def prune(self, before_us: int | None, max_events: int = 0) -> Pruned:
-        """Deletes up to `max_events` events before `before_us` (taken down to a whole hour,
-        so that an hour's events are all kept or all gone), the oldest first."""
+        """Deletes the events before `before_us` (taken down to a whole hour, so that an
+        hour's events are all kept or all gone): on PostgreSQL the weeks wholly before it at
+        once, then up to `max_events` more row by row, the oldest first."""
         v = Violations()
         count = _max_events(v, max_events)
         if before_us is None:
@@ -62,17 +76,55 @@ class Retention:
         v.raise_if_any()
         assert before_us is not None
         before = before_us - before_us % HOUR_US
+        in_weeks, dropped = await self._drop_weeks(before)
         deleted = 0
         while deleted < count:
             async with self.db.write() as conn:
                 ids = await stored_events.oldest_before(conn, before, min(BATCH, count - deleted))
                 deleted += await stored_events.delete_events(conn, ids)
             if not ids:
-                return Pruned(deleted, False, before)
+                return Pruned(in_weeks + deleted, False, before, dropped)
             await asyncio.sleep(0)  # the writer's turn between batches
         async with self.db.read() as conn:
             more = bool(await stored_events.oldest_before(conn, before, 1))
-        return Pruned(deleted, more, before)
+        return Pruned(in_weeks + deleted, more, before, dropped)
+
+    async def _drop_weeks(self, before_us: int) -> tuple[int, tuple[str, ...]]:
+        """PostgreSQL: drops the partitions wholly before `before_us`, oldest first; returns
+        how many events they held and their names. Each week's keys and annotations go
+        first, in a transaction of their own; the drop then waits for the table's lock at
+        most partitions.LOCK_TIMEOUT, DROP_ATTEMPTS times, before the prune answers UNAVAILABLE."""
+        async with self.db.read() as conn:
+            if not partitions.partitioned(conn):
+                return 0, ()
+            weeks = await partitions.weeks_before(conn, before_us)
+        held, dropped = 0, list[str]()
+        for week in weeks:
+            async with self.db.write() as conn:
+                count = await partitions.events_in(conn, week)
+                await partitions.forget(conn, week)
+            for attempt in range(1, DROP_ATTEMPTS + 1):
+                try:
+                    async with self.db.write() as conn:
+                        await partitions.drop(conn, week)
+                    break
+                except StorageUnavailable:
+                    if attempt == DROP_ATTEMPTS:
+                        raise
+                    await asyncio.sleep(0.1 * attempt)
+            log.info("retention: dropped the week %s (%d events)", week.name, count)
+            held, dropped = held + count, [*dropped, week.name]
+        return held, tuple(dropped)
+
+    async def make_weeks_ahead(self) -> list[str]:
+        """PostgreSQL: makes the partitions of this week and the next ones
+        (partitions.WEEKS_AHEAD) that do not exist yet; returns their names."""
+        async with self.db.read() as conn:
+            if not partitions.partitioned(conn):
+                return []
+        async with self.db.write() as conn:
+            made = await partitions.make_ahead(conn, now_us())
+        return [week.name for week in made]
 
     async def prune_older_than(self, days: int) -> int:
         """Deletes every event before the start of the UTC day `days` days ago, in calls of

@@ -16,6 +16,7 @@ from ..domain import models as m
 from . import applied_prices, hot_path, rollups, tables
 from .tables import (
     event_annotations,
+    event_keys,
     events,
     experience_types,
     experiences,
@@ -51,11 +52,13 @@ async def events_by_key(conn: AsyncConnection, keys: Iterable[str]) -> dict[str,
     keys = list(keys)
     if not keys:
         return {}
-    query = (
-        sa.select(*_EVENT_WITH_EXPERIENCE_COLUMNS)
-        .select_from(rollups.EVENTS_WITH_TYPE)
-        .where(events.c.idempotency_key.in_(keys))
+    # Through event_keys (0028): its key names one event, with the time that says which of
+    # PostgreSQL's weekly partitions holds it.
+    by_key = rollups.EVENTS_WITH_TYPE.join(
+        event_keys,
+        sa.and_(event_keys.c.event_id == events.c.id, event_keys.c.event_time_us == events.c.event_time_us),
     )
+    query = sa.select(*_EVENT_WITH_EXPERIENCE_COLUMNS).select_from(by_key).where(event_keys.c.idempotency_key.in_(keys))
     return {row.idempotency_key: stored_event(row) for row in await conn.execute(query)}
 
 
@@ -409,11 +412,14 @@ _DELETE_CHUNK = 500
 
 
 async def delete_events(conn: AsyncConnection, ids: list[uuid.UUID]) -> int:
-    """Deletes these events and their annotations; the rollups keep what they added."""
+    """Deletes these events, their idempotency keys and their annotations; the rollups keep
+    what they added."""
     deleted = 0
     for start in range(0, len(ids), _DELETE_CHUNK):
         chunk = ids[start : start + _DELETE_CHUNK]
         await conn.execute(sa.delete(event_annotations).where(event_annotations.c.event_id.in_(chunk)))
+        keys = sa.select(events.c.idempotency_key).where(events.c.id.in_(chunk), events.c.idempotency_key.isnot(None))
+        await conn.execute(sa.delete(event_keys).where(event_keys.c.idempotency_key.in_(keys)))
         deleted += (await conn.execute(sa.delete(events).where(events.c.id.in_(chunk)))).rowcount
     return deleted
 

@@ -41,11 +41,10 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ..domain import models as m
 from ..domain.rollups import tokens_of
-from .tables import Uuid, events, experience_types, experiences
+from .tables import Uuid, event_keys, events, experience_types, experiences
 
 EVENT_COLUMNS = tuple(column.name for column in events.columns)
-# The conflict an insert skips: a key another event holds (ix_events_idempotency_key, partial).
-_ON_KEY = "(idempotency_key) WHERE idempotency_key IS NOT NULL"
+KEY_COLUMNS = tuple(column.name for column in event_keys.columns)
 Stored = Sequence[tuple[m.UsageEvent, m.IngestResult]]
 # The id of each price's applied_prices row (storage.applied_prices.ids_of).
 PriceIds = Mapping[m.PriceReference, int]
@@ -134,10 +133,13 @@ _SQLITE_EXACT_ROWS = 32  # up to this many rows, one statement of exactly that m
 @functools.lru_cache(maxsize=64)
 def _sqlite_insert_events(rows: int) -> str:
     placeholders = "(" + ", ".join("?" * len(EVENT_COLUMNS)) + ")"
-    return (
-        f"INSERT INTO events ({', '.join(EVENT_COLUMNS)}) VALUES {', '.join([placeholders] * rows)} "
-        f"ON CONFLICT {_ON_KEY} DO NOTHING"
-    )
+    return f"INSERT INTO events ({', '.join(EVENT_COLUMNS)}) VALUES {', '.join([placeholders] * rows)}"
+
+
+@functools.lru_cache(maxsize=64)
+def _sqlite_claim_keys(rows: int) -> str:
+    values = ", ".join(["(?, ?, ?)"] * rows)
+    return f"INSERT INTO event_keys ({', '.join(KEY_COLUMNS)}) VALUES {values} ON CONFLICT DO NOTHING"
 
 
 def _sqlite_chunks(count: int) -> list[int]:
@@ -159,19 +161,32 @@ def _sqlite_values(row: dict[str, Any]) -> tuple[Any, ...]:
     return tuple(_in_column_order(row))
 
 
-async def _sqlite_insert(conn: AsyncConnection, rows: Sequence[dict[str, Any]]) -> set[uuid.UUID]:
-    ids = [row["id"] for row in rows]
+async def _sqlite_insert(conn: AsyncConnection, rows: Sequence[dict[str, Any]]) -> None:
     driver = await sqlite_driver(conn)
-    changes_before, start = driver.total_changes, 0
-    ordered = [_sqlite_values(row) for row in rows]
+    await _sqlite_in_chunks(driver, _sqlite_insert_events, [_sqlite_values(row) for row in rows])
+
+
+async def _sqlite_in_chunks(driver: Any, statement: Any, ordered: Sequence[tuple[Any, ...]]) -> None:
+    start = 0
     for size in _sqlite_chunks(len(ordered)):
         values = tuple(itertools.chain.from_iterable(ordered[start : start + size]))
-        await driver.execute_fetchall(_sqlite_insert_events(size), values)
+        await driver.execute_fetchall(statement(size), values)
         start += size
-    if driver.total_changes - changes_before == len(rows):
+
+
+async def _sqlite_claim(conn: AsyncConnection, keyed: Sequence[tuple[str, uuid.UUID, int]]) -> set[uuid.UUID]:
+    driver = await sqlite_driver(conn)
+    changes_before = driver.total_changes
+    await _sqlite_in_chunks(driver, _sqlite_claim_keys, [(key, i.bytes, t) for key, i, t in keyed])
+    if driver.total_changes - changes_before == len(keyed):
         return set()
-    found = await conn.execute(sa.select(events.c.id).where(events.c.id.in_(ids)))
-    return set(ids) - {row.id for row in found}
+    held = await conn.execute(
+        sa.select(event_keys.c.idempotency_key, event_keys.c.event_id).where(
+            event_keys.c.idempotency_key.in_([key for key, _, _ in keyed])
+        )
+    )
+    holders = {row[0]: row[1] for row in held}
+    return {event_id for key, event_id, _ in keyed if holders.get(key) != event_id}
 
 
 # An experience as the domain knows it: its row and its type's name.
@@ -232,16 +247,23 @@ _POSTGRES_INSERT_EVENTS = (
         f"${i}::{'text' if _postgres_array_type(c) == 'json' else _postgres_array_type(c)}[]"
         for i, c in enumerate(events.columns, 1)
     )
-    + f") AS batch ({', '.join(EVENT_COLUMNS)}) ON CONFLICT {_ON_KEY} DO NOTHING RETURNING id"
+    + f") AS batch ({', '.join(EVENT_COLUMNS)})"
+)
+_POSTGRES_CLAIM_KEYS = (
+    f"INSERT INTO event_keys ({', '.join(KEY_COLUMNS)}) SELECT * FROM unnest($1::text[], $2::uuid[], $3::bigint[])"
+    " ON CONFLICT DO NOTHING RETURNING event_id"
 )
 
 
-async def _postgres_insert(conn: AsyncConnection, rows: Sequence[dict[str, Any]]) -> set[uuid.UUID]:
+async def _postgres_insert(conn: AsyncConnection, rows: Sequence[dict[str, Any]]) -> None:
     arrays = tuple(map(list, zip(*map(_in_column_order, rows), strict=True)))
-    inserted = [row[0] for row in await conn.exec_driver_sql(_POSTGRES_INSERT_EVENTS, arrays)]
-    if len(inserted) == len(rows):
-        return set()
-    return {row["id"] for row in rows} - set(inserted)
+    await conn.exec_driver_sql(_POSTGRES_INSERT_EVENTS, arrays)
+
+
+async def _postgres_claim(conn: AsyncConnection, keyed: Sequence[tuple[str, uuid.UUID, int]]) -> set[uuid.UUID]:
+    arrays = tuple(map(list, zip(*keyed, strict=True)))
+    claimed = {row[0] for row in await conn.exec_driver_sql(_POSTGRES_CLAIM_KEYS, arrays)}
+    return {event_id for _, event_id, _ in keyed} - claimed
 
 
 # --- the rollups' statements, on the driver ----------------------------------------------------
@@ -309,11 +331,19 @@ def _with_length(statement: sa.Select[Any], name: str, length: int) -> sa.Select
 
 async def insert_events(conn: AsyncConnection, stored: Stored, price_ids: PriceIds) -> set[uuid.UUID]:
     """Inserts (event, result) pairs; returns the ids NOT inserted because their
-    idempotency key was committed first by another transaction."""
+    idempotency key was committed first by another transaction. Each key is claimed in
+    event_keys first (migration 0028), and only the events that won theirs are inserted."""
     rows = [event_row(event, result, price_ids) for event, result in stored]
-    if conn.dialect.name == "sqlite":
-        return await _sqlite_insert(conn, rows)
-    return await _postgres_insert(conn, rows)
+    sqlite_engine = conn.dialect.name == "sqlite"
+    lost: set[uuid.UUID] = set()
+    keyed = [(row["idempotency_key"], row["id"], row["event_time_us"]) for row in rows if row["idempotency_key"]]
+    if keyed:
+        lost = await (_sqlite_claim if sqlite_engine else _postgres_claim)(conn, keyed)
+        if lost:
+            rows = [row for row in rows if row["id"] not in lost]
+    if rows:
+        await (_sqlite_insert if sqlite_engine else _postgres_insert)(conn, rows)
+    return lost
 
 
 async def get_experiences(conn: AsyncConnection, ids: list[uuid.UUID]) -> dict[uuid.UUID, m.Experience]:
@@ -350,18 +380,23 @@ _EVENTS_AS_TEXT = {"sqlite": _events_as_text(sa.Text), "postgresql": _events_as_
 
 
 async def plain_insert_events(conn: AsyncConnection, stored: Stored, price_ids: PriceIds) -> set[uuid.UUID]:
-    """SQLAlchemy's own bulk insert (insertmanyvalues, with RETURNING) of the same rows."""
+    """SQLAlchemy's own bulk inserts (insertmanyvalues, the keys' with RETURNING) of the same rows."""
     rows = [event_row(event, result, price_ids) for event, result in stored]
     dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
-    table = _EVENTS_AS_TEXT[conn.dialect.name]
-    keyed = table.c.idempotency_key.isnot(None)
-    statement = (
-        dialect.insert(table)
-        .on_conflict_do_nothing(index_elements=["idempotency_key"], index_where=keyed)
-        .returning(table.c.id)
-    )
-    inserted = {row.id for row in await conn.execute(statement, rows)}
-    return {row["id"] for row in rows} - inserted
+    keyed = [
+        {"idempotency_key": row["idempotency_key"], "event_id": row["id"], "event_time_us": row["event_time_us"]}
+        for row in rows
+        if row["idempotency_key"]
+    ]
+    lost: set[uuid.UUID] = set()
+    if keyed:
+        claim = dialect.insert(event_keys).on_conflict_do_nothing().returning(event_keys.c.event_id)
+        claimed = {row.event_id for row in await conn.execute(claim, keyed)}
+        lost = {row["event_id"] for row in keyed} - claimed
+        rows = [row for row in rows if row["id"] not in lost]
+    if rows:
+        await conn.execute(sa.insert(_EVENTS_AS_TEXT[conn.dialect.name]), rows)
+    return lost
 
 
 async def plain_get_experiences(conn: AsyncConnection, ids: Iterable[uuid.UUID]) -> dict[uuid.UUID, m.Experience]:

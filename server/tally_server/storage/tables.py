@@ -329,6 +329,8 @@ applied_prices = sa.Table(
 
 # One row per stored event. experience_id has no foreign key on purpose: deleting
 # an experience leaves its events stored, unattributed (experience_id set to NULL).
+# On PostgreSQL (migration 0028) the table is partitioned by week of event_time_us, and its
+# primary key is (id, event_time_us): storage.partitions makes and drops the weeks.
 events = sa.Table(
     "events",
     metadata,
@@ -368,15 +370,6 @@ events = sa.Table(
     sa.Column("key_name", sa.String(64), nullable=True),
     # The price that priced it, a row of applied_prices (migration 0018); NULL for none.
     sa.Column("price_id", sa.Integer, nullable=True),
-    # One event per idempotency key, of the events that have one (migration 0018: a unique
-    # constraint kept an entry for every event without a key too).
-    sa.Index(
-        "ix_events_idempotency_key",
-        "idempotency_key",
-        unique=True,
-        sqlite_where=sa.text("idempotency_key IS NOT NULL"),
-        postgresql_where=sa.text("idempotency_key IS NOT NULL"),
-    ),
     # Annotations find an event by the provider's response id (migration 0010), of the
     # events that have one (migration 0018).
     sa.Index(
@@ -422,6 +415,20 @@ events = sa.Table(
         sqlite_where=sa.text("cost_state != 1"),
         postgresql_where=sa.text("cost_state != 1"),
     ),
+)
+
+# One event per idempotency key (migration 0028; before it, a unique index of events): the
+# writer claims an event's key here before it inserts the event, and inserts it only if it
+# won the key. On PostgreSQL `events` is partitioned by week of event time (storage.partitions),
+# and a partitioned table's unique indexes must hold its time. The event time says which
+# partition holds the event, and which keys go when retention drops a week.
+event_keys = sa.Table(
+    "event_keys",
+    metadata,
+    sa.Column("idempotency_key", sa.String(300), primary_key=True),
+    sa.Column("event_id", Uuid, nullable=False),
+    sa.Column("event_time_us", sa.BigInteger, nullable=False, index=True),
+    sqlite_with_rowid=False,
 )
 
 # request_id idempotency of the explicit create calls (AIP-155).

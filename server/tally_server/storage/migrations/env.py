@@ -8,13 +8,14 @@ import os
 import sqlalchemy as sa
 from alembic import context
 
+from tally_server.storage.partitions import include_name
 from tally_server.storage.tables import metadata
 
 config = context.config
 
 
 def _run(connection: sa.Connection) -> None:
-    context.configure(connection=connection, target_metadata=metadata, render_as_batch=True)
+    context.configure(connection=connection, target_metadata=metadata, render_as_batch=True, include_name=include_name)
     with context.begin_transaction():
         context.run_migrations()
 

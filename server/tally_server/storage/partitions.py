@@ -1,0 +1,147 @@
+"""PostgreSQL's partitions of `events`, one per UTC week (Monday 00:00) of event time
+(migration 0028): made ahead by the server, dropped whole by retention. SQLite has none.
+
+A DEFAULT partition takes any event outside the weeks made: an event older than the oldest
+week, or newer than the newest if the server has not made its week in time. Making a week
+moves the default's events of that week into it (a range partition cannot be attached while
+the default holds rows of its range), so no event is ever refused for want of a partition.
+"""
+
+from __future__ import annotations
+
+import datetime
+import re
+from dataclasses import dataclass
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from ..domain.rollups import DAY_US
+
+WEEK_US = 7 * DAY_US
+_MONDAY_US = 4 * DAY_US  # 1970-01-05, the first Monday after the epoch
+DEFAULT = "events_default"
+WEEKS_AHEAD = 2  # this week's partition and the next two exist after make_ahead
+# A gap of more weeks than this (a server stopped for months) is made as one partition.
+MAX_WEEKS_MADE = 8
+# Making or dropping a week waits this long at most for the events table's lock, so that
+# calls queued behind it wait no longer; the next hour's pass tries again.
+LOCK_TIMEOUT = "1s"
+# Any constant: serializes replicas making weeks at once.
+_LOCK_ID = 0x7A11F
+_BOUND = re.compile(r"FROM \('?(-?\d+)'?\) TO \('?(-?\d+)'?\)")
+_NAME = re.compile(r"events_(\d{8}|default)")
+
+
+@dataclass(frozen=True)
+class Week:
+    """A partition of events and the event times it holds, [start_us, end_us)."""
+
+    name: str
+    start_us: int
+    end_us: int
+
+
+def week_of(time_us: int) -> int:
+    """The start of the UTC week (Monday 00:00) holding time_us."""
+    return time_us - (time_us - _MONDAY_US) % WEEK_US
+
+
+def name_of(start_us: int) -> str:
+    day = datetime.datetime.fromtimestamp(start_us / 1e6, datetime.UTC)
+    return f"events_{day:%Y%m%d}"
+
+
+def include_name(name: str | None, type_: str, parent_names: object) -> bool:
+    """Alembic's filter for comparing the schema with tables.metadata: the partitions are
+    not in it (they are made as the weeks come)."""
+    return not (type_ == "table" and name is not None and _NAME.fullmatch(name))
+
+
+def partitioned(conn: AsyncConnection) -> bool:
+    return conn.dialect.name == "postgresql"
+
+
+async def weeks(conn: AsyncConnection) -> list[Week]:
+    """The partitions with a range, oldest first (not the default)."""
+    rows = await conn.execute(
+        sa.text(
+            "SELECT c.relname, pg_get_expr(c.relpartbound, c.oid) FROM pg_inherits i"
+            " JOIN pg_class c ON c.oid = i.inhrelid WHERE i.inhparent = 'events'::regclass"
+        )
+    )
+    found = []
+    for name, bound in rows:
+        if (match := _BOUND.search(bound)) is not None:
+            found.append(Week(name, int(match[1]), int(match[2])))
+    return sorted(found, key=lambda week: week.start_us)
+
+
+async def make_ahead(conn: AsyncConnection, now_us: int) -> list[Week]:
+    """Makes the partitions from the newest one to WEEKS_AHEAD weeks past now's; returns
+    those made. Replicas take turns (an advisory lock), so a week is made once."""
+    await conn.execute(sa.text("SELECT pg_advisory_xact_lock(:id)"), {"id": _LOCK_ID})
+    await conn.execute(sa.text(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'"))
+    existing = await weeks(conn)
+    this_week = week_of(now_us)
+    end = this_week + (WEEKS_AHEAD + 1) * WEEK_US
+    start = existing[-1].end_us if existing else this_week
+    made = []
+    if end - start > MAX_WEEKS_MADE * WEEK_US:
+        made.append(await _make(conn, start, this_week))
+        start = this_week
+    for week in range(start, end, WEEK_US):
+        made.append(await _make(conn, week, week + WEEK_US))
+    return made
+
+
+async def _make(conn: AsyncConnection, start_us: int, end_us: int) -> Week:
+    name = name_of(start_us)
+    await conn.execute(sa.text(f"CREATE TABLE {name} (LIKE events INCLUDING DEFAULTS INCLUDING CONSTRAINTS)"))
+    # The default's events of these weeks move in first: the attach refuses otherwise.
+    await conn.execute(
+        sa.text(
+            f"WITH moved AS (DELETE FROM {DEFAULT} WHERE event_time_us >= :start AND event_time_us < :end"
+            f" RETURNING *) INSERT INTO {name} SELECT * FROM moved"
+        ),
+        {"start": start_us, "end": end_us},
+    )
+    await conn.execute(
+        sa.text(f"ALTER TABLE events ATTACH PARTITION {name} FOR VALUES FROM ({start_us}) TO ({end_us})")
+    )
+    return Week(name, start_us, end_us)
+
+
+async def weeks_before(conn: AsyncConnection, before_us: int) -> list[Week]:
+    """The partitions that hold only events before `before_us`, oldest first."""
+    return [week for week in await weeks(conn) if week.end_us <= before_us]
+
+
+async def events_in(conn: AsyncConnection, week: Week) -> int:
+    """How many events the partition holds (a scan of it: no statement timeout)."""
+    await conn.execute(sa.text("SET LOCAL statement_timeout = 0"))
+    return int((await conn.execute(sa.text(f"SELECT COUNT(*) FROM {week.name}"))).scalar_one())
+
+
+async def forget(conn: AsyncConnection, week: Week) -> None:
+    """Deletes the idempotency keys and the annotations of the partition's events (before
+    `drop`, in a transaction of their own: reading the week holds no lock that blocks ingest)."""
+    await conn.execute(sa.text("SET LOCAL statement_timeout = 0"))
+    await conn.execute(
+        sa.text("DELETE FROM event_keys WHERE event_time_us >= :start AND event_time_us < :end"),
+        {"start": week.start_us, "end": week.end_us},
+    )
+    await conn.execute(sa.text(f"DELETE FROM event_annotations WHERE event_id IN (SELECT id FROM {week.name})"))
+
+
+async def drop(conn: AsyncConnection, week: Week) -> None:
+    """Drops the partition (its events and its indexes' entries at once), waiting at most
+    LOCK_TIMEOUT for the events table. The caller has deleted the week's keys and annotations;
+    keys of events stored into it since are deleted here, under the table's lock."""
+    await conn.execute(sa.text(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'"))
+    await conn.execute(sa.text("LOCK TABLE events IN ACCESS EXCLUSIVE MODE"))
+    await conn.execute(
+        sa.text("DELETE FROM event_keys WHERE event_time_us >= :start AND event_time_us < :end"),
+        {"start": week.start_us, "end": week.end_us},
+    )
+    await conn.execute(sa.text(f"DROP TABLE {week.name}"))

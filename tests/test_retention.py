@@ -24,7 +24,7 @@ from tally_server.app import TallyServer
 from tally_server.config import Settings
 from tally_server.services.retention import Retention
 from tally_server.storage.db import Database
-from tally_server.storage.partitions import week_of
+from tally_server.storage.partitions import DENSE_WEEK_EVENTS, week_of
 
 from .conftest import drop_database_url, make_database_url
 from .test_cli import tally as tally_cli
@@ -354,8 +354,8 @@ async def test_a_prune_on_postgresql_drops_whole_weeks(tmp_path, monkeypatch):
         (week_of(made_at * 1_000_000) + i * week_us, week_of(made_at * 1_000_000) + (i + 1) * week_us) for i in range(2)
     ]
 
-    make_weeks_ahead = Retention.make_weeks_ahead
-    monkeypatch.setattr(Retention, "make_weeks_ahead", lambda self: asyncio.sleep(0, []))
+    make_weeks = Retention.make_weeks
+    monkeypatch.setattr(Retention, "make_weeks", lambda self: asyncio.sleep(0, []))
     tally = TallyServer(Settings(listen="127.0.0.1:0", database_url=url, grace_seconds=1))
     await tally.start()
     try:
@@ -373,19 +373,26 @@ async def test_a_prune_on_postgresql_drops_whole_weeks(tmp_path, monkeypatch):
                 )
                 for i in range(34 * 86_400 // 3_000)
             ]
-            ancient = [_event(NOW - 60 * 86_400 + i, "ann", ("red",), idempotency_key=f"old-{i}") for i in range(10)]
-            for start in range(0, len(spread), 500):
-                await client.ingest_batch(spread[start : start + 500])
+            ancient = [_event(NOW - 80 * 86_400 + i, "ann", ("red",), idempotency_key=f"old-{i}") for i in range(10)]
+            # A backfill: as many events of one week, 50 days ago, as make a week of their own.
+            backfill_week = week_of((NOW - 50 * 86_400) * 1_000_000)
+            backfill = [
+                _event(backfill_week // 1_000_000 + 60 * i, users[i % 3], tags[i % 3]) for i in range(DENSE_WEEK_EVENTS)
+            ]
+            for batch in (spread, backfill):
+                for start in range(0, len(batch), 1_000):
+                    await client.ingest_batch(batch[start : start + 1_000])
             await client.ingest_batch(ancient)
             in_default = await _scalar(url, "SELECT COUNT(*) FROM events_default")
-            assert in_default > len(ancient)  # the weeks after the first two were not made yet
+            assert in_default > len(ancient) + len(backfill)  # the weeks after the first two were not made yet
 
-            made = await make_weeks_ahead(tally.retention)
+            made = await make_weeks(tally.retention)
             weeks = await _weeks(url)
             this_week = week_of(NOW * 1_000_000)
             assert set(made) <= set(weeks) and max(b[1] for b in weeks.values() if b) == this_week + 3 * week_us
+            assert weeks[made[0]] == (backfill_week, backfill_week + week_us)  # the backfilled week has its own
             assert await _scalar(url, "SELECT COUNT(*) FROM events_default") == len(ancient)  # the rest moved
-            assert await make_weeks_ahead(tally.retention) == []  # made once
+            assert await make_weeks(tally.retention) == []  # made once
 
             annotated = (await client.ingest(_event(NOW - 30 * 86_400, "bob", ()))).request_id
             await client.annotate_event(annotated, set_annotations={"rating": "5"})

@@ -178,7 +178,7 @@ class TallyServer:
         if self.settings.retention_days:
             self._pruner = asyncio.create_task(self._keep_retention(), name="tally-retention")
         if not self.db.is_sqlite:
-            self._weeks = asyncio.create_task(self._make_weeks_ahead(), name="tally-event-weeks")
+            self._weeks = asyncio.create_task(self._make_weeks(), name="tally-event-weeks")
         host = self.settings.listen.rsplit(":", 1)[0]
         security = "plaintext" if self.certificates is None else "TLS"
         if self.certificates is not None and self.certificates.client_ca is not None:
@@ -378,16 +378,16 @@ class TallyServer:
 
     WEEKS_INTERVAL_SECONDS = 3600.0
 
-    async def _make_weeks_ahead(self) -> None:
-        """PostgreSQL: makes the coming weeks' partitions of events, at start and every hour
-        after (replicas take turns; a week already made is left as it is)."""
+    async def _make_weeks(self) -> None:
+        """PostgreSQL: makes the coming weeks' partitions of events, and those of backfilled
+        weeks, at start and every hour after (replicas take turns; a week made is kept)."""
         while True:
             try:
-                made = await self.retention.make_weeks_ahead()
+                made = await self.retention.make_weeks()
                 if made:
                     log.info("events: made the partitions %s", ", ".join(made))
             except TallyError as error:  # the events arrive in the default partition meanwhile
-                log.warning("events: could not make the coming weeks' partitions: %s", error)
+                log.warning("events: could not make the weeks' partitions: %s", error)
             await asyncio.sleep(self.WEEKS_INTERVAL_SECONDS)
 
     async def stop(self, grace: float | None = None) -> None:

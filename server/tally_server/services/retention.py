@@ -116,15 +116,22 @@ class Retention:
             held, dropped = held + count, [*dropped, week.name]
         return held, tuple(dropped)
 
-    async def make_weeks_ahead(self) -> list[str]:
-        """PostgreSQL: makes the partitions of this week and the next ones
-        (partitions.WEEKS_AHEAD) that do not exist yet; returns their names."""
+    async def make_weeks(self) -> list[str]:
+        """PostgreSQL: makes the partitions of the coming weeks (partitions.WEEKS_AHEAD) and
+        of the weeks the default partition holds many events of, each in a transaction of its
+        own; returns their names."""
         async with self.db.read() as conn:
             if not partitions.partitioned(conn):
                 return []
         async with self.db.write() as conn:
-            made = await partitions.make_ahead(conn, now_us())
-        return [week.name for week in made]
+            ranges = await partitions.weeks_to_make(conn, now_us())
+        made = []
+        for start, end in ranges:
+            async with self.db.write() as conn:
+                week = await partitions.make(conn, start, end)
+            if week is not None:
+                made.append(week.name)
+        return made
 
     async def prune_older_than(self, days: int) -> int:
         """Deletes every event before the start of the UTC day `days` days ago, in calls of

@@ -5,6 +5,9 @@ A DEFAULT partition takes any event outside the weeks made: an event older than 
 week, or newer than the newest if the server has not made its week in time. Making a week
 moves the default's events of that week into it (a range partition cannot be attached while
 the default holds rows of its range), so no event is ever refused for want of a partition.
+The server's hourly pass makes the coming weeks, and a week of its own for each week the
+default holds DENSE_WEEK_EVENTS events of (a backfill); sparse old events stay in the
+default, and retention deletes them row by row.
 """
 
 from __future__ import annotations
@@ -21,7 +24,9 @@ from ..domain.rollups import DAY_US
 WEEK_US = 7 * DAY_US
 _MONDAY_US = 4 * DAY_US  # 1970-01-05, the first Monday after the epoch
 DEFAULT = "events_default"
-WEEKS_AHEAD = 2  # this week's partition and the next two exist after make_ahead
+WEEKS_AHEAD = 2  # this week's partition and the next two are made ahead
+# A week of which the default partition holds this many events (a backfill) gets its own.
+DENSE_WEEK_EVENTS = 10_000
 # A gap of more weeks than this (a server stopped for months) is made as one partition.
 MAX_WEEKS_MADE = 8
 # Making or dropping a week waits this long at most for the events table's lock, so that
@@ -77,25 +82,39 @@ async def weeks(conn: AsyncConnection) -> list[Week]:
     return sorted(found, key=lambda week: week.start_us)
 
 
-async def make_ahead(conn: AsyncConnection, now_us: int) -> list[Week]:
-    """Makes the partitions from the newest one to WEEKS_AHEAD weeks past now's; returns
-    those made. Replicas take turns (an advisory lock), so a week is made once."""
-    await conn.execute(sa.text("SELECT pg_advisory_xact_lock(:id)"), {"id": _LOCK_ID})
-    await conn.execute(sa.text(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'"))
+async def weeks_to_make(conn: AsyncConnection, now_us: int) -> list[tuple[int, int]]:
+    """The [start, end) ranges to make, oldest first: from the newest partition to
+    WEEKS_AHEAD weeks past now's (a gap of more than MAX_WEEKS_MADE weeks as one range), and
+    each week the default partition holds DENSE_WEEK_EVENTS or more events of (a backfill)."""
     existing = await weeks(conn)
     this_week = week_of(now_us)
     end = this_week + (WEEKS_AHEAD + 1) * WEEK_US
     start = existing[-1].end_us if existing else this_week
-    made = []
+    ranges = []
     if end - start > MAX_WEEKS_MADE * WEEK_US:
-        made.append(await _make(conn, start, this_week))
+        ranges.append((start, this_week))
         start = this_week
-    for week in range(start, end, WEEK_US):
-        made.append(await _make(conn, week, week + WEEK_US))
-    return made
+    ranges += [(week, week + WEEK_US) for week in range(start, end, WEEK_US)]
+    await conn.execute(sa.text("SET LOCAL statement_timeout = 0"))  # a scan of the default
+    dense = await conn.execute(
+        sa.text(
+            f"SELECT event_time_us - (event_time_us - {_MONDAY_US}) % {WEEK_US} AS week FROM {DEFAULT}"
+            " GROUP BY week HAVING COUNT(*) >= :least"
+        ),
+        {"least": DENSE_WEEK_EVENTS},
+    )
+    ranges += [(int(week), int(week) + WEEK_US) for (week,) in dense if int(week) < start]
+    return sorted(ranges)
 
 
-async def _make(conn: AsyncConnection, start_us: int, end_us: int) -> Week:
+async def make(conn: AsyncConnection, start_us: int, end_us: int) -> Week | None:
+    """Makes the partition of [start_us, end_us), moving the default's events of it in;
+    None if another replica made it first. Replicas take turns (an advisory lock)."""
+    await conn.execute(sa.text("SELECT pg_advisory_xact_lock(:id)"), {"id": _LOCK_ID})
+    await conn.execute(sa.text(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'"))
+    await conn.execute(sa.text("SET LOCAL statement_timeout = 0"))  # the move and the attach's scan
+    if any(week.start_us < end_us and start_us < week.end_us for week in await weeks(conn)):
+        return None
     name = name_of(start_us)
     await conn.execute(sa.text(f"CREATE TABLE {name} (LIKE events INCLUDING DEFAULTS INCLUDING CONSTRAINTS)"))
     # The default's events of these weeks move in first: the attach refuses otherwise.

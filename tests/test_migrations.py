@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import random
+import time
 import uuid
 from typing import Any
 
@@ -26,7 +27,7 @@ from tally_client import AsyncTallyClient, usage_event
 from tally_server.app import TallyServer
 from tally_server.config import Settings
 from tally_server.storage.db import Database, alembic_config
-from tally_server.storage.partitions import include_name
+from tally_server.storage.partitions import include_name, name_of as partition_name, week_of
 from tally_server.storage.tables import Uuid, metadata
 
 from .conftest import drop_database_url, make_database_url, stubs_for
@@ -680,5 +681,107 @@ async def test_0027_keeps_units_of_text_alone_as_the_tokens_and_writes_them_back
         added = await answers(more=2)  # text alone, stored after the upgrade
         assert added[: len(kept)][1:] == kept[1:]
         assert (await raw_units()).count("null") == 2
+    finally:
+        await drop_database_url(url)
+
+
+async def test_0028_moves_the_keys_to_their_table_and_the_events_into_weeks_and_back(backend, tmp_path):
+    """Events old and new, with and without keys, one annotated: ListEvents, GetEvent by
+    request id and by key, and a repeat of each key answer the same at head, after a
+    downgrade to 0027 (the keys a unique index of events again; on PostgreSQL the weeks
+    copied back into one table) and after the upgrade (the keys copied into event_keys; on
+    PostgreSQL the stored events attached as one partition, from the week of the oldest)."""
+    url = await make_database_url(backend, tmp_path)
+    now = int(time.time())
+    times = [now - 40 * 86_400 + i * 7_200 for i in range(300)] + [now - 60 * i for i in range(100)]
+
+    async def answers() -> list[Any]:
+        tally = TallyServer(Settings(listen="127.0.0.1:0", database_url=url, grace_seconds=1))
+        await tally.start()
+        try:
+            async with AsyncTallyClient(f"127.0.0.1:{tally.port}") as client:
+                if not sent:
+                    events = []
+                    for n, at in enumerate(times):
+                        event = usage_event(
+                            "system.openai",
+                            "gpt-4o",
+                            {"text": (1_000 + n, 10)},
+                            event_time=datetime.datetime.fromtimestamp(at, datetime.UTC),
+                            idempotency_key=f"weeks-{n}" if n % 3 else "",
+                        )
+                        event.context.user_id = f"user-{n % 7}"
+                        events.append(event)
+                    for start in range(0, len(events), 200):
+                        batch = events[start : start + 200]
+                        answer = await client.ingest_batch(batch)
+                        sent.extend(zip(batch, (item.result.request_id for item in answer.items), strict=True))
+                    await client.annotate_event(sent[0][1], set_annotations={"rating": "4"})
+                listed, token = [], ""
+                while True:
+                    page = await client.list_events(page_size=100, page_token=token)
+                    listed += [MessageToDict(e) for e in page.events]
+                    if not (token := page.next_page_token):
+                        break
+                found = [MessageToDict(await client.get_event(request_id)) for _, request_id in sent[::9]]
+                by_key = [
+                    MessageToDict(await client.get_event(idempotency_key=e.idempotency_key))
+                    for e, _ in sent[1::9]
+                    if e.idempotency_key
+                ]
+                repeats = [(await client.ingest(e)).xproxy_result for e, _ in sent[1::30] if e.idempotency_key]
+                assert repeats and all(r.duplicate_request for r in repeats)
+                by_user = MessageToDict(await client.break_down_cost(["user"], page_size=100))
+                return [listed, found, by_key, [MessageToDict(r) for r in repeats], by_user]
+        finally:
+            await tally.stop()
+
+    async def layout() -> tuple[Any, ...]:
+        database = Database(url)
+        try:
+            async with database.read() as conn:
+                tables = set(await conn.run_sync(lambda c: sa.inspect(c).get_table_names()))
+                if backend == "sqlite":
+                    return ("event_keys" in tables,)
+                kind = (
+                    await conn.exec_driver_sql("SELECT relkind::text FROM pg_class WHERE relname = 'events'")
+                ).scalar()
+                weeks = await conn.exec_driver_sql(
+                    "SELECT c.relname, (SELECT COUNT(*) FROM events e WHERE e.tableoid = c.oid) FROM pg_inherits i"
+                    " JOIN pg_class c ON c.oid = i.inhrelid WHERE i.inhparent = 'events'::regclass"
+                )
+                return ("event_keys" in tables, kind, {name: count for name, count in weeks if count})
+        finally:
+            await database.dispose()
+
+    sent: list[tuple[Any, str]] = []
+    keyed = sum(1 for n in range(len(times)) if n % 3)
+    try:
+        kept = await answers()
+        at_head = await layout()
+        database = Database(url)
+        try:
+            async with database.write() as conn:
+                assert (await conn.exec_driver_sql("SELECT COUNT(*) FROM event_keys")).scalar() == keyed
+                await conn.run_sync(lambda c: command.downgrade(alembic_config(c), "0027"))
+        finally:
+            await database.dispose()
+        assert await layout() == ((False,) if backend == "sqlite" else (False, "r", {}))
+        assert await answers() == kept
+        database = Database(url)
+        try:
+            await database.migrate()
+            async with database.read() as conn:
+                assert (await conn.exec_driver_sql("SELECT COUNT(*) FROM event_keys")).scalar() == keyed
+        finally:
+            await database.dispose()
+        upgraded = await layout()
+        if backend == "postgresql":
+            oldest = partition_name(week_of(min(times) * 1_000_000))
+            # At head the new database's weeks began with the week it was made: the old events
+            # were in the default partition. Upgraded, the events it held are one partition.
+            assert at_head[2].keys() <= {"events_default", partition_name(week_of(now * 1_000_000))}
+            assert upgraded[:2] == (True, "p") and upgraded[2] == {oldest: len(times)}
+        assert await answers() == kept
     finally:
         await drop_database_url(url)

@@ -24,7 +24,7 @@ from tally_server.app import TallyServer
 from tally_server.config import Settings
 from tally_server.services.retention import Retention
 from tally_server.storage.db import Database
-from tally_server.storage.partitions import DENSE_WEEK_EVENTS, week_of
+from tally_server.storage.partitions import DENSE_WEEK_EVENTS, name_of as partition_name, week_of
 
 from .conftest import drop_database_url, make_database_url
 from .test_cli import tally as tally_cli
@@ -327,6 +327,15 @@ async def _weeks(url: str) -> dict[str, tuple[int, int] | None]:
         await engine.dispose()
 
 
+async def _execute(url: str, sql: str) -> None:
+    engine = create_async_engine(url)
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(sa.text(sql))
+    finally:
+        await engine.dispose()
+
+
 async def _scalar(url: str, sql: str) -> int:
     engine = create_async_engine(url)
     try:
@@ -339,7 +348,8 @@ async def _scalar(url: str, sql: str) -> int:
 async def test_a_prune_on_postgresql_drops_whole_weeks(tmp_path, monkeypatch):
     """A database made five weeks ago (its migration's clock set back): the server makes a
     partition for every week since and two ahead, moving the events the default partition
-    took meanwhile into them. A prune drops the weeks wholly before its cutoff, with their
+    took meanwhile into them, and one for a backfilled week. A prune drops the weeks wholly
+    before its cutoff (one taken out already by a prune that stopped), with their
     idempotency keys and annotations, deletes the rest before it row by row (the cutoff's
     own week, and the default's events older than every week), and changes no figure."""
     url = await make_database_url("postgresql", tmp_path)
@@ -403,6 +413,15 @@ async def test_a_prune_on_postgresql_drops_whole_weeks(tmp_path, monkeypatch):
             gone_weeks = {name for name, bounds in weeks.items() if bounds and bounds[1] <= cutoff * 1_000_000}
             assert len(gone_weeks) >= 4
             older = await _events_between(client, 0, cutoff)
+            # A prune that stopped after taking its oldest week out: the next one drops it too.
+            stopped = partition_name(week_of(spread[1].event_timestamp.seconds * 1_000_000))
+            assert stopped in gone_weeks
+            await _execute(url, f"ALTER TABLE events DETACH PARTITION {stopped}")
+            # Its events' keys are still held until it is dropped: a repeat of one is asked to
+            # retry (the key goes with the week), not answered INTERNAL or stored twice.
+            with pytest.raises(TallyError) as error:
+                await client.ingest(spread[1])
+            assert error.value.code == grpc.StatusCode.UNAVAILABLE
             answer = await client.prune_events(datetime.datetime.fromtimestamp(cutoff, datetime.UTC), max_events=1_000)
             assert (answer.deleted_event_count, answer.more) == (older, False)
             assert set(await _weeks(url)) == set(weeks) - gone_weeks

@@ -362,7 +362,13 @@ class Ingestor:
         async with self.db.read() as conn:
             winners = await stored_events.events_by_key(conn, [result.idempotency_key for _, result in raced])
         for item, result in raced:
-            outcomes[id(item)] = _answer_to_repeat(item.event, winners[result.idempotency_key], result.idempotency_key)
+            original = winners.get(result.idempotency_key)
+            # A key whose event is gone: a prune took its week out, and deletes the key next.
+            outcomes[id(item)] = (
+                _answer_to_repeat(item.event, original, result.idempotency_key)
+                if original is not None
+                else StorageUnavailable(f"the event of idempotency key {result.idempotency_key!r} is being pruned")
+            )
 
 
 def _count_stored(current: list[_Pending], outcomes: dict[int, Any]) -> None:

@@ -91,30 +91,33 @@ class Retention:
 
     async def _drop_weeks(self, before_us: int) -> tuple[int, tuple[str, ...]]:
         """PostgreSQL: drops the partitions wholly before `before_us`, oldest first; returns
-        how many events they held and their names. Each week's keys and annotations go
-        first, in a transaction of their own; the drop then waits for the table's lock at
-        most partitions.LOCK_TIMEOUT, DROP_ATTEMPTS times, before the prune answers UNAVAILABLE."""
+        how many events they held and their names. Each week is detached first (waiting for
+        the table's lock at most partitions.LOCK_TIMEOUT, DROP_ATTEMPTS times, before the
+        prune answers UNAVAILABLE), then its keys and annotations go with it in a
+        transaction of its own. A week detached by a prune that stopped is dropped too."""
         async with self.db.read() as conn:
             if not partitions.partitioned(conn):
                 return 0, ()
             weeks = await partitions.weeks_before(conn, before_us)
-        held, dropped = 0, list[str]()
         for week in weeks:
-            async with self.db.write() as conn:
-                count = await partitions.events_in(conn, week)
-                await partitions.forget(conn, week)
             for attempt in range(1, DROP_ATTEMPTS + 1):
                 try:
                     async with self.db.write() as conn:
-                        await partitions.drop(conn, week)
+                        await partitions.detach(conn, week)
                     break
                 except StorageUnavailable:
                     if attempt == DROP_ATTEMPTS:
                         raise
                     await asyncio.sleep(0.1 * attempt)
-            log.info("retention: dropped the week %s (%d events)", week.name, count)
-            held, dropped = held + count, [*dropped, week.name]
-        return held, tuple(dropped)
+        async with self.db.read() as conn:
+            names = await partitions.detached(conn)
+        held = 0
+        for name in names:
+            async with self.db.write() as conn:
+                count = await partitions.drop_detached(conn, name)
+            log.info("retention: dropped the week %s (%d events)", name, count)
+            held += count
+        return held, tuple(names)
 
     async def make_weeks(self) -> list[str]:
         """PostgreSQL: makes the partitions of the coming weeks (partitions.WEEKS_AHEAD) and

@@ -116,7 +116,12 @@ async def make(conn: AsyncConnection, start_us: int, end_us: int) -> Week | None
     if any(week.start_us < end_us and start_us < week.end_us for week in await weeks(conn)):
         return None
     name = name_of(start_us)
-    await conn.execute(sa.text(f"CREATE TABLE {name} (LIKE events INCLUDING DEFAULTS INCLUDING CONSTRAINTS)"))
+    # With the table's indexes, which the attach adopts: it then holds the default
+    # partition's lock (blocking the reads that scan every partition) only while it checks
+    # the default, not while it builds the indexes of the events moved in.
+    await conn.execute(
+        sa.text(f"CREATE TABLE {name} (LIKE events INCLUDING DEFAULTS INCLUDING CONSTRAINTS INCLUDING INDEXES)")
+    )
     # The default's events of these weeks move in first: the attach refuses otherwise.
     await conn.execute(
         sa.text(
@@ -136,31 +141,37 @@ async def weeks_before(conn: AsyncConnection, before_us: int) -> list[Week]:
     return [week for week in await weeks(conn) if week.end_us <= before_us]
 
 
-async def events_in(conn: AsyncConnection, week: Week) -> int:
-    """How many events the partition holds (a scan of it: no statement timeout)."""
-    await conn.execute(sa.text("SET LOCAL statement_timeout = 0"))
-    return int((await conn.execute(sa.text(f"SELECT COUNT(*) FROM {week.name}"))).scalar_one())
-
-
-async def forget(conn: AsyncConnection, week: Week) -> None:
-    """Deletes the idempotency keys and the annotations of the partition's events (before
-    `drop`, in a transaction of their own: reading the week holds no lock that blocks ingest)."""
-    await conn.execute(sa.text("SET LOCAL statement_timeout = 0"))
-    await conn.execute(
-        sa.text("DELETE FROM event_keys WHERE event_time_us >= :start AND event_time_us < :end"),
-        {"start": week.start_us, "end": week.end_us},
-    )
-    await conn.execute(sa.text(f"DELETE FROM event_annotations WHERE event_id IN (SELECT id FROM {week.name})"))
-
-
-async def drop(conn: AsyncConnection, week: Week) -> None:
-    """Drops the partition (its events and its indexes' entries at once), waiting at most
-    LOCK_TIMEOUT for the events table. The caller has deleted the week's keys and annotations;
-    keys of events stored into it since are deleted here, under the table's lock."""
+async def detach(conn: AsyncConnection, week: Week) -> None:
+    """Takes the partition out of `events`, waiting at most LOCK_TIMEOUT for the table's
+    lock (a moment: no row is read). From then on its events are gone from every read, and
+    an event of its weeks stored after lands in the default partition."""
     await conn.execute(sa.text(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'"))
-    await conn.execute(sa.text("LOCK TABLE events IN ACCESS EXCLUSIVE MODE"))
-    await conn.execute(
-        sa.text("DELETE FROM event_keys WHERE event_time_us >= :start AND event_time_us < :end"),
-        {"start": week.start_us, "end": week.end_us},
+    await conn.execute(sa.text(f"ALTER TABLE events DETACH PARTITION {week.name}"))
+
+
+async def detached(conn: AsyncConnection) -> list[str]:
+    """Weeks taken out but not yet dropped (a prune stopped between the two)."""
+    rows = await conn.execute(
+        sa.text(
+            "SELECT c.relname FROM pg_class c WHERE c.relkind = 'r' AND c.relnamespace = current_schema()::regnamespace"
+            " AND NOT c.relispartition AND c.relname ~ '^events_[0-9]{8}$' ORDER BY c.relname"
+        )
     )
-    await conn.execute(sa.text(f"DROP TABLE {week.name}"))
+    return [name for (name,) in rows]
+
+
+async def drop_detached(conn: AsyncConnection, name: str) -> int:
+    """Deletes the idempotency keys and annotations of a detached week's events, then the
+    week itself; returns how many events it held. Nothing else reads or writes the table,
+    so no lock is waited for but the rows' (no statement timeout: it reads the week)."""
+    await conn.execute(sa.text("SET LOCAL statement_timeout = 0"))
+    held = int((await conn.execute(sa.text(f"SELECT COUNT(*) FROM {name}"))).scalar_one())
+    await conn.execute(
+        sa.text(
+            f"DELETE FROM event_keys k USING {name} e"
+            " WHERE e.idempotency_key IS NOT NULL AND k.idempotency_key = e.idempotency_key AND k.event_id = e.id"
+        )
+    )
+    await conn.execute(sa.text(f"DELETE FROM event_annotations a USING {name} e WHERE a.event_id = e.id"))
+    await conn.execute(sa.text(f"DROP TABLE {name}"))
+    return held

@@ -421,13 +421,13 @@ events = sa.Table(
 # writer claims an event's key here before it inserts the event, and inserts it only if it
 # won the key. On PostgreSQL `events` is partitioned by week of event time (storage.partitions),
 # and a partitioned table's unique indexes must hold its time. The event time says which
-# partition holds the event, and which keys go when retention drops a week.
+# partition holds the event.
 event_keys = sa.Table(
     "event_keys",
     metadata,
     sa.Column("idempotency_key", sa.String(300), primary_key=True),
     sa.Column("event_id", Uuid, nullable=False),
-    sa.Column("event_time_us", sa.BigInteger, nullable=False, index=True),
+    sa.Column("event_time_us", sa.BigInteger, nullable=False),
     sqlite_with_rowid=False,
 )
 

@@ -147,7 +147,6 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("idempotency_key", name="pk_event_keys"),
         sqlite_with_rowid=False,
     )
-    op.create_index("ix_event_keys_event_time_us", "event_keys", ["event_time_us"])
     _fill_keys(connection)
     op.drop_index("ix_events_idempotency_key", table_name="events")
     if postgres:
@@ -198,5 +197,4 @@ def downgrade() -> None:
         sqlite_where=sa.text("idempotency_key IS NOT NULL"),
         postgresql_where=sa.text("idempotency_key IS NOT NULL"),
     )
-    op.drop_index("ix_event_keys_event_time_us", table_name="event_keys")
     op.drop_table("event_keys")

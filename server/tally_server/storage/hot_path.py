@@ -12,6 +12,9 @@ which measures it beside the plain SQLAlchemy statement kept next to it
   adapted cursor takes three or four.
 - PostgreSQL, the event insert: one statement per batch, each column one array that
   unnest() turns back into rows (asyncpg encodes arrays in C).
+- Both engines, the keys' claim (migration 0028): the commit's idempotency keys go into
+  event_keys first, as one statement like the events' (ON CONFLICT DO NOTHING), and only
+  the events that won their key are inserted.
 
 - Both engines, the rollups' statements (storage/rollups.py builds them once with
   SQLAlchemy): compiled once per engine and run on the driver with rows bound by

@@ -262,7 +262,7 @@ def _of_scan(
     return (
         sa.select(*columns)
         .select_from(
-            scan.join(ev, ev.c.id == scan.c.id)
+            scan.join(ev, _same_event(scan))
             .outerjoin(tables.applied_prices, ev.c.price_id == tables.applied_prices.c.id)
             .outerjoin(experiences, ev.c.experience_id == experiences.c.id)
             .outerjoin(experience_types, experiences.c.type_id == experience_types.c.id)
@@ -332,13 +332,21 @@ async def _newest_rows(
 def _newest(
     conn: AsyncConnection, f: EventFilter, count: int, before: tuple[int, uuid.UUID] | None = None
 ) -> sa.Subquery:
-    """The ids of the filter's newest `count` events (before `before`), in time order."""
+    """The ids and times of the filter's newest `count` events (before `before`), in time
+    order."""
     ev = events
     source = rollups.EVENTS_WITH_TYPE if f.type_id is not None else rollups.EVENTS_WITH_PRICE
-    query = sa.select(ev.c.id).select_from(source).where(*event_conditions(conn, f))
+    query = sa.select(ev.c.id, ev.c.event_time_us).select_from(source).where(*event_conditions(conn, f))
     if before is not None:
         query = query.where(sa.tuple_(ev.c.event_time_us, ev.c.id) < _position(before))
     return query.order_by(ev.c.event_time_us.desc(), ev.c.id.desc()).limit(count).subquery("newest")
+
+
+def _same_event(found: sa.Subquery) -> sa.ColumnElement[bool]:
+    """Joins events found by _newest back to their rows by id and time: PostgreSQL's events
+    are partitioned by week of event time (0028), and by id alone each row is looked for in
+    every week (the property search over the newest 5,000 events at 1,000,000: 518 ms)."""
+    return sa.and_(events.c.id == found.c.id, events.c.event_time_us == found.c.event_time_us)
 
 
 def _position(before: tuple[int, uuid.UUID]) -> sa.Tuple:
@@ -362,7 +370,7 @@ async def events_with_property(
     searched = await _count(conn, newest)
     query = (
         sa.select(*_EVENT_WITH_EXPERIENCE_COLUMNS)
-        .select_from(rollups.EVENTS_WITH_TYPE.join(newest, newest.c.id == ev.c.id))
+        .select_from(rollups.EVENTS_WITH_TYPE.join(newest, _same_event(newest)))
         .where(has_property(conn, key, value))
         .order_by(ev.c.event_time_us.desc(), ev.c.id.desc())
         .limit(limit)

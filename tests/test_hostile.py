@@ -28,7 +28,10 @@ pytestmark = pytest.mark.alone
 # to a server's resident memory at its peak, and what it may keep once they are gone.
 HOSTILE_RSS_GROWTH_BOUND_MB = 300
 RSS_KEPT_AFTER_BOUND_MB = 50
-NORMAL_CALL_BOUND_SECONDS = 1.0
+# A normal call waits for the commits queued before it: beside 16 batches of the largest
+# message, 0.4-0.5 s on one machine and 0.87-1.23 s on one half as fast (2026-12-07). Twice
+# that still tells a bounded wait from a starved one.
+NORMAL_CALL_BOUND_SECONDS = 2.0
 
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # the server's default --max-message-bytes
 

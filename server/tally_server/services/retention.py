@@ -95,9 +95,9 @@ class Retention:
         the table's lock at most partitions.LOCK_TIMEOUT, DROP_ATTEMPTS times, before the
         prune answers UNAVAILABLE), then its keys and annotations go with it in a
         transaction of its own. A week detached by a prune that stopped is dropped too."""
+        if self.db.is_sqlite:
+            return 0, ()
         async with self.db.read() as conn:
-            if not partitions.partitioned(conn):
-                return 0, ()
             weeks = await partitions.weeks_before(conn, before_us)
         for week in weeks:
             for attempt in range(1, DROP_ATTEMPTS + 1):
@@ -123,9 +123,8 @@ class Retention:
         """PostgreSQL: makes the partitions of the coming weeks (partitions.WEEKS_AHEAD) and
         of the weeks the default partition holds many events of, each in a transaction of its
         own; returns their names."""
-        async with self.db.read() as conn:
-            if not partitions.partitioned(conn):
-                return []
+        if self.db.is_sqlite:
+            return []
         async with self.db.write() as conn:
             ranges = await partitions.weeks_to_make(conn, now_us())
         made = []

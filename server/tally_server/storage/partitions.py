@@ -63,10 +63,6 @@ def include_name(name: str | None, type_: str, parent_names: object) -> bool:
     return not (type_ == "table" and name is not None and _NAME.fullmatch(name))
 
 
-def partitioned(conn: AsyncConnection) -> bool:
-    return conn.dialect.name == "postgresql"
-
-
 async def weeks(conn: AsyncConnection) -> list[Week]:
     """The partitions with a range, oldest first (not the default)."""
     rows = await conn.execute(

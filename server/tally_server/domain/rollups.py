@@ -526,51 +526,60 @@ def attribute_rollups_of(stored: Iterable[tuple[UsageEvent, IngestResult]]) -> A
     groups them, in its hour and its day; the same per day and provider, and per day,
     provider and model; and, under each of its tags (or ""), once under its user and once
     under its key per day."""
+    # The events of a commit mostly share their groups (a service's calls of one hour, user
+    # and run type): summed first by all that names their groups, each such set of events
+    # adds to its fourteen or more groups once: 8.5 -> 1.0 us an event where a commit's
+    # events share them, 8.9 -> 8.9 where each has its own user (python -m bench.rollups).
+    signatures: dict[tuple[int, str, int, str, str, str, tuple[str, ...], str, int, tuple[str, ...]], Sums] = {}
+    priced = CostState.PRICED
+    for event, result in stored:
+        cost, time_us, context = result.cost, event.event_time_us, event.context
+        tokens_in, tokens_out = tokens_of(event)
+        state = int(cost.state)
+        signature = (
+            time_us - time_us % HOUR_US,
+            result.experience_name,
+            result.experience_version,
+            event.category,
+            priced_model(event, cost),
+            context.user_id,
+            context.request_tags,
+            event.key_name,
+            state,
+            () if state == priced else tuple(reasons_of(cost)),
+        )
+        # The event's sums, in CostTotals' order.
+        failed, unpriced = (1 if event.http_status_code >= 400 else 0), (0 if state == priced else 1)
+        sums = (1, failed, unpriced, cost.input_nanos, cost.output_nanos, cost.total_nanos, tokens_in, tokens_out)
+        _add_to(signatures, signature, sums)
     by_key: dict[AttributeKey, Sums] = {}
     by_model: dict[ModelDayKey, Sums] = {}
     by_provider: dict[ProviderDayKey, Sums] = {}
     by_tag: dict[TagDayKey, Sums] = {}
     by_reason: dict[ReasonDayKey, int] = {}
-    priced = CostState.PRICED
-    for event, result in stored:
-        cost, time_us, context = result.cost, event.event_time_us, event.context
-        hour, day = time_us - time_us % HOUR_US, time_us - time_us % DAY_US
-        tokens_in, tokens_out = tokens_of(event)
-        # The event's sums, in CostTotals' order, added to each of its keys' (_add_to).
-        sums = (
-            1,
-            1 if event.http_status_code >= 400 else 0,
-            0 if cost.state == priced else 1,
-            cost.input_nanos,
-            cost.output_nanos,
-            cost.total_nanos,
-            tokens_in,
-            tokens_out,
-        )
-        name, version = result.experience_name, result.experience_version
-        category, model = event.category, priced_model(event, cost)
+    for signature, summed in signatures.items():
+        hour, name, version, category, model, user_id, request_tags, key_name, state, reasons = signature
+        day = hour - hour % DAY_US
         # Each tag once, however often the event repeats it (as its limits and the events of
         # a tag count it); "" for none.
-        tags = tuple(dict.fromkeys(context.request_tags)) or ("",)
+        tags = tuple(dict.fromkeys(request_tags)) or ("",)
         values = (
-            (USER_DIMENSION, context.user_id),
+            (USER_DIMENSION, user_id),
             *((TAG_DIMENSION, tag) for tag in tags),
-            (KEY_DIMENSION, event.key_name),
+            (KEY_DIMENSION, key_name),
         )
         for dimension, value in values:
-            _add_to(by_key, (dimension, hour, value, name, version), sums)
-            _add_to(by_key, (dimension + DAYS, day, value, name, version), sums)
-            _add_to(by_provider, (dimension, day, value, name, version, category), sums)
-            _add_to(by_model, (dimension, day, value, name, version, category, model), sums)
+            _add_to(by_key, (dimension, hour, value, name, version), summed)
+            _add_to(by_key, (dimension + DAYS, day, value, name, version), summed)
+            _add_to(by_provider, (dimension, day, value, name, version, category), summed)
+            _add_to(by_model, (dimension, day, value, name, version, category, model), summed)
         for tag in tags:
-            _add_to(by_tag, (tag, USER_DIMENSION, day, context.user_id, name, version), sums)
-            _add_to(by_tag, (tag, KEY_DIMENSION, day, event.key_name, name, version), sums)
-        if cost.state != priced:
-            state = int(cost.state)
-            for reason in reasons_of(cost):
-                for dimension, value in values:
-                    key = (dimension, value, day, category, model, state, reason)
-                    by_reason[key] = by_reason.get(key, 0) + 1
+            _add_to(by_tag, (tag, USER_DIMENSION, day, user_id, name, version), summed)
+            _add_to(by_tag, (tag, KEY_DIMENSION, day, key_name, name, version), summed)
+        for reason in reasons:
+            for dimension, value in values:
+                key = (dimension, value, day, category, model, state, reason)
+                by_reason[key] = by_reason.get(key, 0) + summed[0]
     return AttributeRollups(by_key, by_model, by_provider, by_tag, by_reason)
 
 
@@ -583,8 +592,8 @@ def reasons_of(cost: Cost) -> list[str]:
 _K = TypeVar("_K")
 
 
-def _add_to(groups: dict[_K, Sums], key: _K, sums: tuple[int, ...]) -> None:
-    """One event's sums into its group's: a new group copies them, an old one adds them in
+def _add_to(groups: dict[_K, Sums], key: _K, sums: Sequence[int]) -> None:
+    """Sums into their group's (an event's, or a set of events'): a new group copies them, an old one adds them in
     place (a new list per event and key cost 8 µs an event where a commit's events share
     their keys)."""
     found = groups.get(key)

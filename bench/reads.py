@@ -86,8 +86,12 @@ SCORED_FRACTION = 0.1
 class Loader:
     """Ingests events in batches; remembers the experiences and the heavy one."""
 
-    def __init__(self, channel: aio.Channel, name: str, seed: int = 7, versions: int = 1) -> None:
-        """`versions`: the type's versions the runs are spread over (it must have them)."""
+    def __init__(
+        self, channel: aio.Channel, name: str, seed: int = 7, versions: int = 1, shuffled: bool = False
+    ) -> None:
+        """`versions`: the type's versions the runs are spread over (it must have them).
+        `shuffled`: each event at a random time of the 60 days (a backfill out of order),
+        instead of each load sweeping the 60 days oldest first, as live calls arrive."""
         self.ingest = ingest_service_pb2_grpc.IngestServiceStub(channel)
         self.name = name
         self.rng = random.Random(seed)
@@ -97,6 +101,8 @@ class Loader:
         self.made = 0  # events made, sent or not
         self.now = int(time.time())
         self.versions = versions
+        self.shuffled = shuffled
+        self.stage_first, self.stage_count = 0, 1  # the current load's first event made, and its size
         self.new_runs: list[str] = []  # created since the last scoring
         self.experiences = experience_service_pb2_grpc.ExperienceServiceStub(channel)
 
@@ -110,7 +116,7 @@ class Loader:
             category="system.openai",
             resource=resource,
             units={"text": pb.UnitCounts(input=rng.randint(100, 20_000), output=rng.randint(10, 2_000))},
-            event_timestamp=timestamp_pb2.Timestamp(seconds=self.now - rng.randint(60, 60 * DAY)),
+            event_timestamp=timestamp_pb2.Timestamp(seconds=self.now - self._age()),
             end_to_end_latency_ms=rng.randint(50, 20_000),
             http_status_code=200 if rng.random() > 0.02 else 500,
             context=pb.EventContext(
@@ -124,9 +130,19 @@ class Loader:
             ),
         )
 
+    def _age(self) -> int:
+        """Seconds before now of the next event: anywhere in the 60 days when shuffled, else
+        where this load has got to in its sweep of them (oldest first), within an hour (the
+        load makes about 5% more events than it stores: the heavy run's replace some)."""
+        if self.shuffled:
+            return self.rng.randint(60, 60 * DAY)
+        progress = min(1.0, (self.made - self.stage_first) / (1.05 * self.stage_count))
+        return 60 + int((1 - progress) * (60 * DAY - 3_660)) + self.rng.randint(0, 3_600)
+
     async def load_to(self, total: int, concurrency: int = 2) -> float:
         """Ingests until `total` events are stored; returns events/s."""
         started, count = time.perf_counter(), total - self.sent
+        self.stage_first, self.stage_count = self.made, max(1, count)
 
         async def one_batch(size: int) -> None:
             events = []
@@ -375,7 +391,9 @@ def print_bytes(label: str, size: int, tables: dict[str, int]) -> None:
         print(f"      {name:<32}{table_size / 1e6:>10,.1f} MB{table_size / size:>8,.0f} B/event")
 
 
-async def run_engine(label: str, database_url: str, sizes: list[int], calls: int) -> dict[int, dict[str, float]]:
+async def run_engine(
+    label: str, database_url: str, sizes: list[int], calls: int, shuffled: bool = False
+) -> dict[int, dict[str, float]]:
     print(f"\n== {label}: starting the server", flush=True)
     process, port, web_port = start_server(database_url)
     results: dict[int, dict[str, float]] = {}
@@ -390,7 +408,7 @@ async def run_engine(label: str, database_url: str, sizes: list[int], calls: int
                 )
             )
             await types.IncrementExperienceTypeVersion(et_pb.IncrementExperienceTypeVersionRequest(name=name))
-            loader = Loader(channel, name, versions=2)
+            loader = Loader(channel, name, versions=2, shuffled=shuffled)
             await make_past_weeks(database_url)
             for size in sizes:
                 rate = await loader.load_to(size)
@@ -434,17 +452,25 @@ async def main() -> None:
     parser.add_argument("--calls", type=int, default=20, help="timed calls per read (default 20)")
     parser.add_argument("--postgres-url", help="also run against this PostgreSQL (a fresh database is created in it)")
     parser.add_argument("--skip-sqlite", action="store_true", help="PostgreSQL only")
+    parser.add_argument(
+        "--shuffled",
+        action="store_true",
+        help="events at random times of the 60 days, as a backfill out of order would send them "
+        "(default: each load sweeps the 60 days oldest first, as live calls arrive)",
+    )
     args = parser.parse_args()
     sizes = sorted(int(size) for size in args.sizes.split(","))
     print(f"Tally read benchmark: Python {sys.version.split()[0]}, sizes {', '.join(f'{s:,}' for s in sizes)}")
     report = {}
     if not args.skip_sqlite:
         with tempfile.TemporaryDirectory() as tmp:
-            report["SQLite"] = await run_engine("SQLite", f"sqlite+aiosqlite:///{tmp}/reads.db", sizes, args.calls)
+            report["SQLite"] = await run_engine(
+                "SQLite", f"sqlite+aiosqlite:///{tmp}/reads.db", sizes, args.calls, args.shuffled
+            )
     if args.postgres_url:
         pg_url = await create_postgres_database(args.postgres_url)
         try:
-            report["PostgreSQL"] = await run_engine("PostgreSQL", pg_url, sizes, args.calls)
+            report["PostgreSQL"] = await run_engine("PostgreSQL", pg_url, sizes, args.calls, args.shuffled)
         finally:
             await drop_postgres_database(args.postgres_url, pg_url)
     for label, results in report.items():

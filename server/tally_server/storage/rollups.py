@@ -105,13 +105,27 @@ def _totals_values(totals: m.CostTotals) -> dict[str, int]:
     return _sums_values(sums_of(totals))
 
 
+# A rollup row's columns of sums, in the order of _split_sums' values.
+SUM_COLUMNS = (*ROLLUP_COUNT_COLUMNS, *ROLLUP_SPLIT_COLUMNS)
+
+
+def _split_sums(sums: Sums) -> tuple[int, ...]:
+    """A rollup row's values of SUM_COLUMNS from sums in CostTotals' order (domain.rollups.Sums):
+    the counts, then each sum split in two (ROLLUP_SPLIT's order is the sums')."""
+    events, failed, unpriced, cost_input, cost_output, cost_total, tokens_in, tokens_out = sums
+    return (
+        *(events, failed, unpriced),
+        *divmod(cost_input, NANOS_PER_DOLLAR),
+        *divmod(cost_output, NANOS_PER_DOLLAR),
+        *divmod(cost_total, NANOS_PER_DOLLAR),
+        *divmod(tokens_in, NANOS_PER_DOLLAR),
+        *divmod(tokens_out, NANOS_PER_DOLLAR),
+    )
+
+
 def _sums_values(sums: Sums) -> dict[str, int]:
-    """A rollup row's columns of sums in CostTotals' order (domain.rollups.Sums)."""
-    events, failed, unpriced, *to_split = sums
-    values = {"event_count": events, "failed_event_count": failed, "unpriced_event_count": unpriced}
-    for (high, low), value in zip(ROLLUP_SPLIT.values(), to_split, strict=True):
-        values[high], values[low] = split(value)
-    return values
+    """A rollup row's columns of sums by name."""
+    return dict(zip(SUM_COLUMNS, _split_sums(sums), strict=True))
 
 
 def _added(
@@ -276,9 +290,9 @@ def _key_columns(table: sa.Table) -> Sequence[str]:
 async def _add_keyed(conn: AsyncConnection, table: sa.Table, sums: Mapping[tuple[Any, ...], Sums]) -> None:
     """Upserts `sums` into a rollup whose keys are its primary key's columns, in key order
     (the domain key's: every writer of a table adds in the same order)."""
-    key_columns = _key_columns(table)
-    rows = [{**dict(zip(key_columns, key, strict=True)), **_sums_values(sums[key])} for key in sorted(sums)]
-    await hot_path.execute_many(conn, _upsert(conn.dialect.name, table.name), rows)
+    columns = (*_key_columns(table), *SUM_COLUMNS)
+    rows = [(*key, *_split_sums(sums[key])) for key in sorted(sums)]
+    await hot_path.execute_rows(conn, _upsert(conn.dialect.name, table.name), columns, rows)
 
 
 def _sort_key(key: m.CostRollupKey) -> tuple[Any, ...]:

@@ -58,7 +58,18 @@ async def test_every_call_gets_its_own_request_id_and_a_log_line(stubs, caplog):
         await call
     returned = dict(await call.trailing_metadata())["x-request-id"]
     assert returned and returned != forged
-    lines = [r.getMessage() for r in caplog.records if forged in r.getMessage()]
+
+    def logged() -> list[str]:
+        return [r.getMessage() for r in caplog.records if forged in r.getMessage()]
+
+    # The line is written as the call ends, which the caller may see first (the server runs
+    # in this process): wait for it, up to a second.
+    for _ in range(100):
+        if logged():
+            break
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.05)  # and a moment more, for a second line that must not come
+    lines = logged()
     assert len(lines) == 1, lines
     assert "method=/tally.v1.ExperienceTypeService/GetExperienceType code=NOT_FOUND" in lines[0]
     assert f"request_id={returned} " in lines[0] and f"caller_request_id='{forged}'" in lines[0]

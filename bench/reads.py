@@ -5,6 +5,10 @@ one experience per ten events (of versions 1 and 2 of a type that declares one o
 a tenth of each load's runs scored after it), each event naming one of three steps or
 none, plus one heavy experience that gets one event in twenty, spread over the last 60
 days, five models (and a misspelt one in 10,000 events), 200 users and a few request tags.
+Each load up to a size sweeps the 60 days oldest first (within an hour), as live calls
+arrive, so every size holds events of all 60 days; `--shuffled` sends each event at a random
+time of them instead, as a backfill out of order would (each batch then touches a rollup row
+per event and hour: a slower load, bound by writes).
 At each size it times every read (the median of --calls calls), and prints the
 growth from the first size to the last beside the targets:
 

@@ -519,6 +519,11 @@ class AttributeRollups(NamedTuple):
     by_reason_day: dict[ReasonDayKey, int]
 
 
+# All that names an event's groups in the rollups by user, tag and key: hour, type name and
+# version, category, model, user, tags, key name, cost state and reasons not priced.
+_Signature = tuple[int, str, int, str, str, str, tuple[str, ...], str, int, tuple[str, ...]]
+
+
 def attribute_rollups_of(stored: Iterable[tuple[UsageEvent, IngestResult]]) -> AttributeRollups:
     """What the stored events add to the rollup by user, request tag and API key: each event
     counts once under its user, once under each of its tags (once under a tag it repeats;
@@ -530,7 +535,7 @@ def attribute_rollups_of(stored: Iterable[tuple[UsageEvent, IngestResult]]) -> A
     # and run type): summed first by all that names their groups, each such set of events
     # adds to its fourteen or more groups once: 8.5 -> 1.0 us an event where a commit's
     # events share them, 8.9 -> 8.9 where each has its own user (python -m bench.rollups).
-    signatures: dict[tuple[int, str, int, str, str, str, tuple[str, ...], str, int, tuple[str, ...]], Sums] = {}
+    signatures: dict[_Signature, Sums] = {}
     priced = CostState.PRICED
     for event, result in stored:
         cost, time_us, context = result.cost, event.event_time_us, event.context
@@ -593,9 +598,9 @@ _K = TypeVar("_K")
 
 
 def _add_to(groups: dict[_K, Sums], key: _K, sums: Sequence[int]) -> None:
-    """Sums into their group's (an event's, or a set of events'): a new group copies them, an old one adds them in
-    place (a new list per event and key cost 8 µs an event where a commit's events share
-    their keys)."""
+    """Sums (an event's, or a set of events') into their group's: a new group copies them,
+    an old one adds them in place (a new list per event and key cost 8 µs an event where a
+    commit's events share their keys)."""
     found = groups.get(key)
     if found is None:
         groups[key] = list(sums)

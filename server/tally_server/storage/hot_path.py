@@ -309,10 +309,7 @@ async def execute_many(conn: AsyncConnection, statement: sa.ClauseElement, rows:
     if not rows:
         return
     sql, values = _positional(conn.dialect, statement, rows)
-    if conn.dialect.name == "sqlite":
-        await (await sqlite_driver(conn)).executemany(sql, values)
-    else:
-        await conn.exec_driver_sql(sql, values)
+    await _driver_executemany(conn, sql, values)
 
 
 @functools.lru_cache(maxsize=64)
@@ -324,14 +321,9 @@ def _in_parameter_order(
     sql, names, constants = _compiled(dialect, statement)
     extra = tuple(name for name in names if name not in columns)
     constant_values = tuple(constants[name] for name in extra)
-    order = [(*columns, *extra).index(name) for name in names]
-    if len(order) == 1:  # an itemgetter of one index gives a value, not a tuple
-        [only] = order
-        return sql, lambda row: ((row + constant_values)[only],)
-    pick = operator.itemgetter(*order)
-    if constant_values:
-        return sql, lambda row: pick(row + constant_values)
-    return sql, pick
+    # An upsert binds many parameters, so the itemgetter gives a tuple.
+    pick = operator.itemgetter(*((*columns, *extra).index(name) for name in names))
+    return sql, lambda row: pick(row + constant_values)
 
 
 async def execute_rows(
@@ -344,7 +336,10 @@ async def execute_rows(
     if not rows:
         return
     sql, in_order = _in_parameter_order(conn.dialect, statement, columns)
-    values = list(map(in_order, rows))
+    await _driver_executemany(conn, sql, list(map(in_order, rows)))
+
+
+async def _driver_executemany(conn: AsyncConnection, sql: str, values: list[tuple[Any, ...]]) -> None:
     if conn.dialect.name == "sqlite":
         await (await sqlite_driver(conn)).executemany(sql, values)
     else:
